@@ -1,0 +1,86 @@
+"""Helpers around pycrdt documents shared by device and server.
+
+A crdtsync document is a pycrdt ``Doc`` whose roots are all ``Map``s (``state``, ``config``,
+...). This module owns the few operations both sides do the same way: building a document
+from a stored log, compacting a log through a ``Doc`` (PYCRDT_NOTES 3), applying a remote
+update with errors translated, writing validated values, and reading a document as JSON.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pycrdt import Doc, Map
+
+from .errors import CorruptUpdate
+from .values import check_key, check_value, normalize
+
+MAX_CLIENT_ID = 2**32 - 1
+
+
+def random_client_id() -> int:
+    """A fresh random Yjs client id (32 bits, like Yjs itself, never 0).
+
+    Each replica must own its id: two live documents sharing one diverge silently
+    (PYCRDT_NOTES 14), so ids are never derived from a device id.
+    """
+    return secrets.randbelow(MAX_CLIENT_ID) + 1
+
+
+def new_doc(client_id: int, snapshot: bytes = b"", updates: Iterable[bytes] = ()) -> Doc[Any]:
+    """Build a document from a snapshot and the updates logged after it."""
+    doc: Doc[Any] = Doc(client_id=client_id)
+    if snapshot:
+        doc.apply_update(snapshot)
+    for update in updates:
+        doc.apply_update(update)
+    return doc
+
+
+def compact(snapshot: bytes, updates: Iterable[bytes]) -> bytes:
+    """Merge a snapshot and updates into one update, through a ``Doc`` (fast, garbage-collected)."""
+    return new_doc(1, snapshot, updates).get_update()
+
+
+def apply_remote(doc: Doc[Any], update: bytes) -> None:
+    """Apply an update from the network; raise :class:`CorruptUpdate` if it does not decode.
+
+    Failed applies are atomic in Yrs: nothing of a rejected update is integrated.
+    """
+    try:
+        doc.apply_update(update)
+    except (ValueError, RuntimeError) as exc:
+        raise CorruptUpdate(f"CRDT update rejected: {exc}") from exc
+
+
+def root_map(doc: Doc[Any], name: str) -> Map[Any]:
+    """The root map ``name`` of ``doc`` (created empty if absent)."""
+    check_key(name, where="map name")
+    root: Map[Any] = doc.get(name, type=Map)
+    return root
+
+
+def write(doc: Doc[Any], name: str, changes: Mapping[str, Any]) -> None:
+    """Set keys of root map ``name`` in one transaction; a ``None`` value deletes the key.
+
+    Everything is validated first (:class:`~crdtsync.errors.InvalidValue`), so a bad value
+    changes nothing.
+    """
+    for key, value in changes.items():
+        check_key(key, where=f"{name} key")
+        check_value(value, where=f"{name}.{key}")
+    target = root_map(doc, name)
+    with doc.transaction():
+        for key, value in changes.items():
+            if value is None:
+                if key in target:
+                    del target[key]
+            else:
+                target[key] = value
+
+
+def to_json(doc: Doc[Any]) -> dict[str, Any]:
+    """The whole document as JSON data: ``{map_name: {key: value}}``, numbers normalized."""
+    return {name: normalize(doc.get(name, type=Map).to_py()) for name in sorted(doc.keys())}

@@ -1,0 +1,457 @@
+"""``Device``: the library a device or gateway app embeds.
+
+It holds the device's CRDT document (replicated state) and its event outbox in one local
+SQLite file, and syncs both with the cloud in one HTTP round trip, explicitly
+(:meth:`Device.sync`) or from a background loop (interval, prompt sync after local changes with
+a minimum spacing, exponential backoff with jitter on failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pycrdt import Doc, Map, MapEvent, TransactionEvent
+
+from . import crdt
+from .device_store import DeviceStore, OutboxEvent, OutboxLimits
+from .errors import ClosedError, CrdtsyncError, InvalidValue, SeqConflict
+from .protocol import (
+    DEFAULT_LIMITS,
+    NAME_RE,
+    DocSync,
+    Event,
+    SyncRequest,
+    SyncResponse,
+    covers,
+    decode_response,
+    encode_event_body,
+    encode_request,
+    parse_state_vector,
+)
+from .state import StateMap
+from .transport import HttpTransport, Transport
+from .values import check_value, normalize
+
+log = logging.getLogger("crdtsync.device")
+
+STATE_DOC = "state"
+"""The name of a device's own document in the protocol."""
+EMPTY_UPDATE = b"\x00\x00"
+ChangeCallback = Callable[[str, str, Any, Any], None]
+
+
+@dataclass(slots=True)
+class SyncReport:
+    """What one :meth:`Device.sync` did.
+
+    ``changes`` counts state keys the cloud changed on this device; ``recovered`` is true when
+    a side had lost data and an extra round trip repaired it."""
+
+    rounds: int = 0
+    events_sent: int = 0
+    events_acked: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    changes: int = 0
+    recovered: bool = False
+    duration: float = 0.0
+
+
+class Device:
+    """A device: replicated state, an event outbox, and sync with the cloud.
+
+    Use as ``async with Device(id, url, token=..., path=...) as dev``. ``interval`` (seconds)
+    runs a background sync loop; ``None`` disables it (call :meth:`sync` yourself). Local
+    changes trigger a sync after at most ``min_spacing`` seconds. ``durability`` is the SQLite
+    ``synchronous`` mode of the local store (``"FULL"``: every call is durable on return).
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        url: str | None = None,
+        *,
+        token: str | None = None,
+        path: str | Path,
+        transport: Transport | None = None,
+        session: aiohttp.ClientSession | None = None,
+        interval: float | None = 60.0,
+        min_spacing: float = 1.0,
+        backoff: tuple[float, float] = (1.0, 300.0),
+        outbox: OutboxLimits | None = None,
+        durability: str = "FULL",
+        max_events_per_sync: int = 500,
+        max_batch_bytes: int = 1024 * 1024,
+        compact_every: int = 500,
+    ) -> None:
+        if not NAME_RE.match(device_id):
+            raise ValueError(f"device id {device_id!r} is not a valid name")
+        if transport is None:
+            if url is None or token is None:
+                raise ValueError("give url and token, or a transport")
+            transport = HttpTransport(url, token, session=session)
+        self.id = device_id
+        self.interval = interval
+        self.min_spacing = min_spacing
+        self.backoff = backoff
+        self.outbox_limits = outbox or OutboxLimits()
+        self.max_events_per_sync = min(max_events_per_sync, DEFAULT_LIMITS.max_events)
+        self.max_batch_bytes = max_batch_bytes
+        self.compact_every = compact_every
+        self.last_report: SyncReport | None = None
+        self.last_error: CrdtsyncError | None = None
+        self._transport = transport
+        self._store = DeviceStore(path, synchronous=durability)
+        self._doc: Doc[Any] | None = None
+        self._captured: list[bytes] = []
+        self._applying_remote = False
+        self._observed_roots: set[str] = set()
+        self._subscriptions: list[tuple[Any, Any]] = []
+        self._change_callbacks: list[ChangeCallback] = []
+        self._remote_changes = 0
+        self._local_version = 0
+        self._synced_version = -1
+        self._sync_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._state = "new"
+        self._last_attempt = 0.0
+        self.state = StateMap(self, "state")
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Device:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Open the local store, load the document, and start the sync loop (if any)."""
+        if self._state != "new":
+            raise ClosedError(f"device {self.id} was already started")
+        await self._store.open()
+        self._state = "open"
+        client_id = self._store.meta.get("client_id")
+        if client_id is None:
+            client_id = crdt.random_client_id()
+            await self._store.set_meta(client_id=client_id)
+        local = await self._store.load_doc(STATE_DOC)
+        self._install_doc(crdt.new_doc(int(client_id), local.snapshot,
+                                       (u for _, u in local.updates)))
+        if self.interval is not None:
+            self._task = asyncio.create_task(self._run(), name=f"crdtsync-sync-{self.id}")
+
+    async def aclose(self) -> None:
+        """Stop the sync loop and close the store and transport. Does not sync first."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        async with self._sync_lock:
+            if self._captured:
+                self._flush()
+            await self._transport.aclose()
+            await self._store.aclose()
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise ClosedError(f"device {self.id} is {self._state}; use `async with Device(...)`")
+
+    # --- the document ---------------------------------------------------------------------
+
+    @property
+    def doc(self) -> Doc[Any]:
+        """The underlying pycrdt document. Writes made directly to it are not validated and
+        are persisted at the next state write or sync; prefer :attr:`state` / :meth:`map`."""
+        self._check_open()
+        assert self._doc is not None
+        return self._doc
+
+    def map(self, name: str) -> StateMap:
+        """The root map ``name`` of the device document (``state`` is :attr:`state`)."""
+        return StateMap(self, name)
+
+    def write_state(self, name: str, changes: Mapping[str, Any]) -> None:
+        """Validate and apply ``changes`` to root map ``name`` in one transaction, then persist
+        it durably before returning (``None`` deletes a key)."""
+        crdt.write(self.doc, name, changes)
+        self._local_write_done()
+
+    def _install_doc(self, doc: Doc[Any]) -> None:
+        self._doc = doc
+        self._observed_roots = set()
+        self._subscriptions = []
+        # Subscribe once per document lifetime, before anyone writes (PYCRDT_NOTES 5, 9).
+        self._subscriptions.append((doc, doc.observe(self._capture)))
+        self._observe_roots()
+
+    def _capture(self, event: TransactionEvent) -> None:
+        self._captured.append(event.update)
+
+    def _flush(self) -> None:
+        """Persist captured updates, durably, in order. On failure they stay queued."""
+        while self._captured:
+            self._store.append_update(STATE_DOC, self._captured[0])
+            self._captured.pop(0)
+
+    def _local_write_done(self) -> None:
+        self._flush()
+        self._local_version += 1
+        self._wake.set()
+
+    def _observe_roots(self, *, announce: bool = False) -> None:
+        """Observe every root map once; with ``announce``, report the keys of roots that
+        just appeared (their creation raised no map event)."""
+        assert self._doc is not None
+        for name in {"state", *self._doc.keys()} - self._observed_roots:
+            self._observed_roots.add(name)
+            root: Map[Any] = self._doc.get(name, type=Map)
+            # Keep the wrapper and subscription alive: dropping them ends the subscription.
+            self._subscriptions.append((root, root.observe(self._map_observer(name))))
+            if announce:
+                for key, value in root.items():
+                    self._notify(name, key, None, value)
+
+    def _map_observer(self, name: str) -> Callable[[MapEvent], None]:
+        return lambda event: self._on_map_event(name, event)
+
+    def _on_map_event(self, name: str, event: MapEvent) -> None:
+        if not self._applying_remote:
+            return
+        keys: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]
+        for key, change in keys.items():
+            self._notify(name, key, change.get("oldValue"), change.get("newValue"))
+
+    def _notify(self, name: str, key: str, old: Any, new: Any) -> None:
+        self._remote_changes += 1
+        for callback in self._change_callbacks:
+            try:
+                callback(name, key, normalize(old), normalize(new))
+            except Exception:
+                log.exception("device %s: on_change callback failed", self.id)
+
+    def on_change(self, callback: ChangeCallback) -> ChangeCallback:
+        """Call ``callback(map, key, old, new)`` for every key the cloud changes (usable as a
+        decorator). ``new`` is ``None`` for a deleted key. Called during :meth:`sync`."""
+        self._change_callbacks.append(callback)
+        return callback
+
+    # --- events ---------------------------------------------------------------------------
+
+    async def emit(self, topic: str, body: Mapping[str, Any] | Any,
+                   *, time_ms: int | None = None) -> int:
+        """Queue an event durably and return its sequence number.
+
+        The event stays in the local outbox until the cloud acknowledged storing it. Raises
+        :class:`InvalidValue` for a bad topic or body (nothing is queued) and
+        :class:`~crdtsync.errors.OutboxFull` when the outbox is full under the "reject" policy.
+        """
+        self._check_open()
+        if not isinstance(topic, str) or not NAME_RE.match(topic):
+            raise InvalidValue(f"topic {topic!r} is not a valid name")
+        check_value(body, where="event body", max_int=2**63 - 1)
+        data = encode_event_body(body)
+        if len(data) > DEFAULT_LIMITS.max_event_body:
+            raise InvalidValue(f"event body is {len(data)} bytes "
+                               f"(max {DEFAULT_LIMITS.max_event_body})")
+        stamp = time_ms if time_ms is not None else int(time.time() * 1000)
+        seq = await self._store.push_event(topic, stamp, data, self.outbox_limits)
+        self._wake.set()
+        return seq
+
+    @property
+    def pending_events(self) -> int:
+        """Events queued locally and not yet acknowledged by the cloud."""
+        return self._store.outbox_count
+
+    # --- sync -----------------------------------------------------------------------------
+
+    async def sync(self) -> SyncReport:
+        """Sync state and events with the cloud now, and return what happened.
+
+        Usually one round trip; one more when a side had lost data, and more while the outbox
+        holds more events than one request carries. Raises :class:`CrdtsyncError` (check
+        ``.retryable``); a failed sync loses nothing and is safe to repeat.
+        """
+        self._check_open()
+        async with self._sync_lock:
+            report = SyncReport()
+            started = time.perf_counter()
+            self._last_attempt = time.monotonic()
+            try:
+                while await self._round(report):
+                    pass
+            except CrdtsyncError as exc:
+                self.last_error = exc
+                raise
+            report.duration = time.perf_counter() - started
+            self.last_report = report
+            self.last_error = None
+            return report
+
+    def _doc_part(self) -> tuple[DocSync, dict[int, int]]:
+        doc = self.doc
+        local_sv = doc.get_state()
+        known = self._store.meta.get("server_sv")
+        known_sv = parse_state_vector(known) if known else {}
+        local = parse_state_vector(local_sv)
+        update = b""
+        if self._local_version != self._synced_version or not covers(known_sv, local):
+            update = doc.get_update(known) if known else doc.get_update()
+            if update == EMPTY_UPDATE:
+                update = b""
+        return DocSync(STATE_DOC, local_sv, update), local
+
+    async def _round(self, report: SyncReport) -> bool:
+        """One request/response; True when another round is needed."""
+        version = self._local_version
+        part, sent_sv = self._doc_part()
+        batch = await self._store.pending(self.max_events_per_sync, self.max_batch_bytes)
+        request = SyncRequest(
+            device=self.id, docs=(part,),
+            events=tuple(Event(e.seq, e.topic, e.time, None) for e in batch),
+            purged=int(self._store.meta.get("purged", 0)),
+        )
+        body = encode_request(request, bodies=[e.body for e in batch])
+        report.rounds += 1
+        report.bytes_up += len(body)
+        try:
+            raw = await self._transport.exchange(body)
+        except SeqConflict as exc:
+            return await self._renumber(exc, report)
+        report.bytes_down += len(raw)
+        response = decode_response(raw)
+        report.events_sent += len(batch)
+        if version == self._local_version:
+            self._synced_version = version
+        resend = await self._apply_response(response, sent_sv, report)
+        acked = await self._ack(response, batch, report)
+        await self._maybe_compact()
+        return resend or (acked and self._store.outbox_count > 0)
+
+    async def _renumber(self, exc: SeqConflict, report: SyncReport) -> bool:
+        seq, last = exc.detail.get("seq"), exc.detail.get("last_seq")
+        if not isinstance(seq, int) or not isinstance(last, int) or report.recovered:
+            raise exc
+        log.warning("device %s: cloud holds seq %d with other content (store wiped or "
+                    "restored?); renumbering queued events from %d", self.id, seq, last + 1)
+        await self._store.renumber(seq, last + 1)
+        report.recovered = True
+        return True
+
+    async def _apply_response(self, response: SyncResponse, sent_sv: dict[int, int],
+                              report: SyncReport) -> bool:
+        part = next((d for d in response.docs if d.doc == STATE_DOC), None)
+        if part is None:
+            return False
+        before = self._remote_changes
+        if part.update:
+            self._apply_remote(part.update)
+        report.changes += self._remote_changes - before
+        if part.sv != self._store.meta.get("server_sv"):
+            await self._store.set_meta(server_sv=part.sv)
+        server_sv = parse_state_vector(part.sv)
+        assert self._doc is not None
+        own = self._doc.client_id
+        if server_sv.get(own, 0) > sent_sv.get(own, 0):
+            await self._rotate_client_id()
+        if covers(server_sv, sent_sv):
+            return False
+        # The cloud lacks part of what we hold (it lost data, or our diff base was wrong):
+        # the next round diffs against the state vector it just told us.
+        report.recovered = True
+        self._synced_version = -1
+        return True
+
+    def _apply_remote(self, update: bytes) -> None:
+        self._applying_remote = True
+        try:
+            crdt.apply_remote(self.doc, update)
+        finally:
+            self._applying_remote = False
+        self._flush()
+        self._observe_roots(announce=True)
+
+    async def _rotate_client_id(self) -> None:
+        """The cloud has seen more of our own client id than our store holds: the store was
+        restored from an old copy. Continuing with that id would reuse clocks and diverge
+        (PYCRDT_NOTES 14), so take a new one."""
+        assert self._doc is not None
+        new_id = crdt.random_client_id()
+        log.warning("device %s: local store is behind the cloud for its own client id; "
+                    "switching to a new client id", self.id)
+        self._flush()
+        await self._store.set_meta(client_id=new_id)
+        self._install_doc(crdt.new_doc(new_id, self._doc.get_update()))
+
+    async def _ack(self, response: SyncResponse, batch: list[OutboxEvent],
+                   report: SyncReport) -> bool:
+        if not batch:
+            return False
+        # Only what this request carried: a cloud ahead of a wiped store acks seqs we reuse.
+        upto = min(response.acked, batch[-1].seq)
+        if upto < batch[0].seq:
+            return False
+        report.events_acked += await self._store.ack(upto)
+        return True
+
+    async def _maybe_compact(self) -> None:
+        if self._store.update_rows < self.compact_every:
+            return
+        self._flush()
+        assert self._doc is not None
+        await self._store.compact(STATE_DOC, self._store.last_update_id, self._doc.get_update())
+
+    # --- background loop ------------------------------------------------------------------
+
+    def request_sync(self) -> None:
+        """Ask the background loop to sync soon (respecting ``min_spacing``)."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        failures = 0
+        delay = 0.0
+        while True:
+            if failures:
+                await asyncio.sleep(delay)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            spacing = self.min_spacing - (time.monotonic() - self._last_attempt)
+            if spacing > 0:
+                await asyncio.sleep(spacing)
+            self._wake.clear()
+            try:
+                await self.sync()
+                failures = 0
+                delay = self.interval or 0.0
+            except CrdtsyncError as exc:
+                failures += 1
+                delay = self._backoff(failures)
+                log.warning("device %s: sync failed (%s: %s); retry in %.1fs",
+                            self.id, exc.code, exc.message, delay)
+            except Exception:
+                failures += 1
+                delay = self._backoff(failures)
+                log.exception("device %s: unexpected error in sync loop", self.id)
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential backoff with "equal jitter": half fixed, half random."""
+        base, cap = self.backoff
+        step: float = min(cap, base * 2.0 ** min(failures - 1, 32))
+        return step / 2 + random.uniform(0, step / 2)

@@ -1,0 +1,206 @@
+"""The one exception tree of crdtsync, shared by the device library and the server.
+
+Every error has a stable wire ``code``, the HTTP ``status`` the server answers with, and a
+``retryable`` flag, so a sync loop asks the error what to do instead of chaining
+``isinstance`` checks. The server sends errors as frames ``{code, message, detail}``
+(see docs/protocol.md); the device maps a frame back to the same class with
+:func:`error_from_code`.
+
+    CrdtsyncError                  code                  HTTP
+    ├── RequestError               the request is wrong; resending it unchanged fails again
+    │   ├── MalformedRequest       malformed_request     400  envelope does not decode
+    │   ├── UnsupportedVersion     unsupported_version   400  protocol version not spoken
+    │   ├── UnsupportedEncoding    unsupported_encoding  415  Content-Type not accepted
+    │   ├── CorruptUpdate          corrupt_update        400  CRDT update fails CRC or apply
+    │   ├── InvalidStateVector     invalid_state_vector  400  state vector garbage/out of range
+    │   ├── InvalidValue           invalid_value         400  value a CRDT cannot hold
+    │   ├── BodyTooLarge           body_too_large        413  body over the server's limit
+    │   ├── TooManyEvents          too_many_events       413  too many events in one request
+    │   ├── NotFound               not_found             404  no such device / resource
+    │   ├── UnknownDocument        unknown_document      404  document not served to device
+    │   ├── AlreadyExists          already_exists        409  e.g. device id taken
+    │   ├── SeqGap                 seq_gap               409  events skip unseen seqs
+    │   ├── SeqConflict            seq_conflict          409  seq reused with other content
+    │   └── GenerationMismatch     generation_mismatch   409  document generation differs
+    ├── AuthError
+    │   ├── Unauthorized           unauthorized          401  missing or wrong credential
+    │   └── Forbidden              forbidden             403  valid credential, not allowed
+    ├── ServerError                internal              500  retryable; nothing committed
+    ├── Unavailable                unavailable           503  retryable; overloaded/stopping
+    ├── TransportError             (local)                    retryable; outcome unknown
+    ├── OutboxFull                 (local)                    outbox bound hit ("reject")
+    ├── StoreError                 (local)                    local database failed / newer
+    └── ClosedError                (local)                    used after ``aclose()``
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class CrdtsyncError(Exception):
+    """Base of every crdtsync error.
+
+    ``code`` is stable and part of the wire protocol; ``detail`` carries machine-readable
+    context (for example ``{"last_seq": 41}`` on :class:`SeqConflict`).
+    """
+
+    code: ClassVar[str] = "error"
+    status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str = "", detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+        self.detail: dict[str, Any] = dict(detail or {})
+
+
+class RequestError(CrdtsyncError):
+    """The request is wrong; sending it again unchanged fails the same way."""
+
+    code = "bad_request"
+    status = 400
+
+
+class MalformedRequest(RequestError):
+    code = "malformed_request"
+
+
+class UnsupportedVersion(RequestError):
+    code = "unsupported_version"
+
+
+class UnsupportedEncoding(RequestError):
+    code = "unsupported_encoding"
+    status = 415
+
+
+class CorruptUpdate(RequestError):
+    code = "corrupt_update"
+
+
+class InvalidStateVector(RequestError):
+    code = "invalid_state_vector"
+
+
+class InvalidValue(RequestError, ValueError):
+    code = "invalid_value"
+
+
+class BodyTooLarge(RequestError):
+    code = "body_too_large"
+    status = 413
+
+
+class TooManyEvents(RequestError):
+    code = "too_many_events"
+    status = 413
+
+
+class NotFound(RequestError):
+    code = "not_found"
+    status = 404
+
+
+class UnknownDocument(RequestError):
+    code = "unknown_document"
+    status = 404
+
+
+class AlreadyExists(RequestError):
+    code = "already_exists"
+    status = 409
+
+
+class SeqGap(RequestError):
+    code = "seq_gap"
+    status = 409
+
+
+class SeqConflict(RequestError):
+    code = "seq_conflict"
+    status = 409
+
+
+class GenerationMismatch(RequestError):
+    code = "generation_mismatch"
+    status = 409
+
+
+class AuthError(CrdtsyncError):
+    code = "auth"
+    status = 401
+
+
+class Unauthorized(AuthError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(AuthError):
+    code = "forbidden"
+    status = 403
+
+
+class ServerError(CrdtsyncError):
+    code = "internal"
+    status = 500
+    retryable = True
+
+
+class Unavailable(CrdtsyncError):
+    code = "unavailable"
+    status = 503
+    retryable = True
+
+
+class TransportError(CrdtsyncError):
+    """The request may or may not have reached the server; replaying it is safe."""
+
+    code = "transport"
+    status = 0
+    retryable = True
+
+
+class OutboxFull(CrdtsyncError):
+    code = "outbox_full"
+    status = 0
+
+
+class StoreError(CrdtsyncError):
+    code = "store"
+    status = 0
+
+
+class ClosedError(CrdtsyncError):
+    code = "closed"
+    status = 0
+
+
+def _wire_classes() -> dict[str, type[CrdtsyncError]]:
+    found: dict[str, type[CrdtsyncError]] = {}
+    pending: list[type[CrdtsyncError]] = [CrdtsyncError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.status:
+            found[cls.code] = cls
+    return found
+
+
+_BY_CODE = _wire_classes()
+
+
+def error_from_code(
+    code: str, message: str = "", detail: dict[str, Any] | None = None, status: int = 0
+) -> CrdtsyncError:
+    """Rebuild the exception a server sent as an error frame.
+
+    An unknown code (from a newer server) becomes a :class:`ServerError` for 5xx statuses,
+    otherwise a :class:`RequestError`, keeping the code in ``detail["code"]``.
+    """
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        cls = ServerError if status >= 500 else RequestError
+        detail = {**(detail or {}), "code": code}
+    return cls(message, detail)

@@ -1,0 +1,378 @@
+"""The wire codec of the crdtsync sync protocol: pure functions, no I/O.
+
+Device and server both use this module; docs/protocol.md is its specification. A sync
+message is one msgpack map; CRDT payloads inside it are raw Yjs v1 updates and state
+vectors. Decoding validates every field (types, ranges, checksums, state-vector syntax) and
+raises a :mod:`crdtsync.errors` exception with a stable code, so nothing malformed reaches a
+document or a database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .errors import (
+    CorruptUpdate,
+    CrdtsyncError,
+    InvalidStateVector,
+    InvalidValue,
+    MalformedRequest,
+    TooManyEvents,
+    UnsupportedVersion,
+    error_from_code,
+)
+from .values import check_value
+
+PROTOCOL_VERSION = 1
+MEDIA_TYPE = "application/vnd.crdtsync+msgpack"
+SYNC_PATH = "/v1/sync"
+
+MAX_CLIENT_ID = 2**53 - 1
+MAX_CLOCK = 2**32 - 1
+MAX_SEQ = 2**63 - 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+"""Device ids, document names and topics: 1-64 chars, letters, digits and ``_ . : -``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds a decoder enforces. The server's are authoritative; see docs/protocol.md."""
+
+    max_docs: int = 8
+    max_events: int = 1000
+    max_event_body: int = 64 * 1024
+    max_sv_entries: int = 100_000
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class DocSync:
+    """One document's part of a sync message.
+
+    ``sv`` is the sender's state vector after everything in ``update``; ``update`` is a Yjs v1
+    update with what the receiver may lack (``b""`` when there is nothing). ``gen`` is the
+    document's generation, bumped when a document is rebuilt to drop history.
+    """
+
+    doc: str
+    sv: bytes
+    update: bytes = b""
+    gen: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A device event: ``seq`` is 1, 2, 3, ... per device; ``time`` is the device clock in ms."""
+
+    seq: int
+    topic: str
+    time: int
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest:
+    """What a device sends on ``POST /v1/sync``.
+
+    ``purged`` is the highest event seq the device has deleted from its outbox (acknowledged
+    or dropped by its outbox policy): the server accepts a gap only below it.
+    """
+
+    device: str
+    docs: tuple[DocSync, ...] = ()
+    events: tuple[Event, ...] = ()
+    purged: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResponse:
+    """What the server answers: its deltas, its state vectors, and ``acked``, the highest event
+    seq of this device that is durably stored."""
+
+    docs: tuple[DocSync, ...] = ()
+    acked: int = 0
+    time: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --- state vectors -----------------------------------------------------------------------
+
+
+def _read_varuint(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    shift = 0
+    while True:
+        if pos >= len(data):
+            raise InvalidStateVector("state vector is truncated")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise InvalidStateVector("state vector has an over-long number")
+
+
+def _write_varuint(value: int, out: bytearray) -> None:
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def parse_state_vector(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[int, int]:
+    """Decode a Yjs v1 state vector into ``{client_id: clock}``.
+
+    Raises :class:`InvalidStateVector` on truncation, trailing bytes, a client id above
+    2**53 - 1, a clock of 2**32 or more, a repeated client, or too many entries. Yrs itself
+    accepts such garbage silently (it would answer with a useless update), so every state
+    vector from the network passes here first.
+    """
+    count, pos = _read_varuint(data, 0)
+    if count > limits.max_sv_entries:
+        raise InvalidStateVector(f"state vector has {count} entries (max {limits.max_sv_entries})")
+    clocks: dict[int, int] = {}
+    for _ in range(count):
+        client, pos = _read_varuint(data, pos)
+        clock, pos = _read_varuint(data, pos)
+        if client > MAX_CLIENT_ID or clock > MAX_CLOCK:
+            raise InvalidStateVector("state vector entry out of range")
+        if client in clocks:
+            raise InvalidStateVector("state vector repeats a client id")
+        clocks[client] = clock
+    if pos != len(data):
+        raise InvalidStateVector("state vector has trailing bytes")
+    return clocks
+
+
+def encode_state_vector(clocks: Mapping[int, int]) -> bytes:
+    """Encode ``{client_id: clock}`` as a Yjs v1 state vector (the inverse of parsing)."""
+    out = bytearray()
+    _write_varuint(len(clocks), out)
+    for client, clock in sorted(clocks.items(), reverse=True):
+        _write_varuint(client, out)
+        _write_varuint(clock, out)
+    return bytes(out)
+
+
+def covers(sv: Mapping[int, int], other: Mapping[int, int]) -> bool:
+    """True when a replica at state ``sv`` has every insertion counted in ``other``."""
+    return all(sv.get(client, 0) >= clock for client, clock in other.items())
+
+
+# --- envelope ----------------------------------------------------------------------------
+
+
+def _pack(obj: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=len(data))
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise MalformedRequest(f"body is not a msgpack message: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MalformedRequest("body must be a msgpack map")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {version!r} is not supported (this peer speaks {PROTOCOL_VERSION})",
+            {"supported": [PROTOCOL_VERSION]},
+        )
+    return obj
+
+
+def _get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None,
+         where: str = "message") -> Any:
+    value = obj.get(key, default)
+    if value is None and default is None:
+        raise MalformedRequest(f"{where}: missing field {key!r}")
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise MalformedRequest(f"{where}: field {key!r} has the wrong type")
+    return value
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise MalformedRequest(f"{what} {value!r} is not a valid name (1-64 of A-Za-z0-9_.:-)")
+    return value
+
+
+def _uint(value: Any, what: str, maximum: int = MAX_SEQ) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise MalformedRequest(f"{what} must be an integer in 0..{maximum}")
+    return value
+
+
+def _encode_doc(d: DocSync) -> dict[str, Any]:
+    out: dict[str, Any] = {"d": d.doc, "g": d.gen, "sv": d.sv}
+    if d.update:
+        out["u"] = d.update
+        out["c"] = zlib.crc32(d.update)
+    return out
+
+
+def _decode_doc(obj: Any, limits: Limits) -> DocSync:
+    if not isinstance(obj, dict):
+        raise MalformedRequest("each entry of 'docs' must be a map")
+    name = _name(obj.get("d"), "document")
+    gen = _uint(obj.get("g", 0), "generation")
+    sv = _get(obj, "sv", bytes, where="document")
+    parse_state_vector(sv, limits)
+    update = _get(obj, "u", bytes, b"", where="document")
+    if update:
+        crc = obj.get("c")
+        if not isinstance(crc, int) or isinstance(crc, bool) or zlib.crc32(update) != crc:
+            raise CorruptUpdate(f"update for {name!r} fails its CRC-32 check", {"doc": name})
+    return DocSync(doc=name, sv=sv, update=update, gen=gen)
+
+
+def _decode_docs(obj: Mapping[str, Any], limits: Limits) -> tuple[DocSync, ...]:
+    raw = _get(obj, "docs", list, [])
+    if len(raw) > limits.max_docs:
+        raise MalformedRequest(f"at most {limits.max_docs} documents per message")
+    docs = tuple(_decode_doc(d, limits) for d in raw)
+    if len({d.doc for d in docs}) != len(docs):
+        raise MalformedRequest("a document appears twice in one message")
+    return docs
+
+
+def _decode_event(obj: Any, limits: Limits) -> Event:
+    if not isinstance(obj, list) or len(obj) != 4:
+        raise MalformedRequest("each event must be [seq, topic, time, body]")
+    seq, topic, time, body_bytes = obj
+    if not isinstance(body_bytes, bytes):
+        raise MalformedRequest("event body must be msgpack bytes")
+    if len(body_bytes) > limits.max_event_body:
+        raise InvalidValue(f"event body over {limits.max_event_body} bytes", {"seq": seq})
+    try:
+        body = msgpack.unpackb(body_bytes, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise MalformedRequest(f"event {seq!r}: body is not msgpack") from exc
+    check_value(body, where=f"event {seq!r} body", max_int=2**63 - 1)
+    if _uint(seq, "event seq") == 0:
+        raise MalformedRequest("event seq starts at 1")
+    return Event(
+        seq=seq,
+        topic=_name(topic, "topic"),
+        time=_uint(time, "event time"),
+        body=body,
+    )
+
+
+def encode_event_body(body: Any) -> bytes:
+    """Encode an event body (JSON data) as msgpack bytes; validation is the caller's."""
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode_request(req: SyncRequest, *, bodies: Sequence[bytes] | None = None) -> bytes:
+    """Encode a :class:`SyncRequest`. ``bodies`` may pass pre-encoded event bodies (the
+    device outbox stores them encoded) in the order of ``req.events``."""
+    if bodies is None:
+        bodies = [encode_event_body(e.body) for e in req.events]
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": "sync", "dev": req.device}
+    if req.docs:
+        msg["docs"] = [_encode_doc(d) for d in req.docs]
+    if req.events:
+        msg["ev"] = [[e.seq, e.topic, e.time, b] for e, b in zip(req.events, bodies, strict=True)]
+    if req.purged:
+        msg["pg"] = req.purged
+    return _pack(msg)
+
+
+def decode_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncRequest:
+    """Decode and validate a sync request; raises a :class:`RequestError` subclass."""
+    obj = _unpack(data)
+    if obj.get("t") != "sync":
+        raise MalformedRequest(f"message type {obj.get('t')!r} is not 'sync'")
+    device = _name(obj.get("dev"), "device")
+    raw_events = _get(obj, "ev", list, [])
+    if len(raw_events) > limits.max_events:
+        raise TooManyEvents(
+            f"{len(raw_events)} events in one request (max {limits.max_events})",
+            {"max_events": limits.max_events},
+        )
+    events = tuple(_decode_event(e, limits) for e in raw_events)
+    for prev, nxt in itertools.pairwise(events):
+        if nxt.seq != prev.seq + 1:
+            raise MalformedRequest("events in one request must have consecutive seqs")
+    return SyncRequest(
+        device=device,
+        docs=_decode_docs(obj, limits),
+        events=events,
+        purged=_uint(obj.get("pg", 0), "purged"),
+    )
+
+
+def encode_response(resp: SyncResponse) -> bytes:
+    """Encode a :class:`SyncResponse`."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": "sync", "ack": resp.acked, "time": resp.time}
+    if resp.docs:
+        msg["docs"] = [_encode_doc(d) for d in resp.docs]
+    msg.update(resp.extra)
+    return _pack(msg)
+
+
+def decode_response(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncResponse:
+    """Decode a sync response, or raise the error an error frame carries."""
+    obj = _unpack(data)
+    if obj.get("t") == "error":
+        raise decode_error_obj(obj)
+    if obj.get("t") != "sync":
+        raise MalformedRequest(f"message type {obj.get('t')!r} is not 'sync'")
+    return SyncResponse(
+        docs=_decode_docs(obj, limits),
+        acked=_uint(obj.get("ack", 0), "ack"),
+        time=_uint(obj.get("time", 0), "time"),
+    )
+
+
+# --- error frames ------------------------------------------------------------------------
+
+
+def encode_error(error: CrdtsyncError) -> bytes:
+    """Encode an error as a frame: ``{v, t: "error", code, msg, detail, retry}``."""
+    return _pack({
+        "v": PROTOCOL_VERSION,
+        "t": "error",
+        "code": error.code,
+        "msg": error.message,
+        "detail": error.detail,
+        "retry": error.retryable,
+    })
+
+
+def decode_error_obj(obj: Mapping[str, Any], status: int = 0) -> CrdtsyncError:
+    """Map a decoded error frame (msgpack or JSON) back to its exception."""
+    code = obj.get("code")
+    message = obj.get("msg", obj.get("message", ""))
+    detail = obj.get("detail")
+    return error_from_code(
+        code if isinstance(code, str) else "internal",
+        message if isinstance(message, str) else "",
+        detail if isinstance(detail, dict) else None,
+        status,
+    )
+
+
+def decode_error(data: bytes, status: int) -> CrdtsyncError:
+    """Turn a non-200 response body into its exception, whatever the body holds."""
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        obj = None
+    if isinstance(obj, dict) and obj.get("t") == "error":
+        return decode_error_obj(obj, status)
+    return error_from_code("internal" if status >= 500 else "bad_request",
+                           f"HTTP {status} without an error frame", None, status)

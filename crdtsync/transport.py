@@ -1,0 +1,73 @@
+"""How a device reaches the cloud: a small ``Transport`` protocol and its HTTP adapter.
+
+A transport moves one encoded sync request and returns the encoded response; it knows nothing
+of the protocol's content. Tests and simulations plug in their own (``crdtsync.testing``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Protocol
+
+import aiohttp
+
+from .errors import TransportError
+from .protocol import MEDIA_TYPE, SYNC_PATH, decode_error
+
+COMPRESS_THRESHOLD = 1024
+"""Request bodies at least this large are sent with ``Content-Encoding: deflate``."""
+
+
+class Transport(Protocol):
+    """Sends one sync request body, returns the response body (``bytes``) on success.
+
+    Raises the :mod:`crdtsync.errors` exception of an error frame, or :class:`TransportError`
+    when the outcome is unknown (connection failed, reset, timed out)."""
+
+    async def exchange(self, body: bytes) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class HttpTransport:
+    """``POST {url}/v1/sync`` with a bearer token, over an aiohttp session.
+
+    Pass ``session`` to share one connection pool among many devices (a gateway); the
+    transport then leaves it open on ``aclose()``.
+    """
+
+    def __init__(self, url: str, token: str, *, session: aiohttp.ClientSession | None = None,
+                 timeout: float = 30.0, compress_threshold: int = COMPRESS_THRESHOLD) -> None:
+        self.url = url.rstrip("/") + SYNC_PATH
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": MEDIA_TYPE,
+                         "Accept": MEDIA_TYPE}
+        self._session = session
+        self._owns_session = session is None
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._compress_threshold = compress_threshold
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def exchange(self, body: bytes) -> bytes:
+        headers = dict(self._headers)
+        if len(body) >= self._compress_threshold:
+            body = zlib.compress(body, 6)
+            headers["Content-Encoding"] = "deflate"
+        try:
+            async with self._client().post(self.url, data=body, headers=headers,
+                                           timeout=self._timeout) as resp:
+                data = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(f"sync request failed: {exc!r}") from exc
+        if status != 200:
+            raise decode_error(data, status)
+        return data
+
+    async def aclose(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None

@@ -1,0 +1,86 @@
+"""Which values may enter a CRDT document or an event body, and how numbers read back.
+
+Yjs stores numbers with JavaScript semantics: every number is a double, so an integer is
+exact only up to 2**53 - 1, and pycrdt panics (a ``BaseException``) on integers of 2**63 or
+more. Everything that comes from outside (library calls, API bodies, event bodies) passes
+:func:`check_value` before it reaches a ``Doc`` or the wire.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import InvalidValue
+
+MAX_SAFE_INTEGER = 2**53 - 1
+"""Largest integer a Yjs document holds exactly (``Number.MAX_SAFE_INTEGER``)."""
+
+MAX_DEPTH = 32
+MAX_KEY_LENGTH = 256
+
+
+def check_value(value: Any, *, where: str = "value", max_int: int = MAX_SAFE_INTEGER) -> None:
+    """Raise :class:`InvalidValue` unless ``value`` is JSON data a CRDT can hold exactly.
+
+    Allowed: ``None``, ``bool``, ``int`` with ``abs(v) <= max_int``, finite ``float``,
+    ``str``, ``list``/``tuple`` and ``dict`` with ``str`` keys, nested at most 32 deep.
+    """
+    _check(value, where, max_int, 0)
+
+
+def _check(value: Any, where: str, max_int: int, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise InvalidValue(f"{where}: nested more than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, int):
+        if abs(value) > max_int:
+            raise InvalidValue(
+                f"{where}: integer {value} is outside +/-{max_int}; "
+                "a CRDT number is a double and cannot hold it exactly",
+                {"where": where},
+            )
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidValue(f"{where}: {value} is not a finite number", {"where": where})
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check(item, f"{where}[{i}]", max_int, depth + 1)
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            check_key(key, where=where)
+            _check(item, f"{where}.{key}", max_int, depth + 1)
+        return
+    raise InvalidValue(
+        f"{where}: {type(value).__name__} is not JSON data (use None, bool, number, str, "
+        "list or dict)",
+        {"where": where},
+    )
+
+
+def check_key(key: Any, *, where: str = "key") -> None:
+    """Raise :class:`InvalidValue` unless ``key`` is a non-empty ``str`` of at most 256 chars."""
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        raise InvalidValue(f"{where}: keys are non-empty strings of at most {MAX_KEY_LENGTH} chars")
+
+
+def normalize(value: Any) -> Any:
+    """Return ``value`` as read from a document, with integral doubles turned back into ints.
+
+    A document returns ``5`` as ``5.0`` (JavaScript numbers). JSON does not tell the two
+    apart either, so reads give ``5``; a non-integral double stays a float.
+    """
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) <= MAX_SAFE_INTEGER:
+            return int(value)
+        return value
+    if isinstance(value, list):
+        return [normalize(v) for v in value]
+    if isinstance(value, dict):
+        return {k: normalize(v) for k, v in value.items()}
+    return value

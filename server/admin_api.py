@@ -1,0 +1,158 @@
+"""The management API (JSON, admin bearer token): devices, state, events, OpenAPI."""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from crdtsync.errors import InvalidValue, MalformedRequest, NotFound, Unauthorized
+from crdtsync.protocol import NAME_RE
+from crdtsync.values import check_key
+
+from .app import SERVICES, read_body
+from .auth import bearer, hash_token, new_token, token_matches
+from .store import DeviceRecord
+
+routes = web.RouteTableDef()
+MAX_PAGE = 1000
+
+
+def require_admin(request: web.Request) -> None:
+    """Raise :class:`Unauthorized` unless the admin token is presented."""
+    token = bearer(request)
+    if not token_matches(token, request.app[SERVICES].admin_hash):
+        raise Unauthorized("this endpoint needs the admin token")
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidValue(f"{name} is not a JSON number crdtsync accepts")
+
+
+async def read_json(request: web.Request) -> Any:
+    """Parse a JSON body strictly (no NaN/Infinity); :class:`MalformedRequest` otherwise."""
+    body = await read_body(request)
+    try:
+        return json.loads(body or b"null", parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, InvalidValue):
+            raise
+        raise MalformedRequest(f"body is not JSON: {exc}") from exc
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, separators=(
+        ",", ":")))
+
+
+def device_json(device: DeviceRecord) -> dict[str, Any]:
+    return {"id": device.id, "created": device.created, "last_sync": device.last_sync,
+            "last_seq": device.last_seq, "events_lost": device.events_lost,
+            "meta": dict(device.meta)}
+
+
+def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or int(raw) > maximum:
+        raise MalformedRequest(f"query parameter {name!r} must be an integer 0..{maximum}")
+    return int(raw)
+
+
+def _device_id(request: web.Request) -> str:
+    device_id = request.match_info["device"]
+    if not NAME_RE.match(device_id):
+        raise MalformedRequest(f"{device_id!r} is not a valid device id")
+    return device_id
+
+
+@routes.get("/v1/health")
+async def health(request: web.Request) -> web.Response:
+    """Liveness, without credentials."""
+    return json_response({"ok": True})
+
+
+@routes.get("/v1/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI description of every endpoint, without credentials."""
+    text = resources.files("crdtsync_server").joinpath("openapi.json").read_text()
+    return web.Response(text=text, content_type="application/json")
+
+
+@routes.post("/v1/devices")
+async def add_device(request: web.Request) -> web.Response:
+    """Provision a device; the token is in this response only (stored hashed)."""
+    require_admin(request)
+    body = await read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+        raise MalformedRequest('body must be {"id": "<device id>", "meta": {...}}')
+    if not NAME_RE.match(body["id"]):
+        raise MalformedRequest(f"{body['id']!r} is not a valid device id "
+                               "(1-64 of A-Z a-z 0-9 _ . : -)")
+    meta = body.get("meta", {})
+    if not isinstance(meta, dict):
+        raise MalformedRequest("meta must be an object")
+    token = new_token()
+    record = DeviceRecord(id=body["id"], token_hash=hash_token(token),
+                          created=int(time.time() * 1000), meta=meta)
+    await request.app[SERVICES].store.add_device(record)
+    return json_response({**device_json(record), "token": token}, status=201)
+
+
+@routes.get("/v1/devices")
+async def list_devices(request: web.Request) -> web.Response:
+    """Devices in id order, paginated with ``after`` (the last id seen) and ``limit``."""
+    require_admin(request)
+    limit = _int_param(request, "limit", 100, MAX_PAGE)
+    devices = await request.app[SERVICES].store.list_devices(request.query.get("after", ""),
+                                                             limit)
+    return json_response({"devices": [device_json(d) for d in devices],
+                          "next": devices[-1].id if len(devices) == limit else None})
+
+
+@routes.get("/v1/devices/{device}")
+async def get_device(request: web.Request) -> web.Response:
+    """One device with its bookkeeping (last sync time, last stored seq)."""
+    require_admin(request)
+    device = await request.app[SERVICES].store.get_device(_device_id(request))
+    if device is None:
+        raise NotFound(f"no device {request.match_info['device']!r}")
+    return json_response(device_json(device))
+
+
+@routes.get("/v1/devices/{device}/state")
+async def get_state(request: web.Request) -> web.Response:
+    """The device's document as JSON: ``{map: {key: value}}``."""
+    require_admin(request)
+    return json_response(await request.app[SERVICES].sync.read_state(_device_id(request)))
+
+
+@routes.patch("/v1/devices/{device}/state/{map}")
+async def patch_state(request: web.Request) -> web.Response:
+    """Merge-patch one map of the device's state (``null`` deletes a key); the change is
+    durable on return and reaches the device at its next sync."""
+    require_admin(request)
+    name = request.match_info["map"]
+    check_key(name, where="map name")
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise MalformedRequest("body must be a JSON object of key: value (null deletes)")
+    result = await request.app[SERVICES].sync.write_state(_device_id(request), name, body)
+    return json_response(result)
+
+
+@routes.get("/v1/events")
+async def list_events(request: web.Request) -> web.Response:
+    """Events in arrival order after ``after`` (a cursor), filtered by device and topic."""
+    require_admin(request)
+    after = _int_param(request, "after", 0, 2**63 - 1)
+    limit = _int_param(request, "limit", 100, MAX_PAGE)
+    events = await request.app[SERVICES].store.read_events(
+        after, limit, device=request.query.get("device") or None,
+        topic=request.query.get("topic") or None)
+    next_cursor = str(events[-1].cursor) if events else str(after)
+    return json_response({"events": [e.to_json() for e in events], "next": next_cursor})

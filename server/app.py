@@ -1,0 +1,142 @@
+"""The aiohttp application of the reference sync server: configuration, lifecycle, errors.
+
+``create_app(config)`` builds the app; its ``cleanup_ctx`` opens the store, settles the admin
+credential and builds the services, and closes everything on shutdown. Every error leaves as
+a typed frame: msgpack on ``/v1/sync`` (devices), JSON elsewhere (management API), with the
+HTTP status of its class (crdtsync.errors).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+from crdtsync import crdt
+from crdtsync.errors import (
+    BodyTooLarge,
+    CrdtsyncError,
+    MalformedRequest,
+    NotFound,
+    RequestError,
+    ServerError,
+)
+from crdtsync.protocol import DEFAULT_LIMITS, MEDIA_TYPE, SYNC_PATH, Limits, encode_error
+
+from .auth import admin_token_hash
+from .documents import DocumentCache
+from .store import Store, open_store
+from .sync import SyncService
+
+log = logging.getLogger("crdtsync.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Settings of one server process. ``db`` is a file path, ``sqlite:///path`` or ``memory:``."""
+
+    db: str = "crdtsync.db"
+    host: str = "127.0.0.1"
+    port: int = 8787
+    admin_token: str | None = None
+    max_body: int = 4 * 1024 * 1024
+    limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+    cache_docs: int = 1000
+    compact_every: int = 500
+    on_admin_token: Callable[[str], None] | None = None
+    """Called once with a newly created admin token (the CLI prints it)."""
+
+
+@dataclass(slots=True)
+class Services:
+    """What handlers use; built at startup, stored under :data:`SERVICES`."""
+
+    config: ServerConfig
+    store: Store
+    docs: DocumentCache
+    sync: SyncService
+    admin_hash: str
+
+
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+
+
+def create_app(config: ServerConfig, store: Store | None = None) -> web.Application:
+    """Build the server app. ``store`` overrides ``config.db`` (tests, simulations)."""
+    from .admin_api import routes as admin_routes
+    from .sync_api import routes as sync_routes
+
+    app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware])
+    app.add_routes(sync_routes)
+    app.add_routes(admin_routes)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        backend = store if store is not None else open_store(config.db)
+        await backend.open()
+        try:
+            admin_hash, created = await admin_token_hash(backend, config.admin_token)
+            if created and config.on_admin_token:
+                config.on_admin_token(created)
+            docs = DocumentCache(backend, crdt.random_client_id(), capacity=config.cache_docs,
+                                 compact_every=config.compact_every)
+            app[SERVICES] = Services(config, backend, docs, SyncService(backend, docs),
+                                     admin_hash)
+            yield
+        finally:
+            await backend.aclose()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def error_response(request: web.Request, error: CrdtsyncError) -> web.Response:
+    """Render ``error`` as a frame in the format the endpoint speaks."""
+    if request.path == SYNC_PATH:
+        return web.Response(status=error.status, body=encode_error(error),
+                            content_type=MEDIA_TYPE)
+    body = {"error": {"code": error.code, "message": error.message, "detail": error.detail,
+                      "retryable": error.retryable}}
+    return web.Response(status=error.status, text=json.dumps(body),
+                        content_type="application/json")
+
+
+_HTTP_CODES: dict[int, type[CrdtsyncError]] = {404: NotFound, 413: BodyTooLarge}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into a typed error frame; the server keeps serving."""
+    try:
+        return await handler(request)
+    except CrdtsyncError as exc:
+        if exc.status >= 500:
+            log.error("%s %s failed: %s", request.method, request.path, exc.message)
+        return error_response(request, exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        cls = _HTTP_CODES.get(exc.status, RequestError)
+        error = cls(exc.reason, {"http": exc.status})
+        response = error_response(request, error)
+        response.set_status(exc.status if exc.status != 400 else error.status)
+        return response
+    except Exception:
+        log.exception("%s %s: unexpected error", request.method, request.path)
+        return error_response(request, ServerError("internal error; nothing was committed"))
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, decompressed; typed errors for oversize or undecodable bodies."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise BodyTooLarge(f"body over {request.app[SERVICES].config.max_body} bytes",
+                           {"max_body": request.app[SERVICES].config.max_body}) from exc
+    except RequestPayloadError as exc:
+        raise MalformedRequest(f"cannot read body (bad Content-Encoding?): {exc}") from exc

@@ -1,0 +1,60 @@
+"""Credentials: random tokens stored as SHA-256 hashes and compared in constant time.
+
+Tokens carry 256 bits of randomness, so a fast hash is enough (no password-style KDF): the
+database never holds a usable credential, and a leaked hash cannot be replayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from aiohttp import web
+
+from crdtsync.errors import Unauthorized
+
+from .store import Store
+
+ADMIN_TOKEN_SETTING = "admin_token_hash"
+
+
+def new_token() -> str:
+    """A fresh random token (43 URL-safe characters, 256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a token (hex SHA-256)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_matches(token: str, stored_hash: str) -> bool:
+    """True when ``token`` hashes to ``stored_hash``; constant time in the hash."""
+    return hmac.compare_digest(hash_token(token).encode(), stored_hash.encode())
+
+
+def bearer(request: web.Request) -> str:
+    """The bearer token of a request; :class:`Unauthorized` when absent or malformed."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    return token.strip()
+
+
+async def admin_token_hash(store: Store, given: str | None) -> tuple[str, str | None]:
+    """Decide the admin credential at start: returns ``(hash, token_to_print)``.
+
+    A token given on the command line or in the environment wins for this run. Otherwise the
+    stored hash is used; on first start a token is created, its hash stored, and the token
+    returned once so the caller can print it (it cannot be recovered later).
+    """
+    if given:
+        return hash_token(given), None
+    stored = await store.get_setting(ADMIN_TOKEN_SETTING)
+    if stored:
+        return stored, None
+    token = new_token()
+    await store.set_setting(ADMIN_TOKEN_SETTING, hash_token(token))
+    return hash_token(token), token

@@ -1,0 +1,131 @@
+"""Live documents: the server's bounded in-memory cache of CRDT documents over the store.
+
+A :class:`LiveDoc` is a pycrdt ``Doc`` rebuilt from the store plus the id of the last logged
+update it reflects. Before every use it catches up with rows other writers appended
+(``read_since``), so several server processes can share one database. Updates are applied in
+memory first (that validates them), committed by the caller, and the document is evicted if
+the commit fails, so memory never holds what the store does not. Compaction by id range is
+triggered here once enough rows piled up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pycrdt import Doc, TransactionEvent, merge_updates
+
+from crdtsync import crdt
+
+from .store import Store
+
+
+class LiveDoc:
+    """One document held in memory. ``capture()`` returns the effective update of the writes
+    since the last call: a replayed update changes nothing and yields ``b""``."""
+
+    def __init__(self, key: str, doc: Doc[Any], gen: int, last_id: int, rows: int) -> None:
+        self.key = key
+        self.doc = doc
+        self.gen = gen
+        self.last_id = last_id
+        self.rows = rows  # logged rows not folded into the snapshot
+        self._captured: list[bytes] = []
+        self._subscription = doc.observe(self._on_update)  # once per document lifetime
+
+    def _on_update(self, event: TransactionEvent) -> None:
+        self._captured.append(event.update)
+
+    def capture(self) -> bytes:
+        captured, self._captured = self._captured, []
+        if not captured:
+            return b""
+        return captured[0] if len(captured) == 1 else merge_updates(*captured)
+
+    def catch_up(self, rows: tuple[tuple[int, bytes], ...]) -> None:
+        for row_id, update in rows:
+            self.doc.apply_update(update)
+            self.last_id = max(self.last_id, row_id)
+            self.rows += 1
+        self.capture()  # what we just read is already stored
+
+    def committed(self, update_id: int) -> None:
+        """Record that the captured write was stored as row ``update_id``.
+
+        ``last_id`` moves only when no other writer slipped a row in between; otherwise the
+        next catch-up re-reads our own row too, which is harmless (updates are idempotent).
+        """
+        if update_id == self.last_id + 1:
+            self.last_id = update_id
+        self.rows += 1
+
+
+class DocumentCache:
+    """LRU cache of :class:`LiveDoc` keyed by document key, with one lock per key.
+
+    All writes to a document go through ``async with cache.use(key) as live`` so that syncs
+    of one device are serialised and the cache never holds two instances of one document.
+    """
+
+    def __init__(self, store: Store, client_id: int, *, capacity: int = 1000,
+                 compact_every: int = 500) -> None:
+        self.store = store
+        self.client_id = client_id
+        self.capacity = capacity
+        self.compact_every = compact_every
+        self._docs: OrderedDict[str, LiveDoc] = OrderedDict()
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    @asynccontextmanager
+    async def lock(self, key: str) -> AsyncIterator[None]:
+        """Hold the lock of ``key`` (serialises every writer of one device or document)."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    async def get(self, key: str) -> LiveDoc:
+        """The live document ``key``, loaded or caught up with the store. Call under its lock."""
+        live = self._docs.get(key)
+        if live is None:
+            live = await self._load(key)
+            self._docs[key] = live
+            self._evict_over_capacity()
+        else:
+            self._docs.move_to_end(key)
+            live.catch_up(await self.store.read_since(key, live.last_id))
+        return live
+
+    async def _load(self, key: str) -> LiveDoc:
+        log = await self.store.load_doc(key)
+        doc = crdt.new_doc(self.client_id, log.snapshot, (u for _, u in log.updates))
+        return LiveDoc(key, doc, log.gen, log.last_id, len(log.updates))
+
+    def _evict_over_capacity(self) -> None:
+        while len(self._docs) > self.capacity:
+            self._docs.popitem(last=False)
+
+    def evict(self, key: str) -> None:
+        """Forget ``key`` (after a failed commit: memory may hold what the store does not)."""
+        self._docs.pop(key, None)
+
+    async def maybe_compact(self, live: LiveDoc) -> bool:
+        """Fold the log of ``live`` into a snapshot once ``compact_every`` rows piled up."""
+        if live.rows < self.compact_every:
+            return False
+        await self.store.compact(live.key, live.last_id, live.doc.get_update())
+        live.rows = 0
+        return True

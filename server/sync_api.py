@@ -1,0 +1,32 @@
+"""``POST /v1/sync``: authenticate the device, decode, run the sync, encode the answer."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from crdtsync.errors import Unauthorized, UnsupportedEncoding
+from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, decode_request, encode_response
+
+from .app import SERVICES, read_body
+from .auth import bearer, token_matches
+
+routes = web.RouteTableDef()
+
+ACCEPTED_TYPES = frozenset({MEDIA_TYPE, "application/msgpack", "application/x-msgpack"})
+
+
+@routes.post(SYNC_PATH)
+async def sync(request: web.Request) -> web.Response:
+    """One sync round trip; see docs/protocol.md."""
+    services = request.app[SERVICES]
+    token = bearer(request)
+    if request.content_type not in ACCEPTED_TYPES:
+        raise UnsupportedEncoding(f"Content-Type must be {MEDIA_TYPE}",
+                                  {"accepted": sorted(ACCEPTED_TYPES)})
+    sync_request = decode_request(await read_body(request), services.config.limits)
+    device = await services.store.get_device(sync_request.device)
+    if device is None or not token_matches(token, device.token_hash):
+        # Same answer for an unknown device and a wrong token: ids are not disclosed.
+        raise Unauthorized("unknown device or wrong token")
+    response = await services.sync.sync(device, sync_request)
+    return web.Response(body=encode_response(response), content_type=MEDIA_TYPE)

@@ -1,0 +1,67 @@
+"""Shared fixtures: a real sync server on 127.0.0.1 over a real SQLite file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from crdtsync import AdminClient, Device
+from crdtsync_server import Server, ServerConfig
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+def require_service(name: str, available: bool) -> None:
+    """Skip a test needing ``name`` on a developer machine, but fail it when CI=true."""
+    if available:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} is required in CI but is not reachable")
+    pytest.skip(f"{name} not reachable")
+
+
+@pytest.fixture
+def server_config(tmp_path: Path) -> ServerConfig:
+    return ServerConfig(db=str(tmp_path / "server.db"), port=0, admin_token=ADMIN_TOKEN)
+
+
+@pytest.fixture
+async def server(server_config: ServerConfig) -> AsyncIterator[Server]:
+    async with Server(server_config) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def admin(server: Server) -> AsyncIterator[AdminClient]:
+    async with AdminClient(server.url, ADMIN_TOKEN) as client:
+        yield client
+
+
+DeviceFactory = Callable[..., Awaitable[Device]]
+
+
+@pytest.fixture
+async def make_device(server: Server, admin: AdminClient, tmp_path: Path
+                      ) -> AsyncIterator[DeviceFactory]:
+    """``await make_device("d1")`` provisions (once) and starts a device with a manual sync
+    (no background loop); every device is closed at the end of the test."""
+    tokens: dict[str, str] = {}
+    opened: list[Device] = []
+
+    async def factory(device_id: str, **kwargs: object) -> Device:
+        if device_id not in tokens:
+            tokens[device_id] = (await admin.add_device(device_id))["token"]
+        kwargs.setdefault("interval", None)
+        kwargs.setdefault("path", tmp_path / f"{device_id}.db")
+        dev = Device(device_id, server.url, token=tokens[device_id], **kwargs)  # type: ignore[arg-type]
+        await dev.start()
+        opened.append(dev)
+        return dev
+
+    factory.tokens = tokens  # type: ignore[attr-defined]
+    yield factory
+    for dev in opened:
+        await dev.aclose()

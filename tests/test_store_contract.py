@@ -1,0 +1,418 @@
+"""The contract every :class:`Store` backend passes.
+
+The ``store`` fixture is parametrized over :data:`BACKENDS`; adding a backend (PostgreSQL)
+means adding one factory there. Backend-specific tests live in ``test_store_<backend>.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pycrdt import Doc, Map
+
+from crdtsync.errors import AlreadyExists, ClosedError, NotFound, SeqConflict, SeqGap
+from crdtsync.protocol import Event
+from crdtsync_server.store import (
+    CommitResult,
+    DeviceRecord,
+    DocLog,
+    DocWrite,
+    MemoryStore,
+    SQLiteStore,
+    Store,
+    SyncWrite,
+)
+
+BACKENDS: dict[str, Callable[[Path], Store]] = {
+    "memory": lambda tmp_path: MemoryStore(),
+    "sqlite": lambda tmp_path: SQLiteStore(tmp_path / "store.db"),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    backend = BACKENDS[request.param](tmp_path)
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def ev(seq: int, topic: str = "temp", body: Any = None, time: int | None = None) -> Event:
+    return Event(
+        seq=seq, topic=topic, time=1000 + seq if time is None else time,
+        body={"seq": seq} if body is None else body,
+    )
+
+
+def evs(first: int, last: int, topic: str = "temp") -> tuple[Event, ...]:
+    return tuple(ev(s, topic) for s in range(first, last + 1))
+
+
+async def add_device(store: Store, device_id: str = "dev-1", **kw: Any) -> DeviceRecord:
+    record = DeviceRecord(id=device_id, token_hash=f"hash-{device_id}", created=1, **kw)
+    await store.add_device(record)
+    return record
+
+
+async def write_docs(store: Store, key: str, *updates: bytes, gen: int = 0) -> CommitResult:
+    docs = [DocWrite(key, u, gen) for u in updates]
+    return await store.commit(SyncWrite(device=None, time=5, docs=docs))
+
+
+async def all_events(store: Store, **kw: Any) -> list[tuple[str, int]]:
+    return [(e.device, e.seq) for e in await store.read_events(limit=10_000, **kw)]
+
+
+# --- documents ---------------------------------------------------------------------------
+
+
+async def test_unknown_doc_is_empty(store: Store) -> None:
+    log = await store.load_doc("nothing")
+    assert log == DocLog()
+    assert log.last_id == 0
+    assert await store.read_since("nothing", 0) == ()
+
+
+async def test_commit_appends_updates_in_id_order(store: Store) -> None:
+    first = await write_docs(store, "a", b"u1", b"u2", gen=3)
+    second = await store.commit(
+        SyncWrite(None, 6, docs=[DocWrite("b", b"x1"), DocWrite("a", b"u3")])
+    )
+    ids = [*first.update_ids, *second.update_ids]
+    assert len(ids) == 4
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    assert first.stored == 0 and first.last_seq == 0
+
+    log = await store.load_doc("a")
+    assert log.gen == 3
+    assert log.snapshot == b"" and log.snapshot_id == 0
+    assert log.updates == ((ids[0], b"u1"), (ids[1], b"u2"), (ids[3], b"u3"))
+    assert log.last_id == ids[3]
+    assert (await store.load_doc("b")).updates == ((ids[2], b"x1"),)
+
+
+async def test_doc_gen_is_set_by_first_write(store: Store) -> None:
+    await write_docs(store, "a", b"u1", gen=2)
+    await write_docs(store, "a", b"u2", gen=2)
+    assert (await store.load_doc("a")).gen == 2
+
+
+async def test_read_since(store: Store) -> None:
+    ids = (await write_docs(store, "a", b"u1", b"u2", b"u3")).update_ids
+    await write_docs(store, "other", b"o1")
+    assert await store.read_since("a", ids[0]) == ((ids[1], b"u2"), (ids[2], b"u3"))
+    assert await store.read_since("a", 0) == tuple(zip(ids, (b"u1", b"u2", b"u3"), strict=True))
+    assert await store.read_since("a", ids[2]) == ()
+
+
+async def test_compact_deletes_exactly_rows_up_to_id(store: Store) -> None:
+    ids = (await write_docs(store, "a", b"u1", b"u2")).update_ids
+    other = (await write_docs(store, "other", b"o1")).update_ids
+    # The snapshot is built from the log as read; a row appended meanwhile must survive.
+    late = (await write_docs(store, "a", b"u3")).update_ids[0]
+    await store.compact("a", ids[1], b"snap12")
+
+    log = await store.load_doc("a")
+    assert log.snapshot == b"snap12"
+    assert log.snapshot_id == ids[1]
+    assert log.updates == ((late, b"u3"),)
+    assert await store.read_since("a", 0) == ((late, b"u3"),)
+    assert (await store.load_doc("other")).updates == ((other[0], b"o1"),)
+
+
+async def test_compact_never_goes_back(store: Store) -> None:
+    ids = (await write_docs(store, "a", b"u1", b"u2", b"u3")).update_ids
+    await store.compact("a", ids[1], b"snap12")
+    await store.compact("a", ids[0], b"stale")
+    await store.compact("a", ids[1], b"same-id")
+    log = await store.load_doc("a")
+    assert (log.snapshot, log.snapshot_id) == (b"snap12", ids[1])
+    assert log.updates == ((ids[2], b"u3"),)
+
+
+async def test_ids_never_reused_after_compaction(store: Store) -> None:
+    ids = (await write_docs(store, "a", b"u1", b"u2")).update_ids
+    await store.compact("a", ids[1], b"snap")
+    assert (await store.load_doc("a")).updates == ()
+    new = (await write_docs(store, "a", b"u3")).update_ids[0]
+    assert new > ids[1]
+    assert (await store.load_doc("a")).last_id == new
+
+
+def _edit(doc: Doc[Any], **changes: Any) -> bytes:
+    before = doc.get_state()
+    state = doc.get("state", type=Map)
+    with doc.transaction():
+        for key, value in changes.items():
+            state[key] = value
+    return doc.get_update(before)
+
+
+def _merge(snapshot: bytes, updates: list[bytes]) -> bytes:
+    doc: Doc[Any] = Doc(client_id=99)
+    for update in ([snapshot] if snapshot else []) + updates:
+        doc.apply_update(update)
+    return doc.get_update()
+
+
+def _replay(log: DocLog) -> dict[str, Any]:
+    doc: Doc[Any] = Doc(client_id=98)
+    if log.snapshot:
+        doc.apply_update(log.snapshot)
+    for _, update in log.updates:
+        doc.apply_update(update)
+    return dict(doc.get("state", type=Map).to_py() or {})
+
+
+async def test_snapshot_plus_updates_rebuild_the_document(store: Store) -> None:
+    source: Doc[Any] = Doc(client_id=7)
+    updates = [_edit(source, a=1, b="x"), _edit(source, b="y"), _edit(source, c=[1, 2])]
+    ids = (await write_docs(store, "d", *updates)).update_ids
+    await store.compact("d", ids[1], _merge(b"", updates[:2]))
+    late = _edit(source, a=2, d={"k": True})
+    await write_docs(store, "d", late)
+
+    log = await store.load_doc("d")
+    assert len(log.updates) == 2
+    expected = source.get("state", type=Map).to_py()
+    assert _replay(log) == expected == {"a": 2.0, "b": "y", "c": [1.0, 2.0], "d": {"k": True}}
+
+    await store.compact("d", log.last_id, _merge(log.snapshot, [u for _, u in log.updates]))
+    compacted = await store.load_doc("d")
+    assert compacted.updates == ()
+    assert _replay(compacted) == expected
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+async def test_first_events_are_stored(store: Store) -> None:
+    await add_device(store)
+    result = await store.commit(SyncWrite("dev-1", time=500, events=evs(1, 3)))
+    assert result == CommitResult((), last_seq=3, stored=3)
+
+    stored = await store.read_events()
+    assert [(e.seq, e.topic, e.time, e.received, e.body) for e in stored] == [
+        (1, "temp", 1001, 500, {"seq": 1}),
+        (2, "temp", 1002, 500, {"seq": 2}),
+        (3, "temp", 1003, 500, {"seq": 3}),
+    ]
+    assert all(e.device == "dev-1" for e in stored)
+    device = await store.get_device("dev-1")
+    assert device is not None and device.last_seq == 3 and device.last_sync == 500
+
+
+async def test_event_body_roundtrips_as_json(store: Store) -> None:
+    await add_device(store)
+    body = {"nested": {"list": [1, 2.5, None, True, "é"]}, "n": 2**60}
+    await store.commit(SyncWrite("dev-1", time=1, events=[ev(1, body=body)]))
+    assert (await store.read_events())[0].body == body
+
+
+async def test_replay_stores_nothing_new(store: Store) -> None:
+    await add_device(store)
+    await store.commit(SyncWrite("dev-1", time=1, events=evs(1, 3)))
+    replay = await store.commit(SyncWrite("dev-1", time=2, events=evs(1, 3)))
+    assert (replay.stored, replay.last_seq) == (0, 3)
+    assert await all_events(store) == [("dev-1", 1), ("dev-1", 2), ("dev-1", 3)]
+
+    overlap = await store.commit(SyncWrite("dev-1", time=3, events=evs(2, 5)))
+    assert (overlap.stored, overlap.last_seq) == (2, 5)
+    assert [s for _, s in await all_events(store)] == [1, 2, 3, 4, 5]
+
+
+async def test_reused_seq_is_a_conflict_and_writes_nothing(store: Store) -> None:
+    await add_device(store)
+    await store.commit(SyncWrite("dev-1", time=1, events=evs(1, 3)))
+    batch = [ev(2), ev(3, body={"other": True}), ev(4)]
+    with pytest.raises(SeqConflict) as info:
+        await store.commit(
+            SyncWrite("dev-1", time=9, docs=[DocWrite("a", b"u1")], events=batch)
+        )
+    assert info.value.detail == {"seq": 3, "last_seq": 3}
+    assert await store.load_doc("a") == DocLog()
+    assert await all_events(store) == [("dev-1", 1), ("dev-1", 2), ("dev-1", 3)]
+    device = await store.get_device("dev-1")
+    assert device is not None and (device.last_seq, device.last_sync) == (3, 1)
+
+
+async def test_gap_is_refused_and_writes_nothing(store: Store) -> None:
+    await add_device(store)
+    await store.commit(SyncWrite("dev-1", time=1, events=evs(1, 3)))
+    with pytest.raises(SeqGap):
+        await store.commit(
+            SyncWrite("dev-1", time=9, docs=[DocWrite("a", b"u1")], events=evs(5, 6), purged=3)
+        )
+    assert await store.load_doc("a") == DocLog()
+    assert len(await all_events(store)) == 3
+    device = await store.get_device("dev-1")
+    assert device is not None
+    assert (device.last_seq, device.events_lost, device.last_sync) == (3, 0, 1)
+
+
+async def test_gap_below_purged_is_counted_as_lost(store: Store) -> None:
+    await add_device(store)
+    await store.commit(SyncWrite("dev-1", time=1, events=evs(1, 3)))
+    result = await store.commit(SyncWrite("dev-1", time=2, events=evs(6, 7), purged=5))
+    assert (result.stored, result.last_seq) == (2, 7)
+    device = await store.get_device("dev-1")
+    assert device is not None and (device.last_seq, device.events_lost) == (7, 2)
+    assert [s for _, s in await all_events(store)] == [1, 2, 3, 6, 7]
+
+    # The counter adds up across commits, and counts from the very first one too.
+    await store.commit(SyncWrite("dev-1", time=3, events=evs(10, 10), purged=9))
+    device = await store.get_device("dev-1")
+    assert device is not None and (device.last_seq, device.events_lost) == (10, 4)
+    await add_device(store, "dev-2")
+    await store.commit(SyncWrite("dev-2", time=3, events=evs(4, 4), purged=3))
+    dev2 = await store.get_device("dev-2")
+    assert dev2 is not None and (dev2.last_seq, dev2.events_lost) == (4, 3)
+
+
+async def test_unknown_device_is_not_found_and_writes_nothing(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.commit(
+            SyncWrite("ghost", time=1, docs=[DocWrite("a", b"u1")], events=evs(1, 1))
+        )
+    assert await store.load_doc("a") == DocLog()
+    assert await store.read_events() == []
+    assert await store.get_device("ghost") is None
+
+
+async def test_device_write_without_events_updates_last_sync(store: Store) -> None:
+    await add_device(store)
+    await store.commit(SyncWrite("dev-1", time=1, events=evs(1, 2)))
+    result = await store.commit(SyncWrite("dev-1", time=77, docs=[DocWrite("a", b"u1")]))
+    assert (result.last_seq, result.stored, len(result.update_ids)) == (2, 0, 1)
+    device = await store.get_device("dev-1")
+    assert device is not None and (device.last_sync, device.last_seq) == (77, 2)
+
+
+async def test_cloud_write_leaves_devices_alone(store: Store) -> None:
+    await add_device(store)
+    await write_docs(store, "a", b"u1")
+    device = await store.get_device("dev-1")
+    assert device is not None and device.last_sync is None
+
+
+async def test_events_without_device_are_refused(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.commit(SyncWrite(None, time=1, events=evs(1, 1)))
+    assert await store.read_events() == []
+
+
+async def test_read_events_filters_and_pages_in_arrival_order(store: Store) -> None:
+    await add_device(store, "dev-a")
+    await add_device(store, "dev-b")
+    await store.commit(SyncWrite("dev-b", time=1, events=[ev(1, "temp"), ev(2, "door")]))
+    await store.commit(SyncWrite("dev-a", time=2, events=[ev(1, "door")]))
+    await store.commit(SyncWrite("dev-b", time=3, events=[ev(3, "temp")]))
+    await store.commit(SyncWrite("dev-a", time=4, events=[ev(2, "temp"), ev(3, "temp")]))
+
+    arrival = [("dev-b", 1), ("dev-b", 2), ("dev-a", 1), ("dev-b", 3), ("dev-a", 2), ("dev-a", 3)]
+    assert await all_events(store) == arrival
+    assert await all_events(store, device="dev-a") == [("dev-a", 1), ("dev-a", 2), ("dev-a", 3)]
+    assert await all_events(store, topic="door") == [("dev-b", 2), ("dev-a", 1)]
+    assert await all_events(store, device="dev-b", topic="temp") == [("dev-b", 1), ("dev-b", 3)]
+
+    pages: list[list[tuple[str, int]]] = []
+    after = 0
+    while page := await store.read_events(after=after, limit=4):
+        cursors = [e.cursor for e in page]
+        assert cursors == sorted(cursors) and cursors[0] > after
+        pages.append([(e.device, e.seq) for e in page])
+        after = cursors[-1]
+    assert pages == [arrival[:4], arrival[4:]]
+
+    temps = await store.read_events(limit=2, topic="temp")
+    rest = await store.read_events(after=temps[-1].cursor, topic="temp")
+    assert [(e.device, e.seq) for e in temps + rest] == [
+        ("dev-b", 1), ("dev-b", 3), ("dev-a", 2), ("dev-a", 3),
+    ]
+    assert await store.read_events(limit=0) == []
+    with pytest.raises(ValueError):
+        await store.read_events(limit=-1)
+
+
+async def test_concurrent_commits_are_serialised(store: Store) -> None:
+    names = [f"dev-{i}" for i in range(5)]
+    for name in names:
+        await add_device(store, name)
+    results = await asyncio.gather(*(
+        store.commit(SyncWrite(name, time=1, docs=[DocWrite("shared", name.encode())],
+                               events=evs(1, 4)))
+        for name in names
+    ))
+    ids = [r.update_ids[0] for r in results]
+    assert len(set(ids)) == 5
+    assert all(r.stored == 4 for r in results)
+    assert len((await store.load_doc("shared")).updates) == 5
+    cursors = [e.cursor for e in await store.read_events(limit=100)]
+    assert len(cursors) == 20 and len(set(cursors)) == 20
+
+
+# --- devices -----------------------------------------------------------------------------
+
+
+async def test_device_roundtrip(store: Store) -> None:
+    record = DeviceRecord(
+        id="dev-1", token_hash="h", created=10, last_sync=20, last_seq=5, events_lost=1,
+        meta={"site": "north", "tags": ["a", "b"], "n": 3},
+    )
+    await store.add_device(record)
+    assert await store.get_device("dev-1") == record
+    assert await store.get_device("dev-2") is None
+
+
+async def test_duplicate_device_is_refused(store: Store) -> None:
+    await add_device(store)
+    with pytest.raises(AlreadyExists):
+        await store.add_device(DeviceRecord(id="dev-1", token_hash="other", created=99))
+    device = await store.get_device("dev-1")
+    assert device is not None and (device.token_hash, device.created) == ("hash-dev-1", 1)
+
+
+async def test_list_devices_pages_by_id(store: Store) -> None:
+    for name in ["dev-c", "dev-a", "dev-e", "dev-b", "dev-d"]:
+        await add_device(store, name)
+    first = await store.list_devices(limit=2)
+    assert [d.id for d in first] == ["dev-a", "dev-b"]
+    second = await store.list_devices(after=first[-1].id, limit=2)
+    assert [d.id for d in second] == ["dev-c", "dev-d"]
+    assert [d.id for d in await store.list_devices(after="dev-d")] == ["dev-e"]
+    assert await store.list_devices(after="dev-e") == []
+    assert await store.list_devices(limit=0) == []
+    assert [d.id for d in await store.list_devices()] == [f"dev-{c}" for c in "abcde"]
+
+
+# --- settings and lifecycle --------------------------------------------------------------
+
+
+async def test_settings_roundtrip(store: Store) -> None:
+    assert await store.get_setting("admin_token_hash") is None
+    await store.set_setting("admin_token_hash", "abc")
+    await store.set_setting("other", "1")
+    assert await store.get_setting("admin_token_hash") == "abc"
+    await store.set_setting("admin_token_hash", "def")
+    assert await store.get_setting("admin_token_hash") == "def"
+    assert await store.get_setting("other") == "1"
+
+
+async def test_closed_store_refuses_calls(store: Store) -> None:
+    await store.aclose()
+    await store.aclose()  # idempotent
+    with pytest.raises(ClosedError):
+        await store.load_doc("a")
+    with pytest.raises(ClosedError):
+        await store.commit(SyncWrite(None, time=1, docs=[DocWrite("a", b"u")]))
+    with pytest.raises(ClosedError):
+        await store.open()
