@@ -1,0 +1,347 @@
+"""End-to-end sync behaviour: convergence, exactly-once events, restarts, lost data, recovery.
+
+Every test runs the real server on 127.0.0.1 over a real SQLite file and real device stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crdtsync import AdminClient, Device, TransportError
+from crdtsync.transport import HttpTransport
+from crdtsync_server import Server, ServerConfig
+
+from .conftest import ADMIN_TOKEN, DeviceFactory
+
+
+async def events_of(admin: AdminClient, device: str) -> list[dict[str, Any]]:
+    return [e async for e in admin.iter_events(device=device)]
+
+
+def outbox_rows(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+
+# --- convergence ---------------------------------------------------------------------------
+
+ORDERS = ["device-first", "cloud-first", "interleaved"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+async def test_offline_concurrent_edits_converge(order: str, make_device: DeviceFactory,
+                                                 admin: AdminClient, server: Server) -> None:
+    """Device and cloud write the same keys while the device is offline; whatever the order
+    of writes and syncs, both end equal, and each contested key follows the documented rule:
+    the writer with the higher client id wins."""
+    dev = await make_device("d1")
+    dev.state.update({"shared": 0, "mode": "init"})
+    await dev.sync()
+
+    async def device_writes() -> None:
+        dev.state["shared"] = "device"
+        dev.state["mode"] = "eco"
+        dev.state["device_only"] = 1
+        del dev.state["mode"]
+        dev.state["mode"] = "device-mode"
+
+    async def cloud_writes() -> None:
+        await admin.patch_state("d1", {"shared": "cloud", "mode": "boost", "cloud_only": 2})
+
+    if order == "device-first":
+        await device_writes()
+        await cloud_writes()
+    elif order == "cloud-first":
+        await cloud_writes()
+        await device_writes()
+    else:
+        dev.state["shared"] = "device"
+        await cloud_writes()
+        await device_writes()
+    await dev.sync()
+    await dev.sync()
+
+    cloud = (await admin.state("d1"))["state"]
+    assert cloud == dev.state.to_dict()
+    device_wins = dev.doc.client_id > server.services.docs.client_id
+    assert cloud["shared"] == ("device" if device_wins else "cloud")
+    assert cloud["mode"] == ("device-mode" if device_wins else "boost")
+    assert cloud["device_only"] == 1 and cloud["cloud_only"] == 2
+
+
+async def test_many_devices_sync_concurrently(make_device: DeviceFactory,
+                                              admin: AdminClient) -> None:
+    devices = [await make_device(f"dev-{i}") for i in range(25)]
+    for i, dev in enumerate(devices):
+        dev.state["n"] = i
+        for k in range(20):
+            await dev.emit("readings", {"i": i, "k": k})
+    await asyncio.gather(*(dev.sync() for dev in devices))
+    await asyncio.gather(*(dev.sync() for dev in devices))
+    for i, dev in enumerate(devices):
+        assert (await admin.state(dev.id))["state"] == {"n": i}
+        events = await events_of(admin, dev.id)
+        assert [e["body"]["k"] for e in events] == list(range(20))
+        assert dev.pending_events == 0
+
+
+# --- events: exactly once, purged ----------------------------------------------------------
+
+async def test_offline_events_arrive_exactly_once_and_are_purged(
+        make_device: DeviceFactory, admin: AdminClient, tmp_path: Path) -> None:
+    dev = await make_device("d1", max_events_per_sync=200)
+    for k in range(450):
+        assert await dev.emit("readings", {"k": k}) == k + 1
+    assert outbox_rows(tmp_path / "d1.db") == 450
+    report = await dev.sync()
+    assert report.rounds == 3 and report.events_sent == 450 and report.events_acked == 450
+    events = await events_of(admin, "d1")
+    assert [e["seq"] for e in events] == list(range(1, 451))
+    assert [e["body"]["k"] for e in events] == list(range(450))
+    assert dev.pending_events == 0 and outbox_rows(tmp_path / "d1.db") == 0
+    assert all(e["received"] >= e["time"] - 60_000 for e in events)
+
+
+class LoseResponses:
+    """A transport whose next ``n`` responses are lost after the server committed."""
+
+    def __init__(self, inner: HttpTransport, n: int) -> None:
+        self.inner = inner
+        self.n = n
+
+    async def exchange(self, body: bytes) -> bytes:
+        response = await self.inner.exchange(body)
+        if self.n > 0:
+            self.n -= 1
+            raise TransportError("response lost (test)")
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_lost_response_neither_duplicates_nor_loses(
+        make_device: DeviceFactory, admin: AdminClient, server: Server, tmp_path: Path) -> None:
+    token = (await admin.add_device("d1"))["token"]
+    transport = LoseResponses(HttpTransport(server.url, token), n=2)
+    async with Device("d1", transport=transport, path=tmp_path / "d1.db", interval=None) as dev:
+        dev.state["v"] = 1
+        for k in range(5):
+            await dev.emit("t", {"k": k})
+        for _ in range(2):
+            with pytest.raises(TransportError):
+                await dev.sync()
+            assert dev.pending_events == 5  # not acknowledged, so not purged
+        assert (await admin.state("d1"))["state"] == {"v": 1}  # committed before the loss
+        report = await dev.sync()
+        assert report.events_acked == 5 and dev.pending_events == 0
+    events = await events_of(admin, "d1")
+    assert [e["body"]["k"] for e in events] == list(range(5))
+
+
+# --- restarts --------------------------------------------------------------------------------
+
+async def test_device_restart_loses_nothing(make_device: DeviceFactory, admin: AdminClient
+                                            ) -> None:
+    dev = await make_device("d1")
+    dev.state["voltage"] = 3.7
+    await dev.emit("t", {"k": 1})
+    await dev.aclose()  # no sync: a restart while offline
+    dev = await make_device("d1")
+    assert dev.state["voltage"] == 3.7 and dev.pending_events == 1
+    await dev.emit("t", {"k": 2})
+    await dev.sync()
+    assert (await admin.state("d1"))["state"] == {"voltage": 3.7}
+    assert [e["seq"] for e in await events_of(admin, "d1")] == [1, 2]
+
+
+async def test_server_restart_loses_nothing(server_config: ServerConfig, tmp_path: Path) -> None:
+    async with Server(server_config) as srv, AdminClient(srv.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+        port = srv.port
+    config = replace(server_config, port=port)
+    async with Device("d1", f"http://127.0.0.1:{port}", token=token, path=tmp_path / "d.db",
+                      interval=None) as dev:
+        for step in range(3):
+            async with Server(config) as srv:
+                dev.state[f"k{step}"] = step
+                await dev.emit("t", {"step": step})
+                await dev.sync()
+                await AdminClient(srv.url, ADMIN_TOKEN).aclose()
+        async with Server(config) as srv, AdminClient(srv.url, ADMIN_TOKEN) as admin:
+            assert (await admin.state("d1"))["state"] == {"k0": 0, "k1": 1, "k2": 2}
+            assert [e["body"]["step"] for e in await events_of(admin, "d1")] == [0, 1, 2]
+            assert (await admin.device("d1"))["last_seq"] == 3
+
+
+# --- lost data on either side ----------------------------------------------------------------
+
+async def test_wiped_device_recovers_state_and_renumbers_events(
+        make_device: DeviceFactory, admin: AdminClient, tmp_path: Path) -> None:
+    dev = await make_device("d1")
+    dev.state["a"] = 1
+    for k in range(3):
+        await dev.emit("t", {"k": k})
+    await dev.sync()
+    old_client = dev.doc.client_id
+    await dev.aclose()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tmp_path / 'd1.db'}{suffix}").unlink(missing_ok=True)
+
+    dev = await make_device("d1")
+    assert dev.doc.client_id != old_client  # a fresh store never reuses a client id
+    await dev.emit("t", {"k": "after-wipe"})  # seq 1 again, different content
+    report = await dev.sync()
+    assert report.recovered and dev.pending_events == 0
+    assert dev.state["a"] == 1  # state comes back from the cloud
+    events = await events_of(admin, "d1")
+    assert [(e["seq"], e["body"]["k"]) for e in events] == [
+        (1, 0), (2, 1), (3, 2), (4, "after-wipe")]
+    assert await dev.emit("t", {"k": "next"}) == 5
+
+
+async def test_server_restored_from_backup_recovers_in_one_more_round(
+        server_config: ServerConfig, tmp_path: Path) -> None:
+    db = Path(server_config.db)
+    backup = tmp_path / "backup.db"
+    async with Server(server_config) as srv, AdminClient(srv.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+        port = srv.port
+    config = replace(server_config, port=port)
+    url = f"http://127.0.0.1:{port}"
+    async with Device("d1", url, token=token, path=tmp_path / "d.db", interval=None) as dev:
+        async with Server(config):
+            dev.state["v1"] = "before backup"
+            await dev.emit("t", {"n": 1})
+            await dev.sync()
+        shutil.copy(db, backup)  # server stopped: the file is consistent
+        async with Server(config):
+            dev.state["v2"] = "after backup"
+            for n in (2, 3):
+                await dev.emit("t", {"n": n})
+            await dev.sync()
+        shutil.copy(backup, db)  # disaster: restore the old backup
+        for suffix in ("-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        async with Server(config) as srv, AdminClient(srv.url, ADMIN_TOKEN) as admin:
+            await dev.emit("t", {"n": 4})
+            report = await dev.sync()
+            assert report.recovered and report.rounds == 2
+            state = (await admin.state("d1"))["state"]
+            assert state == {"v1": "before backup", "v2": "after backup"} == dev.state.to_dict()
+            # Events 2 and 3 were acknowledged and purged by the device before the restore:
+            # they are gone on both sides, and the cloud counts them as lost, not silently.
+            assert [e["body"]["n"] for e in await events_of(admin, "d1")] == [1, 4]
+            assert (await admin.device("d1"))["events_lost"] == 2
+
+
+async def test_restored_device_store_switches_client_id(
+        make_device: DeviceFactory, admin: AdminClient, tmp_path: Path) -> None:
+    path = tmp_path / "d1.db"
+    dev = await make_device("d1")
+    dev.state["a"] = 1
+    await dev.sync()
+    await dev.aclose()
+    shutil.copy(path, tmp_path / "old.db")
+    dev = await make_device("d1")
+    dev.state["b"] = 2
+    await dev.sync()
+    client = dev.doc.client_id
+    await dev.aclose()
+    shutil.copy(tmp_path / "old.db", path)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    dev = await make_device("d1")
+    assert dev.doc.client_id == client  # the old store knows only the old id
+    await dev.sync()
+    assert dev.doc.client_id != client  # the cloud knew more of it: switched
+    dev.state["c"] = 3
+    await dev.sync()
+    assert (await admin.state("d1"))["state"] == {"a": 1, "b": 2, "c": 3} == dev.state.to_dict()
+
+
+# --- outbox policy ---------------------------------------------------------------------------
+
+async def test_drop_oldest_outbox_is_accepted_as_a_counted_gap(
+        make_device: DeviceFactory, admin: AdminClient) -> None:
+    from crdtsync import OutboxLimits
+
+    dev = await make_device("d1", outbox=OutboxLimits(max_events=3, policy="drop_oldest"))
+    for k in range(5):
+        await dev.emit("t", {"k": k})
+    assert dev.pending_events == 3
+    await dev.sync()
+    assert [e["body"]["k"] for e in await events_of(admin, "d1")] == [2, 3, 4]
+    assert (await admin.device("d1"))["events_lost"] == 2
+
+
+# --- background loop -------------------------------------------------------------------------
+
+async def test_background_loop_syncs_soon_after_local_changes(
+        make_device: DeviceFactory, admin: AdminClient) -> None:
+    dev = await make_device("d1", interval=3600.0, min_spacing=0.05)
+    await _until(lambda: dev.last_report is not None)  # the loop syncs once at start
+    dev.state["x"] = 42
+    await dev.emit("t", {"k": 1})
+    await _until(lambda: dev.pending_events == 0)
+    assert (await admin.state("d1"))["state"] == {"x": 42}
+
+
+async def test_background_loop_backs_off_and_recovers(server_config: ServerConfig,
+                                                      tmp_path: Path) -> None:
+    async with Server(server_config) as srv, AdminClient(srv.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+        port = srv.port
+    url = f"http://127.0.0.1:{port}"
+    async with Device("d1", url, token=token, path=tmp_path / "d.db", interval=0.05,
+                      min_spacing=0.01, backoff=(0.02, 0.1)) as dev:
+        await dev.emit("t", {"k": 1})
+        await _until(lambda: dev.last_error is not None)
+        assert dev.last_error is not None and dev.last_error.retryable
+        assert dev.pending_events == 1
+        async with Server(replace(server_config, port=port)):
+            await _until(lambda: dev.pending_events == 0)
+            assert dev.last_error is None
+
+
+async def _until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+# --- compaction ------------------------------------------------------------------------------
+
+async def test_compaction_on_both_sides_keeps_state(make_device: DeviceFactory,
+                                                    admin: AdminClient, server: Server,
+                                                    tmp_path: Path) -> None:
+    server.services.docs.compact_every = 5
+    dev = await make_device("d1", compact_every=5)
+    for i in range(30):
+        dev.state["counter"] = i
+        dev.state[f"k{i % 7}"] = i
+        await dev.sync()
+        await admin.patch_state("d1", {"cloud": i})
+    await dev.sync()
+    expected = dev.state.to_dict()
+    assert (await admin.state("d1"))["state"] == expected
+    store = server.services.store
+    log = await store.load_doc("d1/state")
+    assert log.snapshot and len(log.updates) < 10  # compacted, not growing
+    with sqlite3.connect(tmp_path / "d1.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM updates").fetchone()[0] < 10
+    await dev.aclose()
+    dev = await make_device("d1")  # reload from snapshot + tail
+    assert dev.state.to_dict() == expected
+    server.services.docs.evict("d1/state")  # server reload from snapshot + tail
+    assert (await admin.state("d1"))["state"] == expected
