@@ -321,7 +321,8 @@ class Device:
         """One request/response; True when another round is needed."""
         version = self._local_version
         part, sent_sv = self._doc_part()
-        batch = await self._store.pending(self.max_events_per_sync, self.max_batch_bytes)
+        batch = (await self._store.pending(self.max_events_per_sync, self.max_batch_bytes)
+                 if self._store.outbox_count else [])
         request = SyncRequest(
             device=self.id, docs=(part,),
             events=tuple(Event(e.seq, e.topic, e.time, None) for e in batch),

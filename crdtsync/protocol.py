@@ -37,7 +37,7 @@ SYNC_PATH = "/v1/sync"
 MAX_CLIENT_ID = 2**53 - 1
 MAX_CLOCK = 2**32 - 1
 MAX_SEQ = 2**63 - 1
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
 """Device ids, document names and topics: 1-64 chars, letters, digits and ``_ . : -``."""
 
 
@@ -185,7 +185,7 @@ def _unpack(data: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise MalformedRequest("body must be a msgpack map")
     version = obj.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise UnsupportedVersion(
             f"protocol version {version!r} is not supported (this peer speaks {PROTOCOL_VERSION})",
             {"supported": [PROTOCOL_VERSION]},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from importlib import resources
 from typing import Any
@@ -58,7 +59,7 @@ def _int_param(request: web.Request, name: str, default: int, maximum: int) -> i
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or int(raw) > maximum:
+    if not re.fullmatch(r"[0-9]{1,19}", raw) or int(raw) > maximum:
         raise MalformedRequest(f"query parameter {name!r} must be an integer 0..{maximum}")
     return int(raw)
 

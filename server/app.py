@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from crdtsync.errors import (
     NotFound,
     RequestError,
     ServerError,
+    UnsupportedEncoding,
 )
 from crdtsync.protocol import DEFAULT_LIMITS, MEDIA_TYPE, SYNC_PATH, Limits, encode_error
 
@@ -72,7 +74,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     from .admin_api import routes as admin_routes
     from .sync_api import routes as sync_routes
 
-    app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware])
+    app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware],
+                          handler_args={"auto_decompress": False})
     app.add_routes(sync_routes)
     app.add_routes(admin_routes)
 
@@ -132,11 +135,41 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The request body, decompressed; typed errors for oversize or undecodable bodies."""
+    """The request body, decompressed; typed errors for oversize or undecodable bodies.
+
+    aiohttp's own decompression is off (``auto_decompress=False``): its failures bypass the
+    handler with an untyped answer. Here a body is inflated with a hard cap of ``max_body``
+    bytes (a zip bomb stops at the cap), must end exactly at the end of its stream, and an
+    encoding other than identity, deflate or gzip is refused with ``unsupported_encoding``.
+    """
+    limit = request.app[SERVICES].config.max_body
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in _DECODERS:
+        raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not accepted",
+                                  {"accepted": sorted(_DECODERS)})
     try:
-        return await request.read()
+        raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise BodyTooLarge(f"body over {request.app[SERVICES].config.max_body} bytes",
-                           {"max_body": request.app[SERVICES].config.max_body}) from exc
+        raise BodyTooLarge(f"body over {limit} bytes", {"max_body": limit}) from exc
     except RequestPayloadError as exc:
-        raise MalformedRequest(f"cannot read body (bad Content-Encoding?): {exc}") from exc
+        raise MalformedRequest(f"cannot read body: {exc}") from exc
+    wbits = _DECODERS[encoding]
+    return raw if wbits is None else inflate(raw, wbits, limit)
+
+
+_DECODERS: dict[str, int | None] = {"identity": None, "deflate": zlib.MAX_WBITS,
+                                    "gzip": 16 + zlib.MAX_WBITS}
+
+
+def inflate(data: bytes, wbits: int, limit: int) -> bytes:
+    """Decompress ``data`` to at most ``limit`` bytes; typed errors for bombs and garbage."""
+    decoder = zlib.decompressobj(wbits)
+    try:
+        out = decoder.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise MalformedRequest(f"body does not decompress: {exc}") from exc
+    if len(out) > limit:
+        raise BodyTooLarge(f"decompressed body over {limit} bytes", {"max_body": limit})
+    if not decoder.eof or decoder.unused_data:
+        raise MalformedRequest("compressed body is truncated or has trailing bytes")
+    return out

@@ -312,8 +312,8 @@ async def test_background_loop_backs_off_and_recovers(server_config: ServerConfi
             assert dev.last_error is None
 
 
-async def _until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def _until(predicate: Any, limit: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + limit
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
