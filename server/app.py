@@ -118,6 +118,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except CrdtsyncError as exc:
+        if exc.status == 0:  # a local error (StoreError, ...): to the client, an internal one
+            log.error("%s %s failed: %s: %s", request.method, request.path, exc.code,
+                      exc.message)
+            return error_response(request, ServerError("internal error; nothing was committed"))
         if exc.status >= 500:
             log.error("%s %s failed: %s", request.method, request.path, exc.message)
         return error_response(request, exc)

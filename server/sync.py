@@ -128,4 +128,4 @@ class SyncService:
             raise NotFound(f"no device {device_id!r}")
         async with self.docs.lock(device_id):
             live = await self.docs.get(doc_key(device_id, "state"))
-            return crdt.to_json(live.doc)
+            return {"state": {}, **crdt.to_json(live.doc)}

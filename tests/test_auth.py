@@ -135,7 +135,7 @@ async def test_device_with_wrong_token_fails_without_retry(
             await dev.sync()
         assert not info.value.retryable
         assert dev.pending_events == 1  # kept for when the credential is fixed
-    assert await admin.state("d1") == {}
+    assert await admin.state("d1") == {"state": {}}
 
 
 # --- the management API --------------------------------------------------------------------
