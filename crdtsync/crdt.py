@@ -44,7 +44,7 @@ def compact(snapshot: bytes, updates: Iterable[bytes]) -> bytes:
     return new_doc(1, snapshot, updates).get_update()
 
 
-def apply_remote(doc: Doc[Any], update: bytes) -> None:
+def apply_remote(doc: Doc[Any], update: bytes, *, name: str = "") -> None:
     """Apply an update from the network; raise :class:`CorruptUpdate` if it does not decode.
 
     Failed applies are atomic in Yrs: nothing of a rejected update is integrated.
@@ -52,7 +52,22 @@ def apply_remote(doc: Doc[Any], update: bytes) -> None:
     try:
         doc.apply_update(update)
     except (ValueError, RuntimeError) as exc:
-        raise CorruptUpdate(f"CRDT update rejected: {exc}") from exc
+        raise CorruptUpdate(f"CRDT update rejected: {exc}", {"doc": name}) from exc
+
+
+def check_update(update: bytes, *, name: str = "") -> None:
+    """Raise :class:`InvalidValue` if ``update`` writes a value that is not JSON data.
+
+    Another client (for example one written in JavaScript with ``yjs``) can put bytes,
+    ``BigInt``s or arrays at the root into a document; a device document holds root maps of
+    JSON values only. The update is read alone in a scratch document, so the check costs
+    time in the size of the update, not of the document. Raises :class:`CorruptUpdate` for an
+    update that does not decode.
+    """
+    scratch: Doc[Any] = Doc(client_id=1)
+    apply_remote(scratch, update, name=name)
+    for root in scratch.keys():
+        check_value(normalize(scratch.get(root, type=Map).to_py()), where=f"{name}:{root}")
 
 
 def root_map(doc: Doc[Any], name: str) -> Map[Any]:

@@ -23,7 +23,15 @@ from pycrdt import Doc, Map, MapEvent, TransactionEvent
 
 from . import crdt
 from .device_store import DeviceStore, OutboxEvent, OutboxLimits
-from .errors import ClosedError, CrdtsyncError, InvalidValue, SeqConflict
+from .errors import (
+    BodyTooLarge,
+    ClosedError,
+    CrdtsyncError,
+    InvalidValue,
+    SeqConflict,
+    SyncStalled,
+    TooManyEvents,
+)
 from .protocol import (
     DEFAULT_LIMITS,
     NAME_RE,
@@ -92,6 +100,7 @@ class Device:
         max_events_per_sync: int = 500,
         max_batch_bytes: int = 1024 * 1024,
         compact_every: int = 500,
+        max_rounds: int = 1000,
     ) -> None:
         if not NAME_RE.match(device_id):
             raise ValueError(f"device id {device_id!r} is not a valid name")
@@ -107,6 +116,7 @@ class Device:
         self.max_events_per_sync = min(max_events_per_sync, DEFAULT_LIMITS.max_events)
         self.max_batch_bytes = max_batch_bytes
         self.compact_every = compact_every
+        self.max_rounds = max_rounds
         self.last_report: SyncReport | None = None
         self.last_error: CrdtsyncError | None = None
         self._transport = transport
@@ -202,6 +212,15 @@ class Device:
 
     def _capture(self, event: TransactionEvent) -> None:
         self._captured.append(event.update)
+        if self._applying_remote:
+            return
+        # A local write, also one made directly on `dev.doc`: count it and persist it now.
+        # An error cannot leave an observer (pycrdt would wrap it), so a failed append keeps
+        # the update queued and StateMap writes re-raise it from `_local_write_done`.
+        self._local_version += 1
+        self._wake.set()
+        with contextlib.suppress(CrdtsyncError):
+            self._flush()
 
     def _flush(self) -> None:
         """Persist captured updates, durably, in order. On failure they stay queued."""
@@ -211,8 +230,6 @@ class Device:
 
     def _local_write_done(self) -> None:
         self._flush()
-        self._local_version += 1
-        self._wake.set()
 
     def _observe_roots(self, *, announce: bool = False) -> None:
         """Observe every root map once; with ``announce``, report the keys of roots that
@@ -295,7 +312,9 @@ class Device:
             self._last_attempt = time.monotonic()
             try:
                 while await self._round(report):
-                    pass
+                    if report.rounds >= self.max_rounds:
+                        raise SyncStalled(f"sync needed more than {self.max_rounds} rounds",
+                                          {"rounds": report.rounds})
             except CrdtsyncError as exc:
                 self.last_error = exc
                 raise
@@ -335,6 +354,11 @@ class Device:
             raw = await self._transport.exchange(body)
         except SeqConflict as exc:
             return await self._renumber(exc, report)
+        except (TooManyEvents, BodyTooLarge) as exc:
+            if len(batch) <= 1:
+                raise
+            self._shrink_batches(exc, len(batch))
+            return True
         report.bytes_down += len(raw)
         response = decode_response(raw)
         report.events_sent += len(batch)
@@ -345,12 +369,25 @@ class Device:
         await self._maybe_compact()
         return resend or (acked and self._store.outbox_count > 0)
 
+    def _shrink_batches(self, exc: CrdtsyncError, sent: int) -> None:
+        """The server refused the batch size: adopt its limit (or halve) and go again."""
+        limit = exc.detail.get("max_events")
+        if isinstance(exc, TooManyEvents) and isinstance(limit, int) and 0 < limit < sent:
+            self.max_events_per_sync = limit
+        else:
+            self.max_events_per_sync = max(1, sent // 2)
+            self.max_batch_bytes = max(1024, self.max_batch_bytes // 2)
+        log.warning("device %s: server refused %d events in one request (%s); sending at "
+                    "most %d", self.id, sent, exc.code, self.max_events_per_sync)
+
     async def _renumber(self, exc: SeqConflict, report: SyncReport) -> bool:
         seq, last = exc.detail.get("seq"), exc.detail.get("last_seq")
         if not isinstance(seq, int) or not isinstance(last, int) or report.recovered:
             raise exc
         log.warning("device %s: cloud holds seq %d with other content (store wiped or "
                     "restored?); renumbering queued events from %d", self.id, seq, last + 1)
+        # Events of the batch below `seq` matched what the cloud stores: they are acknowledged.
+        report.events_acked += await self._store.ack(seq - 1)
         await self._store.renumber(seq, last + 1)
         report.recovered = True
         return True
@@ -443,9 +480,12 @@ class Device:
                 delay = self.interval or 0.0
             except CrdtsyncError as exc:
                 failures += 1
-                delay = self._backoff(failures)
-                log.warning("device %s: sync failed (%s: %s); retry in %.1fs",
-                            self.id, exc.code, exc.message, delay)
+                # A permanent error (revoked token, ...) will not heal by hammering: wait the
+                # longest backoff, and keep trying so a fixed server resumes the device.
+                delay = self._backoff(failures if exc.retryable else 64)
+                level = logging.WARNING if exc.retryable else logging.ERROR
+                log.log(level, "device %s: sync failed (%s: %s); retry in %.1fs",
+                        self.id, exc.code, exc.message, delay)
             except Exception:
                 failures += 1
                 delay = self._backoff(failures)

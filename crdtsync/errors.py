@@ -2,7 +2,7 @@
 
 Every error has a stable wire ``code``, the HTTP ``status`` the server answers with, and a
 ``retryable`` flag, so a sync loop asks the error what to do instead of chaining
-``isinstance`` checks. The server sends errors as frames ``{code, message, detail}``
+``isinstance`` checks. The server sends errors as frames ``{code, msg, detail, retry}``
 (see docs/protocol.md); the device maps a frame back to the same class with
 :func:`error_from_code`.
 
@@ -30,6 +30,7 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     ├── TransportError             (local)                    retryable; outcome unknown
     ├── OutboxFull                 (local)                    outbox bound hit ("reject")
     ├── StoreError                 (local)                    local database failed / newer
+    ├── SyncStalled                (local)                    a sync did not settle in max_rounds
     └── ClosedError                (local)                    used after ``aclose()``
 """
 
@@ -170,6 +171,14 @@ class OutboxFull(CrdtsyncError):
 class StoreError(CrdtsyncError):
     code = "store"
     status = 0
+
+
+class SyncStalled(CrdtsyncError):
+    """A sync kept needing more rounds (a peer that never converges); retryable later."""
+
+    code = "sync_stalled"
+    status = 0
+    retryable = True
 
 
 class ClosedError(CrdtsyncError):

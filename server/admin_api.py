@@ -55,12 +55,14 @@ def device_json(device: DeviceRecord) -> dict[str, Any]:
             "meta": dict(device.meta)}
 
 
-def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:
+def _int_param(request: web.Request, name: str, default: int, maximum: int,
+               minimum: int = 0) -> int:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not re.fullmatch(r"[0-9]{1,19}", raw) or int(raw) > maximum:
-        raise MalformedRequest(f"query parameter {name!r} must be an integer 0..{maximum}")
+    if not re.fullmatch(r"[0-9]{1,19}", raw) or not minimum <= int(raw) <= maximum:
+        raise MalformedRequest(
+            f"query parameter {name!r} must be an integer {minimum}..{maximum}")
     return int(raw)
 
 
@@ -108,7 +110,7 @@ async def add_device(request: web.Request) -> web.Response:
 async def list_devices(request: web.Request) -> web.Response:
     """Devices in id order, paginated with ``after`` (the last id seen) and ``limit``."""
     require_admin(request)
-    limit = _int_param(request, "limit", 100, MAX_PAGE)
+    limit = _int_param(request, "limit", 100, MAX_PAGE, minimum=1)
     devices = await request.app[SERVICES].store.list_devices(request.query.get("after", ""),
                                                              limit)
     return json_response({"devices": [device_json(d) for d in devices],
@@ -151,7 +153,7 @@ async def list_events(request: web.Request) -> web.Response:
     """Events in arrival order after ``after`` (a cursor), filtered by device and topic."""
     require_admin(request)
     after = _int_param(request, "after", 0, 2**63 - 1)
-    limit = _int_param(request, "limit", 100, MAX_PAGE)
+    limit = _int_param(request, "limit", 100, MAX_PAGE, minimum=1)
     events = await request.app[SERVICES].store.read_events(
         after, limit, device=request.query.get("device") or None,
         topic=request.query.get("topic") or None)

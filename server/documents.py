@@ -11,6 +11,7 @@ triggered here once enough rows piled up.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,8 +20,11 @@ from typing import Any
 from pycrdt import Doc, TransactionEvent, merge_updates
 
 from crdtsync import crdt
+from crdtsync.errors import CrdtsyncError
 
 from .store import Store
+
+log = logging.getLogger("crdtsync.server")
 
 
 class LiveDoc:
@@ -123,9 +127,16 @@ class DocumentCache:
         self._docs.pop(key, None)
 
     async def maybe_compact(self, live: LiveDoc) -> bool:
-        """Fold the log of ``live`` into a snapshot once ``compact_every`` rows piled up."""
+        """Fold the log of ``live`` into a snapshot once ``compact_every`` rows piled up.
+
+        Runs after a sync committed: a failure is logged and retried at the next write, never
+        reported to the device (its data is stored; only the log stays longer)."""
         if live.rows < self.compact_every:
             return False
-        await self.store.compact(live.key, live.last_id, live.doc.get_update())
+        try:
+            await self.store.compact(live.key, live.last_id, live.doc.get_update())
+        except CrdtsyncError as exc:
+            log.error("compaction of %s failed, will retry: %s", live.key, exc.message)
+            return False
         live.rows = 0
         return True

@@ -82,7 +82,8 @@ class SyncService:
                 {"doc": part.doc, "gen": live.gen},
             )
         if part.update:
-            crdt.apply_remote(live.doc, part.update)
+            crdt.check_update(part.update, name=part.doc)
+            crdt.apply_remote(live.doc, part.update, name=part.doc)
         return DocWrite(live.key, live.capture(), live.gen)
 
     @staticmethod

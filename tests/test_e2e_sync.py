@@ -345,3 +345,100 @@ async def test_compaction_on_both_sides_keeps_state(make_device: DeviceFactory,
     assert dev.state.to_dict() == expected
     server.services.docs.evict("d1/state")  # server reload from snapshot + tail
     assert (await admin.state("d1"))["state"] == expected
+
+
+# --- the device adapts instead of blocking itself -------------------------------------------
+
+async def test_restored_device_outbox_with_stored_and_new_events(
+        make_device: DeviceFactory, admin: AdminClient, tmp_path: Path) -> None:
+    """A device store restored from a backup holds events the cloud already stored (same
+    content) followed by new ones reusing their seqs: the stored ones are acknowledged, the
+    new ones renumbered, and the device does not get stuck."""
+    path = tmp_path / "d1.db"
+    dev = await make_device("d1")
+    for n in range(3):
+        await dev.emit("t", {"n": n})
+    await dev.aclose()
+    shutil.copy(path, tmp_path / "backup.db")  # backup with events 1..3 still queued
+    dev = await make_device("d1")
+    await dev.sync()
+    await dev.emit("t", {"n": "old-4"})
+    await dev.sync()
+    await dev.aclose()
+    shutil.copy(tmp_path / "backup.db", path)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    dev = await make_device("d1")
+    assert dev.pending_events == 3
+    await dev.emit("t", {"n": "new"})  # seq 4 again, other content
+    report = await dev.sync()
+    assert report.recovered and dev.pending_events == 0
+    assert [(e["seq"], e["body"]["n"]) for e in await events_of(admin, "d1")] == [
+        (1, 0), (2, 1), (3, 2), (4, "old-4"), (5, "new")]
+    await dev.emit("t", {"n": "later"})
+    await dev.sync()
+    assert (await admin.device("d1"))["last_seq"] == 6
+
+
+async def test_device_adopts_the_servers_event_limit(server_config: ServerConfig,
+                                                     tmp_path: Path) -> None:
+    from crdtsync.protocol import Limits
+
+    config = replace(server_config, limits=Limits(max_events=40))
+    async with Server(config) as srv, AdminClient(srv.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+        async with Device("d1", srv.url, token=token, path=tmp_path / "d.db",
+                          interval=None) as dev:
+            for n in range(100):
+                await dev.emit("t", {"n": n})
+            report = await dev.sync()
+            assert dev.pending_events == 0 and report.events_acked == 100
+            assert dev.max_events_per_sync == 40
+        assert [e["body"]["n"] for e in await events_of(admin, "d1")] == list(range(100))
+
+
+async def test_direct_doc_writes_and_deletes_are_persisted_and_synced(
+        make_device: DeviceFactory, admin: AdminClient) -> None:
+    from pycrdt import Map
+
+    dev = await make_device("d1")
+    dev.state.update({"a": 1, "b": 2})
+    await dev.sync()
+    raw: Map[Any] = dev.doc.get("state", type=Map)
+    del raw["a"]  # a delete changes no state vector: it must still be sent
+    await dev.sync()
+    assert (await admin.state("d1"))["state"] == {"b": 2}
+    raw["c"] = 3
+    await dev.aclose()  # persisted at the write, without a later StateMap write
+    dev = await make_device("d1")
+    assert dev.state.to_dict() == {"b": 2, "c": 3}
+
+
+async def test_server_rejects_updates_with_non_json_values(make_device: DeviceFactory,
+                                                           admin: AdminClient) -> None:
+    """A foreign client writing bytes into the document gets invalid_value; nothing applied,
+    and the state stays readable."""
+    from pycrdt import Doc, Map
+
+    from crdtsync import InvalidValue
+
+    dev = await make_device("d1")
+    dev.state["ok"] = 1
+    await dev.sync()
+    raw: Map[Any] = dev.doc.get("state", type=Map)
+    raw["blob"] = b"\x00\x01"  # bypasses StateMap validation
+    with pytest.raises(InvalidValue):
+        await dev.sync()
+    assert (await admin.state("d1"))["state"] == {"ok": 1}
+    scratch: Doc[Any] = Doc()
+    scratch.apply_update(dev.doc.get_update())
+    assert scratch.get("state", type=Map).to_py()["blob"] == bytearray(b"\x00\x01")
+
+
+async def test_page_limit_zero_is_a_typed_error(admin: AdminClient) -> None:
+    from crdtsync.errors import MalformedRequest
+
+    with pytest.raises(MalformedRequest):
+        await admin.list_devices(limit=0)
+    with pytest.raises(MalformedRequest):
+        await admin.events(limit=0)

@@ -60,7 +60,7 @@ async def test_commit_failure_stores_nothing_and_keeps_serving(faulty: Any) -> N
 
 async def test_crash_after_commit_before_answer_neither_loses_nor_duplicates(faulty: Any
                                                                               ) -> None:
-    store, server, admin, dev = faulty
+    store, _server, admin, dev = faulty
     dev.state["a"] = 1
     for n in range(3):
         await dev.emit("t", {"n": n})
