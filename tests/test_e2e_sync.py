@@ -442,3 +442,36 @@ async def test_page_limit_zero_is_a_typed_error(admin: AdminClient) -> None:
         await admin.list_devices(limit=0)
     with pytest.raises(MalformedRequest):
         await admin.events(limit=0)
+
+
+async def test_concurrent_requests_of_one_device_are_serialised(
+        make_device: DeviceFactory, admin: AdminClient, server: Server) -> None:
+    """The same request arriving several times at once (a retrying client, a duplicating
+    network) stores its events once and its update once."""
+    import aiohttp
+
+    from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, decode_response
+
+    dev = await make_device("d1")
+    dev.state["a"] = 1
+    for n in range(5):
+        await dev.emit("t", {"n": n})
+    part, _ = dev._doc_part()
+    batch = await dev._store.pending(100, 1 << 20)
+    from crdtsync.protocol import Event, SyncRequest, encode_request
+
+    body = encode_request(SyncRequest("d1", (part,), tuple(Event(e.seq, e.topic, e.time, None)
+                                                           for e in batch)),
+                          bodies=[e.body for e in batch])
+    token = make_device.tokens["d1"]  # type: ignore[attr-defined]
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": MEDIA_TYPE}
+    async with aiohttp.ClientSession() as session:
+        async def post() -> int:
+            async with session.post(server.url + SYNC_PATH, data=body, headers=headers) as r:
+                assert r.status == 200
+                return decode_response(await r.read()).acked
+        acks = await asyncio.gather(*(post() for _ in range(8)))
+    assert acks == [5] * 8
+    assert [e["body"]["n"] for e in await events_of(admin, "d1")] == list(range(5))
+    log = await server.services.store.load_doc("d1/state")
+    assert len(log.updates) == 1
