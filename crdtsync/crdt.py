@@ -8,8 +8,10 @@ update with errors translated, writing validated values, and reading a document 
 
 from __future__ import annotations
 
+import random
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from pycrdt import Doc, Map
@@ -20,13 +22,28 @@ from .values import check_key, check_value, normalize
 MAX_CLIENT_ID = 2**32 - 1
 
 
+_ids: random.Random = secrets.SystemRandom()
+
+
 def random_client_id() -> int:
     """A fresh random Yjs client id (32 bits, like Yjs itself, never 0).
 
     Each replica must own its id: two live documents sharing one diverge silently
     (PYCRDT_NOTES 14), so ids are never derived from a device id.
     """
-    return secrets.randbelow(MAX_CLIENT_ID) + 1
+    return _ids.randrange(1, MAX_CLIENT_ID + 1)
+
+
+@contextmanager
+def seeded_client_ids(seed: int) -> Iterator[None]:
+    """Draw client ids from ``random.Random(seed)`` inside the block (deterministic
+    simulations only; never in production, where ids must be unpredictable)."""
+    global _ids
+    saved, _ids = _ids, random.Random(seed)
+    try:
+        yield
+    finally:
+        _ids = saved
 
 
 def new_doc(client_id: int, snapshot: bytes = b"", updates: Iterable[bytes] = ()) -> Doc[Any]:

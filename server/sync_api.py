@@ -7,7 +7,7 @@ from aiohttp import web
 from crdtsync.errors import Unauthorized, UnsupportedEncoding
 from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, decode_request, encode_response
 
-from .app import SERVICES, read_body
+from .app import SERVICES, Services, read_body
 from .auth import bearer, token_matches
 
 routes = web.RouteTableDef()
@@ -23,10 +23,21 @@ async def sync(request: web.Request) -> web.Response:
     if request.content_type not in ACCEPTED_TYPES:
         raise UnsupportedEncoding(f"Content-Type must be {MEDIA_TYPE}",
                                   {"accepted": sorted(ACCEPTED_TYPES)})
-    sync_request = decode_request(await read_body(request), services.config.limits)
+    body = await read_body(request)
+    return web.Response(body=await process_sync(services, token, body),
+                        content_type=MEDIA_TYPE)
+
+
+async def process_sync(services: Services, token: str, body: bytes) -> bytes:
+    """Decode, authenticate and run one sync request body; return the encoded response.
+
+    The transport-free core of ``POST /v1/sync`` (the simulator in ``crdtsync.testing`` calls
+    it directly). Raises a :class:`~crdtsync.errors.CrdtsyncError` with nothing committed.
+    """
+    sync_request = decode_request(body, services.config.limits)
     device = await services.store.get_device(sync_request.device)
     if device is None or not token_matches(token, device.token_hash):
         # Same answer for an unknown device and a wrong token: ids are not disclosed.
         raise Unauthorized("unknown device or wrong token")
     response = await services.sync.sync(device, sync_request)
-    return web.Response(body=encode_response(response), content_type=MEDIA_TYPE)
+    return encode_response(response)
