@@ -76,8 +76,8 @@ class DeviceStore:
     """Local persistence of one device. Use ``async with DeviceStore(path) as store``."""
 
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
-        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
-            raise ValueError("synchronous must be FULL, NORMAL or EXTRA")
+        if synchronous not in ("FULL", "NORMAL", "EXTRA", "OFF"):
+            raise ValueError("synchronous must be FULL, NORMAL, EXTRA or OFF (tests only)")
         self.path = Path(path)
         self._synchronous = synchronous
         self._db: aiosqlite.Connection | None = None

@@ -1,0 +1,165 @@
+"""What must hold after a simulation settles, and the model of writes it is checked against.
+
+Keys are named by owner: ``dev.N`` only the device writes, ``cloud.N`` only the cloud writes,
+``shared.N`` both write. Every written value is unique, so the final value of a key tells
+which write won.
+
+Built-in invariants (each failure message starts with its name):
+
+- ``diverged``: every replica of a device document (the device, every server instance's
+  live document, a fresh load from the database) is equal after the final fault-free sync.
+- ``lost-write``: an owned key holds its last acknowledged write (or a later write whose
+  outcome was unknown, e.g. the server died mid-request); a shared key holds some value
+  that was really written.
+- ``events``: the cloud stores every acknowledged event of a device exactly once, in seq
+  order, with its body; nothing that was never acknowledged appears twice.
+- ``outbox``: every device outbox is empty once everything was acknowledged.
+- ``replay``: each server's stored log replays to the same state as its live document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import crdt
+
+if TYPE_CHECKING:
+    from .simulation import Simulation
+
+ABSENT = object()
+
+
+@dataclass
+class KeyHistory:
+    """Writes to one key: the last acknowledged value, and every value attempted after it
+    whose outcome is unknown."""
+
+    written: bool = False
+    acknowledged: Any = ABSENT
+    unknown_after: list[Any] = field(default_factory=list)
+    attempted: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Model:
+    """The writes and events a simulation made, for the invariants to check against."""
+
+    keys: dict[tuple[str, str], KeyHistory] = field(default_factory=dict)
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def wrote(self, device: str, key: str, value: Any, *, acknowledged: bool) -> None:
+        """Record a write to ``key`` of ``device``'s state (``None`` deletes)."""
+        history = self.keys.setdefault((device, key), KeyHistory())
+        value = ABSENT if value is None else value
+        if acknowledged:
+            if history.unknown_after and history.unknown_after[-1] is value:
+                history.unknown_after.pop()
+            history.acknowledged = value
+            history.unknown_after.clear()
+            history.written = True
+        else:
+            history.unknown_after.append(value)
+        history.attempted.append(value)
+
+    def emitted(self, device: str, body: dict[str, Any]) -> None:
+        """Record an acknowledged emit (``emit`` returned a seq)."""
+        self.events.setdefault(device, []).append(body)
+
+
+async def check_all(sim: Simulation) -> list[str]:
+    failures: list[str] = []
+    for check in (check_convergence, check_writes, check_events, check_outboxes,
+                  check_replay):
+        failures += await check(sim)
+    return failures
+
+
+async def _cloud_json(sim: Simulation, device: str) -> dict[str, Any]:
+    server = next(s for s in sim.servers if s.services is not None)
+    assert server.services is not None
+    log = await server.services.store.load_doc(f"{device}/state")
+    doc = crdt.new_doc(1, log.snapshot, (u for _, u in log.updates))
+    return {"state": {}, **crdt.to_json(doc)}
+
+
+async def check_convergence(sim: Simulation) -> list[str]:
+    failures = []
+    for device in sim.devices:
+        assert device.device is not None
+        local = {"state": {}, **crdt.to_json(device.device.doc)}
+        stored = await _cloud_json(sim, device.id)
+        if local != stored:
+            failures.append(f"diverged: {device.id} device {local} != cloud {stored}")
+        for server in sim.servers:
+            assert server.services is not None
+            live = await server.services.sync.read_state(device.id)
+            if live != stored:
+                failures.append(f"diverged: {device.id} server {server.index} live {live} "
+                                f"!= stored {stored}")
+    return failures
+
+
+async def check_writes(sim: Simulation) -> list[str]:
+    failures = []
+    for (device, key), history in sorted(sim.model.keys.items()):
+        state = (await _cloud_json(sim, device))["state"]
+        final = state.get(key, ABSENT)
+        owner = key.split(".", 1)[0]
+        if owner == "shared":
+            allowed = [ABSENT, *history.attempted]
+        else:
+            allowed = [history.acknowledged, *history.unknown_after]
+        if not any(final is v or final == v for v in allowed):
+            shown = [None if v is ABSENT else v for v in allowed]
+            failures.append(f"lost-write: {device} {key} = "
+                            f"{None if final is ABSENT else final!r}, expected one of {shown}")
+    return failures
+
+
+async def check_events(sim: Simulation) -> list[str]:
+    failures = []
+    server = next(s for s in sim.servers if s.services is not None)
+    assert server.services is not None
+    total = 0
+    for device in sim.devices:
+        stored = []
+        after = 0
+        while page := await server.services.store.read_events(after, 1000, device=device.id):
+            stored += page
+            after = page[-1].cursor
+        seqs = [e.seq for e in stored]
+        if seqs != sorted(set(seqs)):
+            failures.append(f"events: {device.id} seqs not strictly increasing: {seqs}")
+        bodies = [e.body for e in stored]
+        expected = sim.model.events.get(device.id, [])
+        if bodies != expected:
+            failures.append(f"events: {device.id} stored {len(bodies)} events, emitted "
+                            f"{len(expected)}; first difference at "
+                            f"{_first_difference(bodies, expected)}")
+        total += len(stored)
+    sim.report.events_delivered = total
+    return failures
+
+
+def _first_difference(a: list[Any], b: list[Any]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
+async def check_outboxes(sim: Simulation) -> list[str]:
+    return [f"outbox: {d.id} still holds {d.device.pending_events} events"
+            for d in sim.devices if d.device is not None and d.device.pending_events]
+
+
+async def check_replay(sim: Simulation) -> list[str]:
+    failures = []
+    for server in sim.servers:
+        assert server.services is not None
+        for key, live in list(server.services.docs._docs.items()):
+            log = await server.services.store.load_doc(key)
+            replayed = crdt.to_json(crdt.new_doc(1, log.snapshot, (u for _, u in log.updates)))
+            if replayed != crdt.to_json(live.doc):
+                failures.append(f"replay: server {server.index} {key} stored log replays to "
+                                f"{replayed}, live is {crdt.to_json(live.doc)}")
+    return failures

@@ -1,0 +1,489 @@
+"""``Simulation``: devices, server instances and a faulty network in one process, from a seed.
+
+Devices are real :class:`~crdtsync.Device` objects on real SQLite files; server instances are
+the real server code (``process_sync``, ``SyncService``, ``DocumentCache``) over one shared
+real SQLite database in a temporary folder; the network between them is simulated
+(:mod:`crdtsync.testing.faults`). Every step runs to completion before the next, so a run is
+a pure function of its seed: a failure prints the seed, and the same seed replays it.
+
+    async with Simulation(devices=3, seed=7, faults=FaultPlan.everything()) as sim:
+        report = await sim.run(steps=500)
+    assert report.ok, report.describe()
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crdtsync_server.app import ServerConfig, Services
+from crdtsync_server.auth import hash_token, new_token
+from crdtsync_server.documents import DocumentCache
+from crdtsync_server.store import CommitResult, DeviceRecord, SQLiteStore, SyncWrite
+from crdtsync_server.sync import SyncService
+from crdtsync_server.sync_api import process_sync
+
+from .. import crdt
+from ..device import Device
+from ..errors import CrdtsyncError, TransportError
+from .faults import Crash, FaultPlan, Network
+from .invariants import Model, check_all
+
+DeviceOp = Callable[["SimDevice", random.Random], Awaitable[None]]
+Invariant = Callable[["Simulation"], Awaitable[list[str]]]
+
+ADMIN_TOKEN = "simulation-admin"
+
+
+@dataclass
+class SimReport:
+    """What a run did and whether every invariant held (``ok``)."""
+
+    seed: int
+    steps: int = 0
+    operations: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    syncs_ok: int = 0
+    syncs_failed: int = 0
+    events_delivered: int = 0
+    converged: bool = False
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.converged and not self.failures
+
+    def describe(self) -> str:
+        """A short human report; on failure it names the seed that replays the run."""
+        lines = [
+            f"seed {self.seed}: {self.steps} steps, {sum(self.operations.values())} operations "
+            f"({_counts(self.operations)})",
+            f"faults injected: {sum(self.faults.values())} ({_counts(self.faults) or 'none'})",
+            f"syncs: {self.syncs_ok} ok, {self.syncs_failed} failed; "
+            f"events delivered exactly once: {self.events_delivered}",
+            f"converged: {'yes' if self.converged else 'NO'}; invariants: "
+            f"{'all held' if not self.failures else f'{len(self.failures)} FAILED'}; "
+            f"{self.seconds:.2f} s",
+        ]
+        lines += [f"  FAIL {f}" for f in self.failures]
+        if self.failures:
+            lines.append(f"replay with seed={self.seed}")
+        return "\n".join(lines)
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counter.items()))
+
+
+class SimServer:
+    """One server instance over the shared database; ``crash()`` drops its caches."""
+
+    def __init__(self, sim: Simulation, index: int) -> None:
+        self.sim = sim
+        self.index = index
+        self.services: Services | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.services is not None
+
+    async def start(self) -> None:
+        store = CrashingStore(self.sim, self.index, self.sim.workdir / "cloud.db",
+                              synchronous="OFF")
+        await store.open()
+        docs = DocumentCache(store, crdt.random_client_id(), capacity=self.sim.cache_docs,
+                             compact_every=self.sim.compact_every)
+        config = ServerConfig(db=str(self.sim.workdir / "cloud.db"), admin_token=ADMIN_TOKEN)
+        self.services = Services(config, store, docs, SyncService(store, docs),
+                                 hash_token(ADMIN_TOKEN))
+
+    async def crash(self) -> None:
+        """Lose everything in memory; the database keeps what was committed."""
+        if self.services is not None:
+            services, self.services = self.services, None
+            await services.store.aclose()
+
+    async def handle(self, token: str, body: bytes) -> bytes:
+        if self.services is None:
+            raise TransportError("connection refused (server instance down)")
+        return await process_sync(self.services, token, body)
+
+
+class CrashingStore(SQLiteStore):
+    """The real SQLite store with crash points just before and just after a commit."""
+
+    def __init__(self, sim: Simulation, index: int, path: Path, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.sim = sim
+        self.index = index
+
+    async def commit(self, write: SyncWrite) -> CommitResult:
+        self.sim.maybe_crash_server(self.index, "before commit")
+        result = await super().commit(write)
+        self.sim.maybe_crash_server(self.index, "after commit")
+        return result
+
+
+class SimDevice:
+    """A simulated device: its id, token and SQLite file survive crashes, its memory not."""
+
+    def __init__(self, sim: Simulation, device_id: str, token: str) -> None:
+        self.sim = sim
+        self.id = device_id
+        self.token = token
+        self.path = sim.workdir / f"{device_id}.db"
+        self.device: Device | None = None
+        self.down_until = -1
+
+    @property
+    def alive(self) -> bool:
+        return self.device is not None
+
+    async def start(self) -> None:
+        dev = Device(self.id, transport=_SimTransport(self), path=self.path, interval=None,
+                     durability="OFF", compact_every=self.sim.compact_every)
+        await dev.start()
+        store = dev._store
+        for name in ("ack", "set_meta", "push_event", "renumber"):
+            setattr(store, name, self._crash_point(getattr(store, name), name))
+        self.device = dev
+
+    def _crash_point(self, method: Callable[..., Awaitable[Any]], name: str
+                     ) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.sim.maybe_crash_device(self, f"before {name}")
+            return await method(*args, **kwargs)
+        return wrapper
+
+    async def crash(self) -> None:
+        """The process dies: memory is gone, the SQLite file stays."""
+        if self.device is not None:
+            dev, self.device = self.device, None
+            await dev.aclose()
+            self.down_until = self.sim.network.step + self.sim.rng.randint(1, 10)
+
+
+class _SimTransport:
+    def __init__(self, device: SimDevice) -> None:
+        self.device = device
+
+    async def exchange(self, body: bytes) -> bytes:
+        sim = self.device.sim
+        server = sim.pick_server()
+        try:
+            answer = await sim.network.send(self.device.id, self.device.token, body,
+                                            server.handle)
+        except Crash as crash:
+            if crash.args and crash.args[0] == "server":
+                await sim.servers[crash.args[1]].crash()
+                raise TransportError("connection reset (server instance died)") from None
+            raise
+        if not sim.network.perfect and sim.rng.random() < sim.concurrent_writes:
+            # The app keeps writing while a request is in flight.
+            sim.report.operations["write_during_sync"] += 1
+            if sim.rng.random() < 0.3:
+                sim.delete_on(self.device)  # a delete moves no state vector: a harder case
+            else:
+                sim.write_on(self.device)
+        sim.maybe_crash_device(self.device, "after response, before processing it")
+        return answer
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Simulation:
+    """N devices, M server instances on one database, a faulty network, a seeded workload.
+
+    ``workdir`` holds the SQLite files (a temporary folder by default, removed on exit).
+    Register app-specific operations with :meth:`device_op` and checks with
+    :meth:`invariant`; both receive the seeded ``random.Random`` so runs stay replayable.
+    """
+
+    def __init__(self, *, devices: int = 3, servers: int = 1, seed: int = 0,
+                 faults: FaultPlan | None = None, workdir: str | Path | None = None,
+                 keys: int = 4, compact_every: int = 50, cache_docs: int = 1000,
+                 concurrent_writes: float = 0.2) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.plan = faults or FaultPlan()
+        self.network = Network(self.plan, random.Random(seed + 1))
+        self.keys = keys
+        self.concurrent_writes = concurrent_writes
+        self.compact_every = compact_every
+        self.cache_docs = cache_docs
+        self.report = SimReport(seed)
+        self.model = Model()
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._workdir_arg = workdir
+        self.workdir = Path(".")
+        self.servers = [SimServer(self, i) for i in range(servers)]
+        self.devices: list[SimDevice] = []
+        self._device_count = devices
+        self._device_ops: list[tuple[str, DeviceOp, float]] = []
+        self._invariants: list[Invariant] = []
+        self._ids = crdt.seeded_client_ids(seed + 2)
+        self._clock_ms = 1_764_000_000_000
+        self._counter = 0
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Simulation:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Create the database, provision the devices, start every instance and device."""
+        if self._workdir_arg is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="crdtsync-sim-")
+            self.workdir = Path(self._tmp.name)
+        else:
+            self.workdir = Path(self._workdir_arg)
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        self._ids.__enter__()
+        for server in self.servers:
+            await server.start()
+        for i in range(self._device_count):
+            self.devices.append(await self._provision(f"sim-{i}"))
+
+    async def _provision(self, device_id: str) -> SimDevice:
+        token = new_token()
+        assert self.servers[0].services is not None
+        await self.servers[0].services.store.add_device(
+            DeviceRecord(id=device_id, token_hash=hash_token(token), created=self._clock_ms))
+        sim_device = SimDevice(self, device_id, token)
+        await sim_device.start()
+        return sim_device
+
+    async def aclose(self) -> None:
+        """Close every device and instance, remove the temporary folder."""
+        for device in self.devices:
+            if device.device is not None:
+                await device.device.aclose()
+                device.device = None
+        for server in self.servers:
+            if server.services is not None:
+                await server.services.store.aclose()
+                server.services = None
+        self._ids.__exit__(None, None, None)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # --- extension points ---------------------------------------------------------------
+
+    def device_op(self, fn: DeviceOp | None = None, *, weight: float = 1.0,
+                  name: str | None = None) -> Any:
+        """Register an app operation ``async fn(sim_device, rng)`` run on random live
+        devices (usable as a decorator). It reaches the device through ``sim_device.device``
+        and should record what it expects in :attr:`model` for its own invariants."""
+        def register(op: DeviceOp) -> DeviceOp:
+            self._device_ops.append((name or op.__name__, op, weight))
+            return op
+        return register(fn) if fn is not None else register
+
+    def invariant(self, fn: Invariant) -> Invariant:
+        """Register ``async fn(sim) -> list of failure messages``, checked after settling."""
+        self._invariants.append(fn)
+        return fn
+
+    # --- crash points -------------------------------------------------------------------
+
+    def maybe_crash_server(self, index: int, where: str) -> None:
+        if self.network.chance(self.plan.crash_server, f"crash_server {where}"):
+            raise Crash("server", index)
+
+    def maybe_crash_device(self, device: SimDevice, where: str) -> None:
+        if self.network.chance(self.plan.crash_device, f"crash_device {where}"):
+            raise Crash("device", device.id)
+
+    def pick_server(self) -> SimServer:
+        live = [s for s in self.servers if s.alive] or self.servers
+        return self.rng.choice(live)
+
+    # --- operations ---------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        return self._clock_ms
+
+    def unique(self, prefix: str) -> str:
+        self._counter += 1
+        return f"{prefix}{self._counter}"
+
+    async def run(self, steps: int) -> SimReport:
+        """Run ``steps`` random steps, then settle and check every invariant."""
+        started = time.perf_counter()
+        for _ in range(steps):
+            await self.step()
+        await self.settle()
+        await self.check()
+        self.report.seconds += time.perf_counter() - started
+        return self.report
+
+    async def step(self) -> None:
+        """One random operation, with the faults the plan draws."""
+        self.network.step += 1
+        self.report.steps += 1
+        self._clock_ms += self.rng.randint(1, 5000)
+        await self._heal()
+        self.network.maybe_partition([d.id for d in self.devices])
+        await self._deliver_held()
+        ops: list[tuple[str, Callable[[], Awaitable[None]], float]] = [
+            ("device_write", self.op_device_write, 3.0),
+            ("device_delete", self.op_device_delete, 0.5),
+            ("cloud_write", self.op_cloud_write, 2.0),
+            ("emit", self.op_emit, 3.0),
+            ("sync", self.op_sync, 4.0),
+        ]
+        ops += [(name, self._user_op(op), weight) for name, op, weight in self._device_ops]
+        name, op, _ = self.rng.choices(ops, weights=[w for _, _, w in ops])[0]
+        self.report.operations[name] += 1
+        await op()
+
+    def _user_op(self, op: DeviceOp) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            device = self._live_device()
+            if device is not None:
+                await self._guard(device, op(device, self.rng))
+        return run
+
+    def _live_device(self) -> SimDevice | None:
+        live = [d for d in self.devices if d.alive]
+        return self.rng.choice(live) if live else None
+
+    async def _guard(self, device: SimDevice, action: Awaitable[Any]) -> Any:
+        """Run a device action; a simulated crash kills the device instead of the run."""
+        try:
+            return await action
+        except Crash as crash:
+            if crash.args and crash.args[0] == "device":
+                await device.crash()
+                return None
+            raise
+
+    async def _heal(self) -> None:
+        """Restart crashed devices whose downtime is over, and dead server instances."""
+        for server in self.servers:
+            if not server.alive:
+                await server.start()
+        for device in self.devices:
+            if not device.alive and device.down_until <= self.network.step:
+                await device.start()
+
+    async def _deliver_held(self) -> None:
+        for held in self.network.due():
+            server = self.pick_server()
+            try:
+                await server.handle(held.token, held.body)
+            except CrdtsyncError:
+                pass  # a stale request may be refused; the device has long moved on
+            except Crash as crash:
+                await self.servers[crash.args[1]].crash()
+
+    def _key(self, owner: str) -> str:
+        return f"{owner}.{self.rng.randrange(self.keys)}"
+
+    async def op_device_write(self) -> None:
+        device = self._live_device()
+        if device is not None:
+            self.write_on(device)
+
+    def write_on(self, device: SimDevice) -> None:
+        """The app on ``device`` writes a unique value to a device-owned or shared key."""
+        if device.device is None:
+            return
+        key = self._key(self.rng.choice(["dev", "shared"]))
+        value = self.unique(f"{device.id}:")
+        device.device.state[key] = value
+        self.model.wrote(device.id, key, value, acknowledged=True)
+
+    async def op_device_delete(self) -> None:
+        device = self._live_device()
+        if device is not None:
+            self.delete_on(device)
+
+    def delete_on(self, device: SimDevice) -> None:
+        """The app on ``device`` deletes a device-owned or shared key, if present."""
+        if device.device is None:
+            return
+        key = self._key(self.rng.choice(["dev", "shared"]))
+        if key in device.device.state:
+            del device.device.state[key]
+            self.model.wrote(device.id, key, None, acknowledged=True)
+
+    async def op_cloud_write(self) -> None:
+        device = self.rng.choice(self.devices)
+        key = self._key(self.rng.choice(["cloud", "shared"]))
+        value = None if self.rng.random() < 0.1 else self.unique("cloud:")
+        server = self.pick_server()
+        if server.services is None:
+            return
+        self.model.wrote(device.id, key, value, acknowledged=False)
+        try:
+            await server.services.sync.write_state(device.id, "state", {key: value})
+        except Crash:
+            await server.crash()
+            return
+        self.model.wrote(device.id, key, value, acknowledged=True)
+
+    async def op_emit(self) -> None:
+        device = self._live_device()
+        if device is None or device.device is None:
+            return
+        body = {"id": self.unique(f"{device.id}#"), "v": self.rng.random()}
+        seq = await self._guard(device, device.device.emit("readings", body,
+                                                           time_ms=self.now_ms()))
+        if seq is not None:
+            self.model.emitted(device.id, body)
+
+    async def op_sync(self) -> None:
+        device = self._live_device()
+        if device is None or device.device is None:
+            return
+        await self.sync_device(device)
+
+    async def sync_device(self, device: SimDevice) -> bool:
+        """One ``dev.sync()``; counts it; returns whether it succeeded."""
+        assert device.device is not None
+        try:
+            result = await self._guard(device, device.device.sync())
+        except CrdtsyncError:
+            self.report.syncs_failed += 1
+            return False
+        if result is None:
+            self.report.syncs_failed += 1
+            return False
+        self.report.syncs_ok += 1
+        return True
+
+    # --- the end --------------------------------------------------------------------------
+
+    async def settle(self) -> None:
+        """Heal everything and sync every device without faults until nothing changes."""
+        self.network.perfect = True
+        for device in self.devices:
+            device.down_until = -1
+        await self._heal()
+        await self._deliver_held()
+        for _ in range(3):
+            for device in self.devices:
+                await self.sync_device(device)
+
+    async def check(self) -> None:
+        """Check the built-in and registered invariants; fill ``report``."""
+        failures = await check_all(self)
+        for invariant in self._invariants:
+            failures += await invariant(self)
+        self.report.failures += failures
+        self.report.converged = not any(f.startswith("diverged") for f in failures)
+        self.report.faults = Counter(self.network.injected)

@@ -1,0 +1,276 @@
+"""The ``crdtsync`` command, run as subprocesses against a ``crdtsync serve`` subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from crdtsync import Device, SyncReport
+
+CLI = [sys.executable, "-W", "default", "-m", "crdtsync.cli"]
+ADMIN = "cli-test-admin-token"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without the developer's CRDTSYNC_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRDTSYNC_")}
+    env.update(extra)
+    return env
+
+
+def admin_env(url: str, token: str = ADMIN) -> dict[str, str]:
+    return clean_env(CRDTSYNC_URL=url, CRDTSYNC_ADMIN_TOKEN=token)
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 30,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=cwd, check=False)
+
+
+class Background:
+    """A CLI process left running (serve, events --follow), its stdout read line by line."""
+
+    def __init__(self, *args: str, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.stderr: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put)),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append)),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _pump(stream: IO[str], sink: Callable[[str], object]) -> None:
+        for line in stream:
+            sink(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> re.Match[str]:
+        """The first stdout line (from here on) matching ``pattern``."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"no line matching {pattern!r}; stdout {self.seen}, "
+                             f"stderr {self.stderr}, exit {self.proc.poll()}")
+
+    def url(self) -> str:
+        return self.wait_for(r"listening on (http://\S+)").group(1)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Send ``sig``, wait for the exit, and return the exit status."""
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=20)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Kill the process if it still runs; collect what it printed; close the pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``crdtsync serve`` subprocess on a free port; its URL."""
+    db = tmp_path_factory.mktemp("serve") / "server.db"
+    with Background("serve", "--db", str(db), "--port", "0", "--admin-token", ADMIN,
+                    env=clean_env()) as proc:
+        yield proc.url()
+        assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+    assert "stopped" in proc.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def add_device(url: str, device_id: str) -> str:
+    result = cli("device", "add", device_id, env=admin_env(url))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+async def run_device(url: str, device_id: str, token: str, path: Path,
+                     events: int) -> SyncReport:
+    async with Device(device_id, url, token=token, path=path, interval=None) as device:
+        device.state["voltage"] = 3.7
+        for n in range(events):
+            await device.emit("readings", {"n": n})
+        return await device.sync()
+
+
+def test_health_answers_while_serving(server: str) -> None:
+    with urllib.request.urlopen(f"{server}/v1/health", timeout=10) as resp:
+        assert json.load(resp) == {"ok": True}
+
+
+def test_device_add_prints_only_a_token_a_device_can_use(server: str, tmp_path: Path) -> None:
+    result = cli("device", "add", "cli-1", "--meta", '{"site": "lab"}', env=admin_env(server))
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert result.stdout == f"{token}\n" and len(token) >= 32
+    report = asyncio.run(run_device(server, "cli-1", token, tmp_path / "d.db", events=2))
+    assert report.events_acked == 2
+
+
+def test_device_list_and_show(server: str) -> None:
+    add_device(server, "cli-2")
+    listing = cli("device", "list", env=admin_env(server))
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.startswith("ID ") and "\ncli-2 " in listing.stdout
+    show = cli("device", "show", "cli-2", env=admin_env(server))
+    assert show.returncode == 0, show.stderr
+    assert json.loads(show.stdout)["id"] == "cli-2"
+    missing = cli("device", "show", "nobody", env=admin_env(server))
+    assert (missing.returncode, missing.stderr) == (1, "error: not_found: no device 'nobody'\n")
+
+
+def test_state_set_then_state_shows_it(server: str) -> None:
+    env = admin_env(server)
+    add_device(server, "cli-3")
+    result = cli("state", "set", "cli-3", "interval=30", "mode=eco", "ratio=0.5", "tags=[1,2]",
+                 "word=hello world", "nan=NaN", env=env)
+    assert result.returncode == 0, result.stderr
+    expected = {"interval": 30, "mode": "eco", "ratio": 0.5, "tags": [1, 2],
+                "word": "hello world", "nan": "NaN"}
+    assert json.loads(result.stdout) == expected
+    assert cli("state", "set", "cli-3", "mode=null", env=env).returncode == 0
+    assert cli("state", "set", "cli-3", "led=blue", "--map", "config", env=env).returncode == 0
+    shown = cli("state", "cli-3", env=env)
+    assert shown.returncode == 0, shown.stderr
+    del expected["mode"]
+    assert json.loads(shown.stdout) == {"state": expected, "config": {"led": "blue"}}
+    config = cli("state", "cli-3", "--map", "config", env=env)
+    assert json.loads(config.stdout) == {"led": "blue"}
+
+
+@pytest.mark.parametrize("args", [["state", "set", "cli-3"], ["state", "set", "cli-3", "novalue"],
+                                  ["state", "a", "b"], ["device", "add", "x", "--meta", "[]"],
+                                  ["events", "--limit", "0"]])
+def test_usage_errors_exit_2(server: str, args: list[str]) -> None:
+    result = cli(*args, env=admin_env(server))
+    assert result.returncode == 2 and "error" in result.stderr and result.stdout == ""
+
+
+def test_events_print_ndjson(server: str, tmp_path: Path) -> None:
+    token = add_device(server, "cli-4")
+    asyncio.run(run_device(server, "cli-4", token, tmp_path / "d.db", events=3))
+    result = cli("events", "--device", "cli-4", env=admin_env(server))
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(e["device"], e["seq"], e["topic"], e["body"]) for e in events] == [
+        ("cli-4", n + 1, "readings", {"n": n}) for n in range(3)]
+    limited = cli("events", "--device", "cli-4", "--limit", "2", env=admin_env(server))
+    assert len(limited.stdout.splitlines()) == 2
+    after = cli("events", "--device", "cli-4", "--after", events[0]["cursor"],
+                env=admin_env(server))
+    assert [json.loads(line)["seq"] for line in after.stdout.splitlines()] == [2, 3]
+    none = cli("events", "--topic", "no-such-topic", env=admin_env(server))
+    assert (none.returncode, none.stdout) == (0, "")
+
+
+def test_events_follow_prints_new_events_until_ctrl_c(server: str, tmp_path: Path) -> None:
+    token = add_device(server, "cli-5")
+    asyncio.run(run_device(server, "cli-5", token, tmp_path / "d.db", events=1))
+    with Background("events", "--device", "cli-5", "--follow", "--poll", "0.1",
+                    env=admin_env(server)) as follow:
+        assert follow.wait_for(r'"seq":1\b')
+        asyncio.run(run_device(server, "cli-5", token, tmp_path / "d.db", events=1))
+        assert follow.wait_for(r'"seq":2\b')
+        assert follow.stop(signal.SIGINT) == 0, follow.stderr
+    assert len(follow.seen) == 2
+
+
+def test_wrong_admin_token_is_unauthorized(server: str) -> None:
+    result = cli("device", "list", "--url", server, "--admin-token", "wrong", env=clean_env())
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: unauthorized: ")
+
+
+def test_missing_admin_token_is_a_usage_error(server: str) -> None:
+    result = cli("device", "list", env=clean_env(CRDTSYNC_URL=server))
+    assert result.returncode == 2 and "CRDTSYNC_ADMIN_TOKEN" in result.stderr
+
+
+def test_unreachable_server_is_a_transport_error() -> None:
+    result = cli("events", "--url", f"http://127.0.0.1:{free_port()}", "--admin-token", "x",
+                 env=clean_env())
+    assert result.returncode == 1 and result.stderr.startswith("error: transport: ")
+
+
+def test_serve_creates_and_prints_an_admin_token_only_at_first_start(tmp_path: Path) -> None:
+    db = str(tmp_path / "fresh.db")
+    with Background("serve", "--db", db, "--port", "0", env=clean_env()) as first:
+        token = first.wait_for(r"admin token \(shown once, store it\): (\S+)").group(1)
+        url = first.url()
+        assert cli("device", "list", env=admin_env(url, token)).returncode == 0
+        assert first.stop(signal.SIGINT) == 0, first.stderr
+
+    with Background("serve", "--db", db, "--port", "0", env=clean_env()) as second:
+        url = second.url()
+        assert cli("device", "list", env=admin_env(url, token)).returncode == 0
+        assert second.stop() == 0, second.stderr
+    assert not any("shown once" in line or token in line for line in second.seen)
+
+
+def test_serve_reports_a_taken_port(server: str) -> None:
+    port = server.rsplit(":", 1)[1]
+    result = cli("serve", "--db", "memory:", "--port", port, "--admin-token", "x",
+                 env=clean_env())
+    assert result.returncode == 1 and result.stderr.startswith("error: ")
+
+
+def test_demo_runs_and_reports_exactly_once(tmp_path: Path) -> None:
+    result = cli("demo", "--devices", "2", "--duration", "4", "--port", "0",
+                 "--db", str(tmp_path / "demo.db"), "--data-dir", str(tmp_path / "demo"),
+                 env=clean_env(), timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "exactly once: yes" in result.stdout
+    assert "state converged: yes" in result.stdout
+    for device_id in ("demo-1", "demo-2"):
+        assert re.search(rf"{device_id}: emitted ([1-9]\d*), in cloud \1 .*: exactly once",
+                         result.stdout)
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr

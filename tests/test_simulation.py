@@ -1,0 +1,196 @@
+"""The simulation harness: thousands of faulted operations across seeds, determinism, user
+hooks, a planted bug it must catch, and a Hypothesis state machine that shrinks schedules."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+
+from crdtsync.testing import FAULT_NAMES, FaultPlan, SimDevice, Simulation
+from crdtsync_server.store import base as store_base
+
+SWEEP = [
+    # (seed, devices, servers, faults, rate, steps)
+    *[(seed, 3, 1, FAULT_NAMES, 0.05, 300) for seed in range(8)],
+    *[(100 + seed, 4, 2, FAULT_NAMES, 0.05, 300) for seed in range(8)],
+    *[(200 + seed, 3, 3, ("crash",), 0.15, 250) for seed in range(4)],
+    *[(300 + seed, 2, 1, ("drop", "dup", "reorder", "delay"), 0.2, 250) for seed in range(4)],
+    *[(400 + seed, 5, 2, ("partition", "crash"), 0.08, 250) for seed in range(4)],
+]
+
+
+@pytest.mark.parametrize(("seed", "devices", "servers", "faults", "rate", "steps"), SWEEP,
+                         ids=[f"seed{s[0]}-{s[1]}dev-{s[2]}srv-{'+'.join(s[3])}" for s in SWEEP])
+async def test_invariants_hold_under_faults(seed: int, devices: int, servers: int,
+                                            faults: tuple[str, ...], rate: float,
+                                            steps: int) -> None:
+    async with Simulation(devices=devices, servers=servers, seed=seed,
+                          faults=FaultPlan.from_names(faults, rate)) as sim:
+        report = await sim.run(steps)
+    assert report.ok, report.describe()
+    assert sum(report.faults.values()) > 0  # the run really was faulted
+    assert report.syncs_ok > 0 and report.events_delivered > 0
+
+
+async def test_same_seed_same_run() -> None:
+    reports = []
+    for _ in range(2):
+        async with Simulation(devices=3, servers=2, seed=42,
+                              faults=FaultPlan.everything(0.08)) as sim:
+            reports.append(await sim.run(150))
+    first, second = reports
+    assert first.operations == second.operations
+    assert first.faults == second.faults
+    assert (first.syncs_ok, first.syncs_failed, first.events_delivered) == (
+        second.syncs_ok, second.syncs_failed, second.events_delivered)
+
+
+async def test_a_planted_duplicate_bug_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the server stopped deduplicating replayed events, the harness must say so."""
+    original = store_base.plan_events
+
+    def no_dedup(device: str, last_seq: int, purged: int, events: Any, digests: Any
+                 ) -> store_base.EventPlan:
+        plan = original(device, last_seq, purged, events, digests)
+        return store_base.EventPlan(tuple(events), plan.lost)
+
+    from crdtsync_server.store import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "plan_events", no_dedup)
+    async with Simulation(devices=2, seed=3,
+                          faults=FaultPlan(drop_response=0.3, duplicate=0.3)) as sim:
+        report = await sim.run(120)
+    assert not report.ok
+    assert any(f.startswith("events:") for f in report.failures)
+    assert "replay with seed=3" in report.describe()
+
+
+async def test_user_operations_and_invariants() -> None:
+    """An app plugs in its own edits and its own invariant (docs/testing.md)."""
+    async with Simulation(devices=3, seed=9, faults=FaultPlan.everything(0.05)) as sim:
+        last_mode: dict[str, str] = {}
+
+        @sim.device_op(weight=2)
+        async def set_mode(device: SimDevice, rng: random.Random) -> None:
+            assert device.device is not None
+            mode = rng.choice(["eco", "boost", "off"]) + sim.unique("-")
+            device.device.map("config")["mode"] = mode
+            last_mode[device.id] = mode
+
+        @sim.invariant
+        async def config_reaches_cloud(sim: Simulation) -> list[str]:
+            failures = []
+            for device in sim.devices:
+                assert device.device is not None
+                cloud = await sim.servers[0].services.sync.read_state(device.id)  # type: ignore[union-attr]
+                if device.id in last_mode and cloud["config"]["mode"] != last_mode[device.id]:
+                    failures.append(f"config: {device.id} cloud has {cloud['config']}")
+            return failures
+
+        report = await sim.run(200)
+    assert report.operations["set_mode"] > 0
+    assert report.ok, report.describe()
+
+
+# --- Hypothesis: schedules chosen and shrunk by Hypothesis -----------------------------------
+
+FAULTS = st.sampled_from(["none", "drop_request", "drop_response", "duplicate", "delay"])
+
+
+class SyncMachine(RuleBasedStateMachine):
+    """Hypothesis picks the operations and the faults; at teardown everything settles and
+    every invariant must hold. A failure shrinks to a minimal schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.sim: Simulation | None = None
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    @initialize(servers=st.integers(1, 2), seed=st.integers(0, 2**16))
+    def start(self, servers: int, seed: int) -> None:
+        self.sim = Simulation(devices=2, servers=servers, seed=seed, concurrent_writes=0.0)
+        self.run(self.sim.start())
+
+    def device(self, index: int) -> SimDevice:
+        assert self.sim is not None
+        return self.sim.devices[index % len(self.sim.devices)]
+
+    @rule(i=st.integers(0, 1), owner=st.sampled_from(["dev", "shared"]),
+          k=st.integers(0, 2))
+    def device_write(self, i: int, owner: str, k: int) -> None:
+        device = self.device(i)
+        if device.device is not None:
+            assert self.sim is not None
+            value = self.sim.unique(f"{device.id}:")
+            device.device.state[f"{owner}.{k}"] = value
+            self.sim.model.wrote(device.id, f"{owner}.{k}", value, acknowledged=True)
+
+    @rule(i=st.integers(0, 1), owner=st.sampled_from(["cloud", "shared"]), k=st.integers(0, 2),
+          delete=st.booleans())
+    def cloud_write(self, i: int, owner: str, k: int, delete: bool) -> None:
+        assert self.sim is not None
+        device = self.device(i)
+        value = None if delete else self.sim.unique("cloud:")
+        server = self.sim.pick_server()
+        assert server.services is not None
+        self.run(server.services.sync.write_state(device.id, "state", {f"{owner}.{k}": value}))
+        self.sim.model.wrote(device.id, f"{owner}.{k}", value, acknowledged=True)
+
+    @rule(i=st.integers(0, 1))
+    def emit(self, i: int) -> None:
+        assert self.sim is not None
+        device = self.device(i)
+        if device.device is not None:
+            body = {"id": self.sim.unique("e")}
+            self.run(device.device.emit("t", body, time_ms=self.sim.now_ms()))
+            self.sim.model.emitted(device.id, body)
+
+    @rule(i=st.integers(0, 1), fault=FAULTS)
+    def sync(self, i: int, fault: str) -> None:
+        assert self.sim is not None
+        device = self.device(i)
+        if device.device is None:
+            return
+        self.sim.plan = self.sim.network.plan = (
+            FaultPlan() if fault == "none" else FaultPlan(**{fault: 1.0}))
+        self.sim.network.step += 1
+        self.run(self.sim.sync_device(device))
+        self.sim.network.plan = FaultPlan()
+
+    @rule(i=st.integers(0, 1))
+    def crash_device(self, i: int) -> None:
+        device = self.device(i)
+        self.run(device.crash())
+        self.run(device.start())
+
+    @rule(s=st.integers(0, 1))
+    def crash_server(self, s: int) -> None:
+        assert self.sim is not None
+        server = self.sim.servers[s % len(self.sim.servers)]
+        self.run(server.crash())
+        self.run(server.start())
+
+    def teardown(self) -> None:
+        if self.sim is not None:
+            try:
+                self.run(self.sim.settle())
+                self.run(self.sim.check())
+                assert self.sim.report.ok, self.sim.report.describe()
+            finally:
+                self.run(self.sim.aclose())
+        self.loop.close()
+
+
+TestSyncMachine = SyncMachine.TestCase
+TestSyncMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
+                                    derandomize=True,
+                                    suppress_health_check=[HealthCheck.too_slow])
