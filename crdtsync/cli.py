@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 # mypy does not resolve the editable install of crdtsync_server (its source is `server/`).
-from crdtsync_server import Server, ServerConfig  # type: ignore[import-not-found,unused-ignore]
+from crdtsync_server import Server, ServerConfig
 
 from . import __version__
 from .admin import AdminClient
