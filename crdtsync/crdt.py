@@ -83,7 +83,7 @@ def check_update(update: bytes, *, name: str = "") -> None:
     """
     scratch: Doc[Any] = Doc(client_id=1)
     apply_remote(scratch, update, name=name)
-    for root in scratch.keys():
+    for root in scratch.keys():  # noqa: SIM118 (a Doc, not a dict)
         check_value(normalize(scratch.get(root, type=Map).to_py()), where=f"{name}:{root}")
 
 

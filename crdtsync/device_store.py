@@ -6,25 +6,25 @@ state change, an emitted event, an acknowledgement) survives a power cut; ``"NOR
 the last transactions before a power cut (never consistency) for speed. See
 docs/architecture.md.
 
-Two connections share the file: an aiosqlite connection for the async paths (outbox, meta,
-compaction) and a plain ``sqlite3`` connection used only by :meth:`DeviceStore.append_update`,
-because a state assignment (``dev.state["k"] = v``) is synchronous and must be durable before
-it returns. That append is one small INSERT, bounded in time.
+Every operation is one transaction run in the connection's own thread
+(:class:`~crdtsync.sqlite_worker.SQLiteWorker`). A state assignment (``dev.state["k"] = v``)
+is synchronous and must be durable before it returns, so :meth:`DeviceStore.append_update`
+waits for that thread from the event loop; it cannot deadlock, because no transaction ever
+spans an ``await``. The in-memory mirror (``meta``, outbox counters) is changed only inside
+those functions, after their commit, so it never runs ahead of the file.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import aiosqlite
+from .errors import OutboxFull
+from .sqlite_worker import SQLiteWorker, transaction
 
-from .errors import ClosedError, OutboxFull, StoreError
-
-SCHEMA_VERSION = 1
 MIGRATIONS: Sequence[str] = (
     # v1
     """
@@ -38,6 +38,7 @@ MIGRATIONS: Sequence[str] = (
                          body BLOB NOT NULL) STRICT;
     """,
 )
+SCHEMA_VERSION = len(MIGRATIONS)
 
 OutboxPolicy = Literal["reject", "drop_oldest"]
 
@@ -72,23 +73,25 @@ class LocalDoc:
         return self.updates[-1][0] if self.updates else self.upto
 
 
+@dataclass
+class _Mirror:
+    """What the device keeps in memory about its file; written only by the store thread."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    outbox_count: int = 0
+    outbox_bytes: int = 0
+    update_rows: int = 0
+    last_update_id: int = 0
+
+
 class DeviceStore:
     """Local persistence of one device. Use ``async with DeviceStore(path) as store``."""
 
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
-        if synchronous not in ("FULL", "NORMAL", "EXTRA", "OFF"):
-            raise ValueError("synchronous must be FULL, NORMAL, EXTRA or OFF (tests only)")
         self.path = Path(path)
-        self._synchronous = synchronous
-        self._db: aiosqlite.Connection | None = None
-        self._sync_db: sqlite3.Connection | None = None
-        self._closed = False
-        self.meta: dict[str, Any] = {}
-        self.outbox_count = 0
-        self.outbox_bytes = 0
-        self.update_rows = 0
-        """Update-log rows not yet folded into a snapshot (all documents)."""
-        self.last_update_id = 0
+        self._db = SQLiteWorker(path, migrations=MIGRATIONS, synchronous=synchronous,
+                                name="crdtsync-device")
+        self._m = _Mirror()
 
     async def __aenter__(self) -> DeviceStore:
         await self.open()
@@ -97,243 +100,73 @@ class DeviceStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # --- lifecycle ------------------------------------------------------------------------
-
     async def open(self) -> None:
-        """Open (creating if needed) and migrate the database; load meta and outbox counters.
+        """Open (creating if needed) and migrate the database; load meta and counters.
 
-        Raises :class:`StoreError` if the file is from a newer crdtsync or is not a database.
-        """
-        try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._configure(self._db)
-            await self._migrate(self._db)
-            self._sync_db = sqlite3.connect(self.path, isolation_level=None,
-                                            check_same_thread=False)
-            for pragma in self._pragmas():
-                self._sync_db.execute(pragma)
-            await self._load_counters()
-        except sqlite3.Error as exc:
-            await self.aclose()
-            raise StoreError(f"cannot open device store {self.path}: {exc}") from exc
-        except StoreError:
-            await self.aclose()
-            raise
-
-    def _pragmas(self) -> list[str]:
-        return ["PRAGMA journal_mode=WAL", f"PRAGMA synchronous={self._synchronous}",
-                "PRAGMA busy_timeout=5000"]
-
-    async def _configure(self, db: aiosqlite.Connection) -> None:
-        for pragma in self._pragmas():
-            await db.execute(pragma)
-
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        async with db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"device store schema v{version} is newer than this crdtsync "
-                             f"(v{SCHEMA_VERSION}); upgrade crdtsync")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            await db.executescript(
-                f"BEGIN; {MIGRATIONS[target - 1]} PRAGMA user_version={target}; COMMIT;"
-            )
-
-    async def _load_counters(self) -> None:
-        db = self._conn()
-        async with db.execute("SELECT key, value FROM meta") as cur:
-            self.meta = {k: v for k, v in await cur.fetchall()}
-        async with db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox") as c:
-            row = await c.fetchone()
-        self.outbox_count, self.outbox_bytes = (int(row[0]), int(row[1])) if row else (0, 0)
+        Raises :class:`~crdtsync.errors.StoreError` if the file is not a database or is
+        from a newer crdtsync (the file is left untouched)."""
+        await self._db.open()
+        await self._db.run(_load_mirror, self._m)
 
     async def aclose(self) -> None:
-        """Close both connections; idempotent."""
-        self._closed = True
-        if self._sync_db is not None:
-            self._sync_db.close()
-            self._sync_db = None
-        if self._db is not None:
-            db, self._db = self._db, None
-            await db.close()
+        """Close the connection; idempotent."""
+        await self._db.aclose()
 
-    def _conn(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise ClosedError("device store is closed")
-        return self._db
+    # --- the mirror -------------------------------------------------------------------
 
-    async def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
-        try:
-            await self._conn().execute(sql, params)
-        except sqlite3.Error as exc:
-            raise StoreError(f"device store write failed: {exc}") from exc
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Sync metadata (client id, next seq, purged seq, last known server state vector).
+        Read-only for callers: change it with :meth:`set_meta`."""
+        return self._m.meta
 
-    # --- meta -----------------------------------------------------------------------------
+    @property
+    def outbox_count(self) -> int:
+        return self._m.outbox_count
+
+    @property
+    def outbox_bytes(self) -> int:
+        return self._m.outbox_bytes
+
+    @property
+    def update_rows(self) -> int:
+        """Update-log rows not yet folded into a snapshot (all documents)."""
+        return self._m.update_rows
+
+    @property
+    def last_update_id(self) -> int:
+        return self._m.last_update_id
+
+    # --- operations ---------------------------------------------------------------------
 
     async def set_meta(self, **values: Any) -> None:
         """Persist metadata values (int, str, bytes) in one transaction."""
-        db = self._conn()
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            await db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                                 list(values.items()))
-            await db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            await self._rollback()
-            raise StoreError(f"device store write failed: {exc}") from exc
-        self.meta.update(values)
-
-    async def _rollback(self) -> None:
-        if self._db is not None and self._db.in_transaction:
-            await self._db.execute("ROLLBACK")
-
-    # --- CRDT update log ------------------------------------------------------------------
+        await self._db.run(_set_meta, self._m, values)
 
     async def load_doc(self, doc: str) -> LocalDoc:
         """The stored snapshot of ``doc`` and the updates logged after it."""
-        db = self._conn()
-        async with db.execute("SELECT data, upto FROM snapshots WHERE doc = ?", (doc,)) as cur:
-            row = await cur.fetchone()
-        snapshot, upto = (bytes(row[0]), int(row[1])) if row else (b"", 0)
-        async with db.execute("SELECT id, data FROM updates WHERE doc = ? AND id > ? ORDER BY id",
-                              (doc, upto)) as cur:
-            updates = tuple((int(i), bytes(d)) for i, d in await cur.fetchall())
-        local = LocalDoc(snapshot, upto, updates)
-        self.update_rows = len(updates)
-        self.last_update_id = local.last_id
-        return local
+        return await self._db.run(_load_doc, self._m, doc)
 
     def append_update(self, doc: str, data: bytes) -> int:
         """Append one update to the log, durably, before returning its id (synchronous)."""
-        if self._sync_db is None:
-            raise ClosedError("device store is closed")
-        try:
-            cur = self._sync_db.execute("INSERT INTO updates (doc, data) VALUES (?, ?)",
-                                        (doc, data))
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot persist a state change: {exc}") from exc
-        self.update_rows += 1
-        self.last_update_id = int(cur.lastrowid or 0)
-        return self.last_update_id
+        return self._db.run_blocking(_append_update, self._m, doc, data)
 
     async def compact(self, doc: str, upto: int, snapshot: bytes) -> None:
         """Store ``snapshot`` (covering every update id <= ``upto``) and delete those rows."""
-        db = self._conn()
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            await db.execute(
-                "INSERT INTO snapshots (doc, data, upto) VALUES (?, ?, ?) ON CONFLICT (doc) "
-                "DO UPDATE SET data = excluded.data, upto = excluded.upto "
-                "WHERE excluded.upto > snapshots.upto", (doc, snapshot, upto))
-            await db.execute("DELETE FROM updates WHERE doc = ? AND id <= ?", (doc, upto))
-            async with db.execute("SELECT COUNT(*) FROM updates") as cur:
-                count_row = await cur.fetchone()
-            await db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            await self._rollback()
-            raise StoreError(f"compaction failed: {exc}") from exc
-        self.update_rows = int(count_row[0]) if count_row else 0
-
-    # --- outbox ---------------------------------------------------------------------------
-
-    def _next_seq(self) -> int:
-        return int(self.meta.get("next_seq", 1))
+        await self._db.run(_compact, self._m, doc, upto, snapshot)
 
     async def push_event(self, topic: str, time: int, body: bytes,
                          limits: OutboxLimits) -> int:
         """Durably queue an event and return its seq; apply the outbox policy when full."""
-        if len(body) > limits.max_bytes:
-            raise OutboxFull("event is larger than the whole outbox bound")
-        drop = self._overflow(len(body), limits)
-        db = self._conn()
-        seq = self._next_seq()
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            dropped = await self._drop_oldest(db, drop) if drop else (0, 0, 0)
-            await db.execute("INSERT INTO outbox (seq, topic, time, body) VALUES (?, ?, ?, ?)",
-                             (seq, topic, time, body))
-            meta = {"next_seq": seq + 1}
-            if dropped[0]:
-                meta["purged"] = max(int(self.meta.get("purged", 0)), dropped[0])
-            await db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                                 list(meta.items()))
-            await db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            await self._rollback()
-            raise StoreError(f"cannot queue event: {exc}") from exc
-        self.meta.update(meta)
-        self.outbox_count += 1 - dropped[1]
-        self.outbox_bytes += len(body) - dropped[2]
-        return seq
-
-    def _overflow(self, size: int, limits: OutboxLimits) -> int:
-        """How many oldest events to drop to fit one more of ``size`` bytes (0 if it fits)."""
-        full = (self.outbox_count + 1 > limits.max_events
-                or self.outbox_bytes + size > limits.max_bytes)
-        if not full:
-            return 0
-        if limits.policy == "reject":
-            raise OutboxFull(
-                f"outbox holds {self.outbox_count} events / {self.outbox_bytes} bytes "
-                f"(bound {limits.max_events} / {limits.max_bytes})",
-                {"count": self.outbox_count, "bytes": self.outbox_bytes},
-            )
-        excess_count = self.outbox_count + 1 - limits.max_events
-        return max(excess_count, 1)
-
-    async def _drop_oldest(self, db: aiosqlite.Connection, at_least: int) -> tuple[int, int, int]:
-        """Delete the oldest events (at least ``at_least``, more until the bytes fit);
-        return (highest dropped seq, count, bytes)."""
-        async with db.execute(
-            "SELECT seq, LENGTH(body) FROM outbox ORDER BY seq LIMIT ?", (at_least,)
-        ) as cur:
-            rows = list(await cur.fetchall())
-        if not rows:
-            return (0, 0, 0)
-        last = int(rows[-1][0])
-        await db.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
-        return (last, len(rows), sum(int(r[1]) for r in rows))
+        return await self._db.run(_push_event, self._m, topic, time, body, limits)
 
     async def pending(self, limit: int, max_bytes: int) -> list[OutboxEvent]:
         """The oldest queued events, at most ``limit`` and about ``max_bytes`` (at least one)."""
-        out: list[OutboxEvent] = []
-        size = 0
-        async with self._conn().execute(
-            "SELECT seq, topic, time, body FROM outbox ORDER BY seq LIMIT ?", (limit,)
-        ) as cur:
-            async for seq, topic, time, body in cur:
-                if out and size + len(body) > max_bytes:
-                    break
-                out.append(OutboxEvent(int(seq), topic, int(time), bytes(body)))
-                size += len(body)
-        return out
+        return await self._db.run(_pending, limit, max_bytes)
 
     async def ack(self, seq: int) -> int:
         """Delete events with seq <= ``seq`` (the cloud stored them); return how many."""
-        if seq <= int(self.meta.get("purged", 0)) and self.outbox_count == 0:
-            return 0
-        db = self._conn()
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            async with db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox WHERE seq <= ?",
-                (seq,),
-            ) as cur:
-                row = await cur.fetchone()
-            count, size = (int(row[0]), int(row[1])) if row else (0, 0)
-            await db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
-            purged = max(int(self.meta.get("purged", 0)), seq)
-            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('purged', ?)",
-                             (purged,))
-            await db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            await self._rollback()
-            raise StoreError(f"cannot purge acknowledged events: {exc}") from exc
-        self.meta["purged"] = purged
-        self.outbox_count -= count
-        self.outbox_bytes -= size
-        return count
+        return await self._db.run(_ack, self._m, seq)
 
     async def renumber(self, from_seq: int, start: int) -> None:
         """Give queued events with seq >= ``from_seq`` new consecutive seqs from ``start``.
@@ -341,21 +174,141 @@ class DeviceStore:
         Used when the cloud reports a seq it already holds with other content (a wiped or
         restored device store): those events were never stored, so new numbers are safe.
         """
-        db = self._conn()
-        offset = start - from_seq
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            # Negate first so that shifting never collides with an existing primary key.
-            await db.execute("UPDATE outbox SET seq = -(seq + ?) WHERE seq >= ?",
-                             (offset, from_seq))
-            await db.execute("UPDATE outbox SET seq = -seq WHERE seq < 0")
-            async with db.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox") as cur:
-                row = await cur.fetchone()
-            next_seq = max(int(row[0]) if row else 0, start - 1) + 1
-            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)",
-                             (next_seq,))
-            await db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            await self._rollback()
-            raise StoreError(f"cannot renumber events: {exc}") from exc
-        self.meta["next_seq"] = next_seq
+        await self._db.run(_renumber, self._m, from_seq, start)
+
+
+# --- transactions (store thread) -----------------------------------------------------------
+
+def _load_mirror(conn: sqlite3.Connection, m: _Mirror) -> None:
+    m.meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    m.outbox_count, m.outbox_bytes = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox").fetchone()
+
+
+def _write_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
+    conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                     list(values.items()))
+
+
+def _set_meta(conn: sqlite3.Connection, m: _Mirror, values: dict[str, Any]) -> None:
+    with transaction(conn):
+        _write_meta(conn, values)
+    m.meta.update(values)
+
+
+def _load_doc(conn: sqlite3.Connection, m: _Mirror, doc: str) -> LocalDoc:
+    row = conn.execute("SELECT data, upto FROM snapshots WHERE doc = ?", (doc,)).fetchone()
+    snapshot, upto = (bytes(row[0]), int(row[1])) if row else (b"", 0)
+    rows = conn.execute("SELECT id, data FROM updates WHERE doc = ? AND id > ? ORDER BY id",
+                        (doc, upto)).fetchall()
+    local = LocalDoc(snapshot, upto, tuple((int(i), bytes(d)) for i, d in rows))
+    m.update_rows = len(local.updates)
+    m.last_update_id = local.last_id
+    return local
+
+
+def _append_update(conn: sqlite3.Connection, m: _Mirror, doc: str, data: bytes) -> int:
+    # One statement in autocommit mode is its own durable transaction.
+    cur = conn.execute("INSERT INTO updates (doc, data) VALUES (?, ?)", (doc, data))
+    m.update_rows += 1
+    m.last_update_id = int(cur.lastrowid or 0)
+    return m.last_update_id
+
+
+def _compact(conn: sqlite3.Connection, m: _Mirror, doc: str, upto: int,
+             snapshot: bytes) -> None:
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO snapshots (doc, data, upto) VALUES (?, ?, ?) ON CONFLICT (doc) "
+            "DO UPDATE SET data = excluded.data, upto = excluded.upto "
+            "WHERE excluded.upto > snapshots.upto", (doc, snapshot, upto))
+        conn.execute("DELETE FROM updates WHERE doc = ? AND id <= ?", (doc, upto))
+        remaining = int(conn.execute("SELECT COUNT(*) FROM updates").fetchone()[0])
+    m.update_rows = remaining
+
+
+def _overflow(m: _Mirror, size: int, limits: OutboxLimits) -> int:
+    """How many oldest events to drop to fit one more of ``size`` bytes (0 if it fits)."""
+    if size > limits.max_bytes:
+        raise OutboxFull("event is larger than the whole outbox bound")
+    full = (m.outbox_count + 1 > limits.max_events
+            or m.outbox_bytes + size > limits.max_bytes)
+    if not full:
+        return 0
+    if limits.policy == "reject":
+        raise OutboxFull(
+            f"outbox holds {m.outbox_count} events / {m.outbox_bytes} bytes "
+            f"(bound {limits.max_events} / {limits.max_bytes})",
+            {"count": m.outbox_count, "bytes": m.outbox_bytes},
+        )
+    return max(m.outbox_count + 1 - limits.max_events, 1)
+
+
+def _push_event(conn: sqlite3.Connection, m: _Mirror, topic: str, time: int, body: bytes,
+                limits: OutboxLimits) -> int:
+    drop = _overflow(m, len(body), limits)
+    seq = int(m.meta.get("next_seq", 1))
+    meta: dict[str, Any] = {"next_seq": seq + 1}
+    with transaction(conn):
+        dropped = _drop_oldest(conn, m, drop, len(body), limits) if drop else (0, 0, 0)
+        conn.execute("INSERT INTO outbox (seq, topic, time, body) VALUES (?, ?, ?, ?)",
+                     (seq, topic, time, body))
+        if dropped[0]:
+            meta["purged"] = max(int(m.meta.get("purged", 0)), dropped[0])
+        _write_meta(conn, meta)
+    m.meta.update(meta)
+    m.outbox_count += 1 - dropped[1]
+    m.outbox_bytes += len(body) - dropped[2]
+    return seq
+
+
+def _drop_oldest(conn: sqlite3.Connection, m: _Mirror, at_least: int, size: int,
+                 limits: OutboxLimits) -> tuple[int, int, int]:
+    """Delete the oldest events, at least ``at_least`` and then until ``size`` more bytes
+    fit; return (highest dropped seq, count, bytes)."""
+    last = count = freed = 0
+    for seq, length in conn.execute("SELECT seq, LENGTH(body) FROM outbox ORDER BY seq"):
+        if count >= at_least and m.outbox_bytes - freed + size <= limits.max_bytes:
+            break
+        last, count, freed = int(seq), count + 1, freed + int(length)
+    if count:
+        conn.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
+    return (last, count, freed)
+
+
+def _pending(conn: sqlite3.Connection, limit: int, max_bytes: int) -> list[OutboxEvent]:
+    out: list[OutboxEvent] = []
+    size = 0
+    for seq, topic, time, body in conn.execute(
+            "SELECT seq, topic, time, body FROM outbox ORDER BY seq LIMIT ?", (limit,)):
+        if out and size + len(body) > max_bytes:
+            break
+        out.append(OutboxEvent(int(seq), topic, int(time), bytes(body)))
+        size += len(body)
+    return out
+
+
+def _ack(conn: sqlite3.Connection, m: _Mirror, seq: int) -> int:
+    purged = max(int(m.meta.get("purged", 0)), seq)
+    with transaction(conn):
+        count, size = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox WHERE seq <= ?",
+            (seq,)).fetchone()
+        conn.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+        _write_meta(conn, {"purged": purged})
+    m.meta["purged"] = purged
+    m.outbox_count -= int(count)
+    m.outbox_bytes -= int(size)
+    return int(count)
+
+
+def _renumber(conn: sqlite3.Connection, m: _Mirror, from_seq: int, start: int) -> None:
+    offset = start - from_seq
+    with transaction(conn):
+        # Negate first so that shifting never collides with an existing primary key.
+        conn.execute("UPDATE outbox SET seq = -(seq + ?) WHERE seq >= ?", (offset, from_seq))
+        conn.execute("UPDATE outbox SET seq = -seq WHERE seq < 0")
+        highest = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0])
+        next_seq = max(highest, start - 1) + 1
+        _write_meta(conn, {"next_seq": next_seq})
+    m.meta["next_seq"] = next_seq

@@ -1,5 +1,6 @@
-"""server/crdtsync_server/openapi.json is served by the real server and cannot drift from the code: every
-registered route is documented, nothing else is, and every wire error code is in its enum."""
+"""server/crdtsync_server/openapi.json is served by the real server and cannot drift from
+the code: every registered route is documented, nothing else is, and every wire error code
+is in its enum."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ async def faulty(tmp_path: Path) -> Any:
 
 
 async def test_commit_failure_stores_nothing_and_keeps_serving(faulty: Any) -> None:
-    store, server, admin, dev = faulty
+    store, _server, admin, dev = faulty
     dev.state["a"] = 1
     await dev.emit("t", {"n": 1})
     store.fail_before = 1

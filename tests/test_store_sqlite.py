@@ -157,7 +157,7 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     for url, path in cases.items():
         store = open_store(url)
         assert isinstance(store, SQLiteStore)
-        assert store._path == path
+        assert store.path == path
     for bad in ["", "sqlite:///", "sqlite://host/x.db", "postgresql://u@h/db", "memory://"]:
         with pytest.raises(ValueError, match="unsupported store URL"):
             open_store(bad)

@@ -23,17 +23,14 @@ crdtsync errors of the contract (``NotFound``, ``AlreadyExists``, ``SeqGap``,
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
-from crdtsync.errors import AlreadyExists, ClosedError, NotFound, StoreError
+from crdtsync.errors import AlreadyExists, NotFound
+from crdtsync.sqlite_worker import SQLiteWorker, pragmas, transaction
 
 from .base import (
     CommitResult,
@@ -101,8 +98,6 @@ Append only: a released script is never edited."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
-SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-BUSY_TIMEOUT_MS = 5000
 
 _DEVICE_COLUMNS = "id, token_hash, created, last_sync, last_seq, events_lost, meta"
 _EVENT_COLUMNS = "cursor, device, seq, topic, time, received, body"
@@ -118,16 +113,16 @@ class SQLiteStore:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
-        if synchronous.upper() not in SYNCHRONOUS_MODES:
-            raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, not {synchronous!r}")
-        self._path = os.fspath(path)
-        self._synchronous = synchronous.upper()
-        self._state: Literal["new", "open", "closed"] = "new"
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._db = SQLiteWorker(path, migrations=MIGRATIONS, synchronous=synchronous,
+                                name="crdtsync-store")
 
     def __repr__(self) -> str:
-        return f"<SQLiteStore {self._path!r} {self._state}>"
+        return f"<SQLiteStore {self._db.path!r} {self._db.state}>"
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self._db.path
 
     async def __aenter__(self) -> SQLiteStore:
         await self.open()
@@ -135,11 +130,6 @@ class SQLiteStore:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
-        # Only warn: the connection belongs to the worker thread and the loop may be gone.
-        if getattr(self, "_state", None) == "open":
-            _warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
 
     # lifecycle
 
@@ -149,44 +139,20 @@ class SQLiteStore:
         Raises :class:`StoreError` if the file is not a database, cannot be opened, or holds
         a newer schema (the file is then left untouched), and :class:`ClosedError` after
         :meth:`aclose`. After a failed open the store may be opened again."""
-        if self._state == "closed":
-            raise ClosedError(f"{self!r} is closed")
-        if self._state == "open":
-            return
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crdtsync-sqlite")
-        try:
-            self._conn = await _in_thread(executor, _connect, self._path, self._synchronous)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        self._executor = executor
-        self._state = "open"
+        await self._db.open()
 
     async def aclose(self) -> None:
         """Wait for queued calls, close the connection and stop the thread; idempotent."""
-        if self._state != "open":
-            self._state = "closed"
-            return
-        self._state = "closed"
-        executor, conn = self._executor, self._conn
-        self._executor = self._conn = None
-        assert executor is not None and conn is not None
-        try:
-            await _in_thread(executor, conn.close)
-        finally:
-            executor.shutdown(wait=False)
+        await self._db.aclose()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in the store's thread."""
-        if self._state != "open":
-            raise ClosedError(f"{self!r} is not open")
-        assert self._executor is not None
-        return await _in_thread(self._executor, fn, self._conn, *args)
+        return await self._db.run(fn, *args)
 
     async def pragmas(self) -> dict[str, Any]:
         """The connection's ``journal_mode``, ``synchronous``, ``busy_timeout``,
         ``foreign_keys`` and ``user_version``, for diagnostics and tests."""
-        return await self._run(_pragmas)
+        return await self._run(pragmas)
 
     # documents
 
@@ -251,100 +217,16 @@ class SQLiteStore:
         await self._run(_set_setting, key, value)
 
 
-async def _in_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(*args)`` on ``executor``, turning ``sqlite3`` errors into :class:`StoreError`."""
-    loop = asyncio.get_running_loop()
-    try:
-        return await loop.run_in_executor(executor, fn, *args)
-    except sqlite3.Error as exc:
-        raise StoreError(f"sqlite: {exc}") from exc
-
-
 def _check_limit(limit: int) -> None:
     if limit < 0:
         raise ValueError(f"limit must be >= 0, not {limit}")
-
-
-# --- connection and schema (worker thread) -----------------------------------------------
-
-
-def _connect(path: str, synchronous: str) -> sqlite3.Connection:
-    # isolation_level=None: no implicit transactions, every one is spelled out below.
-    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    try:
-        _refuse_newer(conn, path)  # before any pragma that could write to the file
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {synchronous}")  # validated in __init__
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        _migrate(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _user_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-
-def _refuse_newer(conn: sqlite3.Connection, path: str) -> None:
-    version = _user_version(conn)
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"database schema v{version} is newer than this crdtsync (v{SCHEMA_VERSION})",
-            {"path": path, "version": version, "supported": SCHEMA_VERSION},
-        )
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Apply the missing migrations, each in one transaction. The version is read again
-    under the write lock, so two processes opening a fresh file do not both migrate."""
-    for target, script in enumerate(MIGRATIONS, start=1):
-        with _transaction(conn):
-            if _user_version(conn) >= target:
-                continue
-            for statement in _statements(script):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {target}")
-
-
-def _statements(script: str) -> Iterator[str]:
-    """Split an SQL script into statements (``executescript`` would commit first)."""
-    pending = ""
-    for part in script.split(";"):
-        pending += part + ";"
-        if sqlite3.complete_statement(pending):
-            if pending.strip(" \t\r\n;"):
-                yield pending.strip()
-            pending = ""
-    if pending.strip(" \t\r\n;"):
-        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()!r}")
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
-    """``BEGIN <mode>`` ... ``COMMIT``; ``ROLLBACK`` and re-raise on any exception."""
-    conn.execute(f"BEGIN {mode}")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _pragmas(conn: sqlite3.Connection) -> dict[str, Any]:
-    names = ("journal_mode", "synchronous", "busy_timeout", "foreign_keys", "user_version")
-    return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
 
 
 # --- documents (worker thread) -----------------------------------------------------------
 
 
 def _load_doc(conn: sqlite3.Connection, key: str) -> DocLog:
-    with _transaction(conn, "DEFERRED"):  # one read snapshot for both queries
+    with transaction(conn, "DEFERRED"):  # one read snapshot for both queries
         row = conn.execute(
             "SELECT gen, snapshot, snapshot_id FROM docs WHERE key = ?", (key,)
         ).fetchone()
@@ -380,7 +262,7 @@ def _insert_updates(conn: sqlite3.Connection, docs: Sequence[DocWrite]) -> tuple
 def _compact(conn: sqlite3.Connection, key: str, upto_id: int, snapshot: bytes) -> None:
     if upto_id <= 0:
         return  # covers nothing; matches "upto_id must exceed snapshot_id (0 if absent)"
-    with _transaction(conn):
+    with transaction(conn):
         cur = conn.execute(
             "INSERT INTO docs (key, snapshot, snapshot_id) VALUES (?, ?, ?)"
             " ON CONFLICT (key) DO UPDATE"
@@ -396,7 +278,7 @@ def _compact(conn: sqlite3.Connection, key: str, upto_id: int, snapshot: bytes) 
 
 
 def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
-    with _transaction(conn):
+    with transaction(conn):
         update_ids = _insert_updates(conn, write.docs)
         if write.device is None:
             return CommitResult(update_ids=update_ids)

@@ -1,0 +1,202 @@
+"""``SQLiteWorker``: one SQLite connection owned by one thread, running whole transactions.
+
+Both the device store and the server's SQLite store use it. Every call hands a plain
+function ``fn(conn, *args)`` to the connection's own thread, so a transaction is one call:
+its statements never interleave with another's, and the event loop never holds a write
+lock across an ``await``. That matters on the device, where a state assignment must be
+durable before it returns: :meth:`SQLiteWorker.run_blocking` waits for the thread from the
+event loop, which cannot deadlock because the thread never waits for the loop (an aiosqlite
+transaction spread over several awaits would: the loop, blocked waiting for the write lock,
+could never send that transaction's COMMIT).
+
+Schema: ``PRAGMA user_version`` counts the migrations applied; opening applies the missing
+ones, each in its own transaction, and refuses a database from a newer version without
+touching it (never moving it aside).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Literal, TypeVar
+
+from .errors import ClosedError, StoreError
+
+T = TypeVar("T")
+
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+BUSY_TIMEOUT_MS = 5000
+
+
+class SQLiteWorker:
+    """The connection to ``path``, its thread, and its schema ``migrations``.
+
+    ``synchronous`` is SQLite's ``PRAGMA synchronous``: ``FULL`` (default) makes each
+    returned commit survive a power cut; ``NORMAL`` may lose the last commits, never
+    consistency; ``OFF`` is for tests only. Calls before :meth:`open` or after
+    :meth:`aclose` raise :class:`ClosedError`; ``sqlite3`` errors become :class:`StoreError`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, migrations: Sequence[str],
+                 synchronous: str = "FULL", name: str = "crdtsync-sqlite") -> None:
+        if synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, "
+                             f"not {synchronous!r}")
+        self.path = os.fspath(path)
+        self.synchronous = synchronous.upper()
+        self.migrations = tuple(migrations)
+        self._name = name
+        self.state: Literal["new", "open", "closed"] = "new"
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"<SQLiteWorker {self.path!r} {self.state}>"
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # Only warn: the connection belongs to the worker thread and the loop may be gone.
+        if getattr(self, "state", None) == "open":
+            _warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
+
+    async def open(self) -> None:
+        """Connect, set the pragmas and migrate; a no-op if already open.
+
+        Raises :class:`StoreError` if the file is not a database or holds a newer schema
+        (left untouched). After a failed open, ``open`` may be called again."""
+        if self.state == "closed":
+            raise ClosedError(f"{self!r} is closed")
+        if self.state == "open":
+            return
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+        try:
+            self._conn = await _in_thread(executor, connect, self.path, self.synchronous,
+                                          self.migrations)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        self._executor = executor
+        self.state = "open"
+
+    async def aclose(self) -> None:
+        """Wait for queued calls, close the connection and stop the thread; idempotent."""
+        if self.state != "open":
+            self.state = "closed"
+            return
+        self.state = "closed"
+        executor, conn = self._executor, self._conn
+        self._executor = self._conn = None
+        assert executor is not None and conn is not None
+        try:
+            await _in_thread(executor, conn.close)
+        finally:
+            executor.shutdown(wait=False)
+
+    def _ready(self) -> tuple[ThreadPoolExecutor, sqlite3.Connection]:
+        if self.state != "open" or self._executor is None or self._conn is None:
+            raise ClosedError(f"{self!r} is not open")
+        return self._executor, self._conn
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in the connection's thread and return its result."""
+        executor, conn = self._ready()
+        return await _in_thread(executor, fn, conn, *args)
+
+    def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in the connection's thread, waiting for it here.
+
+        For the few synchronous paths that must be durable before they return; the wait is
+        one short transaction plus whatever single call is ahead of it."""
+        executor, conn = self._ready()
+        try:
+            return executor.submit(fn, conn, *args).result()
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from exc
+
+
+async def _in_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(executor, fn, *args)
+    except sqlite3.Error as exc:
+        raise StoreError(f"sqlite: {exc}") from exc
+
+
+def connect(path: str, synchronous: str, migrations: Sequence[str]) -> sqlite3.Connection:
+    """Open ``path`` in WAL mode with the given durability and apply ``migrations``."""
+    # isolation_level=None: no implicit transactions, every one is spelled out.
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                           check_same_thread=False)
+    try:
+        refuse_newer(conn, path, len(migrations))  # before any pragma that writes the file
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")  # validated by the caller
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        migrate(conn, migrations)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def refuse_newer(conn: sqlite3.Connection, path: str, known: int) -> None:
+    """Raise :class:`StoreError` if the database was written by a newer schema."""
+    version = user_version(conn)
+    if version > known:
+        raise StoreError(
+            f"database schema v{version} is newer than this crdtsync (v{known})",
+            {"path": path, "version": version, "supported": known},
+        )
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[str]) -> None:
+    """Apply the missing migrations, each in one transaction. The version is read again
+    under the write lock, so two processes opening a fresh file do not both migrate."""
+    for target, script in enumerate(migrations, start=1):
+        with transaction(conn):
+            if user_version(conn) >= target:
+                continue
+            for statement in statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+
+
+def statements(script: str) -> Iterator[str]:
+    """Split an SQL script into statements (``executescript`` would commit first)."""
+    pending = ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \t\r\n;"):
+                yield pending.strip()
+            pending = ""
+    if pending.strip(" \t\r\n;"):
+        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()!r}")
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
+    """``BEGIN <mode>`` ... ``COMMIT``; ``ROLLBACK`` and re-raise on any exception."""
+    conn.execute(f"BEGIN {mode}")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+            conn.execute("ROLLBACK")
+        raise
+
+
+def pragmas(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The connection's pragmas that matter for durability, for diagnostics and tests."""
+    names = ("journal_mode", "synchronous", "busy_timeout", "foreign_keys", "user_version")
+    return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
