@@ -194,3 +194,41 @@ TestSyncMachine = SyncMachine.TestCase
 TestSyncMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
                                     derandomize=True,
                                     suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- the command line --------------------------------------------------------------------------
+
+def test_simulate_command_reports_and_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    from crdtsync.cli import main
+
+    code = main(["simulate", "--devices", "3", "--steps", "200", "--seed", "5", "--seeds", "2",
+                 "--faults", "drop,dup,reorder,partition,crash", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "2/2 seeds held every invariant" in out
+    assert "faults injected" in out and "converged: yes" in out
+
+
+def test_simulate_command_fails_on_a_broken_invariant(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from crdtsync.cli import main
+    from crdtsync_server.store import sqlite as sqlite_store
+
+    original = sqlite_store.plan_events
+
+    def no_dedup(*args: Any) -> store_base.EventPlan:
+        return store_base.EventPlan(tuple(args[3]), original(*args).lost)
+
+    monkeypatch.setattr(sqlite_store, "plan_events", no_dedup)
+    code = main(["simulate", "--steps", "150", "--seed", "3", "--faults", "drop,dup",
+                 "--rate", "0.3", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL events:" in out and "replay with seed=3" in out
+
+
+def test_simulate_command_rejects_unknown_faults(capsys: pytest.CaptureFixture[str]) -> None:
+    from crdtsync.cli import main
+
+    assert main(["simulate", "--faults", "meteor", "--no-progress"]) == 2
+    assert "meteor" in capsys.readouterr().err
