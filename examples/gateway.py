@@ -1,9 +1,10 @@
 """A gateway: several devices in one process, sharing one HTTP connection pool.
 
 Each device keeps its own SQLite file (its CRDT state and its event outbox); all of them
-reach the cloud through one ``aiohttp.ClientSession``. This gateway syncs each device after
-each reading (``interval=None``); give ``Device`` an ``interval`` to sync from a background
-loop instead. A cloud write to a device's ``config`` map reaches it at its next sync.
+reach the cloud through one ``aiohttp.ClientSession``. Each device syncs from its own
+background loop: every ``interval`` seconds, and shortly after each new reading (at most one
+sync per ``min_spacing``), backing off while the cloud is unreachable. A cloud write to a
+device's ``config`` map reaches it at its next sync.
 
 Against a running server, one ``--device ID=TOKEN`` per device::
 
@@ -37,20 +38,21 @@ from crdtsync_server import Server, ServerConfig
 
 
 async def run_device(device: Device, readings: int, period: float) -> None:
-    """A pump: each cycle, queue a reading, keep the latest one in state, and sync.
+    """A pump: each cycle, queue a reading and keep the latest one in state; the device's
+    background loop syncs. At the end, one explicit sync flushes what is left.
 
     A failed sync loses nothing: the readings wait in the device's outbox for the next one."""
     for n in range(1, readings + 1):
         pressure = round(random.uniform(1.8, 2.4), 2)
         await device.emit("pressure", {"bar": pressure})
         device.state.update({"pressure_bar": pressure, "readings": n})
-        try:
-            await device.sync()
-        except CrdtsyncError as exc:
-            if not exc.retryable:
-                raise
-            print(f"{device.id}: offline ({exc.code}), {device.pending_events} queued")
         await asyncio.sleep(period)
+    try:
+        await device.sync()
+    except CrdtsyncError as exc:
+        if not exc.retryable:
+            raise
+        print(f"{device.id}: offline ({exc.code}), {device.pending_events} queued")
     print(f"{device.id}: state {device.state.to_dict()}, "
           f"config {device.map('config').to_dict()}, {device.pending_events} queued")
 
@@ -72,7 +74,8 @@ async def run_gateway(url: str, tokens: dict[str, str], data_dir: Path, readings
         devices: list[Device] = []
         for device_id, token in tokens.items():
             device = Device(device_id, url, token=token, session=session,
-                            path=data_dir / f"{device_id}.db", interval=None)
+                            path=data_dir / f"{device_id}.db", interval=5.0,
+                            min_spacing=0.1)
             device.on_change(announcer(device_id))
             devices.append(await stack.enter_async_context(device))
         print(f"gateway: {len(devices)} devices over one HTTP session, files in {data_dir}")
