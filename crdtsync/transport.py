@@ -45,6 +45,9 @@ class HttpTransport:
         self._owns_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._compress_threshold = compress_threshold
+        self.wire_bytes_up = 0
+        """Request body bytes sent so far, after compression (HTTP headers not counted)."""
+        self.wire_bytes_down = 0
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -56,11 +59,13 @@ class HttpTransport:
         if len(body) >= self._compress_threshold:
             body = zlib.compress(body, 6)
             headers["Content-Encoding"] = "deflate"
+        self.wire_bytes_up += len(body)
         try:
             async with self._client().post(self.url, data=body, headers=headers,
                                            timeout=self._timeout) as resp:
                 data = await resp.read()
                 status = resp.status
+                self.wire_bytes_down += int(resp.headers.get("Content-Length", len(data)))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(f"sync request failed: {exc!r}") from exc
         if status != 200:
