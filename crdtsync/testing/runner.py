@@ -16,11 +16,11 @@ class Progress:
 
     def __init__(self, total: int, stream: TextIO | None = None, width: int = 30) -> None:
         self.total = max(total, 1)
-        self.stream = stream or sys.stderr
+        self.stream: TextIO = stream or sys.stderr
         self.width = width
         self.started = time.perf_counter()
         self._last = -1.0
-        self._tty = stream.isatty()
+        self._tty = self.stream.isatty()
 
     def update(self, done: int, note: str = "") -> None:
         now = time.perf_counter()
