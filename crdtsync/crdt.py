@@ -68,8 +68,17 @@ def apply_remote(doc: Doc[Any], update: bytes, *, name: str = "") -> None:
     """
     try:
         doc.apply_update(update)
-    except (ValueError, RuntimeError) as exc:
+    except BaseException as exc:
+        if not rejects_input(exc):
+            raise
         raise CorruptUpdate(f"CRDT update rejected: {exc}", {"doc": name}) from exc
+
+
+def rejects_input(exc: BaseException) -> bool:
+    """True for the errors pycrdt raises on bad input: ``ValueError``, ``RuntimeError``, and
+    a Rust panic surfacing as ``pyo3_runtime.PanicException`` (a ``BaseException`` that
+    ``except Exception`` would let through and take the server down)."""
+    return isinstance(exc, (ValueError, RuntimeError)) or type(exc).__name__ == "PanicException"
 
 
 def check_update(update: bytes, *, name: str = "") -> None:
@@ -83,8 +92,14 @@ def check_update(update: bytes, *, name: str = "") -> None:
     """
     scratch: Doc[Any] = Doc(client_id=1)
     apply_remote(scratch, update, name=name)
-    for root in scratch.keys():  # noqa: SIM118 (a Doc, not a dict)
-        check_value(normalize(scratch.get(root, type=Map).to_py()), where=f"{name}:{root}")
+    try:
+        roots = {root: scratch.get(root, type=Map).to_py() for root in scratch.keys()}  # noqa: SIM118
+    except BaseException as exc:
+        if not rejects_input(exc):
+            raise
+        raise CorruptUpdate(f"CRDT update unreadable: {exc}", {"doc": name}) from exc
+    for root, value in roots.items():
+        check_value(normalize(value), where=f"{name}:{root}")
 
 
 def root_map(doc: Doc[Any], name: str) -> Map[Any]:

@@ -75,3 +75,46 @@ async def test_crash_after_commit_before_answer_neither_loses_nor_duplicates(fau
     assert (await admin.state("d1"))["state"] == {"a": 1}
     log = await store.load_doc("d1/state")
     assert len(log.updates) == 1  # the replayed update was a no-op and was not logged again
+
+
+class PanicException(BaseException):
+    """Stands in for pyo3_runtime.PanicException, which pycrdt raises on a Rust panic."""
+
+
+def test_a_pycrdt_panic_on_input_is_a_corrupt_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pycrdt import Doc
+
+    from crdtsync import crdt
+    from crdtsync.errors import CorruptUpdate
+
+    def panic(self: Any, update: bytes) -> None:
+        raise PanicException("called `Option::unwrap()` on a `None` value")
+
+    monkeypatch.setattr(Doc, "apply_update", panic)
+    with pytest.raises(CorruptUpdate):
+        crdt.apply_remote(Doc(), b"\x00\x00", name="state")
+    with pytest.raises(CorruptUpdate):
+        crdt.check_update(b"\x00\x00", name="state")
+
+
+async def test_a_panic_inside_a_sync_answers_500_and_the_server_keeps_serving(
+        faulty: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from crdtsync_server.sync import SyncService
+
+    _store, _server, admin, dev = faulty
+    real_sync = SyncService.sync
+    calls = {"n": 0}
+
+    async def panicking(self: SyncService, device: Any, request: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise PanicException("boom")
+        return await real_sync(self, device, request)
+
+    monkeypatch.setattr(SyncService, "sync", panicking)
+    dev.state["a"] = 1
+    with pytest.raises(CrdtsyncError) as info:
+        await dev.sync()
+    assert info.value.code == "internal"
+    await dev.sync()
+    assert (await admin.state("d1"))["state"] == {"a": 1}

@@ -5,8 +5,8 @@ the simulation in :mod:`crdtsync.testing.simulation` models: requests lost on th
 classic "committed but the response was lost", stalled connections and resets.
 
 The proxy reads one HTTP/1.1 message at a time (bodies framed by ``Content-Length`` or
-chunked, as aiohttp sends them), so it decides a fault per *request*, also on keep-alive
-connections. Per request it applies one mode:
+chunked, as aiohttp sends them; no ``Expect: 100-continue``, no upgrades), so it decides a
+fault per *request*, also on keep-alive connections. Per request it applies one mode:
 
     pass          forward the request and its response unchanged
     cut_request   forward only a prefix of the request, then close both sides
@@ -170,7 +170,8 @@ class FaultProxy:
     ``async with FaultProxy(server_port, seed=1) as proxy``; point clients at ``proxy.url``.
     ``mode`` and ``plan`` may be changed at any time and apply from the next request.
     ``stats`` counts the requests handled in each mode. Leaving the block closes every
-    connection and awaits every task the proxy started.
+    connection and awaits every task the proxy started. Raises :class:`ValueError` for an
+    unknown mode or a plan whose probabilities are outside [0, 1] or sum above 1.
     """
 
     def __init__(self, target_port: int, *, target_host: str = "127.0.0.1", seed: int = 0,
@@ -198,7 +199,8 @@ class FaultProxy:
 
     @property
     def mode(self) -> str:
-        """The fixed mode for every request, or ``"random"`` while a :attr:`plan` is set."""
+        """The fixed mode for every request, or ``"random"`` while a :attr:`plan` is set.
+        Setting a mode drops the plan."""
         return "random" if self._plan is not None else self._mode
 
     @mode.setter

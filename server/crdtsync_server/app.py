@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from crdtsync import crdt
+from crdtsync.crdt import rejects_input
 from crdtsync.errors import (
     BodyTooLarge,
     CrdtsyncError,
@@ -133,7 +134,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = error_response(request, error)
         response.set_status(exc.status if exc.status != 400 else error.status)
         return response
-    except Exception:
+    except BaseException as exc:
+        # Exception, and a Rust panic from pycrdt (a BaseException): answer, keep serving.
+        if not isinstance(exc, Exception) and not rejects_input(exc):
+            raise
         log.exception("%s %s: unexpected error", request.method, request.path)
         return error_response(request, ServerError("internal error; nothing was committed"))
 
