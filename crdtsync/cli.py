@@ -1,6 +1,7 @@
 """The ``crdtsync`` command: run a server or the demo, and manage devices, state and events.
 
     crdtsync serve  [--db PATH] [--host H] [--port N] [--admin-token T] [--max-body B]
+                    [--routes FILE]
     crdtsync demo   [--devices N] [--duration S] [--db PATH] [--port N] [--data-dir DIR]
     crdtsync device add ID [--meta JSON] | crdtsync device list | crdtsync device show ID
     crdtsync state ID [--map NAME] | crdtsync state set ID KEY=VALUE... [--map NAME]
@@ -69,6 +70,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
                           admin_token=args.admin_token or None, on_admin_token=on_admin_token)
     if args.max_body is not None:
         config.max_body = args.max_body
+    config.routes_file = args.routes
     stop = stop_event()
     async with Server(config) as server:
         if args.admin_token:
@@ -238,6 +240,9 @@ def add_serve(sub: Subparsers) -> None:
                         "the token created and printed at its first start")
     p.add_argument("--max-body", type=number(int, 1), metavar="BYTES",
                    help="largest request body accepted")
+    p.add_argument("--routes", metavar="FILE",
+                   help='JSON file of proxied-request routes: {"routes": {alias: {"url": ...,'
+                        ' "headers": {"X-Key": "${ENV_VAR}"}, ...}}}')
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)

@@ -22,6 +22,7 @@ import aiohttp
 from pycrdt import Doc, Map, MapEvent, TransactionEvent
 
 from . import crdt
+from .calls import Calls
 from .device_store import DeviceStore, OutboxEvent, OutboxLimits
 from .errors import (
     BodyTooLarge,
@@ -32,6 +33,7 @@ from .errors import (
     SyncStalled,
     TooManyEvents,
 )
+from .inbox import CommandHandler, Inbox, MessageHandler
 from .protocol import (
     DEFAULT_LIMITS,
     NAME_RE,
@@ -72,6 +74,10 @@ class SyncReport:
     bytes_up: int = 0
     bytes_down: int = 0
     changes: int = 0
+    downlink: int = 0
+    """Cloud messages and commands processed."""
+    outcomes: int = 0
+    """Proxied-request outcomes received."""
     recovered: bool = False
     duration: float = 0.0
 
@@ -123,6 +129,8 @@ class Device:
         self.last_error: CrdtsyncError | None = None
         self._transport = transport
         self._store = DeviceStore(path, synchronous=durability)
+        self._inbox = Inbox(self._store, device_id)
+        self._calls = Calls(self._store)
         self._doc: Doc[Any] | None = None
         self._captured: list[bytes] = []
         self._applying_remote = False
@@ -293,6 +301,62 @@ class Device:
         self._wake.set()
         return seq
 
+    # --- cloud to device: messages and commands ------------------------------------------
+
+    def on(self, topic: str) -> Callable[[MessageHandler], MessageHandler]:
+        """Register ``handler(message)`` (sync or async) for messages on ``topic`` (``"*"``:
+        any topic without its own handler). Handlers run during :meth:`sync`, in order; see
+        :mod:`crdtsync.inbox` for the exact delivery guarantee. They must not call
+        :meth:`sync` themselves."""
+        def register(handler: MessageHandler) -> MessageHandler:
+            self._inbox.message_handlers[topic] = handler
+            self._wake.set()
+            return handler
+        return register
+
+    def command(self, method: str) -> Callable[[CommandHandler], CommandHandler]:
+        """Register ``handler(params) -> result`` (sync or async) for cloud commands named
+        ``method``. Each command runs at most once, across restarts; its result (or the
+        exception, as ``{"code", "message"}``) goes back on an immediate extra round."""
+        def register(handler: CommandHandler) -> CommandHandler:
+            self._inbox.command_handlers[method] = handler
+            return handler
+        return register
+
+    # --- device to cloud: proxied requests ----------------------------------------------
+
+    async def request(self, route: str, body: Any = None, *, request_id: str | None = None
+                      ) -> dict[str, Any]:
+        """Ask the cloud to call the configured route ``route`` with ``body``; return the
+        outcome ``{"ok", "status", "body", ...}`` once it arrived.
+
+        Durable: offline, the request waits; after a restart, find it with
+        :meth:`pending_requests` and await it with :meth:`wait_request`. Passing the same
+        ``request_id`` again never performs it twice. Raises
+        :class:`~crdtsync.calls.RouteFailed` (``.reason``) when the route failed. To bound
+        the wait, use ``asyncio.timeout()``: cancelling the wait leaves the request queued."""
+        return await self._calls.wait(await self.queue_request(route, body,
+                                                               request_id=request_id))
+
+    async def queue_request(self, route: str, body: Any = None, *,
+                            request_id: str | None = None) -> str:
+        """Queue a proxied request durably without waiting; returns its id, for
+        :meth:`wait_request` later (now, or after a restart)."""
+        self._check_open()
+        call_id = await self._calls.add(route, body, request_id)
+        self._wake.set()
+        return call_id
+
+    async def pending_requests(self) -> list[str]:
+        """Ids of proxied requests still waiting for their outcome."""
+        self._check_open()
+        return await self._calls.pending()
+
+    async def wait_request(self, request_id: str) -> dict[str, Any]:
+        """The outcome of an earlier :meth:`request` (for example after a restart)."""
+        self._check_open()
+        return await self._calls.wait(request_id)
+
     @property
     def pending_events(self) -> int:
         """Events queued locally and not yet acknowledged by the cloud."""
@@ -344,10 +408,14 @@ class Device:
         part, sent_sv = self._doc_part()
         batch = (await self._store.pending(self.max_events_per_sync, self.max_batch_bytes)
                  if self._store.outbox_count else [])
+        calls, outcomes_acked = await self._calls.to_send(DEFAULT_LIMITS.max_items)
         request = SyncRequest(
             device=self.id, docs=(part,),
             events=tuple(Event(e.seq, e.topic, e.time, None) for e in batch),
             purged=int(self._store.meta.get("purged", 0)),
+            down_done=self._inbox.done,
+            results=await self._inbox.results(DEFAULT_LIMITS.max_items),
+            calls=calls, outcomes_acked=outcomes_acked,
         )
         body = encode_request(request, bodies=[e.body for e in batch])
         report.rounds += 1
@@ -368,8 +436,21 @@ class Device:
             self._synced_version = version
         resend = await self._apply_response(response, sent_sv, report)
         acked = await self._ack(response, batch, report)
+        results = await self._apply_downlink(response, report)
         await self._maybe_compact()
-        return resend or (acked and self._store.outbox_count > 0)
+        return resend or results > 0 or (acked and self._store.outbox_count > 0)
+
+    async def _apply_downlink(self, response: SyncResponse, report: SyncReport) -> int:
+        """Acknowledged results, request outcomes, then messages and commands, in order.
+        Returns how many new command results wait to be sent."""
+        if response.down_done:
+            await self._store.ack_results(response.down_done)
+        await self._calls.apply(response.accepted, response.outcomes)
+        report.outcomes += len(response.outcomes)
+        done = self._inbox.done
+        results = await self._inbox.process(response.down)
+        report.downlink += self._inbox.done - done
+        return results
 
     def _shrink_batches(self, exc: CrdtsyncError, sent: int) -> None:
         """The server refused the batch size: adopt its limit (or halve) and go again."""

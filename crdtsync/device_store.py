@@ -37,6 +37,15 @@ MIGRATIONS: Sequence[str] = (
     CREATE TABLE outbox (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, time INTEGER NOT NULL,
                          body BLOB NOT NULL) STRICT;
     """,
+    # v2: command results waiting for the cloud, proxied requests and their outcomes
+    """
+    CREATE TABLE results (seq INTEGER PRIMARY KEY, ok INTEGER NOT NULL, body BLOB NOT NULL)
+        STRICT;
+    CREATE TABLE calls (id TEXT PRIMARY KEY, route TEXT NOT NULL, body BLOB NOT NULL,
+                        created INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+                        outcome BLOB) STRICT;
+    CREATE INDEX calls_status ON calls (status, created);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -71,6 +80,19 @@ class LocalDoc:
     @property
     def last_id(self) -> int:
         return self.updates[-1][0] if self.updates else self.upto
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCall:
+    """A proxied request as the device keeps it: ``pending`` (not yet accepted by the cloud),
+    ``accepted``, ``done`` (outcome stored, its acknowledgement not yet sent) or ``acked``."""
+
+    id: str
+    route: str
+    body: bytes
+    created: int
+    status: str
+    outcome: bytes | None
 
 
 @dataclass
@@ -167,6 +189,38 @@ class DeviceStore:
     async def ack(self, seq: int) -> int:
         """Delete events with seq <= ``seq`` (the cloud stored them); return how many."""
         return await self._db.run(_ack, self._m, seq)
+
+    # --- downlink and proxied requests ------------------------------------------------------
+
+    async def finish_down(self, seq: int, result: tuple[bool, bytes] | None = None) -> None:
+        """Record that downlink item ``seq`` is processed (``down_done``), with a command's
+        ``(ok, msgpack body)`` result to send, in one transaction."""
+        await self._db.run(_finish_down, self._m, seq, result)
+
+    async def results(self, limit: int) -> list[tuple[int, bool, bytes]]:
+        """Command results not yet acknowledged by the cloud, oldest first."""
+        return await self._db.run(_results, limit)
+
+    async def ack_results(self, upto: int) -> None:
+        """Forget results of commands with seq <= ``upto`` (the cloud stored them)."""
+        await self._db.run(_ack_results, upto)
+
+    async def add_call(self, call_id: str, route: str, body: bytes, created: int) -> bool:
+        """Queue a proxied request durably; False if ``call_id`` is already known."""
+        return await self._db.run(_add_call, call_id, route, body, created)
+
+    async def calls(self, status: str, limit: int = 1000) -> list[StoredCall]:
+        """Proxied requests in ``status``, oldest first."""
+        return await self._db.run(_calls, status, limit)
+
+    async def get_call(self, call_id: str) -> StoredCall | None:
+        return await self._db.run(_get_call, call_id)
+
+    async def set_calls(self, ids: Sequence[str], status: str, *, only: str | None = None,
+                        outcome: bytes | None = None) -> None:
+        """Move requests ``ids`` to ``status`` (only those currently in ``only``, if given),
+        storing ``outcome`` when given."""
+        await self._db.run(_set_calls, list(ids), status, only, outcome)
 
     async def renumber(self, from_seq: int, start: int) -> None:
         """Give queued events with seq >= ``from_seq`` new consecutive seqs from ``start``.
@@ -312,3 +366,58 @@ def _renumber(conn: sqlite3.Connection, m: _Mirror, from_seq: int, start: int) -
         next_seq = max(highest, start - 1) + 1
         _write_meta(conn, {"next_seq": next_seq})
     m.meta["next_seq"] = next_seq
+
+
+def _finish_down(conn: sqlite3.Connection, m: _Mirror, seq: int,
+                 result: tuple[bool, bytes] | None) -> None:
+    with transaction(conn):
+        if result is not None:
+            conn.execute("INSERT OR REPLACE INTO results (seq, ok, body) VALUES (?, ?, ?)",
+                         (seq, int(result[0]), result[1]))
+        _write_meta(conn, {"down_done": seq})
+    m.meta["down_done"] = seq
+
+
+def _results(conn: sqlite3.Connection, limit: int) -> list[tuple[int, bool, bytes]]:
+    rows = conn.execute("SELECT seq, ok, body FROM results ORDER BY seq LIMIT ?", (limit,))
+    return [(int(seq), bool(ok), bytes(body)) for seq, ok, body in rows]
+
+
+def _ack_results(conn: sqlite3.Connection, upto: int) -> None:
+    conn.execute("DELETE FROM results WHERE seq <= ?", (upto,))
+
+
+def _add_call(conn: sqlite3.Connection, call_id: str, route: str, body: bytes,
+              created: int) -> bool:
+    cur = conn.execute("INSERT OR IGNORE INTO calls (id, route, body, created) VALUES "
+                       "(?, ?, ?, ?)", (call_id, route, body, created))
+    return cur.rowcount == 1
+
+
+def _call(row: Sequence[Any]) -> StoredCall:
+    return StoredCall(row[0], row[1], bytes(row[2]), int(row[3]), row[4],
+                      bytes(row[5]) if row[5] is not None else None)
+
+
+_CALL_COLUMNS = "id, route, body, created, status, outcome"
+
+
+def _calls(conn: sqlite3.Connection, status: str, limit: int) -> list[StoredCall]:
+    rows = conn.execute(f"SELECT {_CALL_COLUMNS} FROM calls WHERE status = ? "
+                        "ORDER BY created, id LIMIT ?", (status, limit))
+    return [_call(row) for row in rows]
+
+
+def _get_call(conn: sqlite3.Connection, call_id: str) -> StoredCall | None:
+    row = conn.execute(f"SELECT {_CALL_COLUMNS} FROM calls WHERE id = ?", (call_id,)).fetchone()
+    return _call(row) if row else None
+
+
+def _set_calls(conn: sqlite3.Connection, ids: list[str], status: str, only: str | None,
+               outcome: bytes | None) -> None:
+    with transaction(conn):
+        for call_id in ids:
+            conn.execute(
+                "UPDATE calls SET status = ?, outcome = COALESCE(?, outcome) WHERE id = ?"
+                + (" AND status = ?" if only else ""),
+                (status, outcome, call_id, *((only,) if only else ())))

@@ -13,7 +13,7 @@ import itertools
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -49,6 +49,9 @@ class Limits:
     max_events: int = 1000
     max_event_body: int = 64 * 1024
     max_sv_entries: int = 100_000
+    max_items: int = 100
+    """Command results, proxied requests and acknowledged outcomes per request; downlink
+    items per response."""
 
 
 DEFAULT_LIMITS = Limits()
@@ -79,18 +82,71 @@ class Event:
     body: Any
 
 
+DOWN_KINDS = ("message", "command")
+
+
+@dataclass(frozen=True, slots=True)
+class DownItem:
+    """A cloud-to-device item in a response: a ``message`` (``name`` = topic) or a
+    ``command`` (``name`` = method, ``body`` = params). ``expires`` is a command's deadline
+    in ms since the epoch (0: none)."""
+
+    seq: int
+    kind: str
+    name: str
+    body: Any
+    expires: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A device's result for command ``seq``: ``value`` when ``ok``, else ``error``
+    ``{"code": str, "message": str}``."""
+
+    seq: int
+    ok: bool
+    value: Any = None
+    error: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyCall:
+    """A device's request for the cloud to call route ``route`` with ``body``; ``id`` is the
+    device's, unique per device, and makes resending safe (performed at most once)."""
+
+    id: str
+    route: str
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The outcome of proxied request ``id``: ``{"ok", "status", "body", "error",
+    "message", "attempts"}``."""
+
+    id: str
+    outcome: Mapping[str, Any]
+
+
 @dataclass(frozen=True, slots=True)
 class SyncRequest:
     """What a device sends on ``POST /v1/sync``.
 
     ``purged`` is the highest event seq the device has deleted from its outbox (acknowledged
-    or dropped by its outbox policy): the server accepts a gap only below it.
+    or dropped by its outbox policy): the server accepts a gap only below it. ``down_done``
+    is the highest downlink seq the device processed; ``results`` carries results of
+    commands up to it; ``calls`` new proxied requests; ``outcomes_acked`` the ids of
+    outcomes the device stored.
     """
 
     device: str
     docs: tuple[DocSync, ...] = ()
     events: tuple[Event, ...] = ()
     purged: int = 0
+    down_done: int = 0
+    results: tuple[Result, ...] = ()
+    calls: tuple[ProxyCall, ...] = ()
+    outcomes_acked: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +157,10 @@ class SyncResponse:
     docs: tuple[DocSync, ...] = ()
     acked: int = 0
     time: int = 0
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    down: tuple[DownItem, ...] = ()
+    down_done: int = 0
+    accepted: tuple[str, ...] = ()
+    outcomes: tuple[Outcome, ...] = ()
 
 
 # --- state vectors -----------------------------------------------------------------------
@@ -288,7 +347,64 @@ def encode_request(req: SyncRequest, *, bodies: Sequence[bytes] | None = None) -
         msg["ev"] = [[e.seq, e.topic, e.time, b] for e, b in zip(req.events, bodies, strict=True)]
     if req.purged:
         msg["pg"] = req.purged
+    if req.down_done:
+        msg["dn"] = req.down_done
+    if req.results:
+        msg["res"] = [[r.seq, r.ok, _body(r.value if r.ok else dict(r.error or {}))]
+                      for r in req.results]
+    if req.calls:
+        msg["rq"] = [[c.id, c.route, _body(c.body)] for c in req.calls]
+    if req.outcomes_acked:
+        msg["rqk"] = list(req.outcomes_acked)
     return _pack(msg)
+
+
+def _body(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _unbody(data: Any, what: str, limits: Limits) -> Any:
+    """Decode a nested msgpack body (bytes) and check it is JSON data."""
+    if not isinstance(data, bytes):
+        raise MalformedRequest(f"{what} must be msgpack bytes")
+    if len(data) > limits.max_event_body:
+        raise InvalidValue(f"{what} over {limits.max_event_body} bytes")
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise MalformedRequest(f"{what} is not msgpack") from exc
+    check_value(value, where=what, max_int=2**63 - 1)
+    return value
+
+
+def _items(obj: Mapping[str, Any], key: str, limits: Limits, width: int) -> list[list[Any]]:
+    raw = _get(obj, key, list, [])
+    if len(raw) > limits.max_items:
+        raise MalformedRequest(f"at most {limits.max_items} entries in {key!r}")
+    for item in raw:
+        if not isinstance(item, list) or len(item) != width:
+            raise MalformedRequest(f"each entry of {key!r} must be an array of {width}")
+    return raw  # type: ignore[no-any-return]
+
+
+def _decode_result(item: list[Any], limits: Limits) -> Result:
+    seq, ok, data = item
+    if not isinstance(ok, bool):
+        raise MalformedRequest("a result's ok flag must be a boolean")
+    value = _unbody(data, f"result {seq!r}", limits)
+    if not ok and (not isinstance(value, dict) or not isinstance(value.get("code"), str)):
+        raise MalformedRequest("a failed result carries {\"code\": str, \"message\": str}")
+    return Result(_uint(seq, "result seq"), ok, value if ok else None, None if ok else value)
+
+
+def _request_id(value: Any) -> str:
+    return _name(value, "request id")
+
+
+def _decode_call(item: list[Any], limits: Limits) -> ProxyCall:
+    call_id, route, data = item
+    return ProxyCall(_request_id(call_id), _name(route, "route"),
+                     _unbody(data, f"request {call_id!r}", limits))
 
 
 def decode_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncRequest:
@@ -312,6 +428,11 @@ def decode_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncRequest:
         docs=_decode_docs(obj, limits),
         events=events,
         purged=_uint(obj.get("pg", 0), "purged"),
+        down_done=_uint(obj.get("dn", 0), "dn"),
+        results=tuple(_decode_result(i, limits) for i in _items(obj, "res", limits, 3)),
+        calls=tuple(_decode_call(i, limits) for i in _items(obj, "rq", limits, 3)),
+        outcomes_acked=tuple(_request_id(i) for i in _get(obj, "rqk", list, [])
+                             [:limits.max_items]),
     )
 
 
@@ -320,8 +441,32 @@ def encode_response(resp: SyncResponse) -> bytes:
     msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": "sync", "ack": resp.acked, "time": resp.time}
     if resp.docs:
         msg["docs"] = [_encode_doc(d) for d in resp.docs]
-    msg.update(resp.extra)
+    if resp.down:
+        msg["down"] = [[d.seq, DOWN_KINDS.index(d.kind), d.name, _body(d.body), d.expires]
+                       for d in resp.down]
+    if resp.down_done:
+        msg["dn"] = resp.down_done
+    if resp.accepted:
+        msg["rqa"] = list(resp.accepted)
+    if resp.outcomes:
+        msg["out"] = [[o.id, _body(dict(o.outcome))] for o in resp.outcomes]
     return _pack(msg)
+
+
+def _decode_down(item: list[Any], limits: Limits) -> DownItem:
+    seq, kind, name, data, expires = item
+    if kind not in (0, 1) or isinstance(kind, bool):
+        raise MalformedRequest(f"unknown downlink kind {kind!r}")
+    return DownItem(_uint(seq, "downlink seq"), DOWN_KINDS[kind], _name(name, "downlink name"),
+                    _unbody(data, f"downlink {seq!r}", limits), _uint(expires, "expires"))
+
+
+def _decode_outcome(item: list[Any], limits: Limits) -> Outcome:
+    call_id, data = item
+    outcome = _unbody(data, f"outcome {call_id!r}", limits)
+    if not isinstance(outcome, dict):
+        raise MalformedRequest("an outcome must be a map")
+    return Outcome(_request_id(call_id), outcome)
 
 
 def decode_response(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncResponse:
@@ -335,6 +480,10 @@ def decode_response(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncRespons
         docs=_decode_docs(obj, limits),
         acked=_uint(obj.get("ack", 0), "ack"),
         time=_uint(obj.get("time", 0), "time"),
+        down=tuple(_decode_down(i, limits) for i in _items(obj, "down", limits, 5)),
+        down_done=_uint(obj.get("dn", 0), "dn"),
+        accepted=tuple(_request_id(i) for i in _get(obj, "rqa", list, [])),
+        outcomes=tuple(_decode_outcome(i, limits) for i in _items(obj, "out", limits, 2)),
     )
 
 

@@ -15,6 +15,9 @@ EXPECTED = {
                   "the cloud changed config.unit", "ok: 5 readings arrived exactly once"],
     "gateway.py": ["gateway: 3 devices over one HTTP session", "gateway-2: the cloud set config",
                    "ok: 3 devices x 5 events arrived exactly once"],
+    "commands_and_requests.py": ["message 1 on 'config'", "command blink: blinked 3 time(s)",
+                                 "succeeded, result {'blinked': 3}", "request weather: 200",
+                                 "the API key never left the server"],
 }
 
 

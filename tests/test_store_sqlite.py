@@ -1,9 +1,20 @@
-"""SQLite-only behaviour of the store: persistence, schema versions, pragmas, lifecycle,
-and :func:`open_store` URL parsing. The shared contract is in ``test_store_contract.py``."""
+"""SQLite-only behaviour of the store: persistence, schema versions, migrations from old
+golden databases, pragmas, lifecycle, and :func:`open_store` URL parsing. The shared
+contract is in ``test_store_contract.py``.
+
+Golden databases live in ``tests/data/schema/server_v<n>.db``, one per released schema, each
+holding a device, an event and a document update written with that schema alone.
+:func:`write_v1_fixture` made ``server_v1.db``; it only ever runs ``MIGRATIONS[0]`` (which is
+never edited), so regenerating it with ``CRDTSYNC_REGEN_FIXTURES=1 pytest
+tests/test_store_sqlite.py`` yields the same content. Never regenerate it to make a failing
+migration test pass: the file stands for databases already in the field.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -12,15 +23,66 @@ import pytest
 
 from crdtsync.errors import ClosedError, StoreError
 from crdtsync.protocol import Event
+from crdtsync.sqlite_worker import statements, transaction
 from crdtsync_server.store import (
+    CommandResult,
     DeviceRecord,
     DocWrite,
     MemoryStore,
+    ProxyRequest,
     SQLiteStore,
     SyncWrite,
     open_store,
 )
-from crdtsync_server.store.sqlite import SCHEMA_VERSION
+from crdtsync_server.store.base import event_digest, event_json
+from crdtsync_server.store.sqlite import MIGRATIONS, SCHEMA_VERSION
+
+FIXTURES = Path(__file__).parent / "data" / "schema"
+REGEN = os.environ.get("CRDTSYNC_REGEN_FIXTURES") == "1"
+
+# What server_v1.db holds. The update is a frozen Yjs v1 update made with pycrdt 0.14.13:
+#   Doc(client_id=7): state["x"] = 1; state["y"] = "hi"
+V1_UPDATE = bytes.fromhex(
+    "0102070028010573746174650178017c3f80000028010573746174650179017702686900")
+V1_EVENT = Event(1, "temp", 1_700_000_000_000, {"c": 21.5, "tags": ["a"]})
+V1_DEVICE = DeviceRecord(
+    "dev-old", "hash-old", created=1_699_000_000_000, last_sync=1_700_000_000_500,
+    last_seq=1, meta={"site": "north"},
+)
+
+
+def write_v1_fixture(path: Path = FIXTURES / "server_v1.db") -> None:
+    """Write ``server_v1.db``: schema v1 only, one device, one event, one doc update."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        with transaction(conn):
+            for statement in statements(MIGRATIONS[0]):
+                conn.execute(statement)
+            conn.execute("PRAGMA user_version = 1")
+            d = V1_DEVICE
+            conn.execute(
+                "INSERT INTO devices (id, token_hash, created, last_sync, last_seq,"
+                " events_lost, meta) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (d.id, d.token_hash, d.created, d.last_sync, d.last_seq, d.events_lost,
+                 '{"site":"north"}'),
+            )
+            e = V1_EVENT
+            conn.execute(
+                "INSERT INTO events (device, seq, topic, time, received, body, digest)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (d.id, e.seq, e.topic, e.time, d.last_sync, event_json(e), event_digest(e)),
+            )
+            conn.execute("INSERT INTO docs (key, gen) VALUES ('state', 0)")
+            conn.execute(
+                "INSERT INTO updates (key, gen, data) VALUES ('state', 0, ?)", (V1_UPDATE,))
+        conn.execute("VACUUM")  # a compact single file, no journal left behind
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _regenerate_fixtures() -> None:
+    if REGEN:
+        write_v1_fixture()
 
 
 def _user_version(path: Path) -> int:
@@ -64,7 +126,63 @@ async def test_fresh_database_gets_current_schema(tmp_path: Path) -> None:
     assert _user_version(path) == SCHEMA_VERSION
     with closing(sqlite3.connect(path)) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"docs", "updates", "devices", "events", "settings"} <= tables
+    assert {"docs", "updates", "devices", "events", "settings", "downlink", "requests"} <= tables
+
+
+# --- migrations from golden databases ----------------------------------------------------
+
+
+def _dump(path: Path) -> tuple[int, list[str]]:
+    with closing(sqlite3.connect(path)) as conn:
+        return _user_version(path), list(conn.iterdump())
+
+
+def test_v1_fixture_is_what_the_v1_script_makes(tmp_path: Path) -> None:
+    # Content, not bytes: the file header records the SQLite version that wrote it.
+    write_v1_fixture(tmp_path / "v1.db")
+    assert _dump(FIXTURES / "server_v1.db") == _dump(tmp_path / "v1.db")
+
+
+async def test_v1_database_migrates_to_v2(tmp_path: Path) -> None:
+    path = tmp_path / "sync.db"
+    shutil.copyfile(FIXTURES / "server_v1.db", path)
+    assert _user_version(path) == 1
+    async with SQLiteStore(path) as store:
+        assert await store.get_device("dev-old") == V1_DEVICE  # down_seq = down_done = 0
+        assert [(e.cursor, e.device, e.seq, e.topic, e.time, e.received, e.body)
+                for e in await store.read_events()] == [
+            (1, "dev-old", 1, "temp", V1_EVENT.time, V1_DEVICE.last_sync, V1_EVENT.body)]
+        assert (await store.load_doc("state")).updates == ((1, V1_UPDATE),)
+
+        # The old event's digest still tells a replay from a conflict.
+        replay = await store.commit(SyncWrite(
+            "dev-old", time=1_700_000_001_000, docs=[DocWrite("state", b"u2")],
+            events=[V1_EVENT, Event(2, "temp", 1_700_000_000_900, {"c": 22})],
+        ))
+        assert (replay.stored, replay.last_seq, replay.update_ids) == (1, 2, (2,))
+
+        item = await store.queue_downlink("dev-old", "command", "reboot", {"delay": 5},
+                                          now=1_700_000_002_000, expires=None)
+        assert item.seq == 1
+        sent = await store.pending_downlink("dev-old", now=1_700_000_002_001, limit=10)
+        assert [(d.id, d.status) for d in sent] == [(item.id, "delivered")]
+        done = await store.commit(SyncWrite(
+            "dev-old", time=1_700_000_003_000, down_done=1,
+            results=[CommandResult(1, True, {"up": True})],
+            requests=[ProxyRequest("dev-old", "r1", "weather", {}, created=1)],
+        ))
+        assert (done.down_done, done.new_requests) == (1, ("r1",))
+        stored = await store.get_downlink(item.id)
+        assert stored is not None and (stored.status, stored.result) == ("succeeded", {"up": True})
+        device = await store.get_device("dev-old")
+        assert device is not None and (device.down_seq, device.down_done) == (1, 1)
+        assert (device.meta, device.last_seq) == ({"site": "north"}, 2)
+    assert _user_version(path) == 2 == SCHEMA_VERSION
+
+    with closing(sqlite3.connect(path)) as conn:
+        columns = {row[1]: row[4] for row in conn.execute("PRAGMA table_info(devices)")}
+    assert (columns["down_seq"], columns["down_done"]) == ("0", "0")
+    assert _user_version(FIXTURES / "server_v1.db") == 1  # the golden file was not touched
 
 
 async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:

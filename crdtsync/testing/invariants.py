@@ -19,6 +19,7 @@ Built-in invariants (each failure message starts with its name):
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,19 @@ class Model:
 
     keys: dict[tuple[str, str], KeyHistory] = field(default_factory=dict)
     events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    downlink: list[tuple[str, int, str, str]] = field(default_factory=list)
+    """(device, item id, kind, body id) of every message and command queued."""
+    handled: Counter[tuple[str, int]] = field(default_factory=Counter)
+    """Message handler runs per (device, seq)."""
+    ran: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Command handler runs per (device, body id)."""
+    rerun_allowed: Counter[str] = field(default_factory=Counter)
+    """Per device: crashes after a handler returned and before its record (a rerun is
+    allowed for messages)."""
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    """(device, request id) of every proxied request queued."""
+    performed: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Route calls per (device, request id)."""
 
     def wrote(self, device: str, key: str, value: Any, *, acknowledged: bool) -> None:
         """Record a write to ``key`` of ``device``'s state (``None`` deletes)."""
@@ -70,7 +84,7 @@ class Model:
 async def check_all(sim: Simulation) -> list[str]:
     failures: list[str] = []
     for check in (check_convergence, check_writes, check_events, check_outboxes,
-                  check_replay):
+                  check_replay, check_downlink, check_requests):
         failures += await check(sim)
     return failures
 
@@ -162,4 +176,54 @@ async def check_replay(sim: Simulation) -> list[str]:
             if replayed != crdt.to_json(live.doc):
                 failures.append(f"replay: server {server.index} {key} stored log replays to "
                                 f"{replayed}, live is {crdt.to_json(live.doc)}")
+    return failures
+
+
+def _live_store(sim: Simulation) -> Any:
+    server = next(s for s in sim.servers if s.services is not None)
+    assert server.services is not None
+    return server.services.store
+
+
+async def check_downlink(sim: Simulation) -> list[str]:
+    """Messages delivered (handled at least once, twice only after a crash between the
+    handler and its record); commands finished and run at most once."""
+    failures = []
+    store = _live_store(sim)
+    for device, item_id, kind, body_id in sim.model.downlink:
+        item = await store.get_downlink(item_id)
+        if kind == "message":
+            runs = sim.model.handled[(device, item.seq)]
+            if item.status != "delivered" or not 1 <= runs <= 1 + sim.model.rerun_allowed[device]:
+                failures.append(f"downlink: {device} message {item.seq} is {item.status}, "
+                                f"handled {runs} times")
+            continue
+        runs = sim.model.ran[(device, body_id)]
+        ok = (item.status == "succeeded" and runs == 1 and item.result == {"done": body_id}) or (
+            item.status == "failed" and runs <= 1
+            and (item.error or {}).get("code") == "interrupted")
+        if not ok:
+            failures.append(f"downlink: {device} command {item.seq} is {item.status} "
+                            f"({item.result or item.error}), ran {runs} times")
+    return failures
+
+
+async def check_requests(sim: Simulation) -> list[str]:
+    """Each proxied request performed at most once, its outcome stored by the device and
+    acknowledged to the cloud."""
+    failures = []
+    store = _live_store(sim)
+    by_device = {d.id: d for d in sim.devices}
+    for device, request_id in sim.model.requests:
+        performed = sim.model.performed[(device, request_id)]
+        stored = await store.get_request(device, request_id)
+        dev = by_device[device].device
+        local = await dev._store.get_call(request_id) if dev is not None else None
+        if performed > 1 or stored is None or stored.status != "acked":
+            failures.append(f"requests: {device} {request_id} performed {performed} times, "
+                            f"cloud status {stored.status if stored else None}")
+        elif local is None or local.outcome is None:
+            failures.append(f"requests: {device} {request_id} has no outcome on the device")
+        elif performed == 0 and (stored.outcome or {}).get("error") != "interrupted":
+            failures.append(f"requests: {device} {request_id} never performed, not interrupted")
     return failures

@@ -25,6 +25,8 @@ from typing import Any
 from crdtsync_server.app import ServerConfig, Services
 from crdtsync_server.auth import hash_token, new_token
 from crdtsync_server.documents import DocumentCache
+from crdtsync_server.proxy import ProxyRunner
+from crdtsync_server.routes import Outcome, Route, RouteExecutor, RouteTable
 from crdtsync_server.store import CommitResult, DeviceRecord, SQLiteStore, SyncWrite
 from crdtsync_server.sync import SyncService
 from crdtsync_server.sync_api import process_sync
@@ -32,6 +34,7 @@ from crdtsync_server.sync_api import process_sync
 from .. import crdt
 from ..device import Device
 from ..errors import CrdtsyncError, TransportError
+from ..inbox import Message
 from .faults import Crash, FaultPlan, Network
 from .invariants import Model, check_all
 
@@ -101,19 +104,41 @@ class SimServer:
         docs = DocumentCache(store, crdt.random_client_id(), capacity=self.sim.cache_docs,
                              compact_every=self.sim.compact_every)
         config = ServerConfig(db=str(self.sim.workdir / "cloud.db"), admin_token=ADMIN_TOKEN)
-        self.services = Services(config, store, docs, SyncService(store, docs),
-                                 hash_token(ADMIN_TOKEN))
+        routes = RouteTable([Route(ECHO_ROUTE, "http://127.0.0.1:9/echo")])
+        proxy = ProxyRunner(store, routes, SimExecutor(self.sim))
+        await proxy.recover()
+        self.services = Services(config, store, docs,
+                                 SyncService(store, docs, proxy, proxy_budget=5.0),
+                                 hash_token(ADMIN_TOKEN), routes, proxy)
 
     async def crash(self) -> None:
         """Lose everything in memory; the database keeps what was committed."""
         if self.services is not None:
             services, self.services = self.services, None
+            await services.proxy.aclose(grace=0)
             await services.store.aclose()
 
     async def handle(self, token: str, body: bytes) -> bytes:
         if self.services is None:
             raise TransportError("connection refused (server instance down)")
         return await process_sync(self.services, token, body)
+
+
+ECHO_ROUTE = "echo"
+
+
+class SimExecutor(RouteExecutor):
+    """Performs the simulation's one route in process (no HTTP) and counts every call, so
+    the invariants can check that each request ran at most once."""
+
+    def __init__(self, sim: Simulation) -> None:
+        super().__init__()
+        self.sim = sim
+
+    async def perform(self, route: Route, device_id: str, payload: Any) -> Outcome:
+        key = (device_id, str(payload.get("id")) if isinstance(payload, dict) else "")
+        self.sim.model.performed[key] += 1
+        return Outcome(True, 200, {"echo": payload}, None, "", 1)
 
 
 class CrashingStore(SQLiteStore):
@@ -151,14 +176,28 @@ class SimDevice:
                      durability="OFF", compact_every=self.sim.compact_every)
         await dev.start()
         store = dev._store
-        for name in ("ack", "set_meta", "push_event", "renumber"):
+        for name in ("ack", "set_meta", "push_event", "renumber", "finish_down"):
             setattr(store, name, self._crash_point(getattr(store, name), name))
+        dev.on("*")(self._on_message)
+        dev.command("work")(self._on_command)
         self.device = dev
+
+    def _on_message(self, message: Message) -> None:
+        self.sim.model.handled[(self.id, message.seq)] += 1
+
+    def _on_command(self, params: Any) -> Any:
+        self.sim.model.ran[(self.id, params["id"])] += 1
+        return {"done": params["id"]}
 
     def _crash_point(self, method: Callable[..., Awaitable[Any]], name: str
                      ) -> Callable[..., Awaitable[Any]]:
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            self.sim.maybe_crash_device(self, f"before {name}")
+            try:
+                self.sim.maybe_crash_device(self, f"before {name}")
+            except Crash:
+                if name == "finish_down":  # the handler ran; the record of it is lost
+                    self.sim.model.rerun_allowed[self.id] += 1
+                raise
             return await method(*args, **kwargs)
         return wrapper
 
@@ -344,6 +383,9 @@ class Simulation:
             ("cloud_write", self.op_cloud_write, 2.0),
             ("emit", self.op_emit, 3.0),
             ("sync", self.op_sync, 4.0),
+            ("cloud_message", self.op_cloud_message, 0.7),
+            ("cloud_command", self.op_cloud_command, 0.7),
+            ("device_request", self.op_device_request, 0.7),
         ]
         ops += [(name, self._user_op(op), weight) for name, op, weight in self._device_ops]
         name, op, _ = self.rng.choices(ops, weights=[w for _, _, w in ops])[0]
@@ -435,6 +477,34 @@ class Simulation:
             await server.crash()
             return
         self.model.wrote(device.id, key, value, acknowledged=True)
+
+    async def op_cloud_message(self) -> None:
+        """The cloud queues a message for a random device (through a live instance)."""
+        await self._queue_down("message", "note", {"id": self.unique("m")})
+
+    async def op_cloud_command(self) -> None:
+        """The cloud sends the command ``work`` to a random device."""
+        await self._queue_down("command", "work", {"id": self.unique("c")})
+
+    async def _queue_down(self, kind: str, name: str, body: dict[str, Any]) -> None:
+        server = self.pick_server()
+        if server.services is None:
+            return
+        device = self.rng.choice(self.devices)
+        item = await server.services.store.queue_downlink(device.id, kind, name, body,
+                                                          self.now_ms(), None)
+        self.model.downlink.append((device.id, item.id, kind, body["id"]))
+
+    async def op_device_request(self) -> None:
+        """The device queues a proxied request (it will not wait for it here)."""
+        device = self._live_device()
+        if device is None or device.device is None:
+            return
+        request_id = self.unique("r")
+        await self._guard(device, device.device.queue_request(
+            ECHO_ROUTE, {"id": request_id}, request_id=request_id))
+        if device.device is not None and request_id in await device.device.pending_requests():
+            self.model.requests.append((device.id, request_id))
 
     async def op_emit(self) -> None:
         device = self._live_device()

@@ -8,8 +8,11 @@ HTTP status of its class (crdtsync.errors).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,6 +35,8 @@ from crdtsync.protocol import DEFAULT_LIMITS, MEDIA_TYPE, SYNC_PATH, Limits, enc
 
 from .auth import admin_token_hash
 from .documents import DocumentCache
+from .proxy import ProxyRunner, load_route_table
+from .routes import RouteExecutor, RouteTable
 from .store import Store, open_store
 from .sync import SyncService
 
@@ -54,6 +59,18 @@ class ServerConfig:
     compact_every: int = 500
     on_admin_token: Callable[[str], None] | None = None
     """Called once with a newly created admin token (the CLI prints it)."""
+    routes_file: str | None = None
+    """JSON file of proxied-request routes (``{"routes": {alias: {...}}}``); its routes
+    override routes set through the API with the same alias."""
+    proxy_budget: float = 1.0
+    """Seconds a sync waits for the proxied requests it brought (answer in the same round)."""
+    proxy_grace: float = 5.0
+    """At shutdown, seconds running proxied requests may finish before being interrupted."""
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    """Finished messages, commands and acknowledged requests are purged this long after
+    they finished."""
+    purge_every: float = 3600.0
+    """Seconds between purges."""
 
 
 @dataclass(slots=True)
@@ -65,6 +82,8 @@ class Services:
     docs: DocumentCache
     sync: SyncService
     admin_hash: str
+    routes: RouteTable
+    proxy: ProxyRunner
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -73,30 +92,61 @@ SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
 def create_app(config: ServerConfig, store: Store | None = None) -> web.Application:
     """Build the server app. ``store`` overrides ``config.db`` (tests, simulations)."""
     from .admin_api import routes as admin_routes
+    from .downlink_api import routes as downlink_routes
     from .sync_api import routes as sync_routes
 
     app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware],
                           handler_args={"auto_decompress": False})
     app.add_routes(sync_routes)
     app.add_routes(admin_routes)
+    app.add_routes(downlink_routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         backend = store if store is not None else open_store(config.db)
         await backend.open()
+        executor = RouteExecutor()
+        proxy: ProxyRunner | None = None
         try:
             admin_hash, created = await admin_token_hash(backend, config.admin_token)
             if created and config.on_admin_token:
                 config.on_admin_token(created)
             docs = DocumentCache(backend, crdt.random_client_id(), capacity=config.cache_docs,
                                  compact_every=config.compact_every)
-            app[SERVICES] = Services(config, backend, docs, SyncService(backend, docs),
-                                     admin_hash)
-            yield
+            table = await load_route_table(backend, config.routes_file)
+            await executor.start()
+            proxy = ProxyRunner(backend, table, executor)
+            await proxy.recover()
+            sync = SyncService(backend, docs, proxy, proxy_budget=config.proxy_budget,
+                               max_items=config.limits.max_items)
+            app[SERVICES] = Services(config, backend, docs, sync, admin_hash, table, proxy)
+            purger = asyncio.create_task(purge_loop(backend, config), name="crdtsync-purge")
+            try:
+                yield
+            finally:
+                purger.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purger
         finally:
+            if proxy is not None:
+                await proxy.aclose(config.proxy_grace)
+            await executor.aclose()
             await backend.aclose()
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+async def purge_loop(store: Store, config: ServerConfig) -> None:
+    """Purge finished downlink items and acknowledged requests older than the retention,
+    every ``purge_every`` seconds; a failure is logged and retried next time."""
+    while True:
+        try:
+            gone = await store.purge_finished(int(time.time() * 1000) - config.retention_ms)
+            if gone:
+                log.info("purged %d finished messages, commands and requests", gone)
+        except CrdtsyncError as exc:
+            log.error("purge failed: %s", exc.message)
+        await asyncio.sleep(config.purge_every)
 
 
 def error_response(request: web.Request, error: CrdtsyncError) -> web.Response:

@@ -16,10 +16,12 @@ from typing import Any
 
 from crdtsync import crdt
 from crdtsync.errors import GenerationMismatch, NotFound, UnknownDocument
-from crdtsync.protocol import DocSync, SyncRequest, SyncResponse
+from crdtsync.protocol import DocSync, DownItem, Outcome, SyncRequest, SyncResponse
 
 from .documents import DocumentCache, LiveDoc
+from .proxy import ProxyRunner
 from .store import DeviceRecord, DocWrite, Store, SyncWrite
+from .store.base import CommandResult, ProxyRequest
 
 DEVICE_DOCS = frozenset({"state"})
 """Documents a device syncs. A shared read-only fleet document joins later."""
@@ -39,9 +41,14 @@ def now_ms() -> int:
 class SyncService:
     """Applies sync requests and cloud writes; the HTTP layer only authenticates and codes."""
 
-    def __init__(self, store: Store, docs: DocumentCache) -> None:
+    def __init__(self, store: Store, docs: DocumentCache, proxy: ProxyRunner | None = None,
+                 *, proxy_budget: float = 1.0, max_items: int = 100) -> None:
         self.store = store
         self.docs = docs
+        self.proxy = proxy
+        self.proxy_budget = proxy_budget
+        """Seconds a sync waits for the requests it brought, to answer with their outcome."""
+        self.max_items = max_items
 
     async def sync(self, device: DeviceRecord, request: SyncRequest) -> SyncResponse:
         """Run one sync for an authenticated ``device``; raises a typed error with nothing
@@ -55,24 +62,51 @@ class SyncService:
             try:
                 writes = [self._apply(live, part) for live, part in zip(lives, request.docs,
                                                                         strict=True)]
-                result = await self.store.commit(SyncWrite(
-                    device=device.id, time=now_ms(),
-                    docs=[w for w in writes if w.update], events=request.events,
-                    purged=request.purged,
-                ))
+                result = await self.store.commit(self._write(device, request, writes))
             except BaseException:
                 for live in lives:
                     self.docs.evict(live.key)
                 raise
             self._committed(lives, writes, result.update_ids)
+            if request.calls and self.proxy is not None:
+                # All of them, not only the new ones: a request stored by a commit whose
+                # process died before claiming it is still pending, and is claimed now.
+                await self.proxy.run(device.id, [c.id for c in request.calls],
+                                     self.proxy_budget)
             response = SyncResponse(
                 docs=tuple(self._answer(live, part) for live, part in zip(lives, request.docs,
                                                                           strict=True)),
                 acked=result.last_seq, time=now_ms(),
+                down=await self._downlink(device, result.down_done),
+                down_done=result.down_done,
+                accepted=tuple(call.id for call in request.calls),
+                outcomes=tuple(Outcome(r.id, r.outcome or {}) for r in
+                               await self.store.undelivered_outcomes(device.id,
+                                                                     self.max_items)),
             )
             for live in lives:
                 await self.docs.maybe_compact(live)
         return response
+
+    @staticmethod
+    def _write(device: DeviceRecord, request: SyncRequest, writes: list[DocWrite]) -> SyncWrite:
+        now = now_ms()
+        return SyncWrite(
+            device=device.id, time=now, docs=[w for w in writes if w.update],
+            events=request.events, purged=request.purged, down_done=request.down_done,
+            results=[CommandResult(r.seq, r.ok, r.value, r.error) for r in request.results],
+            requests=[ProxyRequest(device.id, c.id, c.route, c.body, now)
+                      for c in request.calls],
+            outcomes_acked=request.outcomes_acked,
+        )
+
+    async def _downlink(self, device: DeviceRecord, down_done: int) -> tuple[DownItem, ...]:
+        """Messages and commands to send: only looked up when the device has any (as of
+        this request's start; an item queued meanwhile rides on the next sync)."""
+        if device.down_seq <= down_done:
+            return ()
+        items = await self.store.pending_downlink(device.id, now_ms(), self.max_items)
+        return tuple(DownItem(i.seq, i.kind, i.name, i.body, i.expires or 0) for i in items)
 
     @staticmethod
     def _apply(live: LiveDoc, part: DocSync) -> DocWrite:

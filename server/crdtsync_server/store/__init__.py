@@ -7,10 +7,16 @@
 from __future__ import annotations
 
 from .base import (
+    DOWNLINK_KINDS,
+    DOWNLINK_STATUSES,
+    REQUEST_STATUSES,
+    CommandResult,
     CommitResult,
     DeviceRecord,
     DocLog,
     DocWrite,
+    Downlink,
+    ProxyRequest,
     Store,
     StoredEvent,
     SyncWrite,
@@ -20,11 +26,17 @@ from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
 __all__ = [
+    "DOWNLINK_KINDS",
+    "DOWNLINK_STATUSES",
+    "REQUEST_STATUSES",
+    "CommandResult",
     "CommitResult",
     "DeviceRecord",
     "DocLog",
     "DocWrite",
+    "Downlink",
     "MemoryStore",
+    "ProxyRequest",
     "SQLiteStore",
     "Store",
     "StoredEvent",

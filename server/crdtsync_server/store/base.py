@@ -52,6 +52,10 @@ class DeviceRecord:
     last_seq: int = 0
     events_lost: int = 0
     meta: Mapping[str, Any] = field(default_factory=dict)
+    down_seq: int = 0
+    """Highest downlink seq given to this device."""
+    down_done: int = 0
+    """Highest downlink seq the device processed (acknowledged)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,77 @@ class SyncWrite:
     docs: Sequence[DocWrite] = ()
     events: Sequence[Event] = ()
     purged: int = 0
+    down_done: int = 0
+    """The device processed its downlink up to this seq (messages handled, commands run)."""
+    results: Sequence[CommandResult] = ()
+    """Results of commands with seq <= ``down_done``; stored unless already stored."""
+    requests: Sequence[ProxyRequest] = ()
+    """New proxied requests; a known ``(device, id)`` is ignored (at most once)."""
+    outcomes_acked: Sequence[str] = ()
+    """Request ids whose outcome the device stored: marked ``acked``."""
+
+
+DOWNLINK_KINDS = ("message", "command")
+FINISHED_DOWNLINK = ("delivered", "succeeded", "failed", "expired")
+DOWNLINK_STATUSES = ("queued", "delivered", "succeeded", "failed", "expired")
+REQUEST_STATUSES = ("pending", "running", "done", "acked")
+
+
+@dataclass(frozen=True, slots=True)
+class Downlink:
+    """A cloud-to-device item: a queued ``message`` (``name`` is its topic) or a ``command``
+    (``name`` is the method, ``body`` its params). ``seq`` orders a device's downlink
+    (1, 2, 3, ...). ``expires`` (ms) is a message's time-to-live or a command's deadline.
+
+    Status: ``queued`` (not yet sent) -> ``delivered`` (sent to the device; for a message:
+    handled and acknowledged by it) -> ``succeeded`` / ``failed`` (commands: the device's
+    result) ; ``expired`` when ``expires`` passed while still queued."""
+
+    id: int
+    device: str
+    seq: int
+    kind: str
+    name: str
+    body: Any
+    created: int
+    expires: int | None = None
+    status: str = "queued"
+    result: Any = None
+    error: Mapping[str, Any] | None = None
+    updated: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "device": self.device, "seq": self.seq, "kind": self.kind,
+                "name": self.name, "body": self.body, "created": self.created,
+                "expires": self.expires, "status": self.status, "result": self.result,
+                "error": dict(self.error) if self.error is not None else None,
+                "updated": self.updated}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """A device's result for command ``seq``: ``ok`` with ``value``, or an error
+    ``{"code", "message"}``."""
+
+    seq: int
+    ok: bool
+    value: Any = None
+    error: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRequest:
+    """A device's request for the cloud to call route ``route`` with ``body``; ``id`` is
+    chosen by the device and unique per device. ``outcome`` is the route's result (JSON)."""
+
+    device: str
+    id: str
+    route: str
+    body: Any
+    created: int
+    status: str = "pending"
+    outcome: Mapping[str, Any] | None = None
+    updated: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +186,10 @@ class CommitResult:
     update_ids: tuple[int, ...] = ()
     last_seq: int = 0
     stored: int = 0
+    down_done: int = 0
+    """The device's processed downlink seq as stored after the commit."""
+    new_requests: tuple[str, ...] = ()
+    """Ids of the proxied requests this commit stored for the first time."""
 
 
 class Store(Protocol):
@@ -138,6 +217,48 @@ class Store(Protocol):
         """Append doc updates, store new events (deduplicated by ``(device, seq)``) and update
         the device's bookkeeping, atomically. Raises :class:`SeqGap` / :class:`SeqConflict`
         (see :func:`plan_events`) with nothing written."""
+
+    # downlink: messages and commands to a device
+    async def queue_downlink(self, device: str, kind: str, name: str, body: Any, now: int,
+                             expires: int | None) -> Downlink:
+        """Append an item to the device's downlink with the next seq; ``NotFound`` if the
+        device does not exist."""
+
+    async def get_downlink(self, item_id: int) -> Downlink | None:
+        """One item by id, or ``None``."""
+
+    async def list_downlink(self, device: str, kind: str | None = None, after: int = 0,
+                            limit: int = 100) -> list[Downlink]:
+        """The device's items with seq > ``after`` in seq order, optionally of one kind."""
+
+    async def pending_downlink(self, device: str, now: int, limit: int) -> list[Downlink]:
+        """Items to send to the device: seq above its ``down_done``, not expired, in seq
+        order. Marks queued items whose ``expires`` passed ``expired`` (not returned) and
+        the returned queued items ``delivered`` (commands) in the same transaction."""
+
+    # proxied requests
+    async def claim_request(self, device: str, request_id: str, now: int) -> ProxyRequest | None:
+        """Move a ``pending`` request to ``running`` and return it; ``None`` if it is not
+        pending (already claimed by another worker or finished): at most once."""
+
+    async def finish_request(self, device: str, request_id: str, outcome: Mapping[str, Any],
+                             now: int) -> None:
+        """Store the outcome of a running request (status ``done``)."""
+
+    async def get_request(self, device: str, request_id: str) -> ProxyRequest | None:
+        """One request, or ``None``."""
+
+    async def undelivered_outcomes(self, device: str, limit: int) -> list[ProxyRequest]:
+        """``done`` requests of the device (outcome not yet acknowledged), oldest first."""
+
+    async def interrupt_running(self, outcome: Mapping[str, Any], now: int) -> int:
+        """At start: requests left ``running`` by a dead process are finished with
+        ``outcome`` (never run twice); returns how many."""
+
+    async def purge_finished(self, before: int) -> int:
+        """Delete downlink items that are finished (``delivered``, ``succeeded``,
+        ``failed``, ``expired``) and requests that are ``acked``, last updated before
+        ``before`` (ms); returns how many rows went."""
 
     # devices
     async def add_device(self, device: DeviceRecord) -> None:
@@ -216,3 +337,43 @@ def plan_events(
             )
         lost = new[0].seq - 1 - last_seq
     return EventPlan(tuple(new), lost)
+
+
+# --- rules every backend applies alike ---------------------------------------------------------
+
+def check_kind(kind: str) -> None:
+    """Raise ``ValueError`` unless ``kind`` is one of ``DOWNLINK_KINDS``."""
+    if kind not in DOWNLINK_KINDS:
+        raise ValueError(f"downlink kind must be one of {DOWNLINK_KINDS}, not {kind!r}")
+
+
+def check_write(write: SyncWrite) -> None:
+    """Raise ``ValueError`` for a write no backend may store: device parts (events, downlink
+    progress, results, requests, outcome acknowledgements) without a device, or a request
+    on behalf of another device."""
+    if write.device is None and (write.events or write.down_done or write.results
+                                 or write.requests or write.outcomes_acked):
+        raise ValueError("a write without a device cannot carry events, downlink"
+                         " acknowledgements, results or requests")
+    for request in write.requests:
+        if request.device != write.device:
+            raise ValueError(f"request {request.id!r} belongs to device {request.device!r},"
+                             f" not {write.device!r}")
+
+
+def json_text(value: Any) -> str:
+    """``value`` as the compact JSON text stored in a JSON column."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def result_columns(r: CommandResult) -> tuple[str, str | None, str | None]:
+    """``(status, result, error)`` as stored for a command result."""
+    if r.ok:
+        return "succeeded", json_text(r.value), None
+    return "failed", None, None if r.error is None else json_text(dict(r.error))
+
+
+def check_limit(limit: int) -> None:
+    """Raise ``ValueError`` for a negative page size (SQLite would read it as no limit)."""
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")

@@ -3,8 +3,10 @@
 It keeps the same contract as the SQLite store (the contract suite runs against both):
 monotonic update ids and event cursors that are never reused, compaction by id range,
 ``(device, seq)`` deduplication through :func:`plan_events`, and all-or-nothing commits.
-Event bodies and device metadata go through JSON on the way in and out, exactly as they do
-in a database, so a test cannot pass here and fail on SQLite because of a shared object.
+Event bodies, device metadata, downlink bodies and results, and request bodies and outcomes
+go through JSON on the way in and out, exactly as they do in a database, so a test cannot
+pass here and fail on SQLite because of a shared object. The downlink and request rules are
+those of :mod:`crdtsync_server.store.sqlite` (its module docstring spells them out).
 
 Every method runs synchronously between two awaits, so each one is atomic on its event loop.
 Nothing survives :meth:`MemoryStore.aclose`. Unlike a database store, a ``MemoryStore`` may
@@ -16,22 +18,32 @@ from __future__ import annotations
 import dataclasses
 import json
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from crdtsync.errors import AlreadyExists, ClosedError, NotFound
 
 from .base import (
+    FINISHED_DOWNLINK,
+    CommandResult,
     CommitResult,
     DeviceRecord,
     DocLog,
     DocWrite,
+    Downlink,
     EventPlan,
+    ProxyRequest,
     StoredEvent,
     SyncWrite,
+    check_kind,
+    check_limit,
+    check_write,
     event_digest,
     event_json,
+    json_text,
     plan_events,
+    result_columns,
 )
 
 __all__ = ["MemoryStore"]
@@ -62,6 +74,59 @@ class _Event:
         )
 
 
+@dataclass(slots=True)
+class _Item:
+    """A downlink row; JSON columns are kept as text, as a database keeps them."""
+
+    id: int
+    device: str
+    seq: int
+    kind: str
+    name: str
+    body: str
+    created: int
+    expires: int | None
+    updated: int
+    status: str = "queued"
+    result: str | None = None
+    error: str | None = None
+
+    def record(self) -> Downlink:
+        return Downlink(
+            id=self.id, device=self.device, seq=self.seq, kind=self.kind, name=self.name,
+            body=json.loads(self.body), created=self.created, expires=self.expires,
+            status=self.status, result=_loads(self.result), error=_loads(self.error),
+            updated=self.updated,
+        )
+
+    def set_status(self, status: str, now: int) -> None:
+        self.status, self.updated = status, now
+
+
+@dataclass(slots=True)
+class _Request:
+    device: str
+    id: str
+    route: str
+    body: str
+    created: int
+    updated: int
+    status: str = "pending"
+    outcome: str | None = None
+
+    def record(self) -> ProxyRequest:
+        return ProxyRequest(
+            device=self.device, id=self.id, route=self.route, body=json.loads(self.body),
+            created=self.created, status=self.status, outcome=_loads(self.outcome),
+            updated=self.updated,
+        )
+
+    def set_status(self, status: str, now: int, outcome: str | None = None) -> None:
+        self.status, self.updated = status, now
+        if outcome is not None:
+            self.outcome = outcome
+
+
 def _copy_device(device: DeviceRecord) -> DeviceRecord:
     return dataclasses.replace(device, meta=json.loads(json.dumps(dict(device.meta))))
 
@@ -77,6 +142,9 @@ class MemoryStore:
         self._events: list[_Event] = []  # cursor order
         self._digests: dict[tuple[str, int], bytes] = {}
         self._settings: dict[str, str] = {}
+        self._items: dict[int, _Item] = {}
+        self._downlink: dict[str, dict[int, _Item]] = {}  # device -> seq -> item, seq order
+        self._requests: dict[tuple[str, str], _Request] = {}
 
     async def __aenter__(self) -> MemoryStore:
         await self.open()
@@ -101,6 +169,9 @@ class MemoryStore:
         self._events.clear()
         self._digests.clear()
         self._settings.clear()
+        self._items.clear()
+        self._downlink.clear()
+        self._requests.clear()
 
     # documents
 
@@ -140,20 +211,33 @@ class MemoryStore:
 
         Raises :class:`NotFound` for an unknown device and :class:`SeqGap` /
         :class:`SeqConflict` from :func:`plan_events`, in every case with nothing written;
-        ``ValueError`` for events without a device."""
+        ``ValueError`` for device parts without a device, or a request whose ``device`` is
+        not the write's."""
         self._check_open()
+        check_write(write)
         if write.device is None:
-            if write.events:
-                raise ValueError("a write without a device cannot carry events")
             return CommitResult(update_ids=self._append_updates(write.docs))
-        device = self._devices.get(write.device)
-        if device is None:
-            raise NotFound(f"device {write.device!r} does not exist", {"device": write.device})
+        device = self._require_device(write.device)
         plan = self._plan(device, write)
+        results = [(r, *result_columns(r)) for r in write.results]
+        bodies = [json_text(r.body) for r in write.requests]
         # Everything that can fail has been checked: from here on the commit cannot half-apply.
         update_ids = self._append_updates(write.docs)
         device = self._store_events(device, write.time, plan)
-        return CommitResult(update_ids, device.last_seq, len(plan.new))
+        down_done = self._ack_downlink(device, write, results)
+        new_requests = self._insert_requests(device.id, write, bodies)
+        for request_id in write.outcomes_acked:
+            request = self._requests.get((device.id, request_id))
+            if request is not None and request.status == "done":
+                request.set_status("acked", write.time)
+        self._devices[device.id] = dataclasses.replace(device, down_done=down_done)
+        return CommitResult(update_ids, device.last_seq, len(plan.new), down_done, new_requests)
+
+    def _require_device(self, device_id: str) -> DeviceRecord:
+        device = self._devices.get(device_id)
+        if device is None:
+            raise NotFound(f"device {device_id!r} does not exist", {"device": device_id})
+        return device
 
     def _plan(self, device: DeviceRecord, write: SyncWrite) -> EventPlan:
         stored = {
@@ -187,6 +271,153 @@ class MemoryStore:
         self._devices[device.id] = updated
         return updated
 
+    def _ack_downlink(
+        self, device: DeviceRecord, write: SyncWrite,
+        results: Sequence[tuple[CommandResult, str, str | None, str | None]],
+    ) -> int:
+        done = max(device.down_done, min(write.down_done, device.down_seq))
+        items = self._downlink.get(device.id, {})
+        if done > device.down_done:
+            for item in items.values():
+                if item.seq > done:
+                    break
+                if item.kind == "message" and item.status == "queued":
+                    item.set_status("delivered", write.time)
+        for r, status, result, error in results:
+            command = items.get(r.seq)
+            if (r.seq <= done and command is not None and command.kind == "command"
+                    and command.status in ("queued", "delivered")):
+                command.set_status(status, write.time)
+                command.result, command.error = result, error
+        return done
+
+    def _insert_requests(self, device: str, write: SyncWrite, bodies: Sequence[str]
+                         ) -> tuple[str, ...]:
+        new: list[str] = []
+        for r, body in zip(write.requests, bodies, strict=True):
+            if (device, r.id) not in self._requests:
+                self._requests[(device, r.id)] = _Request(
+                    device, r.id, r.route, body, r.created, updated=write.time)
+                new.append(r.id)
+        return tuple(new)
+
+    # downlink
+
+    async def queue_downlink(self, device: str, kind: str, name: str, body: Any, now: int,
+                             expires: int | None) -> Downlink:
+        """Append an item with the device's next seq (see ``Store.queue_downlink``).
+
+        Raises ``ValueError`` for a kind not in ``DOWNLINK_KINDS``, ``TypeError`` for a body
+        that is not JSON, :class:`NotFound` for an unknown device; nothing is written then."""
+        self._check_open()
+        check_kind(kind)
+        body_json = json_text(body)
+        record = self._require_device(device)
+        seq = record.down_seq + 1
+        self._devices[device] = dataclasses.replace(record, down_seq=seq)
+        item = _Item(len(self._items) + 1, device, seq, kind, name, body_json, now, expires, now)
+        self._items[item.id] = item
+        self._downlink.setdefault(device, {})[seq] = item
+        return item.record()
+
+    async def get_downlink(self, item_id: int) -> Downlink | None:
+        """One item by id, or ``None``."""
+        self._check_open()
+        item = self._items.get(item_id)
+        return None if item is None else item.record()
+
+    async def list_downlink(self, device: str, kind: str | None = None, after: int = 0,
+                            limit: int = 100) -> list[Downlink]:
+        """The device's items with seq > ``after`` in seq order, at most ``limit`` (>= 0),
+        optionally of one ``kind`` (``ValueError`` if unknown); empty for an unknown device."""
+        self._check_open()
+        if kind is not None:
+            check_kind(kind)
+        check_limit(limit)
+        items = [i for i in self._downlink.get(device, {}).values()
+                 if i.seq > after and (kind is None or i.kind == kind)]
+        return [i.record() for i in items[:limit]]
+
+    async def pending_downlink(self, device: str, now: int, limit: int) -> list[Downlink]:
+        """Up to ``limit`` items to send, in seq order, as stored after this call (see
+        :mod:`crdtsync_server.store.sqlite`). :class:`NotFound` for an unknown device."""
+        self._check_open()
+        check_limit(limit)
+        record = self._require_device(device)
+        picked: list[Downlink] = []
+        for item in self._downlink.get(device, {}).values():
+            if len(picked) >= limit:
+                break
+            if item.seq <= record.down_done or item.status not in ("queued", "delivered"):
+                continue
+            if item.status == "queued" and item.expires is not None and item.expires <= now:
+                item.set_status("expired", now)
+                continue
+            if item.kind == "command" and item.status == "queued":
+                item.set_status("delivered", now)
+            picked.append(item.record())
+        return picked
+
+    # proxied requests
+
+    async def claim_request(self, device: str, request_id: str, now: int) -> ProxyRequest | None:
+        """``pending`` -> ``running``; ``None`` unless this call moved it."""
+        self._check_open()
+        request = self._requests.get((device, request_id))
+        if request is None or request.status != "pending":
+            return None
+        request.set_status("running", now)
+        return request.record()
+
+    async def finish_request(self, device: str, request_id: str, outcome: Mapping[str, Any],
+                             now: int) -> None:
+        """``running`` -> ``done`` with ``outcome``; does nothing if the request is not
+        running (unknown, never claimed, or already finished: the first outcome stays)."""
+        self._check_open()
+        outcome_json = json_text(dict(outcome))
+        request = self._requests.get((device, request_id))
+        if request is not None and request.status == "running":
+            request.set_status("done", now, outcome_json)
+
+    async def get_request(self, device: str, request_id: str) -> ProxyRequest | None:
+        """One request, or ``None``."""
+        self._check_open()
+        request = self._requests.get((device, request_id))
+        return None if request is None else request.record()
+
+    async def undelivered_outcomes(self, device: str, limit: int) -> list[ProxyRequest]:
+        """``done`` requests of the device by ``updated`` then id, at most ``limit``."""
+        self._check_open()
+        check_limit(limit)
+        done = sorted((r for r in self._requests.values()
+                       if r.device == device and r.status == "done"),
+                      key=lambda r: (r.updated, r.id))
+        return [r.record() for r in done[:limit]]
+
+    async def interrupt_running(self, outcome: Mapping[str, Any], now: int) -> int:
+        """Finish every ``running`` request with ``outcome``; returns how many."""
+        self._check_open()
+        outcome_json = json_text(dict(outcome))
+        running = [r for r in self._requests.values() if r.status == "running"]
+        for request in running:
+            request.set_status("done", now, outcome_json)
+        return len(running)
+
+    async def purge_finished(self, before: int) -> int:
+        """Delete finished downlink items and acknowledged requests older than ``before``."""
+        self._check_open()
+        gone = 0
+        for items in self._downlink.values():
+            for seq in [s for s, i in items.items()
+                        if i.status in FINISHED_DOWNLINK and i.updated < before]:
+                del self._items[items.pop(seq).id]
+                gone += 1
+        for key in [k for k, r in self._requests.items()
+                    if r.status == "acked" and r.updated < before]:
+            del self._requests[key]
+            gone += 1
+        return gone
+
     # devices
 
     async def add_device(self, device: DeviceRecord) -> None:
@@ -205,7 +436,7 @@ class MemoryStore:
     async def list_devices(self, after: str = "", limit: int = 100) -> list[DeviceRecord]:
         """Devices with id > ``after`` in id order, at most ``limit`` (>= 0)."""
         self._check_open()
-        _check_limit(limit)
+        check_limit(limit)
         ids = sorted(i for i in self._devices if i > after)[:limit]
         return [_copy_device(self._devices[i]) for i in ids]
 
@@ -217,7 +448,7 @@ class MemoryStore:
     ) -> list[StoredEvent]:
         """Events with cursor > ``after`` in cursor order, at most ``limit`` (>= 0)."""
         self._check_open()
-        _check_limit(limit)
+        check_limit(limit)
         found: list[StoredEvent] = []
         start = bisect_right(self._events, after, key=lambda e: e.cursor)
         for e in self._events[start:]:
@@ -240,7 +471,13 @@ class MemoryStore:
         self._settings[key] = value
 
 
-def _check_limit(limit: int) -> None:
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0, not {limit}")
+
+
+
+
+
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
 

@@ -16,6 +16,24 @@ Schema: ``PRAGMA user_version`` is the number of :data:`MIGRATIONS` applied. Ope
 the missing ones, each in its own transaction. A database from a newer crdtsync raises
 :class:`StoreError` and is left exactly as it was; it is never moved aside.
 
+Downlink and proxied requests (the memory store keeps the same rules):
+
+- ``queue_downlink`` takes the device's next ``down_seq``, so seqs are 1, 2, 3, ... per device.
+- ``pending_downlink`` walks the items above the device's ``down_done`` that are ``queued`` or
+  ``delivered``, in seq order: a queued one whose ``expires`` has passed becomes ``expired``
+  and is skipped (it never blocks the items behind it); the others are returned, a queued
+  command becoming ``delivered``. A message stays ``queued`` until the device acknowledges it.
+- The device acknowledges cumulatively: ``SyncWrite.down_done`` is the highest seq it
+  processed. Expired seqs below it were never sent and count as done. ``commit`` clamps it to
+  ``down_seq`` (nothing above was ever sent), never moves it back, marks the queued messages
+  it covers ``delivered``, and stores a result only for a command it covers that is still
+  ``queued`` or ``delivered`` (a replayed result, or one for a message, is ignored). A failed
+  result stores its ``error`` and no ``result``; a succeeded one the reverse.
+- Requests: ``commit`` inserts each unknown ``(device, id)`` as ``pending`` (a replay is a
+  no-op) and reports the new ids; ``claim_request`` moves pending -> running at most once;
+  ``finish_request`` running -> done, and does nothing for a request that is not running;
+  ``outcomes_acked`` moves done -> acked.
+
 Errors: ``sqlite3`` exceptions become :class:`StoreError` (``raise ... from``); the
 crdtsync errors of the contract (``NotFound``, ``AlreadyExists``, ``SeqGap``,
 ``SeqConflict``) pass through unchanged.
@@ -23,26 +41,36 @@ crdtsync errors of the contract (``NotFound``, ``AlreadyExists``, ``SeqGap``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from typing import Any, TypeVar
 
 from crdtsync.errors import AlreadyExists, NotFound
 from crdtsync.sqlite_worker import SQLiteWorker, pragmas, transaction
 
 from .base import (
+    FINISHED_DOWNLINK,
     CommitResult,
     DeviceRecord,
     DocLog,
     DocWrite,
+    Downlink,
     EventPlan,
+    ProxyRequest,
     StoredEvent,
     SyncWrite,
+    check_kind,
+    check_limit,
+    check_write,
     event_digest,
     event_json,
+    json_text,
     plan_events,
+    result_columns,
 )
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
@@ -92,6 +120,39 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    # v2: downlink (messages and commands to devices) and proxied requests
+    """
+    ALTER TABLE devices ADD COLUMN down_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE devices ADD COLUMN down_done INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE downlink (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        expires INTEGER,
+        status TEXT NOT NULL DEFAULT 'queued',
+        result TEXT,
+        error TEXT,
+        updated INTEGER NOT NULL,
+        UNIQUE (device, seq)
+    );
+    CREATE INDEX downlink_device_status_seq ON downlink (device, status, seq);
+    CREATE TABLE requests (
+        device TEXT NOT NULL,
+        id TEXT NOT NULL,
+        route TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        outcome TEXT,
+        updated INTEGER NOT NULL,
+        PRIMARY KEY (device, id)
+    );
+    CREATE INDEX requests_device_status ON requests (device, status);
+    """,
 )
 """Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
 Append only: a released script is never edited."""
@@ -99,8 +160,14 @@ Append only: a released script is never edited."""
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-_DEVICE_COLUMNS = "id, token_hash, created, last_sync, last_seq, events_lost, meta"
+_DEVICE_COLUMNS = (
+    "id, token_hash, created, last_sync, last_seq, events_lost, meta, down_seq, down_done"
+)
 _EVENT_COLUMNS = "cursor, device, seq, topic, time, received, body"
+_DOWNLINK_COLUMNS = (
+    "id, device, seq, kind, name, body, created, expires, status, result, error, updated"
+)
+_REQUEST_COLUMNS = "device, id, route, body, created, status, outcome, updated"
 
 
 class SQLiteStore:
@@ -172,14 +239,75 @@ class SQLiteStore:
     # the sync transaction
 
     async def commit(self, write: SyncWrite) -> CommitResult:
-        """Append doc updates and store new events in one transaction (see ``Store.commit``).
+        """Append doc updates, store new events, and apply the device's downlink progress,
+        command results, new requests and outcome acknowledgements, in one transaction
+        (see ``Store.commit``; the downlink and request rules are in the module docstring).
 
         Raises :class:`NotFound` for an unknown device and :class:`SeqGap` /
         :class:`SeqConflict` from :func:`plan_events`, in every case with nothing written;
-        ``ValueError`` for events without a device."""
-        if write.device is None and write.events:
-            raise ValueError("a write without a device cannot carry events")
+        ``ValueError`` for device parts without a device, or a request whose ``device`` is
+        not the write's."""
+        check_write(write)
         return await self._run(_commit, write)
+
+    # downlink
+
+    async def queue_downlink(self, device: str, kind: str, name: str, body: Any, now: int,
+                             expires: int | None) -> Downlink:
+        """Append an item with the device's next seq (see ``Store.queue_downlink``).
+
+        Raises ``ValueError`` for a kind not in ``DOWNLINK_KINDS``, ``TypeError`` for a body
+        that is not JSON, :class:`NotFound` for an unknown device; nothing is written then."""
+        check_kind(kind)
+        return await self._run(_queue_downlink, device, kind, name, json_text(body), now, expires)
+
+    async def get_downlink(self, item_id: int) -> Downlink | None:
+        """One item by id, or ``None``."""
+        return await self._run(_get_downlink, item_id)
+
+    async def list_downlink(self, device: str, kind: str | None = None, after: int = 0,
+                            limit: int = 100) -> list[Downlink]:
+        """The device's items with seq > ``after`` in seq order, at most ``limit`` (>= 0),
+        optionally of one ``kind`` (``ValueError`` if unknown); empty for an unknown device."""
+        if kind is not None:
+            check_kind(kind)
+        check_limit(limit)
+        return await self._run(_list_downlink, device, kind, after, limit)
+
+    async def pending_downlink(self, device: str, now: int, limit: int) -> list[Downlink]:
+        """Up to ``limit`` items to send, in seq order, as stored after this call (see the
+        module docstring). :class:`NotFound` for an unknown device."""
+        check_limit(limit)
+        return await self._run(_pending_downlink, device, now, limit)
+
+    # proxied requests
+
+    async def claim_request(self, device: str, request_id: str, now: int) -> ProxyRequest | None:
+        """``pending`` -> ``running`` in one statement; ``None`` unless this call moved it."""
+        return await self._run(_claim_request, device, request_id, now)
+
+    async def finish_request(self, device: str, request_id: str, outcome: Mapping[str, Any],
+                             now: int) -> None:
+        """``running`` -> ``done`` with ``outcome``; does nothing if the request is not
+        running (unknown, never claimed, or already finished: the first outcome stays)."""
+        await self._run(_finish_request, device, request_id, json_text(dict(outcome)), now)
+
+    async def get_request(self, device: str, request_id: str) -> ProxyRequest | None:
+        """One request, or ``None``."""
+        return await self._run(_select_request, device, request_id)
+
+    async def undelivered_outcomes(self, device: str, limit: int) -> list[ProxyRequest]:
+        """``done`` requests of the device by ``updated`` then id, at most ``limit``."""
+        check_limit(limit)
+        return await self._run(_undelivered_outcomes, device, limit)
+
+    async def interrupt_running(self, outcome: Mapping[str, Any], now: int) -> int:
+        """Finish every ``running`` request with ``outcome``; returns how many."""
+        return await self._run(_interrupt_running, json_text(dict(outcome)), now)
+
+    async def purge_finished(self, before: int) -> int:
+        """Delete finished downlink items and acknowledged requests older than ``before``."""
+        return await self._run(_purge_finished, before)
 
     # devices
 
@@ -193,7 +321,7 @@ class SQLiteStore:
 
     async def list_devices(self, after: str = "", limit: int = 100) -> list[DeviceRecord]:
         """Devices with id > ``after`` in id order, at most ``limit`` (>= 0)."""
-        _check_limit(limit)
+        check_limit(limit)
         return await self._run(_list_devices, after, limit)
 
     # events
@@ -203,7 +331,7 @@ class SQLiteStore:
         topic: str | None = None,
     ) -> list[StoredEvent]:
         """Events with cursor > ``after`` in cursor order, at most ``limit`` (>= 0)."""
-        _check_limit(limit)
+        check_limit(limit)
         return await self._run(_read_events, after, limit, device, topic)
 
     # settings
@@ -217,9 +345,13 @@ class SQLiteStore:
         await self._run(_set_setting, key, value)
 
 
-def _check_limit(limit: int) -> None:
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0, not {limit}")
+
+
+
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
 
 
 # --- documents (worker thread) -----------------------------------------------------------
@@ -282,21 +414,22 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
         update_ids = _insert_updates(conn, write.docs)
         if write.device is None:
             return CommitResult(update_ids=update_ids)
-        device = _select_device(conn, write.device)
-        if device is None:
-            raise NotFound(f"device {write.device!r} does not exist", {"device": write.device})
+        device = _require_device(conn, write.device)
         plan = plan_events(
             device.id, device.last_seq, write.purged, write.events,
             _stored_digests(conn, device, write),
         )
         _insert_events(conn, device.id, write.time, plan)
         last_seq = max(device.last_seq, plan.new[-1].seq) if plan.new else device.last_seq
+        down_done = _ack_downlink(conn, device, write)
+        new_requests = _insert_requests(conn, device.id, write)
+        _ack_outcomes(conn, device.id, write)
         conn.execute(
-            "UPDATE devices SET last_seq = ?, events_lost = events_lost + ?, last_sync = ?"
-            " WHERE id = ?",
-            (last_seq, plan.lost, write.time, device.id),
+            "UPDATE devices SET last_seq = ?, events_lost = events_lost + ?, last_sync = ?,"
+            " down_done = ? WHERE id = ?",
+            (last_seq, plan.lost, write.time, down_done, device.id),
         )
-    return CommitResult(update_ids, last_seq, len(plan.new))
+    return CommitResult(update_ids, last_seq, len(plan.new), down_done, new_requests)
 
 
 def _stored_digests(
@@ -327,28 +460,239 @@ def _insert_events(
     )
 
 
+def _ack_downlink(conn: sqlite3.Connection, device: DeviceRecord, write: SyncWrite) -> int:
+    """Advance the device's ``down_done`` (never back, never past ``down_seq``), mark the
+    messages it covers ``delivered`` and store the results of unfinished commands it covers.
+    Returns the new ``down_done``."""
+    done = max(device.down_done, min(write.down_done, device.down_seq))
+    if done > device.down_done:
+        conn.execute(
+            "UPDATE downlink SET status = 'delivered', updated = ?"
+            " WHERE device = ? AND status = 'queued' AND kind = 'message' AND seq <= ?",
+            (write.time, device.id, done),
+        )
+    conn.executemany(
+        "UPDATE downlink SET status = ?, result = ?, error = ?, updated = ?"
+        " WHERE device = ? AND seq = ? AND kind = 'command'"
+        " AND status IN ('queued', 'delivered')",
+        [(*result_columns(r), write.time, device.id, r.seq)
+         for r in write.results if r.seq <= done],
+    )
+    return done
+
+
+
+def _insert_requests(conn: sqlite3.Connection, device: str, write: SyncWrite) -> tuple[str, ...]:
+    """Insert the write's requests as ``pending``; returns the ids that were not known."""
+    new: list[str] = []
+    for r in write.requests:
+        cur = conn.execute(
+            "INSERT INTO requests (device, id, route, body, created, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device, id) DO NOTHING",
+            (device, r.id, r.route, json_text(r.body), r.created, write.time),
+        )
+        if cur.rowcount == 1:
+            new.append(r.id)
+    return tuple(new)
+
+
+def _ack_outcomes(conn: sqlite3.Connection, device: str, write: SyncWrite) -> None:
+    conn.executemany(
+        "UPDATE requests SET status = 'acked', updated = ?"
+        " WHERE device = ? AND id = ? AND status = 'done'",
+        [(write.time, device, request_id) for request_id in write.outcomes_acked],
+    )
+
+
+# --- downlink (worker thread) ------------------------------------------------------------
+
+
+def _downlink_from_row(row: Sequence[Any]) -> Downlink:
+    id_, device, seq, kind, name, body, created, expires, status, result, error, updated = row
+    return Downlink(
+        id=id_, device=device, seq=seq, kind=kind, name=name, body=json.loads(body),
+        created=created, expires=expires, status=status, result=_loads(result),
+        error=_loads(error), updated=updated,
+    )
+
+
+def _queue_downlink(
+    conn: sqlite3.Connection, device_id: str, kind: str, name: str, body: str, now: int,
+    expires: int | None,
+) -> Downlink:
+    with transaction(conn):
+        device = _require_device(conn, device_id)
+        seq = device.down_seq + 1
+        conn.execute("UPDATE devices SET down_seq = ? WHERE id = ?", (seq, device.id))
+        cur = conn.execute(
+            "INSERT INTO downlink (device, seq, kind, name, body, created, expires, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (device.id, seq, kind, name, body, now, expires, now),
+        )
+        assert cur.lastrowid is not None
+    return Downlink(cur.lastrowid, device.id, seq, kind, name, json.loads(body), now, expires,
+                    updated=now)
+
+
+def _get_downlink(conn: sqlite3.Connection, item_id: int) -> Downlink | None:
+    row = conn.execute(
+        f"SELECT {_DOWNLINK_COLUMNS} FROM downlink WHERE id = ?", (item_id,)
+    ).fetchone()
+    return None if row is None else _downlink_from_row(row)
+
+
+def _list_downlink(
+    conn: sqlite3.Connection, device: str, kind: str | None, after: int, limit: int
+) -> list[Downlink]:
+    rows = conn.execute(
+        f"SELECT {_DOWNLINK_COLUMNS} FROM downlink WHERE device = ? AND seq > ?"
+        " AND (? IS NULL OR kind = ?) ORDER BY seq LIMIT ?",
+        (device, after, kind, kind, limit),
+    )
+    return [_downlink_from_row(row) for row in rows]
+
+
+def _pending_downlink(
+    conn: sqlite3.Connection, device_id: str, now: int, limit: int
+) -> list[Downlink]:
+    with transaction(conn):
+        device = _require_device(conn, device_id)
+        expired: list[int] = []
+        picked: list[Downlink] = []
+        with closing(conn.execute(
+            f"SELECT {_DOWNLINK_COLUMNS} FROM downlink WHERE device = ? AND seq > ?"
+            " AND status IN ('queued', 'delivered') ORDER BY seq",
+            (device.id, device.down_done),
+        )) as rows:
+            for row in rows:
+                if len(picked) >= limit:
+                    break
+                item = _downlink_from_row(row)
+                if _is_expired(item, now):
+                    expired.append(item.id)
+                else:
+                    picked.append(item)
+        conn.executemany("UPDATE downlink SET status = 'expired', updated = ? WHERE id = ?",
+                         [(now, i) for i in expired])
+        sent = [_send(item, now) for item in picked]
+        conn.executemany("UPDATE downlink SET status = ?, updated = ? WHERE id = ?",
+                         [(a.status, a.updated, a.id) for a, b in zip(sent, picked, strict=True)
+                          if a is not b])
+    return sent
+
+
+def _is_expired(item: Downlink, now: int) -> bool:
+    """Whether ``item`` is still queued (never sent) and its ``expires`` has passed."""
+    return item.status == "queued" and item.expires is not None and item.expires <= now
+
+
+def _send(item: Downlink, now: int) -> Downlink:
+    """``item`` as it is once handed to the device: a queued command becomes ``delivered``;
+    anything else (a message waits for the device's acknowledgement) is returned as is."""
+    if item.kind == "command" and item.status == "queued":
+        return dataclasses.replace(item, status="delivered", updated=now)
+    return item
+
+
+# --- proxied requests (worker thread) ----------------------------------------------------
+
+
+def _request_from_row(row: Sequence[Any]) -> ProxyRequest:
+    device, id_, route, body, created, status, outcome, updated = row
+    return ProxyRequest(
+        device=device, id=id_, route=route, body=json.loads(body), created=created,
+        status=status, outcome=_loads(outcome), updated=updated,
+    )
+
+
+def _select_request(conn: sqlite3.Connection, device: str, request_id: str
+                    ) -> ProxyRequest | None:
+    row = conn.execute(
+        f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE device = ? AND id = ?",
+        (device, request_id),
+    ).fetchone()
+    return None if row is None else _request_from_row(row)
+
+
+def _claim_request(conn: sqlite3.Connection, device: str, request_id: str, now: int
+                   ) -> ProxyRequest | None:
+    with transaction(conn):
+        cur = conn.execute(
+            "UPDATE requests SET status = 'running', updated = ?"
+            " WHERE device = ? AND id = ? AND status = 'pending'",
+            (now, device, request_id),
+        )
+        return _select_request(conn, device, request_id) if cur.rowcount == 1 else None
+
+
+def _finish_request(conn: sqlite3.Connection, device: str, request_id: str, outcome: str,
+                    now: int) -> None:
+    conn.execute(
+        "UPDATE requests SET status = 'done', outcome = ?, updated = ?"
+        " WHERE device = ? AND id = ? AND status = 'running'",
+        (outcome, now, device, request_id),
+    )
+
+
+def _undelivered_outcomes(conn: sqlite3.Connection, device: str, limit: int
+                          ) -> list[ProxyRequest]:
+    rows = conn.execute(
+        f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE device = ? AND status = 'done'"
+        " ORDER BY updated, id LIMIT ?",
+        (device, limit),
+    )
+    return [_request_from_row(row) for row in rows]
+
+
+def _interrupt_running(conn: sqlite3.Connection, outcome: str, now: int) -> int:
+    cur = conn.execute(
+        "UPDATE requests SET status = 'done', outcome = ?, updated = ? WHERE status = 'running'",
+        (outcome, now),
+    )
+    return cur.rowcount
+
+
+def _purge_finished(conn: sqlite3.Connection, before: int) -> int:
+    marks = ", ".join("?" * len(FINISHED_DOWNLINK))
+    with transaction(conn):
+        items = conn.execute(f"DELETE FROM downlink WHERE status IN ({marks}) AND updated < ?",
+                             (*FINISHED_DOWNLINK, before)).rowcount
+        requests = conn.execute("DELETE FROM requests WHERE status = 'acked' AND updated < ?",
+                                (before,)).rowcount
+    return int(items) + int(requests)
+
+
 # --- devices (worker thread) -------------------------------------------------------------
 
 
 def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
-    id_, token_hash, created, last_sync, last_seq, events_lost, meta = row
+    id_, token_hash, created, last_sync, last_seq, events_lost, meta, down_seq, down_done = row
     return DeviceRecord(
         id=id_, token_hash=token_hash, created=created, last_sync=last_sync,
         last_seq=last_seq, events_lost=events_lost, meta=json.loads(meta),
+        down_seq=down_seq, down_done=down_done,
     )
 
 
 def _add_device(conn: sqlite3.Connection, device: DeviceRecord) -> None:
     cur = conn.execute(
-        f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (id) DO NOTHING",
         (
             device.id, device.token_hash, device.created, device.last_sync, device.last_seq,
             device.events_lost, json.dumps(dict(device.meta), separators=(",", ":")),
+            device.down_seq, device.down_done,
         ),
     )
     if cur.rowcount == 0:
         raise AlreadyExists(f"device {device.id!r} already exists", {"device": device.id})
+
+
+def _require_device(conn: sqlite3.Connection, device_id: str) -> DeviceRecord:
+    device = _select_device(conn, device_id)
+    if device is None:
+        raise NotFound(f"device {device_id!r} does not exist", {"device": device_id})
+    return device
 
 
 def _select_device(conn: sqlite3.Connection, device_id: str) -> DeviceRecord | None:

@@ -1,0 +1,178 @@
+"""Management API for the cloud reaching devices: messages, commands, and the routes that
+proxied requests may call. All endpoints need the admin token; bodies are JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from crdtsync.errors import MalformedRequest, NotFound
+from crdtsync.protocol import NAME_RE
+from crdtsync.values import check_value
+
+from .admin_api import _device_id, _int_param, json_response, read_json, require_admin
+from .app import SERVICES, Services
+from .proxy import remember_route
+from .routes import Route
+from .store.base import Downlink
+
+routes = web.RouteTableDef()
+
+FINAL = frozenset({"succeeded", "failed", "expired"})
+MAX_WAIT_S = 60
+DEFAULT_DEADLINE_S = 24 * 3600
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _name(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise MalformedRequest(f"{key!r} must be a name (1-64 of A-Za-z0-9_.:-)")
+    return value
+
+
+def _seconds(body: dict[str, Any], key: str, default: float | None) -> float | None:
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 10**8:
+        raise MalformedRequest(f"{key!r} must be a number of seconds > 0")
+    return float(value)
+
+
+async def _object(request: web.Request) -> dict[str, Any]:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise MalformedRequest("body must be a JSON object")
+    return body
+
+
+async def _queue(request: web.Request, kind: str, name_key: str, body_key: str,
+                 life_key: str, default_life: float | None) -> Downlink:
+    services = request.app[SERVICES]
+    body = await _object(request)
+    payload = body.get(body_key)
+    check_value(payload, where=body_key, max_int=2**63 - 1)
+    life = _seconds(body, life_key, default_life)
+    now = now_ms()
+    return await services.store.queue_downlink(
+        _device_id(request), kind, _name(body, name_key), payload, now,
+        None if life is None else now + int(life * 1000))
+
+
+@routes.post("/v1/devices/{device}/messages")
+async def post_message(request: web.Request) -> web.Response:
+    """Queue ``{"topic", "body", "ttl"}`` for the device; it rides on its next sync."""
+    require_admin(request)
+    item = await _queue(request, "message", "topic", "body", "ttl", None)
+    return json_response(item.to_json(), status=201)
+
+
+@routes.get("/v1/devices/{device}/messages")
+async def list_messages(request: web.Request) -> web.Response:
+    """The device's messages in order with their delivery status."""
+    return await _list(request, "message")
+
+
+@routes.post("/v1/devices/{device}/commands")
+async def post_command(request: web.Request) -> web.Response:
+    """Queue ``{"method", "params", "deadline"}`` (seconds from now); returns the command."""
+    require_admin(request)
+    item = await _queue(request, "command", "method", "params", "deadline",
+                        DEFAULT_DEADLINE_S)
+    return json_response(item.to_json(), status=201)
+
+
+@routes.get("/v1/devices/{device}/commands")
+async def list_commands(request: web.Request) -> web.Response:
+    """The device's commands in order with state and result."""
+    return await _list(request, "command")
+
+
+async def _list(request: web.Request, kind: str) -> web.Response:
+    require_admin(request)
+    services = request.app[SERVICES]
+    device = _device_id(request)
+    if await services.store.get_device(device) is None:
+        raise NotFound(f"no device {device!r}")
+    items = await services.store.list_downlink(
+        device, kind, _int_param(request, "after", 0, 2**63 - 1),
+        _int_param(request, "limit", 100, 1000, minimum=1))
+    return json_response({"items": [i.to_json() for i in items],
+                          "next": items[-1].seq if items else None})
+
+
+async def _item(services: Services, item_id: str, kind: str) -> Downlink:
+    item = await services.store.get_downlink(int(item_id)) if item_id.isdigit() else None
+    if item is None or item.kind != kind:
+        raise NotFound(f"no {kind} {item_id!r}")
+    return item
+
+
+@routes.get("/v1/messages/{id}")
+async def get_message(request: web.Request) -> web.Response:
+    require_admin(request)
+    item = await _item(request.app[SERVICES], request.match_info["id"], "message")
+    return json_response(item.to_json())
+
+
+@routes.get("/v1/commands/{id}")
+async def get_command(request: web.Request) -> web.Response:
+    """A command's state and result; ``?wait=S`` long-polls up to S seconds (max 60) until
+    it succeeded, failed or expired."""
+    require_admin(request)
+    services = request.app[SERVICES]
+    wait = _int_param(request, "wait", 0, MAX_WAIT_S)
+    deadline = asyncio.get_running_loop().time() + wait
+    item = await _item(services, request.match_info["id"], "command")
+    while item.status not in FINAL and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        item = await _item(services, request.match_info["id"], "command")
+    return json_response(item.to_json())
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+def _route_json(route: Route) -> dict[str, Any]:
+    return {"alias": route.alias, **route.to_json()}
+
+
+@routes.get("/v1/routes")
+async def list_routes(request: web.Request) -> web.Response:
+    """Configured routes; header values are redacted."""
+    require_admin(request)
+    return json_response({"routes": [_route_json(r) for r in request.app[SERVICES].routes.list()]})
+
+
+@routes.get("/v1/routes/{alias}")
+async def get_route(request: web.Request) -> web.Response:
+    require_admin(request)
+    return json_response(_route_json(request.app[SERVICES].routes.get(request.match_info["alias"])))
+
+
+@routes.put("/v1/routes/{alias}")
+async def put_route(request: web.Request) -> web.Response:
+    """Create or replace a route; persisted (a routes-file route of the same alias wins
+    again at the next start); returned with header values redacted."""
+    require_admin(request)
+    services = request.app[SERVICES]
+    route = Route.from_json(request.match_info["alias"], await _object(request))
+    services.routes.put(route)
+    await remember_route(services.store, route, route.alias)
+    return json_response(_route_json(route))
+
+
+@routes.delete("/v1/routes/{alias}")
+async def delete_route(request: web.Request) -> web.Response:
+    require_admin(request)
+    services = request.app[SERVICES]
+    alias = request.match_info["alias"]
+    services.routes.delete(alias)
+    await remember_route(services.store, None, alias)
+    return web.Response(status=204)

@@ -1,0 +1,113 @@
+"""``ProxyRunner``: performs devices' proxied requests, each at most once.
+
+A request stored by a sync commit is ``pending``; the runner claims it (``pending`` ->
+``running``, atomically in the store, so two workers or two processes never both run it),
+calls its route through the :class:`~crdtsync_server.routes.RouteExecutor`, and stores the
+outcome (``done``). The sync that brought the request waits up to a short budget so a fast
+target's outcome rides on the same response; slower ones arrive on a later sync. A process
+that dies while a request runs leaves it ``running``; the next start finishes it with the
+error ``interrupted`` instead of calling the target a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+from .routes import Route, RouteExecutor, RouteTable, load_routes_file
+from .store import Store
+from .store.base import ProxyRequest
+
+log = logging.getLogger("crdtsync.server")
+
+INTERRUPTED = {"ok": False, "status": None, "body": None, "error": "interrupted",
+               "message": "the server stopped while the request ran; it is not run twice",
+               "attempts": 1}
+
+
+ROUTES_SETTING = "routes"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def load_route_table(store: Store, routes_file: str | None) -> RouteTable:
+    """Routes set through the API (persisted in the store's settings), then the routes of
+    ``routes_file``, which win for the aliases they define."""
+    table = RouteTable()
+    saved = await store.get_setting(ROUTES_SETTING)
+    for alias, obj in (json.loads(saved) if saved else {}).items():
+        table.put(Route.from_json(alias, obj))
+    if routes_file:
+        for route in (await asyncio.to_thread(load_routes_file, routes_file)).values():
+            table.put(route)
+    return table
+
+
+async def remember_route(store: Store, route: Route | None, alias: str) -> None:
+    """Persist a route set through the API (``None``: forget ``alias``). Only API routes are
+    stored; routes of the routes file stay in the file (with their ``${ENV}`` secrets)."""
+    saved = await store.get_setting(ROUTES_SETTING)
+    routes = json.loads(saved) if saved else {}
+    if route is None:
+        routes.pop(alias, None)
+    else:
+        routes[alias] = route.to_json(redact=False)
+    await store.set_setting(ROUTES_SETTING, json.dumps(routes))
+
+
+class ProxyRunner:
+    """Runs proxied requests in background tasks owned by the server app."""
+
+    def __init__(self, store: Store, routes: RouteTable, executor: RouteExecutor) -> None:
+        self.store = store
+        self.routes = routes
+        self.executor = executor
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def recover(self) -> int:
+        """At start: finish requests a dead process left ``running`` as ``interrupted``."""
+        count = await self.store.interrupt_running(INTERRUPTED, now_ms())
+        if count:
+            log.warning("%d proxied requests were interrupted by a restart", count)
+        return count
+
+    async def run(self, device: str, ids: Sequence[str], budget: float) -> None:
+        """Claim the requests ``ids`` of ``device`` that are still pending, then perform them
+        in the background, waiting at most ``budget`` seconds.
+
+        Claiming happens before this returns, so before the sync answers: a request the
+        device saw accepted is never left pending by a process that died afterwards (it is
+        ``running``, and a restart turns it into ``interrupted``). Ids already claimed or
+        finished are skipped, which makes replays harmless."""
+        claimed = [r for r in [await self.store.claim_request(device, i, now_ms()) for i in ids]
+                   if r is not None]
+        tasks = [self._spawn(request) for request in claimed]
+        if tasks and budget > 0:
+            await asyncio.wait(tasks, timeout=budget)
+
+    def _spawn(self, request: ProxyRequest) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._perform(request),
+                                   name=f"crdtsync-proxy-{request.device}-{request.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _perform(self, request: ProxyRequest) -> None:
+        outcome = await self.executor.perform_alias(self.routes, request.route, request.device,
+                                                    request.body)
+        await self.store.finish_request(request.device, request.id, outcome.to_json(),
+                                        now_ms())
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Let running requests finish for ``grace`` seconds, then cancel the rest (they
+        stay ``running`` and become ``interrupted`` at the next start)."""
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,497 @@
+"""Proxied requests: the routes the server may call for a device, and the executor.
+
+A device never names an address, only a route *alias*; the server looks the alias up in its
+own :class:`RouteTable` (filled from :func:`load_routes_file` or the management API), so a
+device can never make the server call anything but a configured route. Secrets (API keys)
+live in route headers on the server only, and :meth:`Route.to_json` redacts them.
+
+:meth:`RouteExecutor.perform` makes one request for a route and always answers with an
+:class:`Outcome`; whatever the target does (time out, refuse, answer 5xx, redirect, stream
+too much) becomes a stable error code, never an exception:
+
+    code                       meaning                                           retried
+    route_timeout              no complete answer within ``route.timeout``        yes
+    route_unreachable          connection refused, DNS failure, reset             yes
+    route_http_error           target answered 5xx (after retries), 4xx or 3xx    5xx only
+    route_response_too_large   body over ``route.max_response`` (reading stops)   no
+    route_bad_payload          payload does not fit the route's method            no
+    route_not_allowed          the device is not in ``route.devices``             no
+    unknown_route              no route has that alias (:meth:`perform_alias`)    no
+
+Redirects are never followed: a route cannot be bounced to an address nobody configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, Self
+from urllib.parse import urlsplit
+
+import aiohttp
+from multidict import CIMultiDict
+
+from crdtsync.errors import ClosedError, InvalidValue, MalformedRequest, NotFound
+from crdtsync.protocol import NAME_RE
+from crdtsync.values import check_value
+
+log = logging.getLogger("crdtsync.server.routes")
+
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+"""Methods that send the payload as a JSON body; the others send it as query parameters."""
+
+MAX_TIMEOUT = 120.0
+MAX_RESPONSE_LIMIT = 16 * 1024 * 1024
+DEFAULT_MAX_RESPONSE = 1024 * 1024
+MAX_RETRIES = 5
+MAX_RETRY_BACKOFF = 60.0
+REDACTED = "***"
+
+ROUTE_TIMEOUT = "route_timeout"
+ROUTE_UNREACHABLE = "route_unreachable"
+ROUTE_HTTP_ERROR = "route_http_error"
+ROUTE_RESPONSE_TOO_LARGE = "route_response_too_large"
+ROUTE_BAD_PAYLOAD = "route_bad_payload"
+ROUTE_NOT_ALLOWED = "route_not_allowed"
+UNKNOWN_ROUTE = "unknown_route"
+
+_READ_CHUNK = 64 * 1024
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
+_ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _invalid(alias: object, name: str, problem: str) -> MalformedRequest:
+    return MalformedRequest(f"route {alias!r}: {name} {problem}",
+                            {"route": alias, "field": name})
+
+
+@dataclass(frozen=True)
+class Route:
+    """One configured target: where a request for ``alias`` goes, and how.
+
+    Constructing a route validates every field and raises :class:`MalformedRequest`
+    (``detail = {"route", "field"}``) for a bad one: ``alias`` is a name (1-64 of
+    ``A-Za-z0-9_.:-``), ``url`` an absolute http(s) URL with a host and no credentials (put
+    those in ``headers``), ``0 < timeout <= 120`` seconds per attempt,
+    ``1 <= max_response <= 16 MiB``, ``0 <= retries <= 5``, ``0 <= retry_backoff <= 60``.
+    ``devices`` None lets every device use the route, else only the listed device ids
+    (fleets will be added here once they exist). Routes compare by value; ``headers`` is
+    stored read-only and left out of the hash.
+    """
+
+    alias: str
+    url: str
+    method: str = "POST"
+    headers: Mapping[str, str] = field(default_factory=dict, hash=False)
+    timeout: float = 10.0
+    max_response: int = DEFAULT_MAX_RESPONSE
+    retries: int = 0
+    retry_backoff: float = 0.5
+    devices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.alias, str) or not NAME_RE.match(self.alias):
+            raise _invalid(self.alias, "alias", "is not a valid name (1-64 of A-Za-z0-9_.:-)")
+        _check_url(self.alias, self.url)
+        if self.method not in METHODS:
+            raise _invalid(self.alias, "method", f"must be one of {', '.join(METHODS)}")
+        _check_headers(self.alias, self.headers)
+        _check_number(self.alias, "timeout", self.timeout, 0.0, MAX_TIMEOUT, low_open=True)
+        _check_int(self.alias, "max_response", self.max_response, 1, MAX_RESPONSE_LIMIT)
+        _check_int(self.alias, "retries", self.retries, 0, MAX_RETRIES)
+        _check_number(self.alias, "retry_backoff", self.retry_backoff, 0.0, MAX_RETRY_BACKOFF)
+        _check_devices(self.alias, self.devices)
+        object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
+        object.__setattr__(self, "timeout", float(self.timeout))
+        object.__setattr__(self, "retry_backoff", float(self.retry_backoff))
+
+    @classmethod
+    def from_json(cls, alias: str, obj: Any) -> Route:
+        """Build the route ``alias`` from its JSON form (the inverse of :meth:`to_json`).
+
+        ``url`` is required; other keys default as on the class; ``devices`` is a list or
+        null. Raises :class:`MalformedRequest` naming the route and field for a non-object,
+        an unknown key, a missing url or any invalid value.
+        """
+        if not isinstance(obj, Mapping):
+            raise _invalid(alias, "route", "must be a JSON object")
+        unknown = sorted(str(key) for key in obj if key not in _JSON_FIELDS)
+        if unknown:
+            raise _invalid(alias, unknown[0], f"is not a route field (known: "
+                                              f"{', '.join(sorted(_JSON_FIELDS))})")
+        if "url" not in obj:
+            raise _invalid(alias, "url", "is required")
+        values = dict(obj)
+        if isinstance(values.get("devices"), list):
+            values["devices"] = tuple(values["devices"])
+        return cls(alias=alias, **values)
+
+    def to_json(self, *, redact: bool = True) -> dict[str, Any]:
+        """The JSON form, without the alias. Header values read ``"***"`` unless ``redact``
+        is False (persistence only: the unredacted form holds secrets)."""
+        return {
+            "url": self.url,
+            "method": self.method,
+            "headers": {name: REDACTED if redact else value
+                        for name, value in self.headers.items()},
+            "timeout": self.timeout,
+            "max_response": self.max_response,
+            "retries": self.retries,
+            "retry_backoff": self.retry_backoff,
+            "devices": None if self.devices is None else list(self.devices),
+        }
+
+    def allows(self, device_id: str) -> bool:
+        """True if ``device_id`` may use this route."""
+        return self.devices is None or device_id in self.devices
+
+
+_JSON_FIELDS = frozenset(f.name for f in fields(Route)) - {"alias"}
+
+
+def _check_url(alias: str, url: object) -> None:
+    if not isinstance(url, str):
+        raise _invalid(alias, "url", "must be a string")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- parsing the port is what validates it
+    except ValueError as exc:
+        raise _invalid(alias, "url", f"does not parse: {exc}") from exc
+    if parts.scheme not in ("http", "https"):
+        raise _invalid(alias, "url", "must be an absolute http:// or https:// URL")
+    if not parts.hostname:
+        raise _invalid(alias, "url", "has no host")
+    if parts.username is not None or parts.password is not None:
+        raise _invalid(alias, "url", "must not hold credentials; put them in headers")
+
+
+def _check_headers(alias: str, headers: object) -> None:
+    if not isinstance(headers, Mapping):
+        raise _invalid(alias, "headers", "must be an object of strings")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME_RE.match(name):
+            raise _invalid(alias, "headers", f"has an invalid header name {name!r}")
+        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+            raise _invalid(alias, f"headers.{name}", "must be a string without CR, LF or NUL")
+
+
+def _check_number(alias: str, name: str, value: object, low: float, high: float, *,
+                  low_open: bool = False) -> None:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and (value > low if low_open else value >= low)
+          and value <= high)
+    if not ok:
+        bound = "<" if low_open else "<="
+        raise _invalid(alias, name, f"must be a number with {low:g} {bound} {name} <= {high:g}")
+
+
+def _check_int(alias: str, name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _invalid(alias, name, f"must be an integer from {low} to {high}")
+
+
+def _check_devices(alias: str, devices: object) -> None:
+    if devices is None:
+        return
+    if not isinstance(devices, tuple):
+        raise _invalid(alias, "devices", "must be a list of device ids or null")
+    for device_id in devices:
+        if not isinstance(device_id, str) or not NAME_RE.match(device_id):
+            raise _invalid(alias, "devices", f"holds an invalid device id {device_id!r}")
+
+
+def load_routes_file(path: str | os.PathLike[str], *,
+                     environ: Mapping[str, str] | None = None) -> dict[str, Route]:
+    """Read ``{"routes": {alias: route_json, ...}}`` from the JSON file ``path``.
+
+    ``${NAME}`` in a header value is replaced by the environment variable ``NAME`` (from
+    ``environ``, default ``os.environ``), so secrets need not sit in the file. Raises
+    :class:`MalformedRequest` naming the route and field for a missing variable or any
+    invalid route, or for a file that is not such JSON; ``OSError`` if it cannot be read.
+    Blocking: call it at startup, not on a running loop's hot path.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedRequest(f"{os.fspath(path)}: not a JSON file: {exc}") from exc
+    if (not isinstance(data, dict) or set(data) != {"routes"}
+            or not isinstance(data["routes"], dict)):
+        raise MalformedRequest(f'{os.fspath(path)}: expected {{"routes": {{alias: route}}}}')
+    return {alias: Route.from_json(alias, _expand_env(alias, obj, env))
+            for alias, obj in data["routes"].items()}
+
+
+def _expand_env(alias: str, obj: Any, env: Mapping[str, str]) -> Any:
+    """``obj`` with ``${NAME}`` references in its header values expanded."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("headers"), dict):
+        return obj  # Route.from_json reports what is wrong with it
+    headers = {name: _expand_value(alias, name, value, env) if isinstance(value, str) else value
+               for name, value in obj["headers"].items()}
+    return {**obj, "headers": headers}
+
+
+def _expand_value(alias: str, header: str, value: str, env: Mapping[str, str]) -> str:
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise _invalid(alias, f"headers.{header}",
+                           f"references ${{{name}}} but environment variable {name} is not set")
+        return env[name]
+
+    return _ENV_REF_RE.sub(lookup, value)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What came of one proxied request; the result a device receives.
+
+    ``ok`` is True only for a 2xx answer. ``status`` is the target's HTTP status (None when
+    none arrived). ``body`` is the parsed JSON when the target's Content-Type is JSON
+    (``application/json`` or ``*+json``) and the body parses to values a CRDT can hold
+    (:func:`crdtsync.values.check_value`), otherwise the body as text (UTF-8,
+    ``errors="replace"``); None when no body was read. ``error`` is one of the stable codes in
+    this module's docstring (None on success); ``message`` is for humans and never holds
+    route secrets; ``attempts`` counts requests actually started (0 if none was).
+    """
+
+    ok: bool
+    status: int | None
+    body: Any
+    error: str | None
+    message: str
+    attempts: int
+
+    @classmethod
+    def failure(cls, error: str, message: str, *, status: int | None = None,
+                body: Any = None, attempts: int = 0) -> Outcome:
+        """A failed outcome with the stable code ``error``."""
+        return cls(False, status, body, error, message, attempts)
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form: ``{ok, status, body, error, message, attempts}``."""
+        return {"ok": self.ok, "status": self.status, "body": self.body, "error": self.error,
+                "message": self.message, "attempts": self.attempts}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Outcome:
+        """The inverse of :meth:`to_json`; raises :class:`MalformedRequest` on missing keys."""
+        try:
+            return cls(*(obj[f.name] for f in fields(cls)))
+        except KeyError as exc:
+            raise MalformedRequest(f"outcome lacks {exc.args[0]!r}") from exc
+
+
+class RouteTable:
+    """The configured routes, in memory, by alias. Not persisted: the owner stores them."""
+
+    def __init__(self, routes: Iterable[Route] = ()) -> None:
+        self._routes = {route.alias: route for route in routes}
+
+    def get(self, alias: str) -> Route:
+        """The route ``alias``; raises :class:`NotFound` (``detail={"route": alias}``)."""
+        try:
+            return self._routes[alias]
+        except KeyError:
+            raise NotFound(f"unknown route {alias!r}", {"route": alias}) from None
+
+    def put(self, route: Route) -> None:
+        """Add ``route``, replacing any route with the same alias."""
+        self._routes[route.alias] = route
+
+    def delete(self, alias: str) -> None:
+        """Remove the route ``alias``; raises :class:`NotFound` if there is none."""
+        self.get(alias)
+        del self._routes[alias]
+
+    def list(self) -> tuple[Route, ...]:
+        """Every route, sorted by alias."""
+        return tuple(self._routes[alias] for alias in sorted(self._routes))
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+
+class RouteExecutor:
+    """Performs proxied requests over one ``aiohttp.ClientSession``.
+
+    Use ``async with RouteExecutor() as executor`` (or :meth:`start` / :meth:`aclose`).
+    :meth:`perform` before start or after close raises :class:`ClosedError`. The session
+    keeps no cookies (requests of different devices share nothing) and ignores proxy
+    environment variables.
+    """
+
+    def __init__(self) -> None:
+        self.state: Literal["new", "open", "closed"] = "new"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the session; a no-op if open. Raises :class:`ClosedError` after close."""
+        if self.state == "closed":
+            raise ClosedError("RouteExecutor is closed")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
+                                                  trust_env=False)
+            self.state = "open"
+
+    async def aclose(self) -> None:
+        """Close the session; idempotent."""
+        self.state = "closed"
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def perform_alias(self, table: RouteTable, alias: str, device_id: str,
+                            payload: Any) -> Outcome:
+        """:meth:`perform` for the route ``alias`` of ``table``; ``unknown_route`` if none."""
+        try:
+            route = table.get(alias)
+        except NotFound as exc:
+            return Outcome.failure(UNKNOWN_ROUTE, exc.message)
+        return await self.perform(route, device_id, payload)
+
+    async def perform(self, route: Route, device_id: str, payload: Any) -> Outcome:
+        """Call ``route`` for ``device_id`` with ``payload``; never raises for the target.
+
+        Nothing is sent if the device may not use the route (``route_not_allowed``) or the
+        payload does not fit (``route_bad_payload``): POST/PUT/PATCH send it as a JSON body,
+        GET/DELETE as query parameters, so there it must be a flat object of str, number or
+        bool; None sends no body or parameters. Each attempt has ``route.timeout`` seconds
+        in total; timeouts, unreachable targets and 5xx are retried ``route.retries`` times
+        after ``retry_backoff * 2**n`` seconds. A retry after a timeout or reset may reach
+        the target a second time: give retries only to routes whose target tolerates that.
+        """
+        session = self._open_session()
+        if not route.allows(device_id):
+            return Outcome.failure(ROUTE_NOT_ALLOWED,
+                                   f"device {device_id!r} may not use route {route.alias!r}")
+        try:
+            request = _request_kwargs(route, payload)
+        except InvalidValue as exc:
+            return Outcome.failure(ROUTE_BAD_PAYLOAD, f"route {route.alias!r}: {exc.message}")
+        attempt = 1
+        while True:
+            outcome = await _attempt(session, route, request, attempt)
+            if attempt > route.retries or not _retryable(outcome):
+                return outcome
+            await asyncio.sleep(route.retry_backoff * 2 ** (attempt - 1))
+            attempt += 1
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            what = "closed" if self.state == "closed" else "not started"
+            raise ClosedError(f"RouteExecutor is {what}")
+        return self._session
+
+
+def _request_kwargs(route: Route, payload: Any) -> dict[str, Any]:
+    """The aiohttp arguments carrying ``payload``; :class:`InvalidValue` if it cannot."""
+    headers: CIMultiDict[str] = CIMultiDict(route.headers)
+    if payload is None:
+        return {"headers": headers}
+    if route.method not in BODY_METHODS:
+        return {"headers": headers, "params": _query_params(payload)}
+    try:
+        data = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidValue(f"payload is not JSON data: {exc}") from exc
+    headers.setdefault("Content-Type", "application/json")
+    return {"headers": headers, "data": data}
+
+
+def _query_params(payload: Any) -> dict[str, str]:
+    if not isinstance(payload, Mapping):
+        raise InvalidValue("payload of a GET or DELETE route must be an object (query params)")
+    params: dict[str, str] = {}
+    for key, value in payload.items():
+        if (not isinstance(key, str) or not isinstance(value, (str, int, float))
+                or (isinstance(value, float) and not math.isfinite(value))):
+            raise InvalidValue(f"query parameter {key!r} must be a str, finite number or bool")
+        params[key] = value if isinstance(value, str) else json.dumps(value, allow_nan=False)
+    return params
+
+
+async def _attempt(session: aiohttp.ClientSession, route: Route, request: dict[str, Any],
+                   attempt: int) -> Outcome:
+    """One request to ``route``; every failure of the target becomes an :class:`Outcome`."""
+    timeout = aiohttp.ClientTimeout(total=route.timeout)
+    try:
+        async with session.request(route.method, route.url, timeout=timeout,
+                                   allow_redirects=False, **request) as response:
+            return await _read_outcome(route, response, attempt)
+    except TimeoutError:  # before OSError: TimeoutError is one, and so is aiohttp's
+        return Outcome.failure(ROUTE_TIMEOUT, f"route {route.alias!r}: no answer within "
+                               f"{route.timeout:g} s", attempts=attempt)
+    except (aiohttp.ClientError, OSError) as exc:
+        # The exception text may name the target; it stays in the server log.
+        log.info("route %r attempt %d: %r", route.alias, attempt, exc)
+        return Outcome.failure(ROUTE_UNREACHABLE, f"route {route.alias!r}: cannot reach the "
+                               f"target ({type(exc).__name__})", attempts=attempt)
+
+
+async def _read_outcome(route: Route, response: aiohttp.ClientResponse,
+                        attempt: int) -> Outcome:
+    status = response.status
+    declared = response.content_length
+    raw = None if declared is not None and declared > route.max_response else \
+        await _read_capped(response.content, route.max_response)
+    if raw is None:
+        response.close()  # drop the connection rather than drain an oversized body
+        return Outcome.failure(ROUTE_RESPONSE_TOO_LARGE, f"route {route.alias!r}: response "
+                               f"over {route.max_response} bytes", status=status,
+                               attempts=attempt)
+    body = _decode_body(response.content_type, raw)
+    if 200 <= status < 300:
+        return Outcome(True, status, body, None, f"target answered {status}", attempt)
+    note = " (redirects are not followed)" if 300 <= status < 400 else ""
+    return Outcome.failure(ROUTE_HTTP_ERROR, f"route {route.alias!r}: target answered "
+                           f"{status}{note}", status=status, body=body, attempts=attempt)
+
+
+async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes | None:
+    """The whole body if it has at most ``cap`` bytes, else None after reading cap + 1."""
+    buffer = bytearray()
+    while len(buffer) <= cap:
+        chunk = await stream.read(min(_READ_CHUNK, cap + 1 - len(buffer)))
+        if not chunk:
+            return bytes(buffer)
+        buffer += chunk
+    return None
+
+
+def _decode_body(content_type: str, raw: bytes) -> Any:
+    text = raw.decode("utf-8", errors="replace")
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        return text
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+        check_value(value, where="response")
+    except (ValueError, RecursionError):  # not JSON a device can receive: hand over the text
+        return text
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON data")
+
+
+def _retryable(outcome: Outcome) -> bool:
+    if outcome.error in (ROUTE_TIMEOUT, ROUTE_UNREACHABLE):
+        return True
+    return outcome.error == ROUTE_HTTP_ERROR and (outcome.status or 0) >= 500
