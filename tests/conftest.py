@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from crdtsync import AdminClient, Device
+from crdtsync import AdminClient, Device, TransportError
+from crdtsync.transport import Transport
 from crdtsync_server import Server, ServerConfig
 
 ADMIN_TOKEN = "test-admin-token"
@@ -41,6 +42,24 @@ async def admin(server: Server) -> AsyncIterator[AdminClient]:
 
 
 DeviceFactory = Callable[..., Awaitable[Device]]
+
+
+class LoseResponses:
+    """A transport whose next ``n`` responses are lost after the server committed."""
+
+    def __init__(self, inner: Transport, n: int) -> None:
+        self.inner = inner
+        self.n = n
+
+    async def exchange(self, body: bytes) -> bytes:
+        response = await self.inner.exchange(body)
+        if self.n > 0:
+            self.n -= 1
+            raise TransportError("response lost (test)")
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 @pytest.fixture

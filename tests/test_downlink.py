@@ -19,7 +19,7 @@ from crdtsync.inbox import Message
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
 
-from .conftest import ADMIN_TOKEN, DeviceFactory
+from .conftest import ADMIN_TOKEN, DeviceFactory, LoseResponses
 
 
 async def post(admin: AdminClient, path: str, body: Any) -> dict[str, Any]:
@@ -92,21 +92,6 @@ async def test_failing_or_missing_handler_holds_the_message(make_device: DeviceF
     assert calls == [1, 1, 2]
     items = (await get(admin, "/v1/devices/d1/messages"))["items"]
     assert [i["status"] for i in items] == ["delivered", "delivered"]
-
-
-class LoseResponses:
-    def __init__(self, inner: HttpTransport, n: int) -> None:
-        self.inner, self.n = inner, n
-
-    async def exchange(self, body: bytes) -> bytes:
-        answer = await self.inner.exchange(body)
-        if self.n > 0:
-            self.n -= 1
-            raise TransportError("lost (test)")
-        return answer
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 # --- commands ----------------------------------------------------------------------------------

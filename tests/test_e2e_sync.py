@@ -18,7 +18,7 @@ from crdtsync import AdminClient, Device, TransportError
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
 
-from .conftest import ADMIN_TOKEN, DeviceFactory
+from .conftest import ADMIN_TOKEN, DeviceFactory, LoseResponses
 
 
 async def events_of(admin: AdminClient, device: str) -> list[dict[str, Any]]:
@@ -107,24 +107,6 @@ async def test_offline_events_arrive_exactly_once_and_are_purged(
     assert [e["body"]["k"] for e in events] == list(range(450))
     assert dev.pending_events == 0 and outbox_rows(tmp_path / "d1.db") == 0
     assert all(e["received"] >= e["time"] - 60_000 for e in events)
-
-
-class LoseResponses:
-    """A transport whose next ``n`` responses are lost after the server committed."""
-
-    def __init__(self, inner: HttpTransport, n: int) -> None:
-        self.inner = inner
-        self.n = n
-
-    async def exchange(self, body: bytes) -> bytes:
-        response = await self.inner.exchange(body)
-        if self.n > 0:
-            self.n -= 1
-            raise TransportError("response lost (test)")
-        return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_lost_response_neither_duplicates_nor_loses(
