@@ -94,6 +94,7 @@ class Calls:
         and the acknowledgements this request carried."""
         if self._sent_acks:
             await self.store.set_calls(self._sent_acks, "acked", only="done")
+            self._sent_acks = ()
         if accepted:
             await self.store.set_calls(accepted, "accepted", only="pending")
         for outcome in outcomes:

@@ -416,6 +416,7 @@ class Device:
             down_done=self._inbox.done,
             results=await self._inbox.results(DEFAULT_LIMITS.max_items),
             calls=calls, outcomes_acked=outcomes_acked,
+            awaiting=self._store.call_count("accepted"),
         )
         body = encode_request(request, bodies=[e.body for e in batch])
         report.rounds += 1

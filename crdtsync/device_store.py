@@ -104,6 +104,10 @@ class _Mirror:
     outbox_bytes: int = 0
     update_rows: int = 0
     last_update_id: int = 0
+    results: int = 0
+    """Command results not yet acknowledged by the cloud."""
+    calls: dict[str, int] = field(default_factory=dict)
+    """Proxied requests per status."""
 
 
 class DeviceStore:
@@ -159,6 +163,15 @@ class DeviceStore:
     def last_update_id(self) -> int:
         return self._m.last_update_id
 
+    @property
+    def result_count(self) -> int:
+        """Command results waiting for the cloud's acknowledgement."""
+        return self._m.results
+
+    def call_count(self, *statuses: str) -> int:
+        """How many proxied requests are in any of ``statuses``."""
+        return sum(self._m.calls.get(status, 0) for status in statuses)
+
     # --- operations ---------------------------------------------------------------------
 
     async def set_meta(self, **values: Any) -> None:
@@ -199,18 +212,23 @@ class DeviceStore:
 
     async def results(self, limit: int) -> list[tuple[int, bool, bytes]]:
         """Command results not yet acknowledged by the cloud, oldest first."""
+        if not self._m.results:
+            return []
         return await self._db.run(_results, limit)
 
     async def ack_results(self, upto: int) -> None:
         """Forget results of commands with seq <= ``upto`` (the cloud stored them)."""
-        await self._db.run(_ack_results, upto)
+        if self._m.results:
+            await self._db.run(_ack_results, self._m, upto)
 
     async def add_call(self, call_id: str, route: str, body: bytes, created: int) -> bool:
         """Queue a proxied request durably; False if ``call_id`` is already known."""
-        return await self._db.run(_add_call, call_id, route, body, created)
+        return await self._db.run(_add_call, self._m, call_id, route, body, created)
 
     async def calls(self, status: str, limit: int = 1000) -> list[StoredCall]:
         """Proxied requests in ``status``, oldest first."""
+        if not self._m.calls.get(status):
+            return []
         return await self._db.run(_calls, status, limit)
 
     async def get_call(self, call_id: str) -> StoredCall | None:
@@ -220,7 +238,7 @@ class DeviceStore:
                         outcome: bytes | None = None) -> None:
         """Move requests ``ids`` to ``status`` (only those currently in ``only``, if given),
         storing ``outcome`` when given."""
-        await self._db.run(_set_calls, list(ids), status, only, outcome)
+        await self._db.run(_set_calls, self._m, list(ids), status, only, outcome)
 
     async def renumber(self, from_seq: int, start: int) -> None:
         """Give queued events with seq >= ``from_seq`` new consecutive seqs from ``start``.
@@ -237,6 +255,12 @@ def _load_mirror(conn: sqlite3.Connection, m: _Mirror) -> None:
     m.meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     m.outbox_count, m.outbox_bytes = conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox").fetchone()
+    _count_side_tables(conn, m)
+
+
+def _count_side_tables(conn: sqlite3.Connection, m: _Mirror) -> None:
+    m.results = int(conn.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+    m.calls = dict(conn.execute("SELECT status, COUNT(*) FROM calls GROUP BY status"))
 
 
 def _write_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
@@ -376,6 +400,7 @@ def _finish_down(conn: sqlite3.Connection, m: _Mirror, seq: int,
                          (seq, int(result[0]), result[1]))
         _write_meta(conn, {"down_done": seq})
     m.meta["down_done"] = seq
+    _count_side_tables(conn, m)
 
 
 def _results(conn: sqlite3.Connection, limit: int) -> list[tuple[int, bool, bytes]]:
@@ -383,14 +408,16 @@ def _results(conn: sqlite3.Connection, limit: int) -> list[tuple[int, bool, byte
     return [(int(seq), bool(ok), bytes(body)) for seq, ok, body in rows]
 
 
-def _ack_results(conn: sqlite3.Connection, upto: int) -> None:
+def _ack_results(conn: sqlite3.Connection, m: _Mirror, upto: int) -> None:
     conn.execute("DELETE FROM results WHERE seq <= ?", (upto,))
+    _count_side_tables(conn, m)
 
 
-def _add_call(conn: sqlite3.Connection, call_id: str, route: str, body: bytes,
+def _add_call(conn: sqlite3.Connection, m: _Mirror, call_id: str, route: str, body: bytes,
               created: int) -> bool:
     cur = conn.execute("INSERT OR IGNORE INTO calls (id, route, body, created) VALUES "
                        "(?, ?, ?, ?)", (call_id, route, body, created))
+    _count_side_tables(conn, m)
     return cur.rowcount == 1
 
 
@@ -413,11 +440,12 @@ def _get_call(conn: sqlite3.Connection, call_id: str) -> StoredCall | None:
     return _call(row) if row else None
 
 
-def _set_calls(conn: sqlite3.Connection, ids: list[str], status: str, only: str | None,
-               outcome: bytes | None) -> None:
+def _set_calls(conn: sqlite3.Connection, m: _Mirror, ids: list[str], status: str,
+               only: str | None, outcome: bytes | None) -> None:
     with transaction(conn):
         for call_id in ids:
             conn.execute(
                 "UPDATE calls SET status = ?, outcome = COALESCE(?, outcome) WHERE id = ?"
                 + (" AND status = ?" if only else ""),
                 (status, outcome, call_id, *((only,) if only else ())))
+    _count_side_tables(conn, m)

@@ -147,6 +147,9 @@ class SyncRequest:
     results: tuple[Result, ...] = ()
     calls: tuple[ProxyCall, ...] = ()
     outcomes_acked: tuple[str, ...] = ()
+    awaiting: int = 0
+    """How many accepted proxied requests still wait for their outcome (the server looks
+    outcomes up only when this or ``calls`` is non-zero)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +359,8 @@ def encode_request(req: SyncRequest, *, bodies: Sequence[bytes] | None = None) -
         msg["rq"] = [[c.id, c.route, _body(c.body)] for c in req.calls]
     if req.outcomes_acked:
         msg["rqk"] = list(req.outcomes_acked)
+    if req.awaiting:
+        msg["rqw"] = req.awaiting
     return _pack(msg)
 
 
@@ -384,6 +389,13 @@ def _items(obj: Mapping[str, Any], key: str, limits: Limits, width: int) -> list
     for item in raw:
         if not isinstance(item, list) or len(item) != width:
             raise MalformedRequest(f"each entry of {key!r} must be an array of {width}")
+    return raw  # type: ignore[no-any-return]
+
+
+def _items_flat(obj: Mapping[str, Any], key: str, limits: Limits) -> list[Any]:
+    raw = _get(obj, key, list, [])
+    if len(raw) > limits.max_items:
+        raise MalformedRequest(f"at most {limits.max_items} entries in {key!r}")
     return raw  # type: ignore[no-any-return]
 
 
@@ -431,8 +443,8 @@ def decode_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncRequest:
         down_done=_uint(obj.get("dn", 0), "dn"),
         results=tuple(_decode_result(i, limits) for i in _items(obj, "res", limits, 3)),
         calls=tuple(_decode_call(i, limits) for i in _items(obj, "rq", limits, 3)),
-        outcomes_acked=tuple(_request_id(i) for i in _get(obj, "rqk", list, [])
-                             [:limits.max_items]),
+        outcomes_acked=tuple(_request_id(i) for i in _items_flat(obj, "rqk", limits)),
+        awaiting=_uint(obj.get("rqw", 0), "rqw"),
     )
 
 

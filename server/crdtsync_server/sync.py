@@ -80,9 +80,7 @@ class SyncService:
                 down=await self._downlink(device, result.down_done),
                 down_done=result.down_done,
                 accepted=tuple(call.id for call in request.calls),
-                outcomes=tuple(Outcome(r.id, r.outcome or {}) for r in
-                               await self.store.undelivered_outcomes(device.id,
-                                                                     self.max_items)),
+                outcomes=await self._outcomes(device, request),
             )
             for live in lives:
                 await self.docs.maybe_compact(live)
@@ -99,6 +97,15 @@ class SyncService:
                       for c in request.calls],
             outcomes_acked=request.outcomes_acked,
         )
+
+    async def _outcomes(self, device: DeviceRecord, request: SyncRequest
+                        ) -> tuple[Outcome, ...]:
+        """Outcomes the device has not acknowledged: only looked up when it sent requests or
+        says it awaits some (a no-change sync costs no query)."""
+        if not (request.calls or request.awaiting):
+            return ()
+        rows = await self.store.undelivered_outcomes(device.id, self.max_items)
+        return tuple(Outcome(r.id, r.outcome or {}) for r in rows)
 
     async def _downlink(self, device: DeviceRecord, down_done: int) -> tuple[DownItem, ...]:
         """Messages and commands to send: only looked up when the device has any (as of
