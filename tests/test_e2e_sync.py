@@ -457,3 +457,22 @@ async def test_concurrent_requests_of_one_device_are_serialised(
     assert [e["body"]["n"] for e in await events_of(admin, "d1")] == list(range(5))
     log = await server.services.store.load_doc("d1/state")
     assert len(log.updates) == 1
+
+
+async def test_two_server_instances_on_one_database_stay_correct_across_compaction(
+        server_config: ServerConfig, tmp_path: Path) -> None:
+    """Instance A compacts past what instance B holds in memory: B must reload, not miss the
+    rows folded into A's snapshot."""
+    config = replace(server_config, compact_every=3)
+    async with Server(config) as a, Server(config) as b, \
+            AdminClient(a.url, ADMIN_TOKEN) as admin_a, AdminClient(b.url, ADMIN_TOKEN) as admin_b:
+        await admin_a.add_device("d1")
+        assert (await admin_b.state("d1"))["state"] == {}  # B now holds the document
+        for i in range(8):
+            await admin_a.patch_state("d1", {f"k{i}": i})  # A writes and compacts
+        log = await a.services.store.load_doc("d1/state")
+        assert log.snapshot_id > 0  # compacted past what B read
+        expected = {f"k{i}": i for i in range(8)}
+        assert (await admin_b.state("d1"))["state"] == expected
+        await admin_b.patch_state("d1", {"from_b": True})
+        assert (await admin_a.state("d1"))["state"] == {**expected, "from_b": True}

@@ -110,7 +110,11 @@ class DocumentCache:
             self._evict_over_capacity()
         else:
             self._docs.move_to_end(key)
-            live.catch_up(await self.store.read_since(key, live.last_id))
+            rows = await self.store.read_since(key, live.last_id)
+            if rows is None:  # another writer compacted past what we hold: reload
+                live = self._docs[key] = await self._load(key)
+            else:
+                live.catch_up(rows)
         return live
 
     async def _load(self, key: str) -> LiveDoc:

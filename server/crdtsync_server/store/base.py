@@ -205,8 +205,10 @@ class Store(Protocol):
     async def load_doc(self, key: str) -> DocLog:
         """The stored log of ``key``; an empty ``DocLog`` if it was never written."""
 
-    async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...]:
-        """Updates of ``key`` with id > ``after_id`` in id order (empty if compacted past)."""
+    async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...] | None:
+        """Updates of ``key`` with id > ``after_id`` in id order; ``None`` when rows after
+        ``after_id`` were already folded into the snapshot (``after_id < snapshot_id``): the
+        caller must reload the document with :meth:`load_doc`."""
 
     async def compact(self, key: str, upto_id: int, snapshot: bytes) -> None:
         """Replace the snapshot of ``key`` by ``snapshot`` (which must reflect every update

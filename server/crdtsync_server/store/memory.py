@@ -183,12 +183,15 @@ class MemoryStore:
             return DocLog()
         return DocLog(doc.gen, doc.snapshot, doc.snapshot_id, tuple(doc.updates.items()))
 
-    async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...]:
-        """Updates of ``key`` with id > ``after_id`` in id order."""
+    async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...] | None:
+        """Updates of ``key`` with id > ``after_id`` in id order; ``None`` if compacted
+        past ``after_id``."""
         self._check_open()
         doc = self._docs.get(key)
         if doc is None:
             return ()
+        if after_id < doc.snapshot_id:
+            return None
         return tuple((i, data) for i, data in doc.updates.items() if i > after_id)
 
     async def compact(self, key: str, upto_id: int, snapshot: bytes) -> None:

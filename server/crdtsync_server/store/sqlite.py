@@ -227,9 +227,10 @@ class SQLiteStore:
         """The stored log of ``key``; an empty ``DocLog`` if it was never written."""
         return await self._run(_load_doc, key)
 
-    async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...]:
-        """Updates of ``key`` with id > ``after_id`` in id order."""
-        return await self._run(_select_updates, key, after_id)
+    async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...] | None:
+        """Updates of ``key`` with id > ``after_id`` in id order; ``None`` if compacted
+        past ``after_id``."""
+        return await self._run(_read_since, key, after_id)
 
     async def compact(self, key: str, upto_id: int, snapshot: bytes) -> None:
         """Install ``snapshot`` as covering ids <= ``upto_id`` and delete exactly those rows,
@@ -365,6 +366,16 @@ def _load_doc(conn: sqlite3.Connection, key: str) -> DocLog:
         gen, snapshot, snapshot_id = row if row is not None else (0, b"", 0)
         updates = _select_updates(conn, key, snapshot_id)
     return DocLog(gen, bytes(snapshot), snapshot_id, updates)
+
+
+def _read_since(
+    conn: sqlite3.Connection, key: str, after_id: int
+) -> tuple[tuple[int, bytes], ...] | None:
+    with transaction(conn, "DEFERRED"):  # one read snapshot for both queries
+        row = conn.execute("SELECT snapshot_id FROM docs WHERE key = ?", (key,)).fetchone()
+        if row is not None and after_id < int(row[0]):
+            return None
+        return _select_updates(conn, key, after_id)
 
 
 def _select_updates(
