@@ -56,11 +56,13 @@ class AdminClient:
                                   err.get("detail") or None, status)
         return data
 
-    async def add_device(self, device_id: str, meta: Mapping[str, Any] | None = None
-                         ) -> dict[str, Any]:
-        """Provision a device; the result holds its ``token`` (shown only once)."""
+    async def add_device(self, device_id: str, meta: Mapping[str, Any] | None = None,
+                         fleet: str | None = None) -> dict[str, Any]:
+        """Provision a device (optionally in ``fleet``); the result holds its ``token``
+        (shown only once)."""
         return await self.request("POST", "/v1/devices",  # type: ignore[no-any-return]
-                                  json={"id": device_id, "meta": dict(meta or {})})
+                                  json={"id": device_id, "meta": dict(meta or {}),
+                                        "fleet": fleet})
 
     async def list_devices(self, after: str = "", limit: int = 100) -> dict[str, Any]:
         return await self.request("GET", "/v1/devices",  # type: ignore[no-any-return]
@@ -68,6 +70,35 @@ class AdminClient:
 
     async def device(self, device_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/v1/devices/{quote(device_id)}")  # type: ignore[no-any-return]
+
+    async def add_fleet(self, fleet_id: str, meta: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any]:
+        """Create a fleet; :class:`AlreadyExists` if the id is taken."""
+        return await self.request("POST", "/v1/fleets",  # type: ignore[no-any-return]
+                                  json={"id": fleet_id, "meta": dict(meta or {})})
+
+    async def list_fleets(self, after: str = "", limit: int = 100) -> dict[str, Any]:
+        """One page of fleets in id order: ``{"fleets": [...], "next": id | None}``."""
+        return await self.request("GET", "/v1/fleets",  # type: ignore[no-any-return]
+                                  params={"after": after, "limit": str(limit)})
+
+    async def fleet(self, fleet_id: str) -> dict[str, Any]:
+        """One fleet; :class:`NotFound` if it does not exist."""
+        return await self.request("GET", f"/v1/fleets/{quote(fleet_id)}")  # type: ignore[no-any-return]
+
+    async def fleet_devices(self, fleet_id: str, after: str = "", limit: int = 100
+                            ) -> dict[str, Any]:
+        """One page of the fleet's devices: ``{"devices": [...], "next": id | None}``."""
+        return await self.request(  # type: ignore[no-any-return]
+            "GET", f"/v1/fleets/{quote(fleet_id)}/devices",
+            params={"after": after, "limit": str(limit)})
+
+    async def set_fleet(self, device_id: str, fleet_id: str | None) -> dict[str, Any]:
+        """Move the device into ``fleet_id`` (``None``: out of every fleet); returns the
+        device with its ``fleet`` and ``fleet_gen``. :class:`NotFound` for an unknown device
+        or fleet."""
+        return await self.request(  # type: ignore[no-any-return]
+            "PUT", f"/v1/devices/{quote(device_id)}/fleet", json={"fleet": fleet_id})
 
     async def state(self, device_id: str) -> dict[str, Any]:
         """The device's document as ``{map: {key: value}}``."""

@@ -1,9 +1,12 @@
-"""The ``crdtsync`` command: run a server or the demo, and manage devices, state and events.
+"""The ``crdtsync`` command: run a server or the demo, and manage devices, fleets, state and
+events.
 
     crdtsync serve  [--db PATH] [--host H] [--port N] [--admin-token T] [--max-body B]
                     [--routes FILE]
     crdtsync demo   [--devices N] [--duration S] [--db PATH] [--port N] [--data-dir DIR]
     crdtsync device add ID [--meta JSON] | crdtsync device list | crdtsync device show ID
+    crdtsync fleet add ID [--meta JSON] | crdtsync fleet list | crdtsync fleet show ID
+    crdtsync fleet devices ID | crdtsync fleet assign DEVICE (FLEET | --none)
     crdtsync state ID [--map NAME] | crdtsync state set ID KEY=VALUE... [--map NAME]
     crdtsync events [--device ID] [--topic T] [--after CURSOR] [--limit N] [--follow]
     crdtsync simulate [--devices N] [--servers M] [--steps S] [--seed K] [--seeds N]
@@ -145,18 +148,26 @@ async def cmd_device_add(admin: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_device_list(admin: AdminClient, args: argparse.Namespace) -> int:
-    """Print every device as a table, in id order."""
-    rows = [("ID", "LAST SEQ", "LOST", "LAST SYNC", "CREATED")]
+async def every(fetch: Callable[[str], Awaitable[dict[str, Any]]], key: str
+                ) -> list[dict[str, Any]]:
+    """Every item of a listing paginated by id: ``fetch(after)`` returns one page,
+    ``{key: [...], "next": id | None}``."""
+    items: list[dict[str, Any]] = []
     after = ""
     while True:
-        page = await admin.list_devices(after, PAGE)
-        rows += [(d["id"], str(d["last_seq"]), str(d["events_lost"]),
-                  format_time(d["last_sync"]), format_time(d["created"]))
-                 for d in page["devices"]]
+        page = await fetch(after)
+        items += page[key]
         if not page["next"]:
-            break
+            return items
         after = page["next"]
+
+
+async def cmd_device_list(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Print every device as a table, in id order."""
+    devices = await every(lambda after: admin.list_devices(after, PAGE), "devices")
+    rows = [("ID", "LAST SEQ", "LOST", "LAST SYNC", "CREATED")]
+    rows += [(d["id"], str(d["last_seq"]), str(d["events_lost"]),
+              format_time(d["last_sync"]), format_time(d["created"])) for d in devices]
     out(format_table(rows))
     return 0
 
@@ -164,6 +175,44 @@ async def cmd_device_list(admin: AdminClient, args: argparse.Namespace) -> int:
 async def cmd_device_show(admin: AdminClient, args: argparse.Namespace) -> int:
     """Print one device's record as JSON."""
     out(pretty(await admin.device(args.id)))
+    return 0
+
+
+async def cmd_fleet_add(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Create a fleet and print it as JSON."""
+    out(pretty(await admin.add_fleet(args.id, args.meta)))
+    return 0
+
+
+async def cmd_fleet_list(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Print every fleet as a table, in id order."""
+    fleets = await every(lambda after: admin.list_fleets(after, PAGE), "fleets")
+    rows = [("ID", "CREATED", "META")]
+    rows += [(f["id"], format_time(f["created"]), compact(f["meta"])) for f in fleets]
+    out(format_table(rows))
+    return 0
+
+
+async def cmd_fleet_show(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Print one fleet as JSON."""
+    out(pretty(await admin.fleet(args.id)))
+    return 0
+
+
+async def cmd_fleet_devices(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Print the fleet's devices as a table, in id order."""
+    devices = await every(lambda after: admin.fleet_devices(args.id, after, PAGE), "devices")
+    rows = [("ID", "FLEET GEN", "LAST SYNC")]
+    rows += [(d["id"], str(d["fleet_gen"]), format_time(d["last_sync"])) for d in devices]
+    out(format_table(rows))
+    return 0
+
+
+async def cmd_fleet_assign(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Move a device into FLEET, or out of every fleet with ``--none``; print the device."""
+    if (args.fleet is None) == (not args.none):
+        raise UsageError("give either FLEET or --none")
+    out(pretty(await admin.set_fleet(args.device, args.fleet)))
     return 0
 
 
@@ -318,6 +367,31 @@ def add_device(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     show.set_defaults(run=admin_command(cmd_device_show))
 
 
+def add_fleet(sub: Subparsers, client: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("fleet", help="create fleets and put devices in them")
+    fleet = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = fleet.add_parser("add", parents=[client], help="create a fleet",
+                           description=cmd_fleet_add.__doc__)
+    add.add_argument("id")
+    add.add_argument("--meta", type=json_object, default={}, help="JSON object kept with it")
+    add.set_defaults(run=admin_command(cmd_fleet_add))
+    listing = fleet.add_parser("list", parents=[client], help="list fleets")
+    listing.set_defaults(run=admin_command(cmd_fleet_list))
+    show = fleet.add_parser("show", parents=[client], help="show one fleet as JSON")
+    show.add_argument("id")
+    show.set_defaults(run=admin_command(cmd_fleet_show))
+    devices = fleet.add_parser("devices", parents=[client], help="list a fleet's devices")
+    devices.add_argument("id")
+    devices.set_defaults(run=admin_command(cmd_fleet_devices))
+    assign = fleet.add_parser("assign", parents=[client], help="move a device to a fleet",
+                              usage="crdtsync fleet assign DEVICE (FLEET | --none)",
+                              description=cmd_fleet_assign.__doc__)
+    assign.add_argument("device")
+    assign.add_argument("fleet", nargs="?")
+    assign.add_argument("--none", action="store_true", help="take the device out of its fleet")
+    assign.set_defaults(run=admin_command(cmd_fleet_assign))
+
+
 def add_state(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "state", parents=[client], help="show a device's state, or set keys of it",
@@ -356,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo(sub)
     add_simulate(sub)
     add_device(sub, client)
+    add_fleet(sub, client)
     add_state(sub, client)
     add_events(sub, client)
     return parser

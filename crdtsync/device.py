@@ -47,6 +47,7 @@ from .protocol import (
     encode_request,
     parse_state_vector,
 )
+from .shared import SHARED_DOCS, Env, ReadOnlyMap, SharedDoc
 from .state import StateMap
 from .transport import HttpTransport, Transport
 from .values import check_value, normalize
@@ -76,6 +77,8 @@ class SyncReport:
     changes: int = 0
     downlink: int = 0
     """Cloud messages and commands processed."""
+    env_changes: int = 0
+    """Environment variables whose merged value changed."""
     outcomes: int = 0
     """Proxied-request outcomes received."""
     recovered: bool = False
@@ -131,6 +134,9 @@ class Device:
         self._store = DeviceStore(path, synchronous=durability)
         self._inbox = Inbox(self._store, device_id)
         self._calls = Calls(self._store)
+        self._shared = {name: SharedDoc(name, self._store) for name in SHARED_DOCS}
+        self.env = Env(self._own_env, self._shared["fleet"], self._shared["project"])
+        """Environment variables, merged: device > fleet > project (read-only)."""
         self._doc: Doc[Any] | None = None
         self._captured: list[bytes] = []
         self._applying_remote = False
@@ -166,9 +172,12 @@ class Device:
         if client_id is None:
             client_id = crdt.random_client_id()
             await self._store.set_meta(client_id=client_id)
+        for shared in self._shared.values():
+            await shared.load(int(client_id))
         local = await self._store.load_doc(STATE_DOC)
         self._install_doc(crdt.new_doc(int(client_id), local.snapshot,
                                        (u for _, u in local.updates)))
+        self.env.remember()
         if self.interval is not None:
             self._task = asyncio.create_task(self._run(), name=f"crdtsync-sync-{self.id}")
 
@@ -205,6 +214,17 @@ class Device:
     def map(self, name: str) -> StateMap:
         """The root map ``name`` of the device document (``state`` is :attr:`state`)."""
         return StateMap(self, name)
+
+    def fleet(self, name: str) -> ReadOnlyMap:
+        """The root map ``name`` of the fleet's shared document (read-only on the device)."""
+        self._check_open()
+        return ReadOnlyMap(self._shared["fleet"], name)
+
+    def _own_env(self) -> dict[str, Any]:
+        # Never create the root by reading it: an empty map would exist only on the device.
+        if self._state != "open" or "env" not in self.doc.keys():  # noqa: SIM118
+            return {}
+        return StateMap(self, "env").to_dict()
 
     def write_state(self, name: str, changes: Mapping[str, Any]) -> None:
         """Validate and apply ``changes`` to root map ``name`` in one transaction, then persist
@@ -410,7 +430,7 @@ class Device:
                  if self._store.outbox_count else [])
         calls, outcomes_acked = await self._calls.to_send(DEFAULT_LIMITS.max_items)
         request = SyncRequest(
-            device=self.id, docs=(part,),
+            device=self.id, docs=(part, *(s.part() for s in self._shared.values())),
             events=tuple(Event(e.seq, e.topic, e.time, None) for e in batch),
             purged=int(self._store.meta.get("purged", 0)),
             down_done=self._inbox.done,
@@ -436,6 +456,10 @@ class Device:
         if version == self._local_version:
             self._synced_version = version
         resend = await self._apply_response(response, sent_sv, report)
+        for doc_part in response.docs:
+            if doc_part.doc in self._shared:
+                await self._shared[doc_part.doc].apply(doc_part)
+        report.env_changes += self.env.announce()
         acked = await self._ack(response, batch, report)
         results = await self._apply_downlink(response, report)
         await self._maybe_compact()

@@ -190,6 +190,11 @@ class DeviceStore:
         """Store ``snapshot`` (covering every update id <= ``upto``) and delete those rows."""
         await self._db.run(_compact, self._m, doc, upto, snapshot)
 
+    async def replace_doc(self, doc: str, snapshot: bytes, **meta: Any) -> None:
+        """Make ``snapshot`` the whole stored state of ``doc`` (its log rows go) and set
+        ``meta``, in one transaction (shared read-only documents)."""
+        await self._db.run(_replace_doc, self._m, doc, snapshot, meta)
+
     async def push_event(self, topic: str, time: int, body: bytes,
                          limits: OutboxLimits) -> int:
         """Durably queue an event and return its seq; apply the outbox policy when full."""
@@ -303,6 +308,16 @@ def _compact(conn: sqlite3.Connection, m: _Mirror, doc: str, upto: int,
         conn.execute("DELETE FROM updates WHERE doc = ? AND id <= ?", (doc, upto))
         remaining = int(conn.execute("SELECT COUNT(*) FROM updates").fetchone()[0])
     m.update_rows = remaining
+
+
+def _replace_doc(conn: sqlite3.Connection, m: _Mirror, doc: str, snapshot: bytes,
+                 meta: dict[str, Any]) -> None:
+    with transaction(conn):
+        conn.execute("INSERT OR REPLACE INTO snapshots (doc, data, upto) VALUES (?, ?, ?)",
+                     (doc, snapshot, m.last_update_id))
+        conn.execute("DELETE FROM updates WHERE doc = ?", (doc,))
+        _write_meta(conn, meta)
+    m.meta.update(meta)
 
 
 def _overflow(m: _Mirror, size: int, limits: OutboxLimits) -> int:

@@ -522,7 +522,7 @@ def wire_codes() -> set[str]:
 
 
 WIRE_CODES = wire_codes()
-FUZZ_STATUSES = {200, 400, 401, 404, 409, 413, 415}
+FUZZ_STATUSES = {200, 400, 401, 403, 404, 409, 413, 415}
 FUZZ_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                          suppress_health_check=[HealthCheck.too_slow,
                                                 HealthCheck.data_too_large])
@@ -650,7 +650,7 @@ def checked_updates(draw: st.DrawFn) -> dict[str, Any]:
 def good_docs(draw: st.DrawFn) -> dict[str, Any]:
     """Well-typed document entries: a name, a valid state vector, maybe a generation and a
     checked update."""
-    doc: dict[str, Any] = {"d": draw(st.sampled_from(["state", "state", "fleet"])),
+    doc: dict[str, Any] = {"d": draw(st.sampled_from(["state", "state", "fleet", "other"])),
                            "sv": draw(state_vectors)}
     if draw(st.booleans()):
         doc["g"] = draw(st.sampled_from([0, 0, 1, 2]))
@@ -659,7 +659,7 @@ def good_docs(draw: st.DrawFn) -> dict[str, Any]:
 
 
 fuzzed_docs = st.fixed_dictionaries({}, optional={
-    "d": maybe(st.sampled_from(["state", "fleet", "bad name"])),
+    "d": maybe(st.sampled_from(["state", "fleet", "other", "bad name"])),
     "g": maybe(st.integers(0, 3)),
     "sv": maybe(st.one_of(st.just(b"\x00"), st.binary(max_size=12))),
     "u": maybe(st.binary(max_size=32)),
@@ -777,7 +777,7 @@ async def synced_device(admin: AdminClient, server: Server, path: Path, name: st
 FUZZ_CASES = [
     # (fuzz, codes it must reach: proof that it got past the layers in front)
     (fuzz_random_bytes, {"malformed_request", "unsupported_encoding"}),
-    (fuzz_envelopes, {"unauthorized", "unknown_document", "generation_mismatch",
+    (fuzz_envelopes, {"unauthorized", "unknown_document", "generation_mismatch", "forbidden",
                       "seq_conflict", "corrupt_update"}),
     (fuzz_mutations, {"corrupt_update", "malformed_request"}),
 ]

@@ -24,6 +24,7 @@ from crdtsync_server.store import (
     DocLog,
     DocWrite,
     Downlink,
+    FleetRecord,
     MemoryStore,
     ProxyRequest,
     SQLiteStore,
@@ -757,6 +758,133 @@ async def test_list_devices_pages_by_id(store: Store) -> None:
     assert [d.id for d in await store.list_devices()] == [f"dev-{c}" for c in "abcde"]
 
 
+# --- fleets ------------------------------------------------------------------------------
+
+
+async def add_fleet(store: Store, fleet_id: str = "north", **kw: Any) -> FleetRecord:
+    record = FleetRecord(id=fleet_id, created=5, **kw)
+    await store.add_fleet(record)
+    return record
+
+
+async def test_fleet_roundtrip(store: Store) -> None:
+    record = await add_fleet(store, meta={"region": "eu", "tags": ["a"], "n": 2})
+    assert await store.get_fleet("north") == record
+    assert record.to_json() == {"id": "north", "created": 5,
+                                "meta": {"region": "eu", "tags": ["a"], "n": 2}}
+    assert await store.get_fleet("south") is None
+
+
+async def test_fleet_meta_is_a_copy(store: Store) -> None:
+    meta: dict[str, Any] = {"tags": ["a"]}
+    await add_fleet(store, meta=meta)
+    meta["tags"].append("b")
+    fleet = await store.get_fleet("north")
+    assert fleet is not None and fleet.meta == {"tags": ["a"]}
+
+
+async def test_duplicate_fleet_is_refused(store: Store) -> None:
+    await add_fleet(store, meta={"v": 1})
+    with pytest.raises(AlreadyExists) as info:
+        await store.add_fleet(FleetRecord(id="north", created=99, meta={"v": 2}))
+    assert info.value.detail == {"fleet": "north"}
+    assert await store.get_fleet("north") == FleetRecord("north", 5, {"v": 1})
+
+
+async def test_list_fleets_pages_by_id(store: Store) -> None:
+    for name in ["f-c", "f-a", "f-d", "f-b"]:
+        await add_fleet(store, name)
+    first = await store.list_fleets(limit=3)
+    assert [f.id for f in first] == ["f-a", "f-b", "f-c"]
+    assert [f.id for f in await store.list_fleets(after=first[-1].id)] == ["f-d"]
+    assert await store.list_fleets(after="f-d") == []
+    assert await store.list_fleets(limit=0) == []
+    with pytest.raises(ValueError):
+        await store.list_fleets(limit=-1)
+
+
+async def test_new_device_has_no_fleet(store: Store) -> None:
+    await add_device(store)
+    device = await store.get_device("dev-1")
+    assert device is not None and (device.fleet, device.fleet_gen) == (None, 0)
+
+
+async def test_add_device_in_a_fleet(store: Store) -> None:
+    await add_fleet(store)
+    record = await add_device(store, fleet="north", fleet_gen=3)
+    assert await store.get_device("dev-1") == record
+    assert await store.devices_in_fleet("north") == [record]
+
+
+async def test_add_device_in_unknown_fleet_is_refused(store: Store) -> None:
+    with pytest.raises(NotFound) as info:
+        await add_device(store, fleet="nowhere")
+    assert info.value.detail == {"fleet": "nowhere"}
+    assert await store.get_device("dev-1") is None
+
+
+async def test_set_device_fleet_bumps_gen_on_change_only(store: Store) -> None:
+    await add_fleet(store, "north")
+    await add_fleet(store, "south")
+    await add_device(store, meta={"k": "v"}, last_seq=4)
+    steps = [("north", 1), ("north", 1), ("south", 2), (None, 3), (None, 3), ("north", 4)]
+    for fleet, gen in steps:
+        returned = await store.set_device_fleet("dev-1", fleet, now=100)
+        assert (returned.fleet, returned.fleet_gen) == (fleet, gen)
+        assert await store.get_device("dev-1") == returned
+    assert (returned.meta, returned.last_seq, returned.token_hash) == ({"k": "v"}, 4,
+                                                                       "hash-dev-1")
+
+
+async def test_set_device_fleet_refuses_unknown_device_or_fleet(store: Store) -> None:
+    await add_fleet(store)
+    await add_device(store)
+    await store.set_device_fleet("dev-1", "north", now=1)
+    with pytest.raises(NotFound) as info:
+        await store.set_device_fleet("dev-1", "nowhere", now=2)
+    assert info.value.detail == {"fleet": "nowhere"}
+    with pytest.raises(NotFound) as info:
+        await store.set_device_fleet("ghost", "north", now=2)
+    assert info.value.detail == {"device": "ghost"}
+    with pytest.raises(NotFound):
+        await store.set_device_fleet("ghost", None, now=2)
+    device = await store.get_device("dev-1")
+    assert device is not None and (device.fleet, device.fleet_gen) == ("north", 1)
+    assert await store.get_device("ghost") is None
+
+
+async def test_devices_in_fleet_pages_by_id(store: Store) -> None:
+    await add_fleet(store, "north")
+    await add_fleet(store, "south")
+    for name in ["dev-c", "dev-a", "dev-e", "dev-b", "dev-d", "dev-x"]:
+        await add_device(store, name)
+    for name in ["dev-c", "dev-a", "dev-e", "dev-d"]:
+        await store.set_device_fleet(name, "north", now=1)
+    await store.set_device_fleet("dev-b", "south", now=1)
+    first = await store.devices_in_fleet("north", limit=2)
+    assert [d.id for d in first] == ["dev-a", "dev-c"]
+    assert all((d.fleet, d.fleet_gen) == ("north", 1) for d in first)
+    assert [d.id for d in await store.devices_in_fleet("north", after="dev-c")] == [
+        "dev-d", "dev-e"]
+    assert [d.id for d in await store.devices_in_fleet("south")] == ["dev-b"]
+    assert await store.devices_in_fleet("north", limit=0) == []
+    assert await store.devices_in_fleet("nowhere") == []
+    await store.set_device_fleet("dev-c", None, now=2)
+    assert [d.id for d in await store.devices_in_fleet("north")] == ["dev-a", "dev-d", "dev-e"]
+
+
+async def test_sync_commit_keeps_the_fleet(store: Store) -> None:
+    await add_fleet(store)
+    await add_device(store)
+    await store.set_device_fleet("dev-1", "north", now=1)
+    await store.commit(SyncWrite("dev-1", time=10, events=evs(1, 2)))
+    await queue(store, now=11)
+    device = await store.get_device("dev-1")
+    assert device is not None
+    assert (device.fleet, device.fleet_gen, device.last_seq, device.down_seq) == (
+        "north", 1, 2, 1)
+
+
 # --- settings and lifecycle --------------------------------------------------------------
 
 
@@ -781,6 +909,8 @@ async def test_closed_store_refuses_calls(store: Store) -> None:
         await store.queue_downlink("dev-1", "message", "t", {}, now=1, expires=None)
     with pytest.raises(ClosedError):
         await store.claim_request("dev-1", "r1", now=1)
+    with pytest.raises(ClosedError):
+        await store.set_device_fleet("dev-1", None, now=1)
     with pytest.raises(ClosedError):
         await store.open()
 

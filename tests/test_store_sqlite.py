@@ -3,11 +3,12 @@ golden databases, pragmas, lifecycle, and :func:`open_store` URL parsing. The sh
 contract is in ``test_store_contract.py``.
 
 Golden databases live in ``tests/data/schema/server_v<n>.db``, one per released schema, each
-holding a device, an event and a document update written with that schema alone.
-:func:`write_v1_fixture` made ``server_v1.db``; it only ever runs ``MIGRATIONS[0]`` (which is
-never edited), so regenerating it with ``CRDTSYNC_REGEN_FIXTURES=1 pytest
-tests/test_store_sqlite.py`` yields the same content. Never regenerate it to make a failing
-migration test pass: the file stands for databases already in the field.
+holding a device, an event and a document update written with that schema alone (v2 adds a
+downlink item and a request). :func:`write_v1_fixture` made ``server_v1.db`` and
+:func:`write_v2_fixture` ``server_v2.db``; they only ever run ``MIGRATIONS[0]`` and
+``MIGRATIONS[1]`` (never edited), so regenerating them with ``CRDTSYNC_REGEN_FIXTURES=1 pytest
+tests/test_store_sqlite.py`` yields the same content. Never regenerate one to make a failing
+migration test pass: the files stand for databases already in the field.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from crdtsync_server.store import (
     CommandResult,
     DeviceRecord,
     DocWrite,
+    FleetRecord,
     MemoryStore,
     ProxyRequest,
     SQLiteStore,
@@ -79,10 +81,57 @@ def write_v1_fixture(path: Path = FIXTURES / "server_v1.db") -> None:
         conn.execute("VACUUM")  # a compact single file, no journal left behind
 
 
+# What server_v2.db holds besides V1's rows (device "dev-v2"): a delivered command and a
+# pending request; the device processed nothing yet.
+V2_DEVICE = DeviceRecord(
+    "dev-v2", "hash-v2", created=1_710_000_000_000, last_sync=1_710_000_000_500,
+    last_seq=1, meta={"site": "south"}, down_seq=1, down_done=0,
+)
+V2_EVENT = Event(1, "hum", 1_710_000_000_000, {"rh": 40})
+
+
+def write_v2_fixture(path: Path = FIXTURES / "server_v2.db") -> None:
+    """Write ``server_v2.db``: schemas v1 and v2 only, one device with one event, one doc
+    update, one delivered command and one pending request."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    d, e, t = V2_DEVICE, V2_EVENT, V2_DEVICE.last_sync
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        with transaction(conn):
+            for statement in (*statements(MIGRATIONS[0]), *statements(MIGRATIONS[1])):
+                conn.execute(statement)
+            conn.execute("PRAGMA user_version = 2")
+            conn.execute(
+                "INSERT INTO devices (id, token_hash, created, last_sync, last_seq,"
+                " events_lost, meta, down_seq, down_done) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (d.id, d.token_hash, d.created, d.last_sync, d.last_seq, d.events_lost,
+                 '{"site":"south"}', d.down_seq, d.down_done),
+            )
+            conn.execute(
+                "INSERT INTO events (device, seq, topic, time, received, body, digest)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (d.id, e.seq, e.topic, e.time, t, event_json(e), event_digest(e)),
+            )
+            conn.execute("INSERT INTO docs (key, gen) VALUES ('state', 0)")
+            conn.execute(
+                "INSERT INTO updates (key, gen, data) VALUES ('state', 0, ?)", (V1_UPDATE,))
+            conn.execute(
+                "INSERT INTO downlink (device, seq, kind, name, body, created, status, updated)"
+                " VALUES (?, 1, 'command', 'reboot', '{\"delay\":5}', ?, 'delivered', ?)",
+                (d.id, t, t),
+            )
+            conn.execute(
+                "INSERT INTO requests (device, id, route, body, created, updated)"
+                " VALUES (?, 'r1', 'weather', '{}', ?, ?)", (d.id, t, t),
+            )
+        conn.execute("VACUUM")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _regenerate_fixtures() -> None:
     if REGEN:
         write_v1_fixture()
+        write_v2_fixture()
 
 
 def _user_version(path: Path) -> int:
@@ -126,7 +175,8 @@ async def test_fresh_database_gets_current_schema(tmp_path: Path) -> None:
     assert _user_version(path) == SCHEMA_VERSION
     with closing(sqlite3.connect(path)) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"docs", "updates", "devices", "events", "settings", "downlink", "requests"} <= tables
+    assert {"docs", "updates", "devices", "events", "settings", "downlink", "requests",
+            "fleets"} <= tables
 
 
 # --- migrations from golden databases ----------------------------------------------------
@@ -143,12 +193,18 @@ def test_v1_fixture_is_what_the_v1_script_makes(tmp_path: Path) -> None:
     assert _dump(FIXTURES / "server_v1.db") == _dump(tmp_path / "v1.db")
 
 
-async def test_v1_database_migrates_to_v2(tmp_path: Path) -> None:
+def test_v2_fixture_is_what_the_v2_scripts_make(tmp_path: Path) -> None:
+    write_v2_fixture(tmp_path / "v2.db")
+    assert _dump(FIXTURES / "server_v2.db") == _dump(tmp_path / "v2.db")
+
+
+async def test_v1_database_migrates_to_v3(tmp_path: Path) -> None:
     path = tmp_path / "sync.db"
     shutil.copyfile(FIXTURES / "server_v1.db", path)
     assert _user_version(path) == 1
     async with SQLiteStore(path) as store:
-        assert await store.get_device("dev-old") == V1_DEVICE  # down_seq = down_done = 0
+        # down_seq = down_done = 0, fleet = None, fleet_gen = 0
+        assert await store.get_device("dev-old") == V1_DEVICE
         assert [(e.cursor, e.device, e.seq, e.topic, e.time, e.received, e.body)
                 for e in await store.read_events()] == [
             (1, "dev-old", 1, "temp", V1_EVENT.time, V1_DEVICE.last_sync, V1_EVENT.body)]
@@ -177,12 +233,57 @@ async def test_v1_database_migrates_to_v2(tmp_path: Path) -> None:
         device = await store.get_device("dev-old")
         assert device is not None and (device.down_seq, device.down_done) == (1, 1)
         assert (device.meta, device.last_seq) == ({"site": "north"}, 2)
-    assert _user_version(path) == 2 == SCHEMA_VERSION
+
+        await store.add_fleet(FleetRecord("north", created=1_700_000_004_000))
+        moved = await store.set_device_fleet("dev-old", "north", now=1_700_000_004_001)
+        assert (moved.fleet, moved.fleet_gen, moved.down_done) == ("north", 1, 1)
+    assert _user_version(path) == 3 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         columns = {row[1]: row[4] for row in conn.execute("PRAGMA table_info(devices)")}
     assert (columns["down_seq"], columns["down_done"]) == ("0", "0")
+    assert (columns["fleet"], columns["fleet_gen"]) == (None, "0")
     assert _user_version(FIXTURES / "server_v1.db") == 1  # the golden file was not touched
+
+
+async def test_v2_database_migrates_to_v3(tmp_path: Path) -> None:
+    path = tmp_path / "sync.db"
+    shutil.copyfile(FIXTURES / "server_v2.db", path)
+    assert _user_version(path) == 2
+    async with SQLiteStore(path) as store:
+        assert await store.get_device("dev-v2") == V2_DEVICE  # fleet = None, fleet_gen = 0
+        assert await store.list_fleets() == []
+        assert [(e.device, e.seq, e.body) for e in await store.read_events()] == [
+            ("dev-v2", 1, V2_EVENT.body)]
+        assert (await store.load_doc("state")).updates == ((1, V1_UPDATE),)
+        command = await store.get_downlink(1)
+        assert command is not None
+        assert (command.seq, command.status, command.body) == (1, "delivered", {"delay": 5})
+
+        await store.add_fleet(FleetRecord("south", created=1_710_000_001_000, meta={"n": 1}))
+        moved = await store.set_device_fleet("dev-v2", "south", now=1_710_000_001_001)
+        assert (moved.fleet, moved.fleet_gen, moved.down_seq) == ("south", 1, 1)
+        assert [d.id for d in await store.devices_in_fleet("south")] == ["dev-v2"]
+
+        # The v2 rows still work: the command's result lands, the request is claimed once.
+        done = await store.commit(SyncWrite(
+            "dev-v2", time=1_710_000_002_000, down_done=1,
+            results=[CommandResult(1, True, {"up": True})],
+            events=[V2_EVENT, Event(2, "hum", 1_710_000_001_500, {"rh": 41})],
+        ))
+        assert (done.down_done, done.stored, done.last_seq) == (1, 1, 2)
+        command = await store.get_downlink(1)
+        assert command is not None and command.status == "succeeded"
+        claimed = await store.claim_request("dev-v2", "r1", now=1_710_000_002_001)
+        assert claimed is not None and claimed.route == "weather"
+        device = await store.get_device("dev-v2")
+        assert device is not None and (device.fleet, device.down_done) == ("south", 1)
+    assert _user_version(path) == 3 == SCHEMA_VERSION
+
+    with closing(sqlite3.connect(path)) as conn:
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "devices_fleet_id" in indexes
+    assert _user_version(FIXTURES / "server_v2.db") == 2  # the golden file was not touched
 
 
 async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:

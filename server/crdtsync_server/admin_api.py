@@ -52,7 +52,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 def device_json(device: DeviceRecord) -> dict[str, Any]:
     return {"id": device.id, "created": device.created, "last_sync": device.last_sync,
             "last_seq": device.last_seq, "events_lost": device.events_lost,
-            "meta": dict(device.meta)}
+            "meta": dict(device.meta), "fleet": device.fleet, "fleet_gen": device.fleet_gen}
 
 
 def _int_param(request: web.Request, name: str, default: int, maximum: int,
@@ -99,9 +99,12 @@ async def add_device(request: web.Request) -> web.Response:
     meta = body.get("meta", {})
     if not isinstance(meta, dict):
         raise MalformedRequest("meta must be an object")
+    fleet = body.get("fleet")
+    if fleet is not None and not (isinstance(fleet, str) and NAME_RE.match(fleet)):
+        raise MalformedRequest("fleet must be a fleet id or null")
     token = new_token()
     record = DeviceRecord(id=body["id"], token_hash=hash_token(token),
-                          created=int(time.time() * 1000), meta=meta)
+                          created=int(time.time() * 1000), meta=meta, fleet=fleet)
     await request.app[SERVICES].store.add_device(record)
     return json_response({**device_json(record), "token": token}, status=201)
 

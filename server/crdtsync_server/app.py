@@ -93,6 +93,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     """Build the server app. ``store`` overrides ``config.db`` (tests, simulations)."""
     from .admin_api import routes as admin_routes
     from .downlink_api import routes as downlink_routes
+    from .env_api import routes as env_routes
+    from .fleets_api import routes as fleets_routes
     from .sync_api import routes as sync_routes
 
     app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware],
@@ -100,6 +102,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app.add_routes(sync_routes)
     app.add_routes(admin_routes)
     app.add_routes(downlink_routes)
+    app.add_routes(env_routes)
+    app.add_routes(fleets_routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         backend = store if store is not None else open_store(config.db)

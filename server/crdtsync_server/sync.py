@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from crdtsync import crdt
-from crdtsync.errors import GenerationMismatch, NotFound, UnknownDocument
+from crdtsync.errors import Forbidden, GenerationMismatch, NotFound, UnknownDocument
 from crdtsync.protocol import DocSync, DownItem, Outcome, SyncRequest, SyncResponse
 
 from .documents import DocumentCache, LiveDoc
@@ -23,15 +23,32 @@ from .proxy import ProxyRunner
 from .store import DeviceRecord, DocWrite, Store, SyncWrite
 from .store.base import CommandResult, ProxyRequest
 
-DEVICE_DOCS = frozenset({"state"})
-"""Documents a device syncs. A shared read-only fleet document joins later."""
+OWN_DOCS = frozenset({"state"})
+"""Documents a device owns and writes."""
+SHARED_DOCS = frozenset({"fleet", "project"})
+"""Documents shared with a device, read-only for it: its fleet's and the project's."""
+DEVICE_DOCS = OWN_DOCS | SHARED_DOCS
 
 EMPTY_UPDATE = b"\x00\x00"
+EMPTY_STATE_VECTOR = b"\x00"
+PROJECT_DOC = "project"
 
 
 def doc_key(device_id: str, doc: str) -> str:
     """Store key of a device's document: ``"<device>/<doc>"``."""
     return f"{device_id}/{doc}"
+
+
+def fleet_key(fleet: str) -> str:
+    """Store key of a fleet's shared document."""
+    return f"fleet:{fleet}"
+
+
+def shared_key(device: DeviceRecord, name: str) -> str | None:
+    """Store key of the shared document ``name`` for ``device`` (None: it has no fleet)."""
+    if name == "project":
+        return PROJECT_DOC
+    return fleet_key(device.fleet) if device.fleet else None
 
 
 def now_ms() -> int:
@@ -57,10 +74,16 @@ class SyncService:
             if part.doc not in DEVICE_DOCS:
                 raise UnknownDocument(f"document {part.doc!r} is not served to devices",
                                       {"doc": part.doc})
+        own = [p for p in request.docs if p.doc in OWN_DOCS]
+        shared = [p for p in request.docs if p.doc in SHARED_DOCS]
+        for part in shared:
+            if part.update:
+                raise Forbidden(f"the {part.doc} document is read-only for devices; nothing "
+                                "was applied", {"doc": part.doc})
         async with self.docs.lock(device.id):
-            lives = [await self.docs.get(doc_key(device.id, p.doc)) for p in request.docs]
+            lives = [await self.docs.get(doc_key(device.id, p.doc)) for p in own]
             try:
-                writes = [self._apply(live, part) for live, part in zip(lives, request.docs,
+                writes = [self._apply(live, part) for live, part in zip(lives, own,
                                                                         strict=True)]
                 result = await self.store.commit(self._write(device, request, writes))
             except BaseException:
@@ -73,9 +96,10 @@ class SyncService:
                 # process died before claiming it is still pending, and is claimed now.
                 await self.proxy.run(device.id, [c.id for c in request.calls],
                                      self.proxy_budget)
+            answers = [self._answer(live, part) for live, part in zip(lives, own, strict=True)]
+            answers += [await self._answer_shared(device, part) for part in shared]
             response = SyncResponse(
-                docs=tuple(self._answer(live, part) for live, part in zip(lives, request.docs,
-                                                                          strict=True)),
+                docs=tuple(answers),
                 acked=result.last_seq, time=now_ms(),
                 down=await self._downlink(device, result.down_done),
                 down_done=result.down_done,
@@ -97,6 +121,20 @@ class SyncService:
                       for c in request.calls],
             outcomes_acked=request.outcomes_acked,
         )
+
+    async def _answer_shared(self, device: DeviceRecord, part: DocSync) -> DocSync:
+        """The device's copy of a shared document: a diff, or the whole document when its
+        generation changed (for the fleet document: the device changed fleet)."""
+        gen = device.fleet_gen if part.doc == "fleet" else 0
+        key = shared_key(device, part.doc)
+        if key is None:
+            return DocSync(part.doc, EMPTY_STATE_VECTOR, b"", gen)
+        async with self.docs.lock(key):
+            live = await self.docs.get(key)
+            base = part.sv if part.gen == gen else EMPTY_STATE_VECTOR
+            update = live.doc.get_update(base)
+            return DocSync(part.doc, live.doc.get_state(),
+                           b"" if update == EMPTY_UPDATE else update, gen)
 
     async def _outcomes(self, device: DeviceRecord, request: SyncRequest
                         ) -> tuple[Outcome, ...]:
@@ -146,8 +184,24 @@ class SyncService:
         key); durable on return, delivered at the device's next sync. Returns the new map."""
         if await self.store.get_device(device_id) is None:
             raise NotFound(f"no device {device_id!r}")
-        key = doc_key(device_id, "state")
-        async with self.docs.lock(device_id):
+        return await self.write_doc(doc_key(device_id, "state"), device_id, name, changes)
+
+    async def write_shared(self, key: str, name: str,
+                           changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Cloud-side write into a shared document (``fleet_key(...)`` or ``"project"``);
+        every device that shares it receives it at its next sync."""
+        return await self.write_doc(key, key, name, changes)
+
+    async def read_doc(self, key: str, lock: str) -> dict[str, Any]:
+        """A stored document as JSON, read under ``lock``."""
+        async with self.docs.lock(lock):
+            return crdt.to_json((await self.docs.get(key)).doc)
+
+    async def write_doc(self, key: str, lock: str, name: str,
+                        changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge ``changes`` into root map ``name`` of document ``key`` under ``lock``;
+        durable on return; returns the new map."""
+        async with self.docs.lock(lock):
             live = await self.docs.get(key)
             try:
                 crdt.write(live.doc, name, changes)

@@ -2,7 +2,8 @@
 
 A :class:`Store` keeps, per document, an append-only update log keyed by a monotonic id plus
 one snapshot that covers every row up to ``snapshot_id``; an events table unique on
-``(device, seq)`` with a global arrival ``cursor``; devices with hashed tokens; and settings.
+``(device, seq)`` with a global arrival ``cursor``; devices with hashed tokens; fleets (a
+device belongs to at most one); and settings.
 Policy (when to compact, what a device may touch) lives one layer up, in
 ``crdtsync_server.documents`` and ``crdtsync_server.sync``. Every backend passes the same
 contract suite, ``tests/test_store_contract.py``.
@@ -56,6 +57,24 @@ class DeviceRecord:
     """Highest downlink seq given to this device."""
     down_done: int = 0
     """Highest downlink seq the device processed (acknowledged)."""
+    fleet: str | None = None
+    """The fleet the device belongs to, if any."""
+    fleet_gen: int = 0
+    """Bumped each time the device changes fleet; the device's copy of its fleet document is
+    replaced when it changes."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRecord:
+    """A fleet: a group of devices sharing one read-only fleet document. ``created`` is ms
+    since the epoch; ``meta`` a free-form JSON object."""
+
+    id: str
+    created: int
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "created": self.created, "meta": dict(self.meta)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,13 +283,36 @@ class Store(Protocol):
 
     # devices
     async def add_device(self, device: DeviceRecord) -> None:
-        """Insert a device; raises ``AlreadyExists`` if the id is taken."""
+        """Insert a device; raises ``AlreadyExists`` if the id is taken and ``NotFound`` if
+        its ``fleet`` does not exist."""
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
         """The device, or ``None`` if it does not exist."""
 
     async def list_devices(self, after: str = "", limit: int = 100) -> list[DeviceRecord]:
         """Devices with id > ``after`` in id order."""
+
+    # fleets
+    async def add_fleet(self, fleet: FleetRecord) -> None:
+        """Insert a fleet; raises ``AlreadyExists`` if the id is taken."""
+
+    async def get_fleet(self, fleet_id: str) -> FleetRecord | None:
+        """The fleet, or ``None`` if it does not exist."""
+
+    async def list_fleets(self, after: str = "", limit: int = 100) -> list[FleetRecord]:
+        """Fleets with id > ``after`` in id order."""
+
+    async def set_device_fleet(self, device_id: str, fleet: str | None, now: int
+                               ) -> DeviceRecord:
+        """Put the device in ``fleet`` (``None``: in no fleet) and return it as stored.
+        ``fleet_gen`` goes up by one only when the fleet actually changes. ``now`` (ms) is
+        the time of the change; no backend records it yet. Raises ``NotFound`` for an
+        unknown device or fleet, with nothing written."""
+
+    async def devices_in_fleet(self, fleet: str, after: str = "", limit: int = 100
+                               ) -> list[DeviceRecord]:
+        """Devices of ``fleet`` with id > ``after`` in id order; empty for an unknown
+        fleet."""
 
     # events
     async def read_events(

@@ -3,10 +3,11 @@
 It keeps the same contract as the SQLite store (the contract suite runs against both):
 monotonic update ids and event cursors that are never reused, compaction by id range,
 ``(device, seq)`` deduplication through :func:`plan_events`, and all-or-nothing commits.
-Event bodies, device metadata, downlink bodies and results, and request bodies and outcomes
-go through JSON on the way in and out, exactly as they do in a database, so a test cannot
-pass here and fail on SQLite because of a shared object. The downlink and request rules are
-those of :mod:`crdtsync_server.store.sqlite` (its module docstring spells them out).
+Event bodies, device and fleet metadata, downlink bodies and results, and request bodies
+and outcomes go through JSON on the way in and out, exactly as they do in a database, so a
+test cannot pass here and fail on SQLite because of a shared object. The downlink, request
+and fleet rules are those of :mod:`crdtsync_server.store.sqlite` (its module docstring spells
+them out).
 
 Every method runs synchronously between two awaits, so each one is atomic on its event loop.
 Nothing survives :meth:`MemoryStore.aclose`. Unlike a database store, a ``MemoryStore`` may
@@ -33,6 +34,7 @@ from .base import (
     DocWrite,
     Downlink,
     EventPlan,
+    FleetRecord,
     ProxyRequest,
     StoredEvent,
     SyncWrite,
@@ -131,6 +133,10 @@ def _copy_device(device: DeviceRecord) -> DeviceRecord:
     return dataclasses.replace(device, meta=json.loads(json.dumps(dict(device.meta))))
 
 
+def _copy_fleet(fleet: FleetRecord) -> FleetRecord:
+    return dataclasses.replace(fleet, meta=json.loads(json.dumps(dict(fleet.meta))))
+
+
 class MemoryStore:
     """A :class:`Store` held in dicts. Raises :class:`ClosedError` after :meth:`aclose`."""
 
@@ -139,6 +145,7 @@ class MemoryStore:
         self._docs: dict[str, _Doc] = {}
         self._last_update_id = 0
         self._devices: dict[str, DeviceRecord] = {}
+        self._fleets: dict[str, FleetRecord] = {}
         self._events: list[_Event] = []  # cursor order
         self._digests: dict[tuple[str, int], bytes] = {}
         self._settings: dict[str, str] = {}
@@ -166,6 +173,7 @@ class MemoryStore:
         self._closed = True
         self._docs.clear()
         self._devices.clear()
+        self._fleets.clear()
         self._events.clear()
         self._digests.clear()
         self._settings.clear()
@@ -424,8 +432,11 @@ class MemoryStore:
     # devices
 
     async def add_device(self, device: DeviceRecord) -> None:
-        """Insert a device; raises :class:`AlreadyExists` if the id is taken."""
+        """Insert a device; raises :class:`AlreadyExists` if the id is taken and
+        :class:`NotFound` if its ``fleet`` does not exist."""
         self._check_open()
+        if device.fleet is not None:
+            self._require_fleet(device.fleet)
         if device.id in self._devices:
             raise AlreadyExists(f"device {device.id!r} already exists", {"device": device.id})
         self._devices[device.id] = _copy_device(device)
@@ -442,6 +453,55 @@ class MemoryStore:
         check_limit(limit)
         ids = sorted(i for i in self._devices if i > after)[:limit]
         return [_copy_device(self._devices[i]) for i in ids]
+
+    # fleets
+
+    async def add_fleet(self, fleet: FleetRecord) -> None:
+        """Insert a fleet; raises :class:`AlreadyExists` if the id is taken."""
+        self._check_open()
+        if fleet.id in self._fleets:
+            raise AlreadyExists(f"fleet {fleet.id!r} already exists", {"fleet": fleet.id})
+        self._fleets[fleet.id] = _copy_fleet(fleet)
+
+    async def get_fleet(self, fleet_id: str) -> FleetRecord | None:
+        """The fleet, or ``None`` if it does not exist."""
+        self._check_open()
+        fleet = self._fleets.get(fleet_id)
+        return None if fleet is None else _copy_fleet(fleet)
+
+    async def list_fleets(self, after: str = "", limit: int = 100) -> list[FleetRecord]:
+        """Fleets with id > ``after`` in id order, at most ``limit`` (>= 0)."""
+        self._check_open()
+        check_limit(limit)
+        ids = sorted(i for i in self._fleets if i > after)[:limit]
+        return [_copy_fleet(self._fleets[i]) for i in ids]
+
+    def _require_fleet(self, fleet_id: str) -> None:
+        if fleet_id not in self._fleets:
+            raise NotFound(f"fleet {fleet_id!r} does not exist", {"fleet": fleet_id})
+
+    async def set_device_fleet(self, device_id: str, fleet: str | None, now: int
+                               ) -> DeviceRecord:
+        """Move the device to ``fleet`` (``None``: no fleet), bumping ``fleet_gen`` only on
+        a change; returns the stored record. :class:`NotFound` for an unknown device or
+        fleet, with nothing written."""
+        self._check_open()
+        device = self._require_device(device_id)
+        if fleet is not None:
+            self._require_fleet(fleet)
+        if fleet != device.fleet:
+            device = dataclasses.replace(device, fleet=fleet, fleet_gen=device.fleet_gen + 1)
+            self._devices[device_id] = device
+        return _copy_device(device)
+
+    async def devices_in_fleet(self, fleet: str, after: str = "", limit: int = 100
+                               ) -> list[DeviceRecord]:
+        """Devices of ``fleet`` with id > ``after`` in id order, at most ``limit`` (>= 0);
+        empty for an unknown fleet."""
+        self._check_open()
+        check_limit(limit)
+        ids = sorted(i for i, d in self._devices.items() if d.fleet == fleet and i > after)
+        return [_copy_device(self._devices[i]) for i in ids[:limit]]
 
     # events
 

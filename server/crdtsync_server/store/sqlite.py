@@ -34,6 +34,10 @@ Downlink and proxied requests (the memory store keeps the same rules):
   ``finish_request`` running -> done, and does nothing for a request that is not running;
   ``outcomes_acked`` moves done -> acked.
 
+Fleets: a device's ``fleet`` is checked against the ``fleets`` table in the transaction that
+sets it (``add_device``, ``set_device_fleet``), so both backends raise the same
+:class:`NotFound` (not a foreign-key ``IntegrityError`` to translate).
+
 Errors: ``sqlite3`` exceptions become :class:`StoreError` (``raise ... from``); the
 crdtsync errors of the contract (``NotFound``, ``AlreadyExists``, ``SeqGap``,
 ``SeqConflict``) pass through unchanged.
@@ -60,6 +64,7 @@ from .base import (
     DocWrite,
     Downlink,
     EventPlan,
+    FleetRecord,
     ProxyRequest,
     StoredEvent,
     SyncWrite,
@@ -153,6 +158,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX requests_device_status ON requests (device, status);
     """,
+    # v3: fleets; a device belongs to at most one
+    """
+    CREATE TABLE fleets (
+        id TEXT PRIMARY KEY,
+        created INTEGER NOT NULL,
+        meta TEXT NOT NULL DEFAULT '{}'
+    );
+    ALTER TABLE devices ADD COLUMN fleet TEXT;
+    ALTER TABLE devices ADD COLUMN fleet_gen INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX devices_fleet_id ON devices (fleet, id);
+    """,
 )
 """Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
 Append only: a released script is never edited."""
@@ -161,8 +177,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 _DEVICE_COLUMNS = (
-    "id, token_hash, created, last_sync, last_seq, events_lost, meta, down_seq, down_done"
+    "id, token_hash, created, last_sync, last_seq, events_lost, meta, down_seq, down_done,"
+    " fleet, fleet_gen"
 )
+_FLEET_COLUMNS = "id, created, meta"
 _EVENT_COLUMNS = "cursor, device, seq, topic, time, received, body"
 _DOWNLINK_COLUMNS = (
     "id, device, seq, kind, name, body, created, expires, status, result, error, updated"
@@ -313,7 +331,8 @@ class SQLiteStore:
     # devices
 
     async def add_device(self, device: DeviceRecord) -> None:
-        """Insert a device; raises :class:`AlreadyExists` if the id is taken."""
+        """Insert a device; raises :class:`AlreadyExists` if the id is taken and
+        :class:`NotFound` if its ``fleet`` does not exist."""
         await self._run(_add_device, device)
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
@@ -324,6 +343,35 @@ class SQLiteStore:
         """Devices with id > ``after`` in id order, at most ``limit`` (>= 0)."""
         check_limit(limit)
         return await self._run(_list_devices, after, limit)
+
+    # fleets
+
+    async def add_fleet(self, fleet: FleetRecord) -> None:
+        """Insert a fleet; raises :class:`AlreadyExists` if the id is taken."""
+        await self._run(_add_fleet, fleet)
+
+    async def get_fleet(self, fleet_id: str) -> FleetRecord | None:
+        """The fleet, or ``None`` if it does not exist."""
+        return await self._run(_select_fleet, fleet_id)
+
+    async def list_fleets(self, after: str = "", limit: int = 100) -> list[FleetRecord]:
+        """Fleets with id > ``after`` in id order, at most ``limit`` (>= 0)."""
+        check_limit(limit)
+        return await self._run(_list_fleets, after, limit)
+
+    async def set_device_fleet(self, device_id: str, fleet: str | None, now: int
+                               ) -> DeviceRecord:
+        """Move the device to ``fleet`` (``None``: no fleet) in one transaction, bumping
+        ``fleet_gen`` only on a change; returns the stored record. :class:`NotFound` for an
+        unknown device or fleet, with nothing written."""
+        return await self._run(_set_device_fleet, device_id, fleet)
+
+    async def devices_in_fleet(self, fleet: str, after: str = "", limit: int = 100
+                               ) -> list[DeviceRecord]:
+        """Devices of ``fleet`` with id > ``after`` in id order, at most ``limit`` (>= 0);
+        empty for an unknown fleet."""
+        check_limit(limit)
+        return await self._run(_devices_in_fleet, fleet, after, limit)
 
     # events
 
@@ -677,24 +725,28 @@ def _purge_finished(conn: sqlite3.Connection, before: int) -> int:
 
 
 def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
-    id_, token_hash, created, last_sync, last_seq, events_lost, meta, down_seq, down_done = row
+    (id_, token_hash, created, last_sync, last_seq, events_lost, meta, down_seq, down_done,
+     fleet, fleet_gen) = row
     return DeviceRecord(
         id=id_, token_hash=token_hash, created=created, last_sync=last_sync,
         last_seq=last_seq, events_lost=events_lost, meta=json.loads(meta),
-        down_seq=down_seq, down_done=down_done,
+        down_seq=down_seq, down_done=down_done, fleet=fleet, fleet_gen=fleet_gen,
     )
 
 
 def _add_device(conn: sqlite3.Connection, device: DeviceRecord) -> None:
-    cur = conn.execute(
-        f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (id) DO NOTHING",
-        (
-            device.id, device.token_hash, device.created, device.last_sync, device.last_seq,
-            device.events_lost, json.dumps(dict(device.meta), separators=(",", ":")),
-            device.down_seq, device.down_done,
-        ),
-    )
+    with transaction(conn):
+        if device.fleet is not None:
+            _require_fleet(conn, device.fleet)
+        cur = conn.execute(
+            f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO NOTHING",
+            (
+                device.id, device.token_hash, device.created, device.last_sync,
+                device.last_seq, device.events_lost, json_text(dict(device.meta)),
+                device.down_seq, device.down_done, device.fleet, device.fleet_gen,
+            ),
+        )
     if cur.rowcount == 0:
         raise AlreadyExists(f"device {device.id!r} already exists", {"device": device.id})
 
@@ -717,6 +769,65 @@ def _list_devices(conn: sqlite3.Connection, after: str, limit: int) -> list[Devi
     rows = conn.execute(
         f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE id > ? ORDER BY id LIMIT ?",
         (after, limit),
+    )
+    return [_device_from_row(row) for row in rows]
+
+
+# --- fleets (worker thread) --------------------------------------------------------------
+
+
+def _fleet_from_row(row: Sequence[Any]) -> FleetRecord:
+    id_, created, meta = row
+    return FleetRecord(id=id_, created=created, meta=json.loads(meta))
+
+
+def _add_fleet(conn: sqlite3.Connection, fleet: FleetRecord) -> None:
+    cur = conn.execute(
+        f"INSERT INTO fleets ({_FLEET_COLUMNS}) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        (fleet.id, fleet.created, json_text(dict(fleet.meta))),
+    )
+    if cur.rowcount == 0:
+        raise AlreadyExists(f"fleet {fleet.id!r} already exists", {"fleet": fleet.id})
+
+
+def _select_fleet(conn: sqlite3.Connection, fleet_id: str) -> FleetRecord | None:
+    row = conn.execute(
+        f"SELECT {_FLEET_COLUMNS} FROM fleets WHERE id = ?", (fleet_id,)
+    ).fetchone()
+    return None if row is None else _fleet_from_row(row)
+
+
+def _require_fleet(conn: sqlite3.Connection, fleet_id: str) -> None:
+    if _select_fleet(conn, fleet_id) is None:
+        raise NotFound(f"fleet {fleet_id!r} does not exist", {"fleet": fleet_id})
+
+
+def _list_fleets(conn: sqlite3.Connection, after: str, limit: int) -> list[FleetRecord]:
+    rows = conn.execute(
+        f"SELECT {_FLEET_COLUMNS} FROM fleets WHERE id > ? ORDER BY id LIMIT ?",
+        (after, limit),
+    )
+    return [_fleet_from_row(row) for row in rows]
+
+
+def _set_device_fleet(conn: sqlite3.Connection, device_id: str, fleet: str | None
+                      ) -> DeviceRecord:
+    with transaction(conn):
+        device = _require_device(conn, device_id)
+        if fleet is not None:
+            _require_fleet(conn, fleet)
+        if fleet == device.fleet:
+            return device
+        conn.execute("UPDATE devices SET fleet = ?, fleet_gen = fleet_gen + 1 WHERE id = ?",
+                     (fleet, device.id))
+    return dataclasses.replace(device, fleet=fleet, fleet_gen=device.fleet_gen + 1)
+
+
+def _devices_in_fleet(conn: sqlite3.Connection, fleet: str, after: str, limit: int
+                      ) -> list[DeviceRecord]:
+    rows = conn.execute(
+        f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE fleet = ? AND id > ? ORDER BY id LIMIT ?",
+        (fleet, after, limit),
     )
     return [_device_from_row(row) for row in rows]
 

@@ -1,0 +1,127 @@
+"""Management API for fleets (admin token, JSON): create and list fleets, list a fleet's
+devices, and move a device into a fleet or out of every fleet.
+
+A device belongs to at most one fleet. Moving it to another fleet (or out) bumps its
+``fleet_gen``, which tells its next sync to replace its copy of the fleet document.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from crdtsync.errors import MalformedRequest, NotFound
+from crdtsync.protocol import NAME_RE
+
+from .admin_api import (
+    MAX_PAGE,
+    _device_id,
+    _int_param,
+    device_json,
+    json_response,
+    read_json,
+    require_admin,
+)
+from .app import SERVICES
+from .store import DeviceRecord, FleetRecord
+
+routes = web.RouteTableDef()
+
+
+def fleet_device_json(device: DeviceRecord) -> dict[str, Any]:
+    """A device as the management API shows it, with its fleet and ``fleet_gen``."""
+    return {**device_json(device), "fleet": device.fleet, "fleet_gen": device.fleet_gen}
+
+
+def _fleet_id(request: web.Request) -> str:
+    fleet_id = request.match_info["fleet"]
+    if not NAME_RE.match(fleet_id):
+        raise MalformedRequest(f"{fleet_id!r} is not a valid fleet id")
+    return fleet_id
+
+
+async def _require_fleet(request: web.Request) -> FleetRecord:
+    fleet_id = _fleet_id(request)
+    fleet = await request.app[SERVICES].store.get_fleet(fleet_id)
+    if fleet is None:
+        raise NotFound(f"no fleet {fleet_id!r}", {"fleet": fleet_id})
+    return fleet
+
+
+async def _object(request: web.Request, shape: str) -> dict[str, Any]:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise MalformedRequest(f"body must be {shape}")
+    return body
+
+
+@routes.post("/v1/fleets")
+async def add_fleet(request: web.Request) -> web.Response:
+    """Create ``{"id", "meta"}``; 409 ``already_exists`` if the id is taken."""
+    require_admin(request)
+    body = await _object(request, '{"id": "<fleet id>", "meta": {...}}')
+    fleet_id, meta = body.get("id"), body.get("meta", {})
+    if not isinstance(fleet_id, str) or not NAME_RE.match(fleet_id):
+        raise MalformedRequest(f"{fleet_id!r} is not a valid fleet id "
+                               "(1-64 of A-Z a-z 0-9 _ . : -)")
+    if not isinstance(meta, dict):
+        raise MalformedRequest("meta must be an object")
+    record = FleetRecord(id=fleet_id, created=int(time.time() * 1000), meta=meta)
+    await request.app[SERVICES].store.add_fleet(record)
+    return json_response(record.to_json(), status=201)
+
+
+@routes.get("/v1/fleets")
+async def list_fleets(request: web.Request) -> web.Response:
+    """Fleets in id order, paginated with ``after`` (the last id seen) and ``limit``."""
+    require_admin(request)
+    limit = _int_param(request, "limit", 100, MAX_PAGE, minimum=1)
+    fleets = await request.app[SERVICES].store.list_fleets(request.query.get("after", ""),
+                                                           limit)
+    return json_response({"fleets": [f.to_json() for f in fleets],
+                          "next": fleets[-1].id if len(fleets) == limit else None})
+
+
+@routes.get("/v1/fleets/{fleet}")
+async def get_fleet(request: web.Request) -> web.Response:
+    """One fleet."""
+    require_admin(request)
+    return json_response((await _require_fleet(request)).to_json())
+
+
+@routes.get("/v1/fleets/{fleet}/devices")
+async def list_fleet_devices(request: web.Request) -> web.Response:
+    """The fleet's devices in id order, paginated like ``GET /v1/devices``."""
+    require_admin(request)
+    fleet = await _require_fleet(request)
+    limit = _int_param(request, "limit", 100, MAX_PAGE, minimum=1)
+    devices = await request.app[SERVICES].store.devices_in_fleet(
+        fleet.id, request.query.get("after", ""), limit)
+    return json_response({"devices": [fleet_device_json(d) for d in devices],
+                          "next": devices[-1].id if len(devices) == limit else None})
+
+
+@routes.put("/v1/devices/{device}/fleet")
+async def set_device_fleet(request: web.Request) -> web.Response:
+    """``{"fleet": id}`` moves the device into a fleet, ``{"fleet": null}`` out of every
+    fleet; returns the device. 404 ``not_found`` for an unknown device or fleet."""
+    require_admin(request)
+    device_id = _device_id(request)
+    fleet = _fleet_choice(await _object(request, _ASSIGN_SHAPE))
+    device = await request.app[SERVICES].store.set_device_fleet(
+        device_id, fleet, int(time.time() * 1000))
+    return json_response(fleet_device_json(device))
+
+
+_ASSIGN_SHAPE = '{"fleet": "<fleet id>" | null}'
+
+
+def _fleet_choice(body: dict[str, Any]) -> str | None:
+    """The ``fleet`` of an assignment body: a valid fleet id, or ``None`` (no fleet)."""
+    fleet = body.get("fleet")
+    if "fleet" not in body or not (fleet is None
+                                   or (isinstance(fleet, str) and NAME_RE.match(fleet))):
+        raise MalformedRequest(f"body must be {_ASSIGN_SHAPE}")
+    return fleet
