@@ -34,11 +34,11 @@ from .errors import (
     TooManyEvents,
 )
 from .inbox import CommandHandler, Inbox, MessageHandler
+from .packing import pack, plain_events
 from .protocol import (
     DEFAULT_LIMITS,
     NAME_RE,
     DocSync,
-    Event,
     SyncRequest,
     SyncResponse,
     covers,
@@ -47,8 +47,9 @@ from .protocol import (
     encode_request,
     parse_state_vector,
 )
-from .shared import SHARED_DOCS, Env, ReadOnlyMap, SharedDoc
+from .shared import SHARED_DOCS, TEMPLATES, Env, ReadOnlyMap, SharedDoc
 from .state import StateMap
+from .templates import Template
 from .transport import HttpTransport, Transport
 from .values import check_value, normalize
 
@@ -135,6 +136,7 @@ class Device:
         self._inbox = Inbox(self._store, device_id)
         self._calls = Calls(self._store)
         self._shared = {name: SharedDoc(name, self._store) for name in SHARED_DOCS}
+        self._templates: dict[str, Template] = {}
         self.env = Env(self._own_env, self._shared["fleet"], self._shared["project"])
         """Environment variables, merged: device > fleet > project (read-only)."""
         self._doc: Doc[Any] | None = None
@@ -304,6 +306,10 @@ class Device:
                    *, time_ms: int | None = None) -> int:
         """Queue an event durably and return its sequence number.
 
+        When the fleet document holds a template for ``topic``, the body must fit it
+        (:class:`InvalidValue` otherwise, nothing queued) and it travels as a compact binary
+        record; otherwise as msgpack.
+
         The event stays in the local outbox until the cloud acknowledged storing it. Raises
         :class:`InvalidValue` for a bad topic or body (nothing is queued) and
         :class:`~crdtsync.errors.OutboxFull` when the outbox is full under the "reject" policy.
@@ -317,7 +323,11 @@ class Device:
             raise InvalidValue(f"event body is {len(data)} bytes "
                                f"(max {DEFAULT_LIMITS.max_event_body})")
         stamp = time_ms if time_ms is not None else int(time.time() * 1000)
-        seq = await self._store.push_event(topic, stamp, data, self.outbox_limits)
+        template = await self._template_for(topic)
+        if template is not None:
+            template.validate(body)  # before anything is queued
+        seq = await self._store.push_event(topic, stamp, data, self.outbox_limits,
+                                           template.hash.hex() if template else None)
         self._wake.set()
         return seq
 
@@ -377,6 +387,30 @@ class Device:
         self._check_open()
         return await self._calls.wait(request_id)
 
+    async def _template_for(self, topic: str) -> Template | None:
+        """The template the fleet document holds for ``topic`` (kept locally by hash, so
+        queued events still encode after it changes), or ``None``."""
+        entry = self._shared["fleet"].get(TEMPLATES).get(topic)
+        if not isinstance(entry, dict) or not isinstance(entry.get("json"), str):
+            return None
+        template = Template.from_json(entry["json"])
+        if template.hash.hex() != entry.get("hash"):
+            log.warning("device %s: template for %r does not match its hash; ignored",
+                        self.id, topic)
+            return None
+        key = f"template:{entry['hash']}"
+        if key not in self._store.meta:
+            await self._store.set_meta(**{key: template.canonical.decode()})
+        self._templates[template.hash.hex()] = template
+        return template
+
+    def _local_template(self, digest: str) -> Template | None:
+        template = self._templates.get(digest)
+        if template is None and f"template:{digest}" in self._store.meta:
+            template = Template.from_json(self._store.meta[f"template:{digest}"])
+            self._templates[digest] = template
+        return template
+
     @property
     def pending_events(self) -> int:
         """Events queued locally and not yet acknowledged by the cloud."""
@@ -429,16 +463,17 @@ class Device:
         batch = (await self._store.pending(self.max_events_per_sync, self.max_batch_bytes)
                  if self._store.outbox_count else [])
         calls, outcomes_acked = await self._calls.to_send(DEFAULT_LIMITS.max_items)
+        plain, templated = pack(batch, self._local_template)
         request = SyncRequest(
             device=self.id, docs=(part, *(s.part() for s in self._shared.values())),
-            events=tuple(Event(e.seq, e.topic, e.time, None) for e in batch),
+            events=plain_events(plain), batches=tuple(templated),
             purged=int(self._store.meta.get("purged", 0)),
             down_done=self._inbox.done,
             results=await self._inbox.results(DEFAULT_LIMITS.max_items),
             calls=calls, outcomes_acked=outcomes_acked,
             awaiting=self._store.call_count("accepted"),
         )
-        body = encode_request(request, bodies=[e.body for e in batch])
+        body = encode_request(request, bodies=[e.body for e in plain])
         report.rounds += 1
         report.bytes_up += len(body)
         try:

@@ -46,6 +46,10 @@ MIGRATIONS: Sequence[str] = (
                         outcome BLOB) STRICT;
     CREATE INDEX calls_status ON calls (status, created);
     """,
+    # v3: the template (hash, hex) an event was emitted with, or NULL
+    """
+    ALTER TABLE outbox ADD COLUMN template TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -69,6 +73,9 @@ class OutboxEvent:
     topic: str
     time: int
     body: bytes  # msgpack
+    template: str | None = None
+    """Hash (hex) of the template the event was emitted with; its definition is in
+    ``meta["template:<hash>"]``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +203,10 @@ class DeviceStore:
         await self._db.run(_replace_doc, self._m, doc, snapshot, meta)
 
     async def push_event(self, topic: str, time: int, body: bytes,
-                         limits: OutboxLimits) -> int:
-        """Durably queue an event and return its seq; apply the outbox policy when full."""
-        return await self._db.run(_push_event, self._m, topic, time, body, limits)
+                         limits: OutboxLimits, template: str | None = None) -> int:
+        """Durably queue an event and return its seq; apply the outbox policy when full.
+        ``template`` is the hash (hex) of the template it must travel with."""
+        return await self._db.run(_push_event, self._m, topic, time, body, limits, template)
 
     async def pending(self, limit: int, max_bytes: int) -> list[OutboxEvent]:
         """The oldest queued events, at most ``limit`` and about ``max_bytes`` (at least one)."""
@@ -338,14 +346,14 @@ def _overflow(m: _Mirror, size: int, limits: OutboxLimits) -> int:
 
 
 def _push_event(conn: sqlite3.Connection, m: _Mirror, topic: str, time: int, body: bytes,
-                limits: OutboxLimits) -> int:
+                limits: OutboxLimits, template: str | None) -> int:
     drop = _overflow(m, len(body), limits)
     seq = int(m.meta.get("next_seq", 1))
     meta: dict[str, Any] = {"next_seq": seq + 1}
     with transaction(conn):
         dropped = _drop_oldest(conn, m, drop, len(body), limits) if drop else (0, 0, 0)
-        conn.execute("INSERT INTO outbox (seq, topic, time, body) VALUES (?, ?, ?, ?)",
-                     (seq, topic, time, body))
+        conn.execute("INSERT INTO outbox (seq, topic, time, body, template) "
+                     "VALUES (?, ?, ?, ?, ?)", (seq, topic, time, body, template))
         if dropped[0]:
             meta["purged"] = max(int(m.meta.get("purged", 0)), dropped[0])
         _write_meta(conn, meta)
@@ -372,11 +380,12 @@ def _drop_oldest(conn: sqlite3.Connection, m: _Mirror, at_least: int, size: int,
 def _pending(conn: sqlite3.Connection, limit: int, max_bytes: int) -> list[OutboxEvent]:
     out: list[OutboxEvent] = []
     size = 0
-    for seq, topic, time, body in conn.execute(
-            "SELECT seq, topic, time, body FROM outbox ORDER BY seq LIMIT ?", (limit,)):
+    for seq, topic, time, body, template in conn.execute(
+            "SELECT seq, topic, time, body, template FROM outbox ORDER BY seq LIMIT ?",
+            (limit,)):
         if out and size + len(body) > max_bytes:
             break
-        out.append(OutboxEvent(int(seq), topic, int(time), bytes(body)))
+        out.append(OutboxEvent(int(seq), topic, int(time), bytes(body), template))
         size += len(body)
     return out
 

@@ -129,6 +129,15 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class TemplateBatch:
+    """Events of one topic encoded with a template (:mod:`crdtsync.templates`); ``data``
+    starts with the template's hash. The receiver decodes it into :class:`Event` s."""
+
+    topic: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SyncRequest:
     """What a device sends on ``POST /v1/sync``.
 
@@ -150,6 +159,8 @@ class SyncRequest:
     awaiting: int = 0
     """How many accepted proxied requests still wait for their outcome (the server looks
     outcomes up only when this or ``calls`` is non-zero)."""
+    batches: tuple[TemplateBatch, ...] = ()
+    """Templated events; with ``events`` they form one run of consecutive seqs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +372,8 @@ def encode_request(req: SyncRequest, *, bodies: Sequence[bytes] | None = None) -
         msg["rqk"] = list(req.outcomes_acked)
     if req.awaiting:
         msg["rqw"] = req.awaiting
+    if req.batches:
+        msg["tev"] = [[b.topic, b.data] for b in req.batches]
     return _pack(msg)
 
 
@@ -432,9 +445,9 @@ def decode_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncRequest:
             {"max_events": limits.max_events},
         )
     events = tuple(_decode_event(e, limits) for e in raw_events)
-    for prev, nxt in itertools.pairwise(events):
-        if nxt.seq != prev.seq + 1:
-            raise MalformedRequest("events in one request must have consecutive seqs")
+    batches = tuple(_decode_batch(i) for i in _items(obj, "tev", limits, 2))
+    if not batches:
+        check_consecutive(events)
     return SyncRequest(
         device=device,
         docs=_decode_docs(obj, limits),
@@ -445,7 +458,22 @@ def decode_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncRequest:
         calls=tuple(_decode_call(i, limits) for i in _items(obj, "rq", limits, 3)),
         outcomes_acked=tuple(_request_id(i) for i in _items_flat(obj, "rqk", limits)),
         awaiting=_uint(obj.get("rqw", 0), "rqw"),
+        batches=batches,
     )
+
+
+def _decode_batch(item: list[Any]) -> TemplateBatch:
+    topic, data = item
+    if not isinstance(data, bytes) or not data:
+        raise MalformedRequest("a template batch must be non-empty bytes")
+    return TemplateBatch(_name(topic, "topic"), data)
+
+
+def check_consecutive(events: Sequence[Event]) -> None:
+    """Raise :class:`MalformedRequest` unless ``events`` have consecutive seqs, in order."""
+    for prev, nxt in itertools.pairwise(events):
+        if nxt.seq != prev.seq + 1:
+            raise MalformedRequest("events in one request must have consecutive seqs")
 
 
 def encode_response(resp: SyncResponse) -> bytes:

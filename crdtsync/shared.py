@@ -28,6 +28,8 @@ log = logging.getLogger("crdtsync.device")
 
 SHARED_DOCS = ("fleet", "project")
 ENV_MAP = "env"
+TEMPLATES = "templates"
+"""Root map of the fleet document: ``{topic: {"hash": hex, "json": definition text}}``."""
 EnvCallback = Callable[[str, Any, Any], None]
 
 

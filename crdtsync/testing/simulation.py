@@ -30,6 +30,7 @@ from crdtsync_server.routes import Outcome, Route, RouteExecutor, RouteTable
 from crdtsync_server.store import CommitResult, DeviceRecord, SQLiteStore, SyncWrite
 from crdtsync_server.sync import SyncService
 from crdtsync_server.sync_api import process_sync
+from crdtsync_server.template_registry import TemplateRegistry
 
 from .. import crdt
 from ..device import Device
@@ -109,7 +110,8 @@ class SimServer:
         await proxy.recover()
         self.services = Services(config, store, docs,
                                  SyncService(store, docs, proxy, proxy_budget=5.0),
-                                 hash_token(ADMIN_TOKEN), routes, proxy)
+                                 hash_token(ADMIN_TOKEN), routes, proxy,
+                                 TemplateRegistry(store))
 
     async def crash(self) -> None:
         """Lose everything in memory; the database keeps what was committed."""

@@ -39,6 +39,7 @@ from .proxy import ProxyRunner, load_route_table
 from .routes import RouteExecutor, RouteTable
 from .store import Store, open_store
 from .sync import SyncService
+from .template_registry import TemplateRegistry
 
 log = logging.getLogger("crdtsync.server")
 
@@ -84,6 +85,7 @@ class Services:
     admin_hash: str
     routes: RouteTable
     proxy: ProxyRunner
+    templates: TemplateRegistry
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -96,6 +98,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     from .env_api import routes as env_routes
     from .fleets_api import routes as fleets_routes
     from .sync_api import routes as sync_routes
+    from .templates_api import routes as templates_routes
 
     app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware],
                           handler_args={"auto_decompress": False})
@@ -103,6 +106,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app.add_routes(admin_routes)
     app.add_routes(downlink_routes)
     app.add_routes(env_routes)
+    app.add_routes(templates_routes)
     app.add_routes(fleets_routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -122,7 +126,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             await proxy.recover()
             sync = SyncService(backend, docs, proxy, proxy_budget=config.proxy_budget,
                                max_items=config.limits.max_items)
-            app[SERVICES] = Services(config, backend, docs, sync, admin_hash, table, proxy)
+            app[SERVICES] = Services(config, backend, docs, sync, admin_hash, table, proxy,
+                                     TemplateRegistry(backend))
             purger = asyncio.create_task(purge_loop(backend, config), name="crdtsync-purge")
             try:
                 yield

@@ -30,7 +30,7 @@ async def _patch(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _fleet(services: Services, request: web.Request) -> str:
+async def fleet_param(services: Services, request: web.Request) -> str:
     fleet = request.match_info["fleet"]
     if not NAME_RE.match(fleet) or await services.store.get_fleet(fleet) is None:
         raise NotFound(f"no fleet {fleet!r}")
@@ -62,7 +62,7 @@ async def patch_project_env(request: web.Request) -> web.Response:
 async def get_fleet_env(request: web.Request) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
-    return json_response(await _layer(services, fleet_key(await _fleet(services, request))))
+    return json_response(await _layer(services, fleet_key(await fleet_param(services, request))))
 
 
 @routes.patch("/v1/fleets/{fleet}/env")
@@ -70,7 +70,7 @@ async def patch_fleet_env(request: web.Request) -> web.Response:
     """Set or delete a fleet's variables; they reach every device of the fleet."""
     require_admin(request)
     services = request.app[SERVICES]
-    key = fleet_key(await _fleet(services, request))
+    key = fleet_key(await fleet_param(services, request))
     return json_response(await services.sync.write_shared(key, ENV, await _patch(request)))
 
 

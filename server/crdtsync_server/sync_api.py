@@ -39,5 +39,6 @@ async def process_sync(services: Services, token: str, body: bytes) -> bytes:
     if device is None or not token_matches(token, device.token_hash):
         # Same answer for an unknown device and a wrong token: ids are not disclosed.
         raise Unauthorized("unknown device or wrong token")
+    sync_request = await services.templates.expand(sync_request, services.config.limits)
     response = await services.sync.sync(device, sync_request)
     return encode_response(response)

@@ -1,0 +1,75 @@
+"""Event templates per fleet and topic (admin token, JSON).
+
+A template is stored in the fleet's shared document, map ``templates``:
+``{topic: {"hash": hex, "json": canonical definition}}`` (JSON text, because a CRDT map does
+not keep the order of its keys and field order is wire order), so it reaches every device at
+its next sync; and in the :class:`~.template_registry.TemplateRegistry` by hash, so events
+encoded with an older version still decode.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from crdtsync.errors import MalformedRequest
+from crdtsync.protocol import NAME_RE
+from crdtsync.templates import Template
+
+from .admin_api import json_response, read_json, require_admin
+from .app import SERVICES
+from .env_api import fleet_param
+from .sync import fleet_key
+
+routes = web.RouteTableDef()
+TEMPLATES = "templates"
+
+
+def _topic(request: web.Request) -> str:
+    topic = request.match_info["topic"]
+    if not NAME_RE.match(topic):
+        raise MalformedRequest(f"{topic!r} is not a valid topic")
+    return topic
+
+
+@routes.get("/v1/fleets/{fleet}/templates")
+async def list_templates(request: web.Request) -> web.Response:
+    """The fleet's templates: ``{topic: {"hash", "def"}}``."""
+    require_admin(request)
+    services = request.app[SERVICES]
+    key = fleet_key(await fleet_param(services, request))
+    doc = await services.sync.read_doc(key, key)
+    return json_response({topic: _shown(entry)
+                          for topic, entry in doc.get(TEMPLATES, {}).items()})
+
+
+def _shown(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"hash": entry["hash"], "def": json.loads(entry["json"])}
+
+
+@routes.put("/v1/fleets/{fleet}/templates/{topic}")
+async def put_template(request: web.Request) -> web.Response:
+    """Set the template of a topic (``{field: type}``); returns ``{"hash", "def"}``."""
+    require_admin(request)
+    services = request.app[SERVICES]
+    key = fleet_key(await fleet_param(services, request))
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise MalformedRequest("a template is a JSON object {field: type}")
+    template = Template(body)
+    await services.templates.put(template)
+    entry = {"hash": template.hash.hex(), "json": template.canonical.decode()}
+    await services.sync.write_shared(key, TEMPLATES, {_topic(request): entry})
+    return json_response(_shown(entry))
+
+
+@routes.delete("/v1/fleets/{fleet}/templates/{topic}")
+async def delete_template(request: web.Request) -> web.Response:
+    """Stop templating a topic (queued events encoded with it still decode)."""
+    require_admin(request)
+    services = request.app[SERVICES]
+    key = fleet_key(await fleet_param(services, request))
+    await services.sync.write_shared(key, TEMPLATES, {_topic(request): None})
+    return web.Response(status=204)
