@@ -55,7 +55,7 @@ def device_json(device: DeviceRecord) -> dict[str, Any]:
             "meta": dict(device.meta), "fleet": device.fleet, "fleet_gen": device.fleet_gen}
 
 
-def _int_param(request: web.Request, name: str, default: int, maximum: int,
+def int_param(request: web.Request, name: str, default: int, maximum: int,
                minimum: int = 0) -> int:
     raw = request.query.get(name)
     if raw is None or raw == "":
@@ -66,11 +66,12 @@ def _int_param(request: web.Request, name: str, default: int, maximum: int,
     return int(raw)
 
 
-def _device_id(request: web.Request) -> str:
-    device_id = request.match_info["device"]
-    if not NAME_RE.match(device_id):
-        raise MalformedRequest(f"{device_id!r} is not a valid device id")
-    return device_id
+def name_param(request: web.Request, key: str = "device") -> str:
+    """The path parameter ``key`` (a device id, fleet id, topic...), checked as a name."""
+    value = request.match_info[key]
+    if not NAME_RE.match(value):
+        raise MalformedRequest(f"{value!r} is not a valid {key} name")
+    return value
 
 
 @routes.get("/v1/health")
@@ -113,7 +114,7 @@ async def add_device(request: web.Request) -> web.Response:
 async def list_devices(request: web.Request) -> web.Response:
     """Devices in id order, paginated with ``after`` (the last id seen) and ``limit``."""
     require_admin(request)
-    limit = _int_param(request, "limit", 100, MAX_PAGE, minimum=1)
+    limit = int_param(request, "limit", 100, MAX_PAGE, minimum=1)
     devices = await request.app[SERVICES].store.list_devices(request.query.get("after", ""),
                                                              limit)
     return json_response({"devices": [device_json(d) for d in devices],
@@ -124,7 +125,7 @@ async def list_devices(request: web.Request) -> web.Response:
 async def get_device(request: web.Request) -> web.Response:
     """One device with its bookkeeping (last sync time, last stored seq)."""
     require_admin(request)
-    device = await request.app[SERVICES].store.get_device(_device_id(request))
+    device = await request.app[SERVICES].store.get_device(name_param(request))
     if device is None:
         raise NotFound(f"no device {request.match_info['device']!r}")
     return json_response(device_json(device))
@@ -134,7 +135,7 @@ async def get_device(request: web.Request) -> web.Response:
 async def get_state(request: web.Request) -> web.Response:
     """The device's document as JSON: ``{map: {key: value}}``."""
     require_admin(request)
-    return json_response(await request.app[SERVICES].sync.read_state(_device_id(request)))
+    return json_response(await request.app[SERVICES].sync.read_state(name_param(request)))
 
 
 @routes.patch("/v1/devices/{device}/state/{map}")
@@ -147,7 +148,7 @@ async def patch_state(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise MalformedRequest("body must be a JSON object of key: value (null deletes)")
-    result = await request.app[SERVICES].sync.write_state(_device_id(request), name, body)
+    result = await request.app[SERVICES].sync.write_state(name_param(request), name, body)
     return json_response(result)
 
 
@@ -155,8 +156,8 @@ async def patch_state(request: web.Request) -> web.Response:
 async def list_events(request: web.Request) -> web.Response:
     """Events in arrival order after ``after`` (a cursor), filtered by device and topic."""
     require_admin(request)
-    after = _int_param(request, "after", 0, 2**63 - 1)
-    limit = _int_param(request, "limit", 100, MAX_PAGE, minimum=1)
+    after = int_param(request, "after", 0, 2**63 - 1)
+    limit = int_param(request, "limit", 100, MAX_PAGE, minimum=1)
     events = await request.app[SERVICES].store.read_events(
         after, limit, device=request.query.get("device") or None,
         topic=request.query.get("topic") or None)

@@ -13,7 +13,7 @@ from crdtsync.errors import MalformedRequest, NotFound
 from crdtsync.protocol import NAME_RE
 from crdtsync.values import check_value
 
-from .admin_api import _device_id, _int_param, json_response, read_json, require_admin
+from .admin_api import int_param, json_response, name_param, read_json, require_admin
 from .app import SERVICES, Services
 from .proxy import remember_route
 from .routes import Route
@@ -62,7 +62,7 @@ async def _queue(request: web.Request, kind: str, name_key: str, body_key: str,
     life = _seconds(body, life_key, default_life)
     now = now_ms()
     return await services.store.queue_downlink(
-        _device_id(request), kind, _name(body, name_key), payload, now,
+        name_param(request), kind, _name(body, name_key), payload, now,
         None if life is None else now + int(life * 1000))
 
 
@@ -98,12 +98,12 @@ async def list_commands(request: web.Request) -> web.Response:
 async def _list(request: web.Request, kind: str) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
-    device = _device_id(request)
+    device = name_param(request)
     if await services.store.get_device(device) is None:
         raise NotFound(f"no device {device!r}")
     items = await services.store.list_downlink(
-        device, kind, _int_param(request, "after", 0, 2**63 - 1),
-        _int_param(request, "limit", 100, 1000, minimum=1))
+        device, kind, int_param(request, "after", 0, 2**63 - 1),
+        int_param(request, "limit", 100, 1000, minimum=1))
     return json_response({"items": [i.to_json() for i in items],
                           "next": items[-1].seq if items else None})
 
@@ -128,7 +128,7 @@ async def get_command(request: web.Request) -> web.Response:
     it succeeded, failed or expired."""
     require_admin(request)
     services = request.app[SERVICES]
-    wait = _int_param(request, "wait", 0, MAX_WAIT_S)
+    wait = int_param(request, "wait", 0, MAX_WAIT_S)
     deadline = asyncio.get_running_loop().time() + wait
     item = await _item(services, request.match_info["id"], "command")
     while item.status not in FINAL and asyncio.get_running_loop().time() < deadline:

@@ -15,7 +15,7 @@ from aiohttp import web
 from crdtsync.errors import MalformedRequest, NotFound
 from crdtsync.protocol import NAME_RE
 
-from .admin_api import _device_id, json_response, read_json, require_admin
+from .admin_api import json_response, name_param, read_json, require_admin
 from .app import SERVICES, Services
 from .sync import PROJECT_DOC, doc_key, fleet_key
 
@@ -79,7 +79,7 @@ async def patch_device_env(request: web.Request) -> web.Response:
     """Set or delete one device's own variables (they win over fleet and project)."""
     require_admin(request)
     services = request.app[SERVICES]
-    return json_response(await services.sync.write_state(_device_id(request), ENV,
+    return json_response(await services.sync.write_state(name_param(request), ENV,
                                                          await _patch(request)))
 
 
@@ -88,7 +88,7 @@ async def get_device_env(request: web.Request) -> web.Response:
     """The merged view the device sees, and where each variable comes from."""
     require_admin(request)
     services = request.app[SERVICES]
-    device_id = _device_id(request)
+    device_id = name_param(request)
     device = await services.store.get_device(device_id)
     if device is None:
         raise NotFound(f"no device {device_id!r}")

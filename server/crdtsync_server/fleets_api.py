@@ -17,10 +17,10 @@ from crdtsync.protocol import NAME_RE
 
 from .admin_api import (
     MAX_PAGE,
-    _device_id,
-    _int_param,
     device_json,
+    int_param,
     json_response,
+    name_param,
     read_json,
     require_admin,
 )
@@ -35,15 +35,8 @@ def fleet_device_json(device: DeviceRecord) -> dict[str, Any]:
     return {**device_json(device), "fleet": device.fleet, "fleet_gen": device.fleet_gen}
 
 
-def _fleet_id(request: web.Request) -> str:
-    fleet_id = request.match_info["fleet"]
-    if not NAME_RE.match(fleet_id):
-        raise MalformedRequest(f"{fleet_id!r} is not a valid fleet id")
-    return fleet_id
-
-
 async def _require_fleet(request: web.Request) -> FleetRecord:
-    fleet_id = _fleet_id(request)
+    fleet_id = name_param(request, "fleet")
     fleet = await request.app[SERVICES].store.get_fleet(fleet_id)
     if fleet is None:
         raise NotFound(f"no fleet {fleet_id!r}", {"fleet": fleet_id})
@@ -77,7 +70,7 @@ async def add_fleet(request: web.Request) -> web.Response:
 async def list_fleets(request: web.Request) -> web.Response:
     """Fleets in id order, paginated with ``after`` (the last id seen) and ``limit``."""
     require_admin(request)
-    limit = _int_param(request, "limit", 100, MAX_PAGE, minimum=1)
+    limit = int_param(request, "limit", 100, MAX_PAGE, minimum=1)
     fleets = await request.app[SERVICES].store.list_fleets(request.query.get("after", ""),
                                                            limit)
     return json_response({"fleets": [f.to_json() for f in fleets],
@@ -96,7 +89,7 @@ async def list_fleet_devices(request: web.Request) -> web.Response:
     """The fleet's devices in id order, paginated like ``GET /v1/devices``."""
     require_admin(request)
     fleet = await _require_fleet(request)
-    limit = _int_param(request, "limit", 100, MAX_PAGE, minimum=1)
+    limit = int_param(request, "limit", 100, MAX_PAGE, minimum=1)
     devices = await request.app[SERVICES].store.devices_in_fleet(
         fleet.id, request.query.get("after", ""), limit)
     return json_response({"devices": [fleet_device_json(d) for d in devices],
@@ -108,7 +101,7 @@ async def set_device_fleet(request: web.Request) -> web.Response:
     """``{"fleet": id}`` moves the device into a fleet, ``{"fleet": null}`` out of every
     fleet; returns the device. 404 ``not_found`` for an unknown device or fleet."""
     require_admin(request)
-    device_id = _device_id(request)
+    device_id = name_param(request)
     fleet = _fleet_choice(await _object(request, _ASSIGN_SHAPE))
     device = await request.app[SERVICES].store.set_device_fleet(
         device_id, fleet, int(time.time() * 1000))

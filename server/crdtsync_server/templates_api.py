@@ -15,23 +15,15 @@ from typing import Any
 from aiohttp import web
 
 from crdtsync.errors import MalformedRequest
-from crdtsync.protocol import NAME_RE
 from crdtsync.templates import Template
 
-from .admin_api import json_response, read_json, require_admin
+from .admin_api import json_response, name_param, read_json, require_admin
 from .app import SERVICES
 from .env_api import fleet_param
 from .sync import fleet_key
 
 routes = web.RouteTableDef()
 TEMPLATES = "templates"
-
-
-def _topic(request: web.Request) -> str:
-    topic = request.match_info["topic"]
-    if not NAME_RE.match(topic):
-        raise MalformedRequest(f"{topic!r} is not a valid topic")
-    return topic
 
 
 @routes.get("/v1/fleets/{fleet}/templates")
@@ -61,7 +53,7 @@ async def put_template(request: web.Request) -> web.Response:
     template = Template(body)
     await services.templates.put(template)
     entry = {"hash": template.hash.hex(), "json": template.canonical.decode()}
-    await services.sync.write_shared(key, TEMPLATES, {_topic(request): entry})
+    await services.sync.write_shared(key, TEMPLATES, {name_param(request, "topic"): entry})
     return json_response(_shown(entry))
 
 
@@ -71,5 +63,5 @@ async def delete_template(request: web.Request) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
     key = fleet_key(await fleet_param(services, request))
-    await services.sync.write_shared(key, TEMPLATES, {_topic(request): None})
+    await services.sync.write_shared(key, TEMPLATES, {name_param(request, "topic"): None})
     return web.Response(status=204)
