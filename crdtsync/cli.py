@@ -9,6 +9,9 @@ events.
     crdtsync fleet devices ID | crdtsync fleet assign DEVICE (FLEET | --none)
     crdtsync state ID [--map NAME] | crdtsync state set ID KEY=VALUE... [--map NAME]
     crdtsync events [--device ID] [--topic T] [--after CURSOR] [--limit N] [--follow]
+    crdtsync fleet add|list|show|devices|assign ...
+    crdtsync env show|set [--device ID | --fleet ID] [KEY=VALUE...]
+    crdtsync template FLEET [TOPIC [JSON | --delete]]
     crdtsync simulate [--devices N] [--servers M] [--steps S] [--seed K] [--seeds N]
                       [--faults drop,dup,reorder,delay,partition,crash] [--rate P]
 
@@ -230,6 +233,49 @@ async def cmd_state(admin: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def env_path(args: argparse.Namespace) -> str:
+    """The env resource named by ``--device`` / ``--fleet`` (project defaults otherwise)."""
+    if args.device and args.fleet:
+        raise UsageError("give --device or --fleet, not both")
+    if args.device:
+        return f"/v1/devices/{args.device}/env"
+    return f"/v1/fleets/{args.fleet}/env" if args.fleet else "/v1/env"
+
+
+async def cmd_env_show(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Show project variables, a fleet's (``--fleet``), or a device's merged view with the
+    source of each value (``--device``)."""
+    out(pretty(await admin.request("GET", env_path(args))))
+    return 0
+
+
+async def cmd_env_set(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Set or delete (``KEY=null``) project, fleet (``--fleet``) or device (``--device``)
+    variables; VALUE is read as JSON, else taken as a string."""
+    changes = dict(parse_assignment(word) for word in args.pairs)
+    out(pretty(await admin.request("PATCH", env_path(args), json=changes)))
+    return 0
+
+
+async def cmd_template(admin: AdminClient, args: argparse.Namespace) -> int:
+    """``template FLEET``: list its templates; ``template FLEET TOPIC JSON``: set one;
+    ``template FLEET TOPIC --delete``: remove one."""
+    path = f"/v1/fleets/{args.fleet}/templates"
+    if args.topic is None:
+        out(pretty(await admin.request("GET", path)))
+    elif args.delete:
+        await admin.request("DELETE", f"{path}/{args.topic}")
+    elif args.definition is None:
+        raise UsageError("give the template as JSON, e.g. '{\"temp\": \"float32\"}'")
+    else:
+        try:
+            definition = json_object(args.definition)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"template: {exc}") from exc
+        out(pretty(await admin.request("PUT", f"{path}/{args.topic}", json=definition)))
+    return 0
+
+
 async def cmd_events(admin: AdminClient, args: argparse.Namespace) -> int:
     """Print events as NDJSON, oldest first; with ``--follow``, poll for more until Ctrl-C."""
     stop = stop_event() if args.follow else None
@@ -404,6 +450,31 @@ def add_state(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     p.set_defaults(run=admin_command(cmd_state))
 
 
+def add_env(sub: Subparsers, client: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("env", help="show or set environment variables")
+    env = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    scope = argparse.ArgumentParser(add_help=False)
+    scope.add_argument("--device", help="a device's own variables (shown merged)")
+    scope.add_argument("--fleet", help="a fleet's variables")
+    show = env.add_parser("show", parents=[client, scope], help="show variables",
+                          description=cmd_env_show.__doc__)
+    show.set_defaults(run=admin_command(cmd_env_show))
+    put = env.add_parser("set", parents=[client, scope], help="set or delete variables",
+                         description=cmd_env_set.__doc__)
+    put.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    put.set_defaults(run=admin_command(cmd_env_set))
+
+
+def add_template(sub: Subparsers, client: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("template", parents=[client], help="list or set a fleet's templates",
+                       description=cmd_template.__doc__)
+    p.add_argument("fleet")
+    p.add_argument("topic", nargs="?")
+    p.add_argument("definition", nargs="?", metavar="JSON")
+    p.add_argument("--delete", action="store_true", help="remove the topic's template")
+    p.set_defaults(run=admin_command(cmd_template))
+
+
 def add_events(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     p = sub.add_parser("events", parents=[client], help="print events as NDJSON",
                        description=cmd_events.__doc__)
@@ -431,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate(sub)
     add_device(sub, client)
     add_fleet(sub, client)
+    add_env(sub, client)
+    add_template(sub, client)
     add_state(sub, client)
     add_events(sub, client)
     return parser

@@ -7,7 +7,7 @@ of the protocol's content. Tests and simulations plug in their own (``crdtsync.t
 from __future__ import annotations
 
 import zlib
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -15,7 +15,13 @@ from .errors import TransportError
 from .protocol import MEDIA_TYPE, SYNC_PATH, decode_error
 
 COMPRESS_THRESHOLD = 1024
-"""Request bodies at least this large are sent with ``Content-Encoding: deflate``."""
+"""Request bodies at least this large are compressed (smaller ones grow when compressed)."""
+
+zstandard: Any
+try:  # optional: `pip install crdtsync[zstd]`
+    import zstandard
+except ImportError:  # pragma: no cover - depends on the installation
+    zstandard = None
 
 
 class Transport(Protocol):
@@ -45,6 +51,10 @@ class HttpTransport:
         self._owns_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._compress_threshold = compress_threshold
+        self.encoding = "deflate"
+        """How request bodies over the threshold are compressed: deflate until the server
+        says (``Accept-Encoding`` on a sync response) that it takes zstd and this
+        installation has it."""
         self.wire_bytes_up = 0
         """Request body bytes sent so far, after compression (HTTP headers not counted)."""
         self.wire_bytes_down = 0
@@ -57,14 +67,15 @@ class HttpTransport:
     async def exchange(self, body: bytes) -> bytes:
         headers = dict(self._headers)
         if len(body) >= self._compress_threshold:
-            body = zlib.compress(body, 6)
-            headers["Content-Encoding"] = "deflate"
+            body = compress(body, self.encoding)
+            headers["Content-Encoding"] = self.encoding
         self.wire_bytes_up += len(body)
         try:
             async with self._client().post(self.url, data=body, headers=headers,
                                            timeout=self._timeout) as resp:
                 data = await resp.read()
                 status = resp.status
+                self._negotiate(resp.headers.get("Accept-Encoding", ""))
                 self.wire_bytes_down += int(resp.headers.get("Content-Length", len(data)))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(f"sync request failed: {exc!r}") from exc
@@ -72,7 +83,19 @@ class HttpTransport:
             raise decode_error(data, status)
         return data
 
+    def _negotiate(self, accepted: str) -> None:
+        offered = {part.strip().split(";")[0] for part in accepted.split(",")}
+        self.encoding = "zstd" if "zstd" in offered and zstandard is not None else "deflate"
+
     async def aclose(self) -> None:
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None
+
+
+def compress(body: bytes, encoding: str) -> bytes:
+    """``body`` compressed as ``deflate`` (zlib, level 6) or ``zstd`` (level 3)."""
+    if encoding == "zstd":
+        assert zstandard is not None
+        return bytes(zstandard.ZstdCompressor(level=3).compress(body))
+    return zlib.compress(body, 6)

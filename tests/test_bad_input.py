@@ -275,7 +275,7 @@ async def test_corrupt_deflate_body(victim: Victim, http: aiohttp.ClientSession)
     await victim.assert_survived()
 
 
-@pytest.mark.parametrize("encoding", ["br", "zstd", "compress"])
+@pytest.mark.parametrize("encoding", ["br", "compress", "x-custom"])
 async def test_unsupported_content_encoding(victim: Victim, http: aiohttp.ClientSession,
                                            encoding: str) -> None:
     reply = await victim.post(http, raw_request(**VALID_PARTS),

@@ -237,3 +237,31 @@ async def test_client_validates_nothing_the_server_refuses(admin: AdminClient) -
         await admin.add_fleet("bad id")
     with pytest.raises(MalformedRequest):
         await admin.set_fleet("d1", "bad id")
+
+
+async def test_cli_env_and_template_commands(server: Server, admin: AdminClient,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    await admin.add_fleet("north")
+    await admin.add_device("d1", fleet="north")
+    assert await run_cli(server, "env", "set", "UNIT=C", "SAMPLE=60") == 0
+    assert await run_cli(server, "env", "set", "--fleet", "north", "SAMPLE=30") == 0
+    assert await run_cli(server, "env", "set", "--device", "d1", "LED=on") == 0
+    capsys.readouterr()
+    assert await run_cli(server, "env", "show", "--device", "d1") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == {"env": {"UNIT": "C", "SAMPLE": 30, "LED": "on"},
+                     "source": {"UNIT": "project", "SAMPLE": "fleet", "LED": "device"}}
+    assert await run_cli(server, "env", "set", "UNIT=null") == 0
+    assert await admin.request("GET", "/v1/env") == {"SAMPLE": 60}
+    assert await run_cli(server, "env", "show", "--device", "d1", "--fleet", "north") == 2
+
+    assert await run_cli(server, "template", "north", "readings",
+                         '{"temp": "float32", "hum": 21}') == 0
+    capsys.readouterr()
+    assert await run_cli(server, "template", "north") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["readings"]["def"] == {"temp": "float32", "hum": "uint8"}
+    assert await run_cli(server, "template", "north", "readings", "not json") == 2
+    assert await run_cli(server, "template", "north", "readings", '{"a": "int99"}') == 1
+    assert await run_cli(server, "template", "north", "readings", "--delete") == 0
+    assert await admin.request("GET", "/v1/fleets/north/templates") == {}

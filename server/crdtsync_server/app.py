@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -40,6 +42,12 @@ from .routes import RouteExecutor, RouteTable
 from .store import Store, open_store
 from .sync import SyncService
 from .template_registry import TemplateRegistry
+
+zstandard: Any
+try:  # optional: `pip install crdtsync[zstd]`
+    import zstandard
+except ImportError:  # pragma: no cover - depends on the installation
+    zstandard = None
 
 log = logging.getLogger("crdtsync.server")
 
@@ -220,13 +228,38 @@ async def read_body(request: web.Request) -> bytes:
         raise BodyTooLarge(f"body over {limit} bytes", {"max_body": limit}) from exc
     except RequestPayloadError as exc:
         raise MalformedRequest(f"cannot read body: {exc}") from exc
+    if encoding == "zstd":
+        return unzstd(raw, limit)
     wbits = _DECODERS[encoding]
     return raw if wbits is None else inflate(raw, wbits, limit)
 
 
 _DECODERS: dict[str, int | None] = {"identity": None, "deflate": zlib.MAX_WBITS,
                                     "gzip": 16 + zlib.MAX_WBITS}
+if zstandard is not None:
+    _DECODERS["zstd"] = None
+ACCEPT_ENCODING = ", ".join(e for e in ("zstd", "deflate", "gzip") if e in _DECODERS)
+"""What request bodies may be compressed with; sent as ``Accept-Encoding`` on sync
+responses (RFC 7694) so a client can pick the best both sides speak."""
 
+
+def unzstd(data: bytes, limit: int) -> bytes:
+    """Decompress a zstd frame to at most ``limit`` bytes: a frame that claims or produces
+    more is refused without being expanded; a truncated or padded one is malformed."""
+    assert zstandard is not None
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(
+                io.BytesIO(data), read_across_frames=False, closefd=False) as reader:
+            if len(reader.read(limit + 1)) > limit:
+                raise BodyTooLarge(f"decompressed body over {limit} bytes",
+                                   {"max_body": limit})
+        decoder = zstandard.ZstdDecompressor().decompressobj()
+        out = bytes(decoder.decompress(data))
+    except zstandard.ZstdError as exc:
+        raise MalformedRequest(f"body does not decompress: {exc}") from exc
+    if not decoder.eof or decoder.unused_data:
+        raise MalformedRequest("compressed body is truncated or has trailing bytes")
+    return out
 
 def inflate(data: bytes, wbits: int, limit: int) -> bytes:
     """Decompress ``data`` to at most ``limit`` bytes; typed errors for bombs and garbage."""

@@ -7,7 +7,7 @@ from aiohttp import web
 from crdtsync.errors import Unauthorized, UnsupportedEncoding
 from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, decode_request, encode_response
 
-from .app import SERVICES, Services, read_body
+from .app import ACCEPT_ENCODING, SERVICES, Services, read_body
 from .auth import bearer, token_matches
 
 routes = web.RouteTableDef()
@@ -25,7 +25,7 @@ async def sync(request: web.Request) -> web.Response:
                                   {"accepted": sorted(ACCEPTED_TYPES)})
     body = await read_body(request)
     return web.Response(body=await process_sync(services, token, body),
-                        content_type=MEDIA_TYPE)
+                        content_type=MEDIA_TYPE, headers={"Accept-Encoding": ACCEPT_ENCODING})
 
 
 async def process_sync(services: Services, token: str, body: bytes) -> bytes:

@@ -1,0 +1,65 @@
+"""Request body compression: deflate by default, zstd once the server says it takes it;
+zstd bodies get the same typed errors and zip-bomb cap as deflate ones."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+import zstandard
+
+from crdtsync import AdminClient
+from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, decode_error
+from crdtsync.transport import HttpTransport
+from crdtsync_server import Server, ServerConfig
+
+from .conftest import ADMIN_TOKEN, DeviceFactory
+
+
+async def test_device_switches_to_zstd_after_the_server_offers_it(
+        make_device: DeviceFactory, admin: AdminClient) -> None:
+    dev = await make_device("d1")
+    transport = dev._transport
+    assert isinstance(transport, HttpTransport) and transport.encoding == "deflate"
+    await dev.sync()
+    assert transport.encoding == "zstd"
+    for n in range(200):
+        await dev.emit("t", {"n": n, "text": "reading " * 5})
+    before = transport.wire_bytes_up
+    report = await dev.sync()
+    assert report.events_acked == 200
+    assert transport.wire_bytes_up - before < report.bytes_up / 5  # it was compressed
+    stored = [e["body"]["n"] async for e in admin.iter_events(device="d1")]
+    assert stored == list(range(200))
+
+
+@pytest.fixture
+async def small_server(server_config: ServerConfig) -> Server:  # type: ignore[misc]
+    config = ServerConfig(db=server_config.db, port=0, admin_token=ADMIN_TOKEN, max_body=4096)
+    async with Server(config) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize(("case", "status", "code"), [
+    ("bomb", 413, "body_too_large"),
+    ("truncated", 400, "malformed_request"),
+    ("trailing", 400, "malformed_request"),
+    ("garbage", 400, "malformed_request"),
+])
+async def test_bad_zstd_bodies_are_typed_errors(small_server: Server, case: str, status: int,
+                                                code: str) -> None:
+    async with AdminClient(small_server.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+    frame = zstandard.ZstdCompressor().compress(b"\x81" + b"\x00" * 100)
+    body = {"bomb": zstandard.ZstdCompressor().compress(b"\x00" * 10_000_000),
+            "truncated": frame[:-3], "trailing": frame + b"junk",
+            "garbage": b"not zstd at all"}[case]
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": MEDIA_TYPE,
+               "Content-Encoding": "zstd"}
+    async with aiohttp.ClientSession() as session, session.post(
+            small_server.url + SYNC_PATH, data=body, headers=headers) as resp:
+        error = decode_error(await resp.read(), resp.status)
+        assert (resp.status, error.code) == (status, code)
+        assert resp.headers.get("Accept-Encoding") is None  # only on 200 answers
+    async with aiohttp.ClientSession() as session, session.get(
+            small_server.url + "/v1/health") as resp:
+        assert resp.status == 200  # still serving
