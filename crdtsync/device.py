@@ -51,7 +51,7 @@ from .shared import SHARED_DOCS, TEMPLATES, Env, ReadOnlyMap, SharedDoc
 from .state import StateMap
 from .templates import Template
 from .transport import HttpTransport, Transport
-from .values import check_value, normalize
+from .values import check_event_body, normalize
 
 log = logging.getLogger("crdtsync.device")
 
@@ -317,7 +317,7 @@ class Device:
         self._check_open()
         if not isinstance(topic, str) or not NAME_RE.match(topic):
             raise InvalidValue(f"topic {topic!r} is not a valid name")
-        check_value(body, where="event body", max_int=2**63 - 1)
+        check_event_body(body)
         data = encode_event_body(body)
         if len(data) > DEFAULT_LIMITS.max_event_body:
             raise InvalidValue(f"event body is {len(data)} bytes "

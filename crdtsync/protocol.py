@@ -28,7 +28,7 @@ from .errors import (
     UnsupportedVersion,
     error_from_code,
 )
-from .values import check_value
+from .values import check_event_body, check_value
 
 PROTOCOL_VERSION = 1
 MEDIA_TYPE = "application/vnd.crdtsync+msgpack"
@@ -333,7 +333,7 @@ def _decode_event(obj: Any, limits: Limits) -> Event:
         body = msgpack.unpackb(body_bytes, raw=False, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise MalformedRequest(f"event {seq!r}: body is not msgpack") from exc
-    check_value(body, where=f"event {seq!r} body", max_int=2**63 - 1)
+    check_event_body(body, where=f"event {seq!r} body")
     if _uint(seq, "event seq") == 0:
         raise MalformedRequest("event seq starts at 1")
     return Event(

@@ -8,6 +8,7 @@ more. Everything that comes from outside (library calls, API bodies, event bodie
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,20 @@ MAX_DEPTH = 32
 MAX_KEY_LENGTH = 256
 
 
+def check_event_body(value: Any, *, where: str = "event body") -> None:
+    """Raise :class:`InvalidValue` unless ``value`` can be an event body: JSON data with
+    64-bit integers, and ``bytes`` (an event is not a CRDT; readers of the JSON API see
+    bytes as base64 text, :func:`json_default`)."""
+    _check(value, where, 2**63 - 1, 0, allow_bytes=True)
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for event bodies: bytes become base64 text."""
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"{type(value).__name__} is not JSON data")
+
+
 def check_value(value: Any, *, where: str = "value", max_int: int = MAX_SAFE_INTEGER) -> None:
     """Raise :class:`InvalidValue` unless ``value`` is JSON data a CRDT can hold exactly.
 
@@ -30,10 +45,13 @@ def check_value(value: Any, *, where: str = "value", max_int: int = MAX_SAFE_INT
     _check(value, where, max_int, 0)
 
 
-def _check(value: Any, where: str, max_int: int, depth: int) -> None:
+def _check(value: Any, where: str, max_int: int, depth: int, *,
+           allow_bytes: bool = False) -> None:
     if depth > MAX_DEPTH:
         raise InvalidValue(f"{where}: nested more than {MAX_DEPTH} levels")
     if value is None or isinstance(value, (bool, str)):
+        return
+    if allow_bytes and isinstance(value, bytes):
         return
     if isinstance(value, int):
         if abs(value) > max_int:
@@ -49,12 +67,12 @@ def _check(value: Any, where: str, max_int: int, depth: int) -> None:
         return
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            _check(item, f"{where}[{i}]", max_int, depth + 1)
+            _check(item, f"{where}[{i}]", max_int, depth + 1, allow_bytes=allow_bytes)
         return
     if isinstance(value, Mapping):
         for key, item in value.items():
             check_key(key, where=where)
-            _check(item, f"{where}.{key}", max_int, depth + 1)
+            _check(item, f"{where}.{key}", max_int, depth + 1, allow_bytes=allow_bytes)
         return
     raise InvalidValue(
         f"{where}: {type(value).__name__} is not JSON data (use None, bool, number, str, "

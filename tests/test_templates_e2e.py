@@ -106,3 +106,20 @@ async def test_bad_templates_and_unknown_fleets_are_typed_errors(admin: AdminCli
         await put_template(admin, "f", "bad topic", {"a": "uint8"})
     with pytest.raises(NotFound):
         await put_template(admin, "nope", "t", {"a": "uint8"})
+
+
+async def test_bytes_fields_reach_readers_as_base64(make_device: DeviceFactory,
+                                                    admin: AdminClient) -> None:
+    import base64
+
+    dev = await fleet_device(make_device, admin, "d1")
+    await put_template(admin, "sensors", "frames", {"id": "uint16", "raw": "bytes:8"})
+    await dev.sync()
+    await dev.emit("frames", {"id": 7, "raw": b"\x00\x01\xfe"})
+    await dev.emit("blobs", {"raw": b"\xff"})  # untemplated bytes too
+    with pytest.raises(InvalidValue):
+        await dev.emit("frames", {"id": 8, "raw": b"x" * 9})  # over bytes:8
+    await dev.sync()
+    bodies = [e["body"] for e in await events(admin, "d1")]
+    assert bodies == [{"id": 7, "raw": base64.b64encode(b"\x00\x01\xfe").decode()},
+                      {"raw": base64.b64encode(b"\xff").decode()}]

@@ -24,6 +24,7 @@ import msgpack
 
 from crdtsync.errors import SeqConflict, SeqGap
 from crdtsync.protocol import Event
+from crdtsync.values import json_default
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +338,8 @@ def event_digest(event: Event) -> bytes:
 
 def event_json(event: Event) -> str:
     """The event body as stored JSON text."""
-    return json.dumps(event.body, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(event.body, separators=(",", ":"), ensure_ascii=False,
+                      default=json_default)
 
 
 @dataclass(frozen=True, slots=True)
