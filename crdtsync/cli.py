@@ -233,6 +233,11 @@ async def cmd_state(admin: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def ordered(data: Any) -> str:
+    """Pretty JSON keeping key order (a template's field order is its wire order)."""
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
 def env_path(args: argparse.Namespace) -> str:
     """The env resource named by ``--device`` / ``--fleet`` (project defaults otherwise)."""
     if args.device and args.fleet:
@@ -262,7 +267,7 @@ async def cmd_template(admin: AdminClient, args: argparse.Namespace) -> int:
     ``template FLEET TOPIC --delete``: remove one."""
     path = f"/v1/fleets/{args.fleet}/templates"
     if args.topic is None:
-        out(pretty(await admin.request("GET", path)))
+        out(ordered(await admin.request("GET", path)))
     elif args.delete:
         await admin.request("DELETE", f"{path}/{args.topic}")
     elif args.definition is None:
@@ -272,7 +277,7 @@ async def cmd_template(admin: AdminClient, args: argparse.Namespace) -> int:
             definition = json_object(args.definition)
         except argparse.ArgumentTypeError as exc:
             raise UsageError(f"template: {exc}") from exc
-        out(pretty(await admin.request("PUT", f"{path}/{args.topic}", json=definition)))
+        out(ordered(await admin.request("PUT", f"{path}/{args.topic}", json=definition)))
     return 0
 
 
