@@ -476,3 +476,23 @@ async def test_two_server_instances_on_one_database_stay_correct_across_compacti
         assert (await admin_b.state("d1"))["state"] == expected
         await admin_b.patch_state("d1", {"from_b": True})
         assert (await admin_a.state("d1"))["state"] == {**expected, "from_b": True}
+
+
+async def test_no_change_syncs_record_last_sync_without_a_commit_each(
+        server_config: ServerConfig, tmp_path: Path) -> None:
+    async with Server(replace(server_config, touch_every=3600)) as srv, \
+            AdminClient(srv.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+        async with Device("d1", srv.url, token=token, path=tmp_path / "d.db",
+                          interval=None) as dev:
+            dev.state["a"] = 1
+            await dev.sync()
+            first = (await admin.device("d1"))["last_sync"]
+            await asyncio.sleep(0.01)
+            await dev.sync()  # changes nothing: no commit
+            shown = (await admin.device("d1"))["last_sync"]
+            stored = (await srv.services.store.get_device("d1")).last_sync  # type: ignore[union-attr]
+        assert shown > first and stored == first  # seen at once, written later
+        port = srv.port
+    async with Server(replace(server_config, port=port)) as srv:  # flushed at shutdown
+        assert (await srv.services.store.get_device("d1")).last_sync == shown  # type: ignore[union-attr]

@@ -934,3 +934,14 @@ async def test_purge_finished_keeps_open_and_recent_items(store: Store) -> None:
     assert await store.get_request("dev-1", "a") is None
     assert (await store.get_request("dev-1", "b")) is not None  # still pending
     assert await store.purge_finished(before=500) == 0
+
+
+async def test_touch_devices_moves_last_sync_forward_only(store: Store) -> None:
+    await add_device(store, "dev-1")
+    await add_device(store, "dev-2")
+    await store.touch_devices({"dev-1": 100, "dev-2": 50, "nobody": 10})
+    await store.touch_devices({"dev-1": 90})  # older: ignored
+    one, two = await store.get_device("dev-1"), await store.get_device("dev-2")
+    assert one is not None and one.last_sync == 100
+    assert two is not None and two.last_sync == 50
+    assert await store.get_device("nobody") is None

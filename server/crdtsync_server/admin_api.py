@@ -117,7 +117,8 @@ async def list_devices(request: web.Request) -> web.Response:
     limit = int_param(request, "limit", 100, MAX_PAGE, minimum=1)
     devices = await request.app[SERVICES].store.list_devices(request.query.get("after", ""),
                                                              limit)
-    return json_response({"devices": [device_json(d) for d in devices],
+    sync = request.app[SERVICES].sync
+    return json_response({"devices": [device_json(sync.with_recent_sync(d)) for d in devices],
                           "next": devices[-1].id if len(devices) == limit else None})
 
 
@@ -128,7 +129,7 @@ async def get_device(request: web.Request) -> web.Response:
     device = await request.app[SERVICES].store.get_device(name_param(request))
     if device is None:
         raise NotFound(f"no device {request.match_info['device']!r}")
-    return json_response(device_json(device))
+    return json_response(device_json(request.app[SERVICES].sync.with_recent_sync(device)))
 
 
 @routes.get("/v1/devices/{device}/state")

@@ -80,6 +80,9 @@ class ServerConfig:
     they finished."""
     purge_every: float = 3600.0
     """Seconds between purges."""
+    touch_every: float = 1.0
+    """Seconds between batched writes of ``last_sync`` for syncs that changed nothing (a
+    crash loses at most this much of that bookkeeping, never data)."""
 
 
 @dataclass(slots=True)
@@ -136,13 +139,16 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
                                max_items=config.limits.max_items)
             app[SERVICES] = Services(config, backend, docs, sync, admin_hash, table, proxy,
                                      TemplateRegistry(backend))
-            purger = asyncio.create_task(purge_loop(backend, config), name="crdtsync-purge")
+            loops = [asyncio.create_task(purge_loop(backend, config), name="crdtsync-purge"),
+                     asyncio.create_task(touch_loop(sync, config), name="crdtsync-touch")]
             try:
                 yield
             finally:
-                purger.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await purger
+                for task in loops:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await sync.flush_touches()
         finally:
             if proxy is not None:
                 await proxy.aclose(config.proxy_grace)
@@ -151,6 +157,16 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+async def touch_loop(sync: SyncService, config: ServerConfig) -> None:
+    """Store the ``last_sync`` of no-change syncs every ``touch_every`` seconds."""
+    while True:
+        await asyncio.sleep(config.touch_every)
+        try:
+            await sync.flush_touches()
+        except CrdtsyncError as exc:
+            log.error("recording last sync times failed, will retry: %s", exc.message)
 
 
 async def purge_loop(store: Store, config: ServerConfig) -> None:

@@ -10,6 +10,7 @@ returns an error and evicts the touched documents, so nothing unstored is ever a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +21,7 @@ from crdtsync.protocol import DocSync, DownItem, Outcome, SyncRequest, SyncRespo
 
 from .documents import DocumentCache, LiveDoc
 from .proxy import ProxyRunner
-from .store import DeviceRecord, DocWrite, Store, SyncWrite
+from .store import CommitResult, DeviceRecord, DocWrite, Store, SyncWrite
 from .store.base import CommandResult, ProxyRequest
 
 OWN_DOCS = frozenset({"state"})
@@ -66,6 +67,8 @@ class SyncService:
         self.proxy_budget = proxy_budget
         """Seconds a sync waits for the requests it brought, to answer with their outcome."""
         self.max_items = max_items
+        self._touched: dict[str, int] = {}
+        """``last_sync`` of syncs that changed nothing, not yet in the store."""
 
     async def sync(self, device: DeviceRecord, request: SyncRequest) -> SyncResponse:
         """Run one sync for an authenticated ``device``; raises a typed error with nothing
@@ -85,7 +88,9 @@ class SyncService:
             try:
                 writes = [self._apply(live, part) for live, part in zip(lives, own,
                                                                         strict=True)]
-                result = await self.store.commit(self._write(device, request, writes))
+                write = self._write(device, request, writes)
+                result = (self._unchanged(device, write) if self._idle(device, write)
+                          else await self.store.commit(write))
             except BaseException:
                 for live in lives:
                     self.docs.evict(live.key)
@@ -135,6 +140,36 @@ class SyncService:
             update = live.doc.get_update(base)
             return DocSync(part.doc, live.doc.get_state(),
                            b"" if update == EMPTY_UPDATE else update, gen)
+
+    @staticmethod
+    def _idle(device: DeviceRecord, write: SyncWrite) -> bool:
+        """True when committing ``write`` would only move ``last_sync`` (a no-change sync)."""
+        return not (write.docs or write.events or write.results or write.requests
+                    or write.outcomes_acked or write.down_done > device.down_done)
+
+    def _unchanged(self, device: DeviceRecord, write: SyncWrite) -> CommitResult:
+        """What the commit would have answered; ``last_sync`` is recorded in batches by
+        :meth:`flush_touches` instead of paying an fsync per no-change sync."""
+        self._touched[device.id] = write.time
+        return CommitResult(last_seq=device.last_seq, down_done=device.down_done)
+
+    async def flush_touches(self) -> None:
+        """Store the ``last_sync`` of recent no-change syncs (one transaction)."""
+        if self._touched:
+            touched, self._touched = self._touched, {}
+            try:
+                await self.store.touch_devices(touched)
+            except BaseException:
+                for device, time in touched.items():
+                    self._touched[device] = max(time, self._touched.get(device, 0))
+                raise
+
+    def with_recent_sync(self, device: DeviceRecord) -> DeviceRecord:
+        """``device`` with a no-change sync not yet flushed counted in ``last_sync``."""
+        touched = self._touched.get(device.id)
+        if touched is None or (device.last_sync or 0) >= touched:
+            return device
+        return dataclasses.replace(device, last_sync=touched)
 
     async def _outcomes(self, device: DeviceRecord, request: SyncRequest
                         ) -> tuple[Outcome, ...]:

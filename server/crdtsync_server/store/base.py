@@ -329,6 +329,11 @@ class Store(Protocol):
     async def set_setting(self, key: str, value: str) -> None:
         """Create or replace a server setting."""
 
+    async def touch_devices(self, last_sync: Mapping[str, int]) -> None:
+        """Record ``{device: time}`` as the devices' ``last_sync`` (never moving it back);
+        unknown devices are ignored. Syncs that change nothing are recorded this way, in
+        batches, instead of each paying a durable commit."""
+
 
 def event_digest(event: Event) -> bytes:
     """A 16-byte fingerprint of an event's content, to tell a replay from a reused seq."""

@@ -533,6 +533,14 @@ class MemoryStore:
         self._check_open()
         self._settings[key] = value
 
+    async def touch_devices(self, last_sync: Mapping[str, int]) -> None:
+        """Record ``{device: time}`` as ``last_sync`` (never backwards)."""
+        self._check_open()
+        for device, time in last_sync.items():
+            record = self._devices.get(device)
+            if record is not None and (record.last_sync or 0) < time:
+                self._devices[device] = dataclasses.replace(record, last_sync=time)
+
 
 
 

@@ -393,6 +393,10 @@ class SQLiteStore:
         """Create or replace a server setting."""
         await self._run(_set_setting, key, value)
 
+    async def touch_devices(self, last_sync: Mapping[str, int]) -> None:
+        """Record ``{device: time}`` as ``last_sync`` (never backwards), one transaction."""
+        await self._run(_touch_devices, dict(last_sync))
+
 
 
 
@@ -861,6 +865,14 @@ def _read_events(
 def _get_setting(conn: sqlite3.Connection, key: str) -> str | None:
     row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
     return None if row is None else str(row[0])
+
+
+def _touch_devices(conn: sqlite3.Connection, last_sync: dict[str, int]) -> None:
+    with transaction(conn):
+        conn.executemany(
+            "UPDATE devices SET last_sync = ? WHERE id = ? AND"
+            " (last_sync IS NULL OR last_sync < ?)",
+            [(t, device, t) for device, t in last_sync.items()])
 
 
 def _set_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
