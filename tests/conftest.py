@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -13,15 +12,6 @@ from crdtsync.transport import Transport
 from crdtsync_server import Server, ServerConfig
 
 ADMIN_TOKEN = "test-admin-token"
-
-
-def require_service(name: str, available: bool) -> None:
-    """Skip a test needing ``name`` on a developer machine, but fail it when CI=true."""
-    if available:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{name} is required in CI but is not reachable")
-    pytest.skip(f"{name} not reachable")
 
 
 @pytest.fixture

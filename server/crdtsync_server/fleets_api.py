@@ -25,14 +25,9 @@ from .admin_api import (
     require_admin,
 )
 from .app import SERVICES
-from .store import DeviceRecord, FleetRecord
+from .store import FleetRecord
 
 routes = web.RouteTableDef()
-
-
-def fleet_device_json(device: DeviceRecord) -> dict[str, Any]:
-    """A device as the management API shows it, with its fleet and ``fleet_gen``."""
-    return {**device_json(device), "fleet": device.fleet, "fleet_gen": device.fleet_gen}
 
 
 async def _require_fleet(request: web.Request) -> FleetRecord:
@@ -92,7 +87,8 @@ async def list_fleet_devices(request: web.Request) -> web.Response:
     limit = int_param(request, "limit", 100, MAX_PAGE, minimum=1)
     devices = await request.app[SERVICES].store.devices_in_fleet(
         fleet.id, request.query.get("after", ""), limit)
-    return json_response({"devices": [fleet_device_json(d) for d in devices],
+    sync = request.app[SERVICES].sync
+    return json_response({"devices": [device_json(sync.with_recent_sync(d)) for d in devices],
                           "next": devices[-1].id if len(devices) == limit else None})
 
 
@@ -105,7 +101,7 @@ async def set_device_fleet(request: web.Request) -> web.Response:
     fleet = _fleet_choice(await _object(request, _ASSIGN_SHAPE))
     device = await request.app[SERVICES].store.set_device_fleet(
         device_id, fleet, int(time.time() * 1000))
-    return json_response(fleet_device_json(device))
+    return json_response(device_json(request.app[SERVICES].sync.with_recent_sync(device)))
 
 
 _ASSIGN_SHAPE = '{"fleet": "<fleet id>" | null}'
