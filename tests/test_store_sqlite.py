@@ -380,3 +380,46 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     for bad in ["", "sqlite:///", "sqlite://host/x.db", "postgresql://u@h/db", "memory://"]:
         with pytest.raises(ValueError, match="unsupported store URL"):
             open_store(bad)
+
+
+async def test_concurrent_commits_share_transactions_and_fail_alone(tmp_path: Path) -> None:
+    """Group commit: 40 devices committing at once take fewer transactions than writes; a
+    write refused in the middle of a group (a seq gap) fails alone, the rest are stored."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        for i in range(40):
+            await store.add_device(DeviceRecord(f"d{i}", "h", created=1))
+        writes = [SyncWrite(f"d{i}", 10, docs=[DocWrite(f"d{i}/state", V1_UPDATE)],
+                            events=[Event(5 if i == 17 else 1, "t", 1, {"i": i})])
+                  for i in range(40)]
+        outcomes = await asyncio.gather(*(store.commit(w) for w in writes),
+                                        return_exceptions=True)
+        assert store.group_commit.groups < store.group_commit.writes == 40
+        refused = [i for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
+        assert refused == [17]
+        assert type(outcomes[17]).__name__ == "SeqGap"
+        stored = await store.read_events(limit=100)
+        assert sorted(e.device for e in stored) == sorted(f"d{i}" for i in range(40) if i != 17)
+        assert (await store.load_doc("d17/state")).updates == ()
+        assert len((await store.load_doc("d3/state")).updates) == 1
+        assert (await store.get_device("d17")).last_seq == 0  # type: ignore[union-attr]
+
+
+async def test_failed_group_transaction_fails_every_write(tmp_path: Path) -> None:
+    """When the transaction itself fails, every caller of the group gets the error and
+    nothing of the group is stored."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        for i in range(5):
+            await store.add_device(DeviceRecord(f"d{i}", "h", created=1))
+        await store._run(lambda conn: conn.execute("PRAGMA busy_timeout = 50"))
+        blocker = sqlite3.connect(tmp_path / "s.db", isolation_level=None, timeout=0)
+        with closing(blocker):
+            blocker.execute("BEGIN EXCLUSIVE")  # holds the write lock past busy_timeout
+            writes = [SyncWrite(f"d{i}", 10, events=[Event(1, "t", 1, {})]) for i in range(5)]
+            outcomes = await asyncio.gather(*(store.commit(w) for w in writes),
+                                            return_exceptions=True)
+            blocker.execute("ROLLBACK")
+        assert all(isinstance(o, StoreError) for o in outcomes), outcomes
+        assert await store.read_events() == []
+        # and the store keeps working afterwards
+        await store.commit(SyncWrite("d0", 11, events=[Event(1, "t", 1, {})]))
+        assert len(await store.read_events()) == 1

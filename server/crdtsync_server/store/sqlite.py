@@ -38,6 +38,9 @@ Fleets: a device's ``fleet`` is checked against the ``fleets`` table in the tran
 sets it (``add_device``, ``set_device_fleet``), so both backends raise the same
 :class:`NotFound` (not a foreign-key ``IntegrityError`` to translate).
 
+Group commit: concurrent :meth:`SQLiteStore.commit` calls share one transaction, each write in
+its own savepoint (:mod:`crdtsync_server.store.group_commit`).
+
 Errors: ``sqlite3`` exceptions become :class:`StoreError` (``raise ... from``); the
 crdtsync errors of the contract (``NotFound``, ``AlreadyExists``, ``SeqGap``,
 ``SeqConflict``) pass through unchanged.
@@ -53,7 +56,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
 from typing import Any, TypeVar
 
-from crdtsync.errors import AlreadyExists, NotFound
+from crdtsync.errors import AlreadyExists, CrdtsyncError, NotFound, StoreError
 from crdtsync.sqlite_worker import SQLiteWorker, pragmas, transaction
 
 from .base import (
@@ -77,6 +80,7 @@ from .base import (
     plan_events,
     result_columns,
 )
+from .group_commit import GroupCommitter
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
 
@@ -200,6 +204,9 @@ class SQLiteStore:
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
         self._db = SQLiteWorker(path, migrations=MIGRATIONS, synchronous=synchronous,
                                 name="crdtsync-store")
+        self.group_commit: GroupCommitter[SyncWrite, CommitResult] = GroupCommitter(
+            self._commit_group)
+        """Batches concurrent :meth:`commit` calls into one transaction (one fsync)."""
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {self._db.path!r} {self._db.state}>"
@@ -228,6 +235,7 @@ class SQLiteStore:
 
     async def aclose(self) -> None:
         """Wait for queued calls, close the connection and stop the thread; idempotent."""
+        await self.group_commit.drain()
         await self._db.aclose()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -267,7 +275,11 @@ class SQLiteStore:
         ``ValueError`` for device parts without a device, or a request whose ``device`` is
         not the write's."""
         check_write(write)
-        return await self._run(_commit, write)
+        return await self.group_commit.submit(write)
+
+    async def _commit_group(self, writes: list[SyncWrite]
+                            ) -> list[CommitResult | BaseException]:
+        return await self._run(_commit_group, writes)
 
     # downlink
 
@@ -472,26 +484,48 @@ def _compact(conn: sqlite3.Connection, key: str, upto_id: int, snapshot: bytes) 
 # --- the sync transaction (worker thread) ------------------------------------------------
 
 
-def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
+def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
+                  ) -> list[CommitResult | BaseException]:
+    """Commit ``writes`` in one transaction, each in its own savepoint: a write that raises
+    is rolled back alone and its exception returned in its place (group commit)."""
+    outcomes: list[CommitResult | BaseException] = []
     with transaction(conn):
-        update_ids = _insert_updates(conn, write.docs)
-        if write.device is None:
-            return CommitResult(update_ids=update_ids)
-        device = _require_device(conn, write.device)
-        plan = plan_events(
-            device.id, device.last_seq, write.purged, write.events,
-            _stored_digests(conn, device, write),
-        )
-        _insert_events(conn, device.id, write.time, plan)
-        last_seq = max(device.last_seq, plan.new[-1].seq) if plan.new else device.last_seq
-        down_done = _ack_downlink(conn, device, write)
-        new_requests = _insert_requests(conn, device.id, write)
-        _ack_outcomes(conn, device.id, write)
-        conn.execute(
-            "UPDATE devices SET last_seq = ?, events_lost = events_lost + ?, last_sync = ?,"
-            " down_done = ? WHERE id = ?",
-            (last_seq, plan.lost, write.time, down_done, device.id),
-        )
+        for write in writes:
+            conn.execute("SAVEPOINT write")
+            try:
+                outcomes.append(_commit(conn, write))
+            except (CrdtsyncError, ValueError, sqlite3.Error) as exc:
+                if not conn.in_transaction:  # SQLite rolled the whole transaction back
+                    raise
+                conn.execute("ROLLBACK TO write")
+                outcomes.append(StoreError(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error)
+                                else exc)
+            finally:
+                if conn.in_transaction:
+                    conn.execute("RELEASE write")
+    return outcomes
+
+
+def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
+    """One write's statements, inside the caller's transaction."""
+    update_ids = _insert_updates(conn, write.docs)
+    if write.device is None:
+        return CommitResult(update_ids=update_ids)
+    device = _require_device(conn, write.device)
+    plan = plan_events(
+        device.id, device.last_seq, write.purged, write.events,
+        _stored_digests(conn, device, write),
+    )
+    _insert_events(conn, device.id, write.time, plan)
+    last_seq = max(device.last_seq, plan.new[-1].seq) if plan.new else device.last_seq
+    down_done = _ack_downlink(conn, device, write)
+    new_requests = _insert_requests(conn, device.id, write)
+    _ack_outcomes(conn, device.id, write)
+    conn.execute(
+        "UPDATE devices SET last_seq = ?, events_lost = events_lost + ?, last_sync = ?,"
+        " down_done = ? WHERE id = ?",
+        (last_seq, plan.lost, write.time, down_done, device.id),
+    )
     return CommitResult(update_ids, last_seq, len(plan.new), down_done, new_requests)
 
 
