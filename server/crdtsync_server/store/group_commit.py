@@ -21,7 +21,6 @@ from typing import Generic, TypeVar
 W = TypeVar("W")
 R = TypeVar("R")
 
-Outcome = R | BaseException
 
 
 class GroupCommitter(Generic[W, R]):
