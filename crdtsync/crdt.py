@@ -128,6 +128,34 @@ def write(doc: Doc[Any], name: str, changes: Mapping[str, Any]) -> None:
                 target[key] = value
 
 
+@contextmanager
+def tracking(doc: Doc[Any]) -> Iterator[dict[str, dict[str, Any]]]:
+    """Record which keys of which root maps change inside the block, by any means (a local
+    write, a remote update). After the block the yielded dict holds ``{map: {key: value}}``
+    with each changed key's current value, ``None`` for a deleted key; nothing is filled if
+    the block raises. Costs one observer per root map, none per key."""
+    changed: dict[str, set[str]] = {}
+    before = set(doc.keys())
+    observed = []
+    for name in before:
+        def on_change(event: Any, *_: Any, name: str = name) -> None:
+            changed.setdefault(name, set()).update(event.keys)
+        root = doc.get(name, type=Map)
+        observed.append((root, root.observe(on_change)))
+    result: dict[str, dict[str, Any]] = {}
+    try:
+        yield result
+    finally:
+        for root, subscription in observed:
+            root.unobserve(subscription)
+    for name in set(doc.keys()) - before:
+        changed.setdefault(name, set()).update(doc.get(name, type=Map).keys())
+    for name in sorted(changed):
+        root = doc.get(name, type=Map)
+        result[name] = {key: normalize(root[key]) if key in root else None
+                        for key in sorted(changed[name])}
+
+
 def to_json(doc: Doc[Any]) -> dict[str, Any]:
     """The whole document as JSON data: ``{map_name: {key: value}}``, numbers normalized."""
     return {name: normalize(doc.get(name, type=Map).to_py()) for name in sorted(doc.keys())}

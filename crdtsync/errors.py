@@ -186,6 +186,23 @@ class ClosedError(CrdtsyncError):
     status = 0
 
 
+class SinkError(CrdtsyncError):
+    """Delivery to a downstream destination failed (unreachable, 5xx, timeout): the sink
+    runner retries with backoff, then dead-letters. Local to the server, never on the wire."""
+
+    code = "sink_failed"
+    status = 0
+    retryable = True
+
+
+class SinkRejected(SinkError):
+    """The destination refused the items for good (a 4xx, a constraint): dead-lettered at
+    once, without retries."""
+
+    code = "sink_rejected"
+    retryable = False
+
+
 def _wire_classes() -> dict[str, type[CrdtsyncError]]:
     found: dict[str, type[CrdtsyncError]] = {}
     pending: list[type[CrdtsyncError]] = [CrdtsyncError]

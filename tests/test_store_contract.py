@@ -31,6 +31,7 @@ from crdtsync_server.store import (
     Store,
     SyncWrite,
 )
+from crdtsync_server.store.feed import FeedFilter, StateChange
 
 BACKENDS: dict[str, Callable[[Path], Store]] = {
     "memory": lambda tmp_path: MemoryStore(),
@@ -945,3 +946,95 @@ async def test_touch_devices_moves_last_sync_forward_only(store: Store) -> None:
     assert one is not None and one.last_sync == 100
     assert two is not None and two.last_sync == 50
     assert await store.get_device("nobody") is None
+
+
+# --- the change feed and the state projection ---------------------------------------------
+
+
+def change(device: str, changes: dict[str, dict[str, Any]], source: str = "device"
+           ) -> StateChange:
+    return StateChange(device, "state", changes, source)
+
+
+async def test_feed_holds_events_and_changes_in_commit_order(store: Store) -> None:
+    await store.add_fleet(FleetRecord("north", created=1))
+    await add_device(store, "a", fleet="north")
+    await add_device(store, "b")
+    await store.commit(SyncWrite("a", 10, events=evs(1, 2),
+                                 changes=[change("a", {"state": {"v": 3.7, "gone": None}})]))
+    await store.commit(SyncWrite("b", 11, events=evs(1, 1, "hum")))
+    await store.commit(SyncWrite(None, 12, changes=[change("b", {"state": {"x": 1}}, "cloud")]))
+    items = await store.read_feed()
+    assert [(i.cursor, i.kind, i.device, i.fleet, i.seq, i.topic) for i in items] == [
+        (1, "event", "a", "north", 1, "temp"), (2, "event", "a", "north", 2, "temp"),
+        (3, "state", "a", "north", None, None), (4, "event", "b", None, 1, "hum"),
+        (5, "state", "b", None, None, None)]
+    assert items[0].body == {"seq": 1} and items[0].time == 1001 and items[0].received == 10
+    assert (items[2].doc, items[2].body, items[2].source, items[2].time) == (
+        "state", {"state": {"v": 3.7, "gone": None}}, "device", 10)
+    assert (items[4].source, items[4].received) == ("cloud", 12)
+    assert [i.key for i in items] == ["ev:a:1", "ev:a:2", "st:3", "ev:b:1", "st:5"]
+    assert await store.feed_head() == 5
+    assert [i.cursor for i in await store.read_feed(after=2, limit=2)] == [3, 4]
+
+
+async def test_feed_filters(store: Store) -> None:
+    await store.add_fleet(FleetRecord("north", created=1))
+    await add_device(store, "a", fleet="north")
+    await add_device(store, "b")
+    await store.commit(SyncWrite("a", 10, events=[ev(1, "temp"), ev(2, "hum")],
+                                 changes=[change("a", {"state": {"k": 1}})]))
+    await store.commit(SyncWrite("b", 11, events=[ev(1, "temp")]))
+
+    async def cursors(**kw: str) -> list[int]:
+        return [i.cursor for i in await store.read_feed(where=FeedFilter(**kw))]
+
+    assert await cursors(device="b") == [4]
+    assert await cursors(fleet="north") == [1, 2, 3]
+    assert await cursors(topic="temp") == [1, 4]
+    assert await cursors(kind="state") == [3]
+    assert await cursors(kind="event", device="a") == [1, 2]
+    assert await cursors(device="nobody") == []
+    with pytest.raises(ValueError):
+        FeedFilter(kind="nope")
+
+
+async def test_replayed_and_refused_writes_add_nothing_to_the_feed(store: Store) -> None:
+    await add_device(store, "a")
+    await store.commit(SyncWrite("a", 10, events=evs(1, 2)))
+    await store.commit(SyncWrite("a", 11, events=evs(1, 2)))  # a replay
+    with pytest.raises(SeqGap):
+        await store.commit(SyncWrite("a", 12, events=evs(9, 9),
+                                     changes=[change("a", {"state": {"k": 1}})]))
+    assert [i.seq for i in await store.read_feed()] == [1, 2]
+    assert await store.read_projection() == []
+
+
+async def test_projection_follows_changes(store: Store) -> None:
+    await add_device(store, "a")
+    await add_device(store, "b")
+    await store.commit(SyncWrite("a", 10, changes=[
+        change("a", {"state": {"v": 3.7, "on": True}, "config": {"mode": {"x": [1]}}})]))
+    await store.commit(SyncWrite("b", 11, changes=[change("b", {"state": {"v": 1}})]))
+    await store.commit(SyncWrite(None, 12, changes=[
+        change("a", {"state": {"v": 3.8, "on": None}}, "cloud")]))
+    rows = await store.read_projection()
+    assert [(r.device, r.doc, r.map, r.key, r.value, r.updated) for r in rows] == [
+        ("a", "state", "config", "mode", {"x": [1]}, 10),
+        ("a", "state", "state", "v", 3.8, 12),
+        ("b", "state", "state", "v", 1, 11)]
+    assert [r.key for r in await store.read_projection(device="b")] == ["v"]
+    assert [r.device for r in await store.read_projection(
+        after=("a", "state", "state", "v"))] == ["b"]
+    assert len(await store.read_projection(limit=1)) == 1
+
+    await store.replace_projection("a", "state", {"state": {"w": 2, "z": None}}, 20)
+    assert [(r.device, r.map, r.key, r.value, r.updated)
+            for r in await store.read_projection()] == [
+        ("a", "state", "w", 2, 20), ("b", "state", "v", 1, 11)]
+
+
+async def test_a_change_must_belong_to_the_writing_device(store: Store) -> None:
+    await add_device(store, "a")
+    with pytest.raises(ValueError):
+        await store.commit(SyncWrite("a", 10, changes=[change("b", {"state": {"k": 1}})]))

@@ -36,7 +36,8 @@ from crdtsync_server.store import (
     SyncWrite,
     open_store,
 )
-from crdtsync_server.store.base import event_digest, event_json
+from crdtsync_server.store.base import event_digest
+from crdtsync_server.store.feed import event_json
 from crdtsync_server.store.sqlite import MIGRATIONS, SCHEMA_VERSION
 
 FIXTURES = Path(__file__).parent / "data" / "schema"
@@ -90,6 +91,32 @@ V2_DEVICE = DeviceRecord(
 V2_EVENT = Event(1, "hum", 1_710_000_000_000, {"rh": 40})
 
 
+def write_v3_fixture(path: Path = FIXTURES / "server_v3.db") -> None:
+    """Write ``server_v3.db``: schemas v1 to v3 only, a fleet with one device and its
+    event, and the device's document."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    e = V1_EVENT
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        with transaction(conn):
+            for script in MIGRATIONS[:3]:
+                for statement in statements(script):
+                    conn.execute(statement)
+            conn.execute("PRAGMA user_version = 3")
+            conn.execute("INSERT INTO fleets (id, created) VALUES ('west', 1)")
+            conn.execute(
+                "INSERT INTO devices (id, token_hash, created, last_seq, fleet, fleet_gen)"
+                " VALUES ('dev-v3', 'h', 1, 1, 'west', 1)")
+            conn.execute(
+                "INSERT INTO events (device, seq, topic, time, received, body, digest)"
+                " VALUES ('dev-v3', ?, ?, ?, 5, ?, ?)",
+                (e.seq, e.topic, e.time, event_json(e), event_digest(e)))
+            conn.execute(
+                "INSERT INTO updates (key, gen, data) VALUES ('dev-v3/state', 0, ?)",
+                (V1_UPDATE,))
+        conn.execute("VACUUM")
+
+
 def write_v2_fixture(path: Path = FIXTURES / "server_v2.db") -> None:
     """Write ``server_v2.db``: schemas v1 and v2 only, one device with one event, one doc
     update, one delivered command and one pending request."""
@@ -132,6 +159,7 @@ def _regenerate_fixtures() -> None:
     if REGEN:
         write_v1_fixture()
         write_v2_fixture()
+        write_v3_fixture()
 
 
 def _user_version(path: Path) -> int:
@@ -198,7 +226,7 @@ def test_v2_fixture_is_what_the_v2_scripts_make(tmp_path: Path) -> None:
     assert _dump(FIXTURES / "server_v2.db") == _dump(tmp_path / "v2.db")
 
 
-async def test_v1_database_migrates_to_v3(tmp_path: Path) -> None:
+async def test_v1_database_migrates_to_current(tmp_path: Path) -> None:
     path = tmp_path / "sync.db"
     shutil.copyfile(FIXTURES / "server_v1.db", path)
     assert _user_version(path) == 1
@@ -209,6 +237,10 @@ async def test_v1_database_migrates_to_v3(tmp_path: Path) -> None:
                 for e in await store.read_events()] == [
             (1, "dev-old", 1, "temp", V1_EVENT.time, V1_DEVICE.last_sync, V1_EVENT.body)]
         assert (await store.load_doc("state")).updates == ((1, V1_UPDATE),)
+        # v4 backfilled the feed with the stored event
+        assert [(i.cursor, i.kind, i.device, i.seq, i.topic, i.body)
+                for i in await store.read_feed()] == [
+            (1, "event", "dev-old", 1, "temp", V1_EVENT.body)]
 
         # The old event's digest still tells a replay from a conflict.
         replay = await store.commit(SyncWrite(
@@ -216,6 +248,7 @@ async def test_v1_database_migrates_to_v3(tmp_path: Path) -> None:
             events=[V1_EVENT, Event(2, "temp", 1_700_000_000_900, {"c": 22})],
         ))
         assert (replay.stored, replay.last_seq, replay.update_ids) == (1, 2, (2,))
+        assert [i.seq for i in await store.read_feed()] == [1, 2]  # the replay is not fed
 
         item = await store.queue_downlink("dev-old", "command", "reboot", {"delay": 5},
                                           now=1_700_000_002_000, expires=None)
@@ -237,7 +270,7 @@ async def test_v1_database_migrates_to_v3(tmp_path: Path) -> None:
         await store.add_fleet(FleetRecord("north", created=1_700_000_004_000))
         moved = await store.set_device_fleet("dev-old", "north", now=1_700_000_004_001)
         assert (moved.fleet, moved.fleet_gen, moved.down_done) == ("north", 1, 1)
-    assert _user_version(path) == 3 == SCHEMA_VERSION
+    assert _user_version(path) == 4 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         columns = {row[1]: row[4] for row in conn.execute("PRAGMA table_info(devices)")}
@@ -246,7 +279,7 @@ async def test_v1_database_migrates_to_v3(tmp_path: Path) -> None:
     assert _user_version(FIXTURES / "server_v1.db") == 1  # the golden file was not touched
 
 
-async def test_v2_database_migrates_to_v3(tmp_path: Path) -> None:
+async def test_v2_database_migrates_to_current(tmp_path: Path) -> None:
     path = tmp_path / "sync.db"
     shutil.copyfile(FIXTURES / "server_v2.db", path)
     assert _user_version(path) == 2
@@ -278,12 +311,32 @@ async def test_v2_database_migrates_to_v3(tmp_path: Path) -> None:
         assert claimed is not None and claimed.route == "weather"
         device = await store.get_device("dev-v2")
         assert device is not None and (device.fleet, device.down_done) == ("south", 1)
-    assert _user_version(path) == 3 == SCHEMA_VERSION
+    assert _user_version(path) == 4 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert "devices_fleet_id" in indexes
     assert _user_version(FIXTURES / "server_v2.db") == 2  # the golden file was not touched
+
+
+def test_v3_fixture_is_what_the_v3_scripts_make(tmp_path: Path) -> None:
+    write_v3_fixture(tmp_path / "v3.db")
+    assert _dump(FIXTURES / "server_v3.db") == _dump(tmp_path / "v3.db")
+
+
+async def test_v3_database_migrates_to_current(tmp_path: Path) -> None:
+    """v4 adds the feed, backfilled with the stored events (with the device's fleet), and
+    an empty projection (the server rebuilds it from the documents)."""
+    path = tmp_path / "sync.db"
+    shutil.copyfile(FIXTURES / "server_v3.db", path)
+    async with SQLiteStore(path) as store:
+        assert [(i.cursor, i.kind, i.device, i.fleet, i.seq, i.time, i.received, i.body)
+                for i in await store.read_feed()] == [
+            (1, "event", "dev-v3", "west", 1, V1_EVENT.time, 5, V1_EVENT.body)]
+        assert await store.read_projection() == []
+        assert await store.feed_head() == 1
+    assert _user_version(path) == SCHEMA_VERSION == 4
+    assert _user_version(FIXTURES / "server_v3.db") == 3
 
 
 async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ class Model:
 async def check_all(sim: Simulation) -> list[str]:
     failures: list[str] = []
     for check in (check_convergence, check_writes, check_events, check_outboxes,
-                  check_replay, check_downlink, check_requests):
+                  check_replay, check_downlink, check_requests, check_feed):
         failures += await check(sim)
     return failures
 
@@ -153,6 +153,48 @@ async def check_events(sim: Simulation) -> list[str]:
                             f"{_first_difference(bodies, expected)}")
         total += len(stored)
     sim.report.events_delivered = total
+    return failures
+
+
+async def check_feed(sim: Simulation) -> list[str]:
+    """The change feed holds each stored event once, in seq order; folding its state changes
+    in cursor order gives the stored document; the projection equals the document."""
+    store = _live_store(sim)
+    items, after = [], 0
+    while page := await store.read_feed(after, 1000):
+        items += page
+        after = page[-1].cursor
+    failures = []
+    for device in sim.devices:
+        mine = [i for i in items if i.device == device.id]
+        events = [(i.seq, i.body) for i in mine if i.kind == "event"]
+        stored, after = [], 0
+        while page := await store.read_events(after, 1000, device=device.id):
+            stored += [(e.seq, e.body) for e in page]
+            after = page[-1].cursor
+        if events != stored:
+            failures.append(f"feed: {device.id} feed events {len(events)} != stored "
+                            f"{len(stored)}, first difference at "
+                            f"{_first_difference(events, stored)}")
+        folded: dict[str, dict[str, Any]] = {}
+        for item in mine:
+            if item.kind == "state":
+                for name, keys in item.body.items():
+                    for key, value in keys.items():
+                        folded.setdefault(name, {})[key] = value
+        expected = {name: keys for name, keys in (await _cloud_json(sim, device.id)).items()
+                    if keys}
+        replayed = {name: {k: v for k, v in keys.items() if v is not None}
+                    for name, keys in folded.items()}
+        replayed = {name: keys for name, keys in replayed.items() if keys}
+        if replayed != expected:
+            failures.append(f"feed: {device.id} state changes fold to {replayed}, "
+                            f"document is {expected}")
+        projected: dict[str, dict[str, Any]] = {}
+        for row in await store.read_projection(device=device.id, limit=100_000):
+            projected.setdefault(row.map, {})[row.key] = row.value
+        if projected != expected:
+            failures.append(f"projection: {device.id} rows {projected} != document {expected}")
     return failures
 
 

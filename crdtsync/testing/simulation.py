@@ -25,6 +25,7 @@ from typing import Any
 from crdtsync_server.app import ServerConfig, Services
 from crdtsync_server.auth import hash_token, new_token
 from crdtsync_server.documents import DocumentCache
+from crdtsync_server.feed import FeedNotifier
 from crdtsync_server.proxy import ProxyRunner
 from crdtsync_server.routes import Outcome, Route, RouteExecutor, RouteTable
 from crdtsync_server.store import CommitResult, DeviceRecord, SQLiteStore, SyncWrite
@@ -108,10 +109,12 @@ class SimServer:
         routes = RouteTable([Route(ECHO_ROUTE, "http://127.0.0.1:9/echo")])
         proxy = ProxyRunner(store, routes, SimExecutor(self.sim))
         await proxy.recover()
+        notifier = FeedNotifier()
         self.services = Services(config, store, docs,
-                                 SyncService(store, docs, proxy, proxy_budget=5.0),
+                                 SyncService(store, docs, proxy, proxy_budget=5.0,
+                                             notifier=notifier),
                                  hash_token(ADMIN_TOKEN), routes, proxy,
-                                 TemplateRegistry(store))
+                                 TemplateRegistry(store), notifier)
 
     async def crash(self) -> None:
         """Lose everything in memory; the database keeps what was committed."""

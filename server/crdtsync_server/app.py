@@ -37,6 +37,7 @@ from crdtsync.protocol import DEFAULT_LIMITS, MEDIA_TYPE, SYNC_PATH, Limits, enc
 
 from .auth import admin_token_hash
 from .documents import DocumentCache
+from .feed import FeedNotifier, build_projection
 from .proxy import ProxyRunner, load_route_table
 from .routes import RouteExecutor, RouteTable
 from .store import Store, open_store
@@ -80,6 +81,9 @@ class ServerConfig:
     they finished."""
     purge_every: float = 3600.0
     """Seconds between purges."""
+    feed_poll: float = 1.0
+    """Seconds between re-reads of the feed by waiting readers (long polls, streams, sinks)
+    when nothing in this process woke them: how soon they see another process's items."""
     touch_every: float = 1.0
     """Seconds between batched writes of ``last_sync`` for syncs that changed nothing (a
     crash loses at most this much of that bookkeeping, never data)."""
@@ -97,6 +101,7 @@ class Services:
     routes: RouteTable
     proxy: ProxyRunner
     templates: TemplateRegistry
+    feed: FeedNotifier
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -107,6 +112,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     from .admin_api import routes as admin_routes
     from .downlink_api import routes as downlink_routes
     from .env_api import routes as env_routes
+    from .feed_api import routes as feed_routes
     from .fleets_api import routes as fleets_routes
     from .sync_api import routes as sync_routes
     from .templates_api import routes as templates_routes
@@ -119,6 +125,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app.add_routes(env_routes)
     app.add_routes(templates_routes)
     app.add_routes(fleets_routes)
+    app.add_routes(feed_routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         backend = store if store is not None else open_store(config.db)
@@ -135,10 +142,14 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             await executor.start()
             proxy = ProxyRunner(backend, table, executor)
             await proxy.recover()
+            notifier = FeedNotifier(config.feed_poll)
             sync = SyncService(backend, docs, proxy, proxy_budget=config.proxy_budget,
-                               max_items=config.limits.max_items)
+                               max_items=config.limits.max_items, notifier=notifier)
+            built = await build_projection(backend, docs, int(time.time() * 1000))
+            if built:
+                log.info("built the state projection of %d stored documents", built)
             app[SERVICES] = Services(config, backend, docs, sync, admin_hash, table, proxy,
-                                     TemplateRegistry(backend))
+                                     TemplateRegistry(backend), notifier)
             loops = [asyncio.create_task(purge_loop(backend, config), name="crdtsync-purge"),
                      asyncio.create_task(touch_loop(sync, config), name="crdtsync-touch")]
             try:

@@ -20,9 +20,11 @@ from crdtsync.errors import Forbidden, GenerationMismatch, NotFound, UnknownDocu
 from crdtsync.protocol import DocSync, DownItem, Outcome, SyncRequest, SyncResponse
 
 from .documents import DocumentCache, LiveDoc
+from .feed import FeedNotifier
 from .proxy import ProxyRunner
 from .store import CommitResult, DeviceRecord, DocWrite, Store, SyncWrite
 from .store.base import CommandResult, ProxyRequest
+from .store.feed import StateChange
 
 OWN_DOCS = frozenset({"state"})
 """Documents a device owns and writes."""
@@ -60,8 +62,11 @@ class SyncService:
     """Applies sync requests and cloud writes; the HTTP layer only authenticates and codes."""
 
     def __init__(self, store: Store, docs: DocumentCache, proxy: ProxyRunner | None = None,
-                 *, proxy_budget: float = 1.0, max_items: int = 100) -> None:
+                 *, proxy_budget: float = 1.0, max_items: int = 100,
+                 notifier: FeedNotifier | None = None) -> None:
         self.store = store
+        self.notifier = notifier
+        """Woken after a commit that added feed items (events or document changes)."""
         self.docs = docs
         self.proxy = proxy
         self.proxy_budget = proxy_budget
@@ -86,9 +91,11 @@ class SyncService:
         async with self.docs.lock(device.id):
             lives = [await self.docs.get(doc_key(device.id, p.doc)) for p in own]
             try:
-                writes = [self._apply(live, part) for live, part in zip(lives, own,
-                                                                        strict=True)]
-                write = self._write(device, request, writes)
+                applied = [self._apply(device.id, live, part)
+                           for live, part in zip(lives, own, strict=True)]
+                writes = [w for w, _ in applied]
+                write = self._write(device, request, writes,
+                                    [c for _, c in applied if c is not None])
                 result = (self._unchanged(device, write) if self._idle(device, write)
                           else await self.store.commit(write))
             except BaseException:
@@ -96,6 +103,8 @@ class SyncService:
                     self.docs.evict(live.key)
                 raise
             self._committed(lives, writes, result.update_ids)
+            if self.notifier is not None and (result.stored or write.changes):
+                self.notifier.notify()
             if request.calls and self.proxy is not None:
                 # All of them, not only the new ones: a request stored by a commit whose
                 # process died before claiming it is still pending, and is claimed now.
@@ -116,7 +125,8 @@ class SyncService:
         return response
 
     @staticmethod
-    def _write(device: DeviceRecord, request: SyncRequest, writes: list[DocWrite]) -> SyncWrite:
+    def _write(device: DeviceRecord, request: SyncRequest, writes: list[DocWrite],
+               changes: list[StateChange]) -> SyncWrite:
         now = now_ms()
         return SyncWrite(
             device=device.id, time=now, docs=[w for w in writes if w.update],
@@ -124,7 +134,7 @@ class SyncService:
             results=[CommandResult(r.seq, r.ok, r.value, r.error) for r in request.results],
             requests=[ProxyRequest(device.id, c.id, c.route, c.body, now)
                       for c in request.calls],
-            outcomes_acked=request.outcomes_acked,
+            outcomes_acked=request.outcomes_acked, changes=changes,
         )
 
     async def _answer_shared(self, device: DeviceRecord, part: DocSync) -> DocSync:
@@ -189,16 +199,22 @@ class SyncService:
         return tuple(DownItem(i.seq, i.kind, i.name, i.body, i.expires or 0) for i in items)
 
     @staticmethod
-    def _apply(live: LiveDoc, part: DocSync) -> DocWrite:
+    def _apply(device: str, live: LiveDoc, part: DocSync
+               ) -> tuple[DocWrite, StateChange | None]:
+        """Apply the device's update to ``live``: the effective update to store and the
+        keys it changed (``None``: nothing changed, e.g. a replay)."""
         if part.gen != live.gen:
             raise GenerationMismatch(
                 f"document {part.doc!r} is at generation {live.gen}, not {part.gen}",
                 {"doc": part.doc, "gen": live.gen},
             )
-        if part.update:
-            crdt.check_update(part.update, name=part.doc)
+        if not part.update:
+            return DocWrite(live.key, live.capture(), live.gen), None
+        crdt.check_update(part.update, name=part.doc)
+        with crdt.tracking(live.doc) as changed:
             crdt.apply_remote(live.doc, part.update, name=part.doc)
-        return DocWrite(live.key, live.capture(), live.gen)
+        change = StateChange(device, part.doc, changed) if changed else None
+        return DocWrite(live.key, live.capture(), live.gen), change
 
     @staticmethod
     def _committed(lives: list[LiveDoc], writes: list[DocWrite], ids: tuple[int, ...]) -> None:
@@ -219,7 +235,8 @@ class SyncService:
         key); durable on return, delivered at the device's next sync. Returns the new map."""
         if await self.store.get_device(device_id) is None:
             raise NotFound(f"no device {device_id!r}")
-        return await self.write_doc(doc_key(device_id, "state"), device_id, name, changes)
+        return await self.write_doc(doc_key(device_id, "state"), device_id, name, changes,
+                                    device=device_id)
 
     async def write_shared(self, key: str, name: str,
                            changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -232,20 +249,26 @@ class SyncService:
         async with self.docs.lock(lock):
             return crdt.to_json((await self.docs.get(key)).doc)
 
-    async def write_doc(self, key: str, lock: str, name: str,
-                        changes: Mapping[str, Any]) -> dict[str, Any]:
+    async def write_doc(self, key: str, lock: str, name: str, changes: Mapping[str, Any],
+                        *, device: str | None = None) -> dict[str, Any]:
         """Merge ``changes`` into root map ``name`` of document ``key`` under ``lock``;
-        durable on return; returns the new map."""
+        durable on return; returns the new map. For a document of ``device`` the changed
+        keys enter the feed and the projection."""
         async with self.docs.lock(lock):
             live = await self.docs.get(key)
             try:
-                crdt.write(live.doc, name, changes)
+                with crdt.tracking(live.doc) as changed:
+                    crdt.write(live.doc, name, changes)
                 update = live.capture()
                 if update:
+                    feed = ([StateChange(device, "state", changed, "cloud")]
+                            if device is not None and changed else [])
                     stored = await self.store.commit(
-                        SyncWrite(device=None, time=now_ms(), docs=[DocWrite(key, update,
-                                                                             live.gen)]))
+                        SyncWrite(device=None, time=now_ms(), changes=feed,
+                                  docs=[DocWrite(key, update, live.gen)]))
                     live.committed(stored.update_ids[0])
+                    if feed and self.notifier is not None:
+                        self.notifier.notify()
             except BaseException:
                 self.docs.evict(key)
                 raise

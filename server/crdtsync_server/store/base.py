@@ -15,7 +15,6 @@ device unless :meth:`Store.commit` returned.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,7 +23,15 @@ import msgpack
 
 from crdtsync.errors import SeqConflict, SeqGap
 from crdtsync.protocol import Event
-from crdtsync.values import json_default
+
+from .feed import (
+    Changes,
+    FeedFilter,
+    FeedItem,
+    ProjectionRow,
+    StateChange,
+    json_text,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +140,10 @@ class SyncWrite:
     """New proxied requests; a known ``(device, id)`` is ignored (at most once)."""
     outcomes_acked: Sequence[str] = ()
     """Request ids whose outcome the device stored: marked ``acked``."""
+    changes: Sequence[StateChange] = ()
+    """Document keys these updates changed: appended to the feed and applied to the
+    projection in the same transaction. A cloud write (``device=None``) names the device in
+    each change."""
 
 
 DOWNLINK_KINDS = ("message", "command")
@@ -322,6 +333,24 @@ class Store(Protocol):
     ) -> list[StoredEvent]:
         """Events with cursor > ``after`` in cursor order, optionally filtered."""
 
+    # downstream: the change feed and the state projection (store/feed.py)
+    async def read_feed(self, after: int = 0, limit: int = 100,
+                        where: FeedFilter | None = None) -> list[FeedItem]:
+        """Feed items with cursor > ``after`` matching ``where``, in cursor order."""
+
+    async def feed_head(self) -> int:
+        """The highest cursor in the feed (0 when empty)."""
+
+    async def read_projection(self, device: str | None = None, after: tuple[str, ...] = (),
+                              limit: int = 1000) -> list[ProjectionRow]:
+        """Projection rows (optionally of one device) ordered by (device, doc, map, key),
+        after the row whose key tuple is ``after``."""
+
+    async def replace_projection(self, device: str, doc: str, rows: Changes, now: int
+                                 ) -> None:
+        """Make the projection of ``device``'s ``doc`` exactly ``rows`` (``{map: {key:
+        value}}``): used to (re)build it from a document, e.g. after an upgrade."""
+
     # settings
     async def get_setting(self, key: str) -> str | None:
         """A server setting (e.g. the admin token hash), or ``None``."""
@@ -341,10 +370,6 @@ def event_digest(event: Event) -> bytes:
     return hashlib.blake2b(packed, digest_size=16).digest()
 
 
-def event_json(event: Event) -> str:
-    """The event body as stored JSON text."""
-    return json.dumps(event.body, separators=(",", ":"), ensure_ascii=False,
-                      default=json_default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +427,10 @@ def check_write(write: SyncWrite) -> None:
     """Raise ``ValueError`` for a write no backend may store: device parts (events, downlink
     progress, results, requests, outcome acknowledgements) without a device, or a request
     on behalf of another device."""
+    for change in write.changes:
+        if write.device is not None and change.device != write.device:
+            raise ValueError(f"a change of device {change.device!r} in a write of"
+                             f" {write.device!r}")
     if write.device is None and (write.events or write.down_done or write.results
                                  or write.requests or write.outcomes_acked):
         raise ValueError("a write without a device cannot carry events, downlink"
@@ -412,9 +441,6 @@ def check_write(write: SyncWrite) -> None:
                              f" not {write.device!r}")
 
 
-def json_text(value: Any) -> str:
-    """``value`` as the compact JSON text stored in a JSON column."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def result_columns(r: CommandResult) -> tuple[str, str | None, str | None]:

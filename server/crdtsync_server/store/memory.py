@@ -42,10 +42,22 @@ from .base import (
     check_limit,
     check_write,
     event_digest,
-    event_json,
-    json_text,
     plan_events,
     result_columns,
+)
+from .feed import (
+    Changes,
+    FeedFilter,
+    FeedItem,
+    FeedRow,
+    ProjectionRow,
+    StateChange,
+    change_row,
+    event_json,
+    event_rows,
+    item_from_row,
+    json_text,
+    projection_writes,
 )
 
 __all__ = ["MemoryStore"]
@@ -152,6 +164,8 @@ class MemoryStore:
         self._items: dict[int, _Item] = {}
         self._downlink: dict[str, dict[int, _Item]] = {}  # device -> seq -> item, seq order
         self._requests: dict[tuple[str, str], _Request] = {}
+        self._feed: list[FeedItem] = []  # cursor order
+        self._projection: dict[tuple[str, str, str, str], tuple[str, int]] = {}
 
     async def __aenter__(self) -> MemoryStore:
         await self.open()
@@ -227,6 +241,7 @@ class MemoryStore:
         self._check_open()
         check_write(write)
         if write.device is None:
+            self._record_changes(write.changes, write.time)
             return CommitResult(update_ids=self._append_updates(write.docs))
         device = self._require_device(write.device)
         plan = self._plan(device, write)
@@ -234,7 +249,10 @@ class MemoryStore:
         bodies = [json_text(r.body) for r in write.requests]
         # Everything that can fail has been checked: from here on the commit cannot half-apply.
         update_ids = self._append_updates(write.docs)
+        fleet = device.fleet
         device = self._store_events(device, write.time, plan)
+        self._append_feed(event_rows(device.id, fleet, write.time, plan.new))
+        self._record_changes(write.changes, write.time)
         down_done = self._ack_downlink(device, write, results)
         new_requests = self._insert_requests(device.id, write, bodies)
         for request_id in write.outcomes_acked:
@@ -243,6 +261,22 @@ class MemoryStore:
                 request.set_status("acked", write.time)
         self._devices[device.id] = dataclasses.replace(device, down_done=down_done)
         return CommitResult(update_ids, device.last_seq, len(plan.new), down_done, new_requests)
+
+    def _append_feed(self, rows: Sequence[FeedRow]) -> None:
+        for row in rows:
+            cursor = self._feed[-1].cursor + 1 if self._feed else 1
+            self._feed.append(item_from_row(cursor, row))
+
+    def _record_changes(self, changes: Sequence[StateChange], now: int) -> None:
+        for change in changes:
+            owner = self._devices.get(change.device)
+            self._append_feed([change_row(change, owner.fleet if owner else None, now)])
+            for name, key, value in projection_writes(change):
+                row_key = (change.device, change.doc, name, key)
+                if value is None:
+                    self._projection.pop(row_key, None)
+                else:
+                    self._projection[row_key] = (value, now)
 
     def _require_device(self, device_id: str) -> DeviceRecord:
         device = self._devices.get(device_id)
@@ -520,6 +554,49 @@ class MemoryStore:
             if (device is None or e.device == device) and (topic is None or e.topic == topic):
                 found.append(e.stored())
         return found
+
+    # downstream: feed and projection
+
+    async def read_feed(self, after: int = 0, limit: int = 100,
+                        where: FeedFilter | None = None) -> list[FeedItem]:
+        """Feed items with cursor > ``after`` matching ``where``, in cursor order."""
+        self._check_open()
+        check_limit(limit)
+        where = where or FeedFilter()
+        start = bisect_right(self._feed, after, key=lambda item: item.cursor)
+        found: list[FeedItem] = []
+        for item in self._feed[start:]:
+            if len(found) >= limit:
+                break
+            if where.matches(item):
+                found.append(item)
+        return found
+
+    async def feed_head(self) -> int:
+        """The highest cursor in the feed (0 when empty)."""
+        self._check_open()
+        return self._feed[-1].cursor if self._feed else 0
+
+    async def read_projection(self, device: str | None = None, after: tuple[str, ...] = (),
+                              limit: int = 1000) -> list[ProjectionRow]:
+        """Projection rows ordered by (device, doc, map, key), after ``after``."""
+        self._check_open()
+        check_limit(limit)
+        keys = sorted(k for k in self._projection
+                      if (device is None or k[0] == device) and k > after)[:limit]
+        return [ProjectionRow(*k, json.loads(self._projection[k][0]), self._projection[k][1])
+                for k in keys]
+
+    async def replace_projection(self, device: str, doc: str, rows: Changes, now: int
+                                 ) -> None:
+        """Make the projection of ``device``'s ``doc`` exactly ``rows``."""
+        self._check_open()
+        for stale in [k for k in self._projection if k[:2] == (device, doc)]:
+            del self._projection[stale]
+        for name, keys in rows.items():
+            for key, value in keys.items():
+                if value is not None:
+                    self._projection[(device, doc, name, key)] = (json_text(value), now)
 
     # settings
 

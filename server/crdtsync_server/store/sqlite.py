@@ -59,6 +59,7 @@ from typing import Any, TypeVar
 from crdtsync.errors import AlreadyExists, CrdtsyncError, NotFound, StoreError
 from crdtsync.sqlite_worker import SQLiteWorker, pragmas, transaction
 
+from . import sqlite_feed
 from .base import (
     FINISHED_DOWNLINK,
     CommitResult,
@@ -75,10 +76,17 @@ from .base import (
     check_limit,
     check_write,
     event_digest,
-    event_json,
-    json_text,
     plan_events,
     result_columns,
+)
+from .feed import (
+    Changes,
+    FeedFilter,
+    FeedItem,
+    ProjectionRow,
+    event_json,
+    event_rows,
+    json_text,
 )
 from .group_commit import GroupCommitter
 
@@ -173,6 +181,8 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE devices ADD COLUMN fleet_gen INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX devices_fleet_id ON devices (fleet, id);
     """,
+    # v4: the change feed and the state projection
+    sqlite_feed.MIGRATION,
 )
 """Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
 Append only: a released script is never edited."""
@@ -395,6 +405,30 @@ class SQLiteStore:
         check_limit(limit)
         return await self._run(_read_events, after, limit, device, topic)
 
+    # downstream: feed and projection (SQL in store/sqlite_feed.py)
+
+    async def read_feed(self, after: int = 0, limit: int = 100,
+                        where: FeedFilter | None = None) -> list[FeedItem]:
+        """Feed items with cursor > ``after`` matching ``where``, in cursor order."""
+        check_limit(limit)
+        return await self._run(sqlite_feed.read_feed, after, limit, where or FeedFilter())
+
+    async def feed_head(self) -> int:
+        """The highest cursor in the feed (0 when empty)."""
+        return await self._run(sqlite_feed.feed_head)
+
+    async def read_projection(self, device: str | None = None, after: tuple[str, ...] = (),
+                              limit: int = 1000) -> list[ProjectionRow]:
+        """Projection rows ordered by (device, doc, map, key), after ``after``."""
+        check_limit(limit)
+        return await self._run(sqlite_feed.read_projection, device, after, limit)
+
+    async def replace_projection(self, device: str, doc: str, rows: Changes, now: int
+                                 ) -> None:
+        """Make the projection of ``device``'s ``doc`` exactly ``rows``."""
+        await self._run(_in_transaction, sqlite_feed.replace_projection, device, doc, rows,
+                        now)
+
     # settings
 
     async def get_setting(self, key: str) -> str | None:
@@ -510,6 +544,7 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
     """One write's statements, inside the caller's transaction."""
     update_ids = _insert_updates(conn, write.docs)
     if write.device is None:
+        sqlite_feed.record_changes(conn, write.changes, None, write.time)
         return CommitResult(update_ids=update_ids)
     device = _require_device(conn, write.device)
     plan = plan_events(
@@ -517,6 +552,8 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
         _stored_digests(conn, device, write),
     )
     _insert_events(conn, device.id, write.time, plan)
+    sqlite_feed.insert_feed(conn, event_rows(device.id, device.fleet, write.time, plan.new))
+    sqlite_feed.record_changes(conn, write.changes, device.fleet, write.time)
     last_seq = max(device.last_seq, plan.new[-1].seq) if plan.new else device.last_seq
     down_done = _ack_downlink(conn, device, write)
     new_requests = _insert_requests(conn, device.id, write)
@@ -915,3 +952,9 @@ def _set_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (key, value),
     )
+
+
+def _in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(conn, *args)`` as one transaction."""
+    with transaction(conn):
+        return fn(conn, *args)

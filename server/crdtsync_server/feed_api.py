@@ -1,0 +1,113 @@
+"""The change feed over HTTP (admin token): a long-polled page, a Server-Sent Events stream,
+and the state projection. See docs/protocol.md, "Change feed"."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from crdtsync.errors import MalformedRequest
+
+from .admin_api import MAX_PAGE, int_param, json_response, require_admin
+from .app import SERVICES
+from .feed import read_feed
+from .store.feed import FEED_KINDS, FeedFilter, FeedItem
+
+routes = web.RouteTableDef()
+
+MAX_CURSOR = 2**63 - 1
+MAX_WAIT_S = 60
+HEARTBEAT_S = 15.0
+"""An SSE comment line is sent this often when nothing happens (keeps proxies from closing
+the stream and lets the server notice a client that left)."""
+
+
+def feed_filter(request: web.Request) -> FeedFilter:
+    """``device``, ``fleet``, ``topic`` and ``kind`` query parameters (all optional)."""
+    values = {name: request.query.get(name) or None
+              for name in ("device", "fleet", "topic", "kind")}
+    if values["kind"] is not None and values["kind"] not in FEED_KINDS:
+        raise MalformedRequest(f"kind must be one of {list(FEED_KINDS)}")
+    return FeedFilter(**values)
+
+
+def cursor_value(raw: str | None, name: str) -> int:
+    if raw is None or raw == "":
+        return 0
+    if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_CURSOR:
+        raise MalformedRequest(f"{name} must be a feed cursor (a decimal integer)")
+    return int(raw)
+
+
+@routes.get("/v1/feed")
+async def get_feed(request: web.Request) -> web.Response:
+    """Items after ``after`` in cursor order; ``wait=S`` long-polls up to S seconds (max 60)
+    when there are none yet. ``next`` is the cursor to resume from."""
+    require_admin(request)
+    services = request.app[SERVICES]
+    after = cursor_value(request.query.get("after"), "after")
+    items = await read_feed(services.store, services.feed, after,
+                            int_param(request, "limit", 100, MAX_PAGE, minimum=1),
+                            feed_filter(request), int_param(request, "wait", 0, MAX_WAIT_S))
+    return json_response({"items": [i.to_json() for i in items],
+                          "next": str(items[-1].cursor if items else after)})
+
+
+def sse_frame(item: FeedItem) -> bytes:
+    data = json.dumps(item.to_json(), separators=(",", ":"), ensure_ascii=False)
+    return f"id: {item.cursor}\nevent: {item.kind}\ndata: {data}\n\n".encode()
+
+
+@routes.get("/v1/feed/stream")
+async def stream_feed(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: every item after ``Last-Event-ID`` (or ``after``), then new ones
+    as they are stored, until the client leaves. Each event's ``id`` is its cursor."""
+    require_admin(request)
+    services = request.app[SERVICES]
+    after = cursor_value(request.headers.get("Last-Event-ID") or request.query.get("after"),
+                         "Last-Event-ID")
+    where = feed_filter(request)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    await response.write(b"retry: 1000\n\n")
+    loop = asyncio.get_running_loop()
+    last_write = loop.time()
+    try:
+        while True:
+            items = await read_feed(services.store, services.feed, after, MAX_PAGE, where,
+                                    HEARTBEAT_S)
+            for item in items:
+                await response.write(sse_frame(item))
+                after = item.cursor
+            if items:
+                last_write = loop.time()
+            elif loop.time() - last_write >= HEARTBEAT_S:
+                await response.write(b": keep-alive\n\n")
+                last_write = loop.time()
+    except (ConnectionResetError, ConnectionError):
+        return response  # the client left
+
+
+@routes.get("/v1/projection")
+async def get_projection(request: web.Request) -> web.Response:
+    """The current-state projection: one row per device, document, map and key, in that
+    order; ``after`` is the ``next`` token of the previous page."""
+    require_admin(request)
+    services = request.app[SERVICES]
+    raw = request.query.get("after") or ""
+    try:
+        after = tuple(json.loads(raw)) if raw else ()
+    except ValueError as exc:
+        raise MalformedRequest("after must be the next token of a previous page") from exc
+    if after and (len(after) != 4 or not all(isinstance(p, str) for p in after)):
+        raise MalformedRequest("after must be the next token of a previous page")
+    rows = await services.store.read_projection(
+        request.query.get("device") or None, after,
+        int_param(request, "limit", 1000, MAX_PAGE, minimum=1))
+    last = rows[-1] if rows else None
+    return json_response({
+        "rows": [r.to_json() for r in rows],
+        "next": json.dumps([last.device, last.doc, last.map, last.key]) if last else None})

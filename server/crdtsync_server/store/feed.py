@@ -1,0 +1,176 @@
+"""Records of the change feed and the current-state projection, shared by every backend.
+
+The feed is one durable, ordered log of everything downstream consumers need: each stored
+event (``kind="event"``) and each change of a device document (``kind="state"``: the keys
+that changed with their new values, ``None`` for a deleted key). Its ``cursor`` grows in
+commit order, so a reader that saw cursor ``c`` never later finds a new item below ``c``
+(one writer at a time: SQLite's write lock). Items are written in the same transaction as
+the data they describe, so the feed never misses nor invents a change.
+
+The projection is a relational view of the documents: one row per device, document, map and
+key holding the current value as JSON, updated in the same transaction as the document.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from crdtsync.protocol import Event
+from crdtsync.values import json_default
+
+
+def json_text(value: Any) -> str:
+    """``value`` as the compact JSON text stored in a JSON column."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=json_default)
+
+
+def event_json(event: Event) -> str:
+    """The event body as stored JSON text (bytes become base64 text)."""
+    return json_text(event.body)
+
+FEED_KINDS = ("event", "state")
+
+Changes = Mapping[str, Mapping[str, Any]]
+"""``{map: {key: new value or None (deleted)}}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """Keys of device ``device``'s document ``doc`` changed by one write (device or cloud)."""
+
+    device: str
+    doc: str
+    changes: Changes
+    source: str = "device"
+    """``device`` (a sync) or ``cloud`` (the management API)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeedFilter:
+    """Which feed items a reader wants; ``None`` fields match everything. ``topic`` matches
+    events only (state changes have no topic)."""
+
+    device: str | None = None
+    fleet: str | None = None
+    topic: str | None = None
+    kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in FEED_KINDS:
+            raise ValueError(f"feed kind must be one of {FEED_KINDS}, not {self.kind!r}")
+
+    def matches(self, item: FeedItem) -> bool:
+        return ((self.device is None or item.device == self.device)
+                and (self.fleet is None or item.fleet == self.fleet)
+                and (self.topic is None or item.topic == self.topic)
+                and (self.kind is None or item.kind == self.kind))
+
+    def to_json(self) -> dict[str, str]:
+        return {name: value for name in ("device", "fleet", "topic", "kind")
+                if (value := getattr(self, name)) is not None}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FeedFilter:
+        """From ``{"device": ..., "fleet": ..., "topic": ..., "kind": ...}`` (all optional);
+        ``ValueError`` for an unknown field or a value that is not a string."""
+        unknown = set(data) - {"device", "fleet", "topic", "kind"}
+        if unknown:
+            raise ValueError(f"unknown filter fields: {sorted(unknown)}")
+        for name, value in data.items():
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"filter field {name!r} must be a string")
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedItem:
+    """One feed entry. Events: ``topic``, ``seq``, ``time`` (device clock) and ``body`` (the
+    event body). State changes: ``doc`` and ``body`` = ``{map: {key: value or None}}``,
+    ``time`` the server clock. ``received`` is when the server stored it, ``fleet`` the
+    device's fleet at that moment."""
+
+    cursor: int
+    kind: str
+    device: str
+    fleet: str | None
+    time: int
+    received: int
+    body: Any
+    topic: str | None = None
+    seq: int | None = None
+    doc: str | None = None
+    source: str | None = None
+
+    @property
+    def key(self) -> str:
+        """A stable idempotency key: ``ev:<device>:<seq>`` for an event (the same event
+        always gets the same key), ``st:<cursor>`` for a state change."""
+        if self.kind == "event":
+            return f"ev:{self.device}:{self.seq}"
+        return f"st:{self.cursor}"
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "cursor": str(self.cursor), "key": self.key, "kind": self.kind,
+            "device": self.device, "fleet": self.fleet, "time": self.time,
+            "received": self.received,
+        }
+        if self.kind == "event":
+            data.update(topic=self.topic, seq=self.seq, body=self.body)
+        else:
+            data.update(doc=self.doc, source=self.source, changes=self.body)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionRow:
+    """The current value of one key of a device document (``value`` is JSON data)."""
+
+    device: str
+    doc: str
+    map: str
+    key: str
+    value: Any
+    updated: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "doc": self.doc, "map": self.map, "key": self.key,
+                "value": self.value, "updated": self.updated}
+
+
+FeedRow = tuple[str, str, str | None, str | None, str | None, int | None, int, int, str,
+                str | None]
+"""A feed row as stored: ``(kind, device, fleet, doc, topic, seq, time, received, body JSON
+text, source)`` (the cursor is given by the store)."""
+
+FEED_COLUMNS = "kind, device, fleet, doc, topic, seq, time, received, body, source"
+
+
+def event_rows(device: str, fleet: str | None, received: int,
+               events: Sequence[Event]) -> list[FeedRow]:
+    """Feed rows of newly stored events."""
+    return [("event", device, fleet, None, e.topic, e.seq, e.time, received, event_json(e),
+             None) for e in events]
+
+
+def change_row(change: StateChange, fleet: str | None, received: int) -> FeedRow:
+    """The feed row of one document change."""
+    return ("state", change.device, fleet, change.doc, None, None, received, received,
+            json_text(change.changes), change.source)
+
+
+def item_from_row(cursor: int, row: Sequence[Any]) -> FeedItem:
+    """A :class:`FeedItem` from a stored row (``FEED_COLUMNS`` order)."""
+    kind, device, fleet, doc, topic, seq, time, received, body, source = row
+    return FeedItem(cursor, kind, device, fleet, time, received, json.loads(body), topic, seq,
+                    doc, source)
+
+
+def projection_writes(change: StateChange) -> Iterator[tuple[str, str, str | None]]:
+    """``(map, key, value JSON text or None to delete)`` for each key of ``change``."""
+    for name, keys in change.changes.items():
+        for key, value in keys.items():
+            yield name, key, None if value is None else json_text(value)

@@ -1,0 +1,129 @@
+"""SQL of the change feed and the state projection (worker-thread functions of
+:class:`~crdtsync_server.store.sqlite.SQLiteStore`; see ``store/feed.py`` for the model)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+
+from .feed import (
+    FEED_COLUMNS,
+    Changes,
+    FeedFilter,
+    FeedItem,
+    FeedRow,
+    ProjectionRow,
+    StateChange,
+    change_row,
+    item_from_row,
+    json_text,
+    projection_writes,
+)
+
+MIGRATION = """
+    CREATE TABLE feed (
+        cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        device TEXT NOT NULL,
+        fleet TEXT,
+        doc TEXT,
+        topic TEXT,
+        seq INTEGER,
+        time INTEGER NOT NULL,
+        received INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        source TEXT
+    );
+    CREATE INDEX feed_device_cursor ON feed (device, cursor);
+    INSERT INTO feed (kind, device, fleet, topic, seq, time, received, body)
+        SELECT 'event', e.device, d.fleet, e.topic, e.seq, e.time, e.received, e.body
+        FROM events e LEFT JOIN devices d ON d.id = e.device ORDER BY e.cursor;
+    CREATE TABLE projection (
+        device TEXT NOT NULL,
+        doc TEXT NOT NULL,
+        map TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated INTEGER NOT NULL,
+        PRIMARY KEY (device, doc, map, key)
+    ) WITHOUT ROWID;
+"""
+"""Schema v4: the feed (backfilled with the events already stored) and the projection
+(built from the documents by the server at its first start on v4)."""
+
+
+def insert_feed(conn: sqlite3.Connection, rows: Sequence[FeedRow]) -> None:
+    conn.executemany(f"INSERT INTO feed ({FEED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     rows)
+
+
+def device_fleet(conn: sqlite3.Connection, device: str) -> str | None:
+    row = conn.execute("SELECT fleet FROM devices WHERE id = ?", (device,)).fetchone()
+    return None if row is None else row[0]
+
+
+def record_changes(conn: sqlite3.Connection, changes: Sequence[StateChange],
+                   fleet: str | None, now: int) -> None:
+    """Append the feed rows of ``changes`` and apply them to the projection. ``fleet`` is
+    the writing device's; a cloud write (``fleet`` unknown) looks each device up."""
+    for change in changes:
+        owner = fleet if fleet is not None else device_fleet(conn, change.device)
+        insert_feed(conn, [change_row(change, owner, now)])
+        apply_projection(conn, change, now)
+
+
+def apply_projection(conn: sqlite3.Connection, change: StateChange, now: int) -> None:
+    for name, key, value in projection_writes(change):
+        if value is None:
+            conn.execute("DELETE FROM projection WHERE device = ? AND doc = ? AND map = ?"
+                         " AND key = ?", (change.device, change.doc, name, key))
+        else:
+            conn.execute(
+                "INSERT INTO projection (device, doc, map, key, value, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device, doc, map, key)"
+                " DO UPDATE SET value = excluded.value, updated = excluded.updated",
+                (change.device, change.doc, name, key, value, now))
+
+
+def read_feed(conn: sqlite3.Connection, after: int, limit: int, where: FeedFilter
+              ) -> list[FeedItem]:
+    clauses, params = ["cursor > ?"], [after]
+    for column in ("device", "fleet", "topic", "kind"):
+        value = getattr(where, column)
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    rows = conn.execute(
+        f"SELECT cursor, {FEED_COLUMNS} FROM feed WHERE {' AND '.join(clauses)}"
+        " ORDER BY cursor LIMIT ?", (*params, limit))
+    return [item_from_row(row[0], row[1:]) for row in rows]
+
+
+def feed_head(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COALESCE(MAX(cursor), 0) FROM feed").fetchone()[0])
+
+
+def read_projection(conn: sqlite3.Connection, device: str | None, after: tuple[str, ...],
+                    limit: int) -> list[ProjectionRow]:
+    clauses, params = [], []
+    if device is not None:
+        clauses.append("device = ?")
+        params.append(device)
+    if after:
+        clauses.append("(device, doc, map, key) > (?, ?, ?, ?)")
+        params.extend(after)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(
+        f"SELECT device, doc, map, key, value, updated FROM projection {where}"
+        " ORDER BY device, doc, map, key LIMIT ?", (*params, limit))
+    return [ProjectionRow(d, doc, m, k, json.loads(v), u) for d, doc, m, k, v, u in rows]
+
+
+def replace_projection(conn: sqlite3.Connection, device: str, doc: str, rows: Changes,
+                       now: int) -> None:
+    conn.execute("DELETE FROM projection WHERE device = ? AND doc = ?", (device, doc))
+    conn.executemany(
+        "INSERT INTO projection (device, doc, map, key, value, updated) VALUES (?, ?, ?, ?, ?, ?)",
+        [(device, doc, name, key, json_text(value), now)
+         for name, keys in rows.items() for key, value in keys.items() if value is not None])

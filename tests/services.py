@@ -1,0 +1,45 @@
+"""External services some tests need (PostgreSQL, NATS JetStream) and how tests reach them.
+
+On a developer's machine without the service the test is skipped; in CI (``CI=true``) it
+fails instead, so a missing service can never pass as green. ``.ci/run`` starts the services
+of this machine before the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+POSTGRES_URL = os.environ.get("CRDTSYNC_TEST_POSTGRES",
+                              "postgresql://postgres@127.0.0.1:5432/test")
+NATS_URL = os.environ.get("CRDTSYNC_TEST_NATS", "nats://127.0.0.1:4222")
+
+
+def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip (fail when ``CI=true``) unless ``host:port`` accepts connections."""
+    if reachable(host, port):
+        return
+    message = f"{name} is not reachable on {host}:{port}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI needs it (.ci/run starts it)")
+    pytest.skip(message)
+
+
+def require_postgres() -> str:
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    return POSTGRES_URL
+
+
+def require_nats() -> str:
+    require_service("NATS", "127.0.0.1", 4222)
+    return NATS_URL
