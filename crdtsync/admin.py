@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -44,7 +48,7 @@ class AdminClient:
         try:
             async with self._session.request(method, self.url + path, json=json,
                                              params=params) as resp:
-                data = await resp.json(content_type=None)
+                data = None if resp.status == 204 else await resp.json(content_type=None)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(f"{method} {path} failed: {exc!r}") from exc
@@ -131,3 +135,194 @@ class AdminClient:
             if not page["events"]:
                 return
             after = page["next"]
+
+    # --- downstream sinks (docs/downstream.md) ------------------------------------------------
+
+    async def put_sink(self, name: str, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Create or reconfigure sink ``name`` from its JSON form (``{"type", "options",
+        "filter", "batch", ...}``); returns it with its status, secrets redacted."""
+        return await self.request(  # type: ignore[no-any-return]
+            "PUT", f"/v1/sinks/{quote(name)}", json=dict(config))
+
+    async def sinks(self) -> list[dict[str, Any]]:
+        """Every sink with its status (state, cursor, lag, counters, last error)."""
+        return (await self.request("GET", "/v1/sinks"))["sinks"]  # type: ignore[no-any-return]
+
+    async def sink(self, name: str) -> dict[str, Any]:
+        """One sink; :class:`NotFound` if there is none."""
+        return await self.request("GET", f"/v1/sinks/{quote(name)}")  # type: ignore[no-any-return]
+
+    async def delete_sink(self, name: str) -> None:
+        """Stop and forget a sink and its dead letters."""
+        await self.request("DELETE", f"/v1/sinks/{quote(name)}")
+
+    async def dead_letters(self, name: str, after: int = 0, limit: int = 100
+                           ) -> dict[str, Any]:
+        """One page of the sink's dead letters: ``{"dead_letters": [...], "next": id}``."""
+        return await self.request(  # type: ignore[no-any-return]
+            "GET", f"/v1/sinks/{quote(name)}/dead-letters",
+            params={"after": str(after), "limit": str(limit)})
+
+    async def retry_dead_letters(self, name: str, ids: list[int] | None = None) -> int:
+        """Deliver the sink's dead letters (or those ``ids``) again; returns how many."""
+        body = None if ids is None else {"ids": ids}
+        result = await self.request("POST", f"/v1/sinks/{quote(name)}/dead-letters/retry",
+                                    json=body)
+        return int(result["retrying"])
+
+    # --- the change feed ------------------------------------------------------------------
+
+    async def feed(self, after: int | str = 0, limit: int = 100, wait: int = 0,
+                   device: str | None = None, fleet: str | None = None,
+                   topic: str | None = None, kind: str | None = None
+                   ) -> tuple[list[dict[str, Any]], int]:
+        """One page of the change feed after cursor ``after``: ``(items, next)``, ``next``
+        the cursor to pass as ``after`` to read on. With ``wait=S`` (at most 60) the server
+        holds the request up to S seconds until an item arrives (a long poll). Filters:
+        ``device``, ``fleet``, ``topic`` (events only) and ``kind`` (``event``/``state``)."""
+        params = query_params(after=after, limit=limit, wait=wait, device=device,
+                              fleet=fleet, topic=topic, kind=kind)
+        total = self._timeout.total
+        timeout = aiohttp.ClientTimeout(total=None if total is None else total + wait)
+        async with self._open("/v1/feed", params, timeouts=timeout) as resp:
+            data = await resp.json(content_type=None)
+        return data["items"], int(data["next"])
+
+    async def follow(self, after: int | str = 0, *, device: str | None = None,
+                     fleet: str | None = None, topic: str | None = None,
+                     kind: str | None = None, max_delay: float = 30.0
+                     ) -> AsyncGenerator[dict[str, Any], None]:
+        """Every feed item after cursor ``after``, then each new one as it is stored, from
+        the Server-Sent Events stream; never ends by itself. A dropped connection (or a
+        retryable error) reconnects with ``Last-Event-ID`` = the last item's cursor, after
+        the delay the server asked for, doubling while reconnecting fails (up to
+        ``max_delay`` seconds): no item is skipped or repeated. Other errors (a bad token,
+        a bad filter) raise. Close it with ``contextlib.aclosing`` (or ``aclose()``) to hang
+        up at once."""
+        params = query_params(device=device, fleet=fleet, topic=topic, kind=kind)
+        parser = SseParser(str(after))
+        idle = max(STREAM_IDLE_S, self._timeout.total or 0)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=idle, sock_read=idle)
+        failures = 0
+        while True:
+            try:
+                async with self._open("/v1/feed/stream", params, timeouts=timeout,
+                                      headers={"Last-Event-ID": parser.last_id}) as resp:
+                    failures = 0
+                    async for line in sse_lines(resp.content):
+                        if (event := parser.line(line)) is not None:
+                            yield json.loads(event.data)
+            except CrdtsyncError as exc:
+                if not exc.retryable:
+                    raise
+            parser.reset()
+            failures += 1
+            await asyncio.sleep(min(max_delay, parser.retry * 2 ** (failures - 1)))
+
+    async def projection(self, device: str | None = None) -> list[dict[str, Any]]:
+        """Every row of the current-state projection (``device``, ``doc``, ``map``, ``key``,
+        ``value``, ``updated``), all pages, optionally of one device only."""
+        rows: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page = await self.request("GET", "/v1/projection", params=query_params(
+                device=device, after=after, limit=MAX_PAGE))
+            rows += page["rows"]
+            if page["next"] is None:
+                return rows
+            after = page["next"]
+
+    @contextlib.asynccontextmanager
+    async def _open(self, path: str, params: Mapping[str, str], *,
+                    timeouts: aiohttp.ClientTimeout, headers: Mapping[str, str] | None = None
+                    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """``GET path`` as a response to read (a long poll, a stream); an error status
+        raises its typed error, a network failure (also while reading) TransportError."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        try:
+            async with self._session.get(self.url + path, params=params, headers=headers,
+                                         timeout=timeouts) as resp:
+                if resp.status >= 400:
+                    raise await response_error(resp)
+                yield resp
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(f"GET {path} failed: {exc!r}") from exc
+
+
+MAX_PAGE = 1000
+"""The largest page the management API serves."""
+STREAM_IDLE_S = 45.0
+"""Seconds without a byte before a feed stream counts as dropped (the server sends a
+keep-alive every 15 seconds)."""
+
+
+def query_params(**values: object) -> dict[str, str]:
+    """Query parameters from keyword arguments, leaving out the ``None`` ones."""
+    return {name: str(value) for name, value in values.items() if value is not None}
+
+
+async def response_error(resp: aiohttp.ClientResponse) -> CrdtsyncError:
+    """The typed error an error response carries (``{"error": {"code", "message"}}``)."""
+    try:
+        data = await resp.json(content_type=None)
+    except ValueError:
+        data = None
+    err = data.get("error", {}) if isinstance(data, dict) else {}
+    return error_from_code(str(err.get("code", "internal")), str(err.get("message", "")),
+                           err.get("detail") or None, resp.status)
+
+
+async def sse_lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The lines of an event stream as they arrive (any length; ``\\n`` or ``\\r\\n``)."""
+    pending = b""
+    async for chunk in content.iter_any():
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    id: str
+    event: str
+    data: str
+
+
+class SseParser:
+    """Server-Sent Events interpretation, one line at a time (the HTML standard's rules):
+    ``last_id`` is the id of the last dispatched event, the ``Last-Event-ID`` to reconnect
+    with; ``retry`` the reconnection delay the server asked for, in seconds."""
+
+    def __init__(self, last_id: str = "") -> None:
+        self.last_id = last_id
+        self.retry = 1.0
+        self._id = last_id
+        self._event = ""
+        self._data: list[str] = []
+
+    def line(self, text: str) -> SseEvent | None:
+        """Take one line; returns the event a blank line completes."""
+        if not text:
+            return self._dispatch()
+        name, _, value = text.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self._id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self.retry = int(value) / 1000
+        return None  # comments (":...") and unknown fields are ignored
+
+    def reset(self) -> None:
+        """Forget a partly received event (the connection dropped in the middle of it)."""
+        self._id, self._event, self._data = self.last_id, "", []
+
+    def _dispatch(self) -> SseEvent | None:
+        self.last_id = self._id
+        data, event = self._data, self._event or "message"
+        self._data, self._event = [], ""
+        return SseEvent(self.last_id, event, "\n".join(data)) if data else None

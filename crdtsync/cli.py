@@ -2,16 +2,21 @@
 events.
 
     crdtsync serve  [--db PATH] [--host H] [--port N] [--admin-token T] [--max-body B]
-                    [--routes FILE]
+                    [--routes FILE] [--sinks FILE]
     crdtsync demo   [--devices N] [--duration S] [--db PATH] [--port N] [--data-dir DIR]
     crdtsync device add ID [--meta JSON] | crdtsync device list | crdtsync device show ID
     crdtsync fleet add ID [--meta JSON] | crdtsync fleet list | crdtsync fleet show ID
     crdtsync fleet devices ID | crdtsync fleet assign DEVICE (FLEET | --none)
     crdtsync state ID [--map NAME] | crdtsync state set ID KEY=VALUE... [--map NAME]
     crdtsync events [--device ID] [--topic T] [--after CURSOR] [--limit N] [--follow]
+    crdtsync feed [--after CURSOR] [--device ID] [--fleet F] [--topic T] [--kind K] [--follow]
+    crdtsync export --out DIR [--format parquet|ndjson|auto] [--device ID] [--fleet F]
+                    [--topic T] [--chunk N] [--follow]
     crdtsync fleet add|list|show|devices|assign ...
     crdtsync env show|set [--device ID | --fleet ID] [KEY=VALUE...]
     crdtsync template FLEET [TOPIC [JSON | --delete]]
+    crdtsync sink add NAME JSON | list | show NAME | delete NAME | dead-letters NAME
+    crdtsync sink retry NAME [ID...]
     crdtsync simulate [--devices N] [--servers M] [--steps S] [--seed K] [--seeds N]
                       [--faults drop,dup,reorder,delay,partition,crash] [--rate P]
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -40,6 +46,7 @@ from .admin import AdminClient
 from .console import compact, err, out, pretty, stop_event, wait_or_stop
 from .demo import cmd_demo
 from .errors import CrdtsyncError
+from .export import DEFAULT_CHUNK, FORMATS, ExportReport, export_events, unless_stopped
 
 DEFAULT_URL = "http://127.0.0.1:8787"
 PAGE = 1000
@@ -77,6 +84,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_body is not None:
         config.max_body = args.max_body
     config.routes_file = args.routes
+    config.sinks_file = args.sinks
     stop = stop_event()
     async with Server(config) as server:
         if args.admin_token:
@@ -300,6 +308,102 @@ async def cmd_events(admin: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def feed_filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name, None) for name in ("device", "fleet", "topic", "kind")}
+
+
+async def cmd_feed(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Print change-feed items (events and state changes) as NDJSON, oldest first; with
+    ``--follow``, stream new ones as they are stored until Ctrl-C."""
+    if args.follow:
+        stop = stop_event()
+        async with contextlib.aclosing(admin.follow(args.after, **feed_filters(args))) as feed:
+            while (item := await unless_stopped(anext(feed), stop)) is not None:
+                out(compact(item))
+        return 0
+    after = args.after
+    while True:
+        items, after = await admin.feed(after, PAGE, **feed_filters(args))
+        for item in items:
+            out(compact(item))
+        if len(items) < PAGE:
+            return 0
+
+
+def export_progress(report: ExportReport) -> None:
+    err(f"exported {report.events} event(s) into {report.files} file(s), "
+        f"up to cursor {report.cursor}")
+
+
+async def cmd_export(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Export events from the change feed into DIR as Parquet (or NDJSON) files partitioned
+    by day and topic: DIR/day=YYYY-MM-DD/topic=T/part-FIRST-LAST.parquet. Rerunning resumes
+    after the last exported event (DIR/_export_state.json); each event is exported exactly
+    once, also across crashes. With --follow, keep exporting new events until Ctrl-C."""
+    report = await export_events(
+        admin, args.out, format=args.format, device=args.device, fleet=args.fleet,
+        topic=args.topic, chunk=args.chunk, follow=args.follow,
+        stop=stop_event() if args.follow else None, progress=export_progress)
+    out(f"exported {report.events} event(s) into {report.files} file(s) under {args.out}; "
+        f"last cursor {report.cursor}")
+    return 0
+
+
+# --- sinks ---------------------------------------------------------------------------------
+
+
+async def cmd_sink_add(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Create or reconfigure sink NAME from its JSON form (docs/downstream.md), e.g.
+    '{"type": "webhook", "options": {"url": "https://example.com/hook", "secret": "..."}}';
+    print it as stored (secrets redacted)."""
+    out(pretty(await admin.put_sink(args.name, args.config)))
+    return 0
+
+
+async def cmd_sink_list(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Print every sink and where its delivery stands, as a table."""
+    rows = [("NAME", "TYPE", "STATE", "LAG", "DELIVERED", "FAILURES", "DEAD", "LAST ERROR")]
+    for sink in await admin.sinks():
+        status = sink["status"]
+        rows.append((sink["name"], sink["type"], status["state"], str(status["lag"]),
+                     str(status["delivered"]), str(status["failures"]),
+                     str(status["dead_letters"]), status["last_error"] or "-"))
+    out(format_table(rows))
+    return 0
+
+
+async def cmd_sink_show(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Print one sink with its status as JSON."""
+    out(pretty(await admin.sink(args.name)))
+    return 0
+
+
+async def cmd_sink_delete(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Stop a sink and forget it with its dead letters."""
+    await admin.delete_sink(args.name)
+    err(f"deleted sink {args.name}")
+    return 0
+
+
+async def cmd_sink_dead_letters(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Print the sink's dead letters as NDJSON, oldest first."""
+    after = 0
+    while True:
+        page = await admin.dead_letters(args.name, after, PAGE)
+        for letter in page["dead_letters"]:
+            out(compact(letter))
+        if page["next"] is None:
+            return 0
+        after = int(page["next"])
+
+
+async def cmd_sink_retry(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Deliver the sink's dead letters again (all, or the given ids)."""
+    count = await admin.retry_dead_letters(args.name, args.ids or None)
+    out(f"retrying {count} dead letter(s) of sink {args.name}")
+    return 0
+
+
 # --- command line -------------------------------------------------------------------------
 
 
@@ -343,6 +447,9 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--routes", metavar="FILE",
                    help='JSON file of proxied-request routes: {"routes": {alias: {"url": ...,'
                         ' "headers": {"X-Key": "${ENV_VAR}"}, ...}}}')
+    p.add_argument("--sinks", metavar="FILE",
+                   help='JSON file of downstream sinks: {"sinks": {name: {"type": "webhook",'
+                        ' "options": {"url": ..., "secret": "${ENV_VAR}"}, ...}}}')
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)
@@ -494,6 +601,68 @@ def add_events(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     p.set_defaults(run=admin_command(cmd_events))
 
 
+def feed_options(*, kind: bool) -> argparse.ArgumentParser:
+    """The filters of the change feed."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--device", help="only this device's items")
+    parent.add_argument("--fleet", help="only items of devices in this fleet")
+    parent.add_argument("--topic", help="only events of this topic")
+    if kind:
+        parent.add_argument("--kind", choices=["event", "state"], help="only events or only "
+                            "state changes")
+    return parent
+
+
+def add_feed(sub: Subparsers, client: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("feed", parents=[client, feed_options(kind=True)],
+                       help="print the change feed as NDJSON", description=cmd_feed.__doc__)
+    p.add_argument("--after", default="0", metavar="CURSOR",
+                   help="start after this cursor (each item carries its own)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep streaming new items")
+    p.set_defaults(run=admin_command(cmd_feed))
+
+
+def add_export(sub: Subparsers, client: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("export", parents=[client, feed_options(kind=False)],
+                       help="export events into Parquet/NDJSON files, resumably",
+                       description=cmd_export.__doc__)
+    p.add_argument("--out", required=True, metavar="DIR", help="export directory")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="auto: parquet when pyarrow is installed, else ndjson; a resumed "
+                        "export keeps its format (default %(default)s)")
+    p.add_argument("--chunk", type=number(int, 1), default=DEFAULT_CHUNK,
+                   help="events per chunk: one file per day and topic of each chunk "
+                        "(default %(default)s)")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep exporting new events as they arrive, until Ctrl-C")
+    p.set_defaults(run=admin_command(cmd_export))
+
+
+def add_sink(sub: Subparsers, client: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("sink", help="configure downstream sinks and watch their delivery")
+    sink = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = sink.add_parser("add", parents=[client], help="create or reconfigure a sink",
+                          description=cmd_sink_add.__doc__)
+    add.add_argument("name")
+    add.add_argument("config", type=json_object, metavar="JSON")
+    add.set_defaults(run=admin_command(cmd_sink_add))
+    listing = sink.add_parser("list", parents=[client], help="list sinks with their status")
+    listing.set_defaults(run=admin_command(cmd_sink_list))
+    for action, command, help_ in (
+            ("show", cmd_sink_show, "show one sink as JSON"),
+            ("delete", cmd_sink_delete, "delete a sink"),
+            ("dead-letters", cmd_sink_dead_letters, "print a sink's dead letters as NDJSON")):
+        one = sink.add_parser(action, parents=[client], help=help_,
+                              description=command.__doc__)
+        one.add_argument("name")
+        one.set_defaults(run=admin_command(command))
+    retry = sink.add_parser("retry", parents=[client], help="deliver dead letters again",
+                            description=cmd_sink_retry.__doc__)
+    retry.add_argument("name")
+    retry.add_argument("ids", nargs="*", type=number(int, 1), metavar="ID")
+    retry.set_defaults(run=admin_command(cmd_sink_retry))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``crdtsync`` argument parser; each command stores its coroutine as ``run``."""
     parser = argparse.ArgumentParser(
@@ -511,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_template(sub, client)
     add_state(sub, client)
     add_events(sub, client)
+    add_sink(sub, client)
+    add_feed(sub, client)
+    add_export(sub, client)
     return parser
 
 

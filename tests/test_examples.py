@@ -18,6 +18,9 @@ EXPECTED = {
     "commands_and_requests.py": ["message 1 on 'config'", "command blink: blinked 3 time(s)",
                                  "succeeded, result {'blinked': 3}", "request weather: 200",
                                  "the API key never left the server"],
+    "pipe_events.py": ["piped 3 event(s) (3 new)", "pipe resumed after cursor",
+                       "piped 5 event(s) (5 new)", "events delivered again: 0 new row(s)",
+                       "ok: 8 readings piped into SQLite exactly once"],
 }
 
 

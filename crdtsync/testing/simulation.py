@@ -28,6 +28,7 @@ from crdtsync_server.documents import DocumentCache
 from crdtsync_server.feed import FeedNotifier
 from crdtsync_server.proxy import ProxyRunner
 from crdtsync_server.routes import Outcome, Route, RouteExecutor, RouteTable
+from crdtsync_server.sinks.manager import SinkManager
 from crdtsync_server.store import CommitResult, DeviceRecord, SQLiteStore, SyncWrite
 from crdtsync_server.sync import SyncService
 from crdtsync_server.sync_api import process_sync
@@ -114,7 +115,8 @@ class SimServer:
                                  SyncService(store, docs, proxy, proxy_budget=5.0,
                                              notifier=notifier),
                                  hash_token(ADMIN_TOKEN), routes, proxy,
-                                 TemplateRegistry(store), notifier)
+                                 TemplateRegistry(store), notifier,
+                                 SinkManager(store, notifier))
 
     async def crash(self) -> None:
         """Lose everything in memory; the database keeps what was committed."""

@@ -40,6 +40,7 @@ from .documents import DocumentCache
 from .feed import FeedNotifier, build_projection
 from .proxy import ProxyRunner, load_route_table
 from .routes import RouteExecutor, RouteTable
+from .sinks.manager import SinkManager, read_sinks_file
 from .store import Store, open_store
 from .sync import SyncService
 from .template_registry import TemplateRegistry
@@ -72,6 +73,9 @@ class ServerConfig:
     routes_file: str | None = None
     """JSON file of proxied-request routes (``{"routes": {alias: {...}}}``); its routes
     override routes set through the API with the same alias."""
+    sinks_file: str | None = None
+    """JSON file of downstream sinks (``{"sinks": {name: {...}}}``, ``${ENV}`` references in
+    options); these sinks cannot be changed through the API (docs/downstream.md)."""
     proxy_budget: float = 1.0
     """Seconds a sync waits for the proxied requests it brought (answer in the same round)."""
     proxy_grace: float = 5.0
@@ -102,6 +106,7 @@ class Services:
     proxy: ProxyRunner
     templates: TemplateRegistry
     feed: FeedNotifier
+    sinks: SinkManager
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -114,6 +119,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     from .env_api import routes as env_routes
     from .feed_api import routes as feed_routes
     from .fleets_api import routes as fleets_routes
+    from .metrics_api import routes as metrics_routes
+    from .sinks_api import routes as sinks_routes
     from .sync_api import routes as sync_routes
     from .templates_api import routes as templates_routes
 
@@ -126,6 +133,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app.add_routes(templates_routes)
     app.add_routes(fleets_routes)
     app.add_routes(feed_routes)
+    app.add_routes(sinks_routes)
+    app.add_routes(metrics_routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         backend = store if store is not None else open_store(config.db)
@@ -148,13 +157,16 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             built = await build_projection(backend, docs, int(time.time() * 1000))
             if built:
                 log.info("built the state projection of %d stored documents", built)
+            sinks = SinkManager(backend, notifier, await read_sinks_file(config.sinks_file))
             app[SERVICES] = Services(config, backend, docs, sync, admin_hash, table, proxy,
-                                     TemplateRegistry(backend), notifier)
+                                     TemplateRegistry(backend), notifier, sinks)
             loops = [asyncio.create_task(purge_loop(backend, config), name="crdtsync-purge"),
                      asyncio.create_task(touch_loop(sync, config), name="crdtsync-touch")]
             try:
+                await sinks.start()
                 yield
             finally:
+                await sinks.aclose()
                 for task in loops:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -166,7 +178,12 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             await executor.aclose()
             await backend.aclose()
 
+    async def release_feed_readers(app: web.Application) -> None:
+        if SERVICES in app:
+            app[SERVICES].feed.close()
+
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(release_feed_readers)
     return app
 
 

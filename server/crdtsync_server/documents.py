@@ -37,6 +37,8 @@ class LiveDoc:
         self.gen = gen
         self.last_id = last_id
         self.rows = rows  # logged rows not folded into the snapshot
+        self.seen: int | None = None
+        """The store's ``external_writes`` before this document was last read from it."""
         self._captured: list[bytes] = []
         self._subscription = doc.observe(self._on_update)  # once per document lifetime
 
@@ -56,14 +58,18 @@ class LiveDoc:
             self.rows += 1
         self.capture()  # what we just read is already stored
 
-    def committed(self, update_id: int) -> None:
-        """Record that the captured write was stored as row ``update_id``.
+    def committed(self, update_id: int, prev_id: int) -> None:
+        """Record that the captured write was stored as row ``update_id`` when the stored
+        document reflected rows up to ``prev_id``.
 
-        ``last_id`` moves only when no other writer slipped a row in between; otherwise the
-        next catch-up re-reads our own row too, which is harmless (updates are idempotent).
+        ``last_id`` moves only when no other writer slipped a row in between (``prev_id`` is
+        what we hold); otherwise the next use catches up, re-reading our own row too, which
+        is harmless (updates are idempotent).
         """
-        if update_id == self.last_id + 1:
+        if prev_id <= self.last_id:
             self.last_id = update_id
+        else:
+            self.seen = None  # force the catch-up
         self.rows += 1
 
 
@@ -108,19 +114,26 @@ class DocumentCache:
             live = await self._load(key)
             self._docs[key] = live
             self._evict_over_capacity()
+            return live
+        self._docs.move_to_end(key)
+        seen = self.store.external_writes
+        if seen is not None and seen == live.seen:
+            return live  # nobody else wrote since we last read: nothing to catch up
+        rows = await self.store.read_since(key, live.last_id)
+        if rows is None:  # another writer compacted past what we hold: reload
+            live = self._docs[key] = await self._load(key)
         else:
-            self._docs.move_to_end(key)
-            rows = await self.store.read_since(key, live.last_id)
-            if rows is None:  # another writer compacted past what we hold: reload
-                live = self._docs[key] = await self._load(key)
-            else:
-                live.catch_up(rows)
+            live.catch_up(rows)
+            live.seen = seen
         return live
 
     async def _load(self, key: str) -> LiveDoc:
+        seen = self.store.external_writes
         log = await self.store.load_doc(key)
         doc = crdt.new_doc(self.client_id, log.snapshot, (u for _, u in log.updates))
-        return LiveDoc(key, doc, log.gen, log.last_id, len(log.updates))
+        live = LiveDoc(key, doc, log.gen, log.last_id, len(log.updates))
+        live.seen = seen
+        return live
 
     def _evict_over_capacity(self) -> None:
         while len(self._docs) > self.capacity:

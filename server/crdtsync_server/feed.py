@@ -30,6 +30,14 @@ class FeedNotifier:
         self.poll = poll
         """Seconds between re-reads when nothing wakes a reader (other processes' items)."""
         self._event = asyncio.Event()
+        self.closed = False
+        """Set at server shutdown: waiting readers return at once, streams end."""
+
+    def close(self) -> None:
+        """Server shutdown: release every waiting reader now (they would otherwise hold the
+        shutdown for up to their wait time)."""
+        self.closed = True
+        self.notify()
 
     def notify(self) -> None:
         """Called after a commit that appended feed items."""
@@ -50,7 +58,7 @@ async def read_feed(store: Store, notifier: FeedNotifier, after: int, limit: int
     while True:
         items = await store.read_feed(after, limit, where)
         remaining = deadline - time.monotonic()
-        if items or remaining <= 0:
+        if items or remaining <= 0 or notifier.closed:
             return items
         await notifier.wait(remaining)
 

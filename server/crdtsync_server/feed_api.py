@@ -76,7 +76,7 @@ async def stream_feed(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     last_write = loop.time()
     try:
-        while True:
+        while not services.feed.closed:
             items = await read_feed(services.store, services.feed, after, MAX_PAGE, where,
                                     HEARTBEAT_S)
             for item in items:
@@ -87,8 +87,9 @@ async def stream_feed(request: web.Request) -> web.StreamResponse:
             elif loop.time() - last_write >= HEARTBEAT_S:
                 await response.write(b": keep-alive\n\n")
                 last_write = loop.time()
-    except (ConnectionResetError, ConnectionError):
-        return response  # the client left
+    except ConnectionError:
+        pass  # the client left
+    return response
 
 
 @routes.get("/v1/projection")

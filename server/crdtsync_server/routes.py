@@ -28,13 +28,10 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, Self
-from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
@@ -42,6 +39,15 @@ from multidict import CIMultiDict
 from crdtsync.errors import ClosedError, InvalidValue, MalformedRequest, NotFound
 from crdtsync.protocol import NAME_RE
 from crdtsync.values import check_value
+
+from .validation import (
+    REDACTED,
+    headers_problem,
+    missing_env,
+    read_config_file,
+    substitute_env,
+    url_problem,
+)
 
 log = logging.getLogger("crdtsync.server.routes")
 
@@ -54,7 +60,6 @@ MAX_RESPONSE_LIMIT = 16 * 1024 * 1024
 DEFAULT_MAX_RESPONSE = 1024 * 1024
 MAX_RETRIES = 5
 MAX_RETRY_BACKOFF = 60.0
-REDACTED = "***"
 
 ROUTE_TIMEOUT = "route_timeout"
 ROUTE_UNREACHABLE = "route_unreachable"
@@ -65,8 +70,6 @@ ROUTE_NOT_ALLOWED = "route_not_allowed"
 UNKNOWN_ROUTE = "unknown_route"
 
 _READ_CHUNK = 64 * 1024
-_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
-_ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _invalid(alias: object, name: str, problem: str) -> MalformedRequest:
@@ -159,29 +162,15 @@ _JSON_FIELDS = frozenset(f.name for f in fields(Route)) - {"alias"}
 
 
 def _check_url(alias: str, url: object) -> None:
-    if not isinstance(url, str):
-        raise _invalid(alias, "url", "must be a string")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 -- parsing the port is what validates it
-    except ValueError as exc:
-        raise _invalid(alias, "url", f"does not parse: {exc}") from exc
-    if parts.scheme not in ("http", "https"):
-        raise _invalid(alias, "url", "must be an absolute http:// or https:// URL")
-    if not parts.hostname:
-        raise _invalid(alias, "url", "has no host")
-    if parts.username is not None or parts.password is not None:
-        raise _invalid(alias, "url", "must not hold credentials; put them in headers")
+    problem = url_problem(url)
+    if problem is not None:
+        raise _invalid(alias, "url", problem)
 
 
 def _check_headers(alias: str, headers: object) -> None:
-    if not isinstance(headers, Mapping):
-        raise _invalid(alias, "headers", "must be an object of strings")
-    for name, value in headers.items():
-        if not isinstance(name, str) or not _HEADER_NAME_RE.match(name):
-            raise _invalid(alias, "headers", f"has an invalid header name {name!r}")
-        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
-            raise _invalid(alias, f"headers.{name}", "must be a string without CR, LF or NUL")
+    problem = headers_problem(headers)
+    if problem is not None:
+        raise _invalid(alias, *problem)
 
 
 def _check_number(alias: str, name: str, value: object, low: float, high: float, *,
@@ -220,15 +209,8 @@ def load_routes_file(path: str | os.PathLike[str], *,
     Blocking: call it at startup, not on a running loop's hot path.
     """
     env = os.environ if environ is None else environ
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MalformedRequest(f"{os.fspath(path)}: not a JSON file: {exc}") from exc
-    if (not isinstance(data, dict) or set(data) != {"routes"}
-            or not isinstance(data["routes"], dict)):
-        raise MalformedRequest(f'{os.fspath(path)}: expected {{"routes": {{alias: route}}}}')
     return {alias: Route.from_json(alias, _expand_env(alias, obj, env))
-            for alias, obj in data["routes"].items()}
+            for alias, obj in read_config_file(path, "routes", "alias: route").items()}
 
 
 def _expand_env(alias: str, obj: Any, env: Mapping[str, str]) -> Any:
@@ -241,14 +223,10 @@ def _expand_env(alias: str, obj: Any, env: Mapping[str, str]) -> Any:
 
 
 def _expand_value(alias: str, header: str, value: str, env: Mapping[str, str]) -> str:
-    def lookup(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in env:
-            raise _invalid(alias, f"headers.{header}",
-                           f"references ${{{name}}} but environment variable {name} is not set")
-        return env[name]
-
-    return _ENV_REF_RE.sub(lookup, value)
+    try:
+        return substitute_env(value, env)
+    except KeyError as exc:
+        raise _invalid(alias, f"headers.{header}", missing_env(exc.args[0])) from None
 
 
 @dataclass(frozen=True)

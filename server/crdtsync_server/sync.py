@@ -102,7 +102,7 @@ class SyncService:
                 for live in lives:
                     self.docs.evict(live.key)
                 raise
-            self._committed(lives, writes, result.update_ids)
+            self._committed(lives, writes, result)
             if self.notifier is not None and (result.stored or write.changes):
                 self.notifier.notify()
             if request.calls and self.proxy is not None:
@@ -217,11 +217,12 @@ class SyncService:
         return DocWrite(live.key, live.capture(), live.gen), change
 
     @staticmethod
-    def _committed(lives: list[LiveDoc], writes: list[DocWrite], ids: tuple[int, ...]) -> None:
-        stored = iter(ids)
+    def _committed(lives: list[LiveDoc], writes: list[DocWrite], result: CommitResult
+                   ) -> None:
+        stored = iter(zip(result.update_ids, result.prev_ids, strict=True))
         for live, write in zip(lives, writes, strict=True):
             if write.update:
-                live.committed(next(stored))
+                live.committed(*next(stored))
 
     @staticmethod
     def _answer(live: LiveDoc, part: DocSync) -> DocSync:
@@ -266,7 +267,7 @@ class SyncService:
                     stored = await self.store.commit(
                         SyncWrite(device=None, time=now_ms(), changes=feed,
                                   docs=[DocWrite(key, update, live.gen)]))
-                    live.committed(stored.update_ids[0])
+                    live.committed(stored.update_ids[0], stored.prev_ids[0])
                     if feed and self.notifier is not None:
                         self.notifier.notify()
             except BaseException:

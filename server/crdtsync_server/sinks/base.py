@@ -5,38 +5,27 @@ batch twice harmless: each item carries a stable idempotency key (``FeedItem.key
 destination deduplicates on (a webhook receiver, JetStream's ``Nats-Msg-Id``, a primary key
 in PostgreSQL). The runner (``sinks/runner.py``) owns cursors, retries, backoff and dead
 letters; a sink only delivers or raises.
+
+:class:`SinkConfig` is defined with the other stored sink records (``store/sinks.py``: the
+store persists it) and re-exported here. A factory registered with :func:`register` builds
+a sink from its config without any I/O (``open`` connects) and raises
+:class:`~crdtsync.errors.MalformedRequest` (``detail = {"sink", "field"}``, see
+``sinks/config.py``'s ``invalid``) for options it cannot use: the management API builds one
+to validate a configuration before storing it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from crdtsync.errors import SinkError, SinkRejected
 
-from ..store.feed import FeedFilter, FeedItem
+from ..store.feed import FeedItem
+from ..store.sinks import SinkConfig
 
 __all__ = ["SINK_TYPES", "Sink", "SinkConfig", "SinkError", "SinkFactory", "SinkRejected",
            "register"]
-
-
-@dataclass(frozen=True, slots=True)
-class SinkConfig:
-    """A configured sink: ``type`` picks the implementation, ``options`` are its settings
-    (URL, subject, table, secret...), ``where`` selects feed items."""
-
-    name: str
-    type: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-    where: FeedFilter = field(default_factory=FeedFilter)
-    batch: int = 100
-    """Items per delivery."""
-    max_attempts: int = 10
-    """Failed deliveries of one batch before its items go to the dead letters."""
-    backoff: float = 0.5
-    """Seconds before the first retry; doubles each time (with jitter) up to ``max_backoff``."""
-    max_backoff: float = 300.0
 
 
 class Sink(Protocol):

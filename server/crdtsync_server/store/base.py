@@ -32,6 +32,7 @@ from .feed import (
     StateChange,
     json_text,
 )
+from .sinks import DeadLetter, SinkConfig, SinkRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,10 +222,21 @@ class CommitResult:
     """The device's processed downlink seq as stored after the commit."""
     new_requests: tuple[str, ...] = ()
     """Ids of the proxied requests this commit stored for the first time."""
+    prev_ids: tuple[int, ...] = ()
+    """For each ``DocWrite``, the highest update id its document reflected just before
+    (logged rows and snapshot): when it equals what a cached copy holds, nobody else wrote
+    that document in between."""
 
 
 class Store(Protocol):
     """What the server needs from a database. Backends: memory, SQLite (default)."""
+
+    @property
+    def external_writes(self) -> int | None:
+        """A counter that moves whenever the backend notices that another writer (another
+        process) committed; ``None`` if it cannot tell. Read it before a read: when it has
+        not moved since, nobody else wrote in between (the document cache then skips
+        catching up)."""
 
     async def open(self) -> None:
         """Connect and migrate the schema. Raises ``StoreError`` for a newer schema."""
@@ -350,6 +362,53 @@ class Store(Protocol):
                                  ) -> None:
         """Make the projection of ``device``'s ``doc`` exactly ``rows`` (``{map: {key:
         value}}``): used to (re)build it from a document, e.g. after an upgrade."""
+
+    # downstream sinks (store/sinks.py): configuration, progress and dead letters
+    async def put_sink(self, config: SinkConfig, now: int, *, origin: str = "api",
+                       paused: bool = False, start: int = 0) -> SinkRecord:
+        """Create sink ``config.name``, or replace its configuration, ``origin`` and
+        ``paused`` flag keeping its cursor, counters and dead letters; returns it as stored.
+        A new sink's cursor starts at ``start`` (0: the whole feed). ``ValueError`` for an
+        origin not in ``SINK_ORIGINS``, ``TypeError`` for options that are not JSON."""
+
+    async def get_sink(self, name: str) -> SinkRecord | None:
+        """One sink, or ``None``."""
+
+    async def list_sinks(self) -> list[SinkRecord]:
+        """Every sink, in name order."""
+
+    async def delete_sink(self, name: str) -> None:
+        """Delete a sink and its dead letters; :class:`NotFound` if there is none."""
+
+    async def sink_delivered(self, name: str, cursor: int, count: int, now: int) -> None:
+        """The destination accepted ``count`` items up to feed cursor ``cursor``: move the
+        cursor there (never back) and add ``count`` to ``delivered``; when ``count`` > 0 also
+        reset ``consecutive_failures`` and set ``last_delivered_at``. ``count`` 0 only moves
+        the cursor (past items the filter skips). Nothing happens for an unknown sink."""
+
+    async def sink_failed(self, name: str, error: str, now: int) -> None:
+        """Count one failed delivery attempt and keep ``error`` as the last error."""
+
+    async def add_dead_letters(self, name: str, items: Sequence[FeedItem], error: str,
+                               attempts: int, now: int) -> None:
+        """Store ``items`` (non-empty, cursor order) as dead letters of the sink and move its
+        cursor past the last one, in one transaction; resets ``consecutive_failures``.
+        Nothing happens for an unknown sink."""
+
+    async def list_dead_letters(self, name: str, after: int = 0, limit: int = 100,
+                                retrying: bool | None = None) -> list[DeadLetter]:
+        """The sink's dead letters with id > ``after`` in id order, optionally only those
+        marked (or not marked) for a retry."""
+
+    async def retry_dead_letters(self, name: str, ids: Sequence[int] | None = None) -> int:
+        """Mark the sink's dead letters ``ids`` (``None``: all of them) for a retry; returns
+        how many exist. Unknown ids are ignored."""
+
+    async def finish_dead_letters(self, name: str, ids: Sequence[int], now: int,
+                                  error: str | None = None, attempts: int = 0) -> None:
+        """After retrying dead letters ``ids``: with ``error`` None they were delivered and
+        go (counted in ``delivered``); else they stay, unmarked, with ``error`` and
+        ``attempts`` more attempts."""
 
     # settings
     async def get_setting(self, key: str) -> str | None:

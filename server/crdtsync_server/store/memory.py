@@ -59,6 +59,16 @@ from .feed import (
     json_text,
     projection_writes,
 )
+from .sinks import (
+    DeadLetter,
+    SinkConfig,
+    SinkRecord,
+    check_origin,
+    config_columns,
+    config_from_columns,
+    item_from_text,
+    item_text,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -141,6 +151,27 @@ class _Request:
             self.outcome = outcome
 
 
+@dataclass(slots=True)
+class _Letter:
+    """A dead letter; the item is kept as JSON text, as a database keeps it."""
+
+    id: int
+    sink: str
+    item: str
+    error: str
+    attempts: int
+    created: int
+    retry: bool = False
+
+    def record(self) -> DeadLetter:
+        return DeadLetter(self.id, self.sink, item_from_text(self.item), self.error,
+                          self.attempts, self.created, self.retry)
+
+
+def _copy_config(config: SinkConfig) -> SinkConfig:
+    return config_from_columns(*config_columns(config))
+
+
 def _copy_device(device: DeviceRecord) -> DeviceRecord:
     return dataclasses.replace(device, meta=json.loads(json.dumps(dict(device.meta))))
 
@@ -154,6 +185,8 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._closed = False
+        self.external_writes: int | None = None
+        """Unknown: a memory store may be shared, so the document cache always catches up."""
         self._docs: dict[str, _Doc] = {}
         self._last_update_id = 0
         self._devices: dict[str, DeviceRecord] = {}
@@ -166,6 +199,9 @@ class MemoryStore:
         self._requests: dict[tuple[str, str], _Request] = {}
         self._feed: list[FeedItem] = []  # cursor order
         self._projection: dict[tuple[str, str, str, str], tuple[str, int]] = {}
+        self._sinks: dict[str, SinkRecord] = {}
+        self._letters: dict[int, _Letter] = {}  # id order
+        self._last_letter_id = 0
 
     async def __aenter__(self) -> MemoryStore:
         await self.open()
@@ -194,6 +230,8 @@ class MemoryStore:
         self._items.clear()
         self._downlink.clear()
         self._requests.clear()
+        self._sinks.clear()
+        self._letters.clear()
 
     # documents
 
@@ -242,13 +280,14 @@ class MemoryStore:
         check_write(write)
         if write.device is None:
             self._record_changes(write.changes, write.time)
-            return CommitResult(update_ids=self._append_updates(write.docs))
+            update_ids, prev_ids = self._append_updates(write.docs)
+            return CommitResult(update_ids=update_ids, prev_ids=prev_ids)
         device = self._require_device(write.device)
         plan = self._plan(device, write)
         results = [(r, *result_columns(r)) for r in write.results]
         bodies = [json_text(r.body) for r in write.requests]
         # Everything that can fail has been checked: from here on the commit cannot half-apply.
-        update_ids = self._append_updates(write.docs)
+        update_ids, prev_ids = self._append_updates(write.docs)
         fleet = device.fleet
         device = self._store_events(device, write.time, plan)
         self._append_feed(event_rows(device.id, fleet, write.time, plan.new))
@@ -260,7 +299,8 @@ class MemoryStore:
             if request is not None and request.status == "done":
                 request.set_status("acked", write.time)
         self._devices[device.id] = dataclasses.replace(device, down_done=down_done)
-        return CommitResult(update_ids, device.last_seq, len(plan.new), down_done, new_requests)
+        return CommitResult(update_ids, device.last_seq, len(plan.new), down_done, new_requests,
+                            prev_ids)
 
     def _append_feed(self, rows: Sequence[FeedRow]) -> None:
         for row in rows:
@@ -292,14 +332,17 @@ class MemoryStore:
         }
         return plan_events(device.id, device.last_seq, write.purged, write.events, stored)
 
-    def _append_updates(self, docs: Sequence[DocWrite]) -> tuple[int, ...]:
+    def _append_updates(self, docs: Sequence[DocWrite]
+                        ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         ids: list[int] = []
+        prevs: list[int] = []
         for w in docs:
             doc = self._docs.setdefault(w.key, _Doc(gen=w.gen))
+            prevs.append(max([doc.snapshot_id, *doc.updates]))
             self._last_update_id += 1
             doc.updates[self._last_update_id] = w.update
             ids.append(self._last_update_id)
-        return tuple(ids)
+        return tuple(ids), tuple(prevs)
 
     def _store_events(self, device: DeviceRecord, received: int, plan: EventPlan) -> DeviceRecord:
         for e in plan.new:
@@ -597,6 +640,119 @@ class MemoryStore:
             for key, value in keys.items():
                 if value is not None:
                     self._projection[(device, doc, name, key)] = (json_text(value), now)
+
+    # downstream sinks
+
+    async def put_sink(self, config: SinkConfig, now: int, *, origin: str = "api",
+                       paused: bool = False, start: int = 0) -> SinkRecord:
+        """Create or reconfigure a sink, keeping its progress (see ``Store.put_sink``)."""
+        self._check_open()
+        check_origin(origin)
+        copy = _copy_config(config)
+        old = self._sinks.get(config.name)
+        self._sinks[config.name] = (
+            SinkRecord(copy, origin, paused, cursor=start, created=now, updated=now)
+            if old is None else
+            dataclasses.replace(old, config=copy, origin=origin, paused=paused, updated=now))
+        return self._sink_record(config.name)
+
+    def _sink_record(self, name: str) -> SinkRecord:
+        record = self._sinks[name]
+        return dataclasses.replace(record, config=_copy_config(record.config),
+                                   dead_letters=len(self._sink_letters(name)))
+
+    def _sink_letters(self, name: str) -> list[_Letter]:
+        return [letter for letter in self._letters.values() if letter.sink == name]
+
+    async def get_sink(self, name: str) -> SinkRecord | None:
+        """One sink, or ``None``."""
+        self._check_open()
+        return self._sink_record(name) if name in self._sinks else None
+
+    async def list_sinks(self) -> list[SinkRecord]:
+        """Every sink, in name order."""
+        self._check_open()
+        return [self._sink_record(name) for name in sorted(self._sinks)]
+
+    async def delete_sink(self, name: str) -> None:
+        """Delete a sink and its dead letters; :class:`NotFound` if there is none."""
+        self._check_open()
+        if self._sinks.pop(name, None) is None:
+            raise NotFound(f"no sink {name!r}", {"sink": name})
+        for letter in self._sink_letters(name):
+            del self._letters[letter.id]
+
+    async def sink_delivered(self, name: str, cursor: int, count: int, now: int) -> None:
+        """Move the cursor forward and count delivered items (see ``Store``)."""
+        self._check_open()
+        record = self._sinks.get(name)
+        if record is None:
+            return
+        record = dataclasses.replace(record, cursor=max(record.cursor, cursor),
+                                     delivered=record.delivered + count)
+        if count > 0:
+            record = dataclasses.replace(record, consecutive_failures=0, last_delivered_at=now)
+        self._sinks[name] = record
+
+    async def sink_failed(self, name: str, error: str, now: int) -> None:
+        """Count one failed attempt and keep ``error``."""
+        self._check_open()
+        record = self._sinks.get(name)
+        if record is not None:
+            self._sinks[name] = dataclasses.replace(
+                record, failures=record.failures + 1,
+                consecutive_failures=record.consecutive_failures + 1, last_error=error,
+                last_error_at=now)
+
+    async def add_dead_letters(self, name: str, items: Sequence[FeedItem], error: str,
+                               attempts: int, now: int) -> None:
+        """Store dead letters and move the cursor past them, atomically."""
+        self._check_open()
+        record = self._sinks.get(name)
+        if record is None:
+            return
+        texts = [item_text(item) for item in items]
+        for text in texts:
+            self._last_letter_id += 1
+            self._letters[self._last_letter_id] = _Letter(self._last_letter_id, name, text,
+                                                          error, attempts, now)
+        self._sinks[name] = dataclasses.replace(
+            record, cursor=max(record.cursor, items[-1].cursor),
+            dead_lettered=record.dead_lettered + len(items), consecutive_failures=0)
+
+    async def list_dead_letters(self, name: str, after: int = 0, limit: int = 100,
+                                retrying: bool | None = None) -> list[DeadLetter]:
+        """The sink's dead letters with id > ``after`` in id order, at most ``limit``."""
+        self._check_open()
+        check_limit(limit)
+        found = [letter for letter in self._sink_letters(name) if letter.id > after
+                 and (retrying is None or letter.retry == retrying)]
+        return [letter.record() for letter in found[:limit]]
+
+    async def retry_dead_letters(self, name: str, ids: Sequence[int] | None = None) -> int:
+        """Mark dead letters for a retry; returns how many exist."""
+        self._check_open()
+        wanted = None if ids is None else set(ids)
+        marked = [letter for letter in self._sink_letters(name)
+                  if wanted is None or letter.id in wanted]
+        for letter in marked:
+            letter.retry = True
+        return len(marked)
+
+    async def finish_dead_letters(self, name: str, ids: Sequence[int], now: int,
+                                  error: str | None = None, attempts: int = 0) -> None:
+        """Delete delivered dead letters, or record another failure (see ``Store``)."""
+        self._check_open()
+        wanted = set(ids)
+        letters = [letter for letter in self._sink_letters(name) if letter.id in wanted]
+        for letter in letters:
+            if error is None:
+                del self._letters[letter.id]
+            else:
+                letter.retry, letter.error = False, error
+                letter.attempts += attempts
+        if error is None:
+            await self.sink_delivered(name, 0, len(letters), now)
 
     # settings
 

@@ -59,7 +59,7 @@ from typing import Any, TypeVar
 from crdtsync.errors import AlreadyExists, CrdtsyncError, NotFound, StoreError
 from crdtsync.sqlite_worker import SQLiteWorker, pragmas, transaction
 
-from . import sqlite_feed
+from . import sqlite_feed, sqlite_sinks
 from .base import (
     FINISHED_DOWNLINK,
     CommitResult,
@@ -89,6 +89,7 @@ from .feed import (
     json_text,
 )
 from .group_commit import GroupCommitter
+from .sinks import DeadLetter, SinkConfig, SinkRecord, check_origin
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
 
@@ -214,6 +215,12 @@ class SQLiteStore:
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
         self._db = SQLiteWorker(path, migrations=MIGRATIONS, synchronous=synchronous,
                                 name="crdtsync-store")
+        self.external_writes = 0
+        """Moves whenever this store notices a commit by another connection (another server
+        process, an admin shell): the document cache skips its catch-up read while it stands
+        still. Observed before each call's own statements, so a reader that records it before
+        a read never misses a later commit."""
+        self._data_version: int | None = None
         self.group_commit: GroupCommitter[SyncWrite, CommitResult] = GroupCommitter(
             self._commit_group)
         """Batches concurrent :meth:`commit` calls into one transaction (one fsync)."""
@@ -249,8 +256,14 @@ class SQLiteStore:
         await self._db.aclose()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` in the store's thread."""
-        return await self._db.run(fn, *args)
+        """Run ``fn(conn, *args)`` in the store's thread, noting first whether another
+        connection committed since the previous call (``PRAGMA data_version``)."""
+        observed: tuple[int, T] = await self._db.run(_observing, fn, *args)
+        version, result = observed
+        if version != self._data_version:
+            self._data_version = version
+            self.external_writes += 1
+        return result
 
     async def pragmas(self) -> dict[str, Any]:
         """The connection's ``journal_mode``, ``synchronous``, ``busy_timeout``,
@@ -429,6 +442,58 @@ class SQLiteStore:
         await self._run(_in_transaction, sqlite_feed.replace_projection, device, doc, rows,
                         now)
 
+    # downstream sinks (SQL in store/sqlite_sinks.py)
+
+    async def put_sink(self, config: SinkConfig, now: int, *, origin: str = "api",
+                       paused: bool = False, start: int = 0) -> SinkRecord:
+        """Create or reconfigure a sink in one transaction, keeping its progress (see
+        ``Store.put_sink``)."""
+        check_origin(origin)
+        return await self._run(sqlite_sinks.put_sink, config, now, origin, paused, start)
+
+    async def get_sink(self, name: str) -> SinkRecord | None:
+        """One sink, or ``None``."""
+        return await self._run(sqlite_sinks.get_sink, name)
+
+    async def list_sinks(self) -> list[SinkRecord]:
+        """Every sink, in name order."""
+        return await self._run(sqlite_sinks.list_sinks)
+
+    async def delete_sink(self, name: str) -> None:
+        """Delete a sink and its dead letters; :class:`NotFound` if there is none."""
+        await self._run(sqlite_sinks.delete_sink, name)
+
+    async def sink_delivered(self, name: str, cursor: int, count: int, now: int) -> None:
+        """Move the cursor forward and count delivered items (see ``Store``)."""
+        await self._run(sqlite_sinks.sink_delivered, name, cursor, count, now)
+
+    async def sink_failed(self, name: str, error: str, now: int) -> None:
+        """Count one failed attempt and keep ``error``."""
+        await self._run(sqlite_sinks.sink_failed, name, error, now)
+
+    async def add_dead_letters(self, name: str, items: Sequence[FeedItem], error: str,
+                               attempts: int, now: int) -> None:
+        """Store dead letters and move the cursor past them, in one transaction."""
+        await self._run(sqlite_sinks.add_dead_letters, name, list(items), error, attempts,
+                        now)
+
+    async def list_dead_letters(self, name: str, after: int = 0, limit: int = 100,
+                                retrying: bool | None = None) -> list[DeadLetter]:
+        """The sink's dead letters with id > ``after`` in id order, at most ``limit``."""
+        check_limit(limit)
+        return await self._run(sqlite_sinks.list_dead_letters, name, after, limit, retrying)
+
+    async def retry_dead_letters(self, name: str, ids: Sequence[int] | None = None) -> int:
+        """Mark dead letters for a retry; returns how many exist."""
+        return await self._run(sqlite_sinks.retry_dead_letters, name,
+                               None if ids is None else sorted(set(ids)))
+
+    async def finish_dead_letters(self, name: str, ids: Sequence[int], now: int,
+                                  error: str | None = None, attempts: int = 0) -> None:
+        """Delete delivered dead letters, or record another failure (see ``Store``)."""
+        await self._run(sqlite_sinks.finish_dead_letters, name, sorted(set(ids)), now, error,
+                        attempts)
+
     # settings
 
     async def get_setting(self, key: str) -> str | None:
@@ -485,19 +550,26 @@ def _select_updates(
     return tuple((int(i), bytes(data)) for i, data in rows)
 
 
-def _insert_updates(conn: sqlite3.Connection, docs: Sequence[DocWrite]) -> tuple[int, ...]:
+def _insert_updates(conn: sqlite3.Connection, docs: Sequence[DocWrite]
+                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Append each write; returns the new row ids and, for each, the highest id its document
+    reflected before (``CommitResult.prev_ids``)."""
     ids: list[int] = []
+    prevs: list[int] = []
     for w in docs:
         conn.execute(
             "INSERT INTO docs (key, gen) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
             (w.key, w.gen),
         )
+        prevs.append(int(conn.execute(
+            "SELECT MAX(snapshot_id, COALESCE((SELECT MAX(id) FROM updates WHERE key = ?), 0))"
+            " FROM docs WHERE key = ?", (w.key, w.key)).fetchone()[0]))
         cur = conn.execute(
             "INSERT INTO updates (key, gen, data) VALUES (?, ?, ?)", (w.key, w.gen, w.update)
         )
         assert cur.lastrowid is not None
         ids.append(cur.lastrowid)
-    return tuple(ids)
+    return tuple(ids), tuple(prevs)
 
 
 def _compact(conn: sqlite3.Connection, key: str, upto_id: int, snapshot: bytes) -> None:
@@ -542,10 +614,10 @@ def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
 
 def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
     """One write's statements, inside the caller's transaction."""
-    update_ids = _insert_updates(conn, write.docs)
+    update_ids, prev_ids = _insert_updates(conn, write.docs)
     if write.device is None:
         sqlite_feed.record_changes(conn, write.changes, None, write.time)
-        return CommitResult(update_ids=update_ids)
+        return CommitResult(update_ids=update_ids, prev_ids=prev_ids)
     device = _require_device(conn, write.device)
     plan = plan_events(
         device.id, device.last_seq, write.purged, write.events,
@@ -563,7 +635,8 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
         " down_done = ? WHERE id = ?",
         (last_seq, plan.lost, write.time, down_done, device.id),
     )
-    return CommitResult(update_ids, last_seq, len(plan.new), down_done, new_requests)
+    return CommitResult(update_ids, last_seq, len(plan.new), down_done, new_requests,
+                        prev_ids)
 
 
 def _stored_digests(
@@ -958,3 +1031,9 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) 
     """Run ``fn(conn, *args)`` as one transaction."""
     with transaction(conn):
         return fn(conn, *args)
+
+
+def _observing(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> tuple[int, T]:
+    """``PRAGMA data_version`` (changes when another connection commits), then ``fn``."""
+    version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+    return version, fn(conn, *args)

@@ -48,9 +48,44 @@ MIGRATION = """
         updated INTEGER NOT NULL,
         PRIMARY KEY (device, doc, map, key)
     ) WITHOUT ROWID;
+    CREATE TABLE sinks (
+        name TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        options TEXT NOT NULL,
+        filter TEXT NOT NULL,
+        batch INTEGER NOT NULL,
+        max_attempts INTEGER NOT NULL,
+        backoff REAL NOT NULL,
+        max_backoff REAL NOT NULL,
+        origin TEXT NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        cursor INTEGER NOT NULL DEFAULT 0,
+        delivered INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0,
+        dead_lettered INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        last_error_at INTEGER,
+        last_delivered_at INTEGER,
+        created INTEGER NOT NULL,
+        updated INTEGER NOT NULL
+    );
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        sink TEXT NOT NULL,
+        cursor INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        item TEXT NOT NULL,
+        error TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        retry INTEGER NOT NULL DEFAULT 0,
+        created INTEGER NOT NULL
+    );
+    CREATE INDEX dead_letters_sink_id ON dead_letters (sink, id);
 """
-"""Schema v4: the feed (backfilled with the events already stored) and the projection
-(built from the documents by the server at its first start on v4)."""
+"""Schema v4: the feed (backfilled with the events already stored), the projection (built
+from the documents by the server at its first start on v4), and the downstream sinks with
+their dead letters (SQL in ``store/sqlite_sinks.py``)."""
 
 
 def insert_feed(conn: sqlite3.Connection, rows: Sequence[FeedRow]) -> None:

@@ -1,0 +1,218 @@
+"""Sink configurations: their JSON form (management API and sinks file), validation,
+secret redaction, and the sinks file with its ``${ENV}`` references.
+
+JSON form of one sink (every field but ``type`` optional)::
+
+    {"type": "webhook", "options": {...}, "filter": {"device", "fleet", "topic", "kind"},
+     "batch": 100, "max_attempts": 10, "backoff": 0.5, "max_backoff": 300,
+     "paused": false, "start": "beginning"}
+
+``start`` only matters when the sink is created: ``beginning`` delivers the whole feed,
+``head`` only what is stored from then on. Options whose name says they are secret
+(``secret``, ``password``, ``token``, ``api_key``...), every value of a ``headers`` object
+and the password of a URL read ``"***"`` in responses; a ``"***"`` sent back in a PUT keeps
+the stored value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from crdtsync.errors import MalformedRequest
+from crdtsync.protocol import NAME_RE
+
+from ..store.feed import FeedFilter
+from ..validation import REDACTED, missing_env, read_config_file, substitute_env
+from .base import SINK_TYPES, SinkConfig
+
+MAX_BATCH = 1000
+MAX_ATTEMPTS = 1000
+MIN_BACKOFF_S = 0.001
+MAX_BACKOFF_S = 86400.0
+STARTS = ("beginning", "head")
+_FIELDS = frozenset({"type", "options", "filter", "batch", "max_attempts", "backoff",
+                     "max_backoff", "paused", "start"})
+_SECRET_RE = re.compile(r"secret|passw|token|credential|creds|api[_-]?key|private",
+                        re.IGNORECASE)
+_DSN_PASSWORD_RE = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+
+
+def invalid(sink: object, name: str, problem: str) -> MalformedRequest:
+    """The error for an invalid field ``name`` of sink ``sink`` (options: ``options.x``)."""
+    return MalformedRequest(f"sink {sink!r}: {name} {problem}", {"sink": sink, "field": name})
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSpec:
+    """A sink as configured: its :class:`SinkConfig` plus how the server manages it."""
+
+    config: SinkConfig
+    paused: bool = False
+    start: str = "beginning"
+
+
+def parse_sink(name: str, obj: Any) -> SinkSpec:
+    """A :class:`SinkSpec` from the JSON form; :class:`MalformedRequest` naming the sink
+    and field for anything invalid. The options are checked by :func:`check_options`."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise invalid(name, "name", "is not a valid name (1-64 of A-Za-z0-9_.:-)")
+    if not isinstance(obj, Mapping):
+        raise invalid(name, "sink", "must be a JSON object")
+    unknown = sorted(str(key) for key in obj if key not in _FIELDS)
+    if unknown:
+        known = ", ".join(sorted(_FIELDS))
+        raise invalid(name, unknown[0], f"is not a sink field (known: {known})")
+    type_ = obj.get("type")
+    if not isinstance(type_, str) or type_ not in SINK_TYPES:
+        raise invalid(name, "type", f"must be one of {', '.join(sorted(SINK_TYPES))}")
+    options = obj.get("options", {})
+    if not isinstance(options, Mapping):
+        raise invalid(name, "options", "must be an object")
+    backoff = number_field(name, obj, "backoff", 0.5, MIN_BACKOFF_S, MAX_BACKOFF_S)
+    max_backoff = number_field(name, obj, "max_backoff", max(300.0, backoff), backoff,
+                               MAX_BACKOFF_S)
+    config = SinkConfig(
+        name, type_, dict(options), _filter(name, obj.get("filter", {})),
+        int(number_field(name, obj, "batch", 100, 1, MAX_BATCH, integer=True)),
+        int(number_field(name, obj, "max_attempts", 10, 1, MAX_ATTEMPTS, integer=True)),
+        backoff, max_backoff)
+    paused = obj.get("paused", False)
+    if not isinstance(paused, bool):
+        raise invalid(name, "paused", "must be true or false")
+    start = obj.get("start", "beginning")
+    if start not in STARTS:
+        raise invalid(name, "start", f"must be one of {', '.join(STARTS)}")
+    return SinkSpec(config, paused, start)
+
+
+def _filter(name: str, value: Any) -> FeedFilter:
+    if not isinstance(value, Mapping):
+        raise invalid(name, "filter", "must be an object of device, fleet, topic, kind")
+    try:
+        return FeedFilter.from_json(value)
+    except (ValueError, TypeError) as exc:
+        raise invalid(name, "filter", f"is invalid: {exc}") from None
+
+
+def number_field(sink: str, obj: Mapping[str, Any], key: str, default: float, low: float,
+                 high: float, *, integer: bool = False, prefix: str = "") -> float:
+    """``obj[key]`` (``default`` if absent), a number (an integer with ``integer``) from
+    ``low`` to ``high``; else :func:`invalid` names the field ``prefix + key`` (sink types
+    check their options with ``prefix="options."``)."""
+    value = obj.get(key, default)
+    ok = (isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and low <= value <= high)
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise invalid(sink, prefix + key, f"must be {kind} from {low:g} to {high:g}")
+    return float(value)
+
+
+def check_options(config: SinkConfig) -> None:
+    """Build the sink (no I/O) so that its factory validates the options; raises
+    :class:`MalformedRequest` for options it cannot use."""
+    SINK_TYPES[config.type](config)
+
+
+def spec_json(config: SinkConfig, paused: bool) -> dict[str, Any]:
+    """The JSON form of a configuration with its options redacted (what
+    :func:`parse_sink` reads, ``start`` aside)."""
+    return {"type": config.type, "options": redact_options(config.options),
+            "filter": config.where.to_json(), "batch": config.batch,
+            "max_attempts": config.max_attempts, "backoff": config.backoff,
+            "max_backoff": config.max_backoff, "paused": paused}
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` as shown by the API: secret-looking keys, ``headers`` values and URL or
+    DSN passwords read ``"***"``."""
+    return {key: _redacted(key, value) for key, value in options.items()}
+
+
+def _redacted(key: str, value: Any) -> Any:
+    if _SECRET_RE.search(key):
+        return REDACTED
+    if key.lower() == "headers" and isinstance(value, Mapping):
+        return {name: REDACTED for name in value}
+    if isinstance(value, Mapping):
+        return redact_options(value)
+    if isinstance(value, str):
+        return _redact_password(value)
+    return value
+
+
+def _redact_password(text: str) -> str:
+    try:
+        password = urlsplit(text).password
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(f":{password}@", f":{REDACTED}@", 1)
+    return _DSN_PASSWORD_RE.sub(rf"\g<1>{REDACTED}", text)
+
+
+def keep_redacted(new: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, Any]:
+    """``new`` options where each ``"***"`` (a redacted value sent back) is replaced by
+    the value stored in ``old`` under the same key."""
+    merged: dict[str, Any] = {}
+    for key, value in new.items():
+        prior = old.get(key)
+        if value == REDACTED and key in old:
+            merged[key] = prior
+        elif isinstance(value, Mapping) and isinstance(prior, Mapping):
+            merged[key] = keep_redacted(value, prior)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --- the sinks file ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class FileSink:
+    """A sink of the sinks file: ``spec`` as written (``${ENV}`` references kept: this is
+    what the database stores) and ``config`` with them expanded (what the runner uses)."""
+
+    spec: SinkSpec
+    config: SinkConfig
+
+
+def load_sinks_file(path: str | os.PathLike[str], *,
+                    environ: Mapping[str, str] | None = None) -> dict[str, FileSink]:
+    """Read ``{"sinks": {name: sink_json, ...}}`` from the JSON file ``path``.
+
+    ``${NAME}`` in any option string is replaced by the environment variable ``NAME``
+    (from ``environ``, default ``os.environ``). Raises :class:`MalformedRequest` naming the
+    sink and field for a missing variable or any invalid sink, or for a file that is not
+    such JSON; ``OSError`` if it cannot be read. Blocking: call it at startup."""
+    env = os.environ if environ is None else environ
+    sinks: dict[str, FileSink] = {}
+    for name, obj in read_config_file(path, "sinks", "name: sink").items():
+        spec = parse_sink(name, obj)
+        config = dataclasses.replace(
+            spec.config, options=_expand(name, "options", spec.config.options, env))
+        check_options(config)
+        sinks[name] = FileSink(spec, config)
+    return sinks
+
+
+def _expand(sink: str, where: str, value: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        try:
+            return substitute_env(value, env)
+        except KeyError as exc:
+            raise invalid(sink, where, missing_env(exc.args[0])) from None
+    if isinstance(value, Mapping):
+        return {key: _expand(sink, f"{where}.{key}", item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand(sink, f"{where}[{n}]", item, env) for n, item in enumerate(value)]
+    return value

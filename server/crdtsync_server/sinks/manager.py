@@ -1,0 +1,138 @@
+"""``SinkManager``: one :class:`~crdtsync_server.sinks.runner.SinkRunner` task per sink.
+
+At server start the sinks of the sinks file are stored (created, or reconfigured keeping
+their cursor) and a runner starts for every stored sink that is not paused. A sink whose
+origin is the sinks file but which the file no longer defines is kept (its cursor and dead
+letters too) but not run until the file names it again or the API deletes it. The
+management API calls :meth:`SinkManager.apply` after each change.
+
+Run sinks in one server process per database: two processes would both deliver every item
+(still at least once and deduplicated by key, but the per-device order across the two would
+interleave).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from crdtsync.errors import CrdtsyncError, MalformedRequest
+
+from ..feed import FeedNotifier
+from ..store import Store
+from ..store.sinks import SinkRecord
+from .base import SINK_TYPES, Sink, SinkConfig
+from .config import FileSink, SinkSpec, load_sinks_file
+from .runner import SinkRunner, now_ms
+
+log = logging.getLogger("crdtsync.server.sinks")
+
+
+async def read_sinks_file(path: str | None) -> dict[str, FileSink]:
+    """The sinks of the sinks file ``path`` (none without one); see :func:`load_sinks_file`."""
+    return await asyncio.to_thread(load_sinks_file, path) if path else {}
+
+
+async def start_cursor(store: Store, spec: SinkSpec) -> int:
+    """Where a new sink's cursor starts: 0 (the whole feed) or the current feed head."""
+    return 0 if spec.start == "beginning" else await store.feed_head()
+
+
+class SinkManager:
+    """Starts, restarts and stops the runners of the stored sinks."""
+
+    def __init__(self, store: Store, notifier: FeedNotifier,
+                 file_sinks: Mapping[str, FileSink] | None = None) -> None:
+        self.store = store
+        self.notifier = notifier
+        self.file_sinks = dict(file_sinks or {})
+        self._runners: dict[str, tuple[SinkRunner, asyncio.Task[None]]] = {}
+        self._problems: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Store the sinks file's sinks, then start a runner for every runnable sink."""
+        for file_sink in self.file_sinks.values():
+            spec = file_sink.spec
+            await self.store.put_sink(spec.config, now_ms(), origin="file",
+                                      paused=spec.paused,
+                                      start=await start_cursor(self.store, spec))
+        async with self._lock:
+            for record in await self.store.list_sinks():
+                self._start(record)
+
+    async def apply(self, name: str) -> None:
+        """Sink ``name`` changed in the store (created, reconfigured, paused, deleted):
+        stop its runner and start a new one from the stored record if it should run."""
+        async with self._lock:
+            await self._stop(name)
+            record = await self.store.get_sink(name)
+            if record is not None:
+                self._start(record)
+
+    def retry(self, name: str) -> None:
+        """Dead letters of ``name`` were marked for a retry: wake its runner."""
+        entry = self._runners.get(name)
+        if entry is not None:
+            entry[0].request_retry()
+            self.notifier.notify()
+
+    def state(self, record: SinkRecord) -> str:
+        """What the sink's runner is doing (see ``SinkRunner.state``), or why none runs:
+        ``paused``, ``not in the sinks file``, ``stopped``, or a configuration problem."""
+        if record.paused:
+            return "paused"
+        if record.origin == "file" and record.name not in self.file_sinks:
+            return "not in the sinks file"
+        entry = self._runners.get(record.name)
+        if entry is not None:
+            return entry[0].state
+        return self._problems.get(record.name, "stopped")
+
+    def _runtime_config(self, record: SinkRecord) -> SinkConfig | None:
+        if record.origin != "file":
+            return record.config
+        file_sink = self.file_sinks.get(record.name)
+        return None if file_sink is None else file_sink.config
+
+    def _start(self, record: SinkRecord) -> None:
+        config = self._runtime_config(record)
+        self._problems.pop(record.name, None)
+        if record.paused or config is None:
+            return
+        sink = self._build(record.name, config)
+        if sink is None:
+            return
+        runner = SinkRunner(self.store, self.notifier, config, sink, record.cursor)
+        task = asyncio.create_task(runner.run(), name=f"crdtsync-sink-{record.name}")
+        task.add_done_callback(_log_crash)
+        self._runners[record.name] = (runner, task)
+
+    def _build(self, name: str, config: SinkConfig) -> Sink | None:
+        factory = SINK_TYPES.get(config.type)
+        try:
+            if factory is None:
+                raise MalformedRequest(f"unknown sink type {config.type!r}")
+            return factory(config)
+        except CrdtsyncError as exc:  # a type this build lacks, options it cannot use
+            self._problems[name] = f"cannot start: {exc.message}"
+            log.error("sink %r %s", name, self._problems[name])
+            return None
+
+    async def _stop(self, name: str) -> None:
+        entry = self._runners.pop(name, None)
+        if entry is not None:
+            entry[1].cancel()
+            await asyncio.wait([entry[1]])
+
+    async def aclose(self) -> None:
+        """Stop every runner (items being delivered are delivered again at the next start)."""
+        async with self._lock:
+            for name in list(self._runners):
+                await self._stop(name)
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,244 @@
+"""``SinkRunner``: delivers the change feed to one sink, at least once, in cursor order.
+
+One runner (an asyncio task owned by :class:`~crdtsync_server.sinks.manager.SinkManager`)
+per sink. Each step reads the next page of feed items after the sink's cursor that match
+its filter (at most ``batch``) and hands it to the sink:
+
+- delivered: the cursor moves past the page (after ``deliver`` returned, never before: a
+  crash in between delivers the page again, and the destination deduplicates by key);
+- :class:`SinkError` (or any unexpected exception of the sink): the same page is tried
+  again after ``backoff * 2**(n-1)`` seconds (at most ``max_backoff``, with jitter), up to
+  ``max_attempts`` attempts; then its items become dead letters and the cursor moves past
+  them (one transaction), and delivery goes on;
+- :class:`SinkRejected`: no retry. A page of several items is split and its items are
+  delivered one by one, so that only the items the destination refuses become dead letters.
+
+A later page is never handed over before an earlier one was delivered or dead-lettered, so
+each device's items arrive in their feed order. With a filter, the cursor also moves past
+the items that do not match (up to the feed head read before the page), so they are not
+scanned again (when only skipped items follow, that move is stored at most once a second).
+
+Dead letters marked for a retry (``POST .../dead-letters/retry``) are tried again, between
+two pages, with the same retry rules; they arrive after items that followed them in the
+feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from crdtsync.errors import CrdtsyncError, SinkRejected
+
+from ..feed import FeedNotifier
+from ..store import Store
+from ..store.feed import FeedItem
+from .base import Sink, SinkConfig
+
+log = logging.getLogger("crdtsync.server.sinks")
+
+STORE_RETRY_S = 1.0
+"""Seconds before a runner tries again after its store failed."""
+SKIP_WRITE_S = 1.0
+"""Moving the stored cursor past items the filter skips is written at most this often (a
+busy feed would otherwise cost one write per commit per filtered sink); a restart only
+scans those items again."""
+MAX_EXPONENT = 60
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def error_text(exc: BaseException) -> str:
+    """What a failure reads as in a sink's ``last_error`` and dead letters."""
+    return exc.message if isinstance(exc, CrdtsyncError) else f"{type(exc).__name__}: {exc}"
+
+
+class Backoff:
+    """Delays before retries: ``base * 2**(attempt-1)`` seconds capped at ``cap``, then a
+    random point between half of it and all of it (jitter: runners that failed together do
+    not retry together)."""
+
+    def __init__(self, base: float, cap: float, rand: Callable[[], float] = random.random
+                 ) -> None:
+        self.base = base
+        self.cap = cap
+        self._rand = rand
+
+    def delay(self, attempt: int) -> float:
+        """The delay after failed attempt number ``attempt`` (1, 2, ...)."""
+        full = min(self.cap, self.base * 2.0 ** min(attempt - 1, MAX_EXPONENT))
+        return full / 2 + self._rand() * full / 2
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A delivery given up on: the last ``error`` after ``attempts`` attempts; ``rejected``
+    when the destination refused it for good."""
+
+    error: str
+    attempts: int
+    rejected: bool = False
+
+
+class SinkRunner:
+    """Delivers the feed to ``sink`` from feed cursor ``cursor`` until cancelled.
+
+    ``sleep`` and ``rand`` are injectable for tests (delays are recorded, not waited). The
+    runner owns ``sink``: it opens it (retrying with backoff) and closes it when it stops.
+    ``state`` says what it is doing: ``opening``, ``idle``, ``delivering``, ``backoff``
+    (waiting to retry), ``store error`` or ``stopped``."""
+
+    def __init__(self, store: Store, notifier: FeedNotifier, config: SinkConfig, sink: Sink,
+                 cursor: int, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.store = store
+        self.notifier = notifier
+        self.config = config
+        self.sink = sink
+        self.cursor = cursor
+        """Where reading goes on from; the stored cursor may trail it by skipped items."""
+        self.state = "opening"
+        self.backoff = Backoff(config.backoff, config.max_backoff, rand)
+        self._sleep = sleep
+        self._retry_pending = True  # dead letters a previous process was asked to retry
+        self._stored = cursor
+        self._skip_written = -SKIP_WRITE_S
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def request_retry(self) -> None:
+        """Dead letters were marked for a retry: look for them at the next step."""
+        self._retry_pending = True
+
+    async def run(self) -> None:
+        """Open the sink, then deliver until cancelled; closes the sink on the way out."""
+        try:
+            await self._open()
+            while True:
+                await self.step()
+        finally:
+            self.state = "stopped"
+            try:
+                await self.sink.aclose()
+            except Exception:
+                log.exception("sink %r: closing failed", self.name)
+
+    async def _open(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.sink.open()
+                return
+            except Exception as exc:
+                attempt += 1
+                with contextlib.suppress(CrdtsyncError):  # a failing store: still retry
+                    await self._failed(exc)
+            self.state = "backoff"
+            await self._sleep(self.backoff.delay(attempt))
+            self.state = "opening"
+
+    async def step(self) -> bool:
+        """Deliver (or dead-letter) one page, or wait for the feed to grow when there is
+        nothing to deliver. Returns whether it handled items."""
+        try:
+            if await self._retry_dead_letters() or await self._deliver_page():
+                return True
+        except CrdtsyncError as exc:  # the store failed; nothing was lost: try again
+            log.error("sink %r: %s", self.name, exc.message)
+            self.state = "store error"
+            await self._sleep(STORE_RETRY_S)
+            return False
+        self.state = "idle"
+        await self.notifier.wait(self.notifier.poll)
+        return False
+
+    async def _deliver_page(self) -> bool:
+        head = await self.store.feed_head()  # before the page: every item up to it is stored
+        items = await self.store.read_feed(self.cursor, self.config.batch, self.config.where)
+        if not items:  # at most items the filter skips: move past them
+            self.cursor = max(self.cursor, head)
+            await self._write_skip()
+            return False
+        full = len(items) == self.config.batch
+        upto = items[-1].cursor if full else max(items[-1].cursor, head)
+        await self._progress(upto, await self._handle(items))
+        return True
+
+    async def _progress(self, cursor: int, delivered: int) -> None:
+        await self.store.sink_delivered(self.name, cursor, delivered, now_ms())
+        self.cursor = self._stored = max(self.cursor, cursor)
+
+    async def _write_skip(self) -> None:
+        now = time.monotonic()
+        if self.cursor > self._stored and now - self._skip_written >= SKIP_WRITE_S:
+            self._skip_written = now
+            await self._progress(self.cursor, 0)
+
+    async def _handle(self, items: Sequence[FeedItem]) -> int:
+        """Deliver ``items`` or dead-letter them; returns how many were delivered."""
+        failure = await self._attempts(items)
+        if failure is None:
+            return len(items)
+        if failure.rejected and len(items) > 1:
+            delivered = 0
+            for item in items:  # in order: only the refused items become dead letters
+                delivered += await self._handle([item])
+            return delivered
+        await self.store.add_dead_letters(self.name, items, failure.error, failure.attempts,
+                                          now_ms())
+        log.warning("sink %r: %d items dead-lettered after %d attempts: %s", self.name,
+                    len(items), failure.attempts, failure.error)
+        return 0
+
+    async def _attempts(self, items: Sequence[FeedItem]) -> Failure | None:
+        """Deliver ``items``, retrying with backoff; ``None`` once delivered."""
+        attempt = 0
+        while True:
+            attempt += 1
+            self.state = "delivering"
+            try:
+                await self.sink.deliver(items)
+                return None
+            except SinkRejected as exc:
+                return Failure(await self._failed(exc), attempt, rejected=True)
+            except Exception as exc:  # SinkError, or a sink's bug: both are retried
+                error = await self._failed(exc)
+                if attempt >= self.config.max_attempts:
+                    return Failure(error, attempt)
+            self.state = "backoff"
+            await self._sleep(self.backoff.delay(attempt))
+
+    async def _failed(self, exc: Exception) -> str:
+        error = error_text(exc)
+        if isinstance(exc, CrdtsyncError):
+            log.warning("sink %r: %s", self.name, error)
+        else:
+            log.error("sink %r: unexpected error", self.name, exc_info=exc)
+        await self.store.sink_failed(self.name, error, now_ms())
+        return error
+
+    async def _retry_dead_letters(self) -> bool:
+        if not self._retry_pending:
+            return False
+        letters = await self.store.list_dead_letters(self.name, limit=self.config.batch,
+                                                     retrying=True)
+        if not letters:
+            self._retry_pending = False
+            return False
+        failure = await self._attempts([letter.item for letter in letters])
+        ids = [letter.id for letter in letters]
+        if failure is None:
+            await self.store.finish_dead_letters(self.name, ids, now_ms())
+        else:
+            await self.store.finish_dead_letters(self.name, ids, now_ms(), failure.error,
+                                                 failure.attempts)
+        return True

@@ -1,0 +1,77 @@
+"""Checks shared by the server's configuration objects (proxied-request routes, sinks): target
+URLs and ``${ENV}`` references in configuration files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from crdtsync.errors import MalformedRequest
+
+REDACTED = "***"
+"""What a secret reads in API responses."""
+
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
+ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def substitute_env(text: str, env: Mapping[str, str]) -> str:
+    """``text`` with each ``${NAME}`` replaced by ``env["NAME"]``; ``KeyError(NAME)`` for a
+    variable that is not set."""
+    return ENV_REF_RE.sub(lambda match: env[match.group(1)], text)
+
+
+def missing_env(name: str) -> str:
+    """The complaint about a ``${NAME}`` whose variable is not set."""
+    return f"references ${{{name}}} but environment variable {name} is not set"
+
+
+def read_config_file(path: str | os.PathLike[str], key: str, shape: str) -> dict[str, Any]:
+    """The object under ``key`` of the JSON file ``path``, which must be ``{key: {...}}``
+    (``shape`` describes the entries in the error message). :class:`MalformedRequest` for a
+    file that is not such JSON; ``OSError`` if it cannot be read. Blocking."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedRequest(f"{os.fspath(path)}: not a JSON file: {exc}") from exc
+    if not isinstance(data, dict) or set(data) != {key} or not isinstance(data[key], dict):
+        raise MalformedRequest(f'{os.fspath(path)}: expected {{"{key}": {{{shape}}}}}')
+    entries: dict[str, Any] = data[key]
+    return entries
+
+
+def url_problem(url: object) -> str | None:
+    """Why ``url`` cannot be a target (``None`` if it can): it must be an absolute http(s)
+    URL with a host and without credentials (those go in headers)."""
+    if not isinstance(url, str):
+        return "must be a string"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- parsing the port is what validates it
+    except ValueError as exc:
+        return f"does not parse: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return "must be an absolute http:// or https:// URL"
+    if not parts.hostname:
+        return "has no host"
+    if parts.username is not None or parts.password is not None:
+        return "must not hold credentials; put them in headers"
+    return None
+
+
+def headers_problem(headers: object) -> tuple[str, str] | None:
+    """``(field, problem)`` if ``headers`` is not an object of valid HTTP header names to
+    string values without CR, LF or NUL; ``None`` if it is."""
+    if not isinstance(headers, Mapping):
+        return "headers", "must be an object of strings"
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME_RE.match(name):
+            return "headers", f"has an invalid header name {name!r}"
+        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+            return f"headers.{name}", "must be a string without CR, LF or NUL"
+    return None

@@ -1,0 +1,376 @@
+"""Sinks end to end: real devices, a real server over SQLite, and a real webhook receiver on
+127.0.0.1 that fails on purpose, refuses items, hangs in the middle of a delivery while the
+server restarts. Every event and state change must arrive, once per key after
+deduplication, in each device's order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from crdtsync import AdminClient, Device
+from crdtsync.errors import AlreadyExists, MalformedRequest, NotFound
+from crdtsync_server import Server, ServerConfig
+from crdtsync_server.sinks.webhook import SIGNATURE_HEADER, verify_signature
+
+from .conftest import ADMIN_TOKEN, DeviceFactory
+from .test_cli import admin_env, cli
+
+SECRET = "webhook-shared-secret"
+WAIT_S = 60.0
+"""How long a test waits for deliveries before failing (a hang guard, not a timing check)."""
+
+
+class Receiver:
+    """A webhook receiver that checks signatures, answers 500 to its first ``fail_first``
+    requests, 400 to batches holding an item ``reject`` refuses, and keeps each item once
+    by key (``order`` is the order of first arrival). With ``hold_at = n`` its n-th
+    accepted request stores its items, then waits for ``release`` before answering."""
+
+    def __init__(self) -> None:
+        self.fail_first = 0
+        self.reject: Callable[[dict[str, Any]], bool] = lambda item: False
+        self.hold_at: int | None = None
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+        self.requests = self.accepted = self.duplicates = self.bad_signatures = 0
+        self.items: dict[str, dict[str, Any]] = {}
+        self.order: list[str] = []
+        self._changed = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests += 1
+        if not verify_signature(SECRET, body, request.headers.get(SIGNATURE_HEADER)):
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        if self.requests <= self.fail_first:
+            return web.Response(status=500, text="failing on purpose")
+        items = json.loads(body)["items"]
+        if any(self.reject(item) for item in items):
+            return web.Response(status=400, text="refused on purpose")
+        self.accepted += 1
+        for item in items:
+            if item["key"] in self.items:
+                self.duplicates += 1
+            else:
+                self.items[item["key"]] = item
+                self.order.append(item["key"])
+        self._changed.set()
+        if self.accepted == self.hold_at:
+            self.holding.set()
+            await self.release.wait()
+        return web.Response(status=200)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(WAIT_S):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    rx = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", rx.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield rx, f"http://127.0.0.1:{port}/hook"
+    rx.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+def server_config(tmp_path: Path) -> ServerConfig:
+    """Readers re-poll the feed often: a notification missed at a restart costs little."""
+    return ServerConfig(db=str(tmp_path / "server.db"), port=0, admin_token=ADMIN_TOKEN,
+                        feed_poll=0.05)
+
+
+def webhook_sink(url: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "webhook", "options": {"url": url, "secret": SECRET, "timeout": 10},
+            "batch": 4, "max_attempts": 1000, "backoff": 0.02, "max_backoff": 0.2, **fields}
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until ``check()`` holds (polling); fail after ``WAIT_S`` seconds."""
+    async with asyncio.timeout(WAIT_S):
+        for delay in iter(lambda: 0.05, None):
+            if await check():
+                return
+            await asyncio.sleep(delay)
+
+
+async def sink_status(admin: AdminClient, name: str = "hook") -> dict[str, Any]:
+    status: dict[str, Any] = (await admin.sink(name))["status"]
+    return status
+
+
+async def caught_up(admin: AdminClient, name: str = "hook") -> bool:
+    status = await sink_status(admin, name)
+    return bool(status["lag"] == 0 and status["state"] == "idle")
+
+
+async def feed_keys(admin: AdminClient) -> list[str]:
+    items, _ = await admin.feed(limit=1000)
+    return [item["key"] for item in items]
+
+
+def assert_device_order(rx: Receiver) -> None:
+    """Each device's items arrived (first arrival) in feed order, events in seq order."""
+    by_device: dict[str, list[dict[str, Any]]] = {}
+    for key in rx.order:
+        item = rx.items[key]
+        by_device.setdefault(item["device"], []).append(item)
+    for items in by_device.values():
+        cursors = [int(item["cursor"]) for item in items]
+        assert cursors == sorted(cursors)
+        seqs = [item["seq"] for item in items if item["kind"] == "event"]
+        assert seqs == list(range(1, len(seqs) + 1))
+
+
+# --- delivery through failures and a restart ---------------------------------------------------
+
+async def produce(devices: list[Device], rounds: range) -> None:
+    for n in rounds:
+        for dev in devices:
+            await dev.emit("reading", {"n": n})
+            dev.state["n"] = n
+            await dev.sync()
+
+
+async def test_every_item_arrives_once_in_order_across_failures_and_a_restart(
+        server_config: ServerConfig, receiver: tuple[Receiver, str], tmp_path: Path) -> None:
+    rx, url = receiver
+    rx.fail_first, rx.hold_at = 3, 2
+    first = Server(server_config)
+    await first.start()
+    server_config.port = first.port  # the restarted server listens where devices connect
+    devices: list[Device] = []
+    try:
+        async with AdminClient(first.url, ADMIN_TOKEN) as admin:
+            assert (await admin.put_sink("hook", webhook_sink(url)))["status"]["cursor"] == "0"
+            for name in ("d0", "d1"):
+                token = (await admin.add_device(name))["token"]
+                devices.append(Device(name, first.url, token=token, interval=None,
+                                      path=tmp_path / f"{name}.db"))
+                await devices[-1].start()
+            await produce(devices, range(4))
+            await admin.patch_state("d0", {"mode": "eco"})  # a cloud write
+            # The receiver stored its second accepted batch and has not answered yet.
+            await asyncio.wait_for(rx.holding.wait(), WAIT_S)
+            await first.aclose()  # the sink's cursor is not past that batch
+            rx.release.set()
+        async with Server(server_config) as second, \
+                AdminClient(second.url, ADMIN_TOKEN) as admin:
+            await produce(devices, range(4, 7))
+            await admin.patch_state("d1", {"mode": "off"})
+            expected = await feed_keys(admin)
+            await rx.wait_for(lambda: set(rx.items) >= set(expected))
+            await eventually(lambda: caught_up(admin))
+            status = await sink_status(admin)
+            metrics = await metrics_text(second)
+    finally:
+        for dev in devices:
+            await dev.aclose()
+        await first.aclose()
+
+    assert sorted(rx.items) == sorted(expected)  # every item, each key once after dedup
+    assert rx.duplicates > 0  # the batch in flight at the restart came again
+    assert rx.bad_signatures == 0
+    assert_device_order(rx)
+    kinds = {(item["device"], item["kind"], item.get("source")) for item in rx.items.values()}
+    assert {("d0", "event", None), ("d0", "state", "device"), ("d0", "state", "cloud"),
+            ("d1", "state", "cloud")} <= kinds
+    assert [rx.items[f"ev:d1:{seq}"]["body"]["n"] for seq in range(1, 8)] == list(range(7))
+    assert status["lag"] == 0 and status["cursor"] == status["head"]
+    assert status["failures"] >= 3 and "answered 500" in status["last_error"]
+    assert status["dead_letters"] == 0 and status["consecutive_failures"] == 0
+    assert status["delivered"] >= len(expected)
+    assert 'crdtsync_sink_lag{sink="hook"} 0' in metrics.splitlines()
+    assert f"crdtsync_feed_head {status['head']}" in metrics.splitlines()
+
+
+async def metrics_text(server: Server) -> str:
+    async with aiohttp.ClientSession() as session, session.get(
+            server.url + "/v1/metrics",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return await resp.text()
+
+
+# --- dead letters ------------------------------------------------------------------------------
+
+async def test_refused_items_are_dead_lettered_then_retried(
+        server: Server, admin: AdminClient, make_device: DeviceFactory,
+        receiver: tuple[Receiver, str]) -> None:
+    rx, url = receiver
+    rx.reject = lambda item: item.get("topic") == "poison"
+    await admin.put_sink("hook", webhook_sink(url, batch=10, filter={"kind": "event"}))
+    dev = await make_device("d1")
+    for topic in ("ok", "poison", "poison", "ok"):
+        await dev.emit(topic, {"topic": topic})
+    dev.state["skipped"] = True  # not an event: filtered out
+    await dev.sync()
+    await rx.wait_for(lambda: {"ev:d1:1", "ev:d1:4"} <= set(rx.items))
+    await eventually(lambda: caught_up(admin))
+    page = await admin.dead_letters("hook")
+    assert [(d["key"], d["attempts"], d["item"]["body"]) for d in page["dead_letters"]] == [
+        ("ev:d1:2", 1, {"topic": "poison"}), ("ev:d1:3", 1, {"topic": "poison"})]
+    assert "answered 400" in page["dead_letters"][0]["error"] and page["next"] is None
+    status = await sink_status(admin)
+    assert (status["delivered"], status["dead_letters"], status["dead_lettered"]) == (2, 2, 2)
+    assert "crdtsync_sink_dead_letters_total{sink=\"hook\"} 2" in (
+        await metrics_text(server)).splitlines()
+
+    rx.reject = lambda item: False  # the receiver is fixed
+    assert await admin.retry_dead_letters("hook") == 2
+    await rx.wait_for(lambda: {"ev:d1:2", "ev:d1:3"} <= set(rx.items))
+    await eventually(lambda: _no_dead_letters(admin))
+    status = await sink_status(admin)
+    assert (status["delivered"], status["dead_letters"], status["dead_lettered"]) == (4, 0, 2)
+    assert all(rx.items[key]["kind"] == "event" for key in rx.items)
+
+
+async def _no_dead_letters(admin: AdminClient) -> bool:
+    return not (await admin.dead_letters("hook"))["dead_letters"]
+
+
+async def test_a_receiver_that_stays_down_fills_the_dead_letters(
+        admin: AdminClient, make_device: DeviceFactory,
+        receiver: tuple[Receiver, str]) -> None:
+    rx, url = receiver
+    rx.fail_first = 10**6
+    await admin.put_sink("hook", webhook_sink(url, max_attempts=3, batch=2))
+    dev = await make_device("d1")
+    for n in range(3):
+        await dev.emit("t", {"n": n})
+    await dev.sync()
+    await eventually(lambda: caught_up(admin))
+    letters = (await admin.dead_letters("hook", limit=2))
+    assert [d["key"] for d in letters["dead_letters"]] == ["ev:d1:1", "ev:d1:2"]
+    assert letters["next"] is not None
+    rest = await admin.dead_letters("hook", after=int(letters["next"]))
+    assert [(d["key"], d["attempts"]) for d in rest["dead_letters"]] == [("ev:d1:3", 3)]
+    status = await sink_status(admin)
+    assert (status["failures"], status["delivered"], status["dead_lettered"]) == (6, 0, 3)
+    assert rx.requests == 6 and not rx.items
+
+
+# --- configuration through the API -------------------------------------------------------------
+
+async def test_sink_api_validates_redacts_and_deletes(
+        server: Server, admin: AdminClient, receiver: tuple[Receiver, str]) -> None:
+    _, url = receiver
+    with pytest.raises(MalformedRequest) as info:
+        await admin.put_sink("hook", {"type": "carrier-pigeon"})
+    assert info.value.detail == {"sink": "hook", "field": "type"}
+    with pytest.raises(MalformedRequest) as info:
+        await admin.put_sink("hook", {"type": "webhook", "options": {"url": "ftp://x"}})
+    assert info.value.detail["field"] == "options.url"
+    with pytest.raises(MalformedRequest):
+        await admin.put_sink("bad name!", webhook_sink(url))
+    with pytest.raises(NotFound):
+        await admin.sink("hook")
+
+    body = webhook_sink(url, paused=True)
+    body["options"]["headers"] = {"Authorization": "Bearer very-secret"}
+    created = await admin.request("PUT", "/v1/sinks/hook", json=body)
+    assert created["options"] == {"url": url, "secret": "***", "timeout": 10,
+                                  "headers": {"Authorization": "***"}}
+    assert created["status"]["state"] == "paused" and created["origin"] == "api"
+    # Sending the redacted form back keeps the secrets.
+    again = {**body, "options": created["options"], "batch": 9}
+    updated = await admin.put_sink("hook", again)
+    assert updated["batch"] == 9 and updated["created"] == created["created"]
+    stored = await server.services.store.get_sink("hook")
+    assert stored is not None and stored.config.options["secret"] == SECRET
+    assert stored.config.options["headers"] == {"Authorization": "Bearer very-secret"}
+    assert [s["name"] for s in await admin.sinks()] == ["hook"]
+    assert "very-secret" not in json.dumps(await admin.sinks())
+
+    await admin.delete_sink("hook")
+    with pytest.raises(NotFound):
+        await admin.sink("hook")
+    with pytest.raises(NotFound):
+        await admin.delete_sink("hook")
+    with pytest.raises(NotFound):
+        await admin.dead_letters("hook")
+
+
+async def test_a_new_sink_may_start_at_the_feed_head(
+        admin: AdminClient, make_device: DeviceFactory, receiver: tuple[Receiver, str]) -> None:
+    rx, url = receiver
+    dev = await make_device("d1")
+    await dev.emit("old", {})
+    await dev.sync()
+    created = await admin.put_sink("hook", webhook_sink(url, start="head"))
+    assert created["status"]["cursor"] == created["status"]["head"] != "0"
+    await dev.emit("new", {})
+    await dev.sync()
+    await rx.wait_for(lambda: "ev:d1:2" in rx.items)
+    await eventually(lambda: caught_up(admin))
+    assert list(rx.items) == ["ev:d1:2"]
+
+
+# --- the sinks file ----------------------------------------------------------------------------
+
+async def test_sinks_file_keeps_secrets_out_of_the_database(
+        tmp_path: Path, receiver: tuple[Receiver, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    rx, url = receiver
+    monkeypatch.setenv("CRDTSYNC_TEST_HOOK_SECRET", SECRET)
+    sink = webhook_sink(url)
+    sink["options"]["secret"] = "${CRDTSYNC_TEST_HOOK_SECRET}"
+    path = tmp_path / "sinks.json"
+    path.write_text(json.dumps({"sinks": {"filed": sink}}))
+    config = ServerConfig(db=str(tmp_path / "file.db"), port=0, admin_token=ADMIN_TOKEN,
+                          feed_poll=0.05, sinks_file=str(path))
+    async with Server(config) as server, AdminClient(server.url, ADMIN_TOKEN) as admin:
+        await admin.add_device("d1")
+        await admin.patch_state("d1", {"k": 1})
+        await rx.wait_for(lambda: len(rx.items) == 1)
+        shown = await admin.sink("filed")
+        assert shown["origin"] == "file" and shown["options"]["secret"] == "***"
+        with pytest.raises(AlreadyExists):
+            await admin.put_sink("filed", webhook_sink(url))
+        with pytest.raises(AlreadyExists):
+            await admin.delete_sink("filed")
+    assert rx.bad_signatures == 0
+    for db_file in tmp_path.glob("file.db*"):
+        assert SECRET.encode() not in db_file.read_bytes()
+
+
+# --- the command line --------------------------------------------------------------------------
+
+async def test_sink_commands(server: Server, receiver: tuple[Receiver, str]) -> None:
+    _, url = receiver
+    env = admin_env(server.url, ADMIN_TOKEN)
+
+    async def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(cli, *args, env=env)
+
+    added = await run("sink", "add", "hook", json.dumps(webhook_sink(url)))
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["options"]["secret"] == "***"
+    listing = await run("sink", "list")
+    assert listing.returncode == 0
+    assert listing.stdout.splitlines()[0].split()[:3] == ["NAME", "TYPE", "STATE"]
+    assert listing.stdout.splitlines()[1].split()[:2] == ["hook", "webhook"]
+    retry = await run("sink", "retry", "hook")
+    assert (retry.returncode, retry.stdout.strip()) == (0, "retrying 0 dead letter(s) of sink hook")
+    assert (await run("sink", "delete", "hook")).returncode == 0
+    missing = await run("sink", "dead-letters", "hook")
+    assert missing.returncode == 1 and "not_found" in missing.stderr
