@@ -85,6 +85,10 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         config.max_body = args.max_body
     config.routes_file = args.routes
     config.sinks_file = args.sinks
+    if args.cache_docs is not None:
+        config.cache_docs = args.cache_docs
+    if args.backlog is not None:
+        config.backlog = args.backlog
     stop = stop_event()
     async with Server(config) as server:
         if args.admin_token:
@@ -450,6 +454,12 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--sinks", metavar="FILE",
                    help='JSON file of downstream sinks: {"sinks": {name: {"type": "webhook",'
                         ' "options": {"url": ..., "secret": "${ENV_VAR}"}, ...}}}')
+    p.add_argument("--cache-docs", type=number(int, 1), metavar="N",
+                   help="documents kept in memory (LRU); size it to the devices syncing often"
+                        f" (default {ServerConfig().cache_docs})")
+    p.add_argument("--backlog", type=number(int, 1), metavar="N",
+                   help="TCP listen backlog: connections the kernel queues during a reconnect"
+                        f" storm (default {ServerConfig().backlog})")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)

@@ -12,6 +12,7 @@ import random
 import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from pycrdt import Doc, Map
@@ -128,32 +129,54 @@ def write(doc: Doc[Any], name: str, changes: Mapping[str, Any]) -> None:
                 target[key] = value
 
 
-@contextmanager
-def tracking(doc: Doc[Any]) -> Iterator[dict[str, dict[str, Any]]]:
-    """Record which keys of which root maps change inside the block, by any means (a local
-    write, a remote update). After the block the yielded dict holds ``{map: {key: value}}``
-    with each changed key's current value, ``None`` for a deleted key; nothing is filled if
-    the block raises. Costs one observer per root map, none per key."""
-    changed: dict[str, set[str]] = {}
-    before = set(doc.keys())
-    observed = []
-    for name in before:
-        def on_change(event: Any, *_: Any, name: str = name) -> None:
-            changed.setdefault(name, set()).update(event.keys)
-        root = doc.get(name, type=Map)
-        observed.append((root, root.observe(on_change)))
-    result: dict[str, dict[str, Any]] = {}
-    try:
-        yield result
-    finally:
-        for root, subscription in observed:
-            root.unobserve(subscription)
-    for name in set(doc.keys()) - before:
-        changed.setdefault(name, set()).update(doc.get(name, type=Map).keys())
-    for name in sorted(changed):
-        root = doc.get(name, type=Map)
-        result[name] = {key: normalize(root[key]) if key in root else None
-                        for key in sorted(changed[name])}
+_MISSING = object()
+
+
+class ChangeTracker:
+    """Records which keys of which root maps of ``doc`` change, by any means (a local write,
+    a remote update), from its creation on. Observers are attached once per root for the
+    document's lifetime (PYCRDT_NOTES 5 and 9), never per write.
+
+    :meth:`take` returns ``{map: {key: current value, or None if deleted}}`` for the keys
+    changed since the last :meth:`take` or :meth:`discard`; a replayed update changes nothing
+    and yields ``{}``. A root map that appeared meanwhile counts with all its keys."""
+
+    def __init__(self, doc: Doc[Any]) -> None:
+        self.doc = doc
+        self._changed: dict[str, set[str]] = {}
+        self._observed: dict[str, Any] = {}
+        self._adopt_roots(mark=False)
+
+    def _adopt_roots(self, *, mark: bool) -> None:
+        for name in self.doc.keys():  # noqa: SIM118 (a pycrdt Doc is not a Mapping)
+            if name not in self._observed:
+                root = self.doc.get(name, type=Map)
+                self._observed[name] = root.observe(partial(self._on_change, name))
+                if mark:
+                    self._changed.setdefault(name, set()).update(root.keys())
+
+    def _on_change(self, name: str, event: Any, *_: Any) -> None:
+        self._changed.setdefault(name, set()).update(event.keys)
+
+    def take(self) -> dict[str, dict[str, Any]]:
+        """The changes since the last call, with current values, read in one transaction."""
+        self._adopt_roots(mark=True)
+        changed, self._changed = self._changed, {}
+        if not changed:
+            return {}
+        result: dict[str, dict[str, Any]] = {}
+        with self.doc.transaction():
+            for name in sorted(changed):
+                root = self.doc.get(name, type=Map)
+                values = {key: root.get(key, _MISSING) for key in sorted(changed[name])}
+                result[name] = {key: None if value is _MISSING else normalize(value)
+                                for key, value in values.items()}
+        return result
+
+    def discard(self) -> None:
+        """Forget the changes so far (they are already accounted for elsewhere)."""
+        self._adopt_roots(mark=False)
+        self._changed = {}
 
 
 def to_json(doc: Doc[Any]) -> dict[str, Any]:

@@ -11,11 +11,15 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from .errors import TransportError
+from .errors import TransportError, UnsupportedEncoding
 from .protocol import MEDIA_TYPE, SYNC_PATH, decode_error
 
-COMPRESS_THRESHOLD = 1024
-"""Request bodies at least this large are compressed (smaller ones grow when compressed)."""
+COMPRESS_THRESHOLD = 128
+"""Request bodies at least this large are compressed, and sent compressed only when that
+made them smaller (below about 100 bytes a compressed body never is)."""
+
+USER_AGENT = "crdtsync"
+"""A short ``User-Agent`` instead of aiohttp's (every header byte is paid on every sync)."""
 
 zstandard: Any
 try:  # optional: `pip install crdtsync[zstd]`
@@ -46,36 +50,50 @@ class HttpTransport:
                  timeout: float = 30.0, compress_threshold: int = COMPRESS_THRESHOLD) -> None:
         self.url = url.rstrip("/") + SYNC_PATH
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": MEDIA_TYPE,
-                         "Accept": MEDIA_TYPE}
+                         "User-Agent": USER_AGENT}
         self._session = session
         self._owns_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._compress_threshold = compress_threshold
-        self.encoding = "deflate"
-        """How request bodies over the threshold are compressed: deflate until the server
-        says (``Accept-Encoding`` on a sync response) that it takes zstd and this
-        installation has it."""
+        self.encoding = "zstd" if zstandard is not None else "deflate"
+        """How request bodies over the threshold are compressed: zstd when this installation
+        has it, until a server without it answers ``unsupported_encoding`` (the request is
+        then sent again at once with deflate) or lists what it takes (``Accept-Encoding``
+        on a sync response)."""
         self.wire_bytes_up = 0
         """Request body bytes sent so far, after compression (HTTP headers not counted)."""
         self.wire_bytes_down = 0
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            # No automatic Accept-Encoding: sync responses are small and never compressed.
+            self._session = aiohttp.ClientSession(skip_auto_headers=("Accept-Encoding",))
         return self._session
 
     async def exchange(self, body: bytes) -> bytes:
+        try:
+            return await self._post(body)
+        except UnsupportedEncoding as exc:
+            if self.encoding == "deflate":
+                raise
+            self._negotiate(", ".join(exc.detail.get("accepted", ())))
+            return await self._post(body)  # nothing was applied: send it again, as deflate
+
+    async def _post(self, body: bytes) -> bytes:
         headers = dict(self._headers)
         if len(body) >= self._compress_threshold:
-            body = compress(body, self.encoding)
-            headers["Content-Encoding"] = self.encoding
+            packed = compress(body, self.encoding)
+            if len(packed) < len(body):
+                body = packed
+                headers["Content-Encoding"] = self.encoding
         self.wire_bytes_up += len(body)
         try:
             async with self._client().post(self.url, data=body, headers=headers,
                                            timeout=self._timeout) as resp:
                 data = await resp.read()
                 status = resp.status
-                self._negotiate(resp.headers.get("Accept-Encoding", ""))
+                if "Accept-Encoding" in resp.headers:
+                    self._negotiate(resp.headers["Accept-Encoding"])
                 self.wire_bytes_down += int(resp.headers.get("Content-Length", len(data)))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(f"sync request failed: {exc!r}") from exc
@@ -84,6 +102,7 @@ class HttpTransport:
         return data
 
     def _negotiate(self, accepted: str) -> None:
+        """Use zstd if the server lists it (and this installation has it), else deflate."""
         offered = {part.strip().split(";")[0] for part in accepted.split(",")}
         self.encoding = "zstd" if "zstd" in offered and zstandard is not None else "deflate"
 

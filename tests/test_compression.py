@@ -3,33 +3,72 @@ zstd bodies get the same typed errors and zip-bomb cap as deflate ones."""
 
 from __future__ import annotations
 
+import zlib
+
 import aiohttp
 import pytest
 import zstandard
 
 from crdtsync import AdminClient
-from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, decode_error
+from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, SyncRequest, decode_error, encode_request
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
 
 from .conftest import ADMIN_TOKEN, DeviceFactory
 
 
-async def test_device_switches_to_zstd_after_the_server_offers_it(
+async def test_device_compresses_with_zstd_when_it_shrinks_the_body(
         make_device: DeviceFactory, admin: AdminClient) -> None:
     dev = await make_device("d1")
     transport = dev._transport
-    assert isinstance(transport, HttpTransport) and transport.encoding == "deflate"
-    await dev.sync()
-    assert transport.encoding == "zstd"
+    assert isinstance(transport, HttpTransport) and transport.encoding == "zstd"
+    before = transport.wire_bytes_up
+    report = await dev.sync()  # a small body: sent as it is
+    assert transport.wire_bytes_up - before == report.bytes_up
     for n in range(200):
         await dev.emit("t", {"n": n, "text": "reading " * 5})
     before = transport.wire_bytes_up
     report = await dev.sync()
-    assert report.events_acked == 200
+    assert report.events_acked == 200 and transport.encoding == "zstd"
     assert transport.wire_bytes_up - before < report.bytes_up / 5  # it was compressed
     stored = [e["body"]["n"] async for e in admin.iter_events(device="d1")]
     assert stored == list(range(200))
+
+
+async def test_device_falls_back_to_deflate_for_a_server_without_zstd(
+        make_device: DeviceFactory, admin: AdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server without zstandard answers ``unsupported_encoding`` with what it takes; the
+    transport sends the same request again at once as deflate, and stays with deflate."""
+    from crdtsync_server import app, sync_api
+
+    monkeypatch.delitem(app._DECODERS, "zstd")
+    monkeypatch.setattr(sync_api, "BEST_ENCODING", "deflate")
+    dev = await make_device("d1")
+    transport = dev._transport
+    assert isinstance(transport, HttpTransport)
+    for n in range(50):
+        await dev.emit("t", {"n": n, "text": "reading " * 5})
+    report = await dev.sync()
+    assert report.events_acked == 50 and transport.encoding == "deflate"
+    stored = [e["body"]["n"] async for e in admin.iter_events(device="d1")]
+    assert stored == list(range(50))
+
+
+async def test_accept_encoding_is_sent_only_to_clients_that_can_do_better(
+        server: Server, admin: AdminClient) -> None:
+    token = (await admin.add_device("d1"))["token"]
+    body = encode_request(SyncRequest(device="d1", docs=()))
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": MEDIA_TYPE}
+    async with aiohttp.ClientSession() as session:
+        for encoding, packed, offered in [("identity", body, False),
+                                          ("deflate", zlib.compress(body), True),
+                                          ("zstd", zstandard.compress(body), False)]:
+            async with session.post(server.url + SYNC_PATH, data=packed,
+                                    headers={**headers, "Content-Encoding": encoding}) as resp:
+                assert resp.status == 200, await resp.read()
+                assert ("Accept-Encoding" in resp.headers) is offered, encoding
+                assert resp.headers["Server"] == "crdtsync"
 
 
 @pytest.fixture

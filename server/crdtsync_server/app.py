@@ -67,6 +67,10 @@ class ServerConfig:
     max_body: int = 4 * 1024 * 1024
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
     cache_docs: int = 1000
+    """Documents kept in memory (LRU); a sync of a document not in the cache reloads it."""
+    backlog: int = 2048
+    """TCP listen backlog: aiohttp's default (128) drops connections when a fleet reconnects
+    at once, and each drop costs the client a 1 s SYN retry."""
     compact_every: int = 500
     on_admin_token: Callable[[str], None] | None = None
     """Called once with a newly created admin token (the CLI prints it)."""
@@ -283,6 +287,7 @@ _DECODERS: dict[str, int | None] = {"identity": None, "deflate": zlib.MAX_WBITS,
 if zstandard is not None:
     _DECODERS["zstd"] = None
 ACCEPT_ENCODING = ", ".join(e for e in ("zstd", "deflate", "gzip") if e in _DECODERS)
+BEST_ENCODING = ACCEPT_ENCODING.split(", ")[0]
 """What request bodies may be compressed with; sent as ``Accept-Encoding`` on sync
 responses (RFC 7694) so a client can pick the best both sides speak."""
 

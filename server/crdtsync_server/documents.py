@@ -41,6 +41,8 @@ class LiveDoc:
         """The store's ``external_writes`` before this document was last read from it."""
         self._captured: list[bytes] = []
         self._subscription = doc.observe(self._on_update)  # once per document lifetime
+        self.changes = crdt.ChangeTracker(doc)
+        """Keys changed since the last capture: what the feed and the projection record."""
 
     def _on_update(self, event: TransactionEvent) -> None:
         self._captured.append(event.update)
@@ -57,6 +59,7 @@ class LiveDoc:
             self.last_id = max(self.last_id, row_id)
             self.rows += 1
         self.capture()  # what we just read is already stored
+        self.changes.discard()  # and its changes were fed by their writer
 
     def committed(self, update_id: int, prev_id: int) -> None:
         """Record that the captured write was stored as row ``update_id`` when the stored

@@ -42,7 +42,8 @@ class Server:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        site = web.TCPSite(self._runner, self.config.host, self.config.port,
+                           backlog=self.config.backlog)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []

@@ -211,8 +211,8 @@ class SyncService:
         if not part.update:
             return DocWrite(live.key, live.capture(), live.gen), None
         crdt.check_update(part.update, name=part.doc)
-        with crdt.tracking(live.doc) as changed:
-            crdt.apply_remote(live.doc, part.update, name=part.doc)
+        crdt.apply_remote(live.doc, part.update, name=part.doc)
+        changed = live.changes.take()
         change = StateChange(device, part.doc, changed) if changed else None
         return DocWrite(live.key, live.capture(), live.gen), change
 
@@ -258,8 +258,8 @@ class SyncService:
         async with self.docs.lock(lock):
             live = await self.docs.get(key)
             try:
-                with crdt.tracking(live.doc) as changed:
-                    crdt.write(live.doc, name, changes)
+                crdt.write(live.doc, name, changes)
+                changed = live.changes.take()
                 update = live.capture()
                 if update:
                     feed = ([StateChange(device, "state", changed, "cloud")]

@@ -7,7 +7,7 @@ from aiohttp import web
 from crdtsync.errors import Unauthorized, UnsupportedEncoding
 from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, decode_request, encode_response
 
-from .app import ACCEPT_ENCODING, SERVICES, Services, read_body
+from .app import ACCEPT_ENCODING, BEST_ENCODING, SERVICES, Services, read_body
 from .auth import bearer, token_matches
 
 routes = web.RouteTableDef()
@@ -25,7 +25,18 @@ async def sync(request: web.Request) -> web.Response:
                                   {"accepted": sorted(ACCEPTED_TYPES)})
     body = await read_body(request)
     return web.Response(body=await process_sync(services, token, body),
-                        content_type=MEDIA_TYPE, headers={"Accept-Encoding": ACCEPT_ENCODING})
+                        content_type=MEDIA_TYPE, headers=response_headers(request))
+
+
+def response_headers(request: web.Request) -> dict[str, str]:
+    """A short ``Server`` header, and ``Accept-Encoding`` (RFC 7694) only for a client that
+    compressed with something other than the best encoding this server takes: every header
+    byte is paid on every sync."""
+    headers = {"Server": "crdtsync"}
+    used = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if used not in ("identity", BEST_ENCODING):
+        headers["Accept-Encoding"] = ACCEPT_ENCODING
+    return headers
 
 
 async def process_sync(services: Services, token: str, body: bytes) -> bytes:
