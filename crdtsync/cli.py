@@ -89,6 +89,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         config.cache_docs = args.cache_docs
     if args.backlog is not None:
         config.backlog = args.backlog
+    if args.cache_idle is not None:
+        config.cache_idle = args.cache_idle
     stop = stop_event()
     async with Server(config) as server:
         if args.admin_token:
@@ -457,6 +459,9 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--cache-docs", type=number(int, 1), metavar="N",
                    help="documents kept in memory (LRU); size it to the devices syncing often"
                         f" (default {ServerConfig().cache_docs})")
+    p.add_argument("--cache-idle", type=number(float, 0.01), metavar="SECONDS",
+                   help="a document unused this long leaves memory"
+                        f" (default {ServerConfig().cache_idle:g})")
     p.add_argument("--backlog", type=number(int, 1), metavar="N",
                    help="TCP listen backlog: connections the kernel queues during a reconnect"
                         f" storm (default {ServerConfig().backlog})")

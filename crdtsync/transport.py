@@ -6,6 +6,7 @@ of the protocol's content. Tests and simulations plug in their own (``crdtsync.t
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any, Protocol
 
@@ -66,8 +67,9 @@ class HttpTransport:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            # No automatic Accept-Encoding: sync responses are small and never compressed.
-            self._session = aiohttp.ClientSession(skip_auto_headers=("Accept-Encoding",))
+            # No automatic Accept or Accept-Encoding: the server ignores both, and every
+            # header byte is paid on every sync.
+            self._session = aiohttp.ClientSession(skip_auto_headers=("Accept", "Accept-Encoding"))
         return self._session
 
     async def exchange(self, body: bytes) -> bytes:
@@ -115,6 +117,13 @@ class HttpTransport:
 def compress(body: bytes, encoding: str) -> bytes:
     """``body`` compressed as ``deflate`` (zlib, level 6) or ``zstd`` (level 3)."""
     if encoding == "zstd":
-        assert zstandard is not None
-        return bytes(zstandard.ZstdCompressor(level=3).compress(body))
+        return bytes(_zstd_compressor().compress(body))
     return zlib.compress(body, 6)
+
+
+@functools.cache
+def _zstd_compressor() -> Any:
+    """One compressor per process (building one allocates its context). It writes the
+    content size into each frame, which lets the server size the output up front."""
+    assert zstandard is not None
+    return zstandard.ZstdCompressor(level=3)

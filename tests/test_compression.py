@@ -102,3 +102,21 @@ async def test_bad_zstd_bodies_are_typed_errors(small_server: Server, case: str,
     async with aiohttp.ClientSession() as session, session.get(
             small_server.url + "/v1/health") as resp:
         assert resp.status == 200  # still serving
+
+
+@pytest.mark.parametrize(("size", "status", "message"), [
+    (3000, 400, "not a msgpack message"), (10_000_000, 413, "decompressed body over")])
+async def test_zstd_frames_without_a_declared_size_are_capped_too(
+        small_server: Server, size: int, status: int, message: str) -> None:
+    """A streamed frame does not say how large it expands: the server expands it only up to
+    ``max_body`` to find out (a small one is decompressed and reaches the msgpack decoder;
+    a bomb stops at the cap)."""
+    streamer = zstandard.ZstdCompressor().compressobj()
+    frame = streamer.compress(b"\x80" + b"\x00" * (size - 1)) + streamer.flush()
+    assert zstandard.frame_content_size(frame) == -1
+    headers = {"Authorization": "Bearer nope", "Content-Type": MEDIA_TYPE,
+               "Content-Encoding": "zstd"}
+    async with aiohttp.ClientSession() as session, session.post(
+            small_server.url + SYNC_PATH, data=frame, headers=headers) as resp:
+        assert resp.status == status
+        assert message in decode_error(await resp.read(), resp.status).message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -66,8 +67,11 @@ class ServerConfig:
     admin_token: str | None = None
     max_body: int = 4 * 1024 * 1024
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
-    cache_docs: int = 1000
-    """Documents kept in memory (LRU); a sync of a document not in the cache reloads it."""
+    cache_docs: int = 10_000
+    """Documents kept in memory at most (LRU); a sync of a document not in the cache reloads
+    it from the store (about 14 KB each for a 30-key state)."""
+    cache_idle: float = 600.0
+    """Seconds after which a document nobody used leaves memory: idle devices cost none."""
     backlog: int = 2048
     """TCP listen backlog: aiohttp's default (128) drops connections when a fleet reconnects
     at once, and each drop costs the client a 1 s SYN retry."""
@@ -165,7 +169,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             app[SERVICES] = Services(config, backend, docs, sync, admin_hash, table, proxy,
                                      TemplateRegistry(backend), notifier, sinks)
             loops = [asyncio.create_task(purge_loop(backend, config), name="crdtsync-purge"),
-                     asyncio.create_task(touch_loop(sync, config), name="crdtsync-touch")]
+                     asyncio.create_task(touch_loop(sync, config), name="crdtsync-touch"),
+                     asyncio.create_task(idle_loop(docs, config), name="crdtsync-idle")]
             try:
                 await sinks.start()
                 yield
@@ -201,6 +206,13 @@ async def touch_loop(sync: SyncService, config: ServerConfig) -> None:
             log.error("recording last sync times failed, will retry: %s", exc.message)
 
 
+async def idle_loop(docs: DocumentCache, config: ServerConfig) -> None:
+    """Evict documents idle for ``cache_idle`` seconds, checking a tenth as often."""
+    while True:
+        await asyncio.sleep(max(config.cache_idle / 10, 0.01))
+        docs.evict_idle(config.cache_idle)
+
+
 async def purge_loop(store: Store, config: ServerConfig) -> None:
     """Purge finished downlink items and acknowledged requests older than the retention,
     every ``purge_every`` seconds; a failure is logged and retried next time."""
@@ -218,7 +230,7 @@ def error_response(request: web.Request, error: CrdtsyncError) -> web.Response:
     """Render ``error`` as a frame in the format the endpoint speaks."""
     if request.path == SYNC_PATH:
         return web.Response(status=error.status, body=encode_error(error),
-                            content_type=MEDIA_TYPE)
+                            content_type=MEDIA_TYPE, headers={"Server": "crdtsync"})
     body = {"error": {"code": error.code, "message": error.message, "detail": error.detail,
                       "retryable": error.retryable}}
     return web.Response(status=error.status, text=json.dumps(body),
@@ -297,18 +309,32 @@ def unzstd(data: bytes, limit: int) -> bytes:
     more is refused without being expanded; a truncated or padded one is malformed."""
     assert zstandard is not None
     try:
-        with zstandard.ZstdDecompressor().stream_reader(
-                io.BytesIO(data), read_across_frames=False, closefd=False) as reader:
-            if len(reader.read(limit + 1)) > limit:
-                raise BodyTooLarge(f"decompressed body over {limit} bytes",
-                                   {"max_body": limit})
-        decoder = zstandard.ZstdDecompressor().decompressobj()
+        declared = zstandard.frame_content_size(data)
+        if declared > limit or (declared < 0 and _zstd_size_over(data, limit)):
+            raise BodyTooLarge(f"decompressed body over {limit} bytes", {"max_body": limit})
+        # A frame that declares its size cannot produce more (the decoder checks it).
+        decoder = _zstd().decompressobj()
         out = bytes(decoder.decompress(data))
     except zstandard.ZstdError as exc:
         raise MalformedRequest(f"body does not decompress: {exc}") from exc
     if not decoder.eof or decoder.unused_data:
         raise MalformedRequest("compressed body is truncated or has trailing bytes")
     return out
+
+def _zstd_size_over(data: bytes, limit: int) -> bool:
+    """For a frame that does not declare its size: expand it up to ``limit + 1`` bytes."""
+    with _zstd().stream_reader(io.BytesIO(data), read_across_frames=False,
+                               closefd=False) as reader:
+        return len(reader.read(limit + 1)) > limit
+
+
+@functools.cache
+def _zstd() -> Any:
+    """One decompressor for the process (building one allocates its context); used from
+    the event loop thread only."""
+    assert zstandard is not None
+    return zstandard.ZstdDecompressor()
+
 
 def inflate(data: bytes, wbits: int, limit: int) -> bytes:
     """Decompress ``data`` to at most ``limit`` bytes; typed errors for bombs and garbage."""

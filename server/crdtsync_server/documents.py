@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -39,6 +40,8 @@ class LiveDoc:
         self.rows = rows  # logged rows not folded into the snapshot
         self.seen: int | None = None
         """The store's ``external_writes`` before this document was last read from it."""
+        self.used = 0.0
+        """When the cache last handed this document out (its clock)."""
         self._captured: list[bytes] = []
         self._subscription = doc.observe(self._on_update)  # once per document lifetime
         self.changes = crdt.ChangeTracker(doc)
@@ -84,12 +87,14 @@ class DocumentCache:
     """
 
     def __init__(self, store: Store, client_id: int, *, capacity: int = 1000,
-                 compact_every: int = 500) -> None:
+                 compact_every: int = 500, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
         self.store = store
         self.client_id = client_id
         self.capacity = capacity
         self.compact_every = compact_every
-        self._docs: OrderedDict[str, LiveDoc] = OrderedDict()
+        self._clock = clock
+        self._docs: OrderedDict[str, LiveDoc] = OrderedDict()  # least recently used first
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def __len__(self) -> int:
@@ -119,6 +124,7 @@ class DocumentCache:
             self._evict_over_capacity()
             return live
         self._docs.move_to_end(key)
+        live.used = self._clock()
         seen = self.store.external_writes
         if seen is not None and seen == live.seen:
             return live  # nobody else wrote since we last read: nothing to catch up
@@ -136,11 +142,25 @@ class DocumentCache:
         doc = crdt.new_doc(self.client_id, log.snapshot, (u for _, u in log.updates))
         live = LiveDoc(key, doc, log.gen, log.last_id, len(log.updates))
         live.seen = seen
+        live.used = self._clock()
         return live
 
     def _evict_over_capacity(self) -> None:
         while len(self._docs) > self.capacity:
             self._docs.popitem(last=False)
+
+    def evict_idle(self, idle: float) -> int:
+        """Drop the documents not used for ``idle`` seconds (they are in the store; the next
+        sync reloads them): idle devices cost no document memory. Returns how many went."""
+        horizon = self._clock() - idle
+        gone = 0
+        while self._docs:
+            key, live = next(iter(self._docs.items()))
+            if live.used > horizon:
+                break
+            del self._docs[key]
+            gone += 1
+        return gone
 
     def evict(self, key: str) -> None:
         """Forget ``key`` (after a failed commit: memory may hold what the store does not)."""

@@ -261,8 +261,9 @@ class SQLiteStore:
         observed: tuple[int, T] = await self._db.run(_observing, fn, *args)
         version, result = observed
         if version != self._data_version:
+            if self._data_version is not None:  # the first reading is no news
+                self.external_writes += 1
             self._data_version = version
-            self.external_writes += 1
         return result
 
     async def pragmas(self) -> dict[str, Any]:

@@ -109,16 +109,17 @@ def record_changes(conn: sqlite3.Connection, changes: Sequence[StateChange],
 
 
 def apply_projection(conn: sqlite3.Connection, change: StateChange, now: int) -> None:
-    for name, key, value in projection_writes(change):
-        if value is None:
-            conn.execute("DELETE FROM projection WHERE device = ? AND doc = ? AND map = ?"
-                         " AND key = ?", (change.device, change.doc, name, key))
-        else:
-            conn.execute(
-                "INSERT INTO projection (device, doc, map, key, value, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device, doc, map, key)"
-                " DO UPDATE SET value = excluded.value, updated = excluded.updated",
-                (change.device, change.doc, name, key, value, now))
+    writes = list(projection_writes(change))
+    conn.executemany(
+        "DELETE FROM projection WHERE device = ? AND doc = ? AND map = ? AND key = ?",
+        [(change.device, change.doc, name, key) for name, key, value in writes
+         if value is None])
+    conn.executemany(
+        "INSERT INTO projection (device, doc, map, key, value, updated)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device, doc, map, key)"
+        " DO UPDATE SET value = excluded.value, updated = excluded.updated",
+        [(change.device, change.doc, name, key, value, now) for name, key, value in writes
+         if value is not None])
 
 
 def read_feed(conn: sqlite3.Connection, after: int, limit: int, where: FeedFilter
