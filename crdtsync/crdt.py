@@ -144,14 +144,15 @@ class ChangeTracker:
     def __init__(self, doc: Doc[Any]) -> None:
         self.doc = doc
         self._changed: dict[str, set[str]] = {}
-        self._observed: dict[str, Any] = {}
+        self._observed: dict[str, tuple[Map[Any], Any]] = {}
         self._adopt_roots(mark=False)
 
     def _adopt_roots(self, *, mark: bool) -> None:
         for name in self.doc.keys():  # noqa: SIM118 (a pycrdt Doc is not a Mapping)
             if name not in self._observed:
                 root = self.doc.get(name, type=Map)
-                self._observed[name] = root.observe(partial(self._on_change, name))
+                # Keep the wrapper: only the one that subscribed can unsubscribe.
+                self._observed[name] = (root, root.observe(partial(self._on_change, name)))
                 if mark:
                     self._changed.setdefault(name, set()).update(root.keys())
 
@@ -176,6 +177,14 @@ class ChangeTracker:
     def discard(self) -> None:
         """Forget the changes so far (they are already accounted for elsewhere)."""
         self._adopt_roots(mark=False)
+        self._changed = {}
+
+    def close(self) -> None:
+        """Unsubscribe: a pycrdt observer keeps its document alive (the callback is held on
+        the Rust side, out of reach of Python's garbage collector) until it is removed."""
+        for root, subscription in self._observed.values():
+            root.unobserve(subscription)
+        self._observed = {}
         self._changed = {}
 
 

@@ -196,6 +196,9 @@ class Device:
         async with self._sync_lock:
             if self._captured:
                 self._flush()
+            self._unsubscribe()
+            for shared in self._shared.values():
+                shared.close()
             await self._transport.aclose()
             await self._store.aclose()
 
@@ -234,10 +237,17 @@ class Device:
         crdt.write(self.doc, name, changes)
         self._local_write_done()
 
+    def _unsubscribe(self) -> None:
+        """Remove the document's observers: pycrdt keeps an observed document (and this
+        device, through the callbacks) alive until they are removed."""
+        for target, subscription in self._subscriptions:
+            target.unobserve(subscription)
+        self._subscriptions = []
+
     def _install_doc(self, doc: Doc[Any]) -> None:
+        self._unsubscribe()
         self._doc = doc
         self._observed_roots = set()
-        self._subscriptions = []
         # Subscribe once per document lifetime, before anyone writes (PYCRDT_NOTES 5, 9).
         self._subscriptions.append((doc, doc.observe(self._capture)))
         self._observe_roots()

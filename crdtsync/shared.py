@@ -53,9 +53,16 @@ class SharedDoc:
         self._install(crdt.new_doc(client_id, local.snapshot, (u for _, u in local.updates)))
 
     def _install(self, doc: Doc[Any]) -> None:
+        self.close()
         self.doc = doc
         self._captured = []
         self._subscription = doc.observe(self._capture)  # once per document lifetime
+
+    def close(self) -> None:
+        """Remove the observer (it would keep the document alive); idempotent."""
+        if self._subscription is not None:
+            self.doc.unobserve(self._subscription)
+            self._subscription = None
 
     def _capture(self, event: TransactionEvent) -> None:
         self._captured.append(event.update)

@@ -3,10 +3,15 @@ writer committed."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
+import pytest
+
 from crdtsync import crdt
-from crdtsync_server.documents import DocumentCache
+from crdtsync.errors import Unavailable
+from crdtsync_server.documents import RETIRE_GRACE, DocumentCache
 from crdtsync_server.store import DocWrite, MemoryStore, SQLiteStore, SyncWrite
 
 
@@ -74,3 +79,40 @@ async def test_a_cached_document_reads_the_store_only_after_another_writer(
         await ours.get_setting("x")  # any call notices the other connection's commit
         live = await cache.get("d/state")
         assert reads == 1 and crdt.to_json(live.doc) == {"state": {"from": "them"}}
+
+
+async def test_evicted_documents_are_freed() -> None:
+    """pycrdt observers keep a document alive until removed: documents leaving the cache
+    (capacity, idleness, a failed commit) are closed and garbage-collected."""
+    clock = Clock()
+    async with MemoryStore() as store:
+        cache = DocumentCache(store, 1, capacity=3, clock=clock)
+        refs = []
+        for n in range(10):
+            live = await cache.get(f"d{n}")
+            crdt.write(live.doc, "state", {"n": n})
+            live.capture()
+            live.changes.take()
+            refs.append(weakref.ref(live.doc))
+        cache.evict("d9")
+        del live
+        clock.now += RETIRE_GRACE + 1
+        cache.evict_idle(3600)  # closes what left by capacity or failure a while ago
+        gc.collect()
+        assert sum(r() is not None for r in refs) == 2  # d7 and d8, still cached
+        clock.now += 3601
+        cache.evict_idle(3600)
+        gc.collect()
+        assert all(r() is None for r in refs) and len(cache) == 0
+
+
+async def test_a_document_closed_while_in_use_refuses_to_capture() -> None:
+    """A sync still holding a document that was evicted and closed gets a retryable error
+    instead of acknowledging a write it could not capture."""
+    async with MemoryStore() as store:
+        cache = DocumentCache(store, 1, capacity=1)
+        live = await cache.get("a")
+        live.close()
+        crdt.write(live.doc, "state", {"k": 1})
+        with pytest.raises(Unavailable):
+            live.capture()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from crdtsync import AdminClient
+import gc
+import weakref
+from pathlib import Path
+
+from crdtsync import AdminClient, Device
+from crdtsync_server import Server
 
 from .conftest import DeviceFactory
 
@@ -29,3 +34,20 @@ async def test_cloud_write_reaches_device(make_device: DeviceFactory, admin: Adm
     report = await dev.sync()
     assert dev.state["interval"] == 30
     assert report.changes == 1
+
+
+async def test_a_closed_device_is_freed(server: Server, admin: AdminClient,
+                                        tmp_path: Path) -> None:
+    """A gateway opening and closing devices does not leak them: their documents' observers
+    (which pycrdt keeps alive on the Rust side) are removed at ``aclose``."""
+    token = (await admin.add_device("d1"))["token"]
+    refs = []
+    for _ in range(3):
+        async with Device("d1", server.url, token=token, path=tmp_path / "d1.db",
+                          interval=None) as dev:
+            dev.state["k"] = 1
+            await dev.sync()
+            refs.append((weakref.ref(dev), weakref.ref(dev.doc)))
+        del dev
+    gc.collect()
+    assert all(d() is None and doc() is None for d, doc in refs)

@@ -21,11 +21,15 @@ from typing import Any
 from pycrdt import Doc, TransactionEvent, merge_updates
 
 from crdtsync import crdt
-from crdtsync.errors import CrdtsyncError
+from crdtsync.errors import CrdtsyncError, Unavailable
 
 from .store import Store
 
 log = logging.getLogger("crdtsync.server")
+
+
+RETIRE_GRACE = 60.0
+"""Seconds an evicted document keeps its observers, for a sync that still holds it."""
 
 
 class LiveDoc:
@@ -42,6 +46,7 @@ class LiveDoc:
         """The store's ``external_writes`` before this document was last read from it."""
         self.used = 0.0
         """When the cache last handed this document out (its clock)."""
+        self.closed = False
         self._captured: list[bytes] = []
         self._subscription = doc.observe(self._on_update)  # once per document lifetime
         self.changes = crdt.ChangeTracker(doc)
@@ -50,7 +55,18 @@ class LiveDoc:
     def _on_update(self, event: TransactionEvent) -> None:
         self._captured.append(event.update)
 
+    def close(self) -> None:
+        """Remove the observers, which would otherwise keep the document in memory forever
+        (pycrdt holds them on the Rust side). A closed document cannot capture writes."""
+        if not self.closed:
+            self.closed = True
+            self.doc.unobserve(self._subscription)
+            self.changes.close()
+
     def capture(self) -> bytes:
+        if self.closed:  # never acknowledge a write that was not captured
+            raise Unavailable("the document was evicted while in use; sync again",
+                              {"doc": self.key})
         captured, self._captured = self._captured, []
         if not captured:
             return b""
@@ -95,6 +111,9 @@ class DocumentCache:
         self.compact_every = compact_every
         self._clock = clock
         self._docs: OrderedDict[str, LiveDoc] = OrderedDict()  # least recently used first
+        self._retired: list[LiveDoc] = []
+        """Dropped from the cache but perhaps still in use by a sync in flight: closed once
+        they have been out of the cache for ``RETIRE_GRACE`` seconds."""
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def __len__(self) -> int:
@@ -130,6 +149,7 @@ class DocumentCache:
             return live  # nobody else wrote since we last read: nothing to catch up
         rows = await self.store.read_since(key, live.last_id)
         if rows is None:  # another writer compacted past what we hold: reload
+            self._retire(live)
             live = self._docs[key] = await self._load(key)
         else:
             live.catch_up(rows)
@@ -147,24 +167,36 @@ class DocumentCache:
 
     def _evict_over_capacity(self) -> None:
         while len(self._docs) > self.capacity:
-            self._docs.popitem(last=False)
+            self._retire(self._docs.popitem(last=False)[1])
+
+    def _retire(self, live: LiveDoc) -> None:
+        live.used = self._clock()
+        self._retired.append(live)
 
     def evict_idle(self, idle: float) -> int:
         """Drop the documents not used for ``idle`` seconds (they are in the store; the next
         sync reloads them): idle devices cost no document memory. Returns how many went."""
-        horizon = self._clock() - idle
+        now = self._clock()
         gone = 0
         while self._docs:
             key, live = next(iter(self._docs.items()))
-            if live.used > horizon:
+            if live.used > now - idle:
                 break
             del self._docs[key]
+            live.close()
             gone += 1
+        keep = [live for live in self._retired if live.used > now - RETIRE_GRACE]
+        for live in self._retired:
+            if live.used <= now - RETIRE_GRACE:
+                live.close()
+        self._retired = keep
         return gone
 
     def evict(self, key: str) -> None:
         """Forget ``key`` (after a failed commit: memory may hold what the store does not)."""
-        self._docs.pop(key, None)
+        live = self._docs.pop(key, None)
+        if live is not None:
+            self._retire(live)
 
     async def maybe_compact(self, live: LiveDoc) -> bool:
         """Fold the log of ``live`` into a snapshot once ``compact_every`` rows piled up.
