@@ -403,6 +403,9 @@ class Device:
         entry = self._shared["fleet"].get(TEMPLATES).get(topic)
         if not isinstance(entry, dict) or not isinstance(entry.get("json"), str):
             return None
+        known = self._templates.get(str(entry.get("hash")))
+        if known is not None and f"template:{entry['hash']}" in self._store.meta:
+            return known  # already checked against its hash and kept
         template = Template.from_json(entry["json"])
         if template.hash.hex() != entry.get("hash"):
             log.warning("device %s: template for %r does not match its hash; ignored",

@@ -266,6 +266,9 @@ class DeviceStore:
 
 def _load_mirror(conn: sqlite3.Connection, m: _Mirror) -> None:
     m.meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    highest = conn.execute("SELECT MAX(seq) FROM outbox").fetchone()[0]
+    if highest is not None:  # emits store only their row: the next seq follows the outbox
+        m.meta["next_seq"] = max(int(m.meta.get("next_seq", 1)), int(highest) + 1)
     m.outbox_count, m.outbox_bytes = conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox").fetchone()
     _count_side_tables(conn, m)
@@ -355,8 +358,11 @@ def _push_event(conn: sqlite3.Connection, m: _Mirror, topic: str, time: int, bod
         conn.execute("INSERT INTO outbox (seq, topic, time, body, template) "
                      "VALUES (?, ?, ?, ?, ?)", (seq, topic, time, body, template))
         if dropped[0]:
+            # Rows were deleted: the outbox no longer tells the next seq by itself.
             meta["purged"] = max(int(m.meta.get("purged", 0)), dropped[0])
-        _write_meta(conn, meta)
+            _write_meta(conn, meta)
+        # Otherwise only the row is written (one page per durable emit, not two): the next
+        # seq is the highest queued seq + 1 (see _load_mirror), stored when rows go.
     m.meta.update(meta)
     m.outbox_count += 1 - dropped[1]
     m.outbox_bytes += len(body) - dropped[2]
@@ -397,7 +403,7 @@ def _ack(conn: sqlite3.Connection, m: _Mirror, seq: int) -> int:
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox WHERE seq <= ?",
             (seq,)).fetchone()
         conn.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
-        _write_meta(conn, {"purged": purged})
+        _write_meta(conn, {"purged": purged, "next_seq": int(m.meta.get("next_seq", 1))})
     m.meta["purged"] = purged
     m.outbox_count -= int(count)
     m.outbox_bytes -= int(size)

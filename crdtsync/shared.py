@@ -41,6 +41,7 @@ class SharedDoc:
         self.store = store
         self.doc: Doc[Any] = Doc()
         self._captured: list[bytes] = []
+        self._maps: dict[str, dict[str, Any]] = {}
         self._subscription: Any = None
 
     @property
@@ -56,6 +57,7 @@ class SharedDoc:
         self.close()
         self.doc = doc
         self._captured = []
+        self._maps = {}
         self._subscription = doc.observe(self._capture)  # once per document lifetime
 
     def close(self) -> None:
@@ -66,6 +68,7 @@ class SharedDoc:
 
     def _capture(self, event: TransactionEvent) -> None:
         self._captured.append(event.update)
+        self._maps = {}
 
     def part(self) -> DocSync:
         """The request entry: state vector and generation only, never an update."""
@@ -87,9 +90,13 @@ class SharedDoc:
                                          **{f"gen:{self.name}": part.gen})
 
     def get(self, map_name: str) -> dict[str, Any]:
-        """One root map as JSON data."""
-        value = self.doc.get(map_name, type=Map).to_py()
-        return normalize(value) if value else {}
+        """One root map as JSON data; read-only (it is cached until the document changes:
+        ``emit`` looks up its template here every time)."""
+        cached = self._maps.get(map_name)
+        if cached is None:
+            value = self.doc.get(map_name, type=Map).to_py()
+            cached = self._maps[map_name] = normalize(value) if value else {}
+        return cached
 
 
 class ReadOnlyMap(Mapping[str, Any]):

@@ -17,11 +17,14 @@ touching it (never moving it aside).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import os
+import queue
 import sqlite3
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
@@ -52,7 +55,7 @@ class SQLiteWorker:
         self.migrations = tuple(migrations)
         self._name = name
         self.state: Literal["new", "open", "closed"] = "new"
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: _Thread | None = None
         self._conn: sqlite3.Connection | None = None
 
     def __repr__(self) -> str:
@@ -72,14 +75,14 @@ class SQLiteWorker:
             raise ClosedError(f"{self!r} is closed")
         if self.state == "open":
             return
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+        thread = _Thread(self._name)
         try:
-            self._conn = await _in_thread(executor, connect, self.path, self.synchronous,
-                                          self.migrations)
+            self._conn = await thread.call(connect, self.path, self.synchronous,
+                                           self.migrations)
         except BaseException:
-            executor.shutdown(wait=False)
+            thread.stop()
             raise
-        self._executor = executor
+        self._thread = thread
         self.state = "open"
 
     async def aclose(self) -> None:
@@ -88,42 +91,96 @@ class SQLiteWorker:
             self.state = "closed"
             return
         self.state = "closed"
-        executor, conn = self._executor, self._conn
-        self._executor = self._conn = None
-        assert executor is not None and conn is not None
+        thread, conn = self._thread, self._conn
+        self._thread = self._conn = None
+        assert thread is not None and conn is not None
         try:
-            await _in_thread(executor, conn.close)
+            await thread.call(conn.close)
         finally:
-            executor.shutdown(wait=False)
+            thread.stop()
 
-    def _ready(self) -> tuple[ThreadPoolExecutor, sqlite3.Connection]:
-        if self.state != "open" or self._executor is None or self._conn is None:
+    def _ready(self) -> tuple[_Thread, sqlite3.Connection]:
+        if self.state != "open" or self._thread is None or self._conn is None:
             raise ClosedError(f"{self!r} is not open")
-        return self._executor, self._conn
+        return self._thread, self._conn
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in the connection's thread and return its result."""
-        executor, conn = self._ready()
-        return await _in_thread(executor, fn, conn, *args)
+        thread, conn = self._ready()
+        return await thread.call(fn, conn, *args)
 
     def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in the connection's thread, waiting for it here.
 
         For the few synchronous paths that must be durable before they return; the wait is
         one short transaction plus whatever single call is ahead of it."""
-        executor, conn = self._ready()
-        try:
-            return executor.submit(fn, conn, *args).result()
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite: {exc}") from exc
+        thread, conn = self._ready()
+        return thread.call_blocking(fn, conn, *args)
 
 
-async def _in_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-    loop = asyncio.get_running_loop()
-    try:
-        return await loop.run_in_executor(executor, fn, *args)
-    except sqlite3.Error as exc:
-        raise StoreError(f"sqlite: {exc}") from exc
+class _Thread:
+    """One thread running submitted calls in order. Cheaper per call than a
+    ``ThreadPoolExecutor`` with ``run_in_executor`` (which chains two futures and wakes the
+    loop through an extra hop): a call is a tuple on a ``SimpleQueue``, and its result is
+    handed to the loop with one ``call_soon_threadsafe``. ``sqlite3`` errors become
+    :class:`StoreError`."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job[0]()
+
+    def stop(self) -> None:
+        """Stop after the calls already queued (does not wait)."""
+        self._jobs.put(None)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                outcome: tuple[Any, BaseException | None] = (fn(*args), None)
+            except BaseException as exc:  # delivered to the caller, never lost here
+                outcome = (None, _translate(exc))
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+
+        self._jobs.put((job,))
+        return await future
+
+    def call_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def job() -> None:
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:
+                done.set_exception(_translate(exc))
+
+        self._jobs.put((job,))
+        return done.result()
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled; the call itself ran to its end
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.Error):
+        error = StoreError(f"sqlite: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 def connect(path: str, synchronous: str, migrations: Sequence[str]) -> sqlite3.Connection:

@@ -28,6 +28,27 @@ async def test_events_and_meta_survive_reopen(tmp_path: Path) -> None:
         assert await store.push_event("t", 3, b"\x03", OutboxLimits()) == 3
 
 
+async def test_seqs_continue_across_reopen_after_acks_and_drops(tmp_path: Path) -> None:
+    """An emit stores only its row; the next seq comes back from the outbox at open, and
+    from the meta row once acknowledgements or drops emptied the outbox."""
+    path = tmp_path / "d.db"
+    async with DeviceStore(path) as store:
+        for n in range(3):
+            await store.push_event("t", n, b"x", OutboxLimits())
+    with sqlite3.connect(path) as db:  # the emits wrote no meta row
+        assert db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone() is None
+    async with DeviceStore(path) as store:
+        assert await store.push_event("t", 3, b"x", OutboxLimits()) == 4
+        assert await store.ack(4) == 4 and store.outbox_count == 0
+    async with DeviceStore(path) as store:
+        assert await store.push_event("t", 4, b"x", OutboxLimits()) == 5
+        limits = OutboxLimits(max_events=1, policy="drop_oldest")
+        assert await store.push_event("t", 5, b"x", limits) == 6  # drops 5
+        assert await store.ack(6) == 1
+    async with DeviceStore(path) as store:
+        assert await store.push_event("t", 6, b"x", OutboxLimits()) == 7
+
+
 async def test_reject_policy_raises_and_queues_nothing(tmp_path: Path) -> None:
     limits = OutboxLimits(max_events=2, policy="reject")
     async with DeviceStore(tmp_path / "d.db") as store:

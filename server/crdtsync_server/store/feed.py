@@ -149,11 +149,13 @@ text, source)`` (the cursor is given by the store)."""
 FEED_COLUMNS = "kind, device, fleet, doc, topic, seq, time, received, body, source"
 
 
-def event_rows(device: str, fleet: str | None, received: int,
-               events: Sequence[Event]) -> list[FeedRow]:
-    """Feed rows of newly stored events."""
-    return [("event", device, fleet, None, e.topic, e.seq, e.time, received, event_json(e),
-             None) for e in events]
+def event_rows(device: str, fleet: str | None, received: int, events: Sequence[Event],
+               texts: Sequence[str] | None = None) -> list[FeedRow]:
+    """Feed rows of newly stored events; ``texts`` are their bodies as JSON if the caller
+    already has them."""
+    bodies = texts if texts is not None else [event_json(e) for e in events]
+    return [("event", device, fleet, None, e.topic, e.seq, e.time, received, text, None)
+            for e, text in zip(events, bodies, strict=True)]
 
 
 def change_row(change: StateChange, fleet: str | None, received: int) -> FeedRow:

@@ -624,8 +624,10 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
         device.id, device.last_seq, write.purged, write.events,
         _stored_digests(conn, device, write),
     )
-    _insert_events(conn, device.id, write.time, plan)
-    sqlite_feed.insert_feed(conn, event_rows(device.id, device.fleet, write.time, plan.new))
+    texts = [event_json(e) for e in plan.new]  # once, for the events table and the feed
+    _insert_events(conn, device.id, write.time, plan, texts)
+    sqlite_feed.insert_feed(conn, event_rows(device.id, device.fleet, write.time, plan.new,
+                                             texts))
     sqlite_feed.record_changes(conn, write.changes, device.fleet, write.time)
     last_seq = max(device.last_seq, plan.new[-1].seq) if plan.new else device.last_seq
     down_done = _ack_downlink(conn, device, write)
@@ -656,14 +658,14 @@ def _stored_digests(
 
 
 def _insert_events(
-    conn: sqlite3.Connection, device: str, received: int, plan: EventPlan
+    conn: sqlite3.Connection, device: str, received: int, plan: EventPlan, texts: list[str]
 ) -> None:
     conn.executemany(
         "INSERT INTO events (device, seq, topic, time, received, body, digest)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         [
-            (device, e.seq, e.topic, e.time, received, event_json(e), event_digest(e))
-            for e in plan.new
+            (device, e.seq, e.topic, e.time, received, text, event_digest(e))
+            for e, text in zip(plan.new, texts, strict=True)
         ],
     )
 
