@@ -16,6 +16,7 @@ those functions, after their commit, so it never runs ahead of the file.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,10 @@ class StoredCall:
     created: int
     status: str
     outcome: bytes | None
+
+
+QueuedEvent = tuple[str, int, bytes, str | None]
+"""``(topic, time, msgpack body, template hash or None)`` of an event to queue."""
 
 
 @dataclass
@@ -206,7 +211,14 @@ class DeviceStore:
                          limits: OutboxLimits, template: str | None = None) -> int:
         """Durably queue an event and return its seq; apply the outbox policy when full.
         ``template`` is the hash (hex) of the template it must travel with."""
-        return await self._db.run(_push_event, self._m, topic, time, body, limits, template)
+        seqs = await self.push_events([(topic, time, body, template)], limits)
+        return seqs[0]
+
+    async def push_events(self, items: Sequence[QueuedEvent], limits: OutboxLimits
+                          ) -> list[int]:
+        """Durably queue several ``(topic, time, body, template)`` events in one transaction
+        (one fsync), all or none; return their seqs."""
+        return await self._db.run(_push_events, self._m, items, limits)
 
     async def pending(self, limit: int, max_bytes: int) -> list[OutboxEvent]:
         """The oldest queued events, at most ``limit`` and about ``max_bytes`` (at least one)."""
@@ -348,21 +360,33 @@ def _overflow(m: _Mirror, size: int, limits: OutboxLimits) -> int:
     return max(m.outbox_count + 1 - limits.max_events, 1)
 
 
-def _push_event(conn: sqlite3.Connection, m: _Mirror, topic: str, time: int, body: bytes,
-                limits: OutboxLimits, template: str | None) -> int:
+def _push_events(conn: sqlite3.Connection, m: _Mirror, items: Sequence[QueuedEvent],
+                 limits: OutboxLimits) -> list[int]:
+    """Queue ``items`` in one transaction, all or none; the mirror changes only after the
+    commit (a scratch copy takes the changes meanwhile)."""
+    scratch = dataclasses.replace(m, meta=dict(m.meta))
+    with transaction(conn):
+        seqs = [_queue_event(conn, scratch, item, limits) for item in items]
+    m.meta, m.outbox_count, m.outbox_bytes = (scratch.meta, scratch.outbox_count,
+                                              scratch.outbox_bytes)
+    return seqs
+
+
+def _queue_event(conn: sqlite3.Connection, m: _Mirror, item: QueuedEvent,
+                 limits: OutboxLimits) -> int:
+    topic, time, body, template = item
     drop = _overflow(m, len(body), limits)
     seq = int(m.meta.get("next_seq", 1))
     meta: dict[str, Any] = {"next_seq": seq + 1}
-    with transaction(conn):
-        dropped = _drop_oldest(conn, m, drop, len(body), limits) if drop else (0, 0, 0)
-        conn.execute("INSERT INTO outbox (seq, topic, time, body, template) "
-                     "VALUES (?, ?, ?, ?, ?)", (seq, topic, time, body, template))
-        if dropped[0]:
-            # Rows were deleted: the outbox no longer tells the next seq by itself.
-            meta["purged"] = max(int(m.meta.get("purged", 0)), dropped[0])
-            _write_meta(conn, meta)
-        # Otherwise only the row is written (one page per durable emit, not two): the next
-        # seq is the highest queued seq + 1 (see _load_mirror), stored when rows go.
+    dropped = _drop_oldest(conn, m, drop, len(body), limits) if drop else (0, 0, 0)
+    conn.execute("INSERT INTO outbox (seq, topic, time, body, template) "
+                 "VALUES (?, ?, ?, ?, ?)", (seq, topic, time, body, template))
+    if dropped[0]:
+        # Rows were deleted: the outbox no longer tells the next seq by itself.
+        meta["purged"] = max(int(m.meta.get("purged", 0)), dropped[0])
+        _write_meta(conn, meta)
+    # Otherwise only the row is written (one page per durable emit, not two): the next seq
+    # is the highest queued seq + 1 (see _load_mirror), stored when rows go.
     m.meta.update(meta)
     m.outbox_count += 1 - dropped[1]
     m.outbox_bytes += len(body) - dropped[2]

@@ -10,6 +10,7 @@ import pytest
 
 from crdtsync import AdminClient, OutboxFull, OutboxLimits, StoreError
 from crdtsync.device_store import SCHEMA_VERSION, DeviceStore
+from crdtsync.errors import InvalidValue
 
 from .conftest import DeviceFactory
 
@@ -111,3 +112,31 @@ async def test_emits_and_state_writes_racing_the_sync_loop(make_device: DeviceFa
     events = [e async for e in admin.iter_events(device="d1")]
     assert [e["body"]["i"] for e in events] == list(range(300))
     assert (await admin.state("d1"))["state"] == {"n": 299}
+
+
+async def test_push_events_is_all_or_none(tmp_path: Path) -> None:
+    limits = OutboxLimits(max_events=3, policy="reject")
+    async with DeviceStore(tmp_path / "d.db") as store:
+        assert await store.push_events([("t", 1, b"a", None), ("t", 2, b"b", None)],
+                                       limits) == [1, 2]
+        with pytest.raises(OutboxFull):
+            await store.push_events([("t", 3, b"c", None), ("t", 4, b"d", None)], limits)
+        assert store.outbox_count == 2 and store.outbox_bytes == 2
+        assert await store.push_events([("t", 3, b"c", None)], limits) == [3]
+    async with DeviceStore(tmp_path / "d.db") as store:
+        assert [e.body for e in await store.pending(10, 1 << 20)] == [b"a", b"b", b"c"]
+
+
+async def test_emit_many_queues_a_batch_durably_in_order(
+        make_device: DeviceFactory, admin: AdminClient) -> None:
+    dev = await make_device("d1")
+    assert await dev.emit("t", {"n": 0}) == 1
+    seqs = await dev.emit_many([("t", {"n": n}) for n in range(1, 101)])
+    assert seqs == list(range(2, 102)) and dev.pending_events == 101
+    with pytest.raises(InvalidValue):  # one bad body: nothing of the batch is queued
+        await dev.emit_many([("t", {"n": 101}), ("t", {"n": 2**64})])
+    assert dev.pending_events == 101
+    report = await dev.sync()
+    assert report.events_acked == 101
+    stored = [e["body"]["n"] async for e in admin.iter_events(device="d1")]
+    assert stored == list(range(101))
