@@ -202,9 +202,11 @@ async def test_fresh_database_gets_current_schema(tmp_path: Path) -> None:
     assert SCHEMA_VERSION >= 1
     assert _user_version(path) == SCHEMA_VERSION
     with closing(sqlite3.connect(path)) as conn:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"docs", "updates", "devices", "events", "settings", "downlink", "requests",
-            "fleets"} <= tables
+        kinds = dict(conn.execute("SELECT name, type FROM sqlite_master"))
+    assert {name for name, kind in kinds.items() if kind == "table"} >= {
+        "docs", "updates", "devices", "feed", "projection", "settings", "downlink", "requests",
+        "fleets", "sinks", "dead_letters"}
+    assert kinds["events"] == "view"  # since v4 the events live in the feed, written once
 
 
 # --- migrations from golden databases ----------------------------------------------------

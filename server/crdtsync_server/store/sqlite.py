@@ -80,11 +80,11 @@ from .base import (
     result_columns,
 )
 from .feed import (
+    FEED_COLUMNS,
     Changes,
     FeedFilter,
     FeedItem,
     ProjectionRow,
-    event_json,
     event_rows,
     json_text,
 )
@@ -624,10 +624,7 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
         device.id, device.last_seq, write.purged, write.events,
         _stored_digests(conn, device, write),
     )
-    texts = [event_json(e) for e in plan.new]  # once, for the events table and the feed
-    _insert_events(conn, device.id, write.time, plan, texts)
-    sqlite_feed.insert_feed(conn, event_rows(device.id, device.fleet, write.time, plan.new,
-                                             texts))
+    _insert_events(conn, device, write.time, plan)
     sqlite_feed.record_changes(conn, write.changes, device.fleet, write.time)
     last_seq = max(device.last_seq, plan.new[-1].seq) if plan.new else device.last_seq
     down_done = _ack_downlink(conn, device, write)
@@ -658,15 +655,13 @@ def _stored_digests(
 
 
 def _insert_events(
-    conn: sqlite3.Connection, device: str, received: int, plan: EventPlan, texts: list[str]
+    conn: sqlite3.Connection, device: DeviceRecord, received: int, plan: EventPlan
 ) -> None:
+    """New events go into the feed (``events`` is a view over it), with their digest."""
+    rows = event_rows(device.id, device.fleet, received, plan.new)
     conn.executemany(
-        "INSERT INTO events (device, seq, topic, time, received, body, digest)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [
-            (device, e.seq, e.topic, e.time, received, text, event_digest(e))
-            for e, text in zip(plan.new, texts, strict=True)
-        ],
+        f"INSERT INTO feed ({FEED_COLUMNS}, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(*row, event_digest(e)) for row, e in zip(rows, plan.new, strict=True)],
     )
 
 

@@ -33,12 +33,20 @@ MIGRATION = """
         time INTEGER NOT NULL,
         received INTEGER NOT NULL,
         body TEXT NOT NULL,
-        source TEXT
+        source TEXT,
+        digest BLOB
     );
-    CREATE INDEX feed_device_cursor ON feed (device, cursor);
-    INSERT INTO feed (kind, device, fleet, topic, seq, time, received, body)
-        SELECT 'event', e.device, d.fleet, e.topic, e.seq, e.time, e.received, e.body
+    INSERT INTO feed (cursor, kind, device, fleet, topic, seq, time, received, body, digest)
+        SELECT e.cursor, 'event', e.device, d.fleet, e.topic, e.seq, e.time, e.received,
+               e.body, e.digest
         FROM events e LEFT JOIN devices d ON d.id = e.device ORDER BY e.cursor;
+    DROP TABLE events;
+    CREATE UNIQUE INDEX feed_event_seq ON feed (device, seq) WHERE kind = 'event';
+    CREATE INDEX feed_device_cursor ON feed (device, cursor);
+    CREATE INDEX feed_topic_cursor ON feed (topic, cursor) WHERE kind = 'event';
+    CREATE VIEW events AS
+        SELECT cursor, device, seq, topic, time, received, body, digest
+        FROM feed WHERE kind = 'event';
     CREATE TABLE projection (
         device TEXT NOT NULL,
         doc TEXT NOT NULL,
