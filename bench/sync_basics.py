@@ -18,18 +18,10 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from common import in_process_server, provision, summary_ms
 
-from crdtsync import AdminClient, Device
+from crdtsync import Device
 from crdtsync.transport import HttpTransport
-from crdtsync_server import Server, ServerConfig
-
-TOKEN = "bench-admin"
-
-
-def summary(samples: list[float]) -> str:
-    ms = sorted(s * 1000 for s in samples)
-    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
-    return f"median {statistics.median(ms):.3f} ms, p99 {p99:.3f} ms (n={len(ms)})"
 
 
 async def bare_ceiling(request_body: bytes, response_body: bytes, rounds: int) -> list[float]:
@@ -57,9 +49,8 @@ async def bare_ceiling(request_body: bytes, response_body: bytes, rounds: int) -
 
 async def main(rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        config = ServerConfig(db=str(Path(tmp) / "s.db"), port=0, admin_token=TOKEN)
-        async with Server(config) as server, AdminClient(server.url, TOKEN) as admin:
-            token = (await admin.add_device("bench-1"))["token"]
+        async with in_process_server(Path(tmp), "s.db") as server:
+            token = (await provision(server.url, ["bench-1"]))["bench-1"]
             async with Device("bench-1", server.url, token=token, path=Path(tmp) / "d.db",
                               interval=None) as dev:
                 dev.state.update({"voltage": 3.71, "temp": 21.5, "fw": "1.0.0"})
@@ -73,7 +64,7 @@ async def main(rounds: int) -> None:
                 no_change_up = report.bytes_up
                 print(f"no-change sync request body:  {report.bytes_up} bytes")
                 print(f"no-change sync response body: {report.bytes_down} bytes")
-                print(f"no-change sync round trip:     {summary(samples)}")
+                print(f"no-change sync round trip:     {summary_ms(samples)}")
                 # one state change per sync
                 change = []
                 for i in range(rounds):
@@ -81,7 +72,7 @@ async def main(rounds: int) -> None:
                     start = time.perf_counter()
                     await dev.sync()
                     change.append(time.perf_counter() - start)
-                print(f"1-key change sync round trip:  {summary(change)}")
+                print(f"1-key change sync round trip:  {summary_ms(change)}")
                 # bytes per event
                 for batch in (1, 10, 100, 500):
                     for i in range(batch):
@@ -98,7 +89,7 @@ async def main(rounds: int) -> None:
                           f"{per_event:.1f} bytes/event; on the wire (deflate >= 1 KiB) "
                           f"{wire:.1f} bytes/event")
         ceiling = await bare_ceiling(b"x" * no_change_up, b"y" * report.bytes_down, rounds)
-        print(f"bare aiohttp ceiling (same sizes): {summary(ceiling)}")
+        print(f"bare aiohttp ceiling (same sizes): {summary_ms(ceiling)}")
         ratio = statistics.median(samples) / statistics.median(ceiling)
         print(f"no-change sync / bare aiohttp handler: {ratio:.2f}x the time")
 

@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import re
-import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
+from common import machine, write_block
 
 from crdtsync.templates import HASH_SIZE, Template, encode_batch, encode_one
 
@@ -41,7 +38,6 @@ FIRST_SEQ = 10_000  # a device a week into minute readings
 TEMPLATE_F16 = {"temp": "float16", "hum": "uint8", "voltage": "float16", "ts": "uint32",
                 "motion": "bool"}
 TEMPLATE_F32 = {**TEMPLATE_F16, "temp": "float32", "voltage": "float32"}
-BEGIN, END = "<!-- templates_bytes:begin -->", "<!-- templates_bytes:end -->"
 
 Event = tuple[int, int, dict[str, Any]]
 
@@ -141,8 +137,7 @@ def best(table: dict[str, dict[int, float]], size: int, keep: Callable[[str], bo
 
 def render(table: dict[str, dict[int, float]], sizes: list[int], n: int, jitter: int) -> str:
     lines = [
-        f"Machine: {os.cpu_count()} CPUs (nproc), Python {platform.python_version()}, "
-        f"zlib {zlib.ZLIB_VERSION}, "
+        f"Machine: {machine((), sqlite=False)}, zlib {zlib.ZLIB_VERSION}, "
         + (f"zstandard {zstandard.__version__}" if zstandard else "zstd not installed")
         + f". Stream: {n} readings (seed 5), event times {jitter} ms or less after ts.",
         "",
@@ -168,14 +163,6 @@ def render(table: dict[str, dict[int, float]], sizes: list[int], n: int, jitter:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        sys.exit(f"{path} has no {BEGIN} ... {END} block to replace")
-    pattern = re.escape(BEGIN) + ".*?" + re.escape(END)
-    path.write_text(re.sub(pattern, lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.S))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1000)
@@ -190,7 +177,7 @@ def main() -> None:
     text = render(measure(events, sizes), sizes, n, args.jitter)
     print(text)
     if args.write:
-        write_section(args.write, text)
+        write_block(args.write, "templates_bytes", text)
 
 
 if __name__ == "__main__":

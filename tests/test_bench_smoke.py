@@ -11,9 +11,30 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.mark.parametrize("script", ["sync_basics.py", "templates_bytes.py", "compression.py"])
+@pytest.mark.parametrize("script", ["sync_basics.py", "templates_bytes.py", "compression.py",
+                                    "throughput.py", "ingest.py", "storm.py", "memory.py",
+                                    "device.py", "growth.py"])
 def test_benchmark_runs_in_quick_mode(script: str) -> None:
     result = subprocess.run([sys.executable, str(BENCH / script), "--quick"],
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip()
+
+
+def run_suite(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCH / "run.py"), *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_runner_runs_the_chosen_scripts() -> None:
+    result = run_suite("--quick", "--only", "compression")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all passed" in result.stdout
+    # the shared helpers are not benchmarks: not listed as scripts left out of the suite
+    assert "common.py" not in result.stdout and "_serve.py" not in result.stdout
+
+
+def test_runner_exits_non_zero_when_a_script_fails() -> None:
+    result = run_suite("--quick", "--only", "compression", "--timeout", "0.01")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "TIMEOUT" in result.stdout

@@ -1,0 +1,84 @@
+"""The ``crdtsync`` command line in a benchmark's server subprocess, with benchmark knobs.
+
+    CRDTSYNC_BENCH_RETIRE_GRACE=1 python bench/_serve.py serve ...
+
+Started by ``common.start_server`` when a benchmark asks for a knob (never otherwise; no
+product code changes):
+
+- ``CRDTSYNC_BENCH_RETIRE_GRACE=S``: ``crdtsync_server.documents.RETIRE_GRACE``, the seconds a
+  document evicted from the cache by LRU keeps its observers for a sync still holding it
+  before the idle sweep closes it (60 s in the product), so that a benchmark need not wait a
+  minute to see evicted documents leave memory;
+- ``CRDTSYNC_BENCH_PROFILE=OUT``: run under cProfile; the main thread's stats go to ``OUT``,
+  those of every other thread (the SQLite store's, ...) merged into ``OUT.threads``
+  (``python -m cProfile`` sees the main thread only).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def apply_knobs() -> None:
+    """Set what ``CRDTSYNC_BENCH_RETIRE_GRACE`` asks for in this process."""
+    grace = os.environ.get("CRDTSYNC_BENCH_RETIRE_GRACE")
+    if grace:
+        from crdtsync_server import documents
+
+        documents.RETIRE_GRACE = float(grace)
+
+
+def profiled(out: Path, main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
+    """``main(argv)`` under cProfile, every thread (see the module's doc)."""
+    import cProfile
+    import pstats
+    import threading
+
+    finished: list[cProfile.Profile] = []
+    lock = threading.Lock()
+    original = threading.Thread.run
+
+    def run(self: threading.Thread) -> None:
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            original(self)
+        finally:
+            prof.disable()
+            with lock:
+                finished.append(prof)
+
+    threading.Thread.run = run  # type: ignore[method-assign]
+    profile = cProfile.Profile()
+    try:
+        code: int = profile.runcall(main, argv)
+    finally:
+        profile.dump_stats(str(out))
+        for thread in threading.enumerate():  # executors stopped without waiting
+            if thread is not threading.current_thread():
+                thread.join(10)
+        with lock:
+            profs = list(finished)
+        if profs:
+            stats = pstats.Stats(profs[0])
+            for prof in profs[1:]:
+                stats.add(prof)
+            stats.dump_stats(f"{out}.threads")
+    return code
+
+
+def serve() -> int:
+    from crdtsync.cli import main
+
+    apply_knobs()
+    profile = os.environ.get("CRDTSYNC_BENCH_PROFILE")
+    if profile:
+        return profiled(Path(profile), main, sys.argv[1:])
+    return main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(serve())

@@ -1,0 +1,816 @@
+"""Reconnect storm (issue 6 item 2): N devices with 20 offline edits each reconnect at once.
+
+Measures the time from the start of the reconnect until every document has converged on both
+sides, and the TCP payload on loopback in both directions (HTTP / websocket framing and
+headers included), for crdtsync and, in the same run, for pycrdt-websocket's server speaking
+the Yjs sync protocol to one websocket client per device.
+
+- Setup (not timed): every device holds a document whose prior state (10 keys in root map
+  ``state``) the server already has. crdtsync: devices provisioned through the admin API, one
+  initial sync each. Peer: each room created in the server process with that content (and
+  its update observer attached) before any client joins, so pycrdt-websocket's first-join
+  race cannot drop an update. Then each device makes 20 edits offline, one transaction each.
+- Storm (timed): all devices reconnect at once (at most ``--concurrency`` connections open,
+  the same limit for both), each on a new TCP connection through a byte-counting proxy.
+  crdtsync: one ``POST /v1/sync`` per device with the same document entries and headers as
+  ``crdtsync.Device`` (``HttpTransport``, a fresh session per device); converged when the
+  response is applied (the server answers only after committing). Peer: pycrdt's
+  ``Provider`` over a ``websockets`` client; converged when the client has the server's sync
+  step 2 and the server's broadcast of the client's own edits (sent after the room's
+  document integrated them).
+- Check (not timed): every server document is compared with its client's.
+
+Both servers run in their own process: ``crdtsync serve`` (SQLite in a temp folder, default
+durability) and pycrdt-websocket's ``WebsocketServer`` + ``ASGIServer`` under uvicorn (rooms
+in memory, no store). Fresh servers each round, alternating which system goes first.
+
+    python bench/storm.py [--devices 2000] [--rounds 3] [--concurrency 500]
+                          [--proxy inline|process] [--write docs/benchmarks.md] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import random
+import re
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import msgpack
+from common import (
+    ADMIN_TOKEN,
+    Child,
+    gather_limited,
+    machine,
+    median,
+    percentile,
+    provision,
+    report,
+    spread,
+    start_server,
+)
+from pycrdt import (
+    Doc,
+    Map,
+    Provider,
+    YMessageType,
+    YSyncMessageType,
+    create_sync_message,
+    handle_sync_message,
+    read_message,
+)
+
+from crdtsync import AdminClient, crdt
+from crdtsync.protocol import (
+    DocSync,
+    SyncRequest,
+    covers,
+    decode_response,
+    encode_request,
+    parse_state_vector,
+)
+from crdtsync.transport import HttpTransport
+
+INITIAL_KEYS = 10
+EDITS = 20
+EDIT_KEYS = 12
+"""Edit j sets key ``k{j % 12}``: 10 overwrites of prior keys, 2 new keys, 8 second writes."""
+EMPTY_UPDATE = b"\x00\x00"
+SYSTEMS = ("crdtsync", "pycrdt-websocket")
+HERE = Path(__file__).resolve()
+T = TypeVar("T")
+
+
+# --- the devices' documents -----------------------------------------------------------------
+
+
+def value(device: int, key: int, step: int) -> Any:
+    """A deterministic value: a temperature, a counter or a mode, by key."""
+    n = device * 31 + key * 7 + step * 13
+    if key % 3 == 0:
+        return round(15.0 + n % 200 / 10, 1)
+    if key % 3 == 1:
+        return n % 1000
+    return ("idle", "run", "charge", "fault")[n % 4]
+
+
+def initial_doc(device: int, client_id: int) -> Doc[Any]:
+    """The document the device and the server both hold before the device goes offline."""
+    doc: Doc[Any] = Doc(client_id=client_id)
+    state = doc.get("state", type=Map)
+    with doc.transaction():
+        for k in range(INITIAL_KEYS):
+            state[f"k{k}"] = value(device, k, -1)
+    return doc
+
+
+def offline_edits(doc: Doc[Any], device: int) -> None:
+    """20 edits, one transaction each, as a device makes them while offline."""
+    state = doc.get("state", type=Map)
+    for j in range(EDITS):
+        with doc.transaction():
+            state[f"k{j % EDIT_KEYS}"] = value(device, j % EDIT_KEYS, j)
+
+
+def state_map(doc: Doc[Any]) -> dict[str, Any]:
+    return crdt.to_json(doc).get("state", {})
+
+
+# --- a TCP proxy that counts payload bytes each way -----------------------------------------
+
+
+class Proxy:
+    """Forwards each accepted connection to ``127.0.0.1:upstream`` on a new connection and
+    counts the TCP payload bytes in each direction (``up``: client to server)."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.up = 0
+        self.down = 0
+        self.opened = 0
+        self.open = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Leg(self, None), "127.0.0.1", 0,
+                                                backlog=4096)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def stats(self) -> tuple[int, int, int, int]:
+        return self.up, self.down, self.opened, self.open
+
+
+class _Leg(asyncio.Protocol):
+    """One side of a proxied connection; ``client`` is None for the side facing the client."""
+
+    def __init__(self, proxy: Proxy, client: _Leg | None) -> None:
+        self.proxy = proxy
+        self.other = client
+        self.to_server = client is not None
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.to_server:
+            assert self.other is not None and self.other.transport is not None
+            self.other.other = self
+            if self.other.transport.is_closing():
+                transport.close()
+            else:
+                self.other.transport.resume_reading()
+            return
+        self.proxy.opened += 1
+        self.proxy.open += 1
+        transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: _Leg(self.proxy, self), "127.0.0.1",
+                                         self.proxy.upstream)
+        except OSError:
+            assert self.transport is not None
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.to_server:
+            self.proxy.down += len(data)
+        else:
+            self.proxy.up += len(data)
+        assert self.other is not None and self.other.transport is not None
+        self.other.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        other = self.other
+        if other is None or other.transport is None:
+            return False
+        if other.eof:
+            other.transport.close()
+            return False
+        if other.transport.can_write_eof():
+            other.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.to_server:
+            self.proxy.open -= 1
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+
+# --- child processes ------------------------------------------------------------------------
+
+
+def listen_drops() -> int:
+    """Connections the kernel dropped because a listen queue was full (Linux, all sockets:
+    here only the proxy and the server listen). Each costs the client a SYN retransmit
+    (1 s, then 3 s ...)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(row.get("ListenDrops", 0))
+    return 0
+
+
+class ProxyHandle:
+    """The counting proxy, in this process (``inline``) or in a child process."""
+
+    def __init__(self, mode: str, tmp: Path) -> None:
+        self.mode = mode
+        self.tmp = tmp
+        self.inline: Proxy | None = None
+        self.child: Child | None = None
+        self.port = 0
+
+    async def start(self, upstream: int) -> None:
+        if self.mode == "inline":
+            self.inline = Proxy(upstream)
+            self.port = await self.inline.start()
+            return
+        self.child = Child("proxy", [sys.executable, str(HERE), "--proxy-server", str(upstream)],
+                           self.tmp / "proxy.log")
+        match = await self.child.start(r"READY (\d+)", stdin=True)
+        self.port = int(match.group(1))
+
+    async def stats(self) -> tuple[int, int, int, int]:
+        if self.inline is not None:
+            return self.inline.stats()
+        assert self.child is not None
+        seen = self.child.output().count("STATS")
+        self.child.stdin.write(b"stats\n")
+        self.child.stdin.flush()
+        for _ in range(200):
+            lines = re.findall(r"STATS (\d+) (\d+) (\d+) (\d+)", self.child.output())
+            if len(lines) > seen:
+                up, down, opened, live = (int(x) for x in lines[-1])
+                return up, down, opened, live
+            await asyncio.sleep(0.02)
+        raise RuntimeError("proxy process does not answer")
+
+    def cpu(self) -> float:
+        return self.child.cpu() if self.child is not None else 0.0
+
+    async def stop(self) -> None:
+        if self.inline is not None:
+            self.inline.close()
+        if self.child is not None:
+            await self.child.stop()
+
+
+async def proxy_main(upstream: int) -> None:
+    """``--proxy-server PORT``: run the proxy; answer ``stats`` lines on stdin."""
+    proxy = Proxy(upstream)
+    port = await proxy.start()
+    print(f"READY {port}", flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        if line.strip() == b"stats":
+            print("STATS {} {} {} {}".format(*proxy.stats()), flush=True)
+    proxy.close()
+
+
+# --- the peer's server: pycrdt-websocket under uvicorn --------------------------------------
+
+
+async def peer_server_main(rooms_file: str) -> None:
+    """``--peer-server FILE``: pycrdt-websocket's ``WebsocketServer`` behind its
+    ``ASGIServer`` under uvicorn, with one pre-created, started and observed room per entry
+    of FILE (msgpack ``{path: update}``). ``GET /_dump`` answers every room's state."""
+    import uvicorn
+    from pycrdt.websocket import ASGIServer, WebsocketServer, YRoom, exception_logger
+
+    with open(rooms_file, "rb") as f:  # noqa: ASYNC230 - before serving anything
+        rooms: dict[str, bytes] = msgpack.unpackb(f.read())
+    log = logging.getLogger("storm.peer")
+    websocket_server = WebsocketServer(auto_clean_rooms=False, exception_handler=exception_logger,
+                                       log=log)
+    asgi = ASGIServer(websocket_server)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            body = msgpack.packb({name: room.ydoc.get_update()
+                                  for name, room in websocket_server.rooms.items()})
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/msgpack")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await asgi(scope, receive, send)
+
+    async with websocket_server:
+        created = []
+        for name, update in rooms.items():
+            doc: Doc[Any] = Doc()
+            doc.apply_update(update)
+            room = YRoom(ready=True, ydoc=doc, exception_handler=exception_logger, log=log)
+            websocket_server.rooms[name] = room
+            await websocket_server.start_room(room)
+            created.append(room)
+        for room in created:  # the update observer is attached: no first-join race
+            await room.ydoc_observed.wait()
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                lifespan="off")
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                await task
+                return
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        print(f"READY {port}", flush=True)
+        await task
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One system's storm in one round."""
+
+    system: str
+    devices: int
+    elapsed: float = 0.0
+    """Start of the reconnect to the last device converged."""
+    all_closed: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    """Per device: its connection opened (a slot free) to converged."""
+    up: int = 0
+    down: int = 0
+    connections: int = 0
+    errors: list[str] = field(default_factory=list)
+    mismatched: int = 0
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
+    proxy_cpu: float = 0.0
+    setup: float = 0.0
+    listen_drops: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.up + self.down
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.mismatched and self.connections >= self.devices
+
+
+async def storm(run: Run, clients: Sequence[T], sync: Callable[[T], Awaitable[float]],
+                proxy: ProxyHandle, server: Child, concurrency: int, limit: float) -> None:
+    """Reconnect every client at once (``concurrency`` at a time) and time it. ``sync``
+    returns the ``perf_counter()`` at which its client converged (before it disconnects)."""
+    gc.collect()
+    up0, down0, opened0, _ = await proxy.stats()
+    cpu0 = (server.cpu(), time.process_time(), proxy.cpu())
+    drops0 = listen_drops()
+    sem = asyncio.Semaphore(concurrency)
+    start = time.perf_counter()
+    converged: list[float] = []
+
+    async def one(client: T) -> None:
+        async with sem:
+            began = time.perf_counter()
+            try:
+                async with asyncio.timeout(limit):
+                    at = await sync(client)
+            except Exception as exc:
+                run.errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                return
+            converged.append(at)
+            run.latencies.append(at - began)
+
+    await asyncio.gather(*(one(c) for c in clients))
+    run.all_closed = time.perf_counter() - start
+    run.elapsed = (max(converged) - start) if converged else float("nan")
+    for _ in range(500):  # let the proxy see every close
+        up, down, opened, live = await proxy.stats()
+        if live == 0:
+            break
+        await asyncio.sleep(0.02)
+    run.up, run.down, run.connections = up - up0, down - down0, opened - opened0
+    run.server_cpu = server.cpu() - cpu0[0]
+    run.client_cpu = time.process_time() - cpu0[1]
+    run.proxy_cpu = proxy.cpu() - cpu0[2]
+    run.listen_drops = listen_drops() - drops0
+
+
+# --- crdtsync -------------------------------------------------------------------------------
+
+
+class CrdtsyncClient:
+    """One device as ``crdtsync.Device`` would sync it, with its documents in memory: its
+    own ``state`` document (diffed against the state vector the server last answered) and
+    its copies of the read-only ``fleet`` and ``project`` documents (state vectors only)."""
+
+    def __init__(self, index: int, device_id: str, doc: Doc[Any]) -> None:
+        self.index = index
+        self.id = device_id
+        self.doc = doc
+        self.token = ""
+        self.server_sv = b""
+        self.shared: dict[str, tuple[Doc[Any], int]] = {
+            "fleet": (Doc(client_id=doc.client_id), 0),
+            "project": (Doc(client_id=doc.client_id), 0)}
+
+    def request(self) -> tuple[bytes, bytes]:
+        local_sv = self.doc.get_state()
+        update = (self.doc.get_update(self.server_sv) if self.server_sv
+                  else self.doc.get_update())
+        parts = [DocSync("state", local_sv, b"" if update == EMPTY_UPDATE else update)]
+        parts += [DocSync(name, copy.get_state(), b"", gen)
+                  for name, (copy, gen) in self.shared.items()]
+        return encode_request(SyncRequest(device=self.id, docs=tuple(parts))), local_sv
+
+    def apply(self, raw: bytes, sent_sv: bytes) -> None:
+        for part in decode_response(raw).docs:
+            if part.doc == "state":
+                if part.update:
+                    crdt.apply_remote(self.doc, part.update)
+                self.server_sv = part.sv
+                if not covers(parse_state_vector(part.sv), parse_state_vector(sent_sv)):
+                    raise RuntimeError(f"{self.id}: the server lacks part of the update")
+            elif part.doc in self.shared:
+                copy, gen = self.shared[part.doc]
+                if part.gen != gen:
+                    copy = Doc(client_id=self.doc.client_id)
+                if part.update:
+                    crdt.apply_remote(copy, part.update, name=part.doc)
+                self.shared[part.doc] = (copy, part.gen)
+
+
+async def crdtsync_sync(client: CrdtsyncClient, transport: HttpTransport) -> float:
+    """One sync round trip; returns when it was applied (``perf_counter()``)."""
+    body, sent_sv = client.request()
+    client.apply(await transport.exchange(body), sent_sv)
+    return time.perf_counter()
+
+
+async def run_crdtsync(round_no: int, ids: list[int], tmp: Path, args: argparse.Namespace
+                       ) -> Run:
+    run = Run("crdtsync", len(ids))
+    started = time.perf_counter()
+    server: Child | None = None
+    proxy = ProxyHandle(args.proxy, tmp)
+    try:
+        server = await start_server(tmp, db="storm.db")
+        url, port = server.url, server.port
+        clients = [CrdtsyncClient(i, f"storm-{i:05d}", initial_doc(i, cid))
+                   for i, cid in enumerate(ids)]
+        tokens = await provision(url, [c.id for c in clients], 32)
+        for c in clients:
+            c.token = tokens[c.id]
+        async with aiohttp.ClientSession() as session:
+            async def first_sync(c: CrdtsyncClient) -> None:
+                await crdtsync_sync(c, HttpTransport(url, c.token, session=session))
+            await gather_limited(clients, first_sync, 32)
+        for c in clients:
+            offline_edits(c.doc, c.index)
+        await proxy.start(port)
+        run.setup = time.perf_counter() - started
+        proxied = f"http://127.0.0.1:{proxy.port}"
+        shared = (aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True,
+                                                                       limit=0))
+                  if args.clients == "lean" else None)
+
+        async def reconnect(c: CrdtsyncClient) -> float:
+            # A fresh session (real) or no keep-alive (lean): a new connection either way.
+            transport = HttpTransport(proxied, c.token, session=shared)
+            try:
+                return await crdtsync_sync(c, transport)
+            finally:
+                await transport.aclose()
+
+        try:
+            await storm(run, clients, reconnect, proxy, server, args.concurrency,
+                        args.timeout)
+        finally:
+            if shared is not None:
+                await shared.close()
+        async with AdminClient(url, ADMIN_TOKEN) as admin:
+            async def check(c: CrdtsyncClient) -> None:
+                if (await admin.state(c.id)).get("state") != state_map(c.doc):
+                    run.mismatched += 1
+            await gather_limited(clients, check, 32)
+    finally:
+        await proxy.stop()
+        if server is not None:
+            await server.stop()
+    return run
+
+
+# --- the peer: pycrdt-websocket, a pycrdt Provider per device over `websockets` -------------
+
+
+class PeerChannel:
+    """pycrdt's ``Channel`` over a ``websockets`` client connection, watching for
+    convergence: the client has applied the server's sync step 2, and has received the
+    server's broadcast of the client's own edits (the room broadcasts what its document
+    integrated). A message counts once the provider has handled it, that is when the
+    provider asks for the next one, so ``converged_at`` is comparable with crdtsync's
+    "response applied"."""
+
+    def __init__(self, ws: Any, path: str, client_id: int) -> None:
+        self.ws = ws
+        self._path = path
+        self.client_id = client_id
+        self.step2 = False
+        self.echo = False
+        self._last: bytes = b""
+        self.converged = asyncio.Event()
+        self.converged_at = 0.0
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def __aiter__(self) -> PeerChannel:
+        return self
+
+    async def __anext__(self) -> bytes:
+        from websockets.exceptions import ConnectionClosed
+
+        self._handled(self._last)
+        try:
+            message = await self.ws.recv()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+        self._last = bytes(message)
+        return self._last
+
+    async def recv(self) -> bytes:
+        return await self.__anext__()
+
+    async def send(self, message: bytes) -> None:
+        await self.ws.send(message)
+
+    def _handled(self, message: bytes) -> None:
+        if len(message) < 2 or message[0] != YMessageType.SYNC:
+            return
+        if message[1] == YSyncMessageType.SYNC_STEP2:
+            self.step2 = True
+        elif message[1] == YSyncMessageType.SYNC_UPDATE:
+            # Only this client writes to its room, so an update the room broadcasts is the
+            # client's step 2 as the room's document integrated it; check it is ours.
+            self.echo = self.echo or first_client(read_message(message[2:])) == self.client_id
+        if self.step2 and self.echo and not self.converged.is_set():
+            self.converged_at = time.perf_counter()
+            self.converged.set()
+
+
+async def lean_sync(ws: Any, doc: Doc[Any]) -> float:
+    """``--peer-client lean``: the Yjs sync exchange written out, without pycrdt's
+    ``Provider`` (no task group, no event stream): send step 1, answer the server's step 1
+    with step 2, apply what comes; converged as for :class:`PeerChannel`."""
+    await ws.send(create_sync_message(doc))
+    step2 = echo = False
+    async for message in ws:
+        if message[0] != YMessageType.SYNC:
+            continue
+        reply = handle_sync_message(message[1:], doc)
+        if reply is not None:
+            await ws.send(reply)
+        if message[1] == YSyncMessageType.SYNC_STEP2:
+            step2 = True
+        elif message[1] == YSyncMessageType.SYNC_UPDATE:
+            echo = echo or first_client(read_message(message[2:])) == doc.client_id
+        if step2 and echo:
+            return time.perf_counter()
+    raise ConnectionError("closed before converging")
+
+
+def first_client(update: bytes) -> int:
+    """The client id of the first block group of a Yjs v1 update (0 if it has none)."""
+    values, pos = [], 0
+    while len(values) < 3 and pos < len(update):
+        num, shift = 0, 0
+        while True:
+            byte = update[pos]
+            pos += 1
+            num |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        values.append(num)
+    return values[2] if len(values) == 3 and values[0] else 0
+
+
+@dataclass
+class PeerClient:
+    index: int
+    path: str
+    doc: Doc[Any]
+
+
+async def run_peer(round_no: int, ids: list[int], tmp: Path, args: argparse.Namespace) -> Run:
+    from websockets.asyncio.client import connect
+
+    run = Run("pycrdt-websocket", len(ids))
+    started = time.perf_counter()
+    rooms = tmp / "rooms.msgpack"
+    server = Child("pycrdt-websocket server", [sys.executable, str(HERE), "--peer-server",
+                                               str(rooms)], tmp / "peer.log")
+    proxy = ProxyHandle(args.proxy, tmp)
+    try:
+        clients = [PeerClient(i, f"/storm-{i:05d}", initial_doc(i, cid))
+                   for i, cid in enumerate(ids)]
+        write_bytes(rooms, msgpack.packb({c.path: c.doc.get_update() for c in clients}))
+        match = await server.start(r"READY (\d+)", patience=120)
+        port = int(match.group(1))
+        for c in clients:
+            offline_edits(c.doc, c.index)
+        await proxy.start(port)
+        run.setup = time.perf_counter() - started
+
+        async def reconnect(c: PeerClient) -> float:
+            async with connect(f"ws://127.0.0.1:{proxy.port}{c.path}", open_timeout=60) as ws:
+                if args.clients == "lean":
+                    return await lean_sync(ws, c.doc)
+                channel = PeerChannel(ws, c.path, c.doc.client_id)
+                async with Provider(c.doc, channel):
+                    await channel.converged.wait()
+            return channel.converged_at
+
+        await storm(run, clients, reconnect, proxy, server, args.concurrency, args.timeout)
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://127.0.0.1:{port}/_dump") as resp:
+            dump = msgpack.unpackb(await resp.read())
+        for c in clients:
+            remote: Doc[Any] = Doc()
+            remote.apply_update(dump[c.path])
+            if (state_map(remote) != state_map(c.doc)
+                    or parse_state_vector(remote.get_state())
+                    != parse_state_vector(c.doc.get_state())):
+                run.mismatched += 1
+    finally:
+        await proxy.stop()
+        await server.stop()
+    return run
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+LIBS = ("pycrdt", "pycrdt-websocket", "aiohttp", "uvicorn", "websockets", "httptools")
+
+
+def render(rounds: list[dict[str, Run]], args: argparse.Namespace) -> str:
+    n = args.devices
+    ours = [r["crdtsync"] for r in rounds]
+    peer = [r["pycrdt-websocket"] for r in rounds]
+    t_ratio = [a.elapsed / b.elapsed for a, b in zip(ours, peer, strict=True)]
+    b_ratio = [a.total / b.total for a, b in zip(ours, peer, strict=True)]
+    lines = [
+        f"Machine: {machine(LIBS, sqlite=False, sep='; ')}.",
+        f"{n:,} devices x {EDITS} offline edits, {len(rounds)} round(s) (order alternating), "
+        f"at most {args.concurrency} connections at once, proxy {args.proxy}, {args.clients} "
+        "clients. "
+        "Median over rounds, (min-max) when more than one.",
+        "",
+        "| figure | crdtsync | pycrdt-websocket | crdtsync / peer | goal |",
+        "|---|---:|---:|---:|---|",
+    ]
+
+    def row(name: str, fn: Callable[[Run], float], fmt: str, ratios: list[float] | None = None,
+            goal: float | None = None) -> None:
+        a, b = [fn(r) for r in ours], [fn(r) for r in peer]
+        if ratios is None:
+            ratios = [x / y for x, y in zip(a, b, strict=True) if y]
+        verdict = ""
+        if goal is not None:
+            verdict = f"<= {goal:.2f}: {'holds' if median(ratios) <= goal else 'missed'}"
+        ratio = spread(ratios, ".2f") if len(ratios) == len(a) else "-"
+        lines.append(f"| {name} | {spread(a, fmt)} | {spread(b, fmt)} | {ratio} | {verdict} |")
+
+    row("time to all converged (s)", lambda r: r.elapsed, ".2f", t_ratio, 1 / 3)
+    row("bytes on the wire, both ways", lambda r: r.total, ",.0f", b_ratio, 0.75)
+    row("bytes per device, up", lambda r: r.up / n, ",.0f")
+    row("bytes per device, down", lambda r: r.down / n, ",.0f")
+    row("per-device latency, median (ms)", lambda r: median(r.latencies) * 1000, ".0f")
+    row("per-device latency, p99 (ms)", lambda r: percentile(r.latencies, 0.99) * 1000, ".0f")
+    row("all connections closed (s)", lambda r: r.all_closed, ".2f")
+    row("listen-queue drops (1 s SYN retries)", lambda r: r.listen_drops, ".0f")
+    row("server CPU during the storm (s)", lambda r: r.server_cpu, ".2f")
+    row("load generator CPU (s)", lambda r: r.client_cpu, ".2f")
+    if args.proxy == "process":
+        row("proxy CPU (s)", lambda r: r.proxy_cpu, ".2f")
+    lines += ["", "Per round:", "",
+              "| round | system | time (s) | bytes up | bytes down | connections | "
+              "listen drops | server CPU (s) | errors | mismatched |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(rounds, 1):
+        for name in (SYSTEMS if i % 2 else SYSTEMS[::-1]):
+            x = r[name]
+            lines.append(f"| {i} | {name} | {x.elapsed:.2f} | {x.up:,} | {x.down:,} | "
+                         f"{x.connections:,} | {x.listen_drops} | {x.server_cpu:.2f} | "
+                         f"{len(x.errors)} | "
+                         f"{x.mismatched} |")
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+async def main(args: argparse.Namespace) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # run finally:s
+    print(f"Machine: {machine(LIBS, sqlite=False, sep='; ')}", flush=True)
+    runners = {"crdtsync": run_crdtsync, "pycrdt-websocket": run_peer}
+    rounds: list[dict[str, Run]] = []
+    for round_no in range(args.rounds):
+        rng = random.Random(args.seed + round_no)
+        ids = [rng.randrange(1, crdt.MAX_CLIENT_ID + 1) for _ in range(args.devices)]
+        results: dict[str, Run] = {}
+        order = SYSTEMS if round_no % 2 == 0 else SYSTEMS[::-1]
+        for name in order:
+            with tempfile.TemporaryDirectory(prefix="storm-") as tmp:
+                run = await runners[name](round_no, ids, Path(tmp), args)
+            results[name] = run
+            print(f"round {round_no + 1} {name:>16}: {run.elapsed:6.2f} s to converge, "
+                  f"{run.up:,} B up + {run.down:,} B down = {run.total:,} B "
+                  f"({run.total / args.devices:,.0f} B/device), {run.connections} connections, "
+                  f"server CPU {run.server_cpu:.2f} s, load CPU {run.client_cpu:.2f} s, "
+                  f"setup {run.setup:.1f} s, listen drops {run.listen_drops}, "
+                  f"errors {len(run.errors)}, mismatched {run.mismatched}", flush=True)
+            for error in sorted(set(run.errors))[:5]:
+                print(f"    error: {error}", flush=True)
+        rounds.append(results)
+    text = render(rounds, args)
+    report(text, args.write, "storm")
+    return 0 if all(r.ok for rr in rounds for r in rr.values()) else 1
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=500,
+                        help="connections open at once, both systems (default 500)")
+    parser.add_argument("--proxy", choices=("inline", "process"), default="process",
+                        help="the byte-counting proxy in this process or its own")
+    parser.add_argument("--clients", choices=("real", "lean"), default="real",
+                        help="real: each crdtsync device its own HttpTransport and session, "
+                             "each peer device pycrdt's Provider; lean: one aiohttp session "
+                             "without keep-alive for crdtsync, the Yjs exchange written out "
+                             "for the peer (same bytes, less load-generator CPU)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="per device, seconds")
+    parser.add_argument("--seed", type=int, default=6)
+    parser.add_argument("--quick", action="store_true", help="50 devices, 1 round (CI smoke)")
+    parser.add_argument("--write", type=Path, help="replace the generated block of this file")
+    parser.add_argument("--peer-server", help=argparse.SUPPRESS)
+    parser.add_argument("--proxy-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peer_server:
+        logging.basicConfig(level=logging.WARNING)
+        asyncio.run(peer_server_main(args.peer_server))
+        return
+    if args.proxy_server:
+        asyncio.run(proxy_main(args.proxy_server))
+        return
+    if args.quick:
+        args.devices, args.rounds = 50, 1
+    try:
+        sys.exit(asyncio.run(main(args)))
+    except asyncio.CancelledError:  # SIGTERM: children stopped by the finally blocks
+        sys.exit(143)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,486 @@
+"""Sync throughput and latency: many devices against a real `crdtsync serve` process.
+
+The server runs in its own process (`python -m crdtsync serve`, SQLite in a temp folder,
+default durability); the load generator runs in this process. Each simulated device keeps
+one in-memory pycrdt document (random client id) and a small outbox, no SQLite: every sync
+makes 5 writes into its `state` map, sends the update since its last acknowledged state
+vector plus 10 new events (consecutive seqs, `pg` = the highest acknowledged seq), applies
+the response's update and drops the acknowledged events. A fixed number of requests is kept
+in flight (one per device at most); each round runs for a fixed time.
+
+The ceiling is a bare aiohttp server in a third process (this script with `--bare-server`):
+its handler reads the body and answers a valid sync response of the same size as the real
+server's typical one, with an `ack` covering every seq. It is driven by the same load
+generator with its own set of simulated devices, in rounds interleaved with the real ones
+(real, bare, real, bare, ...); the ratio is crdtsync syncs/s over bare syncs/s.
+
+    python bench/throughput.py [--devices 200] [--concurrency 32] [--duration 10]
+                               [--rounds 5] [--shared-docs] [--quick] [--write FILE]
+    python bench/throughput.py --profile server.prof   (server under cProfile, no ceiling)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+from aiohttp import web
+from common import (
+    Child,
+    CpuMeter,
+    CpuUse,
+    add_encoding_option,
+    check_last_seq,
+    client_session,
+    compress,
+    exit_on_sigterm,
+    headers,
+    machine,
+    percentile,
+    print_profile,
+    provision,
+    report,
+    spread,
+    start_server,
+)
+from pycrdt import Doc, Map
+
+from crdtsync.crdt import random_client_id
+from crdtsync.protocol import (
+    MEDIA_TYPE,
+    SYNC_PATH,
+    DocSync,
+    Event,
+    SyncRequest,
+    decode_error,
+    decode_response,
+    encode_request,
+)
+
+NAME = "throughput"
+STATE_CHANGES = 5
+EVENTS_PER_SYNC = 10
+ALL_ACKED = 2**32 - 1
+"""The bare server's `ack`: covers every seq a run can reach, so its devices drop their
+events exactly as after a real acknowledgement."""
+EMPTY_SV = b"\x00"
+SCRIPT = Path(__file__).resolve()
+KEEP_HEADERS = ("Server", "Accept-Encoding")
+"""Response headers of the real server that the bare one repeats (aiohttp adds the rest)."""
+LIBS = ("aiohttp", "pycrdt", "msgpack")
+
+
+def reading(rng: random.Random, ts: int) -> bytes:
+    """A sensor reading event body, msgpack-encoded (what the device outbox stores)."""
+    return msgpack.packb({"temp": round(21 + rng.uniform(-2, 2), 1), "hum": rng.randint(30, 50),
+                          "voltage": round(3.7 + rng.uniform(-0.05, 0.05), 2), "ts": ts,
+                          "motion": rng.random() < 0.05}, use_bin_type=True)
+
+
+# --- the simulated device -----------------------------------------------------------------
+
+
+class SimDevice:
+    """One device: an in-memory pycrdt document, an outbox, and the protocol bookkeeping."""
+
+    def __init__(self, device_id: str, token: str, seed: int, shared_docs: bool,
+                 encoding: str) -> None:
+        self.id = device_id
+        self.encoding = encoding
+        self.headers = headers(token, encoding)
+        self.response_headers: dict[str, str] = {}
+        self.doc: Doc[Any] = Doc(client_id=random_client_id())
+        self.state: Map[Any] = self.doc.get("state", type=Map)
+        self.rng = random.Random(seed)
+        self.base_sv = EMPTY_SV
+        """Our state vector as of the last acknowledged sync: the server has all of it."""
+        self.next_seq = 1
+        self.acked = 0
+        self.outbox: deque[tuple[int, int, bytes]] = deque()
+        self.syncs = 0
+        self.shared = ((DocSync("fleet", EMPTY_SV), DocSync("project", EMPTY_SV))
+                       if shared_docs else ())
+
+    def request(self) -> tuple[bytes, bytes, int]:
+        """The next request: ``(body, state vector sent, last seq sent)``."""
+        rng, now = self.rng, int(time.time() * 1000)
+        with self.doc.transaction():
+            self.state["temp"] = round(21 + rng.uniform(-2, 2), 1)
+            self.state["hum"] = rng.randint(30, 50)
+            self.state["voltage"] = round(3.7 + rng.uniform(-0.05, 0.05), 2)
+            self.state["uptime"] = self.syncs * 60
+            self.state["rssi"] = -rng.randint(40, 90)
+        sv = self.doc.get_state()
+        update = self.doc.get_update(self.base_sv)
+        for _ in range(EVENTS_PER_SYNC):
+            self.outbox.append((self.next_seq, now, reading(rng, now // 1000)))
+            self.next_seq += 1
+        request = SyncRequest(
+            device=self.id, docs=(DocSync("state", sv, update), *self.shared),
+            events=tuple(Event(seq, "readings", t, None) for seq, t, _ in self.outbox),
+            purged=self.acked)
+        body = encode_request(request, bodies=[b for _, _, b in self.outbox])
+        return compress(body, self.encoding), sv, self.outbox[-1][0]
+
+    def apply(self, raw: bytes, sent_sv: bytes) -> int:
+        """Apply a 200 response; returns how many outbox events it acknowledged."""
+        response = decode_response(raw)
+        for part in response.docs:
+            if part.update and part.doc == "state":
+                self.doc.apply_update(part.update)
+        self.base_sv = sent_sv  # a 200 comes after the commit: the server has our update
+        self.syncs += 1
+        self.acked = max(self.acked, response.acked)
+        done = 0
+        while self.outbox and self.outbox[0][0] <= self.acked:
+            self.outbox.popleft()
+            done += 1
+        return done
+
+
+def fleet(tokens: dict[str, str], s: Settings, seed: int) -> list[SimDevice]:
+    return [SimDevice(i, tokens[i], seed * 1_000_003 + n, s.shared_docs, s.encoding)
+            for n, i in enumerate(sorted(tokens))]
+
+
+# --- the load generator -------------------------------------------------------------------
+
+
+@dataclass
+class RoundResult:
+    side: str
+    seconds: float = 0.0
+    syncs: int = 0
+    events: int = 0
+    latencies: list[float] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    cpu: CpuUse = field(default_factory=CpuUse)
+
+    @property
+    def syncs_per_s(self) -> float:
+        return self.syncs / self.seconds
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies, q) * 1000
+
+    def line(self) -> str:
+        c = self.cpu
+        return (f"{self.side:>8}: {self.syncs_per_s:8,.0f} syncs/s {self.events_per_s:9,.0f} "
+                f"events/s  p50 {self.p(0.5):6.2f} ms  p99 {self.p(0.99):6.2f} ms  "
+                f"req {self.bytes_up / max(self.syncs, 1):4.0f} B  resp "
+                f"{self.bytes_down / max(self.syncs, 1):3.0f} B  CPU server "
+                f"{c.server_main:3.0f}%+{c.server_other:2.0f}% load {c.load:3.0f}% others "
+                f"{c.others:3.0f}%"
+                + (f"  ERRORS {dict(self.errors)}" if self.errors else ""))
+
+
+async def sync_once(session: aiohttp.ClientSession, url: str, dev: SimDevice,
+                    result: RoundResult | None = None) -> bytes:
+    """One sync of ``dev``; records into ``result`` or raises on any failure."""
+    body, sv, last = dev.request()
+    start = time.perf_counter()
+    try:
+        async with session.post(url, data=body, headers=dev.headers) as resp:
+            raw = await resp.read()
+            status = resp.status
+            if result is None:
+                dev.response_headers = {k: v for k, v in resp.headers.items()
+                                        if k in KEEP_HEADERS}
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        if result is None:
+            raise
+        result.errors[type(exc).__name__] += 1
+        return b""
+    elapsed = time.perf_counter() - start
+    if status != 200:
+        error = decode_error(raw, status)
+        if result is None:
+            raise error
+        result.errors[f"{status} {error.code}"] += 1
+        return raw
+    acked = dev.apply(raw, sv)
+    if result is not None:
+        if dev.acked < last:
+            result.errors["events not acknowledged"] += 1
+        result.latencies.append(elapsed)
+        result.syncs += 1
+        result.events += acked
+        result.bytes_up += len(body)
+        result.bytes_down += len(raw)
+    return raw
+
+
+async def warm_up(session: aiohttp.ClientSession, url: str, devices: Sequence[SimDevice],
+                  concurrency: int, passes: int = 2) -> list[bytes]:
+    """``passes`` syncs of every device (the first carries its whole document); returns the
+    last response of each."""
+    sem = asyncio.Semaphore(concurrency)
+    last: list[bytes] = []
+
+    async def one(dev: SimDevice) -> None:
+        async with sem:
+            raw = b""
+            for _ in range(passes):
+                raw = await sync_once(session, url, dev)
+            last.append(raw)
+
+    await asyncio.gather(*(one(d) for d in devices))
+    return last
+
+
+async def run_round(session: aiohttp.ClientSession, url: str, devices: Sequence[SimDevice],
+                    concurrency: int, duration: float, side: str,
+                    server: Child) -> RoundResult:
+    """``concurrency`` workers, each syncing the next idle device, for ``duration`` s."""
+    idle = deque(devices)
+    result = RoundResult(side)
+    meter = CpuMeter(server)
+    deadline = meter.t0 + duration
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            dev = idle.popleft()
+            try:
+                await sync_once(session, url, dev, result)
+            finally:
+                idle.append(dev)
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(devices)))))
+    result.cpu = meter.stop()
+    result.seconds = meter.seconds
+    return result
+
+
+# --- the bare ceiling ---------------------------------------------------------------------
+
+
+def canned_response(real: bytes) -> bytes:
+    """A valid sync response of exactly ``len(real)`` bytes when possible: the real one
+    with ``ack`` covering every seq, ``time`` 0, and an unknown key ``x`` (receivers ignore
+    it) padding it to the same size."""
+    msg = msgpack.unpackb(real, raw=False)
+    msg["ack"], msg["time"] = ALL_ACKED, 0
+    base = msgpack.packb(msg, use_bin_type=True)
+    for pad in range(len(real)):
+        msg["x"] = b"\x00" * pad
+        body = msgpack.packb(msg, use_bin_type=True)
+        if len(body) >= len(real):
+            return bytes(body)
+    return bytes(base)
+
+
+def bare_server(port: int, response_file: Path) -> None:
+    """The ceiling: read the body, answer the canned response (``--bare-server`` mode)
+    with the real server's ``Server`` and ``Accept-Encoding`` headers (``FILE.headers``)."""
+    body = response_file.read_bytes()
+    extra = json.loads(Path(f"{response_file}.headers").read_text())
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=body, content_type=MEDIA_TYPE, headers=extra)
+
+    async def main() -> None:
+        # as the real server: bodies up to 4 MiB, read as they come (no decompression)
+        app = web.Application(client_max_size=4 * 1024 * 1024,
+                              handler_args={"auto_decompress": False})
+        app.router.add_post(SYNC_PATH, handler)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        print(f"bare aiohttp server listening on http://127.0.0.1:{bound}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    devices: int
+    concurrency: int
+    duration: float
+    rounds: int
+    shared_docs: bool
+    encoding: str
+    quick: bool
+    profile: Path | None
+    seed: int
+
+
+async def benchmark(s: Settings) -> tuple[list[RoundResult], list[RoundResult], int, int]:
+    """Run the rounds; returns (real rounds, bare rounds, real response size, bare size)."""
+    real_rounds: list[RoundResult] = []
+    bare_rounds: list[RoundResult] = []
+    servers: list[Child] = []
+    with tempfile.TemporaryDirectory(prefix="crdtsync-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            real = await start_server(tmp, profile=s.profile)
+            servers.append(real)
+            ids = [f"bench-{n:04d}" for n in range(s.devices)]
+            tokens = await provision(real.url, ids)
+            async with client_session(s.concurrency, 60) as session:
+                real_devs = fleet(tokens, s, s.seed)
+                real_url = real.url + SYNC_PATH
+                last = await warm_up(session, real_url, real_devs, s.concurrency)
+                typical = sorted(last, key=len)[len(last) // 2]
+                bare_url = ""
+                bare: Child | None = None
+                bare_devs: list[SimDevice] = []
+                canned = b""
+                if s.profile is None:
+                    canned = canned_response(typical)
+                    (tmp / "response.bin").write_bytes(canned)
+                    (tmp / "response.bin.headers").write_text(
+                        json.dumps(real_devs[0].response_headers))
+                    bare = Child(
+                        "bare-aiohttp",
+                        [sys.executable, str(SCRIPT), "--bare-server",
+                         "--port", "0", "--response", str(tmp / "response.bin")],
+                        tmp / "bare-aiohttp.log")
+                    servers.append(bare)
+                    await bare.start()
+                    bare_url = bare.url + SYNC_PATH
+                    bare_devs = fleet(tokens, s, s.seed + 1)
+                    await warm_up(session, bare_url, bare_devs, s.concurrency)
+                for n in range(s.rounds):
+                    r = await run_round(session, real_url, real_devs, s.concurrency,
+                                        s.duration, "crdtsync", real)
+                    real_rounds.append(r)
+                    print(f"round {n + 1}/{s.rounds} {r.line()}", flush=True)
+                    if bare is not None:
+                        b = await run_round(session, bare_url, bare_devs, s.concurrency,
+                                            s.duration, "bare", bare)
+                        bare_rounds.append(b)
+                        print(f"round {n + 1}/{s.rounds} {b.line()}", flush=True)
+            # every acknowledged event is stored (checked on a sample of the devices)
+            sample = real_devs[::max(1, len(real_devs) // 20)]
+            await check_last_seq(real.url, {d.id: d.acked for d in sample})
+        finally:
+            for server in reversed(servers):
+                await server.stop()
+    return real_rounds, bare_rounds, len(typical), len(canned)
+
+
+def render(s: Settings, real: list[RoundResult], bare: list[RoundResult],
+           real_size: int, bare_size: int) -> str:
+    def row(name: str, fn: Callable[[RoundResult], float], fmt: str = "{:,.0f}",
+            ratio: bool = False) -> str:
+        a = [fn(r) for r in real]
+        b = [fn(r) for r in bare]
+        if not ratio:
+            return f"| {name} | {spread(a, fmt)} | {spread(b, fmt)} | |"
+        pairs = [x / y for x, y in zip(a, b, strict=True)]
+        return (f"| {name} | {spread(a, fmt)} | {spread(b, fmt)} | "
+                f"**{statistics.median(a) / statistics.median(b):.2f}** "
+                f"({min(pairs):.2f}-{max(pairs):.2f}) |")
+
+    mean_up = sum(r.bytes_up for r in real) / sum(r.syncs for r in real)
+    lines = [
+        f"Machine: {machine(LIBS, model=True, temp_dir=True)}.",
+        "",
+        f"Load: {s.devices} devices, {s.concurrency} requests in flight, {STATE_CHANGES} state "
+        f"changes + {EVENTS_PER_SYNC} events per sync"
+        + (", plus fleet and project document entries" if s.shared_docs else
+           ", state document only")
+        + f"; {s.rounds} rounds of {s.duration:g} s per side, interleaved"
+        + (" (quick mode: not representative)" if s.quick else "")
+        + f". Mean body sizes: request {mean_up:.0f} B"
+        + ("" if s.encoding == "identity" else f" (sent as {s.encoding})")
+        + f", response {real_size} B (typical real) / {bare_size} B (bare).",
+        "",
+        "Medians over rounds, (min-max) across rounds; ratio = crdtsync / bare "
+        "(of the medians; per-round pairs in brackets):",
+        "",
+        "| figure | crdtsync serve | bare aiohttp (ceiling) | ratio |",
+        "|---|---:|---:|---:|",
+        row("syncs/s", lambda r: r.syncs_per_s, ratio=True),
+        row("events/s", lambda r: r.events_per_s, ratio=True),
+        row("latency p50 (ms)", lambda r: r.p(0.5), "{:.2f}"),
+        row("latency p99 (ms)", lambda r: r.p(0.99), "{:.2f}"),
+        row("server CPU, event-loop thread (%)", lambda r: r.cpu.server_main),
+        row("server CPU, other threads (%)", lambda r: r.cpu.server_other),
+        row("load generator CPU (%)", lambda r: r.cpu.load),
+        row("CPU of other processes on the machine (%)", lambda r: r.cpu.others),
+    ]
+    goal = statistics.median([r.syncs_per_s for r in real]) / statistics.median(
+        [r.syncs_per_s for r in bare])
+    lines += ["", f"Goal (issue 6): crdtsync at least 0.5x the bare syncs/s: "
+              f"{'met' if goal >= 0.5 else 'not met'} ({goal:.2f})."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per side")
+    parser.add_argument("--shared-docs", action="store_true",
+                        help="also send fleet and project entries, as the reference client")
+    add_encoding_option(parser)
+    parser.add_argument("--seed", type=int, default=6)
+    parser.add_argument("--quick", action="store_true",
+                        help="20 devices, 2 rounds of 2 s (CI smoke test)")
+    parser.add_argument("--write", type=Path, help="replace the generated block of this file")
+    parser.add_argument("--profile", type=Path, metavar="OUT",
+                        help="run the server under cProfile (stats to OUT), no ceiling")
+    parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--response", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_server:
+        bare_server(args.port, args.response)
+        return
+    exit_on_sigterm()
+    s = Settings(devices=20 if args.quick else args.devices,
+                 concurrency=8 if args.quick else args.concurrency,
+                 duration=2.0 if args.quick else args.duration,
+                 rounds=2 if args.quick else args.rounds, shared_docs=args.shared_docs,
+                 encoding=args.encoding,
+                 quick=args.quick,
+                 profile=args.profile.resolve() if args.profile else None, seed=args.seed)
+    print(f"Machine: {machine(LIBS, model=True, temp_dir=True)}", flush=True)
+    real, bare, real_size, bare_size = asyncio.run(benchmark(s))
+    errors = sum(sum(r.errors.values()) for r in real + bare)
+    if s.profile is not None:
+        print_profile(s.profile)
+    else:
+        if errors and args.write:
+            sys.exit(f"{errors} failed requests: not writing {args.write}")
+        report(render(s, real, bare, real_size, bare_size), args.write, NAME)
+    if errors:
+        sys.exit(f"{errors} requests failed (see the ERRORS columns)")
+
+
+if __name__ == "__main__":
+    main()
