@@ -241,9 +241,15 @@ async def test_a_lost_connection_is_opened_again(jetstream: JetStream) -> None:
         "ev:d:1", "ev:d:2"]
 
 
-async def test_an_unreachable_server_is_a_retryable_error() -> None:
-    sink = SINK_TYPES["nats"](SinkConfig("js", "nats", {
-        "url": f"nats://127.0.0.1:{closed_port()}", "timeout": 2}))
+@pytest.mark.parametrize(("kind", "url"), [
+    ("nats", "nats://127.0.0.1:{port}"),
+    ("postgres", "postgresql://postgres@127.0.0.1:{port}/test"),
+])
+async def test_an_unreachable_destination_is_a_retryable_error(kind: str, url: str) -> None:
+    """NATS and PostgreSQL alike: a destination that does not answer is retried (backoff),
+    never dead-lettered as if it had refused the items."""
+    sink = SINK_TYPES[kind](SinkConfig("s", kind, {
+        "url": url.format(port=closed_port()), "timeout": 2}))
     with pytest.raises(SinkError) as opening:
         await sink.open()
     with pytest.raises(SinkError) as delivering:

@@ -27,7 +27,7 @@ from crdtsync_server.store.feed import FeedItem
 from .conftest import ADMIN_TOKEN
 from .services import require_postgres
 from .test_sinks_e2e import caught_up, eventually, feed_keys, server_config
-from .test_sinks_nats import closed_port, delivered, event, state
+from .test_sinks_nats import delivered, event, state
 
 __all__ = ["server_config"]  # the e2e fixture: readers re-poll the feed often
 
@@ -176,18 +176,6 @@ async def test_a_value_postgres_cannot_store_is_rejected(database: Database) -> 
     finally:
         await sink.aclose()
     assert [row["key"] for row in await database.rows(database.table("events"))] == ["ev:d:1"]
-
-
-async def test_an_unreachable_database_is_a_retryable_error() -> None:
-    sink = SINK_TYPES["postgres"](SinkConfig("pg", "postgres", {
-        "url": f"postgresql://postgres@127.0.0.1:{closed_port()}/test", "timeout": 2}))
-    with pytest.raises(SinkError) as opening:
-        await sink.open()
-    with pytest.raises(SinkError) as delivering:
-        await sink.deliver([event(1, "d", 1)])
-    assert not isinstance(opening.value, SinkRejected)
-    assert not isinstance(delivering.value, SinkRejected)
-    await sink.aclose()
 
 
 @SERVICE
