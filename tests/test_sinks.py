@@ -109,11 +109,13 @@ async def emit(store: MemoryStore, device: str, first: int, last: int, topic: st
 
 
 async def make_runner(store: MemoryStore, sink: FakeSink, sleeps: Sleeps | None = None,
-                      **kw: Any) -> SinkRunner:
+                      owner: str | None = None, lease_ttl: float = 30.0, **kw: Any
+                      ) -> SinkRunner:
     config = SinkConfig("s", "fake", **kw)
     record = await store.put_sink(config, 1)
     return SinkRunner(store, FeedNotifier(poll=0.01), config, sink, record.cursor,
-                      sleep=sleeps or Sleeps(), rand=lambda: 1.0)
+                      sleep=sleeps or Sleeps(), rand=lambda: 1.0, owner=owner,
+                      lease_ttl=lease_ttl)
 
 
 async def status(store: MemoryStore) -> SinkRecord:
@@ -294,6 +296,42 @@ async def test_run_retries_opening_then_wakes_on_new_items(store: MemoryStore) -
         task.cancel()
         await asyncio.wait([task])
     assert sink.closed and runner.state == "stopped"
+
+
+# --- the lease ---------------------------------------------------------------------------------
+
+async def test_only_the_lease_holder_delivers_and_the_other_takes_over(
+        store: MemoryStore) -> None:
+    await emit(store, "a", 1, 3)
+    first_sink, second_sink, sleeps = FakeSink(), FakeSink(), Sleeps()
+    first = await make_runner(store, first_sink, batch=2, owner="one", lease_ttl=3.0)
+    second = SinkRunner(store, FeedNotifier(poll=0.01), first.config, second_sink, 0,
+                        sleep=sleeps, owner="two", lease_ttl=3.0)
+    assert await first.step()
+    assert not await second.step()
+    assert (second.state, sleeps.delays, second_sink.attempts) == ("standby", [1.0], [])
+    assert (await status(store)).owner == "one"
+    await first.lease.release()
+    await second.lease.acquire()  # its next try, without waiting for it
+    await drain(second)  # goes on from the stored cursor
+    assert first_sink.delivered == [["ev:a:1", "ev:a:2"]]
+    assert second_sink.delivered == [["ev:a:3"]]
+    assert (await status(store)).owner == "two"
+
+
+async def test_a_runner_that_lost_its_lease_does_not_move_the_cursor(
+        store: MemoryStore) -> None:
+    await emit(store, "a", 1, 2)
+    sink = FakeSink()
+    runner = await make_runner(store, sink, batch=1, owner="one")
+    assert await runner.step()
+    await store.release_sink_lease("s", "one")  # as if it expired ...
+    assert await store.acquire_sink_lease("s", "two", 0, 10**15)  # ... and was taken
+    assert not await runner.step()  # delivered the page, but may not move the cursor
+    assert sink.attempts == [["ev:a:1"], ["ev:a:2"]]
+    assert runner.state == "standby" and not runner.lease.held
+    record = await status(store)
+    assert (record.cursor, record.delivered, record.owner) == (1, 1, "two")
 
 
 # --- the manager -------------------------------------------------------------------------------

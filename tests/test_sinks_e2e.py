@@ -6,6 +6,7 @@ deduplication, in each device's order."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -201,6 +202,52 @@ async def test_every_item_arrives_once_in_order_across_failures_and_a_restart(
     assert status["delivered"] >= len(expected)
     assert 'crdtsync_sink_lag{sink="hook"} 0' in metrics.splitlines()
     assert f"crdtsync_feed_head {status['head']}" in metrics.splitlines()
+
+
+async def test_two_processes_on_one_database_deliver_each_sink_once_and_fail_over(
+        server_config: ServerConfig, receiver: tuple[Receiver, str], tmp_path: Path) -> None:
+    """Only the lease holder delivers: no key arrives twice while both run; when the holder
+    stops, the other takes over and nothing is lost."""
+    rx, url = receiver
+    server_config.sink_lease_ttl = 0.6
+    first = Server(server_config)
+    await first.start()
+    devices: list[Device] = []
+    try:
+        async with AdminClient(first.url, ADMIN_TOKEN) as admin_a:
+            await admin_a.put_sink("hook", webhook_sink(url, batch=2))
+            async with Server(dataclasses.replace(server_config)) as second, \
+                    AdminClient(second.url, ADMIN_TOKEN) as admin_b:
+                for name, srv in (("d0", first), ("d1", second)):  # one device per process
+                    token = (await admin_a.add_device(name))["token"]
+                    devices.append(Device(name, srv.url, token=token, interval=None,
+                                          path=tmp_path / f"{name}.db"))
+                    await devices[-1].start()
+                await produce(devices, range(5))
+                expected_a = await feed_keys(admin_b)
+                await rx.wait_for(lambda: set(rx.items) >= set(expected_a))
+                await eventually(lambda: caught_up(admin_a))
+                owner = (await sink_status(admin_b))["owner"]
+                assert owner == first.services.sinks.owner
+                assert (await sink_status(admin_b))["state"] == "standby"
+                assert rx.duplicates == 0  # one process delivered, each key once
+
+                await devices[0].aclose()
+                await first.aclose()  # the owner stops: the other takes over
+                await produce(devices[1:], range(5, 9))
+                expected = await feed_keys(admin_b)
+                await rx.wait_for(lambda: set(rx.items) >= set(expected))
+                await eventually(lambda: caught_up(admin_b))
+                status = await sink_status(admin_b)
+    finally:
+        for dev in devices:
+            await dev.aclose()
+        await first.aclose()
+
+    assert status["owner"] == second.services.sinks.owner != owner
+    assert sorted(rx.items) == sorted(expected)  # nothing lost
+    assert status["lag"] == 0 and rx.bad_signatures == 0
+    assert_device_order(rx)
 
 
 async def metrics_text(server: Server) -> str:

@@ -1206,3 +1206,49 @@ async def test_deleting_a_sink_deletes_its_dead_letters(store: Store) -> None:
     assert record is not None and (record.cursor, record.dead_letters) == (0, 0)
     assert await store.list_dead_letters("hook") == []
     assert len(await store.list_dead_letters("other")) == 1
+
+
+async def test_a_sink_lease_has_one_owner_at_a_time(store: Store) -> None:
+    await store.put_sink(sink_config(), 1)
+    assert await store.acquire_sink_lease("hook", "a", 100, 30)
+    assert not await store.acquire_sink_lease("hook", "b", 110, 30)
+    record = await store.get_sink("hook")
+    assert record is not None and (record.owner, record.lease_until) == ("a", 130)
+    assert await store.acquire_sink_lease("hook", "a", 120, 30)  # renewed
+    assert not await store.acquire_sink_lease("hook", "b", 140, 30)  # not expired yet
+    assert await store.acquire_sink_lease("hook", "b", 150, 30)  # expired: taken over
+    record = await store.get_sink("hook")
+    assert record is not None and (record.owner, record.lease_until) == ("b", 180)
+    assert not await store.acquire_sink_lease("nobody", "a", 100, 30)
+
+
+async def test_a_released_sink_lease_is_free_and_survives_reconfiguring(store: Store) -> None:
+    await store.put_sink(sink_config(), 1)
+    assert await store.acquire_sink_lease("hook", "a", 100, 30)
+    await store.put_sink(sink_config(batch=7), 2)
+    record = await store.get_sink("hook")
+    assert record is not None and record.owner == "a"
+    await store.release_sink_lease("hook", "b")  # not b's: nothing happens
+    assert not await store.acquire_sink_lease("hook", "b", 110, 30)
+    await store.release_sink_lease("hook", "a")
+    record = await store.get_sink("hook")
+    assert record is not None and (record.owner, record.lease_until) == (None, 0)
+    assert await store.acquire_sink_lease("hook", "b", 111, 30)
+
+
+async def test_only_the_lease_owner_moves_a_cursor(store: Store) -> None:
+    items = await feed_items(store, 3)
+    await store.put_sink(sink_config(), 1)
+    assert await store.acquire_sink_lease("hook", "a", 100, 30)
+    assert not await store.sink_delivered("hook", 5, 2, 101, owner="b")
+    assert not await store.add_dead_letters("hook", items[:1], "x", 1, 101, owner="b")
+    record = await store.get_sink("hook")
+    assert record is not None and (record.cursor, record.delivered, record.dead_letters) == (
+        0, 0, 0)
+    assert await store.sink_delivered("hook", 2, 2, 102, owner="a")
+    assert await store.add_dead_letters("hook", items[2:], "x", 1, 103, owner="a")
+    record = await store.get_sink("hook")
+    assert record is not None and (record.cursor, record.delivered, record.dead_letters) == (
+        items[2].cursor, 2, 1)
+    assert await store.sink_delivered("hook", 2, 0, 104)  # no owner given: unconditional
+    assert not await store.sink_delivered("nobody", 2, 0, 104)

@@ -96,6 +96,10 @@ class ServerConfig:
     feed_poll: float = 1.0
     """Seconds between re-reads of the feed by waiting readers (long polls, streams, sinks)
     when nothing in this process woke them: how soon they see another process's items."""
+    sink_lease_ttl: float = 30.0
+    """Seconds a process's lease on a sink lasts unless renewed (every third of it): when
+    several processes share the database, how long after one dies another delivers its
+    sinks (docs/downstream.md)."""
     touch_every: float = 1.0
     """Seconds between batched writes of ``last_sync`` for syncs that changed nothing (a
     crash loses at most this much of that bookkeeping, never data)."""
@@ -165,7 +169,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             built = await build_projection(backend, docs, int(time.time() * 1000))
             if built:
                 log.info("built the state projection of %d stored documents", built)
-            sinks = SinkManager(backend, notifier, await read_sinks_file(config.sinks_file))
+            sinks = SinkManager(backend, notifier, await read_sinks_file(config.sinks_file),
+                                lease_ttl=config.sink_lease_ttl)
             app[SERVICES] = Services(config, backend, docs, sync, admin_hash, table, proxy,
                                      TemplateRegistry(backend), notifier, sinks)
             loops = [asyncio.create_task(purge_loop(backend, config), name="crdtsync-purge"),

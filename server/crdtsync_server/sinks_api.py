@@ -36,6 +36,7 @@ def sink_json(record: SinkRecord, head: int, state: str) -> dict[str, Any]:
             "dead_letters": record.dead_letters, "dead_lettered": record.dead_lettered,
             "last_error": record.last_error, "last_error_at": record.last_error_at,
             "last_delivered_at": record.last_delivered_at,
+            "owner": record.owner, "lease_until": record.lease_until,
         },
     }
 

@@ -6,9 +6,9 @@ origin is the sinks file but which the file no longer defines is kept (its curso
 letters too) but not run until the file names it again or the API deletes it. The
 management API calls :meth:`SinkManager.apply` after each change.
 
-Run sinks in one server process per database: two processes would both deliver every item
-(still at least once and deduplicated by key, but the per-device order across the two would
-interleave).
+Several server processes may share one database: every process runs a runner per sink, but
+only the one holding the sink's lease delivers it (see :mod:`~crdtsync_server.sinks.lease`);
+``owner`` identifies this manager's process in those leases.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..store import Store
 from ..store.sinks import SinkRecord
 from .base import SINK_TYPES, Sink, SinkConfig
 from .config import FileSink, SinkSpec, load_sinks_file
+from .lease import LEASE_TTL_S, new_owner_id
 from .runner import SinkRunner, now_ms
 
 log = logging.getLogger("crdtsync.server.sinks")
@@ -43,8 +44,11 @@ class SinkManager:
     """Starts, restarts and stops the runners of the stored sinks."""
 
     def __init__(self, store: Store, notifier: FeedNotifier,
-                 file_sinks: Mapping[str, FileSink] | None = None) -> None:
+                 file_sinks: Mapping[str, FileSink] | None = None, *,
+                 owner: str | None = None, lease_ttl: float = LEASE_TTL_S) -> None:
         self.store = store
+        self.owner = owner or new_owner_id()
+        self.lease_ttl = lease_ttl
         self.notifier = notifier
         self.file_sinks = dict(file_sinks or {})
         self._runners: dict[str, tuple[SinkRunner, asyncio.Task[None]]] = {}
@@ -104,7 +108,8 @@ class SinkManager:
         sink = self._build(record.name, config)
         if sink is None:
             return
-        runner = SinkRunner(self.store, self.notifier, config, sink, record.cursor)
+        runner = SinkRunner(self.store, self.notifier, config, sink, record.cursor,
+                            owner=self.owner, lease_ttl=self.lease_ttl)
         task = asyncio.create_task(runner.run(), name=f"crdtsync-sink-{record.name}")
         task.add_done_callback(_log_crash)
         self._runners[record.name] = (runner, task)

@@ -21,6 +21,13 @@ scanned again (when only skipped items follow, that move is stored at most once 
 Dead letters marked for a retry (``POST .../dead-letters/retry``) are tried again, between
 two pages, with the same retry rules; they arrive after items that followed them in the
 feed.
+
+A runner delivers only while its process holds the sink's lease (see
+:mod:`~crdtsync_server.sinks.lease`); otherwise it waits (``standby``). Each time it takes
+the lease it reads the stored cursor again (another process may have moved it) and looks
+for dead letters to retry (a retry may have been asked of another process). When the store
+refuses to move the cursor because another process took the lease, it stops delivering
+and waits again.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from ..feed import FeedNotifier
 from ..store import Store
 from ..store.feed import FeedItem
 from .base import Sink, SinkConfig
+from .lease import LEASE_TTL_S, SinkLease, new_owner_id, now_ms
 
 log = logging.getLogger("crdtsync.server.sinks")
 
@@ -50,9 +58,11 @@ busy feed would otherwise cost one write per commit per filtered sink); a restar
 scans those items again."""
 MAX_EXPONENT = 60
 
+__all__ = ["Backoff", "Failure", "LeaseLost", "SinkRunner", "error_text", "now_ms"]
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+
+class LeaseLost(Exception):
+    """The store refused to move the cursor: another process holds the sink's lease."""
 
 
 def error_text(exc: BaseException) -> str:
@@ -92,12 +102,15 @@ class SinkRunner:
 
     ``sleep`` and ``rand`` are injectable for tests (delays are recorded, not waited). The
     runner owns ``sink``: it opens it (retrying with backoff) and closes it when it stops.
-    ``state`` says what it is doing: ``opening``, ``idle``, ``delivering``, ``backoff``
-    (waiting to retry), ``store error`` or ``stopped``."""
+    ``state`` says what it is doing: ``opening``, ``standby`` (another process holds the
+    lease), ``idle``, ``delivering``, ``backoff`` (waiting to retry), ``store error`` or
+    ``stopped``. ``owner`` identifies this process's leases (default: a new id), ``lease_ttl``
+    is their duration in seconds."""
 
     def __init__(self, store: Store, notifier: FeedNotifier, config: SinkConfig, sink: Sink,
                  cursor: int, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random, owner: str | None = None,
+                 lease_ttl: float = LEASE_TTL_S) -> None:
         self.store = store
         self.notifier = notifier
         self.config = config
@@ -110,6 +123,8 @@ class SinkRunner:
         self._retry_pending = True  # dead letters a previous process was asked to retry
         self._stored = cursor
         self._skip_written = -SKIP_WRITE_S
+        self.lease = SinkLease(store, config.name, owner or new_owner_id(), lease_ttl)
+        self._term = 0  # the lease term the runner's cursor was read in
 
     @property
     def name(self) -> str:
@@ -120,17 +135,27 @@ class SinkRunner:
         self._retry_pending = True
 
     async def run(self) -> None:
-        """Open the sink, then deliver until cancelled; closes the sink on the way out."""
+        """Open the sink, then deliver (renewing the lease) until cancelled; releases the
+        lease and closes the sink on the way out."""
+        keeper = asyncio.create_task(self.lease.keep(), name=f"crdtsync-lease-{self.name}")
         try:
             await self._open()
             while True:
                 await self.step()
         finally:
             self.state = "stopped"
-            try:
-                await self.sink.aclose()
-            except Exception:
-                log.exception("sink %r: closing failed", self.name)
+            keeper.cancel()
+            await self._close()
+
+    async def _close(self) -> None:
+        try:
+            await self.lease.release()
+        except Exception:
+            log.exception("sink %r: releasing the lease failed", self.name)
+        try:
+            await self.sink.aclose()
+        except Exception:
+            log.exception("sink %r: closing failed", self.name)
 
     async def _open(self) -> None:
         attempt = 0
@@ -148,8 +173,11 @@ class SinkRunner:
 
     async def step(self) -> bool:
         """Deliver (or dead-letter) one page, or wait for the feed to grow when there is
-        nothing to deliver. Returns whether it handled items."""
+        nothing to deliver, or for the lease while another process holds it. Returns whether
+        it handled items."""
         try:
+            if not await self._hold_lease():
+                return await self._stand_by()
             if await self._retry_dead_letters() or await self._deliver_page():
                 return True
         except CrdtsyncError as exc:  # the store failed; nothing was lost: try again
@@ -157,8 +185,32 @@ class SinkRunner:
             self.state = "store error"
             await self._sleep(STORE_RETRY_S)
             return False
+        except LeaseLost:
+            log.warning("sink %r: another process took over its delivery", self.name)
+            self.lease.lost()
+            return await self._stand_by()
         self.state = "idle"
         await self.notifier.wait(self.notifier.poll)
+        return False
+
+    async def _hold_lease(self) -> bool:
+        """Whether the lease is held (taken or renewed when due); once taken again, go on
+        from the stored cursor and look for dead letters to retry."""
+        if not await self.lease.hold():
+            return False
+        if self._term != self.lease.term:
+            record = await self.store.get_sink(self.name)
+            if record is None:  # deleted under the runner: its manager stops it
+                self.lease.lost()
+                return False
+            self.cursor = self._stored = record.cursor
+            self._retry_pending = True
+            self._term = self.lease.term
+        return True
+
+    async def _stand_by(self) -> bool:
+        self.state = "standby"
+        await self._sleep(self.lease.period)
         return False
 
     async def _deliver_page(self) -> bool:
@@ -174,7 +226,9 @@ class SinkRunner:
         return True
 
     async def _progress(self, cursor: int, delivered: int) -> None:
-        await self.store.sink_delivered(self.name, cursor, delivered, now_ms())
+        if not await self.store.sink_delivered(self.name, cursor, delivered, now_ms(),
+                                               self.lease.owner):
+            raise LeaseLost
         self.cursor = self._stored = max(self.cursor, cursor)
 
     async def _write_skip(self) -> None:
@@ -193,8 +247,9 @@ class SinkRunner:
             for item in items:  # in order: only the refused items become dead letters
                 delivered += await self._handle([item])
             return delivered
-        await self.store.add_dead_letters(self.name, items, failure.error, failure.attempts,
-                                          now_ms())
+        if not await self.store.add_dead_letters(self.name, items, failure.error,
+                                                 failure.attempts, now_ms(), self.lease.owner):
+            raise LeaseLost
         log.warning("sink %r: %d items dead-lettered after %d attempts: %s", self.name,
                     len(items), failure.attempts, failure.error)
         return 0

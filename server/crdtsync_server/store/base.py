@@ -380,20 +380,33 @@ class Store(Protocol):
     async def delete_sink(self, name: str) -> None:
         """Delete a sink and its dead letters; :class:`NotFound` if there is none."""
 
-    async def sink_delivered(self, name: str, cursor: int, count: int, now: int) -> None:
+    async def acquire_sink_lease(self, name: str, owner: str, now: int, ttl_ms: int) -> bool:
+        """Atomically take the sink's delivery lease for ``owner`` until ``now + ttl_ms``
+        when nobody holds it, it expired (``lease_until <= now``) or ``owner`` holds it
+        already (a renewal); returns whether ``owner`` holds it. ``False`` for an unknown
+        sink."""
+
+    async def release_sink_lease(self, name: str, owner: str) -> None:
+        """Give up the sink's lease if ``owner`` holds it (anyone may take it at once)."""
+
+    async def sink_delivered(self, name: str, cursor: int, count: int, now: int,
+                             owner: str | None = None) -> bool:
         """The destination accepted ``count`` items up to feed cursor ``cursor``: move the
         cursor there (never back) and add ``count`` to ``delivered``; when ``count`` > 0 also
         reset ``consecutive_failures`` and set ``last_delivered_at``. ``count`` 0 only moves
-        the cursor (past items the filter skips). Nothing happens for an unknown sink."""
+        the cursor (past items the filter skips). With ``owner``, only if ``owner`` holds
+        the sink's lease (checked atomically with the update). Returns whether it was
+        updated: nothing happens for an unknown sink or another owner's."""
 
     async def sink_failed(self, name: str, error: str, now: int) -> None:
         """Count one failed delivery attempt and keep ``error`` as the last error."""
 
     async def add_dead_letters(self, name: str, items: Sequence[FeedItem], error: str,
-                               attempts: int, now: int) -> None:
+                               attempts: int, now: int, owner: str | None = None) -> bool:
         """Store ``items`` (non-empty, cursor order) as dead letters of the sink and move its
         cursor past the last one, in one transaction; resets ``consecutive_failures``.
-        Nothing happens for an unknown sink."""
+        ``owner`` as for :meth:`sink_delivered`; returns whether anything was stored
+        (nothing is for an unknown sink or another owner's)."""
 
     async def list_dead_letters(self, name: str, after: int = 0, limit: int = 100,
                                 retrying: bool | None = None) -> list[DeadLetter]:

@@ -682,17 +682,40 @@ class MemoryStore:
         for letter in self._sink_letters(name):
             del self._letters[letter.id]
 
-    async def sink_delivered(self, name: str, cursor: int, count: int, now: int) -> None:
-        """Move the cursor forward and count delivered items (see ``Store``)."""
+    async def acquire_sink_lease(self, name: str, owner: str, now: int, ttl_ms: int) -> bool:
+        """Take or renew the sink's lease (see ``Store``)."""
         self._check_open()
         record = self._sinks.get(name)
+        if record is None or (record.owner not in (None, owner) and record.lease_until > now):
+            return False
+        self._sinks[name] = dataclasses.replace(record, owner=owner, lease_until=now + ttl_ms)
+        return True
+
+    async def release_sink_lease(self, name: str, owner: str) -> None:
+        """Give up the sink's lease if ``owner`` holds it."""
+        self._check_open()
+        record = self._owned(name, owner)
+        if record is not None:
+            self._sinks[name] = dataclasses.replace(record, owner=None, lease_until=0)
+
+    def _owned(self, name: str, owner: str | None) -> SinkRecord | None:
+        """The stored sink, if ``owner`` (unless ``None``) holds its lease."""
+        record = self._sinks.get(name)
+        return record if record is not None and owner in (None, record.owner) else None
+
+    async def sink_delivered(self, name: str, cursor: int, count: int, now: int,
+                             owner: str | None = None) -> bool:
+        """Move the cursor forward and count delivered items (see ``Store``)."""
+        self._check_open()
+        record = self._owned(name, owner)
         if record is None:
-            return
+            return False
         record = dataclasses.replace(record, cursor=max(record.cursor, cursor),
                                      delivered=record.delivered + count)
         if count > 0:
             record = dataclasses.replace(record, consecutive_failures=0, last_delivered_at=now)
         self._sinks[name] = record
+        return True
 
     async def sink_failed(self, name: str, error: str, now: int) -> None:
         """Count one failed attempt and keep ``error``."""
@@ -705,12 +728,12 @@ class MemoryStore:
                 last_error_at=now)
 
     async def add_dead_letters(self, name: str, items: Sequence[FeedItem], error: str,
-                               attempts: int, now: int) -> None:
+                               attempts: int, now: int, owner: str | None = None) -> bool:
         """Store dead letters and move the cursor past them, atomically."""
         self._check_open()
-        record = self._sinks.get(name)
+        record = self._owned(name, owner)
         if record is None:
-            return
+            return False
         texts = [item_text(item) for item in items]
         for text in texts:
             self._last_letter_id += 1
@@ -719,6 +742,7 @@ class MemoryStore:
         self._sinks[name] = dataclasses.replace(
             record, cursor=max(record.cursor, items[-1].cursor),
             dead_lettered=record.dead_lettered + len(items), consecutive_failures=0)
+        return True
 
     async def list_dead_letters(self, name: str, after: int = 0, limit: int = 100,
                                 retrying: bool | None = None) -> list[DeadLetter]:

@@ -7,6 +7,10 @@ and only after the destination accepted the items (at least once: a crash in bet
 delivers them again, and the destination deduplicates by ``FeedItem.key``). Dead letters
 are written in the same transaction that moves the cursor past them, so an item is never
 both lost and undelivered. The runner that drives this lives in ``crdtsync_server.sinks``.
+
+Several server processes may share one database: a sink's *lease* (``owner`` until
+``lease_until``) lets one of them deliver it at a time, and a cursor only moves for the
+owner that asks (``sink_delivered`` and ``add_dead_letters`` with ``owner``).
 """
 
 from __future__ import annotations
@@ -65,6 +69,10 @@ class SinkRecord:
     last_delivered_at: int | None = None
     created: int = 0
     updated: int = 0
+    owner: str | None = None
+    """The server process holding the sink's delivery lease (``None``: nobody)."""
+    lease_until: int = 0
+    """When that lease expires unless renewed (ms since the epoch)."""
 
     @property
     def name(self) -> str:

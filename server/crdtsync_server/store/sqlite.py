@@ -464,19 +464,28 @@ class SQLiteStore:
         """Delete a sink and its dead letters; :class:`NotFound` if there is none."""
         await self._run(sqlite_sinks.delete_sink, name)
 
-    async def sink_delivered(self, name: str, cursor: int, count: int, now: int) -> None:
+    async def acquire_sink_lease(self, name: str, owner: str, now: int, ttl_ms: int) -> bool:
+        """Take or renew the sink's lease in one statement (see ``Store``)."""
+        return await self._run(sqlite_sinks.acquire_sink_lease, name, owner, now, ttl_ms)
+
+    async def release_sink_lease(self, name: str, owner: str) -> None:
+        """Give up the sink's lease if ``owner`` holds it."""
+        await self._run(sqlite_sinks.release_sink_lease, name, owner)
+
+    async def sink_delivered(self, name: str, cursor: int, count: int, now: int,
+                             owner: str | None = None) -> bool:
         """Move the cursor forward and count delivered items (see ``Store``)."""
-        await self._run(sqlite_sinks.sink_delivered, name, cursor, count, now)
+        return await self._run(sqlite_sinks.sink_delivered, name, cursor, count, now, owner)
 
     async def sink_failed(self, name: str, error: str, now: int) -> None:
         """Count one failed attempt and keep ``error``."""
         await self._run(sqlite_sinks.sink_failed, name, error, now)
 
     async def add_dead_letters(self, name: str, items: Sequence[FeedItem], error: str,
-                               attempts: int, now: int) -> None:
+                               attempts: int, now: int, owner: str | None = None) -> bool:
         """Store dead letters and move the cursor past them, in one transaction."""
-        await self._run(sqlite_sinks.add_dead_letters, name, list(items), error, attempts,
-                        now)
+        return await self._run(sqlite_sinks.add_dead_letters, name, list(items), error,
+                               attempts, now, owner)
 
     async def list_dead_letters(self, name: str, after: int = 0, limit: int = 100,
                                 retrying: bool | None = None) -> list[DeadLetter]:

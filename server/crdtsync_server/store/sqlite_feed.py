@@ -76,7 +76,9 @@ MIGRATION = """
         last_error_at INTEGER,
         last_delivered_at INTEGER,
         created INTEGER NOT NULL,
-        updated INTEGER NOT NULL
+        updated INTEGER NOT NULL,
+        owner TEXT,
+        lease_until INTEGER NOT NULL DEFAULT 0
     );
     CREATE TABLE dead_letters (
         id INTEGER PRIMARY KEY AUTOINCREMENT,

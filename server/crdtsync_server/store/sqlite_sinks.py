@@ -24,7 +24,7 @@ from .sinks import (
 
 _CONFIG = "name, type, options, filter, batch, max_attempts, backoff, max_backoff"
 _STATUS = ("origin, paused, cursor, delivered, failures, consecutive_failures, dead_lettered,"
-           " last_error, last_error_at, last_delivered_at, created, updated")
+           " last_error, last_error_at, last_delivered_at, created, updated, owner, lease_until")
 _SELECT = (f"SELECT {_CONFIG}, {_STATUS}, (SELECT COUNT(*) FROM dead_letters d"
            " WHERE d.sink = sinks.name) FROM sinks")
 _LETTER = "id, sink, item, error, attempts, created, retry"
@@ -32,10 +32,11 @@ _LETTER = "id, sink, item, error, attempts, created, retry"
 
 def _record(row: Sequence[Any]) -> SinkRecord:
     (origin, paused, cursor, delivered, failures, consecutive, dead_lettered, last_error,
-     last_error_at, last_delivered_at, created, updated, dead_letters) = row[8:]
+     last_error_at, last_delivered_at, created, updated, owner, lease_until,
+     dead_letters) = row[8:]
     return SinkRecord(config_from_columns(*row[:8]), origin, bool(paused), cursor, delivered,
                       failures, consecutive, dead_lettered, dead_letters, last_error,
-                      last_error_at, last_delivered_at, created, updated)
+                      last_error_at, last_delivered_at, created, updated, owner, lease_until)
 
 
 def _letter(row: Sequence[Any]) -> DeadLetter:
@@ -75,13 +76,30 @@ def delete_sink(conn: sqlite3.Connection, name: str) -> None:
             raise NotFound(f"no sink {name!r}", {"sink": name})
 
 
-def sink_delivered(conn: sqlite3.Connection, name: str, cursor: int, count: int, now: int
-                   ) -> None:
-    conn.execute(
+_OWNED = "name = ? AND (? IS NULL OR owner = ?)"
+"""The sink, and (unless the owner given is NULL) only while that owner holds its lease."""
+
+
+def acquire_sink_lease(conn: sqlite3.Connection, name: str, owner: str, now: int,
+                       ttl_ms: int) -> bool:
+    return bool(conn.execute(
+        "UPDATE sinks SET owner = ?, lease_until = ? WHERE name = ?"
+        " AND (owner IS NULL OR owner = ? OR lease_until <= ?)",
+        (owner, now + ttl_ms, name, owner, now)).rowcount)
+
+
+def release_sink_lease(conn: sqlite3.Connection, name: str, owner: str) -> None:
+    conn.execute("UPDATE sinks SET owner = NULL, lease_until = 0 WHERE name = ? AND owner = ?",
+                 (name, owner))
+
+
+def sink_delivered(conn: sqlite3.Connection, name: str, cursor: int, count: int, now: int,
+                   owner: str | None = None) -> bool:
+    return bool(conn.execute(
         "UPDATE sinks SET cursor = MAX(cursor, ?), delivered = delivered + ?,"
         " consecutive_failures = CASE WHEN ? > 0 THEN 0 ELSE consecutive_failures END,"
         " last_delivered_at = CASE WHEN ? > 0 THEN ? ELSE last_delivered_at END"
-        " WHERE name = ?", (cursor, count, count, count, now, name))
+        f" WHERE {_OWNED}", (cursor, count, count, count, now, name, owner, owner)).rowcount)
 
 
 def sink_failed(conn: sqlite3.Connection, name: str, error: str, now: int) -> None:
@@ -92,17 +110,18 @@ def sink_failed(conn: sqlite3.Connection, name: str, error: str, now: int) -> No
 
 
 def add_dead_letters(conn: sqlite3.Connection, name: str, items: Sequence[FeedItem],
-                     error: str, attempts: int, now: int) -> None:
+                     error: str, attempts: int, now: int, owner: str | None = None) -> bool:
     with transaction(conn):
         moved = conn.execute(
             "UPDATE sinks SET cursor = MAX(cursor, ?), dead_lettered = dead_lettered + ?,"
-            " consecutive_failures = 0 WHERE name = ?",
-            (items[-1].cursor, len(items), name)).rowcount
-        if moved:  # an unknown (deleted) sink keeps no dead letters
+            f" consecutive_failures = 0 WHERE {_OWNED}",
+            (items[-1].cursor, len(items), name, owner, owner)).rowcount
+        if moved:  # an unknown (deleted) sink, or another owner's, keeps no dead letters
             conn.executemany(
                 "INSERT INTO dead_letters (sink, cursor, key, item, error, attempts, created)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(name, i.cursor, i.key, item_text(i), error, attempts, now) for i in items])
+    return bool(moved)
 
 
 def list_dead_letters(conn: sqlite3.Connection, name: str, after: int, limit: int,
