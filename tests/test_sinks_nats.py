@@ -31,7 +31,14 @@ from crdtsync_server.store.feed import FeedItem
 
 from .conftest import ADMIN_TOKEN
 from .services import require_nats
-from .test_sinks_e2e import caught_up, eventually, feed_keys, produce, server_config
+from .test_sinks_e2e import (
+    assert_device_order,
+    caught_up,
+    eventually,
+    feed_keys,
+    produce,
+    server_config,
+)
 
 __all__ = ["server_config"]  # the e2e fixture: readers re-poll the feed often
 
@@ -147,18 +154,6 @@ async def delivered(sink: Sink, *batches: Sequence[FeedItem]) -> None:
             await sink.deliver(batch)
     finally:
         await sink.aclose()
-
-
-def assert_device_order(payloads: Sequence[dict[str, Any]]) -> None:
-    """In stream order, each device's items have growing cursors and events count 1, 2..."""
-    by_device: dict[str, list[dict[str, Any]]] = {}
-    for payload in payloads:
-        by_device.setdefault(payload["device"], []).append(payload)
-    for items in by_device.values():
-        cursors = [int(item["cursor"]) for item in items]
-        assert cursors == sorted(cursors)
-        seqs = [item["seq"] for item in items if item["kind"] == "event"]
-        assert seqs == list(range(1, len(seqs) + 1))
 
 
 @SERVICE
