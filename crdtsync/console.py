@@ -9,6 +9,8 @@ import signal
 import sys
 from typing import Any
 
+from .aio import wait_event
+
 
 def out(text: str) -> None:
     """Print a line on stdout, flushed at once (a pipe reader sees every line as it comes)."""
@@ -52,8 +54,4 @@ def stop_event() -> asyncio.Event:
 
 async def wait_or_stop(stop: asyncio.Event, seconds: float | None) -> bool:
     """Wait ``seconds`` (``None``: forever); return True as soon as ``stop`` is set."""
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        return False
-    return True
+    return await wait_event(stop, seconds)

@@ -22,6 +22,7 @@ import aiohttp
 from pycrdt import Doc, Map, MapEvent, TransactionEvent
 
 from . import crdt
+from .aio import cancel_and_wait, wait_event
 from .calls import Calls
 from .device_store import DeviceStore, OutboxEvent, OutboxLimits, QueuedEvent
 from .errors import (
@@ -189,9 +190,7 @@ class Device:
             return
         self._state = "closed"
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         async with self._sync_lock:
             if self._captured:
@@ -643,8 +642,7 @@ class Device:
             if failures:
                 await asyncio.sleep(delay)
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                await wait_event(self._wake, delay)
             spacing = self.min_spacing - (time.monotonic() - self._last_attempt)
             if spacing > 0:
                 await asyncio.sleep(spacing)

@@ -45,6 +45,7 @@ from typing import IO, Any, TypeVar
 from urllib.parse import quote
 
 from .admin import MAX_PAGE, AdminClient
+from .aio import cancel_and_wait
 from .errors import CrdtsyncError
 
 __all__ = ["COLUMNS", "FORMATS", "ExportError", "ExportReport", "ExportState",
@@ -314,9 +315,7 @@ async def unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event | None) ->
     try:
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        task.cancel()
-        stopped.cancel()
-        await asyncio.gather(task, stopped, return_exceptions=True)
+        await cancel_and_wait(task, stopped)
     return None if task.cancelled() else task.result()
 
 

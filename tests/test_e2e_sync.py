@@ -277,6 +277,18 @@ async def test_background_loop_syncs_soon_after_local_changes(
     assert (await admin.state("d1"))["state"] == {"x": 42}
 
 
+async def test_closing_right_after_a_sync_request_stops_the_loop(
+        make_device: DeviceFactory) -> None:
+    """The wake-up and the cancellation land in the same loop iteration: Python 3.11's
+    ``asyncio.wait_for`` swallows such a cancellation, which used to make ``aclose`` hang."""
+    dev = await make_device("d1", interval=3600.0, min_spacing=0.0)
+    await _until(lambda: dev.last_report is not None)  # the loop now waits for a wake-up
+    dev.request_sync()
+    closing = asyncio.create_task(dev.aclose())
+    done, _ = await asyncio.wait([closing], timeout=10)
+    assert closing in done and closing.exception() is None
+
+
 async def test_background_loop_backs_off_and_recovers(server_config: ServerConfig,
                                                       tmp_path: Path) -> None:
     async with Server(server_config) as srv, AdminClient(srv.url, ADMIN_TOKEN) as admin:

@@ -6,6 +6,7 @@ injected ``sleep``, never measured."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from crdtsync.protocol import Event
 from crdtsync_server.feed import FeedNotifier
 from crdtsync_server.metrics_api import render_metrics
 from crdtsync_server.sinks import SINK_TYPES, SinkConfig
+from crdtsync_server.sinks import runner as runner_module
 from crdtsync_server.sinks.config import (
     keep_redacted,
     load_sinks_file,
@@ -280,6 +282,37 @@ async def test_a_page_in_flight_when_stopped_is_delivered_again(store: MemorySto
                        (await status(store)).cursor)
     await drain(again)
     assert second.delivered == [["ev:a:1", "ev:a:2"]] == first.attempts
+
+
+async def test_stopping_survives_a_swallowed_cancellation_and_a_hung_close(
+        store: MemoryStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sink whose delivery swallows the stop's cancellation (nats-py's publish does when
+    the acknowledgement arrives in the same loop iteration, through Python 3.11's
+    ``asyncio.wait_for``) and whose close hangs still lets the manager stop."""
+    monkeypatch.setattr(runner_module, "CLOSE_TIMEOUT_S", 0.05)
+    await emit(store, "a", 1, 1)
+    entered = asyncio.Event()
+
+    class Stubborn(FakeSink):
+        async def deliver(self, items: Sequence[FeedItem]) -> None:
+            entered.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+            await super().deliver(items)
+
+        async def aclose(self) -> None:
+            await asyncio.sleep(30)
+
+    sink = Stubborn()
+    monkeypatch.setitem(SINK_TYPES, "fake", lambda config: sink)
+    await store.put_sink(SinkConfig("s", "fake"), 1)
+    manager = SinkManager(store, FeedNotifier(poll=0.01))
+    await manager.start()
+    await asyncio.wait_for(entered.wait(), 30)
+    closing = asyncio.create_task(manager.aclose())
+    done, _ = await asyncio.wait([closing], timeout=10)
+    assert closing in done and closing.exception() is None
+    assert sink.delivered == [["ev:a:1"]]  # it ran on after the first cancellation
 
 
 async def test_run_retries_opening_then_wakes_on_new_items(store: MemoryStore) -> None:

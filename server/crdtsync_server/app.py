@@ -9,7 +9,6 @@ HTTP status of its class (crdtsync.errors).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import io
 import json
@@ -24,6 +23,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from crdtsync import crdt
+from crdtsync.aio import cancel_and_wait, spawn
 from crdtsync.crdt import rejects_input
 from crdtsync.errors import (
     BodyTooLarge,
@@ -173,18 +173,15 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
                                 lease_ttl=config.sink_lease_ttl)
             app[SERVICES] = Services(config, backend, docs, sync, admin_hash, table, proxy,
                                      TemplateRegistry(backend), notifier, sinks)
-            loops = [asyncio.create_task(purge_loop(backend, config), name="crdtsync-purge"),
-                     asyncio.create_task(touch_loop(sync, config), name="crdtsync-touch"),
-                     asyncio.create_task(idle_loop(docs, config), name="crdtsync-idle")]
+            loops = [spawn(purge_loop(backend, config), "crdtsync-purge"),
+                     spawn(touch_loop(sync, config), "crdtsync-touch"),
+                     spawn(idle_loop(docs, config), "crdtsync-idle")]
             try:
                 await sinks.start()
                 yield
             finally:
                 await sinks.aclose()
-                for task in loops:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                await cancel_and_wait(*loops)
                 await sync.flush_touches()
         finally:
             if proxy is not None:

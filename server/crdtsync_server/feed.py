@@ -10,10 +10,10 @@ they see items committed by another server process on the same database.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from crdtsync import crdt
+from crdtsync.aio import wait_event
 
 from .documents import DocumentCache
 from .store import Store
@@ -46,9 +46,7 @@ class FeedNotifier:
 
     async def wait(self, seconds: float) -> None:
         """Return at the next notification, or after ``min(seconds, poll)`` seconds."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(seconds, self.poll)):
-                await self._event.wait()
+        await wait_event(self._event, min(seconds, self.poll))
 
 
 async def read_feed(store: Store, notifier: FeedNotifier, after: int, limit: int,

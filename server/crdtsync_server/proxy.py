@@ -17,6 +17,8 @@ import logging
 import time
 from collections.abc import Sequence
 
+from crdtsync.aio import cancel_and_wait
+
 from .routes import Route, RouteExecutor, RouteTable, load_routes_file
 from .store import Store
 from .store.base import ProxyRequest
@@ -108,6 +110,4 @@ class ProxyRunner:
         stay ``running`` and become ``interrupted`` at the next start)."""
         if self._tasks:
             _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(*pending)

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
+from crdtsync.aio import cancel_and_wait, spawn
 from crdtsync.errors import CrdtsyncError, MalformedRequest
 
 from ..feed import FeedNotifier
@@ -110,9 +111,7 @@ class SinkManager:
             return
         runner = SinkRunner(self.store, self.notifier, config, sink, record.cursor,
                             owner=self.owner, lease_ttl=self.lease_ttl)
-        task = asyncio.create_task(runner.run(), name=f"crdtsync-sink-{record.name}")
-        task.add_done_callback(_log_crash)
-        self._runners[record.name] = (runner, task)
+        self._runners[record.name] = (runner, spawn(runner.run(), f"crdtsync-sink-{record.name}"))
 
     def _build(self, name: str, config: SinkConfig) -> Sink | None:
         factory = SINK_TYPES.get(config.type)
@@ -128,8 +127,7 @@ class SinkManager:
     async def _stop(self, name: str) -> None:
         entry = self._runners.pop(name, None)
         if entry is not None:
-            entry[1].cancel()
-            await asyncio.wait([entry[1]])
+            await cancel_and_wait(entry[1])
 
     async def aclose(self) -> None:
         """Stop every runner (items being delivered are delivered again at the next start)."""
@@ -137,7 +135,3 @@ class SinkManager:
             for name in list(self._runners):
                 await self._stop(name)
 
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("%s stopped", task.get_name(), exc_info=task.exception())

@@ -40,6 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from crdtsync.aio import cancel_and_wait
 from crdtsync.errors import CrdtsyncError, SinkRejected
 
 from ..feed import FeedNotifier
@@ -57,6 +58,9 @@ SKIP_WRITE_S = 1.0
 busy feed would otherwise cost one write per commit per filtered sink); a restart only
 scans those items again."""
 MAX_EXPONENT = 60
+CLOSE_TIMEOUT_S = 10.0
+"""Seconds a stopping runner waits for its sink to close (a hung destination must not hold
+a shutdown)."""
 
 __all__ = ["Backoff", "Failure", "LeaseLost", "SinkRunner", "error_text", "now_ms"]
 
@@ -144,7 +148,7 @@ class SinkRunner:
                 await self.step()
         finally:
             self.state = "stopped"
-            keeper.cancel()
+            await cancel_and_wait(keeper)
             await self._close()
 
     async def _close(self) -> None:
@@ -153,7 +157,8 @@ class SinkRunner:
         except Exception:
             log.exception("sink %r: releasing the lease failed", self.name)
         try:
-            await self.sink.aclose()
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):  # a stop never hangs on a destination
+                await self.sink.aclose()
         except Exception:
             log.exception("sink %r: closing failed", self.name)
 
