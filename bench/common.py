@@ -54,7 +54,7 @@ import aiohttp
 import psutil
 
 from crdtsync import AdminClient, transport
-from crdtsync.protocol import MEDIA_TYPE, decode_error
+from crdtsync.protocol import decode_error
 
 if TYPE_CHECKING:
     from crdtsync_server import Server
@@ -219,19 +219,11 @@ async def check_last_seq(url: str, expected: dict[str, int]) -> None:
 # --- requests as the reference client sends them -------------------------------------------
 
 
-USER_AGENT = getattr(transport, "USER_AGENT", "crdtsync")
-SKIP_HEADERS = ("Accept", "Accept-Encoding")
+SKIP_HEADERS = transport.SKIP_AUTO_HEADERS
 """Request headers aiohttp adds by itself that the reference client leaves out (pass as an
 ``aiohttp.ClientSession``'s ``skip_auto_headers``)."""
-
-
-def headers(token: str, encoding: str = "identity") -> dict[str, str]:
-    """The request headers of the reference client (``crdtsync.transport``)."""
-    out = {"Authorization": f"Bearer {token}", "Content-Type": MEDIA_TYPE,
-           "User-Agent": USER_AGENT}
-    if encoding != "identity":
-        out["Content-Encoding"] = encoding
-    return out
+headers = transport.request_headers
+"""The request headers of the reference client."""
 
 
 def compress(body: bytes, encoding: str) -> bytes:
@@ -269,7 +261,8 @@ async def post_sync(session: aiohttp.ClientSession, url: str, body: bytes,
                     request_headers: dict[str, str]) -> bytes:
     """``POST`` a sync request to ``url`` (the server's sync URL); the response body, or the
     server's error raised."""
-    async with session.post(url, data=body, headers=request_headers) as resp:
+    async with session.post(url, data=body, headers=request_headers,
+                            skip_auto_headers=SKIP_HEADERS) as resp:
         raw = await resp.read()
         if resp.status != 200:
             raise decode_error(raw, resp.status)

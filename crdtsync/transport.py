@@ -13,20 +13,31 @@ from typing import Any, Protocol
 import aiohttp
 
 from .errors import TransportError, UnsupportedEncoding
-from .protocol import MEDIA_TYPE, SYNC_PATH, decode_error
+from .protocol import SYNC_PATH, decode_error
 
 COMPRESS_THRESHOLD = 128
 """Request bodies at least this large are compressed, and sent compressed only when that
 made them smaller (below about 100 bytes a compressed body never is)."""
 
-USER_AGENT = "crdtsync"
-"""A short ``User-Agent`` instead of aiohttp's (every header byte is paid on every sync)."""
+SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
+"""Headers aiohttp adds by itself that the reference client leaves out: the server needs
+none of them (a sync request without ``Content-Type`` is taken as ``MEDIA_TYPE``), and every
+header byte is paid on every sync."""
 
 zstandard: Any
 try:  # optional: `pip install crdtsync[zstd]`
     import zstandard
 except ImportError:  # pragma: no cover - depends on the installation
     zstandard = None
+
+
+def request_headers(token: str, encoding: str = "identity") -> dict[str, str]:
+    """The headers of a sync request besides ``Host`` and ``Content-Length``: the bearer
+    token, and ``Content-Encoding`` when the body is compressed."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if encoding != "identity":
+        headers["Content-Encoding"] = encoding
+    return headers
 
 
 class Transport(Protocol):
@@ -50,8 +61,7 @@ class HttpTransport:
     def __init__(self, url: str, token: str, *, session: aiohttp.ClientSession | None = None,
                  timeout: float = 30.0, compress_threshold: int = COMPRESS_THRESHOLD) -> None:
         self.url = url.rstrip("/") + SYNC_PATH
-        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": MEDIA_TYPE,
-                         "User-Agent": USER_AGENT}
+        self._token = token
         self._session = session
         self._owns_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -67,9 +77,7 @@ class HttpTransport:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            # No automatic Accept or Accept-Encoding: the server ignores both, and every
-            # header byte is paid on every sync.
-            self._session = aiohttp.ClientSession(skip_auto_headers=("Accept", "Accept-Encoding"))
+            self._session = aiohttp.ClientSession()
         return self._session
 
     async def exchange(self, body: bytes) -> bytes:
@@ -82,15 +90,16 @@ class HttpTransport:
             return await self._post(body)  # nothing was applied: send it again, as deflate
 
     async def _post(self, body: bytes) -> bytes:
-        headers = dict(self._headers)
+        encoding = "identity"
         if len(body) >= self._compress_threshold:
             packed = compress(body, self.encoding)
             if len(packed) < len(body):
-                body = packed
-                headers["Content-Encoding"] = self.encoding
+                body, encoding = packed, self.encoding
         self.wire_bytes_up += len(body)
         try:
-            async with self._client().post(self.url, data=body, headers=headers,
+            async with self._client().post(self.url, data=body,
+                                           headers=request_headers(self._token, encoding),
+                                           skip_auto_headers=SKIP_AUTO_HEADERS,
                                            timeout=self._timeout) as resp:
                 data = await resp.read()
                 status = resp.status

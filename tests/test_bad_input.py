@@ -72,7 +72,9 @@ async def call(http: aiohttp.ClientSession, method: str, url: str, *, token: str
         all_headers["Authorization"] = f"Bearer {token}"
     if content_type is not None:
         all_headers["Content-Type"] = content_type
-    async with http.request(method, url, data=body, headers=all_headers) as resp:
+    skip = () if content_type is not None else ("Content-Type",)  # None: no such header
+    async with http.request(method, url, data=body, headers=all_headers,
+                            skip_auto_headers=skip) as resp:
         return Reply(resp.status, await resp.read(), resp.content_type)
 
 
@@ -260,12 +262,25 @@ async def test_error_details(victim: Victim, http: aiohttp.ClientSession) -> Non
 
 
 @pytest.mark.parametrize("content_type", [
-    "application/json", "text/plain", "application/octet-stream", None])
+    "application/json", "text/plain", "application/octet-stream", ""])
 async def test_wrong_content_type(victim: Victim, http: aiohttp.ClientSession,
-                                  content_type: str | None) -> None:
+                                  content_type: str) -> None:
     reply = await victim.post(http, raw_request(**VALID_PARTS), content_type=content_type)
     assert (reply.status, reply.code()) == (415, "unsupported_encoding")
     await victim.assert_survived()
+
+
+@pytest.mark.parametrize("content_type", [None, MEDIA_TYPE, "application/msgpack",
+                                          "application/x-msgpack; charset=binary"])
+async def test_accepted_content_types_and_none(victim: Victim, http: aiohttp.ClientSession,
+                                               content_type: str | None) -> None:
+    """No Content-Type at all is taken as the crdtsync media type (the reference client
+    sends none: protocol.md section 2)."""
+    body = raw_request(ev=[raw_event(2, body={"ok": True})])
+    reply = await victim.post(http, body, content_type=content_type)
+    assert reply.status == 200 and reply.content_type == MEDIA_TYPE
+    page = await victim.admin.events(device="d1")
+    assert [e["body"] for e in page["events"]][-1] == {"ok": True}
 
 
 async def test_corrupt_deflate_body(victim: Victim, http: aiohttp.ClientSession) -> None:

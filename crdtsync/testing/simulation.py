@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from crdtsync_server.app import ServerConfig, Services
-from crdtsync_server.auth import hash_token, new_token
+from crdtsync_server.auth import DEVICE_TOKEN_BYTES, hash_token, new_token
 from crdtsync_server.documents import DocumentCache
 from crdtsync_server.feed import FeedNotifier
 from crdtsync_server.proxy import ProxyRunner
@@ -303,7 +303,7 @@ class Simulation:
             self.devices.append(await self._provision(f"sim-{i}"))
 
     async def _provision(self, device_id: str) -> SimDevice:
-        token = new_token()
+        token = new_token(DEVICE_TOKEN_BYTES)
         assert self.servers[0].services is not None
         await self.servers[0].services.store.add_device(
             DeviceRecord(id=device_id, token_hash=hash_token(token), created=self._clock_ms))

@@ -15,7 +15,7 @@ from crdtsync.protocol import NAME_RE
 from crdtsync.values import check_key
 
 from .app import SERVICES, read_body
-from .auth import bearer, hash_token, new_token, token_matches
+from .auth import DEVICE_TOKEN_BYTES, bearer, hash_token, new_token, token_matches
 from .store import DeviceRecord
 
 routes = web.RouteTableDef()
@@ -103,7 +103,7 @@ async def add_device(request: web.Request) -> web.Response:
     fleet = body.get("fleet")
     if fleet is not None and not (isinstance(fleet, str) and NAME_RE.match(fleet)):
         raise MalformedRequest("fleet must be a fleet id or null")
-    token = new_token()
+    token = new_token(DEVICE_TOKEN_BYTES)
     record = DeviceRecord(id=body["id"], token_hash=hash_token(token),
                           created=int(time.time() * 1000), meta=meta, fleet=fleet)
     await request.app[SERVICES].store.add_device(record)

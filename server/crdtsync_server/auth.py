@@ -19,9 +19,15 @@ from .store import Store
 ADMIN_TOKEN_SETTING = "admin_token_hash"
 
 
-def new_token() -> str:
-    """A fresh random token (43 URL-safe characters, 256 bits)."""
-    return secrets.token_urlsafe(32)
+DEVICE_TOKEN_BYTES = 16
+"""Random bytes of a device token: 128 bits (22 URL-safe characters), as much as a UUID and
+far beyond guessing through a rate of HTTP requests; a device sends it on every sync."""
+
+
+def new_token(nbytes: int = 32) -> str:
+    """A fresh random token, ``nbytes`` random bytes as URL-safe base64 (default 256 bits,
+    43 characters: the admin token)."""
+    return secrets.token_urlsafe(nbytes)
 
 
 def hash_token(token: str) -> str:
