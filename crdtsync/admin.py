@@ -55,9 +55,7 @@ class AdminClient:
         except ValueError as exc:
             raise CrdtsyncError(f"{method} {path}: response is not JSON") from exc
         if status >= 400:
-            err = data.get("error", {}) if isinstance(data, dict) else {}
-            raise error_from_code(str(err.get("code", "internal")), str(err.get("message", "")),
-                                  err.get("detail") or None, status)
+            raise error_from_body(data, status)
         return data
 
     async def add_device(self, device_id: str, meta: Mapping[str, Any] | None = None,
@@ -197,8 +195,8 @@ class AdminClient:
         retryable error) reconnects with ``Last-Event-ID`` = the last item's cursor, after
         the delay the server asked for, doubling while reconnecting fails (up to
         ``max_delay`` seconds): no item is skipped or repeated. Other errors (a bad token,
-        a bad filter) raise. Close it with ``contextlib.aclosing`` (or ``aclose()``) to hang
-        up at once."""
+        a bad filter, items purged after the cursor: ``CursorExpired``) raise. Close it
+        with ``contextlib.aclosing`` (or ``aclose()``) to hang up at once."""
         params = query_params(device=device, fleet=fleet, topic=topic, kind=kind)
         parser = SseParser(str(after))
         idle = max(STREAM_IDLE_S, self._timeout.total or 0)
@@ -210,8 +208,11 @@ class AdminClient:
                                       headers={"Last-Event-ID": parser.last_id}) as resp:
                     failures = 0
                     async for line in sse_lines(resp.content):
-                        if (event := parser.line(line)) is not None:
-                            yield json.loads(event.data)
+                        if (event := parser.line(line)) is None:
+                            continue
+                        if event.event == "error":  # e.g. the stream fell behind a purge
+                            raise error_from_body(json.loads(event.data))
+                        yield json.loads(event.data)
             except CrdtsyncError as exc:
                 if not exc.retryable:
                     raise
@@ -268,9 +269,14 @@ async def response_error(resp: aiohttp.ClientResponse) -> CrdtsyncError:
         data = await resp.json(content_type=None)
     except ValueError:
         data = None
+    return error_from_body(data, resp.status)
+
+
+def error_from_body(data: Any, status: int = 0) -> CrdtsyncError:
+    """The typed error of an error body ``{"error": {"code", "message", "detail"}}``."""
     err = data.get("error", {}) if isinstance(data, dict) else {}
     return error_from_code(str(err.get("code", "internal")), str(err.get("message", "")),
-                           err.get("detail") or None, resp.status)
+                           err.get("detail") or None, status)
 
 
 async def sse_lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:

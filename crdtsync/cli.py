@@ -79,18 +79,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         created.append(token)
         announce_admin_token(token)
 
-    config = ServerConfig(db=args.db, host=args.host, port=args.port,
-                          admin_token=args.admin_token or None, on_admin_token=on_admin_token)
-    if args.max_body is not None:
-        config.max_body = args.max_body
-    config.routes_file = args.routes
-    config.sinks_file = args.sinks
-    if args.cache_docs is not None:
-        config.cache_docs = args.cache_docs
-    if args.backlog is not None:
-        config.backlog = args.backlog
-    if args.cache_idle is not None:
-        config.cache_idle = args.cache_idle
+    config = serve_config(args)
+    config.on_admin_token = on_admin_token
     stop = stop_event()
     async with Server(config) as server:
         if args.admin_token:
@@ -102,6 +92,25 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         err("shutting down")
     err("stopped")
     return 0
+
+
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """The server configuration ``crdtsync serve`` options ask for."""
+    config = ServerConfig(db=args.db, host=args.host, port=args.port,
+                          admin_token=args.admin_token or None)
+    if args.max_body is not None:
+        config.max_body = args.max_body
+    config.routes_file = args.routes
+    config.sinks_file = args.sinks
+    if args.cache_docs is not None:
+        config.cache_docs = args.cache_docs
+    if args.backlog is not None:
+        config.backlog = args.backlog
+    if args.cache_idle is not None:
+        config.cache_idle = args.cache_idle
+    if args.feed_retention is not None:
+        config.feed_retention_ms = round(args.feed_retention * 86_400_000)
+    return config
 
 
 # --- management commands ------------------------------------------------------------------
@@ -465,6 +474,9 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--backlog", type=number(int, 1), metavar="N",
                    help="TCP listen backlog: connections the kernel queues during a reconnect"
                         f" storm (default {ServerConfig().backlog})")
+    p.add_argument("--feed-retention", type=number(float, 0.0001), metavar="DAYS",
+                   help="purge feed items (events included) this many days after they were"
+                        " stored, once every sink delivered them (default: keep for ever)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)

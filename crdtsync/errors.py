@@ -21,7 +21,8 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     │   ├── AlreadyExists          already_exists        409  e.g. device id taken
     │   ├── SeqGap                 seq_gap               409  events skip unseen seqs
     │   ├── SeqConflict            seq_conflict          409  seq reused with other content
-    │   └── GenerationMismatch     generation_mismatch   409  document generation differs
+    │   ├── GenerationMismatch     generation_mismatch   409  document generation differs
+    │   └── CursorExpired          cursor_expired        410  feed items after it were purged
     ├── AuthError
     │   ├── Unauthorized           unauthorized          401  missing or wrong credential
     │   └── Forbidden              forbidden             403  valid credential, not allowed
@@ -126,6 +127,14 @@ class SeqConflict(RequestError):
 class GenerationMismatch(RequestError):
     code = "generation_mismatch"
     status = 409
+
+
+class CursorExpired(RequestError):
+    """A feed reader resumed from a cursor older than the feed's retention: items after it
+    were purged (``detail``: ``after`` and ``floor``, the highest purged cursor)."""
+
+    code = "cursor_expired"
+    status = 410
 
 
 class AuthError(CrdtsyncError):

@@ -274,3 +274,18 @@ def test_demo_runs_and_reports_exactly_once(tmp_path: Path) -> None:
         assert re.search(rf"{device_id}: emitted ([1-9]\d*), in cloud \1 .*: exactly once",
                          result.stdout)
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+
+
+def test_serve_options_become_the_server_config() -> None:
+    from crdtsync.cli import build_parser, serve_config
+
+    args = build_parser().parse_args([
+        "serve", "--db", "x.db", "--port", "0", "--cache-docs", "7", "--cache-idle", "2.5",
+        "--backlog", "99", "--feed-retention", "1.5", "--max-body", "1000"])
+    config = serve_config(args)
+    assert (config.db, config.port, config.cache_docs, config.cache_idle, config.backlog,
+            config.max_body) == ("x.db", 0, 7, 2.5, 99, 1000)
+    assert config.feed_retention_ms == 129_600_000  # 1.5 days
+    assert serve_config(build_parser().parse_args(["serve"])).feed_retention_ms is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--feed-retention", "0"])

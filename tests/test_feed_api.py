@@ -18,7 +18,7 @@ import pytest
 from crdtsync import AdminClient, Device
 from crdtsync.admin import SseParser, sse_lines
 from crdtsync.cli import build_parser
-from crdtsync.errors import MalformedRequest, Unauthorized
+from crdtsync.errors import CursorExpired, MalformedRequest, Unauthorized
 from crdtsync_server import Server, feed_api
 
 from .conftest import ADMIN_TOKEN, DeviceFactory
@@ -377,3 +377,73 @@ async def test_shutdown_releases_long_polls_and_streams(tmp_path: Any) -> None:
         answer = await asyncio.wait_for(poll, 5)
         assert answer.status == 200 and (await answer.json())["items"] == []
         stream.close()
+
+
+# --- retention: a purged feed -----------------------------------------------------------------
+
+
+async def purge_all(server: Server) -> int:
+    """Purge every item stored so far (as the purge loop does once they are old enough)."""
+    store = server.services.store
+    return await store.purge_feed(before=2**62, keep_after=await store.feed_head())
+
+
+@pytest.mark.usefixtures("quick_heartbeat")
+async def test_a_cursor_below_the_floor_is_expired_not_silently_skipped(
+        admin: AdminClient, server: Server, make_device: DeviceFactory) -> None:
+    dev = await make_device("d1")
+    await emit(dev, "t", 3)
+    _, head = await admin.feed()
+    assert await purge_all(server) == 3
+    await emit(dev, "t", 1)
+    for after in (1, head - 1):
+        with pytest.raises(CursorExpired) as info:
+            await admin.feed(after=after)
+        assert info.value.detail == {"after": str(after), "floor": str(head)}
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        async with session.get(f"{server.url}/v1/feed?after=1") as resp:
+            assert resp.status == 410 and (await resp.json())["error"]["code"] == "cursor_expired"
+        async with session.get(f"{server.url}/v1/feed/stream",
+                               headers={"Last-Event-ID": "2"}) as resp:
+            assert resp.status == 410
+        # From the floor, or from 0 ("the oldest item kept"), nothing was missed.
+        tail = await read_stream(session, f"{server.url}/v1/feed/stream", 1, last_id=str(head))
+    assert [data["seq"] for _, _, data in tail] == [4]
+    for after in (0, head):
+        items, _ = await admin.feed(after=after)
+        assert [i["seq"] for i in items] == [4]
+    with pytest.raises(CursorExpired):
+        async with contextlib.aclosing(admin.follow(after=1)) as feed:
+            await anext(feed)
+
+
+async def test_a_stream_that_falls_behind_a_purge_ends_with_an_error_event(
+        tmp_path: Any) -> None:
+    """Items are stored and purged while a stream waits (without waking it: written to the
+    store directly, and no re-poll for 60 s); when it is woken it reports the gap."""
+    from crdtsync.protocol import Event
+    from crdtsync_server import ServerConfig
+    from crdtsync_server.store import DeviceRecord, SyncWrite
+
+    config = ServerConfig(db=str(tmp_path / "s.db"), port=0, admin_token=ADMIN_TOKEN,
+                          feed_poll=60)
+    async with Server(config) as server, aiohttp.ClientSession(headers=AUTH) as session:
+        store = server.services.store
+        await store.add_device(DeviceRecord("d1", "hash", created=1))
+        await store.commit(SyncWrite("d1", 10, events=[Event(1, "t", 1, {"n": 1})]))
+        events: list[tuple[str, dict[str, Any]]] = []
+        async with asyncio.timeout(30), session.get(f"{server.url}/v1/feed/stream") as resp:
+            parser = SseParser()
+            async for line in sse_lines(resp.content):
+                if (event := parser.line(line)) is None:
+                    continue
+                events.append((event.event, json.loads(event.data)))
+                if len(events) == 1:  # the stream now waits for a notification
+                    await store.commit(SyncWrite("d1", 11, events=[
+                        Event(seq, "t", 1, {"n": seq}) for seq in (2, 3)]))
+                    await purge_all(server)
+                    await store.commit(SyncWrite("d1", 12, events=[Event(4, "t", 1, {})]))
+                    server.services.feed.notify()
+    assert [kind for kind, _ in events] == ["event", "error"]
+    assert events[1][1]["error"]["code"] == "cursor_expired"
+    assert events[1][1]["error"]["detail"] == {"after": "1", "floor": "3"}

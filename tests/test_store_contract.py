@@ -1053,6 +1053,46 @@ async def test_commit_reports_what_each_document_reflected_before(store: Store) 
     assert third.prev_ids == (second.update_ids[0], first.update_ids[1])
 
 
+async def test_purge_feed_cuts_the_oldest_items_as_a_prefix(store: Store) -> None:
+    await add_device(store, "a")
+    await store.commit(SyncWrite("a", 10, events=evs(1, 2)))  # cursors 1, 2
+    await store.commit(SyncWrite("a", 20, changes=[change("a", {"state": {"k": 1}})]))  # 3
+    await store.commit(SyncWrite("a", 12, events=evs(3, 3)))  # 4: received earlier than 3
+    await store.commit(SyncWrite("a", 30, events=evs(4, 4)))  # 5
+    assert await store.feed_floor() == 0
+    assert await store.purge_feed(before=10, keep_after=5) == 0  # nothing received before 10
+    # Received before 25: 1, 2, 3 and 4, but a sink still needs what follows cursor 2.
+    assert await store.purge_feed(before=25, keep_after=2) == 2
+    assert await store.feed_floor() == 2
+    assert [i.cursor for i in await store.read_feed()] == [3, 4, 5]
+    # The cut stops at the first young item (5), even if later ones were old.
+    assert await store.purge_feed(before=25, keep_after=5) == 2
+    assert [i.cursor for i in await store.read_feed()] == [5]
+    assert (await store.feed_floor(), await store.feed_head()) == (4, 5)
+    assert [e.seq for e in await store.read_events()] == [4]  # the events view follows
+
+
+async def test_a_purged_feed_keeps_its_head_and_never_reuses_a_cursor(store: Store) -> None:
+    await add_device(store, "a")
+    await store.commit(SyncWrite("a", 10, events=evs(1, 3)))
+    assert await store.purge_feed(before=11, keep_after=3) == 3
+    assert await store.read_feed() == []
+    assert (await store.feed_head(), await store.feed_floor()) == (3, 3)
+    await store.commit(SyncWrite("a", 20, events=evs(4, 4)))
+    assert [(i.cursor, i.seq) for i in await store.read_feed()] == [(4, 4)]
+    assert (await store.get_device("a")).last_seq == 4  # type: ignore[union-attr]
+
+
+async def test_a_replay_of_purged_events_stores_nothing_twice(store: Store) -> None:
+    """Dedup rests on the device's ``last_seq``, not on the purged rows."""
+    await add_device(store, "a")
+    await store.commit(SyncWrite("a", 10, events=evs(1, 3)))
+    await store.purge_feed(before=11, keep_after=2)
+    result = await store.commit(SyncWrite("a", 20, events=evs(1, 4)))  # 1-3 replayed, 4 new
+    assert (result.last_seq, result.stored) == (4, 1)
+    assert [i.seq for i in await store.read_feed()] == [3, 4]
+
+
 # --- downstream sinks: configuration, progress, dead letters -------------------------------
 
 

@@ -35,6 +35,7 @@ from crdtsync_server.store import (
     SQLiteStore,
     SyncWrite,
     open_store,
+    sqlite_feed,
 )
 from crdtsync_server.store.base import event_digest
 from crdtsync_server.store.feed import event_json
@@ -193,6 +194,24 @@ async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
         # AUTOINCREMENT: every row was deleted by compaction, yet ids keep climbing.
         new = await store.commit(SyncWrite(None, time=6, docs=[DocWrite("a", b"u3")]))
         assert new.update_ids[0] > result.update_ids[1]
+
+
+async def test_a_purged_feed_survives_reopen_in_chunks(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The floor is stored, cursors keep climbing after the whole feed went, and a purge
+    runs as several transactions of ``PURGE_CHUNK`` items."""
+    monkeypatch.setattr(sqlite_feed, "PURGE_CHUNK", 2)
+    path = tmp_path / "sync.db"
+    async with SQLiteStore(path) as store:
+        await store.add_device(DeviceRecord("dev-1", "h", created=1))
+        await store.commit(SyncWrite("dev-1", time=5, events=[
+            Event(seq, "t", 100, {"n": seq}) for seq in range(1, 6)]))
+        assert await store.purge_feed(before=6, keep_after=5) == 5
+    async with SQLiteStore(path) as store:
+        assert (await store.feed_floor(), await store.feed_head()) == (5, 5)
+        assert await store.read_feed() == []
+        await store.commit(SyncWrite("dev-1", time=7, events=[Event(6, "t", 100, {})]))
+        assert [i.cursor for i in await store.read_feed()] == [6]
 
 
 async def test_fresh_database_gets_current_schema(tmp_path: Path) -> None:

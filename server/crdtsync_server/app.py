@@ -93,6 +93,9 @@ class ServerConfig:
     they finished."""
     purge_every: float = 3600.0
     """Seconds between purges."""
+    feed_retention_ms: int | None = None
+    """Feed items (and the events among them) are purged this long after they were stored,
+    once every sink delivered them; ``None`` keeps the feed for ever (docs/downstream.md)."""
     feed_poll: float = 1.0
     """Seconds between re-reads of the feed by waiting readers (long polls, streams, sinks)
     when nothing in this process woke them: how soon they see another process's items."""
@@ -217,15 +220,29 @@ async def idle_loop(docs: DocumentCache, config: ServerConfig) -> None:
 
 async def purge_loop(store: Store, config: ServerConfig) -> None:
     """Purge finished downlink items and acknowledged requests older than the retention,
-    every ``purge_every`` seconds; a failure is logged and retried next time."""
+    and feed items older than the feed retention (see :func:`purge_feed`), every
+    ``purge_every`` seconds; a failure is logged and retried next time."""
     while True:
+        now = int(time.time() * 1000)
         try:
-            gone = await store.purge_finished(int(time.time() * 1000) - config.retention_ms)
+            gone = await store.purge_finished(now - config.retention_ms)
             if gone:
                 log.info("purged %d finished messages, commands and requests", gone)
+            if config.feed_retention_ms is not None:
+                gone = await purge_feed(store, now - config.feed_retention_ms)
+                if gone:
+                    log.info("purged %d feed items", gone)
         except CrdtsyncError as exc:
             log.error("purge failed: %s", exc.message)
         await asyncio.sleep(config.purge_every)
+
+
+async def purge_feed(store: Store, before: int) -> int:
+    """Purge the feed items stored before ``before`` (ms) that every sink has delivered (a
+    paused or failing sink holds them back); returns how many went."""
+    cursors = [sink.cursor for sink in await store.list_sinks()]
+    keep_after = min(cursors) if cursors else await store.feed_head()
+    return await store.purge_feed(before, keep_after)
 
 
 def error_response(request: web.Request, error: CrdtsyncError) -> web.Response:
@@ -233,10 +250,14 @@ def error_response(request: web.Request, error: CrdtsyncError) -> web.Response:
     if request.path == SYNC_PATH:
         return web.Response(status=error.status, body=encode_error(error),
                             content_type=MEDIA_TYPE, headers={"Server": "crdtsync"})
-    body = {"error": {"code": error.code, "message": error.message, "detail": error.detail,
-                      "retryable": error.retryable}}
-    return web.Response(status=error.status, text=json.dumps(body),
+    return web.Response(status=error.status, text=json.dumps(error_json(error)),
                         content_type="application/json")
+
+
+def error_json(error: CrdtsyncError) -> dict[str, Any]:
+    """The JSON body of an error answer of the management API."""
+    return {"error": {"code": error.code, "message": error.message, "detail": error.detail,
+                      "retryable": error.retryable}}
 
 
 _HTTP_CODES: dict[int, type[CrdtsyncError]] = {404: NotFound, 413: BodyTooLarge}

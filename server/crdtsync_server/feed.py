@@ -14,6 +14,7 @@ import time
 
 from crdtsync import crdt
 from crdtsync.aio import wait_event
+from crdtsync.errors import CursorExpired
 
 from .documents import DocumentCache
 from .store import Store
@@ -49,12 +50,24 @@ class FeedNotifier:
         await wait_event(self._event, min(seconds, self.poll))
 
 
+async def check_cursor(store: Store, after: int) -> None:
+    """:class:`CursorExpired` when items after ``after`` were purged (0 means "from the
+    oldest item kept" and never expires)."""
+    if after > 0 and after < (floor := await store.feed_floor()):
+        raise CursorExpired(f"feed items after cursor {after} were purged (up to {floor}):"
+                            " resume from 0 or a cursor at or above the floor",
+                            {"after": str(after), "floor": str(floor)})
+
+
 async def read_feed(store: Store, notifier: FeedNotifier, after: int, limit: int,
                     where: FeedFilter, wait: float) -> list[FeedItem]:
-    """Items after ``after``; when there are none, wait up to ``wait`` seconds for some."""
+    """Items after ``after``; when there are none, wait up to ``wait`` seconds for some.
+    :class:`CursorExpired` if items after ``after`` were purged (checked after each read:
+    the floor only grows, so a read it does not expire missed nothing)."""
     deadline = time.monotonic() + wait
     while True:
         items = await store.read_feed(after, limit, where)
+        await check_cursor(store, after)
         remaining = deadline - time.monotonic()
         if items or remaining <= 0 or notifier.closed:
             return items

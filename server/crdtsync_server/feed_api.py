@@ -8,11 +8,11 @@ import json
 
 from aiohttp import web
 
-from crdtsync.errors import MalformedRequest
+from crdtsync.errors import CrdtsyncError, CursorExpired, MalformedRequest
 
 from .admin_api import MAX_PAGE, int_param, json_response, require_admin
-from .app import SERVICES
-from .feed import read_feed
+from .app import SERVICES, error_json
+from .feed import check_cursor, read_feed
 from .store.feed import FEED_KINDS, FeedFilter, FeedItem
 
 routes = web.RouteTableDef()
@@ -69,6 +69,7 @@ async def stream_feed(request: web.Request) -> web.StreamResponse:
     after = cursor_value(request.headers.get("Last-Event-ID") or request.query.get("after"),
                          "Last-Event-ID")
     where = feed_filter(request)
+    await check_cursor(services.store, after)  # a 410 while an HTTP status can still say it
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -87,9 +88,17 @@ async def stream_feed(request: web.Request) -> web.StreamResponse:
             elif loop.time() - last_write >= HEARTBEAT_S:
                 await response.write(b": keep-alive\n\n")
                 last_write = loop.time()
+    except CursorExpired as exc:  # the stream fell behind a purge: say so, then end it
+        await response.write(error_frame(exc))
     except ConnectionError:
         pass  # the client left
     return response
+
+
+def error_frame(error: CrdtsyncError) -> bytes:
+    """An SSE ``error`` event with the error's JSON (as the body of an error answer)."""
+    data = json.dumps(error_json(error), separators=(",", ":"), ensure_ascii=False)
+    return f"event: error\ndata: {data}\n\n".encode()
 
 
 @routes.get("/v1/projection")

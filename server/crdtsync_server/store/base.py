@@ -351,7 +351,21 @@ class Store(Protocol):
         """Feed items with cursor > ``after`` matching ``where``, in cursor order."""
 
     async def feed_head(self) -> int:
-        """The highest cursor in the feed (0 when empty)."""
+        """The highest cursor the feed ever held (0 when it never held any): a purge does
+        not move it back."""
+
+    async def feed_floor(self) -> int:
+        """The highest cursor :meth:`purge_feed` deleted (0 when nothing was): every item
+        above it is still there, so a reader resuming from a cursor below it missed some."""
+
+    async def purge_feed(self, before: int, keep_after: int) -> int:
+        """Delete the oldest feed items: in cursor order, those received before ``before``
+        (ms), stopping at the first one received later or with a cursor above
+        ``keep_after`` (the lowest cursor of the sinks: what one has not delivered stays).
+        The feed is cut as a prefix; the events among the items go too (the events view),
+        and so do their digests, so a replay of a purged seq is not compared any more.
+        Raises the floor to the last deleted cursor; returns how many items went. May run
+        as several transactions."""
 
     async def read_projection(self, device: str | None = None, after: tuple[str, ...] = (),
                               limit: int = 1000) -> list[ProjectionRow]:

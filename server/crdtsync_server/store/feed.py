@@ -33,6 +33,22 @@ def event_json(event: Event) -> str:
 
 FEED_KINDS = ("event", "state")
 
+FEED_FLOOR_SETTING = "feed_floor"
+"""Setting holding the highest purged feed cursor (backends that keep settings)."""
+
+
+def purgeable_prefix(items: Sequence[tuple[int, int]], before: int, keep_after: int) -> int:
+    """How many of ``items`` (``(cursor, received)`` in cursor order, the oldest of the feed)
+    a purge deletes: the leading ones received before ``before`` with a cursor up to
+    ``keep_after``. The feed is only ever cut as a prefix, so everything above the floor is
+    still there."""
+    count = 0
+    for cursor, received in items:
+        if received >= before or cursor > keep_after:
+            break
+        count += 1
+    return count
+
 Changes = Mapping[str, Mapping[str, Any]]
 """``{map: {key: new value or None (deleted)}}``."""
 

@@ -58,6 +58,7 @@ from .feed import (
     item_from_row,
     json_text,
     projection_writes,
+    purgeable_prefix,
 )
 from .sinks import (
     DeadLetter,
@@ -198,6 +199,8 @@ class MemoryStore:
         self._downlink: dict[str, dict[int, _Item]] = {}  # device -> seq -> item, seq order
         self._requests: dict[tuple[str, str], _Request] = {}
         self._feed: list[FeedItem] = []  # cursor order
+        self._feed_floor = 0  # the highest purged cursor
+        self._last_cursor = 0  # cursors are never reused, even after a purge
         self._projection: dict[tuple[str, str, str, str], tuple[str, int]] = {}
         self._sinks: dict[str, SinkRecord] = {}
         self._letters: dict[int, _Letter] = {}  # id order
@@ -304,8 +307,8 @@ class MemoryStore:
 
     def _append_feed(self, rows: Sequence[FeedRow]) -> None:
         for row in rows:
-            cursor = self._feed[-1].cursor + 1 if self._feed else 1
-            self._feed.append(item_from_row(cursor, row))
+            self._last_cursor += 1
+            self._feed.append(item_from_row(self._last_cursor, row))
 
     def _record_changes(self, changes: Sequence[StateChange], now: int) -> None:
         for change in changes:
@@ -616,9 +619,29 @@ class MemoryStore:
         return found
 
     async def feed_head(self) -> int:
-        """The highest cursor in the feed (0 when empty)."""
+        """The highest cursor the feed ever held (0 when it never held any)."""
         self._check_open()
-        return self._feed[-1].cursor if self._feed else 0
+        return self._last_cursor
+
+    async def feed_floor(self) -> int:
+        """The highest purged cursor (0 when nothing was purged)."""
+        self._check_open()
+        return self._feed_floor
+
+    async def purge_feed(self, before: int, keep_after: int) -> int:
+        """Delete the oldest feed items (see ``Store.purge_feed``); returns how many."""
+        self._check_open()
+        count = purgeable_prefix([(i.cursor, i.received) for i in self._feed], before,
+                                 keep_after)
+        if not count:
+            return 0
+        gone, self._feed = self._feed[:count], self._feed[count:]
+        self._feed_floor = gone[-1].cursor
+        purged = {(i.device, i.seq) for i in gone if i.seq is not None}
+        self._events = [e for e in self._events if (e.device, e.seq) not in purged]
+        for device, seq in purged:
+            self._digests.pop((device, seq), None)
+        return count
 
     async def read_projection(self, device: str | None = None, after: tuple[str, ...] = (),
                               limit: int = 1000) -> list[ProjectionRow]:

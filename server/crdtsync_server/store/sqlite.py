@@ -428,8 +428,23 @@ class SQLiteStore:
         return await self._run(sqlite_feed.read_feed, after, limit, where or FeedFilter())
 
     async def feed_head(self) -> int:
-        """The highest cursor in the feed (0 when empty)."""
+        """The highest cursor the feed ever held (0 when it never held any)."""
         return await self._run(sqlite_feed.feed_head)
+
+    async def feed_floor(self) -> int:
+        """The highest purged cursor (0 when nothing was purged)."""
+        return await self._run(sqlite_feed.feed_floor)
+
+    async def purge_feed(self, before: int, keep_after: int) -> int:
+        """Delete the oldest feed items (see ``Store.purge_feed``), ``PURGE_CHUNK`` per
+        transaction so that syncs go on in between; returns how many."""
+        total = 0
+        while True:
+            count: int = await self._run(_in_transaction, sqlite_feed.purge_feed_chunk,
+                                         before, keep_after)
+            total += count
+            if count < sqlite_feed.PURGE_CHUNK:
+                return total
 
     async def read_projection(self, device: str | None = None, after: tuple[str, ...] = (),
                               limit: int = 1000) -> list[ProjectionRow]:

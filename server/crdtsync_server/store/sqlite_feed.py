@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from .feed import (
     FEED_COLUMNS,
+    FEED_FLOOR_SETTING,
     Changes,
     FeedFilter,
     FeedItem,
@@ -19,6 +20,7 @@ from .feed import (
     item_from_row,
     json_text,
     projection_writes,
+    purgeable_prefix,
 )
 
 MIGRATION = """
@@ -147,7 +149,33 @@ def read_feed(conn: sqlite3.Connection, after: int, limit: int, where: FeedFilte
 
 
 def feed_head(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT COALESCE(MAX(cursor), 0) FROM feed").fetchone()[0])
+    highest = int(conn.execute("SELECT COALESCE(MAX(cursor), 0) FROM feed").fetchone()[0])
+    return max(highest, feed_floor(conn))
+
+
+def feed_floor(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM settings WHERE key = ?",
+                       (FEED_FLOOR_SETTING,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+PURGE_CHUNK = 5000
+"""Feed items deleted per transaction: a purge never holds the write lock for long."""
+
+
+def purge_feed_chunk(conn: sqlite3.Connection, before: int, keep_after: int) -> int:
+    """One transaction's share of ``Store.purge_feed``: up to ``PURGE_CHUNK`` of the oldest
+    items; returns how many went."""
+    floor = feed_floor(conn)
+    rows = conn.execute("SELECT cursor, received FROM feed WHERE cursor > ?"
+                        " ORDER BY cursor LIMIT ?", (floor, PURGE_CHUNK)).fetchall()
+    count = purgeable_prefix(rows, before, keep_after)
+    if count:
+        upto = int(rows[count - 1][0])
+        conn.execute("DELETE FROM feed WHERE cursor <= ?", (upto,))
+        conn.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                     " DO UPDATE SET value = excluded.value", (FEED_FLOOR_SETTING, str(upto)))
+    return count
 
 
 def read_projection(conn: sqlite3.Connection, device: str | None, after: tuple[str, ...],
