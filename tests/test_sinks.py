@@ -518,14 +518,24 @@ def test_webhook_options_are_checked(options: dict[str, Any], field: str) -> Non
 
 
 def test_signature_round_trip() -> None:
-    body = b'{"items":[]}'
-    header = sign("secret", body)
+    body, now = b'{"items":[]}', 1_700_000_000.0
+    ts = str(int(now))
+    header = sign("secret", body, ts)
     assert header.startswith("sha256=") and len(header) == 7 + 64
-    assert verify_signature("secret", body, header)
-    assert not verify_signature("other", body, header)
-    assert not verify_signature("secret", body + b" ", header)
-    assert not verify_signature("secret", body, None)
-    assert not verify_signature("secret", body, "sha256=é")
+    assert verify_signature("secret", body, header, ts, now=now)
+    assert verify_signature("secret", body, header, ts, now=now + 300)
+    assert not verify_signature("other", body, header, ts, now=now)
+    assert not verify_signature("secret", body + b" ", header, ts, now=now)
+    assert not verify_signature("secret", body, None, ts, now=now)
+    assert not verify_signature("secret", body, header, None, now=now)
+    assert not verify_signature("secret", body, "sha256=é", ts, now=now)
+    # the timestamp is signed: changing it (to replay the request later) breaks the signature
+    later = str(int(now) + 3600)
+    assert not verify_signature("secret", body, header, later, now=now + 3600)
+    # and a stale one is refused, unless the receiver accepts any age
+    assert not verify_signature("secret", body, header, ts, now=now + 301)
+    assert verify_signature("secret", body, header, ts, now=now + 10**6, tolerance=None)
+    assert not verify_signature("secret", body, header, "-1", now=now, tolerance=None)
 
 
 class Target:
@@ -572,7 +582,7 @@ async def test_webhook_posts_a_signed_batch(store: MemoryStore,
         await sink.aclose()
     headers, body = receiver.requests[0]
     assert json.loads(body) == {"items": [i.to_json() for i in items]}
-    assert verify_signature("k", body, headers[SIGNATURE_HEADER])
+    assert verify_signature("k", body, headers[SIGNATURE_HEADER], headers[TIMESTAMP_HEADER])
     assert headers["Idempotency-Key"] == batch_key(items)
     assert headers["Content-Type"] == "application/json"
     assert headers["Authorization"] == "Bearer t" and headers["X-Crdtsync-Sink"] == "hook"

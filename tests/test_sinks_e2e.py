@@ -20,7 +20,7 @@ from aiohttp import web
 from crdtsync import AdminClient, Device
 from crdtsync.errors import AlreadyExists, MalformedRequest, NotFound
 from crdtsync_server import Server, ServerConfig
-from crdtsync_server.sinks.webhook import SIGNATURE_HEADER, verify_signature
+from crdtsync_server.sinks.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 
 from .conftest import ADMIN_TOKEN, DeviceFactory
 from .test_cli import admin_env, cli
@@ -50,7 +50,8 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.requests += 1
-        if not verify_signature(SECRET, body, request.headers.get(SIGNATURE_HEADER)):
+        if not verify_signature(SECRET, body, request.headers.get(SIGNATURE_HEADER),
+                                request.headers.get(TIMESTAMP_HEADER)):
             self.bad_signatures += 1
             return web.Response(status=401)
         if self.requests <= self.fail_first:

@@ -11,7 +11,8 @@ The request::
     Idempotency-Key: <hex SHA-256 of the batch's item keys joined by "\\n">
     X-Crdtsync-Sink: <sink name>
     X-Crdtsync-Timestamp: <Unix time of sending, seconds>
-    X-Crdtsync-Signature: sha256=<hex HMAC-SHA256 of the exact body, keyed by the secret>
+    X-Crdtsync-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>." + the exact body,
+                          keyed by the secret>
 
     {"items": [<feed item JSON>, ...]}
 
@@ -19,7 +20,8 @@ The answer decides: 2xx delivered; 408, 429, 5xx, a timeout or a connection fail
 retried (:class:`SinkError`); a redirect (never followed) or another 4xx is final
 (:class:`SinkRejected`: dead letters). A batch may arrive more than once (a retry after a
 lost answer, a server restart): receivers deduplicate on each item's ``key``. A receiver
-checks the signature with :func:`verify_signature` on the raw body, before parsing it.
+checks the signature with :func:`verify_signature` on the raw body, before parsing it; the
+signature covers the timestamp, so a receiver can also refuse stale (replayed) requests.
 """
 
 from __future__ import annotations
@@ -49,17 +51,35 @@ RETRYABLE_STATUSES = frozenset({408, 429})
 _SNIPPET = 200
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The ``X-Crdtsync-Signature`` value of ``body``: ``sha256=<hex HMAC-SHA256>``."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+SIGNATURE_TOLERANCE_S = 300.0
+"""How far from the receiver's clock :func:`verify_signature` accepts a timestamp."""
 
 
-def verify_signature(secret: str, body: bytes, header: str | None) -> bool:
-    """Whether ``header`` (the request's ``X-Crdtsync-Signature``) signs ``body`` (the raw
-    request body, before any parsing) with ``secret``; compared in constant time."""
-    if header is None:
+def sign(secret: str, body: bytes, timestamp: str) -> str:
+    """The ``X-Crdtsync-Signature`` value of a request: ``sha256=`` and the hex
+    HMAC-SHA256, keyed by ``secret``, of ``timestamp`` (the ``X-Crdtsync-Timestamp``
+    value), a ``.`` and ``body``."""
+    signed = timestamp.encode() + b"." + body
+    return "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: str, body: bytes, signature: str | None,
+                     timestamp: str | None, *, tolerance: float | None = SIGNATURE_TOLERANCE_S,
+                     now: float | None = None) -> bool:
+    """Whether ``signature`` and ``timestamp`` (the request's ``X-Crdtsync-Signature`` and
+    ``X-Crdtsync-Timestamp``) sign ``body`` (the raw request body, before any parsing)
+    with ``secret``, compared in constant time, and the timestamp is within ``tolerance``
+    seconds of ``now`` (default: this machine's clock; ``tolerance=None``: any age)."""
+    if signature is None or timestamp is None:
         return False
-    return hmac.compare_digest(sign(secret, body).encode(), header.strip().encode())
+    timestamp = timestamp.strip()
+    if not (timestamp.isascii() and timestamp.isdigit()):
+        return False
+    if tolerance is not None and abs((time.time() if now is None else now)
+                                     - int(timestamp)) > tolerance:
+        return False
+    return hmac.compare_digest(sign(secret, body, timestamp).encode(),
+                               signature.strip().encode())
 
 
 def batch_key(items: Sequence[FeedItem]) -> str:
@@ -113,9 +133,11 @@ class WebhookSink:
             await session.close()
 
     def request_headers(self, items: Sequence[FeedItem], body: bytes) -> dict[str, str]:
+        """The headers of one attempt: a retry is signed again with a fresh timestamp."""
+        timestamp = str(int(time.time()))
         return {**self.headers, "Content-Type": "application/json",
                 "Idempotency-Key": batch_key(items), SINK_HEADER: self.name,
-                TIMESTAMP_HEADER: str(int(time.time())), SIGNATURE_HEADER: sign(self.secret, body)}
+                TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: sign(self.secret, body, timestamp)}
 
     async def deliver(self, items: Sequence[FeedItem]) -> None:
         if self._session is None:
