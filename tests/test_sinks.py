@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from crdtsync.aio import cancel_and_wait, spawn
 from crdtsync.errors import MalformedRequest, SinkError, SinkRejected
 from crdtsync.protocol import Event
 from crdtsync_server.feed import FeedNotifier
@@ -313,6 +315,40 @@ async def test_stopping_survives_a_swallowed_cancellation_and_a_hung_close(
     done, _ = await asyncio.wait([closing], timeout=10)
     assert closing in done and closing.exception() is None
     assert sink.delivered == [["ev:a:1"]]  # it ran on after the first cancellation
+
+
+async def test_an_idle_runner_reads_once_per_spacing_not_once_per_commit() -> None:
+    """Every commit notifies; the runner still reads the feed at most about twice per
+    ``WAKE_SPACING_S`` (the read that delivers and the one that finds nothing), and
+    delivers everything."""
+
+    class Counting(MemoryStore):
+        reads = 0
+
+        async def read_feed(self, *args: Any, **kwargs: Any) -> list[FeedItem]:
+            self.reads += 1
+            return await super().read_feed(*args, **kwargs)
+
+    async with Counting() as store:
+        sink = FakeSink()
+        notifier = FeedNotifier(poll=30.0)  # only notifications wake it
+        config = SinkConfig("s", "fake", batch=1000)
+        await store.put_sink(config, 1)
+        task = spawn(SinkRunner(store, notifier, config, sink, 0).run(), "runner")
+        started = time.monotonic()
+        for seq in range(1, 101):
+            await emit(store, "a", seq, seq)
+            notifier.notify()
+            await asyncio.sleep(0.002)
+        async with asyncio.timeout(30):
+            while sum(map(len, sink.delivered)) < 100:
+                sink.progress.clear()
+                await sink.progress.wait()
+        elapsed = time.monotonic() - started
+        await cancel_and_wait(task)
+    assert [key for page in sink.delivered for key in page] == [
+        f"ev:a:{seq}" for seq in range(1, 101)]
+    assert store.reads <= 2 * elapsed / runner_module.WAKE_SPACING_S + 5, (store.reads, elapsed)
 
 
 async def test_run_retries_opening_then_wakes_on_new_items(store: MemoryStore) -> None:

@@ -58,6 +58,8 @@ SKIP_WRITE_S = 1.0
 busy feed would otherwise cost one write per commit per filtered sink); a restart only
 scans those items again."""
 MAX_EXPONENT = 60
+WAKE_SPACING_S = 0.05
+"""An idle runner reads the feed at most this often (the delivery latency it may add)."""
 CLOSE_TIMEOUT_S = 10.0
 """Seconds a stopping runner waits for its sink to close (a hung destination must not hold
 a shutdown)."""
@@ -129,6 +131,7 @@ class SinkRunner:
         self._skip_written = -SKIP_WRITE_S
         self.lease = SinkLease(store, config.name, owner or new_owner_id(), lease_ttl)
         self._term = 0  # the lease term the runner's cursor was read in
+        self._last_read = -WAKE_SPACING_S  # monotonic time of the last read of the feed
 
     @property
     def name(self) -> str:
@@ -195,8 +198,17 @@ class SinkRunner:
             self.lease.lost()
             return await self._stand_by()
         self.state = "idle"
-        await self.notifier.wait(self.notifier.poll)
+        await self._idle()
         return False
+
+    async def _idle(self) -> None:
+        """Wait for the feed to grow (a notification, or the poll interval), then let
+        ``WAKE_SPACING_S`` pass since the last read: on a busy server one read serves the
+        commits of that interval, instead of one read per commit per sink."""
+        await self.notifier.wait(self.notifier.poll)
+        rest = self._last_read + WAKE_SPACING_S - time.monotonic()
+        if rest > 0:
+            await asyncio.sleep(rest)
 
     async def _hold_lease(self) -> bool:
         """Whether the lease is held (taken or renewed when due); once taken again, go on
@@ -219,6 +231,7 @@ class SinkRunner:
         return False
 
     async def _deliver_page(self) -> bool:
+        self._last_read = time.monotonic()
         head = await self.store.feed_head()  # before the page: every item up to it is stored
         items = await self.store.read_feed(self.cursor, self.config.batch, self.config.where)
         if not items:  # at most items the filter skips: move past them
