@@ -665,8 +665,8 @@ async def test_webhook_unreachable_is_retryable(store: MemoryStore) -> None:
 def test_metrics_text() -> None:
     record = SinkRecord(SinkConfig('we"ird', "webhook"), cursor=7, delivered=5, failures=2,
                         dead_lettered=1, dead_letters=1, last_delivered_at=1_500)
-    lines = render_metrics(9, [record]).splitlines()
-    assert "crdtsync_feed_head 9" in lines
+    lines = render_metrics(9, [record], floor=3).splitlines()
+    assert "crdtsync_feed_head 9" in lines and "crdtsync_feed_floor 3" in lines
     assert "# TYPE crdtsync_sink_delivered_total counter" in lines
     for sample in ('crdtsync_sink_lag{sink="we\\"ird"} 2',
                    'crdtsync_sink_delivered_total{sink="we\\"ird"} 5',

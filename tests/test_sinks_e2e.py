@@ -446,6 +446,10 @@ async def test_the_feed_retention_purges_only_what_every_sink_delivered(
 
             await eventually(purged)
             assert await server.services.store.feed_floor() == 6
+            assert "crdtsync_feed_floor 6" in (await metrics_text(server)).splitlines()
+            # A sink from the end on holds what comes next (the purge loop goes on).
+            await admin.put_sink("next", webhook_sink("http://127.0.0.1:9/x", paused=True,
+                                                      start="head"))
             await produce([dev], range(3, 4))
             items, _ = await admin.feed(after=6)
             events = (await admin.events(device="d0"))["events"]

@@ -65,10 +65,14 @@ def header(name: str, type_: str, help_: str) -> list[str]:
     return [f"# HELP {name} {help_}", f"# TYPE {name} {type_}"]
 
 
-def render_metrics(head: int, sinks: Sequence[SinkRecord]) -> str:
-    """The exposition text: the feed head, then each sink metric for every sink."""
+def render_metrics(head: int, sinks: Sequence[SinkRecord], floor: int = 0) -> str:
+    """The exposition text: the feed head and floor, then each sink metric for every
+    sink."""
     lines = [*header("crdtsync_feed_head", "gauge", "Highest cursor of the change feed."),
-             f"crdtsync_feed_head {head}"]
+             f"crdtsync_feed_head {head}",
+             *header("crdtsync_feed_floor", "gauge",
+                     "Highest purged cursor of the change feed (feed retention)."),
+             f"crdtsync_feed_floor {floor}"]
     for metric in SINK_METRICS:
         lines += header(metric.name, metric.type, metric.help)
         for record in sinks:
@@ -84,5 +88,6 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus metrics of the change feed and the sinks."""
     require_admin(request)
     store = request.app[SERVICES].store
-    text = render_metrics(await store.feed_head(), await store.list_sinks())
+    text = render_metrics(await store.feed_head(), await store.list_sinks(),
+                          await store.feed_floor())
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
