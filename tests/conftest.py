@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from crdtsync import AdminClient, Device, TransportError
 from crdtsync.transport import Transport
@@ -32,6 +34,20 @@ async def admin(server: Server) -> AsyncIterator[AdminClient]:
 
 
 DeviceFactory = Callable[..., Awaitable[Device]]
+
+
+@contextlib.asynccontextmanager
+async def local_app(app: web.Application, shutdown_timeout: float = 0.5
+                    ) -> AsyncIterator[str]:
+    """``app`` served on a free port of 127.0.0.1 (a receiver, a proxied-request target);
+    yields its base URL, ``http://127.0.0.1:<port>``."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 class LoseResponses:

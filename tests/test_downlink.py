@@ -19,7 +19,7 @@ from crdtsync.inbox import Message
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
 
-from .conftest import ADMIN_TOKEN, DeviceFactory, LoseResponses
+from .conftest import ADMIN_TOKEN, DeviceFactory, LoseResponses, local_app
 
 
 async def post(admin: AdminClient, path: str, body: Any) -> dict[str, Any]:
@@ -215,13 +215,9 @@ async def target() -> AsyncIterator[dict[str, Any]]:
 
     app = web.Application()
     app.router.add_post("/weather", weather)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state["url"] = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    yield state
-    await runner.cleanup()
+    async with local_app(app) as url:
+        state["url"] = url
+        yield state
 
 
 async def put_route(admin: AdminClient, alias: str, body: dict[str, Any]) -> dict[str, Any]:

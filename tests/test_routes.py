@@ -24,6 +24,8 @@ from crdtsync_server.routes import (
     load_routes_file,
 )
 
+from .conftest import local_app
+
 SECRET = "s3cr3t-key"
 CAP = 100_000
 
@@ -111,15 +113,10 @@ def target_app(t: Target) -> web.Application:
 @pytest.fixture
 async def target() -> AsyncIterator[Target]:
     t = Target()
-    runner = web.AppRunner(target_app(t), shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    t.url = f"http://127.0.0.1:{port}"
-    yield t
-    t.release.set()
-    await runner.cleanup()
+    async with local_app(target_app(t), shutdown_timeout=1) as url:
+        t.url = url
+        yield t
+        t.release.set()
 
 
 @pytest.fixture

@@ -43,6 +43,8 @@ from crdtsync_server.store import DeviceRecord, MemoryStore, SyncWrite
 from crdtsync_server.store.feed import FeedFilter, FeedItem
 from crdtsync_server.store.sinks import SinkRecord
 
+from .conftest import local_app
+
 Failer = Callable[[Sequence[FeedItem]], BaseException | None]
 
 
@@ -595,13 +597,8 @@ async def target() -> AsyncIterator[tuple[Target, str]]:
     receiver = Target([])
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield receiver, f"http://127.0.0.1:{port}/hook"
-    await runner.cleanup()
+    async with local_app(app, shutdown_timeout=0.1) as url:
+        yield receiver, f"{url}/hook"
 
 
 async def test_webhook_posts_a_signed_batch(store: MemoryStore,

@@ -22,7 +22,7 @@ from crdtsync.errors import AlreadyExists, MalformedRequest, NotFound
 from crdtsync_server import Server, ServerConfig
 from crdtsync_server.sinks.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 
-from .conftest import ADMIN_TOKEN, DeviceFactory
+from .conftest import ADMIN_TOKEN, DeviceFactory, local_app
 from .test_cli import admin_env, cli
 
 SECRET = "webhook-shared-secret"
@@ -84,14 +84,9 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     rx = Receiver()
     app = web.Application()
     app.router.add_post("/hook", rx.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield rx, f"http://127.0.0.1:{port}/hook"
-    rx.release.set()
-    await runner.cleanup()
+    async with local_app(app) as url:
+        yield rx, f"{url}/hook"
+        rx.release.set()
 
 
 @pytest.fixture
@@ -146,6 +141,25 @@ def first_arrivals(rx: Receiver) -> list[dict[str, Any]]:
     return [rx.items[key] for key in rx.order]
 
 
+async def start_pinned(config: ServerConfig) -> Server:
+    """A started server whose port ``config`` then keeps: a server restarted with ``config``
+    listens where the devices connect."""
+    server = Server(config)
+    await server.start()
+    config.port = server.port
+    return server
+
+
+async def start_devices(admin: AdminClient, url: str, names: Sequence[str], tmp_path: Path,
+                        into: list[Device]) -> None:
+    """Provision and start a device per name against ``url``, each appended to ``into`` as
+    soon as it exists (so the caller closes every one, even after a failure)."""
+    for name in names:
+        token = (await admin.add_device(name))["token"]
+        into.append(Device(name, url, token=token, interval=None, path=tmp_path / f"{name}.db"))
+        await into[-1].start()
+
+
 async def produce(devices: list[Device], rounds: range) -> None:
     for n in rounds:
         for dev in devices:
@@ -158,18 +172,12 @@ async def test_every_item_arrives_once_in_order_across_failures_and_a_restart(
         server_config: ServerConfig, receiver: tuple[Receiver, str], tmp_path: Path) -> None:
     rx, url = receiver
     rx.fail_first, rx.hold_at = 3, 2
-    first = Server(server_config)
-    await first.start()
-    server_config.port = first.port  # the restarted server listens where devices connect
+    first = await start_pinned(server_config)
     devices: list[Device] = []
     try:
         async with AdminClient(first.url, ADMIN_TOKEN) as admin:
             assert (await admin.put_sink("hook", webhook_sink(url)))["status"]["cursor"] == "0"
-            for name in ("d0", "d1"):
-                token = (await admin.add_device(name))["token"]
-                devices.append(Device(name, first.url, token=token, interval=None,
-                                      path=tmp_path / f"{name}.db"))
-                await devices[-1].start()
+            await start_devices(admin, first.url, ("d0", "d1"), tmp_path, devices)
             await produce(devices, range(4))
             await admin.patch_state("d0", {"mode": "eco"})  # a cloud write
             # The receiver stored its second accepted batch and has not answered yet.

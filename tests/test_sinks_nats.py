@@ -38,6 +38,8 @@ from .test_sinks_e2e import (
     feed_keys,
     produce,
     server_config,
+    start_devices,
+    start_pinned,
 )
 
 __all__ = ["server_config"]  # the e2e fixture: readers re-poll the feed often
@@ -261,18 +263,12 @@ async def test_a_server_feed_reaches_the_stream_once_per_key_across_a_restart(
         server_config: ServerConfig, jetstream: JetStream, tmp_path: Path) -> None:
     sink = {"type": "nats", "options": jetstream.options(), "batch": 3, "backoff": 0.02,
             "max_backoff": 0.2}
-    first = Server(server_config)
-    await first.start()
-    server_config.port = first.port  # the restarted server listens where devices connect
+    first = await start_pinned(server_config)
     devices: list[Device] = []
     try:
         async with AdminClient(first.url, ADMIN_TOKEN) as admin:
             await admin.put_sink("js", sink)
-            for name in ("d0", "d.1"):
-                token = (await admin.add_device(name))["token"]
-                devices.append(Device(name, first.url, token=token, interval=None,
-                                      path=tmp_path / f"{name}.db"))
-                await devices[-1].start()
+            await start_devices(admin, first.url, ("d0", "d.1"), tmp_path, devices)
             await produce(devices, range(3))
             await admin.patch_state("d0", {"mode": "eco"})
         await first.aclose()  # wherever the runner was

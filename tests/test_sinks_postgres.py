@@ -26,7 +26,14 @@ from crdtsync_server.store.feed import FeedItem
 
 from .conftest import ADMIN_TOKEN
 from .services import require_postgres
-from .test_sinks_e2e import caught_up, eventually, feed_keys, server_config
+from .test_sinks_e2e import (
+    caught_up,
+    eventually,
+    feed_keys,
+    server_config,
+    start_devices,
+    start_pinned,
+)
 from .test_sinks_nats import delivered, event, state
 
 __all__ = ["server_config"]  # the e2e fixture: readers re-poll the feed often
@@ -305,19 +312,13 @@ def pg_sinks(database: Database, start: str = "beginning") -> dict[str, dict[str
 @SERVICE
 async def test_a_server_feed_lands_in_both_tables_across_a_restart(
         server_config: ServerConfig, database: Database, tmp_path: Path) -> None:
-    first = Server(server_config)
-    await first.start()
-    server_config.port = first.port  # the restarted server listens where devices connect
+    first = await start_pinned(server_config)
     devices: list[Device] = []
     try:
         async with AdminClient(first.url, ADMIN_TOKEN) as admin:
             for name, sink in pg_sinks(database).items():
                 await admin.put_sink(name, sink)
-            for name in ("d0", "d.1"):
-                token = (await admin.add_device(name))["token"]
-                devices.append(Device(name, first.url, token=token, interval=None,
-                                      path=tmp_path / f"{name}.db"))
-                await devices[-1].start()
+            await start_devices(admin, first.url, ("d0", "d.1"), tmp_path, devices)
             await edit(devices, range(4))
             await admin.patch_state("d0", {"mode": "eco", "k0": None})  # cloud writes
             await admin.patch_state("d.1", {"limit": 5}, map_name="settings")

@@ -22,7 +22,6 @@ W = TypeVar("W")
 R = TypeVar("R")
 
 
-
 class GroupCommitter(Generic[W, R]):
     """Batches concurrent :meth:`submit` calls into calls of ``run_group(writes)``, which
     returns one result or exception per write, in order, all stored in one transaction."""
