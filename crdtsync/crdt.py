@@ -15,10 +15,12 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
-from pycrdt import Doc, Map
+from pycrdt import Array, Doc, Map, Text
 
 from .errors import CorruptUpdate
+from .protocol import parse_state_vector
 from .values import check_key, check_value, normalize
+from .yupdate import read_update
 
 MAX_CLIENT_ID = 2**32 - 1
 
@@ -82,25 +84,27 @@ def rejects_input(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, RuntimeError)) or type(exc).__name__ == "PanicException"
 
 
-def check_update(update: bytes, *, name: str = "") -> None:
-    """Raise :class:`InvalidValue` if ``update`` writes a value that is not JSON data.
+def check_update(update: bytes, sv: bytes, *, name: str = "") -> bool:
+    """Check ``update`` before it reaches pycrdt: ``True`` if it may be applied to a document
+    whose state vector is ``sv``, ``False`` if it builds on items that document lacks.
 
-    Another client (for example one written in JavaScript with ``yjs``) can put bytes,
-    ``BigInt``s or arrays at the root into a document; a device document holds root maps of
-    JSON values only. The update is read alone in a scratch document, so the check costs
-    time in the size of the update, not of the document. Raises :class:`CorruptUpdate` for an
-    update that does not decode.
+    The bytes are read by :func:`crdtsync.yupdate.read_update`, bounded in depth, counts and
+    sizes, with every value it inserts checked (:class:`CorruptUpdate`,
+    :class:`~crdtsync.errors.InvalidValue`). An update that builds on missing items would stay
+    pending in the document, out of reach of any check, and integrate later: it must not be
+    applied (the sender learns from the answer's state vector what to send instead).
     """
-    scratch: Doc[Any] = Doc(client_id=1)
-    apply_remote(scratch, update, name=name)
-    try:
-        roots = {root: scratch.get(root, type=Map).to_py() for root in scratch.keys()}  # noqa: SIM118
-    except BaseException as exc:
-        if not rejects_input(exc):
-            raise
-        raise CorruptUpdate(f"CRDT update unreadable: {exc}", {"doc": name}) from exc
-    for root, value in roots.items():
-        check_value(normalize(value), where=f"{name}:{root}")
+    info = read_update(update, doc=name)
+    return info.missing(parse_state_vector(sv)) is None
+
+
+def check_changes(changes: Mapping[str, Mapping[str, Any]], *, name: str = "") -> None:
+    """Raise :class:`~crdtsync.errors.InvalidValue` unless every changed value (as
+    :class:`ChangeTracker` reports them, after a remote update was applied) is JSON data
+    within the limits, nested types counted as levels: the check of what an update actually
+    wrote into the real document, whatever it built on."""
+    for root, values in changes.items():
+        check_value(dict(values), where=f"{name}:{root}")
 
 
 def root_map(doc: Doc[Any], name: str) -> Map[Any]:
@@ -152,12 +156,19 @@ class ChangeTracker:
             if name not in self._observed:
                 root = self.doc.get(name, type=Map)
                 # Keep the wrapper: only the one that subscribed can unsubscribe.
-                self._observed[name] = (root, root.observe(partial(self._on_change, name)))
+                self._observed[name] = (root, root.observe_deep(partial(self._on_change, name)))
                 if mark:
                     self._changed.setdefault(name, set()).update(root.keys())
 
-    def _on_change(self, name: str, event: Any, *_: Any) -> None:
-        self._changed.setdefault(name, set()).update(event.keys)
+    def _on_change(self, name: str, events: list[Any], *_: Any) -> None:
+        keys = self._changed.setdefault(name, set())
+        for event in events:
+            # A change inside a nested type counts for the root key that holds it.
+            path = event.path
+            if path:
+                keys.add(path[0])
+            else:
+                keys.update(event.keys)
 
     def take(self) -> dict[str, dict[str, Any]]:
         """The changes since the last call, with current values, read in one transaction."""
@@ -170,7 +181,7 @@ class ChangeTracker:
             for name in sorted(changed):
                 root = self.doc.get(name, type=Map)
                 values = {key: root.get(key, _MISSING) for key in sorted(changed[name])}
-                result[name] = {key: None if value is _MISSING else normalize(value)
+                result[name] = {key: None if value is _MISSING else plain(value)
                                 for key, value in values.items()}
         return result
 
@@ -188,6 +199,15 @@ class ChangeTracker:
         self._changed = {}
 
 
+def plain(value: Any) -> Any:
+    """A value read from a document as JSON data: nested shared types as what they hold
+    (``Y.Map`` an object, ``Y.Array`` a list, ``Y.Text`` its string), numbers normalized."""
+    if isinstance(value, (Map, Array, Text)):
+        value = value.to_py()
+    return normalize(value)
+
+
 def to_json(doc: Doc[Any]) -> dict[str, Any]:
-    """The whole document as JSON data: ``{map_name: {key: value}}``, numbers normalized."""
+    """The whole document as JSON data: ``{map_name: {key: value}}``, nested shared types
+    as plain values, numbers normalized."""
     return {name: normalize(doc.get(name, type=Map).to_py()) for name in sorted(doc.keys())}

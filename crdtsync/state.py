@@ -39,7 +39,7 @@ class StateMap(MutableMapping[str, Any]):
         return crdt.root_map(self._owner.doc, self.name)
 
     def __getitem__(self, key: str) -> Any:
-        return normalize(self._map[key])
+        return crdt.plain(self._map[key])
 
     def __setitem__(self, key: str, value: Any) -> None:
         if value is None:

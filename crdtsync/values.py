@@ -78,7 +78,7 @@ def _valid(value: Any, max_int: int, depth: int, allow_bytes: bool) -> bool:
 def _check(value: Any, where: str, max_int: int, depth: int, *,
            allow_bytes: bool = False) -> None:
     if depth > MAX_DEPTH:
-        raise InvalidValue(f"{where}: nested more than {MAX_DEPTH} levels")
+        raise InvalidValue(f"{where}: nested more than {MAX_DEPTH} levels", {"where": where})
     if value is None or isinstance(value, (bool, str)):
         return
     if allow_bytes and isinstance(value, bytes):
@@ -114,7 +114,8 @@ def _check(value: Any, where: str, max_int: int, depth: int, *,
 def check_key(key: Any, *, where: str = "key") -> None:
     """Raise :class:`InvalidValue` unless ``key`` is a non-empty ``str`` of at most 256 chars."""
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
-        raise InvalidValue(f"{where}: keys are non-empty strings of at most {MAX_KEY_LENGTH} chars")
+        raise InvalidValue(f"{where}: keys are non-empty strings of at most {MAX_KEY_LENGTH} "
+                           "characters (code points)", {"where": where})
 
 
 def normalize(value: Any) -> Any:

@@ -11,6 +11,7 @@ returns an error and evicts the touched documents, so nothing unstored is ever a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,8 @@ from .proxy import ProxyRunner
 from .store import CommitResult, DeviceRecord, DocWrite, Store, SyncWrite
 from .store.base import CommandResult, ProxyRequest
 from .store.feed import StateChange
+
+log = logging.getLogger("crdtsync.server")
 
 OWN_DOCS = frozenset({"state"})
 """Documents a device owns and writes."""
@@ -210,9 +213,16 @@ class SyncService:
             )
         if not part.update:
             return DocWrite(live.key, live.capture(), live.gen), None
-        crdt.check_update(part.update, name=part.doc)
+        if not crdt.check_update(part.update, live.doc.get_state(), name=part.doc):
+            # It builds on items this document lacks (the device's diff base is ahead of
+            # what is stored, e.g. after a restore): nothing is applied, and the answer's
+            # state vector makes the device send what is missing (protocol 9.2, step 5.4).
+            log.info("update for %s builds on missing items; not applied", live.key)
+            return DocWrite(live.key, live.capture(), live.gen), None
         crdt.apply_remote(live.doc, part.update, name=part.doc)
         changed = live.changes.take()
+        # What actually landed, checked in the real document (the caller evicts it on error).
+        crdt.check_changes(changed, name=part.doc)
         change = StateChange(device, part.doc, changed) if changed else None
         return DocWrite(live.key, live.capture(), live.gen), change
 
