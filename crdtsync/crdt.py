@@ -18,9 +18,7 @@ from typing import Any
 from pycrdt import Array, Doc, Map, Text
 
 from .errors import CorruptUpdate
-from .protocol import parse_state_vector
 from .values import check_key, check_value, normalize
-from .yupdate import read_update
 
 MAX_CLIENT_ID = 2**32 - 1
 
@@ -82,20 +80,6 @@ def rejects_input(exc: BaseException) -> bool:
     a Rust panic surfacing as ``pyo3_runtime.PanicException`` (a ``BaseException`` that
     ``except Exception`` would let through and take the server down)."""
     return isinstance(exc, (ValueError, RuntimeError)) or type(exc).__name__ == "PanicException"
-
-
-def check_update(update: bytes, sv: bytes, *, name: str = "") -> bool:
-    """Check ``update`` before it reaches pycrdt: ``True`` if it may be applied to a document
-    whose state vector is ``sv``, ``False`` if it builds on items that document lacks.
-
-    The bytes are read by :func:`crdtsync.yupdate.read_update`, bounded in depth, counts and
-    sizes, with every value it inserts checked (:class:`CorruptUpdate`,
-    :class:`~crdtsync.errors.InvalidValue`). An update that builds on missing items would stay
-    pending in the document, out of reach of any check, and integrate later: it must not be
-    applied (the sender learns from the answer's state vector what to send instead).
-    """
-    info = read_update(update, doc=name)
-    return info.missing(parse_state_vector(sv)) is None
 
 
 def check_changes(changes: Mapping[str, Mapping[str, Any]], *, name: str = "") -> None:

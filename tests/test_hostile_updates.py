@@ -480,3 +480,29 @@ async def test_invalid_value_always_says_where(victim: Victim, http: aiohttp.Cli
     assert (reply.status, reply.code()) == (400, "invalid_value")
     assert reply.detail()["where"].startswith(where)
     await victim.assert_survived()
+
+
+async def test_a_large_valid_update_is_read_off_the_loop_and_applied(
+        victim: Victim, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from crdtsync_server import sync
+
+    threads: list[int] = []
+    real = asyncio.to_thread
+
+    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        threads.append(len(args[0]))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(sync.asyncio, "to_thread", counting)
+    doc: Doc[Any] = Doc(client_id=5150)
+    big = {f"k{i}": {"v": [i, i / 2, f"reading {i}"]} for i in range(3000)}
+    doc.get("state", type=Map).update(big)  # type: ignore[attr-defined]
+    update = doc.get_update()
+    assert len(update) > sync.OFF_LOOP_BYTES
+    reply = await post_update(victim, http, update)
+    assert reply.status == 200
+    assert threads == [len(update)]
+    state = (await victim.admin.state("d1"))["state"]
+    assert state["k2999"] == {"v": [2999, 1499.5, "reading 2999"]} and len(state) == 3001

@@ -1,8 +1,10 @@
 """The server side of one sync, and cloud-side state writes, over the document cache and store.
 
-Order of one sync (docs/protocol.md, "Server processing"): take the device's lock; for each
+Order of one sync (docs/protocol.md, "Server processing"): read each update with the bounded
+reader (``crdtsync.yupdate``, before pycrdt sees it); take the device's lock; for each
 document check name and generation and apply the device's update to the live document
-(rejects corrupt updates with nothing applied); commit the effective updates, the new events
+unless it builds on items the document lacks, then check what it changed (rejects corrupt
+or invalid updates with nothing applied); commit the effective updates, the new events
 and the device's bookkeeping in one transaction; only then answer with the server's delta
 against the device's state vector and the highest stored seq. Any failure before the commit
 returns an error and evicts the touched documents, so nothing unstored is ever acknowledged.
@@ -10,6 +12,7 @@ returns an error and evicts the touched documents, so nothing unstored is ever a
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -18,7 +21,15 @@ from typing import Any
 
 from crdtsync import crdt
 from crdtsync.errors import Forbidden, GenerationMismatch, NotFound, UnknownDocument
-from crdtsync.protocol import DocSync, DownItem, Outcome, SyncRequest, SyncResponse
+from crdtsync.protocol import (
+    DocSync,
+    DownItem,
+    Outcome,
+    SyncRequest,
+    SyncResponse,
+    parse_state_vector,
+)
+from crdtsync.yupdate import UpdateInfo, read_update
 
 from .documents import DocumentCache, LiveDoc
 from .feed import FeedNotifier
@@ -57,6 +68,21 @@ def shared_key(device: DeviceRecord, name: str) -> str | None:
     return fleet_key(device.fleet) if device.fleet else None
 
 
+OFF_LOOP_BYTES = 64 * 1024
+"""Updates at least this large are read on a worker thread: a 4 MiB update takes the pure
+reader about 2 s, which must not stall every other connection."""
+
+
+async def read_bounded(part: DocSync) -> UpdateInfo | None:
+    """``read_update`` of the part's update (``None`` when it has none), large ones off the
+    event loop. Raises ``CorruptUpdate``/``InvalidValue`` (protocol 7a)."""
+    if not part.update:
+        return None
+    if len(part.update) < OFF_LOOP_BYTES:
+        return read_update(part.update, doc=part.doc)
+    return await asyncio.to_thread(read_update, part.update, doc=part.doc)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -91,11 +117,12 @@ class SyncService:
             if part.update:
                 raise Forbidden(f"the {part.doc} document is read-only for devices; nothing "
                                 "was applied", {"doc": part.doc})
+        infos = [await read_bounded(part) for part in own]  # before any lock or document
         async with self.docs.lock(device.id):
             lives = [await self.docs.get(doc_key(device.id, p.doc)) for p in own]
             try:
-                applied = [self._apply(device.id, live, part)
-                           for live, part in zip(lives, own, strict=True)]
+                applied = [self._apply(device.id, live, part, info)
+                           for live, part, info in zip(lives, own, infos, strict=True)]
                 writes = [w for w, _ in applied]
                 write = self._write(device, request, writes,
                                     [c for _, c in applied if c is not None])
@@ -202,22 +229,26 @@ class SyncService:
         return tuple(DownItem(i.seq, i.kind, i.name, i.body, i.expires or 0) for i in items)
 
     @staticmethod
-    def _apply(device: str, live: LiveDoc, part: DocSync
+    def _apply(device: str, live: LiveDoc, part: DocSync, info: UpdateInfo | None
                ) -> tuple[DocWrite, StateChange | None]:
-        """Apply the device's update to ``live``: the effective update to store and the
-        keys it changed (``None``: nothing changed, e.g. a replay)."""
+        """Apply the device's update (read and checked as ``info``) to ``live``: the
+        effective update to store and the keys it changed (``None``: nothing changed, e.g.
+        a replay)."""
         if part.gen != live.gen:
             raise GenerationMismatch(
                 f"document {part.doc!r} is at generation {live.gen}, not {part.gen}",
                 {"doc": part.doc, "gen": live.gen},
             )
-        if not part.update:
+        if info is None:
             return DocWrite(live.key, live.capture(), live.gen), None
-        if not crdt.check_update(part.update, live.doc.get_state(), name=part.doc):
+        missing = info.missing(parse_state_vector(live.doc.get_state()))
+        if missing is not None:
             # It builds on items this document lacks (the device's diff base is ahead of
-            # what is stored, e.g. after a restore): nothing is applied, and the answer's
-            # state vector makes the device send what is missing (protocol 9.2, step 5.4).
-            log.info("update for %s builds on missing items; not applied", live.key)
+            # what is stored, e.g. after a restore): applied, it would stay pending where no
+            # check sees it. Nothing is applied; the answer's state vector makes the device
+            # send what is missing (protocol 7a and 9.2, step 5.4).
+            log.info("update for %s builds on missing item %s:%s; not applied", live.key,
+                     *missing)
             return DocWrite(live.key, live.capture(), live.gen), None
         crdt.apply_remote(live.doc, part.update, name=part.doc)
         changed = live.changes.take()
