@@ -21,6 +21,7 @@ from crdtsync.protocol import DocSync, DownItem, Outcome, SyncRequest, SyncRespo
 
 from .documents import DocumentCache, LiveDoc
 from .feed import FeedNotifier
+from .notify import DeviceNotifier
 from .proxy import ProxyRunner
 from .store import CommitResult, DeviceRecord, DocWrite, Store, SyncWrite
 from .store.base import CommandResult, ProxyRequest
@@ -63,10 +64,14 @@ class SyncService:
 
     def __init__(self, store: Store, docs: DocumentCache, proxy: ProxyRunner | None = None,
                  *, proxy_budget: float = 1.0, max_items: int = 100,
-                 notifier: FeedNotifier | None = None) -> None:
+                 notifier: FeedNotifier | None = None,
+                 results: DeviceNotifier | None = None) -> None:
         self.store = store
         self.notifier = notifier
         """Woken after a commit that added feed items (events or document changes)."""
+        self.results = results
+        """Woken for a device after a commit that may have finished one of its commands
+        (results stored, or commands expired)."""
         self.docs = docs
         self.proxy = proxy
         self.proxy_budget = proxy_budget
@@ -105,6 +110,8 @@ class SyncService:
             self._committed(lives, writes, result)
             if self.notifier is not None and (result.stored or write.changes):
                 self.notifier.notify()
+            if write.results:
+                self._commands_changed(device.id)
             if request.calls and self.proxy is not None:
                 # All of them, not only the new ones: a request stored by a commit whose
                 # process died before claiming it is still pending, and is claimed now.
@@ -196,7 +203,12 @@ class SyncService:
         if device.down_seq <= down_done:
             return ()
         items = await self.store.pending_downlink(device.id, now_ms(), self.max_items)
+        self._commands_changed(device.id)  # the read committed the expiry of overdue items
         return tuple(DownItem(i.seq, i.kind, i.name, i.body, i.expires or 0) for i in items)
+
+    def _commands_changed(self, device: str) -> None:
+        if self.results is not None:
+            self.results.notify(device)
 
     @staticmethod
     def _apply(device: str, live: LiveDoc, part: DocSync

@@ -1,5 +1,5 @@
 """Checks shared by the server's configuration objects (proxied-request routes, sinks): target
-URLs and ``${ENV}`` references in configuration files."""
+URLs, ``${ENV}`` references in configuration files, and how URLs are shown redacted."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from crdtsync.errors import MalformedRequest
 
@@ -62,6 +62,42 @@ def url_problem(url: object) -> str | None:
     if parts.username is not None or parts.password is not None:
         return "must not hold credentials; put them in headers"
     return None
+
+
+def redact_url(text: str) -> str:
+    """``text`` as the API shows it when it is a URL (``scheme://...``): the scheme, host
+    and port and the first path segment stay; user info, every later path segment, every
+    query value and the fragment read ``***``. For example
+    ``https://u:p@hooks.example.com/services/T0/B1/XyZ?token=abc&v=2#x`` reads
+    ``https://***@hooks.example.com/services/***?token=***&v=***#***``. Other text is
+    returned unchanged."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if not parts.scheme or not parts.netloc:
+        return text
+    _userinfo, at, host = parts.netloc.rpartition("@")
+    shown = f"{parts.scheme}://{REDACTED + at if at else ''}{host}"
+    segments = parts.path.split("/")  # "/a/b" -> ["", "a", "b"]
+    if len(segments) > 1:
+        shown += "/" + segments[1]
+        if any(segments[2:]):
+            shown += "/" + REDACTED
+        elif len(segments) > 2:
+            shown += "/"  # a trailing slash holds nothing
+    if parts.query:
+        names = (pair.partition("=")[0] for pair in parts.query.split("&"))
+        shown += "?" + "&".join(f"{name}={REDACTED}" for name in names)
+    if parts.fragment:
+        shown += "#" + REDACTED
+    return shown
+
+
+def query_names(url: str) -> frozenset[str]:
+    """The names of the query parameters of ``url`` (decoded)."""
+    return frozenset(name for name, _ in parse_qsl(urlsplit(url).query,
+                                                   keep_blank_values=True))
 
 
 def headers_problem(headers: object) -> tuple[str, str] | None:
