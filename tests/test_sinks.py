@@ -516,9 +516,12 @@ def test_secrets_are_redacted_and_kept_when_sent_back() -> None:
                      "headers": {"A": "***"}, "dsn": "postgresql://u:***@db/x",
                      "conninfo": "host=db password=*** user=u",
                      "nested": {"password": "***", "n": 1}, "batching": 3}
+    # Sent back as shown, a partly redacted value keeps the stored one (it used to store
+    # the "***"); a changed value is taken as sent.
     assert keep_redacted({**shown, "url": "https://h/y"}, options) == {
-        **options, "url": "https://h/y", "dsn": "postgresql://u:***@db/x",
-        "conninfo": "host=db password=*** user=u"}
+        **options, "url": "https://h/y"}
+    assert keep_redacted({**shown, "dsn": "postgresql://u:***@db/y"}, options) == {
+        **options, "dsn": "postgresql://u:***@db/y"}
 
 
 def test_sinks_file_errors_name_the_sink_and_field(tmp_path: Path) -> None:

@@ -70,8 +70,8 @@ class SyncService:
         self.notifier = notifier
         """Woken after a commit that added feed items (events or document changes)."""
         self.results = results
-        """Woken for a device after a commit that may have finished one of its commands
-        (results stored, or commands expired)."""
+        """Woken for a device after a commit that stored results of its commands (a command
+        that expires is seen by waiters at their next fallback poll)."""
         self.docs = docs
         self.proxy = proxy
         self.proxy_budget = proxy_budget
@@ -110,8 +110,8 @@ class SyncService:
             self._committed(lives, writes, result)
             if self.notifier is not None and (result.stored or write.changes):
                 self.notifier.notify()
-            if write.results:
-                self._commands_changed(device.id)
+            if write.results and self.results is not None:
+                self.results.notify(device.id)
             if request.calls and self.proxy is not None:
                 # All of them, not only the new ones: a request stored by a commit whose
                 # process died before claiming it is still pending, and is claimed now.
@@ -203,12 +203,7 @@ class SyncService:
         if device.down_seq <= down_done:
             return ()
         items = await self.store.pending_downlink(device.id, now_ms(), self.max_items)
-        self._commands_changed(device.id)  # the read committed the expiry of overdue items
         return tuple(DownItem(i.seq, i.kind, i.name, i.body, i.expires or 0) for i in items)
-
-    def _commands_changed(self, device: str) -> None:
-        if self.results is not None:
-            self.results.notify(device)
 
     @staticmethod
     def _apply(device: str, live: LiveDoc, part: DocSync

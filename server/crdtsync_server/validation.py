@@ -66,10 +66,11 @@ def url_problem(url: object) -> str | None:
 
 def redact_url(text: str) -> str:
     """``text`` as the API shows it when it is a URL (``scheme://...``): the scheme, host
-    and port and the first path segment stay; user info, every later path segment, every
-    query value and the fragment read ``***``. For example
+    and port, the user name of ``user:password@`` and the first path segment stay; the
+    password (or a lone ``token@``), the path after the first segment, every query value
+    and the fragment read ``***``. For example
     ``https://u:p@hooks.example.com/services/T0/B1/XyZ?token=abc&v=2#x`` reads
-    ``https://***@hooks.example.com/services/***?token=***&v=***#***``. Other text is
+    ``https://u:***@hooks.example.com/services/***?token=***&v=***#***``. Other text is
     returned unchanged."""
     try:
         parts = urlsplit(text)
@@ -77,8 +78,10 @@ def redact_url(text: str) -> str:
         return text
     if not parts.scheme or not parts.netloc:
         return text
-    _userinfo, at, host = parts.netloc.rpartition("@")
-    shown = f"{parts.scheme}://{REDACTED + at if at else ''}{host}"
+    userinfo, at, host = parts.netloc.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    # "user:password@" keeps the user name; a lone "token@" is all secret.
+    shown = f"{parts.scheme}://{user + colon if colon else ''}{REDACTED + at if at else ''}{host}"
     segments = parts.path.split("/")  # "/a/b" -> ["", "a", "b"]
     if len(segments) > 1:
         shown += "/" + segments[1]
