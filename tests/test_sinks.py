@@ -524,6 +524,15 @@ def test_secrets_are_redacted_and_kept_when_sent_back() -> None:
         **options, "dsn": "postgresql://u:***@db/y"}
 
 
+def test_urls_show_host_and_first_path_segment_only() -> None:
+    options = {"url": "https://u:pw@h:8443/services/T0/B1/key?token=t&v=2#frag",
+               "servers": ["nats://tok@n1:4222", "nats://n2:4222/"], "subject": "a.b"}
+    shown = redact_options(options)
+    assert shown == {"url": "https://u:***@h:8443/services/***?token=***&v=***#***",
+                     "servers": ["nats://***@n1:4222", "nats://n2:4222/"], "subject": "a.b"}
+    assert keep_redacted(shown, options) == options
+
+
 def test_sinks_file_errors_name_the_sink_and_field(tmp_path: Path) -> None:
     path = tmp_path / "sinks.json"
     path.write_text(json.dumps({"sinks": {"hook": {
