@@ -256,6 +256,24 @@ async def test_command_waiters_read_nothing_until_the_result_commits(
     assert reads["get_downlink"] == 2 * WAITERS  # one re-read each, after the commit
 
 
+async def test_server_shutdown_answers_waiting_command_polls(
+        server_config: ServerConfig) -> None:
+    """Stopping the server releases long polls at once, with the command as it is."""
+    server = Server(replace(server_config, command_poll=3600.0))
+    await server.start()
+    try:
+        async with AdminClient(server.url, ADMIN_TOKEN) as admin:
+            await admin.add_device("d1")
+            command = await post(admin, "/v1/devices/d1/commands", {"method": "m"})
+            all_waiting = when_all_wait(server.services.results, 1)
+            waiting = asyncio.create_task(get(admin, f"/v1/commands/{command['id']}?wait=60"))
+            await all_waiting.wait()
+            await server.aclose()
+            assert (await waiting)["status"] == "queued"
+    finally:
+        await server.aclose()
+
+
 async def test_command_waiter_sees_a_result_committed_by_another_process(
         server_config: ServerConfig, tmp_path: Path) -> None:
     """Two servers on one database: the long poll on the first sees the result the device
