@@ -78,23 +78,32 @@ def redact_url(text: str) -> str:
         return text
     if not parts.scheme or not parts.netloc:
         return text
-    userinfo, at, host = parts.netloc.rpartition("@")
-    user, colon, _password = userinfo.partition(":")
-    # "user:password@" keeps the user name; a lone "token@" is all secret.
-    shown = f"{parts.scheme}://{user + colon if colon else ''}{REDACTED + at if at else ''}{host}"
-    segments = parts.path.split("/")  # "/a/b" -> ["", "a", "b"]
-    if len(segments) > 1:
-        shown += "/" + segments[1]
-        if any(segments[2:]):
-            shown += "/" + REDACTED
-        elif len(segments) > 2:
-            shown += "/"  # a trailing slash holds nothing
+    shown = f"{parts.scheme}://{_redacted_netloc(parts.netloc)}{_redacted_path(parts.path)}"
     if parts.query:
         names = (pair.partition("=")[0] for pair in parts.query.split("&"))
         shown += "?" + "&".join(f"{name}={REDACTED}" for name in names)
     if parts.fragment:
         shown += "#" + REDACTED
     return shown
+
+
+def _redacted_netloc(netloc: str) -> str:
+    """``user:***@host:port``; a lone ``token@`` is all secret: ``***@host:port``."""
+    userinfo, at, host = netloc.rpartition("@")
+    if not at:
+        return host
+    user, colon, _password = userinfo.partition(":")
+    return f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
+
+
+def _redacted_path(path: str) -> str:
+    """The first segment of ``path``, then ``/***`` if anything follows it."""
+    segments = path.split("/")  # "/a/b" -> ["", "a", "b"]
+    if len(segments) < 2:
+        return path  # "" (no path)
+    if any(segments[2:]):
+        return f"/{segments[1]}/{REDACTED}"
+    return "/" + "/".join(segments[1:])  # "/a" or "/a/": nothing after the first segment
 
 
 def query_names(url: str) -> frozenset[str]:
