@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 from collections import Counter
@@ -21,7 +22,7 @@ from crdtsync.calls import RouteFailed
 from crdtsync.inbox import Message
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
-from crdtsync_server.notify import DeviceNotifier
+from crdtsync_server.notify import DeviceNotifier, Watch
 
 from .conftest import ADMIN_TOKEN, DeviceFactory, LoseResponses, local_app
 
@@ -206,20 +207,20 @@ WAITERS = 200
 
 
 def when_all_wait(notifier: DeviceNotifier, n: int) -> asyncio.Event:
-    """An event set once ``n`` coroutines went to sleep on ``notifier`` (it is set as the
-    last one enters; a coroutine awaiting it resumes after that one is asleep)."""
+    """An event set once ``n`` long polls started watching ``notifier`` (set as the last
+    one starts; a coroutine awaiting it resumes after that one went to sleep)."""
     entered = asyncio.Event()
-    original = notifier.wait
+    original = notifier.watch
     count = 0
 
-    async def wait(device: str, seconds: float) -> bool:
+    def watch(device: str) -> contextlib.AbstractContextManager[Watch]:
         nonlocal count
         count += 1
         if count == n:
             entered.set()
-        return await original(device, seconds)
+        return original(device)
 
-    notifier.wait = wait  # type: ignore[method-assign]
+    notifier.watch = watch  # type: ignore[method-assign]
     return entered
 
 
@@ -254,6 +255,19 @@ async def test_command_waiters_read_nothing_until_the_result_commits(
                 answers = await asyncio.gather(*waiters)
     assert all(a["status"] == "succeeded" and a["result"] == {"x": 2} for a in answers)
     assert reads["get_downlink"] == 2 * WAITERS  # one re-read each, after the commit
+
+
+async def test_a_wake_up_while_the_watcher_reads_is_not_lost() -> None:
+    notifier = DeviceNotifier(poll=3600.0)
+    with notifier.watch("d1") as watch, notifier.watch("d2") as other:
+        assert notifier.waiting("d1") == 1
+        notifier.notify("d1")  # while the watcher is busy elsewhere (reading the store)
+        assert await asyncio.wait_for(watch.wait(3600.0), 5) is True
+        assert await watch.wait(0) is False  # consumed: the next wait sleeps again
+        assert await other.wait(0) is False  # another device's watch was not woken
+        notifier.close()
+        assert await asyncio.wait_for(other.wait(3600.0), 5) is True
+    assert notifier.waiting("d1") == 0 and notifier.notified == 1
 
 
 async def test_server_shutdown_answers_waiting_command_polls(

@@ -144,16 +144,29 @@ async def get_command(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     wait = int_param(request, "wait", 0, MAX_WAIT_S)
     item_id = _item_id(request, "command")
+    if wait == 0:
+        return json_response((await _item(services, item_id, "command")).to_json())
+    return json_response((await _final_command(services, item_id, wait)).to_json())
+
+
+async def _final_command(services: Services, item_id: int, wait: float) -> Downlink:
+    """The command once final, or as it is after ``wait`` seconds (or at shutdown).
+
+    It is read again only when a sync of this process committed results of its device, or
+    every ``command_poll`` seconds (another process's commit): waiting costs no reads."""
+    results = services.results
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
+    before = results.notified
     item = await _item(services, item_id, "command")
-    # Re-read only when a commit may have finished a command of the device, or every
-    # `command_poll` seconds (another process's commit): waiting costs no reads.
-    while (item.status not in FINAL and (remaining := deadline - loop.time()) > 0
-           and not services.results.closed):
-        await services.results.wait(item.device, remaining)
-        item = await _item(services, item_id, "command")
-    return json_response(item.to_json())
+    with results.watch(item.device) as watch:
+        if results.notified != before:  # a result may have committed during the read
+            item = await _item(services, item_id, "command")
+        while (item.status not in FINAL and not results.closed
+               and (remaining := deadline - loop.time()) > 0):
+            await watch.wait(remaining)
+            item = await _item(services, item_id, "command")
+    return item
 
 
 # --- routes ----------------------------------------------------------------------------------
