@@ -13,7 +13,9 @@ too much) becomes a stable error code, never an exception:
     route_timeout              no complete answer within ``route.timeout``        yes
     route_unreachable          connection refused, DNS failure, reset             yes
     route_http_error           target answered 5xx (after retries), 4xx or 3xx    5xx only
-    route_response_too_large   body over ``route.max_response`` (reading stops)   no
+    route_response_too_large   body over ``route.max_response`` (reading stops),  no
+                               or (set by the ProxyRunner) an outcome over the
+                               ``Limits.max_item_body`` a device takes
     route_bad_payload          payload does not fit the route's method            no
     route_not_allowed          the device is not in ``route.devices``             no
     unknown_route              no route has that alias (:meth:`perform_alias`)    no
