@@ -22,8 +22,8 @@ from typing import Any
 import msgpack
 
 from .device_store import DeviceStore, StoredCall
-from .errors import CrdtsyncError, InvalidValue, NotFound
-from .protocol import NAME_RE, Outcome, ProxyCall
+from .errors import BodyTooLarge, CrdtsyncError, InvalidValue, NotFound
+from .protocol import NAME_RE, Outcome, ProxyCall, item_body
 from .values import check_value
 
 
@@ -31,7 +31,8 @@ class RouteFailed(CrdtsyncError):
     """A proxied request reached the cloud but its route failed; ``detail`` holds the
     outcome, ``reason`` its stable code: ``route_timeout``, ``route_unreachable``,
     ``route_http_error``, ``route_response_too_large``, ``route_bad_payload``,
-    ``route_not_allowed``, ``unknown_route`` or ``interrupted``."""
+    ``route_not_allowed``, ``unknown_route`` or ``interrupted``; or ``item_too_large`` /
+    ``invalid_item`` when this device could not take the outcome the cloud sent."""
 
     code = "route_failed"
     status = 0
@@ -51,14 +52,20 @@ class Calls:
 
     async def add(self, route: str, body: Any, request_id: str | None) -> str:
         """Queue a request durably and return its id (a given id makes the call idempotent:
-        the same id is performed once)."""
+        the same id is performed once). :class:`InvalidValue` (nothing queued) for a bad
+        route or id, a body that is not JSON data or is over ``Limits.max_item_body``
+        bytes (the cloud would refuse every sync carrying it)."""
         if not isinstance(route, str) or not NAME_RE.match(route):
             raise InvalidValue(f"route {route!r} is not a valid name")
         check_value(body, where="request body", max_int=2**63 - 1)
+        try:
+            data = item_body(body, what="request body")
+        except BodyTooLarge as exc:
+            raise InvalidValue(exc.message, exc.detail) from exc
         call_id = request_id or secrets.token_hex(16)
         if not NAME_RE.match(call_id):
             raise InvalidValue(f"request id {call_id!r} is not a valid name")
-        await self.store.add_call(call_id, route, _pack(body), int(time.time() * 1000))
+        await self.store.add_call(call_id, route, data, int(time.time() * 1000))
         return call_id
 
     async def wait(self, call_id: str) -> dict[str, Any]:

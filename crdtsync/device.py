@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,20 @@ EMPTY_UPDATE = b"\x00\x00"
 ChangeCallback = Callable[[str, str, Any, Any], None]
 
 
+@dataclass(frozen=True, slots=True)
+class SkippedItem:
+    """A cloud-to-device item this device could not take and skipped, without failing the
+    sync (docs/protocol.md 14): ``kind`` is ``"message"``, ``"command"`` or ``"outcome"``,
+    ``ref`` the downlink seq (as text) or the proxied request's id, ``code``
+    ``item_too_large`` or ``invalid_item``. A message is acknowledged unhandled, a command
+    answered with the error ``code``, an outcome stored as a failed one."""
+
+    kind: str
+    ref: str
+    code: str
+    message: str
+
+
 @dataclass(slots=True)
 class SyncReport:
     """What one :meth:`Device.sync` did.
@@ -83,6 +97,8 @@ class SyncReport:
     """Environment variables whose merged value changed."""
     outcomes: int = 0
     """Proxied-request outcomes received."""
+    skipped: list[SkippedItem] = field(default_factory=list)
+    """Items the device could not take (too large, not JSON data): skipped and logged."""
     recovered: bool = False
     duration: float = 0.0
 
@@ -538,9 +554,18 @@ class Device:
             await self._store.ack_results(response.down_done)
         await self._calls.apply(response.accepted, response.outcomes)
         report.outcomes += len(response.outcomes)
+        for outcome in response.outcomes:
+            if outcome.refused is not None:
+                log.warning("device %s: could not take the outcome of request %r; stored as "
+                            "failed: %s: %s", self.id, outcome.id, outcome.refused.code,
+                            outcome.refused.message)
+                report.skipped.append(SkippedItem("outcome", outcome.id, outcome.refused.code,
+                                                  outcome.refused.message))
         done = self._inbox.done
         results = await self._inbox.process(response.down)
         report.downlink += self._inbox.done - done
+        report.skipped += [SkippedItem(i.kind, str(i.seq), i.refused.code, i.refused.message)
+                           for i in self._inbox.skipped if i.refused is not None]
         return results
 
     def _shrink_batches(self, exc: CrdtsyncError, sent: int) -> None:

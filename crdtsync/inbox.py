@@ -17,6 +17,11 @@ order:
   answered ``expired`` without running. The handler's return value (or exception) is stored
   with ``down_done`` in one transaction and sent on the next round, which the device starts
   at once.
+- an item whose body the device cannot take (``DownItem.refused``: over
+  ``Limits.max_item_body``, or not JSON data; only an older or foreign server sends one) is
+  skipped alone and logged: a message is acknowledged without a handler, a command is
+  answered with the error ``item_too_large`` (or ``invalid_item``) without running. The
+  skipped items of a :meth:`Inbox.process` call are in :attr:`Inbox.skipped`.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from typing import Any
 import msgpack
 
 from .device_store import DeviceStore
-from .errors import CrdtsyncError, InvalidValue
-from .protocol import DownItem, Result
+from .errors import BodyTooLarge, CrdtsyncError, InvalidValue
+from .protocol import DownItem, Result, item_body
 from .values import check_value
 
 log = logging.getLogger("crdtsync.device")
@@ -60,6 +65,8 @@ class Inbox:
         self.command_handlers: dict[str, CommandHandler] = {}
         self.waiting = 0
         """Items held back because no handler is registered for them."""
+        self.skipped: list[DownItem] = []
+        """Items the last :meth:`process` skipped because their body could not be taken."""
 
     @property
     def done(self) -> int:
@@ -70,16 +77,32 @@ class Inbox:
         Returns how many command results were produced (to send promptly)."""
         results = 0
         self.waiting = 0
+        self.skipped = []
         for item in items:
             if item.seq <= self.done:
                 continue  # already processed; the cloud has not seen our acknowledgement yet
-            if item.kind == "message":
+            if item.refused is not None:
+                results += await self._skip(item)
+            elif item.kind == "message":
                 if not await self._message(item):
                     break
             else:
                 await self._command(item)
                 results += 1
         return results
+
+    async def _skip(self, item: DownItem) -> int:
+        """Acknowledge an item whose body cannot be taken, without a handler (a command is
+        answered with the refusal's code); returns how many results that produced."""
+        assert item.refused is not None
+        log.warning("device %s: skipped %s %r (downlink seq %d): %s: %s", self.device_id,
+                    item.kind, item.name, item.seq, item.refused.code, item.refused.message)
+        self.skipped.append(item)
+        if item.kind == "message":
+            await self.store.finish_down(item.seq)
+            return 0
+        await self.store.finish_down(item.seq, _error(item.refused.code, item.refused.message))
+        return 1
 
     async def _message(self, item: DownItem) -> bool:
         handler = self.message_handlers.get(item.name) or self.message_handlers.get("*")
@@ -115,12 +138,13 @@ class Inbox:
         try:
             value = await _call(handler, item.body)
             check_value(value, where="command result", max_int=2**63 - 1)
-        except InvalidValue as exc:
+            return True, item_body(value, what="command result")
+        except (InvalidValue, BodyTooLarge) as exc:
+            # Sent as it is, the cloud would refuse every later sync: answer an error.
             return _error("invalid_result", exc.message)
         except Exception as exc:
             code = exc.code if isinstance(exc, CrdtsyncError) else type(exc).__name__
             return _error(code, str(exc))
-        return True, _pack(value)
 
     async def results(self, limit: int) -> tuple[Result, ...]:
         """Stored command results to send, decoded."""
@@ -135,8 +159,13 @@ def _pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+MAX_ERROR_MESSAGE = 1024
+"""Characters of an error result's message kept: a result must stay far below
+``Limits.max_item_body``, whatever a handler's exception says."""
+
+
 def _error(code: str, message: str) -> tuple[bool, bytes]:
-    return False, _pack({"code": code, "message": message})
+    return False, _pack({"code": code, "message": message[:MAX_ERROR_MESSAGE]})
 
 
 async def _call(fn: Callable[[Any], Any], arg: Any) -> Any:

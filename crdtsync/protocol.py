@@ -19,11 +19,13 @@ from typing import Any
 import msgpack
 
 from .errors import (
+    BodyTooLarge,
     CorruptUpdate,
     CrdtsyncError,
     InvalidStateVector,
     InvalidValue,
     MalformedRequest,
+    RequestError,
     TooManyEvents,
     UnsupportedVersion,
     error_from_code,
@@ -52,6 +54,10 @@ class Limits:
     max_items: int = 100
     """Command results, proxied requests and acknowledged outcomes per request; downlink
     items per response."""
+    max_item_body: int = 64 * 1024
+    """Largest msgpack-encoded body of one item other than an event: a message body, a
+    command's params or result, a proxied request's body or its outcome. The server refuses
+    to queue bigger ones; a receiver skips a bigger one it meets (docs/protocol.md 14)."""
 
 
 DEFAULT_LIMITS = Limits()
@@ -85,17 +91,34 @@ class Event:
 DOWN_KINDS = ("message", "command")
 
 
+ITEM_TOO_LARGE = "item_too_large"
+"""Why a receiver skipped an item whose body is over ``Limits.max_item_body`` bytes."""
+INVALID_ITEM = "invalid_item"
+"""Why a receiver skipped an item whose body is not msgpack of JSON data."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why the receiver cannot take one item of a message: ``code`` is
+    :data:`ITEM_TOO_LARGE` or :data:`INVALID_ITEM`, ``message`` says what was wrong."""
+
+    code: str
+    message: str
+
+
 @dataclass(frozen=True, slots=True)
 class DownItem:
     """A cloud-to-device item in a response: a ``message`` (``name`` = topic) or a
     ``command`` (``name`` = method, ``body`` = params). ``expires`` is a command's deadline
-    in ms since the epoch (0: none)."""
+    in ms since the epoch (0: none). ``refused`` is set (and ``body`` is None) when the body
+    cannot be taken: the receiver skips this item only (docs/protocol.md 14)."""
 
     seq: int
     kind: str
     name: str
     body: Any
     expires: int = 0
+    refused: Refusal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +145,13 @@ class ProxyCall:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """The outcome of proxied request ``id``: ``{"ok", "status", "body", "error",
-    "message", "attempts"}``."""
+    "message", "attempts"}``. When the receiver could not take the outcome sent,
+    ``refused`` says why and ``outcome`` is the failed outcome that stands for it
+    (:func:`refused_outcome`)."""
 
     id: str
     outcome: Mapping[str, Any]
+    refused: Refusal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,14 +411,45 @@ def _unbody(data: Any, what: str, limits: Limits) -> Any:
     """Decode a nested msgpack body (bytes) and check it is JSON data."""
     if not isinstance(data, bytes):
         raise MalformedRequest(f"{what} must be msgpack bytes")
-    if len(data) > limits.max_event_body:
-        raise InvalidValue(f"{what} over {limits.max_event_body} bytes")
+    if len(data) > limits.max_item_body:
+        raise InvalidValue(f"{what} is {len(data)} bytes, over {limits.max_item_body}")
     try:
         value = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise MalformedRequest(f"{what} is not msgpack") from exc
     check_value(value, where=what, max_int=2**63 - 1)
     return value
+
+
+def item_body(value: Any, limits: Limits = DEFAULT_LIMITS, *, what: str = "body") -> bytes:
+    """``value`` encoded as the msgpack body of an item (message, command params or result,
+    proxied request or outcome). Raises :class:`BodyTooLarge` (``detail``: ``max_item_body``
+    and ``size``) when it is over ``limits.max_item_body`` bytes, which a receiver would
+    not take; checking JSON data is the caller's."""
+    data = _body(value)
+    if len(data) > limits.max_item_body:
+        raise BodyTooLarge(
+            f"{what} is {len(data)} bytes as msgpack, over the {limits.max_item_body} "
+            "bytes a device takes",
+            {"max_item_body": limits.max_item_body, "size": len(data)})
+    return data
+
+
+def _take_body(data: Any, what: str, limits: Limits) -> tuple[Any, Refusal | None]:
+    """Decode the body of an item the receiver may skip alone: ``(body, None)``, or
+    ``(None, refusal)`` when it is too large or not JSON data."""
+    try:
+        return _unbody(data, what, limits), None
+    except RequestError as exc:  # InvalidValue, MalformedRequest: this item only
+        too_large = isinstance(data, bytes) and len(data) > limits.max_item_body
+        return None, Refusal(ITEM_TOO_LARGE if too_large else INVALID_ITEM, exc.message)
+
+
+def refused_outcome(refusal: Refusal) -> dict[str, Any]:
+    """The failed outcome a client stores for an outcome it could not take."""
+    return {"ok": False, "status": None, "body": None, "error": refusal.code,
+            "message": f"the device could not take the outcome: {refusal.message}",
+            "attempts": 0}
 
 
 def _items(obj: Mapping[str, Any], key: str, limits: Limits, width: int) -> list[list[Any]]:
@@ -497,20 +554,29 @@ def _decode_down(item: list[Any], limits: Limits) -> DownItem:
     seq, kind, name, data, expires = item
     if kind not in (0, 1) or isinstance(kind, bool):
         raise MalformedRequest(f"unknown downlink kind {kind!r}")
-    return DownItem(_uint(seq, "downlink seq"), DOWN_KINDS[kind], _name(name, "downlink name"),
-                    _unbody(data, f"downlink {seq!r}", limits), _uint(expires, "expires"))
+    seq = _uint(seq, "downlink seq")
+    body, refused = _take_body(data, f"downlink {seq}", limits)
+    return DownItem(seq, DOWN_KINDS[kind], _name(name, "downlink name"), body,
+                    _uint(expires, "expires"), refused)
 
 
 def _decode_outcome(item: list[Any], limits: Limits) -> Outcome:
     call_id, data = item
-    outcome = _unbody(data, f"outcome {call_id!r}", limits)
-    if not isinstance(outcome, dict):
-        raise MalformedRequest("an outcome must be a map")
-    return Outcome(_request_id(call_id), outcome)
+    call_id = _request_id(call_id)
+    outcome, refused = _take_body(data, f"outcome {call_id!r}", limits)
+    if refused is None and not isinstance(outcome, dict):
+        refused = Refusal(INVALID_ITEM, f"outcome {call_id!r} is not a map")
+    if refused is not None:
+        return Outcome(call_id, refused_outcome(refused), refused)
+    return Outcome(call_id, outcome)
 
 
 def decode_response(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncResponse:
-    """Decode a sync response, or raise the error an error frame carries."""
+    """Decode a sync response, or raise the error an error frame carries.
+
+    A downlink item or outcome whose body the receiver cannot take (over
+    ``limits.max_item_body``, not msgpack, not JSON data) does not fail the response: it
+    comes back with ``refused`` set, for the client to skip that item alone."""
     obj = _unpack(data)
     if obj.get("t") == "error":
         raise decode_error_obj(obj)

@@ -483,6 +483,75 @@ async def test_bad_event_query(victim: Victim, http: aiohttp.ClientSession, quer
     await victim.assert_survived()
 
 
+DEEP_JSON = b"[" * 5000 + b"]" * 5000
+"""Deeper than the recursion of Python's JSON parser (about 1,000 levels)."""
+LONE_SURROGATE = b'"\\ud800"'
+"""A JSON string escape that is not Unicode text (no UTF-8 encoder or store takes it)."""
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "code"), [
+    pytest.param("GET", "/v1/projection?after=5", None, 400, "malformed_request",
+                 id="projection-after-number"),
+    pytest.param("GET", "/v1/projection?after=-1", None, 400, "malformed_request",
+                 id="projection-after-negative"),
+    pytest.param("GET", "/v1/projection?after=null", None, 400, "malformed_request",
+                 id="projection-after-null"),
+    pytest.param("GET", "/v1/projection?after=" + "%5B" * 1300 + "%5D" * 1300, None, 400,
+                 "malformed_request", id="projection-after-deep"),
+    pytest.param("GET", "/v1/commands/%C2%B2", None, 404, "not_found", id="command-id-²"),
+    pytest.param("GET", "/v1/commands/99999999999999999999", None, 404, "not_found",
+                 id="command-id-2**66"),
+    pytest.param("GET", f"/v1/commands/{2**63}", None, 404, "not_found", id="command-id-2**63"),
+    pytest.param("GET", "/v1/messages/%C2%B2", None, 404, "not_found", id="message-id-²"),
+    pytest.param("PATCH", "/v1/devices/d1/state/state", b'{"x": ' + DEEP_JSON + b"}", 400,
+                 "invalid_value", id="state-deep"),
+    pytest.param("PATCH", "/v1/devices/d1/state/state", b'{"x": ' + LONE_SURROGATE + b"}",
+                 400, "invalid_value", id="state-lone-surrogate"),
+    pytest.param("PATCH", "/v1/devices/d1/state/state", b"{" + LONE_SURROGATE + b": 1}", 400,
+                 "invalid_value", id="state-key-lone-surrogate"),
+    pytest.param("POST", "/v1/devices", b'{"id": "d2", "meta": {"m": ' + LONE_SURROGATE
+                 + b"}}", 400, "invalid_value", id="meta-lone-surrogate"),
+    pytest.param("POST", "/v1/devices", b'{"id": "d2", "meta": {"m": ' + DEEP_JSON + b"}}",
+                 400, "invalid_value", id="meta-deep"),
+    pytest.param("PATCH", "/v1/devices/d1/env", b'{"E": ' + LONE_SURROGATE + b"}", 400,
+                 "invalid_value", id="device-env-lone-surrogate"),
+    pytest.param("PATCH", "/v1/env", b'{"E": ' + LONE_SURROGATE + b"}", 400,
+                 "invalid_value", id="project-env-lone-surrogate"),
+    pytest.param("POST", "/v1/devices/d1/messages", b'{"topic": "t", "body": '
+                 + LONE_SURROGATE + b"}", 400, "invalid_value", id="message-lone-surrogate"),
+    pytest.param("POST", "/v1/devices/d1/messages", b'{"topic": "t", "body": ' + DEEP_JSON
+                 + b"}", 400, "invalid_value", id="message-deep"),
+    pytest.param("POST", "/v1/fleets", b'{"id": "f1", "meta": ' + DEEP_JSON + b"}", 400,
+                 "invalid_value", id="fleet-deep"),
+    pytest.param("PUT", "/v1/sinks/s1", DEEP_JSON, 400, "invalid_value", id="sink-deep"),
+])
+async def test_bad_admin_input_is_a_typed_4xx(victim: Victim, http: aiohttp.ClientSession,
+                                              method: str, path: str, body: bytes | None,
+                                              status: int, code: str) -> None:
+    reply = await call(http, method, victim.url + path, token=ADMIN_TOKEN, body=body,
+                       content_type="application/json")
+    assert (reply.status, reply.json()["error"]["code"]) == (status, code)
+    assert (await victim.admin.request("GET", "/v1/devices"))["devices"][0]["id"] == "d1"
+    await victim.assert_survived()
+
+
+async def test_admin_json_takes_surrogate_pairs_and_64_levels(
+        victim: Victim, http: aiohttp.ClientSession) -> None:
+    """What the limits must not refuse: a character outside the BMP (an escaped surrogate
+    pair), an escaped backslash before "ud800", and nesting up to 64 levels."""
+    body = b'{"emoji": "\\ud83d\\ude00", "text": "\\\\ud800", "deep": ' \
+        + b"[" * 30 + b"]" * 30 + b"}"
+    reply = await call(http, "PATCH", victim.url + "/v1/devices/d1/state/state",
+                       token=ADMIN_TOKEN, body=body, content_type="application/json")
+    assert reply.status == 200
+    assert reply.json()["emoji"] == "\U0001f600" and reply.json()["text"] == "\\ud800"
+    sink = b'{"type": "webhook", "paused": true, "options": {"url": "https://h/x", ' \
+        b'"secret": "s", "x": ' + b"[" * 61 + b"]" * 61 + b"}}"  # 64 levels with the envelope
+    reply = await call(http, "PUT", victim.url + "/v1/sinks/s1", token=ADMIN_TOKEN,
+                       body=sink, content_type="application/json")
+    assert reply.status == 201
+
+
 @pytest.mark.parametrize(("method", "path", "token"), [
     ("GET", "/v1/nope", None),
     ("GET", "/v1/nope", ADMIN_TOKEN),

@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -18,6 +22,7 @@ from crdtsync.calls import RouteFailed
 from crdtsync.inbox import Message
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
+from crdtsync_server.notify import DeviceNotifier, Watch
 
 from .conftest import ADMIN_TOKEN, DeviceFactory, LoseResponses, local_app
 
@@ -178,6 +183,127 @@ async def test_command_past_its_deadline_expires_and_never_runs(
     await dev.sync()
     assert (await get(admin, f"/v1/commands/{command['id']}"))["status"] == "expired"
     assert runs == []
+
+
+def count_store_calls(store: object) -> Counter[str]:
+    """Count every call of ``store``'s public coroutine methods (the instance's attributes
+    are replaced by counting wrappers; every user of the store sees them)."""
+    calls: Counter[str] = Counter()
+
+    def counting(name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return await method(*args, **kwargs)
+        return wrapper
+
+    for name in dir(store):
+        method = getattr(store, name)
+        if not name.startswith("_") and inspect.iscoroutinefunction(method):
+            setattr(store, name, counting(name, method))
+    return calls
+
+
+WAITERS = 200
+
+
+def when_all_wait(notifier: DeviceNotifier, n: int) -> asyncio.Event:
+    """An event set once ``n`` long polls started watching ``notifier`` (set as the last
+    one starts; a coroutine awaiting it resumes after that one went to sleep)."""
+    entered = asyncio.Event()
+    original = notifier.watch
+    count = 0
+
+    def watch(device: str) -> contextlib.AbstractContextManager[Watch]:
+        nonlocal count
+        count += 1
+        if count == n:
+            entered.set()
+        return original(device)
+
+    notifier.watch = watch  # type: ignore[method-assign]
+    return entered
+
+
+async def test_command_waiters_read_nothing_until_the_result_commits(
+        server_config: ServerConfig, tmp_path: Path) -> None:
+    """200 long polls cost one read each to start and one when the result commits, nothing
+    while they wait (the fallback poll is set to an hour here)."""
+    config = replace(server_config, command_poll=3600.0)
+    async with Server(config) as server, AdminClient(server.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+        command = await post(admin, "/v1/devices/d1/commands",
+                             {"method": "add", "params": {"x": 1}})
+        reads = count_store_calls(server.services.store)
+        async with aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                connector=aiohttp.TCPConnector(limit=0)) as http:
+
+            async def wait_for_result() -> Any:
+                async with http.get(f"{server.url}/v1/commands/{command['id']}?wait=60") \
+                        as resp:
+                    return await resp.json()
+
+            all_waiting = when_all_wait(server.services.results, WAITERS)
+            waiters = [asyncio.create_task(wait_for_result()) for _ in range(WAITERS)]
+            await all_waiting.wait()
+            assert server.services.results.waiting("d1") == WAITERS
+            assert dict(reads) == {"get_downlink": WAITERS}  # each waiter's first read only
+            async with Device("d1", server.url, token=token, path=tmp_path / "d1.db",
+                              interval=None) as dev:
+                dev.command("add")(lambda params: {"x": params["x"] + 1})
+                await dev.sync()  # runs the command; the result commits in its second round
+                answers = await asyncio.gather(*waiters)
+    assert all(a["status"] == "succeeded" and a["result"] == {"x": 2} for a in answers)
+    assert reads["get_downlink"] == 2 * WAITERS  # one re-read each, after the commit
+
+
+async def test_a_wake_up_while_the_watcher_reads_is_not_lost() -> None:
+    notifier = DeviceNotifier(poll=3600.0)
+    with notifier.watch("d1") as watch, notifier.watch("d2") as other:
+        assert notifier.waiting("d1") == 1
+        notifier.notify("d1")  # while the watcher is busy elsewhere (reading the store)
+        assert await asyncio.wait_for(watch.wait(3600.0), 5) is True
+        assert await watch.wait(0) is False  # consumed: the next wait sleeps again
+        assert await other.wait(0) is False  # another device's watch was not woken
+        notifier.close()
+        assert await asyncio.wait_for(other.wait(3600.0), 5) is True
+    assert notifier.waiting("d1") == 0 and notifier.notified == 1
+
+
+async def test_server_shutdown_answers_waiting_command_polls(
+        server_config: ServerConfig) -> None:
+    """Stopping the server releases long polls at once, with the command as it is."""
+    server = Server(replace(server_config, command_poll=3600.0))
+    await server.start()
+    try:
+        async with AdminClient(server.url, ADMIN_TOKEN) as admin:
+            await admin.add_device("d1")
+            command = await post(admin, "/v1/devices/d1/commands", {"method": "m"})
+            all_waiting = when_all_wait(server.services.results, 1)
+            waiting = asyncio.create_task(get(admin, f"/v1/commands/{command['id']}?wait=60"))
+            await all_waiting.wait()
+            await server.aclose()
+            assert (await waiting)["status"] == "queued"
+    finally:
+        await server.aclose()
+
+
+async def test_command_waiter_sees_a_result_committed_by_another_process(
+        server_config: ServerConfig, tmp_path: Path) -> None:
+    """Two servers on one database: the long poll on the first sees the result the device
+    committed through the second, at its fallback poll."""
+    async with Server(replace(server_config, command_poll=0.05)) as first, \
+            Server(server_config) as second, \
+            AdminClient(first.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+        command = await post(admin, "/v1/devices/d1/commands", {"method": "ping"})
+        waiting = asyncio.create_task(get(admin, f"/v1/commands/{command['id']}?wait=60"))
+        async with Device("d1", second.url, token=token, path=tmp_path / "d1.db",
+                          interval=None) as dev:
+            dev.command("ping")(lambda params: "pong")
+            await dev.sync()
+        done = await waiting
+    assert (done["status"], done["result"]) == ("succeeded", "pong")
 
 
 async def test_lost_responses_do_not_repeat_commands_or_messages(

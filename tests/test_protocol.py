@@ -35,6 +35,9 @@ from crdtsync.errors import (
     UnsupportedVersion,
 )
 from crdtsync.protocol import (
+    DEFAULT_LIMITS,
+    INVALID_ITEM,
+    ITEM_TOO_LARGE,
     MAX_CLIENT_ID,
     MAX_CLOCK,
     MAX_SEQ,
@@ -49,6 +52,7 @@ from crdtsync.protocol import (
     encode_request,
     encode_response,
     encode_state_vector,
+    item_body,
     parse_state_vector,
 )
 from crdtsync.values import MAX_DEPTH, MAX_SAFE_INTEGER, check_value, normalize
@@ -183,6 +187,34 @@ def test_every_error_class_round_trips_through_a_frame() -> None:
         original = cls("why", {"k": [1, "v"]})
         back = decode_error(encode_error(original), cls.status)
         assert error_fields(back) == error_fields(original)
+
+
+def test_items_a_receiver_cannot_take_are_refused_one_by_one() -> None:
+    """One downlink item or outcome over the limit or not JSON data is marked refused; the
+    rest of the response decodes (docs/protocol.md 14)."""
+    big = msgpack.packb("x" * DEFAULT_LIMITS.max_item_body)
+    fits = msgpack.packb({"n": 1})
+    data = msgpack.packb({"v": 1, "t": "sync", "ack": 3, "time": 1, "down": [
+        [1, 0, "t", big, 0], [2, 1, "m", b"\xc1", 0], [3, 0, "t", fits, 0]],
+        "out": [["r1", big], ["r2", msgpack.packb([1])], ["r3", msgpack.packb({"ok": True})]]})
+    resp = decode_response(data)
+    assert resp.acked == 3
+    assert [(d.seq, d.body, d.refused and d.refused.code) for d in resp.down] == [
+        (1, None, ITEM_TOO_LARGE), (2, None, INVALID_ITEM), (3, {"n": 1}, None)]
+    assert [(o.id, o.outcome["ok"], o.outcome.get("error"), o.refused and o.refused.code)
+            for o in resp.outcomes] == [("r1", False, ITEM_TOO_LARGE, ITEM_TOO_LARGE),
+                                        ("r2", False, INVALID_ITEM, INVALID_ITEM),
+                                        ("r3", True, None, None)]
+    assert resp.outcomes[2].outcome == {"ok": True}
+
+
+def test_item_body_limit_is_exact() -> None:
+    fits = "x" * (DEFAULT_LIMITS.max_item_body - 3)  # a str16: 3 bytes of header
+    assert len(item_body(fits)) == DEFAULT_LIMITS.max_item_body
+    with pytest.raises(BodyTooLarge) as info:
+        item_body(fits + "x")
+    assert info.value.detail == {"max_item_body": DEFAULT_LIMITS.max_item_body,
+                                 "size": DEFAULT_LIMITS.max_item_body + 1}
 
 
 def test_unknown_error_code_keeps_its_code() -> None:

@@ -90,6 +90,9 @@ def target_app(t: Target) -> web.Application:
         t.calls["landing"] += 1
         return web.Response(text="landed")
 
+    async def query(request: web.Request) -> web.Response:
+        return web.json_response({"query_string": request.query_string})
+
     async def text(request: web.Request) -> web.Response:
         return web.Response(text="hello, Oslo", content_type="text/plain")
 
@@ -106,6 +109,7 @@ def target_app(t: Target) -> web.Application:
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/landing", landing)
     app.router.add_get("/text", text)
+    app.router.add_route("*", "/query", query)
     app.router.add_get("/bad-json", bad_json)
     return app
 
@@ -142,6 +146,17 @@ async def test_get_sends_payload_as_query(target: Target, executor: RouteExecuto
     assert out.ok
     assert out.body["query"] == {"city": "Oslo", "days": "3", "metric": "true"}
     assert out.body["json"] is None and out.body["key"] == SECRET
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+async def test_route_query_parameters_win_over_the_payload(
+        target: Target, executor: RouteExecutor, method: str) -> None:
+    """The admin's ``?account=alice`` is sent once, whatever the device's payload says;
+    the payload's other keys are added."""
+    route = target.route("/query?account=alice&scope=", method=method)
+    out = await executor.perform(route, "d1", {"account": "bob", "scope": "all", "n": 2})
+    assert out.ok
+    assert out.body["query_string"] == "account=alice&scope=&n=2"
 
 
 @pytest.mark.parametrize("payload", [{"city": {"name": "Oslo"}}, ["Oslo"], {"n": None},

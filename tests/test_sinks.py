@@ -516,9 +516,21 @@ def test_secrets_are_redacted_and_kept_when_sent_back() -> None:
                      "headers": {"A": "***"}, "dsn": "postgresql://u:***@db/x",
                      "conninfo": "host=db password=*** user=u",
                      "nested": {"password": "***", "n": 1}, "batching": 3}
+    # Sent back as shown, a partly redacted value keeps the stored one (it used to store
+    # the "***"); a changed value is taken as sent.
     assert keep_redacted({**shown, "url": "https://h/y"}, options) == {
-        **options, "url": "https://h/y", "dsn": "postgresql://u:***@db/x",
-        "conninfo": "host=db password=*** user=u"}
+        **options, "url": "https://h/y"}
+    assert keep_redacted({**shown, "dsn": "postgresql://u:***@db/y"}, options) == {
+        **options, "dsn": "postgresql://u:***@db/y"}
+
+
+def test_urls_show_host_and_first_path_segment_only() -> None:
+    options = {"url": "https://u:pw@h:8443/services/T0/B1/key?token=t&v=2#frag",
+               "servers": ["nats://tok@n1:4222", "nats://n2:4222/"], "subject": "a.b"}
+    shown = redact_options(options)
+    assert shown == {"url": "https://u:***@h:8443/services/***?token=***&v=***#***",
+                     "servers": ["nats://***@n1:4222", "nats://n2:4222/"], "subject": "a.b"}
+    assert keep_redacted(shown, options) == options
 
 
 def test_sinks_file_errors_name_the_sink_and_field(tmp_path: Path) -> None:

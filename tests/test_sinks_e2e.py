@@ -368,6 +368,23 @@ async def test_sink_api_validates_redacts_and_deletes(
         await admin.dead_letters("hook")
 
 
+async def test_secrets_in_a_webhook_url_never_leave_the_server(
+        server: Server, admin: AdminClient) -> None:
+    """Query values and the path after its first segment read ``***`` in every answer; the
+    configuration read back and sent again keeps the real URL."""
+    url = "https://hooks.example.com/services/T0A1/B2C3/s3cr3t-path?token=s3cr3t-query&v=2"
+    body = webhook_sink(url, paused=True)
+    created = await admin.request("PUT", "/v1/sinks/hook", json=body)
+    shown = "https://hooks.example.com/services/***?token=***&v=***"
+    assert created["options"]["url"] == shown
+    listed = await admin.request("GET", "/v1/sinks")
+    assert listed["sinks"][0]["options"]["url"] == shown
+    assert "s3cr3t" not in json.dumps(listed) + json.dumps(await admin.sink("hook"))
+    await admin.put_sink("hook", {**body, "options": created["options"]})  # read, sent back
+    stored = await server.services.store.get_sink("hook")
+    assert stored is not None and stored.config.options["url"] == url
+
+
 async def test_a_new_sink_may_start_at_the_feed_head(
         admin: AdminClient, make_device: DeviceFactory, receiver: tuple[Receiver, str]) -> None:
     rx, url = receiver

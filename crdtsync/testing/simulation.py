@@ -26,6 +26,7 @@ from crdtsync_server.app import ServerConfig, Services
 from crdtsync_server.auth import DEVICE_TOKEN_BYTES, hash_token, new_token
 from crdtsync_server.documents import DocumentCache
 from crdtsync_server.feed import FeedNotifier
+from crdtsync_server.notify import DeviceNotifier
 from crdtsync_server.proxy import ProxyRunner
 from crdtsync_server.routes import Outcome, Route, RouteExecutor, RouteTable
 from crdtsync_server.sinks.manager import SinkManager
@@ -111,12 +112,13 @@ class SimServer:
         proxy = ProxyRunner(store, routes, SimExecutor(self.sim))
         await proxy.recover()
         notifier = FeedNotifier()
+        results = DeviceNotifier()
         self.services = Services(config, store, docs,
                                  SyncService(store, docs, proxy, proxy_budget=5.0,
-                                             notifier=notifier),
+                                             notifier=notifier, results=results),
                                  hash_token(ADMIN_TOKEN), routes, proxy,
                                  TemplateRegistry(store), notifier,
-                                 SinkManager(store, notifier))
+                                 SinkManager(store, notifier), results)
 
     async def crash(self) -> None:
         """Lose everything in memory; the database keeps what was committed."""

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from importlib import resources
 from typing import Any
 
 from aiohttp import web
 
-from crdtsync.errors import InvalidValue, MalformedRequest, NotFound, Unauthorized
+from crdtsync.errors import MalformedRequest, NotFound, Unauthorized
 from crdtsync.protocol import NAME_RE
 from crdtsync.values import check_key
 
+from .api_input import parse_json, parse_uint
 from .app import SERVICES, read_body
 from .auth import DEVICE_TOKEN_BYTES, bearer, hash_token, new_token, token_matches
 from .store import DeviceRecord
@@ -29,19 +29,11 @@ def require_admin(request: web.Request) -> None:
         raise Unauthorized("this endpoint needs the admin token")
 
 
-def _reject_constant(name: str) -> Any:
-    raise InvalidValue(f"{name} is not a JSON number crdtsync accepts")
-
-
 async def read_json(request: web.Request) -> Any:
-    """Parse a JSON body strictly (no NaN/Infinity); :class:`MalformedRequest` otherwise."""
-    body = await read_body(request)
-    try:
-        return json.loads(body or b"null", parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        if isinstance(exc, InvalidValue):
-            raise
-        raise MalformedRequest(f"body is not JSON: {exc}") from exc
+    """The JSON body (``None`` if empty), parsed by :func:`api_input.parse_json`:
+    :class:`MalformedRequest` if it is not JSON, :class:`InvalidValue` for NaN, deep
+    nesting or a lone surrogate."""
+    return parse_json(await read_body(request) or b"null")
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -57,13 +49,16 @@ def device_json(device: DeviceRecord) -> dict[str, Any]:
 
 def int_param(request: web.Request, name: str, default: int, maximum: int,
                minimum: int = 0) -> int:
+    """The query parameter ``name`` as an integer from ``minimum`` to ``maximum``
+    (``default`` when absent or empty); :class:`MalformedRequest` otherwise."""
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not re.fullmatch(r"[0-9]{1,19}", raw) or not minimum <= int(raw) <= maximum:
+    value = parse_uint(raw, minimum, maximum)
+    if value is None:
         raise MalformedRequest(
             f"query parameter {name!r} must be an integer {minimum}..{maximum}")
-    return int(raw)
+    return value
 
 
 def name_param(request: web.Request, key: str = "device") -> str:

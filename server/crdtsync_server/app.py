@@ -39,6 +39,7 @@ from crdtsync.protocol import DEFAULT_LIMITS, MEDIA_TYPE, SYNC_PATH, Limits, enc
 from .auth import admin_token_hash
 from .documents import DocumentCache
 from .feed import FeedNotifier, build_projection
+from .notify import DeviceNotifier
 from .proxy import ProxyRunner, load_route_table
 from .routes import RouteExecutor, RouteTable
 from .sinks.manager import SinkManager, read_sinks_file
@@ -99,6 +100,10 @@ class ServerConfig:
     feed_poll: float = 1.0
     """Seconds between re-reads of the feed by waiting readers (long polls, streams, sinks)
     when nothing in this process woke them: how soon they see another process's items."""
+    command_poll: float = 1.0
+    """Seconds between re-reads of a command by a ``GET /v1/commands/{id}?wait=`` long
+    poll when no commit of this process woke it: how soon it sees a result another
+    process on the same database stored."""
     sink_lease_ttl: float = 30.0
     """Seconds a process's lease on a sink lasts unless renewed (every third of it): when
     several processes share the database, how long after one dies another delivers its
@@ -122,6 +127,8 @@ class Services:
     templates: TemplateRegistry
     feed: FeedNotifier
     sinks: SinkManager
+    results: DeviceNotifier
+    """Wakes long polls of command results (``GET /v1/commands/{id}?wait=``)."""
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -164,18 +171,20 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
                                  compact_every=config.compact_every)
             table = await load_route_table(backend, config.routes_file)
             await executor.start()
-            proxy = ProxyRunner(backend, table, executor)
+            proxy = ProxyRunner(backend, table, executor, config.limits)
             await proxy.recover()
             notifier = FeedNotifier(config.feed_poll)
+            results = DeviceNotifier(config.command_poll)
             sync = SyncService(backend, docs, proxy, proxy_budget=config.proxy_budget,
-                               max_items=config.limits.max_items, notifier=notifier)
+                               max_items=config.limits.max_items, notifier=notifier,
+                               results=results)
             built = await build_projection(backend, docs, int(time.time() * 1000))
             if built:
                 log.info("built the state projection of %d stored documents", built)
             sinks = SinkManager(backend, notifier, await read_sinks_file(config.sinks_file),
                                 lease_ttl=config.sink_lease_ttl)
             app[SERVICES] = Services(config, backend, docs, sync, admin_hash, table, proxy,
-                                     TemplateRegistry(backend), notifier, sinks)
+                                     TemplateRegistry(backend), notifier, sinks, results)
             loops = [spawn(purge_loop(backend, config), "crdtsync-purge"),
                      spawn(touch_loop(sync, config), "crdtsync-touch"),
                      spawn(idle_loop(docs, config), "crdtsync-idle")]
@@ -195,6 +204,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     async def release_feed_readers(app: web.Application) -> None:
         if SERVICES in app:
             app[SERVICES].feed.close()
+            app[SERVICES].results.close()
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(release_feed_readers)

@@ -10,10 +10,11 @@ from typing import Any
 from aiohttp import web
 
 from crdtsync.errors import MalformedRequest, NotFound
-from crdtsync.protocol import NAME_RE
+from crdtsync.protocol import NAME_RE, item_body
 from crdtsync.values import check_value
 
 from .admin_api import int_param, json_response, name_param, read_json, require_admin
+from .api_input import parse_uint
 from .app import SERVICES, Services
 from .proxy import remember_route
 from .routes import Route
@@ -55,10 +56,14 @@ async def _object(request: web.Request) -> dict[str, Any]:
 
 async def _queue(request: web.Request, kind: str, name_key: str, body_key: str,
                  life_key: str, default_life: float | None) -> Downlink:
+    """Queue the item a JSON body describes. ``413 body_too_large`` (``detail``:
+    ``max_item_body``, ``size``) when ``body_key`` is over what a device takes: queued, it
+    would reach the device only to be skipped."""
     services = request.app[SERVICES]
     body = await _object(request)
     payload = body.get(body_key)
     check_value(payload, where=body_key, max_int=2**63 - 1)
+    item_body(payload, services.config.limits, what=body_key)
     life = _seconds(body, life_key, default_life)
     now = now_ms()
     return await services.store.queue_downlink(
@@ -108,33 +113,60 @@ async def _list(request: web.Request, kind: str) -> web.Response:
                           "next": items[-1].seq if items else None})
 
 
-async def _item(services: Services, item_id: str, kind: str) -> Downlink:
-    item = await services.store.get_downlink(int(item_id)) if item_id.isdigit() else None
+def _item_id(request: web.Request, kind: str) -> int:
+    """The ``id`` path parameter; :class:`NotFound` unless it is a possible item id."""
+    raw = request.match_info["id"]
+    item_id = parse_uint(raw, 1, 2**63 - 1)
+    if item_id is None:
+        raise NotFound(f"no {kind} {raw!r}")
+    return item_id
+
+
+async def _item(services: Services, item_id: int, kind: str) -> Downlink:
+    item = await services.store.get_downlink(item_id)
     if item is None or item.kind != kind:
-        raise NotFound(f"no {kind} {item_id!r}")
+        raise NotFound(f"no {kind} {item_id}")
     return item
 
 
 @routes.get("/v1/messages/{id}")
 async def get_message(request: web.Request) -> web.Response:
     require_admin(request)
-    item = await _item(request.app[SERVICES], request.match_info["id"], "message")
+    item = await _item(request.app[SERVICES], _item_id(request, "message"), "message")
     return json_response(item.to_json())
 
 
 @routes.get("/v1/commands/{id}")
 async def get_command(request: web.Request) -> web.Response:
     """A command's state and result; ``?wait=S`` long-polls up to S seconds (max 60) until
-    it succeeded, failed or expired."""
+    it succeeded, failed or expired (woken by the commit that stores its result)."""
     require_admin(request)
     services = request.app[SERVICES]
     wait = int_param(request, "wait", 0, MAX_WAIT_S)
-    deadline = asyncio.get_running_loop().time() + wait
-    item = await _item(services, request.match_info["id"], "command")
-    while item.status not in FINAL and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
-        item = await _item(services, request.match_info["id"], "command")
-    return json_response(item.to_json())
+    item_id = _item_id(request, "command")
+    if wait == 0:
+        return json_response((await _item(services, item_id, "command")).to_json())
+    return json_response((await _final_command(services, item_id, wait)).to_json())
+
+
+async def _final_command(services: Services, item_id: int, wait: float) -> Downlink:
+    """The command once final, or as it is after ``wait`` seconds (or at shutdown).
+
+    It is read again only when a sync of this process committed results of its device, or
+    every ``command_poll`` seconds (another process's commit): waiting costs no reads."""
+    results = services.results
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    before = results.notified
+    item = await _item(services, item_id, "command")
+    with results.watch(item.device) as watch:
+        if results.notified != before:  # a result may have committed during the read
+            item = await _item(services, item_id, "command")
+        while (item.status not in FINAL and not results.closed
+               and (remaining := deadline - loop.time()) > 0):
+            await watch.wait(remaining)
+            item = await _item(services, item_id, "command")
+    return item
 
 
 # --- routes ----------------------------------------------------------------------------------

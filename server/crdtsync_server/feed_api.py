@@ -11,6 +11,7 @@ from aiohttp import web
 from crdtsync.errors import CrdtsyncError, CursorExpired, MalformedRequest
 
 from .admin_api import MAX_PAGE, int_param, json_response, require_admin
+from .api_input import parse_json, parse_uint
 from .app import SERVICES, error_json
 from .feed import check_cursor, read_feed
 from .store.feed import FEED_KINDS, FeedFilter, FeedItem
@@ -34,11 +35,14 @@ def feed_filter(request: web.Request) -> FeedFilter:
 
 
 def cursor_value(raw: str | None, name: str) -> int:
+    """A feed cursor parameter (0 when absent or empty); :class:`MalformedRequest` unless
+    it is a decimal integer up to :data:`MAX_CURSOR`."""
     if raw is None or raw == "":
         return 0
-    if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_CURSOR:
+    value = parse_uint(raw, 0, MAX_CURSOR)
+    if value is None:
         raise MalformedRequest(f"{name} must be a feed cursor (a decimal integer)")
-    return int(raw)
+    return value
 
 
 @routes.get("/v1/feed")
@@ -101,19 +105,28 @@ def error_frame(error: CrdtsyncError) -> bytes:
     return f"event: error\ndata: {data}\n\n".encode()
 
 
+def projection_token(raw: str) -> tuple[str, ...]:
+    """The ``after`` token of a projection page: ``()`` when empty, else the JSON array of
+    four strings a page's ``next`` holds; :class:`MalformedRequest` for anything else."""
+    if not raw:
+        return ()
+    try:
+        after = parse_json(raw, "after")
+    except CrdtsyncError as exc:
+        raise MalformedRequest("after must be the next token of a previous page") from exc
+    if not (isinstance(after, list) and len(after) == 4
+            and all(isinstance(p, str) for p in after)):
+        raise MalformedRequest("after must be the next token of a previous page")
+    return tuple(after)
+
+
 @routes.get("/v1/projection")
 async def get_projection(request: web.Request) -> web.Response:
     """The current-state projection: one row per device, document, map and key, in that
     order; ``after`` is the ``next`` token of the previous page."""
     require_admin(request)
     services = request.app[SERVICES]
-    raw = request.query.get("after") or ""
-    try:
-        after = tuple(json.loads(raw)) if raw else ()
-    except ValueError as exc:
-        raise MalformedRequest("after must be the next token of a previous page") from exc
-    if after and (len(after) != 4 or not all(isinstance(p, str) for p in after)):
-        raise MalformedRequest("after must be the next token of a previous page")
+    after = projection_token(request.query.get("after") or "")
     rows = await services.store.read_projection(
         request.query.get("device") or None, after,
         int_param(request, "limit", 1000, MAX_PAGE, minimum=1))

@@ -18,8 +18,17 @@ import time
 from collections.abc import Sequence
 
 from crdtsync.aio import cancel_and_wait
+from crdtsync.errors import BodyTooLarge
+from crdtsync.protocol import DEFAULT_LIMITS, Limits, item_body
 
-from .routes import Route, RouteExecutor, RouteTable, load_routes_file
+from .routes import (
+    ROUTE_RESPONSE_TOO_LARGE,
+    Outcome,
+    Route,
+    RouteExecutor,
+    RouteTable,
+    load_routes_file,
+)
 from .store import Store
 from .store.base import ProxyRequest
 
@@ -63,12 +72,16 @@ async def remember_route(store: Store, route: Route | None, alias: str) -> None:
 
 
 class ProxyRunner:
-    """Runs proxied requests in background tasks owned by the server app."""
+    """Runs proxied requests in background tasks owned by the server app. An outcome over
+    ``limits.max_item_body`` (a device would not take it) is stored as the failure
+    ``route_response_too_large`` instead."""
 
-    def __init__(self, store: Store, routes: RouteTable, executor: RouteExecutor) -> None:
+    def __init__(self, store: Store, routes: RouteTable, executor: RouteExecutor,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
         self.routes = routes
         self.executor = executor
+        self.limits = limits
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def recover(self) -> int:
@@ -102,8 +115,20 @@ class ProxyRunner:
     async def _perform(self, request: ProxyRequest) -> None:
         outcome = await self.executor.perform_alias(self.routes, request.route, request.device,
                                                     request.body)
-        await self.store.finish_request(request.device, request.id, outcome.to_json(),
-                                        now_ms())
+        await self.store.finish_request(request.device, request.id,
+                                        self._deliverable(request, outcome).to_json(), now_ms())
+
+    def _deliverable(self, request: ProxyRequest, outcome: Outcome) -> Outcome:
+        """``outcome``, or ``route_response_too_large`` if a device could not take it."""
+        try:
+            item_body(outcome.to_json(), self.limits, what="outcome")
+        except BodyTooLarge as exc:
+            return Outcome.failure(
+                ROUTE_RESPONSE_TOO_LARGE,
+                f"route {request.route!r}: the answer is {exc.detail['size']} bytes as an "
+                f"outcome, over the {self.limits.max_item_body} bytes a device takes",
+                status=outcome.status, attempts=outcome.attempts)
+        return outcome
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Let running requests finish for ``grace`` seconds, then cancel the rest (they

@@ -13,7 +13,9 @@ too much) becomes a stable error code, never an exception:
     route_timeout              no complete answer within ``route.timeout``        yes
     route_unreachable          connection refused, DNS failure, reset             yes
     route_http_error           target answered 5xx (after retries), 4xx or 3xx    5xx only
-    route_response_too_large   body over ``route.max_response`` (reading stops)   no
+    route_response_too_large   body over ``route.max_response`` (reading stops),  no
+                               or (set by the ProxyRunner) an outcome over the
+                               ``Limits.max_item_body`` a device takes
     route_bad_payload          payload does not fit the route's method            no
     route_not_allowed          the device is not in ``route.devices``             no
     unknown_route              no route has that alias (:meth:`perform_alias`)    no
@@ -44,6 +46,7 @@ from .validation import (
     REDACTED,
     headers_problem,
     missing_env,
+    query_names,
     read_config_file,
     substitute_env,
     url_problem,
@@ -350,7 +353,8 @@ class RouteExecutor:
         Nothing is sent if the device may not use the route (``route_not_allowed``) or the
         payload does not fit (``route_bad_payload``): POST/PUT/PATCH send it as a JSON body,
         GET/DELETE as query parameters, so there it must be a flat object of str, number or
-        bool; None sends no body or parameters. Each attempt has ``route.timeout`` seconds
+        bool, and a parameter the route's URL already sets keeps the URL's value (the payload's
+        is dropped); None sends no body or parameters. Each attempt has ``route.timeout`` seconds
         in total; timeouts, unreachable targets and 5xx are retried ``route.retries`` times
         after ``retry_backoff * 2**n`` seconds. A retry after a timeout or reset may reach
         the target a second time: give retries only to routes whose target tolerates that.
@@ -384,7 +388,7 @@ def _request_kwargs(route: Route, payload: Any) -> dict[str, Any]:
     if payload is None:
         return {"headers": headers}
     if route.method not in BODY_METHODS:
-        return {"headers": headers, "params": _query_params(payload)}
+        return {"headers": headers, "params": _query_params(route, payload)}
     try:
         data = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
     except (TypeError, ValueError) as exc:
@@ -393,15 +397,20 @@ def _request_kwargs(route: Route, payload: Any) -> dict[str, Any]:
     return {"headers": headers, "data": data}
 
 
-def _query_params(payload: Any) -> dict[str, str]:
+def _query_params(route: Route, payload: Any) -> dict[str, str]:
+    """The payload as query parameters added to the route URL's own; a parameter the URL
+    already sets keeps the route's value (the admin's parameters win, never duplicated)."""
     if not isinstance(payload, Mapping):
         raise InvalidValue("payload of a GET or DELETE route must be an object (query params)")
+    fixed = query_names(route.url)
     params: dict[str, str] = {}
     for key, value in payload.items():
         if (not isinstance(key, str) or not isinstance(value, (str, int, float))
                 or (isinstance(value, float) and not math.isfinite(value))):
             raise InvalidValue(f"query parameter {key!r} must be a str, finite number or bool")
-        params[key] = value if isinstance(value, str) else json.dumps(value, allow_nan=False)
+        if key not in fixed:
+            params[key] = value if isinstance(value, str) else json.dumps(value,
+                                                                          allow_nan=False)
     return params
 
 

@@ -33,6 +33,7 @@ from crdtsync.yupdate import UpdateInfo, read_update
 
 from .documents import DocumentCache, LiveDoc
 from .feed import FeedNotifier
+from .notify import DeviceNotifier
 from .proxy import ProxyRunner
 from .store import CommitResult, DeviceRecord, DocWrite, Store, SyncWrite
 from .store.base import CommandResult, ProxyRequest
@@ -92,10 +93,14 @@ class SyncService:
 
     def __init__(self, store: Store, docs: DocumentCache, proxy: ProxyRunner | None = None,
                  *, proxy_budget: float = 1.0, max_items: int = 100,
-                 notifier: FeedNotifier | None = None) -> None:
+                 notifier: FeedNotifier | None = None,
+                 results: DeviceNotifier | None = None) -> None:
         self.store = store
         self.notifier = notifier
         """Woken after a commit that added feed items (events or document changes)."""
+        self.results = results
+        """Woken for a device after a commit that stored results of its commands (a command
+        that expires is seen by waiters at their next fallback poll)."""
         self.docs = docs
         self.proxy = proxy
         self.proxy_budget = proxy_budget
@@ -135,6 +140,8 @@ class SyncService:
             self._committed(lives, writes, result)
             if self.notifier is not None and (result.stored or write.changes):
                 self.notifier.notify()
+            if write.results and self.results is not None:
+                self.results.notify(device.id)
             if request.calls and self.proxy is not None:
                 # All of them, not only the new ones: a request stored by a commit whose
                 # process died before claiming it is still pending, and is claimed now.

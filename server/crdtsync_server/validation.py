@@ -1,5 +1,5 @@
 """Checks shared by the server's configuration objects (proxied-request routes, sinks): target
-URLs and ``${ENV}`` references in configuration files."""
+URLs, ``${ENV}`` references in configuration files, and how URLs are shown redacted."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from crdtsync.errors import MalformedRequest
 
@@ -62,6 +62,54 @@ def url_problem(url: object) -> str | None:
     if parts.username is not None or parts.password is not None:
         return "must not hold credentials; put them in headers"
     return None
+
+
+def redact_url(text: str) -> str:
+    """``text`` as the API shows it when it is a URL (``scheme://...``): the scheme, host
+    and port, the user name of ``user:password@`` and the first path segment stay; the
+    password (or a lone ``token@``), the path after the first segment, every query value
+    and the fragment read ``***``. For example
+    ``https://u:p@hooks.example.com/services/T0/B1/XyZ?token=abc&v=2#x`` reads
+    ``https://u:***@hooks.example.com/services/***?token=***&v=***#***``. Other text is
+    returned unchanged."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if not parts.scheme or not parts.netloc:
+        return text
+    shown = f"{parts.scheme}://{_redacted_netloc(parts.netloc)}{_redacted_path(parts.path)}"
+    if parts.query:
+        names = (pair.partition("=")[0] for pair in parts.query.split("&"))
+        shown += "?" + "&".join(f"{name}={REDACTED}" for name in names)
+    if parts.fragment:
+        shown += "#" + REDACTED
+    return shown
+
+
+def _redacted_netloc(netloc: str) -> str:
+    """``user:***@host:port``; a lone ``token@`` is all secret: ``***@host:port``."""
+    userinfo, at, host = netloc.rpartition("@")
+    if not at:
+        return host
+    user, colon, _password = userinfo.partition(":")
+    return f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
+
+
+def _redacted_path(path: str) -> str:
+    """The first segment of ``path``, then ``/***`` if anything follows it."""
+    segments = path.split("/")  # "/a/b" -> ["", "a", "b"]
+    if len(segments) < 2:
+        return path  # "" (no path)
+    if any(segments[2:]):
+        return f"/{segments[1]}/{REDACTED}"
+    return "/" + "/".join(segments[1:])  # "/a" or "/a/": nothing after the first segment
+
+
+def query_names(url: str) -> frozenset[str]:
+    """The names of the query parameters of ``url`` (decoded)."""
+    return frozenset(name for name, _ in parse_qsl(urlsplit(url).query,
+                                                   keep_blank_values=True))
 
 
 def headers_problem(headers: object) -> tuple[str, str] | None:

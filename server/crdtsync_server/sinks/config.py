@@ -9,8 +9,10 @@ JSON form of one sink (every field but ``type`` optional)::
 
 ``start`` only matters when the sink is created: ``beginning`` delivers the whole feed,
 ``head`` only what is stored from then on. Options whose name says they are secret
-(``secret``, ``password``, ``token``, ``api_key``...), every value of a ``headers`` object
-and the password of a URL read ``"***"`` in responses; a ``"***"`` sent back in a PUT keeps
+(``secret``, ``password``, ``token``, ``api_key``...) and every value of a ``headers`` object
+read ``"***"`` in responses; URLs are shown as :func:`~crdtsync_server.validation.redact_url`
+does (user info, path after the first segment, query values and fragment read ``***``) and a
+DSN's ``password=`` too. An option sent back in a PUT exactly as a response showed it keeps
 the stored value.
 """
 
@@ -23,13 +25,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from crdtsync.errors import MalformedRequest
 from crdtsync.protocol import NAME_RE
 
 from ..store.feed import FeedFilter
-from ..validation import REDACTED, missing_env, read_config_file, substitute_env
+from ..validation import REDACTED, missing_env, read_config_file, redact_url, substitute_env
 from .base import SINK_TYPES, SinkConfig
 
 MAX_BATCH = 1000
@@ -133,8 +134,9 @@ def spec_json(config: SinkConfig, paused: bool) -> dict[str, Any]:
 # --- secrets -------------------------------------------------------------------------------
 
 def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` as shown by the API: secret-looking keys, ``headers`` values and URL or
-    DSN passwords read ``"***"``."""
+    """``options`` as shown by the API: secret-looking keys and ``headers`` values read
+    ``"***"``, URLs (also in lists) are redacted by :func:`redact_url`, DSN passwords
+    read ``"***"``."""
     return {key: _redacted(key, value) for key, value in options.items()}
 
 
@@ -145,28 +147,20 @@ def _redacted(key: str, value: Any) -> Any:
         return {name: REDACTED for name in value}
     if isinstance(value, Mapping):
         return redact_options(value)
+    if isinstance(value, list):
+        return [_redacted(key, item) for item in value]
     if isinstance(value, str):
-        return _redact_password(value)
+        return _DSN_PASSWORD_RE.sub(rf"\g<1>{REDACTED}", redact_url(value))
     return value
 
 
-def _redact_password(text: str) -> str:
-    try:
-        password = urlsplit(text).password
-    except ValueError:
-        password = None
-    if password:
-        text = text.replace(f":{password}@", f":{REDACTED}@", 1)
-    return _DSN_PASSWORD_RE.sub(rf"\g<1>{REDACTED}", text)
-
-
 def keep_redacted(new: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, Any]:
-    """``new`` options where each ``"***"`` (a redacted value sent back) is replaced by
-    the value stored in ``old`` under the same key."""
+    """``new`` options where each value sent back as the API showed the stored one (a
+    ``"***"``, a redacted URL) is replaced by the value stored in ``old`` under that key."""
     merged: dict[str, Any] = {}
     for key, value in new.items():
         prior = old.get(key)
-        if value == REDACTED and key in old:
+        if key in old and (value == REDACTED or value == _redacted(key, prior)):
             merged[key] = prior
         elif isinstance(value, Mapping) and isinstance(prior, Mapping):
             merged[key] = keep_redacted(value, prior)
