@@ -15,6 +15,7 @@ from crdtsync.errors import InvalidValue, MalformedRequest
 from crdtsync.templates import (
     MAX_SEQ,
     MAX_TEXT,
+    TYPE_NAMES,
     Template,
     batch_hash,
     decode_batch,
@@ -343,7 +344,7 @@ def test_missing_and_unknown_fields() -> None:
     (11, "int8"), (12, "int16"), (13, "int24"), (14, "int32"), (18, "int64"),
     (21, "uint8"), (22, "uint16"), (23, "uint24"), (24, "uint32"), (28, "uint64"),
     (12.1, "float16"), (14.1, "float32"), (18.1, "float64"), (True, "bool"), (False, "bool"),
-    ("10", "string:10"), ("0", f"string:{MAX_TEXT}"), ("text", f"string:{MAX_TEXT}"),
+    ("10", "string:10"), ("0", f"string:{MAX_TEXT}"),
     ("string", f"string:{MAX_TEXT}"), ("bytes", f"bytes:{MAX_TEXT}"),
 ])
 def test_notecard_codes_and_names(code: Any, name: str) -> None:
@@ -370,6 +371,22 @@ def test_notecard_template_is_the_same_template() -> None:
 def test_bad_definitions_are_refused(definition: dict[str, Any]) -> None:
     with pytest.raises(InvalidValue):
         Template(definition)
+
+
+@pytest.mark.parametrize("name", ["flaot32", "number", "double", "text", "float", "int",
+                                  "String", "uint8 ", "14.1", "float32[2]x"])
+def test_unknown_type_names_are_refused_with_the_valid_ones(name: str) -> None:
+    """Finding 11 of issue 11: a typo used to become a string:65535 field, and devices then
+    refused every numeric reading."""
+    with pytest.raises(InvalidValue) as info:
+        Template({"temp": name})
+    assert info.value.detail["field"] == "temp"
+    assert info.value.detail["type"] == name
+    assert info.value.detail["valid"] == list(TYPE_NAMES)
+    for valid in ("float32", "uint16", "string:N", "bool", "T[K]", "14.1"):
+        assert valid in info.value.message
+    if name == "flaot32":
+        assert "did you mean 'float32'" in info.value.message
 
 
 def test_bad_json_definitions_are_refused() -> None:
