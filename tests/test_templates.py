@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import math
 import struct
+import tracemalloc
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from crdtsync.errors import InvalidValue, MalformedRequest
+from crdtsync.errors import BodyTooLarge, InvalidValue, MalformedRequest
 from crdtsync.templates import (
     MAX_SEQ,
     MAX_TEXT,
     TYPE_NAMES,
+    SizeBudget,
     Template,
     batch_hash,
     decode_batch,
@@ -488,3 +491,121 @@ def test_wrong_template_and_limits() -> None:
     for tail in (b"\x01\x00\x7c\x00", b"\x01\x00\x3c\x02", b"\x01\x00\x3c\x00\x00"):
         with pytest.raises(MalformedRequest):
             decode_batch(uint8, base[:-4] + tail)
+
+
+# --- decoded sizes and the size budget (finding 6 of issue 11) ----------------------------
+
+
+def packed_size(body: Any) -> int:
+    """What the server's re-encoding of a decoded body weighs: the measure of the limits."""
+    return len(msgpack.packb(body, use_bin_type=True))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches(min_size=1))
+def test_decoded_size_is_the_msgpack_size_of_the_decoded_body(
+        case: tuple[dict[str, Any], list[Any], int, int]) -> None:
+    spec, records, ref_seq, ref_time = case
+    template = Template(spec)
+    data = encode_batch(template, records, ref_seq=ref_seq, ref_time=ref_time)
+    decoded = decode_batch(template, data, ref_seq=ref_seq, ref_time=ref_time)
+    sizes = [packed_size(body) for _, _, body in decoded]
+    assert [template.body_size(body) for _, _, body in records] == sizes
+    assert all(template.min_body_size <= size for size in sizes)
+    exact = SizeBudget(max(sizes), sum(sizes))
+    assert decode_batch(template, data, ref_seq=ref_seq, ref_time=ref_time,
+                        budget=exact) == decoded
+    assert exact.used == sum(sizes)
+    with pytest.raises(BodyTooLarge) as info:
+        decode_batch(template, data, ref_seq=ref_seq, ref_time=ref_time,
+                     budget=SizeBudget(max(sizes), sum(sizes) - 1))
+    assert info.value.detail == {"max_decoded_bytes": sum(sizes) - 1}
+    biggest = sizes.index(max(sizes))
+    with pytest.raises(InvalidValue) as one:
+        decode_batch(template, data, ref_seq=ref_seq, ref_time=ref_time,
+                     budget=SizeBudget(max(sizes) - 1, sum(sizes)))
+    assert one.value.detail == {"seq": decoded[biggest][0], "max_event_body": max(sizes) - 1}
+
+
+INT_EDGES = [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, -1, -32, -33,
+             -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**63)]
+
+
+@pytest.mark.parametrize(("spec", "body"), [
+    *[({"n": "int64"}, {"n": v}) for v in INT_EDGES],
+    ({"n": "uint64"}, {"n": 2**64 - 1}),
+    *[({"s": "string"}, {"s": "é" * (n // 2) + "x" * (n % 2)}) for n in (0, 31, 32, 255, 256,
+                                                                         65535)],
+    *[({"b": "bytes"}, {"b": b"\x00" * n}) for n in (0, 255, 256, 65535)],
+    ({"f": "float16", "g": "float64[3]", "h": "bool[15]"},
+     {"f": 1, "g": [0, -0.0, 1e300], "h": [True] * 15}),
+    ({"a": "uint8[16]"}, {"a": list(range(16))}),
+    ({f"k{i}": "bool" for i in range(16)}, {f"k{i}": False for i in range(16)}),
+    ({"k" * 31: "int8", "K" * 32: "int8", "ключ": {"x" * 256: "int8"}},
+     {"k" * 31: 1, "K" * 32: -1, "ключ": {"x" * 256: -100}}),
+])
+def test_decoded_size_at_every_msgpack_width(spec: dict[str, Any], body: Any) -> None:
+    template = Template(spec)
+    data = encode_one(template, 1, 0, body)
+    decoded = decode_one(template, data)[2]
+    assert template.body_size(body) == packed_size(decoded)
+    budget = SizeBudget(2**20, 2**20)
+    decode_batch(template, data, budget=budget)
+    assert budget.used == packed_size(decoded)
+
+
+def repeated_text_batch(template: Template, count: int, length: int,
+                        first_seq: int = 1) -> bytes:
+    """A batch of ``count`` consecutive events (from ``first_seq``, time 0) of a template
+    whose fields are all strings, each field ``length`` bytes in the first event and repeated
+    (one 0 byte) in the others: a few bytes on the wire standing for ``count * length`` per
+    field. Made by hand: the encoder would need every event in memory."""
+    out = bytearray(template.hash)
+    out += uv(count) + uv(first_seq - 1) + uv(0)  # count, seq0 - ref_seq - 1, time0
+    if count > 1:
+        out += b"\x00" + b"\x01" + bytes(count - 1)  # consecutive seqs; times: deltas 0
+    for index, _ in enumerate(template.leaves):
+        out += uv(length + 1) + bytes([ord("a") + index]) * length + bytes(count - 1)
+    return bytes(out)
+
+
+def uv(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def test_a_small_batch_of_huge_events_is_refused_before_it_is_built() -> None:
+    """A 66 KB batch standing for 1,000 events of 65,000 bytes (65 MB once decoded): the
+    budget refuses it having built next to nothing."""
+    template = Template({"s0": "string"})
+    data = repeated_text_batch(template, 1000, 65_000)
+    assert len(data) < 68_000
+    assert decode_batch(template, repeated_text_batch(template, 2, 10))[1][2] == {"s0": "a" * 10}
+    budget = SizeBudget(64 * 1024, 4 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BodyTooLarge) as info:
+            decode_batch(template, data, budget=budget)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.detail == {"max_decoded_bytes": 4 * 1024 * 1024}
+    assert peak < 1024 * 1024, peak  # what the decoder held: about the input, not 65 MB
+
+
+def test_one_event_over_the_body_limit_is_refused_with_its_seq() -> None:
+    template = Template({"a": "string", "b": "string"})
+    data = repeated_text_batch(template, 3, 40_000)  # each event decodes to ~80 KB
+    with pytest.raises(InvalidValue) as info:
+        decode_batch(template, data, ref_seq=41, budget=SizeBudget(64 * 1024, 2**30))
+    assert info.value.detail == {"seq": 42, "max_event_body": 64 * 1024}
+
+
+def test_min_body_size() -> None:
+    assert Template({"a": "string", "n": "uint64", "f": "float32"}).min_body_size == len(
+        msgpack.packb({"a": "", "n": 0, "f": 0.0}))
+    assert Template({f"{i:0>250}": "bool" for i in range(300)}).min_body_size > 64 * 1024
