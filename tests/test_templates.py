@@ -3,9 +3,12 @@ type, Notecard codes, hash stability, and decoding of damaged batches (Malformed
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import struct
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -609,3 +612,47 @@ def test_min_body_size() -> None:
     assert Template({"a": "string", "n": "uint64", "f": "float32"}).min_body_size == len(
         msgpack.packb({"a": "", "n": 0, "f": 0.0}))
     assert Template({f"{i:0>250}": "bool" for i in range(300)}).min_body_size > 64 * 1024
+
+
+# --- docs/protocol.md section 15b.4 stays true ---------------------------------------------
+
+PROTOCOL_MD = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def fenced_blocks(markdown: str) -> list[tuple[str, str]]:
+    """``(info string, content)`` of every fenced code block, in order."""
+    return re.findall(r"^```(\w*)\n(.*?)^```$", markdown, flags=re.S | re.M)
+
+
+def test_protocol_md_batch_example_is_what_the_encoder_writes() -> None:
+    """The worked example of section 15b.4: the bytes, the annotated listing (offsets
+    included), the hash, the sizes and the tev prefix are what the reference code gives."""
+    text = PROTOCOL_MD.read_text()
+    section = text[text.index("### 15b.4 Worked example"):text.index("## 16. ")]
+    (_, source), (_, hex_block), (_, listing) = fenced_blocks(section)
+    example = json.loads(source)
+    template = Template(example["template"])
+    records = [(seq, time, body) for seq, time, body in example["events"]]
+    data = encode_batch(template, records)
+    assert hex_block.strip() == data.hex()
+    offset = 0
+    for line in listing.splitlines():
+        match = re.match(r"([0-9a-f]{4})  ((?:[0-9a-f]{2} )*[0-9a-f]{2})  ", line)
+        if match:
+            assert int(match[1], 16) == offset, line
+            chunk = bytes.fromhex(match[2])
+            assert data[offset:offset + len(chunk)] == chunk, line
+            offset += len(chunk)
+    assert offset == len(data)
+    assert decode_batch(template, data) == records
+    plain = sum(len(msgpack.packb([seq, "readings", time, msgpack.packb(body)]))
+                for seq, time, body in records)
+    sizes = {template.body_size(body) for _, _, body in records}
+    tev = msgpack.packb([["readings", data]], use_bin_type=True)
+    for claim in (f"Canonical definition `{template.canonical.decode()}`",
+                  f"hash `{template.hash.hex()}`",
+                  f"The batch, {len(data)} bytes (the same events as plain `ev` entries take "
+                  f"{plain})", f"`{tev[:-len(data)].hex(' ')}`",
+                  f"Each event decodes to {sizes.pop()} bytes"):
+        assert claim in " ".join(section.split()), claim
+    assert not sizes
