@@ -557,13 +557,31 @@ class _Meter:
         budget.charge(template.fixed_size * len(seqs))
 
     def add(self, leaf: Scalar, column: list[Any]) -> None:
-        total = 0
-        for i, wire in enumerate(column):
-            size = _value_size(leaf, wire)
-            self.sizes[i] += size
-            total += size
-            self.budget.check_event(self.seqs[i], self.sizes[i])
-        self.budget.charge(total)
+        """Charge one decoded column (wire values): each event's size, then the total."""
+        if leaf.kind in ("float", "bool"):
+            return  # counted in fixed_size
+        same = _same_int_size(column) if leaf.kind in ("int", "uint") else None
+        if same is not None:
+            self.sizes = [size + same for size in self.sizes]
+            added = same * len(column)
+        else:
+            values = [_value_size(leaf, wire) for wire in column]
+            self.sizes = [size + value for size, value in zip(self.sizes, values, strict=True)]
+            added = sum(values)
+        biggest = max(self.sizes)
+        if biggest > self.budget.max_event_body:
+            index = self.sizes.index(biggest)
+            self.budget.check_event(self.seqs[index], biggest)
+        self.budget.charge(added)
+
+
+def _same_int_size(column: list[int]) -> int | None:
+    """The msgpack size every integer of ``column`` shares, when its bounds show one (the
+    usual case: readings of one magnitude); ``None`` when it must be counted per value."""
+    lo, hi = min(column), max(column)
+    size = _int_size(lo)
+    # on one side of zero the size grows with the magnitude, so equal bounds mean equal sizes
+    return size if (lo >= 0 or hi < 0) and _int_size(hi) == size else None
 
 
 # --- primitive coding --------------------------------------------------------------------

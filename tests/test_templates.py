@@ -557,6 +557,16 @@ def test_decoded_size_at_every_msgpack_width(spec: dict[str, Any], body: Any) ->
     assert budget.used == packed_size(decoded)
 
 
+@pytest.mark.parametrize("column", [INT_EDGES, [0, 127], [-32, 127], [128, 255], [-33, -128],
+                                    [-100, 200], [-1, 65536], [2**32, 2**63 - 1], [5, -5, 300]])
+def test_decoded_size_of_integer_columns(column: list[int]) -> None:
+    template = Template({"n": "int64"})
+    records = [(i + 1, 0, {"n": value}) for i, value in enumerate(column)]
+    budget = SizeBudget(2**20, 2**20)
+    decode_batch(template, encode_batch(template, records), budget=budget)
+    assert budget.used == sum(packed_size(body) for _, _, body in records)
+
+
 def repeated_text_batch(template: Template, count: int, length: int,
                         first_seq: int = 1) -> bytes:
     """A batch of ``count`` consecutive events (from ``first_seq``, time 0) of a template

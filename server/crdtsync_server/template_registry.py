@@ -51,8 +51,8 @@ class TemplateRegistry:
 
         The decoded bodies are bounded like plain ones, and checked before they are built:
         one body over ``limits.max_event_body`` is :class:`InvalidValue` (``detail.seq``),
-        all bodies of the request (plain ones as sent) over ``limits.max_decoded_bytes`` are
-        :class:`BodyTooLarge` (``detail.max_decoded_bytes``)."""
+        all bodies of the request (plain ones re-encoded: the same measure) over
+        ``limits.max_decoded_bytes`` are :class:`BodyTooLarge` (``detail.max_decoded_bytes``)."""
         if not request.batches:
             return request
         budget = SizeBudget(limits.max_event_body, limits.max_decoded_bytes)
