@@ -248,3 +248,18 @@ async def test_a_template_no_event_can_fit_is_refused(admin: AdminClient) -> Non
         await put_template(admin, "f", "t", huge)
     assert info.value.detail == {"min_body_size": Template(huge).min_body_size,
                                  "max_event_body": DEFAULT_LIMITS.max_event_body}
+
+
+async def test_device_sends_fewer_events_when_they_decode_over_the_cap(
+        make_device: DeviceFactory, admin: AdminClient) -> None:
+    """500 queued events of 1 KB that decode to 9 KB each (4.5 MB, over max_decoded_bytes):
+    the reference device halves its batch on 413 body_too_large and delivers them all."""
+    dev, _, template = await templated_device(make_device, admin, {"v": "float64[1000]"})
+    body = {"v": [0] * 1000}
+    count = 500
+    assert count * template.body_size(body) > DEFAULT_LIMITS.max_decoded_bytes
+    await dev.emit_many([("t", body)] * count)
+    report = await dev.sync()
+    assert report.events_acked == count and dev.pending_events == 0
+    assert dev.max_events_per_sync < count  # it did have to shrink
+    assert len(await events(admin, "d1")) == count
