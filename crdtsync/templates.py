@@ -230,9 +230,20 @@ def _parse_struct(spec: Mapping[Any, Any], where: str, depth: int) -> Node:
     fields = []
     for key, sub in spec.items():
         check_key(key, where=f"template {where}")
+        if not key.isascii() and not _is_utf8(key):  # the canonical form is UTF-8
+            raise InvalidValue(f"template {where}: field name {key!r} is not valid Unicode "
+                               "text (a lone surrogate)", {"field": where})
         path = key if where == "root" else f"{where}.{key}"
         fields.append((key, _parse_node(sub, path, depth)))
     return tuple(fields)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _to_json(node: Node) -> Any:

@@ -372,7 +372,7 @@ def test_notecard_template_is_the_same_template() -> None:
     {"x": "int17"}, {"x": "Float32"}, {"x": "uint8[]"}, {"x": "int8[0]"}, {"x": "int8[1025]"},
     {"x": "string:0"}, {"x": "string:65536"}, {"x": "99999"}, {"": "int8"}, {"x": "bool[2][2]"},
     {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {"j": "int8"}}}}}}}}}},
-    {"x": "uint8[1024]", "y": "int8"},
+    {"x": "uint8[1024]", "y": "int8"}, {"\ud800": "int8"}, {"a": {"b\udfff": "int8"}},
 ])
 def test_bad_definitions_are_refused(definition: dict[str, Any]) -> None:
     with pytest.raises(InvalidValue):

@@ -107,6 +107,8 @@ async def test_bad_templates_and_unknown_fleets_are_typed_errors(admin: AdminCli
     await admin.add_fleet("f")
     with pytest.raises(InvalidValue):
         await put_template(admin, "f", "t", {"a": "uint9"})
+    with pytest.raises(InvalidValue):  # a lone surrogate in a field name: was a 500
+        await put_template(admin, "f", "t", {"a\ud800": "uint8"})
     with pytest.raises(MalformedRequest):
         await put_template(admin, "f", "bad topic", {"a": "uint8"})
     with pytest.raises(NotFound):
