@@ -43,6 +43,7 @@ from .protocol import (
     SyncRequest,
     SyncResponse,
     covers,
+    decode_event_body,
     decode_response,
     encode_event_body,
     encode_request,
@@ -365,14 +366,20 @@ class Device:
         """Validate one event and encode it for the outbox."""
         if not isinstance(topic, str) or not NAME_RE.match(topic):
             raise InvalidValue(f"topic {topic!r} is not a valid name")
-        check_event_body(body)
+        check_event_body(body)  # errors that name the place in the value as given
         data = encode_event_body(body)
-        if len(data) > DEFAULT_LIMITS.max_event_body:
-            raise InvalidValue(f"event body is {len(data)} bytes "
-                               f"(max {DEFAULT_LIMITS.max_event_body})")
+        # The bytes as the server will decode them: this also refuses what only the encoding
+        # shows, a msgpack.ExtType (a tuple to Python, an extension type on the wire).
+        decode_event_body(data)
+        limit = DEFAULT_LIMITS.max_event_body
+        if len(data) > limit:
+            raise InvalidValue(f"event body is {len(data)} bytes (max {limit})")
         template = await self._template_for(topic)
-        if template is not None:
-            template.validate(body)  # before anything is queued
+        if template is not None:  # before anything is queued
+            size = template.body_size(body)
+            if size > limit:  # the cloud bounds the body it decodes, not the one sent
+                raise InvalidValue(f"event body decodes to {size} bytes with the template "
+                                   f"of {topic!r} (max {limit})")
         return topic, stamp, data, template.hash.hex() if template else None
 
     # --- cloud to device: messages and commands ------------------------------------------

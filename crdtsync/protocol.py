@@ -50,6 +50,11 @@ class Limits:
     max_docs: int = 8
     max_events: int = 1000
     max_event_body: int = 64 * 1024
+    """One event body, in msgpack bytes (a templated event: its decoded size)."""
+    max_decoded_bytes: int = 4 * 1024 * 1024
+    """All event bodies of one request together, templated events counted decoded (the
+    same default as the server's ``max_body``: a few bytes of template batch can stand for
+    many large events, docs/protocol.md section 6)."""
     max_sv_entries: int = 100_000
     max_items: int = 100
     """Command results, proxied requests and acknowledged outcomes per request; downlink
@@ -347,6 +352,38 @@ def _decode_docs(obj: Mapping[str, Any], limits: Limits) -> tuple[DocSync, ...]:
     return docs
 
 
+class MsgpackExtension:
+    """What a msgpack extension value (``msgpack.ExtType``, code 0..127 or -2..-128) decodes
+    to inside a body: no value check accepts it, so the body is refused with
+    :class:`InvalidValue` and ``detail.where`` naming its place (section 3.2). A timestamp
+    (code -1) decodes to ``msgpack.Timestamp``, which is refused the same way."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: int, data: bytes) -> None:
+        self.code = code
+
+
+def _unpack_body(data: bytes, what: str) -> Any:
+    """Decode a nested msgpack body; :class:`MalformedRequest` if it is not msgpack. The
+    value is not checked yet (extension types come back as :class:`MsgpackExtension`)."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=MsgpackExtension)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise MalformedRequest(f"{what} is not msgpack") from exc
+
+
+def decode_event_body(data: bytes, *, where: str = "event body") -> Any:
+    """Decode an event body's msgpack bytes and check it is JSON data (section 3.2): the
+    server's check of every plain event, and the device's check of what it queues (so a
+    body the device accepts is one the server accepts). Raises :class:`MalformedRequest`
+    when ``data`` is not one msgpack value, :class:`InvalidValue` (``detail.where``) when
+    the value breaks a rule, an extension type included."""
+    body = _unpack_body(data, where)
+    check_event_body(body, where=where)
+    return body
+
+
 def _decode_event(obj: Any, limits: Limits) -> Event:
     if not isinstance(obj, list) or len(obj) != 4:
         raise MalformedRequest("each event must be [seq, topic, time, body]")
@@ -354,12 +391,9 @@ def _decode_event(obj: Any, limits: Limits) -> Event:
     if not isinstance(body_bytes, bytes):
         raise MalformedRequest("event body must be msgpack bytes")
     if len(body_bytes) > limits.max_event_body:
-        raise InvalidValue(f"event body over {limits.max_event_body} bytes", {"seq": seq})
-    try:
-        body = msgpack.unpackb(body_bytes, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise MalformedRequest(f"event {seq!r}: body is not msgpack") from exc
-    check_event_body(body, where=f"event {seq!r} body")
+        raise InvalidValue(f"event body over {limits.max_event_body} bytes",
+                           {"seq": seq, "max_event_body": limits.max_event_body})
+    body = decode_event_body(body_bytes, where=f"event {seq!r} body")
     if _uint(seq, "event seq") == 0:
         raise MalformedRequest("event seq starts at 1")
     return Event(
@@ -413,10 +447,7 @@ def _unbody(data: Any, what: str, limits: Limits) -> Any:
         raise MalformedRequest(f"{what} must be msgpack bytes")
     if len(data) > limits.max_item_body:
         raise InvalidValue(f"{what} is {len(data)} bytes, over {limits.max_item_body}")
-    try:
-        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise MalformedRequest(f"{what} is not msgpack") from exc
+    value = _unpack_body(data, what)
     check_value(value, where=what, max_int=2**63 - 1)
     return value
 

@@ -1,5 +1,7 @@
 """Event templates: a field-by-field schema for the body of events on one topic, and the
 compact binary batch codec built on it. Pure functions, no I/O; device and server share it.
+docs/protocol.md section 15b is the specification (types, Notecard codes, the byte layout of
+a batch with a worked example, how decoded sizes are counted); this docstring summarises it.
 
 A template is a JSON object ``{field: type}``; field order is the wire order. Types:
 
@@ -17,10 +19,11 @@ A template is a JSON object ``{field: type}``; field order is the wire order. Ty
 
 Notecard codes are those of note-c's ``TINT8``..``TFLOAT64`` and ``TSTRING(N)``: a string of
 decimal digits ``"N"`` is a string field of at most N bytes and ``"0"`` (``TSTRINGV``) a
-variable-length one. Any other string (Notecard's older sample-value style, e.g. ``"text"``)
-is a variable-length string too, unless it looks like a misspelt type name (``"int17"``,
-``"Float32"``, anything with ``[``): that is refused. 28 (uint64) is our extension; note-c
-stops at 24. Notecard's ``_time``/``_lat`` keywords are ordinary fields here.
+variable-length one. Any other type, including Notecard's older sample-value style
+(``"text"``) and near misses (``"flaot32"``, ``"number"``, ``"double"``), is refused with
+:class:`InvalidValue` naming the valid types: a misspelt numeric type must not silently become
+a string. 28 (uint64) is our extension; note-c stops at 24. Notecard's ``_time``/``_lat``
+keywords are ordinary fields here.
 
 Values: integers must be ``int`` (not ``bool``, not ``float``) within the type's range. Float
 fields take ``int`` or ``float``; NaN and infinities are refused (event bodies are JSON), as
@@ -56,10 +59,17 @@ positive numbers, ``2**(b-1) - 1 - bits`` for negative ones), so slowly drifting
 small deltas and every value round-trips bit-exactly. The encoder picks the shortest mode per
 column. Decoding checks everything (ranges, UTF-8, finite floats, padding, trailing bytes)
 and raises :class:`MalformedRequest`, never another exception.
+
+Sizes: a few bytes of batch can stand for many large events (a string repeated with one 0
+byte), so a decoder given a :class:`SizeBudget` counts what it is about to build, column by
+column, before building it: each event's **decoded size** is the length of the msgpack
+encoding of its decoded body (what the same body weighs as a plain event; a float field
+counts 9 bytes, msgpack float 64), see :meth:`Template.body_size`.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -70,7 +80,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from .errors import InvalidValue, MalformedRequest
+from .errors import BodyTooLarge, InvalidValue, MalformedRequest
 from .values import check_key
 
 HASH_SIZE = 8
@@ -91,7 +101,11 @@ _TYPE_RE = re.compile(
     r"(?P<base>u?int(?:8|16|24|32|64)|float(?:16|32|64)|bool|(?:string|bytes)(?::(?P<n>\d+))?)"
     r"(?:\[(?P<k>\d+)\])?\Z"
 )
-_TYPO_RE = re.compile(r"(?i)(u?int|float|bool|string|bytes)|.*\[")
+TYPE_NAMES = ("int8", "int16", "int24", "int32", "int64", "uint8", "uint16", "uint24",
+              "uint32", "uint64", "float16", "float32", "float64", "bool", "string",
+              "string:N", "bytes", "bytes:N")
+"""Every scalar type name (``N`` a length 1..65535); ``T[K]`` is an array of one of them."""
+NOTECARD_CODES = "11-14, 18, 21-24, 28, 12.1, 14.1, 18.1, true, \"N\" (\"0\": any length)"
 _NOTECARD_INTS = {11: "int8", 12: "int16", 13: "int24", 14: "int32", 18: "int64",
                   21: "uint8", 22: "uint16", 23: "uint24", 24: "uint32", 28: "uint64"}
 _NOTECARD_FLOATS = {12.1: "float16", 14.1: "float32", 18.1: "float64"}
@@ -182,9 +196,7 @@ def _parse_node(spec: Any, where: str, depth: int) -> Node:
                 raise InvalidValue(f"template {where}: string length must be 1..{MAX_TEXT}",
                                    {"field": where})
             return Scalar("string", size)
-        if _TYPO_RE.match(spec):  # a misspelt type must not silently become a string
-            raise InvalidValue(f"template {where}: unknown type {spec!r}", {"field": where})
-        return Scalar("string", MAX_TEXT)  # Notecard's older "any sample string" style
+        raise _unknown_type(spec, where)
     if isinstance(spec, Mapping):
         if depth >= MAX_DEPTH:
             raise InvalidValue(f"template {where}: nested more than {MAX_DEPTH} levels",
@@ -193,10 +205,22 @@ def _parse_node(spec: Any, where: str, depth: int) -> Node:
     if isinstance(spec, list):
         raise InvalidValue(f"template {where}: declare arrays as a type name such as "
                            "'int16[4]', not as a JSON array", {"field": where})
-    raise InvalidValue(
-        f"template {where}: {spec!r} is not a type (use a name such as 'int16', 'float32', "
-        "'string:20', 'uint8[3]', or a Notecard code 11-14, 18, 21-24, 12.1, 14.1, 18.1, "
-        "true, \"N\")", {"field": where})
+    raise _unknown_type(spec, where)
+
+
+def _unknown_type(spec: Any, where: str) -> InvalidValue:
+    """The error for a field type that is no type: it names the valid ones (and the nearest,
+    for a typo), so ``"flaot32"`` or Notecard's old sample-string style cannot slip through
+    as a string field."""
+    guess = difflib.get_close_matches(spec, TYPE_NAMES, n=1) if isinstance(spec, str) else []
+    hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+    return InvalidValue(
+        f"template {where}: unknown type {spec!r}{hint}; valid types: "
+        f"{', '.join(TYPE_NAMES)}, an array T[K] such as 'uint8[3]', a nested object, or a "
+        f"Notecard code {NOTECARD_CODES}",
+        {"field": where,
+         "type": spec if spec is None or isinstance(spec, (str, int, float)) else repr(spec),
+         "valid": list(TYPE_NAMES)})
 
 
 def _parse_struct(spec: Mapping[Any, Any], where: str, depth: int) -> Node:
@@ -206,9 +230,20 @@ def _parse_struct(spec: Mapping[Any, Any], where: str, depth: int) -> Node:
     fields = []
     for key, sub in spec.items():
         check_key(key, where=f"template {where}")
+        if not key.isascii() and not _is_utf8(key):  # the canonical form is UTF-8
+            raise InvalidValue(f"template {where}: field name {key!r} is not valid Unicode "
+                               "text (a lone surrogate)", {"field": where})
         path = key if where == "root" else f"{where}.{key}"
         fields.append((key, _parse_node(sub, path, depth)))
     return tuple(fields)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _to_json(node: Node) -> Any:
@@ -236,7 +271,8 @@ class Template:
     equal when their hashes are.
     """
 
-    __slots__ = ("_root", "bools", "canonical", "hash", "leaves")
+    __slots__ = ("_root", "bools", "canonical", "fixed_size", "hash", "leaves",
+                 "min_body_size")
 
     def __init__(self, definition: Mapping[str, Any]) -> None:
         if not isinstance(definition, Mapping):
@@ -250,6 +286,13 @@ class Template:
             self.definition, separators=(",", ":"), ensure_ascii=False).encode()
         self.hash: bytes = hashlib.blake2b(
             self.canonical, digest_size=HASH_SIZE, person=_PERSON).digest()
+        self.fixed_size: int = _fixed_size(self._root)
+        """Decoded size of everything in a body that does not depend on its values: map
+        and array headers, keys, floats and bools (see :meth:`body_size`)."""
+        self.min_body_size: int = self.fixed_size + sum(
+            _value_size(leaf, 0 if leaf.numeric else b"") for leaf in self.leaves)
+        """The smallest decoded size a body can have (every integer small, every string
+        and bytes value empty)."""
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Template:
@@ -276,6 +319,16 @@ class Template:
         no missing or unknown field, right types, integers in range, floats finite and within
         the width, strings and bytes not too long, arrays of the right length."""
         self._flatten(body)
+
+    def body_size(self, body: Any) -> int:
+        """Validate ``body`` like :meth:`validate` and return its **decoded size**: the
+        length of the msgpack encoding of the body the cloud decodes from it (each float
+        field a float 64 of 9 bytes, each integer in its shortest msgpack form, strings and
+        bytes with their msgpack header). The cloud bounds this size per event and per
+        request (docs/protocol.md 15b), so a device checks it before queueing."""
+        row = self._flatten(body)
+        return self.fixed_size + sum(
+            _value_size(leaf, wire) for leaf, wire in zip(self.leaves, row, strict=True))
 
     def _flatten(self, body: Any) -> list[Any]:
         """Validate ``body`` and return its leaf values as wire keys (ints for numbers, bytes
@@ -413,6 +466,133 @@ def _rebuild(node: Node, values: Iterator[Any]) -> Any:
     if isinstance(node, Array):
         return [_from_wire(node.item, next(values)) for _ in range(node.length)]
     return {key: _rebuild(sub, values) for key, sub in node}
+
+
+# --- decoded sizes -----------------------------------------------------------------------
+
+
+_FLOAT_SIZE = 9
+"""A decoded float is a Python float, which msgpack encodes as a float 64."""
+
+
+def _str_header(n: int) -> int:
+    return 1 if n < 32 else 2 if n < 256 else 3 if n < 65536 else 5
+
+
+def _bin_header(n: int) -> int:
+    return 2 if n < 256 else 3 if n < 65536 else 5
+
+
+def _container_header(n: int) -> int:
+    return 1 if n < 16 else 3 if n < 65536 else 5
+
+
+def _int_size(value: int) -> int:
+    """Bytes of ``value`` in its shortest msgpack form (fixint, then 8, 16, 32, 64 bits)."""
+    if -32 <= value < 128:
+        return 1
+    if -128 <= value < 256:
+        return 2
+    if -32768 <= value < 65536:
+        return 3
+    return 5 if -(2**31) <= value < 2**32 else 9
+
+
+def _fixed_size(node: Node) -> int:
+    """Decoded msgpack bytes of ``node`` that do not depend on its values."""
+    if isinstance(node, Scalar):
+        return _FLOAT_SIZE if node.kind == "float" else int(node.kind == "bool")
+    if isinstance(node, Array):
+        return _container_header(node.length) + node.length * _fixed_size(node.item)
+    return _container_header(len(node)) + sum(
+        _str_header(len(key.encode())) + len(key.encode()) + _fixed_size(sub)
+        for key, sub in node)
+
+
+def _value_size(leaf: Scalar, wire: Any) -> int:
+    """Decoded msgpack bytes of one value beyond :func:`_fixed_size`, from its wire form: an
+    integer's shortest form, a string's or bytes' header and length; 0 for floats, bools."""
+    if leaf.kind in ("int", "uint"):
+        return _int_size(wire)
+    if leaf.kind == "string":
+        return _str_header(len(wire)) + len(wire)
+    if leaf.kind == "bytes":
+        return _bin_header(len(wire)) + len(wire)
+    return 0
+
+
+class SizeBudget:
+    """Bounds on the decoded size of event bodies (see :meth:`Template.body_size`): at most
+    ``max_event_body`` bytes for one body, ``max_total`` for every body charged to the budget
+    (one budget per request: its plain events and all its batches).
+
+    :func:`decode_batch` charges a batch column by column, before it builds any body, so a
+    small batch that stands for huge events is refused having built nothing; past a bound it
+    raises :class:`InvalidValue` (``detail.seq``, ``detail.max_event_body``) for one body and
+    :class:`BodyTooLarge` (``detail.max_decoded_bytes``) for the total.
+    """
+
+    __slots__ = ("max_event_body", "max_total", "used")
+
+    def __init__(self, max_event_body: int, max_total: int) -> None:
+        self.max_event_body = max_event_body
+        self.max_total = max_total
+        self.used = 0
+
+    def charge(self, size: int) -> None:
+        """Count ``size`` more bytes; :class:`BodyTooLarge` once the total is over."""
+        self.used += size
+        if self.used > self.max_total:
+            raise BodyTooLarge(
+                f"the events of this request decode to more than {self.max_total} bytes; "
+                "send fewer events per request", {"max_decoded_bytes": self.max_total})
+
+    def check_event(self, seq: int, size: int) -> None:
+        """:class:`InvalidValue` if one event's decoded size ``size`` is over the bound."""
+        if size > self.max_event_body:
+            raise InvalidValue(
+                f"event {seq} body decodes to {size} bytes (max {self.max_event_body})",
+                {"seq": seq, "max_event_body": self.max_event_body})
+
+
+class _Meter:
+    """The running decoded sizes of one batch's events, charged to a budget."""
+
+    __slots__ = ("budget", "seqs", "sizes")
+
+    def __init__(self, budget: SizeBudget, template: Template, seqs: list[int]) -> None:
+        self.budget = budget
+        self.seqs = seqs
+        self.sizes = [template.fixed_size] * len(seqs)
+        budget.check_event(seqs[0], template.fixed_size)
+        budget.charge(template.fixed_size * len(seqs))
+
+    def add(self, leaf: Scalar, column: list[Any]) -> None:
+        """Charge one decoded column (wire values): each event's size, then the total."""
+        if leaf.kind in ("float", "bool"):
+            return  # counted in fixed_size
+        same = _same_int_size(column) if leaf.kind in ("int", "uint") else None
+        if same is not None:
+            self.sizes = [size + same for size in self.sizes]
+            added = same * len(column)
+        else:
+            values = [_value_size(leaf, wire) for wire in column]
+            self.sizes = [size + value for size, value in zip(self.sizes, values, strict=True)]
+            added = sum(values)
+        biggest = max(self.sizes)
+        if biggest > self.budget.max_event_body:
+            index = self.sizes.index(biggest)
+            self.budget.check_event(self.seqs[index], biggest)
+        self.budget.charge(added)
+
+
+def _same_int_size(column: list[int]) -> int | None:
+    """The msgpack size every integer of ``column`` shares, when its bounds show one (the
+    usual case: readings of one magnitude); ``None`` when it must be counted per value."""
+    lo, hi = min(column), max(column)
+    size = _int_size(lo)
+    # on one side of zero the size grows with the magnitude, so equal bounds mean equal sizes
+    return size if (lo >= 0 or hi < 0) and _int_size(hi) == size else None
 
 
 # --- primitive coding --------------------------------------------------------------------
@@ -721,13 +901,16 @@ def batch_hash(data: bytes) -> bytes:
 
 
 def decode_batch(template: Template, data: bytes, *, ref_seq: int = 0, ref_time: int = 0,
-                 max_count: int = MAX_BATCH) -> list[Record]:
+                 max_count: int = MAX_BATCH, budget: SizeBudget | None = None
+                 ) -> list[Record]:
     """Decode a batch made by :func:`encode_batch` with the same template and references.
 
     Returns ``[(seq, time_ms, body), ...]``. Raises :class:`MalformedRequest` (with
     ``detail["expected"]``/``["got"]`` on a template mismatch) for anything that is not
     exactly such a batch: wrong template, truncation, trailing bytes, out-of-range values,
-    more than ``max_count`` events.
+    more than ``max_count`` events. With a ``budget``, the events' decoded sizes are charged
+    to it as each column is read, before any body is built: :class:`InvalidValue` or
+    :class:`BodyTooLarge` (see :class:`SizeBudget`) when they do not fit.
     """
     r = _Reader(bytes(data))
     got = r.take(HASH_SIZE)
@@ -741,16 +924,20 @@ def decode_batch(template: Template, data: bytes, *, ref_seq: int = 0, ref_time:
         _finish(r)
         return []
     seqs, times = _decode_envelopes(r, n, ref_seq, ref_time)
+    meter = _Meter(budget, template, seqs) if budget is not None else None
     columns: list[list[Any]] = []
     bool_slots: list[int] = []
     for leaf in template.leaves:
         if leaf.kind == "bool":
             bool_slots.append(len(columns))
             columns.append([])
-        elif leaf.numeric:
+            continue
+        if leaf.numeric:
             columns.append(_decode_column(r, n, _lane(leaf), None))
         else:
             columns.append(_decode_text(r, n, leaf))
+        if meter is not None:
+            meter.add(leaf, columns[-1])
     bools = _decode_bools(r, n * len(bool_slots))
     for j, slot in enumerate(bool_slots):
         columns[slot] = bools[j * n:(j + 1) * n]

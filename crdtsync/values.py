@@ -95,7 +95,8 @@ def _check(value: Any, where: str, max_int: int, depth: int, *,
         if not math.isfinite(value):
             raise InvalidValue(f"{where}: {value} is not a finite number", {"where": where})
         return
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        # (a named tuple such as msgpack's ExtType is a record, not an array)
         for i, item in enumerate(value):
             _check(item, f"{where}[{i}]", max_int, depth + 1, allow_bytes=allow_bytes)
         return

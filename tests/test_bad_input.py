@@ -217,6 +217,14 @@ SYNC_CASES: list[Any] = [
                  "invalid_value", id="event-body-too-big"),
     pytest.param(raw_request(docs=[raw_doc(EVIL)], ev=[[2, "t", T0, b"\xc1"]]), 400,
                  "malformed_request", id="event-body-not-msgpack"),
+    pytest.param(raw_request(docs=[raw_doc(EVIL)],
+                             ev=[raw_event(2, {"x": msgpack.ExtType(5, b"")})]),
+                 400, "invalid_value", id="event-ext-type"),
+    pytest.param(raw_request(docs=[raw_doc(EVIL)], ev=[raw_event(2, msgpack.ExtType(127, b"x"))]),
+                 400, "invalid_value", id="event-ext-type-whole-body"),
+    pytest.param(raw_request(docs=[raw_doc(EVIL)],
+                             ev=[raw_event(2, {"x": [msgpack.Timestamp(1, 0)]})]),
+                 400, "invalid_value", id="event-timestamp-ext"),
     pytest.param(raw_request(docs=[raw_doc(EVIL)], ev=[raw_event(2), raw_event(4)]), 400,
                  "malformed_request", id="non-consecutive-seqs"),
     pytest.param(raw_request(docs=[raw_doc(EVIL)], ev=[raw_event(3), raw_event(2)]), 400,
@@ -258,6 +266,21 @@ async def test_error_details(victim: Victim, http: aiohttp.ClientSession) -> Non
     assert reply.detail() == {"doc": "secrets"}
     reply = await victim.post(http, raw_request(ev=[raw_event(s) for s in range(2, 1003)]))
     assert reply.detail() == {"max_events": 1000}
+    await victim.assert_survived()
+
+
+@pytest.mark.parametrize(("value", "where"), [
+    (msgpack.ExtType(5, b""), "event 2 body.x"),
+    ([1, msgpack.ExtType(0, b"\x01\x02")], "event 2 body.x[1]"),
+    (msgpack.Timestamp(1_700_000_000, 0), "event 2 body.x"),
+])
+async def test_extension_types_are_refused_with_where(victim: Victim, http: aiohttp.ClientSession,
+                                                      value: Any, where: str) -> None:
+    """Finding 9 of issue 11: an extension type was stored as ``[5, ""]`` although section
+    3.2 refuses them; now it is invalid_value naming its place, like any non-JSON value."""
+    reply = await victim.post(http, raw_request(ev=[raw_event(2, {"x": value})]))
+    assert (reply.status, reply.code()) == (400, "invalid_value")
+    assert reply.detail() == {"where": where}
     await victim.assert_survived()
 
 
@@ -614,6 +637,9 @@ async def test_device_refuses_bad_state_value(victim: Victim, make_device: Devic
     pytest.param("t", {"x": 2**63}, id="int-2**63"),
     pytest.param("t", {1, 2}, id="set"),
     pytest.param("t", "x" * 70_000, id="oversized"),
+    pytest.param("t", {"x": msgpack.ExtType(5, b"")}, id="ext-type"),
+    pytest.param("t", [msgpack.ExtType(42, b"data")], id="ext-type-in-list"),
+    pytest.param("t", {"x": msgpack.Timestamp(1, 0)}, id="timestamp"),
 ])
 async def test_device_refuses_bad_event(victim: Victim, make_device: DeviceFactory,
                                         topic: Any, body: Any) -> None:

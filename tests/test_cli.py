@@ -195,6 +195,18 @@ def test_usage_errors_exit_2(server: str, args: list[str]) -> None:
     assert result.returncode == 2 and "error" in result.stderr and result.stdout == ""
 
 
+def test_template_typo_exits_1_naming_the_valid_types(server: str) -> None:
+    """Finding 11 of issue 11: ``"flaot32"`` used to become a string field, exit 0."""
+    env = admin_env(server)
+    assert cli("fleet", "add", "cli-typos", env=env).returncode == 0
+    result = cli("template", "cli-typos", "t", '{"temp": "flaot32", "hum": "uint8"}', env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: invalid_value: template temp: unknown type "
+                                    "'flaot32' (did you mean 'float32'?); valid types: int8,")
+    listing = cli("template", "cli-typos", env=env)
+    assert (listing.returncode, json.loads(listing.stdout)) == (0, {})
+
+
 def test_events_print_ndjson(server: str, tmp_path: Path) -> None:
     token = add_device(server, "cli-4")
     asyncio.run(run_device(server, "cli-4", token, tmp_path / "d.db", events=3))

@@ -506,3 +506,14 @@ async def test_a_large_valid_update_is_read_off_the_loop_and_applied(
     assert threads == [len(update)]
     state = (await victim.admin.state("d1"))["state"]
     assert state["k2999"] == {"v": [2999, 1499.5, "reading 2999"]} and len(state) == 3001
+
+
+def test_check_event_body_refuses_msgpack_extension_records() -> None:
+    """``msgpack.ExtType`` is a named tuple: it is not an array of two values."""
+    import msgpack
+
+    from crdtsync.values import check_event_body
+
+    with pytest.raises(InvalidValue) as caught:
+        check_event_body({"x": [1, msgpack.ExtType(5, b"")]})
+    assert caught.value.detail["where"] == "event body.x[1]"

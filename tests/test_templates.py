@@ -3,18 +3,25 @@ type, Notecard codes, hash stability, and decoding of damaged batches (Malformed
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import struct
+import tracemalloc
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from crdtsync.errors import InvalidValue, MalformedRequest
+from crdtsync.errors import BodyTooLarge, InvalidValue, MalformedRequest
 from crdtsync.templates import (
     MAX_SEQ,
     MAX_TEXT,
+    TYPE_NAMES,
+    SizeBudget,
     Template,
     batch_hash,
     decode_batch,
@@ -343,7 +350,7 @@ def test_missing_and_unknown_fields() -> None:
     (11, "int8"), (12, "int16"), (13, "int24"), (14, "int32"), (18, "int64"),
     (21, "uint8"), (22, "uint16"), (23, "uint24"), (24, "uint32"), (28, "uint64"),
     (12.1, "float16"), (14.1, "float32"), (18.1, "float64"), (True, "bool"), (False, "bool"),
-    ("10", "string:10"), ("0", f"string:{MAX_TEXT}"), ("text", f"string:{MAX_TEXT}"),
+    ("10", "string:10"), ("0", f"string:{MAX_TEXT}"),
     ("string", f"string:{MAX_TEXT}"), ("bytes", f"bytes:{MAX_TEXT}"),
 ])
 def test_notecard_codes_and_names(code: Any, name: str) -> None:
@@ -365,11 +372,27 @@ def test_notecard_template_is_the_same_template() -> None:
     {"x": "int17"}, {"x": "Float32"}, {"x": "uint8[]"}, {"x": "int8[0]"}, {"x": "int8[1025]"},
     {"x": "string:0"}, {"x": "string:65536"}, {"x": "99999"}, {"": "int8"}, {"x": "bool[2][2]"},
     {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {"j": "int8"}}}}}}}}}},
-    {"x": "uint8[1024]", "y": "int8"},
+    {"x": "uint8[1024]", "y": "int8"}, {"\ud800": "int8"}, {"a": {"b\udfff": "int8"}},
 ])
 def test_bad_definitions_are_refused(definition: dict[str, Any]) -> None:
     with pytest.raises(InvalidValue):
         Template(definition)
+
+
+@pytest.mark.parametrize("name", ["flaot32", "number", "double", "text", "float", "int",
+                                  "String", "uint8 ", "14.1", "float32[2]x"])
+def test_unknown_type_names_are_refused_with_the_valid_ones(name: str) -> None:
+    """Finding 11 of issue 11: a typo used to become a string:65535 field, and devices then
+    refused every numeric reading."""
+    with pytest.raises(InvalidValue) as info:
+        Template({"temp": name})
+    assert info.value.detail["field"] == "temp"
+    assert info.value.detail["type"] == name
+    assert info.value.detail["valid"] == list(TYPE_NAMES)
+    for valid in ("float32", "uint16", "string:N", "bool", "T[K]", "14.1"):
+        assert valid in info.value.message
+    if name == "flaot32":
+        assert "did you mean 'float32'" in info.value.message
 
 
 def test_bad_json_definitions_are_refused() -> None:
@@ -471,3 +494,175 @@ def test_wrong_template_and_limits() -> None:
     for tail in (b"\x01\x00\x7c\x00", b"\x01\x00\x3c\x02", b"\x01\x00\x3c\x00\x00"):
         with pytest.raises(MalformedRequest):
             decode_batch(uint8, base[:-4] + tail)
+
+
+# --- decoded sizes and the size budget (finding 6 of issue 11) ----------------------------
+
+
+def packed_size(body: Any) -> int:
+    """What the server's re-encoding of a decoded body weighs: the measure of the limits."""
+    return len(msgpack.packb(body, use_bin_type=True))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches(min_size=1))
+def test_decoded_size_is_the_msgpack_size_of_the_decoded_body(
+        case: tuple[dict[str, Any], list[Any], int, int]) -> None:
+    spec, records, ref_seq, ref_time = case
+    template = Template(spec)
+    data = encode_batch(template, records, ref_seq=ref_seq, ref_time=ref_time)
+    decoded = decode_batch(template, data, ref_seq=ref_seq, ref_time=ref_time)
+    sizes = [packed_size(body) for _, _, body in decoded]
+    assert [template.body_size(body) for _, _, body in records] == sizes
+    assert all(template.min_body_size <= size for size in sizes)
+    exact = SizeBudget(max(sizes), sum(sizes))
+    assert decode_batch(template, data, ref_seq=ref_seq, ref_time=ref_time,
+                        budget=exact) == decoded
+    assert exact.used == sum(sizes)
+    with pytest.raises(BodyTooLarge) as info:
+        decode_batch(template, data, ref_seq=ref_seq, ref_time=ref_time,
+                     budget=SizeBudget(max(sizes), sum(sizes) - 1))
+    assert info.value.detail == {"max_decoded_bytes": sum(sizes) - 1}
+    biggest = sizes.index(max(sizes))
+    with pytest.raises(InvalidValue) as one:
+        decode_batch(template, data, ref_seq=ref_seq, ref_time=ref_time,
+                     budget=SizeBudget(max(sizes) - 1, sum(sizes)))
+    assert one.value.detail == {"seq": decoded[biggest][0], "max_event_body": max(sizes) - 1}
+
+
+INT_EDGES = [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, -1, -32, -33,
+             -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**63)]
+
+
+@pytest.mark.parametrize(("spec", "body"), [
+    *[({"n": "int64"}, {"n": v}) for v in INT_EDGES],
+    ({"n": "uint64"}, {"n": 2**64 - 1}),
+    *[({"s": "string"}, {"s": "é" * (n // 2) + "x" * (n % 2)}) for n in (0, 31, 32, 255, 256,
+                                                                         65535)],
+    *[({"b": "bytes"}, {"b": b"\x00" * n}) for n in (0, 255, 256, 65535)],
+    ({"f": "float16", "g": "float64[3]", "h": "bool[15]"},
+     {"f": 1, "g": [0, -0.0, 1e300], "h": [True] * 15}),
+    ({"a": "uint8[16]"}, {"a": list(range(16))}),
+    ({f"k{i}": "bool" for i in range(16)}, {f"k{i}": False for i in range(16)}),
+    ({"k" * 31: "int8", "K" * 32: "int8", "ключ": {"x" * 256: "int8"}},
+     {"k" * 31: 1, "K" * 32: -1, "ключ": {"x" * 256: -100}}),
+])
+def test_decoded_size_at_every_msgpack_width(spec: dict[str, Any], body: Any) -> None:
+    template = Template(spec)
+    data = encode_one(template, 1, 0, body)
+    decoded = decode_one(template, data)[2]
+    assert template.body_size(body) == packed_size(decoded)
+    budget = SizeBudget(2**20, 2**20)
+    decode_batch(template, data, budget=budget)
+    assert budget.used == packed_size(decoded)
+
+
+@pytest.mark.parametrize("column", [INT_EDGES, [0, 127], [-32, 127], [128, 255], [-33, -128],
+                                    [-100, 200], [-1, 65536], [2**32, 2**63 - 1], [5, -5, 300]])
+def test_decoded_size_of_integer_columns(column: list[int]) -> None:
+    template = Template({"n": "int64"})
+    records = [(i + 1, 0, {"n": value}) for i, value in enumerate(column)]
+    budget = SizeBudget(2**20, 2**20)
+    decode_batch(template, encode_batch(template, records), budget=budget)
+    assert budget.used == sum(packed_size(body) for _, _, body in records)
+
+
+def repeated_text_batch(template: Template, count: int, length: int,
+                        first_seq: int = 1) -> bytes:
+    """A batch of ``count`` consecutive events (from ``first_seq``, time 0) of a template
+    whose fields are all strings, each field ``length`` bytes in the first event and repeated
+    (one 0 byte) in the others: a few bytes on the wire standing for ``count * length`` per
+    field. Made by hand: the encoder would need every event in memory."""
+    out = bytearray(template.hash)
+    out += uv(count) + uv(first_seq - 1) + uv(0)  # count, seq0 - ref_seq - 1, time0
+    if count > 1:
+        out += b"\x00" + b"\x01" + bytes(count - 1)  # consecutive seqs; times: deltas 0
+    for index, _ in enumerate(template.leaves):
+        out += uv(length + 1) + bytes([ord("a") + index]) * length + bytes(count - 1)
+    return bytes(out)
+
+
+def uv(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def test_a_small_batch_of_huge_events_is_refused_before_it_is_built() -> None:
+    """A 66 KB batch standing for 1,000 events of 65,000 bytes (65 MB once decoded): the
+    budget refuses it having built next to nothing."""
+    template = Template({"s0": "string"})
+    data = repeated_text_batch(template, 1000, 65_000)
+    assert len(data) < 68_000
+    assert decode_batch(template, repeated_text_batch(template, 2, 10))[1][2] == {"s0": "a" * 10}
+    budget = SizeBudget(64 * 1024, 4 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BodyTooLarge) as info:
+            decode_batch(template, data, budget=budget)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.detail == {"max_decoded_bytes": 4 * 1024 * 1024}
+    assert peak < 1024 * 1024, peak  # what the decoder held: about the input, not 65 MB
+
+
+def test_one_event_over_the_body_limit_is_refused_with_its_seq() -> None:
+    template = Template({"a": "string", "b": "string"})
+    data = repeated_text_batch(template, 3, 40_000)  # each event decodes to ~80 KB
+    with pytest.raises(InvalidValue) as info:
+        decode_batch(template, data, ref_seq=41, budget=SizeBudget(64 * 1024, 2**30))
+    assert info.value.detail == {"seq": 42, "max_event_body": 64 * 1024}
+
+
+def test_min_body_size() -> None:
+    assert Template({"a": "string", "n": "uint64", "f": "float32"}).min_body_size == len(
+        msgpack.packb({"a": "", "n": 0, "f": 0.0}))
+    assert Template({f"{i:0>250}": "bool" for i in range(300)}).min_body_size > 64 * 1024
+
+
+# --- docs/protocol.md section 15b.4 stays true ---------------------------------------------
+
+PROTOCOL_MD = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def fenced_blocks(markdown: str) -> list[tuple[str, str]]:
+    """``(info string, content)`` of every fenced code block, in order."""
+    return re.findall(r"^```(\w*)\n(.*?)^```$", markdown, flags=re.S | re.M)
+
+
+def test_protocol_md_batch_example_is_what_the_encoder_writes() -> None:
+    """The worked example of section 15b.4: the bytes, the annotated listing (offsets
+    included), the hash, the sizes and the tev prefix are what the reference code gives."""
+    text = PROTOCOL_MD.read_text()
+    section = text[text.index("### 15b.4 Worked example"):text.index("## 16. ")]
+    (_, source), (_, hex_block), (_, listing) = fenced_blocks(section)
+    example = json.loads(source)
+    template = Template(example["template"])
+    records = [(seq, time, body) for seq, time, body in example["events"]]
+    data = encode_batch(template, records)
+    assert hex_block.strip() == data.hex()
+    offset = 0
+    for line in listing.splitlines():
+        match = re.match(r"([0-9a-f]{4})  ((?:[0-9a-f]{2} )*[0-9a-f]{2})  ", line)
+        if match:
+            assert int(match[1], 16) == offset, line
+            chunk = bytes.fromhex(match[2])
+            assert data[offset:offset + len(chunk)] == chunk, line
+            offset += len(chunk)
+    assert offset == len(data)
+    assert decode_batch(template, data) == records
+    plain = sum(len(msgpack.packb([seq, "readings", time, msgpack.packb(body)]))
+                for seq, time, body in records)
+    sizes = {template.body_size(body) for _, _, body in records}
+    tev = msgpack.packb([["readings", data]], use_bin_type=True)
+    for claim in (f"Canonical definition `{template.canonical.decode()}`",
+                  f"hash `{template.hash.hex()}`",
+                  f"The batch, {len(data)} bytes (the same events as plain `ev` entries take "
+                  f"{plain})", f"`{tev[:-len(data)].hex(' ')}`",
+                  f"Each event decodes to {sizes.pop()} bytes"):
+        assert claim in " ".join(section.split()), claim
+    assert not sizes

@@ -10,8 +10,14 @@ from __future__ import annotations
 import dataclasses
 
 from crdtsync.errors import MalformedRequest, TooManyEvents
-from crdtsync.protocol import Event, Limits, SyncRequest, check_consecutive
-from crdtsync.templates import Template, batch_hash, decode_batch
+from crdtsync.protocol import (
+    Event,
+    Limits,
+    SyncRequest,
+    check_consecutive,
+    encode_event_body,
+)
+from crdtsync.templates import SizeBudget, Template, batch_hash, decode_batch
 
 from .store import Store
 
@@ -41,9 +47,17 @@ class TemplateRegistry:
 
     async def expand(self, request: SyncRequest, limits: Limits) -> SyncRequest:
         """Decode the request's template batches into events and merge them with its plain
-        events: one run of consecutive seqs, or :class:`MalformedRequest`."""
+        events: one run of consecutive seqs, or :class:`MalformedRequest`.
+
+        The decoded bodies are bounded like plain ones, and checked before they are built:
+        one body over ``limits.max_event_body`` is :class:`InvalidValue` (``detail.seq``),
+        all bodies of the request (plain ones re-encoded: the same measure) over
+        ``limits.max_decoded_bytes`` are :class:`BodyTooLarge` (``detail.max_decoded_bytes``)."""
         if not request.batches:
             return request
+        budget = SizeBudget(limits.max_event_body, limits.max_decoded_bytes)
+        for event in request.events:
+            budget.charge(len(encode_event_body(event.body)))
         events = list(request.events)
         for batch in request.batches:
             digest = batch_hash(batch.data)
@@ -52,7 +66,8 @@ class TemplateRegistry:
                 raise MalformedRequest(f"unknown template {digest.hex()} for {batch.topic!r}",
                                        {"template": digest.hex(), "topic": batch.topic})
             events += [Event(seq, batch.topic, time, body) for seq, time, body in
-                       decode_batch(template, batch.data, max_count=limits.max_events)]
+                       decode_batch(template, batch.data, max_count=limits.max_events,
+                                    budget=budget)]
             if len(events) > limits.max_events:
                 raise TooManyEvents(f"more than {limits.max_events} events in one request",
                                     {"max_events": limits.max_events})

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from crdtsync.errors import MalformedRequest
+from crdtsync.errors import InvalidValue, MalformedRequest
 from crdtsync.templates import Template
 
 from .admin_api import json_response, name_param, read_json, require_admin
@@ -51,6 +51,11 @@ async def put_template(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise MalformedRequest("a template is a JSON object {field: type}")
     template = Template(body)
+    limit = services.config.limits.max_event_body
+    if template.min_body_size > limit:  # no event could ever be sent with it
+        raise InvalidValue(f"every event of this template decodes to at least "
+                           f"{template.min_body_size} bytes (max {limit})",
+                           {"min_body_size": template.min_body_size, "max_event_body": limit})
     await services.templates.put(template)
     entry = {"hash": template.hash.hex(), "json": template.canonical.decode()}
     await services.sync.write_shared(key, TEMPLATES, {name_param(request, "topic"): entry})
