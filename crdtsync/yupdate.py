@@ -87,13 +87,23 @@ class UpdateInfo:
     """The update holds a skip range: it has a hole and cannot integrate completely."""
 
     def missing(self, sv: Mapping[int, int]) -> ID | None:
-        """An item the update needs that a replica at state vector ``sv`` lacks, or ``None``
-        when the update integrates completely there (nothing stays pending)."""
+        """Why the update cannot be applied as it is at a replica with state vector ``sv``:
+        the id of an item it needs that the replica lacks, or the replica's clock of a client
+        whose run the update starts below that clock and ends above it; ``None`` when it
+        integrates completely and exactly there.
+
+        The second case is legitimate only as a resend that overlaps what the replica already
+        has, and then it is safe to send again from the replica's clock. Applied, Yrs would
+        slice the struct that straddles the clock and keep the slice's *own* parent while
+        giving it the replica's item before it as origin: with a forged or corrupted history
+        (other content under ids the replica has) the document then holds an item where its
+        own encoding, and so every other replica, places it elsewhere."""
         if self.skips:
             return next(((c, s) for c, s in self.starts.items()), (0, 0))
         for client, start in self.starts.items():
-            if start > sv.get(client, 0):
-                return client, sv.get(client, 0)
+            known = sv.get(client, 0)
+            if start > known or start < known < self.ends[client]:
+                return client, known
         for client, clock in self.refs:
             if clock >= max(sv.get(client, 0), self.ends.get(client, 0)):
                 return client, clock

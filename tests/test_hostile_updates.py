@@ -171,6 +171,9 @@ def test_missing_tells_what_an_update_builds_on() -> None:
     own = yjs.update(yjs.client(9, 0, yjs.item(yjs.any_content(1), root="state", key="x"),
                                 yjs.item(yjs.any_content(2), origin=(9, 0))))
     assert read_update(own).missing({}) is None
+    # A run from below the receiver's clock to above it: resend from the receiver's clock.
+    assert read_update(own).missing({9: 1}) == (9, 1)
+    assert read_update(own).missing({9: 2}) is None  # a pure replay: Yrs skips it whole
 
 
 # --- through the server --------------------------------------------------------------------
@@ -222,6 +225,26 @@ async def test_incremental_update_is_checked_too(victim: Victim, http: aiohttp.C
     assert (reply.status, reply.code()) == (400, "invalid_value")
     assert reply.detail()["where"].startswith("state:")
     await victim.assert_survived()
+
+
+async def test_an_update_rewriting_known_ids_is_not_applied(victim: Victim,
+                                                            http: aiohttp.ClientSession) -> None:
+    """A forged (or corrupted) history: other content under ids the server has, running past
+    its clock. Yrs would keep the straddling slice under the update's own root while its
+    encoding places it under the server's item: server and devices would disagree for ever
+    (found by the envelope fuzz in test_real_faults). Not applied; the device recovers."""
+    first = yjs.update(yjs.client(31337, 0, yjs.item(yjs.any_content(1), root="state",
+                                                     key="x")))
+    assert (await post_update(victim, http, first)).status == 200
+    forged = yjs.update(yjs.client(31337, 0, yjs.item(yjs.any_content(7, 8, 9), root="other",
+                                                      key="y")))
+    reply = await post_update(victim, http, forged, ev=[raw_event(2)])
+    assert reply.status == 200
+    assert parse_state_vector(decode_response(reply.body).docs[0].sv)[31337] == 1
+    state = await victim.admin.state("d1")
+    assert state == {"state": {"a": 1, "x": 1}}
+    await victim.dev.sync()
+    assert crdt.to_json(victim.dev.doc) == state
 
 
 async def test_valid_incremental_update_from_another_client_applies(
