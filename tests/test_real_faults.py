@@ -173,20 +173,47 @@ async def test_proxy_decisions_are_deterministic_and_follow_the_plan() -> None:
     assert first.mode == "reset" and first.plan is None and first.decide().mode == "reset"
 
 
-async def test_proxy_close_ends_held_connections_and_leaves_no_task(server: Server) -> None:
-    """Leaving the proxy's block while it stalls a request closes that connection at once
-    (not after the 30 s stall) and leaves none of its tasks behind."""
+@pytest.mark.parametrize("mode", ["stall", *HOLD_MODES])
+async def test_proxy_close_ends_held_connections_and_leaves_no_task(
+        server: Server, mode: str) -> None:
+    """Leaving the proxy's block while it stalls (for an hour) or holds a request closes
+    that connection at once and leaves none of its tasks behind."""
     async with aiohttp.ClientSession() as http:
-        async with FaultProxy(server.port, mode="stall", stall=30) as proxy:
+        async with FaultProxy(server.port, mode=mode, stall=3600) as proxy:
             client = asyncio.create_task(http.get(proxy.url + "/v1/health"))
-            await asyncio.sleep(0.2)
-            assert proxy.stats["stall"] == 1 and not client.done()
-        started = time.monotonic()
+            async with asyncio.timeout(20):
+                while proxy.stats[mode] < 1 or (mode != "stall" and proxy.held < 1):
+                    await asyncio.sleep(0.01)
+            assert not client.done()
         with pytest.raises(aiohttp.ClientError):
-            await client
-        assert time.monotonic() - started < 5
+            async with asyncio.timeout(20):  # a guard far below the stall
+                await client
+        assert proxy.held == 0
     leftovers = [t for t in asyncio.all_tasks() if "FaultProxy" in repr(t.get_coro())]
     assert leftovers == []
+
+
+async def test_hold_lasts_until_a_side_closes_and_plans_cannot_draw_it(
+        server: Server, admin: AdminClient, tmp_path: Path) -> None:
+    """``hold_response``: the server commits and answers, the client gets nothing while the
+    exchange is held; ``hold_request``: nothing is committed. Closing the proxy ends a held
+    exchange (the client sees a transport failure). A plan cannot draw a hold mode."""
+    token = (await admin.add_device("d1"))["token"]
+    for mode, stored in (("hold_request", 0), ("hold_response", 1)):
+        proxy = FaultProxy(server.port, mode=mode, seed=3)
+        await proxy.start()
+        async with Device("d1", transport=HttpTransport(proxy.url, token, timeout=30),
+                          path=tmp_path / f"{mode}.db", interval=None) as dev:
+            await dev.emit("t", {"mode": mode})
+            syncing = asyncio.create_task(dev.sync())
+            async with asyncio.timeout(20):
+                await proxy.wait_held()
+            assert len(await events_of(admin, "d1")) == stored and not syncing.done()
+            await proxy.aclose()
+            with pytest.raises(TransportError):  # closing the proxy ended the exchange
+                await syncing
+    with pytest.raises(ValueError):
+        FaultProxy(1, plan={"hold_request": 0.1})
 
 
 PROXY_PLAN = {"cut_request": 0.1, "cut_response": 0.12, "stall": 0.04, "reset": 0.1}
