@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -228,10 +229,12 @@ async def put_route(admin: AdminClient, alias: str, body: dict[str, Any]) -> dic
 
 
 async def until(check: Callable[[], Awaitable[bool]]) -> None:
-    """Wait until ``check()`` holds (polling); fail after 20 s."""
+    """Wait until ``check()`` holds (polling every 10 ms); fail after 20 s."""
     async with asyncio.timeout(20):
-        while not await check():
-            await asyncio.sleep(0.01)
+        for delay in itertools.repeat(0.01):
+            if await check():
+                return
+            await asyncio.sleep(delay)
 
 
 async def test_request_result_comes_back_in_the_same_sync(

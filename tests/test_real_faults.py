@@ -182,9 +182,8 @@ async def test_proxy_close_ends_held_connections_and_leaves_no_task(
         async with FaultProxy(server.port, mode=mode, stall=3600) as proxy:
             client = asyncio.create_task(http.get(proxy.url + "/v1/health"))
             async with asyncio.timeout(20):
-                while proxy.stats[mode] < 1 or (mode != "stall" and proxy.held < 1):
-                    await asyncio.sleep(0.01)
-            assert not client.done()
+                await proxy.wait_held()
+            assert proxy.stats[mode] == 1 and not client.done()
         with pytest.raises(aiohttp.ClientError):
             async with asyncio.timeout(20):  # a guard far below the stall
                 await client

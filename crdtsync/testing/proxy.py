@@ -42,7 +42,7 @@ import random
 import socket
 import struct
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,8 +186,8 @@ class FaultProxy:
     ``stats`` counts the requests handled in each mode. Leaving the block closes every
     connection and awaits every task the proxy started. Raises :class:`ValueError` for an
     unknown mode, a plan with a mode other than ``pass`` and the :data:`FAULT_MODES`, or
-    probabilities outside [0, 1] or summing above 1. :attr:`held` is how many exchanges a
-    hold mode holds right now.
+    probabilities outside [0, 1] or summing above 1. :attr:`held` is how many exchanges are
+    stalled or held by a hold mode right now.
     """
 
     def __init__(self, target_port: int, *, target_host: str = "127.0.0.1", seed: int = 0,
@@ -208,7 +208,7 @@ class FaultProxy:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._state = "new"
         self.held = 0
-        """Exchanges held by a hold mode right now (reached their hold point, not ended)."""
+        """Exchanges stalled, or held at the point of a hold mode, right now."""
         self._held_changed = asyncio.Event()
 
     @property
@@ -252,15 +252,21 @@ class FaultProxy:
         return Decision("pass", point)
 
     async def wait_held(self, count: int = 1) -> None:
-        """Wait until at least ``count`` exchanges are held at their hold point (set a hold
-        mode first). Bound it with ``asyncio.timeout()``."""
+        """Wait until at least ``count`` exchanges are held at their hold point or stalled
+        (set such a mode first). Bound it with ``asyncio.timeout()``."""
         while self.held < count:
             self._held_changed.clear()
             await self._held_changed.wait()
 
-    def _hold_changed(self, delta: int) -> None:
-        self.held += delta
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[None]:
+        """Count an exchange as held for the duration of the block."""
+        self.held += 1
         self._held_changed.set()
+        try:
+            yield
+        finally:
+            self.held -= 1
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -339,7 +345,8 @@ class _Link:
             if response is not None:
                 await _send(self.client[1], response[:cut_point(len(response), decision.point)])
         elif decision.mode == "stall":
-            await asyncio.sleep(self.proxy.stall)
+            with self.proxy._holding():
+                await asyncio.sleep(self.proxy.stall)
         elif decision.mode in HOLD_MODES:
             await self._hold(decision, request)
         else:
@@ -358,11 +365,8 @@ class _Link:
             upstream = await self._send_upstream(request)
             if await read_message(upstream, response=True) is None:
                 return
-        self.proxy._hold_changed(+1)
-        try:
+        with self.proxy._holding():
             await _first_end(self.client[0], upstream)
-        finally:
-            self.proxy._hold_changed(-1)
 
     async def _pass(self, request: bytes) -> bool:
         response = await self._exchange(request)
