@@ -32,7 +32,9 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     ├── OutboxFull                 (local)                    outbox bound hit ("reject")
     ├── StoreError                 (local)                    local database failed / newer
     ├── SyncStalled                (local)                    a sync did not settle in max_rounds
-    └── ClosedError                (local)                    used after ``aclose()``
+    ├── ClosedError                (local)                    used after ``aclose()``
+    └── SinkError                  (server, local)            sink delivery failed; retried
+        └── SinkRejected           (server, local)            refused for good; dead-lettered
 """
 
 from __future__ import annotations

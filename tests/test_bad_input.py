@@ -290,6 +290,8 @@ async def test_wrong_content_type(victim: Victim, http: aiohttp.ClientSession,
                                   content_type: str) -> None:
     reply = await victim.post(http, raw_request(**VALID_PARTS), content_type=content_type)
     assert (reply.status, reply.code()) == (415, "unsupported_encoding")
+    assert reply.detail() == {  # best first: a client takes the first one it speaks
+        "accepted": [MEDIA_TYPE, "application/msgpack", "application/x-msgpack"]}
     await victim.assert_survived()
 
 
@@ -319,6 +321,7 @@ async def test_unsupported_content_encoding(victim: Victim, http: aiohttp.Client
     reply = await victim.post(http, raw_request(**VALID_PARTS),
                               headers={"Content-Encoding": encoding})
     assert (reply.status, reply.code()) == (415, "unsupported_encoding")
+    assert reply.detail() == {"accepted": ["zstd", "deflate", "gzip", "identity"]}  # best first
     await victim.assert_survived()
 
 

@@ -120,3 +120,19 @@ async def test_zstd_frames_without_a_declared_size_are_capped_too(
             small_server.url + SYNC_PATH, data=frame, headers=headers) as resp:
         assert resp.status == status
         assert message in decode_error(await resp.read(), resp.status).message
+
+
+async def test_a_server_without_zstd_lists_what_it_takes_best_first(
+        server: Server, admin: AdminClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from crdtsync_server import app
+
+    monkeypatch.delitem(app._DECODERS, "zstd")
+    token = (await admin.add_device("d1"))["token"]
+    body = zstandard.compress(encode_request(SyncRequest(device="d1", docs=())))
+    headers = {"Authorization": f"Bearer {token}", "Content-Encoding": "zstd",
+               "Content-Type": MEDIA_TYPE}
+    async with aiohttp.ClientSession() as session, \
+            session.post(server.url + SYNC_PATH, data=body, headers=headers) as resp:
+        error = decode_error(await resp.read(), resp.status)
+    assert (resp.status, error.code) == (415, "unsupported_encoding")
+    assert error.detail == {"accepted": ["deflate", "gzip", "identity"]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -330,13 +331,16 @@ async def test_lost_responses_do_not_repeat_commands_or_messages(
 
 @pytest.fixture
 async def target() -> AsyncIterator[dict[str, Any]]:
-    """A local HTTP service the routes point at; counts its calls."""
-    state: dict[str, Any] = {"calls": [], "delay": 0.0}
+    """A local HTTP service the routes point at; counts its calls. It answers once
+    ``state["gate"]`` is set (it is, unless a test clears it to hold the answers)."""
+    gate = asyncio.Event()
+    gate.set()
+    state: dict[str, Any] = {"calls": [], "gate": gate}
 
     async def weather(request: web.Request) -> web.Response:
         body = await request.json()
         state["calls"].append({"body": body, "key": request.headers.get("X-Api-Key")})
-        await asyncio.sleep(state["delay"])
+        await gate.wait()
         return web.json_response({"city": body["city"], "temp": 21.5})
 
     app = web.Application()
@@ -350,16 +354,26 @@ async def put_route(admin: AdminClient, alias: str, body: dict[str, Any]) -> dic
     return await admin.request("PUT", f"/v1/routes/{alias}", json=body)  # type: ignore[no-any-return]
 
 
+async def until(check: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until ``check()`` holds (polling every 10 ms); fail after 20 s."""
+    async with asyncio.timeout(20):
+        for delay in itertools.repeat(0.01):
+            if await check():
+                return
+            await asyncio.sleep(delay)
+
+
 async def test_request_result_comes_back_in_the_same_sync(
-        make_device: DeviceFactory, admin: AdminClient, target: dict[str, Any]) -> None:
+        make_device: DeviceFactory, admin: AdminClient, target: dict[str, Any],
+        server: Server) -> None:
     shown = await put_route(admin, "weather", {"url": target["url"] + "/weather",
                                                "headers": {"X-Api-Key": "s3cret"}})
     assert shown["headers"] == {"X-Api-Key": "***"}  # secrets never leave the server
+    server.services.sync.proxy_budget = 30.0  # the sync waits for the answer, however slow
     dev = await make_device("d1")
-    waiting = asyncio.create_task(dev.request("weather", {"city": "Oslo"}))
-    await asyncio.sleep(0.05)
+    request_id = await dev.queue_request("weather", {"city": "Oslo"})
     report = await dev.sync()
-    outcome = await asyncio.wait_for(waiting, 5)
+    outcome = await asyncio.wait_for(dev.wait_request(request_id), 5)
     assert report.outcomes == 1 and outcome["ok"] and outcome["body"]["city"] == "Oslo"
     assert target["calls"] == [{"body": {"city": "Oslo"}, "key": "s3cret"}]
     assert await dev.pending_requests() == []
@@ -372,7 +386,11 @@ async def test_request_made_offline_survives_a_restart_and_runs_once(
     dev = await make_device("d1")
     waiting = asyncio.create_task(dev.request("weather", {"city": "Bergen"},
                                               request_id="req-1"))
-    await asyncio.sleep(0.05)
+
+    async def queued() -> bool:
+        return await dev.pending_requests() == ["req-1"]
+
+    await until(queued)
     waiting.cancel()  # the app stops waiting; the request stays queued
     await dev.aclose()
     dev = await make_device("d1")
@@ -390,17 +408,24 @@ async def test_request_made_offline_survives_a_restart_and_runs_once(
 
 
 async def test_slow_target_result_arrives_on_a_later_sync(
-        make_device: DeviceFactory, admin: AdminClient, target: dict[str, Any]) -> None:
-    await put_route(admin, "weather", {"url": target["url"] + "/weather", "timeout": 5})
-    target["delay"] = 1.5  # longer than the server's 1 s budget
+        make_device: DeviceFactory, admin: AdminClient, target: dict[str, Any],
+        server: Server) -> None:
+    await put_route(admin, "weather", {"url": target["url"] + "/weather", "timeout": 30})
+    target["gate"].clear()  # the target answers only once released: after the 1 s budget
     dev = await make_device("d1")
-    waiting = asyncio.create_task(dev.request("weather", {"city": "Tromsø"}))
-    await asyncio.sleep(0.05)
+    request_id = await dev.queue_request("weather", {"city": "Tromsø"})
     report = await dev.sync()
-    assert report.outcomes == 0 and not waiting.done()
-    await asyncio.sleep(0.7)
-    await dev.sync()
-    assert (await asyncio.wait_for(waiting, 1))["body"]["temp"] == 21.5
+    assert report.outcomes == 0 and target["calls"]
+    target["gate"].set()
+
+    async def answered() -> bool:
+        stored = await server.services.store.get_request("d1", request_id)
+        return stored is not None and stored.status == "done"
+
+    await until(answered)
+    report = await dev.sync()
+    assert report.outcomes == 1
+    assert (await asyncio.wait_for(dev.wait_request(request_id), 5))["body"]["temp"] == 21.5
 
 
 async def test_routes_that_are_unknown_or_not_allowed_fail_typed(
@@ -410,11 +435,10 @@ async def test_routes_that_are_unknown_or_not_allowed_fail_typed(
     dev = await make_device("d1")
     results = []
     for route in ("weather", "nowhere"):
-        task = asyncio.create_task(dev.request(route, {"city": "X"}))
-        await asyncio.sleep(0.05)
+        request_id = await dev.queue_request(route, {"city": "X"})
         await dev.sync()
         with pytest.raises(RouteFailed) as info:
-            await asyncio.wait_for(task, 5)
+            await asyncio.wait_for(dev.wait_request(request_id), 5)
         results.append(info.value.reason)
     assert results == ["route_not_allowed", "unknown_route"]
     assert target["calls"] == []  # never an address that is not a configured, allowed route
@@ -441,10 +465,9 @@ async def test_routes_api_and_config_file(server_config: ServerConfig, tmp_path:
         token = (await admin.add_device("d1"))["token"]
         async with Device("d1", srv.url, token=token, path=tmp_path / "d.db",
                           interval=None) as dev:
-            task = asyncio.create_task(dev.request("weather", {"city": "Oslo"}))
-            await asyncio.sleep(0.05)
+            request_id = await dev.queue_request("weather", {"city": "Oslo"})
             await dev.sync()
-            assert (await asyncio.wait_for(task, 5))["ok"]
+            assert (await asyncio.wait_for(dev.wait_request(request_id), 5))["ok"]
     assert target["calls"][-1]["key"] == "from-env"
 
 
@@ -453,7 +476,7 @@ async def test_server_restart_mid_request_answers_interrupted_not_twice(
     """The server stops while the target is still answering: after the restart the request
     is answered ``interrupted``; the target is never called a second time."""
     config = replace(server_config, proxy_budget=0.1, proxy_grace=0.1)
-    target["delay"] = 2.0
+    target["gate"].clear()  # the target never answers while the first server runs
     async with Server(config) as srv, AdminClient(srv.url, ADMIN_TOKEN) as admin:
         token = (await admin.add_device("d1"))["token"]
         await put_route(admin, "weather", {"url": target["url"] + "/weather", "timeout": 30})
@@ -469,6 +492,7 @@ async def test_server_restart_mid_request_answers_interrupted_not_twice(
             await asyncio.wait_for(dev.wait_request("r1"), 5)
     assert info.value.reason == "interrupted"
     assert len(target["calls"]) == 1
+    target["gate"].set()  # let the first call end before the target stops
 
 
 async def test_finished_messages_are_purged_after_the_retention(
@@ -485,9 +509,11 @@ async def test_finished_messages_are_purged_after_the_retention(
             dev.on("later")(lambda m: None)
             await dev.sync()
             await dev.sync()
-        await asyncio.sleep(0.2)
-        items = (await get(admin, "/v1/devices/d1/messages"))["items"]
-        assert items == []  # both delivered, then purged
+
+        async def purged() -> bool:
+            return (await get(admin, "/v1/devices/d1/messages"))["items"] == []
+
+        await until(purged)  # both delivered, then purged
         with pytest.raises(Exception) as info:
             await get(admin, f"/v1/messages/{gone['id']}")
         assert getattr(info.value, "code", "") == "not_found"

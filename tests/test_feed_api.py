@@ -368,11 +368,23 @@ async def test_shutdown_releases_long_polls_and_streams(tmp_path: Any) -> None:
 
     server = Server(ServerConfig(db=str(tmp_path / "s.db"), port=0, admin_token=ADMIN_TOKEN))
     await server.start()
+    notifier = server.services.feed
+    waiting: set[asyncio.Task[Any] | None] = set()
+    both_wait = asyncio.Event()
+    wait = notifier.wait
+
+    async def noted_wait(seconds: float) -> None:
+        waiting.add(asyncio.current_task())
+        if len(waiting) >= 2:
+            both_wait.set()
+        await wait(seconds)
+
+    notifier.wait = noted_wait  # type: ignore[method-assign]
     async with aiohttp.ClientSession(headers=AUTH) as session:
         poll = asyncio.create_task(session.get(f"{server.url}/v1/feed?wait=60"))
         stream = await session.get(f"{server.url}/v1/feed/stream")
         assert await stream.content.readline() == b"retry: 1000\n"
-        await asyncio.sleep(0.3)  # both handlers are now waiting for items
+        await asyncio.wait_for(both_wait.wait(), 20)  # both handlers wait for items
         await asyncio.wait_for(server.aclose(), 20)  # far below the 60 s poll
         answer = await asyncio.wait_for(poll, 5)
         assert answer.status == 200 and (await answer.json())["items"] == []

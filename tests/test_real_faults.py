@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import http.client
 import os
 import random
@@ -22,7 +23,7 @@ import sys
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,7 +45,7 @@ from crdtsync.protocol import (
     encode_state_vector,
 )
 from crdtsync.testing import FaultProxy
-from crdtsync.testing.proxy import FAULT_MODES
+from crdtsync.testing.proxy import FAULT_MODES, HOLD_MODES
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server
 
@@ -172,20 +173,46 @@ async def test_proxy_decisions_are_deterministic_and_follow_the_plan() -> None:
     assert first.mode == "reset" and first.plan is None and first.decide().mode == "reset"
 
 
-async def test_proxy_close_ends_held_connections_and_leaves_no_task(server: Server) -> None:
-    """Leaving the proxy's block while it stalls a request closes that connection at once
-    (not after the 30 s stall) and leaves none of its tasks behind."""
+@pytest.mark.parametrize("mode", ["stall", *HOLD_MODES])
+async def test_proxy_close_ends_held_connections_and_leaves_no_task(
+        server: Server, mode: str) -> None:
+    """Leaving the proxy's block while it stalls (for an hour) or holds a request closes
+    that connection at once and leaves none of its tasks behind."""
     async with aiohttp.ClientSession() as http:
-        async with FaultProxy(server.port, mode="stall", stall=30) as proxy:
+        async with FaultProxy(server.port, mode=mode, stall=3600) as proxy:
             client = asyncio.create_task(http.get(proxy.url + "/v1/health"))
-            await asyncio.sleep(0.2)
-            assert proxy.stats["stall"] == 1 and not client.done()
-        started = time.monotonic()
+            async with asyncio.timeout(20):
+                await proxy.wait_held()
+            assert proxy.stats[mode] == 1 and not client.done()
         with pytest.raises(aiohttp.ClientError):
-            await client
-        assert time.monotonic() - started < 5
+            async with asyncio.timeout(20):  # a guard far below the stall
+                await client
+        assert proxy.held == 0
     leftovers = [t for t in asyncio.all_tasks() if "FaultProxy" in repr(t.get_coro())]
     assert leftovers == []
+
+
+async def test_hold_lasts_until_a_side_closes_and_plans_cannot_draw_it(
+        server: Server, admin: AdminClient, tmp_path: Path) -> None:
+    """``hold_response``: the server commits and answers, the client gets nothing while the
+    exchange is held; ``hold_request``: nothing is committed. Closing the proxy ends a held
+    exchange (the client sees a transport failure). A plan cannot draw a hold mode."""
+    token = (await admin.add_device("d1"))["token"]
+    for mode, stored in (("hold_request", 0), ("hold_response", 1)):
+        proxy = FaultProxy(server.port, mode=mode, seed=3)
+        await proxy.start()
+        async with Device("d1", transport=HttpTransport(proxy.url, token, timeout=30),
+                          path=tmp_path / f"{mode}.db", interval=None) as dev:
+            await dev.emit("t", {"mode": mode})
+            syncing = asyncio.create_task(dev.sync())
+            async with asyncio.timeout(20):
+                await proxy.wait_held()
+            assert len(await events_of(admin, "d1")) == stored and not syncing.done()
+            await proxy.aclose()
+            with pytest.raises(TransportError):  # closing the proxy ended the exchange
+                await syncing
+    with pytest.raises(ValueError):
+        FaultProxy(1, plan={"hold_request": 0.1})
 
 
 PROXY_PLAN = {"cut_request": 0.1, "cut_response": 0.12, "stall": 0.04, "reset": 0.1}
@@ -309,8 +336,6 @@ class Progress:
     def __init__(self) -> None:
         self.ok = 0
         self.failed = 0
-        self.cut_off = 0
-        """Failures of a request the server had accepted (not a refused connection)."""
         self._changed = asyncio.Event()
 
     def record(self, error: TransportError | None = None) -> None:
@@ -318,7 +343,6 @@ class Progress:
             self.ok += 1
         else:
             self.failed += 1
-            self.cut_off += not isinstance(error.__cause__, aiohttp.ClientConnectorError)
         self._changed.set()
 
     async def wait_ok(self, target: int) -> None:
@@ -344,33 +368,46 @@ async def device_loop(dev: Device, ledger: Ledger, stop: asyncio.Event,
             await asyncio.sleep(0.02)
 
 
-KILLS = 5
+KILLS = 6
+
+
+async def hold_one(proxy: FaultProxy, mode: str) -> None:
+    """Hold the next requests through ``proxy`` at the point ``mode`` names; return once
+    one is held there (a request is then in flight, whatever the timing)."""
+    proxy.mode = mode
+    async with asyncio.timeout(20):
+        await proxy.wait_held()
 
 
 async def test_server_killed_repeatedly_mid_sync_loses_and_duplicates_nothing(
         serve_process: ServeProcess, tmp_path: Path) -> None:
-    """Three devices write, emit and sync in a loop while a ``crdtsync serve`` process is
-    killed with SIGKILL five times at seeded moments during syncs and restarted on the same
-    port and database; after a final sync, the invariants hold."""
+    """Three devices write, emit and sync in a loop (through a pass-through FaultProxy)
+    while a ``crdtsync serve`` process is killed with SIGKILL six times and restarted on the
+    same port and database. Every kill lands while a request is in flight, at a known point
+    (the proxy holds it there): alternately when the server has received only part of the
+    request, and when it has committed and answered but the device has not got the answer.
+    After a final sync, the invariants hold."""
     rng = random.Random(99)
     names = ("k1", "k2", "k3")
     ledgers = {d: Ledger(d) for d in names}
     progress = Progress()
     stop = asyncio.Event()
-    async with AdminClient(serve_process.url, ADMIN_TOKEN) as admin, \
+    async with FaultProxy(serve_process.port) as proxy, \
+            AdminClient(serve_process.url, ADMIN_TOKEN) as admin, \
             contextlib.AsyncExitStack() as stack:
         tokens = {d: (await admin.add_device(d))["token"] for d in names}
         devices = {d: await stack.enter_async_context(Device(
-            d, transport=HttpTransport(serve_process.url, tokens[d], timeout=5),
+            d, transport=HttpTransport(proxy.url, tokens[d], timeout=5),
             path=tmp_path / f"{d}.db", interval=None)) for d in names}
         loops = [asyncio.create_task(device_loop(devices[d], ledgers[d], stop, progress))
                  for d in names]
         try:
-            for _ in range(KILLS):
+            for kill in range(KILLS):
                 await progress.wait_ok(progress.ok + rng.randint(3, 12))
-                await asyncio.sleep(rng.uniform(0, 0.03))
+                await hold_one(proxy, HOLD_MODES[kill % 2])
                 await serve_process.kill()
-                await asyncio.sleep(rng.uniform(0, 0.2))
+                proxy.mode = "pass"
+                await asyncio.sleep(rng.uniform(0, 0.2))  # the devices meet a dead server
                 await serve_process.start()
             stop.set()
             await asyncio.gather(*loops)
@@ -382,9 +419,11 @@ async def test_server_killed_repeatedly_mid_sync_loses_and_duplicates_nothing(
         for d in names:
             await devices[d].sync()
             await check_invariants(admin, devices[d], ledgers[d])
+        held = [proxy.stats[mode] for mode in HOLD_MODES]
     assert serve_process.starts == KILLS + 1
     assert progress.ok >= 3 * KILLS
-    assert progress.cut_off >= KILLS  # the kills cut off requests in flight
+    assert min(held) >= KILLS // 2  # each kill held at least one request at its point
+    assert progress.failed >= sum(held)  # and no held request was answered
     assert not any("Traceback" in serve_process.log(n) for n in range(1, KILLS + 2))
     assert all(outbox_rows(tmp_path / f"{d}.db") == 0 for d in names)
 
@@ -426,47 +465,57 @@ class DeviceRun:
     emitted: list[int]
     done: bool
     returncode: int
-    killed_in_sync: bool
-    """The last line was ``EMITTED``: the kill landed after an emit, most likely in sync."""
 
 
 async def run_device(script: Path, args: list[str], *, kill_after: int | None,
-                     delay: float, log: Path) -> DeviceRun:
-    """Run the device script; with ``kill_after``, SIGKILL it ``delay`` s after that many
-    ``EMITTED`` lines. Every line it printed is collected, also those after the kill."""
+                     before_kill: Callable[[], Awaitable[None]] | None = None,
+                     log: Path) -> DeviceRun:
+    """Run the device script; with ``kill_after``, SIGKILL it once it printed that many
+    ``EMITTED`` lines and ``before_kill()`` returned. Every line it printed is collected,
+    also those after the kill."""
     with log_file(log) as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(script), *args, stdout=asyncio.subprocess.PIPE, stderr=err)
     assert proc.stdout is not None
     lines: list[str] = []
+    reading: asyncio.Task[bytes] | None = None
     try:
         while kill_after is not None and sum(ln[0] == "E" for ln in lines) < kill_after:
             line = await asyncio.wait_for(proc.stdout.readline(), 20)
             assert line.endswith(b"\n"), f"device ended early: {log.read_text()}"
             lines.append(line.decode())
         if kill_after is not None:
-            await asyncio.sleep(delay)
+            # Keep reading while waiting: a device blocked on a full pipe never syncs.
+            reading = asyncio.create_task(proc.stdout.read())
+            if before_kill is not None:
+                await before_kill()
             os.kill(proc.pid, signal.SIGKILL)
-        rest = await asyncio.wait_for(proc.stdout.read(), 30)
+            rest = await asyncio.wait_for(reading, 30)
+        else:
+            rest = await asyncio.wait_for(proc.stdout.read(), 30)
         lines += [ln + "\n" for ln in rest.decode().split("\n")[:-1]]
         returncode = await proc.wait()
     finally:
+        if reading is not None and not reading.done():
+            reading.cancel()
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
     emitted = [int(ln.split()[1]) for ln in lines if ln.startswith("EMITTED ")]
-    return DeviceRun(emitted, "DONE\n" in lines, returncode,
-                     bool(lines) and lines[-1].startswith("EMITTED "))
+    return DeviceRun(emitted, "DONE\n" in lines, returncode)
 
 
-DEVICE_KILLS = 5
+DEVICE_KILLS = 6
 
 
 async def test_device_killed_mid_sync_loses_and_duplicates_nothing(
         server: Server, admin: AdminClient, tmp_path: Path) -> None:
-    """A device process is killed with SIGKILL five times mid-run (seeded: after some
-    printed emits, mostly inside a sync), restarted on its database, then runs to the end:
-    every event whose emit returned is stored once, in order; the outbox ends empty."""
+    """A device process, syncing through a pass-through FaultProxy, is killed with SIGKILL
+    six times (seeded: after some printed emits), restarted on its database, then runs to
+    the end: every event whose emit returned is stored once, in order; the outbox ends
+    empty. Every other kill lands at a random moment; the others land inside a sync, at a
+    known point (the proxy holds the request there): after the server received part of the
+    request, or after it committed and answered but before the device got the answer."""
     rng = random.Random(5)
     token = (await admin.add_device("dk"))["token"]
     script = tmp_path / "device_script.py"
@@ -474,24 +523,29 @@ async def test_device_killed_mid_sync_loses_and_duplicates_nothing(
     db, log = tmp_path / "dk.db", tmp_path / "device.log"
     printed: list[int] = []
     maybe_unprinted: set[int] = set()
-    in_sync = 0
     start = 0
-    for kill in range(DEVICE_KILLS):
-        # Every other kill follows an EMITTED line at once: inside that emit's sync, mostly.
-        delay = 0.0 if kill % 2 else rng.uniform(0, 0.03)
-        run = await run_device(script, [server.url, token, str(db), str(start), str(10**6)],
-                               kill_after=rng.randint(1, 12), delay=delay, log=log)
-        assert run.returncode == -signal.SIGKILL and not run.done
-        assert run.emitted == list(range(start, start + len(run.emitted)))
-        printed += run.emitted
-        in_sync += run.killed_in_sync
-        last = run.emitted[-1]
-        # The kill may land after `emit` returned and before the line was printed: that
-        # event is durable too. Skip its number so it can appear at most once.
-        maybe_unprinted.add(last + 1)
-        start = last + 2
-    final = await run_device(script, [server.url, token, str(db), str(start), str(start + 10)],
-                             kill_after=None, delay=0, log=log)
+    async with FaultProxy(server.port) as proxy:
+        for kill in range(DEVICE_KILLS):
+            mode = HOLD_MODES[kill // 2 % 2] if kill % 2 else None
+            delay = rng.uniform(0, 0.03)
+            run = await run_device(
+                script, [proxy.url, token, str(db), str(start), str(10**6)],
+                kill_after=rng.randint(1, 12), log=log,
+                before_kill=(functools.partial(hold_one, proxy, mode) if mode
+                             else functools.partial(asyncio.sleep, delay)))
+            proxy.mode = "pass"
+            assert run.returncode == -signal.SIGKILL and not run.done
+            assert run.emitted == list(range(start, start + len(run.emitted)))
+            printed += run.emitted
+            last = run.emitted[-1]
+            # The kill may land after `emit` returned and before the line was printed: that
+            # event is durable too. Skip its number so it can appear at most once.
+            maybe_unprinted.add(last + 1)
+            start = last + 2
+        final = await run_device(
+            script, [proxy.url, token, str(db), str(start), str(start + 10)],
+            kill_after=None, log=log)
+        held = [proxy.stats[mode] for mode in HOLD_MODES]
     assert final.done and final.returncode == 0, log.read_text()
     printed += final.emitted
 
@@ -503,7 +557,7 @@ async def test_device_killed_mid_sync_loses_and_duplicates_nothing(
     assert set(numbers) - set(printed) <= maybe_unprinted
     assert (await admin.state("dk"))["state"] == {"counter": start + 9}
     assert outbox_rows(db) == 0
-    assert in_sync >= 2  # the kills really landed between an emit and the end of its sync
+    assert held == [2, 1]  # three kills landed inside a sync: each held one request
 
 
 # --- fuzzing POST /v1/sync -------------------------------------------------------------------

