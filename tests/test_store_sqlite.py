@@ -4,10 +4,11 @@ contract is in ``test_store_contract.py``.
 
 Golden databases live in ``tests/data/schema/server_v<n>.db``, one per released schema, each
 holding a device, an event and a document update written with that schema alone (v2 adds a
-downlink item and a request; v4 a feed item, a projection row and a second device). :func:`write_v1_fixture` made ``server_v1.db`` and
-:func:`write_v2_fixture` ``server_v2.db``; they only ever run ``MIGRATIONS[0]`` and
-``MIGRATIONS[1]`` (never edited), so regenerating them with ``CRDTSYNC_REGEN_FIXTURES=1 pytest
-tests/test_store_sqlite.py`` yields the same content. Never regenerate one to make a failing
+downlink item and a request; v4 a feed item, a projection row and a second device).
+:func:`write_v1_fixture` made ``server_v1.db`` and :func:`write_v2_fixture` ``server_v2.db``;
+they only ever run ``MIGRATIONS[0]`` and ``MIGRATIONS[1]`` (never edited), so regenerating
+them with ``CRDTSYNC_REGEN_FIXTURES=1 pytest tests/test_store_sqlite.py`` yields the same
+content. Never regenerate one to make a failing
 migration test pass: the files stand for databases already in the field.
 """
 
