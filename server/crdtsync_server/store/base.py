@@ -502,7 +502,7 @@ class EventPlan:
 
 def plan_events(
     device: str, last_seq: int, purged: int, events: Sequence[Event],
-    stored_digests: Mapping[int, bytes], seq_floor: int = 0,
+    stored_digests: Mapping[int, bytes], *, seq_floor: int = 0,
 ) -> EventPlan:
     """Decide, inside the commit transaction, which events are new.
 

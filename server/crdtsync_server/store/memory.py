@@ -339,7 +339,7 @@ class MemoryStore:
             if e.seq <= device.last_seq and (device.id, e.seq) in self._digests
         }
         return plan_events(device.id, device.last_seq, write.purged, write.events, stored,
-                           device.seq_floor)
+                           seq_floor=device.seq_floor)
 
     def _append_updates(self, docs: Sequence[DocWrite]
                         ) -> tuple[tuple[int, ...], tuple[int, ...]]:

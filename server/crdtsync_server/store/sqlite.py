@@ -674,7 +674,7 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
     device = _require_device(conn, write.device)
     plan = plan_events(
         device.id, device.last_seq, write.purged, write.events,
-        _stored_digests(conn, device, write), device.seq_floor,
+        _stored_digests(conn, device, write), seq_floor=device.seq_floor,
     )
     _insert_events(conn, device, write.time, plan)
     sqlite_feed.record_changes(conn, write.changes, device.fleet, write.time)
