@@ -302,34 +302,34 @@ def test_device_token_disable_enable_delete(server: str, tmp_path: Path) -> None
     """The credential lifecycle from the command line, each step checked with a real
     device: a new token replaces the old one, disable refuses syncs, delete forgets it."""
     env = admin_env(server)
-    old = add_device(server, "cli-5")
-    assert asyncio.run(run_device(server, "cli-5", old, tmp_path / "a.db", 1)).events_acked == 1
-    rotated = cli("device", "token", "cli-5", env=env)
+    old = add_device(server, "cli-life")
+    assert asyncio.run(run_device(server, "cli-life", old, tmp_path / "a.db", 1)).events_acked == 1
+    rotated = cli("device", "token", "cli-life", env=env)
     assert rotated.returncode == 0, rotated.stderr
     new = rotated.stdout.strip()
     assert rotated.stdout == f"{new}\n" and len(new) == 22 and new != old
     assert "old one no longer works" in rotated.stderr
     with pytest.raises(Unauthorized):
-        asyncio.run(run_device(server, "cli-5", old, tmp_path / "a.db", 0))
-    assert asyncio.run(run_device(server, "cli-5", new, tmp_path / "a.db", 1)).events_acked == 1
+        asyncio.run(run_device(server, "cli-life", old, tmp_path / "a.db", 0))
+    assert asyncio.run(run_device(server, "cli-life", new, tmp_path / "a.db", 1)).events_acked == 1
 
-    disabled = cli("device", "disable", "cli-5", env=env)
+    disabled = cli("device", "disable", "cli-life", env=env)
     assert disabled.returncode == 0, disabled.stderr
     assert json.loads(disabled.stdout)["disabled"] is True
     with pytest.raises(Forbidden):
-        asyncio.run(run_device(server, "cli-5", new, tmp_path / "a.db", 1))
-    enabled = cli("device", "enable", "cli-5", env=env)
+        asyncio.run(run_device(server, "cli-life", new, tmp_path / "a.db", 1))
+    enabled = cli("device", "enable", "cli-life", env=env)
     assert json.loads(enabled.stdout)["disabled"] is False
-    report = asyncio.run(run_device(server, "cli-5", new, tmp_path / "a.db", 0))
+    report = asyncio.run(run_device(server, "cli-life", new, tmp_path / "a.db", 0))
     assert report.events_acked == 1  # the event emitted while disabled
 
-    deleted = cli("device", "delete", "cli-5", "--events", env=env)
+    deleted = cli("device", "delete", "cli-life", "--events", env=env)
     assert (deleted.returncode, deleted.stdout) == (0, ""), deleted.stderr
-    assert "deleted device cli-5 and its events" in deleted.stderr
-    assert cli("events", "--device", "cli-5", env=env).stdout == ""
+    assert "deleted device cli-life and its events" in deleted.stderr
+    assert cli("events", "--device", "cli-life", env=env).stdout == ""
     with pytest.raises(Unauthorized):
-        asyncio.run(run_device(server, "cli-5", new, tmp_path / "a.db", 0))
+        asyncio.run(run_device(server, "cli-life", new, tmp_path / "a.db", 0))
     for action in ("token", "disable", "enable", "delete"):
-        missing = cli("device", action, "cli-5", env=env)
+        missing = cli("device", action, "cli-life", env=env)
         assert (missing.returncode, missing.stderr) == (
-            1, "error: not_found: device 'cli-5' does not exist\n")
+            1, "error: not_found: device 'cli-life' does not exist\n")
