@@ -324,9 +324,9 @@ class Store(Protocol):
         """The device, or ``None`` if it does not exist."""
 
     async def device_by_token(self, token_hash: str) -> DeviceRecord | None:
-        """The device whose ``token_hash`` this is, or ``None`` (an index lookup, never a
-        scan). Hashes of random tokens do not collide; should two devices share one anyway,
-        the one with the lowest id is returned."""
+        """The device whose ``token_hash`` this is, or ``None``; a database backend answers
+        from an index (every sync calls it). Hashes of random tokens do not collide; should
+        two devices share one anyway, the one with the lowest id is returned."""
 
     async def update_device(self, device_id: str, *, token_hash: str | None = None,
                             disabled: bool | None = None) -> DeviceRecord:

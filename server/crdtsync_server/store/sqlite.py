@@ -38,6 +38,12 @@ Fleets: a device's ``fleet`` is checked against the ``fleets`` table in the tran
 sets it (``add_device``, ``set_device_fleet``), so both backends raise the same
 :class:`NotFound` (not a foreign-key ``IntegrityError`` to translate).
 
+Devices: a sync finds its device by token hash (index ``devices_token_hash``, v5).
+``delete_device`` deletes the device's rows in one transaction, turns each of its documents
+into an empty snapshot at a fresh update id (so other processes' cached copies reload), and
+keeps the device's ``last_seq`` in ``deleted_devices`` until a device with the same id is
+added, which then starts above it (``seq_floor``).
+
 Group commit: concurrent :meth:`SQLiteStore.commit` calls share one transaction, each write in
 its own savepoint (:mod:`crdtsync_server.store.group_commit`).
 
