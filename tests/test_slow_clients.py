@@ -32,7 +32,7 @@ that waits for a body the client never sends fails the test instead of hanging i
 async def quick(tmp_path: Path) -> AsyncIterator[Server]:
     """A server with short slow-client deadlines."""
     config = ServerConfig(db=str(tmp_path / "server.db"), port=0, admin_token=ADMIN_TOKEN,
-                          header_timeout=0.3, body_timeout=0.3)
+                          header_timeout=1.0, body_timeout=1.0)
     async with Server(config) as srv:
         yield srv
 
@@ -210,7 +210,7 @@ async def test_a_slow_body_is_cut_off_with_a_typed_408(quick: Server, tmp_path: 
     status, headers, frame = await conn.response()
     error = decode_error(frame, status)
     assert (status, error.code, error.retryable) == (408, "request_timeout", True)
-    assert isinstance(error, RequestTimeout) and error.detail == {"body_timeout": 0.3}
+    assert isinstance(error, RequestTimeout) and error.detail == {"body_timeout": 1.0}
     assert headers["connection"].lower() == "close"
     await conn.close()
     async with Device("d1", quick.url, token=token, path=tmp_path / "d1.db",
@@ -224,10 +224,10 @@ async def test_the_head_deadline_spares_requests_being_handled(quick: Server) ->
     """A long poll outlives the head deadline (the clock stops once the head is in), and a
     kept-alive connection that stays idle is not the head deadline's business."""
     conn = await Raw.open(quick)
-    await conn.head("GET", "/v1/feed?wait=1", {"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    await conn.head("GET", "/v1/feed?wait=2", {"Authorization": f"Bearer {ADMIN_TOKEN}"})
     status, _, body = await conn.response()
     assert (status, body) == (200, b'{"items":[],"next":"0"}')
-    await asyncio.sleep(1)  # idle between requests, longer than the head deadline
+    await asyncio.sleep(1.5)  # idle between requests, longer than the head deadline
     await conn.head("GET", "/v1/health", {})
     assert (await conn.response())[0] == 200
     await conn.close()
