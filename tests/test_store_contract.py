@@ -768,6 +768,14 @@ async def test_device_by_token_finds_the_device_of_a_hash(store: Store) -> None:
     assert found is not None and found.id == "dev-2"
     assert await store.device_by_token("hash-dev-3") is None
     assert await store.device_by_token("") is None
+    # Hashes of random tokens never collide; shared ones (tests, benches) find the lowest id.
+    for device in ("dev-9", "dev-0"):
+        await store.add_device(DeviceRecord(device, "shared", created=1))
+    assert (await store.device_by_token("shared")).id == "dev-0"  # type: ignore[union-attr]
+    await store.delete_device("dev-0", [])
+    assert (await store.device_by_token("shared")).id == "dev-9"  # type: ignore[union-attr]
+    await store.update_device("dev-9", token_hash="own")
+    assert await store.device_by_token("shared") is None
 
 
 async def test_update_device_replaces_the_token_hash_at_once(store: Store) -> None:

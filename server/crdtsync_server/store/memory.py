@@ -193,6 +193,7 @@ class MemoryStore:
         self._docs: dict[str, _Doc] = {}
         self._last_update_id = 0
         self._devices: dict[str, DeviceRecord] = {}
+        self._by_token: dict[str, set[str]] = {}  # token hash -> device ids (the index)
         self._fleets: dict[str, FleetRecord] = {}
         self._events: list[_Event] = []  # cursor order
         self._digests: dict[tuple[str, int], bytes] = {}
@@ -230,6 +231,7 @@ class MemoryStore:
         self._closed = True
         self._docs.clear()
         self._devices.clear()
+        self._by_token.clear()
         self._fleets.clear()
         self._events.clear()
         self._digests.clear()
@@ -528,6 +530,7 @@ class MemoryStore:
             raise AlreadyExists(f"device {device.id!r} already exists", {"device": device.id})
         deleted = self._deleted_devices.pop(device.id, 0)
         self._devices[device.id] = _copy_device(above_deleted(device, deleted))
+        self._by_token.setdefault(device.token_hash, set()).add(device.id)
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
         """The device, or ``None`` if it does not exist."""
@@ -536,21 +539,28 @@ class MemoryStore:
         return None if device is None else _copy_device(device)
 
     async def device_by_token(self, token_hash: str) -> DeviceRecord | None:
-        """The device with this token hash (lowest id first), or ``None``. A scan: this
-        store is for tests and simulations."""
+        """The device with this token hash (lowest id first), or ``None``."""
         self._check_open()
-        found = [d for d in self._devices.values() if d.token_hash == token_hash]
-        return _copy_device(min(found, key=lambda d: d.id)) if found else None
+        ids = self._by_token.get(token_hash)
+        return _copy_device(self._devices[min(ids)]) if ids else None
+
+    def _unindex(self, device: DeviceRecord) -> None:
+        ids = self._by_token[device.token_hash]
+        ids.discard(device.id)
+        if not ids:
+            del self._by_token[device.token_hash]
 
     async def update_device(self, device_id: str, *, token_hash: str | None = None,
                             disabled: bool | None = None) -> DeviceRecord:
         """Replace the token hash and/or the disabled flag; returns the stored record.
         :class:`NotFound` for an unknown device."""
         self._check_open()
+        old = self._require_device(device_id)
         device = dataclasses.replace(
-            self._require_device(device_id),
-            **updated_fields(token_hash=token_hash, disabled=disabled))
+            old, **updated_fields(token_hash=token_hash, disabled=disabled))
+        self._unindex(old)
         self._devices[device_id] = device
+        self._by_token.setdefault(device.token_hash, set()).add(device_id)
         return _copy_device(device)
 
     async def delete_device(self, device_id: str, docs: Sequence[str], *,
@@ -559,6 +569,7 @@ class MemoryStore:
         :class:`NotFound` for an unknown device."""
         self._check_open()
         device = self._devices.pop(self._require_device(device_id).id)
+        self._unindex(device)
         for key in docs:
             self._last_update_id += 1  # a fresh id: every cached copy must reload
             self._docs[key] = _Doc(snapshot_id=self._last_update_id)
