@@ -58,10 +58,6 @@ class HeadDeadline:
         self.timeout = timeout
         self._guards: dict[asyncio.BaseTransport, _Guard] = {}
 
-    def __len__(self) -> int:
-        """Connections currently guarded (open ones)."""
-        return len(self._guards)
-
     def wrap(self, factory: ProtocolFactory) -> ProtocolFactory:
         """A protocol factory whose protocols guard ``factory()``'s."""
         return lambda: _Guard(self, factory())
