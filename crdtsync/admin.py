@@ -73,6 +73,24 @@ class AdminClient:
     async def device(self, device_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/v1/devices/{quote(device_id)}")  # type: ignore[no-any-return]
 
+    async def rotate_token(self, device_id: str) -> dict[str, Any]:
+        """Give the device a new token; the old one stops working at once. The result is the
+        device with its new ``token`` (shown only once). :class:`NotFound` if unknown."""
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", f"/v1/devices/{quote(device_id)}/token")
+
+    async def set_disabled(self, device_id: str, disabled: bool) -> dict[str, Any]:
+        """Disable the device (its syncs are refused with :class:`Forbidden`, it loses
+        nothing) or enable it again; returns the device. :class:`NotFound` if unknown."""
+        return await self.request(  # type: ignore[no-any-return]
+            "PATCH", f"/v1/devices/{quote(device_id)}", json={"disabled": disabled})
+
+    async def delete_device(self, device_id: str, *, events: bool = False) -> None:
+        """Delete the device, its documents and queues; its events and state changes stay
+        in the feed unless ``events``. :class:`NotFound` if unknown."""
+        await self.request("DELETE", f"/v1/devices/{quote(device_id)}",
+                           params={"events": "true" if events else "false"})
+
     async def add_fleet(self, fleet_id: str, meta: Mapping[str, Any] | None = None
                         ) -> dict[str, Any]:
         """Create a fleet; :class:`AlreadyExists` if the id is taken."""

@@ -2,9 +2,10 @@
 events.
 
     crdtsync serve  [--db PATH] [--host H] [--port N] [--admin-token T] [--max-body B]
-                    [--routes FILE] [--sinks FILE]
+                    [--routes FILE] [--sinks FILE] [--header-timeout S] [--body-timeout S]
     crdtsync demo   [--devices N] [--duration S] [--db PATH] [--port N] [--data-dir DIR]
     crdtsync device add ID [--meta JSON] | crdtsync device list | crdtsync device show ID
+    crdtsync device token ID | disable ID | enable ID | delete ID [--events]
     crdtsync fleet add ID [--meta JSON] | crdtsync fleet list | crdtsync fleet show ID
     crdtsync fleet devices ID | crdtsync fleet assign DEVICE (FLEET | --none)
     crdtsync state ID [--map NAME] | crdtsync state set ID KEY=VALUE... [--map NAME]
@@ -110,6 +111,10 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         config.cache_idle = args.cache_idle
     if args.feed_retention is not None:
         config.feed_retention_ms = round(args.feed_retention * 86_400_000)
+    if args.header_timeout is not None:
+        config.header_timeout = args.header_timeout
+    if args.body_timeout is not None:
+        config.body_timeout = args.body_timeout
     return config
 
 
@@ -201,6 +206,37 @@ async def cmd_device_list(admin: AdminClient, args: argparse.Namespace) -> int:
 async def cmd_device_show(admin: AdminClient, args: argparse.Namespace) -> int:
     """Print one device's record as JSON."""
     out(pretty(await admin.device(args.id)))
+    return 0
+
+
+async def cmd_device_token(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Give a device a new token; the old one stops working at once. Only the new token goes
+    to stdout: ``TOKEN=$(crdtsync device token x)``."""
+    device = await admin.rotate_token(args.id)
+    err(f"new token for device {device['id']} (shown once; the old one no longer works) "
+        "follows on stdout")
+    out(device["token"])
+    return 0
+
+
+async def cmd_device_disable(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Refuse a device's syncs (403 forbidden) until it is enabled; it loses nothing: its
+    events wait in its outbox. Prints the device as JSON."""
+    out(pretty(await admin.set_disabled(args.id, True)))
+    return 0
+
+
+async def cmd_device_enable(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Serve a disabled device's syncs again. Prints the device as JSON."""
+    out(pretty(await admin.set_disabled(args.id, False)))
+    return 0
+
+
+async def cmd_device_delete(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Delete a device, its documents and its queued messages, commands and requests; its
+    token stops working. Its events stay in the feed unless --events."""
+    await admin.delete_device(args.id, events=args.events)
+    err(f"deleted device {args.id}" + (" and its events" if args.events else ""))
     return 0
 
 
@@ -477,6 +513,13 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--feed-retention", type=number(float, 0.0001), metavar="DAYS",
                    help="purge feed items (events included) this many days after they were"
                         " stored, once every sink delivered them (default: keep for ever)")
+    p.add_argument("--header-timeout", type=number(float, 0.01), metavar="SECONDS",
+                   help="a connection that does not deliver a whole request head this soon is"
+                        f" closed (default {ServerConfig().header_timeout:g})")
+    p.add_argument("--body-timeout", type=number(float, 0.01), metavar="SECONDS",
+                   help="a request body that does not arrive this soon is refused with 408;"
+                        " raise it for devices on slow links"
+                        f" (default {ServerConfig().body_timeout:g})")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)
@@ -550,6 +593,19 @@ def add_device(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     show = device.add_parser("show", parents=[client], help="show one device as JSON")
     show.add_argument("id")
     show.set_defaults(run=admin_command(cmd_device_show))
+    actions = {"token": (cmd_device_token, "issue a new token, revoking the old one"),
+               "disable": (cmd_device_disable, "refuse the device's syncs until enabled"),
+               "enable": (cmd_device_enable, "serve a disabled device again"),
+               "delete": (cmd_device_delete, "delete a device and what it owns")}
+    parsers = {}
+    for action, (command, help_) in actions.items():
+        parsers[action] = device.add_parser(action, parents=[client], help=help_,
+                                            description=command.__doc__)
+        parsers[action].add_argument("id")
+        parsers[action].set_defaults(run=admin_command(command))
+    parsers["delete"].add_argument(
+        "--events", action="store_true",
+        help="also delete its events and state changes from the feed")
 
 
 def add_fleet(sub: Subparsers, client: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     ├── AuthError
     │   ├── Unauthorized           unauthorized          401  missing or wrong credential
     │   └── Forbidden              forbidden             403  valid credential, not allowed
+    ├── RequestTimeout             request_timeout       408  retryable; body came too slowly
     ├── ServerError                internal              500  retryable; nothing committed
     ├── Unavailable                unavailable           503  retryable; overloaded/stopping
     ├── TransportError             (local)                    retryable; outcome unknown
@@ -152,6 +153,15 @@ class Unauthorized(AuthError):
 class Forbidden(AuthError):
     code = "forbidden"
     status = 403
+
+
+class RequestTimeout(CrdtsyncError):
+    """The request body did not arrive within the server's body timeout (a slow or stalled
+    link); nothing was applied, and sending it again is safe."""
+
+    code = "request_timeout"
+    status = 408
+    retryable = True
 
 
 class ServerError(CrdtsyncError):

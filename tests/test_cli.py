@@ -21,6 +21,7 @@ from typing import IO
 import pytest
 
 from crdtsync import Device, SyncReport
+from crdtsync.errors import Forbidden, Unauthorized
 
 CLI = [sys.executable, "-W", "default", "-m", "crdtsync.cli"]
 ADMIN = "cli-test-admin-token"
@@ -298,6 +299,49 @@ def test_serve_options_become_the_server_config() -> None:
     assert (config.db, config.port, config.cache_docs, config.cache_idle, config.backlog,
             config.max_body) == ("x.db", 0, 7, 2.5, 99, 1000)
     assert config.feed_retention_ms == 129_600_000  # 1.5 days
-    assert serve_config(build_parser().parse_args(["serve"])).feed_retention_ms is None
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--feed-retention", "0"])
+    defaults = serve_config(build_parser().parse_args(["serve"]))
+    assert defaults.feed_retention_ms is None
+    assert (defaults.header_timeout, defaults.body_timeout) == (10.0, 30.0)
+    timeouts = serve_config(build_parser().parse_args(
+        ["serve", "--header-timeout", "2.5", "--body-timeout", "120"]))
+    assert (timeouts.header_timeout, timeouts.body_timeout) == (2.5, 120.0)
+    for option in ("--feed-retention", "--header-timeout", "--body-timeout"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", option, "0"])
+
+
+def test_device_token_disable_enable_delete(server: str, tmp_path: Path) -> None:
+    """The credential lifecycle from the command line, each step checked with a real
+    device: a new token replaces the old one, disable refuses syncs, delete forgets it."""
+    env = admin_env(server)
+    old = add_device(server, "cli-life")
+    assert asyncio.run(run_device(server, "cli-life", old, tmp_path / "a.db", 1)).events_acked == 1
+    rotated = cli("device", "token", "cli-life", env=env)
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.strip()
+    assert rotated.stdout == f"{new}\n" and len(new) == 22 and new != old
+    assert "old one no longer works" in rotated.stderr
+    with pytest.raises(Unauthorized):
+        asyncio.run(run_device(server, "cli-life", old, tmp_path / "a.db", 0))
+    assert asyncio.run(run_device(server, "cli-life", new, tmp_path / "a.db", 1)).events_acked == 1
+
+    disabled = cli("device", "disable", "cli-life", env=env)
+    assert disabled.returncode == 0, disabled.stderr
+    assert json.loads(disabled.stdout)["disabled"] is True
+    with pytest.raises(Forbidden):
+        asyncio.run(run_device(server, "cli-life", new, tmp_path / "a.db", 1))
+    enabled = cli("device", "enable", "cli-life", env=env)
+    assert json.loads(enabled.stdout)["disabled"] is False
+    report = asyncio.run(run_device(server, "cli-life", new, tmp_path / "a.db", 0))
+    assert report.events_acked == 1  # the event emitted while disabled
+
+    deleted = cli("device", "delete", "cli-life", "--events", env=env)
+    assert (deleted.returncode, deleted.stdout) == (0, ""), deleted.stderr
+    assert "deleted device cli-life and its events" in deleted.stderr
+    assert cli("events", "--device", "cli-life", env=env).stdout == ""
+    with pytest.raises(Unauthorized):
+        asyncio.run(run_device(server, "cli-life", new, tmp_path / "a.db", 0))
+    for action in ("token", "disable", "enable", "delete"):
+        missing = cli("device", action, "cli-life", env=env)
+        assert (missing.returncode, missing.stderr) == (
+            1, "error: not_found: device 'cli-life' does not exist\n")

@@ -111,10 +111,12 @@ async def test_zstd_frames_without_a_declared_size_are_capped_too(
     """A streamed frame does not say how large it expands: the server expands it only up to
     ``max_body`` to find out (a small one is decompressed and reaches the msgpack decoder;
     a bomb stops at the cap)."""
+    async with AdminClient(small_server.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
     streamer = zstandard.ZstdCompressor().compressobj()
     frame = streamer.compress(b"\x80" + b"\x00" * (size - 1)) + streamer.flush()
     assert zstandard.frame_content_size(frame) == -1
-    headers = {"Authorization": "Bearer nope", "Content-Type": MEDIA_TYPE,
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": MEDIA_TYPE,
                "Content-Encoding": "zstd"}
     async with aiohttp.ClientSession() as session, session.post(
             small_server.url + SYNC_PATH, data=frame, headers=headers) as resp:

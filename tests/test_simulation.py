@@ -55,9 +55,9 @@ async def test_a_planted_duplicate_bug_is_caught(monkeypatch: pytest.MonkeyPatch
     """If the server stopped deduplicating replayed events, the harness must say so."""
     original = store_base.plan_events
 
-    def no_dedup(device: str, last_seq: int, purged: int, events: Any, digests: Any
-                 ) -> store_base.EventPlan:
-        plan = original(device, last_seq, purged, events, digests)
+    def no_dedup(device: str, last_seq: int, purged: int, events: Any, digests: Any,
+                 **kwargs: Any) -> store_base.EventPlan:
+        plan = original(device, last_seq, purged, events, digests, **kwargs)
         return store_base.EventPlan(tuple(events), plan.lost)
 
     from crdtsync_server.store import sqlite as sqlite_store
@@ -216,8 +216,8 @@ def test_simulate_command_fails_on_a_broken_invariant(capsys: pytest.CaptureFixt
 
     original = sqlite_store.plan_events
 
-    def no_dedup(*args: Any) -> store_base.EventPlan:
-        return store_base.EventPlan(tuple(args[3]), original(*args).lost)
+    def no_dedup(*args: Any, **kwargs: Any) -> store_base.EventPlan:
+        return store_base.EventPlan(tuple(args[3]), original(*args, **kwargs).lost)
 
     monkeypatch.setattr(sqlite_store, "plan_events", no_dedup)
     code = main(["simulate", "--steps", "150", "--seed", "3", "--faults", "drop,dup",

@@ -760,6 +760,133 @@ async def test_list_devices_pages_by_id(store: Store) -> None:
     assert [d.id for d in await store.list_devices()] == [f"dev-{c}" for c in "abcde"]
 
 
+async def test_device_by_token_finds_the_device_of_a_hash(store: Store) -> None:
+    one = await add_device(store, "dev-1", meta={"k": 1})
+    await add_device(store, "dev-2")
+    assert await store.device_by_token("hash-dev-1") == one
+    found = await store.device_by_token("hash-dev-2")
+    assert found is not None and found.id == "dev-2"
+    assert await store.device_by_token("hash-dev-3") is None
+    assert await store.device_by_token("") is None
+    # Hashes of random tokens never collide; shared ones (tests, benches) find the lowest id.
+    for device in ("dev-9", "dev-0"):
+        await store.add_device(DeviceRecord(device, "shared", created=1))
+    assert (await store.device_by_token("shared")).id == "dev-0"  # type: ignore[union-attr]
+    await store.delete_device("dev-0", [])
+    assert (await store.device_by_token("shared")).id == "dev-9"  # type: ignore[union-attr]
+    await store.update_device("dev-9", token_hash="own")
+    assert await store.device_by_token("shared") is None
+
+
+async def test_update_device_replaces_the_token_hash_at_once(store: Store) -> None:
+    record = await add_device(store, last_seq=4, meta={"site": "north"})
+    rotated = await store.update_device("dev-1", token_hash="new-hash")
+    assert rotated == dataclasses.replace(record, token_hash="new-hash")
+    assert await store.get_device("dev-1") == rotated
+    assert await store.device_by_token("hash-dev-1") is None  # the old hash finds nothing
+    assert await store.device_by_token("new-hash") == rotated
+
+
+async def test_update_device_disables_and_enables(store: Store) -> None:
+    record = await add_device(store)
+    assert not record.disabled
+    disabled = await store.update_device("dev-1", disabled=True)
+    assert disabled == dataclasses.replace(record, disabled=True)
+    assert await store.device_by_token("hash-dev-1") == disabled  # still found: refused later
+    assert await store.update_device("dev-1") == disabled  # nothing given: nothing changes
+    assert await store.update_device("dev-1", disabled=False) == record
+    assert await store.get_device("dev-1") == record
+
+
+async def test_update_device_refuses_an_unknown_device(store: Store) -> None:
+    with pytest.raises(NotFound) as info:
+        await store.update_device("ghost", token_hash="h", disabled=True)
+    assert info.value.detail == {"device": "ghost"}
+    assert await store.device_by_token("h") is None
+
+
+async def owned_by(store: Store, device: str) -> None:
+    """Give ``device`` a document, a projection row, events, a state change, a queued
+    message and a proxied request."""
+    await store.commit(SyncWrite(device, 10, docs=[DocWrite(f"{device}/state", b"u1")],
+                                 events=evs(1, 2), requests=[req("r1", device=device)],
+                                 changes=[change(device, {"state": {"k": 1}})]))
+    await queue(store, device=device)
+
+
+async def test_delete_device_removes_what_it_owns_and_keeps_its_feed(store: Store) -> None:
+    for device in ("dev-1", "dev-2"):
+        await add_device(store, device)
+        await owned_by(store, device)
+    held = (await store.load_doc("dev-1/state")).last_id
+    feed_before = await store.read_feed()
+
+    await store.delete_device("dev-1", ["dev-1/state"])
+    assert await store.get_device("dev-1") is None
+    assert await store.device_by_token("hash-dev-1") is None
+    log = await store.load_doc("dev-1/state")
+    assert (log.gen, log.snapshot, log.updates) == (0, b"", ())
+    assert log.snapshot_id > held  # every copy read before is out of date:
+    assert await store.read_since("dev-1/state", held) is None  # its holder reloads
+    assert [r.device for r in await store.read_projection()] == ["dev-2"]
+    assert await store.list_downlink("dev-1") == []
+    assert await store.get_request("dev-1", "r1") is None
+    assert await store.undelivered_outcomes("dev-1", 10) == []
+    assert await store.read_feed() == feed_before  # events and state changes stay
+    assert await all_events(store) == [("dev-1", 1), ("dev-1", 2), ("dev-2", 1), ("dev-2", 2)]
+    # The other device is untouched.
+    assert (await store.load_doc("dev-2/state")).updates != ()
+    assert len(await store.list_downlink("dev-2")) == 1
+    assert await store.get_request("dev-2", "r1") is not None
+    later = await queue(store, device="dev-2")
+    assert len({d.id for d in await store.list_downlink("dev-2")}) == 2 == later.seq
+
+
+async def test_delete_device_with_its_events_empties_its_feed(store: Store) -> None:
+    for device in ("dev-1", "dev-2"):
+        await add_device(store, device)
+        await owned_by(store, device)
+    await store.delete_device("dev-1", ["dev-1/state"], events=True)
+    assert {i.device for i in await store.read_feed()} == {"dev-2"}
+    assert await all_events(store) == [("dev-2", 1), ("dev-2", 2)]
+    assert len(await store.read_feed(where=FeedFilter(device="dev-2"))) == 3
+
+
+async def test_delete_device_refuses_an_unknown_device(store: Store) -> None:
+    await add_device(store)
+    await owned_by(store, "dev-1")
+    with pytest.raises(NotFound) as info:
+        await store.delete_device("ghost", ["dev-1/state"], events=True)
+    assert info.value.detail == {"device": "ghost"}
+    assert (await store.load_doc("dev-1/state")).updates != ()
+    assert len(await store.read_feed()) == 3
+
+
+async def test_a_recreated_device_starts_above_the_seqs_of_the_deleted_one(
+        store: Store) -> None:
+    await add_device(store)
+    await owned_by(store, "dev-1")
+    await store.delete_device("dev-1", ["dev-1/state"], events=True)
+    await store.add_device(DeviceRecord("dev-1", "hash-new", created=2))
+    device = await store.get_device("dev-1")
+    assert device is not None and (device.seq_floor, device.last_seq) == (2, 2)
+    assert (device.down_seq, device.events_lost) == (0, 0)
+    assert (await store.load_doc("dev-1/state")).updates == ()
+    # A fresh outbox numbers from 1: never a replay of the old device's events (they are
+    # gone here, so no digest would tell), always a conflict to renumber past.
+    with pytest.raises(SeqConflict) as info:
+        await store.commit(SyncWrite("dev-1", 20, events=evs(1, 2)))
+    assert info.value.detail == {"seq": 1, "last_seq": 2}
+    result = await store.commit(SyncWrite("dev-1", 21, events=evs(3, 4)))
+    assert (result.stored, result.last_seq) == (2, 4)
+    assert [i.key for i in await store.read_feed()] == ["ev:dev-1:3", "ev:dev-1:4"]
+    # Deleted again, then created again: the floor only moves up.
+    await store.delete_device("dev-1", ["dev-1/state"])
+    await store.add_device(DeviceRecord("dev-1", "hash-3", created=3))
+    again = await store.get_device("dev-1")
+    assert again is not None and (again.seq_floor, again.last_seq) == (4, 4)
+
+
 # --- fleets ------------------------------------------------------------------------------
 
 

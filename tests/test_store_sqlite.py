@@ -4,16 +4,18 @@ contract is in ``test_store_contract.py``.
 
 Golden databases live in ``tests/data/schema/server_v<n>.db``, one per released schema, each
 holding a device, an event and a document update written with that schema alone (v2 adds a
-downlink item and a request). :func:`write_v1_fixture` made ``server_v1.db`` and
-:func:`write_v2_fixture` ``server_v2.db``; they only ever run ``MIGRATIONS[0]`` and
-``MIGRATIONS[1]`` (never edited), so regenerating them with ``CRDTSYNC_REGEN_FIXTURES=1 pytest
-tests/test_store_sqlite.py`` yields the same content. Never regenerate one to make a failing
+downlink item and a request; v4 a feed item, a projection row and a second device).
+:func:`write_v1_fixture` made ``server_v1.db`` and :func:`write_v2_fixture` ``server_v2.db``;
+they only ever run ``MIGRATIONS[0]`` and ``MIGRATIONS[1]`` (never edited), so regenerating
+them with ``CRDTSYNC_REGEN_FIXTURES=1 pytest tests/test_store_sqlite.py`` yields the same
+content. Never regenerate one to make a failing
 migration test pass: the files stand for databases already in the field.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -118,6 +120,44 @@ def write_v3_fixture(path: Path = FIXTURES / "server_v3.db") -> None:
         conn.execute("VACUUM")
 
 
+def write_v4_fixture(path: Path = FIXTURES / "server_v4.db") -> None:
+    """Write ``server_v4.db``: schemas v1 to v4 only, two devices (one with an event, a
+    document, its projection row, a queued message and a request) and a state change."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    e = V1_EVENT
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        with transaction(conn):
+            for script in MIGRATIONS[:4]:
+                for statement in statements(script):
+                    conn.execute(statement)
+            conn.execute("PRAGMA user_version = 4")
+            conn.execute(
+                "INSERT INTO devices (id, token_hash, created, last_seq, down_seq)"
+                " VALUES ('dev-v4', 'hash-v4', 1, 1, 1), ('other', 'hash-other', 2, 0, 0)")
+            conn.execute(
+                "INSERT INTO feed (kind, device, seq, topic, time, received, body, digest)"
+                " VALUES ('event', 'dev-v4', ?, ?, ?, 5, ?, ?)",
+                (e.seq, e.topic, e.time, event_json(e), event_digest(e)))
+            conn.execute(
+                "INSERT INTO feed (kind, device, doc, time, received, body, source)"
+                " VALUES ('state', 'dev-v4', 'state', 6, 6, '{\"state\":{\"x\":1}}', 'device')")
+            conn.execute("INSERT INTO docs (key, gen) VALUES ('dev-v4/state', 0)")
+            conn.execute(
+                "INSERT INTO updates (key, gen, data) VALUES ('dev-v4/state', 0, ?)",
+                (V1_UPDATE,))
+            conn.execute(
+                "INSERT INTO projection (device, doc, map, key, value, updated)"
+                " VALUES ('dev-v4', 'state', 'state', 'x', '1', 6)")
+            conn.execute(
+                "INSERT INTO downlink (device, seq, kind, name, body, created, updated)"
+                " VALUES ('dev-v4', 1, 'message', 'hello', '{}', 7, 7)")
+            conn.execute(
+                "INSERT INTO requests (device, id, route, body, created, updated)"
+                " VALUES ('dev-v4', 'r1', 'weather', '{}', 8, 8)")
+        conn.execute("VACUUM")
+
+
 def write_v2_fixture(path: Path = FIXTURES / "server_v2.db") -> None:
     """Write ``server_v2.db``: schemas v1 and v2 only, one device with one event, one doc
     update, one delivered command and one pending request."""
@@ -161,6 +201,7 @@ def _regenerate_fixtures() -> None:
         write_v1_fixture()
         write_v2_fixture()
         write_v3_fixture()
+        write_v4_fixture()
 
 
 def _user_version(path: Path) -> int:
@@ -291,7 +332,7 @@ async def test_v1_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_fleet(FleetRecord("north", created=1_700_000_004_000))
         moved = await store.set_device_fleet("dev-old", "north", now=1_700_000_004_001)
         assert (moved.fleet, moved.fleet_gen, moved.down_done) == ("north", 1, 1)
-    assert _user_version(path) == 4 == SCHEMA_VERSION
+    assert _user_version(path) == 5 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         columns = {row[1]: row[4] for row in conn.execute("PRAGMA table_info(devices)")}
@@ -332,7 +373,7 @@ async def test_v2_database_migrates_to_current(tmp_path: Path) -> None:
         assert claimed is not None and claimed.route == "weather"
         device = await store.get_device("dev-v2")
         assert device is not None and (device.fleet, device.down_done) == ("south", 1)
-    assert _user_version(path) == 4 == SCHEMA_VERSION
+    assert _user_version(path) == 5 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
@@ -356,8 +397,48 @@ async def test_v3_database_migrates_to_current(tmp_path: Path) -> None:
             (1, "event", "dev-v3", "west", 1, V1_EVENT.time, 5, V1_EVENT.body)]
         assert await store.read_projection() == []
         assert await store.feed_head() == 1
-    assert _user_version(path) == SCHEMA_VERSION == 4
+    assert _user_version(path) == SCHEMA_VERSION == 5
     assert _user_version(FIXTURES / "server_v3.db") == 3
+
+
+def test_v4_fixture_is_what_the_v4_scripts_make(tmp_path: Path) -> None:
+    write_v4_fixture(tmp_path / "v4.db")
+    assert _dump(FIXTURES / "server_v4.db") == _dump(tmp_path / "v4.db")
+
+
+async def test_v4_database_migrates_to_current(tmp_path: Path) -> None:
+    """v5 indexes devices by token hash and adds ``disabled`` and ``seq_floor`` (both off);
+    a migrated device can be found by its token, disabled, and deleted with what it owns."""
+    path = tmp_path / "sync.db"
+    shutil.copyfile(FIXTURES / "server_v4.db", path)
+    async with SQLiteStore(path) as store:
+        device = await store.device_by_token("hash-v4")
+        assert device is not None and (device.id, device.last_seq, device.down_seq) == (
+            "dev-v4", 1, 1)
+        assert (device.disabled, device.seq_floor) == (False, 0)
+        assert await store.device_by_token("hash-nobody") is None
+        disabled = await store.update_device("dev-v4", disabled=True)
+        assert disabled == dataclasses.replace(device, disabled=True)
+
+        await store.delete_device("dev-v4", ["dev-v4/state"])
+        assert await store.get_device("dev-v4") is None
+        assert (await store.load_doc("dev-v4/state")).updates == ()
+        assert await store.read_projection() == []
+        assert await store.list_downlink("dev-v4") == []
+        assert await store.get_request("dev-v4", "r1") is None
+        assert [(i.kind, i.device) for i in await store.read_feed()] == [
+            ("event", "dev-v4"), ("state", "dev-v4")]  # the feed keeps its history
+        assert await store.get_device("other") is not None
+
+        await store.add_device(DeviceRecord("dev-v4", "new-hash", created=9))
+        again = await store.get_device("dev-v4")
+        assert again is not None and (again.seq_floor, again.last_seq) == (1, 1)
+    assert _user_version(path) == SCHEMA_VERSION == 5
+    with closing(sqlite3.connect(path)) as conn:
+        plan = " ".join(str(r) for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM devices WHERE token_hash = 'x'"))
+    assert "devices_token_hash" in plan  # found through the index, not a scan
+    assert _user_version(FIXTURES / "server_v4.db") == 4
 
 
 async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:

@@ -44,7 +44,8 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 def device_json(device: DeviceRecord) -> dict[str, Any]:
     return {"id": device.id, "created": device.created, "last_sync": device.last_sync,
             "last_seq": device.last_seq, "events_lost": device.events_lost,
-            "meta": dict(device.meta), "fleet": device.fleet, "fleet_gen": device.fleet_gen}
+            "meta": dict(device.meta), "fleet": device.fleet, "fleet_gen": device.fleet_gen,
+            "disabled": device.disabled}
 
 
 def int_param(request: web.Request, name: str, default: int, maximum: int,
@@ -59,6 +60,14 @@ def int_param(request: web.Request, name: str, default: int, maximum: int,
         raise MalformedRequest(
             f"query parameter {name!r} must be an integer {minimum}..{maximum}")
     return value
+
+
+def bool_param(request: web.Request, name: str) -> bool:
+    """Query parameter ``name``: ``true`` or ``false`` (absent or empty: false)."""
+    raw = request.query.get(name, "") or "false"
+    if raw not in ("true", "false"):
+        raise MalformedRequest(f"query parameter {name!r} must be true or false")
+    return raw == "true"
 
 
 def name_param(request: web.Request, key: str = "device") -> str:
@@ -125,6 +134,44 @@ async def get_device(request: web.Request) -> web.Response:
     if device is None:
         raise NotFound(f"no device {request.match_info['device']!r}")
     return json_response(device_json(request.app[SERVICES].sync.with_recent_sync(device)))
+
+
+@routes.post("/v1/devices/{device}/token")
+async def rotate_token(request: web.Request) -> web.Response:
+    """Give the device a new token, in this response only (stored hashed); the old token
+    stops working at once, in every server process sharing the database (nothing caches
+    credentials). For a lost or leaked token."""
+    require_admin(request)
+    token = new_token(DEVICE_TOKEN_BYTES)
+    record = await request.app[SERVICES].store.update_device(name_param(request),
+                                                             token_hash=hash_token(token))
+    return json_response({**device_json(record), "token": token})
+
+
+@routes.patch("/v1/devices/{device}")
+async def patch_device(request: web.Request) -> web.Response:
+    """``{"disabled": true}`` refuses the device's syncs (``403 forbidden``, nothing it
+    holds is lost) until ``{"disabled": false}``; returns the device."""
+    require_admin(request)
+    device_id = name_param(request)
+    body = await read_json(request)
+    if not (isinstance(body, dict) and body.keys() == {"disabled"}
+            and isinstance(body["disabled"], bool)):
+        raise MalformedRequest('body must be {"disabled": true | false}')
+    services = request.app[SERVICES]
+    record = await services.store.update_device(device_id, disabled=body["disabled"])
+    return json_response(device_json(services.sync.with_recent_sync(record)))
+
+
+@routes.delete("/v1/devices/{device}")
+async def delete_device(request: web.Request) -> web.Response:
+    """Delete the device, its documents, projection, queued messages and commands and its
+    proxied requests; its token stops working at once. Its events and state changes stay
+    in the feed unless ``?events=true``. Answers 204."""
+    require_admin(request)
+    events = bool_param(request, "events")
+    await request.app[SERVICES].sync.delete_device(name_param(request), events=events)
+    return web.Response(status=204)
 
 
 @routes.get("/v1/devices/{device}/state")

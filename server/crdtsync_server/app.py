@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from crdtsync import crdt
 from crdtsync.aio import cancel_and_wait, spawn
@@ -37,6 +36,7 @@ from crdtsync.errors import (
 from crdtsync.protocol import DEFAULT_LIMITS, MEDIA_TYPE, SYNC_PATH, Limits, encode_error
 
 from .auth import admin_token_hash
+from .deadlines import HeadDeadline, read_within
 from .documents import DocumentCache
 from .feed import FeedNotifier, build_projection
 from .notify import DeviceNotifier
@@ -111,6 +111,13 @@ class ServerConfig:
     touch_every: float = 1.0
     """Seconds between batched writes of ``last_sync`` for syncs that changed nothing (a
     crash loses at most this much of that bookkeeping, never data)."""
+    header_timeout: float = 10.0
+    """Seconds a connection has to deliver a complete request head (from its opening, or
+    from the first byte of a later request); then it is closed (crdtsync_server.deadlines)."""
+    body_timeout: float = 30.0
+    """Seconds a client has to deliver a whole request body once the server reads it; then
+    ``408 request_timeout`` and the connection is closed. A device on a slow link needs
+    ``max_body / rate`` at least (the reference client gives a request 30 s)."""
 
 
 @dataclass(slots=True)
@@ -132,6 +139,8 @@ class Services:
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+HEADS: web.AppKey[HeadDeadline] = web.AppKey("heads", HeadDeadline)
+"""The app's request-head deadline; its runner guards connections with it (runner.py)."""
 
 
 def create_app(config: ServerConfig, store: Store | None = None) -> web.Application:
@@ -146,8 +155,12 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     from .sync_api import routes as sync_routes
     from .templates_api import routes as templates_routes
 
-    app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware],
+    heads = HeadDeadline(config.header_timeout)
+    app = web.Application(client_max_size=config.max_body,
+                          middlewares=[heads.middleware, unread_body_middleware,
+                                       error_middleware],
                           handler_args={"auto_decompress": False})
+    app[HEADS] = heads
     app.add_routes(sync_routes)
     app.add_routes(admin_routes)
     app.add_routes(downlink_routes)
@@ -302,25 +315,42 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, ServerError("internal error; nothing was committed"))
 
 
+@web.middleware
+async def unread_body_middleware(request: web.Request, handler: Handler
+                                 ) -> web.StreamResponse:
+    """Close the connection after answering a request whose body was not read to its end
+    (refused before reading: a wrong token, a timeout, an oversized Content-Length). The
+    rest of that body is never read into memory: aiohttp only drains and drops it for at
+    most its ``lingering_time`` (10 s), so that the client gets the answer, not a reset."""
+    response = await handler(request)
+    if not request.content.is_eof():
+        response.force_close()
+    return response
+
+
 async def read_body(request: web.Request) -> bytes:
     """The request body, decompressed; typed errors for oversize or undecodable bodies.
 
-    aiohttp's own decompression is off (``auto_decompress=False``): its failures bypass the
-    handler with an untyped answer. Here a body is inflated with a hard cap of ``max_body``
-    bytes (a zip bomb stops at the cap), must end exactly at the end of its stream, and an
-    encoding other than identity, deflate or gzip is refused with ``unsupported_encoding``.
+    Call it only once the client is authenticated: reading is what costs memory. The body
+    must arrive within ``body_timeout`` seconds (:class:`RequestTimeout`); a Content-Length
+    over ``max_body`` is refused before reading. aiohttp's own decompression is off
+    (``auto_decompress=False``): its failures bypass the handler with an untyped answer.
+    Here a body is inflated with a hard cap of ``max_body`` bytes (a zip bomb stops at the
+    cap), must end exactly at the end of its stream, and an encoding other than identity,
+    deflate or gzip is refused with ``unsupported_encoding``.
     """
-    limit = request.app[SERVICES].config.max_body
+    config = request.app[SERVICES].config
+    limit = config.max_body
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in _DECODERS:
         raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not accepted",
                                   {"accepted": accepted_encodings()})
+    if (request.content_length or 0) > limit:  # refused before a byte is read
+        raise BodyTooLarge(f"body over {limit} bytes", {"max_body": limit})
     try:
-        raw = await request.read()
+        raw = await read_within(request, config.body_timeout)
     except web.HTTPRequestEntityTooLarge as exc:
         raise BodyTooLarge(f"body over {limit} bytes", {"max_body": limit}) from exc
-    except RequestPayloadError as exc:
-        raise MalformedRequest(f"cannot read body: {exc}") from exc
     if encoding == "zstd":
         return unzstd(raw, limit)
     wbits = _DECODERS[encoding]

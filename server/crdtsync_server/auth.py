@@ -1,7 +1,11 @@
-"""Credentials: random tokens stored as SHA-256 hashes and compared in constant time.
+"""Credentials: random tokens stored as SHA-256 hashes.
 
-Tokens carry 256 bits of randomness, so a fast hash is enough (no password-style KDF): the
-database never holds a usable credential, and a leaked hash cannot be replayed.
+Tokens carry 128 (device) or 256 (admin) bits of randomness, so a fast hash is enough (no
+password-style KDF): the database never holds a usable credential, and a leaked hash cannot
+be replayed. A device is found by the hash of its token alone (:func:`authenticate_device`),
+so a sync is authenticated from its headers, before a byte of its body is read. Nothing is
+cached: a rotated, disabled or deleted credential stops working at the next request, in
+every server process sharing the database.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import secrets
 
 from aiohttp import web
 
-from crdtsync.errors import Unauthorized
+from crdtsync.errors import Forbidden, Unauthorized
 
-from .store import Store
+from .store import DeviceRecord, Store
 
 ADMIN_TOKEN_SETTING = "admin_token_hash"
 
@@ -38,6 +42,28 @@ def hash_token(token: str) -> str:
 def token_matches(token: str, stored_hash: str) -> bool:
     """True when ``token`` hashes to ``stored_hash``; constant time in the hash."""
     return hmac.compare_digest(hash_token(token).encode(), stored_hash.encode())
+
+
+UNAUTHORIZED_DEVICE = "unknown device or wrong token"
+"""The one message of every failed device authentication: ids are not disclosed."""
+
+
+async def authenticate_device(store: Store, token: str) -> DeviceRecord:
+    """The device this bearer token belongs to; :class:`Unauthorized` when none does,
+    :class:`Forbidden` (``detail.disabled``) when it is disabled.
+
+    The lookup is an index search for the token's SHA-256, not a constant-time comparison,
+    and that is safe: timing can at best reveal how much of a *hash* an attacker's guess
+    shares with a stored one, which tells nothing about a 128-bit random token (finding a
+    token whose hash has a chosen prefix is a preimage search, and a shared prefix does not
+    bring a guess closer to the token)."""
+    device = await store.device_by_token(hash_token(token))
+    if device is None:
+        raise Unauthorized(UNAUTHORIZED_DEVICE)
+    if device.disabled:
+        raise Forbidden(f"device {device.id!r} is disabled; its syncs are refused until an "
+                        "admin enables it", {"device": device.id, "disabled": True})
+    return device
 
 
 def bearer(request: web.Request) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .app import SERVICES, ServerConfig, Services, create_app
+from .app import HEADS, SERVICES, ServerConfig, Services, create_app
+from .deadlines import GuardedSite
 from .store import Store
 
 
 class Server:
-    """The sync server listening on ``config.host:config.port`` (port 0 picks a free one).
+    """The sync server listening on ``config.host:config.port`` (port 0 picks a free one),
+    with the slow-client deadlines of :mod:`crdtsync_server.deadlines`.
 
     ``async with Server(config) as server`` starts it; ``server.url`` is where devices
     connect; leaving the block stops it and closes the store.
@@ -42,13 +44,11 @@ class Server:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port,
-                           backlog=self.config.backlog)
+        # The listener guards each connection with the app's request-head deadline.
+        site = GuardedSite(self._runner, self.config.host, self.config.port,
+                           backlog=self.config.backlog, deadline=self.app[HEADS])
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        self.port = site.port
 
     async def aclose(self) -> None:
         if self._runner is not None:

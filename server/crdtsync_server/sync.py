@@ -325,6 +325,20 @@ class SyncService:
             state: dict[str, Any] = crdt.to_json(live.doc).get(name, {})
             return state
 
+    async def delete_device(self, device_id: str, *, events: bool = False) -> None:
+        """Delete the device with its documents, projection rows, downlink and proxied
+        requests (with ``events``, its feed items too: ``Store.delete_device``), under its
+        lock so that no sync or cloud write of it runs meanwhile. This process's cached
+        copies of its documents are dropped (other processes reload them, see the store), so
+        a device created again with this id starts from empty documents. ``NotFound`` for
+        an unknown device, with nothing deleted."""
+        keys = [doc_key(device_id, doc) for doc in sorted(OWN_DOCS)]
+        async with self.docs.lock(device_id):
+            await self.store.delete_device(device_id, keys, events=events)
+            for key in keys:
+                self.docs.evict(key)
+            self._touched.pop(device_id, None)
+
     async def read_state(self, device_id: str) -> dict[str, Any]:
         """The device document as JSON (``{map: {key: value}}``)."""
         if await self.store.get_device(device_id) is None:

@@ -8,7 +8,8 @@ from crdtsync.errors import Unauthorized, UnsupportedEncoding
 from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, decode_request, encode_response
 
 from .app import ACCEPT_ENCODING, BEST_ENCODING, SERVICES, Services, read_body
-from .auth import bearer, token_matches
+from .auth import UNAUTHORIZED_DEVICE, authenticate_device, bearer
+from .store import DeviceRecord
 
 routes = web.RouteTableDef()
 
@@ -18,16 +19,18 @@ ACCEPTED_TYPES = (MEDIA_TYPE, "application/msgpack", "application/x-msgpack")
 
 @routes.post(SYNC_PATH)
 async def sync(request: web.Request) -> web.Response:
-    """One sync round trip; see docs/protocol.md. A request without Content-Type is taken
-    as ``MEDIA_TYPE`` (the reference client sends none: every header byte is paid on every
-    sync); any other type is refused."""
+    """One sync round trip; see docs/protocol.md. The device is authenticated from the
+    headers alone (its token), before any of the body is read or decompressed: a client
+    without a valid token costs no body memory and no decompression. A request without
+    Content-Type is taken as ``MEDIA_TYPE`` (the reference client sends none: every header
+    byte is paid on every sync); any other type is refused."""
     services = request.app[SERVICES]
-    token = bearer(request)
+    device = await authenticate_device(services.store, bearer(request))
     if "Content-Type" in request.headers and request.content_type not in ACCEPTED_TYPES:
         raise UnsupportedEncoding(f"Content-Type must be {MEDIA_TYPE}",
                                   {"accepted": list(ACCEPTED_TYPES)})
     body = await read_body(request)
-    return web.Response(body=await process_sync(services, token, body),
+    return web.Response(body=await run_sync(services, device, body),
                         content_type=MEDIA_TYPE, headers=response_headers(request))
 
 
@@ -43,16 +46,23 @@ def response_headers(request: web.Request) -> dict[str, str]:
 
 
 async def process_sync(services: Services, token: str, body: bytes) -> bytes:
-    """Decode, authenticate and run one sync request body; return the encoded response.
+    """Authenticate, decode and run one sync request body; return the encoded response.
 
     The transport-free core of ``POST /v1/sync`` (the simulator in ``crdtsync.testing`` calls
     it directly). Raises a :class:`~crdtsync.errors.CrdtsyncError` with nothing committed.
     """
+    return await run_sync(services, await authenticate_device(services.store, token), body)
+
+
+async def run_sync(services: Services, device: DeviceRecord, body: bytes) -> bytes:
+    """Decode and run a sync request body of the authenticated ``device``.
+
+    The envelope's ``dev`` must name that device, else :class:`Unauthorized` with the same
+    answer as a wrong token (a token is good for its own device only; ids are not
+    disclosed)."""
     sync_request = decode_request(body, services.config.limits)
-    device = await services.store.get_device(sync_request.device)
-    if device is None or not token_matches(token, device.token_hash):
-        # Same answer for an unknown device and a wrong token: ids are not disclosed.
-        raise Unauthorized("unknown device or wrong token")
+    if sync_request.device != device.id:
+        raise Unauthorized(UNAUTHORIZED_DEVICE)
     sync_request = await services.templates.expand(sync_request, services.config.limits)
     response = await services.sync.sync(device, sync_request)
     return encode_response(response)

@@ -2,8 +2,8 @@
 
 A :class:`Store` keeps, per document, an append-only update log keyed by a monotonic id plus
 one snapshot that covers every row up to ``snapshot_id``; an events table unique on
-``(device, seq)`` with a global arrival ``cursor``; devices with hashed tokens; fleets (a
-device belongs to at most one); and settings.
+``(device, seq)`` with a global arrival ``cursor``; devices with hashed tokens (found by
+that hash too); fleets (a device belongs to at most one); and settings.
 Policy (when to compact, what a device may touch) lives one layer up, in
 ``crdtsync_server.documents`` and ``crdtsync_server.sync``. Every backend passes the same
 contract suite, ``tests/test_store_contract.py``.
@@ -14,6 +14,7 @@ device unless :meth:`Store.commit` returned.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,13 @@ class DeviceRecord:
     fleet_gen: int = 0
     """Bumped each time the device changes fleet; the device's copy of its fleet document is
     replaced when it changes."""
+    disabled: bool = False
+    """A disabled device keeps everything but its syncs are refused (``403 forbidden``)."""
+    seq_floor: int = 0
+    """Event seqs up to here were used by an earlier device with this id, since deleted: an
+    event of this device at or below it is never a replay (:func:`plan_events` refuses it
+    with ``seq_conflict``, and the device renumbers above ``last_seq``). Keeps the feed's
+    ``ev:<device>:<seq>`` keys unique for ever. Set by :meth:`Store.add_device`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,10 +316,34 @@ class Store(Protocol):
     # devices
     async def add_device(self, device: DeviceRecord) -> None:
         """Insert a device; raises ``AlreadyExists`` if the id is taken and ``NotFound`` if
-        its ``fleet`` does not exist."""
+        its ``fleet`` does not exist. When a device with this id was deleted before, the new
+        one starts above the seqs the old one used: its ``seq_floor`` and ``last_seq`` are
+        raised to the old device's ``last_seq`` (see :attr:`DeviceRecord.seq_floor`)."""
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
         """The device, or ``None`` if it does not exist."""
+
+    async def device_by_token(self, token_hash: str) -> DeviceRecord | None:
+        """The device whose ``token_hash`` this is, or ``None``; a database backend answers
+        from an index (every sync calls it). Hashes of random tokens do not collide; should
+        two devices share one anyway, the one with the lowest id is returned."""
+
+    async def update_device(self, device_id: str, *, token_hash: str | None = None,
+                            disabled: bool | None = None) -> DeviceRecord:
+        """Replace the device's ``token_hash`` and/or ``disabled`` flag (``None``: keep) in
+        one transaction; returns the stored record. The old hash stops matching at once for
+        every reader of the store. ``NotFound`` for an unknown device."""
+
+    async def delete_device(self, device_id: str, docs: Sequence[str], *,
+                            events: bool = False) -> None:
+        """Delete the device, its documents ``docs`` (store keys), its projection rows, its
+        downlink items and proxied requests, in one transaction; with ``events`` also every
+        feed item naming it (its events and state changes), else those stay. Its
+        ``last_seq`` is remembered for a later device with the same id (see
+        :meth:`add_device`). A deleted document is left as an empty snapshot whose
+        ``snapshot_id`` is a new, never reused update id, so :meth:`read_since` answers
+        ``None`` to every reader holding a copy: other processes' caches reload it empty.
+        ``NotFound`` for an unknown device, with nothing deleted."""
 
     async def list_devices(self, after: str = "", limit: int = 100) -> list[DeviceRecord]:
         """Devices with id > ``after`` in id order."""
@@ -470,17 +502,23 @@ class EventPlan:
 
 def plan_events(
     device: str, last_seq: int, purged: int, events: Sequence[Event],
-    stored_digests: Mapping[int, bytes],
+    stored_digests: Mapping[int, bytes], *, seq_floor: int = 0,
 ) -> EventPlan:
     """Decide, inside the commit transaction, which events are new.
 
     ``stored_digests`` holds the digests of already-stored events of this device among the
     batch's seqs. Seqs <= ``last_seq`` must match what is stored (a replay) or the batch is
-    refused with :class:`SeqConflict`; the first new seq must be ``last_seq + 1``, unless
+    refused with :class:`SeqConflict`; so is any seq <= ``seq_floor`` (it belonged to a
+    deleted device with the same id). The first new seq must be ``last_seq + 1``, unless
     the device purged everything before it (``first - 1 <= purged``), else :class:`SeqGap`.
     """
     new: list[Event] = []
     for event in events:
+        if event.seq <= seq_floor:
+            raise SeqConflict(
+                f"seq {event.seq} of {device!r} was used by a deleted device with this id",
+                {"seq": event.seq, "last_seq": last_seq},
+            )
         if event.seq <= last_seq:
             stored = stored_digests.get(event.seq)
             if stored is not None and stored != event_digest(event):
@@ -534,6 +572,20 @@ def result_columns(r: CommandResult) -> tuple[str, str | None, str | None]:
     if r.ok:
         return "succeeded", json_text(r.value), None
     return "failed", None, None if r.error is None else json_text(dict(r.error))
+
+
+def above_deleted(device: DeviceRecord, deleted_last_seq: int) -> DeviceRecord:
+    """``device`` as :meth:`Store.add_device` stores it when a deleted device with the same
+    id had stored events up to ``deleted_last_seq`` (0: none, or no such device)."""
+    if deleted_last_seq <= device.seq_floor:
+        return device
+    return dataclasses.replace(device, seq_floor=deleted_last_seq,
+                               last_seq=max(device.last_seq, deleted_last_seq))
+
+
+def updated_fields(**fields: Any) -> dict[str, Any]:
+    """The fields of :meth:`Store.update_device` to change: those not ``None``."""
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def check_limit(limit: int) -> None:

@@ -38,12 +38,14 @@ from .base import (
     ProxyRequest,
     StoredEvent,
     SyncWrite,
+    above_deleted,
     check_kind,
     check_limit,
     check_write,
     event_digest,
     plan_events,
     result_columns,
+    updated_fields,
 )
 from .feed import (
     Changes,
@@ -191,11 +193,13 @@ class MemoryStore:
         self._docs: dict[str, _Doc] = {}
         self._last_update_id = 0
         self._devices: dict[str, DeviceRecord] = {}
+        self._by_token: dict[str, set[str]] = {}  # token hash -> device ids (the index)
         self._fleets: dict[str, FleetRecord] = {}
         self._events: list[_Event] = []  # cursor order
         self._digests: dict[tuple[str, int], bytes] = {}
         self._settings: dict[str, str] = {}
         self._items: dict[int, _Item] = {}
+        self._last_item_id = 0
         self._downlink: dict[str, dict[int, _Item]] = {}  # device -> seq -> item, seq order
         self._requests: dict[tuple[str, str], _Request] = {}
         self._feed: list[FeedItem] = []  # cursor order
@@ -205,6 +209,7 @@ class MemoryStore:
         self._sinks: dict[str, SinkRecord] = {}
         self._letters: dict[int, _Letter] = {}  # id order
         self._last_letter_id = 0
+        self._deleted_devices: dict[str, int] = {}  # id -> last_seq when deleted
 
     async def __aenter__(self) -> MemoryStore:
         await self.open()
@@ -226,6 +231,7 @@ class MemoryStore:
         self._closed = True
         self._docs.clear()
         self._devices.clear()
+        self._by_token.clear()
         self._fleets.clear()
         self._events.clear()
         self._digests.clear()
@@ -235,6 +241,7 @@ class MemoryStore:
         self._requests.clear()
         self._sinks.clear()
         self._letters.clear()
+        self._deleted_devices.clear()
 
     # documents
 
@@ -333,7 +340,8 @@ class MemoryStore:
             for e in write.events
             if e.seq <= device.last_seq and (device.id, e.seq) in self._digests
         }
-        return plan_events(device.id, device.last_seq, write.purged, write.events, stored)
+        return plan_events(device.id, device.last_seq, write.purged, write.events, stored,
+                           seq_floor=device.seq_floor)
 
     def _append_updates(self, docs: Sequence[DocWrite]
                         ) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -406,7 +414,8 @@ class MemoryStore:
         record = self._require_device(device)
         seq = record.down_seq + 1
         self._devices[device] = dataclasses.replace(record, down_seq=seq)
-        item = _Item(len(self._items) + 1, device, seq, kind, name, body_json, now, expires, now)
+        self._last_item_id += 1  # never reused, even after purges and deletions
+        item = _Item(self._last_item_id, device, seq, kind, name, body_json, now, expires, now)
         self._items[item.id] = item
         self._downlink.setdefault(device, {})[seq] = item
         return item.record()
@@ -519,13 +528,61 @@ class MemoryStore:
             self._require_fleet(device.fleet)
         if device.id in self._devices:
             raise AlreadyExists(f"device {device.id!r} already exists", {"device": device.id})
-        self._devices[device.id] = _copy_device(device)
+        deleted = self._deleted_devices.pop(device.id, 0)
+        self._devices[device.id] = _copy_device(above_deleted(device, deleted))
+        self._by_token.setdefault(device.token_hash, set()).add(device.id)
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
         """The device, or ``None`` if it does not exist."""
         self._check_open()
         device = self._devices.get(device_id)
         return None if device is None else _copy_device(device)
+
+    async def device_by_token(self, token_hash: str) -> DeviceRecord | None:
+        """The device with this token hash (lowest id first), or ``None``."""
+        self._check_open()
+        ids = self._by_token.get(token_hash)
+        return _copy_device(self._devices[min(ids)]) if ids else None
+
+    def _unindex(self, device: DeviceRecord) -> None:
+        ids = self._by_token[device.token_hash]
+        ids.discard(device.id)
+        if not ids:
+            del self._by_token[device.token_hash]
+
+    async def update_device(self, device_id: str, *, token_hash: str | None = None,
+                            disabled: bool | None = None) -> DeviceRecord:
+        """Replace the token hash and/or the disabled flag; returns the stored record.
+        :class:`NotFound` for an unknown device."""
+        self._check_open()
+        old = self._require_device(device_id)
+        device = dataclasses.replace(
+            old, **updated_fields(token_hash=token_hash, disabled=disabled))
+        self._unindex(old)
+        self._devices[device_id] = device
+        self._by_token.setdefault(device.token_hash, set()).add(device_id)
+        return _copy_device(device)
+
+    async def delete_device(self, device_id: str, docs: Sequence[str], *,
+                            events: bool = False) -> None:
+        """Delete the device and what belongs to it (see ``Store.delete_device``).
+        :class:`NotFound` for an unknown device."""
+        self._check_open()
+        device = self._devices.pop(self._require_device(device_id).id)
+        self._unindex(device)
+        for key in docs:
+            self._last_update_id += 1  # a fresh id: every cached copy must reload
+            self._docs[key] = _Doc(snapshot_id=self._last_update_id)
+        self._projection = {k: v for k, v in self._projection.items() if k[0] != device.id}
+        for item in self._downlink.pop(device.id, {}).values():
+            del self._items[item.id]
+        self._requests = {k: r for k, r in self._requests.items() if k[0] != device.id}
+        if events:
+            self._feed = [item for item in self._feed if item.device != device.id]
+            self._events = [e for e in self._events if e.device != device.id]
+            self._digests = {k: d for k, d in self._digests.items() if k[0] != device.id}
+        self._deleted_devices[device.id] = max(device.last_seq,
+                                               self._deleted_devices.get(device.id, 0))
 
     async def list_devices(self, after: str = "", limit: int = 100) -> list[DeviceRecord]:
         """Devices with id > ``after`` in id order, at most ``limit`` (>= 0)."""

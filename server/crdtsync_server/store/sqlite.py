@@ -38,6 +38,12 @@ Fleets: a device's ``fleet`` is checked against the ``fleets`` table in the tran
 sets it (``add_device``, ``set_device_fleet``), so both backends raise the same
 :class:`NotFound` (not a foreign-key ``IntegrityError`` to translate).
 
+Devices: a sync finds its device by token hash (index ``devices_token_hash``, v5).
+``delete_device`` deletes the device's rows in one transaction, turns each of its documents
+into an empty snapshot at a fresh update id (so other processes' cached copies reload), and
+keeps the device's ``last_seq`` in ``deleted_devices`` until a device with the same id is
+added, which then starts above it (``seq_floor``).
+
 Group commit: concurrent :meth:`SQLiteStore.commit` calls share one transaction, each write in
 its own savepoint (:mod:`crdtsync_server.store.group_commit`).
 
@@ -72,12 +78,14 @@ from .base import (
     ProxyRequest,
     StoredEvent,
     SyncWrite,
+    above_deleted,
     check_kind,
     check_limit,
     check_write,
     event_digest,
     plan_events,
     result_columns,
+    updated_fields,
 )
 from .feed import (
     FEED_COLUMNS,
@@ -184,6 +192,16 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # v4: the change feed and the state projection
     sqlite_feed.MIGRATION,
+    # v5: credential lifecycle: devices found by token hash, disabled, deleted, re-created
+    """
+    ALTER TABLE devices ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE devices ADD COLUMN seq_floor INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX devices_token_hash ON devices (token_hash, id);
+    CREATE TABLE deleted_devices (
+        id TEXT PRIMARY KEY,
+        last_seq INTEGER NOT NULL
+    );
+    """,
 )
 """Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
 Append only: a released script is never edited."""
@@ -193,7 +211,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _DEVICE_COLUMNS = (
     "id, token_hash, created, last_sync, last_seq, events_lost, meta, down_seq, down_done,"
-    " fleet, fleet_gen"
+    " fleet, fleet_gen, disabled, seq_floor"
 )
 _FLEET_COLUMNS = "id, created, meta"
 _EVENT_COLUMNS = "cursor, device, seq, topic, time, received, body"
@@ -374,6 +392,22 @@ class SQLiteStore:
     async def get_device(self, device_id: str) -> DeviceRecord | None:
         """The device, or ``None`` if it does not exist."""
         return await self._run(_select_device, device_id)
+
+    async def device_by_token(self, token_hash: str) -> DeviceRecord | None:
+        """The device with this token hash (index ``devices_token_hash``), or ``None``."""
+        return await self._run(_device_by_token, token_hash)
+
+    async def update_device(self, device_id: str, *, token_hash: str | None = None,
+                            disabled: bool | None = None) -> DeviceRecord:
+        """Replace the token hash and/or the disabled flag; returns the stored record.
+        :class:`NotFound` for an unknown device."""
+        return await self._run(_update_device, device_id, token_hash, disabled)
+
+    async def delete_device(self, device_id: str, docs: Sequence[str], *,
+                            events: bool = False) -> None:
+        """Delete the device and what belongs to it in one transaction (see
+        ``Store.delete_device``). :class:`NotFound` for an unknown device."""
+        await self._run(_delete_device, device_id, list(docs), events)
 
     async def list_devices(self, after: str = "", limit: int = 100) -> list[DeviceRecord]:
         """Devices with id > ``after`` in id order, at most ``limit`` (>= 0)."""
@@ -646,7 +680,7 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
     device = _require_device(conn, write.device)
     plan = plan_events(
         device.id, device.last_seq, write.purged, write.events,
-        _stored_digests(conn, device, write),
+        _stored_digests(conn, device, write), seq_floor=device.seq_floor,
     )
     _insert_events(conn, device, write.time, plan)
     sqlite_feed.record_changes(conn, write.changes, device.fleet, write.time)
@@ -896,11 +930,12 @@ def _purge_finished(conn: sqlite3.Connection, before: int) -> int:
 
 def _device_from_row(row: Sequence[Any]) -> DeviceRecord:
     (id_, token_hash, created, last_sync, last_seq, events_lost, meta, down_seq, down_done,
-     fleet, fleet_gen) = row
+     fleet, fleet_gen, disabled, seq_floor) = row
     return DeviceRecord(
         id=id_, token_hash=token_hash, created=created, last_sync=last_sync,
         last_seq=last_seq, events_lost=events_lost, meta=json.loads(meta),
         down_seq=down_seq, down_done=down_done, fleet=fleet, fleet_gen=fleet_gen,
+        disabled=bool(disabled), seq_floor=seq_floor,
     )
 
 
@@ -908,17 +943,69 @@ def _add_device(conn: sqlite3.Connection, device: DeviceRecord) -> None:
     with transaction(conn):
         if device.fleet is not None:
             _require_fleet(conn, device.fleet)
-        cur = conn.execute(
-            f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (id) DO NOTHING",
+        if _select_device(conn, device.id) is not None:
+            raise AlreadyExists(f"device {device.id!r} already exists", {"device": device.id})
+        row = conn.execute("SELECT last_seq FROM deleted_devices WHERE id = ?",
+                           (device.id,)).fetchone()
+        if row is not None:  # the new device starts above the seqs the old one used
+            conn.execute("DELETE FROM deleted_devices WHERE id = ?", (device.id,))
+            device = above_deleted(device, int(row[0]))
+        conn.execute(
+            f"INSERT INTO devices ({_DEVICE_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 device.id, device.token_hash, device.created, device.last_sync,
                 device.last_seq, device.events_lost, json_text(dict(device.meta)),
                 device.down_seq, device.down_done, device.fleet, device.fleet_gen,
+                int(device.disabled), device.seq_floor,
             ),
         )
-    if cur.rowcount == 0:
-        raise AlreadyExists(f"device {device.id!r} already exists", {"device": device.id})
+
+
+def _device_by_token(conn: sqlite3.Connection, token_hash: str) -> DeviceRecord | None:
+    row = conn.execute(
+        f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE token_hash = ? ORDER BY id LIMIT 1",
+        (token_hash,),
+    ).fetchone()
+    return None if row is None else _device_from_row(row)
+
+
+def _update_device(conn: sqlite3.Connection, device_id: str, token_hash: str | None,
+                   disabled: bool | None) -> DeviceRecord:
+    with transaction(conn):
+        device = dataclasses.replace(
+            _require_device(conn, device_id),
+            **updated_fields(token_hash=token_hash, disabled=disabled))
+        conn.execute("UPDATE devices SET token_hash = ?, disabled = ? WHERE id = ?",
+                     (device.token_hash, int(device.disabled), device.id))
+    return device
+
+
+def _delete_device(conn: sqlite3.Connection, device_id: str, docs: list[str],
+                   events: bool) -> None:
+    with transaction(conn):
+        device = _require_device(conn, device_id)
+        for key in docs:
+            _empty_doc(conn, key)
+        for table in ("projection", "downlink", "requests", *(("feed",) if events else ())):
+            conn.execute(f"DELETE FROM {table} WHERE device = ?", (device.id,))
+        conn.execute("DELETE FROM devices WHERE id = ?", (device.id,))
+        conn.execute(
+            "INSERT INTO deleted_devices (id, last_seq) VALUES (?, ?) ON CONFLICT (id)"
+            " DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
+            (device.id, device.last_seq))
+
+
+def _empty_doc(conn: sqlite3.Connection, key: str) -> None:
+    """Replace document ``key`` by an empty snapshot at a fresh update id: the id of a row
+    inserted and deleted at once (AUTOINCREMENT never gives it again), above every id a
+    cached copy of the document can hold."""
+    fresh = conn.execute("INSERT INTO updates (key, gen, data) VALUES (?, 0, x'')", (key,))
+    conn.execute("DELETE FROM updates WHERE key = ?", (key,))
+    conn.execute(
+        "INSERT INTO docs (key, gen, snapshot, snapshot_id) VALUES (?, 0, x'', ?)"
+        " ON CONFLICT (key) DO UPDATE SET gen = 0, snapshot = x'',"
+        " snapshot_id = excluded.snapshot_id", (key, fresh.lastrowid))
 
 
 def _require_device(conn: sqlite3.Connection, device_id: str) -> DeviceRecord:

@@ -1,0 +1,166 @@
+"""Deadlines for slow clients: how long the server waits for a request head and for a body.
+
+aiohttp bounds the *size* of a request head (8 KiB lines, 128 headers) but not the time a
+client takes to send it, and it waits for a body as long as the client keeps the connection
+open; hundreds of clients trickling bytes would each hold a connection, and what they sent,
+for ever. Two deadlines bound that:
+
+- **Head** (:class:`HeadDeadline`): a connection must deliver a complete request head within
+  ``timeout`` seconds of opening, and each later head within ``timeout`` seconds of its first
+  byte, else it is closed without an answer (there is no request to answer yet). An idle
+  keep-alive connection, one that sends nothing after an answer, is aiohttp's
+  ``keepalive_timeout``'s business, not this one's. The clock stops when the head is parsed
+  and the request reaches the application; it is enforced by wrapping the protocol of each
+  connection (:meth:`HeadDeadline.wrap`, used by :class:`GuardedSite`) and noticing requests
+  in a middleware (:meth:`HeadDeadline.middleware`), so it holds on every aiohttp version.
+- **Body** (:func:`read_within`): once a handler starts reading a body, the whole body must
+  arrive within ``timeout`` seconds, else :class:`~crdtsync.errors.RequestTimeout` (408).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+from crdtsync.errors import MalformedRequest, RequestTimeout
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+async def read_within(request: web.Request, seconds: float) -> bytes:
+    """The whole body of ``request``, or :class:`RequestTimeout` (``detail.body_timeout``)
+    when it did not arrive within ``seconds``; :class:`MalformedRequest` when the client
+    broke it off. aiohttp's ``HTTPRequestEntityTooLarge`` passes through."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await request.read()
+    except TimeoutError as exc:
+        raise RequestTimeout(f"the request body did not arrive within {seconds:g} s",
+                             {"body_timeout": seconds}) from exc
+    except RequestPayloadError as exc:
+        raise MalformedRequest(f"cannot read body: {exc}") from exc
+
+
+class HeadDeadline:
+    """Closes connections whose request head takes more than ``timeout`` seconds.
+
+    ``wrap(factory)`` makes the protocol factory given to ``loop.create_server`` (the
+    runner's ``web.Server``) guard each connection; the app must carry :meth:`middleware`
+    so the guard learns when a head was complete. Connections accepted by any other
+    listener pass through the middleware untouched.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._guards: dict[asyncio.BaseTransport, _Guard] = {}
+
+    def wrap(self, factory: ProtocolFactory) -> ProtocolFactory:
+        """A protocol factory whose protocols guard ``factory()``'s."""
+        return lambda: _Guard(self, factory())
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Stop the connection's head clock while the request is handled."""
+        guard = self._guards.get(request.transport) if request.transport else None
+        if guard is None:
+            return await handler(request)
+        guard.handling(True)
+        try:
+            return await handler(request)
+        finally:
+            guard.handling(False)
+
+
+class _Guard(asyncio.Protocol):
+    """One connection: forwards every event to aiohttp's protocol, and closes the transport
+    when a head is not complete in time."""
+
+    def __init__(self, owner: HeadDeadline, inner: asyncio.Protocol) -> None:
+        self._owner = owner
+        self._inner = inner
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._awaiting_head = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._owner._guards[transport] = self
+        self._arm()  # the first head's clock starts with the connection
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._transport is not None:
+            self._owner._guards.pop(self._transport, None)
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_head and self._timer is None:
+            self._arm()  # the first byte of a later head
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def handling(self, active: bool) -> None:
+        """A request reached the application (``True``: its head was complete) or its
+        handler returned (``False``: the next bytes start a new head)."""
+        self._awaiting_head = not active
+        self._disarm()
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._owner.timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing() or not self._awaiting_head:
+            return
+        if transport.get_write_buffer_size():  # an answer is still going out: not idle
+            self._arm()
+            return
+        transport.close()
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP listener like ``web.TCPSite`` whose connections are guarded by ``deadline``
+    (``port`` 0 picks a free one: see :attr:`port`)."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, backlog: int,
+                 deadline: HeadDeadline) -> None:
+        super().__init__(runner, backlog=backlog)
+        server = runner.server
+        assert server is not None  # BaseSite checked runner.setup() was called
+        self._factory = deadline.wrap(server)
+        self._host = host
+        self._listen_backlog = backlog
+        self.port = port
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        listener = await asyncio.get_running_loop().create_server(
+            self._factory, self._host, self.port, backlog=self._listen_backlog)
+        self._server = listener
+        if listener.sockets:
+            self.port = listener.sockets[0].getsockname()[1]
