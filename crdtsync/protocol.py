@@ -74,13 +74,16 @@ class DocSync:
 
     ``sv`` is the sender's state vector after everything in ``update``; ``update`` is a Yjs v1
     update with what the receiver may lack (``b""`` when there is nothing). ``gen`` is the
-    document's generation, bumped when a document is rebuilt to drop history.
+    document's generation, bumped when a document is rebuilt to drop history. ``adopt``
+    (requests only, key ``a``) says the client can adopt a newer generation of the document
+    instead of being refused with ``generation_mismatch`` (protocol section 8).
     """
 
     doc: str
     sv: bytes
     update: bytes = b""
     gen: int = 0
+    adopt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +327,8 @@ def _encode_doc(d: DocSync) -> dict[str, Any]:
     if d.update:
         out["u"] = d.update
         out["c"] = zlib.crc32(d.update)
+    if d.adopt:
+        out["a"] = True
     return out
 
 
@@ -339,7 +344,10 @@ def _decode_doc(obj: Any, limits: Limits) -> DocSync:
         crc = obj.get("c")
         if not isinstance(crc, int) or isinstance(crc, bool) or zlib.crc32(update) != crc:
             raise CorruptUpdate(f"update for {name!r} fails its CRC-32 check", {"doc": name})
-    return DocSync(doc=name, sv=sv, update=update, gen=gen)
+    adopt = obj.get("a", False)
+    if not isinstance(adopt, bool):
+        raise MalformedRequest(f"'a' of document {name!r} must be a boolean")
+    return DocSync(doc=name, sv=sv, update=update, gen=gen, adopt=adopt)
 
 
 def _decode_docs(obj: Mapping[str, Any], limits: Limits) -> tuple[DocSync, ...]:

@@ -104,7 +104,7 @@ def full_request() -> protocol.SyncRequest:
     """A request with every field set, so that the encoder writes every key it knows."""
     sample = {
         "device": "d1",
-        "docs": (protocol.DocSync("state", b"\x00", UPDATE, 1),),
+        "docs": (protocol.DocSync("state", b"\x00", UPDATE, 1, adopt=True),),
         "events": (protocol.Event(1, "t", 5, {"a": 1}),),
         "purged": 1, "down_done": 1, "awaiting": 1,
         "results": (protocol.Result(1, True, {"x": 1}),),
