@@ -120,6 +120,53 @@ def write(doc: Doc[Any], name: str, changes: Mapping[str, Any]) -> None:
 _MISSING = object()
 
 
+def prelim(value: Any) -> Any:
+    """A copy of ``value`` (read from a document) that can be written into another document:
+    a nested ``Map``, ``Array`` or ``Text`` becomes a new one of the same type with copied
+    contents (never flattened to plain data, so later edits inside it still merge); plain
+    values are returned as they are."""
+    if isinstance(value, Map):
+        return Map({key: prelim(item) for key, item in value.items()})
+    if isinstance(value, Array):
+        return Array([prelim(item) for item in value])
+    if isinstance(value, Text):
+        return Text(str(value))
+    return value
+
+
+def root_keys(doc: Doc[Any]) -> list[tuple[str, str]]:
+    """Every ``(map, key)`` of ``doc``, sorted."""
+    names = list(doc.keys())
+    return sorted((name, key) for name in names for key in doc.get(name, type=Map))
+
+
+def differences(before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Mapping[str, Any]]
+                ) -> list[tuple[str, str]]:
+    """The ``(map, key)`` whose value differs between two :func:`to_json` readings (a key
+    absent on one side differs from any value on the other), sorted."""
+    empty: Mapping[str, Any] = {}
+    out = []
+    for name in sorted({*before, *after}):
+        old, new = before.get(name, empty), after.get(name, empty)
+        out += [(name, key) for key in sorted({*old, *new})
+                if key not in old or key not in new or old[key] != new[key]]
+    return out
+
+
+def carry(source: Doc[Any], target: Doc[Any], keys: Iterable[tuple[str, str]]) -> None:
+    """Write the value ``source`` holds for each ``(map, key)`` into ``target``, in one
+    transaction of ``target``: a copy (:func:`prelim`) when ``source`` has the key, a delete
+    when it has not. A root is created in neither document only to find a key absent."""
+    roots, targets = set(source.keys()), set(target.keys())
+    with target.transaction():
+        for name, key in keys:
+            value = source.get(name, type=Map).get(key, _MISSING) if name in roots else _MISSING
+            if value is not _MISSING:
+                root_map(target, name)[key] = prelim(value)
+            elif name in targets and key in (root := root_map(target, name)):
+                del root[key]
+
+
 class ChangeTracker:
     """Records which keys of which root maps of ``doc`` change, by any means (a local write,
     a remote update), from its creation on. Observers are attached once per root for the

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pycrdt import Doc, Map, MapEvent, TransactionEvent
+from pycrdt import Doc, Map, TransactionEvent
 
 from . import crdt
 from .aio import cancel_and_wait, wait_event
 from .calls import Calls
-from .device_store import DeviceStore, OutboxEvent, OutboxLimits, QueuedEvent
+from .device_store import DeviceStore, DirtyKey, OutboxEvent, OutboxLimits, QueuedEvent
 from .errors import (
     BodyTooLarge,
     ClosedError,
@@ -59,6 +59,8 @@ log = logging.getLogger("crdtsync.device")
 
 STATE_DOC = "state"
 """The name of a device's own document in the protocol."""
+STATE_GEN = f"gen:{STATE_DOC}"
+"""Store meta key of the generation of the device's own document (docs/protocol.md 8)."""
 EMPTY_UPDATE = b"\x00\x00"
 ChangeCallback = Callable[[str, str, Any, Any], None]
 
@@ -101,6 +103,9 @@ class SyncReport:
     skipped: list[SkippedItem] = field(default_factory=list)
     """Items the device could not take (too large, not JSON data): skipped and logged."""
     recovered: bool = False
+    adopted: bool = False
+    """True when the device adopted a new generation of its document (docs/protocol.md 8.1):
+    the cloud rebuilt it, and the device's unacknowledged writes were re-applied onto it."""
     duration: float = 0.0
 
 
@@ -158,7 +163,10 @@ class Device:
         self.env = Env(self._own_env, self._shared["fleet"], self._shared["project"])
         """Environment variables, merged: device > fleet > project (read-only)."""
         self._doc: Doc[Any] | None = None
-        self._captured: list[bytes] = []
+        self._captured: list[tuple[bytes, tuple[DirtyKey, ...], int]] = []
+        """Updates not yet stored: ``(update, dirty keys, local version)``."""
+        self._local_keys: set[DirtyKey] = set()
+        """Keys written by the local transaction being committed (root observers fill it)."""
         self._applying_remote = False
         self._observed_roots: set[str] = set()
         self._subscriptions: list[tuple[Any, Any]] = []
@@ -197,6 +205,8 @@ class Device:
         local = await self._store.load_doc(STATE_DOC)
         self._install_doc(crdt.new_doc(int(client_id), local.snapshot,
                                        (u for _, u in local.updates)))
+        # Dirty keys keep the versions of an earlier run: number on from the highest.
+        self._local_version = self._store.dirty_version
         self.env.remember()
         if self.interval is not None:
             self._task = asyncio.create_task(self._run(), name=f"crdtsync-sync-{self.id}")
@@ -226,8 +236,9 @@ class Device:
 
     @property
     def doc(self) -> Doc[Any]:
-        """The underlying pycrdt document. Writes made directly to it are not validated and
-        are persisted at the next state write or sync; prefer :attr:`state` / :meth:`map`."""
+        """The underlying pycrdt document. Writes made directly to it are not validated;
+        prefer :attr:`state` / :meth:`map`. A sync may replace it by a new object (a new
+        client id, an adopted generation): look it up again rather than keeping it."""
         self._check_open()
         assert self._doc is not None
         return self._doc
@@ -250,6 +261,8 @@ class Device:
     def write_state(self, name: str, changes: Mapping[str, Any]) -> None:
         """Validate and apply ``changes`` to root map ``name`` in one transaction, then persist
         it durably before returning (``None`` deletes a key)."""
+        crdt.root_map(self.doc, name)
+        self._observe_roots()  # a new root: its keys are tracked from the first write on
         crdt.write(self.doc, name, changes)
         self._local_write_done()
 
@@ -269,48 +282,71 @@ class Device:
         self._observe_roots()
 
     def _capture(self, event: TransactionEvent) -> None:
-        self._captured.append(event.update)
         if self._applying_remote:
+            self._captured.append((event.update, (), 0))
             return
-        # A local write, also one made directly on `dev.doc`: count it and persist it now.
+        # A local write, also one made directly on `dev.doc`: count it and persist it now,
+        # with the keys it wrote (the root observers ran first, in the same commit).
         # An error cannot leave an observer (pycrdt would wrap it), so a failed append keeps
         # the update queued and StateMap writes re-raise it from `_local_write_done`.
         self._local_version += 1
+        keys, self._local_keys = tuple(sorted(self._local_keys)), set()
+        self._captured.append((event.update, keys, self._local_version))
         self._wake.set()
         with contextlib.suppress(CrdtsyncError):
             self._flush()
 
     def _flush(self) -> None:
-        """Persist captured updates, durably, in order. On failure they stay queued."""
+        """Persist captured updates with their dirty keys, durably, in order. On failure
+        they stay queued."""
         while self._captured:
-            self._store.append_update(STATE_DOC, self._captured[0])
+            update, keys, version = self._captured[0]
+            self._store.append_update(STATE_DOC, update, keys, version)
             self._captured.pop(0)
 
     def _local_write_done(self) -> None:
         self._flush()
 
-    def _observe_roots(self, *, announce: bool = False) -> None:
+    def _observe_roots(self, *, announce: bool = False) -> list[str]:
         """Observe every root map once; with ``announce``, report the keys of roots that
-        just appeared (their creation raised no map event)."""
+        just appeared (their creation raised no map event). Returns the new roots."""
         assert self._doc is not None
-        for name in {"state", *self._doc.keys()} - self._observed_roots:
+        new = sorted({"state", *self._doc.keys()} - self._observed_roots)
+        for name in new:
             self._observed_roots.add(name)
             root: Map[Any] = self._doc.get(name, type=Map)
             # Keep the wrapper and subscription alive: dropping them ends the subscription.
-            self._subscriptions.append((root, root.observe(self._map_observer(name))))
+            self._subscriptions.append((root, root.observe_deep(self._root_observer(name))))
             if announce:
                 for key, value in root.items():
                     self._notify(name, key, None, value)
+        return new
 
-    def _map_observer(self, name: str) -> Callable[[MapEvent], None]:
-        return lambda event: self._on_map_event(name, event)
+    def _root_observer(self, name: str) -> Callable[[list[Any]], None]:
+        return lambda events: self._on_root_events(name, events)
 
-    def _on_map_event(self, name: str, event: MapEvent) -> None:
-        if not self._applying_remote:
-            return
-        keys: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]
-        for key, change in keys.items():
-            self._notify(name, key, change.get("oldValue"), change.get("newValue"))
+    def _on_root_events(self, name: str, events: list[Any]) -> None:
+        """A local transaction: remember the root keys it wrote (an edit inside a nested
+        value writes the key that holds it). A remote one: announce the root keys it
+        changed (edits inside nested values are not announced)."""
+        for event in events:
+            path = event.path
+            if not self._applying_remote:
+                self._local_keys.update((name, key) for key in (path[:1] or event.keys))
+            elif not path:
+                keys: dict[str, dict[str, Any]] = event.keys
+                for key, change in keys.items():
+                    self._notify(name, key, change.get("oldValue"), change.get("newValue"))
+
+    async def _track_new_roots(self) -> None:
+        """Roots created by writes made directly on :attr:`doc` were not observed when
+        written (a remote update's roots are observed as it is applied): record their keys
+        as dirty before they are sent, and observe them from now on."""
+        assert self._doc is not None
+        doc = self._doc
+        keys = [(name, key) for name in self._observe_roots()
+                for key in doc.get(name, type=Map)]
+        await self._store.mark_dirty(keys, self._local_version)
 
     def _notify(self, name: str, key: str, old: Any, new: Any) -> None:
         self._remote_changes += 1
@@ -497,6 +533,11 @@ class Device:
             self.last_error = None
             return report
 
+    @property
+    def _gen(self) -> int:
+        """The generation of the local document (docs/protocol.md 8)."""
+        return int(self._store.meta.get(STATE_GEN, 0))
+
     def _doc_part(self) -> tuple[DocSync, dict[int, int]]:
         doc = self.doc
         local_sv = doc.get_state()
@@ -508,10 +549,11 @@ class Device:
             update = doc.get_update(known) if known else doc.get_update()
             if update == EMPTY_UPDATE:
                 update = b""
-        return DocSync(STATE_DOC, local_sv, update), local
+        return DocSync(STATE_DOC, local_sv, update, self._gen, adopt=True), local
 
     async def _round(self, report: SyncReport) -> bool:
         """One request/response; True when another round is needed."""
+        await self._track_new_roots()
         version = self._local_version
         part, sent_sv = self._doc_part()
         batch = (await self._store.pending(self.max_events_per_sync, self.max_batch_bytes)
@@ -544,7 +586,7 @@ class Device:
         report.events_sent += len(batch)
         if version == self._local_version:
             self._synced_version = version
-        resend = await self._apply_response(response, sent_sv, report)
+        resend = await self._apply_response(response, sent_sv, version, report)
         for doc_part in response.docs:
             if doc_part.doc in self._shared:
                 await self._shared[doc_part.doc].apply(doc_part)
@@ -599,11 +641,20 @@ class Device:
         return True
 
     async def _apply_response(self, response: SyncResponse, sent_sv: dict[int, int],
-                              report: SyncReport) -> bool:
+                              version: int, report: SyncReport) -> bool:
+        """Apply the response's ``state`` entry to a request that held ``sent_sv`` and the
+        local writes up to ``version``; True when another round is needed."""
         part = next((d for d in response.docs if d.doc == STATE_DOC), None)
         if part is None:
             return False
         before = self._remote_changes
+        if part.gen != self._gen:
+            # The checks below compare with what we sent, which belonged to another
+            # generation: skipped; the next round sends the rebased writes.
+            await self._adopt(part)
+            report.adopted = True
+            report.changes += self._remote_changes - before
+            return True
         if part.update:
             self._apply_remote(part.update)
         report.changes += self._remote_changes - before
@@ -615,6 +666,10 @@ class Device:
         if server_sv.get(own, 0) > sent_sv.get(own, 0):
             await self._rotate_client_id()
         if covers(server_sv, sent_sv):
+            # The cloud holds every local write up to `version` (the request carried them,
+            # or an earlier one did): they are no longer dirty. Writes made while the request
+            # was in flight have higher versions and stay dirty.
+            await self._store.clear_dirty(version)
             return False
         # The cloud lacks part of what we hold (it lost data, or our diff base was wrong):
         # the next round diffs against the state vector it just told us.
@@ -630,6 +685,34 @@ class Device:
             self._applying_remote = False
         self._flush()
         self._observe_roots(announce=True)
+
+    async def _adopt(self, part: DocSync) -> None:
+        """Replace the local document by the generation ``part`` carries (its ``u`` is the
+        whole document), re-applying the local writes the cloud has not acknowledged (the
+        dirty keys; every key when the cloud went back to a lower generation) as local
+        writes of a new client id. One local transaction stores the new document, its
+        generation, client id and diff base: a crash leaves either generation, complete
+        (docs/protocol.md 8.1). ``on_change`` reports the keys whose value changed."""
+        self._flush()  # every local write of the old document is stored, with its dirty key
+        old, old_gen = self.doc, self._gen
+        keys = (crdt.root_keys(old) if part.gen < old_gen
+                else await self._store.dirty_keys())
+        doc = crdt.new_doc(crdt.random_client_id())
+        if part.update:
+            crdt.apply_remote(doc, part.update, name=STATE_DOC)
+        crdt.carry(old, doc, keys)
+        self._local_version += 1
+        await self._store.replace_doc(
+            STATE_DOC, doc.get_update(),
+            {STATE_GEN: part.gen, "client_id": doc.client_id, "server_sv": part.sv},
+            dirty=keys, version=self._local_version)
+        log.info("device %s: adopted generation %d of its document (was %d); %d local "
+                 "key(s) re-applied", self.id, part.gen, old_gen, len(keys))
+        before, after = crdt.to_json(old), crdt.to_json(doc)
+        self._install_doc(doc)
+        self._synced_version = -1
+        for name, key in crdt.differences(before, after):
+            self._notify(name, key, before.get(name, {}).get(key), after.get(name, {}).get(key))
 
     async def _rotate_client_id(self) -> None:
         """The cloud has seen more of our own client id than our store holds: the store was

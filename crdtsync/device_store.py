@@ -1,5 +1,5 @@
-"""The device's local database: one SQLite file with the CRDT update log, the event outbox and
-sync metadata.
+"""The device's local database: one SQLite file with the CRDT update log, the dirty keys (local
+writes the cloud has not acknowledged), the event outbox and sync metadata.
 
 Durability: WAL journal with ``synchronous=FULL`` by default, so every committed write (a
 state change, an emitted event, an acknowledgement) survives a power cut; ``"NORMAL"`` trades
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +50,12 @@ MIGRATIONS: Sequence[str] = (
     # v3: the template (hash, hex) an event was emitted with, or NULL
     """
     ALTER TABLE outbox ADD COLUMN template TEXT;
+    """,
+    # v4: dirty keys, the root-map keys of `state` written locally and not yet acknowledged
+    # by the cloud, with the local version of their last write (docs/protocol.md 9.1)
+    """
+    CREATE TABLE dirty (map TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL,
+                        PRIMARY KEY (map, key)) STRICT;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -106,6 +112,9 @@ class StoredCall:
 QueuedEvent = tuple[str, int, bytes, str | None]
 """``(topic, time, msgpack body, template hash or None)`` of an event to queue."""
 
+DirtyKey = tuple[str, str]
+"""``(root map name, key)`` of the device's own document."""
+
 
 @dataclass
 class _Mirror:
@@ -120,6 +129,10 @@ class _Mirror:
     """Command results not yet acknowledged by the cloud."""
     calls: dict[str, int] = field(default_factory=dict)
     """Proxied requests per status."""
+    dirty: int = 0
+    """Dirty keys stored."""
+    dirty_version: int = 0
+    """The highest version of a stored dirty key (0 when there is none)."""
 
 
 class DeviceStore:
@@ -184,6 +197,18 @@ class DeviceStore:
         """How many proxied requests are in any of ``statuses``."""
         return sum(self._m.calls.get(status, 0) for status in statuses)
 
+    @property
+    def dirty_count(self) -> int:
+        """Dirty keys stored (local writes the cloud has not acknowledged)."""
+        return self._m.dirty
+
+    @property
+    def dirty_version(self) -> int:
+        """The highest local version recorded with a dirty key, 0 when there is none: a
+        device numbers its local writes on from here after a restart, so that versions
+        stay monotonic across restarts for as long as they matter."""
+        return self._m.dirty_version
+
     # --- operations ---------------------------------------------------------------------
 
     async def set_meta(self, **values: Any) -> None:
@@ -194,18 +219,44 @@ class DeviceStore:
         """The stored snapshot of ``doc`` and the updates logged after it."""
         return await self._db.run(_load_doc, self._m, doc)
 
-    def append_update(self, doc: str, data: bytes) -> int:
-        """Append one update to the log, durably, before returning its id (synchronous)."""
-        return self._db.run_blocking(_append_update, self._m, doc, data)
+    def append_update(self, doc: str, data: bytes, dirty: Sequence[DirtyKey] = (),
+                      version: int = 0) -> int:
+        """Append one update to the log, durably, before returning its id (synchronous).
+
+        ``dirty`` are the keys the update wrote locally: they are recorded with ``version``
+        (replacing an older version of the same key) in the same transaction."""
+        return self._db.run_blocking(_append_update, self._m, doc, data, tuple(dirty),
+                                     version)
+
+    async def dirty_keys(self) -> list[DirtyKey]:
+        """The dirty keys, sorted."""
+        if not self._m.dirty:
+            return []
+        return await self._db.run(_dirty_keys)
+
+    async def clear_dirty(self, upto: int) -> None:
+        """Forget the dirty keys whose version is ``<= upto`` (the cloud acknowledged every
+        local write up to that version), in one transaction; no write when there is none."""
+        if self._m.dirty:
+            await self._db.run(_clear_dirty, self._m, upto)
+
+    async def mark_dirty(self, keys: Sequence[DirtyKey], version: int) -> None:
+        """Record ``keys`` as dirty with ``version``, in one transaction."""
+        if keys:
+            await self._db.run(_mark_dirty, self._m, tuple(keys), version)
 
     async def compact(self, doc: str, upto: int, snapshot: bytes) -> None:
         """Store ``snapshot`` (covering every update id <= ``upto``) and delete those rows."""
         await self._db.run(_compact, self._m, doc, upto, snapshot)
 
-    async def replace_doc(self, doc: str, snapshot: bytes, **meta: Any) -> None:
-        """Make ``snapshot`` the whole stored state of ``doc`` (its log rows go) and set
-        ``meta``, in one transaction (shared read-only documents)."""
-        await self._db.run(_replace_doc, self._m, doc, snapshot, meta)
+    async def replace_doc(self, doc: str, snapshot: bytes, meta: Mapping[str, Any], *,
+                          dirty: Sequence[DirtyKey] = (), version: int = 0) -> None:
+        """Make ``snapshot`` the whole stored state of ``doc`` (its log rows go), set
+        ``meta`` and record ``dirty`` keys with ``version``, in one transaction: a shared
+        document's new copy, or a new generation of the device's own document (adoption,
+        docs/protocol.md 8.1). Dirty keys already stored stay."""
+        await self._db.run(_replace_doc, self._m, doc, snapshot, dict(meta), tuple(dirty),
+                           version)
 
     async def push_event(self, topic: str, time: int, body: bytes,
                          limits: OutboxLimits, template: str | None = None) -> int:
@@ -284,6 +335,7 @@ def _load_mirror(conn: sqlite3.Connection, m: _Mirror) -> None:
     m.outbox_count, m.outbox_bytes = conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox").fetchone()
     _count_side_tables(conn, m)
+    _count_dirty(conn, m)
 
 
 def _count_side_tables(conn: sqlite3.Connection, m: _Mirror) -> None:
@@ -313,12 +365,52 @@ def _load_doc(conn: sqlite3.Connection, m: _Mirror, doc: str) -> LocalDoc:
     return local
 
 
-def _append_update(conn: sqlite3.Connection, m: _Mirror, doc: str, data: bytes) -> int:
-    # One statement in autocommit mode is its own durable transaction.
-    cur = conn.execute("INSERT INTO updates (doc, data) VALUES (?, ?)", (doc, data))
+def _append_update(conn: sqlite3.Connection, m: _Mirror, doc: str, data: bytes,
+                   dirty: tuple[DirtyKey, ...], version: int) -> int:
+    if dirty:
+        with transaction(conn):
+            row = _insert_update(conn, doc, data)
+            _write_dirty(conn, dirty, version)
+        _count_dirty(conn, m)
+    else:  # one statement in autocommit mode is its own durable transaction
+        row = _insert_update(conn, doc, data)
     m.update_rows += 1
-    m.last_update_id = int(cur.lastrowid or 0)
-    return m.last_update_id
+    m.last_update_id = row
+    return row
+
+
+def _insert_update(conn: sqlite3.Connection, doc: str, data: bytes) -> int:
+    cur = conn.execute("INSERT INTO updates (doc, data) VALUES (?, ?)", (doc, data))
+    return int(cur.lastrowid or 0)
+
+
+def _write_dirty(conn: sqlite3.Connection, keys: tuple[DirtyKey, ...], version: int) -> None:
+    conn.executemany(
+        "INSERT INTO dirty (map, key, version) VALUES (?, ?, ?) ON CONFLICT (map, key) "
+        "DO UPDATE SET version = MAX(version, excluded.version)",
+        [(name, key, version) for name, key in keys])
+
+
+def _count_dirty(conn: sqlite3.Connection, m: _Mirror) -> None:
+    m.dirty, m.dirty_version = (int(v) for v in conn.execute(
+        "SELECT COUNT(*), COALESCE(MAX(version), 0) FROM dirty").fetchone())
+
+
+def _dirty_keys(conn: sqlite3.Connection) -> list[DirtyKey]:
+    return [(str(n), str(k)) for n, k in conn.execute(
+        "SELECT map, key FROM dirty ORDER BY map, key")]
+
+
+def _clear_dirty(conn: sqlite3.Connection, m: _Mirror, upto: int) -> None:
+    conn.execute("DELETE FROM dirty WHERE version <= ?", (upto,))  # its own transaction
+    _count_dirty(conn, m)
+
+
+def _mark_dirty(conn: sqlite3.Connection, m: _Mirror, keys: tuple[DirtyKey, ...],
+                version: int) -> None:
+    with transaction(conn):
+        _write_dirty(conn, keys, version)
+    _count_dirty(conn, m)
 
 
 def _compact(conn: sqlite3.Connection, m: _Mirror, doc: str, upto: int,
@@ -334,13 +426,17 @@ def _compact(conn: sqlite3.Connection, m: _Mirror, doc: str, upto: int,
 
 
 def _replace_doc(conn: sqlite3.Connection, m: _Mirror, doc: str, snapshot: bytes,
-                 meta: dict[str, Any]) -> None:
+                 meta: dict[str, Any], dirty: tuple[DirtyKey, ...], version: int) -> None:
     with transaction(conn):
         conn.execute("INSERT OR REPLACE INTO snapshots (doc, data, upto) VALUES (?, ?, ?)",
                      (doc, snapshot, m.last_update_id))
         conn.execute("DELETE FROM updates WHERE doc = ?", (doc,))
         _write_meta(conn, meta)
+        _write_dirty(conn, dirty, version)
+        remaining = int(conn.execute("SELECT COUNT(*) FROM updates").fetchone()[0])
     m.meta.update(meta)
+    m.update_rows = remaining
+    _count_dirty(conn, m)
 
 
 def _overflow(m: _Mirror, size: int, limits: OutboxLimits) -> int:

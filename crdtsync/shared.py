@@ -87,7 +87,7 @@ class SharedDoc:
             self._captured = []
             # Shared documents are small and change rarely: store each new state whole.
             await self.store.replace_doc(self.name, self.doc.get_update(),
-                                         **{f"gen:{self.name}": part.gen})
+                                         {f"gen:{self.name}": part.gen})
 
     def get(self, map_name: str) -> dict[str, Any]:
         """One root map as JSON data; read-only (it is cached until the document changes:

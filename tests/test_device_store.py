@@ -1,16 +1,23 @@
-"""The device's SQLite store: outbox bound and policies, renumbering, schema, concurrency."""
+"""The device's SQLite store: outbox bound and policies, renumbering, dirty keys, schema and
+migrations from golden databases, concurrency."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
 import sqlite3
 from pathlib import Path
 
+import msgpack
 import pytest
 
-from crdtsync import AdminClient, OutboxFull, OutboxLimits, StoreError
-from crdtsync.device_store import SCHEMA_VERSION, DeviceStore
+from crdtsync import AdminClient, Device, OutboxFull, OutboxLimits, StoreError
+from crdtsync.device_store import MIGRATIONS, SCHEMA_VERSION, DeviceStore
 from crdtsync.errors import InvalidValue
+from crdtsync.sqlite_worker import statements, transaction, user_version
+from crdtsync_server import Server
 
 from .conftest import DeviceFactory
 
@@ -140,3 +147,105 @@ async def test_emit_many_queues_a_batch_durably_in_order(
     assert report.events_acked == 101
     stored = [e["body"]["n"] async for e in admin.iter_events(device="d1")]
     assert stored == list(range(101))
+
+
+# --- schema migrations from golden device databases -----------------------------------
+#
+# ``tests/data/schema/device_v3.db`` is a device database of schema v3 (the last one before
+# dirty keys), written by :func:`write_device_v3_fixture` with ``MIGRATIONS[:3]`` alone (never
+# edited), so regenerating it with ``CRDTSYNC_REGEN_FIXTURES=1`` yields the same content.
+# Never regenerate it to make a failing migration test pass: it stands for databases
+# already in the field.
+
+FIXTURES = Path(__file__).parent / "data" / "schema"
+# Frozen Yjs v1 updates made with pycrdt 0.14.13, client id 7: the snapshot holds
+# state["x"] = 1, state["y"] = "hi"; the logged update after it state["z"] = True.
+V3_SNAPSHOT = bytes.fromhex(
+    "0102070028010573746174650178017c3f80000028010573746174650179017702686900")
+V3_UPDATE = bytes.fromhex("010107022801057374617465017a017800")
+V3_SERVER_SV = bytes.fromhex("010702")  # the cloud holds x and y, not z
+V3_EVENT = ("temp", 1_700_000_000_000, msgpack.packb({"c": 21.5}))
+
+
+def write_device_v3_fixture(path: Path = FIXTURES / "device_v3.db") -> None:
+    """Write ``device_v3.db``: schemas v1 to v3 only; a state document (snapshot and one
+    logged update not yet sent), its diff base, one queued event, one command result and
+    one pending proxied request."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        with transaction(conn):
+            for script in MIGRATIONS[:3]:
+                for statement in statements(script):
+                    conn.execute(statement)
+            conn.execute("PRAGMA user_version = 3")
+            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                             [("client_id", 7), ("server_sv", V3_SERVER_SV),
+                              ("down_done", 1)])
+            conn.execute("INSERT INTO snapshots (doc, data, upto) VALUES ('state', ?, 1)",
+                         (V3_SNAPSHOT,))
+            conn.execute("INSERT INTO updates (id, doc, data) VALUES (2, 'state', ?)",
+                         (V3_UPDATE,))
+            conn.execute("INSERT INTO outbox (seq, topic, time, body) VALUES (1, ?, ?, ?)",
+                         V3_EVENT)
+            conn.execute("INSERT INTO results (seq, ok, body) VALUES (1, 1, ?)",
+                         (msgpack.packb({"up": True}),))
+            conn.execute("INSERT INTO calls (id, route, body, created) VALUES "
+                         "('r1', 'weather', ?, 5)", (msgpack.packb({}),))
+        conn.execute("VACUUM")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _regenerate_fixtures() -> None:
+    if os.environ.get("CRDTSYNC_REGEN_FIXTURES") == "1":
+        write_device_v3_fixture()
+
+
+def _dump(path: Path) -> tuple[int, list[str]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return user_version(conn), list(conn.iterdump())
+
+
+def test_device_v3_fixture_is_what_the_v3_scripts_make(tmp_path: Path) -> None:
+    write_device_v3_fixture(tmp_path / "v3.db")
+    assert _dump(FIXTURES / "device_v3.db") == _dump(tmp_path / "v3.db")
+
+
+async def test_device_v3_database_migrates_in_place(tmp_path: Path) -> None:
+    """v4 adds the empty ``dirty`` table; everything else is read as before."""
+    path = tmp_path / "d.db"
+    shutil.copyfile(FIXTURES / "device_v3.db", path)
+    async with DeviceStore(path) as store:
+        assert store.meta == {"client_id": 7, "server_sv": V3_SERVER_SV, "down_done": 1,
+                              "next_seq": 2}
+        local = await store.load_doc("state")
+        assert (local.snapshot, local.upto, local.updates) == (V3_SNAPSHOT, 1,
+                                                               ((2, V3_UPDATE),))
+        assert [(e.seq, e.topic, e.time, e.body, e.template)
+                for e in await store.pending(10, 1 << 20)] == [(1, *V3_EVENT, None)]
+        assert await store.results(10) == [(1, True, msgpack.packb({"up": True}))]
+        assert [c.id for c in await store.calls("pending")] == ["r1"]
+        assert (store.dirty_count, store.dirty_version, await store.dirty_keys()) == (0, 0, [])
+        store.append_update("state", b"u", [("state", "z")], 1)
+        assert await store.dirty_keys() == [("state", "z")]
+    assert _dump(path)[0] == SCHEMA_VERSION == 4
+    assert _dump(FIXTURES / "device_v3.db")[0] == 3  # the golden file was not touched
+
+
+async def test_a_migrated_device_syncs_and_tracks_dirty_keys(
+        server: Server, admin: AdminClient, tmp_path: Path) -> None:
+    """A device whose database predates dirty keys starts on it, sends what its cloud
+    lacks (z), and tracks its new writes."""
+    path = tmp_path / "d.db"
+    shutil.copyfile(FIXTURES / "device_v3.db", path)
+    token = (await admin.add_device("dev-v3"))["token"]
+    async with Device("dev-v3", server.url, token=token, path=path, interval=None) as dev:
+        assert dev.state.to_dict() == {"x": 1, "y": "hi", "z": True}
+        dev.state["w"] = 4
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT map, key FROM dirty").fetchall() == [("state", "w")]
+        report = await dev.sync()
+        assert report.events_acked == 1
+    assert (await admin.state("dev-v3"))["state"] == {"w": 4, "x": 1, "y": "hi", "z": True}
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT COUNT(*) FROM dirty").fetchone() == (0,)
