@@ -21,10 +21,11 @@ import shutil
 import sqlite3
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from crdtsync.errors import ClosedError, StoreError
+from crdtsync.errors import ClosedError, StoreError, Unavailable
 from crdtsync.protocol import Event
 from crdtsync.sqlite_worker import statements, transaction
 from crdtsync_server.store import (
@@ -39,6 +40,7 @@ from crdtsync_server.store import (
     open_store,
     sqlite_feed,
 )
+from crdtsync_server.store import sqlite as sqlite_store
 from crdtsync_server.store.base import event_digest
 from crdtsync_server.store.feed import event_json
 from crdtsync_server.store.sqlite import MIGRATIONS, SCHEMA_VERSION
@@ -578,3 +580,53 @@ async def test_failed_group_transaction_fails_every_write(tmp_path: Path) -> Non
         # and the store keeps working afterwards
         await store.commit(SyncWrite("d0", 11, events=[Event(1, "t", 1, {})]))
         assert len(await store.read_events()) == 1
+
+
+# --- generations: two processes on one file -----------------------------------------------
+
+
+async def test_a_rebuild_and_another_process_on_the_same_file(tmp_path: Path) -> None:
+    """Two stores on one file stand for two server processes. A rebuild compared against
+    what one process read loses to the other's append (nothing lost); once it happens, the
+    other process's copy reloads (``read_since`` answers None) and its writes of the old
+    generation are refused."""
+    path = tmp_path / "s.db"
+    async with SQLiteStore(path) as one, SQLiteStore(path) as two:
+        first = (await one.commit(SyncWrite(None, 1, docs=[DocWrite("k", b"u1")]))).update_ids
+        read = await one.load_doc("k")
+        held = await two.load_doc("k")
+        late = (await two.commit(SyncWrite(None, 2, docs=[DocWrite("k", b"u2")]))).update_ids
+        assert not await one.rebuild("k", read.gen, read.last_id, b"fresh")
+        assert (await two.load_doc("k")).updates == ((first[0], b"u1"), (late[0], b"u2"))
+
+        assert await one.rebuild("k", 0, late[0], b"fresh")
+        assert await two.read_since("k", held.last_id) is None
+        assert await two.read_since("k", late[0]) is None
+        with pytest.raises(Unavailable):
+            await two.commit(SyncWrite(None, 3, docs=[DocWrite("k", b"u3", held.gen)]))
+        log = await two.load_doc("k")
+        assert (log.gen, log.snapshot, log.updates) == (1, b"fresh", ())
+
+
+async def test_a_failure_inside_a_rebuild_leaves_the_old_generation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rebuild is one transaction: an I/O error after it deleted the rows rolls it all
+    back, and the next attempt succeeds."""
+    real = sqlite_store._replace_doc
+
+    def fail_after(conn: sqlite3.Connection, *args: Any) -> None:
+        real(conn, *args)
+        raise sqlite3.OperationalError("disk I/O error (injected)")
+
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        ids = (await store.commit(SyncWrite(None, 1, docs=[DocWrite("k", b"u1"),
+                                                           DocWrite("k", b"u2")]))).update_ids
+        before = await store.load_doc("k")
+        monkeypatch.setattr(sqlite_store, "_replace_doc", fail_after)
+        with pytest.raises(StoreError):
+            await store.rebuild("k", 0, ids[1], b"fresh")
+        assert await store.load_doc("k") == before
+        assert await store.read_since("k", ids[1]) == ()
+        monkeypatch.setattr(sqlite_store, "_replace_doc", real)
+        assert await store.rebuild("k", 0, ids[1], b"fresh")
+        assert (await store.load_doc("k")).gen == 1
