@@ -77,7 +77,7 @@ def rebuilt(doc: Doc[Any], client_id: int) -> Doc[Any]:
     """
     fresh: Doc[Any] = Doc(client_id=client_id)
     with doc.transaction(), fresh.transaction():
-        for name in sorted(doc.keys()):  # noqa: SIM118 (a pycrdt Doc is not a Mapping)
+        for name in sorted(doc.keys()):
             target = fresh.get(name, type=Map)
             for key, value in doc.get(name, type=Map).items():
                 target[key] = _fresh(value)
