@@ -256,7 +256,9 @@ class DocumentCache:
         anything, so a crash at any point leaves either generation ``gen`` or ``gen + 1``
         whole. On success the old document is retired and the cache holds generation
         ``gen + 1`` as stored; returns ``True``. A lost race (another writer appended) or a
-        store error is logged and retried at a later write, never reported to a device."""
+        store error is logged and retried at the next check (after as many bytes again, so
+        a store that keeps failing costs no more than the checks), never reported to a
+        device."""
         if not self._rebuild_due(live):
             return False
         fresh = crdt.rebuilt(live.doc, crdt.random_client_id()).get_update()
@@ -268,11 +270,9 @@ class DocumentCache:
             done = await self.store.rebuild(live.key, live.gen, live.last_id, fresh)
         except CrdtsyncError as exc:
             self.rebuild_failures += 1
-            live.fresh_size = None
             log.error("rebuild of %s failed, will retry: %s", live.key, exc.message)
             return False
         if not done:
-            live.fresh_size = None
             log.info("rebuild of %s lost to another writer, will retry", live.key)
             return False
         self.rebuilds += 1
