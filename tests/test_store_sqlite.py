@@ -19,7 +19,8 @@ import dataclasses
 import os
 import shutil
 import sqlite3
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,68 +97,68 @@ V2_DEVICE = DeviceRecord(
 V2_EVENT = Event(1, "hum", 1_710_000_000_000, {"rh": 40})
 
 
+@contextmanager
+def migrated_fixture(path: Path, version: int) -> Iterator[sqlite3.Connection]:
+    """A new golden file at ``path`` with the migrations up to ``version`` applied; the
+    block fills it in the same transaction; compacted to a single file at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        with transaction(conn):
+            for script in MIGRATIONS[:version]:
+                for statement in statements(script):
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+            yield conn
+        conn.execute("VACUUM")
+
+
 def write_v3_fixture(path: Path = FIXTURES / "server_v3.db") -> None:
     """Write ``server_v3.db``: schemas v1 to v3 only, a fleet with one device and its
     event, and the device's document."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
     e = V1_EVENT
-    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        with transaction(conn):
-            for script in MIGRATIONS[:3]:
-                for statement in statements(script):
-                    conn.execute(statement)
-            conn.execute("PRAGMA user_version = 3")
-            conn.execute("INSERT INTO fleets (id, created) VALUES ('west', 1)")
-            conn.execute(
-                "INSERT INTO devices (id, token_hash, created, last_seq, fleet, fleet_gen)"
-                " VALUES ('dev-v3', 'h', 1, 1, 'west', 1)")
-            conn.execute(
-                "INSERT INTO events (device, seq, topic, time, received, body, digest)"
-                " VALUES ('dev-v3', ?, ?, ?, 5, ?, ?)",
-                (e.seq, e.topic, e.time, event_json(e), event_digest(e)))
-            conn.execute(
-                "INSERT INTO updates (key, gen, data) VALUES ('dev-v3/state', 0, ?)",
-                (V1_UPDATE,))
-        conn.execute("VACUUM")
+    with migrated_fixture(path, 3) as conn:
+        conn.execute("INSERT INTO fleets (id, created) VALUES ('west', 1)")
+        conn.execute(
+            "INSERT INTO devices (id, token_hash, created, last_seq, fleet, fleet_gen)"
+            " VALUES ('dev-v3', 'h', 1, 1, 'west', 1)")
+        conn.execute(
+            "INSERT INTO events (device, seq, topic, time, received, body, digest)"
+            " VALUES ('dev-v3', ?, ?, ?, 5, ?, ?)",
+            (e.seq, e.topic, e.time, event_json(e), event_digest(e)))
+        conn.execute(
+            "INSERT INTO updates (key, gen, data) VALUES ('dev-v3/state', 0, ?)",
+            (V1_UPDATE,))
 
 
 def write_v4_fixture(path: Path = FIXTURES / "server_v4.db") -> None:
     """Write ``server_v4.db``: schemas v1 to v4 only, two devices (one with an event, a
     document, its projection row, a queued message and a request) and a state change."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
     e = V1_EVENT
-    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        with transaction(conn):
-            for script in MIGRATIONS[:4]:
-                for statement in statements(script):
-                    conn.execute(statement)
-            conn.execute("PRAGMA user_version = 4")
-            conn.execute(
-                "INSERT INTO devices (id, token_hash, created, last_seq, down_seq)"
-                " VALUES ('dev-v4', 'hash-v4', 1, 1, 1), ('other', 'hash-other', 2, 0, 0)")
-            conn.execute(
-                "INSERT INTO feed (kind, device, seq, topic, time, received, body, digest)"
-                " VALUES ('event', 'dev-v4', ?, ?, ?, 5, ?, ?)",
-                (e.seq, e.topic, e.time, event_json(e), event_digest(e)))
-            conn.execute(
-                "INSERT INTO feed (kind, device, doc, time, received, body, source)"
-                " VALUES ('state', 'dev-v4', 'state', 6, 6, '{\"state\":{\"x\":1}}', 'device')")
-            conn.execute("INSERT INTO docs (key, gen) VALUES ('dev-v4/state', 0)")
-            conn.execute(
-                "INSERT INTO updates (key, gen, data) VALUES ('dev-v4/state', 0, ?)",
-                (V1_UPDATE,))
-            conn.execute(
-                "INSERT INTO projection (device, doc, map, key, value, updated)"
-                " VALUES ('dev-v4', 'state', 'state', 'x', '1', 6)")
-            conn.execute(
-                "INSERT INTO downlink (device, seq, kind, name, body, created, updated)"
-                " VALUES ('dev-v4', 1, 'message', 'hello', '{}', 7, 7)")
-            conn.execute(
-                "INSERT INTO requests (device, id, route, body, created, updated)"
-                " VALUES ('dev-v4', 'r1', 'weather', '{}', 8, 8)")
-        conn.execute("VACUUM")
+    with migrated_fixture(path, 4) as conn:
+        conn.execute(
+            "INSERT INTO devices (id, token_hash, created, last_seq, down_seq)"
+            " VALUES ('dev-v4', 'hash-v4', 1, 1, 1), ('other', 'hash-other', 2, 0, 0)")
+        conn.execute(
+            "INSERT INTO feed (kind, device, seq, topic, time, received, body, digest)"
+            " VALUES ('event', 'dev-v4', ?, ?, ?, 5, ?, ?)",
+            (e.seq, e.topic, e.time, event_json(e), event_digest(e)))
+        conn.execute(
+            "INSERT INTO feed (kind, device, doc, time, received, body, source)"
+            " VALUES ('state', 'dev-v4', 'state', 6, 6, '{\"state\":{\"x\":1}}', 'device')")
+        conn.execute("INSERT INTO docs (key, gen) VALUES ('dev-v4/state', 0)")
+        conn.execute(
+            "INSERT INTO updates (key, gen, data) VALUES ('dev-v4/state', 0, ?)",
+            (V1_UPDATE,))
+        conn.execute(
+            "INSERT INTO projection (device, doc, map, key, value, updated)"
+            " VALUES ('dev-v4', 'state', 'state', 'x', '1', 6)")
+        conn.execute(
+            "INSERT INTO downlink (device, seq, kind, name, body, created, updated)"
+            " VALUES ('dev-v4', 1, 'message', 'hello', '{}', 7, 7)")
+        conn.execute(
+            "INSERT INTO requests (device, id, route, body, created, updated)"
+            " VALUES ('dev-v4', 'r1', 'weather', '{}', 8, 8)")
 
 
 def write_v2_fixture(path: Path = FIXTURES / "server_v2.db") -> None:
