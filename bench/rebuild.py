@@ -9,12 +9,11 @@ rebuilds off (``rebuild_factor=0``) and on (the defaults): the document the serv
 memory (encoded bytes), the stored log (snapshot + rows), the generation, and the memory one
 cached copy costs (RSS of a child process that loads the stored document 50 times, per copy).
 
-    python bench/rebuild.py [--overwrites 300000]
+    python bench/rebuild.py [--overwrites 300000] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sqlite3
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from common import ADMIN_TOKEN, in_process_server, rss, run_child
+from common import ADMIN_TOKEN, arg_parser, in_process_server, rss, run_child
 
 from crdtsync import AdminClient, crdt
 from crdtsync.protocol import (
@@ -114,13 +113,16 @@ def probe(db: str) -> None:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = arg_parser(__doc__)
     parser.add_argument("--overwrites", type=int, default=300_000)
+    parser.add_argument("--quick", action="store_true", help="10,000 overwrites")
     parser.add_argument("--child-probe", metavar="DB")
     args = parser.parse_args()
     if args.child_probe:
         probe(args.child_probe)
         return
+    if args.quick:
+        args.overwrites = 10_000
     print(f"{args.overwrites:,} overwrites of 10 keys, {PER_SYNC:,} per sync, the cloud"
           " overwriting all 10 after each sync")
     print("| rebuilds | server doc in memory (encoded) | fresh doc | stored log | generation"
