@@ -16,6 +16,10 @@ a large fleet quickly.
       times after it. Yjs keeps a tombstone per overwritten map entry: bytes per overwrite.
 (iii) Fleet size: sync time of one device with 1, 100, 1,000, 10,000 devices provisioned
       (each with a small stored document, as after one sync).
+(iv)  A device's lifetime: 10 keys overwritten by the device and, between syncs, by the cloud
+      (alternating writers), up to 1,000,000 overwrites; at checkpoints the no-change sync
+      against a fresh document's, the bytes a replacement device downloads, the server's
+      memory for the document, stored bytes, the device's database and the generation.
 
 Server memory per document (i, ii) is measured in a fresh child process that loads the stored
 document the way the cache does (``crdt.new_doc``) several times: RSS per copy and load time
@@ -87,6 +91,7 @@ class Rig:
     device: Device
     db: Path
     key: str
+    token: str = ""
     conn: sqlite3.Connection = field(init=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +105,26 @@ class Rig:
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM updates WHERE key = ?",
             (self.key,)).fetchone()
         return (int(row[0]) if row else 0, int(rows), int(size))
+
+    def gen(self) -> int:
+        """The stored generation of the device document."""
+        row = self.conn.execute("SELECT gen FROM docs WHERE key = ?", (self.key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    async def replacement_download(self, tag: str) -> int:
+        """Bytes a replacement device (new database, same id and token) downloads in its
+        first sync to restore the state."""
+        async with Device(self.device.id, self.server.url, token=self.token,
+                          path=self.folder / f"replacement-{tag}.db", interval=None) as dev:
+            report = await dev.sync()
+            assert dev.state.to_dict() == self.device.state.to_dict()
+            return report.bytes_down
+
+    async def memory(self) -> dict[str, float]:
+        """The server's document, loaded in a fresh child process: RSS per copy."""
+        live = self.server.services.docs._docs[self.key]
+        snapshot = live.doc.get_update()
+        return await probe_in_child(self.folder, snapshot, copies_for(len(snapshot)))
 
     def db_file(self) -> int:
         """Bytes of the server database after a WAL checkpoint (free pages included)."""
@@ -145,7 +170,7 @@ async def rig(folder: Path, name: str = "grow-1") -> AsyncIterator[Rig]:
         token = (await provision(server.url, [name]))[name]
         async with Device(name, server.url, token=token, path=folder / "device.db",
                           interval=None) as dev:
-            r = Rig(folder, server, dev, folder / "server.db", doc_key(name, "state"))
+            r = Rig(folder, server, dev, folder / "server.db", doc_key(name, "state"), token)
             try:
                 yield r
             finally:
@@ -255,6 +280,61 @@ async def history(folder: Path, syncs: int, per_sync: int, checkpoints: Sequence
     return rows
 
 
+# --- (iv) a device's lifetime: alternating writers ----------------------------------------
+
+
+LIFE_KEYS = [f"k{i}" for i in range(10)]
+SECTIONS = ["size", "history", "fleet", "lifetime"]
+
+
+async def lifetime_point(r: Rig, overwrites: int, rounds: int) -> dict[str, Any]:
+    """What a long-lived document costs now: no-change sync, replacement download, server
+    memory and stored bytes, the device's database, the generation."""
+    idle, _, idle_down = await r.sync_times(rounds, None)
+    snapshot, rows, log = r.stored()
+    point = {"overwrites": overwrites, "idle": idle, "idle_down": idle_down,
+             "replacement": await r.replacement_download(str(overwrites)),
+             "stored": snapshot + log, "rows": rows, "gen": r.gen(),
+             "device_file": file_size(r.folder / "device.db")}
+    point.update(await r.memory())
+    return point
+
+
+async def lifetime(folder: Path, syncs: int, per_sync: int, checkpoints: Sequence[int],
+                   rounds: int) -> list[dict[str, Any]]:
+    """Ten keys overwritten by the device ``per_sync`` times per sync and each once more by
+    the cloud in between (alternating writers: the tombstones Yjs cannot collect). The first
+    row is a fresh document with the same ten keys, measured in the same run."""
+    rows: list[dict[str, Any]] = []
+    async with rig(folder / "life", "life-1") as r:
+        r.device.state.update(dict.fromkeys(LIFE_KEYS, 0))
+        await r.device.sync()
+        sync = r.server.services.sync
+        root = r.device.doc.get("state", type=Map)
+        written = 0
+        for n in range(syncs):
+            with r.device.doc.transaction():
+                for j in range(per_sync):
+                    root[LIFE_KEYS[j % len(LIFE_KEYS)]] = written + j
+            written += per_sync
+            await sync.write_state(r.device.id, "state", {k: -n for k in LIFE_KEYS})
+            written += len(LIFE_KEYS)
+            await r.device.sync()
+            if (n + 1) * per_sync in checkpoints:
+                rows.append(await lifetime_point(r, written, rounds))
+                row = rows[-1]
+                print(f"  lifetime {written:,} overwrites: gen {row['gen']}, no-change sync "
+                      f"{ms(row['idle'])} ms, replacement download {row['replacement']:,} B, "
+                      f"server doc {row['rss_per_doc'] / KB:,.0f} KB, stored "
+                      f"{row['stored']:,} B, device db {row['device_file'] / KB:,.0f} KB",
+                      flush=True)
+    async with rig(folder / "fresh", "life-fresh") as r:  # after: on an equally warm process
+        r.device.state.update(dict.fromkeys(LIFE_KEYS, 0))
+        await r.device.sync()
+        rows.insert(0, await lifetime_point(r, 0, rounds))
+    return rows
+
+
 PROFILED = (("pycrdt/_doc.py", "get_update"), ("crdtsync/crdt.py", "apply_remote"))
 
 
@@ -321,11 +401,40 @@ async def fleet(folder: Path, sizes: Sequence[int], rounds: int) -> list[dict[st
 # --- report ----------------------------------------------------------------------------------
 
 
+def render_lifetime(life: list[dict[str, Any]], per_sync: int) -> list[str]:
+    fresh = life[0]
+    lines = ["", f"**(iv) A device's lifetime** (10 keys; per sync the device overwrites them "
+             f"{per_sync:,} times and the cloud once each: alternating writers; the first row is "
+             "a fresh document with the same keys, measured in the same run):", "",
+             "| overwrites | generation | no-change sync, ms (vs fresh) | replacement device "
+             "downloads, bytes | server memory for the document, KB | stored on server, bytes "
+             "| device database, KB |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in life:
+        lines.append(
+            f"| {row['overwrites']:,}{' (fresh)' if row is fresh else ''} | {row['gen']} | "
+            f"{ms(row['idle'])} ({median(row['idle']) / median(fresh['idle']):.2f}x) | "
+            f"{row['replacement']:,} | {row['rss_per_doc'] / KB:,.1f} | {row['stored']:,} | "
+            f"{row['device_file'] / KB:,.0f} |")
+    return lines
+
+
 def render(quick: bool, rounds: int, sizes: list[dict[str, Any]], hist: list[dict[str, Any]],
-           per_sync: int, fleets: list[dict[str, Any]]) -> str:
+           per_sync: int, fleets: list[dict[str, Any]], life: list[dict[str, Any]]) -> str:
     lines = [f"Machine: {machine()}. {'Quick mode. ' if quick else ''}Sync times: median "
-             f"(p10-p90) of {rounds} syncs, ms, device + server in one process on loopback.",
-             "", "**(i) Document size** (keys in the device's `state` map, integer values):",
+             f"(p10-p90) of {rounds} syncs, ms, device + server in one process on loopback."]
+    if sizes:
+        lines += render_sizes(sizes)
+    if hist:
+        lines += render_history(hist, per_sync)
+    if fleets:
+        lines += render_fleet(fleets)
+    if life:
+        lines += render_lifetime(life, per_sync)
+    return "\n".join(lines)
+
+
+def render_sizes(sizes: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "**(i) Document size** (keys in the device's `state` map, integer values):",
              "", "| keys | doc update, bytes | no-change sync, ms | 1-key sync, ms | "
              "1-key request, bytes | stored on server after the first sync, bytes | "
              "server db file at the end, KB | "
@@ -340,15 +449,19 @@ def render(quick: bool, rounds: int, sizes: list[dict[str, Any]], hist: list[dic
     big = sizes[-1]
     lines += ["", f"No-change sync at {big['keys']:,} keys vs 1 key: "
               f"{median(big['idle']) / base:.2f}x; 1-key sync: "
-              f"{median(big['change']) / median(sizes[0]['change']):.2f}x.", "",
-              f"**(ii) History** (10 keys overwritten round-robin, {per_sync:,} overwrites per "
-              "transaction and per sync; the server compacts every 500 log rows; 'after' is "
-              "right after a forced compaction):", "",
-              "| overwrites | stored before: log rows / bytes | stored after compaction, "
-              "bytes | bytes per overwrite | no-change sync, ms (response bytes) | "
-              "1-key sync, ms | "
-              f"sync carrying {per_sync:,} overwrites, ms | doc in server memory, KB | "
-              "load (cache miss), ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              f"{median(big['change']) / median(sizes[0]['change']):.2f}x."]
+    return lines
+
+
+def render_history(hist: list[dict[str, Any]], per_sync: int) -> list[str]:
+    lines = ["", f"**(ii) History** (10 keys overwritten round-robin, {per_sync:,} overwrites "
+             "per transaction and per sync; the server compacts every 500 log rows; 'after' is "
+             "right after a forced compaction):", "",
+             "| overwrites | stored before: log rows / bytes | stored after compaction, "
+             "bytes | bytes per overwrite | no-change sync, ms (response bytes) | "
+             "1-key sync, ms | "
+             f"sync carrying {per_sync:,} overwrites, ms | doc in server memory, KB | "
+             "load (cache miss), ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     first = hist[0]
     for h in hist:
         before = h["before"]
@@ -368,24 +481,27 @@ def render(quick: bool, rounds: int, sizes: list[dict[str, Any]], hist: list[dic
               f"overwrite, no-change sync {median(last['idle']) / median(first['idle']):.2f}x and "
               f"1-key sync {median(last['change']) / median(first['change']):.2f}x the fresh "
               f"document's; device document {last['device_doc']:,} bytes; server db file "
-              f"{last['db_after'] / MB:.1f} MB (free pages included).", ""]
+              f"{last['db_after'] / MB:.1f} MB (free pages included)."]
     if "profile" in last:
-        lines += [f"Where a sync's time goes at {n:,} overwrites (cProfile, device + server, "
-                  "ms per sync; the profiler adds overhead):", "",
+        lines += ["", f"Where a sync's time goes at {n:,} overwrites (cProfile, device + "
+                  "server, ms per sync; the profiler adds overhead):", "",
                   "| sync | step | ms per sync |", "|---|---|---:|"]
         for kind, steps in last["profile"].items():
             lines += [f"| {kind} | {label} | {value:.2f} |"
                       for label, value in steps if value >= 0.05]
-        lines.append("")
-    lines += ["**(iii) Fleet size** (devices provisioned, each with a stored 6-key document):",
-              "", "| devices | no-change sync, ms | 1-key sync, ms | vs 1 device | "
-              "server db file, MB |", "|---:|---:|---:|---:|---:|"]
+    return lines
+
+
+def render_fleet(fleets: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "**(iii) Fleet size** (devices provisioned, each with a stored 6-key "
+             "document):", "", "| devices | no-change sync, ms | 1-key sync, ms | vs 1 device | "
+             "server db file, MB |", "|---:|---:|---:|---:|---:|"]
     for f in fleets:
         lines.append(f"| {f['devices']:,} | {ms(f['idle'])} | {ms(f['change'])} | "
                      f"{median(f['idle']) / median(fleets[0]['idle']):.2f} / "
                      f"{median(f['change']) / median(fleets[0]['change']):.2f} | "
                      f"{f['db_file'] / MB:.1f} |")
-    return "\n".join(lines)
+    return lines
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -395,20 +511,25 @@ async def main(args: argparse.Namespace) -> None:
     syncs, per_sync = (10, 1_000) if quick else (1_000, 1_000)
     checkpoints = (1_000, 10_000) if quick else (1_000, 10_000, 100_000, 1_000_000)
     fleet_sizes = (1, 10, 100) if quick else (1, 100, 1_000, 10_000)
+    life_points = (1_000, 10_000) if quick else (10_000, 100_000, 300_000, 1_000_000)
     print(f"Machine: {machine()}", flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sizes = []
-        for k in key_counts:
+        for k in key_counts if "size" in args.sections else ():
             sizes.append(await doc_size(folder / f"keys-{k}", k, rounds))
             s = sizes[-1]
             print(f"  {k:,} keys: doc {s['doc_bytes']:,} B, no-change {ms(s['idle'])} ms, "
                   f"1-key {ms(s['change'])} ms", flush=True)
-        hist = await history(folder / "history", syncs, per_sync, checkpoints, rounds)
-        fleets = await fleet(folder / "fleet", fleet_sizes, rounds)
+        hist = (await history(folder / "history", syncs, per_sync, checkpoints, rounds)
+                if "history" in args.sections else [])
+        fleets = (await fleet(folder / "fleet", fleet_sizes, rounds)
+                  if "fleet" in args.sections else [])
+        life = (await lifetime(folder / "lifetime", life_points[-1] // per_sync, per_sync,
+                               life_points, rounds) if "lifetime" in args.sections else [])
     print(f"total {time.perf_counter() - started:.0f} s")
-    text = render(quick, rounds, sizes, hist, per_sync, fleets)
+    text = render(quick, rounds, sizes, hist, per_sync, fleets, life)
     report(text, args.write, "growth")
 
 
@@ -417,6 +538,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke test)")
     parser.add_argument("--rounds", type=int, default=30, help="syncs per timing")
     parser.add_argument("--write", type=Path, help="replace the growth block of this file")
+    parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS,
+                        help="which sections to run (all by default)")
     parser.add_argument("--child-probe", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--copies", type=int, default=1, help=argparse.SUPPRESS)
     return parser.parse_args()

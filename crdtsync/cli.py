@@ -115,6 +115,10 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         config.header_timeout = args.header_timeout
     if args.body_timeout is not None:
         config.body_timeout = args.body_timeout
+    if args.rebuild_factor is not None:
+        config.rebuild_factor = args.rebuild_factor
+    if args.rebuild_slack is not None:
+        config.rebuild_slack = args.rebuild_slack
     return config
 
 
@@ -473,6 +477,15 @@ def number(kind: Callable[[str], float], minimum: float) -> Callable[[str], Any]
     return parse
 
 
+def rebuild_factor(text: str) -> float:
+    """argparse type of ``--rebuild-factor``: 0 (off) or a number of at least 1 (below 1 a
+    fresh document would be rebuilt again at every check)."""
+    value = float(number(float, 0)(text))
+    if 0 < value < 1:
+        raise argparse.ArgumentTypeError("must be 0 (off) or at least 1")
+    return value
+
+
 def client_options() -> argparse.ArgumentParser:
     """The options every management command takes."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -520,6 +533,13 @@ def add_serve(sub: Subparsers) -> None:
                    help="a request body that does not arrive this soon is refused with 408;"
                         " raise it for devices on slow links"
                         f" (default {ServerConfig().body_timeout:g})")
+    p.add_argument("--rebuild-factor", type=rebuild_factor, metavar="X",
+                   help="rebuild a device's state document without its history when it is"
+                        " over X times a fresh document with the same content (plus the"
+                        f" slack); 0 disables (default {ServerConfig().rebuild_factor:g})")
+    p.add_argument("--rebuild-slack", type=number(int, 0), metavar="BYTES",
+                   help="history a state document may carry beyond the factor before it is"
+                        f" rebuilt (default {ServerConfig().rebuild_slack})")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)

@@ -2,8 +2,10 @@
 
 A crdtsync document is a pycrdt ``Doc`` whose roots are all ``Map``s (``state``, ``config``,
 ...). This module owns the few operations both sides do the same way: building a document
-from a stored log, compacting a log through a ``Doc`` (PYCRDT_NOTES 3), applying a remote
-update with errors translated, writing validated values, and reading a document as JSON.
+from a stored log, compacting a log through a ``Doc`` (PYCRDT_NOTES 3), rebuilding a
+document without its history, carrying keys into a new generation (adoption), applying a
+remote update with errors translated, writing validated values, and reading a document as
+JSON.
 """
 
 from __future__ import annotations
@@ -60,6 +62,38 @@ def new_doc(client_id: int, snapshot: bytes = b"", updates: Iterable[bytes] = ()
 def compact(snapshot: bytes, updates: Iterable[bytes]) -> bytes:
     """Merge a snapshot and updates into one update, through a ``Doc`` (fast, garbage-collected)."""
     return new_doc(1, snapshot, updates).get_update()
+
+
+def rebuilt(doc: Doc[Any], client_id: int) -> Doc[Any]:
+    """A new document with client id ``client_id`` holding the content of ``doc`` and none
+    of its history (tombstones of overwritten and deleted values): what a rebuild stores as
+    the next generation (docs/architecture.md, "Generations").
+
+    Every root map keeps its keys; a nested ``Y.Map``, ``Y.Array`` or ``Y.Text`` is
+    recreated as the same shared type (so later edits inside it still merge), a plain value
+    is copied with numbers normalized (:func:`~crdtsync.values.normalize`; JSON does not
+    tell ``5`` from ``5.0``). Only what a crdtsync document may hold is expected (root maps,
+    JSON values, those three types without formatting; ``crdtsync.yupdate`` refuses the
+    rest). ``client_id`` must be new to the content: pass :func:`random_client_id`.
+    """
+    fresh: Doc[Any] = Doc(client_id=client_id)
+    with doc.transaction(), fresh.transaction():
+        for name in sorted(doc.keys()):
+            target = fresh.get(name, type=Map)
+            for key, value in doc.get(name, type=Map).items():
+                target[key] = _fresh(value)
+    return fresh
+
+
+def _fresh(value: Any) -> Any:
+    """``value`` as a new, unintegrated value of the same kind (see :func:`rebuilt`)."""
+    if isinstance(value, Map):
+        return Map({key: _fresh(item) for key, item in value.items()})
+    if isinstance(value, Array):
+        return Array([_fresh(item) for item in value])
+    if isinstance(value, Text):
+        return Text(str(value))
+    return normalize(value)
 
 
 def apply_remote(doc: Doc[Any], update: bytes, *, name: str = "") -> None:
@@ -120,20 +154,6 @@ def write(doc: Doc[Any], name: str, changes: Mapping[str, Any]) -> None:
 _MISSING = object()
 
 
-def prelim(value: Any) -> Any:
-    """A copy of ``value`` (read from a document) that can be written into another document:
-    a nested ``Map``, ``Array`` or ``Text`` becomes a new one of the same type with copied
-    contents (never flattened to plain data, so later edits inside it still merge); plain
-    values are returned as they are."""
-    if isinstance(value, Map):
-        return Map({key: prelim(item) for key, item in value.items()})
-    if isinstance(value, Array):
-        return Array([prelim(item) for item in value])
-    if isinstance(value, Text):
-        return Text(str(value))
-    return value
-
-
 def root_keys(doc: Doc[Any]) -> list[tuple[str, str]]:
     """Every ``(map, key)`` of ``doc``, sorted."""
     names = list(doc.keys())
@@ -155,14 +175,15 @@ def differences(before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Map
 
 def carry(source: Doc[Any], target: Doc[Any], keys: Iterable[tuple[str, str]]) -> None:
     """Write the value ``source`` holds for each ``(map, key)`` into ``target``, in one
-    transaction of ``target``: a copy (:func:`prelim`) when ``source`` has the key, a delete
-    when it has not. A root is created in neither document only to find a key absent."""
+    transaction of ``target``: a copy when ``source`` has the key (nested types recreated as
+    the same types, as :func:`rebuilt` does), a delete when it has not. A root is created in
+    neither document only to find a key absent."""
     roots, targets = set(source.keys()), set(target.keys())
     with target.transaction():
         for name, key in keys:
             value = source.get(name, type=Map).get(key, _MISSING) if name in roots else _MISSING
             if value is not _MISSING:
-                root_map(target, name)[key] = prelim(value)
+                root_map(target, name)[key] = _fresh(value)
             elif name in targets and key in (root := root_map(target, name)):
                 del root[key]
 

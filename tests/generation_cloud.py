@@ -52,9 +52,8 @@ class GenerationCloud:
     def rebuild(self, gen: int | None = None) -> None:
         """Replace the document by a fresh one with the same content and a new client id, at
         generation ``gen`` (default: one more). A lower ``gen`` plays a restored backup."""
-        fresh = crdt.new_doc(crdt.random_client_id())
-        crdt.carry(self.doc, fresh, crdt.root_keys(self.doc))
-        self.doc, self.gen = fresh, self.gen + 1 if gen is None else gen
+        self.doc = crdt.rebuilt(self.doc, crdt.random_client_id())
+        self.gen = self.gen + 1 if gen is None else gen
 
     def json(self) -> dict[str, Any]:
         return crdt.to_json(self.doc)

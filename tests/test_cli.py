@@ -310,6 +310,22 @@ def test_serve_options_become_the_server_config() -> None:
             build_parser().parse_args(["serve", option, "0"])
 
 
+def test_serve_rebuild_options() -> None:
+    from crdtsync.cli import build_parser, serve_config
+
+    defaults = serve_config(build_parser().parse_args(["serve"]))
+    assert (defaults.rebuild_factor, defaults.rebuild_slack) == (2.0, 1024)
+    tuned = serve_config(build_parser().parse_args(
+        ["serve", "--rebuild-factor", "3.5", "--rebuild-slack", "0"]))
+    assert (tuned.rebuild_factor, tuned.rebuild_slack) == (3.5, 0)
+    assert serve_config(build_parser().parse_args(
+        ["serve", "--rebuild-factor", "0"])).rebuild_factor == 0
+    for option, value in (("--rebuild-factor", "0.5"), ("--rebuild-factor", "-1"),
+                          ("--rebuild-factor", "x"), ("--rebuild-slack", "-1")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", option, value])
+
+
 def test_device_token_disable_enable_delete(server: str, tmp_path: Path) -> None:
     """The credential lifecycle from the command line, each step checked with a real
     device: a new token replaces the old one, disable refuses syncs, delete forgets it."""

@@ -1,18 +1,21 @@
 """The server's document cache: LRU capacity, idle eviction, catch-up only after another
-writer committed."""
+writer committed, and the rebuild policy (when a document becomes its next generation)."""
 
 from __future__ import annotations
 
 import gc
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pycrdt import Doc
 
 from crdtsync import crdt
-from crdtsync.errors import Unavailable
+from crdtsync.errors import StoreError, Unavailable
 from crdtsync_server.documents import RETIRE_GRACE, DocumentCache
-from crdtsync_server.store import DocWrite, MemoryStore, SQLiteStore, SyncWrite
+from crdtsync_server.store import DocLog, DocWrite, MemoryStore, SQLiteStore, Store, SyncWrite
 
 
 class Clock:
@@ -116,3 +119,176 @@ async def test_a_document_closed_while_in_use_refuses_to_capture() -> None:
         crdt.write(live.doc, "state", {"k": 1})
         with pytest.raises(Unavailable):
             live.capture()
+
+
+# --- rebuild policy (issue 12) ---------------------------------------------------------------
+
+KEY = "d/state"
+
+
+@dataclass
+class Replica:
+    """The device side of :func:`round_trip`: its document and the generation it holds."""
+
+    doc: Doc[Any] = field(default_factory=lambda: crdt.new_doc(crdt.random_client_id()))
+    gen: int = 0
+
+
+async def round_trip(cache: DocumentCache, store: Store, device: Replica, i: int,
+                     *, adopts: bool = True) -> None:
+    """One round of a device and the cloud overwriting the same ten keys (alternating
+    writers: tombstones Yjs cannot collect), each write committed as a sync would, then the
+    cache's maintenance. The device first adopts a new generation if there is one."""
+    async with cache.lock("d"):
+        live = await cache.get(KEY)
+        if device.gen != live.gen:
+            device.doc = crdt.new_doc(crdt.random_client_id(), live.doc.get_update())
+            device.gen = live.gen
+        live.adopts = adopts  # what a sync with (or without) `a` records
+        before = device.doc.get_state()
+        crdt.write(device.doc, "state", {f"k{i % 10}": i})
+        crdt.apply_remote(live.doc, device.doc.get_update(before))
+        crdt.write(live.doc, "state", {f"k{(i + 5) % 10}": -i})
+        stored = await store.commit(SyncWrite(None, i, docs=[
+            DocWrite(KEY, live.capture(), live.gen)]))
+        live.committed(stored.update_ids[0], stored.prev_ids[0])
+        device.doc.apply_update(live.doc.get_update(device.doc.get_state()))
+        await cache.after_commit(live)
+
+
+async def overwrite(cache: DocumentCache, store: Store, rounds: int, *, start: int = 0,
+                    adopts: bool = True) -> dict[str, Any]:
+    """``rounds`` rounds of :func:`round_trip`; returns the document as JSON."""
+    device = Replica()
+    for i in range(start, start + rounds):
+        await round_trip(cache, store, device, i, adopts=adopts)
+    return crdt.to_json((await cache.get(KEY)).doc)
+
+
+async def stored_size(store: Store) -> int:
+    """Bytes of the stored log of ``KEY``: snapshot and rows."""
+    log = await store.load_doc(KEY)
+    return len(log.snapshot) + sum(len(u) for _, u in log.updates)
+
+
+async def test_a_document_is_rebuilt_once_its_history_outweighs_its_content(
+        tmp_path: Path) -> None:
+    """The same 400 rounds with and without rebuilds: the same content, a bounded document
+    in memory and in the store instead of one that grows with every write."""
+    async with SQLiteStore(tmp_path / "on.db") as store, \
+            SQLiteStore(tmp_path / "off.db") as unbounded:
+        cache = DocumentCache(store, 1, rebuild_slack=256)
+        await overwrite(cache, store, 5)
+        assert cache.rebuilds == 0 and (await store.load_doc(KEY)).gen == 0  # still small
+        content = await overwrite(cache, store, 395, start=5)
+        assert cache.rebuilds >= 1
+        live = await cache.get(KEY)
+        log = await store.load_doc(KEY)
+        assert live.gen == log.gen == cache.rebuilds
+        assert crdt.to_json(crdt.new_doc(9, log.snapshot, (u for _, u in log.updates))) \
+            == content == crdt.to_json(live.doc)
+
+        off = DocumentCache(unbounded, 1, rebuild_factor=0)
+        assert await overwrite(off, unbounded, 400) == content
+        history = len((await off.get(KEY)).doc.get_update())
+        # At most factor * fresh + slack, plus what one check interval adds.
+        fresh = len(crdt.rebuilt(live.doc, 5).get_update())
+        assert len(live.doc.get_update()) <= 3 * fresh + 2 * 256 < history / 4
+        assert await stored_size(store) < await stored_size(unbounded) / 2
+
+
+async def test_only_documents_of_devices_that_adopt_are_rebuilt(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        cache = DocumentCache(store, 1, rebuild_slack=256)
+        await overwrite(cache, store, 150, adopts=False)
+        assert cache.rebuilds == 0 and (await store.load_doc(KEY)).gen == 0
+        cache.rebuild_factor = 0  # off
+        await overwrite(cache, store, 5, start=150)
+        assert cache.rebuilds == 0
+        cache.rebuild_factor = 2
+        await overwrite(cache, store, 1, start=155)  # due at once: never checked before
+        assert cache.rebuilds == 1 and (await store.load_doc(KEY)).gen == 1
+
+
+def test_a_rebuild_factor_below_one_is_refused() -> None:
+    with pytest.raises(ValueError):
+        DocumentCache(MemoryStore(), 1, rebuild_factor=0.5)
+    with pytest.raises(ValueError):
+        DocumentCache(MemoryStore(), 1, rebuild_slack=-1)
+
+
+async def test_a_rebuild_racing_another_process_changes_nothing_and_is_retried(
+        tmp_path: Path) -> None:
+    """Another process appends after this one committed and before its rebuild: the
+    compare-and-set refuses, both rows stay, and a later write rebuilds with both."""
+    path = tmp_path / "s.db"
+    async with SQLiteStore(path) as ours, SQLiteStore(path) as theirs:
+        cache = DocumentCache(ours, 1, rebuild_factor=0, rebuild_slack=256)
+        await overwrite(cache, ours, 150)
+        other = DocumentCache(theirs, 2)
+        async with other.lock("d"):
+            copy = await other.get(KEY)
+            crdt.write(copy.doc, "state", {"theirs": True})
+            await theirs.commit(SyncWrite(None, 1, docs=[DocWrite(KEY, copy.capture())]))
+        before = await ours.load_doc(KEY)
+        cache.rebuild_factor = 2
+        live = cache._docs[KEY]  # what a sync of ours holds after its commit
+        assert not await cache.maybe_rebuild(live)
+        assert await ours.load_doc(KEY) == before and cache.rebuilds == 0
+        content = await overwrite(cache, ours, 20, start=150)  # catches up, retries
+        assert cache.rebuilds >= 1 and content["state"]["theirs"] is True
+        log = await ours.load_doc(KEY)
+        assert log.gen == cache.rebuilds and content == crdt.to_json(
+            crdt.new_doc(9, log.snapshot, (u for _, u in log.updates)))
+        await theirs.get_setting("x")  # any call notices the other connection's commit
+        async with other.lock("d"):  # the other process reloads the new generation
+            assert (await other.get(KEY)).gen == log.gen
+
+
+async def test_a_failed_rebuild_is_logged_and_retried(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        cache = DocumentCache(store, 1, rebuild_factor=0, rebuild_slack=256)
+        await overwrite(cache, store, 150)
+        before = await store.load_doc(KEY)
+        rebuild = store.rebuild
+
+        async def failing(*args: Any) -> bool:
+            raise StoreError("disk I/O error (test)")
+
+        store.rebuild = failing  # type: ignore[method-assign]
+        cache.rebuild_factor = 2
+        content = await overwrite(cache, store, 1, start=150)  # never raises
+        assert cache.rebuild_failures == 1 and cache.rebuilds == 0
+        assert "rebuild of d/state failed, will retry" in caplog.text
+        assert (await store.load_doc(KEY)).gen == 0
+        assert len((await store.load_doc(KEY)).updates) == len(before.updates) + 1
+        live = await cache.get(KEY)
+        assert live.grown == 0 and live.fresh_size is not None
+        await overwrite(cache, store, 1, start=151)  # ~50 bytes, below the interval
+        assert cache.rebuild_failures == 1  # not at every write: at the next check
+        store.rebuild = rebuild  # type: ignore[method-assign]
+        assert await overwrite(cache, store, 20, start=152) != content
+        assert cache.rebuilds >= 1 and (await store.load_doc(KEY)).gen == cache.rebuilds
+
+
+async def test_a_failed_reload_after_a_rebuild_is_left_to_the_next_use(
+        tmp_path: Path) -> None:
+    """The store step is the rebuild; reading the new generation back is not: if that read
+    fails, the next use of the document loads it."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        cache = DocumentCache(store, 1, rebuild_factor=0, rebuild_slack=256)
+        content = await overwrite(cache, store, 150)
+        load_doc = store.load_doc
+
+        async def failing(key: str) -> DocLog:
+            raise StoreError("disk I/O error (test)")
+
+        store.load_doc = failing  # type: ignore[method-assign]
+        cache.rebuild_factor = 2
+        live = cache._docs[KEY]
+        assert await cache.maybe_rebuild(live)
+        assert KEY not in cache._docs
+        store.load_doc = load_doc  # type: ignore[method-assign]
+        again = await cache.get(KEY)
+        assert again.gen == 1 and crdt.to_json(again.doc) == content

@@ -46,7 +46,7 @@ def rich_doc(client_id: int = 7) -> Doc[Any]:
     doc.get("config", type=Map)["interval"] = 30
     state["n"] = 6
     del state["f"]
-    state["note"] += "!"  # type: ignore[operator]
+    state["note"].insert(len("hello 😀".encode()), "!")  # type: ignore[union-attr] # (bytes)
     return doc
 
 

@@ -683,6 +683,11 @@ def test_metrics_text() -> None:
                    'crdtsync_sink_dead_letters_total{sink="we\\"ird"} 1',
                    'crdtsync_sink_last_delivered_timestamp_seconds{sink="we\\"ird"} 1.5'):
         assert sample in lines
+    assert "crdtsync_doc_rebuilds_total 0" in lines
+    rebuilt = render_metrics(0, [], rebuilds=4, rebuild_failures=1).splitlines()
+    assert "# TYPE crdtsync_doc_rebuilds_total counter" in rebuilt
+    assert {"crdtsync_doc_rebuilds_total 4", "crdtsync_doc_rebuild_failures_total 1"} <= set(
+        rebuilt)
     idle = SinkRecord(SinkConfig("idle", "webhook"))
     assert not any("last_delivered" in line and "idle" in line
                    for line in render_metrics(0, [idle]).splitlines())

@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 from pycrdt import Doc, Map
 
-from crdtsync.errors import AlreadyExists, ClosedError, NotFound, SeqConflict, SeqGap
+from crdtsync.errors import (
+    AlreadyExists,
+    ClosedError,
+    NotFound,
+    SeqConflict,
+    SeqGap,
+    Unavailable,
+)
 from crdtsync.protocol import Event
 from crdtsync_server.store import (
     CommandResult,
@@ -92,7 +99,7 @@ async def test_unknown_doc_is_empty(store: Store) -> None:
 async def test_commit_appends_updates_in_id_order(store: Store) -> None:
     first = await write_docs(store, "a", b"u1", b"u2", gen=3)
     second = await store.commit(
-        SyncWrite(None, 6, docs=[DocWrite("b", b"x1"), DocWrite("a", b"u3")])
+        SyncWrite(None, 6, docs=[DocWrite("b", b"x1"), DocWrite("a", b"u3", 3)])
     )
     ids = [*first.update_ids, *second.update_ids]
     assert len(ids) == 4
@@ -198,6 +205,94 @@ async def test_snapshot_plus_updates_rebuild_the_document(store: Store) -> None:
     compacted = await store.load_doc("d")
     assert compacted.updates == ()
     assert _replay(compacted) == expected
+
+
+# --- generations (rebuild) ----------------------------------------------------------------
+
+
+async def test_rebuild_replaces_the_log_by_the_next_generation(store: Store) -> None:
+    ids = (await write_docs(store, "a", b"u1", b"u2")).update_ids
+    other = (await write_docs(store, "other", b"o1")).update_ids
+    assert await store.rebuild("a", 0, ids[1], b"fresh")
+
+    log = await store.load_doc("a")
+    assert (log.gen, log.snapshot, log.updates) == (1, b"fresh", ())
+    assert log.snapshot_id > other[0]  # fresh: above every id any cached copy can hold
+    assert await store.read_since("a", ids[1]) is None  # a copy of generation 0 reloads
+    assert (await store.load_doc("other")).updates == ((other[0], b"o1"),)
+
+    late = (await write_docs(store, "a", b"u3", gen=1)).update_ids[0]
+    assert late > log.snapshot_id
+    assert await store.read_since("a", log.snapshot_id) == ((late, b"u3"),)
+    assert await store.rebuild("a", 1, late, b"fresh2")
+    again = await store.load_doc("a")
+    assert (again.gen, again.snapshot, again.updates) == (2, b"fresh2", ())
+
+
+async def test_rebuild_of_an_unknown_document_starts_generation_one(store: Store) -> None:
+    assert await store.rebuild("new", 0, 0, b"fresh")
+    log = await store.load_doc("new")
+    assert (log.gen, log.snapshot, log.updates) == (1, b"fresh", ())
+
+
+async def test_rebuild_racing_an_append_changes_nothing(store: Store) -> None:
+    """The rebuilder read the document up to ``read.last_id``; another writer (another
+    process) appended since: the compare-and-set refuses, and nothing is lost."""
+    first = (await write_docs(store, "a", b"u1")).update_ids[0]
+    read = await store.load_doc("a")
+    late = (await write_docs(store, "a", b"u2")).update_ids[0]
+    assert not await store.rebuild("a", read.gen, read.last_id, b"fresh")
+    log = await store.load_doc("a")
+    assert (log.gen, log.snapshot, log.updates) == (0, b"", ((first, b"u1"), (late, b"u2")))
+
+
+async def test_rebuild_of_a_stale_generation_changes_nothing(store: Store) -> None:
+    ids = (await write_docs(store, "a", b"u1")).update_ids
+    assert await store.rebuild("a", 0, ids[0], b"fresh")
+    fresh = await store.load_doc("a")
+    assert not await store.rebuild("a", 0, fresh.last_id, b"stale")  # rebuilt meanwhile
+    assert not await store.rebuild("a", 5, fresh.last_id, b"future")
+    assert await store.load_doc("a") == fresh
+
+
+async def test_rebuild_after_a_compaction_past_its_read_changes_nothing(store: Store) -> None:
+    ids = (await write_docs(store, "a", b"u1", b"u2")).update_ids
+    await store.compact("a", ids[1], b"snap")  # another process compacted what it had read
+    assert not await store.rebuild("a", 0, ids[0], b"fresh")
+    assert await store.rebuild("a", 0, ids[1], b"fresh")
+
+
+async def test_a_stale_compaction_never_replaces_a_rebuilt_generation(store: Store) -> None:
+    ids = (await write_docs(store, "a", b"u1", b"u2")).update_ids
+    assert await store.rebuild("a", 0, ids[1], b"fresh")
+    await store.compact("a", ids[1], b"old generation")
+    log = await store.load_doc("a")
+    assert (log.gen, log.snapshot) == (1, b"fresh")
+
+
+async def test_commit_refuses_a_write_of_a_stale_generation(store: Store) -> None:
+    """A process that has not noticed a rebuild must not append an update built on the old
+    generation: the whole commit is refused, retryable, with nothing stored."""
+    await add_device(store)
+    ids = (await write_docs(store, "dev-1/state", b"u1")).update_ids
+    assert await store.rebuild("dev-1/state", 0, ids[0], b"fresh")
+    rebuilt = await store.load_doc("dev-1/state")
+    stale = SyncWrite("dev-1", 9, docs=[DocWrite("other", b"o1"), DocWrite("dev-1/state", b"x")],
+                      events=evs(1, 2))
+    with pytest.raises(Unavailable) as info:
+        await store.commit(stale)
+    assert info.value.retryable and info.value.detail == {"doc": "dev-1/state", "gen": 1}
+    assert await store.load_doc("dev-1/state") == rebuilt
+    assert await store.load_doc("other") == DocLog()
+    assert await store.read_events() == []
+    device = await store.get_device("dev-1")
+    assert device is not None and (device.last_seq, device.last_sync) == (0, None)
+    with pytest.raises(Unavailable):
+        await write_docs(store, "dev-1/state", b"x", gen=0)  # a cloud write alike
+    # The same write into the stored generation goes through.
+    done = await store.commit(dataclasses.replace(stale, docs=[DocWrite("dev-1/state", b"x", 1)]))
+    assert done.stored == 2
+    assert (await store.load_doc("dev-1/state")).updates == ((done.update_ids[0], b"x"),)
 
 
 # --- events ------------------------------------------------------------------------------

@@ -19,12 +19,14 @@ import dataclasses
 import os
 import shutil
 import sqlite3
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from crdtsync.errors import ClosedError, StoreError
+from crdtsync.errors import ClosedError, StoreError, Unavailable
 from crdtsync.protocol import Event
 from crdtsync.sqlite_worker import statements, transaction
 from crdtsync_server.store import (
@@ -39,6 +41,7 @@ from crdtsync_server.store import (
     open_store,
     sqlite_feed,
 )
+from crdtsync_server.store import sqlite as sqlite_store
 from crdtsync_server.store.base import event_digest
 from crdtsync_server.store.feed import event_json
 from crdtsync_server.store.sqlite import MIGRATIONS, SCHEMA_VERSION
@@ -94,68 +97,68 @@ V2_DEVICE = DeviceRecord(
 V2_EVENT = Event(1, "hum", 1_710_000_000_000, {"rh": 40})
 
 
+@contextmanager
+def migrated_fixture(path: Path, version: int) -> Iterator[sqlite3.Connection]:
+    """A new golden file at ``path`` with the migrations up to ``version`` applied; the
+    block fills it in the same transaction; compacted to a single file at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        with transaction(conn):
+            for script in MIGRATIONS[:version]:
+                for statement in statements(script):
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+            yield conn
+        conn.execute("VACUUM")
+
+
 def write_v3_fixture(path: Path = FIXTURES / "server_v3.db") -> None:
     """Write ``server_v3.db``: schemas v1 to v3 only, a fleet with one device and its
     event, and the device's document."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
     e = V1_EVENT
-    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        with transaction(conn):
-            for script in MIGRATIONS[:3]:
-                for statement in statements(script):
-                    conn.execute(statement)
-            conn.execute("PRAGMA user_version = 3")
-            conn.execute("INSERT INTO fleets (id, created) VALUES ('west', 1)")
-            conn.execute(
-                "INSERT INTO devices (id, token_hash, created, last_seq, fleet, fleet_gen)"
-                " VALUES ('dev-v3', 'h', 1, 1, 'west', 1)")
-            conn.execute(
-                "INSERT INTO events (device, seq, topic, time, received, body, digest)"
-                " VALUES ('dev-v3', ?, ?, ?, 5, ?, ?)",
-                (e.seq, e.topic, e.time, event_json(e), event_digest(e)))
-            conn.execute(
-                "INSERT INTO updates (key, gen, data) VALUES ('dev-v3/state', 0, ?)",
-                (V1_UPDATE,))
-        conn.execute("VACUUM")
+    with migrated_fixture(path, 3) as conn:
+        conn.execute("INSERT INTO fleets (id, created) VALUES ('west', 1)")
+        conn.execute(
+            "INSERT INTO devices (id, token_hash, created, last_seq, fleet, fleet_gen)"
+            " VALUES ('dev-v3', 'h', 1, 1, 'west', 1)")
+        conn.execute(
+            "INSERT INTO events (device, seq, topic, time, received, body, digest)"
+            " VALUES ('dev-v3', ?, ?, ?, 5, ?, ?)",
+            (e.seq, e.topic, e.time, event_json(e), event_digest(e)))
+        conn.execute(
+            "INSERT INTO updates (key, gen, data) VALUES ('dev-v3/state', 0, ?)",
+            (V1_UPDATE,))
 
 
 def write_v4_fixture(path: Path = FIXTURES / "server_v4.db") -> None:
     """Write ``server_v4.db``: schemas v1 to v4 only, two devices (one with an event, a
     document, its projection row, a queued message and a request) and a state change."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
     e = V1_EVENT
-    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        with transaction(conn):
-            for script in MIGRATIONS[:4]:
-                for statement in statements(script):
-                    conn.execute(statement)
-            conn.execute("PRAGMA user_version = 4")
-            conn.execute(
-                "INSERT INTO devices (id, token_hash, created, last_seq, down_seq)"
-                " VALUES ('dev-v4', 'hash-v4', 1, 1, 1), ('other', 'hash-other', 2, 0, 0)")
-            conn.execute(
-                "INSERT INTO feed (kind, device, seq, topic, time, received, body, digest)"
-                " VALUES ('event', 'dev-v4', ?, ?, ?, 5, ?, ?)",
-                (e.seq, e.topic, e.time, event_json(e), event_digest(e)))
-            conn.execute(
-                "INSERT INTO feed (kind, device, doc, time, received, body, source)"
-                " VALUES ('state', 'dev-v4', 'state', 6, 6, '{\"state\":{\"x\":1}}', 'device')")
-            conn.execute("INSERT INTO docs (key, gen) VALUES ('dev-v4/state', 0)")
-            conn.execute(
-                "INSERT INTO updates (key, gen, data) VALUES ('dev-v4/state', 0, ?)",
-                (V1_UPDATE,))
-            conn.execute(
-                "INSERT INTO projection (device, doc, map, key, value, updated)"
-                " VALUES ('dev-v4', 'state', 'state', 'x', '1', 6)")
-            conn.execute(
-                "INSERT INTO downlink (device, seq, kind, name, body, created, updated)"
-                " VALUES ('dev-v4', 1, 'message', 'hello', '{}', 7, 7)")
-            conn.execute(
-                "INSERT INTO requests (device, id, route, body, created, updated)"
-                " VALUES ('dev-v4', 'r1', 'weather', '{}', 8, 8)")
-        conn.execute("VACUUM")
+    with migrated_fixture(path, 4) as conn:
+        conn.execute(
+            "INSERT INTO devices (id, token_hash, created, last_seq, down_seq)"
+            " VALUES ('dev-v4', 'hash-v4', 1, 1, 1), ('other', 'hash-other', 2, 0, 0)")
+        conn.execute(
+            "INSERT INTO feed (kind, device, seq, topic, time, received, body, digest)"
+            " VALUES ('event', 'dev-v4', ?, ?, ?, 5, ?, ?)",
+            (e.seq, e.topic, e.time, event_json(e), event_digest(e)))
+        conn.execute(
+            "INSERT INTO feed (kind, device, doc, time, received, body, source)"
+            " VALUES ('state', 'dev-v4', 'state', 6, 6, '{\"state\":{\"x\":1}}', 'device')")
+        conn.execute("INSERT INTO docs (key, gen) VALUES ('dev-v4/state', 0)")
+        conn.execute(
+            "INSERT INTO updates (key, gen, data) VALUES ('dev-v4/state', 0, ?)",
+            (V1_UPDATE,))
+        conn.execute(
+            "INSERT INTO projection (device, doc, map, key, value, updated)"
+            " VALUES ('dev-v4', 'state', 'state', 'x', '1', 6)")
+        conn.execute(
+            "INSERT INTO downlink (device, seq, kind, name, body, created, updated)"
+            " VALUES ('dev-v4', 1, 'message', 'hello', '{}', 7, 7)")
+        conn.execute(
+            "INSERT INTO requests (device, id, route, body, created, updated)"
+            " VALUES ('dev-v4', 'r1', 'weather', '{}', 8, 8)")
 
 
 def write_v2_fixture(path: Path = FIXTURES / "server_v2.db") -> None:
@@ -578,3 +581,53 @@ async def test_failed_group_transaction_fails_every_write(tmp_path: Path) -> Non
         # and the store keeps working afterwards
         await store.commit(SyncWrite("d0", 11, events=[Event(1, "t", 1, {})]))
         assert len(await store.read_events()) == 1
+
+
+# --- generations: two processes on one file -----------------------------------------------
+
+
+async def test_a_rebuild_and_another_process_on_the_same_file(tmp_path: Path) -> None:
+    """Two stores on one file stand for two server processes. A rebuild compared against
+    what one process read loses to the other's append (nothing lost); once it happens, the
+    other process's copy reloads (``read_since`` answers None) and its writes of the old
+    generation are refused."""
+    path = tmp_path / "s.db"
+    async with SQLiteStore(path) as one, SQLiteStore(path) as two:
+        first = (await one.commit(SyncWrite(None, 1, docs=[DocWrite("k", b"u1")]))).update_ids
+        read = await one.load_doc("k")
+        held = await two.load_doc("k")
+        late = (await two.commit(SyncWrite(None, 2, docs=[DocWrite("k", b"u2")]))).update_ids
+        assert not await one.rebuild("k", read.gen, read.last_id, b"fresh")
+        assert (await two.load_doc("k")).updates == ((first[0], b"u1"), (late[0], b"u2"))
+
+        assert await one.rebuild("k", 0, late[0], b"fresh")
+        assert await two.read_since("k", held.last_id) is None
+        assert await two.read_since("k", late[0]) is None
+        with pytest.raises(Unavailable):
+            await two.commit(SyncWrite(None, 3, docs=[DocWrite("k", b"u3", held.gen)]))
+        log = await two.load_doc("k")
+        assert (log.gen, log.snapshot, log.updates) == (1, b"fresh", ())
+
+
+async def test_a_failure_inside_a_rebuild_leaves_the_old_generation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rebuild is one transaction: an I/O error after it deleted the rows rolls it all
+    back, and the next attempt succeeds."""
+    real = sqlite_store._replace_doc
+
+    def fail_after(conn: sqlite3.Connection, *args: Any) -> None:
+        real(conn, *args)
+        raise sqlite3.OperationalError("disk I/O error (injected)")
+
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        ids = (await store.commit(SyncWrite(None, 1, docs=[DocWrite("k", b"u1"),
+                                                           DocWrite("k", b"u2")]))).update_ids
+        before = await store.load_doc("k")
+        monkeypatch.setattr(sqlite_store, "_replace_doc", fail_after)
+        with pytest.raises(StoreError):
+            await store.rebuild("k", 0, ids[1], b"fresh")
+        assert await store.load_doc("k") == before
+        assert await store.read_since("k", ids[1]) == ()
+        monkeypatch.setattr(sqlite_store, "_replace_doc", real)
+        assert await store.rebuild("k", 0, ids[1], b"fresh")
+        assert (await store.load_doc("k")).gen == 1

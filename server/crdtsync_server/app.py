@@ -37,7 +37,7 @@ from crdtsync.protocol import DEFAULT_LIMITS, MEDIA_TYPE, SYNC_PATH, Limits, enc
 
 from .auth import admin_token_hash
 from .deadlines import HeadDeadline, read_within
-from .documents import DocumentCache
+from .documents import DEFAULT_REBUILD_FACTOR, DEFAULT_REBUILD_SLACK, DocumentCache
 from .feed import FeedNotifier, build_projection
 from .notify import DeviceNotifier
 from .proxy import ProxyRunner, load_route_table
@@ -77,6 +77,13 @@ class ServerConfig:
     """TCP listen backlog: aiohttp's default (128) drops connections when a fleet reconnects
     at once, and each drop costs the client a 1 s SYN retry."""
     compact_every: int = 500
+    rebuild_factor: float = DEFAULT_REBUILD_FACTOR
+    """A device's ``state`` document is rebuilt into its next generation (its history
+    dropped) when its encoded size exceeds ``rebuild_factor`` times that of a fresh
+    document with the same content plus ``rebuild_slack`` bytes; 0 disables rebuilds. Only
+    documents whose device can adopt a new generation (it sends ``a``) are rebuilt."""
+    rebuild_slack: int = DEFAULT_REBUILD_SLACK
+    """Bytes of history a document may carry beyond ``rebuild_factor`` before a rebuild."""
     on_admin_token: Callable[[str], None] | None = None
     """Called once with a newly created admin token (the CLI prints it)."""
     routes_file: str | None = None
@@ -181,7 +188,9 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             if created and config.on_admin_token:
                 config.on_admin_token(created)
             docs = DocumentCache(backend, crdt.random_client_id(), capacity=config.cache_docs,
-                                 compact_every=config.compact_every)
+                                 compact_every=config.compact_every,
+                                 rebuild_factor=config.rebuild_factor,
+                                 rebuild_slack=config.rebuild_slack)
             table = await load_route_table(backend, config.routes_file)
             await executor.start()
             proxy = ProxyRunner(backend, table, executor, config.limits)

@@ -5,7 +5,9 @@ update it reflects. Before every use it catches up with rows other writers appen
 (``read_since``), so several server processes can share one database. Updates are applied in
 memory first (that validates them), committed by the caller, and the document is evicted if
 the commit fails, so memory never holds what the store does not. Compaction by id range is
-triggered here once enough rows piled up.
+triggered here once enough rows piled up, and so is the rebuild of a device's document into
+its next generation once its history outweighs its content (:meth:`DocumentCache.maybe_rebuild`,
+docs/architecture.md "Generations").
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ log = logging.getLogger("crdtsync.server")
 RETIRE_GRACE = 60.0
 """Seconds an evicted document keeps its observers, for a sync that still holds it."""
 
+DEFAULT_REBUILD_FACTOR = 2.0
+DEFAULT_REBUILD_SLACK = 1024
+"""A document is rebuilt when its encoded size exceeds ``factor * fresh + slack`` bytes,
+``fresh`` being the size of a fresh document with the same content."""
+
 
 class LiveDoc:
     """One document held in memory. ``capture()`` returns the effective update of the writes
@@ -51,6 +58,14 @@ class LiveDoc:
         self._subscription = doc.observe(self._on_update)  # once per document lifetime
         self.changes = crdt.ChangeTracker(doc)
         """Keys changed since the last capture: what the feed and the projection record."""
+        self.adopts = False
+        """The latest sync of this document through this process carried ``a`` (its device
+        can adopt a new generation): only such a document is rebuilt."""
+        self.grown = 0
+        """Bytes of updates captured since the last rebuild check."""
+        self.fresh_size: int | None = None
+        """Size of the rebuilt document at the last rebuild check; ``None``: not checked
+        since loaded (the next check is due at once)."""
 
     def _on_update(self, event: TransactionEvent) -> None:
         self._captured.append(event.update)
@@ -70,7 +85,9 @@ class LiveDoc:
         captured, self._captured = self._captured, []
         if not captured:
             return b""
-        return captured[0] if len(captured) == 1 else merge_updates(*captured)
+        update = captured[0] if len(captured) == 1 else merge_updates(*captured)
+        self.grown += len(update)
+        return update
 
     def catch_up(self, rows: tuple[tuple[int, bytes], ...]) -> None:
         for row_id, update in rows:
@@ -103,12 +120,24 @@ class DocumentCache:
     """
 
     def __init__(self, store: Store, client_id: int, *, capacity: int = 1000,
-                 compact_every: int = 500, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 compact_every: int = 500, rebuild_factor: float = DEFAULT_REBUILD_FACTOR,
+                 rebuild_slack: int = DEFAULT_REBUILD_SLACK,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.client_id = client_id
         self.capacity = capacity
         self.compact_every = compact_every
+        if 0 < rebuild_factor < 1 or rebuild_slack < 0:
+            raise ValueError("rebuild_factor must be 0 (off) or at least 1, rebuild_slack"
+                             " at least 0")
+        self.rebuild_factor = rebuild_factor
+        """A document is rebuilt when it is over ``rebuild_factor * fresh + rebuild_slack``
+        bytes; 0 (or less) disables rebuilds."""
+        self.rebuild_slack = rebuild_slack
+        self.rebuilds = 0
+        """Documents this cache rebuilt into a new generation (a metric)."""
+        self.rebuild_failures = 0
+        """Rebuilds the store failed (an error, not a lost race); each is retried later."""
         self._clock = clock
         self._docs: OrderedDict[str, LiveDoc] = OrderedDict()  # least recently used first
         self._retired: list[LiveDoc] = []
@@ -197,6 +226,71 @@ class DocumentCache:
         live = self._docs.pop(key, None)
         if live is not None:
             self._retire(live)
+
+    async def after_commit(self, live: LiveDoc) -> None:
+        """Maintenance after a write to ``live`` was committed (or a sync found nothing to
+        commit), under the document's lock: rebuild it if due, else compact it if due.
+        Never raises for a store failure: both are logged and retried later."""
+        if not await self.maybe_rebuild(live):
+            await self.maybe_compact(live)
+
+    def _rebuild_due(self, live: LiveDoc) -> bool:
+        """The cheap test before a rebuild check: rebuilds are on, the document's device can
+        adopt, it is still the cached copy, and it grew by at least ``max(slack, fresh)``
+        bytes since the last check (or was not checked since loaded). Until then the
+        document cannot have gone much over ``factor * fresh + slack``, so a check, which
+        costs about one encoding of the document, is paid once per that many bytes."""
+        if self.rebuild_factor <= 0 or not live.adopts or self._docs.get(live.key) is not live:
+            return False
+        return live.fresh_size is None or live.grown >= max(self.rebuild_slack, live.fresh_size)
+
+    async def maybe_rebuild(self, live: LiveDoc) -> bool:
+        """Rebuild ``live`` into generation ``gen + 1`` when its encoded size is over
+        ``rebuild_factor * fresh + rebuild_slack`` bytes, ``fresh`` being the size of
+        ``crdt.rebuilt(doc)`` (the same content, none of the history, a new random client
+        id). Call under the document's lock with ``live`` equal to what the store holds
+        (after a commit). Only documents whose device can adopt a new generation are
+        rebuilt (:attr:`LiveDoc.adopts`; shared documents never are).
+
+        The store's compare-and-set (:meth:`Store.rebuild`) is the only step that changes
+        anything, so a crash at any point leaves either generation ``gen`` or ``gen + 1``
+        whole. On success the old document is retired and the cache holds generation
+        ``gen + 1`` as stored; returns ``True``. A lost race (another writer appended) or a
+        store error is logged and retried at the next check (after as many bytes again, so
+        a store that keeps failing costs no more than the checks), never reported to a
+        device."""
+        if not self._rebuild_due(live):
+            return False
+        fresh = crdt.rebuilt(live.doc, crdt.random_client_id()).get_update()
+        size = len(live.doc.get_update())
+        live.grown, live.fresh_size = 0, len(fresh)
+        if size <= self.rebuild_factor * len(fresh) + self.rebuild_slack:
+            return False
+        try:
+            done = await self.store.rebuild(live.key, live.gen, live.last_id, fresh)
+        except CrdtsyncError as exc:
+            self.rebuild_failures += 1
+            log.error("rebuild of %s failed, will retry: %s", live.key, exc.message)
+            return False
+        if not done:
+            log.info("rebuild of %s lost to another writer, will retry", live.key)
+            return False
+        self.rebuilds += 1
+        log.info("rebuilt %s into generation %d: %d -> %d bytes", live.key, live.gen + 1,
+                 size, len(fresh))
+        self.evict(live.key)
+        await self._reload_rebuilt(live.key, len(fresh))
+        return True
+
+    async def _reload_rebuilt(self, key: str, fresh_size: int) -> None:
+        """Cache the generation just stored (a failure leaves it to the next use)."""
+        try:
+            live = await self.get(key)
+        except CrdtsyncError as exc:
+            log.error("reloading rebuilt %s failed, will retry at its next use: %s", key,
+                      exc.message)
+            return
+        live.adopts, live.fresh_size = True, fresh_size
 
     async def maybe_compact(self, live: LiveDoc) -> bool:
         """Fold the log of ``live`` into a snapshot once ``compact_every`` rows piled up.

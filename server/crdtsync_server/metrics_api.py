@@ -65,14 +65,21 @@ def header(name: str, type_: str, help_: str) -> list[str]:
     return [f"# HELP {name} {help_}", f"# TYPE {name} {type_}"]
 
 
-def render_metrics(head: int, sinks: Sequence[SinkRecord], floor: int = 0) -> str:
-    """The exposition text: the feed head and floor, then each sink metric for every
-    sink."""
+def render_metrics(head: int, sinks: Sequence[SinkRecord], floor: int = 0, *,
+                   rebuilds: int = 0, rebuild_failures: int = 0) -> str:
+    """The exposition text: the feed head and floor, this process's document rebuilds,
+    then each sink metric for every sink."""
     lines = [*header("crdtsync_feed_head", "gauge", "Highest cursor of the change feed."),
              f"crdtsync_feed_head {head}",
              *header("crdtsync_feed_floor", "gauge",
                      "Highest purged cursor of the change feed (feed retention)."),
-             f"crdtsync_feed_floor {floor}"]
+             f"crdtsync_feed_floor {floor}",
+             *header("crdtsync_doc_rebuilds_total", "counter",
+                     "Documents this process rebuilt into a new generation."),
+             f"crdtsync_doc_rebuilds_total {rebuilds}",
+             *header("crdtsync_doc_rebuild_failures_total", "counter",
+                     "Document rebuilds this process failed to store (retried later)."),
+             f"crdtsync_doc_rebuild_failures_total {rebuild_failures}"]
     for metric in SINK_METRICS:
         lines += header(metric.name, metric.type, metric.help)
         for record in sinks:
@@ -85,9 +92,11 @@ def render_metrics(head: int, sinks: Sequence[SinkRecord], floor: int = 0) -> st
 
 @routes.get("/v1/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus metrics of the change feed and the sinks."""
+    """Prometheus metrics of the change feed, document rebuilds and the sinks."""
     require_admin(request)
-    store = request.app[SERVICES].store
+    services = request.app[SERVICES]
+    store = services.store
     text = render_metrics(await store.feed_head(), await store.list_sinks(),
-                          await store.feed_floor())
+                          await store.feed_floor(), rebuilds=services.docs.rebuilds,
+                          rebuild_failures=services.docs.rebuild_failures)
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})

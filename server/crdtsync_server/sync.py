@@ -8,6 +8,10 @@ or invalid updates with nothing applied); commit the effective updates, the new 
 and the device's bookkeeping in one transaction; only then answer with the server's delta
 against the device's state vector and the highest stored seq. Any failure before the commit
 returns an error and evicts the touched documents, so nothing unstored is ever acknowledged.
+A ``state`` entry of another generation than the stored one is refused
+(``generation_mismatch``) unless it carries ``a`` (the device can adopt): then its update
+is left out and its answer is the whole stored generation (protocol section 8). After the
+answer, the document cache may compact or rebuild the documents (``DocumentCache``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import logging
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from pycrdt import Doc
 
 from crdtsync import crdt
 from crdtsync.errors import Forbidden, GenerationMismatch, NotFound, UnknownDocument
@@ -82,6 +88,17 @@ async def read_bounded(part: DocSync) -> UpdateInfo | None:
     if len(part.update) < OFF_LOOP_BYTES:
         return read_update(part.update, doc=part.doc)
     return await asyncio.to_thread(read_update, part.update, doc=part.doc)
+
+
+def answer_entry(part: DocSync, doc: Doc[Any], gen: int) -> DocSync:
+    """The response entry for request entry ``part`` of a document stored as ``doc`` at
+    generation ``gen``: the server's state vector, and what the device lacks, that is the
+    diff against ``part.sv`` when the device holds generation ``gen``, else the whole
+    document (the diff against an empty one; the ``sv`` sent belongs to another
+    generation). ``u`` is left out when empty."""
+    base = part.sv if part.gen == gen else EMPTY_STATE_VECTOR
+    update = doc.get_update(base)
+    return DocSync(part.doc, doc.get_state(), b"" if update == EMPTY_UPDATE else update, gen)
 
 
 def now_ms() -> int:
@@ -158,7 +175,7 @@ class SyncService:
                 outcomes=await self._outcomes(device, request),
             )
             for live in lives:
-                await self.docs.maybe_compact(live)
+                await self.docs.after_commit(live)
         return response
 
     @staticmethod
@@ -182,11 +199,7 @@ class SyncService:
         if key is None:
             return DocSync(part.doc, EMPTY_STATE_VECTOR, b"", gen)
         async with self.docs.lock(key):
-            live = await self.docs.get(key)
-            base = part.sv if part.gen == gen else EMPTY_STATE_VECTOR
-            update = live.doc.get_update(base)
-            return DocSync(part.doc, live.doc.get_state(),
-                           b"" if update == EMPTY_UPDATE else update, gen)
+            return answer_entry(part, (await self.docs.get(key)).doc, gen)
 
     @staticmethod
     def _idle(device: DeviceRecord, write: SyncWrite) -> bool:
@@ -240,12 +253,20 @@ class SyncService:
                ) -> tuple[DocWrite, StateChange | None]:
         """Apply the device's update (read and checked as ``info``) to ``live``: the
         effective update to store and the keys it changed (``None``: nothing changed, e.g.
-        a replay)."""
+        a replay). An entry of another generation than the stored one raises
+        :class:`GenerationMismatch`, unless it carries ``adopt``: then nothing of it is
+        applied (its update builds on the other generation) and :meth:`_answer` sends the
+        whole stored generation for the device to adopt."""
+        live.adopts = part.adopt
         if part.gen != live.gen:
-            raise GenerationMismatch(
-                f"document {part.doc!r} is at generation {live.gen}, not {part.gen}",
-                {"doc": part.doc, "gen": live.gen},
-            )
+            if not part.adopt:
+                raise GenerationMismatch(
+                    f"document {part.doc!r} is at generation {live.gen}, not {part.gen}",
+                    {"doc": part.doc, "gen": live.gen},
+                )
+            log.info("%s: the device holds generation %d of %d; it gets the whole document",
+                     live.key, part.gen, live.gen)
+            return DocWrite(live.key, live.capture(), live.gen), None
         if info is None:
             return DocWrite(live.key, live.capture(), live.gen), None
         missing = info.missing(parse_state_vector(live.doc.get_state()))
@@ -274,9 +295,7 @@ class SyncService:
 
     @staticmethod
     def _answer(live: LiveDoc, part: DocSync) -> DocSync:
-        update = live.doc.get_update(part.sv)
-        return DocSync(part.doc, live.doc.get_state(),
-                       b"" if update == EMPTY_UPDATE else update, live.gen)
+        return answer_entry(part, live.doc, live.gen)
 
     async def write_state(self, device_id: str, name: str,
                           changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -321,7 +340,7 @@ class SyncService:
             except BaseException:
                 self.docs.evict(key)
                 raise
-            await self.docs.maybe_compact(live)
+            await self.docs.after_commit(live)
             state: dict[str, Any] = crdt.to_json(live.doc).get(name, {})
             return state
 

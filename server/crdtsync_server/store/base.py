@@ -1,10 +1,10 @@
 """The narrow storage interface of the sync server, and the records it speaks in.
 
-A :class:`Store` keeps, per document, an append-only update log keyed by a monotonic id plus
-one snapshot that covers every row up to ``snapshot_id``; an events table unique on
-``(device, seq)`` with a global arrival ``cursor``; devices with hashed tokens (found by
-that hash too); fleets (a device belongs to at most one); and settings.
-Policy (when to compact, what a device may touch) lives one layer up, in
+A :class:`Store` keeps, per document, a generation, an append-only update log keyed by a
+monotonic id plus one snapshot that covers every row up to ``snapshot_id``; an events table
+unique on ``(device, seq)`` with a global arrival ``cursor``; devices with hashed tokens
+(found by that hash too); fleets (a device belongs to at most one); and settings.
+Policy (when to compact or rebuild, what a device may touch) lives one layer up, in
 ``crdtsync_server.documents`` and ``crdtsync_server.sync``. Every backend passes the same
 contract suite, ``tests/test_store_contract.py``.
 
@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from crdtsync.errors import SeqConflict, SeqGap
+from crdtsync.errors import SeqConflict, SeqGap, Unavailable
 from crdtsync.protocol import Event
 
 from .feed import (
@@ -259,17 +259,34 @@ class Store(Protocol):
     async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...] | None:
         """Updates of ``key`` with id > ``after_id`` in id order; ``None`` when rows after
         ``after_id`` were already folded into the snapshot (``after_id < snapshot_id``): the
-        caller must reload the document with :meth:`load_doc`."""
+        caller must reload the document with :meth:`load_doc`. That includes every copy read
+        before a :meth:`rebuild` or a :meth:`delete_device` (both leave a ``snapshot_id``
+        above every id such a copy can hold), so a copy of an older generation is never
+        caught up, only reloaded."""
 
     async def compact(self, key: str, upto_id: int, snapshot: bytes) -> None:
         """Replace the snapshot of ``key`` by ``snapshot`` (which must reflect every update
         with id <= ``upto_id``) and delete exactly those rows, in one transaction."""
 
+    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> bool:
+        """Replace document ``key`` by generation ``gen + 1`` whose whole content is
+        ``snapshot`` (a full Yjs update of a fresh document with the content of generation
+        ``gen`` up to update ``upto_id``), in one transaction, if and only if the stored
+        generation is ``gen`` and the stored document reflects no update id above
+        ``upto_id`` (nobody appended, compacted past it or rebuilt meanwhile; an unknown
+        document is generation 0 with nothing logged). Every update row of ``key`` is
+        deleted and the snapshot gets a fresh, never reused update id as ``snapshot_id``, so
+        :meth:`read_since` answers ``None`` to every cached copy. Returns ``True`` if it
+        happened; ``False`` changes nothing."""
+
     # the sync transaction
     async def commit(self, write: SyncWrite) -> CommitResult:
         """Append doc updates, store new events (deduplicated by ``(device, seq)``) and update
         the device's bookkeeping, atomically. Raises :class:`SeqGap` / :class:`SeqConflict`
-        (see :func:`plan_events`) with nothing written."""
+        (see :func:`plan_events`), and :class:`Unavailable` (retryable) when a ``DocWrite``
+        names a generation other than its document's stored one (another process rebuilt it
+        since the writer read it: :func:`stale_generation`), with nothing written. The first
+        write of a document sets its generation."""
 
     # downlink: messages and commands to a device
     async def queue_downlink(self, device: str, kind: str, name: str, body: Any, now: int,
@@ -565,6 +582,16 @@ def check_write(write: SyncWrite) -> None:
                              f" not {write.device!r}")
 
 
+
+
+def stale_generation(key: str, stored: int, written: int) -> Unavailable:
+    """The error :meth:`Store.commit` raises for a ``DocWrite`` of generation ``written``
+    into document ``key`` stored at generation ``stored``: retryable, because the writer
+    reloads the document (its cached copy is evicted with the failed sync) and a new
+    attempt writes into the stored generation."""
+    return Unavailable(f"document {key!r} was rebuilt into generation {stored} while this"
+                       f" write of generation {written} was prepared; nothing was stored,"
+                       " sync again", {"doc": key, "gen": stored})
 
 
 def result_columns(r: CommandResult) -> tuple[str, str | None, str | None]:

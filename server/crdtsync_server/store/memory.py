@@ -2,10 +2,12 @@
 
 It keeps the same contract as the SQLite store (the contract suite runs against both):
 monotonic update ids and event cursors that are never reused, compaction by id range,
-``(device, seq)`` deduplication through :func:`plan_events`, and all-or-nothing commits.
-Event bodies, device and fleet metadata, downlink bodies and results, and request bodies
-and outcomes go through JSON on the way in and out, exactly as they do in a database, so a
-test cannot pass here and fail on SQLite because of a shared object. The downlink, request
+rebuilds compared-and-set on generation and last update id, commits refused for a stale
+generation, ``(device, seq)`` deduplication through :func:`plan_events`, and
+all-or-nothing commits. Event bodies, device and fleet metadata, downlink bodies and
+results, and request bodies and outcomes go through JSON on the way in and out, exactly as
+they do in a database, so a test cannot pass here and fail on SQLite because of a shared
+object. The downlink, request
 and fleet rules are those of :mod:`crdtsync_server.store.sqlite` (its module docstring spells
 them out).
 
@@ -45,6 +47,7 @@ from .base import (
     event_digest,
     plan_events,
     result_columns,
+    stale_generation,
     updated_fields,
 )
 from .feed import (
@@ -82,6 +85,11 @@ class _Doc:
     snapshot: bytes = b""
     snapshot_id: int = 0
     updates: dict[int, bytes] = field(default_factory=dict)  # insertion order is id order
+
+    @property
+    def last_id(self) -> int:
+        """The highest update id this document reflects (logged rows and snapshot)."""
+        return max([self.snapshot_id, *self.updates])
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,17 +285,36 @@ class MemoryStore:
         doc.snapshot, doc.snapshot_id = snapshot, upto_id
         doc.updates = {i: data for i, data in doc.updates.items() if i > upto_id}
 
+    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> bool:
+        """Replace ``key`` by generation ``gen + 1`` holding ``snapshot`` if it is still at
+        ``gen`` with nothing above ``upto_id`` (see ``Store.rebuild``)."""
+        self._check_open()
+        doc = self._docs.get(key, _Doc())
+        if doc.gen != gen or doc.last_id > upto_id:
+            return False
+        self._replace_doc(key, gen + 1, snapshot)
+        return True
+
+    def _replace_doc(self, key: str, gen: int, snapshot: bytes) -> None:
+        """Make ``key`` generation ``gen`` holding only ``snapshot``, at a fresh update id
+        (every cached copy must reload)."""
+        self._last_update_id += 1
+        self._docs[key] = _Doc(gen=gen, snapshot=snapshot, snapshot_id=self._last_update_id)
+
     # the sync transaction
 
     async def commit(self, write: SyncWrite) -> CommitResult:
         """Append doc updates and store new events atomically (see ``Store.commit``).
 
-        Raises :class:`NotFound` for an unknown device and :class:`SeqGap` /
-        :class:`SeqConflict` from :func:`plan_events`, in every case with nothing written;
+        Raises :class:`NotFound` for an unknown device, :class:`SeqGap` /
+        :class:`SeqConflict` from :func:`plan_events`, and :class:`Unavailable` for a
+        ``DocWrite`` of another generation than the stored one (``stale_generation``), in
+        every case with nothing written;
         ``ValueError`` for device parts without a device, or a request whose ``device`` is
         not the write's."""
         self._check_open()
         check_write(write)
+        self._check_generations(write.docs)
         if write.device is None:
             self._record_changes(write.changes, write.time)
             update_ids, prev_ids = self._append_updates(write.docs)
@@ -343,13 +370,19 @@ class MemoryStore:
         return plan_events(device.id, device.last_seq, write.purged, write.events, stored,
                            seq_floor=device.seq_floor)
 
+    def _check_generations(self, docs: Sequence[DocWrite]) -> None:
+        for w in docs:
+            doc = self._docs.get(w.key)
+            if doc is not None and doc.gen != w.gen:
+                raise stale_generation(w.key, doc.gen, w.gen)
+
     def _append_updates(self, docs: Sequence[DocWrite]
                         ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         ids: list[int] = []
         prevs: list[int] = []
         for w in docs:
             doc = self._docs.setdefault(w.key, _Doc(gen=w.gen))
-            prevs.append(max([doc.snapshot_id, *doc.updates]))
+            prevs.append(doc.last_id)
             self._last_update_id += 1
             doc.updates[self._last_update_id] = w.update
             ids.append(self._last_update_id)
@@ -571,8 +604,7 @@ class MemoryStore:
         device = self._devices.pop(self._require_device(device_id).id)
         self._unindex(device)
         for key in docs:
-            self._last_update_id += 1  # a fresh id: every cached copy must reload
-            self._docs[key] = _Doc(snapshot_id=self._last_update_id)
+            self._replace_doc(key, 0, b"")
         self._projection = {k: v for k, v in self._projection.items() if k[0] != device.id}
         for item in self._downlink.pop(device.id, {}).values():
             del self._items[item.id]

@@ -44,6 +44,12 @@ into an empty snapshot at a fresh update id (so other processes' cached copies r
 keeps the device's ``last_seq`` in ``deleted_devices`` until a device with the same id is
 added, which then starts above it (``seq_floor``).
 
+Generations: ``rebuild`` checks the stored generation and the highest update id of the
+document and replaces it in the same ``BEGIN IMMEDIATE`` transaction (a compare-and-set no
+other process can slip a write into), again at a fresh update id; ``commit`` refuses a
+``DocWrite`` of another generation than the stored one, so a process that has not yet
+noticed a rebuild never appends to the new generation an update built on the old one.
+
 Group commit: concurrent :meth:`SQLiteStore.commit` calls share one transaction, each write in
 its own savepoint (:mod:`crdtsync_server.store.group_commit`).
 
@@ -85,6 +91,7 @@ from .base import (
     event_digest,
     plan_events,
     result_columns,
+    stale_generation,
     updated_fields,
 )
 from .feed import (
@@ -305,6 +312,12 @@ class SQLiteStore:
         in one transaction. A no-op unless ``upto_id`` is above the current ``snapshot_id``."""
         await self._run(_compact, key, upto_id, snapshot)
 
+    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> bool:
+        """Replace ``key`` by generation ``gen + 1`` holding ``snapshot`` if it is still at
+        ``gen`` with nothing above ``upto_id``, in one ``BEGIN IMMEDIATE`` transaction, so
+        the check and the write see no other process in between (see ``Store.rebuild``)."""
+        return await self._run(_rebuild, key, gen, upto_id, snapshot)
+
     # the sync transaction
 
     async def commit(self, write: SyncWrite) -> CommitResult:
@@ -312,8 +325,10 @@ class SQLiteStore:
         command results, new requests and outcome acknowledgements, in one transaction
         (see ``Store.commit``; the downlink and request rules are in the module docstring).
 
-        Raises :class:`NotFound` for an unknown device and :class:`SeqGap` /
-        :class:`SeqConflict` from :func:`plan_events`, in every case with nothing written;
+        Raises :class:`NotFound` for an unknown device, :class:`SeqGap` /
+        :class:`SeqConflict` from :func:`plan_events`, and :class:`Unavailable` for a
+        ``DocWrite`` of another generation than the stored one (``stale_generation``), in
+        every case with nothing written;
         ``ValueError`` for device parts without a device, or a request whose ``device`` is
         not the write's."""
         check_write(write)
@@ -609,20 +624,35 @@ def _select_updates(
     return tuple((int(i), bytes(data)) for i, data in rows)
 
 
+def _stored_gen(conn: sqlite3.Connection, key: str) -> int | None:
+    """The generation of document ``key``; ``None`` if it has no row yet."""
+    row = conn.execute("SELECT gen FROM docs WHERE key = ?", (key,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _last_id(conn: sqlite3.Connection, key: str) -> int:
+    """The highest update id document ``key`` reflects (logged rows and snapshot); 0 if it
+    was never written."""
+    row = conn.execute(
+        "SELECT MAX(COALESCE((SELECT snapshot_id FROM docs WHERE key = ?), 0),"
+        " COALESCE((SELECT MAX(id) FROM updates WHERE key = ?), 0))", (key, key)).fetchone()
+    return int(row[0])
+
+
 def _insert_updates(conn: sqlite3.Connection, docs: Sequence[DocWrite]
                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Append each write; returns the new row ids and, for each, the highest id its document
-    reflected before (``CommitResult.prev_ids``)."""
+    reflected before (``CommitResult.prev_ids``). Raises ``stale_generation`` for a write of
+    another generation than the stored one (the caller's savepoint rolls back the rest)."""
     ids: list[int] = []
     prevs: list[int] = []
     for w in docs:
-        conn.execute(
-            "INSERT INTO docs (key, gen) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-            (w.key, w.gen),
-        )
-        prevs.append(int(conn.execute(
-            "SELECT MAX(snapshot_id, COALESCE((SELECT MAX(id) FROM updates WHERE key = ?), 0))"
-            " FROM docs WHERE key = ?", (w.key, w.key)).fetchone()[0]))
+        stored = _stored_gen(conn, w.key)
+        if stored is None:
+            conn.execute("INSERT INTO docs (key, gen) VALUES (?, ?)", (w.key, w.gen))
+        elif stored != w.gen:
+            raise stale_generation(w.key, stored, w.gen)
+        prevs.append(_last_id(conn, w.key))
         cur = conn.execute(
             "INSERT INTO updates (key, gen, data) VALUES (?, ?, ?)", (w.key, w.gen, w.update)
         )
@@ -644,6 +674,15 @@ def _compact(conn: sqlite3.Connection, key: str, upto_id: int, snapshot: bytes) 
         )
         if cur.rowcount > 0:
             conn.execute("DELETE FROM updates WHERE key = ? AND id <= ?", (key, upto_id))
+
+
+def _rebuild(conn: sqlite3.Connection, key: str, gen: int, upto_id: int,
+             snapshot: bytes) -> bool:
+    with transaction(conn):  # IMMEDIATE: no other writer between the check and the write
+        if (_stored_gen(conn, key) or 0) != gen or _last_id(conn, key) > upto_id:
+            return False
+        _replace_doc(conn, key, gen + 1, snapshot)
+        return True
 
 
 # --- the sync transaction (worker thread) ------------------------------------------------
@@ -986,7 +1025,7 @@ def _delete_device(conn: sqlite3.Connection, device_id: str, docs: list[str],
     with transaction(conn):
         device = _require_device(conn, device_id)
         for key in docs:
-            _empty_doc(conn, key)
+            _replace_doc(conn, key, 0, b"")
         for table in ("projection", "downlink", "requests", *(("feed",) if events else ())):
             conn.execute(f"DELETE FROM {table} WHERE device = ?", (device.id,))
         conn.execute("DELETE FROM devices WHERE id = ?", (device.id,))
@@ -996,16 +1035,17 @@ def _delete_device(conn: sqlite3.Connection, device_id: str, docs: list[str],
             (device.id, device.last_seq))
 
 
-def _empty_doc(conn: sqlite3.Connection, key: str) -> None:
-    """Replace document ``key`` by an empty snapshot at a fresh update id: the id of a row
-    inserted and deleted at once (AUTOINCREMENT never gives it again), above every id a
-    cached copy of the document can hold."""
-    fresh = conn.execute("INSERT INTO updates (key, gen, data) VALUES (?, 0, x'')", (key,))
+def _replace_doc(conn: sqlite3.Connection, key: str, gen: int, snapshot: bytes) -> None:
+    """Make document ``key`` generation ``gen`` holding only ``snapshot``, at a fresh update
+    id: the id of a row inserted and deleted at once (AUTOINCREMENT never gives it again),
+    above every id a cached copy of the document can hold. Inside the caller's
+    transaction."""
+    fresh = conn.execute("INSERT INTO updates (key, gen, data) VALUES (?, ?, x'')", (key, gen))
     conn.execute("DELETE FROM updates WHERE key = ?", (key,))
     conn.execute(
-        "INSERT INTO docs (key, gen, snapshot, snapshot_id) VALUES (?, 0, x'', ?)"
-        " ON CONFLICT (key) DO UPDATE SET gen = 0, snapshot = x'',"
-        " snapshot_id = excluded.snapshot_id", (key, fresh.lastrowid))
+        "INSERT INTO docs (key, gen, snapshot, snapshot_id) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET gen = excluded.gen, snapshot = excluded.snapshot,"
+        " snapshot_id = excluded.snapshot_id", (key, gen, snapshot, fresh.lastrowid))
 
 
 def _require_device(conn: sqlite3.Connection, device_id: str) -> DeviceRecord:
