@@ -650,11 +650,11 @@ class Device:
         before = self._remote_changes
         if part.gen != self._gen:
             # The checks below compare with what we sent, which belonged to another
-            # generation: skipped; the next round sends the rebased writes.
-            await self._adopt(part)
+            # generation: skipped; the next round sends the carried writes, if any.
+            carried = await self._adopt(part)
             report.adopted = True
             report.changes += self._remote_changes - before
-            return True
+            return carried
         if part.update:
             self._apply_remote(part.update)
         report.changes += self._remote_changes - before
@@ -686,13 +686,14 @@ class Device:
         self._flush()
         self._observe_roots(announce=True)
 
-    async def _adopt(self, part: DocSync) -> None:
+    async def _adopt(self, part: DocSync) -> bool:
         """Replace the local document by the generation ``part`` carries (its ``u`` is the
         whole document), re-applying the local writes the cloud has not acknowledged (the
         dirty keys; every key when the cloud went back to a lower generation) as local
         writes of a new client id. One local transaction stores the new document, its
         generation, client id and diff base: a crash leaves either generation, complete
-        (docs/protocol.md 8.1). ``on_change`` reports the keys whose value changed."""
+        (docs/protocol.md 8.1). ``on_change`` reports the keys whose value changed.
+        Returns whether keys were carried (then the cloud lacks them: another round)."""
         self._flush()  # every local write of the old document is stored, with its dirty key
         old, old_gen = self.doc, self._gen
         keys = (crdt.root_keys(old) if part.gen < old_gen
@@ -713,6 +714,7 @@ class Device:
         self._synced_version = -1
         for name, key in crdt.differences(before, after):
             self._notify(name, key, before.get(name, {}).get(key), after.get(name, {}).get(key))
+        return bool(keys)
 
     async def _rotate_client_id(self) -> None:
         """The cloud has seen more of our own client id than our store holds: the store was

@@ -56,7 +56,8 @@ async def test_the_state_entry_carries_the_generation_and_adopt(
     async with open_device(cloud, tmp_path / "d.db") as dev:
         await dev.sync()
         cloud.rebuild(gen=4)
-        await dev.sync()
+        report = await dev.sync()
+        assert report.adopted and report.rounds == 1  # nothing of its own to carry
         await dev.sync()
     first, adopting, after = (r.docs[0] for r in cloud.requests[:3])
     assert (first.doc, first.gen, first.adopt) == ("state", 0, True)
@@ -176,7 +177,8 @@ async def test_a_replacement_device_restores_the_whole_generation(
         changes = watch(dev)
         report = await dev.sync()
         assert dev.state.to_dict() == {f"k{i}": i for i in range(10)}
-        assert report.adopted and len(changes) == 10
+        assert report.adopted and report.rounds == 1 and len(changes) == 10
+        await dev.sync()
     assert cloud.requests[-1].docs[0].gen == 5
 
 
