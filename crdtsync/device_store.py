@@ -167,8 +167,9 @@ class DeviceStore:
 
     @property
     def meta(self) -> dict[str, Any]:
-        """Sync metadata (client id, next seq, purged seq, last known server state vector).
-        Read-only for callers: change it with :meth:`set_meta`."""
+        """Sync metadata (client id, next seq, purged seq, last known server state vector,
+        the generation of each document as ``gen:<doc>``). Read-only for callers: change it
+        with :meth:`set_meta` (or :meth:`replace_doc`)."""
         return self._m.meta
 
     @property
