@@ -266,6 +266,15 @@ class DocumentCache:
         live.grown, live.fresh_size = 0, len(fresh)
         if size <= self.rebuild_factor * len(fresh) + self.rebuild_slack:
             return False
+        return await self.rebuild(live, fresh)
+
+    async def rebuild(self, live: LiveDoc, fresh: bytes | None = None) -> bool:
+        """Rebuild ``live`` into generation ``gen + 1`` now, whatever its size (``fresh``:
+        the new generation's update if already built). The same contract as
+        :meth:`maybe_rebuild` once it decided; the simulator forces rebuilds through it."""
+        if fresh is None:
+            fresh = crdt.rebuilt(live.doc, crdt.random_client_id()).get_update()
+        size = len(live.doc.get_update())
         try:
             done = await self.store.rebuild(live.key, live.gen, live.last_id, fresh)
         except CrdtsyncError as exc:
