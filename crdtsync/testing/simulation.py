@@ -164,6 +164,12 @@ class CrashingStore(SQLiteStore):
         self.sim.maybe_crash_server(self.index, "after commit")
         return result
 
+    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> bool:
+        self.sim.maybe_crash_server(self.index, "before rebuild")
+        done = await super().rebuild(key, gen, upto_id, snapshot)
+        self.sim.maybe_crash_server(self.index, "after rebuild")
+        return done
+
 
 class SimDevice:
     """A simulated device: its id, token and SQLite file survive crashes, its memory not."""
@@ -185,7 +191,8 @@ class SimDevice:
                      durability="OFF", compact_every=self.sim.compact_every)
         await dev.start()
         store = dev._store
-        for name in ("ack", "set_meta", "push_event", "renumber", "finish_down"):
+        for name in ("ack", "set_meta", "push_event", "renumber", "finish_down", "replace_doc",
+                     "clear_dirty"):
             setattr(store, name, self._crash_point(getattr(store, name), name))
         dev.on("*")(self._on_message)
         dev.command("work")(self._on_command)
@@ -395,6 +402,7 @@ class Simulation:
             ("cloud_message", self.op_cloud_message, 0.7),
             ("cloud_command", self.op_cloud_command, 0.7),
             ("device_request", self.op_device_request, 0.7),
+            ("rebuild", self.op_rebuild, 0.7),
         ]
         ops += [(name, self._user_op(op), weight) for name, op, weight in self._device_ops]
         name, op, _ = self.rng.choices(ops, weights=[w for _, _, w in ops])[0]
@@ -486,6 +494,22 @@ class Simulation:
             await server.crash()
             return
         self.model.wrote(device.id, key, value, acknowledged=True)
+
+    async def op_rebuild(self) -> None:
+        """The cloud rebuilds a random device's state document into its next generation
+        (what the server does by itself once history outweighs content), whatever its
+        size; the store may crash just before or after."""
+        server = self.pick_server()
+        if server.services is None:
+            return
+        device = self.rng.choice(self.devices)
+        docs = server.services.docs
+        try:
+            async with docs.lock(device.id):
+                if await docs.rebuild(await docs.get(f"{device.id}/state")):
+                    self.report.operations["rebuilt"] += 1
+        except Crash:
+            await server.crash()
 
     async def op_cloud_message(self) -> None:
         """The cloud queues a message for a random device (through a live instance)."""
