@@ -46,13 +46,17 @@ class SQLiteWorker:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, migrations: Sequence[str],
-                 synchronous: str = "FULL", name: str = "crdtsync-sqlite") -> None:
+                 synchronous: str = "FULL", name: str = "crdtsync-sqlite",
+                 wal_pages: int = 1000) -> None:
         if synchronous.upper() not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, "
                              f"not {synchronous!r}")
         self.path = os.fspath(path)
         self.synchronous = synchronous.upper()
         self.migrations = tuple(migrations)
+        self.wal_pages = wal_pages
+        """``PRAGMA wal_autocheckpoint``: pages the write-ahead log may hold before a commit
+        checkpoints it (SQLite's default 1000 pages, 4 MB; a device store takes fewer)."""
         self._name = name
         self.state: Literal["new", "open", "closed"] = "new"
         self._thread: _Thread | None = None
@@ -78,7 +82,7 @@ class SQLiteWorker:
         thread = _Thread(self._name)
         try:
             self._conn = await thread.call(connect, self.path, self.synchronous,
-                                           self.migrations)
+                                           self.migrations, self.wal_pages)
         except BaseException:
             thread.stop()
             raise
@@ -183,8 +187,14 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
-def connect(path: str, synchronous: str, migrations: Sequence[str]) -> sqlite3.Connection:
-    """Open ``path`` in WAL mode with the given durability and apply ``migrations``."""
+WAL_SIZE_LIMIT = 1024 * 1024
+"""Bytes the ``-wal`` file is truncated to after a checkpoint (``PRAGMA journal_size_limit``)."""
+
+
+def connect(path: str, synchronous: str, migrations: Sequence[str], wal_pages: int = 1000
+            ) -> sqlite3.Connection:
+    """Open ``path`` in WAL mode with the given durability and apply ``migrations``; the log
+    is checkpointed every ``wal_pages`` pages and then cut back to ``WAL_SIZE_LIMIT``."""
     # isolation_level=None: no implicit transactions, every one is spelled out.
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
                            check_same_thread=False)
@@ -194,6 +204,10 @@ def connect(path: str, synchronous: str, migrations: Sequence[str]) -> sqlite3.C
         conn.execute(f"PRAGMA synchronous = {synchronous}")  # validated by the caller
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # A checkpoint truncates the write-ahead log back to this size: without it the file
+        # keeps the largest size it ever reached (4 MB and more after a burst of writes).
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_pages)}")
         migrate(conn, migrations)
     except BaseException:
         conn.close()

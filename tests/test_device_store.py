@@ -249,3 +249,15 @@ async def test_a_migrated_device_syncs_and_tracks_dirty_keys(
     assert (await admin.state("dev-v3"))["state"] == {"w": 4, "x": 1, "y": "hi", "z": True}
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT COUNT(*) FROM dirty").fetchone() == (0,)
+
+
+async def test_the_write_ahead_log_stays_small(tmp_path: Path) -> None:
+    """Bursts of writes must not leave a device with a 4 MB -wal file for ever: the store
+    checkpoints its log every 1 MB and cuts it back to 1 MB (issue 12: a long-lived device's
+    files stay under 2 MB; bench/growth.py section iv)."""
+    path = tmp_path / "dev.db"
+    async with Device("w", "http://127.0.0.1:9", token="t", path=path, interval=None) as dev:
+        for i in range(500):  # about 4 MB of updates, one transaction each
+            dev.state["blob"] = f"{i:04d}" + "x" * 8000
+        await dev.emit("t", {"i": 1})  # one more transaction through the store's thread
+        assert os.path.getsize(f"{path}-wal") <= 1024 * 1024 + 64 * 1024
