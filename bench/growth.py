@@ -25,7 +25,9 @@ Server memory per document (i, ii) is measured in a fresh child process that loa
 document the way the cache does (``crdt.new_doc``) several times: RSS per copy and load time
 (the cost of a cache miss).
 
-    python bench/growth.py [--rounds 30] [--quick] [--write docs/benchmarks.md]
+    python bench/growth.py [--rounds 30] [--quick] [--sections ...] [--write docs/benchmarks.md]
+
+(i)-(iii) fill the ``growth`` block of docs/benchmarks.md, (iv) the ``lifetime`` block.
 """
 
 from __future__ import annotations
@@ -287,12 +289,27 @@ LIFE_KEYS = [f"k{i}" for i in range(10)]
 SECTIONS = ["size", "history", "fleet", "lifetime"]
 
 
-async def lifetime_point(r: Rig, overwrites: int, rounds: int) -> dict[str, Any]:
-    """What a long-lived document costs now: no-change sync, replacement download, server
-    memory and stored bytes, the device's database, the generation."""
-    idle, _, idle_down = await r.sync_times(rounds, None)
+async def idle_pair(a: Rig, b: Rig, rounds: int) -> tuple[list[float], list[float]]:
+    """No-change sync times of ``a`` and ``b`` taken in turn, so that both see the same
+    machine (a slower patch of a noisy machine slows both)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(-WARMUP, rounds):
+        for side, r in enumerate((a, b)):
+            start = time.perf_counter()
+            await r.device.sync()
+            if i >= 0:
+                times[side].append(time.perf_counter() - start)
+    return times
+
+
+async def lifetime_point(r: Rig, fresh: Rig, overwrites: int, rounds: int
+                         ) -> dict[str, Any]:
+    """What a long-lived document costs now: no-change sync (and a fresh document's, taken
+    in turn), replacement download, server memory and stored bytes, the device's database,
+    the generation."""
+    idle, fresh_idle = await idle_pair(r, fresh, rounds)
     snapshot, rows, log = r.stored()
-    point = {"overwrites": overwrites, "idle": idle, "idle_down": idle_down,
+    point = {"overwrites": overwrites, "idle": idle, "fresh_idle": fresh_idle,
              "replacement": await r.replacement_download(str(overwrites)),
              "stored": snapshot + log, "rows": rows, "gen": r.gen(),
              "device_file": file_size(r.folder / "device.db")}
@@ -304,11 +321,15 @@ async def lifetime(folder: Path, syncs: int, per_sync: int, checkpoints: Sequenc
                    rounds: int) -> list[dict[str, Any]]:
     """Ten keys overwritten by the device ``per_sync`` times per sync and each once more by
     the cloud in between (alternating writers: the tombstones Yjs cannot collect). The first
-    row is a fresh document with the same ten keys, measured in the same run."""
-    rows: list[dict[str, Any]] = []
-    async with rig(folder / "life", "life-1") as r:
-        r.device.state.update(dict.fromkeys(LIFE_KEYS, 0))
-        await r.device.sync()
+    row is a fresh document with the same ten keys, measured in the same run; every row's
+    no-change sync is timed in turn with that fresh document's."""
+    async with rig(folder / "fresh", "life-fresh") as fresh, \
+            rig(folder / "life", "life-1") as r:
+        for each in (fresh, r):
+            each.device.state.update(dict.fromkeys(LIFE_KEYS, 0))
+            await each.device.sync()
+        rows = [await lifetime_point(fresh, r, 0, rounds)]
+        rows[0]["idle"], rows[0]["fresh_idle"] = rows[0]["fresh_idle"], rows[0]["idle"]
         sync = r.server.services.sync
         root = r.device.doc.get("state", type=Map)
         written = 0
@@ -321,17 +342,13 @@ async def lifetime(folder: Path, syncs: int, per_sync: int, checkpoints: Sequenc
             written += len(LIFE_KEYS)
             await r.device.sync()
             if (n + 1) * per_sync in checkpoints:
-                rows.append(await lifetime_point(r, written, rounds))
+                rows.append(await lifetime_point(r, fresh, written, rounds))
                 row = rows[-1]
                 print(f"  lifetime {written:,} overwrites: gen {row['gen']}, no-change sync "
-                      f"{ms(row['idle'])} ms, replacement download {row['replacement']:,} B, "
-                      f"server doc {row['rss_per_doc'] / KB:,.0f} KB, stored "
-                      f"{row['stored']:,} B, device db {row['device_file'] / KB:,.0f} KB",
-                      flush=True)
-    async with rig(folder / "fresh", "life-fresh") as r:  # after: on an equally warm process
-        r.device.state.update(dict.fromkeys(LIFE_KEYS, 0))
-        await r.device.sync()
-        rows.insert(0, await lifetime_point(r, 0, rounds))
+                      f"{ms(row['idle'])} ms (fresh {ms(row['fresh_idle'])} ms), replacement "
+                      f"download {row['replacement']:,} B, server doc "
+                      f"{row['rss_per_doc'] / KB:,.0f} KB, stored {row['stored']:,} B, "
+                      f"device db {row['device_file'] / KB:,.0f} KB", flush=True)
     return rows
 
 
@@ -403,33 +420,36 @@ async def fleet(folder: Path, sizes: Sequence[int], rounds: int) -> list[dict[st
 
 def render_lifetime(life: list[dict[str, Any]], per_sync: int) -> list[str]:
     fresh = life[0]
-    lines = ["", f"**(iv) A device's lifetime** (10 keys; per sync the device overwrites them "
+    lines = ["", f"**A device's lifetime** (10 keys; per sync the device overwrites them "
              f"{per_sync:,} times and the cloud once each: alternating writers; the first row is "
-             "a fresh document with the same keys, measured in the same run):", "",
+             "a fresh document with the same keys; each row's no-change syncs are timed in "
+             "turn with the fresh document's, and the ratio is to those):", "",
              "| overwrites | generation | no-change sync, ms (vs fresh) | replacement device "
              "downloads, bytes | server memory for the document, KB | stored on server, bytes "
              "| device database, KB |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for row in life:
         lines.append(
             f"| {row['overwrites']:,}{' (fresh)' if row is fresh else ''} | {row['gen']} | "
-            f"{ms(row['idle'])} ({median(row['idle']) / median(fresh['idle']):.2f}x) | "
+            f"{ms(row['idle'])} ({median(row['idle']) / median(row['fresh_idle']):.2f}x) | "
             f"{row['replacement']:,} | {row['rss_per_doc'] / KB:,.1f} | {row['stored']:,} | "
             f"{row['device_file'] / KB:,.0f} |")
     return lines
 
 
+def header(quick: bool, rounds: int) -> str:
+    return (f"Machine: {machine()}. {'Quick mode. ' if quick else ''}Sync times: median "
+            f"(p10-p90) of {rounds} syncs, ms, device + server in one process on loopback.")
+
+
 def render(quick: bool, rounds: int, sizes: list[dict[str, Any]], hist: list[dict[str, Any]],
-           per_sync: int, fleets: list[dict[str, Any]], life: list[dict[str, Any]]) -> str:
-    lines = [f"Machine: {machine()}. {'Quick mode. ' if quick else ''}Sync times: median "
-             f"(p10-p90) of {rounds} syncs, ms, device + server in one process on loopback."]
+           per_sync: int, fleets: list[dict[str, Any]]) -> str:
+    lines = [header(quick, rounds)]
     if sizes:
         lines += render_sizes(sizes)
     if hist:
         lines += render_history(hist, per_sync)
     if fleets:
         lines += render_fleet(fleets)
-    if life:
-        lines += render_lifetime(life, per_sync)
     return "\n".join(lines)
 
 
@@ -529,8 +549,11 @@ async def main(args: argparse.Namespace) -> None:
         life = (await lifetime(folder / "lifetime", life_points[-1] // per_sync, per_sync,
                                life_points, rounds) if "lifetime" in args.sections else [])
     print(f"total {time.perf_counter() - started:.0f} s")
-    text = render(quick, rounds, sizes, hist, per_sync, fleets, life)
-    report(text, args.write, "growth")
+    if sizes or hist or fleets:
+        report(render(quick, rounds, sizes, hist, per_sync, fleets), args.write, "growth")
+    if life:
+        report("\n".join([header(quick, rounds), *render_lifetime(life, per_sync)]),
+               args.write, "lifetime")
 
 
 def parse() -> argparse.Namespace:
