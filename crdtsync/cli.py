@@ -95,30 +95,22 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_OPTIONS = ("max_body", "cache_docs", "backlog", "cache_idle", "header_timeout",
+                 "body_timeout", "rebuild_factor", "rebuild_slack")
+"""``crdtsync serve`` options that set the ``ServerConfig`` field of the same name."""
+
+
 def serve_config(args: argparse.Namespace) -> ServerConfig:
     """The server configuration ``crdtsync serve`` options ask for."""
     config = ServerConfig(db=args.db, host=args.host, port=args.port,
                           admin_token=args.admin_token or None)
-    if args.max_body is not None:
-        config.max_body = args.max_body
     config.routes_file = args.routes
     config.sinks_file = args.sinks
-    if args.cache_docs is not None:
-        config.cache_docs = args.cache_docs
-    if args.backlog is not None:
-        config.backlog = args.backlog
-    if args.cache_idle is not None:
-        config.cache_idle = args.cache_idle
+    for name in SERVE_OPTIONS:  # given on the command line: overrides the default
+        if (value := getattr(args, name)) is not None:
+            setattr(config, name, value)
     if args.feed_retention is not None:
         config.feed_retention_ms = round(args.feed_retention * 86_400_000)
-    if args.header_timeout is not None:
-        config.header_timeout = args.header_timeout
-    if args.body_timeout is not None:
-        config.body_timeout = args.body_timeout
-    if args.rebuild_factor is not None:
-        config.rebuild_factor = args.rebuild_factor
-    if args.rebuild_slack is not None:
-        config.rebuild_slack = args.rebuild_slack
     return config
 
 

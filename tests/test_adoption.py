@@ -182,32 +182,39 @@ async def test_a_replacement_device_restores_the_whole_generation(
     assert cloud.requests[-1].docs[0].gen == 5
 
 
+def break_generation_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device store fails (an I/O error) when an adoption writes the new generation:
+    after its snapshot was replaced, inside the same transaction. ``monkeypatch.undo()``
+    repairs it."""
+    write_meta = device_store_module._write_meta
+
+    def failing(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
+        if "gen:state" in values:
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        write_meta(conn, values)
+
+    monkeypatch.setattr(device_store_module, "_write_meta", failing)
+
+
 async def test_a_failed_adoption_leaves_the_old_generation(
         cloud: GenerationCloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The store write of an adoption fails midway (after the snapshot was replaced, before
     the generation is written): nothing of it stays, in the file or in memory. The device
     keeps syncing, and after a restart adopts with its dirty keys intact."""
     path = tmp_path / "d.db"
-    write_meta = device_store_module._write_meta
-
-    def failing(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
-        if "gen:state" in values:
-            raise sqlite3.OperationalError("disk I/O error (test)")
-        write_meta(conn, values)
-
     async with open_device(cloud, path) as dev:
         dev.state["kept"] = 1
         await dev.sync()
         dev.state["offline"] = "device"
         cloud.write("state", {"kept": None, "cloud": 1})
         cloud.rebuild()
-        monkeypatch.setattr(device_store_module, "_write_meta", failing)
+        break_generation_writes(monkeypatch)
         with pytest.raises(StoreError):
             await dev.sync()
         assert dev.state.to_dict() == {"kept": 1, "offline": "device"}
         assert (meta(path, "gen:state"), dirty(path)) == (None, [("state", "offline")])
         dev.state["later"] = 2  # still writable: the old document is the live one
-    monkeypatch.setattr(device_store_module, "_write_meta", write_meta)
+    monkeypatch.undo()
     assert dirty(path) == [("state", "later"), ("state", "offline")]
     async with open_device(cloud, path) as dev:
         assert dev.state.to_dict() == {"kept": 1, "later": 2, "offline": "device"}

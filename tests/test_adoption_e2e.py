@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from crdtsync import AdminClient, Device, StoreError
-from crdtsync import device_store as device_store_module
 from crdtsync.transport import HttpTransport, Transport
 from crdtsync_server import Server, ServerConfig
 
 from .conftest import ADMIN_TOKEN, DeviceFactory
+from .test_adoption import break_generation_writes
 
 SLACK = 256
 """A small rebuild slack, so that a few hundred bytes of history trigger a rebuild."""
@@ -192,20 +192,13 @@ async def test_a_failed_adoption_is_repeated_after_a_restart(
     snapshot was replaced): the device restarts on the old generation with its dirty keys,
     adopts at its next sync, and converges."""
     path = tmp_path / "d1.db"
-    write_meta = device_store_module._write_meta
-
-    def failing(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
-        if "gen:state" in values:
-            raise sqlite3.OperationalError("disk I/O error (injected)")
-        write_meta(conn, values)
-
     dev = await make_device("d1")
     dev.state["a"] = 1
     await dev.sync()
     dev.state["offline"] = "device"
     await admin.patch_state("d1", {"a": None})
     await cloud_writes_until(admin, server_config, gen=1)
-    monkeypatch.setattr(device_store_module, "_write_meta", failing)
+    break_generation_writes(monkeypatch)
     with pytest.raises(StoreError):
         await dev.sync()
     monkeypatch.undo()
