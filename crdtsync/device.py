@@ -658,8 +658,8 @@ class Device:
         if part.update:
             self._apply_remote(part.update)
         report.changes += self._remote_changes - before
-        if part.sv != self._store.meta.get("server_sv"):
-            await self._store.set_meta(server_sv=part.sv)
+        # The new diff base, stored after the update it covers (persisted just above).
+        new_sv = {"server_sv": part.sv} if part.sv != self._store.meta.get("server_sv") else {}
         server_sv = parse_state_vector(part.sv)
         assert self._doc is not None
         own = self._doc.client_id
@@ -668,9 +668,12 @@ class Device:
         if covers(server_sv, sent_sv):
             # The cloud holds every local write up to `version` (the request carried them,
             # or an earlier one did): they are no longer dirty. Writes made while the request
-            # was in flight have higher versions and stay dirty.
-            await self._store.clear_dirty(version)
+            # was in flight have higher versions and stay dirty. One local transaction with
+            # the new diff base.
+            await self._store.clear_dirty(version, **new_sv)
             return False
+        if new_sv:
+            await self._store.set_meta(**new_sv)
         # The cloud lacks part of what we hold (it lost data, or our diff base was wrong):
         # the next round diffs against the state vector it just told us.
         report.recovered = True

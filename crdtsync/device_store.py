@@ -237,11 +237,12 @@ class DeviceStore:
             return []
         return await self._db.run(_dirty_keys)
 
-    async def clear_dirty(self, upto: int) -> None:
+    async def clear_dirty(self, upto: int, **meta: Any) -> None:
         """Forget the dirty keys whose version is ``<= upto`` (the cloud acknowledged every
-        local write up to that version), in one transaction; no write when there is none."""
-        if self._m.dirty:
-            await self._db.run(_clear_dirty, self._m, upto)
+        local write up to that version) and store ``meta`` values, in one transaction; no
+        write when there is nothing to do."""
+        if self._m.dirty or meta:
+            await self._db.run(_clear_dirty, self._m, upto, meta)
 
     async def mark_dirty(self, keys: Sequence[DirtyKey], version: int) -> None:
         """Record ``keys`` as dirty with ``version``, in one transaction."""
@@ -404,8 +405,13 @@ def _dirty_keys(conn: sqlite3.Connection) -> list[DirtyKey]:
         "SELECT map, key FROM dirty ORDER BY map, key")]
 
 
-def _clear_dirty(conn: sqlite3.Connection, m: _Mirror, upto: int) -> None:
-    conn.execute("DELETE FROM dirty WHERE version <= ?", (upto,))  # its own transaction
+def _clear_dirty(conn: sqlite3.Connection, m: _Mirror, upto: int, meta: dict[str, Any]
+                 ) -> None:
+    with transaction(conn):
+        if m.dirty:
+            conn.execute("DELETE FROM dirty WHERE version <= ?", (upto,))
+        _write_meta(conn, meta)
+    m.meta.update(meta)
     _count_dirty(conn, m)
 
 
