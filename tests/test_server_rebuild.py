@@ -343,3 +343,24 @@ async def test_a_failure_inside_the_rebuild_leaves_the_old_generation(
     assert await admin.state("d1") == expected_after(end)
     await client.sync()
     assert client.gen == 1 and crdt.to_json(client.doc) == expected_after(end)
+
+
+async def test_a_rebuilt_document_is_rebuilt_by_cloud_writes_alone_after_a_restart(
+        client: Client, admin: AdminClient, server: Server, server_config: ServerConfig
+) -> None:
+    """Whether a device adopts is learnt from its syncs, in memory; a document at
+    generation 1 or more has a device that adopts (no other can sync it), so after a
+    restart cloud writes alone, with the device offline, still bound its history."""
+    await until_rebuilt(client, admin, server_config.db)
+    await server.aclose()
+    async with Server(server_config) as restarted, \
+            AdminClient(restarted.url, ADMIN_TOKEN) as cloud:
+        for i in range(300):
+            await cloud.patch_state("d1", {f"k{i % 10}": i, "other": -i})
+            if stored(server_config.db)[0] >= 2:
+                break
+        assert stored(server_config.db)[0] == 2 and restarted.services.docs.rebuilds == 1
+        client.url = restarted.url
+        response = await client.sync()
+        assert client.gen == response.docs[0].gen == 2
+        assert crdt.to_json(client.doc) == await cloud.state("d1")

@@ -58,9 +58,11 @@ class LiveDoc:
         self._subscription = doc.observe(self._on_update)  # once per document lifetime
         self.changes = crdt.ChangeTracker(doc)
         """Keys changed since the last capture: what the feed and the projection record."""
-        self.adopts = False
-        """The latest sync of this document through this process carried ``a`` (its device
-        can adopt a new generation): only such a document is rebuilt."""
+        self.adopts = gen > 0
+        """Its device can adopt a new generation: the latest sync of this document through
+        this process carried ``a``, or, until one did, the document was rebuilt before (a
+        device that cannot adopt cannot sync it at all then). Only such a document is
+        rebuilt, also by cloud writes alone and after a restart."""
         self.grown = 0
         """Bytes of updates captured since the last rebuild check."""
         self.fresh_size: int | None = None
