@@ -20,7 +20,7 @@ from typing import Any
 from pycrdt import Array, Doc, Map, Text
 
 from .errors import CorruptUpdate
-from .values import check_key, check_value, normalize
+from .values import check_key, check_value, json_view, normalize
 
 MAX_CLIENT_ID = 2**32 - 1
 
@@ -261,5 +261,7 @@ def plain(value: Any) -> Any:
 
 def to_json(doc: Doc[Any]) -> dict[str, Any]:
     """The whole document as JSON data: ``{map_name: {key: value}}``, nested shared types
-    as plain values, numbers normalized."""
-    return {name: normalize(doc.get(name, type=Map).to_py()) for name in sorted(doc.keys())}
+    as plain values, numbers normalized, and values an older version let in shown as
+    :func:`~crdtsync.values.json_view` does (the view is always valid JSON)."""
+    return {name: json_view(normalize(doc.get(name, type=Map).to_py()))
+            for name in sorted(doc.keys())}

@@ -134,3 +134,20 @@ def normalize(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: normalize(v) for k, v in value.items()}
     return value
+
+
+def json_view(value: Any) -> Any:
+    """``value`` (as :func:`normalize` returns it) with what JSON cannot carry replaced:
+    bytes by their base64 text, ``NaN`` and infinities by ``None``. Nothing written since
+    updates are read before they apply (``crdtsync.yupdate``) holds such values, but a
+    document stored by an older version may: its JSON view must still be readable, so that
+    an operator can see the key and repair it (protocol.md 7a)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    if isinstance(value, list):
+        return [json_view(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_view(v) for k, v in value.items()}
+    return value

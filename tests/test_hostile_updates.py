@@ -540,3 +540,25 @@ def test_check_event_body_refuses_msgpack_extension_records() -> None:
     with pytest.raises(InvalidValue) as caught:
         check_event_body({"x": [1, msgpack.ExtType(5, b"")]})
     assert caught.value.detail["where"] == "event body.x[1]"
+
+
+async def test_a_document_poisoned_by_an_older_version_stays_readable_and_repairable(
+        victim: Victim, server: Server) -> None:
+    """Before the reader, NaN and bytes could be stored (incremental updates were not
+    checked); then GET state answered 500 for ever and PATCH answered 500 "nothing was
+    committed" although it had committed. The JSON view shows such values as null and
+    base64 text, and a PATCH deleting the key repairs the document."""
+    from crdtsync_server.store import DocWrite, SyncWrite
+
+    legacy: Doc[Any] = Doc(client_id=31337)
+    legacy.apply_update(victim.dev.doc.get_update())
+    poisoned = legacy.get("state", type=Map)
+    poisoned["nan"] = math.nan
+    poisoned["bytes"] = b"\x00\x01"
+    await server.services.store.commit(SyncWrite(
+        device=None, time=1, docs=[DocWrite("d1/state", legacy.get_update(), 0)]))
+    server.services.docs.evict("d1/state")  # as after a restart
+    assert await victim.admin.state("d1") == {"state": {"a": 1, "nan": None, "bytes": "AAE="}}
+    assert await victim.admin.patch_state("d1", {"nan": None, "bytes": None}) == {"a": 1}
+    assert await victim.admin.state("d1") == {"state": {"a": 1}}
+    await victim.assert_serving()
