@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from crdtsync import AdminClient
 from crdtsync.errors import ClosedError, MalformedRequest, NotFound
+from crdtsync_server import Server
+from crdtsync_server.proxy import load_route_table
 from crdtsync_server.routes import (
     Outcome,
     Route,
@@ -92,6 +95,11 @@ def target_app(t: Target) -> web.Application:
     async def query(request: web.Request) -> web.Response:
         return web.json_response({"query_string": request.query_string})
 
+    async def hook(request: web.Request) -> web.Response:
+        return web.json_response({"path": request.path, "query": dict(request.query),
+                                  "key": request.headers.get("X-Api-Key"),
+                                  "accept": request.headers.get("Accept")})
+
     async def text(request: web.Request) -> web.Response:
         return web.Response(text="hello, Oslo", content_type="text/plain")
 
@@ -108,6 +116,7 @@ def target_app(t: Target) -> web.Application:
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/landing", landing)
     app.router.add_get("/text", text)
+    app.router.add_get("/hook/{secret}", hook)
     app.router.add_route("*", "/query", query)
     app.router.add_get("/bad-json", bad_json)
     return app
@@ -344,6 +353,18 @@ def test_to_json_redacts_header_values() -> None:
     assert route.to_json(redact=False)["headers"]["X-Api-Key"] == SECRET
 
 
+def test_keep_takes_only_values_sent_as_shown() -> None:
+    stored = Route("weather", GOOD["url"] + "/x?token=t", headers={"X-Api-Key": SECRET},
+                   retries=1)
+    shown = stored.to_json()
+    assert Route.from_json("weather", shown, keep=stored) == stored
+    # a value equal to the stored one is still checked as sent: true is not an integer
+    with pytest.raises(MalformedRequest) as info:
+        Route.from_json("weather", {**shown, "retries": True}, keep=stored)
+    assert info.value.detail == {"route": "weather", "field": "retries"}
+    assert Route.from_json("weather", shown).headers == {"X-Api-Key": "***"}  # no keep: as sent
+
+
 def test_route_table() -> None:
     table = RouteTable()
     b, a = Route("b", GOOD["url"]), Route("a", GOOD["url"])
@@ -403,3 +424,67 @@ def test_load_routes_file_bad_route_names_it(tmp_path: Path) -> None:
     path = write_routes(tmp_path, {"routes": {"weather": {**GOOD, "timeout": 500}}})
     with pytest.raises(MalformedRequest, match="'weather': timeout"):
         load_routes_file(path)
+
+
+# --- the management API: secrets are shown redacted and kept when sent back -----------------
+
+PATH_SECRET = "p4th-s3cret"
+QUERY_SECRET = "qu3ry-t0ken"
+
+
+async def put_secret_route(admin: AdminClient, target: Target) -> dict[str, Any]:
+    shown: dict[str, Any] = await admin.request("PUT", "/v1/routes/hook", json={
+        "url": f"{target.url}/hook/{PATH_SECRET}?token={QUERY_SECRET}&v=2", "method": "GET",
+        "headers": {"X-Api-Key": SECRET, "Accept": "application/json"}})
+    return shown
+
+
+async def call_hook(server: Server, executor: RouteExecutor) -> Any:
+    outcome = await executor.perform(server.services.routes.get("hook"), "d1", None)
+    assert outcome.ok, outcome
+    return outcome.body
+
+
+async def test_routes_api_shows_no_secret(server: Server, admin: AdminClient, target: Target
+                                          ) -> None:
+    answers = [await put_secret_route(admin, target), await admin.request("GET", "/v1/routes"),
+               await admin.request("GET", "/v1/routes/hook")]
+    for answer in answers:
+        text = json.dumps(answer)
+        assert SECRET not in text and PATH_SECRET not in text and QUERY_SECRET not in text
+    assert answers[2]["url"] == f"{target.url}/hook/***?token=***&v=***"
+    assert answers[2]["headers"] == {"X-Api-Key": "***", "Accept": "***"}
+    with pytest.raises(MalformedRequest) as info:  # a password in the URL is refused, unechoed
+        await admin.request("PUT", "/v1/routes/pw", json={"url": "https://u:pw0rd@h.example/x"})
+    assert info.value.detail == {"route": "pw", "field": "url"}
+    assert "pw0rd" not in info.value.message
+
+
+async def test_route_read_and_put_back_keeps_its_secrets(
+        server: Server, admin: AdminClient, target: Target, executor: RouteExecutor) -> None:
+    await put_secret_route(admin, target)
+    before = server.services.routes.get("hook")
+    shown = await admin.request("GET", "/v1/routes/hook")
+    del shown["alias"]
+    await admin.request("PUT", "/v1/routes/hook", json=shown)
+    assert server.services.routes.get("hook") == before  # it used to store "***"
+    assert (await load_route_table(server.services.store, None)).get("hook") == before
+    assert await call_hook(server, executor) == {
+        "path": f"/hook/{PATH_SECRET}", "query": {"token": QUERY_SECRET, "v": "2"},
+        "key": SECRET, "accept": "application/json"}
+
+
+async def test_changing_one_header_keeps_the_others(
+        server: Server, admin: AdminClient, target: Target, executor: RouteExecutor) -> None:
+    shown = await put_secret_route(admin, target)
+    del shown["alias"]
+    shown["headers"]["Accept"] = "text/plain"
+    await admin.request("PUT", "/v1/routes/hook", json=shown)
+    body = await call_hook(server, executor)
+    assert (body["key"], body["accept"], body["query"]["token"]) == (
+        SECRET, "text/plain", QUERY_SECRET)
+    # a URL that is not the one shown is taken as sent, the headers still kept
+    new_url = f"{target.url}/hook/other?token=new"
+    await admin.request("PUT", "/v1/routes/hook", json={**shown, "url": new_url})
+    route = server.services.routes.get("hook")
+    assert (route.url, route.headers["X-Api-Key"]) == (new_url, SECRET)

@@ -23,12 +23,7 @@ from crdtsync_server.feed import FeedNotifier
 from crdtsync_server.metrics_api import render_metrics
 from crdtsync_server.sinks import SINK_TYPES, SinkConfig
 from crdtsync_server.sinks import runner as runner_module
-from crdtsync_server.sinks.config import (
-    keep_redacted,
-    load_sinks_file,
-    parse_sink,
-    redact_options,
-)
+from crdtsync_server.sinks.config import load_sinks_file, parse_sink
 from crdtsync_server.sinks.manager import SinkManager
 from crdtsync_server.sinks.runner import Backoff, SinkRunner
 from crdtsync_server.sinks.webhook import (
@@ -42,6 +37,7 @@ from crdtsync_server.sinks.webhook import (
 from crdtsync_server.store import DeviceRecord, MemoryStore, SyncWrite
 from crdtsync_server.store.feed import FeedFilter, FeedItem
 from crdtsync_server.store.sinks import SinkRecord
+from crdtsync_server.validation import keep_redacted, redact_options
 
 from .conftest import local_app
 

@@ -177,7 +177,7 @@ def _route_json(route: Route) -> dict[str, Any]:
 
 @routes.get("/v1/routes")
 async def list_routes(request: web.Request) -> web.Response:
-    """Configured routes; header values are redacted."""
+    """Configured routes; header values and URLs are redacted."""
     require_admin(request)
     return json_response({"routes": [_route_json(r) for r in request.app[SERVICES].routes.list()]})
 
@@ -191,10 +191,12 @@ async def get_route(request: web.Request) -> web.Response:
 @routes.put("/v1/routes/{alias}")
 async def put_route(request: web.Request) -> web.Response:
     """Create or replace a route; persisted (a routes-file route of the same alias wins
-    again at the next start); returned with header values redacted."""
+    again at the next start); returned redacted. A url or header value sent back as a GET
+    showed it keeps the stored value."""
     require_admin(request)
     services = request.app[SERVICES]
-    route = Route.from_json(request.match_info["alias"], await _object(request))
+    alias = request.match_info["alias"]
+    route = Route.from_json(alias, await _object(request), keep=services.routes.find(alias))
     services.routes.put(route)
     await remember_route(services.store, route, route.alias)
     return json_response(_route_json(route))

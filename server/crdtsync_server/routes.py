@@ -2,8 +2,10 @@
 
 A device never names an address, only a route *alias*; the server looks the alias up in its
 own :class:`RouteTable` (filled from :func:`load_routes_file` or the management API), so a
-device can never make the server call anything but a configured route. Secrets (API keys)
-live in route headers on the server only, and :meth:`Route.to_json` redacts them.
+device can never make the server call anything but a configured route. Secrets (API keys,
+tokens in the URL) live on the server only: :meth:`Route.to_json` shows header values as
+``"***"`` and the URL redacted, and :meth:`Route.from_json` with ``keep=`` takes a value sent
+back as shown to mean the stored one (the rules of sinks: :func:`.validation.redact_options`).
 
 :meth:`RouteExecutor.perform` makes one request for a route and always answers with an
 :class:`Outcome`; whatever the target does (time out, refuse, answer 5xx, redirect, stream
@@ -43,11 +45,12 @@ from crdtsync.protocol import NAME_RE
 from crdtsync.values import check_value
 
 from .validation import (
-    REDACTED,
     headers_problem,
+    keep_redacted,
     missing_env,
     query_names,
     read_config_file,
+    redact_options,
     substitute_env,
     url_problem,
 )
@@ -121,15 +124,20 @@ class Route:
         object.__setattr__(self, "retry_backoff", float(self.retry_backoff))
 
     @classmethod
-    def from_json(cls, alias: str, obj: Any) -> Route:
+    def from_json(cls, alias: str, obj: Any, *, keep: Route | None = None) -> Route:
         """Build the route ``alias`` from its JSON form (the inverse of :meth:`to_json`).
 
         ``url`` is required; other keys default as on the class; ``devices`` is a list or
-        null. Raises :class:`MalformedRequest` naming the route and field for a non-object,
+        null. With ``keep`` (the route stored so far), a ``url`` or header value sent exactly
+        as :meth:`to_json` shows it for ``keep`` (or ``"***"``) keeps ``keep``'s value, so a
+        route read and put back keeps its secrets; anything else is taken as sent.
+        Raises :class:`MalformedRequest` naming the route and field for a non-object,
         an unknown key, a missing url or any invalid value.
         """
         if not isinstance(obj, Mapping):
             raise _invalid(alias, "route", "must be a JSON object")
+        if keep is not None:
+            obj = keep_redacted(obj, keep.to_json(redact=False))
         unknown = sorted(str(key) for key in obj if key not in _JSON_FIELDS)
         if unknown:
             raise _invalid(alias, unknown[0], f"is not a route field (known: "
@@ -142,19 +150,21 @@ class Route:
         return cls(alias=alias, **values)
 
     def to_json(self, *, redact: bool = True) -> dict[str, Any]:
-        """The JSON form, without the alias. Header values read ``"***"`` unless ``redact``
-        is False (persistence only: the unredacted form holds secrets)."""
-        return {
+        """The JSON form, without the alias. Unless ``redact`` is False (persistence only:
+        the unredacted form holds secrets), header values read ``"***"`` and the URL reads
+        as :func:`.validation.redact_url` shows it (scheme, host, port and first path segment;
+        later segments, query values and fragment ``***``)."""
+        shown = {
             "url": self.url,
             "method": self.method,
-            "headers": {name: REDACTED if redact else value
-                        for name, value in self.headers.items()},
+            "headers": dict(self.headers),
             "timeout": self.timeout,
             "max_response": self.max_response,
             "retries": self.retries,
             "retry_backoff": self.retry_backoff,
             "devices": None if self.devices is None else list(self.devices),
         }
+        return redact_options(shown) if redact else shown
 
     def allows(self, device_id: str) -> bool:
         """True if ``device_id`` may use this route."""
@@ -280,10 +290,14 @@ class RouteTable:
 
     def get(self, alias: str) -> Route:
         """The route ``alias``; raises :class:`NotFound` (``detail={"route": alias}``)."""
-        try:
-            return self._routes[alias]
-        except KeyError:
-            raise NotFound(f"unknown route {alias!r}", {"route": alias}) from None
+        route = self.find(alias)
+        if route is None:
+            raise NotFound(f"unknown route {alias!r}", {"route": alias})
+        return route
+
+    def find(self, alias: str) -> Route | None:
+        """The route ``alias``, or None if there is none."""
+        return self._routes.get(alias)
 
     def put(self, route: Route) -> None:
         """Add ``route``, replacing any route with the same alias."""

@@ -13,9 +13,10 @@ from crdtsync.errors import AlreadyExists, MalformedRequest, NotFound
 
 from .admin_api import MAX_PAGE, int_param, json_response, name_param, read_json, require_admin
 from .app import SERVICES, Services
-from .sinks.config import check_options, keep_redacted, parse_sink, spec_json
+from .sinks.config import check_options, parse_sink, spec_json
 from .sinks.manager import start_cursor
 from .store.sinks import SinkRecord
+from .validation import keep_redacted
 
 routes = web.RouteTableDef()
 

@@ -1,5 +1,6 @@
 """Checks shared by the server's configuration objects (proxied-request routes, sinks): target
-URLs, ``${ENV}`` references in configuration files, and how URLs are shown redacted."""
+URLs, ``${ENV}`` references in configuration files, and how secrets are shown redacted
+(:func:`redact_options`) and kept when sent back as shown (:func:`keep_redacted`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ REDACTED = "***"
 
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
 ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SECRET_RE = re.compile(r"secret|passw|token|credential|creds|api[_-]?key|private",
+                        re.IGNORECASE)
+_DSN_PASSWORD_RE = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
 
 
 def substitute_env(text: str, env: Mapping[str, str]) -> str:
@@ -104,6 +108,47 @@ def _redacted_path(path: str) -> str:
     if any(segments[2:]):
         return f"/{segments[1]}/{REDACTED}"
     return "/" + "/".join(segments[1:])  # "/a" or "/a/": nothing after the first segment
+
+
+def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` (a sink's options, a route's JSON form) as the API shows them:
+    secret-looking keys and every value of a ``headers`` object read ``"***"``, URLs (also
+    in lists and nested objects) are redacted by :func:`redact_url`, DSN passwords read
+    ``"***"``; other values are shown as they are."""
+    return {key: _redacted(key, value) for key, value in options.items()}
+
+
+def _redacted(key: str, value: Any) -> Any:
+    if _SECRET_RE.search(key):
+        return REDACTED
+    if key.lower() == "headers" and isinstance(value, Mapping):
+        return {name: REDACTED for name in value}
+    if isinstance(value, Mapping):
+        return redact_options(value)
+    if isinstance(value, list):
+        return [_redacted(key, item) for item in value]
+    if isinstance(value, str):
+        return _DSN_PASSWORD_RE.sub(rf"\g<1>{REDACTED}", redact_url(value))
+    return value
+
+
+def keep_redacted(new: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, Any]:
+    """``new`` (as sent in a PUT) where each value sent back as :func:`redact_options`
+    shows the stored one in ``old`` (a ``"***"``, a redacted URL, a ``headers`` object of
+    ``"***"``) is replaced by the value stored in ``old`` under that key; objects are merged
+    key by key, so one changed header keeps the others. Anything else is taken as sent
+    (a value equal to the stored one too, so that its type is checked as sent)."""
+    merged: dict[str, Any] = {}
+    for key, value in new.items():
+        prior = old.get(key)
+        if key in old and value != prior and (value == REDACTED
+                                              or value == _redacted(key, prior)):
+            merged[key] = prior
+        elif isinstance(value, Mapping) and isinstance(prior, Mapping):
+            merged[key] = keep_redacted(value, prior)
+        else:
+            merged[key] = value
+    return merged
 
 
 def query_names(url: str) -> frozenset[str]:

@@ -13,7 +13,8 @@ JSON form of one sink (every field but ``type`` optional)::
 read ``"***"`` in responses; URLs are shown as :func:`~crdtsync_server.validation.redact_url`
 does (user info, path after the first segment, query values and fragment read ``***``) and a
 DSN's ``password=`` too. An option sent back in a PUT exactly as a response showed it keeps
-the stored value.
+the stored value. Both rules are :func:`~crdtsync_server.validation.redact_options` and
+:func:`~crdtsync_server.validation.keep_redacted`, shared with proxied-request routes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ from crdtsync.errors import MalformedRequest
 from crdtsync.protocol import NAME_RE
 
 from ..store.feed import FeedFilter
-from ..validation import REDACTED, missing_env, read_config_file, redact_url, substitute_env
+from ..validation import missing_env, read_config_file, redact_options, substitute_env
 from .base import SINK_TYPES, SinkConfig
 
 MAX_BATCH = 1000
@@ -40,9 +40,6 @@ MAX_BACKOFF_S = 86400.0
 STARTS = ("beginning", "head")
 _FIELDS = frozenset({"type", "options", "filter", "batch", "max_attempts", "backoff",
                      "max_backoff", "paused", "start"})
-_SECRET_RE = re.compile(r"secret|passw|token|credential|creds|api[_-]?key|private",
-                        re.IGNORECASE)
-_DSN_PASSWORD_RE = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
 
 
 def invalid(sink: object, name: str, problem: str) -> MalformedRequest:
@@ -129,44 +126,6 @@ def spec_json(config: SinkConfig, paused: bool) -> dict[str, Any]:
             "filter": config.where.to_json(), "batch": config.batch,
             "max_attempts": config.max_attempts, "backoff": config.backoff,
             "max_backoff": config.max_backoff, "paused": paused}
-
-
-# --- secrets -------------------------------------------------------------------------------
-
-def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` as shown by the API: secret-looking keys and ``headers`` values read
-    ``"***"``, URLs (also in lists) are redacted by :func:`redact_url`, DSN passwords
-    read ``"***"``."""
-    return {key: _redacted(key, value) for key, value in options.items()}
-
-
-def _redacted(key: str, value: Any) -> Any:
-    if _SECRET_RE.search(key):
-        return REDACTED
-    if key.lower() == "headers" and isinstance(value, Mapping):
-        return {name: REDACTED for name in value}
-    if isinstance(value, Mapping):
-        return redact_options(value)
-    if isinstance(value, list):
-        return [_redacted(key, item) for item in value]
-    if isinstance(value, str):
-        return _DSN_PASSWORD_RE.sub(rf"\g<1>{REDACTED}", redact_url(value))
-    return value
-
-
-def keep_redacted(new: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, Any]:
-    """``new`` options where each value sent back as the API showed the stored one (a
-    ``"***"``, a redacted URL) is replaced by the value stored in ``old`` under that key."""
-    merged: dict[str, Any] = {}
-    for key, value in new.items():
-        prior = old.get(key)
-        if key in old and (value == REDACTED or value == _redacted(key, prior)):
-            merged[key] = prior
-        elif isinstance(value, Mapping) and isinstance(prior, Mapping):
-            merged[key] = keep_redacted(value, prior)
-        else:
-            merged[key] = value
-    return merged
 
 
 # --- the sinks file ------------------------------------------------------------------------
