@@ -488,3 +488,33 @@ async def test_changing_one_header_keeps_the_others(
     await admin.request("PUT", "/v1/routes/hook", json={**shown, "url": new_url})
     route = server.services.routes.get("hook")
     assert (route.url, route.headers["X-Api-Key"]) == (new_url, SECRET)
+
+
+async def test_routes_of_the_routes_file_are_changed_in_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file route's secrets come from ``${ENV}``: the API shows it redacted and refuses to
+    replace or delete it (409, ``origin: file``), so keeping "as shown" values can never copy
+    the expanded secret into the database."""
+    from crdtsync.errors import AlreadyExists
+    from crdtsync_server import ServerConfig
+
+    from .conftest import ADMIN_TOKEN
+
+    monkeypatch.setenv("WEATHER_KEY", "s3cr3t-from-env")
+    routes_file = tmp_path / "routes.json"
+    routes_file.write_text(json.dumps({"routes": {"weather": {
+        "url": "https://api.example.com/v1/forecast", "method": "POST",
+        "headers": {"X-Api-Key": "${WEATHER_KEY}"}}}}))
+    config = ServerConfig(db=str(tmp_path / "s.db"), port=0, admin_token=ADMIN_TOKEN,
+                          routes_file=str(routes_file))
+    async with Server(config) as server, AdminClient(server.url, ADMIN_TOKEN) as admin:
+        shown = await admin.request("GET", "/v1/routes/weather")
+        assert shown["headers"] == {"X-Api-Key": "***"}
+        body = {k: v for k, v in shown.items() if k != "alias"}
+        for method, payload in (("PUT", body), ("DELETE", None)):
+            with pytest.raises(AlreadyExists) as caught:
+                await admin.request(method, "/v1/routes/weather", json=payload)
+            assert caught.value.detail == {"route": "weather", "origin": "file"}
+        assert server.services.routes.get("weather").headers["X-Api-Key"] == "s3cr3t-from-env"
+        saved = await server.services.store.get_setting("routes")
+        assert "s3cr3t-from-env" not in (saved or "")

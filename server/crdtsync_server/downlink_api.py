@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from crdtsync.errors import MalformedRequest, NotFound
+from crdtsync.errors import AlreadyExists, MalformedRequest, NotFound
 from crdtsync.protocol import NAME_RE, item_body
 from crdtsync.values import check_value
 
@@ -188,6 +188,12 @@ async def get_route(request: web.Request) -> web.Response:
     return json_response(_route_json(request.app[SERVICES].routes.get(request.match_info["alias"])))
 
 
+def _not_from_file(services: Services, alias: str) -> None:
+    if alias in services.routes.from_file:
+        raise AlreadyExists(f"route {alias!r} is defined in the routes file; change it there",
+                            {"route": alias, "origin": "file"})
+
+
 @routes.put("/v1/routes/{alias}")
 async def put_route(request: web.Request) -> web.Response:
     """Create or replace a route; persisted (a routes-file route of the same alias wins
@@ -196,6 +202,7 @@ async def put_route(request: web.Request) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
     alias = request.match_info["alias"]
+    _not_from_file(services, alias)
     route = Route.from_json(alias, await _object(request), keep=services.routes.find(alias))
     services.routes.put(route)
     await remember_route(services.store, route, route.alias)
@@ -207,6 +214,7 @@ async def delete_route(request: web.Request) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
     alias = request.match_info["alias"]
+    _not_from_file(services, alias)
     services.routes.delete(alias)
     await remember_route(services.store, None, alias)
     return web.Response(status=204)

@@ -56,6 +56,7 @@ async def load_route_table(store: Store, routes_file: str | None) -> RouteTable:
     if routes_file:
         for route in (await asyncio.to_thread(load_routes_file, routes_file)).values():
             table.put(route)
+            table.from_file.add(route.alias)
     return table
 
 

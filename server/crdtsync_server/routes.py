@@ -287,6 +287,9 @@ class RouteTable:
 
     def __init__(self, routes: Iterable[Route] = ()) -> None:
         self._routes = {route.alias: route for route in routes}
+        self.from_file: set[str] = set()
+        """Aliases defined by the routes file: changed there, not through the API (their
+        secrets come from ``${ENV}`` and must not be copied into the database)."""
 
     def get(self, alias: str) -> Route:
         """The route ``alias``; raises :class:`NotFound` (``detail={"route": alias}``)."""
