@@ -5,9 +5,9 @@ update it reflects. Before every use it catches up with rows other writers appen
 (``read_since``), so several server processes can share one database. Updates are applied in
 memory first (that validates them), committed by the caller, and the document is evicted if
 the commit fails, so memory never holds what the store does not. Compaction by id range is
-triggered here once enough rows piled up, and so is the rebuild of a device's document into
-its next generation once its history outweighs its content (:meth:`DocumentCache.maybe_rebuild`,
-docs/architecture.md "Generations").
+triggered here once enough rows piled up, and so is the rebuild of a document (a device's
+``state`` or a shared one) into its next generation once its history outweighs its content
+(:meth:`DocumentCache.maybe_rebuild`, docs/architecture.md "Generations").
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ DEFAULT_REBUILD_SLACK = 1024
 """A document is rebuilt when its encoded size exceeds ``factor * fresh + slack`` bytes,
 ``fresh`` being the size of a fresh document with the same content."""
 
+GENERATION_LIMIT = 2**32
+"""Documents are rebuilt only into generations below this: the ``g`` answered for a shared
+document packs its stored generation into 32 bits (``sync.shared_generation``). No real
+document gets near it (each rebuild needs ``max(slack, fresh)`` bytes of new history)."""
+
 
 class LiveDoc:
     """One document held in memory. ``capture()`` returns the effective update of the writes
@@ -59,10 +64,12 @@ class LiveDoc:
         self.changes = crdt.ChangeTracker(doc)
         """Keys changed since the last capture: what the feed and the projection record."""
         self.adopts = gen > 0
-        """Its device can adopt a new generation: the latest sync of this document through
-        this process carried ``a``, or, until one did, the document was rebuilt before (a
-        device that cannot adopt cannot sync it at all then). Only such a document is
-        rebuilt, also by cloud writes alone and after a restart."""
+        """Every holder of this document can take a new generation. For a device's document:
+        the latest sync of it through this process carried ``a``, or, until one did, the
+        document was rebuilt before (a device that cannot adopt cannot sync it at all then).
+        For a shared document: always (every device replaces its copy when the ``g``
+        answered changes, protocol section 8), set by ``SyncService.write_shared``. Only
+        such a document is rebuilt, also by cloud writes alone and after a restart."""
         self.grown = 0
         """Bytes of updates captured since the last rebuild check."""
         self.fresh_size: int | None = None
@@ -237,12 +244,14 @@ class DocumentCache:
             await self.maybe_compact(live)
 
     def _rebuild_due(self, live: LiveDoc) -> bool:
-        """The cheap test before a rebuild check: rebuilds are on, the document's device can
-        adopt, it is still the cached copy, and it grew by at least ``max(slack, fresh)``
-        bytes since the last check (or was not checked since loaded). Until then the
-        document cannot have gone much over ``factor * fresh + slack``, so a check, which
-        costs about one encoding of the document, is paid once per that many bytes."""
-        if self.rebuild_factor <= 0 or not live.adopts or self._docs.get(live.key) is not live:
+        """The cheap test before a rebuild check: rebuilds are on, the document's holders can
+        adopt, its next generation is below ``GENERATION_LIMIT``, it is still the cached
+        copy, and it grew by at least ``max(slack, fresh)`` bytes since the last check (or
+        was not checked since loaded). Until then the document cannot have gone much over
+        ``factor * fresh + slack``, so a check, which costs about one encoding of the
+        document, is paid once per that many bytes."""
+        if (self.rebuild_factor <= 0 or not live.adopts or live.gen + 1 >= GENERATION_LIMIT
+                or self._docs.get(live.key) is not live):
             return False
         return live.fresh_size is None or live.grown >= max(self.rebuild_slack, live.fresh_size)
 
@@ -251,8 +260,9 @@ class DocumentCache:
         ``rebuild_factor * fresh + rebuild_slack`` bytes, ``fresh`` being the size of
         ``crdt.rebuilt(doc)`` (the same content, none of the history, a new random client
         id). Call under the document's lock with ``live`` equal to what the store holds
-        (after a commit). Only documents whose device can adopt a new generation are
-        rebuilt (:attr:`LiveDoc.adopts`; shared documents never are).
+        (after a commit). Only documents whose holders can take a new generation are
+        rebuilt (:attr:`LiveDoc.adopts`: a device's document whose device adopts, and every
+        shared document).
 
         The store's compare-and-set (:meth:`Store.rebuild`) is the only step that changes
         anything, so a crash at any point leaves either generation ``gen`` or ``gen + 1``

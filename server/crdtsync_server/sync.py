@@ -11,7 +11,8 @@ returns an error and evicts the touched documents, so nothing unstored is ever a
 A ``state`` entry of another generation than the stored one is refused
 (``generation_mismatch``) unless it carries ``a`` (the device can adopt): then its update
 is left out and its answer is the whole stored generation (protocol section 8). After the
-answer, the document cache may compact or rebuild the documents (``DocumentCache``).
+answer, the document cache may compact or rebuild the documents (``DocumentCache``); after a
+cloud write, shared documents too (their ``g``: :func:`shared_generation`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from crdtsync.protocol import (
 )
 from crdtsync.yupdate import UpdateInfo, read_update
 
-from .documents import DocumentCache, LiveDoc
+from .documents import GENERATION_LIMIT, DocumentCache, LiveDoc
 from .feed import FeedNotifier
 from .notify import DeviceNotifier
 from .proxy import ProxyRunner
@@ -73,6 +74,23 @@ def shared_key(device: DeviceRecord, name: str) -> str | None:
     if name == "project":
         return PROJECT_DOC
     return fleet_key(device.fleet) if device.fleet else None
+
+
+def shared_generation(name: str, fleet_gen: int, doc_gen: int) -> int:
+    """The ``g`` answered to a device for shared document ``name`` stored at generation
+    ``doc_gen``: ``fleet_gen * 2**32 + doc_gen`` for ``fleet`` (``fleet_gen`` is the
+    device's fleet assignment counter; a device without a fleet has ``doc_gen`` 0), and
+    ``doc_gen`` for ``project``.
+
+    A device holds a copy under the ``g`` it was answered and replaces it whenever the
+    ``g`` answered differs (protocol section 8), so ``g`` must differ for every other
+    document or generation: each fleet assignment of one device has its own ``fleet_gen``
+    and each rebuild its own ``doc_gen``, and the pair maps to ``g`` one to one while
+    ``doc_gen < 2**32`` (the cache rebuilds no further: ``GENERATION_LIMIT``) and
+    ``fleet_gen < 2**31`` (fewer moves of one device than that), which also keeps ``g`` within
+    the protocol's ``2**63 - 1``. A sum would not do: fleet A at (1, 3) and fleet B at
+    (2, 2) would share ``g``."""
+    return fleet_gen * GENERATION_LIMIT + doc_gen if name == "fleet" else doc_gen
 
 
 OFF_LOOP_BYTES = 64 * 1024
@@ -193,13 +211,16 @@ class SyncService:
 
     async def _answer_shared(self, device: DeviceRecord, part: DocSync) -> DocSync:
         """The device's copy of a shared document: a diff, or the whole document when its
-        generation changed (for the fleet document: the device changed fleet)."""
-        gen = device.fleet_gen if part.doc == "fleet" else 0
+        ``g`` changed (:func:`shared_generation`: the device changed fleet, or the document
+        was rebuilt)."""
         key = shared_key(device, part.doc)
         if key is None:
-            return DocSync(part.doc, EMPTY_STATE_VECTOR, b"", gen)
+            return DocSync(part.doc, EMPTY_STATE_VECTOR, b"",
+                           shared_generation(part.doc, device.fleet_gen, 0))
         async with self.docs.lock(key):
-            return answer_entry(part, (await self.docs.get(key)).doc, gen)
+            live = await self.docs.get(key)
+            return answer_entry(part, live.doc,
+                                shared_generation(part.doc, device.fleet_gen, live.gen))
 
     @staticmethod
     def _idle(device: DeviceRecord, write: SyncWrite) -> bool:
@@ -309,8 +330,10 @@ class SyncService:
     async def write_shared(self, key: str, name: str,
                            changes: Mapping[str, Any]) -> dict[str, Any]:
         """Cloud-side write into a shared document (``fleet_key(...)`` or ``"project"``);
-        every device that shares it receives it at its next sync."""
-        return await self.write_doc(key, key, name, changes)
+        every device that shares it receives it at its next sync. The document is rebuilt
+        by the cache's policy like a device's that adopts: every device replaces its copy
+        when the ``g`` answered changes (protocol section 8)."""
+        return await self.write_doc(key, key, name, changes, shared=True)
 
     async def read_doc(self, key: str, lock: str) -> dict[str, Any]:
         """A stored document as JSON, read under ``lock``."""
@@ -318,12 +341,17 @@ class SyncService:
             return crdt.to_json((await self.docs.get(key)).doc)
 
     async def write_doc(self, key: str, lock: str, name: str, changes: Mapping[str, Any],
-                        *, device: str | None = None) -> dict[str, Any]:
+                        *, device: str | None = None, shared: bool = False
+                        ) -> dict[str, Any]:
         """Merge ``changes`` into root map ``name`` of document ``key`` under ``lock``;
         durable on return; returns the new map. For a document of ``device`` the changed
-        keys enter the feed and the projection."""
+        keys enter the feed and the projection; a ``shared`` document is always eligible
+        for a rebuild (:attr:`LiveDoc.adopts`). Raises ``Unavailable`` (retryable, nothing
+        stored) when another process rebuilt the document between its read and the commit
+        (``Store.commit``)."""
         async with self.docs.lock(lock):
             live = await self.docs.get(key)
+            live.adopts = live.adopts or shared
             try:
                 crdt.write(live.doc, name, changes)
                 changed = live.changes.take()
