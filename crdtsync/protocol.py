@@ -9,6 +9,7 @@ document or a database.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import zlib
@@ -30,7 +31,7 @@ from .errors import (
     UnsupportedVersion,
     error_from_code,
 )
-from .values import check_event_body, check_value
+from .values import MAX_KEY_LENGTH, check_event_body, check_value
 
 PROTOCOL_VERSION = 1
 MEDIA_TYPE = "application/vnd.crdtsync+msgpack"
@@ -63,9 +64,50 @@ class Limits:
     """Largest msgpack-encoded body of one item other than an event: a message body, a
     command's params or result, a proxied request's body or its outcome. The server refuses
     to queue bigger ones; a receiver skips a bigger one it meets (docs/protocol.md 14)."""
+    max_stamps: int = 10_000
+    """Stamped writes in one document entry (``s``) and conflicts in one response (``cf``)."""
 
 
 DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class StampedWrite:
+    """A device's write of one root-map key with its hybrid-logical-clock stamp
+    (:mod:`crdtsync.hlc`, in the device's clock): ``value`` is the JSON value written, or
+    ``None`` with ``deleted`` for a delete. Sent for every key written since the cloud last
+    acknowledged the device's writes (key ``s`` of a request's document entry), so the
+    server can decide "latest write wins" by time, not by Yjs client id (protocol
+    section 13)."""
+
+    map: str
+    key: str
+    stamp: int
+    value: Any = None
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WriteInfo:
+    """One side of a conflict: who wrote (``device`` or ``cloud``), when (ms since the
+    epoch, in the server's clock, device clocks corrected), and the value (``None`` with
+    ``deleted`` for a delete)."""
+
+    writer: str
+    time: int
+    value: Any = None
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """Two concurrent writes of key ``key`` of root map ``map``: ``winner`` is what the key
+    holds, ``loser`` the write that was overruled (protocol section 13)."""
+
+    map: str
+    key: str
+    winner: WriteInfo
+    loser: WriteInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +126,10 @@ class DocSync:
     update: bytes = b""
     gen: int = 0
     adopt: bool = False
+    stamps: tuple[StampedWrite, ...] | None = None
+    """Requests only (key ``s``): the stamped writes of keys the cloud has not acknowledged.
+    ``None`` (key absent): the client does not stamp its writes (a client older than
+    protocol section 13), and its writes are merged by Yjs as they arrive."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +143,8 @@ class Event:
 
 
 DOWN_KINDS = ("message", "command")
+WRITERS = ("device", "cloud")
+"""Who wrote a value: the device (a sync) or the cloud (the management API)."""
 
 
 ITEM_TOO_LARGE = "item_too_large"
@@ -195,6 +243,10 @@ class SyncRequest:
     outcomes up only when this or ``calls`` is non-zero)."""
     batches: tuple[TemplateBatch, ...] = ()
     """Templated events; with ``events`` they form one run of consecutive seqs."""
+    clock: int | None = None
+    """The device's clock when it sent the request, in ms since the epoch (key ``ck``): the
+    server corrects the device's stamps by how far this is from its own clock (protocol
+    section 13). ``None``: not sent (no stamped writes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +261,9 @@ class SyncResponse:
     down_done: int = 0
     accepted: tuple[str, ...] = ()
     outcomes: tuple[Outcome, ...] = ()
+    conflicts: tuple[Conflict, ...] = ()
+    """Conflicts decided in this sync between the device's writes and the cloud's (key
+    ``cf``)."""
 
 
 # --- state vectors -----------------------------------------------------------------------
@@ -329,6 +384,9 @@ def _encode_doc(d: DocSync) -> dict[str, Any]:
         out["c"] = zlib.crc32(d.update)
     if d.adopt:
         out["a"] = True
+    if d.stamps is not None:
+        out["s"] = [[w.map, w.key, w.stamp, None if w.deleted else _body(w.value)]
+                    for w in d.stamps]
     return out
 
 
@@ -347,7 +405,62 @@ def _decode_doc(obj: Any, limits: Limits) -> DocSync:
     adopt = obj.get("a", False)
     if not isinstance(adopt, bool):
         raise MalformedRequest(f"'a' of document {name!r} must be a boolean")
-    return DocSync(doc=name, sv=sv, update=update, gen=gen, adopt=adopt)
+    stamps = _decode_stamps(obj["s"], name, limits) if "s" in obj else None
+    return DocSync(doc=name, sv=sv, update=update, gen=gen, adopt=adopt, stamps=stamps)
+
+
+def _decode_stamps(raw: Any, doc: str, limits: Limits) -> tuple[StampedWrite, ...]:
+    """Key ``s`` of document ``doc``: ``[[map, key, stamp, body or nil], ...]``, each key
+    once. Values are checked like state values (``check_value``)."""
+    if not isinstance(raw, list):
+        raise MalformedRequest(f"'s' of document {doc!r} must be an array")
+    if len(raw) > limits.max_stamps:
+        raise MalformedRequest(f"at most {limits.max_stamps} entries in 's'")
+    writes: list[StampedWrite] = []
+    seen: set[tuple[str, str]] = set()
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 4:
+            raise MalformedRequest("each entry of 's' must be an array of 4")
+        name, key, when, data = item
+        where = f"{doc}:{_map_key(name, 'map')}.{_map_key(key, 'key')}"
+        if (name, key) in seen:
+            raise MalformedRequest(f"{where} appears twice in 's'")
+        seen.add((name, key))
+        stamp = _uint(when, f"stamp of {where}", 2**64 - 1)
+        if data is None:
+            writes.append(StampedWrite(name, key, stamp, None, True))
+            continue
+        value = _unbody(data, where, limits)
+        check_value(value, where=where)
+        writes.append(StampedWrite(name, key, stamp, value))
+    return tuple(writes)
+
+
+def _map_key(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_KEY_LENGTH:
+        raise MalformedRequest(f"a {what} in 's' must be a non-empty string of at most "
+                               f"{MAX_KEY_LENGTH} characters")
+    return value
+
+
+def _encode_write(w: WriteInfo) -> list[Any]:
+    return [w.writer, w.time, None if w.deleted else _body(w.value)]
+
+
+def _decode_write(item: Any, limits: Limits) -> WriteInfo:
+    if not isinstance(item, list) or len(item) != 3 or item[0] not in WRITERS:
+        raise MalformedRequest("each side of a conflict must be [writer, time, body or nil]")
+    writer, when, data = item
+    if data is None:
+        return WriteInfo(writer, _uint(when, "conflict time"), None, True)
+    value, _ = _take_body(data, "conflict value", limits)
+    return WriteInfo(writer, _uint(when, "conflict time"), value)
+
+
+def _decode_conflict(item: list[Any], limits: Limits) -> Conflict:
+    name, key, winner, loser = item
+    return Conflict(_map_key(name, "map"), _map_key(key, "key"),
+                    _decode_write(winner, limits), _decode_write(loser, limits))
 
 
 def _decode_docs(obj: Mapping[str, Any], limits: Limits) -> tuple[DocSync, ...]:
@@ -442,6 +555,8 @@ def encode_request(req: SyncRequest, *, bodies: Sequence[bytes] | None = None) -
         msg["rqw"] = req.awaiting
     if req.batches:
         msg["tev"] = [[b.topic, b.data] for b in req.batches]
+    if req.clock is not None:
+        msg["ck"] = req.clock
     return _pack(msg)
 
 
@@ -555,6 +670,7 @@ def decode_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncRequest:
         outcomes_acked=tuple(_request_id(i) for i in _items_flat(obj, "rqk", limits)),
         awaiting=_uint(obj.get("rqw", 0), "rqw"),
         batches=batches,
+        clock=_uint(obj["ck"], "ck") if "ck" in obj else None,
     )
 
 
@@ -586,6 +702,9 @@ def encode_response(resp: SyncResponse) -> bytes:
         msg["rqa"] = list(resp.accepted)
     if resp.outcomes:
         msg["out"] = [[o.id, _body(dict(o.outcome))] for o in resp.outcomes]
+    if resp.conflicts:
+        msg["cf"] = [[c.map, c.key, _encode_write(c.winner), _encode_write(c.loser)]
+                     for c in resp.conflicts]
     return _pack(msg)
 
 
@@ -629,6 +748,9 @@ def decode_response(data: bytes, limits: Limits = DEFAULT_LIMITS) -> SyncRespons
         down_done=_uint(obj.get("dn", 0), "dn"),
         accepted=tuple(_request_id(i) for i in _get(obj, "rqa", list, [])),
         outcomes=tuple(_decode_outcome(i, limits) for i in _items(obj, "out", limits, 2)),
+        conflicts=tuple(_decode_conflict(i, limits)
+                        for i in _items(obj, "cf", dataclasses.replace(
+                            limits, max_items=limits.max_stamps), 4)),
     )
 
 

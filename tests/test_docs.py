@@ -104,7 +104,9 @@ def full_request() -> protocol.SyncRequest:
     """A request with every field set, so that the encoder writes every key it knows."""
     sample = {
         "device": "d1",
-        "docs": (protocol.DocSync("state", b"\x00", UPDATE, 1, adopt=True),),
+        "docs": (protocol.DocSync("state", b"\x00", UPDATE, 1, adopt=True, stamps=(
+            protocol.StampedWrite("state", "a", 1 << 16, "b"),)),),
+        "clock": 1,
         "events": (protocol.Event(1, "t", 5, {"a": 1}),),
         "purged": 1, "down_done": 1, "awaiting": 1,
         "results": (protocol.Result(1, True, {"x": 1}),),
@@ -122,6 +124,8 @@ def full_response() -> protocol.SyncResponse:
     sample = {
         "docs": (protocol.DocSync("state", b"\x00", UPDATE, 1),),
         "acked": 1, "time": 2, "down_done": 1, "accepted": ("r1",),
+        "conflicts": (protocol.Conflict("state", "a", protocol.WriteInfo("cloud", 2, 1),
+                                        protocol.WriteInfo("device", 1, None, True)),),
         "down": (protocol.DownItem(1, "message", "t", {"a": 1}),
                  protocol.DownItem(2, "command", "m", {"b": 2}, 5)),
         "outcomes": (protocol.Outcome("r1", {"ok": True, "status": 200, "body": None,
