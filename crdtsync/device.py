@@ -4,6 +4,10 @@ It holds the device's CRDT document (replicated state) and its event outbox in o
 SQLite file, and syncs both with the cloud in one HTTP round trip, explicitly
 (:meth:`Device.sync`) or from a background loop (interval, prompt sync after local changes with
 a minimum spacing, exponential backoff with jitter on failure).
+
+Every local write of a root-map key is stamped by the device's hybrid logical clock
+(:mod:`crdtsync.hlc`) and sent with its stamp and value until the cloud acknowledged it, so
+the cloud decides "latest write wins" by time (docs/protocol.md 9 and 13).
 """
 
 from __future__ import annotations
@@ -19,12 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pycrdt import Doc, Map, TransactionEvent
+import msgpack
+from pycrdt import Array, Doc, Map, Text, TransactionEvent
 
-from . import crdt
+from . import crdt, hlc
 from .aio import cancel_and_wait, wait_event
 from .calls import Calls
-from .device_store import DeviceStore, DirtyKey, OutboxEvent, OutboxLimits, QueuedEvent
+from .device_store import (
+    DeviceStore,
+    DirtyKey,
+    DirtyWrite,
+    OutboxEvent,
+    OutboxLimits,
+    QueuedEvent,
+)
 from .errors import (
     BodyTooLarge,
     ClosedError,
@@ -39,7 +51,9 @@ from .packing import pack, plain_events
 from .protocol import (
     DEFAULT_LIMITS,
     NAME_RE,
+    Conflict,
     DocSync,
+    StampedWrite,
     SyncRequest,
     SyncResponse,
     covers,
@@ -63,6 +77,14 @@ STATE_GEN = f"gen:{STATE_DOC}"
 """Store meta key of the generation of the device's own document (docs/protocol.md 8)."""
 EMPTY_UPDATE = b"\x00\x00"
 ChangeCallback = Callable[[str, str, Any, Any], None]
+ConflictCallback = Callable[[Conflict], None]
+MAX_TIME_MS = hlc.stamp_ms(2**63 - 1)
+"""The latest server ``time`` the clock takes from a response: a stamp of a later
+millisecond would not fit the device store's signed 64-bit integers."""
+OFFSET_SLACK_MS = 1000
+"""A sync that changes nothing else stores the clock only when the offset learnt from the
+server moved by more than this (the stamps that matter are stored with every change)."""
+_MISSING = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +128,9 @@ class SyncReport:
     adopted: bool = False
     """True when the device adopted a new generation of its document (docs/protocol.md 8.1):
     the cloud rebuilt it, and the device's unacknowledged writes were re-applied onto it."""
+    conflicts: list[Conflict] = field(default_factory=list)
+    """Keys written concurrently by this device and the cloud, as the cloud decided them
+    (the same conflicts :meth:`Device.on_conflict` callbacks receive)."""
     duration: float = 0.0
 
 
@@ -116,6 +141,10 @@ class Device:
     runs a background sync loop; ``None`` disables it (call :meth:`sync` yourself). Local
     changes trigger a sync after at most ``min_spacing`` seconds. ``durability`` is the SQLite
     ``synchronous`` mode of the local store (``"FULL"``: every call is durable on return).
+    ``clock`` is the wall clock that stamps local writes, a function returning milliseconds
+    since the epoch (default: the system clock; tests inject skewed clocks). It need not be
+    right: the device learns its offset from the cloud, and stamps increase across restarts
+    whatever it returns.
     """
 
     def __init__(
@@ -136,6 +165,7 @@ class Device:
         max_batch_bytes: int = 1024 * 1024,
         compact_every: int = 500,
         max_rounds: int = 1000,
+        clock: Callable[[], int] | None = None,
     ) -> None:
         if not NAME_RE.match(device_id):
             raise ValueError(f"device id {device_id!r} is not a valid name")
@@ -163,14 +193,18 @@ class Device:
         self.env = Env(self._own_env, self._shared["fleet"], self._shared["project"])
         """Environment variables, merged: device > fleet > project (read-only)."""
         self._doc: Doc[Any] | None = None
-        self._captured: list[tuple[bytes, tuple[DirtyKey, ...], int]] = []
-        """Updates not yet stored: ``(update, dirty keys, local version)``."""
-        self._local_keys: set[DirtyKey] = set()
-        """Keys written by the local transaction being committed (root observers fill it)."""
+        self._captured: list[tuple[bytes, tuple[DirtyWrite, ...], int]] = []
+        """Updates not yet stored: ``(update, their local writes, local version)``."""
+        self._local_keys: dict[DirtyKey, tuple[bytes | None, bool]] = {}
+        """Keys written by the local transaction being committed, with what they hold at
+        its end (:func:`_written`); root observers fill it."""
+        self._clock = hlc.HybridClock(clock or hlc.wall_ms)
+        """Stamps local writes; ``last`` and ``offset`` are restored from the store."""
         self._applying_remote = False
         self._observed_roots: set[str] = set()
         self._subscriptions: list[tuple[Any, Any]] = []
         self._change_callbacks: list[ChangeCallback] = []
+        self._conflict_callbacks: list[ConflictCallback] = []
         self._remote_changes = 0
         self._local_version = 0
         self._synced_version = -1
@@ -207,6 +241,7 @@ class Device:
                                        (u for _, u in local.updates)))
         # Dirty keys keep the versions of an earlier run: number on from the highest.
         self._local_version = self._store.dirty_version
+        await self._start_clock()
         self.env.remember()
         if self.interval is not None:
             self._task = asyncio.create_task(self._run(), name=f"crdtsync-sync-{self.id}")
@@ -222,11 +257,34 @@ class Device:
         async with self._sync_lock:
             if self._captured:
                 self._flush()
+            if self._doc is not None:
+                await self._track_new_roots_at_close()
             self._unsubscribe()
             for shared in self._shared.values():
                 shared.close()
             await self._transport.aclose()
             await self._store.aclose()
+
+    async def _track_new_roots_at_close(self) -> None:
+        """Record the keys of roots written directly on :attr:`doc` since the last sync: the
+        next run observes those roots from its start and would never see the writes."""
+        try:
+            await self._track_new_roots()
+        except CrdtsyncError as exc:  # their update is stored: it is sent, without a stamp
+            log.warning("device %s: could not record new roots at close: %s", self.id, exc)
+
+    async def _start_clock(self) -> None:
+        """Restore the clock from the store (stamps go on from the greatest one stored),
+        and stamp dirty keys recorded before stamps existed with the value they hold."""
+        meta = self._store.meta
+        self._clock.last = max(int(meta.get("clock_last", 0)), self._store.dirty_stamp)
+        self._clock.offset = int(meta.get("clock_offset", 0))
+        unstamped = await self._store.unstamped_keys()
+        if unstamped:
+            stamp = self._clock.now()
+            await self._store.mark_dirty(
+                [_write_in(self.doc, name, key, stamp) for name, key in unstamped],
+                self._local_version)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -290,8 +348,11 @@ class Device:
         # An error cannot leave an observer (pycrdt would wrap it), so a failed append keeps
         # the update queued and StateMap writes re-raise it from `_local_write_done`.
         self._local_version += 1
-        keys, self._local_keys = tuple(sorted(self._local_keys)), set()
-        self._captured.append((event.update, keys, self._local_version))
+        written, self._local_keys = self._local_keys, {}
+        stamp = self._clock.now()  # one stamp for the keys of one transaction
+        writes = tuple(DirtyWrite(name, key, stamp, *written[name, key])
+                       for name, key in sorted(written))
+        self._captured.append((event.update, writes, self._local_version))
         self._wake.set()
         with contextlib.suppress(CrdtsyncError):
             self._flush()
@@ -316,23 +377,26 @@ class Device:
             self._observed_roots.add(name)
             root: Map[Any] = self._doc.get(name, type=Map)
             # Keep the wrapper and subscription alive: dropping them ends the subscription.
-            self._subscriptions.append((root, root.observe_deep(self._root_observer(name))))
+            self._subscriptions.append((root, root.observe_deep(self._root_observer(name,
+                                                                                    root))))
             if announce:
                 for key, value in root.items():
                     self._notify(name, key, None, value)
         return new
 
-    def _root_observer(self, name: str) -> Callable[[list[Any]], None]:
-        return lambda events: self._on_root_events(name, events)
+    def _root_observer(self, name: str, root: Map[Any]) -> Callable[[list[Any]], None]:
+        return lambda events: self._on_root_events(name, root, events)
 
-    def _on_root_events(self, name: str, events: list[Any]) -> None:
+    def _on_root_events(self, name: str, root: Map[Any], events: list[Any]) -> None:
         """A local transaction: remember the root keys it wrote (an edit inside a nested
-        value writes the key that holds it). A remote one: announce the root keys it
-        changed (edits inside nested values are not announced)."""
+        value writes the key that holds it) with the value each holds at its end (observers
+        run when it commits). A remote one: announce the root keys it changed (edits inside
+        nested values are not announced)."""
         for event in events:
             path = event.path
             if not self._applying_remote:
-                self._local_keys.update((name, key) for key in (path[:1] or event.keys))
+                for key in path[:1] or event.keys:
+                    self._local_keys[name, key] = _written(root.get(key, _MISSING))
             elif not path:
                 keys: dict[str, dict[str, Any]] = event.keys
                 for key, change in keys.items():
@@ -346,7 +410,10 @@ class Device:
         doc = self._doc
         keys = [(name, key) for name in self._observe_roots()
                 for key in doc.get(name, type=Map)]
-        await self._store.mark_dirty(keys, self._local_version)
+        if keys:
+            stamp = self._clock.now()
+            await self._store.mark_dirty([_write_in(doc, name, key, stamp)
+                                          for name, key in keys], self._local_version)
 
     def _notify(self, name: str, key: str, old: Any, new: Any) -> None:
         self._remote_changes += 1
@@ -361,6 +428,25 @@ class Device:
         decorator). ``new`` is ``None`` for a deleted key. Called during :meth:`sync`."""
         self._change_callbacks.append(callback)
         return callback
+
+    def on_conflict(self, callback: ConflictCallback) -> ConflictCallback:
+        """Call ``callback(conflict)`` for every conflict the cloud decided between this
+        device's writes and its own (usable as a decorator): a
+        :class:`~crdtsync.protocol.Conflict` says which key, and who wrote what when, for
+        the winner (what the key now holds) and the loser. Called during :meth:`sync`,
+        after the response's changes were applied; an exception in ``callback`` is logged,
+        not raised."""
+        self._conflict_callbacks.append(callback)
+        return callback
+
+    def _announce_conflicts(self, conflicts: Iterable[Conflict], report: SyncReport) -> None:
+        for conflict in conflicts:
+            report.conflicts.append(conflict)
+            for callback in self._conflict_callbacks:
+                try:
+                    callback(conflict)
+                except Exception:
+                    log.exception("device %s: on_conflict callback failed", self.id)
 
     # --- events ---------------------------------------------------------------------------
 
@@ -538,7 +624,7 @@ class Device:
         """The generation of the local document (docs/protocol.md 8)."""
         return int(self._store.meta.get(STATE_GEN, 0))
 
-    def _doc_part(self) -> tuple[DocSync, dict[int, int]]:
+    def _doc_part(self, stamps: tuple[StampedWrite, ...]) -> tuple[DocSync, dict[int, int]]:
         doc = self.doc
         local_sv = doc.get_state()
         known = self._store.meta.get("server_sv")
@@ -549,13 +635,36 @@ class Device:
             update = doc.get_update(known) if known else doc.get_update()
             if update == EMPTY_UPDATE:
                 update = b""
-        return DocSync(STATE_DOC, local_sv, update, self._gen, adopt=True), local
+        return DocSync(STATE_DOC, local_sv, update, self._gen, adopt=True,
+                       stamps=stamps), local
+
+    async def _stamps(self) -> tuple[StampedWrite, ...]:
+        """The stamped writes to send (``s``): the last write of every dirty key, except
+        keys holding a shared type (Yjs merges their edits) and values too large to travel
+        as one item (their update still travels: the cloud takes them as unstamped
+        writes). At most ``max_stamps``, the rest likewise."""
+        out: list[StampedWrite] = []
+        limits = DEFAULT_LIMITS
+        for w in await self._store.dirty_writes():
+            if w.nested:
+                continue
+            if len(out) == limits.max_stamps or len(w.value or b"") > limits.max_item_body:
+                log.warning("device %s: %s.%s is sent without its stamp (over %d stamps "
+                            "or %d bytes)", self.id, w.map, w.key, limits.max_stamps,
+                            limits.max_item_body)
+                continue
+            out.append(StampedWrite(w.map, w.key, w.stamp, None, True) if w.value is None
+                       else StampedWrite(w.map, w.key, w.stamp, msgpack.unpackb(w.value)))
+        return tuple(out)
 
     async def _round(self, report: SyncReport) -> bool:
         """One request/response; True when another round is needed."""
+        self._flush()  # the update sent and the stamps read below hold the same writes
         await self._track_new_roots()
+        # Before reading the stamps: a write made meanwhile has a higher version and stays
+        # dirty, even if this request carries it.
         version = self._local_version
-        part, sent_sv = self._doc_part()
+        part, sent_sv = self._doc_part(await self._stamps())
         batch = (await self._store.pending(self.max_events_per_sync, self.max_batch_bytes)
                  if self._store.outbox_count else [])
         calls, outcomes_acked = await self._calls.to_send(DEFAULT_LIMITS.max_items)
@@ -568,6 +677,7 @@ class Device:
             results=await self._inbox.results(DEFAULT_LIMITS.max_items),
             calls=calls, outcomes_acked=outcomes_acked,
             awaiting=self._store.call_count("accepted"),
+            clock=self._clock.physical(),
         )
         body = encode_request(request, bodies=[e.body for e in plain])
         report.rounds += 1
@@ -586,7 +696,9 @@ class Device:
         report.events_sent += len(batch)
         if version == self._local_version:
             self._synced_version = version
+        self._learn_time(response.time)
         resend = await self._apply_response(response, sent_sv, version, report)
+        self._announce_conflicts(response.conflicts, report)
         for doc_part in response.docs:
             if doc_part.doc in self._shared:
                 await self._shared[doc_part.doc].apply(doc_part)
@@ -646,6 +758,8 @@ class Device:
         local writes up to ``version``; True when another round is needed."""
         part = next((d for d in response.docs if d.doc == STATE_DOC), None)
         if part is None:
+            if self._clock_moved():
+                await self._store.set_meta(**self._clock_meta())
             return False
         before = self._remote_changes
         if part.gen != self._gen:
@@ -665,20 +779,40 @@ class Device:
         own = self._doc.client_id
         if server_sv.get(own, 0) > sent_sv.get(own, 0):
             await self._rotate_client_id()
+        # The clock goes with whatever this response stores (and alone only if it moved).
+        clock = (self._clock_meta() if new_sv or self._store.dirty_count or self._clock_moved()
+                 else {})
         if covers(server_sv, sent_sv):
             # The cloud holds every local write up to `version` (the request carried them,
             # or an earlier one did): they are no longer dirty. Writes made while the request
             # was in flight have higher versions and stay dirty. One local transaction with
-            # the new diff base.
-            await self._store.clear_dirty(version, **new_sv)
+            # the new diff base and the clock.
+            await self._store.clear_dirty(version, **new_sv, **clock)
             return False
-        if new_sv:
-            await self._store.set_meta(**new_sv)
+        if new_sv or clock:
+            await self._store.set_meta(**new_sv, **clock)
         # The cloud lacks part of what we hold (it lost data, or our diff base was wrong):
         # the next round diffs against the state vector it just told us.
         report.recovered = True
         self._synced_version = -1
         return True
+
+    def _learn_time(self, server_ms: int) -> None:
+        """Take the server's clock from a response's ``time``: the offset of the wall clock
+        from it, and every later stamp after it (causality with what the device received).
+        ``0`` (not sent) and times beyond :data:`MAX_TIME_MS` teach nothing."""
+        if 0 < server_ms <= MAX_TIME_MS:
+            self._clock.offset = server_ms - self._clock.wall()
+            self._clock.observe(hlc.stamp(server_ms, hlc.COUNTER_MASK))
+
+    def _clock_meta(self) -> dict[str, int]:
+        """The clock as stored with a response (device meta)."""
+        return {"clock_last": self._clock.last, "clock_offset": self._clock.offset}
+
+    def _clock_moved(self) -> bool:
+        """Whether the stored offset is more than :data:`OFFSET_SLACK_MS` off the clock's."""
+        stored = self._store.meta.get("clock_offset")
+        return stored is None or abs(int(stored) - self._clock.offset) > OFFSET_SLACK_MS
 
     def _apply_remote(self, update: bytes) -> None:
         self._applying_remote = True
@@ -693,23 +827,32 @@ class Device:
         """Replace the local document by the generation ``part`` carries (its ``u`` is the
         whole document), re-applying the local writes the cloud has not acknowledged (the
         dirty keys; every key when the cloud went back to a lower generation) as local
-        writes of a new client id. One local transaction stores the new document, its
-        generation, client id and diff base: a crash leaves either generation, complete
-        (docs/protocol.md 8.1). ``on_change`` reports the keys whose value changed.
-        Returns whether keys were carried (then the cloud lacks them: another round)."""
+        writes of a new client id. Carried dirty keys keep their stamps and values: the
+        next round sends them, and the cloud decides them like any write. One local
+        transaction stores the new document, its generation, client id, diff base and the
+        clock: a crash leaves either generation, complete (docs/protocol.md 8.1).
+        ``on_change`` reports the keys whose value changed. Returns whether keys were
+        carried (then the cloud lacks them: another round)."""
         self._flush()  # every local write of the old document is stored, with its dirty key
         old, old_gen = self.doc, self._gen
-        keys = (crdt.root_keys(old) if part.gen < old_gen
-                else await self._store.dirty_keys())
+        dirty = await self._store.dirty_keys()
+        # A lower generation may lack what the cloud once acknowledged: every key goes too.
+        extra = sorted(set(crdt.root_keys(old)) - set(dirty)) if part.gen < old_gen else []
+        keys = sorted({*dirty, *extra})
         doc = crdt.new_doc(crdt.random_client_id())
         if part.update:
             crdt.apply_remote(doc, part.update, name=STATE_DOC)
         crdt.carry(old, doc, keys)
         self._local_version += 1
+        # An acknowledged key held its value when the device last stored a response: it is
+        # stamped with that time, so cloud writes made since win over it.
+        since = int(self._store.meta.get("clock_last", 0)) or self._clock.now()
         await self._store.replace_doc(
             STATE_DOC, doc.get_update(),
-            {STATE_GEN: part.gen, "client_id": doc.client_id, "server_sv": part.sv},
-            dirty=keys, version=self._local_version)
+            {STATE_GEN: part.gen, "client_id": doc.client_id, "server_sv": part.sv,
+             **self._clock_meta()},
+            carried=True, dirty=[_write_in(old, name, key, since) for name, key in extra],
+            version=self._local_version)
         log.info("device %s: adopted generation %d of its document (was %d); %d local "
                  "key(s) re-applied", self.id, part.gen, old_gen, len(keys))
         before, after = crdt.to_json(old), crdt.to_json(doc)
@@ -789,3 +932,22 @@ class Device:
         base, cap = self.backoff
         step: float = min(cap, base * 2.0 ** min(failures - 1, 32))
         return step / 2 + random.uniform(0, step / 2)
+
+
+def _written(value: Any) -> tuple[bytes | None, bool]:
+    """What a root-map key holding ``value`` records as written (:class:`DirtyWrite`'s
+    ``value`` and ``nested``): the msgpack of a plain value, ``(None, False)`` for a deleted
+    key (``_MISSING``), ``(None, True)`` for a shared type."""
+    if value is _MISSING:
+        return None, False
+    if isinstance(value, (Map, Array, Text)):
+        return None, True
+    return msgpack.packb(normalize(value), use_bin_type=True), False
+
+
+def _write_in(doc: Doc[Any], name: str, key: str, stamp: int) -> DirtyWrite:
+    """Key ``key`` of root map ``name`` of ``doc`` as a write with ``stamp`` (a root is not
+    created only to find the key absent)."""
+    value = (doc.get(name, type=Map).get(key, _MISSING)
+             if name in doc.keys() else _MISSING)  # noqa: SIM118 (not a Mapping)
+    return DirtyWrite(name, key, stamp, *_written(value))

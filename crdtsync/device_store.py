@@ -57,6 +57,15 @@ MIGRATIONS: Sequence[str] = (
     CREATE TABLE dirty (map TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL,
                         PRIMARY KEY (map, key)) STRICT;
     """,
+    # v5: what each dirty key's last local write was: its hybrid-logical-clock stamp (NULL
+    # for rows written before v5: the device stamps them when it starts), the value written
+    # (msgpack; NULL: deleted, or a shared type) and whether it is a shared type (merged by
+    # Yjs, not stamped on the wire) (docs/protocol.md 9.1)
+    """
+    ALTER TABLE dirty ADD COLUMN stamp INTEGER;
+    ALTER TABLE dirty ADD COLUMN value BLOB;
+    ALTER TABLE dirty ADD COLUMN nested INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -116,6 +125,25 @@ DirtyKey = tuple[str, str]
 """``(root map name, key)`` of the device's own document."""
 
 
+@dataclass(frozen=True, slots=True)
+class DirtyWrite:
+    """The last local write of a dirty key: its stamp (:mod:`crdtsync.hlc`, the device's
+    clock) and what it wrote: ``value`` the msgpack of the plain JSON value, ``None`` for a
+    delete; ``nested`` when the key holds a shared type (``Y.Map``, ``Y.Array``,
+    ``Y.Text``), whose edits Yjs merges (then ``value`` is ``None`` and the write is not
+    sent with a stamp, docs/protocol.md 9.2)."""
+
+    map: str
+    key: str
+    stamp: int
+    value: bytes | None = None
+    nested: bool = False
+
+    @property
+    def where(self) -> DirtyKey:
+        return (self.map, self.key)
+
+
 @dataclass
 class _Mirror:
     """What the device keeps in memory about its file; written only by the store thread."""
@@ -133,6 +161,8 @@ class _Mirror:
     """Dirty keys stored."""
     dirty_version: int = 0
     """The highest version of a stored dirty key (0 when there is none)."""
+    dirty_stamp: int = 0
+    """The highest stamp of a stored dirty key (0 when there is none)."""
 
 
 class DeviceStore:
@@ -170,8 +200,9 @@ class DeviceStore:
     @property
     def meta(self) -> dict[str, Any]:
         """Sync metadata (client id, next seq, purged seq, last known server state vector,
-        the generation of each document as ``gen:<doc>``). Read-only for callers: change it
-        with :meth:`set_meta` (or :meth:`replace_doc`)."""
+        the generation of each document as ``gen:<doc>``, the device clock's ``clock_last``
+        and ``clock_offset``). Read-only for callers: change it with :meth:`set_meta` (or
+        :meth:`clear_dirty`, :meth:`replace_doc`)."""
         return self._m.meta
 
     @property
@@ -206,6 +237,13 @@ class DeviceStore:
         return self._m.dirty
 
     @property
+    def dirty_stamp(self) -> int:
+        """The highest stamp recorded with a dirty key, 0 when there is none: with
+        ``meta["clock_last"]`` (stored with each applied response) the greatest stamp the
+        device ever issued, so a restarted clock stamps on from there."""
+        return self._m.dirty_stamp
+
+    @property
     def dirty_version(self) -> int:
         """The highest local version recorded with a dirty key, 0 when there is none: a
         device numbers its local writes on from here after a restart, so that versions
@@ -222,12 +260,13 @@ class DeviceStore:
         """The stored snapshot of ``doc`` and the updates logged after it."""
         return await self._db.run(_load_doc, self._m, doc)
 
-    def append_update(self, doc: str, data: bytes, dirty: Sequence[DirtyKey] = (),
+    def append_update(self, doc: str, data: bytes, dirty: Sequence[DirtyWrite] = (),
                       version: int = 0) -> int:
         """Append one update to the log, durably, before returning its id (synchronous).
 
-        ``dirty`` are the keys the update wrote locally: they are recorded with ``version``
-        (replacing an older version of the same key) in the same transaction."""
+        ``dirty`` are the writes of the keys the update wrote locally: they are recorded
+        with ``version`` (replacing an older write of the same key) in the same
+        transaction."""
         return self._db.run_blocking(_append_update, self._m, doc, data, tuple(dirty),
                                      version)
 
@@ -237,6 +276,19 @@ class DeviceStore:
             return []
         return await self._db.run(_dirty_keys)
 
+    async def dirty_writes(self) -> list[DirtyWrite]:
+        """The last write of each dirty key that has a stamp, sorted by map and key."""
+        if not self._m.dirty:
+            return []
+        return await self._db.run(_dirty_writes)
+
+    async def unstamped_keys(self) -> list[DirtyKey]:
+        """Dirty keys recorded before stamps existed (schema v4), sorted: the device
+        stamps them (:meth:`mark_dirty`) when it starts."""
+        if not self._m.dirty:
+            return []
+        return await self._db.run(_unstamped_keys)
+
     async def clear_dirty(self, upto: int, **meta: Any) -> None:
         """Forget the dirty keys whose version is ``<= upto`` (the cloud acknowledged every
         local write up to that version) and store ``meta`` values, in one transaction; no
@@ -244,23 +296,26 @@ class DeviceStore:
         if self._m.dirty or meta:
             await self._db.run(_clear_dirty, self._m, upto, meta)
 
-    async def mark_dirty(self, keys: Sequence[DirtyKey], version: int) -> None:
-        """Record ``keys`` as dirty with ``version``, in one transaction."""
-        if keys:
-            await self._db.run(_mark_dirty, self._m, tuple(keys), version)
+    async def mark_dirty(self, writes: Sequence[DirtyWrite], version: int) -> None:
+        """Record local ``writes`` with ``version`` (replacing an older write of the same
+        key), in one transaction."""
+        if writes:
+            await self._db.run(_mark_dirty, self._m, tuple(writes), version)
 
     async def compact(self, doc: str, upto: int, snapshot: bytes) -> None:
         """Store ``snapshot`` (covering every update id <= ``upto``) and delete those rows."""
         await self._db.run(_compact, self._m, doc, upto, snapshot)
 
     async def replace_doc(self, doc: str, snapshot: bytes, meta: Mapping[str, Any], *,
-                          dirty: Sequence[DirtyKey] = (), version: int = 0) -> None:
-        """Make ``snapshot`` the whole stored state of ``doc`` (its log rows go), set
-        ``meta`` and record ``dirty`` keys with ``version``, in one transaction: a shared
-        document's new copy, or a new generation of the device's own document (adoption,
-        docs/protocol.md 8.1). Dirty keys already stored stay."""
-        await self._db.run(_replace_doc, self._m, doc, snapshot, dict(meta), tuple(dirty),
-                           version)
+                          carried: bool = False, dirty: Sequence[DirtyWrite] = (),
+                          version: int = 0) -> None:
+        """Make ``snapshot`` the whole stored state of ``doc`` (its log rows go) and set
+        ``meta``, in one transaction: a shared document's new copy, or a new generation of
+        the device's own document (adoption, docs/protocol.md 8.1). With ``carried``, every
+        dirty key already stored takes ``version`` (keeping its stamp and value: it is
+        carried into the new document), and ``dirty`` adds writes of keys not yet dirty."""
+        await self._db.run(_replace_doc, self._m, doc, snapshot, dict(meta), carried,
+                           tuple(dirty), version)
 
     async def push_event(self, topic: str, time: int, body: bytes,
                          limits: OutboxLimits, template: str | None = None) -> int:
@@ -370,7 +425,7 @@ def _load_doc(conn: sqlite3.Connection, m: _Mirror, doc: str) -> LocalDoc:
 
 
 def _append_update(conn: sqlite3.Connection, m: _Mirror, doc: str, data: bytes,
-                   dirty: tuple[DirtyKey, ...], version: int) -> int:
+                   dirty: tuple[DirtyWrite, ...], version: int) -> int:
     if dirty:
         with transaction(conn):
             row = _insert_update(conn, doc, data)
@@ -388,21 +443,43 @@ def _insert_update(conn: sqlite3.Connection, doc: str, data: bytes) -> int:
     return int(cur.lastrowid or 0)
 
 
-def _write_dirty(conn: sqlite3.Connection, keys: tuple[DirtyKey, ...], version: int) -> None:
+_INSERT_DIRTY = ("INSERT INTO dirty (map, key, version, stamp, value, nested) "
+                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (map, key) ")
+
+
+def _write_dirty(conn: sqlite3.Connection, writes: tuple[DirtyWrite, ...], version: int, *,
+                 keep: bool = False) -> None:
+    """Record ``writes`` with ``version``. A key already dirty takes the new write (its
+    version never goes down), or with ``keep`` stays as it is."""
     conn.executemany(
-        "INSERT INTO dirty (map, key, version) VALUES (?, ?, ?) ON CONFLICT (map, key) "
-        "DO UPDATE SET version = MAX(version, excluded.version)",
-        [(name, key, version) for name, key in keys])
+        _INSERT_DIRTY + ("DO NOTHING" if keep else
+                         "DO UPDATE SET version = MAX(version, excluded.version), "
+                         "stamp = excluded.stamp, value = excluded.value, "
+                         "nested = excluded.nested"),
+        [(w.map, w.key, version, w.stamp, w.value, int(w.nested)) for w in writes])
 
 
 def _count_dirty(conn: sqlite3.Connection, m: _Mirror) -> None:
-    m.dirty, m.dirty_version = (int(v) for v in conn.execute(
-        "SELECT COUNT(*), COALESCE(MAX(version), 0) FROM dirty").fetchone())
+    m.dirty, m.dirty_version, m.dirty_stamp = (int(v) for v in conn.execute(
+        "SELECT COUNT(*), COALESCE(MAX(version), 0), COALESCE(MAX(stamp), 0) FROM dirty"
+    ).fetchone())
 
 
 def _dirty_keys(conn: sqlite3.Connection) -> list[DirtyKey]:
     return [(str(n), str(k)) for n, k in conn.execute(
         "SELECT map, key FROM dirty ORDER BY map, key")]
+
+
+def _dirty_writes(conn: sqlite3.Connection) -> list[DirtyWrite]:
+    rows = conn.execute("SELECT map, key, stamp, value, nested FROM dirty "
+                        "WHERE stamp IS NOT NULL ORDER BY map, key")
+    return [DirtyWrite(str(n), str(k), int(s), bytes(v) if v is not None else None,
+                       bool(nested)) for n, k, s, v, nested in rows]
+
+
+def _unstamped_keys(conn: sqlite3.Connection) -> list[DirtyKey]:
+    return [(str(n), str(k)) for n, k in conn.execute(
+        "SELECT map, key FROM dirty WHERE stamp IS NULL ORDER BY map, key")]
 
 
 def _clear_dirty(conn: sqlite3.Connection, m: _Mirror, upto: int, meta: dict[str, Any]
@@ -415,10 +492,10 @@ def _clear_dirty(conn: sqlite3.Connection, m: _Mirror, upto: int, meta: dict[str
     _count_dirty(conn, m)
 
 
-def _mark_dirty(conn: sqlite3.Connection, m: _Mirror, keys: tuple[DirtyKey, ...],
+def _mark_dirty(conn: sqlite3.Connection, m: _Mirror, writes: tuple[DirtyWrite, ...],
                 version: int) -> None:
     with transaction(conn):
-        _write_dirty(conn, keys, version)
+        _write_dirty(conn, writes, version)
     _count_dirty(conn, m)
 
 
@@ -435,13 +512,16 @@ def _compact(conn: sqlite3.Connection, m: _Mirror, doc: str, upto: int,
 
 
 def _replace_doc(conn: sqlite3.Connection, m: _Mirror, doc: str, snapshot: bytes,
-                 meta: dict[str, Any], dirty: tuple[DirtyKey, ...], version: int) -> None:
+                 meta: dict[str, Any], carried: bool, dirty: tuple[DirtyWrite, ...],
+                 version: int) -> None:
     with transaction(conn):
         conn.execute("INSERT OR REPLACE INTO snapshots (doc, data, upto) VALUES (?, ?, ?)",
                      (doc, snapshot, m.last_update_id))
         conn.execute("DELETE FROM updates WHERE doc = ?", (doc,))
         _write_meta(conn, meta)
-        _write_dirty(conn, dirty, version)
+        if carried:
+            conn.execute("UPDATE dirty SET version = MAX(version, ?)", (version,))
+            _write_dirty(conn, dirty, version, keep=True)
         remaining = int(conn.execute("SELECT COUNT(*) FROM updates").fetchone()[0])
     m.meta.update(meta)
     m.update_rows = remaining

@@ -5,7 +5,9 @@ It speaks the real wire protocol over HTTP on 127.0.0.1 and answers a ``state`` 
 section 8 specifies: the diff against the entry's ``sv`` when the generations match, the
 whole document when they differ and the entry says ``a: true``, ``409 generation_mismatch``
 otherwise. Everything else is as small as possible: no authentication, every event is
-acknowledged, shared documents are not served.
+acknowledged, shared documents are not served. For the device side of "latest write wins"
+(docs/protocol.md 9), the test also sets the response ``time``, conflicts to send, and can
+make the cloud lose device updates; it decides nothing itself (Yjs merges).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from crdtsync.errors import CrdtsyncError, GenerationMismatch
 from crdtsync.protocol import (
     MEDIA_TYPE,
     SYNC_PATH,
+    Conflict,
     DocSync,
     SyncRequest,
     SyncResponse,
@@ -39,11 +42,17 @@ EMPTY_UPDATE = b"\x00\x00"
 class GenerationCloud:
     """The cloud's copy of one device document, at generation :attr:`gen`."""
 
-    def __init__(self) -> None:
+    def __init__(self, client_id: int | None = None) -> None:
         self.gen = 0
-        self.doc: Doc[Any] = crdt.new_doc(crdt.random_client_id())
+        self.doc: Doc[Any] = crdt.new_doc(client_id or crdt.random_client_id())
         self.requests: list[SyncRequest] = []
         self.url = ""
+        self.time = 0
+        """The ``time`` of every response (0: not sent)."""
+        self.conflicts: list[Conflict] = []
+        """Conflicts sent with the next response (then forgotten)."""
+        self.drop_updates = 0
+        """How many of the next device updates the cloud ignores (a cloud losing data)."""
 
     def write(self, name: str, changes: Mapping[str, Any]) -> None:
         """A cloud-side write into the current generation (``None`` deletes)."""
@@ -69,7 +78,9 @@ class GenerationCloud:
                                          {"doc": "state", "gen": self.gen})
             base = b"\x00"  # the whole document; the entry's update is not applied
         else:
-            if entry.update:
+            if entry.update and self.drop_updates:
+                self.drop_updates -= 1
+            elif entry.update:
                 crdt.apply_remote(self.doc, entry.update, name="state")
             base = entry.sv
         update = self.doc.get_update(base)
@@ -85,8 +96,9 @@ class GenerationCloud:
             return web.Response(status=exc.status, body=encode_error(exc),
                                 content_type=MEDIA_TYPE)
         acked = sync.events[-1].seq if sync.events else 0
-        return web.Response(body=encode_response(SyncResponse(docs=docs, acked=acked)),
-                            content_type=MEDIA_TYPE)
+        conflicts, self.conflicts = tuple(self.conflicts), []
+        response = SyncResponse(docs=docs, acked=acked, time=self.time, conflicts=conflicts)
+        return web.Response(body=encode_response(response), content_type=MEDIA_TYPE)
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[GenerationCloud]:

@@ -14,7 +14,7 @@ import msgpack
 import pytest
 
 from crdtsync import AdminClient, Device, OutboxFull, OutboxLimits, StoreError
-from crdtsync.device_store import MIGRATIONS, SCHEMA_VERSION, DeviceStore
+from crdtsync.device_store import MIGRATIONS, SCHEMA_VERSION, DeviceStore, DirtyWrite
 from crdtsync.errors import InvalidValue
 from crdtsync.sqlite_worker import statements, transaction, user_version
 from crdtsync_server import Server
@@ -195,10 +195,51 @@ def write_device_v3_fixture(path: Path = FIXTURES / "device_v3.db") -> None:
         conn.execute("VACUUM")
 
 
+# ``device_v4.db``: schema v4 (dirty keys without stamps), written by
+# :func:`write_device_v4_fixture` with ``MIGRATIONS[:4]``. Frozen Yjs v1 updates (pycrdt
+# 0.14.13, client id 7): the snapshot holds state x = 1, y = "hi", gone = "soon" (the cloud's
+# copy, V4_SERVER_SV); update 2 sets z = True, deletes gone and sets cfg to a Y.Map
+# {"mode": "eco"} in one transaction (version 1); update 3 sets config.level = 3 (version 2).
+V4_SNAPSHOT = bytes.fromhex(
+    "0103070028010573746174650178017c3f800000280105737461746501790177026869280105737461746504"
+    "676f6e65017704736f6f6e00")
+V4_UPDATES = (
+    bytes.fromhex("010307032801057374617465017a01782701057374617465036366670128000704046d"
+                  "6f646501770365636f0107010201"),
+    bytes.fromhex("01010706280106636f6e666967056c6576656c017c404000000107010201"),
+)
+V4_SERVER_SV = bytes.fromhex("010703")
+V4_DIRTY = [("config", "level", 2), ("state", "cfg", 1), ("state", "gone", 1),
+            ("state", "z", 1)]
+
+
+def write_device_v4_fixture(path: Path = FIXTURES / "device_v4.db") -> None:
+    """Write ``device_v4.db``: schemas v1 to v4 only; a state document (a snapshot the cloud
+    holds and two logged updates it lacks) and the dirty keys of those two updates."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        with transaction(conn):
+            for script in MIGRATIONS[:4]:
+                for statement in statements(script):
+                    conn.execute(statement)
+            conn.execute("PRAGMA user_version = 4")
+            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                             [("client_id", 7), ("server_sv", V4_SERVER_SV)])
+            conn.execute("INSERT INTO snapshots (doc, data, upto) VALUES ('state', ?, 1)",
+                         (V4_SNAPSHOT,))
+            conn.executemany("INSERT INTO updates (id, doc, data) VALUES (?, 'state', ?)",
+                             list(enumerate(V4_UPDATES, start=2)))
+            conn.executemany("INSERT INTO dirty (map, key, version) VALUES (?, ?, ?)",
+                             V4_DIRTY)
+        conn.execute("VACUUM")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _regenerate_fixtures() -> None:
     if os.environ.get("CRDTSYNC_REGEN_FIXTURES") == "1":
         write_device_v3_fixture()
+        write_device_v4_fixture()
 
 
 def _dump(path: Path) -> tuple[int, list[str]]:
@@ -226,10 +267,37 @@ async def test_device_v3_database_migrates_in_place(tmp_path: Path) -> None:
         assert await store.results(10) == [(1, True, msgpack.packb({"up": True}))]
         assert [c.id for c in await store.calls("pending")] == ["r1"]
         assert (store.dirty_count, store.dirty_version, await store.dirty_keys()) == (0, 0, [])
-        store.append_update("state", b"u", [("state", "z")], 1)
+        store.append_update("state", b"u", [DirtyWrite("state", "z", 5, b"\xc3")], 1)
         assert await store.dirty_keys() == [("state", "z")]
-    assert _dump(path)[0] == SCHEMA_VERSION == 4
+    assert _dump(path)[0] == SCHEMA_VERSION == 5
     assert _dump(FIXTURES / "device_v3.db")[0] == 3  # the golden file was not touched
+
+
+def test_device_v4_fixture_is_what_the_v4_scripts_make(tmp_path: Path) -> None:
+    write_device_v4_fixture(tmp_path / "v4.db")
+    assert _dump(FIXTURES / "device_v4.db") == _dump(tmp_path / "v4.db")
+
+
+async def test_device_v4_database_migrates_in_place(tmp_path: Path) -> None:
+    """v5 gives dirty keys a stamp, a value and a shared-type flag: rows from v4 keep their
+    versions and have no stamp yet (the device stamps them when it starts)."""
+    path = tmp_path / "d.db"
+    shutil.copyfile(FIXTURES / "device_v4.db", path)
+    async with DeviceStore(path) as store:
+        assert store.meta == {"client_id": 7, "server_sv": V4_SERVER_SV}
+        local = await store.load_doc("state")
+        assert (local.snapshot, [u for _, u in local.updates]) == (V4_SNAPSHOT,
+                                                                   list(V4_UPDATES))
+        assert (store.dirty_count, store.dirty_version, store.dirty_stamp) == (4, 2, 0)
+        assert await store.unstamped_keys() == [(m, k) for m, k, _ in V4_DIRTY]
+        assert await store.dirty_writes() == []
+        await store.mark_dirty([DirtyWrite("state", "z", 9, b"\xc3")], 2)
+        assert await store.unstamped_keys() == [("config", "level"), ("state", "cfg"),
+                                                ("state", "gone")]
+        assert await store.dirty_writes() == [DirtyWrite("state", "z", 9, b"\xc3")]
+        assert store.dirty_stamp == 9
+    assert _dump(path)[0] == SCHEMA_VERSION == 5
+    assert _dump(FIXTURES / "device_v4.db")[0] == 4  # the golden file was not touched
 
 
 async def test_a_migrated_device_syncs_and_tracks_dirty_keys(
