@@ -17,6 +17,7 @@ from .errors import (
     StoreError,
     TransportError,
 )
+from .protocol import Conflict, WriteInfo
 from .state import StateMap
 
 __version__ = "0.1.0.dev0"
@@ -24,6 +25,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AdminClient",
     "ClosedError",
+    "Conflict",
     "CrdtsyncError",
     "Device",
     "InvalidValue",
@@ -33,5 +35,6 @@ __all__ = [
     "StoreError",
     "SyncReport",
     "TransportError",
+    "WriteInfo",
     "__version__",
 ]

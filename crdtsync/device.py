@@ -624,7 +624,8 @@ class Device:
         """The generation of the local document (docs/protocol.md 8)."""
         return int(self._store.meta.get(STATE_GEN, 0))
 
-    def _doc_part(self, stamps: tuple[StampedWrite, ...]) -> tuple[DocSync, dict[int, int]]:
+    def _doc_part(self, stamps: tuple[StampedWrite, ...] = ()
+                  ) -> tuple[DocSync, dict[int, int]]:
         doc = self.doc
         local_sv = doc.get_state()
         known = self._store.meta.get("server_sv")
