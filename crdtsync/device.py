@@ -699,12 +699,12 @@ class Device:
             self._synced_version = version
         self._learn_time(response.time)
         resend = await self._apply_response(response, sent_sv, version, report)
-        self._announce_conflicts(response.conflicts, report)
         for doc_part in response.docs:
             if doc_part.doc in self._shared:
                 await self._shared[doc_part.doc].apply(doc_part)
         report.env_changes += self.env.announce()
         acked = await self._ack(response, batch, report)
+        self._announce_conflicts(response.conflicts, report)
         results = await self._apply_downlink(response, report)
         await self._maybe_compact()
         return resend or results > 0 or (acked and self._store.outbox_count > 0)

@@ -1,5 +1,6 @@
 """The device's local database: one SQLite file with the CRDT update log, the dirty keys (local
-writes the cloud has not acknowledged), the event outbox and sync metadata.
+writes the cloud has not acknowledged, with their stamps and values), the event outbox and
+sync metadata.
 
 Durability: WAL journal with ``synchronous=FULL`` by default, so every committed write (a
 state change, an emitted event, an acknowledgement) survives a power cut; ``"NORMAL"`` trades
