@@ -23,7 +23,8 @@ from crdtsync.errors import (
     SeqGap,
     Unavailable,
 )
-from crdtsync.protocol import Event
+from crdtsync.hlc import MAX_STAMP
+from crdtsync.protocol import Conflict, Event, WriteInfo
 from crdtsync_server.store import (
     CommandResult,
     CommitResult,
@@ -32,13 +33,20 @@ from crdtsync_server.store import (
     DocWrite,
     Downlink,
     FleetRecord,
+    KeyStamp,
     MemoryStore,
     ProxyRequest,
     SQLiteStore,
     Store,
     SyncWrite,
 )
-from crdtsync_server.store.feed import FeedFilter, FeedItem, StateChange
+from crdtsync_server.store.feed import (
+    ConflictRecord,
+    FeedFilter,
+    FeedItem,
+    ProjectionRow,
+    StateChange,
+)
 from crdtsync_server.store.sinks import SinkConfig
 
 BACKENDS: dict[str, Callable[[Path], Store]] = {
@@ -293,6 +301,83 @@ async def test_commit_refuses_a_write_of_a_stale_generation(store: Store) -> Non
     done = await store.commit(dataclasses.replace(stale, docs=[DocWrite("dev-1/state", b"x", 1)]))
     assert done.stored == 2
     assert (await store.load_doc("dev-1/state")).updates == ((done.update_ids[0], b"x"),)
+
+
+# --- stamps (the latest-write-wins decision per key) --------------------------------------
+
+
+def stamp_row(key: str, stamp: int, writer: str = "device", raw: int = 0,
+              doc: str = "dev-1/state", name: str = "state") -> KeyStamp:
+    return KeyStamp(doc, name, key, stamp, writer, raw)
+
+
+async def test_stamps_are_written_with_the_update_and_replaced_per_key(store: Store) -> None:
+    await add_device(store)
+    assert await store.read_stamps("dev-1/state") == []
+    first = [stamp_row("b", 5, raw=4), stamp_row("a", 0, "cloud"),
+             stamp_row("mode", MAX_STAMP, raw=MAX_STAMP, name="config")]
+    await store.commit(SyncWrite("dev-1", 10, docs=[DocWrite("dev-1/state", b"u1")],
+                                 stamps=first))
+    assert await store.read_stamps("dev-1/state") == sorted(
+        first, key=lambda r: (r.map, r.key))  # uint64 extremes come back exactly
+    # A cloud write replaces one row, adds another, and may carry no update at all (a
+    # delete of an absent key is still a write with a time).
+    await store.commit(SyncWrite(None, 11, stamps=[stamp_row("b", 9, "cloud", 4),
+                                                   stamp_row("c", 2**63, "cloud")]))
+    assert [(r.map, r.key, r.stamp, r.writer, r.raw)
+            for r in await store.read_stamps("dev-1/state")] == [
+        ("config", "mode", MAX_STAMP, "device", MAX_STAMP), ("state", "a", 0, "cloud", 0),
+        ("state", "b", 9, "cloud", 4), ("state", "c", 2**63, "cloud", 0)]
+    assert await store.read_stamps("dev-1/other") == []
+
+
+async def test_stamps_survive_compaction_and_rebuilds(store: Store) -> None:
+    """Rows are per key, not per generation: a rebuilt document keeps its keys' stamps."""
+    await add_device(store)
+    rows = [stamp_row("k", 7, raw=3)]
+    done = await store.commit(SyncWrite("dev-1", 10, docs=[DocWrite("dev-1/state", b"u1")],
+                                        stamps=rows))
+    await store.compact("dev-1/state", done.update_ids[0], b"snap")
+    assert await store.rebuild("dev-1/state", 0, done.update_ids[0], b"fresh")
+    assert (await store.load_doc("dev-1/state")).gen == 1
+    assert await store.read_stamps("dev-1/state") == rows
+
+
+async def test_a_refused_commit_writes_no_stamps_and_no_conflicts(store: Store) -> None:
+    await add_device(store)
+    with pytest.raises(SeqGap):
+        await store.commit(SyncWrite("dev-1", 10, events=evs(5, 5), stamps=[stamp_row("k", 1)],
+                                     conflicts=[conflict_record("dev-1")]))
+    assert await store.read_stamps("dev-1/state") == []
+    assert await store.read_feed() == []
+
+
+@pytest.mark.parametrize("rows", [
+    [stamp_row("k", 1), stamp_row("k", 2)],
+    [stamp_row("k", 1, "somebody")],
+    [stamp_row("k", MAX_STAMP + 1)],
+    [stamp_row("k", 1, raw=-1)],
+], ids=["twice", "writer", "stamp", "raw"])
+async def test_bad_stamp_rows_are_refused_with_nothing_written(
+        store: Store, rows: list[KeyStamp]) -> None:
+    await add_device(store)
+    with pytest.raises(ValueError):
+        await store.commit(SyncWrite("dev-1", 10, docs=[DocWrite("dev-1/state", b"u1")],
+                                     stamps=rows))
+    assert await store.read_stamps("dev-1/state") == []
+    assert (await store.load_doc("dev-1/state")).updates == ()
+
+
+async def test_delete_device_deletes_the_stamps_of_its_documents(store: Store) -> None:
+    for device in ("dev-1", "dev-2"):
+        await add_device(store, device)
+        await store.commit(SyncWrite(device, 10, stamps=[
+            stamp_row("k", 1, doc=f"{device}/state")]))
+    await store.delete_device("dev-1", ["dev-1/state"])
+    assert await store.read_stamps("dev-1/state") == []
+    assert await store.read_stamps("dev-2/state") == [stamp_row("k", 1, doc="dev-2/state")]
+    await add_device(store, "dev-1")  # a device created again with the id starts afresh
+    assert await store.read_stamps("dev-1/state") == []
 
 
 # --- events ------------------------------------------------------------------------------
@@ -1261,6 +1346,42 @@ async def test_a_change_must_belong_to_the_writing_device(store: Store) -> None:
     await add_device(store, "a")
     with pytest.raises(ValueError):
         await store.commit(SyncWrite("a", 10, changes=[change("b", {"state": {"k": 1}})]))
+    with pytest.raises(ValueError):
+        await store.commit(SyncWrite("a", 10, conflicts=[conflict_record("b")]))
+    assert await store.read_feed() == []
+
+
+def conflict_record(device: str, key: str = "k") -> ConflictRecord:
+    return ConflictRecord(device, "state", Conflict(
+        "state", key, WriteInfo("cloud", 1_000, {"on": [1, 2.5]}),
+        WriteInfo("device", 900, None, True)))
+
+
+async def test_conflicts_are_feed_items_after_the_changes(store: Store) -> None:
+    await store.add_fleet(FleetRecord("north", created=1))
+    await add_device(store, "a", fleet="north")
+    await store.commit(SyncWrite("a", 10, events=evs(1, 1),
+                                 changes=[change("a", {"state": {"v": 1}})],
+                                 conflicts=[conflict_record("a", "x"), conflict_record("a")]))
+    await store.commit(SyncWrite(None, 11, conflicts=[conflict_record("a", "y")]))
+    items = await store.read_feed()
+    assert [(i.kind, i.key, i.device, i.fleet, i.doc, i.time, i.received) for i in items] == [
+        ("event", "ev:a:1", "a", "north", None, 1001, 10),
+        ("state", "st:2", "a", "north", "state", 10, 10),
+        ("conflict", "cf:3", "a", "north", "state", 10, 10),
+        ("conflict", "cf:4", "a", "north", "state", 10, 10),
+        ("conflict", "cf:5", "a", "north", "state", 11, 11)]
+    body = {"map": "state", "key": "k",
+            "winner": {"writer": "cloud", "time": 1_000, "value": {"on": [1, 2.5]}},
+            "loser": {"writer": "device", "time": 900, "deleted": True}}
+    assert items[3].body == body
+    assert items[3].to_json() == {
+        "cursor": "4", "key": "cf:4", "kind": "conflict", "device": "a", "fleet": "north",
+        "time": 10, "received": 10, "doc": "state", "conflict": body}
+    assert [i.cursor for i in await store.read_feed(where=FeedFilter(kind="conflict"))] == [
+        3, 4, 5]
+    assert await store.read_projection() == [  # a conflict changes no value by itself
+        ProjectionRow("a", "state", "state", "v", 1, 10)]
 
 
 async def test_commit_reports_what_each_document_reflected_before(store: Store) -> None:

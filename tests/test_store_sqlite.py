@@ -4,7 +4,8 @@ contract is in ``test_store_contract.py``.
 
 Golden databases live in ``tests/data/schema/server_v<n>.db``, one per released schema, each
 holding a device, an event and a document update written with that schema alone (v2 adds a
-downlink item and a request; v4 a feed item, a projection row and a second device).
+downlink item and a request; v4 a feed item, a projection row and a second device; v5 a
+device that was deleted and one with a document, which v6 leaves without stamps).
 :func:`write_v1_fixture` made ``server_v1.db`` and :func:`write_v2_fixture` ``server_v2.db``;
 they only ever run ``MIGRATIONS[0]`` and ``MIGRATIONS[1]`` (never edited), so regenerating
 them with ``CRDTSYNC_REGEN_FIXTURES=1 pytest tests/test_store_sqlite.py`` yields the same
@@ -34,6 +35,7 @@ from crdtsync_server.store import (
     DeviceRecord,
     DocWrite,
     FleetRecord,
+    KeyStamp,
     MemoryStore,
     ProxyRequest,
     SQLiteStore,
@@ -161,6 +163,28 @@ def write_v4_fixture(path: Path = FIXTURES / "server_v4.db") -> None:
             " VALUES ('dev-v4', 'r1', 'weather', '{}', 8, 8)")
 
 
+def write_v5_fixture(path: Path = FIXTURES / "server_v5.db") -> None:
+    """Write ``server_v5.db``: schemas v1 to v5 only, a device with a document, its state
+    change and projection row, and a deleted device's remembered ``last_seq``."""
+    with migrated_fixture(path, 5) as conn:
+        conn.execute(
+            "INSERT INTO devices (id, token_hash, created, last_sync, last_seq)"
+            " VALUES ('dev-v5', 'hash-v5', 1, 6, 0)")
+        conn.execute("INSERT INTO deleted_devices (id, last_seq) VALUES ('gone', 3)")
+        conn.execute("INSERT INTO docs (key, gen) VALUES ('dev-v5/state', 0)")
+        conn.execute(
+            "INSERT INTO updates (key, gen, data) VALUES ('dev-v5/state', 0, ?)",
+            (V1_UPDATE,))
+        conn.execute(
+            "INSERT INTO feed (kind, device, doc, time, received, body, source) VALUES"
+            " ('state', 'dev-v5', 'state', 6, 6, '{\"state\":{\"x\":1,\"y\":\"hi\"}}',"
+            " 'device')")
+        conn.execute(
+            "INSERT INTO projection (device, doc, map, key, value, updated)"
+            " VALUES ('dev-v5', 'state', 'state', 'x', '1', 6),"
+            " ('dev-v5', 'state', 'state', 'y', '\"hi\"', 6)")
+
+
 def write_v2_fixture(path: Path = FIXTURES / "server_v2.db") -> None:
     """Write ``server_v2.db``: schemas v1 and v2 only, one device with one event, one doc
     update, one delivered command and one pending request."""
@@ -205,6 +229,7 @@ def _regenerate_fixtures() -> None:
         write_v2_fixture()
         write_v3_fixture()
         write_v4_fixture()
+        write_v5_fixture()
 
 
 def _user_version(path: Path) -> int:
@@ -335,7 +360,7 @@ async def test_v1_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_fleet(FleetRecord("north", created=1_700_000_004_000))
         moved = await store.set_device_fleet("dev-old", "north", now=1_700_000_004_001)
         assert (moved.fleet, moved.fleet_gen, moved.down_done) == ("north", 1, 1)
-    assert _user_version(path) == 5 == SCHEMA_VERSION
+    assert _user_version(path) == 6 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         columns = {row[1]: row[4] for row in conn.execute("PRAGMA table_info(devices)")}
@@ -376,7 +401,7 @@ async def test_v2_database_migrates_to_current(tmp_path: Path) -> None:
         assert claimed is not None and claimed.route == "weather"
         device = await store.get_device("dev-v2")
         assert device is not None and (device.fleet, device.down_done) == ("south", 1)
-    assert _user_version(path) == 5 == SCHEMA_VERSION
+    assert _user_version(path) == 6 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
@@ -400,7 +425,7 @@ async def test_v3_database_migrates_to_current(tmp_path: Path) -> None:
             (1, "event", "dev-v3", "west", 1, V1_EVENT.time, 5, V1_EVENT.body)]
         assert await store.read_projection() == []
         assert await store.feed_head() == 1
-    assert _user_version(path) == SCHEMA_VERSION == 5
+    assert _user_version(path) == SCHEMA_VERSION == 6
     assert _user_version(FIXTURES / "server_v3.db") == 3
 
 
@@ -436,12 +461,46 @@ async def test_v4_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_device(DeviceRecord("dev-v4", "new-hash", created=9))
         again = await store.get_device("dev-v4")
         assert again is not None and (again.seq_floor, again.last_seq) == (1, 1)
-    assert _user_version(path) == SCHEMA_VERSION == 5
+    assert _user_version(path) == SCHEMA_VERSION == 6
     with closing(sqlite3.connect(path)) as conn:
         plan = " ".join(str(r) for r in conn.execute(
             "EXPLAIN QUERY PLAN SELECT id FROM devices WHERE token_hash = 'x'"))
     assert "devices_token_hash" in plan  # found through the index, not a scan
     assert _user_version(FIXTURES / "server_v4.db") == 4
+
+
+def test_v5_fixture_is_what_the_v5_scripts_make(tmp_path: Path) -> None:
+    write_v5_fixture(tmp_path / "v5.db")
+    assert _dump(FIXTURES / "server_v5.db") == _dump(tmp_path / "v5.db")
+
+
+async def test_v5_database_migrates_to_current(tmp_path: Path) -> None:
+    """v6 adds the per-key stamps, empty: a document written before has no stamp rows (its
+    keys count as never stamped); rows are then written with commits, keyed by document,
+    and deleted with the device; everything v5 held is untouched."""
+    path = tmp_path / "sync.db"
+    shutil.copyfile(FIXTURES / "server_v5.db", path)
+    async with SQLiteStore(path) as store:
+        assert await store.read_stamps("dev-v5/state") == []
+        assert (await store.load_doc("dev-v5/state")).updates == ((1, V1_UPDATE),)
+        assert [(r.key, r.value) for r in await store.read_projection()] == [
+            ("x", 1), ("y", "hi")]
+        row = KeyStamp("dev-v5/state", "state", "x", 2**64 - 1, "device", 2**63)
+        done = await store.commit(SyncWrite("dev-v5", 7, docs=[DocWrite("dev-v5/state",
+                                                                         b"u2")],
+                                            stamps=[row]))
+        assert done.update_ids == (2,)
+        assert await store.read_stamps("dev-v5/state") == [row]
+        await store.delete_device("dev-v5", ["dev-v5/state"])
+        assert await store.read_stamps("dev-v5/state") == []
+        await store.add_device(DeviceRecord("gone", "h", created=9))
+        again = await store.get_device("gone")
+        assert again is not None and again.seq_floor == 3
+    assert _user_version(path) == SCHEMA_VERSION == 6
+    with closing(sqlite3.connect(path)) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(stamps)")]
+    assert columns == ["doc", "map", "key", "stamp", "writer", "raw"]
+    assert _user_version(FIXTURES / "server_v5.db") == 5
 
 
 async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:

@@ -63,11 +63,12 @@ def int_param(request: web.Request, name: str, default: int, maximum: int,
 
 
 def bool_param(request: web.Request, name: str) -> bool:
-    """Query parameter ``name``: ``true`` or ``false`` (absent or empty: false)."""
+    """Query parameter ``name``: ``true`` or ``1``, ``false`` or ``0`` (absent or empty:
+    false)."""
     raw = request.query.get(name, "") or "false"
-    if raw not in ("true", "false"):
-        raise MalformedRequest(f"query parameter {name!r} must be true or false")
-    return raw == "true"
+    if raw not in ("true", "false", "1", "0"):
+        raise MalformedRequest(f"query parameter {name!r} must be true, false, 1 or 0")
+    return raw in ("true", "1")
 
 
 def name_param(request: web.Request, key: str = "device") -> str:
@@ -176,9 +177,12 @@ async def delete_device(request: web.Request) -> web.Response:
 
 @routes.get("/v1/devices/{device}/state")
 async def get_state(request: web.Request) -> web.Response:
-    """The device's document as JSON: ``{map: {key: value}}``."""
+    """The device's document as JSON: ``{map: {key: value}}``; with ``?meta=1``
+    ``{"state": <the document>, "meta": {map: {key: {"time", "writer"}}}}``."""
     require_admin(request)
-    return json_response(await request.app[SERVICES].sync.read_state(name_param(request)))
+    meta = bool_param(request, "meta")
+    return json_response(await request.app[SERVICES].sync.read_state(name_param(request),
+                                                                     meta=meta))
 
 
 @routes.patch("/v1/devices/{device}/state/{map}")

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from crdtsync import crdt
+from crdtsync import crdt, hlc
 from crdtsync.aio import cancel_and_wait, spawn
 from crdtsync.crdt import rejects_input
 from crdtsync.errors import (
@@ -125,6 +125,10 @@ class ServerConfig:
     """Seconds a client has to deliver a whole request body once the server reads it; then
     ``408 request_timeout`` and the connection is closed. A device on a slow link needs
     ``max_body / rate`` at least (the reference client gives a request 30 s)."""
+    clock: Callable[[], int] = hlc.wall_ms
+    """The server's wall clock, ms since the epoch: the times syncs record and answer, and
+    the stamps that decide which write of a key is the latest (protocol section 13).
+    Injectable so tests and simulations move time instead of sleeping."""
 
 
 @dataclass(slots=True)
@@ -199,7 +203,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             results = DeviceNotifier(config.command_poll)
             sync = SyncService(backend, docs, proxy, proxy_budget=config.proxy_budget,
                                max_items=config.limits.max_items, notifier=notifier,
-                               results=results)
+                               results=results, clock=config.clock)
             built = await build_projection(backend, docs, int(time.time() * 1000))
             if built:
                 log.info("built the state projection of %d stored documents", built)

@@ -1,8 +1,10 @@
 """Live documents: the server's bounded in-memory cache of CRDT documents over the store.
 
 A :class:`LiveDoc` is a pycrdt ``Doc`` rebuilt from the store plus the id of the last logged
-update it reflects. Before every use it catches up with rows other writers appended
-(``read_since``), so several server processes can share one database. Updates are applied in
+update it reflects, and the stamps of its keys (who wrote each key last, and when: the
+latest-write-wins decision, ``crdtsync_server.stamps``). Before every use it catches up with
+rows other writers appended (``read_since``) and rereads the stamps when another process
+may have written, so several server processes can share one database. Updates are applied in
 memory first (that validates them), committed by the caller, and the document is evicted if
 the commit fails, so memory never holds what the store does not. Compaction by id range is
 triggered here once enough rows piled up, and so is the rebuild of a document (a device's
@@ -16,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,7 +27,7 @@ from pycrdt import Doc, TransactionEvent, merge_updates
 from crdtsync import crdt
 from crdtsync.errors import CrdtsyncError, Unavailable
 
-from .store import Store
+from .store import KeyStamp, Store
 
 log = logging.getLogger("crdtsync.server")
 
@@ -48,12 +50,18 @@ class LiveDoc:
     """One document held in memory. ``capture()`` returns the effective update of the writes
     since the last call: a replayed update changes nothing and yields ``b""``."""
 
-    def __init__(self, key: str, doc: Doc[Any], gen: int, last_id: int, rows: int) -> None:
+    def __init__(self, key: str, doc: Doc[Any], gen: int, last_id: int, rows: int,
+                 stamps: Iterable[KeyStamp] = ()) -> None:
         self.key = key
         self.doc = doc
         self.gen = gen
         self.last_id = last_id
         self.rows = rows  # logged rows not folded into the snapshot
+        self.stamps: dict[tuple[str, str], KeyStamp] = {}
+        """The stored stamp of each ``(map, key)`` that has one, as of the last read or
+        commit: changed only by :meth:`stamped` after a commit returned, and reread from the
+        store by the cache when another process may have written."""
+        self.stamped(stamps)
         self.seen: int | None = None
         """The store's ``external_writes`` before this document was last read from it."""
         self.used = 0.0
@@ -105,6 +113,11 @@ class LiveDoc:
             self.rows += 1
         self.capture()  # what we just read is already stored
         self.changes.discard()  # and its changes were fed by their writer
+
+    def stamped(self, rows: Iterable[KeyStamp]) -> None:
+        """Record stamp rows the store holds (read, or just committed)."""
+        for row in rows:
+            self.stamps[(row.map, row.key)] = row
 
     def committed(self, update_id: int, prev_id: int) -> None:
         """Record that the captured write was stored as row ``update_id`` when the stored
@@ -191,14 +204,19 @@ class DocumentCache:
             live = self._docs[key] = await self._load(key)
         else:
             live.catch_up(rows)
+            # Reread even without new rows: a cloud write of another process may have
+            # stamped keys without changing the document (a delete of an absent key).
+            live.stamps = {}
+            live.stamped(await self.store.read_stamps(key))
             live.seen = seen
         return live
 
     async def _load(self, key: str) -> LiveDoc:
         seen = self.store.external_writes
         log = await self.store.load_doc(key)
+        stamps = await self.store.read_stamps(key)
         doc = crdt.new_doc(self.client_id, log.snapshot, (u for _, u in log.updates))
-        live = LiveDoc(key, doc, log.gen, log.last_id, len(log.updates))
+        live = LiveDoc(key, doc, log.gen, log.last_id, len(log.updates), stamps)
         live.seen = seen
         live.used = self._clock()
         return live

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pycrdt import Doc
 
-from crdtsync import crdt
+from crdtsync import crdt, hlc
 from crdtsync.errors import Forbidden, GenerationMismatch, NotFound, UnknownDocument
 from crdtsync.protocol import (
     DocSync,
@@ -36,15 +36,17 @@ from crdtsync.protocol import (
     SyncResponse,
     parse_state_vector,
 )
+from crdtsync.schema import StateSchema
 from crdtsync.yupdate import UpdateInfo, read_update
 
+from . import stamps
 from .documents import GENERATION_LIMIT, DocumentCache, LiveDoc
 from .feed import FeedNotifier
 from .notify import DeviceNotifier
 from .proxy import ProxyRunner
-from .store import CommitResult, DeviceRecord, DocWrite, Store, SyncWrite
+from .store import CommitResult, DeviceRecord, DocWrite, KeyStamp, Store, SyncWrite
 from .store.base import CommandResult, ProxyRequest
-from .store.feed import StateChange
+from .store.feed import ConflictRecord, StateChange
 
 log = logging.getLogger("crdtsync.server")
 
@@ -119,17 +121,34 @@ def answer_entry(part: DocSync, doc: Doc[Any], gen: int) -> DocSync:
     return DocSync(part.doc, doc.get_state(), b"" if update == EMPTY_UPDATE else update, gen)
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one document entry of a sync did: the effective update to store, the keys whose
+    value it changed (``None``: none), the stamps it decided and the conflicts it found."""
+
+    write: DocWrite
+    change: StateChange | None = None
+    stamps: tuple[KeyStamp, ...] = ()
+    conflicts: tuple[ConflictRecord, ...] = ()
 
 
 class SyncService:
-    """Applies sync requests and cloud writes; the HTTP layer only authenticates and codes."""
+    """Applies sync requests and cloud writes; the HTTP layer only authenticates and codes.
+
+    ``clock`` is the server's wall clock in ms (injectable: tests move it instead of
+    sleeping); every time the service records or answers comes from it, and so do the
+    stamps of its hybrid logical clock (:attr:`hlc`), which decide "latest write wins"
+    (``crdtsync_server.stamps``)."""
 
     def __init__(self, store: Store, docs: DocumentCache, proxy: ProxyRunner | None = None,
                  *, proxy_budget: float = 1.0, max_items: int = 100,
                  notifier: FeedNotifier | None = None,
-                 results: DeviceNotifier | None = None) -> None:
+                 results: DeviceNotifier | None = None,
+                 clock: Callable[[], int] = hlc.wall_ms) -> None:
+        self.clock = clock
+        self.hlc = hlc.HybridClock(clock)
+        """Stamps cloud writes and bounds device stamps; every answered ``time`` is the
+        millisecond of one of its stamps, so it is at or after every stamp issued before."""
         self.store = store
         self.notifier = notifier
         """Woken after a commit that added feed items (events or document changes)."""
@@ -144,9 +163,15 @@ class SyncService:
         self._touched: dict[str, int] = {}
         """``last_sync`` of syncs that changed nothing, not yet in the store."""
 
+    async def schema_for(self, device: DeviceRecord) -> StateSchema:
+        """The state schema of ``device``: the merge policy and allowed values of each key
+        of its ``state`` document. Every key is ``latest`` until fleets have schemas."""
+        return StateSchema.empty()
+
     async def sync(self, device: DeviceRecord, request: SyncRequest) -> SyncResponse:
         """Run one sync for an authenticated ``device``; raises a typed error with nothing
         stored, or returns a response describing only committed data."""
+        received = self.clock()
         for part in request.docs:
             if part.doc not in DEVICE_DOCS:
                 raise UnknownDocument(f"document {part.doc!r} is not served to devices",
@@ -158,21 +183,23 @@ class SyncService:
                 raise Forbidden(f"the {part.doc} document is read-only for devices; nothing "
                                 "was applied", {"doc": part.doc})
         infos = [await read_bounded(part) for part in own]  # before any lock or document
+        schema = await self.schema_for(device)
         async with self.docs.lock(device.id):
             lives = [await self.docs.get(doc_key(device.id, p.doc)) for p in own]
+            clocks = stamps.Clocks(
+                self.hlc.now(), 0 if request.clock is None else received - request.clock,
+                self.with_recent_sync(device).last_sync or 0)
             try:
-                applied = [self._apply(device.id, live, part, info)
+                applied = [self._apply(device.id, live, part, info, schema, clocks)
                            for live, part, info in zip(lives, own, infos, strict=True)]
-                writes = [w for w, _ in applied]
-                write = self._write(device, request, writes,
-                                    [c for _, c in applied if c is not None])
+                write = self._write(device, request, applied)
                 result = (self._unchanged(device, write) if self._idle(device, write)
                           else await self.store.commit(write))
             except BaseException:
                 for live in lives:
                     self.docs.evict(live.key)
                 raise
-            self._committed(lives, writes, result)
+            self._committed(lives, applied, result)
             if self.notifier is not None and (result.stored or write.changes):
                 self.notifier.notify()
             if write.results and self.results is not None:
@@ -186,27 +213,30 @@ class SyncService:
             answers += [await self._answer_shared(device, part) for part in shared]
             response = SyncResponse(
                 docs=tuple(answers),
-                acked=result.last_seq, time=now_ms(),
+                acked=result.last_seq, time=hlc.stamp_ms(self.hlc.now()),
                 down=await self._downlink(device, result.down_done),
                 down_done=result.down_done,
                 accepted=tuple(call.id for call in request.calls),
                 outcomes=await self._outcomes(device, request),
+                conflicts=tuple(c.conflict for a in applied for c in a.conflicts),
             )
             for live in lives:
                 await self.docs.after_commit(live)
         return response
 
-    @staticmethod
-    def _write(device: DeviceRecord, request: SyncRequest, writes: list[DocWrite],
-               changes: list[StateChange]) -> SyncWrite:
-        now = now_ms()
+    def _write(self, device: DeviceRecord, request: SyncRequest, applied: list[Applied]
+               ) -> SyncWrite:
+        now = self.clock()
         return SyncWrite(
-            device=device.id, time=now, docs=[w for w in writes if w.update],
+            device=device.id, time=now, docs=[a.write for a in applied if a.write.update],
             events=request.events, purged=request.purged, down_done=request.down_done,
             results=[CommandResult(r.seq, r.ok, r.value, r.error) for r in request.results],
             requests=[ProxyRequest(device.id, c.id, c.route, c.body, now)
                       for c in request.calls],
-            outcomes_acked=request.outcomes_acked, changes=changes,
+            outcomes_acked=request.outcomes_acked,
+            changes=[a.change for a in applied if a.change is not None],
+            stamps=[row for a in applied for row in a.stamps],
+            conflicts=[c for a in applied for c in a.conflicts],
         )
 
     async def _answer_shared(self, device: DeviceRecord, part: DocSync) -> DocSync:
@@ -226,7 +256,8 @@ class SyncService:
     def _idle(device: DeviceRecord, write: SyncWrite) -> bool:
         """True when committing ``write`` would only move ``last_sync`` (a no-change sync)."""
         return not (write.docs or write.events or write.results or write.requests
-                    or write.outcomes_acked or write.down_done > device.down_done)
+                    or write.outcomes_acked or write.down_done > device.down_done
+                    or write.stamps or write.conflicts)
 
     def _unchanged(self, device: DeviceRecord, write: SyncWrite) -> CommitResult:
         """What the commit would have answered; ``last_sync`` is recorded in batches by
@@ -266,18 +297,18 @@ class SyncService:
         this request's start; an item queued meanwhile rides on the next sync)."""
         if device.down_seq <= down_done:
             return ()
-        items = await self.store.pending_downlink(device.id, now_ms(), self.max_items)
+        items = await self.store.pending_downlink(device.id, self.clock(), self.max_items)
         return tuple(DownItem(i.seq, i.kind, i.name, i.body, i.expires or 0) for i in items)
 
-    @staticmethod
-    def _apply(device: str, live: LiveDoc, part: DocSync, info: UpdateInfo | None
-               ) -> tuple[DocWrite, StateChange | None]:
-        """Apply the device's update (read and checked as ``info``) to ``live``: the
-        effective update to store and the keys it changed (``None``: nothing changed, e.g.
-        a replay). An entry of another generation than the stored one raises
-        :class:`GenerationMismatch`, unless it carries ``adopt``: then nothing of it is
-        applied (its update builds on the other generation) and :meth:`_answer` sends the
-        whole stored generation for the device to adopt."""
+    def _apply(self, device: str, live: LiveDoc, part: DocSync, info: UpdateInfo | None,
+               schema: StateSchema, clocks: stamps.Clocks) -> Applied:
+        """Apply the device's update (read and checked as ``info``) to ``live``, then decide
+        its stamped writes (``crdtsync_server.stamps``): the effective update to store (the
+        device's and the server's fix-ups), the keys whose value changed, their stamps and
+        the conflicts. Nothing of an entry of another generation than the stored one is
+        applied: :class:`GenerationMismatch`, unless it carries ``adopt``, in which case
+        :meth:`_answer` sends the whole stored generation for the device to adopt (its
+        stamped writes come again, on the new generation)."""
         live.adopts = part.adopt
         if part.gen != live.gen:
             if not part.adopt:
@@ -287,32 +318,64 @@ class SyncService:
                 )
             log.info("%s: the device holds generation %d of %d; it gets the whole document",
                      live.key, part.gen, live.gen)
-            return DocWrite(live.key, live.capture(), live.gen), None
-        if info is None:
-            return DocWrite(live.key, live.capture(), live.gen), None
-        missing = info.missing(parse_state_vector(live.doc.get_state()))
-        if missing is not None:
-            # It builds on items this document lacks (the device's diff base is ahead of
-            # what is stored, e.g. after a restore): applied, it would stay pending where no
-            # check sees it. Nothing is applied; the answer's state vector makes the device
-            # send what is missing (protocol 7a and 9.2, step 5.4).
-            log.info("update for %s builds on missing item %s:%s; not applied", live.key,
-                     *missing)
-            return DocWrite(live.key, live.capture(), live.gen), None
-        crdt.apply_remote(live.doc, part.update, name=part.doc)
+            return Applied(DocWrite(live.key, live.capture(), live.gen))
+        if info is not None:
+            missing = info.missing(parse_state_vector(live.doc.get_state()))
+            if missing is not None:
+                # It builds on items this document lacks (the device's diff base is ahead
+                # of what is stored, e.g. after a restore): applied, it would stay pending
+                # where no check sees it. Nothing is applied, nor decided; the answer's
+                # state vector makes the device send what is missing (protocol 7a and 9.2,
+                # step 5.4).
+                log.info("update for %s builds on missing item %s:%s; not applied",
+                         live.key, *missing)
+                return Applied(DocWrite(live.key, live.capture(), live.gen))
+        elif not part.stamps:
+            return Applied(DocWrite(live.key, live.capture(), live.gen))
+        return self._merge(device, live, part, schema, clocks)
+
+    @staticmethod
+    def _merge(device: str, live: LiveDoc, part: DocSync, schema: StateSchema,
+               clocks: stamps.Clocks) -> Applied:
+        """:meth:`_apply` once the update may apply: Yjs merges it, each stamped write is
+        decided against the stored stamps, the document is fixed up to hold each winner, and
+        the feed lists only the keys whose value differs from before the sync."""
+        writes = part.stamps or ()
+        keys = [(w.map, w.key) for w in writes]
+        before = stamps.read_keys(live.doc, keys)
+        if part.update:
+            crdt.apply_remote(live.doc, part.update, name=part.doc)
         changed = live.changes.take()
         # What actually landed, checked in the real document (the caller evicts it on error).
         crdt.check_changes(changed, name=part.doc)
-        change = StateChange(device, part.doc, changed) if changed else None
-        return DocWrite(live.key, live.capture(), live.gen), change
+        decision = stamps.decide(writes, stamps.Inputs(
+            live.key, live.stamps, before, stamps.read_keys(live.doc, keys),
+            [(name, key) for name, values in changed.items() for key in values]),
+            schema.policy, clocks)
+        stamps.write_fixes(live.doc, decision.fixes)
+        for name, values in live.changes.take().items():
+            changed.setdefault(name, {}).update(values)
+        final = stamps.read_keys(live.doc, decision.decided)
+        for where in decision.decided:
+            if stamps.same(final[where], before[where]):
+                changed.get(where[0], {}).pop(where[1], None)
+        changed = {name: values for name, values in changed.items() if values}
+        return Applied(
+            DocWrite(live.key, live.capture(), live.gen),
+            StateChange(device, part.doc, changed) if changed else None,
+            tuple(decision.rows),
+            tuple(ConflictRecord(device, part.doc, c) for c in decision.conflicts))
 
     @staticmethod
-    def _committed(lives: list[LiveDoc], writes: list[DocWrite], result: CommitResult
+    def _committed(lives: list[LiveDoc], applied: list[Applied], result: CommitResult
                    ) -> None:
+        """Record the commit in the live documents: update ids, and stamps only now that
+        they are stored."""
         stored = iter(zip(result.update_ids, result.prev_ids, strict=True))
-        for live, write in zip(lives, writes, strict=True):
-            if write.update:
+        for live, done in zip(lives, applied, strict=True):
+            if done.write.update:
                 live.committed(*next(stored))
+            live.stamped(done.stamps)
 
     @staticmethod
     def _answer(live: LiveDoc, part: DocSync) -> DocSync:
@@ -321,11 +384,14 @@ class SyncService:
     async def write_state(self, device_id: str, name: str,
                           changes: Mapping[str, Any]) -> dict[str, Any]:
         """Cloud-side write into root map ``name`` of a device's document (``None`` deletes a
-        key); durable on return, delivered at the device's next sync. Returns the new map."""
-        if await self.store.get_device(device_id) is None:
+        key); durable on return, delivered at the device's next sync. Returns the new map.
+        Each key written is stamped later than everything it held (protocol section 13);
+        a key of policy ``device`` is refused (:class:`Forbidden`, nothing written)."""
+        record = await self.store.get_device(device_id)
+        if record is None:
             raise NotFound(f"no device {device_id!r}")
         return await self.write_doc(doc_key(device_id, "state"), device_id, name, changes,
-                                    device=device_id)
+                                    device=device_id, schema=await self.schema_for(record))
 
     async def write_shared(self, key: str, name: str,
                            changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -341,14 +407,18 @@ class SyncService:
             return crdt.to_json((await self.docs.get(key)).doc)
 
     async def write_doc(self, key: str, lock: str, name: str, changes: Mapping[str, Any],
-                        *, device: str | None = None, shared: bool = False
-                        ) -> dict[str, Any]:
+                        *, device: str | None = None, shared: bool = False,
+                        schema: StateSchema | None = None) -> dict[str, Any]:
         """Merge ``changes`` into root map ``name`` of document ``key`` under ``lock``;
         durable on return; returns the new map. For a document of ``device`` the changed
-        keys enter the feed and the projection; a ``shared`` document is always eligible
-        for a rebuild (:attr:`LiveDoc.adopts`). Raises ``Unavailable`` (retryable, nothing
-        stored) when another process rebuilt the document between its read and the commit
-        (``Store.commit``)."""
+        keys enter the feed and the projection, and with its ``schema`` each key written is
+        stamped (``crdtsync_server.stamps.cloud_rows``), even one whose value did not change
+        (a delete of an absent key is a write with a time); a ``shared`` document is always
+        eligible for a rebuild (:attr:`LiveDoc.adopts`). Raises ``Unavailable`` (retryable,
+        nothing stored) when another process rebuilt the document between its read and the
+        commit (``Store.commit``)."""
+        if schema is not None:
+            refuse_device_keys(schema, name, changes)
         async with self.docs.lock(lock):
             live = await self.docs.get(key)
             live.adopts = live.adopts or shared
@@ -356,21 +426,32 @@ class SyncService:
                 crdt.write(live.doc, name, changes)
                 changed = live.changes.take()
                 update = live.capture()
-                if update:
-                    feed = ([StateChange(device, "state", changed, "cloud")]
-                            if device is not None and changed else [])
-                    stored = await self.store.commit(
-                        SyncWrite(device=None, time=now_ms(), changes=feed,
-                                  docs=[DocWrite(key, update, live.gen)]))
-                    live.committed(stored.update_ids[0], stored.prev_ids[0])
-                    if feed and self.notifier is not None:
-                        self.notifier.notify()
+                rows = ([] if schema is None else
+                        stamps.cloud_rows(key, name, changes, live.stamps, self.hlc.now()))
+                if update or rows:
+                    await self._commit_cloud(live, update, rows, [
+                        StateChange(device, "state", changed, "cloud")]
+                        if device is not None and changed else [])
             except BaseException:
                 self.docs.evict(key)
                 raise
             await self.docs.after_commit(live)
             state: dict[str, Any] = crdt.to_json(live.doc).get(name, {})
             return state
+
+    async def _commit_cloud(self, live: LiveDoc, update: bytes, rows: list[KeyStamp],
+                            feed: list[StateChange]) -> None:
+        """Commit a cloud write of ``live`` and record it in the live document."""
+        stored = await self.store.commit(SyncWrite(
+            device=None, time=self.clock(), changes=feed, stamps=rows,
+            docs=[DocWrite(live.key, update, live.gen)] if update else []))
+        if update:
+            live.committed(stored.update_ids[0], stored.prev_ids[0])
+        for row in rows:  # a stamp above the clock (stored + 1) moves the clock past it
+            self.hlc.observe(row.stamp)
+        live.stamped(rows)
+        if feed and self.notifier is not None:
+            self.notifier.notify()
 
     async def delete_device(self, device_id: str, *, events: bool = False) -> None:
         """Delete the device with its documents, projection rows, downlink and proxied
@@ -386,10 +467,25 @@ class SyncService:
                 self.docs.evict(key)
             self._touched.pop(device_id, None)
 
-    async def read_state(self, device_id: str) -> dict[str, Any]:
-        """The device document as JSON (``{map: {key: value}}``)."""
+    async def read_state(self, device_id: str, *, meta: bool = False) -> dict[str, Any]:
+        """The device document as JSON (``{map: {key: value}}``, ``state`` always present).
+        With ``meta``: ``{"state": <that>, "meta": {map: {key: {"time", "writer"}}}}``, each
+        key's stamp (``"deleted": true`` for a key deleted last), wrapped so that no root map
+        name can clash with ``meta``."""
         if await self.store.get_device(device_id) is None:
             raise NotFound(f"no device {device_id!r}")
         async with self.docs.lock(device_id):
             live = await self.docs.get(doc_key(device_id, "state"))
-            return {"state": {}, **crdt.to_json(live.doc)}
+            state = {"state": {}, **crdt.to_json(live.doc)}
+            if not meta:
+                return state
+            return {"state": state, "meta": stamps.meta_json(live.stamps.values(), state)}
+
+
+def refuse_device_keys(schema: StateSchema, name: str, changes: Mapping[str, Any]) -> None:
+    """Raise :class:`Forbidden` (``detail``: map, key) for a cloud write of a key only the
+    device writes (policy ``device``)."""
+    for key in changes:
+        if schema.policy(name, key) == "device":
+            raise Forbidden(f"{name}.{key} is written by the device only; nothing was"
+                            " written", {"map": name, "key": key})

@@ -1,7 +1,8 @@
 """The narrow storage interface of the sync server, and the records it speaks in.
 
 A :class:`Store` keeps, per document, a generation, an append-only update log keyed by a
-monotonic id plus one snapshot that covers every row up to ``snapshot_id``; an events table
+monotonic id plus one snapshot that covers every row up to ``snapshot_id``, and one stamp
+per key (:class:`KeyStamp`: when and by whom the key was last written); an events table
 unique on ``(device, seq)`` with a global arrival ``cursor``; devices with hashed tokens
 (found by that hash too); fleets (a device belongs to at most one); and settings.
 Policy (when to compact or rebuild, what a device may touch) lives one layer up, in
@@ -23,10 +24,12 @@ from typing import Any, Protocol
 import msgpack
 
 from crdtsync.errors import SeqConflict, SeqGap, Unavailable
-from crdtsync.protocol import Event
+from crdtsync.hlc import MAX_STAMP
+from crdtsync.protocol import WRITERS, Event
 
 from .feed import (
     Changes,
+    ConflictRecord,
     FeedFilter,
     FeedItem,
     ProjectionRow,
@@ -129,6 +132,26 @@ class DocWrite:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyStamp:
+    """The write that decides key ``key`` of root map ``map`` of document ``doc`` (a store
+    key, ``<device>/state``): its hybrid-logical-clock ``stamp`` in the server's frame
+    (:mod:`crdtsync.hlc`; a device's stamps corrected by its clock offset), who wrote it
+    (``writer``: ``device`` or ``cloud``), and ``raw``, the highest of the device's own
+    stamps decided for the key: the winning write's for a ``device`` row, the highest device
+    write this cloud write overruled for a ``cloud`` row (0: none, or a write of a client
+    that does not stamp). A delete is a write like any other: its row stays. Rows are per
+    key, not per generation, so they survive compaction and rebuilds; they go with their
+    document when its device is deleted (docs/protocol.md section 13)."""
+
+    doc: str
+    map: str
+    key: str
+    stamp: int
+    writer: str
+    raw: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class SyncWrite:
     """Everything one sync (or one cloud write) commits in a single transaction.
 
@@ -153,6 +176,12 @@ class SyncWrite:
     """Document keys these updates changed: appended to the feed and applied to the
     projection in the same transaction. A cloud write (``device=None``) names the device in
     each change."""
+    stamps: Sequence[KeyStamp] = ()
+    """Stamps of the keys these updates decided: each replaces the stored row of its
+    ``(doc, map, key)``, in the same transaction (at most one per key)."""
+    conflicts: Sequence[ConflictRecord] = ()
+    """Conflicts decided in this sync: appended to the feed (kind ``conflict``) after the
+    changes, in the same transaction."""
 
 
 DOWNLINK_KINDS = ("message", "command")
@@ -279,10 +308,15 @@ class Store(Protocol):
         :meth:`read_since` answers ``None`` to every cached copy. Returns ``True`` if it
         happened; ``False`` changes nothing."""
 
+    async def read_stamps(self, key: str) -> list[KeyStamp]:
+        """Every stamp row of document ``key`` (:class:`KeyStamp`), ordered by map and key;
+        empty if it has none. Rows are written by :meth:`commit` only."""
+
     # the sync transaction
     async def commit(self, write: SyncWrite) -> CommitResult:
-        """Append doc updates, store new events (deduplicated by ``(device, seq)``) and update
-        the device's bookkeeping, atomically. Raises :class:`SeqGap` / :class:`SeqConflict`
+        """Append doc updates, store new events (deduplicated by ``(device, seq)``), replace
+        the stamp rows of ``write.stamps``, append the changes and conflicts to the feed and
+        update the device's bookkeeping, atomically. Raises :class:`SeqGap` / :class:`SeqConflict`
         (see :func:`plan_events`), and :class:`Unavailable` (retryable) when a ``DocWrite``
         names a generation other than its document's stored one (another process rebuilt it
         since the writer read it: :func:`stale_generation`), with nothing written. The first
@@ -353,11 +387,11 @@ class Store(Protocol):
 
     async def delete_device(self, device_id: str, docs: Sequence[str], *,
                             events: bool = False) -> None:
-        """Delete the device, its documents ``docs`` (store keys), its projection rows, its
-        downlink items and proxied requests, in one transaction; with ``events`` also every
-        feed item naming it (its events and state changes), else those stay. Its
-        ``last_seq`` is remembered for a later device with the same id (see
-        :meth:`add_device`). A deleted document is left as an empty snapshot whose
+        """Delete the device, its documents ``docs`` (store keys) with their stamp rows, its
+        projection rows, its downlink items and proxied requests, in one transaction; with
+        ``events`` also every feed item naming it (its events, state changes and conflicts),
+        else those stay. Its ``last_seq`` is remembered for a later device with the same id
+        (see :meth:`add_device`). A deleted document is left as an empty snapshot whose
         ``snapshot_id`` is a new, never reused update id, so :meth:`read_since` answers
         ``None`` to every reader holding a copy: other processes' caches reload it empty.
         ``NotFound`` for an unknown device, with nothing deleted."""
@@ -566,12 +600,21 @@ def check_kind(kind: str) -> None:
 
 def check_write(write: SyncWrite) -> None:
     """Raise ``ValueError`` for a write no backend may store: device parts (events, downlink
-    progress, results, requests, outcome acknowledgements) without a device, or a request
-    on behalf of another device."""
-    for change in write.changes:
-        if write.device is not None and change.device != write.device:
-            raise ValueError(f"a change of device {change.device!r} in a write of"
-                             f" {write.device!r}")
+    progress, results, requests, outcome acknowledgements) without a device, a change,
+    conflict or request on behalf of another device, two stamps of one key, or a stamp row
+    with an unknown writer or a stamp outside 0 .. 2**64 - 1."""
+    owners = [c.device for c in write.changes] + [c.device for c in write.conflicts]
+    for owner in owners:
+        if write.device is not None and owner != write.device:
+            raise ValueError(f"a change of device {owner!r} in a write of {write.device!r}")
+    stamped = {(s.doc, s.map, s.key) for s in write.stamps}
+    if len(stamped) != len(write.stamps):
+        raise ValueError("a write stamps a key twice")
+    for row in write.stamps:
+        if row.writer not in WRITERS or not (0 <= row.stamp <= MAX_STAMP
+                                             and 0 <= row.raw <= MAX_STAMP):
+            raise ValueError(f"bad stamp row {row!r}: writer must be one of {WRITERS},"
+                             " stamps unsigned 64-bit integers")
     if write.device is None and (write.events or write.down_done or write.results
                                  or write.requests or write.outcomes_acked):
         raise ValueError("a write without a device cannot carry events, downlink"

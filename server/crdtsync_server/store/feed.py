@@ -1,11 +1,13 @@
 """Records of the change feed and the current-state projection, shared by every backend.
 
 The feed is one durable, ordered log of everything downstream consumers need: each stored
-event (``kind="event"``) and each change of a device document (``kind="state"``: the keys
-that changed with their new values, ``None`` for a deleted key). Its ``cursor`` grows in
-commit order, so a reader that saw cursor ``c`` never later finds a new item below ``c``
-(one writer at a time: SQLite's write lock). Items are written in the same transaction as
-the data they describe, so the feed never misses nor invents a change.
+event (``kind="event"``), each change of a device document (``kind="state"``: the keys
+that changed with their new values, ``None`` for a deleted key) and each conflict between
+a device's write and the cloud's (``kind="conflict"``: both writes, and which one the key
+holds). Its ``cursor`` grows in commit order, so a reader that saw cursor ``c`` never later
+finds a new item below ``c`` (one writer at a time: SQLite's write lock). Items are written
+in the same transaction as the data they describe, so the feed never misses nor invents a
+change.
 
 The projection is a relational view of the documents: one row per device, document, map and
 key holding the current value as JSON, updated in the same transaction as the document.
@@ -18,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from crdtsync.protocol import Event
+from crdtsync.protocol import Conflict, Event, WriteInfo
 from crdtsync.values import json_default
 
 
@@ -31,7 +33,7 @@ def event_json(event: Event) -> str:
     """The event body as stored JSON text (bytes become base64 text)."""
     return json_text(event.body)
 
-FEED_KINDS = ("event", "state")
+FEED_KINDS = ("event", "state", "conflict")
 
 FEED_FLOOR_SETTING = "feed_floor"
 """Setting holding the highest purged feed cursor (backends that keep settings)."""
@@ -62,6 +64,33 @@ class StateChange:
     changes: Changes
     source: str = "device"
     """``device`` (a sync) or ``cloud`` (the management API)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictRecord:
+    """A conflict decided in a sync of device ``device``'s document ``doc``: two writes of
+    one key, ``conflict.winner`` the one the key holds (docs/protocol.md section 13)."""
+
+    device: str
+    doc: str
+    conflict: Conflict
+
+
+def write_json(side: WriteInfo) -> dict[str, Any]:
+    """One side of a conflict as JSON: ``{"writer", "time", "value"}``, or ``"deleted":
+    true`` instead of ``value`` for a delete."""
+    data: dict[str, Any] = {"writer": side.writer, "time": side.time}
+    if side.deleted:
+        data["deleted"] = True
+    else:
+        data["value"] = side.value
+    return data
+
+
+def conflict_json(conflict: Conflict) -> dict[str, Any]:
+    """The body of a ``conflict`` feed item: ``{"map", "key", "winner", "loser"}``."""
+    return {"map": conflict.map, "key": conflict.key, "winner": write_json(conflict.winner),
+            "loser": write_json(conflict.loser)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +134,7 @@ class FeedFilter:
 class FeedItem:
     """One feed entry. Events: ``topic``, ``seq``, ``time`` (device clock) and ``body`` (the
     event body). State changes: ``doc`` and ``body`` = ``{map: {key: value or None}}``,
+    ``time`` the server clock. Conflicts: ``doc`` and ``body`` = :func:`conflict_json`,
     ``time`` the server clock. ``received`` is when the server stored it, ``fleet`` the
     device's fleet at that moment."""
 
@@ -123,10 +153,11 @@ class FeedItem:
     @property
     def key(self) -> str:
         """A stable idempotency key: ``ev:<device>:<seq>`` for an event (the same event
-        always gets the same key), ``st:<cursor>`` for a state change."""
+        always gets the same key), ``st:<cursor>`` for a state change, ``cf:<cursor>`` for
+        a conflict."""
         if self.kind == "event":
             return f"ev:{self.device}:{self.seq}"
-        return f"st:{self.cursor}"
+        return f"{'cf' if self.kind == 'conflict' else 'st'}:{self.cursor}"
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -136,6 +167,8 @@ class FeedItem:
         }
         if self.kind == "event":
             data.update(topic=self.topic, seq=self.seq, body=self.body)
+        elif self.kind == "conflict":
+            data.update(doc=self.doc, conflict=self.body)
         else:
             data.update(doc=self.doc, source=self.source, changes=self.body)
         return data
@@ -178,6 +211,12 @@ def change_row(change: StateChange, fleet: str | None, received: int) -> FeedRow
     """The feed row of one document change."""
     return ("state", change.device, fleet, change.doc, None, None, received, received,
             json_text(change.changes), change.source)
+
+
+def conflict_row(record: ConflictRecord, fleet: str | None, received: int) -> FeedRow:
+    """The feed row of one conflict."""
+    return ("conflict", record.device, fleet, record.doc, None, None, received, received,
+            json_text(conflict_json(record.conflict)), None)
 
 
 def item_from_row(cursor: int, row: Sequence[Any]) -> FeedItem:

@@ -37,6 +37,7 @@ from .base import (
     Downlink,
     EventPlan,
     FleetRecord,
+    KeyStamp,
     ProxyRequest,
     StoredEvent,
     SyncWrite,
@@ -52,12 +53,14 @@ from .base import (
 )
 from .feed import (
     Changes,
+    ConflictRecord,
     FeedFilter,
     FeedItem,
     FeedRow,
     ProjectionRow,
     StateChange,
     change_row,
+    conflict_row,
     event_json,
     event_rows,
     item_from_row,
@@ -218,6 +221,7 @@ class MemoryStore:
         self._letters: dict[int, _Letter] = {}  # id order
         self._last_letter_id = 0
         self._deleted_devices: dict[str, int] = {}  # id -> last_seq when deleted
+        self._stamps: dict[str, dict[tuple[str, str], KeyStamp]] = {}  # doc -> (map, key)
 
     async def __aenter__(self) -> MemoryStore:
         await self.open()
@@ -250,6 +254,7 @@ class MemoryStore:
         self._sinks.clear()
         self._letters.clear()
         self._deleted_devices.clear()
+        self._stamps.clear()
 
     # documents
 
@@ -295,6 +300,16 @@ class MemoryStore:
         self._replace_doc(key, gen + 1, snapshot)
         return True
 
+    async def read_stamps(self, key: str) -> list[KeyStamp]:
+        """Every stamp row of document ``key``, ordered by map and key."""
+        self._check_open()
+        rows = self._stamps.get(key, {})
+        return [rows[where] for where in sorted(rows)]
+
+    def _write_stamps(self, rows: Sequence[KeyStamp]) -> None:
+        for row in rows:
+            self._stamps.setdefault(row.doc, {})[(row.map, row.key)] = row
+
     def _replace_doc(self, key: str, gen: int, snapshot: bytes) -> None:
         """Make ``key`` generation ``gen`` holding only ``snapshot``, at a fresh update id
         (every cached copy must reload)."""
@@ -317,6 +332,8 @@ class MemoryStore:
         self._check_generations(write.docs)
         if write.device is None:
             self._record_changes(write.changes, write.time)
+            self._record_conflicts(write.conflicts, write.time)
+            self._write_stamps(write.stamps)
             update_ids, prev_ids = self._append_updates(write.docs)
             return CommitResult(update_ids=update_ids, prev_ids=prev_ids)
         device = self._require_device(write.device)
@@ -329,6 +346,8 @@ class MemoryStore:
         device = self._store_events(device, write.time, plan)
         self._append_feed(event_rows(device.id, fleet, write.time, plan.new))
         self._record_changes(write.changes, write.time)
+        self._record_conflicts(write.conflicts, write.time)
+        self._write_stamps(write.stamps)
         down_done = self._ack_downlink(device, write, results)
         new_requests = self._insert_requests(device.id, write, bodies)
         for request_id in write.outcomes_acked:
@@ -354,6 +373,11 @@ class MemoryStore:
                     self._projection.pop(row_key, None)
                 else:
                     self._projection[row_key] = (value, now)
+
+    def _record_conflicts(self, conflicts: Sequence[ConflictRecord], now: int) -> None:
+        for record in conflicts:
+            owner = self._devices.get(record.device)
+            self._append_feed([conflict_row(record, owner.fleet if owner else None, now)])
 
     def _require_device(self, device_id: str) -> DeviceRecord:
         device = self._devices.get(device_id)
@@ -605,6 +629,7 @@ class MemoryStore:
         self._unindex(device)
         for key in docs:
             self._replace_doc(key, 0, b"")
+            self._stamps.pop(key, None)
         self._projection = {k: v for k, v in self._projection.items() if k[0] != device.id}
         for item in self._downlink.pop(device.id, {}).values():
             del self._items[item.id]

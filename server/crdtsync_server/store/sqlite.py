@@ -50,6 +50,10 @@ other process can slip a write into), again at a fresh update id; ``commit`` ref
 ``DocWrite`` of another generation than the stored one, so a process that has not yet
 noticed a rebuild never appends to the new generation an update built on the old one.
 
+Stamps (v6, SQL in ``store/sqlite_stamps.py``): one row per ``(doc, map, key)``, replaced by
+``commit`` in the write's transaction, never touched by ``compact`` or ``rebuild`` (they are
+per key, not per generation), deleted by ``delete_device`` with the device's documents.
+
 Group commit: concurrent :meth:`SQLiteStore.commit` calls share one transaction, each write in
 its own savepoint (:mod:`crdtsync_server.store.group_commit`).
 
@@ -71,7 +75,7 @@ from typing import Any, TypeVar
 from crdtsync.errors import AlreadyExists, CrdtsyncError, NotFound, StoreError
 from crdtsync.sqlite_worker import SQLiteWorker, pragmas, transaction
 
-from . import sqlite_feed, sqlite_sinks
+from . import sqlite_feed, sqlite_sinks, sqlite_stamps
 from .base import (
     FINISHED_DOWNLINK,
     CommitResult,
@@ -81,6 +85,7 @@ from .base import (
     Downlink,
     EventPlan,
     FleetRecord,
+    KeyStamp,
     ProxyRequest,
     StoredEvent,
     SyncWrite,
@@ -209,6 +214,8 @@ MIGRATIONS: tuple[str, ...] = (
         last_seq INTEGER NOT NULL
     );
     """,
+    # v6: per-key stamps, the latest-write-wins decision (issue 13)
+    sqlite_stamps.MIGRATION,
 )
 """Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
 Append only: a released script is never edited."""
@@ -317,6 +324,10 @@ class SQLiteStore:
         ``gen`` with nothing above ``upto_id``, in one ``BEGIN IMMEDIATE`` transaction, so
         the check and the write see no other process in between (see ``Store.rebuild``)."""
         return await self._run(_rebuild, key, gen, upto_id, snapshot)
+
+    async def read_stamps(self, key: str) -> list[KeyStamp]:
+        """Every stamp row of document ``key``, ordered by map and key."""
+        return await self._run(sqlite_stamps.read_stamps, key)
 
     # the sync transaction
 
@@ -713,8 +724,10 @@ def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
 def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
     """One write's statements, inside the caller's transaction."""
     update_ids, prev_ids = _insert_updates(conn, write.docs)
+    sqlite_stamps.write_stamps(conn, write.stamps)
     if write.device is None:
         sqlite_feed.record_changes(conn, write.changes, None, write.time)
+        sqlite_feed.record_conflicts(conn, write.conflicts, None, write.time)
         return CommitResult(update_ids=update_ids, prev_ids=prev_ids)
     device = _require_device(conn, write.device)
     plan = plan_events(
@@ -723,6 +736,7 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
     )
     _insert_events(conn, device, write.time, plan)
     sqlite_feed.record_changes(conn, write.changes, device.fleet, write.time)
+    sqlite_feed.record_conflicts(conn, write.conflicts, device.fleet, write.time)
     last_seq = max(device.last_seq, plan.new[-1].seq) if plan.new else device.last_seq
     down_done = _ack_downlink(conn, device, write)
     new_requests = _insert_requests(conn, device.id, write)
@@ -1026,6 +1040,7 @@ def _delete_device(conn: sqlite3.Connection, device_id: str, docs: list[str],
         device = _require_device(conn, device_id)
         for key in docs:
             _replace_doc(conn, key, 0, b"")
+        sqlite_stamps.delete_stamps(conn, docs)
         for table in ("projection", "downlink", "requests", *(("feed",) if events else ())):
             conn.execute(f"DELETE FROM {table} WHERE device = ?", (device.id,))
         conn.execute("DELETE FROM devices WHERE id = ?", (device.id,))

@@ -11,12 +11,14 @@ from .feed import (
     FEED_COLUMNS,
     FEED_FLOOR_SETTING,
     Changes,
+    ConflictRecord,
     FeedFilter,
     FeedItem,
     FeedRow,
     ProjectionRow,
     StateChange,
     change_row,
+    conflict_row,
     item_from_row,
     json_text,
     projection_writes,
@@ -118,6 +120,14 @@ def record_changes(conn: sqlite3.Connection, changes: Sequence[StateChange],
         owner = fleet if fleet is not None else device_fleet(conn, change.device)
         insert_feed(conn, [change_row(change, owner, now)])
         apply_projection(conn, change, now)
+
+
+def record_conflicts(conn: sqlite3.Connection, conflicts: Sequence[ConflictRecord],
+                     fleet: str | None, now: int) -> None:
+    """Append the feed rows of ``conflicts`` (``fleet`` as for :func:`record_changes`)."""
+    insert_feed(conn, [
+        conflict_row(c, fleet if fleet is not None else device_fleet(conn, c.device), now)
+        for c in conflicts])
 
 
 def apply_projection(conn: sqlite3.Connection, change: StateChange, now: int) -> None:
