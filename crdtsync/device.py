@@ -279,9 +279,10 @@ class Device:
         meta = self._store.meta
         self._clock.last = max(int(meta.get("clock_last", 0)), self._store.dirty_stamp)
         self._clock.offset = int(meta.get("clock_offset", 0))
+        self._anchor()  # a wall clock set back while stopped: go on from the last stamp
         unstamped = await self._store.unstamped_keys()
         if unstamped:
-            stamp = self._clock.now()
+            stamp = self._anchor().now()
             await self._store.mark_dirty(
                 [_write_in(self.doc, name, key, stamp) for name, key in unstamped],
                 self._local_version)
@@ -349,7 +350,7 @@ class Device:
         # the update queued and StateMap writes re-raise it from `_local_write_done`.
         self._local_version += 1
         written, self._local_keys = self._local_keys, {}
-        stamp = self._clock.now()  # one stamp for the keys of one transaction
+        stamp = self._anchor().now()  # one stamp for the keys of one transaction
         writes = tuple(DirtyWrite(name, key, stamp, *written[name, key])
                        for name, key in sorted(written))
         self._captured.append((event.update, writes, self._local_version))
@@ -411,7 +412,7 @@ class Device:
         keys = [(name, key) for name in self._observe_roots()
                 for key in doc.get(name, type=Map)]
         if keys:
-            stamp = self._clock.now()
+            stamp = self._anchor().now()
             await self._store.mark_dirty([_write_in(doc, name, key, stamp)
                                           for name, key in keys], self._local_version)
 
@@ -678,7 +679,7 @@ class Device:
             results=await self._inbox.results(DEFAULT_LIMITS.max_items),
             calls=calls, outcomes_acked=outcomes_acked,
             awaiting=self._store.call_count("accepted"),
-            clock=self._clock.physical(),
+            clock=self._anchor().physical(),
         )
         body = encode_request(request, bodies=[e.body for e in plain])
         report.rounds += 1
@@ -697,7 +698,6 @@ class Device:
         report.events_sent += len(batch)
         if version == self._local_version:
             self._synced_version = version
-        self._learn_time(response.time)
         resend = await self._apply_response(response, sent_sv, version, report)
         for doc_part in response.docs:
             if doc_part.doc in self._shared:
@@ -757,16 +757,16 @@ class Device:
                               version: int, report: SyncReport) -> bool:
         """Apply the response's ``state`` entry to a request that held ``sent_sv`` and the
         local writes up to ``version``; True when another round is needed."""
+        shift = self._learn_time(response.time)
         part = next((d for d in response.docs if d.doc == STATE_DOC), None)
         if part is None:
-            if self._clock_moved():
-                await self._store.set_meta(**self._clock_meta())
+            await self._store_response(None, {}, shift)
             return False
         before = self._remote_changes
         if part.gen != self._gen:
             # The checks below compare with what we sent, which belonged to another
             # generation: skipped; the next round sends the carried writes, if any.
-            carried = await self._adopt(part)
+            carried = await self._adopt(part, shift)
             report.adopted = True
             report.changes += self._remote_changes - before
             return carried
@@ -780,31 +780,53 @@ class Device:
         own = self._doc.client_id
         if server_sv.get(own, 0) > sent_sv.get(own, 0):
             await self._rotate_client_id()
-        # The clock goes with whatever this response stores (and alone only if it moved).
-        clock = (self._clock_meta() if new_sv or self._store.dirty_count or self._clock_moved()
-                 else {})
         if covers(server_sv, sent_sv):
             # The cloud holds every local write up to `version` (the request carried them,
             # or an earlier one did): they are no longer dirty. Writes made while the request
-            # was in flight have higher versions and stay dirty. One local transaction with
-            # the new diff base and the clock.
-            await self._store.clear_dirty(version, **new_sv, **clock)
+            # was in flight have higher versions and stay dirty.
+            await self._store_response(version, new_sv, shift)
             return False
-        if new_sv or clock:
-            await self._store.set_meta(**new_sv, **clock)
+        await self._store_response(None, new_sv, shift)
         # The cloud lacks part of what we hold (it lost data, or our diff base was wrong):
         # the next round diffs against the state vector it just told us.
         report.recovered = True
         self._synced_version = -1
         return True
 
-    def _learn_time(self, server_ms: int) -> None:
+    async def _store_response(self, upto: int | None, new_sv: dict[str, bytes],
+                              shift: int) -> None:
+        """One local transaction for what a response changed: the dirty keys it
+        acknowledged (versions ``<= upto``), the stamps of the others moved ``shift`` ms
+        with the clock, the new diff base and the clock (stored alone only if it moved)."""
+        clock = (self._clock_meta() if new_sv or self._store.dirty_count or self._clock_moved()
+                 else {})
+        await self._store.clear_dirty(upto, shift_ms=shift, **new_sv, **clock)
+        self._clock.observe(self._store.dirty_stamp)  # after the shifted stamps
+
+    def _anchor(self) -> hlc.HybridClock:
+        """The clock, its frame (wall clock + offset) moved up to its last stamp if behind
+        it. A clock never goes back, so after stamps from a frame that ran ahead (a wall
+        clock ahead before the offset was learnt, a wall clock set back, a restart at 1970)
+        it would otherwise repeat its last millisecond, and ``ck`` with it: the cloud would
+        date every write as made when it was sent. Anchored, the frame runs on at the wall
+        clock's rate from the last stamp, and ``ck`` stays in the frame of the stamps, which
+        is all the cloud's correction needs (docs/protocol.md 9.1)."""
+        clock = self._clock
+        clock.offset = max(clock.offset, hlc.stamp_ms(clock.last) - clock.wall())
+        return clock
+
+    def _learn_time(self, server_ms: int) -> int:
         """Take the server's clock from a response's ``time``: the offset of the wall clock
-        from it, and every later stamp after it (causality with what the device received).
-        ``0`` (not sent) and times beyond :data:`MAX_TIME_MS` teach nothing."""
+        from it (as far as the last stamp allows, :meth:`_anchor`), and every later stamp
+        after it (causality with what the device received). ``0`` (not sent) and times
+        beyond :data:`MAX_TIME_MS` teach nothing. Returns how many ms the frame moved
+        forward: dirty stamps move with it, so a write still to send (made while the request
+        was in flight) stays in the frame of the next ``ck``."""
+        before = self._clock.offset
         if 0 < server_ms <= MAX_TIME_MS:
             self._clock.offset = server_ms - self._clock.wall()
             self._clock.observe(hlc.stamp(server_ms, hlc.COUNTER_MASK))
+        return max(0, self._anchor().offset - before)
 
     def _clock_meta(self) -> dict[str, int]:
         """The clock as stored with a response (device meta)."""
@@ -824,7 +846,7 @@ class Device:
         self._flush()
         self._observe_roots(announce=True)
 
-    async def _adopt(self, part: DocSync) -> bool:
+    async def _adopt(self, part: DocSync, shift: int) -> bool:
         """Replace the local document by the generation ``part`` carries (its ``u`` is the
         whole document), re-applying the local writes the cloud has not acknowledged (the
         dirty keys; every key when the cloud went back to a lower generation) as local
@@ -847,13 +869,14 @@ class Device:
         self._local_version += 1
         # An acknowledged key held its value when the device last stored a response: it is
         # stamped with that time, so cloud writes made since win over it.
-        since = int(self._store.meta.get("clock_last", 0)) or self._clock.now()
+        since = int(self._store.meta.get("clock_last", 0)) or self._anchor().now()
         await self._store.replace_doc(
             STATE_DOC, doc.get_update(),
             {STATE_GEN: part.gen, "client_id": doc.client_id, "server_sv": part.sv,
              **self._clock_meta()},
             carried=True, dirty=[_write_in(old, name, key, since) for name, key in extra],
-            version=self._local_version)
+            version=self._local_version, shift_ms=shift)
+        self._clock.observe(self._store.dirty_stamp)
         log.info("device %s: adopted generation %d of its document (was %d); %d local "
                  "key(s) re-applied", self.id, part.gen, old_gen, len(keys))
         before, after = crdt.to_json(old), crdt.to_json(doc)

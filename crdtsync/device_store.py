@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import OutboxFull
+from .hlc import COUNTER_BITS
 from .sqlite_worker import SQLiteWorker, transaction
 
 MIGRATIONS: Sequence[str] = (
@@ -290,12 +291,14 @@ class DeviceStore:
             return []
         return await self._db.run(_unstamped_keys)
 
-    async def clear_dirty(self, upto: int, **meta: Any) -> None:
+    async def clear_dirty(self, upto: int | None, *, shift_ms: int = 0, **meta: Any) -> None:
         """Forget the dirty keys whose version is ``<= upto`` (the cloud acknowledged every
-        local write up to that version) and store ``meta`` values, in one transaction; no
-        write when there is nothing to do."""
+        local write up to that version; ``None``: none), move the stamps of those that stay
+        ``shift_ms`` later (the device's clock moved forward: they stay in its frame,
+        docs/protocol.md 9.2) and store ``meta`` values, in one transaction; no write when
+        there is nothing to do."""
         if self._m.dirty or meta:
-            await self._db.run(_clear_dirty, self._m, upto, meta)
+            await self._db.run(_clear_dirty, self._m, upto, shift_ms, meta)
 
     async def mark_dirty(self, writes: Sequence[DirtyWrite], version: int) -> None:
         """Record local ``writes`` with ``version`` (replacing an older write of the same
@@ -309,14 +312,15 @@ class DeviceStore:
 
     async def replace_doc(self, doc: str, snapshot: bytes, meta: Mapping[str, Any], *,
                           carried: bool = False, dirty: Sequence[DirtyWrite] = (),
-                          version: int = 0) -> None:
+                          version: int = 0, shift_ms: int = 0) -> None:
         """Make ``snapshot`` the whole stored state of ``doc`` (its log rows go) and set
         ``meta``, in one transaction: a shared document's new copy, or a new generation of
         the device's own document (adoption, docs/protocol.md 8.1). With ``carried``, every
         dirty key already stored takes ``version`` (keeping its stamp and value: it is
-        carried into the new document), and ``dirty`` adds writes of keys not yet dirty."""
+        carried into the new document), ``dirty`` adds writes of keys not yet dirty, and
+        every dirty stamp moves ``shift_ms`` later (as in :meth:`clear_dirty`)."""
         await self._db.run(_replace_doc, self._m, doc, snapshot, dict(meta), carried,
-                           tuple(dirty), version)
+                           tuple(dirty), version, shift_ms)
 
     async def push_event(self, topic: str, time: int, body: bytes,
                          limits: OutboxLimits, template: str | None = None) -> int:
@@ -483,14 +487,21 @@ def _unstamped_keys(conn: sqlite3.Connection) -> list[DirtyKey]:
         "SELECT map, key FROM dirty WHERE stamp IS NULL ORDER BY map, key")]
 
 
-def _clear_dirty(conn: sqlite3.Connection, m: _Mirror, upto: int, meta: dict[str, Any]
-                 ) -> None:
+def _clear_dirty(conn: sqlite3.Connection, m: _Mirror, upto: int | None, shift_ms: int,
+                 meta: dict[str, Any]) -> None:
     with transaction(conn):
-        if m.dirty:
+        if m.dirty and upto is not None:
             conn.execute("DELETE FROM dirty WHERE version <= ?", (upto,))
+        _shift_stamps(conn, shift_ms)
         _write_meta(conn, meta)
     m.meta.update(meta)
     _count_dirty(conn, m)
+
+
+def _shift_stamps(conn: sqlite3.Connection, ms: int) -> None:
+    if ms > 0:
+        conn.execute("UPDATE dirty SET stamp = stamp + ? WHERE stamp IS NOT NULL",
+                     (ms << COUNTER_BITS,))
 
 
 def _mark_dirty(conn: sqlite3.Connection, m: _Mirror, writes: tuple[DirtyWrite, ...],
@@ -514,7 +525,7 @@ def _compact(conn: sqlite3.Connection, m: _Mirror, doc: str, upto: int,
 
 def _replace_doc(conn: sqlite3.Connection, m: _Mirror, doc: str, snapshot: bytes,
                  meta: dict[str, Any], carried: bool, dirty: tuple[DirtyWrite, ...],
-                 version: int) -> None:
+                 version: int, shift_ms: int) -> None:
     with transaction(conn):
         conn.execute("INSERT OR REPLACE INTO snapshots (doc, data, upto) VALUES (?, ?, ?)",
                      (doc, snapshot, m.last_update_id))
@@ -523,6 +534,7 @@ def _replace_doc(conn: sqlite3.Connection, m: _Mirror, doc: str, snapshot: bytes
         if carried:
             conn.execute("UPDATE dirty SET version = MAX(version, ?)", (version,))
             _write_dirty(conn, dirty, version, keep=True)
+            _shift_stamps(conn, shift_ms)
         remaining = int(conn.execute("SELECT COUNT(*) FROM updates").fetchone()[0])
     m.meta.update(meta)
     m.update_rows = remaining

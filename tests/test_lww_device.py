@@ -11,7 +11,7 @@ import contextlib
 import logging
 import shutil
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from pycrdt import Map, Text
 from crdtsync import Conflict, Device, WriteInfo, crdt
 from crdtsync.hlc import COUNTER_MASK, stamp
 from crdtsync.protocol import StampedWrite, SyncRequest
+from crdtsync.transport import Transport
 
 from .generation_cloud import GenerationCloud
 from .test_device_store import FIXTURES
@@ -133,23 +134,32 @@ async def test_deletes_are_nil_and_shared_types_are_not_stamped(
 
 async def test_stamps_increase_across_restarts_even_when_the_clock_goes_back_to_1970(
         cloud: GenerationCloud, tmp_path: Path) -> None:
+    """After a restart at 1970 the clock goes on from its last stamp at the wall clock's
+    rate (not stuck on one millisecond), and ``ck`` with it, so the cloud can still date
+    the writes by how far each is from ``ck``."""
     clock = Clock()
     path = tmp_path / "d.db"
     async with open_device(cloud, path, clock) as dev:
         dev.state["a"] = 1  # not synced: its stamp is only in the dirty table
     clock.ms = 0
     async with open_device(cloud, path, clock) as dev:
-        dev.state["b"] = 1
+        dev.state["b"] = 1  # the millisecond of the restart: the last stamp's
+        clock.ms += 500
+        dev.state["c"] = 1
+        clock.ms += 100
         await dev.sync()
     assert sent(cloud.requests[0]) == (StampedWrite("state", "a", stamp(T0), 1),
-                                       StampedWrite("state", "b", stamp(T0) + 1, 1))
+                                       StampedWrite("state", "b", stamp(T0) + 1, 1),
+                                       StampedWrite("state", "c", stamp(T0 + 500), 1))
+    assert cloud.requests[0].clock == T0 + 600
     # Nothing dirty is left: the clock itself was stored with the response.
     assert dirty_rows(path) == []
+    clock.ms = 0
     async with open_device(cloud, path, clock) as dev:
-        dev.state["c"] = 1
+        dev.state["d"] = 1
         await dev.sync()
-    assert sent(cloud.requests[1]) == (StampedWrite("state", "c", stamp(T0) + 2, 1),)
-    assert cloud.requests[1].clock == T0  # never earlier than its last stamp
+    assert sent(cloud.requests[1]) == (StampedWrite("state", "d", stamp(T0 + 500) + 1, 1),)
+    assert cloud.requests[1].clock == T0 + 500
 
 
 async def test_the_offset_is_learnt_from_the_response_time(cloud: GenerationCloud,
@@ -184,8 +194,10 @@ async def test_the_offset_is_learnt_from_the_response_time(cloud: GenerationClou
 async def test_a_clock_an_hour_ahead(cloud: GenerationCloud, tmp_path: Path) -> None:
     """A device an hour ahead that has not stamped yet stamps in the server's time once it
     heard from it. One that stamped before keeps stamping after its last stamp (a clock
-    never goes back), and its ``ck`` stays in the frame of those stamps, so the server's
-    correction (stamp + receive time - ``ck``) still brings them to the server's time."""
+    never goes back) at the wall clock's rate, and its ``ck`` stays in the frame of those
+    stamps, so the server's correction (stamp + receive time - ``ck``) still brings them to
+    the server's time. The frame comes back to the server's time as far as idle time
+    allows: after two idle hours, entirely."""
     clock = Clock(T0 + HOUR)
     cloud.time = T0
     async with open_device(cloud, tmp_path / "fresh.db", clock) as dev:
@@ -203,11 +215,55 @@ async def test_a_clock_an_hour_ahead(cloud: GenerationCloud, tmp_path: Path) -> 
         clock.ms += 60_000
         dev.state["b"] = 1
         await dev.sync()
-    first, second = cloud.requests[2:]
+        clock.ms += 2 * HOUR
+        cloud.time += 2 * HOUR + 60_000
+        await dev.sync()
+        clock.ms += 1000
+        dev.state["c"] = 1
+        await dev.sync()
+    first, second, _, third = cloud.requests[2:]
     assert (sent(first), first.clock) == ((StampedWrite("state", "a", stamp(T0 + HOUR), 1),),
                                           T0 + HOUR)
     assert (sent(second), second.clock) == (
-        (StampedWrite("state", "b", stamp(T0 + HOUR) + 1, 1),), T0 + HOUR)
+        (StampedWrite("state", "b", stamp(T0 + HOUR + 60_000), 1),), T0 + HOUR + 60_000)
+    assert (sent(third), third.clock) == (
+        (StampedWrite("state", "c", stamp(T0 + 2 * HOUR + 61_000), 1),),
+        T0 + 2 * HOUR + 61_000)
+
+
+class WriteInFlight:
+    """A transport that makes a device write while its request is on the way."""
+
+    def __init__(self, inner: Transport, write: Callable[[], None]) -> None:
+        self.inner, self.write = inner, write
+
+    async def exchange(self, body: bytes) -> bytes:
+        self.write()
+        self.write = lambda: None
+        return await self.inner.exchange(body)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_write_in_flight_moves_with_the_learnt_offset(cloud: GenerationCloud,
+                                                              tmp_path: Path) -> None:
+    """A device an hour behind writes while its first request is on the way: that write,
+    still to send, is moved into the frame the response taught (so the next ``ck`` dates
+    it right), not left an hour early."""
+    clock = Clock(T0 - HOUR)
+    cloud.time = T0
+    dev = Device("d1", transport=cloud.transport(), path=tmp_path / "d.db", interval=None,
+                 clock=clock)
+    async with dev:
+        dev._transport = WriteInFlight(dev._transport, lambda: dev.state.update({"x": 1}))
+        await dev.sync()
+        clock.ms += 5000
+        cloud.time += 5000
+        await dev.sync()
+    assert sent(cloud.requests[0]) == ()
+    assert sent(cloud.requests[1]) == (StampedWrite("state", "x", stamp(T0), 1),)
+    assert cloud.requests[1].clock == T0 + 5000
 
 
 async def test_the_device_sends_its_own_value_after_a_remote_change_while_dirty(
