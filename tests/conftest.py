@@ -9,16 +9,37 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from crdtsync import AdminClient, Device, TransportError
+from crdtsync import AdminClient, Device, TransportError, hlc
 from crdtsync.transport import Transport
 from crdtsync_server import Server, ServerConfig
 
 ADMIN_TOKEN = "test-admin-token"
 
 
+class SteppedClock:
+    """The system clock (ms) plus the steps a test adds with :meth:`advance`: give it to
+    the server (``ServerConfig.clock``) and the devices (``Device(clock=)``) so that "one
+    second later" is exact, without sleeping."""
+
+    def __init__(self) -> None:
+        self.ahead = 0
+
+    def __call__(self) -> int:
+        return hlc.wall_ms() + self.ahead
+
+    def advance(self, ms: int) -> None:
+        self.ahead += ms
+
+
 @pytest.fixture
-def server_config(tmp_path: Path) -> ServerConfig:
-    return ServerConfig(db=str(tmp_path / "server.db"), port=0, admin_token=ADMIN_TOKEN)
+def server_clock() -> SteppedClock:
+    return SteppedClock()
+
+
+@pytest.fixture
+def server_config(tmp_path: Path, server_clock: SteppedClock) -> ServerConfig:
+    return ServerConfig(db=str(tmp_path / "server.db"), port=0, admin_token=ADMIN_TOKEN,
+                        clock=server_clock)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from crdtsync import AdminClient, Device, StoreError
 from crdtsync.transport import HttpTransport, Transport
 from crdtsync_server import Server, ServerConfig
 
-from .conftest import ADMIN_TOKEN, DeviceFactory
+from .conftest import ADMIN_TOKEN, DeviceFactory, SteppedClock
 from .test_adoption import break_generation_writes
 
 SLACK = 256
@@ -26,9 +26,9 @@ Change = tuple[str, str, Any, Any]
 
 
 @pytest.fixture
-def server_config(tmp_path: Path) -> ServerConfig:
+def server_config(tmp_path: Path, server_clock: SteppedClock) -> ServerConfig:
     return ServerConfig(db=str(tmp_path / "server.db"), port=0, admin_token=ADMIN_TOKEN,
-                        rebuild_slack=SLACK)
+                        rebuild_slack=SLACK, clock=server_clock)
 
 
 def server_gen(config: ServerConfig, device: str = "d1") -> int:
@@ -56,20 +56,24 @@ async def cloud_writes_until(admin: AdminClient, config: ServerConfig, gen: int,
 
 async def test_offline_across_rebuilds_converges_in_one_sync(
         make_device: DeviceFactory, admin: AdminClient, server_config: ServerConfig,
-        tmp_path: Path) -> None:
+        server_clock: SteppedClock, tmp_path: Path) -> None:
     """Offline across three rebuilds, with local writes and deletes and cloud writes and
-    deletes meanwhile: one sync (at most two rounds more than one) converges; the device's
-    writes win over the cloud's writes of the same keys, and nothing the cloud deleted
-    comes back."""
-    dev = await make_device("d1")
+    deletes meanwhile: one sync (at most two rounds more than one) converges; the later
+    write of a key both wrote wins (the cloud's of ``a``, the device's of ``h``), and
+    nothing the cloud deleted comes back."""
+    dev = await make_device("d1", clock=server_clock)
     dev.state.update({"a": 1, "b": 1, "c": 1, "d": 1, "kept": 1})
     await dev.sync()
     changes: list[Change] = []
     dev.on_change(lambda *change: changes.append(change))
 
-    dev.state["a"] = "device"  # offline from here on
+    await admin.patch_state("d1", {"h": "cloud"})  # the device is offline from here on
+    server_clock.advance(1000)
+    dev.state["a"] = "device"
     del dev.state["b"]
     dev.state["g"] = "new"
+    dev.state["h"] = "device"
+    server_clock.advance(1000)
     await admin.patch_state("d1", {"a": "cloud", "d": "cloud", "c": None})
     n = await cloud_writes_until(admin, server_config, gen=1)
     await admin.patch_state("d1", {"e": "cloud"})
@@ -83,11 +87,12 @@ async def test_offline_across_rebuilds_converges_in_one_sync(
     assert report.adopted and report.rounds <= 3
     state = (await admin.state("d1"))["state"]
     assert dev.state.to_dict() == state
-    assert {k: state.get(k) for k in "abcdefg"} == {
-        "a": "device", "b": None, "c": None, "d": "cloud", "e": None, "f": 2, "g": "new"}
+    assert {k: state.get(k) for k in "abcdefgh"} == {
+        "a": "cloud", "b": None, "c": None, "d": "cloud", "e": None, "f": 2, "g": "new",
+        "h": "device"}
     assert state["kept"] == 1
     reported = {key for _, key, _, _ in changes}
-    assert {"c", "d", "f"} <= reported and not reported & {"a", "b", "g", "kept"}
+    assert {"a", "c", "d", "f"} <= reported and not reported & {"b", "g", "h", "kept"}
     assert dirty(tmp_path / "d1.db") == []
     again = await dev.sync()
     assert (again.rounds, again.adopted, again.changes) == (1, False, 0)

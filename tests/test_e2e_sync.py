@@ -18,7 +18,7 @@ from crdtsync import AdminClient, Device, TransportError
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
 
-from .conftest import ADMIN_TOKEN, DeviceFactory, LoseResponses
+from .conftest import ADMIN_TOKEN, DeviceFactory, LoseResponses, SteppedClock
 
 
 async def events_of(admin: AdminClient, device: str) -> list[dict[str, Any]]:
@@ -37,11 +37,13 @@ ORDERS = ["device-first", "cloud-first", "interleaved"]
 
 @pytest.mark.parametrize("order", ORDERS)
 async def test_offline_concurrent_edits_converge(order: str, make_device: DeviceFactory,
-                                                 admin: AdminClient, server: Server) -> None:
-    """Device and cloud write the same keys while the device is offline; whatever the order
-    of writes and syncs, both end equal, and each contested key follows the documented rule:
-    the writer with the higher client id wins."""
-    dev = await make_device("d1")
+                                                 admin: AdminClient,
+                                                 server_clock: SteppedClock) -> None:
+    """Device and cloud write the same keys while the device is offline, one second apart;
+    whatever the order of writes, both end equal, and each contested key follows the
+    documented rule: the later write wins, whatever the client ids (a delete then a set
+    of ``mode`` by the device is its last write)."""
+    dev = await make_device("d1", clock=server_clock)
     dev.state.update({"shared": 0, "mode": "init"})
     await dev.sync()
 
@@ -57,20 +59,24 @@ async def test_offline_concurrent_edits_converge(order: str, make_device: Device
 
     if order == "device-first":
         await device_writes()
+        server_clock.advance(1000)
         await cloud_writes()
     elif order == "cloud-first":
         await cloud_writes()
+        server_clock.advance(1000)
         await device_writes()
     else:
         dev.state["shared"] = "device"
+        server_clock.advance(1000)
         await cloud_writes()
+        server_clock.advance(1000)
         await device_writes()
     await dev.sync()
     await dev.sync()
 
     cloud = (await admin.state("d1"))["state"]
     assert cloud == dev.state.to_dict()
-    device_wins = dev.doc.client_id > server.services.docs.client_id
+    device_wins = order != "device-first"
     assert cloud["shared"] == ("device" if device_wins else "cloud")
     assert cloud["mode"] == ("device-mode" if device_wins else "boost")
     assert cloud["device_only"] == 1 and cloud["cloud_only"] == 2

@@ -46,6 +46,7 @@ async def test_rebuilds_under_faults_keep_every_invariant() -> None:
     (no lost write, no resurrected delete, convergence, feed and log replay). Four seeds, so
     that every crash point is drawn in some run."""
     faults: Counter[str] = Counter()
+    rebuilt = 0
     for seed in (12, 15, 21, 25):
         async with Simulation(devices=3, servers=2, seed=seed,
                               faults=FaultPlan.everything(0.08)) as sim:
@@ -53,8 +54,10 @@ async def test_rebuilds_under_faults_keep_every_invariant() -> None:
             store = sim.pick_server().services.store  # type: ignore[union-attr]
             generations = [(await store.load_doc(f"{d.id}/state")).gen for d in sim.devices]
         assert report.ok, report.describe()
-        assert report.operations["rebuilt"] >= 10 and min(generations) >= 2
+        assert report.operations["rebuilt"] >= 5 and min(generations) >= 2
         faults += report.faults
+        rebuilt += report.operations["rebuilt"]
+    assert rebuilt >= 40
     assert faults["crash_server before rebuild"] and faults["crash_server after rebuild"]
     assert faults["crash_device before replace_doc"] and faults["crash_device before clear_dirty"]
 
