@@ -132,6 +132,15 @@ class Applied:
     conflicts: tuple[ConflictRecord, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Merge:
+    """What deciding the stamped writes of one sync needs: the device's schema (each key's
+    policy) and the sync's clocks."""
+
+    schema: StateSchema
+    clocks: stamps.Clocks
+
+
 class SyncService:
     """Applies sync requests and cloud writes; the HTTP layer only authenticates and codes.
 
@@ -183,14 +192,16 @@ class SyncService:
                 raise Forbidden(f"the {part.doc} document is read-only for devices; nothing "
                                 "was applied", {"doc": part.doc})
         infos = [await read_bounded(part) for part in own]  # before any lock or document
-        schema = await self.schema_for(device)
+        # A sync that writes nothing (most of them) pays for no schema and no stamp.
+        merges = any(p.update or p.stamps for p in own)
+        schema = await self.schema_for(device) if merges else None
         async with self.docs.lock(device.id):
             lives = [await self.docs.get(doc_key(device.id, p.doc)) for p in own]
-            clocks = stamps.Clocks(
+            context = None if schema is None else Merge(schema, stamps.Clocks(
                 self.hlc.now(), 0 if request.clock is None else received - request.clock,
-                self.with_recent_sync(device).last_sync or 0)
+                self.last_sync(device)))
             try:
-                applied = [self._apply(device.id, live, part, info, schema, clocks)
+                applied = [self._apply(device.id, live, part, info, context)
                            for live, part, info in zip(lives, own, infos, strict=True)]
                 write = self._write(device, request, applied)
                 result = (self._unchanged(device, write) if self._idle(device, write)
@@ -276,6 +287,11 @@ class SyncService:
                     self._touched[device] = max(time, self._touched.get(device, 0))
                 raise
 
+    def last_sync(self, device: DeviceRecord) -> int:
+        """The device's ``last_sync`` (ms, 0 if never) counting a no-change sync not yet
+        flushed."""
+        return max(device.last_sync or 0, self._touched.get(device.id, 0))
+
     def with_recent_sync(self, device: DeviceRecord) -> DeviceRecord:
         """``device`` with a no-change sync not yet flushed counted in ``last_sync``."""
         touched = self._touched.get(device.id)
@@ -301,7 +317,7 @@ class SyncService:
         return tuple(DownItem(i.seq, i.kind, i.name, i.body, i.expires or 0) for i in items)
 
     def _apply(self, device: str, live: LiveDoc, part: DocSync, info: UpdateInfo | None,
-               schema: StateSchema, clocks: stamps.Clocks) -> Applied:
+               context: Merge | None) -> Applied:
         """Apply the device's update (read and checked as ``info``) to ``live``, then decide
         its stamped writes (``crdtsync_server.stamps``): the effective update to store (the
         device's and the server's fix-ups), the keys whose value changed, their stamps and
@@ -332,11 +348,11 @@ class SyncService:
                 return Applied(DocWrite(live.key, live.capture(), live.gen))
         elif not part.stamps:
             return Applied(DocWrite(live.key, live.capture(), live.gen))
-        return self._merge(device, live, part, schema, clocks)
+        assert context is not None  # the part brings an update or stamped writes
+        return self._merge(device, live, part, context)
 
     @staticmethod
-    def _merge(device: str, live: LiveDoc, part: DocSync, schema: StateSchema,
-               clocks: stamps.Clocks) -> Applied:
+    def _merge(device: str, live: LiveDoc, part: DocSync, context: Merge) -> Applied:
         """:meth:`_apply` once the update may apply: Yjs merges it, each stamped write is
         decided against the stored stamps, the document is fixed up to hold each winner, and
         the feed lists only the keys whose value differs from before the sync."""
@@ -345,19 +361,20 @@ class SyncService:
         before = stamps.read_keys(live.doc, keys)
         if part.update:
             crdt.apply_remote(live.doc, part.update, name=part.doc)
-        changed = live.changes.take()
+        landed: dict[tuple[str, str], Any] = {}
+        changed = live.changes.take(landed)
         # What actually landed, checked in the real document (the caller evicts it on error).
         crdt.check_changes(changed, name=part.doc)
-        decision = stamps.decide(writes, stamps.Inputs(
-            live.key, live.stamps, before, stamps.read_keys(live.doc, keys),
-            [(name, key) for name, values in changed.items() for key in values]),
-            schema.policy, clocks)
+        after = {where: stamps.held(landed[where]) if where in landed else value
+                 for where, value in before.items()}
+        decision = stamps.decide(writes, stamps.Inputs(live.key, live.stamps, before, after,
+                                                       landed),
+                                 context.schema.policy, context.clocks)
         stamps.write_fixes(live.doc, decision.fixes)
         for name, values in live.changes.take().items():
             changed.setdefault(name, {}).update(values)
-        final = stamps.read_keys(live.doc, decision.decided)
         for where in decision.decided:
-            if stamps.same(final[where], before[where]):
+            if stamps.same(decision.fixes.get(where, after[where]), before[where]):
                 changed.get(where[0], {}).pop(where[1], None)
         changed = {name: values for name, values in changed.items() if values}
         return Applied(
