@@ -39,7 +39,6 @@ from typing import Any
 from pycrdt import Array, Doc, Map, Text
 
 from crdtsync import crdt, hlc
-from crdtsync.errors import Forbidden
 from crdtsync.protocol import Conflict, StampedWrite, WriteInfo
 from crdtsync.values import normalize
 
@@ -176,31 +175,23 @@ class Inputs:
 def decide(writes: Sequence[StampedWrite], given: Inputs, policy: Policy,
            clocks: Clocks) -> Decision:
     """Decide each stamped write, then stamp the changed keys left to Yjs (module
-    docstring). Raises :class:`Forbidden` (``detail``: map, key) for a device write of a
-    ``cloud`` key, stamped or not: nothing of the sync may be applied then."""
+    docstring). A key of policy ``device`` goes to the device's write and one of policy
+    ``cloud`` keeps the cloud's, whatever the times (the schema refuses such writes before
+    they get here; this is the rule should one pass)."""
     out = Decision()
     for w in writes:
         where = (w.map, w.key)
         kind = policy(w.map, w.key)
-        refuse_cloud_key(kind, where)
         if kind == "crdt" or SHARED in (given.before[where], given.after[where]):
             continue
         out.decided.add(where)
         _decide_one(w, kind, given, clocks, out)
     for where in given.changed:
         if where not in out.decided:
-            refuse_cloud_key(policy(*where), where)
             row = given.stored.get(where)
             out.rows.append(KeyStamp(given.doc, *where, clocks.now, "device",
                                      row.raw if row is not None else 0))
     return out
-
-
-def refuse_cloud_key(kind: str, where: Where) -> None:
-    if kind == "cloud":
-        name, key = where
-        raise Forbidden(f"{name}.{key} is written by the cloud only; nothing was applied",
-                        {"map": name, "key": key})
 
 
 def _decide_one(w: StampedWrite, kind: str, given: Inputs, clocks: Clocks,
@@ -211,8 +202,8 @@ def _decide_one(w: StampedWrite, kind: str, given: Inputs, clocks: Clocks,
         _hold(out, where, before, given.after[where])
         return
     corrected = correct(w.stamp, clocks.offset, clocks.now)
-    if (kind == "device" or row is None or row.writer == "device"
-            or corrected > row.stamp):
+    if kind == "device" or (kind != "cloud" and (row is None or row.writer == "device"
+                                                 or corrected > row.stamp)):
         _hold(out, where, mine, given.after[where])
         out.rows.append(KeyStamp(given.doc, *where, corrected, "device", w.stamp))
         if (row is not None and row.writer == "cloud" and not same(before, mine)
@@ -221,8 +212,9 @@ def _decide_one(w: StampedWrite, kind: str, given: Inputs, clocks: Clocks,
                                           info("cloud", row.stamp, before)))
         return
     _hold(out, where, before, given.after[where])
-    out.rows.append(dataclasses.replace(row, raw=w.stamp))
-    if not same(before, mine):
+    if row is not None:
+        out.rows.append(dataclasses.replace(row, raw=w.stamp))
+    if row is not None and not same(before, mine):
         out.conflicts.append(Conflict(*where, info("cloud", row.stamp, before),
                                       info("device", corrected, mine)))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +132,15 @@ class Applied:
     conflicts: tuple[ConflictRecord, ...] = ()
 
 
+SchemaSource = Callable[[DeviceRecord], Awaitable[StateSchema]]
+"""The state schema a device is held to: each key's merge policy and allowed values."""
+
+
+async def no_schema(device: DeviceRecord) -> StateSchema:
+    """Every device is held to the empty schema: everything allowed, every key ``latest``."""
+    return StateSchema.empty()
+
+
 @dataclass(frozen=True, slots=True)
 class Merge:
     """What deciding the stamped writes of one sync needs: the device's schema (each key's
@@ -153,8 +162,12 @@ class SyncService:
                  *, proxy_budget: float = 1.0, max_items: int = 100,
                  notifier: FeedNotifier | None = None,
                  results: DeviceNotifier | None = None,
-                 clock: Callable[[], int] = hlc.wall_ms) -> None:
+                 clock: Callable[[], int] = hlc.wall_ms,
+                 schema_for: SchemaSource = no_schema) -> None:
         self.clock = clock
+        self.schema_for = schema_for
+        """The schema of a device: the merge policy of each key of its ``state`` document
+        (``crdtsync_server.stamps.decide``). Only asked for a sync that writes something."""
         self.hlc = hlc.HybridClock(clock)
         """Stamps cloud writes and bounds device stamps; every answered ``time`` is the
         millisecond of one of its stamps, so it is at or after every stamp issued before."""
@@ -171,11 +184,6 @@ class SyncService:
         self.max_items = max_items
         self._touched: dict[str, int] = {}
         """``last_sync`` of syncs that changed nothing, not yet in the store."""
-
-    async def schema_for(self, device: DeviceRecord) -> StateSchema:
-        """The state schema of ``device``: the merge policy and allowed values of each key
-        of its ``state`` document. Every key is ``latest`` until fleets have schemas."""
-        return StateSchema.empty()
 
     async def sync(self, device: DeviceRecord, request: SyncRequest) -> SyncResponse:
         """Run one sync for an authenticated ``device``; raises a typed error with nothing
@@ -402,13 +410,11 @@ class SyncService:
                           changes: Mapping[str, Any]) -> dict[str, Any]:
         """Cloud-side write into root map ``name`` of a device's document (``None`` deletes a
         key); durable on return, delivered at the device's next sync. Returns the new map.
-        Each key written is stamped later than everything it held (protocol section 13);
-        a key of policy ``device`` is refused (:class:`Forbidden`, nothing written)."""
-        record = await self.store.get_device(device_id)
-        if record is None:
+        Each key written is stamped later than everything it held (protocol section 13)."""
+        if await self.store.get_device(device_id) is None:
             raise NotFound(f"no device {device_id!r}")
         return await self.write_doc(doc_key(device_id, "state"), device_id, name, changes,
-                                    device=device_id, schema=await self.schema_for(record))
+                                    device=device_id, stamped=True)
 
     async def write_shared(self, key: str, name: str,
                            changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -425,17 +431,15 @@ class SyncService:
 
     async def write_doc(self, key: str, lock: str, name: str, changes: Mapping[str, Any],
                         *, device: str | None = None, shared: bool = False,
-                        schema: StateSchema | None = None) -> dict[str, Any]:
+                        stamped: bool = False) -> dict[str, Any]:
         """Merge ``changes`` into root map ``name`` of document ``key`` under ``lock``;
         durable on return; returns the new map. For a document of ``device`` the changed
-        keys enter the feed and the projection, and with its ``schema`` each key written is
+        keys enter the feed and the projection, and with ``stamped`` each key written is
         stamped (``crdtsync_server.stamps.cloud_rows``), even one whose value did not change
         (a delete of an absent key is a write with a time); a ``shared`` document is always
         eligible for a rebuild (:attr:`LiveDoc.adopts`). Raises ``Unavailable`` (retryable,
         nothing stored) when another process rebuilt the document between its read and the
         commit (``Store.commit``)."""
-        if schema is not None:
-            refuse_device_keys(schema, name, changes)
         async with self.docs.lock(lock):
             live = await self.docs.get(key)
             live.adopts = live.adopts or shared
@@ -443,8 +447,8 @@ class SyncService:
                 crdt.write(live.doc, name, changes)
                 changed = live.changes.take()
                 update = live.capture()
-                rows = ([] if schema is None else
-                        stamps.cloud_rows(key, name, changes, live.stamps, self.hlc.now()))
+                rows = (stamps.cloud_rows(key, name, changes, live.stamps, self.hlc.now())
+                        if stamped else [])
                 if update or rows:
                     await self._commit_cloud(live, update, rows, [
                         StateChange(device, "state", changed, "cloud")]
@@ -498,11 +502,3 @@ class SyncService:
                 return state
             return {"state": state, "meta": stamps.meta_json(live.stamps.values(), state)}
 
-
-def refuse_device_keys(schema: StateSchema, name: str, changes: Mapping[str, Any]) -> None:
-    """Raise :class:`Forbidden` (``detail``: map, key) for a cloud write of a key only the
-    device writes (policy ``device``)."""
-    for key in changes:
-        if schema.policy(name, key) == "device":
-            raise Forbidden(f"{name}.{key} is written by the device only; nothing was"
-                            " written", {"map": name, "key": key})
