@@ -120,9 +120,13 @@ class AdminClient:
         return await self.request(  # type: ignore[no-any-return]
             "PUT", f"/v1/devices/{quote(device_id)}/fleet", json={"fleet": fleet_id})
 
-    async def state(self, device_id: str) -> dict[str, Any]:
-        """The device's document as ``{map: {key: value}}``."""
-        return await self.request("GET", f"/v1/devices/{quote(device_id)}/state")  # type: ignore[no-any-return]
+    async def state(self, device_id: str, *, meta: bool = False) -> dict[str, Any]:
+        """The device's document as ``{map: {key: value}}``; with ``meta``, ``{"state":
+        <the document>, "meta": {map: {key: {"time", "writer"}}}}``: when and by whom each
+        key was last written (protocol section 13)."""
+        return await self.request(  # type: ignore[no-any-return]
+            "GET", f"/v1/devices/{quote(device_id)}/state",
+            params={"meta": "1"} if meta else None)
 
     async def patch_state(self, device_id: str, changes: Mapping[str, Any],
                           map_name: str = "state") -> dict[str, Any]:
@@ -195,7 +199,8 @@ class AdminClient:
         """One page of the change feed after cursor ``after``: ``(items, next)``, ``next``
         the cursor to pass as ``after`` to read on. With ``wait=S`` (at most 60) the server
         holds the request up to S seconds until an item arrives (a long poll). Filters:
-        ``device``, ``fleet``, ``topic`` (events only) and ``kind`` (``event``/``state``)."""
+        ``device``, ``fleet``, ``topic`` (events only) and ``kind`` (``event``, ``state``
+        or ``conflict``)."""
         params = query_params(after=after, limit=limit, wait=wait, device=device,
                               fleet=fleet, topic=topic, kind=kind)
         total = self._timeout.total

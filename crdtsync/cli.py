@@ -703,8 +703,8 @@ def feed_options(*, kind: bool) -> argparse.ArgumentParser:
     parent.add_argument("--fleet", help="only items of devices in this fleet")
     parent.add_argument("--topic", help="only events of this topic")
     if kind:
-        parent.add_argument("--kind", choices=["event", "state"], help="only events or only "
-                            "state changes")
+        parent.add_argument("--kind", choices=["event", "state", "conflict"],
+                            help="only events, only state changes or only conflicts")
     return parent
 
 

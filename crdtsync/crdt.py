@@ -152,6 +152,8 @@ def write(doc: Doc[Any], name: str, changes: Mapping[str, Any]) -> None:
 
 
 _MISSING = object()
+ABSENT: Any = _MISSING
+"""The value :meth:`ChangeTracker.take` reports in ``raw`` for a key that was deleted."""
 
 
 def root_keys(doc: Doc[Any]) -> list[tuple[str, str]]:
@@ -222,8 +224,12 @@ class ChangeTracker:
             else:
                 keys.update(event.keys)
 
-    def take(self) -> dict[str, dict[str, Any]]:
-        """The changes since the last call, with current values, read in one transaction."""
+    def take(self, raw: dict[tuple[str, str], Any] | None = None
+             ) -> dict[str, dict[str, Any]]:
+        """The changes since the last call, with current values, read in one transaction.
+        With ``raw``, also put there each changed ``(map, key)``'s value as the document
+        holds it (a shared type as itself; :data:`ABSENT` for a deleted key), for a caller
+        that must tell those apart without reading the keys again."""
         self._adopt_roots(mark=True)
         changed, self._changed = self._changed, {}
         if not changed:
@@ -235,6 +241,8 @@ class ChangeTracker:
                 values = {key: root.get(key, _MISSING) for key in sorted(changed[name])}
                 result[name] = {key: None if value is _MISSING else plain(value)
                                 for key, value in values.items()}
+                if raw is not None:
+                    raw.update(((name, key), value) for key, value in values.items())
         return result
 
     def discard(self) -> None:

@@ -61,6 +61,14 @@ def state(cursor: int, device: str, changes: dict[str, dict[str, Any]], doc: str
                     1_700_000_000_000 + cursor, changes, doc=doc, source="device")
 
 
+def conflict(cursor: int, device: str, key: str = "k", fleet: str | None = None) -> FeedItem:
+    body = {"map": "state", "key": key,
+            "winner": {"writer": "cloud", "time": 1_700_000_000_000, "value": "c"},
+            "loser": {"writer": "device", "time": 1_699_999_999_000, "deleted": True}}
+    return FeedItem(cursor, "conflict", device, fleet, 1_700_000_000_000 + cursor,
+                    1_700_000_000_000 + cursor, body, doc="state")
+
+
 def closed_port() -> int:
     """A local TCP port nothing listens on (bound, then released)."""
     with socket.socket() as sock:
@@ -84,8 +92,10 @@ def test_subjects_name_fleet_device_topic_or_document() -> None:
     assert item_subject("cs", event(1, "dev.1", 1, "temp.c")) == "cs._.dev%2E1.temp%2Ec"
     assert item_subject("a.b", event(2, "d", 1, fleet="f:1")) == "a.b.f%3A1.d.reading"
     assert item_subject("cs", state(3, "d", {}, doc="state")) == "cs._.d._state.state"
+    assert item_subject("cs", conflict(6, "d", fleet="n")) == "cs.n.d._conflict.state"
     # no topic can pose as the state marker, no fleet as "no fleet"
     assert item_subject("cs", event(4, "d", 1, "_state")) == "cs._.d.%5Fstate"
+    assert item_subject("cs", event(4, "d", 1, "_conflict")) == "cs._.d.%5Fconflict"
     assert item_subject("cs", event(5, "d", 1, fleet="_")) == "cs.%5F.d.reading"
 
 

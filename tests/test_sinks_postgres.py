@@ -34,7 +34,7 @@ from .test_sinks_e2e import (
     start_devices,
     start_pinned,
 )
-from .test_sinks_nats import delivered, event, state
+from .test_sinks_nats import conflict, delivered, event, state
 
 __all__ = ["server_config"]  # the e2e fixture: readers re-poll the feed often
 
@@ -132,7 +132,7 @@ async def test_rows_are_unique_by_key_whatever_is_redelivered(database: Database
     items = [event(1, "d.1", 1, "temp.in", fleet="north"), event(2, "d2", 1),
              state(3, "d.1", {"state": {"mode": "eco", "old": None}}, fleet="north"),
              event(4, "d.1", 2, body={"deep": [1, {"x": None}], "text": "é"}),
-             event(5, "d2", 2)]
+             event(5, "d2", 2), conflict(6, "d2")]
     table = database.table("events")
     await delivered(database.sink("postgres", table), items[:3], items[:3], items[1:],
                     items[3:], items)

@@ -25,7 +25,7 @@ update was applied, which write each key keeps, whatever Yjs picked by client id
 The result is a :class:`Decision`: values to write into the document so that it holds the
 winner (``fixes``, written by the server before the update is captured, so the committed
 update is the device's plus the fix-ups), the rows to store and the conflicts to report.
-Everything here is pure except :func:`read_key` and :func:`write_fixes`, which touch the
+Everything here is pure except :func:`read_keys` and :func:`write_fixes`, which touch the
 live document. Cloud writes are stamped by :func:`cloud_rows`.
 """
 
@@ -39,7 +39,6 @@ from typing import Any
 from pycrdt import Array, Doc, Map, Text
 
 from crdtsync import crdt, hlc
-from crdtsync.errors import Forbidden
 from crdtsync.protocol import Conflict, StampedWrite, WriteInfo
 from crdtsync.values import normalize
 
@@ -55,9 +54,9 @@ class _Marker:
 
 
 MISSING: Any = _Marker("MISSING")
-"""What :func:`read_key` returns for a key the map does not hold (deleted or never set)."""
+"""What :func:`read_keys` gives for a key the map does not hold (deleted or never set)."""
 SHARED: Any = _Marker("SHARED")
-"""What :func:`read_key` returns for a key holding a shared type (merged by Yjs)."""
+"""What :func:`read_keys` gives for a key holding a shared type (merged by Yjs)."""
 
 Where = tuple[str, str]
 """``(map, key)``."""
@@ -65,28 +64,42 @@ Policy = Callable[[str, str], str]
 """``policy(map, key)``: ``latest``, ``crdt``, ``device`` or ``cloud`` (``StateSchema``)."""
 
 
-def read_key(doc: Doc[Any], roots: Iterable[str], name: str, key: str) -> Any:
-    """The value of ``key`` in root map ``name`` as plain JSON data (numbers normalized),
-    :data:`MISSING` when absent, :data:`SHARED` for a shared type. ``roots`` are the
-    document's root names (a root is never created only to find a key absent)."""
-    if name not in roots:
+def read_keys(doc: Doc[Any], keys: Iterable[Where]) -> dict[Where, Any]:
+    """The value of each ``(map, key)`` as plain JSON data (numbers normalized),
+    :data:`MISSING` when absent, :data:`SHARED` for a shared type; in one transaction, each
+    root looked up once (pycrdt reads cost microseconds each: this runs on every sync) and
+    never created only to find a key absent."""
+    keys = list(keys)
+    if not keys:
+        return {}
+    out: dict[Where, Any] = {}
+    with doc.transaction():
+        roots = set(doc.keys())
+        maps: dict[str, Map[Any] | None] = {}
+        for name, key in keys:
+            if name not in maps:
+                maps[name] = doc.get(name, type=Map) if name in roots else None
+            out[(name, key)] = _value(maps[name], key)
+    return out
+
+
+def _value(root: Map[Any] | None, key: str) -> Any:
+    if root is None:
         return MISSING
-    value = doc.get(name, type=Map).get(key, MISSING)
-    if value is MISSING:
+    try:
+        return held(root[key])
+    except KeyError:
+        return MISSING
+
+
+def held(value: Any) -> Any:
+    """A value as a document holds it (``crdt.ChangeTracker.take``'s ``raw``) in the terms
+    of this module: :data:`MISSING`, :data:`SHARED` or plain JSON data."""
+    if value is crdt.ABSENT:
         return MISSING
     if isinstance(value, (Map, Array, Text)):
         return SHARED
     return normalize(value)
-
-
-def read_keys(doc: Doc[Any], keys: Iterable[Where]) -> dict[Where, Any]:
-    """:func:`read_key` of each ``(map, key)``, in one transaction."""
-    keys = list(keys)
-    if not keys:
-        return {}
-    roots = set(doc.keys())
-    with doc.transaction():
-        return {(name, key): read_key(doc, roots, name, key) for name, key in keys}
 
 
 def same(a: Any, b: Any) -> bool:
@@ -162,31 +175,23 @@ class Inputs:
 def decide(writes: Sequence[StampedWrite], given: Inputs, policy: Policy,
            clocks: Clocks) -> Decision:
     """Decide each stamped write, then stamp the changed keys left to Yjs (module
-    docstring). Raises :class:`Forbidden` (``detail``: map, key) for a device write of a
-    ``cloud`` key, stamped or not: nothing of the sync may be applied then."""
+    docstring). A key of policy ``device`` goes to the device's write and one of policy
+    ``cloud`` keeps the cloud's, whatever the times (the schema refuses such writes before
+    they get here; this is the rule should one pass)."""
     out = Decision()
     for w in writes:
         where = (w.map, w.key)
         kind = policy(w.map, w.key)
-        refuse_cloud_key(kind, where)
         if kind == "crdt" or SHARED in (given.before[where], given.after[where]):
             continue
         out.decided.add(where)
         _decide_one(w, kind, given, clocks, out)
     for where in given.changed:
         if where not in out.decided:
-            refuse_cloud_key(policy(*where), where)
             row = given.stored.get(where)
             out.rows.append(KeyStamp(given.doc, *where, clocks.now, "device",
                                      row.raw if row is not None else 0))
     return out
-
-
-def refuse_cloud_key(kind: str, where: Where) -> None:
-    if kind == "cloud":
-        name, key = where
-        raise Forbidden(f"{name}.{key} is written by the cloud only; nothing was applied",
-                        {"map": name, "key": key})
 
 
 def _decide_one(w: StampedWrite, kind: str, given: Inputs, clocks: Clocks,
@@ -197,8 +202,8 @@ def _decide_one(w: StampedWrite, kind: str, given: Inputs, clocks: Clocks,
         _hold(out, where, before, given.after[where])
         return
     corrected = correct(w.stamp, clocks.offset, clocks.now)
-    if (kind == "device" or row is None or row.writer == "device"
-            or corrected > row.stamp):
+    if kind == "device" or (kind != "cloud" and (row is None or row.writer == "device"
+                                                 or corrected > row.stamp)):
         _hold(out, where, mine, given.after[where])
         out.rows.append(KeyStamp(given.doc, *where, corrected, "device", w.stamp))
         if (row is not None and row.writer == "cloud" and not same(before, mine)
@@ -207,8 +212,9 @@ def _decide_one(w: StampedWrite, kind: str, given: Inputs, clocks: Clocks,
                                           info("cloud", row.stamp, before)))
         return
     _hold(out, where, before, given.after[where])
-    out.rows.append(dataclasses.replace(row, raw=w.stamp))
-    if not same(before, mine):
+    if row is not None:
+        out.rows.append(dataclasses.replace(row, raw=w.stamp))
+    if row is not None and not same(before, mine):
         out.conflicts.append(Conflict(*where, info("cloud", row.stamp, before),
                                       info("device", corrected, mine)))
 

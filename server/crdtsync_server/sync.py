@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +132,24 @@ class Applied:
     conflicts: tuple[ConflictRecord, ...] = ()
 
 
+SchemaSource = Callable[[DeviceRecord], Awaitable[StateSchema]]
+"""The state schema a device is held to: each key's merge policy and allowed values."""
+
+
+async def no_schema(device: DeviceRecord) -> StateSchema:
+    """Every device is held to the empty schema: everything allowed, every key ``latest``."""
+    return StateSchema.empty()
+
+
+@dataclass(frozen=True, slots=True)
+class Merge:
+    """What deciding the stamped writes of one sync needs: the device's schema (each key's
+    policy) and the sync's clocks."""
+
+    schema: StateSchema
+    clocks: stamps.Clocks
+
+
 class SyncService:
     """Applies sync requests and cloud writes; the HTTP layer only authenticates and codes.
 
@@ -144,8 +162,12 @@ class SyncService:
                  *, proxy_budget: float = 1.0, max_items: int = 100,
                  notifier: FeedNotifier | None = None,
                  results: DeviceNotifier | None = None,
-                 clock: Callable[[], int] = hlc.wall_ms) -> None:
+                 clock: Callable[[], int] = hlc.wall_ms,
+                 schema_for: SchemaSource = no_schema) -> None:
         self.clock = clock
+        self.schema_for = schema_for
+        """The schema of a device: the merge policy of each key of its ``state`` document
+        (``crdtsync_server.stamps.decide``). Only asked for a sync that writes something."""
         self.hlc = hlc.HybridClock(clock)
         """Stamps cloud writes and bounds device stamps; every answered ``time`` is the
         millisecond of one of its stamps, so it is at or after every stamp issued before."""
@@ -163,11 +185,6 @@ class SyncService:
         self._touched: dict[str, int] = {}
         """``last_sync`` of syncs that changed nothing, not yet in the store."""
 
-    async def schema_for(self, device: DeviceRecord) -> StateSchema:
-        """The state schema of ``device``: the merge policy and allowed values of each key
-        of its ``state`` document. Every key is ``latest`` until fleets have schemas."""
-        return StateSchema.empty()
-
     async def sync(self, device: DeviceRecord, request: SyncRequest) -> SyncResponse:
         """Run one sync for an authenticated ``device``; raises a typed error with nothing
         stored, or returns a response describing only committed data."""
@@ -183,14 +200,16 @@ class SyncService:
                 raise Forbidden(f"the {part.doc} document is read-only for devices; nothing "
                                 "was applied", {"doc": part.doc})
         infos = [await read_bounded(part) for part in own]  # before any lock or document
-        schema = await self.schema_for(device)
+        # A sync that writes nothing (most of them) pays for no schema and no stamp.
+        merges = any(p.update or p.stamps for p in own)
+        schema = await self.schema_for(device) if merges else None
         async with self.docs.lock(device.id):
             lives = [await self.docs.get(doc_key(device.id, p.doc)) for p in own]
-            clocks = stamps.Clocks(
+            context = None if schema is None else Merge(schema, stamps.Clocks(
                 self.hlc.now(), 0 if request.clock is None else received - request.clock,
-                self.with_recent_sync(device).last_sync or 0)
+                self.last_sync(device)))
             try:
-                applied = [self._apply(device.id, live, part, info, schema, clocks)
+                applied = [self._apply(device.id, live, part, info, context)
                            for live, part, info in zip(lives, own, infos, strict=True)]
                 write = self._write(device, request, applied)
                 result = (self._unchanged(device, write) if self._idle(device, write)
@@ -276,6 +295,11 @@ class SyncService:
                     self._touched[device] = max(time, self._touched.get(device, 0))
                 raise
 
+    def last_sync(self, device: DeviceRecord) -> int:
+        """The device's ``last_sync`` (ms, 0 if never) counting a no-change sync not yet
+        flushed."""
+        return max(device.last_sync or 0, self._touched.get(device.id, 0))
+
     def with_recent_sync(self, device: DeviceRecord) -> DeviceRecord:
         """``device`` with a no-change sync not yet flushed counted in ``last_sync``."""
         touched = self._touched.get(device.id)
@@ -301,7 +325,7 @@ class SyncService:
         return tuple(DownItem(i.seq, i.kind, i.name, i.body, i.expires or 0) for i in items)
 
     def _apply(self, device: str, live: LiveDoc, part: DocSync, info: UpdateInfo | None,
-               schema: StateSchema, clocks: stamps.Clocks) -> Applied:
+               context: Merge | None) -> Applied:
         """Apply the device's update (read and checked as ``info``) to ``live``, then decide
         its stamped writes (``crdtsync_server.stamps``): the effective update to store (the
         device's and the server's fix-ups), the keys whose value changed, their stamps and
@@ -332,11 +356,11 @@ class SyncService:
                 return Applied(DocWrite(live.key, live.capture(), live.gen))
         elif not part.stamps:
             return Applied(DocWrite(live.key, live.capture(), live.gen))
-        return self._merge(device, live, part, schema, clocks)
+        assert context is not None  # the part brings an update or stamped writes
+        return self._merge(device, live, part, context)
 
     @staticmethod
-    def _merge(device: str, live: LiveDoc, part: DocSync, schema: StateSchema,
-               clocks: stamps.Clocks) -> Applied:
+    def _merge(device: str, live: LiveDoc, part: DocSync, context: Merge) -> Applied:
         """:meth:`_apply` once the update may apply: Yjs merges it, each stamped write is
         decided against the stored stamps, the document is fixed up to hold each winner, and
         the feed lists only the keys whose value differs from before the sync."""
@@ -345,19 +369,20 @@ class SyncService:
         before = stamps.read_keys(live.doc, keys)
         if part.update:
             crdt.apply_remote(live.doc, part.update, name=part.doc)
-        changed = live.changes.take()
+        landed: dict[tuple[str, str], Any] = {}
+        changed = live.changes.take(landed)
         # What actually landed, checked in the real document (the caller evicts it on error).
         crdt.check_changes(changed, name=part.doc)
-        decision = stamps.decide(writes, stamps.Inputs(
-            live.key, live.stamps, before, stamps.read_keys(live.doc, keys),
-            [(name, key) for name, values in changed.items() for key in values]),
-            schema.policy, clocks)
+        after = {where: stamps.held(landed[where]) if where in landed else value
+                 for where, value in before.items()}
+        decision = stamps.decide(writes, stamps.Inputs(live.key, live.stamps, before, after,
+                                                       landed),
+                                 context.schema.policy, context.clocks)
         stamps.write_fixes(live.doc, decision.fixes)
         for name, values in live.changes.take().items():
             changed.setdefault(name, {}).update(values)
-        final = stamps.read_keys(live.doc, decision.decided)
         for where in decision.decided:
-            if stamps.same(final[where], before[where]):
+            if stamps.same(decision.fixes.get(where, after[where]), before[where]):
                 changed.get(where[0], {}).pop(where[1], None)
         changed = {name: values for name, values in changed.items() if values}
         return Applied(
@@ -385,13 +410,11 @@ class SyncService:
                           changes: Mapping[str, Any]) -> dict[str, Any]:
         """Cloud-side write into root map ``name`` of a device's document (``None`` deletes a
         key); durable on return, delivered at the device's next sync. Returns the new map.
-        Each key written is stamped later than everything it held (protocol section 13);
-        a key of policy ``device`` is refused (:class:`Forbidden`, nothing written)."""
-        record = await self.store.get_device(device_id)
-        if record is None:
+        Each key written is stamped later than everything it held (protocol section 13)."""
+        if await self.store.get_device(device_id) is None:
             raise NotFound(f"no device {device_id!r}")
         return await self.write_doc(doc_key(device_id, "state"), device_id, name, changes,
-                                    device=device_id, schema=await self.schema_for(record))
+                                    device=device_id, stamped=True)
 
     async def write_shared(self, key: str, name: str,
                            changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -408,17 +431,15 @@ class SyncService:
 
     async def write_doc(self, key: str, lock: str, name: str, changes: Mapping[str, Any],
                         *, device: str | None = None, shared: bool = False,
-                        schema: StateSchema | None = None) -> dict[str, Any]:
+                        stamped: bool = False) -> dict[str, Any]:
         """Merge ``changes`` into root map ``name`` of document ``key`` under ``lock``;
         durable on return; returns the new map. For a document of ``device`` the changed
-        keys enter the feed and the projection, and with its ``schema`` each key written is
+        keys enter the feed and the projection, and with ``stamped`` each key written is
         stamped (``crdtsync_server.stamps.cloud_rows``), even one whose value did not change
         (a delete of an absent key is a write with a time); a ``shared`` document is always
         eligible for a rebuild (:attr:`LiveDoc.adopts`). Raises ``Unavailable`` (retryable,
         nothing stored) when another process rebuilt the document between its read and the
         commit (``Store.commit``)."""
-        if schema is not None:
-            refuse_device_keys(schema, name, changes)
         async with self.docs.lock(lock):
             live = await self.docs.get(key)
             live.adopts = live.adopts or shared
@@ -426,8 +447,8 @@ class SyncService:
                 crdt.write(live.doc, name, changes)
                 changed = live.changes.take()
                 update = live.capture()
-                rows = ([] if schema is None else
-                        stamps.cloud_rows(key, name, changes, live.stamps, self.hlc.now()))
+                rows = (stamps.cloud_rows(key, name, changes, live.stamps, self.hlc.now())
+                        if stamped else [])
                 if update or rows:
                     await self._commit_cloud(live, update, rows, [
                         StateChange(device, "state", changed, "cloud")]
@@ -481,11 +502,3 @@ class SyncService:
                 return state
             return {"state": state, "meta": stamps.meta_json(live.stamps.values(), state)}
 
-
-def refuse_device_keys(schema: StateSchema, name: str, changes: Mapping[str, Any]) -> None:
-    """Raise :class:`Forbidden` (``detail``: map, key) for a cloud write of a key only the
-    device writes (policy ``device``)."""
-    for key in changes:
-        if schema.policy(name, key) == "device":
-            raise Forbidden(f"{name}.{key} is written by the device only; nothing was"
-                            " written", {"map": name, "key": key})

@@ -1,16 +1,18 @@
 """The ``nats`` sink: publish feed items to a NATS JetStream stream (needs ``crdtsync[nats]``).
 
 Each item becomes one message on a subject naming its fleet, device and topic (events) or
-document (state changes), with the item's JSON as payload and its idempotency key as the
-``Nats-Msg-Id`` header, so JetStream drops a redelivered item inside the stream's duplicate
-window. Items are published one at a time, each publish acknowledged by JetStream before the
-next, so the stream holds every device's items in cursor order even when a batch fails half
-way and is delivered again.
+document (state changes and conflicts), with the item's JSON as payload and its idempotency
+key as the ``Nats-Msg-Id`` header, so JetStream drops a redelivered item inside the stream's
+duplicate window. Items are published one at a time, each publish acknowledged by JetStream
+before the next, so the stream holds every device's items in cursor order even when a batch
+fails half way and is delivered again.
 
-Subjects (``_`` stands for "no fleet"; ``_state`` marks state changes)::
+Subjects (``_`` stands for "no fleet"; ``_state`` marks state changes, ``_conflict``
+conflicts)::
 
     <subject_prefix>.<fleet or _>.<device>.<topic>            an event
     <subject_prefix>.<fleet or _>.<device>._state.<doc>       a state change
+    <subject_prefix>.<fleet or _>.<device>._conflict.<doc>    a conflict
 
 Names become single subject tokens by :func:`subject_token` (percent-encoding, reversible
 with ``urllib.parse.unquote``), so names holding ``.`` never add subject levels.
@@ -48,6 +50,7 @@ MAX_DUPLICATE_WINDOW_S = 86400.0
 MAX_TIMEOUT_S = 120.0
 NO_FLEET = "_"
 STATE_TOKEN = "_state"
+CONFLICT_TOKEN = "_conflict"
 MSG_ID = "Nats-Msg-Id"
 
 
@@ -55,8 +58,8 @@ def subject_token(name: str | None) -> str:
     """``name`` as one NATS subject token: ASCII letters, digits, ``-``, ``_`` and ``~``
     stay, every other character (``.``, ``:``, spaces, ``*``, ``>``, ``%``, non-ASCII...)
     becomes ``%XX`` per UTF-8 byte, and so does a leading ``_`` (tokens starting with ``_``
-    are the sink's own: ``_`` for no name, ``_state``). ``None`` or ``""`` gives ``_``.
-    Injective: ``urllib.parse.unquote`` gives the name back."""
+    are the sink's own: ``_`` for no name, ``_state``, ``_conflict``). ``None`` or ``""``
+    gives ``_``. Injective: ``urllib.parse.unquote`` gives the name back."""
     if not name:
         return NO_FLEET
     token = quote(name, safe="").replace(".", "%2E")
@@ -69,7 +72,8 @@ def item_subject(prefix: str, item: FeedItem) -> str:
     if item.kind == "event":
         tokens.append(subject_token(item.topic))
     else:
-        tokens += [STATE_TOKEN, subject_token(item.doc)]
+        marker = CONFLICT_TOKEN if item.kind == "conflict" else STATE_TOKEN
+        tokens += [marker, subject_token(item.doc)]
     return ".".join(tokens)
 
 
