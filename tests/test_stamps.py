@@ -39,8 +39,9 @@ def test_correct_moves_by_the_offset_and_clamps_to_now() -> None:
 
 def decide(w: StampedWrite, row: KeyStamp | None, before: Any, after: Any,
            last_sync: int = 0) -> stamps.Decision:
-    given = Inputs("d/state", {K: row} if row else {}, {K: before}, {K: after}, [K])
-    return stamps.decide([w], given, lambda m, k: "latest", Clocks(NOW, 0, last_sync))
+    given = Inputs("d/state", {K: row} if row else {}, {K: "latest"}, {K: before},
+                   {K: after}, [K])
+    return stamps.decide([w], given, Clocks(NOW, 0, last_sync))
 
 
 def write(at: int, value: Any = "device") -> StampedWrite:
@@ -94,8 +95,8 @@ def test_shared_types_and_crdt_keys_are_left_to_yjs() -> None:
     shared = decide(write(950), row, SHARED, SHARED)
     assert (shared.fixes, shared.decided, shared.conflicts) == ({}, set(), [])
     assert shared.rows == [KeyStamp("d/state", "state", "k", NOW, "device", 7)]  # raw kept
-    given = Inputs("d/state", {}, {K: 1}, {K: 2}, [K])
-    crdt = stamps.decide([write(950)], given, lambda m, k: "crdt", Clocks(NOW))
+    given = Inputs("d/state", {}, {K: "crdt"}, {K: 1}, {K: 2}, [K])
+    crdt = stamps.decide([write(950)], given, Clocks(NOW))
     assert crdt.fixes == {} and crdt.decided == set()
 
 
@@ -104,6 +105,16 @@ def test_cloud_rows_are_later_than_what_the_key_held() -> None:
     rows = stamps.cloud_rows("d/state", "state", ["a", "b"], {("state", "a"): ahead}, NOW)
     assert [(r.key, r.stamp, r.writer, r.raw) for r in rows] == [
         ("a", NOW + 51, "cloud", 9), ("b", NOW, "cloud", 0)]
+
+
+def test_only_contested_keys_are_read_before_the_update() -> None:
+    rows = {("state", "mine"): KeyStamp("d/state", "state", "mine", 5, "device", 5),
+            ("state", "old"): KeyStamp("d/state", "state", "old", 5, "device", 9),
+            ("state", "cloud"): KeyStamp("d/state", "state", "cloud", 5, "cloud")}
+    writes = [StampedWrite("state", key, 7, 1) for key in ("mine", "old", "cloud", "new", "c")]
+    kinds = stamps.policies(writes, lambda m, k: "cloud" if k == "c" else "latest")
+    assert stamps.contested(writes, rows, kinds) == [
+        ("state", "old"), ("state", "cloud"), ("state", "c")]
 
 
 def test_meta_json_marks_deleted_keys() -> None:

@@ -57,11 +57,14 @@ MISSING: Any = _Marker("MISSING")
 """What :func:`read_keys` gives for a key the map does not hold (deleted or never set)."""
 SHARED: Any = _Marker("SHARED")
 """What :func:`read_keys` gives for a key holding a shared type (merged by Yjs)."""
+_UNREAD: Any = _Marker("UNREAD")
+"""A value before the update that :func:`contested` did not ask for."""
 
 Where = tuple[str, str]
 """``(map, key)``."""
 Policy = Callable[[str, str], str]
 """``policy(map, key)``: ``latest``, ``crdt``, ``device`` or ``cloud`` (``StateSchema``)."""
+
 
 
 def read_keys(doc: Doc[Any], keys: Iterable[Where]) -> dict[Where, Any]:
@@ -161,19 +164,54 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Inputs:
-    """What :func:`decide` reads: the document key, the stored rows, the values the
-    stamped keys held ``before`` the update and hold ``after`` it, and the keys the update
-    changed."""
+    """What :func:`decide` reads: the document key, the stored rows, each stamped key's
+    policy (``kinds``), the values the stamped keys held ``before`` the update (only those
+    :func:`contested` names) and hold ``after`` it, and the keys the update changed."""
 
     doc: str
     stored: Mapping[Where, KeyStamp]
+    kinds: Mapping[Where, str]
     before: Mapping[Where, Any]
     after: Mapping[Where, Any]
     changed: Iterable[Where]
 
 
-def decide(writes: Sequence[StampedWrite], given: Inputs, policy: Policy,
-           clocks: Clocks) -> Decision:
+def policies(writes: Iterable[StampedWrite], policy: Policy) -> dict[Where, str]:
+    """The policy of each stamped key."""
+    return {(w.map, w.key): policy(w.map, w.key) for w in writes}
+
+
+def contested(writes: Iterable[StampedWrite], stored: Mapping[Where, KeyStamp],
+              kinds: Mapping[Where, str]) -> list[Where]:
+    """The stamped keys whose value before the update the decision needs: those facing a
+    cloud row or a ``cloud`` policy (the cloud may keep its value, or lose it in a
+    conflict), and writes decided before (the key keeps its value). A device's newer write
+    of a key it wrote last, or that nobody stamped, wins whatever the key held: its read,
+    microseconds per key, is skipped (then the feed lists the key if the update changed
+    it, even to the same value)."""
+    out = []
+    for w in writes:
+        where = (w.map, w.key)
+        row = stored.get(where)
+        if kinds[where] == "cloud" or (row is not None and (row.writer == "cloud"
+                                                            or w.stamp <= row.raw)):
+            out.append(where)
+    return out
+
+
+def after_values(doc: Doc[Any], keys: Iterable[Where], before: Mapping[Where, Any],
+                 landed: Mapping[Where, Any]) -> dict[Where, Any]:
+    """The values ``keys`` hold after the update: what the update wrote (``landed``, from
+    ``crdt.ChangeTracker.take``), else what they held before; read only when neither is
+    known (a stamped key the update did not change and whose value was not read)."""
+    out = {where: held(landed[where]) if where in landed else before.get(where, _UNREAD)
+           for where in keys}
+    out.update(read_keys(doc, [where for where, value in out.items() if value is _UNREAD]))
+    return out
+
+
+
+def decide(writes: Sequence[StampedWrite], given: Inputs, clocks: Clocks) -> Decision:
     """Decide each stamped write, then stamp the changed keys left to Yjs (module
     docstring). A key of policy ``device`` goes to the device's write and one of policy
     ``cloud`` keeps the cloud's, whatever the times (the schema refuses such writes before
@@ -181,8 +219,8 @@ def decide(writes: Sequence[StampedWrite], given: Inputs, policy: Policy,
     out = Decision()
     for w in writes:
         where = (w.map, w.key)
-        kind = policy(w.map, w.key)
-        if kind == "crdt" or SHARED in (given.before[where], given.after[where]):
+        kind = given.kinds[where]
+        if kind == "crdt" or SHARED in (given.before.get(where), given.after[where]):
             continue
         out.decided.add(where)
         _decide_one(w, kind, given, clocks, out)
@@ -197,7 +235,7 @@ def decide(writes: Sequence[StampedWrite], given: Inputs, policy: Policy,
 def _decide_one(w: StampedWrite, kind: str, given: Inputs, clocks: Clocks,
                 out: Decision) -> None:
     where = (w.map, w.key)
-    row, before, mine = given.stored.get(where), given.before[where], written(w)
+    row, before, mine = given.stored.get(where), given.before.get(where, _UNREAD), written(w)
     if row is not None and w.stamp <= row.raw:  # decided before: keep what the key held
         _hold(out, where, before, given.after[where])
         return

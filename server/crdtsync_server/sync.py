@@ -363,25 +363,23 @@ class SyncService:
     def _merge(device: str, live: LiveDoc, part: DocSync, context: Merge) -> Applied:
         """:meth:`_apply` once the update may apply: Yjs merges it, each stamped write is
         decided against the stored stamps, the document is fixed up to hold each winner, and
-        the feed lists only the keys whose value differs from before the sync."""
+        the feed leaves out the keys a cloud write kept or a replay left as they were."""
         writes = part.stamps or ()
-        keys = [(w.map, w.key) for w in writes]
-        before = stamps.read_keys(live.doc, keys)
+        kinds = stamps.policies(writes, context.schema.policy)
+        before = stamps.read_keys(live.doc, stamps.contested(writes, live.stamps, kinds))
         if part.update:
             crdt.apply_remote(live.doc, part.update, name=part.doc)
         landed: dict[tuple[str, str], Any] = {}
         changed = live.changes.take(landed)
         # What actually landed, checked in the real document (the caller evicts it on error).
         crdt.check_changes(changed, name=part.doc)
-        after = {where: stamps.held(landed[where]) if where in landed else value
-                 for where, value in before.items()}
-        decision = stamps.decide(writes, stamps.Inputs(live.key, live.stamps, before, after,
-                                                       landed),
-                                 context.schema.policy, context.clocks)
+        after = stamps.after_values(live.doc, kinds, before, landed)
+        decision = stamps.decide(writes, stamps.Inputs(live.key, live.stamps, kinds, before,
+                                                       after, landed), context.clocks)
         stamps.write_fixes(live.doc, decision.fixes)
         for name, values in live.changes.take().items():
             changed.setdefault(name, {}).update(values)
-        for where in decision.decided:
+        for where in decision.decided.intersection(before):
             if stamps.same(decision.fixes.get(where, after[where]), before[where]):
                 changed.get(where[0], {}).pop(where[1], None)
         changed = {name: values for name, values in changed.items() if values}
