@@ -21,7 +21,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pycrdt import Doc
@@ -36,6 +36,7 @@ from crdtsync.protocol import (
     SyncResponse,
     parse_state_vector,
 )
+from crdtsync.schema import StateSchema
 from crdtsync.yupdate import UpdateInfo, read_update
 
 from .documents import GENERATION_LIMIT, DocumentCache, LiveDoc
@@ -123,14 +124,27 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+SchemaSource = Callable[[DeviceRecord], Awaitable[StateSchema]]
+"""The state schema a device is held to (``schemas.FleetSchemas.schema_for``)."""
+
+
+async def no_schema(device: DeviceRecord) -> StateSchema:
+    """Every device is held to the empty schema: everything allowed, every key ``latest``."""
+    return StateSchema.empty()
+
+
 class SyncService:
     """Applies sync requests and cloud writes; the HTTP layer only authenticates and codes."""
 
     def __init__(self, store: Store, docs: DocumentCache, proxy: ProxyRunner | None = None,
                  *, proxy_budget: float = 1.0, max_items: int = 100,
                  notifier: FeedNotifier | None = None,
-                 results: DeviceNotifier | None = None) -> None:
+                 results: DeviceNotifier | None = None,
+                 schema_for: SchemaSource = no_schema) -> None:
         self.store = store
+        self.schema_for = schema_for
+        """The fleet schema of a device: its syncs and the cloud's writes of its state are
+        checked against it (protocol section 15c)."""
         self.notifier = notifier
         """Woken after a commit that added feed items (events or document changes)."""
         self.results = results
@@ -158,11 +172,16 @@ class SyncService:
                 raise Forbidden(f"the {part.doc} document is read-only for devices; nothing "
                                 "was applied", {"doc": part.doc})
         infos = [await read_bounded(part) for part in own]  # before any lock or document
+        schema = await self.schema_for(device)
         async with self.docs.lock(device.id):
             lives = [await self.docs.get(doc_key(device.id, p.doc)) for p in own]
             try:
                 applied = [self._apply(device.id, live, part, info)
                            for live, part, info in zip(lives, own, infos, strict=True)]
+                for live, part, (_, change) in zip(lives, own, applied, strict=True):
+                    if part.gen == live.gen:  # refused whole: the caller evicts below
+                        schema.check_device_update(change.changes if change else {},
+                                                   part.stamps, doc=part.doc)
                 writes = [w for w, _ in applied]
                 write = self._write(device, request, writes,
                                     [c for _, c in applied if c is not None])
@@ -321,9 +340,14 @@ class SyncService:
     async def write_state(self, device_id: str, name: str,
                           changes: Mapping[str, Any]) -> dict[str, Any]:
         """Cloud-side write into root map ``name`` of a device's document (``None`` deletes a
-        key); durable on return, delivered at the device's next sync. Returns the new map."""
-        if await self.store.get_device(device_id) is None:
+        key); durable on return, delivered at the device's next sync. Returns the new map.
+        A write the device's fleet schema refuses raises ``Forbidden`` (a ``device`` key)
+        or ``SchemaViolation``, with nothing written."""
+        device = await self.store.get_device(device_id)
+        if device is None:
             raise NotFound(f"no device {device_id!r}")
+        (await self.schema_for(device)).check_changes({name: changes}, writer="cloud",
+                                                      doc="state")
         return await self.write_doc(doc_key(device_id, "state"), device_id, name, changes,
                                     device=device_id)
 
