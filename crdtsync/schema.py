@@ -78,6 +78,11 @@ COUNTER_REFUSED = (
     "stamps pick one write; use an event per increment, or a 'device' key the device sums")
 
 
+def _digest(data: bytes) -> bytes:
+    """A schema's version: BLAKE2b-64 of its canonical bytes, personalised."""
+    return hashlib.blake2b(data, digest_size=HASH_SIZE, person=_PERSON).digest()
+
+
 def canonical_json(value: Any) -> str:
     """``value`` as canonical JSON text: sorted keys, no spaces, non-ASCII kept."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
@@ -143,7 +148,7 @@ class KeyRule:
         if self.max is not None and value > self.max:
             return "max", f"must be at most {_show(self.max)}, not {_show(value)}"
         if self.max_length is not None and len(value) > self.max_length:
-            unit = _SIZED[self.type or "string"]
+            unit = _SIZED[self.type or "string"][:-1 if self.max_length == 1 else None]
             return "max_length", (f"must have at most {self.max_length} {unit}, not "
                                   f"{len(value)}")
         if self.enum is not None and canonical_json(normalize(value)) not in self.enum_texts:
@@ -214,8 +219,7 @@ class StateSchema:
             raise InvalidValue(f"the schema is {len(self.canonical)} bytes as canonical JSON "
                                f"(max {MAX_SCHEMA_BYTES})",
                                {"where": "schema", "max_bytes": MAX_SCHEMA_BYTES})
-        self.hash: bytes = hashlib.blake2b(self.canonical, digest_size=HASH_SIZE,
-                                           person=_PERSON).digest()
+        self.hash: bytes = _digest(self.canonical)
         self._trivial = (not self._maps and self.unknown == "allow"
                          and self.policy_default == "latest")
 
@@ -243,18 +247,17 @@ class StateSchema:
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any] | None) -> StateSchema:
         """The schema a fleet document's ``schema`` map holds (:attr:`entry`): the empty
-        schema when it holds none; :class:`InvalidValue` when its text does not parse or
-        does not match its hash."""
+        schema when it holds none; :class:`InvalidValue` when its text does not match its
+        hash (checked on the bytes as received, before parsing) or does not parse."""
         if not entry or entry.get("json") is None:
             return _EMPTY
         text, digest = entry.get("json"), entry.get("hash")
         if not isinstance(text, str):
             raise _bad("schema", "the fleet document's schema is not JSON text")
-        schema = cls.from_json(text)
-        if schema.version != digest:
+        if _digest(text.encode("utf-8", "surrogatepass")).hex() != digest:
             raise _bad("schema", f"the fleet document's schema does not match its hash "
                                  f"{digest!r}")
-        return schema
+        return cls.from_json(text)
 
     @property
     def version(self) -> str:
