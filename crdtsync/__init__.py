@@ -14,9 +14,11 @@ from .errors import (
     CrdtsyncError,
     InvalidValue,
     OutboxFull,
+    SchemaViolation,
     StoreError,
     TransportError,
 )
+from .schema import StateSchema
 from .state import StateMap
 
 __version__ = "0.1.0.dev0"
@@ -29,7 +31,9 @@ __all__ = [
     "InvalidValue",
     "OutboxFull",
     "OutboxLimits",
+    "SchemaViolation",
     "StateMap",
+    "StateSchema",
     "StoreError",
     "SyncReport",
     "TransportError",

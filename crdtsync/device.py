@@ -271,8 +271,8 @@ class Device:
         it durably before returning (``None`` deletes a key). A write the fleet's schema
         refuses raises :class:`~crdtsync.errors.Forbidden` (a ``cloud`` key) or
         :class:`~crdtsync.errors.SchemaViolation`, and writes nothing."""
+        crdt.root_map(self.doc, name)  # the device is open and the name valid
         self.schema.check_changes({name: changes}, writer="device")
-        crdt.root_map(self.doc, name)
         self._observe_roots()  # a new root: its keys are tracked from the first write on
         crdt.write(self.doc, name, changes)
         self._local_write_done()
