@@ -14,10 +14,12 @@ from .errors import (
     CrdtsyncError,
     InvalidValue,
     OutboxFull,
+    SchemaViolation,
     StoreError,
     TransportError,
 )
 from .protocol import Conflict, WriteInfo
+from .schema import StateSchema
 from .state import StateMap
 
 __version__ = "0.1.0.dev0"
@@ -31,7 +33,9 @@ __all__ = [
     "InvalidValue",
     "OutboxFull",
     "OutboxLimits",
+    "SchemaViolation",
     "StateMap",
+    "StateSchema",
     "StoreError",
     "SyncReport",
     "TransportError",

@@ -120,6 +120,27 @@ class AdminClient:
         return await self.request(  # type: ignore[no-any-return]
             "PUT", f"/v1/devices/{quote(device_id)}/fleet", json={"fleet": fleet_id})
 
+    async def put_schema(self, fleet_id: str, schema: Mapping[str, Any]) -> dict[str, Any]:
+        """Set the fleet's state schema (docs/protocol.md 15c); returns ``{"hash",
+        "schema"}``, the version and the normalized definition. :class:`InvalidValue`
+        (``detail.where``) for a schema that is not valid."""
+        return await self.request(  # type: ignore[no-any-return]
+            "PUT", f"/v1/fleets/{quote(fleet_id)}/schema", json=dict(schema))
+
+    async def schema(self, fleet_id: str) -> dict[str, Any]:
+        """The fleet's state schema: ``{"hash", "schema"}`` (both ``None`` without one)."""
+        return await self.request(  # type: ignore[no-any-return]
+            "GET", f"/v1/fleets/{quote(fleet_id)}/schema")
+
+    async def delete_schema(self, fleet_id: str) -> None:
+        """Remove the fleet's state schema (its versions stay readable by hash)."""
+        await self.request("DELETE", f"/v1/fleets/{quote(fleet_id)}/schema")
+
+    async def schema_version(self, version: str) -> dict[str, Any]:
+        """Any schema version ever set, by hash: ``{"hash", "schema"}``; :class:`NotFound`
+        for a hash the server never issued."""
+        return await self.request("GET", f"/v1/schemas/{quote(version)}")  # type: ignore[no-any-return]
+
     async def state(self, device_id: str, *, meta: bool = False) -> dict[str, Any]:
         """The device's document as ``{map: {key: value}}``; with ``meta``, ``{"state":
         <the document>, "meta": {map: {key: {"time", "writer"}}}}``: when and by whom each

@@ -16,6 +16,7 @@ events.
     crdtsync fleet add|list|show|devices|assign ...
     crdtsync env show|set [--device ID | --fleet ID] [KEY=VALUE...]
     crdtsync template FLEET [TOPIC [JSON | --delete]]
+    crdtsync schema set --fleet F FILE | show --fleet F [--version HASH] | delete --fleet F
     crdtsync sink add NAME JSON | list | show NAME | delete NAME | dead-letters NAME
     crdtsync sink retry NAME [ID...]
     crdtsync simulate [--devices N] [--servers M] [--steps S] [--seed K] [--seeds N]
@@ -333,6 +334,45 @@ async def cmd_template(admin: AdminClient, args: argparse.Namespace) -> int:
         except argparse.ArgumentTypeError as exc:
             raise UsageError(f"template: {exc}") from exc
         out(ordered(await admin.request("PUT", f"{path}/{args.topic}", json=definition)))
+    return 0
+
+
+def read_schema_file(path: str) -> dict[str, Any]:
+    """The JSON object in file ``path`` (``-``: standard input)."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+    except OSError as exc:
+        raise UsageError(f"schema: cannot read {path}: {exc.strerror}") from exc
+    try:
+        return json_object(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"schema: {path}: {exc}") from exc
+
+
+async def cmd_schema_set(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Set a fleet's state schema from a JSON file (``-``: standard input); prints its
+    version (hash) and normalized definition. Devices of the fleet receive it at their next
+    sync (docs/protocol.md 15c)."""
+    out(pretty(await admin.put_schema(args.fleet, read_schema_file(args.file))))
+    return 0
+
+
+async def cmd_schema_show(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Show a fleet's state schema and its version, or any version by hash (``--version``)."""
+    if args.version:
+        out(pretty(await admin.schema_version(args.version)))
+    else:
+        out(pretty(await admin.schema(args.fleet)))
+    return 0
+
+
+async def cmd_schema_delete(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Remove a fleet's state schema: its devices are held to none from their next sync."""
+    await admin.delete_schema(args.fleet)
     return 0
 
 
@@ -682,6 +722,24 @@ def add_template(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     p.set_defaults(run=admin_command(cmd_template))
 
 
+def add_schema(sub: Subparsers, client: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("schema", help="set, show or delete a fleet's state schema")
+    schema = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fleet = argparse.ArgumentParser(add_help=False)
+    fleet.add_argument("--fleet", required=True, help="the fleet")
+    put = schema.add_parser("set", parents=[client, fleet], help="set the schema from a file",
+                            description=cmd_schema_set.__doc__)
+    put.add_argument("file", metavar="FILE", help="JSON file, or - for standard input")
+    put.set_defaults(run=admin_command(cmd_schema_set))
+    show = schema.add_parser("show", parents=[client, fleet], help="show the schema",
+                             description=cmd_schema_show.__doc__)
+    show.add_argument("--version", metavar="HASH", help="show this version instead")
+    show.set_defaults(run=admin_command(cmd_schema_show))
+    delete = schema.add_parser("delete", parents=[client, fleet], help="remove the schema",
+                               description=cmd_schema_delete.__doc__)
+    delete.set_defaults(run=admin_command(cmd_schema_delete))
+
+
 def add_events(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     p = sub.add_parser("events", parents=[client], help="print events as NDJSON",
                        description=cmd_events.__doc__)
@@ -773,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fleet(sub, client)
     add_env(sub, client)
     add_template(sub, client)
+    add_schema(sub, client)
     add_state(sub, client)
     add_events(sub, client)
     add_sink(sub, client)

@@ -63,7 +63,8 @@ from .protocol import (
     encode_request,
     parse_state_vector,
 )
-from .shared import SHARED_DOCS, TEMPLATES, Env, ReadOnlyMap, SharedDoc
+from .schema import StateSchema
+from .shared import SHARED_DOCS, TEMPLATES, Env, FleetSchema, ReadOnlyMap, SharedDoc
 from .state import StateMap
 from .templates import Template
 from .transport import HttpTransport, Transport
@@ -190,6 +191,7 @@ class Device:
         self._calls = Calls(self._store)
         self._shared = {name: SharedDoc(name, self._store) for name in SHARED_DOCS}
         self._templates: dict[str, Template] = {}
+        self._schema = FleetSchema(self._shared["fleet"])
         self.env = Env(self._own_env, self._shared["fleet"], self._shared["project"])
         """Environment variables, merged: device > fleet > project (read-only)."""
         self._doc: Doc[Any] | None = None
@@ -317,10 +319,19 @@ class Device:
             return {}
         return StateMap(self, "env").to_dict()
 
+    @property
+    def schema(self) -> StateSchema:
+        """The state schema of the device's fleet, from its copy of the fleet document
+        (empty without a fleet or schema): :meth:`write_state` checks writes against it."""
+        return self._schema.current()
+
     def write_state(self, name: str, changes: Mapping[str, Any]) -> None:
         """Validate and apply ``changes`` to root map ``name`` in one transaction, then persist
-        it durably before returning (``None`` deletes a key)."""
-        crdt.root_map(self.doc, name)
+        it durably before returning (``None`` deletes a key). A write the fleet's schema
+        refuses raises :class:`~crdtsync.errors.Forbidden` (a ``cloud`` key) or
+        :class:`~crdtsync.errors.SchemaViolation`, and writes nothing."""
+        crdt.root_map(self.doc, name)  # the device is open and the name valid
+        self.schema.check_changes({name: changes}, writer="device")
         self._observe_roots()  # a new root: its keys are tracked from the first write on
         crdt.write(self.doc, name, changes)
         self._local_write_done()

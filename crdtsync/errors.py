@@ -14,6 +14,7 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     │   ├── CorruptUpdate          corrupt_update        400  CRDT update fails CRC or apply
     │   ├── InvalidStateVector     invalid_state_vector  400  state vector garbage/out of range
     │   ├── InvalidValue           invalid_value         400  value a CRDT cannot hold
+    │   │   └── SchemaViolation    schema_violation      422  write the fleet's schema refuses
     │   ├── BodyTooLarge           body_too_large        413  body over the server's limit
     │   ├── TooManyEvents          too_many_events       413  too many events in one request
     │   ├── NotFound               not_found             404  no such device / resource
@@ -90,6 +91,16 @@ class InvalidStateVector(RequestError):
 
 class InvalidValue(RequestError, ValueError):
     code = "invalid_value"
+
+
+class SchemaViolation(InvalidValue):
+    """A write the fleet's state schema refuses: wrong type, out of range, not in the enum,
+    too long, or a key the schema does not list when it refuses unknown keys (``detail``:
+    ``map``, ``key``, ``rule``, ``schema`` and, for a device's update, ``doc``). Raised by
+    the device at assignment and answered by the server with nothing applied."""
+
+    code = "schema_violation"
+    status = 422
 
 
 class BodyTooLarge(RequestError):

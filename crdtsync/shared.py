@@ -20,8 +20,9 @@ from pycrdt import Doc, Map, TransactionEvent
 
 from . import crdt
 from .device_store import DeviceStore
-from .errors import Forbidden
+from .errors import Forbidden, InvalidValue
 from .protocol import DocSync
+from .schema import SCHEMA_MAP, StateSchema
 from .values import normalize
 
 log = logging.getLogger("crdtsync.device")
@@ -97,6 +98,33 @@ class SharedDoc:
             value = self.doc.get(map_name, type=Map).to_py()
             cached = self._maps[map_name] = normalize(value) if value else {}
         return cached
+
+
+class FleetSchema:
+    """The state schema held by the device's copy of its fleet document (docs/protocol.md
+    15c), parsed once per version. A device without a fleet, or whose fleet has no schema,
+    gets the empty schema (everything allowed)."""
+
+    def __init__(self, fleet: SharedDoc) -> None:
+        self._fleet = fleet
+        self._version: Any = None
+        self._schema = StateSchema.empty()
+
+    def current(self) -> StateSchema:
+        """The schema in force on the device now (a dictionary lookup unless the fleet
+        document brought another version). One that does not parse (a newer cloud's
+        format) is logged and not enforced locally: the cloud still enforces it."""
+        entry = self._fleet.get(SCHEMA_MAP)
+        version = entry.get("hash")
+        if version != self._version:
+            try:
+                self._schema = StateSchema.from_entry(entry)
+            except InvalidValue as exc:
+                log.warning("the fleet's state schema %r is not understood here (%s); "
+                            "not checked on the device", version, exc.message)
+                self._schema = StateSchema.empty()
+            self._version = version
+        return self._schema
 
 
 class ReadOnlyMap(Mapping[str, Any]):

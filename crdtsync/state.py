@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from pycrdt import Doc, Map
 
 from . import crdt
+from .schema import StateSchema
 from .values import normalize
 
 
@@ -17,6 +18,9 @@ class StateOwner(Protocol):
     @property
     def doc(self) -> Doc[Any]: ...
 
+    @property
+    def schema(self) -> StateSchema: ...
+
     def write_state(self, name: str, changes: Mapping[str, Any]) -> None: ...
 
 
@@ -24,8 +28,13 @@ class StateMap(MutableMapping[str, Any]):
     """One root map of a device document, as a ``MutableMapping`` of JSON values.
 
     Every assignment is validated (:class:`~crdtsync.errors.InvalidValue` for values a CRDT
-    cannot hold, such as integers beyond 2**53) and is durable in the device store before the
-    statement returns. Reads give JSON data with integral numbers as ``int``.
+    cannot hold, such as integers beyond 2**53; against the fleet's state schema, when it has
+    one: :class:`~crdtsync.errors.SchemaViolation` for a value it refuses,
+    :class:`~crdtsync.errors.Forbidden` for a key only the cloud writes) and is durable in
+    the device store before the statement returns. Reads give JSON data with integral
+    numbers as ``int``; a key that is absent but has a ``default`` in the schema reads as
+    that default (``state[key]``, ``state.get(key)``), while ``in``, ``len``, iteration and
+    :meth:`to_dict` show only the keys the document holds.
     ``update({...})`` writes several keys in one transaction (one durable write).
     Concurrent writes to one key by device and cloud are merged by Yjs: see docs/protocol.md.
     """
@@ -39,7 +48,13 @@ class StateMap(MutableMapping[str, Any]):
         return crdt.root_map(self._owner.doc, self.name)
 
     def __getitem__(self, key: str) -> Any:
-        return crdt.plain(self._map[key])
+        root = self._map
+        if key in root:
+            return crdt.plain(root[key])
+        default = self._owner.schema.default(self.name, key)
+        if default is None:
+            raise KeyError(key)
+        return default
 
     def __setitem__(self, key: str, value: Any) -> None:
         if value is None:

@@ -42,6 +42,7 @@ from .feed import FeedNotifier, build_projection
 from .notify import DeviceNotifier
 from .proxy import ProxyRunner, load_route_table
 from .routes import RouteExecutor, RouteTable
+from .schemas import FleetSchemas
 from .sinks.manager import SinkManager, read_sinks_file
 from .store import Store, open_store
 from .sync import SyncService
@@ -162,6 +163,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     from .feed_api import routes as feed_routes
     from .fleets_api import routes as fleets_routes
     from .metrics_api import routes as metrics_routes
+    from .schemas_api import routes as schemas_routes
     from .sinks_api import routes as sinks_routes
     from .sync_api import routes as sync_routes
     from .templates_api import routes as templates_routes
@@ -177,6 +179,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app.add_routes(downlink_routes)
     app.add_routes(env_routes)
     app.add_routes(templates_routes)
+    app.add_routes(schemas_routes)
     app.add_routes(fleets_routes)
     app.add_routes(feed_routes)
     app.add_routes(sinks_routes)
@@ -203,7 +206,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             results = DeviceNotifier(config.command_poll)
             sync = SyncService(backend, docs, proxy, proxy_budget=config.proxy_budget,
                                max_items=config.limits.max_items, notifier=notifier,
-                               results=results, clock=config.clock)
+                               results=results, clock=config.clock,
+                               schema_for=FleetSchemas(docs).schema_for)
             built = await build_projection(backend, docs, int(time.time() * 1000))
             if built:
                 log.info("built the state projection of %d stored documents", built)

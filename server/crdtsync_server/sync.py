@@ -212,6 +212,12 @@ class SyncService:
                 applied = [self._apply(device.id, live, part, info, context)
                            for live, part, info in zip(lives, own, infos, strict=True)]
                 write = self._write(device, request, applied)
+                if schema is not None:
+                    for live, part, done in zip(lives, own, applied, strict=True):
+                        if part.gen == live.gen:  # refused whole: the caller evicts below
+                            schema.check_device_update(
+                                done.change.changes if done.change else {}, part.stamps,
+                                doc=part.doc)
                 result = (self._unchanged(device, write) if self._idle(device, write)
                           else await self.store.commit(write))
             except BaseException:
@@ -408,9 +414,14 @@ class SyncService:
                           changes: Mapping[str, Any]) -> dict[str, Any]:
         """Cloud-side write into root map ``name`` of a device's document (``None`` deletes a
         key); durable on return, delivered at the device's next sync. Returns the new map.
-        Each key written is stamped later than everything it held (protocol section 13)."""
-        if await self.store.get_device(device_id) is None:
+        Each key written is stamped later than everything it held (protocol section 13).
+        A write the device's fleet schema refuses raises ``Forbidden`` (a ``device`` key)
+        or ``SchemaViolation``, with nothing written."""
+        device = await self.store.get_device(device_id)
+        if device is None:
             raise NotFound(f"no device {device_id!r}")
+        (await self.schema_for(device)).check_changes({name: changes}, writer="cloud",
+                                                      doc="state")
         return await self.write_doc(doc_key(device_id, "state"), device_id, name, changes,
                                     device=device_id, stamped=True)
 
