@@ -438,12 +438,16 @@ async def test_stamps_survive_a_restart(world: World, tmp_path: Path) -> None:
 # --- policies (the schema hook) ---------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
 class KeyPolicies(StateSchema):
-    """A schema giving key ``name`` policy ``name`` (``crdt``, ``device``, ``cloud``)."""
+    """A schema giving key ``name`` policy ``name`` (``crdt``, ``device``, ``cloud``) whose
+    checks allow every write: the decision's rule when a write of the other side gets there."""
 
-    def policy(self, map_name: str, key: str) -> str:
-        return key if key in ("crdt", "device", "cloud") else "latest"
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__({"maps": {"state": {"keys": {
+            key: {"policy": key} for key in ("crdt", "device", "cloud")}}}})
+        self._trivial = True  # no refusal: what the decision does on its own
 
 
 @both_ids
