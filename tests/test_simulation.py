@@ -13,7 +13,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
-from crdtsync.testing import FAULT_NAMES, FaultPlan, SimDevice, Simulation
+from crdtsync.testing import (
+    FAULT_NAMES,
+    ClockPlan,
+    FaultPlan,
+    SimDevice,
+    Simulation,
+    SkewedClock,
+)
 from crdtsync_server.store import base as store_base
 
 SWEEP = [
@@ -272,3 +279,57 @@ async def test_a_planted_resurrection_bug_in_adoption_is_caught(
         report = await sim.run(400)
     assert not report.ok
     assert any(f.startswith("lost-write") for f in report.failures), report.failures
+
+
+# --- clocks: skewed device clocks, server clocks, latency ------------------------------------
+
+def test_a_skewed_clock_drifts_steps_and_resets() -> None:
+    true = [1_764_000_000_000]
+    clock = SkewedClock(lambda: true[0], offset=3_600_000, drift_ppm=100.0)
+    assert clock() == true[0] + 3_600_000
+    true[0] += 1_000_000  # 1000 s at +100 ppm: 100 ms fast
+    assert clock.error() == 3_600_000 + 100
+    clock.set_offset(-5_000)
+    stepped = true[0]
+    assert clock() == true[0] - 5_000
+    true[0] += 10_000
+    assert clock.error() == -5_000 + 1  # drift keeps running from the new setting
+    clock.reset()
+    true[0] += 2_000
+    assert clock() == 2_000  # 1970-01-01 00:00:02 UTC
+    assert clock.set_between(stepped, stepped) and not clock.set_between(0, stepped - 1)
+
+
+def test_a_clock_plan_of_zeros_draws_nothing() -> None:
+    """Runs without clock skew replay exactly as before skew existed: no draw is made."""
+    rng = random.Random(1)
+    state = rng.getstate()
+    plan = ClockPlan()
+    assert not plan.enabled
+    assert (plan.draw_offset(rng), plan.draw_drift(rng), plan.draw_latency(rng)) == (0, 0.0, 0)
+    assert rng.getstate() == state
+
+
+async def test_skewed_clocks_and_latency_keep_every_invariant() -> None:
+    """Device clocks up to an hour off, drifting, stepped and reset to 1970 now and then,
+    server instances off by up to a second, requests and answers taking up to 300 ms: every
+    invariant still holds; each device keeps one clock across its crashes; clock steps and
+    resets are reported with the faults; the true time moved with the latency."""
+    plan = ClockPlan.skewed(step=0.01, reset=0.005, server_offset_ms=1000)
+    async with Simulation(devices=3, servers=2, seed=31, clocks=plan,
+                          faults=FaultPlan.everything(0.05)) as sim:
+        clocks = [d.clock for d in sim.devices]
+        errors = {d.clock.error() for d in sim.devices} | {s.clock.error() for s in sim.servers}
+        report = await sim.run(300)
+        assert [d.clock for d in sim.devices] == clocks
+    assert report.ok, report.describe()
+    assert len(errors) == 5 and max(abs(e) for e in errors) > 1000
+    assert report.faults["clock_step"] > 0 and report.faults["clock_reset"] > 0
+    assert any(k.startswith("crash_device") for k in report.faults)
+
+
+async def test_requests_and_answers_take_simulated_time() -> None:
+    async with Simulation(devices=1, seed=2, clocks=ClockPlan(latency_ms=(150, 150))) as sim:
+        before = sim.now_ms()
+        assert await sim.sync_device(sim.devices[0])
+        assert sim.now_ms() - before >= 300  # at least one round trip of 2 x 150 ms
