@@ -15,8 +15,8 @@ device (``dev.state``) says which write won on each side. Each scenario runs wit
 device's clock right, 1 h ahead, 1 h behind (from its first sync on), stepped 1 h ahead or
 behind while it was offline (after its last sync), and reset to 1970 while offline.
 
-Time. Where the code takes injected clocks (``Device(..., clock=)`` and a server clock, issue
-13), every clock reads one simulated time that the script moves forward: no sleeping, and the
+Time. Where the code takes injected clocks (``Device(..., clock=)`` and ``ServerConfig(clock=)``,
+issue 13), every clock reads one simulated time that the script moves forward: no sleeping, and the
 device's clock is that time plus its offset. Where it does not, the script sleeps ``gap``
 seconds between the steps (all devices step together, so a run costs a few gaps); a device
 clock offset needs ``Device(..., clock=)``, without it the offset rows run with the system
@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from typing import Any
 from common import ADMIN_TOKEN, arg_parser, in_process_server, machine, provision, report
 
 from crdtsync import AdminClient, Device
+from crdtsync.testing.clocks import device_takes_clock
 
 HOUR = 3_600_000
 KEY = "mode"
@@ -50,16 +49,11 @@ KEY = "mode"
 # --- time -----------------------------------------------------------------------------------
 
 
-def device_takes_clock() -> bool:
-    """True when ``Device`` accepts ``clock=`` (a callable returning ms; issue 13)."""
-    return "clock" in inspect.signature(Device.__init__).parameters
+def server_config_takes_clock() -> bool:
+    """True when ``ServerConfig`` has ``clock`` (the server's wall clock in ms; issue 13)."""
+    from crdtsync_server import ServerConfig
 
-
-def server_takes_clock() -> bool:
-    """True when the server's ``SyncService`` accepts ``clock=`` (issue 13)."""
-    from crdtsync_server.sync import SyncService
-
-    return "clock" in inspect.signature(SyncService.__init__).parameters
+    return "clock" in ServerConfig.__dataclass_fields__
 
 
 class Timeline:
@@ -79,21 +73,6 @@ class Timeline:
             self._now += round(seconds * 1000)
         else:
             await asyncio.sleep(seconds)
-
-
-def install_server_clock(server: Any, wall: Callable[[], int]) -> bool:
-    """Make the in-process server read ``wall`` as its clock; False if it cannot.
-
-    The server builds its ``SyncService`` at startup; its clock (a ``HybridClock`` over a
-    wall function, issue 13) is swapped for one over ``wall`` before any device syncs."""
-    from crdtsync import hlc
-
-    sync = server.services.sync
-    if not server_takes_clock() or not isinstance(getattr(sync, "clock", None),
-                                                  hlc.HybridClock):
-        return False
-    sync.clock = hlc.HybridClock(wall)
-    return True
 
 
 @dataclass
@@ -234,18 +213,18 @@ async def write_all(writer: str, devices: list[Device], admin: AdminClient) -> N
 
 async def run(n: int, gap: float, variants: list[Variant]) -> dict[str, Any]:
     clocks = device_takes_clock()
-    timeline = Timeline(simulated=False)
+    simulated = clocks and server_config_takes_clock()
+    timeline = Timeline(simulated)
+    server_clock: dict[str, Any] = {"clock": timeline.now} if simulated else {}
     rows: list[Row] = []
-    simulated = False
     with tempfile.TemporaryDirectory(prefix="crdtsync-conflicts-") as tmp:
         folder = Path(tmp)
         for index, variant in enumerate(variants):
             for scenario in ("A", "B"):
                 # A fresh server per row: each has its own random client id, as each server
                 # process does (today the id decides every concurrent write).
-                async with in_process_server(folder, f"server-{scenario}{index}.db") as server:
-                    simulated = clocks and install_server_clock(server, timeline.now)
-                    timeline.simulated = simulated
+                async with in_process_server(folder, f"server-{scenario}{index}.db",
+                                             **server_clock) as server:
                     rows.append(await run_scenario(server.url, folder, scenario, variant, n,
                                                    gap, timeline, clocks))
     return {"machine": machine(), "devices": n, "gap_s": gap,

@@ -124,7 +124,7 @@ def device_takes_clock() -> bool:
 
 
 def server_takes_clock() -> bool:
-    """True when the server's ``SyncService`` takes ``clock=`` (a ``HybridClock``)."""
+    """True when the server's ``SyncService`` takes ``clock=`` (a wall clock in ms)."""
     from crdtsync_server.sync import SyncService
 
     return "clock" in inspect.signature(SyncService.__init__).parameters

@@ -38,7 +38,7 @@ from crdtsync_server.template_registry import TemplateRegistry
 from .. import crdt
 from ..device import Device
 from ..errors import CrdtsyncError, TransportError
-from ..hlc import HybridClock
+from ..hlc import HybridClock, stamp_ms
 from ..inbox import Message
 from .clocks import ClockPlan, SkewedClock, device_takes_clock, server_takes_clock
 from .faults import Crash, FaultPlan, Network
@@ -69,6 +69,10 @@ class SimReport:
     """Keys the latest-write invariant checked (0: it was off)."""
     latest_decided: int = 0
     """Of those, keys written by both sides far enough apart that one write had to win."""
+    corrections_checked: int = 0
+    """Deliveries of device writes whose correction error was checked against its bound."""
+    corrections_unchecked: int = 0
+    """Deliveries left unchecked (clock set, restart, clock ahead: the documented limits)."""
 
     @property
     def ok(self) -> bool:
@@ -88,7 +92,9 @@ class SimReport:
         ]
         if self.latest_checked:
             lines.append(f"latest write: {self.latest_checked} keys checked, "
-                         f"{self.latest_decided} with a write that had to win")
+                         f"{self.latest_decided} with a write that had to win; corrections "
+                         f"checked {self.corrections_checked}, beyond the documented limits "
+                         f"{self.corrections_unchecked}")
         lines += [f"  FAIL {f}" for f in self.failures]
         if self.failures:
             lines.append(f"replay with seed={self.seed}")
@@ -125,7 +131,7 @@ class SimServer:
         await proxy.recover()
         notifier = FeedNotifier()
         results = DeviceNotifier()
-        clock: dict[str, Any] = {"clock": HybridClock(self.clock)} if server_takes_clock() else {}
+        clock: dict[str, Any] = {"clock": self.clock} if server_takes_clock() else {}
         self.services = Services(config, store, docs,
                                  SyncService(store, docs, proxy, proxy_budget=5.0,
                                              notifier=notifier, results=results, **clock),
@@ -196,8 +202,10 @@ class SimDevice:
         self.token = token
         self.clock = clock
         """The device's wall clock: kept across crashes of its process, like hardware."""
-        self.synced_at = 0
-        """True time at which the device's last successful sync started."""
+        self.synced_at = sim.now_ms()
+        """True time at which the device's last successful sync started (or it was made)."""
+        self.crashes: list[int] = []
+        """True times at which its process died."""
         self.path = sim.workdir / f"{device_id}.db"
         self.device: Device | None = None
         self.down_until = -1
@@ -242,6 +250,7 @@ class SimDevice:
         """The process dies: memory is gone, the SQLite file stays."""
         if self.device is not None:
             dev, self.device = self.device, None
+            self.crashes.append(self.sim.now_ms())
             await dev.aclose()
             self.down_until = self.sim.network.step + self.sim.rng.randint(1, 10)
 
@@ -533,13 +542,14 @@ class Simulation:
         """The app on ``device`` sets ``key`` of ``state`` to ``value`` (``None``:
         deletes it), recorded for the invariants with its true time."""
         assert device.device is not None
+        frozen = _clock_ahead(device.device)
         if value is None:
             del device.device.state[key]
         else:
             device.device.state[key] = value
         self.model.wrote(device.id, key, value, acknowledged=True)
         self.writes.wrote(device.id, key, value, writer="device", time=self.now_ms(),
-                          after_sync=device.synced_at)
+                          after_sync=device.synced_at, frozen=frozen)
 
     async def op_device_delete(self) -> None:
         device = self._live_device()
@@ -676,3 +686,12 @@ class Simulation:
         self.report.failures += failures
         self.report.converged = not any(f.startswith("diverged") for f in failures)
         self.report.faults = Counter(self.network.injected)
+
+
+def _clock_ahead(device: Device) -> bool:
+    """True when the device's hybrid clock is ahead of its corrected wall clock (its next
+    stamp counts on from its last one instead of reading the wall clock)."""
+    clock = getattr(device, "_clock", None)
+    if not isinstance(clock, HybridClock):
+        return False
+    return stamp_ms(clock.last) > clock.wall() + clock.offset
