@@ -46,7 +46,7 @@ from ..protocol import decode_request
 
 if TYPE_CHECKING:
     from .clocks import SkewedClock
-    from .simulation import Simulation
+    from .simulation import SimDevice, Simulation
 
 STATE_MAP = "state"
 DELETED = object()
@@ -65,6 +65,8 @@ class Delivery:
     """True time a server instance received it."""
     corrected: int
     """The corrected stamp's milliseconds, converted to true time."""
+    committed: bool = False
+    """The server instance committed the sync that carried it (else nothing of it counts)."""
 
 
 @dataclass
@@ -105,6 +107,8 @@ class WriteLog:
     pending: dict[bytes, Pending] = field(default_factory=dict)
     stamped_requests: int = 0
     """Requests that carried ``s`` (0 in a run: the device does not stamp)."""
+    current: list[Delivery] = field(default_factory=list)
+    """Deliveries of the request a server instance is processing now."""
 
     def wrote(self, device: str, key: str, value: Any, *, writer: str, time: int,
               after_sync: int = 0, frozen: bool = False,
@@ -143,6 +147,7 @@ class WriteLog:
     def received(self, body: bytes, now: int, server_clock: SkewedClock) -> None:
         """A server instance whose clock is ``server_clock`` receives ``body`` at true time
         ``now``: record the corrected stamp of each write it carries."""
+        self.current = []
         pending = self.pending.get(body)
         if pending is None:
             return
@@ -152,7 +157,18 @@ class WriteLog:
             if pending.ck is not None:
                 ms += server_ms - pending.ck
             corrected = min(ms, server_ms) - (server_ms - now)
-            write.deliveries.append(Delivery(stamp, pending.ck, pending.sent, now, corrected))
+            delivery = Delivery(stamp, pending.ck, pending.sent, now, corrected)
+            write.deliveries.append(delivery)
+            self.current.append(delivery)
+
+    def committed(self) -> None:
+        """The instance processing a request committed its sync."""
+        for delivery in self.current:
+            delivery.committed = True
+
+    def done(self) -> None:
+        """The instance is done with the request (answered or failed)."""
+        self.current = []
 
 
 def _value(state: Mapping[str, Any], key: str) -> Any:
@@ -170,10 +186,11 @@ def allowed_finals(writes: list[TimedWrite], margin: int) -> list[TimedWrite] | 
         candidates.insert(0, None)  # no cloud write is known to have landed
     if device is None:
         return [c for c in candidates if c is not None]
-    if not device.deliveries:
+    deliveries = [d for d in device.deliveries if d.committed]
+    if not deliveries:
         return None
-    low = min(d.corrected for d in device.deliveries)
-    high = max(d.corrected for d in device.deliveries)
+    low = min(d.corrected for d in deliveries)
+    high = max(d.corrected for d in deliveries)
     allowed: list[TimedWrite] = []
     for c in candidates:
         if c is None or (device.time > c.time and low > c.time + margin):
@@ -222,22 +239,34 @@ async def check_corrections(sim: Simulation) -> list[str]:
     """The ``correction`` check (see the module's doc)."""
     failures = []
     devices = {d.id: d for d in sim.devices}
-    latency = sim.clocks.latency_ms[1]
+    slack = sim.clocks.latency_ms[1] + 2 * sim.clocks.server_offset_ms + 2
     for (device_id, key), writes in sorted(sim.writes.keys.items()):
         device = devices[device_id]
         for write in writes:
-            for d in write.deliveries:
-                if write.frozen or device.clock.set_between(write.time, d.sent) or any(
-                        write.time <= t <= d.sent for t in device.crashes):
-                    sim.report.corrections_unchecked += 1
-                    continue
-                sim.report.corrections_checked += 1
-                drift = abs(device.clock.drift_ppm) * (d.sent - write.after_sync) / 1e6
-                bound = (d.received - d.sent) + latency + drift
-                error = d.corrected - write.time
-                if abs(error) > bound + 2:
-                    failures.append(
-                        f"correction: {device_id} {key} {write.shown()}: corrected to "
-                        f"{d.corrected} ({error:+d} ms; sent {d.sent}, received {d.received}, "
-                        f"ck {d.ck}), bound {bound:.0f} ms")
+            d = next((d for d in write.deliveries if d.committed), None)
+            if d is None:
+                continue
+            if beyond_limits(write, d, device):
+                sim.report.corrections_unchecked += 1
+                continue
+            sim.report.corrections_checked += 1
+            drift = abs(device.clock.drift_ppm) * (d.sent - write.after_sync) / 1e6
+            bound = (d.received - d.sent) + drift + slack
+            error = d.corrected - write.time
+            if abs(error) > bound:
+                failures.append(
+                    f"correction: {device_id} {key} {write.shown()}: corrected to "
+                    f"{d.corrected} ({error:+d} ms; sent {d.sent}, received {d.received}, "
+                    f"ck {d.ck}), bound {bound:.0f} ms")
     return failures
+
+
+def beyond_limits(write: TimedWrite, delivery: Delivery, device: SimDevice) -> bool:
+    """Whether the documented limits of the correction apply to ``write`` carried by
+    ``delivery`` (see the module's doc): no sync before it (the device did not know its
+    offset yet), its hybrid clock ahead at the write, its clock set or its process
+    restarted between its last sync before the write and the send."""
+    start, end = write.after_sync, delivery.sent
+    return (write.after_sync <= device.created or write.frozen
+            or device.clock.set_between(start, end)
+            or any(start <= t <= end for t in device.crashes))

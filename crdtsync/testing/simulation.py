@@ -149,9 +149,13 @@ class SimServer:
     async def handle(self, token: str, body: bytes) -> bytes:
         if self.services is None:
             raise TransportError("connection refused (server instance down)")
-        if self.sim.latest:
-            self.sim.writes.received(body, self.sim.now_ms(), self.clock)
-        return await process_sync(self.services, token, body)
+        if not self.sim.latest:
+            return await process_sync(self.services, token, body)
+        self.sim.writes.received(body, self.sim.now_ms(), self.clock)
+        try:
+            return await process_sync(self.services, token, body)
+        finally:
+            self.sim.writes.done()
 
 
 ECHO_ROUTE = "echo"
@@ -182,6 +186,8 @@ class CrashingStore(SQLiteStore):
     async def commit(self, write: SyncWrite) -> CommitResult:
         self.sim.maybe_crash_server(self.index, "before commit")
         result = await super().commit(write)
+        if write.device is not None:
+            self.sim.writes.committed()
         self.sim.maybe_crash_server(self.index, "after commit")
         return result
 
@@ -202,7 +208,8 @@ class SimDevice:
         self.token = token
         self.clock = clock
         """The device's wall clock: kept across crashes of its process, like hardware."""
-        self.synced_at = sim.now_ms()
+        self.created = sim.now_ms()
+        self.synced_at = self.created
         """True time at which the device's last successful sync started (or it was made)."""
         self.crashes: list[int] = []
         """True times at which its process died."""
