@@ -89,6 +89,10 @@ class TimedWrite:
         return f"{self.writer} {value} at {self.time}"
 
 
+NEVER = TimedWrite("nobody", DELETED, -1)
+"""The key was never written (a cloud write that may not have landed was its only one)."""
+
+
 @dataclass
 class Pending:
     """A request on its way: when it left, and the device writes its stamps stand for."""
@@ -181,11 +185,11 @@ def allowed_finals(writes: list[TimedWrite], margin: int) -> list[TimedWrite] | 
     device = next((w for w in reversed(writes) if w.writer == "device"), None)
     cloud = [w for w in writes if w.writer == "cloud"]
     last_acked = max((i for i, w in enumerate(cloud) if w.acknowledged), default=-1)
-    candidates: list[TimedWrite | None] = list(cloud[last_acked:]) if cloud else []
+    candidates: list[TimedWrite | None] = list(cloud[max(last_acked, 0):])
     if last_acked < 0:
         candidates.insert(0, None)  # no cloud write is known to have landed
     if device is None:
-        return [c for c in candidates if c is not None]
+        return [c if c is not None else NEVER for c in candidates]
     deliveries = [d for d in device.deliveries if d.committed]
     if not deliveries:
         return None
