@@ -21,6 +21,7 @@ from crdtsync.testing import (
     Simulation,
     SkewedClock,
 )
+from crdtsync.testing.latest import DELETED, Delivery, TimedWrite, allowed_finals
 from crdtsync_server.store import base as store_base
 
 SWEEP = [
@@ -158,20 +159,14 @@ class SyncMachine(RuleBasedStateMachine):
         device = self.device(i)
         if device.device is not None:
             assert self.sim is not None
-            value = self.sim.unique(f"{device.id}:")
-            device.device.state[f"{owner}.{k}"] = value
-            self.sim.model.wrote(device.id, f"{owner}.{k}", value, acknowledged=True)
+            self.sim.device_write(device, f"{owner}.{k}", self.sim.unique(f"{device.id}:"))
 
     @rule(i=st.integers(0, 1), owner=st.sampled_from(["cloud", "shared"]), k=st.integers(0, 2),
           delete=st.booleans())
     def cloud_write(self, i: int, owner: str, k: int, delete: bool) -> None:
         assert self.sim is not None
-        device = self.device(i)
         value = None if delete else self.sim.unique("cloud:")
-        server = self.sim.pick_server()
-        assert server.services is not None
-        self.run(server.services.sync.write_state(device.id, "state", {f"{owner}.{k}": value}))
-        self.sim.model.wrote(device.id, f"{owner}.{k}", value, acknowledged=True)
+        self.run(self.sim.cloud_write(self.device(i).id, f"{owner}.{k}", value))
 
     @rule(i=st.integers(0, 1))
     def emit(self, i: int) -> None:
@@ -333,3 +328,35 @@ async def test_requests_and_answers_take_simulated_time() -> None:
         before = sim.now_ms()
         assert await sim.sync_device(sim.devices[0])
         assert sim.now_ms() - before >= 300  # at least one round trip of 2 x 150 ms
+
+
+# --- the latest-write rule of the invariant, on its own ------------------------------------------
+
+def _device_write(time: int, corrected: list[int], value: str = "dev") -> TimedWrite:
+    write = TimedWrite("device", value, time)
+    write.deliveries = [Delivery(0, 0, time, c, c, committed=True) for c in corrected]
+    return write
+
+
+def test_the_later_write_must_win_only_beyond_the_correction_error() -> None:
+    cloud = TimedWrite("cloud", "cloud", 10_000)
+    # the device wrote 1 s later, and every delivery corrected it to later than the cloud
+    assert allowed_finals([cloud, _device_write(11_000, [10_990, 11_200])], 1) == [
+        _device_write(11_000, [10_990, 11_200])]
+    # 1 s earlier, corrected earlier: the cloud's
+    assert allowed_finals([_device_write(9_000, [9_100]), cloud], 1) == [cloud]
+    # later in truth, but one delivery corrected it before the cloud's: either may hold
+    either = allowed_finals([cloud, _device_write(10_500, [9_900, 10_600])], 1)
+    assert either is not None and {w.writer for w in either} == {"device", "cloud"}
+    # within the servers' frames margin: either
+    either = allowed_finals([cloud, _device_write(10_400, [10_400])], 500)
+    assert either is not None and len(either) == 2
+
+
+def test_unknown_cloud_writes_and_undelivered_device_writes() -> None:
+    landed = TimedWrite("cloud", "a", 1_000)
+    unknown = TimedWrite("cloud", "b", 2_000, acknowledged=None)
+    assert allowed_finals([landed, unknown], 1) == [landed, unknown]
+    only_unknown = allowed_finals([unknown], 1)
+    assert only_unknown is not None and only_unknown[0].value is DELETED  # may never have landed
+    assert allowed_finals([TimedWrite("device", "x", 5)], 1) is None  # never reached a server

@@ -222,7 +222,8 @@ async def check_latest(sim: Simulation) -> list[str]:
                             f"{writes[-1].shown()} never reached a server with its stamp")
             continue
         sim.report.latest_checked += 1
-        if len({id(w) for w in allowed}) == 1 and len(writes) > 1:
+        both = {w.writer for w in writes} == {"device", "cloud"}
+        if both and len({id(w) for w in allowed}) == 1:
             sim.report.latest_decided += 1
         cloud = (await _cloud_json(sim, device_id))["state"]
         device = next(d for d in sim.devices if d.id == device_id).device

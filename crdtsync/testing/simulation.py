@@ -68,7 +68,8 @@ class SimReport:
     latest_checked: int = 0
     """Keys the latest-write invariant checked (0: it was off)."""
     latest_decided: int = 0
-    """Of those, keys written by both sides far enough apart that one write had to win."""
+    """Of those, keys written by the device and the cloud far enough apart (beyond the
+    correction error) that one write had to win."""
     corrections_checked: int = 0
     """Deliveries of device writes whose correction error was checked against its bound."""
     corrections_unchecked: int = 0
@@ -92,7 +93,8 @@ class SimReport:
         ]
         if self.latest_checked:
             lines.append(f"latest write: {self.latest_checked} keys checked, "
-                         f"{self.latest_decided} with a write that had to win; corrections "
+                         f"{self.latest_decided} written by both sides with a write that "
+                         f"had to win; corrections "
                          f"checked {self.corrections_checked}, beyond the documented limits "
                          f"{self.corrections_unchecked}")
         lines += [f"  FAIL {f}" for f in self.failures]
