@@ -360,3 +360,14 @@ def test_unknown_cloud_writes_and_undelivered_device_writes() -> None:
     only_unknown = allowed_finals([unknown], 1)
     assert only_unknown is not None and only_unknown[0].value is DELETED  # may never have landed
     assert allowed_finals([TimedWrite("device", "x", 5)], 1) is None  # never reached a server
+
+
+async def test_a_cloud_delete_of_a_key_never_set_is_no_replay_difference() -> None:
+    """The cloud deleting a key nobody set names the root map in the live document only (no
+    update is stored): the replay check must not call that a difference (found by the
+    latest-write property test)."""
+    async with Simulation(devices=1, seed=0, concurrent_writes=0.0) as sim:
+        await sim.cloud_write(sim.devices[0].id, "shared.0", None)
+        await sim.settle()
+        await sim.check()
+        assert sim.report.ok, sim.report.describe()
