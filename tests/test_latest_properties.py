@@ -20,7 +20,8 @@ from crdtsync.testing import ClockPlan, SimDevice, Simulation
 
 HOUR = 3_600_000
 OFFSETS = st.sampled_from([-HOUR, -60_000, -1_000, 0, 1_000, 60_000, HOUR])
-KEYS = st.integers(0, 2)
+KEYS = st.integers(0, 1)
+WAITS = st.sampled_from([0, 1, 250, 1000, 4000])
 
 
 class LatestMachine(RuleBasedStateMachine):
@@ -72,12 +73,23 @@ class LatestMachine(RuleBasedStateMachine):
         self.run(self.sim.cloud_write(self.device(i).id, f"shared.{k}", value))
         self.writes += 1
 
+    @rule(i=st.integers(0, 1), k=KEYS, device_first=st.booleans(), gap=WAITS,
+          delete=st.booleans())
+    def both_write(self, i: int, k: int, device_first: bool, gap: int, delete: bool) -> None:
+        """The device (offline) and the cloud write one key ``gap`` ms apart, either first:
+        the interleaving that decides a conflict, made common."""
+        first, second = ((self.device_write, self.cloud_write) if device_first
+                         else (self.cloud_write, self.device_write))
+        first(i, k, delete and not device_first)
+        self.wait(gap)
+        second(i, k, delete and device_first)
+
     @rule(i=st.integers(0, 1))
     def sync(self, i: int) -> None:
         assert self.sim is not None
         assert self.run(self.sim.sync_device(self.device(i)))
 
-    @rule(ms=st.integers(0, 5000))
+    @rule(ms=WAITS)
     def wait(self, ms: int) -> None:
         assert self.sim is not None
         self.sim.advance(ms)
@@ -106,6 +118,6 @@ class LatestMachine(RuleBasedStateMachine):
 
 
 TestLatestMachine = LatestMachine.TestCase
-TestLatestMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
+TestLatestMachine.settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
                                       derandomize=True,
                                       suppress_health_check=[HealthCheck.too_slow])

@@ -54,6 +54,7 @@ async def test_rebuilds_under_faults_keep_every_invariant() -> None:
     (no lost write, no resurrected delete, convergence, feed and log replay). Four seeds, so
     that every crash point is drawn in some run."""
     faults: Counter[str] = Counter()
+    rebuilt = 0
     for seed in (12, 15, 21, 25):
         async with Simulation(devices=3, servers=2, seed=seed,
                               faults=FaultPlan.everything(0.08)) as sim:
@@ -61,8 +62,10 @@ async def test_rebuilds_under_faults_keep_every_invariant() -> None:
             store = sim.pick_server().services.store  # type: ignore[union-attr]
             generations = [(await store.load_doc(f"{d.id}/state")).gen for d in sim.devices]
         assert report.ok, report.describe()
-        assert report.operations["rebuilt"] >= 10 and min(generations) >= 2
+        assert report.operations["rebuilt"] >= 5 and min(generations) >= 2
         faults += report.faults
+        rebuilt += report.operations["rebuilt"]
+    assert rebuilt >= 40
     assert faults["crash_server before rebuild"] and faults["crash_server after rebuild"]
     assert faults["crash_device before replace_doc"] and faults["crash_device before clear_dirty"]
 
@@ -371,3 +374,77 @@ async def test_a_cloud_delete_of_a_key_never_set_is_no_replay_difference() -> No
         await sim.settle()
         await sim.check()
         assert sim.report.ok, sim.report.describe()
+
+
+# --- latest write wins, with wrong clocks (issue 13) ------------------------------------------
+
+@pytest.mark.parametrize("seed", range(700, 706))
+async def test_the_latest_write_wins_with_skewed_clocks_under_faults(seed: int) -> None:
+    """Device clocks up to an hour off, drifting 200 ppm, now and then set to another
+    offset; two server instances up to half a second apart; requests and answers taking
+    2-300 ms; every network and crash fault: after quiescence every key of ``state`` holds,
+    on the cloud and on every device, the write that came last in true time wherever the gap
+    exceeds the device write's correction error, and every correction within the documented
+    limits stays within its bound (crdtsync.testing.latest)."""
+    async with Simulation(devices=3, servers=2, seed=seed, faults=FaultPlan.everything(0.05),
+                          clocks=ClockPlan.skewed(server_offset_ms=500)) as sim:
+        report = await sim.run(300)
+    assert report.ok, report.describe()
+    assert report.latest_checked >= 20 and report.latest_decided >= 5, report.describe()
+    assert report.corrections_checked >= 5, report.describe()
+
+
+async def test_the_latest_write_wins_without_skew() -> None:
+    """Right clocks, no latency: the same invariant, and most keys both sides wrote are
+    decided (the correction error is within a millisecond)."""
+    async with Simulation(devices=3, servers=2, seed=710,
+                          faults=FaultPlan.everything(0.05)) as sim:
+        report = await sim.run(300)
+    assert report.ok, report.describe()
+    assert report.latest_decided >= 10 and report.corrections_unchecked < \
+        report.corrections_checked, report.describe()
+
+
+async def test_the_server_dates_writes_by_time_not_by_arrival(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted bug: if the server dated every device write at its arrival ("the last to sync
+    wins", what latest-write-wins replaces), the invariant must catch it."""
+    from crdtsync_server import stamps
+
+    monkeypatch.setattr(stamps, "correct", lambda stamp, offset, now: now)
+    async with Simulation(devices=3, servers=1, seed=720,
+                          faults=FaultPlan.everything(0.05)) as sim:
+        report = await sim.run(300)
+    assert not report.ok
+    assert any(f.startswith("latest:") for f in report.failures), report.describe()
+
+
+@pytest.mark.parametrize("planted", [False, True], ids=["corrected", "planted-uncorrected"])
+async def test_a_clock_an_hour_behind_is_corrected_at_the_first_sync(
+        planted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device whose clock is an hour behind and that never synced writes a key 1 s after
+    the cloud wrote it, then syncs: the server corrects its stamp by the offset the request
+    shows (``ck``) and the device's write wins on both sides. With the correction left out
+    (planted bug) its write looks an hour old and loses: the invariant catches it."""
+    from crdtsync_server import stamps
+
+    if planted:
+        monkeypatch.setattr(stamps, "correct", lambda stamp, offset, now: min(stamp, now))
+    async with Simulation(devices=1, seed=3, concurrent_writes=0.0, latest=True) as sim:
+        device = sim.devices[0]
+        device.clock.set_offset(-3_600_000)
+        await sim.cloud_write(device.id, "shared.0", "cloud:1")
+        sim.advance(1000)
+        sim.device_write(device, "shared.0", "device:2")
+        sim.advance(1000)
+        assert await sim.sync_device(device)
+        await sim.settle()
+        await sim.check()
+        report = sim.report
+        assert device.device is not None
+        final = device.device.state.get("shared.0")
+    assert report.latest_decided == 1, report.describe()
+    if planted:
+        assert final == "cloud:1" and any(f.startswith("latest:") for f in report.failures)
+    else:
+        assert final == "device:2" and report.ok, report.describe()
