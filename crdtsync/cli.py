@@ -608,7 +608,7 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
                          f"{', '.join(FAULT_NAMES)}")
     return await simulate(devices=args.devices, servers=args.servers, steps=args.steps,
                           seeds=seeds, faults=faults, rate=args.rate,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, skew=args.skew)
 
 
 def add_simulate(sub: Subparsers) -> None:
@@ -628,6 +628,9 @@ def add_simulate(sub: Subparsers) -> None:
                    + ", or none (default: all)")
     p.add_argument("--rate", type=number(float, 0), default=0.05,
                    help="probability of each enabled fault (default %(default)g)")
+    p.add_argument("--skew", action="store_true",
+                   help="wrong clocks: device clocks up to 1 h off, drifting, stepped now and "
+                   "then; requests and answers taking 2-300 ms")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_simulate)
 

@@ -13,7 +13,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 @pytest.mark.parametrize("script", ["sync_basics.py", "templates_bytes.py", "compression.py",
                                     "throughput.py", "ingest.py", "storm.py", "memory.py",
-                                    "device.py", "growth.py", "rebuild.py", "policy.py"])
+                                    "device.py", "growth.py", "rebuild.py", "policy.py",
+                                    "conflicts.py", "policy_cost.py"])
 def test_benchmark_runs_in_quick_mode(script: str) -> None:
     result = subprocess.run([sys.executable, str(BENCH / script), "--quick"],
                             capture_output=True, text=True, timeout=120, check=False)
@@ -38,3 +39,17 @@ def test_runner_exits_non_zero_when_a_script_fails() -> None:
     result = run_suite("--quick", "--only", "compression", "--timeout", "0.01")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "TIMEOUT" in result.stdout
+
+
+def test_conflicts_bench_json_counts_every_device() -> None:
+    """``bench/conflicts.py --json``: each row accounts for every device on both sides."""
+    import json
+
+    result = subprocess.run([sys.executable, str(BENCH / "conflicts.py"), "--quick", "--json"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {r["scenario"] for r in data["rows"]} == {"A", "B"}
+    for row in data["rows"]:
+        assert sum(row["won_cloud"].values()) == sum(row["won_device"].values()) == 3
+        assert row["later"] == ("cloud" if row["scenario"] == "A" else "device")

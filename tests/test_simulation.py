@@ -13,7 +13,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
-from crdtsync.testing import FAULT_NAMES, FaultPlan, SimDevice, Simulation
+from crdtsync.testing import (
+    FAULT_NAMES,
+    ClockPlan,
+    FaultPlan,
+    SimDevice,
+    Simulation,
+    SkewedClock,
+)
+from crdtsync.testing.latest import DELETED, Delivery, TimedWrite, allowed_finals
 from crdtsync_server.store import base as store_base
 
 SWEEP = [
@@ -154,20 +162,14 @@ class SyncMachine(RuleBasedStateMachine):
         device = self.device(i)
         if device.device is not None:
             assert self.sim is not None
-            value = self.sim.unique(f"{device.id}:")
-            device.device.state[f"{owner}.{k}"] = value
-            self.sim.model.wrote(device.id, f"{owner}.{k}", value, acknowledged=True)
+            self.sim.device_write(device, f"{owner}.{k}", self.sim.unique(f"{device.id}:"))
 
     @rule(i=st.integers(0, 1), owner=st.sampled_from(["cloud", "shared"]), k=st.integers(0, 2),
           delete=st.booleans())
     def cloud_write(self, i: int, owner: str, k: int, delete: bool) -> None:
         assert self.sim is not None
-        device = self.device(i)
         value = None if delete else self.sim.unique("cloud:")
-        server = self.sim.pick_server()
-        assert server.services is not None
-        self.run(server.services.sync.write_state(device.id, "state", {f"{owner}.{k}": value}))
-        self.sim.model.wrote(device.id, f"{owner}.{k}", value, acknowledged=True)
+        self.run(self.sim.cloud_write(self.device(i).id, f"{owner}.{k}", value))
 
     @rule(i=st.integers(0, 1))
     def emit(self, i: int) -> None:
@@ -275,3 +277,174 @@ async def test_a_planted_resurrection_bug_in_adoption_is_caught(
         report = await sim.run(400)
     assert not report.ok
     assert any(f.startswith("lost-write") for f in report.failures), report.failures
+
+
+# --- clocks: skewed device clocks, server clocks, latency ------------------------------------
+
+def test_a_skewed_clock_drifts_steps_and_resets() -> None:
+    true = [1_764_000_000_000]
+    clock = SkewedClock(lambda: true[0], offset=3_600_000, drift_ppm=100.0)
+    assert clock() == true[0] + 3_600_000
+    true[0] += 1_000_000  # 1000 s at +100 ppm: 100 ms fast
+    assert clock.error() == 3_600_000 + 100
+    clock.set_offset(-5_000)
+    stepped = true[0]
+    assert clock() == true[0] - 5_000
+    true[0] += 10_000
+    assert clock.error() == -5_000 + 1  # drift keeps running from the new setting
+    clock.reset()
+    true[0] += 2_000
+    assert clock() == 2_000  # 1970-01-01 00:00:02 UTC
+    assert clock.set_between(stepped, stepped) and not clock.set_between(0, stepped - 1)
+
+
+def test_a_clock_plan_of_zeros_draws_nothing() -> None:
+    """Runs without clock skew replay exactly as before skew existed: no draw is made."""
+    rng = random.Random(1)
+    state = rng.getstate()
+    plan = ClockPlan()
+    assert not plan.enabled
+    assert (plan.draw_offset(rng), plan.draw_drift(rng), plan.draw_latency(rng)) == (0, 0.0, 0)
+    assert rng.getstate() == state
+
+
+async def test_skewed_clocks_and_latency_keep_every_invariant() -> None:
+    """Device clocks up to an hour off, drifting, stepped and reset to 1970 now and then,
+    server instances off by up to a second, requests and answers taking up to 300 ms: every
+    invariant still holds; each device keeps one clock across its crashes; clock steps and
+    resets are reported with the faults; the true time moved with the latency."""
+    plan = ClockPlan.skewed(step=0.01, reset=0.005, server_offset_ms=1000)
+    async with Simulation(devices=3, servers=2, seed=31, clocks=plan,
+                          faults=FaultPlan.everything(0.05)) as sim:
+        clocks = [d.clock for d in sim.devices]
+        errors = {d.clock.error() for d in sim.devices} | {s.clock.error() for s in sim.servers}
+        report = await sim.run(300)
+        assert [d.clock for d in sim.devices] == clocks
+    assert report.ok, report.describe()
+    assert len(errors) == 5 and max(abs(e) for e in errors) > 1000
+    assert report.faults["clock_step"] > 0 and report.faults["clock_reset"] > 0
+    assert any(k.startswith("crash_device") for k in report.faults)
+
+
+async def test_requests_and_answers_take_simulated_time() -> None:
+    async with Simulation(devices=1, seed=2, clocks=ClockPlan(latency_ms=(150, 150))) as sim:
+        before = sim.now_ms()
+        assert await sim.sync_device(sim.devices[0])
+        assert sim.now_ms() - before >= 300  # at least one round trip of 2 x 150 ms
+
+
+# --- the latest-write rule of the invariant, on its own ------------------------------------------
+
+def _device_write(time: int, corrected: list[int], value: str = "dev") -> TimedWrite:
+    write = TimedWrite("device", value, time)
+    write.deliveries = [Delivery(0, 0, time, c, c, committed=True) for c in corrected]
+    return write
+
+
+def test_the_later_write_must_win_only_beyond_the_correction_error() -> None:
+    cloud = TimedWrite("cloud", "cloud", 10_000)
+    # the device wrote 1 s later, and every delivery corrected it to later than the cloud
+    assert allowed_finals([cloud, _device_write(11_000, [10_990, 11_200])], 1) == [
+        _device_write(11_000, [10_990, 11_200])]
+    # 1 s earlier, corrected earlier: the cloud's
+    assert allowed_finals([_device_write(9_000, [9_100]), cloud], 1) == [cloud]
+    # later in truth, but one delivery corrected it before the cloud's: either may hold
+    either = allowed_finals([cloud, _device_write(10_500, [9_900, 10_600])], 1)
+    assert either is not None and {w.writer for w in either} == {"device", "cloud"}
+    # within the servers' frames margin: either
+    either = allowed_finals([cloud, _device_write(10_400, [10_400])], 500)
+    assert either is not None and len(either) == 2
+
+
+def test_unknown_cloud_writes_and_undelivered_device_writes() -> None:
+    landed = TimedWrite("cloud", "a", 1_000)
+    unknown = TimedWrite("cloud", "b", 2_000, acknowledged=None)
+    assert allowed_finals([landed, unknown], 1) == [landed, unknown]
+    only_unknown = allowed_finals([unknown], 1)
+    assert only_unknown is not None and only_unknown[0].value is DELETED  # may never have landed
+    assert allowed_finals([TimedWrite("device", "x", 5)], 1) is None  # never reached a server
+
+
+async def test_a_cloud_delete_of_a_key_never_set_is_no_replay_difference() -> None:
+    """The cloud deleting a key nobody set names the root map in the live document only (no
+    update is stored): the replay check must not call that a difference (found by the
+    latest-write property test)."""
+    async with Simulation(devices=1, seed=0, concurrent_writes=0.0) as sim:
+        await sim.cloud_write(sim.devices[0].id, "shared.0", None)
+        await sim.settle()
+        await sim.check()
+        assert sim.report.ok, sim.report.describe()
+
+
+# --- latest write wins, with wrong clocks (issue 13) ------------------------------------------
+
+@pytest.mark.parametrize("seed", range(700, 706))
+async def test_the_latest_write_wins_with_skewed_clocks_under_faults(seed: int) -> None:
+    """Device clocks up to an hour off, drifting 200 ppm, now and then set to another
+    offset; two server instances up to half a second apart; requests and answers taking
+    2-300 ms; every network and crash fault: after quiescence every key of ``state`` holds,
+    on the cloud and on every device, the write that came last in true time wherever the gap
+    exceeds the device write's correction error, and every correction within the documented
+    limits stays within its bound (crdtsync.testing.latest)."""
+    async with Simulation(devices=3, servers=2, seed=seed, faults=FaultPlan.everything(0.05),
+                          clocks=ClockPlan.skewed(server_offset_ms=500)) as sim:
+        report = await sim.run(300)
+    assert report.ok, report.describe()
+    assert report.latest_checked >= 20 and report.latest_decided >= 5, report.describe()
+    assert report.corrections_checked >= 5, report.describe()
+
+
+async def test_the_latest_write_wins_without_skew() -> None:
+    """Right clocks, no latency: the same invariant, and most keys both sides wrote are
+    decided (the correction error is within a millisecond)."""
+    async with Simulation(devices=3, servers=2, seed=710,
+                          faults=FaultPlan.everything(0.05)) as sim:
+        report = await sim.run(300)
+    assert report.ok, report.describe()
+    assert report.latest_decided >= 10 and report.corrections_unchecked < \
+        report.corrections_checked, report.describe()
+
+
+async def test_the_server_dates_writes_by_time_not_by_arrival(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted bug: if the server dated every device write at its arrival ("the last to sync
+    wins", what latest-write-wins replaces), the invariant must catch it."""
+    from crdtsync_server import stamps
+
+    monkeypatch.setattr(stamps, "correct", lambda stamp, offset, now: now)
+    async with Simulation(devices=3, servers=1, seed=720,
+                          faults=FaultPlan.everything(0.05)) as sim:
+        report = await sim.run(300)
+    assert not report.ok
+    assert any(f.startswith("latest:") for f in report.failures), report.describe()
+
+
+@pytest.mark.parametrize("planted", [False, True], ids=["corrected", "planted-uncorrected"])
+async def test_a_clock_an_hour_behind_is_corrected_at_the_first_sync(
+        planted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device whose clock is an hour behind and that never synced writes a key 1 s after
+    the cloud wrote it, then syncs: the server corrects its stamp by the offset the request
+    shows (``ck``) and the device's write wins on both sides. With the correction left out
+    (planted bug) its write looks an hour old and loses: the invariant catches it."""
+    from crdtsync_server import stamps
+
+    if planted:
+        monkeypatch.setattr(stamps, "correct", lambda stamp, offset, now: min(stamp, now))
+    async with Simulation(devices=1, seed=3, concurrent_writes=0.0, latest=True) as sim:
+        device = sim.devices[0]
+        device.clock.set_offset(-3_600_000)
+        await sim.cloud_write(device.id, "shared.0", "cloud:1")
+        sim.advance(1000)
+        sim.device_write(device, "shared.0", "device:2")
+        sim.advance(1000)
+        assert await sim.sync_device(device)
+        await sim.settle()
+        await sim.check()
+        report = sim.report
+        assert device.device is not None
+        final = device.device.state.get("shared.0")
+    assert report.latest_decided == 1, report.describe()
+    if planted:
+        assert final == "cloud:1" and any(f.startswith("latest:") for f in report.failures)
+    else:
+        assert final == "device:2" and report.ok, report.describe()

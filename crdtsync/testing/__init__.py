@@ -1,6 +1,7 @@
 """Tools to test apps built on crdtsync: a deterministic simulation of devices, server
 instances and a faulty network (:class:`Simulation`), the faults it injects
-(:class:`FaultPlan`), and the model its invariants check against.
+(:class:`FaultPlan`), the clocks of devices and servers (:class:`ClockPlan`,
+:class:`SkewedClock`), and the model its invariants check against.
 
 Needs the reference server package (``crdtsync_server``), installed with crdtsync.
 See docs/testing.md.
@@ -8,6 +9,7 @@ See docs/testing.md.
 
 from __future__ import annotations
 
+from .clocks import ClockPlan, SkewedClock
 from .faults import FAULT_NAMES, Crash, FaultPlan
 from .invariants import Model
 from .proxy import FaultProxy
@@ -15,6 +17,7 @@ from .simulation import SimDevice, SimReport, Simulation
 
 __all__ = [
     "FAULT_NAMES",
+    "ClockPlan",
     "Crash",
     "FaultPlan",
     "FaultProxy",
@@ -22,4 +25,5 @@ __all__ = [
     "SimDevice",
     "SimReport",
     "Simulation",
+    "SkewedClock",
 ]

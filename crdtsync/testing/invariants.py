@@ -214,11 +214,17 @@ async def check_replay(sim: Simulation) -> list[str]:
         assert server.services is not None
         for key, live in list(server.services.docs._docs.items()):
             log = await server.services.store.load_doc(key)
-            replayed = crdt.to_json(crdt.new_doc(1, log.snapshot, (u for _, u in log.updates)))
-            if replayed != crdt.to_json(live.doc):
+            replayed = _content(crdt.new_doc(1, log.snapshot, (u for _, u in log.updates)))
+            if replayed != _content(live.doc):
                 failures.append(f"replay: server {server.index} {key} stored log replays to "
-                                f"{replayed}, live is {crdt.to_json(live.doc)}")
+                                f"{replayed}, live is {_content(live.doc)}")
     return failures
+
+
+def _content(doc: Any) -> dict[str, Any]:
+    """A document as JSON without empty root maps: a root exists in a document once it is
+    named (a cloud delete of a key never set names it) but is not part of any update."""
+    return {name: value for name, value in crdt.to_json(doc).items() if value != {}}
 
 
 def _live_store(sim: Simulation) -> Any:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
+from .clocks import ClockPlan
 from .faults import FaultPlan
 from .simulation import SimReport, Simulation
 
@@ -38,16 +39,18 @@ class Progress:
 
 async def simulate(*, devices: int, servers: int, steps: int, seeds: Sequence[int],
                    faults: Sequence[str], rate: float, progress: bool = True,
-                   out: TextIO | None = None) -> int:
+                   out: TextIO | None = None, skew: bool = False) -> int:
     """Run one simulation per seed; print each report; 0 only if every invariant held.
+    ``skew``: with :meth:`ClockPlan.skewed` clocks.
 
     Raises ``ValueError`` for an unknown fault name."""
     out = out or sys.stdout
     plan = FaultPlan.from_names(faults, rate)
+    clocks = ClockPlan.skewed() if skew else None
     bar = Progress(steps * len(seeds)) if progress else None
     failed = 0
     for index, seed in enumerate(seeds):
-        report = await _one(devices, servers, steps, seed, plan, bar, index * steps)
+        report = await _one(devices, servers, steps, seed, plan, bar, index * steps, clocks)
         out.write(report.describe() + "\n")
         failed += not report.ok
     if len(seeds) > 1:
@@ -56,9 +59,10 @@ async def simulate(*, devices: int, servers: int, steps: int, seeds: Sequence[in
 
 
 async def _one(devices: int, servers: int, steps: int, seed: int, plan: FaultPlan,
-               bar: Progress | None, offset: int) -> SimReport:
+               bar: Progress | None, offset: int, clocks: ClockPlan | None) -> SimReport:
     started = time.perf_counter()
-    async with Simulation(devices=devices, servers=servers, seed=seed, faults=plan) as sim:
+    async with Simulation(devices=devices, servers=servers, seed=seed, faults=plan,
+                          clocks=clocks) as sim:
         for done in range(1, steps + 1):
             await sim.step()
             if bar is not None:

@@ -38,9 +38,12 @@ from crdtsync_server.template_registry import TemplateRegistry
 from .. import crdt
 from ..device import Device
 from ..errors import CrdtsyncError, TransportError
+from ..hlc import HybridClock, stamp_ms
 from ..inbox import Message
+from .clocks import ClockPlan, SkewedClock, device_takes_clock, server_takes_clock
 from .faults import Crash, FaultPlan, Network
 from .invariants import Model, check_all
+from .latest import WriteLog, check_corrections, check_latest
 
 DeviceOp = Callable[["SimDevice", random.Random], Awaitable[None]]
 Invariant = Callable[["Simulation"], Awaitable[list[str]]]
@@ -62,6 +65,15 @@ class SimReport:
     converged: bool = False
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    latest_checked: int = 0
+    """Keys the latest-write invariant checked (0: it was off)."""
+    latest_decided: int = 0
+    """Of those, keys written by the device and the cloud far enough apart (beyond the
+    correction error) that one write had to win."""
+    corrections_checked: int = 0
+    """Deliveries of device writes whose correction error was checked against its bound."""
+    corrections_unchecked: int = 0
+    """Deliveries left unchecked (clock set, restart, clock ahead: the documented limits)."""
 
     @property
     def ok(self) -> bool:
@@ -79,6 +91,12 @@ class SimReport:
             f"{'all held' if not self.failures else f'{len(self.failures)} FAILED'}; "
             f"{self.seconds:.2f} s",
         ]
+        if self.latest_checked:
+            lines.append(f"latest write: {self.latest_checked} keys checked, "
+                         f"{self.latest_decided} written by both sides with a write that "
+                         f"had to win; corrections "
+                         f"checked {self.corrections_checked}, beyond the documented limits "
+                         f"{self.corrections_unchecked}")
         lines += [f"  FAIL {f}" for f in self.failures]
         if self.failures:
             lines.append(f"replay with seed={self.seed}")
@@ -92,9 +110,11 @@ def _counts(counter: Counter[str]) -> str:
 class SimServer:
     """One server instance over the shared database; ``crash()`` drops its caches."""
 
-    def __init__(self, sim: Simulation, index: int) -> None:
+    def __init__(self, sim: Simulation, index: int, clock: SkewedClock) -> None:
         self.sim = sim
         self.index = index
+        self.clock = clock
+        """This instance's wall clock (the true time plus its offset)."""
         self.services: Services | None = None
 
     @property
@@ -113,9 +133,10 @@ class SimServer:
         await proxy.recover()
         notifier = FeedNotifier()
         results = DeviceNotifier()
+        clock: dict[str, Any] = {"clock": self.clock} if server_takes_clock() else {}
         self.services = Services(config, store, docs,
                                  SyncService(store, docs, proxy, proxy_budget=5.0,
-                                             notifier=notifier, results=results),
+                                             notifier=notifier, results=results, **clock),
                                  hash_token(ADMIN_TOKEN), routes, proxy,
                                  TemplateRegistry(store), notifier,
                                  SinkManager(store, notifier), results)
@@ -130,7 +151,13 @@ class SimServer:
     async def handle(self, token: str, body: bytes) -> bytes:
         if self.services is None:
             raise TransportError("connection refused (server instance down)")
-        return await process_sync(self.services, token, body)
+        if not self.sim.latest:
+            return await process_sync(self.services, token, body)
+        self.sim.writes.received(body, self.sim.now_ms(), self.clock)
+        try:
+            return await process_sync(self.services, token, body)
+        finally:
+            self.sim.writes.done()
 
 
 ECHO_ROUTE = "echo"
@@ -161,6 +188,8 @@ class CrashingStore(SQLiteStore):
     async def commit(self, write: SyncWrite) -> CommitResult:
         self.sim.maybe_crash_server(self.index, "before commit")
         result = await super().commit(write)
+        if write.device is not None:
+            self.sim.writes.committed()
         self.sim.maybe_crash_server(self.index, "after commit")
         return result
 
@@ -174,10 +203,18 @@ class CrashingStore(SQLiteStore):
 class SimDevice:
     """A simulated device: its id, token and SQLite file survive crashes, its memory not."""
 
-    def __init__(self, sim: Simulation, device_id: str, token: str) -> None:
+    def __init__(self, sim: Simulation, device_id: str, token: str, clock: SkewedClock
+                 ) -> None:
         self.sim = sim
         self.id = device_id
         self.token = token
+        self.clock = clock
+        """The device's wall clock: kept across crashes of its process, like hardware."""
+        self.created = sim.now_ms()
+        self.synced_at = self.created
+        """True time at which the device's last successful sync started (or it was made)."""
+        self.crashes: list[int] = []
+        """True times at which its process died."""
         self.path = sim.workdir / f"{device_id}.db"
         self.device: Device | None = None
         self.down_until = -1
@@ -187,8 +224,9 @@ class SimDevice:
         return self.device is not None
 
     async def start(self) -> None:
+        clock: dict[str, Any] = {"clock": self.clock} if device_takes_clock() else {}
         dev = Device(self.id, transport=_SimTransport(self), path=self.path, interval=None,
-                     durability="OFF", compact_every=self.sim.compact_every)
+                     durability="OFF", compact_every=self.sim.compact_every, **clock)
         await dev.start()
         store = dev._store
         for name in ("ack", "set_meta", "push_event", "renumber", "finish_down", "replace_doc",
@@ -221,6 +259,7 @@ class SimDevice:
         """The process dies: memory is gone, the SQLite file stays."""
         if self.device is not None:
             dev, self.device = self.device, None
+            self.crashes.append(self.sim.now_ms())
             await dev.aclose()
             self.down_until = self.sim.network.step + self.sim.rng.randint(1, 10)
 
@@ -232,9 +271,16 @@ class _SimTransport:
     async def exchange(self, body: bytes) -> bytes:
         sim = self.device.sim
         server = sim.pick_server()
+        if sim.latest:
+            sim.writes.sent(self.device.id, body, sim.now_ms())
+
+        async def travel(token: str, request: bytes) -> bytes:
+            sim.advance(sim.clocks.draw_latency(sim.clock_rng))  # the request's way there
+            return await server.handle(token, request)
+
         try:
-            answer = await sim.network.send(self.device.id, self.device.token, body,
-                                            server.handle)
+            answer = await sim.network.send(self.device.id, self.device.token, body, travel)
+            sim.advance(sim.clocks.draw_latency(sim.clock_rng))  # the answer's way back
         except Crash as crash:
             if crash.args and crash.args[0] == "server":
                 await sim.servers[crash.args[1]].crash()
@@ -265,9 +311,20 @@ class Simulation:
     def __init__(self, *, devices: int = 3, servers: int = 1, seed: int = 0,
                  faults: FaultPlan | None = None, workdir: str | Path | None = None,
                  keys: int = 4, compact_every: int = 50, cache_docs: int = 1000,
-                 concurrent_writes: float = 0.2) -> None:
+                 concurrent_writes: float = 0.2, clocks: ClockPlan | None = None,
+                 latest: bool | None = None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
+        self._clock_ms = 1_764_000_000_000
+        self.clocks = clocks or ClockPlan()
+        self.clock_rng = random.Random(seed + 3)
+        """Draws of clock offsets, drifts, steps and latencies (none when ``clocks`` is
+        off, so runs without skew replay exactly as before it existed)."""
+        self.latest = (device_takes_clock() and server_takes_clock()) if latest is None \
+            else latest
+        """Check the latest-write invariant (:mod:`crdtsync.testing.latest`); by default
+        when devices and servers take clocks (the code stamps writes)."""
+        self.writes = WriteLog()
         self.plan = faults or FaultPlan()
         self.network = Network(self.plan, random.Random(seed + 1))
         self.keys = keys
@@ -279,14 +336,18 @@ class Simulation:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._workdir_arg = workdir
         self.workdir = Path(".")
-        self.servers = [SimServer(self, i) for i in range(servers)]
+        self.servers = [SimServer(self, i, SkewedClock(self.now_ms, self._server_offset()))
+                        for i in range(servers)]
         self.devices: list[SimDevice] = []
         self._device_count = devices
         self._device_ops: list[tuple[str, DeviceOp, float]] = []
         self._invariants: list[Invariant] = []
         self._ids = crdt.seeded_client_ids(seed + 2)
-        self._clock_ms = 1_764_000_000_000
         self._counter = 0
+
+    def _server_offset(self) -> int:
+        limit = self.clocks.server_offset_ms
+        return self.clock_rng.randint(-limit, limit) if limit else 0
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -316,7 +377,9 @@ class Simulation:
         assert self.servers[0].services is not None
         await self.servers[0].services.store.add_device(
             DeviceRecord(id=device_id, token_hash=hash_token(token), created=self._clock_ms))
-        sim_device = SimDevice(self, device_id, token)
+        clock = SkewedClock(self.now_ms, self.clocks.draw_offset(self.clock_rng),
+                            self.clocks.draw_drift(self.clock_rng))
+        sim_device = SimDevice(self, device_id, token, clock)
         await sim_device.start()
         return sim_device
 
@@ -369,7 +432,12 @@ class Simulation:
     # --- operations ---------------------------------------------------------------------
 
     def now_ms(self) -> int:
+        """The true time (ms): what no device or server clock reads exactly."""
         return self._clock_ms
+
+    def advance(self, ms: int) -> None:
+        """Move the true time forward by ``ms``."""
+        self._clock_ms += ms
 
     def unique(self, prefix: str) -> str:
         self._counter += 1
@@ -390,6 +458,7 @@ class Simulation:
         self.network.step += 1
         self.report.steps += 1
         self._clock_ms += self.rng.randint(1, 5000)
+        self._set_clocks()
         await self._heal()
         self.network.maybe_partition([d.id for d in self.devices])
         await self._deliver_held()
@@ -408,6 +477,20 @@ class Simulation:
         name, op, _ = self.rng.choices(ops, weights=[w for _, _, w in ops])[0]
         self.report.operations[name] += 1
         await op()
+
+    def _set_clocks(self) -> None:
+        """Per device, with the plan's chances: its clock is set to another offset, or
+        restarts at 1970 (counted with the faults)."""
+        plan, rng = self.clocks, self.clock_rng
+        if not (plan.step or plan.reset):
+            return
+        for device in self.devices:
+            if plan.step and rng.random() < plan.step:
+                device.clock.set_offset(plan.draw_offset(rng))
+                self.network.injected["clock_step"] += 1
+            if plan.reset and rng.random() < plan.reset:
+                device.clock.reset()
+                self.network.injected["clock_reset"] += 1
 
     def _user_op(self, op: DeviceOp) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
@@ -462,9 +545,20 @@ class Simulation:
         if device.device is None:
             return
         key = self._key(self.rng.choice(["dev", "shared"]))
-        value = self.unique(f"{device.id}:")
-        device.device.state[key] = value
+        self.device_write(device, key, self.unique(f"{device.id}:"))
+
+    def device_write(self, device: SimDevice, key: str, value: Any) -> None:
+        """The app on ``device`` sets ``key`` of ``state`` to ``value`` (``None``:
+        deletes it), recorded for the invariants with its true time."""
+        assert device.device is not None
+        frozen = _clock_ahead(device.device)
+        if value is None:
+            del device.device.state[key]
+        else:
+            device.device.state[key] = value
         self.model.wrote(device.id, key, value, acknowledged=True)
+        self.writes.wrote(device.id, key, value, writer="device", time=self.now_ms(),
+                          after_sync=device.synced_at, frozen=frozen)
 
     async def op_device_delete(self) -> None:
         device = self._live_device()
@@ -477,23 +571,30 @@ class Simulation:
             return
         key = self._key(self.rng.choice(["dev", "shared"]))
         if key in device.device.state:
-            del device.device.state[key]
-            self.model.wrote(device.id, key, None, acknowledged=True)
+            self.device_write(device, key, None)
 
     async def op_cloud_write(self) -> None:
         device = self.rng.choice(self.devices)
         key = self._key(self.rng.choice(["cloud", "shared"]))
         value = None if self.rng.random() < 0.1 else self.unique("cloud:")
+        await self.cloud_write(device.id, key, value)
+
+    async def cloud_write(self, device_id: str, key: str, value: Any) -> None:
+        """The cloud sets ``key`` of a device's ``state`` (``None`` deletes) through a
+        random live instance, which may die mid-write (the outcome is then unknown)."""
         server = self.pick_server()
         if server.services is None:
             return
-        self.model.wrote(device.id, key, value, acknowledged=False)
+        self.model.wrote(device_id, key, value, acknowledged=False)
+        write = self.writes.wrote(device_id, key, value, writer="cloud", time=self.now_ms(),
+                                  acknowledged=None)
         try:
-            await server.services.sync.write_state(device.id, "state", {key: value})
+            await server.services.sync.write_state(device_id, "state", {key: value})
         except Crash:
             await server.crash()
             return
-        self.model.wrote(device.id, key, value, acknowledged=True)
+        self.model.wrote(device_id, key, value, acknowledged=True)
+        write.acknowledged = True
 
     async def op_rebuild(self) -> None:
         """The cloud rebuilds a random device's state document into its next generation
@@ -558,6 +659,7 @@ class Simulation:
     async def sync_device(self, device: SimDevice) -> bool:
         """One ``dev.sync()``; counts it; returns whether it succeeded."""
         assert device.device is not None
+        started = self.now_ms()
         try:
             result = await self._guard(device, device.device.sync())
         except CrdtsyncError:
@@ -567,6 +669,7 @@ class Simulation:
             self.report.syncs_failed += 1
             return False
         self.report.syncs_ok += 1
+        device.synced_at = started
         return True
 
     # --- the end --------------------------------------------------------------------------
@@ -585,8 +688,19 @@ class Simulation:
     async def check(self) -> None:
         """Check the built-in and registered invariants; fill ``report``."""
         failures = await check_all(self)
+        if self.latest:
+            failures += await check_latest(self) + await check_corrections(self)
         for invariant in self._invariants:
             failures += await invariant(self)
         self.report.failures += failures
         self.report.converged = not any(f.startswith("diverged") for f in failures)
         self.report.faults = Counter(self.network.injected)
+
+
+def _clock_ahead(device: Device) -> bool:
+    """True when the device's hybrid clock is ahead of its corrected wall clock (its next
+    stamp counts on from its last one instead of reading the wall clock)."""
+    clock = getattr(device, "_clock", None)
+    if not isinstance(clock, HybridClock):
+        return False
+    return stamp_ms(clock.last) > clock.wall() + clock.offset
