@@ -768,8 +768,9 @@ class Device:
                               version: int, report: SyncReport) -> bool:
         """Apply the response's ``state`` entry to a request that held ``sent_sv`` and the
         local writes up to ``version``; True when another round is needed."""
-        shift = self._learn_time(response.time)
         part = next((d for d in response.docs if d.doc == STATE_DOC), None)
+        shift = self._learn_time(response.time,
+                                 pending=self._stays_dirty(part, sent_sv, version))
         if part is None:
             await self._store_response(None, {}, shift)
             return False
@@ -826,17 +827,40 @@ class Device:
         clock.offset = max(clock.offset, hlc.stamp_ms(clock.last) - clock.wall())
         return clock
 
-    def _learn_time(self, server_ms: int) -> int:
+    def _stays_dirty(self, part: DocSync | None, sent_sv: dict[int, int],
+                     version: int) -> bool:
+        """Whether a stamped local write stays to send after the response whose ``state``
+        entry is ``part`` (to a request that held ``sent_sv`` and the writes up to
+        ``version``): not acknowledged, or carried into a new generation (every key, when
+        the cloud went back to a lower one)."""
+        if part is not None and part.gen < self._gen:
+            return True
+        if not self._store.dirty_count:
+            return False
+        if part is None or part.gen != self._gen or not covers(
+                parse_state_vector(part.sv), sent_sv):
+            return True
+        return self._store.dirty_version > version
+
+    def _learn_time(self, server_ms: int, *, pending: bool) -> int:
         """Take the server's clock from a response's ``time``: the offset of the wall clock
         from it (as far as the last stamp allows, :meth:`_anchor`), and every later stamp
         after it (causality with what the device received). ``0`` (not sent) and times
         beyond :data:`MAX_TIME_MS` teach nothing. Returns how many ms the frame moved
         forward: dirty stamps move with it, so a write still to send (made while the request
-        was in flight) stays in the frame of the next ``ck``."""
-        before = self._clock.offset
+        was in flight) stays in the frame of the next ``ck``. While writes stay ``pending``
+        the frame never moves back: their stamps cannot follow it (a device's own writes
+        are ordered by their stamps, which must only grow), and a ``ck`` from a frame moved
+        back would date them late by the move (up to the time since the last stamp, when
+        the frame ran ahead of the server's clock). Once none is pending, the next
+        response brings the frame back."""
+        clock = self._clock
+        before = clock.offset
         if 0 < server_ms <= MAX_TIME_MS:
-            self._clock.offset = server_ms - self._clock.wall()
-            self._clock.observe(hlc.stamp(server_ms, hlc.COUNTER_MASK))
+            learnt = server_ms - clock.wall()
+            if learnt > before or not pending:
+                clock.offset = learnt
+            clock.observe(hlc.stamp(server_ms, hlc.COUNTER_MASK))
         return max(0, self._anchor().offset - before)
 
     def _clock_meta(self) -> dict[str, int]:

@@ -266,6 +266,46 @@ async def test_a_write_in_flight_moves_with_the_learnt_offset(cloud: GenerationC
     assert cloud.requests[1].clock == T0 + 5000
 
 
+async def test_a_write_still_to_send_keeps_its_frame_when_the_offset_drops(
+        cloud: GenerationCloud, tmp_path: Path) -> None:
+    """Regression (simulation seed 702): a device whose frame runs ahead of the server's
+    clock (it stamped before learning its offset, so its frame is anchored at its stamps)
+    writes while a slow request is on the way. The response's ``time`` would move the frame
+    back to that write's stamp, 10 s; the write stays to send and its stamp cannot move
+    back with it, so the next ``ck`` would date it at its send, 10 s late. The frame is
+    kept while the write is pending, and comes back once the cloud acknowledged it."""
+    clock = Clock(T0 + HOUR)
+    cloud.time = T0
+    dev = Device("d1", transport=cloud.transport(), path=tmp_path / "d.db", interval=None,
+                 clock=clock)
+
+    def write_then_wait() -> None:
+        dev.state["x"] = 1
+        clock.ms += 10_000  # the request takes 10 s
+        cloud.time += 10_000
+
+    async with dev:
+        dev.state["a"] = 1
+        await dev.sync()  # frame anchored at the stamp of "a": an hour ahead
+        clock.ms += 60_000
+        cloud.time += 60_000
+        dev._transport = WriteInFlight(dev._transport, write_then_wait)
+        await dev.sync()
+        clock.ms += 1000
+        cloud.time += 1000
+        await dev.sync()  # sends "x" again
+        clock.ms += 1000
+        cloud.time += 1000
+        dev.state["y"] = 1
+        await dev.sync()
+    retry, after = cloud.requests[2:]
+    assert sent(retry) == (StampedWrite("state", "x", stamp(T0 + HOUR + 60_000), 1),)
+    assert retry.clock == T0 + HOUR + 71_000  # 11 s after the write, as for the wall clock
+    # acknowledged: the frame came back to the last stamp, and runs on from there
+    assert (sent(after), after.clock) == (
+        (StampedWrite("state", "y", stamp(T0 + HOUR + 61_000), 1),), T0 + HOUR + 61_000)
+
+
 async def test_the_device_sends_its_own_value_after_a_remote_change_while_dirty(
         tmp_path: Path) -> None:
     """The cloud loses the device's update and answers with its own write of the same key,
