@@ -648,8 +648,10 @@ class Device:
             update = doc.get_update(known) if known else doc.get_update()
             if update == EMPTY_UPDATE:
                 update = b""
+        # `s` (and `ck`) only when there is a stamped write: an empty `s` decides nothing,
+        # and a no-change sync stays under 100 bytes (docs/protocol.md 3.1).
         return DocSync(STATE_DOC, local_sv, update, self._gen, adopt=True,
-                       stamps=stamps), local
+                       stamps=stamps or None), local
 
     async def _stamps(self) -> tuple[StampedWrite, ...]:
         """The stamped writes to send (``s``): the last write of every dirty key, except
@@ -677,7 +679,8 @@ class Device:
         # Before reading the stamps: a write made meanwhile has a higher version and stays
         # dirty, even if this request carries it.
         version = self._local_version
-        part, sent_sv = self._doc_part(await self._stamps())
+        stamps = await self._stamps()
+        part, sent_sv = self._doc_part(stamps)
         batch = (await self._store.pending(self.max_events_per_sync, self.max_batch_bytes)
                  if self._store.outbox_count else [])
         calls, outcomes_acked = await self._calls.to_send(DEFAULT_LIMITS.max_items)
@@ -690,7 +693,7 @@ class Device:
             results=await self._inbox.results(DEFAULT_LIMITS.max_items),
             calls=calls, outcomes_acked=outcomes_acked,
             awaiting=self._store.call_count("accepted"),
-            clock=self._anchor().physical(),
+            clock=self._anchor().physical() if stamps else None,
         )
         body = encode_request(request, bodies=[e.body for e in plain])
         report.rounds += 1

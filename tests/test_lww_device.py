@@ -98,8 +98,9 @@ async def test_every_write_is_sent_with_its_stamp_value_and_the_clock(
     assert sent(first) == (StampedWrite("config", "mode", stamp(T0 + 5), "eco"),
                            StampedWrite("state", "a", stamp(T0, 1), 1),
                            StampedWrite("state", "b", stamp(T0 + 10), {"deep": [1.5, "x"]}))
-    assert (first.clock, second.clock) == (T0 + 11, T0 + 12)
-    assert sent(second) == ()  # acknowledged: nothing dirty, still "this client stamps"
+    # Acknowledged: nothing dirty, so neither `s` nor `ck` (a no-change sync stays small).
+    assert (first.clock, second.clock) == (T0 + 11, None)
+    assert sent(second) is None
     assert [(d.doc, d.stamps) for d in first.docs[1:]] == [("fleet", None), ("project", None)]
     assert dirty_rows(tmp_path / "d.db") == []
     assert cloud.json() == {"config": {"mode": "eco"},
@@ -127,7 +128,7 @@ async def test_deletes_are_nil_and_shared_types_are_not_stamped(
         root["m"]["x"] = 2  # inside the nested value: its root key is written
         await dev.sync()
     assert sent(cloud.requests[1]) == (StampedWrite("state", "a", stamp(T0 + 1), None, True),)
-    assert sent(cloud.requests[2]) == ()
+    assert sent(cloud.requests[2]) is None  # nested only: nothing stamped, no `s`
     assert dirty_rows(path) == []
     assert cloud.json()["state"] == {"keep": True, "m": {"x": 2}, "t": "hi"}
 
@@ -171,7 +172,7 @@ async def test_the_offset_is_learnt_from_the_response_time(cloud: GenerationClou
     cloud.time = T0
     async with open_device(cloud, path, clock) as dev:
         await dev.sync()
-        assert cloud.requests[0].clock == T0 - HOUR  # nothing learnt yet
+        assert cloud.requests[0].clock is None  # nothing to stamp: no `ck` either
         dev.state["a"] = 1  # in the same millisecond as the response: after it
         clock.ms += 10_000
         cloud.time += 10_000
@@ -261,7 +262,7 @@ async def test_a_write_in_flight_moves_with_the_learnt_offset(cloud: GenerationC
         clock.ms += 5000
         cloud.time += 5000
         await dev.sync()
-    assert sent(cloud.requests[0]) == ()
+    assert sent(cloud.requests[0]) is None
     assert sent(cloud.requests[1]) == (StampedWrite("state", "x", stamp(T0), 1),)
     assert cloud.requests[1].clock == T0 + 5000
 
