@@ -15,20 +15,9 @@ from crdtsync import AdminClient, Conflict, Device
 from crdtsync_server import ServerConfig
 
 from .conftest import ADMIN_TOKEN, DeviceFactory
+from .test_lww_device import HOUR, Clock
 
-T0 = 1_700_000_000_000
-HOUR = 3_600_000
 DEVICES = 12
-
-
-class Clock:
-    """A wall clock the test moves (ms since the epoch)."""
-
-    def __init__(self, ms: int = T0) -> None:
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms
 
 
 @pytest.fixture
