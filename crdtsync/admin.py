@@ -13,6 +13,7 @@ from urllib.parse import quote
 import aiohttp
 
 from .errors import CrdtsyncError, TransportError, error_from_code
+from .protocol import STATE_MAP
 
 
 class AdminClient:
@@ -150,7 +151,7 @@ class AdminClient:
             params={"meta": "1"} if meta else None)
 
     async def patch_state(self, device_id: str, changes: Mapping[str, Any],
-                          map_name: str = "state") -> dict[str, Any]:
+                          map_name: str = STATE_MAP) -> dict[str, Any]:
         """Cloud write: merge ``changes`` into a map (``None`` deletes); returns the map."""
         return await self.request(  # type: ignore[no-any-return]
             "PATCH", f"/v1/devices/{quote(device_id)}/state/{quote(map_name)}",

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
 
+from . import hlc
 from .device_store import DeviceStore, StoredCall
 from .errors import BodyTooLarge, CrdtsyncError, InvalidValue, NotFound
 from .protocol import NAME_RE, Outcome, ProxyCall, item_body
@@ -45,8 +45,10 @@ class RouteFailed(CrdtsyncError):
 class Calls:
     """Proxied requests of one device: the durable queue and the waiting callers."""
 
-    def __init__(self, store: DeviceStore) -> None:
+    def __init__(self, store: DeviceStore, wall: Callable[[], int] = hlc.wall_ms) -> None:
         self.store = store
+        self.wall = wall
+        """The device's wall clock in ms: when a request was queued."""
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._sent_acks: tuple[str, ...] = ()
 
@@ -65,7 +67,7 @@ class Calls:
         call_id = request_id or secrets.token_hex(16)
         if not NAME_RE.match(call_id):
             raise InvalidValue(f"request id {call_id!r} is not a valid name")
-        await self.store.add_call(call_id, route, data, int(time.time() * 1000))
+        await self.store.add_call(call_id, route, data, self.wall())
         return call_id
 
     async def wait(self, call_id: str) -> dict[str, Any]:

@@ -50,7 +50,12 @@ from .inbox import CommandHandler, Inbox, MessageHandler
 from .packing import pack, plain_events
 from .protocol import (
     DEFAULT_LIMITS,
+    FLEET_DOC,
     NAME_RE,
+    PROJECT_DOC,
+    SHARED_DOC_NAMES,
+    STATE_DOC,
+    STATE_MAP,
     Conflict,
     DocSync,
     StampedWrite,
@@ -64,7 +69,7 @@ from .protocol import (
     parse_state_vector,
 )
 from .schema import StateSchema
-from .shared import SHARED_DOCS, TEMPLATES, Env, FleetSchema, ReadOnlyMap, SharedDoc
+from .shared import TEMPLATES, Env, FleetSchema, ReadOnlyMap, SharedDoc
 from .state import StateMap
 from .templates import Template
 from .transport import HttpTransport, Transport
@@ -72,8 +77,6 @@ from .values import check_event_body, normalize
 
 log = logging.getLogger("crdtsync.device")
 
-STATE_DOC = "state"
-"""The name of a device's own document in the protocol."""
 STATE_GEN = f"gen:{STATE_DOC}"
 """Store meta key of the generation of the device's own document (docs/protocol.md 8)."""
 EMPTY_UPDATE = b"\x00\x00"
@@ -142,8 +145,9 @@ class Device:
     runs a background sync loop; ``None`` disables it (call :meth:`sync` yourself). Local
     changes trigger a sync after at most ``min_spacing`` seconds. ``durability`` is the SQLite
     ``synchronous`` mode of the local store (``"FULL"``: every call is durable on return).
-    ``clock`` is the wall clock that stamps local writes, a function returning milliseconds
-    since the epoch (default: the system clock; tests inject skewed clocks). It need not be
+    ``clock`` is the wall clock that stamps local writes and dates events, queued requests
+    and command deadlines, a function returning milliseconds since the epoch (default: the
+    system clock, :func:`crdtsync.hlc.wall_ms`; tests inject skewed clocks). It need not be
     right: the device learns its offset from the cloud, and stamps increase across restarts
     whatever it returns.
     """
@@ -187,12 +191,13 @@ class Device:
         self.last_error: CrdtsyncError | None = None
         self._transport = transport
         self._store = DeviceStore(path, synchronous=durability)
-        self._inbox = Inbox(self._store, device_id)
-        self._calls = Calls(self._store)
-        self._shared = {name: SharedDoc(name, self._store) for name in SHARED_DOCS}
+        wall = clock or hlc.wall_ms
+        self._inbox = Inbox(self._store, device_id, wall)
+        self._calls = Calls(self._store, wall)
+        self._shared = {name: SharedDoc(name, self._store) for name in SHARED_DOC_NAMES}
         self._templates: dict[str, Template] = {}
-        self._schema = FleetSchema(self._shared["fleet"])
-        self.env = Env(self._own_env, self._shared["fleet"], self._shared["project"])
+        self._schema = FleetSchema(self._shared[FLEET_DOC])
+        self.env = Env(self._own_env, self._shared[FLEET_DOC], self._shared[PROJECT_DOC])
         """Environment variables, merged: device > fleet > project (read-only)."""
         self._doc: Doc[Any] | None = None
         self._captured: list[tuple[bytes, tuple[DirtyWrite, ...], int]] = []
@@ -200,7 +205,7 @@ class Device:
         self._local_keys: dict[DirtyKey, tuple[bytes | None, bool]] = {}
         """Keys written by the local transaction being committed, with what they hold at
         its end (:func:`_written`); root observers fill it."""
-        self._clock = hlc.HybridClock(clock or hlc.wall_ms)
+        self._clock = hlc.HybridClock(wall)
         """Stamps local writes; ``last`` and ``offset`` are restored from the store."""
         self._applying_remote = False
         self._observed_roots: set[str] = set()
@@ -215,7 +220,7 @@ class Device:
         self._task: asyncio.Task[None] | None = None
         self._state = "new"
         self._last_attempt = 0.0
-        self.state = StateMap(self, "state")
+        self.state = StateMap(self, STATE_MAP)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -311,7 +316,7 @@ class Device:
     def fleet(self, name: str) -> ReadOnlyMap:
         """The root map ``name`` of the fleet's shared document (read-only on the device)."""
         self._check_open()
-        return ReadOnlyMap(self._shared["fleet"], name)
+        return ReadOnlyMap(self._shared[FLEET_DOC], name)
 
     def _own_env(self) -> dict[str, Any]:
         # Never create the root by reading it: an empty map would exist only on the device.
@@ -384,7 +389,7 @@ class Device:
         """Observe every root map once; with ``announce``, report the keys of roots that
         just appeared (their creation raised no map event). Returns the new roots."""
         assert self._doc is not None
-        new = sorted({"state", *self._doc.keys()} - self._observed_roots)
+        new = sorted({STATE_MAP, *self._doc.keys()} - self._observed_roots)
         for name in new:
             self._observed_roots.add(name)
             root: Map[Any] = self._doc.get(name, type=Map)
@@ -475,7 +480,7 @@ class Device:
         :class:`~crdtsync.errors.OutboxFull` when the outbox is full under the "reject" policy.
         """
         self._check_open()
-        stamp = time_ms if time_ms is not None else int(time.time() * 1000)
+        stamp = time_ms if time_ms is not None else self._clock.wall()
         seqs = await self._store.push_events([await self._prepare(topic, body, stamp)],
                                              self.outbox_limits)
         self._wake.set()
@@ -490,7 +495,7 @@ class Device:
         mismatch, :class:`~crdtsync.errors.OutboxFull`) queues nothing. The batched mode for
         high rates: durability is the same, only the flush is shared."""
         self._check_open()
-        stamp = time_ms if time_ms is not None else int(time.time() * 1000)
+        stamp = time_ms if time_ms is not None else self._clock.wall()
         items = [await self._prepare(topic, body, stamp) for topic, body in events]
         seqs = await self._store.push_events(items, self.outbox_limits)
         self._wake.set()
@@ -575,7 +580,7 @@ class Device:
     async def _template_for(self, topic: str) -> Template | None:
         """The template the fleet document holds for ``topic`` (kept locally by hash, so
         queued events still encode after it changes), or ``None``."""
-        entry = self._shared["fleet"].get(TEMPLATES).get(topic)
+        entry = self._shared[FLEET_DOC].get(TEMPLATES).get(topic)
         if not isinstance(entry, dict) or not isinstance(entry.get("json"), str):
             return None
         known = self._templates.get(str(entry.get("hash")))

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
+from . import hlc
 from .device_store import DeviceStore
 from .errors import BodyTooLarge, CrdtsyncError, InvalidValue
 from .protocol import DownItem, Result, item_body
@@ -58,9 +58,12 @@ class Message:
 class Inbox:
     """Handlers and the processing of downlink items for one device."""
 
-    def __init__(self, store: DeviceStore, device_id: str) -> None:
+    def __init__(self, store: DeviceStore, device_id: str,
+                 wall: Callable[[], int] = hlc.wall_ms) -> None:
         self.store = store
         self.device_id = device_id
+        self.wall = wall
+        """The device's wall clock in ms: a command past its deadline is not run."""
         self.message_handlers: dict[str, MessageHandler] = {}
         self.command_handlers: dict[str, CommandHandler] = {}
         self.waiting = 0
@@ -124,7 +127,7 @@ class Inbox:
         if int(self.store.meta.get("down_started", 0)) >= item.seq:
             result = _error("interrupted", "the device restarted while the command ran; "
                                            "it is not run twice")
-        elif item.expires and time.time() * 1000 > item.expires:
+        elif item.expires and self.wall() > item.expires:
             result = _error("expired", "the command's deadline passed before it could run")
         else:
             await self.store.set_meta(down_started=item.seq)

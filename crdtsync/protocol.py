@@ -37,6 +37,19 @@ PROTOCOL_VERSION = 1
 MEDIA_TYPE = "application/vnd.crdtsync+msgpack"
 SYNC_PATH = "/v1/sync"
 
+STATE_DOC = "state"
+"""The document a device owns and writes (docs/protocol.md section 8)."""
+STATE_MAP = "state"
+"""The root map of :data:`STATE_DOC` that ``Device.state`` reads and writes."""
+FLEET_DOC = "fleet"
+"""The shared document of a device's fleet (read-only for the device)."""
+PROJECT_DOC = "project"
+"""The shared document of the whole project (read-only for the device)."""
+SHARED_DOC_NAMES = (FLEET_DOC, PROJECT_DOC)
+"""Documents shared with a device, read-only for it, in the order a device syncs them."""
+DEVICE_DOC_NAMES = frozenset({STATE_DOC, *SHARED_DOC_NAMES})
+"""Every document name a sync request may carry."""
+
 MAX_CLIENT_ID = 2**53 - 1
 MAX_CLOCK = 2**32 - 1
 MAX_SEQ = 2**63 - 1

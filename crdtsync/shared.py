@@ -27,7 +27,6 @@ from .values import normalize
 
 log = logging.getLogger("crdtsync.device")
 
-SHARED_DOCS = ("fleet", "project")
 ENV_MAP = "env"
 TEMPLATES = "templates"
 """Root map of the fleet document: ``{topic: {"hash": hex, "json": definition text}}``."""

@@ -25,7 +25,7 @@ from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
 from crdtsync_server.notify import DeviceNotifier, Watch
 
-from .conftest import ADMIN_TOKEN, DeviceFactory, LoseResponses, local_app
+from .conftest import ADMIN_TOKEN, DeviceFactory, LoseResponses, SteppedClock, local_app
 
 
 async def post(admin: AdminClient, path: str, body: Any) -> dict[str, Any]:
@@ -63,11 +63,12 @@ async def test_messages_arrive_in_order_once_across_restarts(make_device: Device
 
 
 async def test_expired_message_is_never_delivered(make_device: DeviceFactory,
-                                                  admin: AdminClient) -> None:
+                                                  admin: AdminClient,
+                                                  server_clock: SteppedClock) -> None:
     dev = await make_device("d1")
     await post(admin, "/v1/devices/d1/messages", {"topic": "t", "body": 1, "ttl": 0.05})
     await post(admin, "/v1/devices/d1/messages", {"topic": "t", "body": 2})
-    await asyncio.sleep(0.1)
+    server_clock.advance(100)  # queued and expired on the server's clock: no sleep
     seen: list[Any] = []
     dev.on("t")(lambda m: seen.append(m.body))
     await dev.sync()

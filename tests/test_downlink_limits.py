@@ -7,7 +7,6 @@ SQLite files, a real local HTTP target."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from aiohttp import web
 
 from crdtsync import AdminClient, CrdtsyncError, InvalidValue
 from crdtsync.calls import RouteFailed
+from crdtsync.hlc import wall_ms
 from crdtsync.inbox import Message
 from crdtsync.protocol import DEFAULT_LIMITS
 from crdtsync_server import Server
@@ -25,10 +25,6 @@ from .conftest import DeviceFactory, local_app
 LIMIT = DEFAULT_LIMITS.max_item_body
 BIG = "x" * 70_000
 """A string whose msgpack encoding is over the 64 KiB a device takes."""
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 async def refused(admin: AdminClient, path: str, body: dict[str, Any]) -> CrdtsyncError:
@@ -111,13 +107,13 @@ async def test_device_skips_items_it_cannot_take_and_keeps_syncing(
     call_id = await dev.queue_request("hold", {})
     await dev.sync()  # the request is accepted; the target holds its answer
     # Below the API, as an older server would have queued and stored them:
-    big_message = await store.queue_downlink("d1", "message", "t", {"blob": BIG}, now_ms(),
+    big_message = await store.queue_downlink("d1", "message", "t", {"blob": BIG}, wall_ms(),
                                              None)
-    big_command = await store.queue_downlink("d1", "command", "c", {"blob": BIG}, now_ms(),
+    big_command = await store.queue_downlink("d1", "command", "c", {"blob": BIG}, wall_ms(),
                                              None)
     await store.finish_request("d1", call_id, {"ok": True, "status": 200, "body": BIG,
                                                "error": None, "message": "", "attempts": 1},
-                               now_ms())
+                               wall_ms())
     await admin.request("POST", "/v1/devices/d1/messages", json={"topic": "t", "body": "after"})
     for n in range(3):
         await dev.emit("t", {"n": n})

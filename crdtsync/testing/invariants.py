@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import crdt
+from ..protocol import STATE_DOC, STATE_MAP
 
 if TYPE_CHECKING:
     from .simulation import Simulation
@@ -92,16 +93,16 @@ async def check_all(sim: Simulation) -> list[str]:
 async def _cloud_json(sim: Simulation, device: str) -> dict[str, Any]:
     server = next(s for s in sim.servers if s.services is not None)
     assert server.services is not None
-    log = await server.services.store.load_doc(f"{device}/state")
+    log = await server.services.store.load_doc(f"{device}/{STATE_DOC}")
     doc = crdt.new_doc(1, log.snapshot, (u for _, u in log.updates))
-    return {"state": {}, **crdt.to_json(doc)}
+    return {STATE_MAP: {}, **crdt.to_json(doc)}
 
 
 async def check_convergence(sim: Simulation) -> list[str]:
     failures = []
     for device in sim.devices:
         assert device.device is not None
-        local = {"state": {}, **crdt.to_json(device.device.doc)}
+        local = {STATE_MAP: {}, **crdt.to_json(device.device.doc)}
         stored = await _cloud_json(sim, device.id)
         if local != stored:
             failures.append(f"diverged: {device.id} device {local} != cloud {stored}")
@@ -117,7 +118,7 @@ async def check_convergence(sim: Simulation) -> list[str]:
 async def check_writes(sim: Simulation) -> list[str]:
     failures = []
     for (device, key), history in sorted(sim.model.keys.items()):
-        state = (await _cloud_json(sim, device))["state"]
+        state = (await _cloud_json(sim, device))[STATE_MAP]
         final = state.get(key, ABSENT)
         owner = key.split(".", 1)[0]
         if owner == "shared":

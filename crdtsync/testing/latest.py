@@ -42,13 +42,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import hlc
 from ..errors import CrdtsyncError
-from ..protocol import decode_request
+from ..protocol import STATE_DOC, STATE_MAP, decode_request
 
 if TYPE_CHECKING:
     from .clocks import SkewedClock
     from .simulation import SimDevice, Simulation
 
-STATE_MAP = "state"
 DELETED = object()
 """The value of a delete in the log (unique values never collide with it)."""
 
@@ -136,7 +135,7 @@ class WriteLog:
             return  # the server refuses it too; nothing of it is applied
         writes: list[tuple[TimedWrite, int]] = []
         for part in request.docs:
-            if part.doc != STATE_MAP or part.stamps is None:
+            if part.doc != STATE_DOC or part.stamps is None:
                 continue
             self.stamped_requests += 1
             for stamped in part.stamps:

@@ -40,6 +40,7 @@ from ..device import Device
 from ..errors import CrdtsyncError, TransportError
 from ..hlc import HybridClock, stamp_ms
 from ..inbox import Message
+from ..protocol import STATE_MAP
 from .clocks import ClockPlan, SkewedClock, device_takes_clock, server_takes_clock
 from .faults import Crash, FaultPlan, Network
 from .invariants import Model, check_all
@@ -589,7 +590,7 @@ class Simulation:
         write = self.writes.wrote(device_id, key, value, writer="cloud", time=self.now_ms(),
                                   acknowledged=None)
         try:
-            await server.services.sync.write_state(device_id, "state", {key: value})
+            await server.services.sync.write_state(device_id, STATE_MAP, {key: value})
         except Crash:
             await server.crash()
             return

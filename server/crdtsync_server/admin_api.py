@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from importlib import resources
 from typing import Any
 
@@ -110,7 +109,7 @@ async def add_device(request: web.Request) -> web.Response:
         raise MalformedRequest("fleet must be a fleet id or null")
     token = new_token(DEVICE_TOKEN_BYTES)
     record = DeviceRecord(id=body["id"], token_hash=hash_token(token),
-                          created=int(time.time() * 1000), meta=meta, fleet=fleet)
+                          created=request.app[SERVICES].config.clock(), meta=meta, fleet=fleet)
     await request.app[SERVICES].store.add_device(record)
     return json_response({**device_json(record), "token": token}, status=201)
 

@@ -13,7 +13,6 @@ import functools
 import io
 import json
 import logging
-import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -200,7 +199,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
                                  rebuild_slack=config.rebuild_slack)
             table = await load_route_table(backend, config.routes_file)
             await executor.start()
-            proxy = ProxyRunner(backend, table, executor, config.limits)
+            proxy = ProxyRunner(backend, table, executor, config.limits, clock=config.clock)
             await proxy.recover()
             notifier = FeedNotifier(config.feed_poll)
             results = DeviceNotifier(config.command_poll)
@@ -208,7 +207,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
                                max_items=config.limits.max_items, notifier=notifier,
                                results=results, clock=config.clock,
                                schema_for=FleetSchemas(docs).schema_for)
-            built = await build_projection(backend, docs, int(time.time() * 1000))
+            built = await build_projection(backend, docs, config.clock())
             if built:
                 log.info("built the state projection of %d stored documents", built)
             sinks = SinkManager(backend, notifier, await read_sinks_file(config.sinks_file),
@@ -263,7 +262,7 @@ async def purge_loop(store: Store, config: ServerConfig) -> None:
     and feed items older than the feed retention (see :func:`purge_feed`), every
     ``purge_every`` seconds; a failure is logged and retried next time."""
     while True:
-        now = int(time.time() * 1000)
+        now = config.clock()
         try:
             gone = await store.purge_finished(now - config.retention_ms)
             if gone:

@@ -4,7 +4,6 @@ proxied requests may call. All endpoints need the admin token; bodies are JSON."
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from aiohttp import web
@@ -25,10 +24,6 @@ routes = web.RouteTableDef()
 FINAL = frozenset({"succeeded", "failed", "expired"})
 MAX_WAIT_S = 60
 DEFAULT_DEADLINE_S = 24 * 3600
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _name(body: dict[str, Any], key: str) -> str:
@@ -65,7 +60,7 @@ async def _queue(request: web.Request, kind: str, name_key: str, body_key: str,
     check_value(payload, where=body_key, max_int=2**63 - 1)
     item_body(payload, services.config.limits, what=body_key)
     life = _seconds(body, life_key, default_life)
-    now = now_ms()
+    now = services.config.clock()
     return await services.store.queue_downlink(
         name_param(request), kind, _name(body, name_key), payload, now,
         None if life is None else now + int(life * 1000))

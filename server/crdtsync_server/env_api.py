@@ -13,11 +13,11 @@ from typing import Any
 from aiohttp import web
 
 from crdtsync.errors import MalformedRequest, NotFound
-from crdtsync.protocol import NAME_RE
+from crdtsync.protocol import NAME_RE, PROJECT_DOC, STATE_DOC
 
 from .admin_api import json_response, name_param, read_json, require_admin
 from .app import SERVICES, Services
-from .sync import PROJECT_DOC, doc_key, fleet_key
+from .sync import doc_key, fleet_key
 
 routes = web.RouteTableDef()
 ENV = "env"
@@ -95,7 +95,7 @@ async def get_device_env(request: web.Request) -> web.Response:
     layers = [("project", await _layer(services, PROJECT_DOC))]
     if device.fleet:
         layers.append(("fleet", await _layer(services, fleet_key(device.fleet))))
-    layers.append(("device", (await services.sync.read_doc(doc_key(device_id, "state"),
+    layers.append(("device", (await services.sync.read_doc(doc_key(device_id, STATE_DOC),
                                                            device_id)).get(ENV, {})))
     merged: dict[str, Any] = {}
     source: dict[str, str] = {}

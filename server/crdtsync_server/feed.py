@@ -15,6 +15,7 @@ import time
 from crdtsync import crdt
 from crdtsync.aio import wait_event
 from crdtsync.errors import CursorExpired
+from crdtsync.protocol import STATE_DOC
 
 from .documents import DocumentCache
 from .store import Store
@@ -83,10 +84,10 @@ async def build_projection(store: Store, docs: DocumentCache, now: int,
     count, after = 0, ""
     while batch := await store.list_devices(after=after, limit=page):
         for device in batch:
-            key = f"{device.id}/state"
+            key = f"{device.id}/{STATE_DOC}"
             async with docs.lock(device.id):
                 state = crdt.to_json((await docs.get(key)).doc)
-                await store.replace_projection(device.id, "state", state, now)
+                await store.replace_projection(device.id, STATE_DOC, state, now)
             count += 1
         after = batch[-1].id
     await store.set_setting(PROJECTION_SETTING, str(now))

@@ -7,7 +7,6 @@ A device belongs to at most one fleet. Moving it to another fleet (or out) bumps
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from aiohttp import web
@@ -56,7 +55,7 @@ async def add_fleet(request: web.Request) -> web.Response:
                                "(1-64 of A-Z a-z 0-9 _ . : -)")
     if not isinstance(meta, dict):
         raise MalformedRequest("meta must be an object")
-    record = FleetRecord(id=fleet_id, created=int(time.time() * 1000), meta=meta)
+    record = FleetRecord(id=fleet_id, created=request.app[SERVICES].config.clock(), meta=meta)
     await request.app[SERVICES].store.add_fleet(record)
     return json_response(record.to_json(), status=201)
 
@@ -99,9 +98,9 @@ async def set_device_fleet(request: web.Request) -> web.Response:
     require_admin(request)
     device_id = name_param(request)
     fleet = _fleet_choice(await _object(request, _ASSIGN_SHAPE))
-    device = await request.app[SERVICES].store.set_device_fleet(
-        device_id, fleet, int(time.time() * 1000))
-    return json_response(device_json(request.app[SERVICES].sync.with_recent_sync(device)))
+    services = request.app[SERVICES]
+    device = await services.store.set_device_fleet(device_id, fleet, services.config.clock())
+    return json_response(device_json(services.sync.with_recent_sync(device)))
 
 
 _ASSIGN_SHAPE = '{"fleet": "<fleet id>" | null}'

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from crdtsync import hlc
 from crdtsync.aio import cancel_and_wait
 from crdtsync.errors import BodyTooLarge
 from crdtsync.protocol import DEFAULT_LIMITS, Limits, item_body
@@ -40,10 +40,6 @@ INTERRUPTED = {"ok": False, "status": None, "body": None, "error": "interrupted"
 
 
 ROUTES_SETTING = "routes"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 async def load_route_table(store: Store, routes_file: str | None) -> RouteTable:
@@ -78,8 +74,12 @@ class ProxyRunner:
     ``route_response_too_large`` instead."""
 
     def __init__(self, store: Store, routes: RouteTable, executor: RouteExecutor,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 limits: Limits = DEFAULT_LIMITS, *,
+                 clock: Callable[[], int] = hlc.wall_ms) -> None:
         self.store = store
+        self.clock = clock
+        """The server's wall clock in ms (``ServerConfig.clock``): when requests were claimed
+        and finished."""
         self.routes = routes
         self.executor = executor
         self.limits = limits
@@ -87,7 +87,7 @@ class ProxyRunner:
 
     async def recover(self) -> int:
         """At start: finish requests a dead process left ``running`` as ``interrupted``."""
-        count = await self.store.interrupt_running(INTERRUPTED, now_ms())
+        count = await self.store.interrupt_running(INTERRUPTED, self.clock())
         if count:
             log.warning("%d proxied requests were interrupted by a restart", count)
         return count
@@ -100,7 +100,7 @@ class ProxyRunner:
         device saw accepted is never left pending by a process that died afterwards (it is
         ``running``, and a restart turns it into ``interrupted``). Ids already claimed or
         finished are skipped, which makes replays harmless."""
-        claimed = [r for r in [await self.store.claim_request(device, i, now_ms()) for i in ids]
+        claimed = [r for r in [await self.store.claim_request(device, i, self.clock()) for i in ids]
                    if r is not None]
         tasks = [self._spawn(request) for request in claimed]
         if tasks and budget > 0:
@@ -117,7 +117,7 @@ class ProxyRunner:
         outcome = await self.executor.perform_alias(self.routes, request.route, request.device,
                                                     request.body)
         await self.store.finish_request(request.device, request.id,
-                                        self._deliverable(request, outcome).to_json(), now_ms())
+                                        self._deliverable(request, outcome).to_json(), self.clock())
 
     def _deliverable(self, request: ProxyRequest, outcome: Outcome) -> Outcome:
         """``outcome``, or ``route_response_too_large`` if a device could not take it."""

@@ -4,7 +4,6 @@ inspect and retry their dead letters. See docs/downstream.md."""
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 from aiohttp import web
@@ -19,10 +18,6 @@ from .store.sinks import SinkRecord
 from .validation import keep_redacted
 
 routes = web.RouteTableDef()
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def sink_json(record: SinkRecord, head: int, state: str) -> dict[str, Any]:
@@ -90,7 +85,7 @@ async def put_sink(request: web.Request) -> web.Response:
     config = spec.config if old is None else dataclasses.replace(
         spec.config, options=keep_redacted(spec.config.options, old.config.options))
     check_options(config)
-    record = await services.store.put_sink(config, now_ms(), paused=spec.paused,
+    record = await services.store.put_sink(config, services.config.clock(), paused=spec.paused,
                                            start=await start_cursor(services.store, spec))
     await services.sinks.apply(name)
     return await _show(services, record, status=201 if old is None else 200)

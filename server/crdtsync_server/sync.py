@@ -29,6 +29,12 @@ from pycrdt import Doc
 from crdtsync import crdt, hlc
 from crdtsync.errors import Forbidden, GenerationMismatch, NotFound, UnknownDocument
 from crdtsync.protocol import (
+    DEVICE_DOC_NAMES,
+    FLEET_DOC,
+    PROJECT_DOC,
+    SHARED_DOC_NAMES,
+    STATE_DOC,
+    STATE_MAP,
     DocSync,
     DownItem,
     Outcome,
@@ -50,15 +56,8 @@ from .store.feed import ConflictRecord, StateChange
 
 log = logging.getLogger("crdtsync.server")
 
-OWN_DOCS = frozenset({"state"})
-"""Documents a device owns and writes."""
-SHARED_DOCS = frozenset({"fleet", "project"})
-"""Documents shared with a device, read-only for it: its fleet's and the project's."""
-DEVICE_DOCS = OWN_DOCS | SHARED_DOCS
-
 EMPTY_UPDATE = b"\x00\x00"
 EMPTY_STATE_VECTOR = b"\x00"
-PROJECT_DOC = "project"
 
 
 def doc_key(device_id: str, doc: str) -> str:
@@ -73,7 +72,7 @@ def fleet_key(fleet: str) -> str:
 
 def shared_key(device: DeviceRecord, name: str) -> str | None:
     """Store key of the shared document ``name`` for ``device`` (None: it has no fleet)."""
-    if name == "project":
+    if name == PROJECT_DOC:
         return PROJECT_DOC
     return fleet_key(device.fleet) if device.fleet else None
 
@@ -92,7 +91,7 @@ def shared_generation(name: str, fleet_gen: int, doc_gen: int) -> int:
     ``fleet_gen < 2**31`` (fewer moves of one device than that), which also keeps ``g`` within
     the protocol's ``2**63 - 1``. A sum would not do: fleet A at (1, 3) and fleet B at
     (2, 2) would share ``g``."""
-    return fleet_gen * GENERATION_LIMIT + doc_gen if name == "fleet" else doc_gen
+    return fleet_gen * GENERATION_LIMIT + doc_gen if name == FLEET_DOC else doc_gen
 
 
 OFF_LOOP_BYTES = 64 * 1024
@@ -190,11 +189,11 @@ class SyncService:
         stored, or returns a response describing only committed data."""
         received = self.clock()
         for part in request.docs:
-            if part.doc not in DEVICE_DOCS:
+            if part.doc not in DEVICE_DOC_NAMES:
                 raise UnknownDocument(f"document {part.doc!r} is not served to devices",
                                       {"doc": part.doc})
-        own = [p for p in request.docs if p.doc in OWN_DOCS]
-        shared = [p for p in request.docs if p.doc in SHARED_DOCS]
+        own = [p for p in request.docs if p.doc == STATE_DOC]
+        shared = [p for p in request.docs if p.doc in SHARED_DOC_NAMES]
         for part in shared:
             if part.update:
                 raise Forbidden(f"the {part.doc} document is read-only for devices; nothing "
@@ -421,8 +420,8 @@ class SyncService:
         if device is None:
             raise NotFound(f"no device {device_id!r}")
         (await self.schema_for(device)).check_changes({name: changes}, writer="cloud",
-                                                      doc="state")
-        return await self.write_doc(doc_key(device_id, "state"), device_id, name, changes,
+                                                      doc=STATE_DOC)
+        return await self.write_doc(doc_key(device_id, STATE_DOC), device_id, name, changes,
                                     device=device_id, stamped=True)
 
     async def write_shared(self, key: str, name: str,
@@ -460,7 +459,7 @@ class SyncService:
                         if stamped else [])
                 if update or rows:
                     await self._commit_cloud(live, update, rows, [
-                        StateChange(device, "state", changed, "cloud")]
+                        StateChange(device, STATE_DOC, changed, "cloud")]
                         if device is not None and changed else [])
             except BaseException:
                 self.docs.evict(key)
@@ -490,7 +489,7 @@ class SyncService:
         copies of its documents are dropped (other processes reload them, see the store), so
         a device created again with this id starts from empty documents. ``NotFound`` for
         an unknown device, with nothing deleted."""
-        keys = [doc_key(device_id, doc) for doc in sorted(OWN_DOCS)]
+        keys = [doc_key(device_id, STATE_DOC)]
         async with self.docs.lock(device_id):
             await self.store.delete_device(device_id, keys, events=events)
             for key in keys:
@@ -505,8 +504,8 @@ class SyncService:
         if await self.store.get_device(device_id) is None:
             raise NotFound(f"no device {device_id!r}")
         async with self.docs.lock(device_id):
-            live = await self.docs.get(doc_key(device_id, "state"))
-            state = {"state": {}, **crdt.to_json(live.doc)}
+            live = await self.docs.get(doc_key(device_id, STATE_DOC))
+            state = {STATE_MAP: {}, **crdt.to_json(live.doc)}
             if not meta:
                 return state
             return {"state": state, "meta": stamps.meta_json(live.stamps.values(), state)}

@@ -18,6 +18,7 @@ import socket
 import time
 
 from crdtsync.errors import CrdtsyncError
+from crdtsync.hlc import wall_ms
 
 from ..store import Store
 
@@ -31,10 +32,6 @@ died before another process delivers it."""
 def new_owner_id() -> str:
     """An id for this process's leases: ``host:pid:random``."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class SinkLease:
@@ -71,7 +68,7 @@ class SinkLease:
         """Take or renew the lease now."""
         start, renewing = time.monotonic(), self.held
         self._due = start + self.period
-        taken = await self.store.acquire_sink_lease(self.name, self.owner, now_ms(),
+        taken = await self.store.acquire_sink_lease(self.name, self.owner, wall_ms(),
                                                     int(self.ttl * 1000))
         self._expires = start + self.ttl if taken else 0.0
         if taken and not renewing:

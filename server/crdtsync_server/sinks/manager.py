@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 from crdtsync.aio import cancel_and_wait, spawn
 from crdtsync.errors import CrdtsyncError, MalformedRequest
+from crdtsync.hlc import wall_ms
 
 from ..feed import FeedNotifier
 from ..store import Store
@@ -26,7 +27,7 @@ from ..store.sinks import SinkRecord
 from .base import SINK_TYPES, Sink, SinkConfig
 from .config import FileSink, SinkSpec, load_sinks_file
 from .lease import LEASE_TTL_S, new_owner_id
-from .runner import SinkRunner, now_ms
+from .runner import SinkRunner
 
 log = logging.getLogger("crdtsync.server.sinks")
 
@@ -60,7 +61,7 @@ class SinkManager:
         """Store the sinks file's sinks, then start a runner for every runnable sink."""
         for file_sink in self.file_sinks.values():
             spec = file_sink.spec
-            await self.store.put_sink(spec.config, now_ms(), origin="file",
+            await self.store.put_sink(spec.config, wall_ms(), origin="file",
                                       paused=spec.paused,
                                       start=await start_cursor(self.store, spec))
         async with self._lock:

@@ -42,12 +42,13 @@ from dataclasses import dataclass
 
 from crdtsync.aio import cancel_and_wait
 from crdtsync.errors import CrdtsyncError, SinkRejected
+from crdtsync.hlc import wall_ms
 
 from ..feed import FeedNotifier
 from ..store import Store
 from ..store.feed import FeedItem
 from .base import Sink, SinkConfig
-from .lease import LEASE_TTL_S, SinkLease, new_owner_id, now_ms
+from .lease import LEASE_TTL_S, SinkLease, new_owner_id
 
 log = logging.getLogger("crdtsync.server.sinks")
 
@@ -64,7 +65,7 @@ CLOSE_TIMEOUT_S = 10.0
 """Seconds a stopping runner waits for its sink to close (a hung destination must not hold
 a shutdown)."""
 
-__all__ = ["Backoff", "Failure", "LeaseLost", "SinkRunner", "error_text", "now_ms"]
+__all__ = ["Backoff", "Failure", "LeaseLost", "SinkRunner", "error_text"]
 
 
 class LeaseLost(Exception):
@@ -244,7 +245,7 @@ class SinkRunner:
         return True
 
     async def _progress(self, cursor: int, delivered: int) -> None:
-        if not await self.store.sink_delivered(self.name, cursor, delivered, now_ms(),
+        if not await self.store.sink_delivered(self.name, cursor, delivered, wall_ms(),
                                                self.lease.owner):
             raise LeaseLost
         self.cursor = self._stored = max(self.cursor, cursor)
@@ -266,7 +267,7 @@ class SinkRunner:
                 delivered += await self._handle([item])
             return delivered
         if not await self.store.add_dead_letters(self.name, items, failure.error,
-                                                 failure.attempts, now_ms(), self.lease.owner):
+                                                 failure.attempts, wall_ms(), self.lease.owner):
             raise LeaseLost
         log.warning("sink %r: %d items dead-lettered after %d attempts: %s", self.name,
                     len(items), failure.attempts, failure.error)
@@ -296,7 +297,7 @@ class SinkRunner:
             log.warning("sink %r: %s", self.name, error)
         else:
             log.error("sink %r: unexpected error", self.name, exc_info=exc)
-        await self.store.sink_failed(self.name, error, now_ms())
+        await self.store.sink_failed(self.name, error, wall_ms())
         return error
 
     async def _retry_dead_letters(self) -> bool:
@@ -310,8 +311,8 @@ class SinkRunner:
         failure = await self._attempts([letter.item for letter in letters])
         ids = [letter.id for letter in letters]
         if failure is None:
-            await self.store.finish_dead_letters(self.name, ids, now_ms())
+            await self.store.finish_dead_letters(self.name, ids, wall_ms())
         else:
-            await self.store.finish_dead_letters(self.name, ids, now_ms(), failure.error,
+            await self.store.finish_dead_letters(self.name, ids, wall_ms(), failure.error,
                                                  failure.attempts)
         return True
