@@ -2,25 +2,33 @@
 
 ``Device`` is what a device or gateway app embeds; ``AdminClient`` calls the management API;
 the reference server is the ``crdtsync_server`` package (``crdtsync serve``).
+
+Public names load on first access (``crdtsync._lazy``): ``import crdtsync.protocol`` must not
+pull in aiohttp or sqlite3 through this file (docs/architecture.md, Layering).
 """
 
 from __future__ import annotations
 
-from .admin import AdminClient
-from .device import Device, SyncReport
-from .device_store import OutboxLimits
-from .errors import (
-    ClosedError,
-    CrdtsyncError,
-    InvalidValue,
-    OutboxFull,
-    SchemaViolation,
-    StoreError,
-    TransportError,
-)
-from .protocol import Conflict, WriteInfo
-from .schema import StateSchema
-from .state import StateMap
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
+
+if TYPE_CHECKING:  # what mypy and IDEs see; at run time __getattr__ imports on first access
+    from .admin import AdminClient
+    from .device import Device, SyncReport
+    from .device_store import OutboxLimits
+    from .errors import (
+        ClosedError,
+        CrdtsyncError,
+        InvalidValue,
+        OutboxFull,
+        SchemaViolation,
+        StoreError,
+        TransportError,
+    )
+    from .protocol import Conflict, WriteInfo
+    from .schema import StateSchema
+    from .state import StateMap
 
 __version__ = "0.1.0.dev0"
 
@@ -42,3 +50,15 @@ __all__ = [
     "WriteInfo",
     "__version__",
 ]
+
+if not TYPE_CHECKING:  # hidden from mypy, which would type a misspelt name as object
+    __getattr__, __dir__ = lazy_exports(__name__, {
+        "admin": ["AdminClient"],
+        "device": ["Device", "SyncReport"],
+        "device_store": ["OutboxLimits"],
+        "errors": ["ClosedError", "CrdtsyncError", "InvalidValue", "OutboxFull", "SchemaViolation",
+                   "StoreError", "TransportError"],
+        "protocol": ["Conflict", "WriteInfo"],
+        "schema": ["StateSchema"],
+        "state": ["StateMap"],
+    })

@@ -39,9 +39,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any, TypeAlias
-
-from crdtsync_server import Server, ServerConfig
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from . import __version__
 from .admin import AdminClient
@@ -49,6 +47,9 @@ from .console import compact, err, out, pretty, stop_event, wait_or_stop
 from .demo import cmd_demo
 from .errors import CrdtsyncError
 from .export import DEFAULT_CHUNK, FORMATS, ExportReport, export_events, unless_stopped
+
+if TYPE_CHECKING:  # the server loads only when a command runs it (docs/architecture.md, Layering)
+    from crdtsync_server import ServerConfig
 
 DEFAULT_URL = "http://127.0.0.1:8787"
 PAGE = 1000
@@ -81,6 +82,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         created.append(token)
         announce_admin_token(token)
 
+    from crdtsync_server import Server
+
     config = serve_config(args)
     config.on_admin_token = on_admin_token
     stop = stop_event()
@@ -99,10 +102,29 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 SERVE_OPTIONS = ("max_body", "cache_docs", "backlog", "cache_idle", "header_timeout",
                  "body_timeout", "rebuild_factor", "rebuild_slack")
 """``crdtsync serve`` options that set the ``ServerConfig`` field of the same name."""
+SHOWN_DEFAULTS = frozenset(SERVE_OPTIONS) - {"max_body"}
+"""The options whose help shows the ``ServerConfig`` default (:class:`ServeHelp`)."""
+
+
+class ServeHelp(argparse.HelpFormatter):
+    """``crdtsync serve --help``: appends each option's ``ServerConfig`` default, importing the
+    server only when the help is shown, so building the parser leaves it unloaded."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if action.dest not in SHOWN_DEFAULTS:
+            return text
+        from crdtsync_server import ServerConfig
+
+        value = getattr(ServerConfig(), action.dest)
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        return f"{text} (default {shown})"
 
 
 def serve_config(args: argparse.Namespace) -> ServerConfig:
     """The server configuration ``crdtsync serve`` options ask for."""
+    from crdtsync_server import ServerConfig
+
     config = ServerConfig(db=args.db, host=args.host, port=args.port,
                           admin_token=args.admin_token or None)
     config.routes_file = args.routes
@@ -529,7 +551,8 @@ def client_options() -> argparse.ArgumentParser:
 
 
 def add_serve(sub: Subparsers) -> None:
-    p = sub.add_parser("serve", help="run the sync server", description=cmd_serve.__doc__)
+    p = sub.add_parser("serve", help="run the sync server", description=cmd_serve.__doc__,
+                       formatter_class=ServeHelp)
     p.add_argument("--db", default="./crdtsync.db",
                    help="SQLite file, sqlite:///PATH or memory: (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="default %(default)s")
@@ -547,31 +570,28 @@ def add_serve(sub: Subparsers) -> None:
                    help='JSON file of downstream sinks: {"sinks": {name: {"type": "webhook",'
                         ' "options": {"url": ..., "secret": "${ENV_VAR}"}, ...}}}')
     p.add_argument("--cache-docs", type=number(int, 1), metavar="N",
-                   help="documents kept in memory (LRU); size it to the devices syncing often"
-                        f" (default {ServerConfig().cache_docs})")
+                   help="documents kept in memory (LRU); size it to the devices syncing often")
     p.add_argument("--cache-idle", type=number(float, 0.01), metavar="SECONDS",
-                   help="a document unused this long leaves memory"
-                        f" (default {ServerConfig().cache_idle:g})")
+                   help="a document unused this long leaves memory")
     p.add_argument("--backlog", type=number(int, 1), metavar="N",
                    help="TCP listen backlog: connections the kernel queues during a reconnect"
-                        f" storm (default {ServerConfig().backlog})")
+                        " storm")
     p.add_argument("--feed-retention", type=number(float, 0.0001), metavar="DAYS",
                    help="purge feed items (events included) this many days after they were"
                         " stored, once every sink delivered them (default: keep for ever)")
     p.add_argument("--header-timeout", type=number(float, 0.01), metavar="SECONDS",
                    help="a connection that does not deliver a whole request head this soon is"
-                        f" closed (default {ServerConfig().header_timeout:g})")
+                        " closed")
     p.add_argument("--body-timeout", type=number(float, 0.01), metavar="SECONDS",
                    help="a request body that does not arrive this soon is refused with 408;"
-                        " raise it for devices on slow links"
-                        f" (default {ServerConfig().body_timeout:g})")
+                        " raise it for devices on slow links")
     p.add_argument("--rebuild-factor", type=rebuild_factor, metavar="X",
                    help="rebuild a device's state document without its history when it is"
                         " over X times a fresh document with the same content (plus the"
-                        f" slack); 0 disables (default {ServerConfig().rebuild_factor:g})")
+                        " slack); 0 disables")
     p.add_argument("--rebuild-slack", type=number(int, 0), metavar="BYTES",
                    help="history a state document may carry beyond the factor before it is"
-                        f" rebuilt (default {ServerConfig().rebuild_slack})")
+                        " rebuilt")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)

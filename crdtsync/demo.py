@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crdtsync_server import Server, ServerConfig
-
 from .admin import AdminClient
 from .console import compact, out, stop_event, wait_or_stop
 from .device import Device
@@ -209,6 +207,8 @@ class Demo:
 
 async def cmd_demo(args: argparse.Namespace) -> int:
     """Server, simulated devices and a cloud writer in one process; checks exactly-once."""
+    from crdtsync_server import Server, ServerConfig  # lazily: the library never needs it
+
     db, data_dir = Path(args.db), Path(args.data_dir)
     reset_demo_files(db, data_dir)
     token = secrets.token_urlsafe(24)

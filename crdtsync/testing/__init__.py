@@ -9,11 +9,17 @@ See docs/testing.md.
 
 from __future__ import annotations
 
-from .clocks import ClockPlan, SkewedClock
-from .faults import FAULT_NAMES, Crash, FaultPlan
-from .invariants import Model
-from .proxy import FaultProxy
-from .simulation import SimDevice, SimReport, Simulation
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:  # at run time __getattr__ imports on first access: FAULT_NAMES alone (the
+    # CLI's parser) must not load the server, which only the simulation needs
+    from .clocks import ClockPlan, SkewedClock
+    from .faults import FAULT_NAMES, Crash, FaultPlan
+    from .invariants import Model
+    from .proxy import FaultProxy
+    from .simulation import SimDevice, SimReport, Simulation
 
 __all__ = [
     "FAULT_NAMES",
@@ -27,3 +33,12 @@ __all__ = [
     "Simulation",
     "SkewedClock",
 ]
+
+if not TYPE_CHECKING:  # hidden from mypy, which would type a misspelt name as object
+    __getattr__, __dir__ = lazy_exports(__name__, {
+        "clocks": ["ClockPlan", "SkewedClock"],
+        "faults": ["FAULT_NAMES", "Crash", "FaultPlan"],
+        "invariants": ["Model"],
+        "proxy": ["FaultProxy"],
+        "simulation": ["SimDevice", "SimReport", "Simulation"],
+    })

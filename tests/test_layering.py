@@ -1,0 +1,153 @@
+"""The layering docs/architecture.md draws, enforced: the pure modules load neither aiohttp nor
+sqlite3 nor the server, the device library loads no server, the CLI loads the server only when a
+server command runs, and no library module imports the server at module level.
+
+Imports are checked in fresh interpreters (``sys.modules`` after the import), since this test
+process has long loaded everything; the static check reads the source with ``ast``.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import crdtsync
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARY = ROOT / "crdtsync"
+SERVER = ROOT / "server" / "crdtsync_server"
+
+PURE = ["crdtsync.protocol", "crdtsync.values", "crdtsync.yupdate", "crdtsync.hlc",
+        "crdtsync.schema", "crdtsync.errors", "crdtsync.crdt", "crdtsync.templates"]
+"""Modules a third party may use alone: codec, values, CRDT and schema logic."""
+PURE_FORBIDDEN = ("aiohttp", "sqlite3", "crdtsync_server")
+LIBRARY_FORBIDDEN = ("crdtsync_server",)
+
+
+def loaded_after(code: str) -> set[str]:
+    """The top-level package names in ``sys.modules`` after a fresh interpreter runs ``code``."""
+    probe = f"{code}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, check=True)
+    return {name.split(".")[0] for name in done.stdout.split()}
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_module_loads_no_network_storage_or_server(module: str) -> None:
+    assert loaded_after(f"import {module}") & set(PURE_FORBIDDEN) == set()
+
+
+@pytest.mark.parametrize("module", ["crdtsync", "crdtsync.device", "crdtsync.testing.faults"])
+def test_library_loads_no_server(module: str) -> None:
+    assert loaded_after(f"import {module}") & set(LIBRARY_FORBIDDEN) == set()
+
+
+def test_cli_loads_the_server_only_when_a_server_command_runs() -> None:
+    parse = ("from crdtsync.cli import build_parser, serve_config\n"
+             "args = build_parser().parse_args(['serve'])")
+    assert "crdtsync_server" not in loaded_after(parse)
+    # the control: the same probe sees the server once the serve command builds its config
+    assert "crdtsync_server" in loaded_after(f"{parse}\nserve_config(args)")
+
+
+def test_public_names_are_frozen_and_resolve() -> None:
+    assert crdtsync.__all__ == [
+        "AdminClient", "ClosedError", "Conflict", "CrdtsyncError", "Device", "InvalidValue",
+        "OutboxFull", "OutboxLimits", "SchemaViolation", "StateMap", "StateSchema",
+        "StoreError", "SyncReport", "TransportError", "WriteInfo", "__version__"]
+    namespace: dict[str, object] = {}
+    exec("from crdtsync import *", namespace)  # the star import users write
+    assert set(crdtsync.__all__) <= set(namespace)
+    assert set(crdtsync.__all__) <= set(dir(crdtsync))
+    with pytest.raises(AttributeError, match="Bogus"):
+        crdtsync.Bogus  # type: ignore[attr-defined]  # noqa: B018
+
+
+# --- static import graph --------------------------------------------------------------------
+
+
+def module_name(path: Path) -> str:
+    """``crdtsync/device.py`` -> ``crdtsync.device``; a package's ``__init__`` is the package."""
+    base = ROOT / "server" if path.is_relative_to(SERVER) else ROOT
+    parts = list(path.relative_to(base).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def runtime_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """The statements that run when the module is imported: not function bodies, not
+    ``if TYPE_CHECKING:`` blocks (their ``else`` runs)."""
+    for node in body:
+        yield node
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            yield from runtime_statements(node.orelse)
+            continue
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            yield from runtime_statements(getattr(node, field, []))
+
+
+def module_imports(path: Path) -> set[str]:
+    """The absolute names of the modules ``path`` imports at module level."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in runtime_statements(ast.parse(path.read_text(), str(path)).body):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = base[:len(base) - node.level + 1] if node.level else []
+            target = ".".join([*base, *([node.module] if node.module else [])])
+            found.add(target)
+            found |= {f"{target}.{alias.name}" for alias in node.names}  # submodule imports
+    return found
+
+
+GRAPH = {module_name(path): module_imports(path)
+         for tree in (LIBRARY, SERVER) for path in sorted(tree.rglob("*.py"))}
+"""Module -> the modules it imports at module level, over the library and the server."""
+
+
+def parents(module: str) -> set[str]:
+    """The packages whose ``__init__`` runs before ``module``: ``a.b.c`` -> ``a``, ``a.b``."""
+    parts = module.split(".")
+    return {".".join(parts[:end]) for end in range(1, len(parts))}
+
+
+def reachable(start: str) -> set[str]:
+    """Every module ``start`` loads at import, through modules of this repository (the
+    ``__init__`` of each enclosing package included)."""
+    seen, todo = {start}, [start]
+    while todo:
+        current = todo.pop()
+        for target in GRAPH.get(current, set()) | parents(current):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_no_library_module_imports_the_server_at_module_level() -> None:
+    library = [name for name in GRAPH
+               if name.split(".")[0] == "crdtsync" and not name.startswith("crdtsync.testing")]
+    assert len(library) > 20  # the walk found the library
+    offenders = {name: sorted(t for t in GRAPH[name] if t.split(".")[0] == "crdtsync_server")
+                 for name in library}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_static_graph_sees_the_simulation_import_the_server() -> None:
+    """The control for the test above: the graph does see a module-level server import."""
+    assert any(t.startswith("crdtsync_server") for t in GRAPH["crdtsync.testing.simulation"])
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_module_reaches_no_network_storage_or_server_statically(module: str) -> None:
+    reached = {name.split(".")[0] for name in reachable(module)}
+    assert reached & set(PURE_FORBIDDEN) == set()
