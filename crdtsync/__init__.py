@@ -22,13 +22,17 @@ if TYPE_CHECKING:  # what mypy and IDEs see; at run time __getattr__ imports on 
         CrdtsyncError,
         InvalidValue,
         OutboxFull,
+        RouteFailed,
         SchemaViolation,
         StoreError,
+        SyncStalled,
         TransportError,
     )
+    from .inbox import Message
     from .protocol import Conflict, WriteInfo
     from .schema import StateSchema
     from .state import StateMap
+    from .transport import HttpTransport, Transport
 
 __version__ = "0.1.0.dev0"
 
@@ -38,14 +42,19 @@ __all__ = [
     "Conflict",
     "CrdtsyncError",
     "Device",
+    "HttpTransport",
     "InvalidValue",
+    "Message",
     "OutboxFull",
     "OutboxLimits",
+    "RouteFailed",
     "SchemaViolation",
     "StateMap",
     "StateSchema",
     "StoreError",
     "SyncReport",
+    "SyncStalled",
+    "Transport",
     "TransportError",
     "WriteInfo",
     "__version__",
@@ -56,9 +65,11 @@ if not TYPE_CHECKING:  # hidden from mypy, which would type a misspelt name as o
         "admin": ["AdminClient"],
         "device": ["Device", "SyncReport"],
         "device_store": ["OutboxLimits"],
-        "errors": ["ClosedError", "CrdtsyncError", "InvalidValue", "OutboxFull", "SchemaViolation",
-                   "StoreError", "TransportError"],
+        "errors": ["ClosedError", "CrdtsyncError", "InvalidValue", "OutboxFull", "RouteFailed",
+                   "SchemaViolation", "StoreError", "SyncStalled", "TransportError"],
+        "inbox": ["Message"],
         "protocol": ["Conflict", "WriteInfo"],
         "schema": ["StateSchema"],
         "state": ["StateMap"],
+        "transport": ["HttpTransport", "Transport"],
     })

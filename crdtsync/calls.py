@@ -22,24 +22,9 @@ import msgpack
 
 from . import hlc
 from .device_store import DeviceStore, StoredCall
-from .errors import BodyTooLarge, CrdtsyncError, InvalidValue, NotFound
+from .errors import BodyTooLarge, InvalidValue, NotFound, RouteFailed
 from .protocol import NAME_RE, Outcome, ProxyCall, item_body
 from .values import check_value
-
-
-class RouteFailed(CrdtsyncError):
-    """A proxied request reached the cloud but its route failed; ``detail`` holds the
-    outcome, ``reason`` its stable code: ``route_timeout``, ``route_unreachable``,
-    ``route_http_error``, ``route_response_too_large``, ``route_bad_payload``,
-    ``route_not_allowed``, ``unknown_route`` or ``interrupted``; or ``item_too_large`` /
-    ``invalid_item`` when this device could not take the outcome the cloud sent."""
-
-    code = "route_failed"
-    status = 0
-
-    @property
-    def reason(self) -> str:
-        return str(self.detail.get("error") or "route_failed")
 
 
 class Calls:

@@ -60,8 +60,11 @@ AdminCommand = Callable[[AdminClient, argparse.Namespace], Awaitable[int]]
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
-class UsageError(Exception):
+class UsageError(CrdtsyncError):
     """A command line that parses but cannot be carried out (exit status 2)."""
+
+    code = "usage"
+    status = 0
 
 
 # --- serve --------------------------------------------------------------------------------

@@ -553,7 +553,7 @@ class Device:
         Durable: offline, the request waits; after a restart, find it with
         :meth:`pending_requests` and await it with :meth:`wait_request`. Passing the same
         ``request_id`` again never performs it twice. Raises
-        :class:`~crdtsync.calls.RouteFailed` (``.reason``) when the route failed. To bound
+        :class:`~crdtsync.errors.RouteFailed` (``.reason``) when the route failed. To bound
         the wait, use ``asyncio.timeout()``: cancelling the wait leaves the request queued."""
         return await self._calls.wait(await self.queue_request(route, body,
                                                                request_id=request_id))

@@ -35,8 +35,19 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     ├── StoreError                 (local)                    local database failed / newer
     ├── SyncStalled                (local)                    a sync did not settle in max_rounds
     ├── ClosedError                (local)                    used after ``aclose()``
-    └── SinkError                  (server, local)            sink delivery failed; retried
-        └── SinkRejected           (server, local)            refused for good; dead-lettered
+    ├── RouteFailed                (local)                    a proxied request's route failed
+    ├── ExportError                (local)                    ``crdtsync export`` cannot run
+    ├── UsageError                 (local)                    a CLI line that cannot be run
+    ├── FramingError               (local)                    test proxy: HTTP not delimitable
+    ├── SinkError                  (server, local)            sink delivery failed; retried
+    │   └── SinkRejected           (server, local)            refused for good; dead-lettered
+    └── LeaseLost                  (server, local)            another process delivers the sink
+
+Only ``crdtsync.testing.faults.Crash`` stands outside the tree, a ``BaseException`` on purpose
+(a simulated process death that no ``except Exception`` may swallow). The local classes are
+defined here, except ``UsageError`` (``crdtsync.cli``), ``FramingError``
+(``crdtsync.testing.proxy``) and ``LeaseLost`` (``crdtsync_server.sinks.runner``), which live
+with the one module that raises and catches them; tests/test_layering.py keeps them in the tree.
 """
 
 from __future__ import annotations
@@ -215,6 +226,30 @@ class SyncStalled(CrdtsyncError):
 
 class ClosedError(CrdtsyncError):
     code = "closed"
+    status = 0
+
+
+class RouteFailed(CrdtsyncError):
+    """A proxied request reached the cloud but its route failed; ``detail`` holds the
+    outcome, ``reason`` its stable code: ``route_timeout``, ``route_unreachable``,
+    ``route_http_error``, ``route_response_too_large``, ``route_bad_payload``,
+    ``route_not_allowed``, ``unknown_route`` or ``interrupted``; or ``item_too_large`` /
+    ``invalid_item`` when this device could not take the outcome the cloud sent. Not
+    retryable: the cloud performs a request id at most once, so the same id fails again."""
+
+    code = "route_failed"
+    status = 0
+
+    @property
+    def reason(self) -> str:
+        return str(self.detail.get("error") or "route_failed")
+
+
+class ExportError(CrdtsyncError):
+    """The export cannot run as asked: pyarrow missing for Parquet, a state file written
+    with another format or other filters, an unreadable state file."""
+
+    code = "export_failed"
     status = 0
 
 

@@ -46,7 +46,7 @@ from urllib.parse import quote
 
 from .admin import MAX_PAGE, AdminClient
 from .aio import cancel_and_wait
-from .errors import CrdtsyncError
+from .errors import CrdtsyncError, ExportError
 
 __all__ = ["COLUMNS", "FORMATS", "ExportError", "ExportReport", "ExportState",
            "export_events", "topic_dir"]
@@ -64,14 +64,6 @@ T = TypeVar("T")
 
 _EPOCH = date(1970, 1, 1).toordinal()
 _DAY_MS = 86_400_000
-
-
-class ExportError(CrdtsyncError):
-    """The export cannot run as asked: pyarrow missing for Parquet, a state file written
-    with another format or other filters, an unreadable state file."""
-
-    code = "export_failed"
-    status = 0
 
 
 @dataclass(frozen=True, slots=True)

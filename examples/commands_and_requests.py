@@ -50,9 +50,7 @@ from typing import Any
 
 from aiohttp import web
 
-from crdtsync import AdminClient, Device
-from crdtsync.calls import RouteFailed
-from crdtsync.inbox import Message
+from crdtsync import AdminClient, Device, Message, RouteFailed
 from crdtsync_server import Server, ServerConfig
 
 

@@ -18,8 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from crdtsync import AdminClient, Device, TransportError
-from crdtsync.calls import RouteFailed
+from crdtsync import AdminClient, Device, RouteFailed, TransportError
 from crdtsync.inbox import Message
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from crdtsync import AdminClient, CrdtsyncError, InvalidValue
-from crdtsync.calls import RouteFailed
+from crdtsync import AdminClient, CrdtsyncError, InvalidValue, RouteFailed
 from crdtsync.hlc import wall_ms
 from crdtsync.inbox import Message
 from crdtsync.protocol import DEFAULT_LIMITS

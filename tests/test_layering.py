@@ -9,6 +9,8 @@ process has long loaded everything; the static check reads the source with ``ast
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 
 import crdtsync
+from crdtsync import errors
+from crdtsync.errors import CrdtsyncError
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / "crdtsync"
@@ -57,9 +61,10 @@ def test_cli_loads_the_server_only_when_a_server_command_runs() -> None:
 
 def test_public_names_are_frozen_and_resolve() -> None:
     assert crdtsync.__all__ == [
-        "AdminClient", "ClosedError", "Conflict", "CrdtsyncError", "Device", "InvalidValue",
-        "OutboxFull", "OutboxLimits", "SchemaViolation", "StateMap", "StateSchema",
-        "StoreError", "SyncReport", "TransportError", "WriteInfo", "__version__"]
+        "AdminClient", "ClosedError", "Conflict", "CrdtsyncError", "Device", "HttpTransport",
+        "InvalidValue", "Message", "OutboxFull", "OutboxLimits", "RouteFailed",
+        "SchemaViolation", "StateMap", "StateSchema", "StoreError", "SyncReport", "SyncStalled",
+        "Transport", "TransportError", "WriteInfo", "__version__"]
     namespace: dict[str, object] = {}
     exec("from crdtsync import *", namespace)  # the star import users write
     assert set(crdtsync.__all__) <= set(namespace)
@@ -151,3 +156,43 @@ def test_static_graph_sees_the_simulation_import_the_server() -> None:
 def test_pure_module_reaches_no_network_storage_or_server_statically(module: str) -> None:
     reached = {name.split(".")[0] for name in reachable(module)}
     assert reached & set(PURE_FORBIDDEN) == set()
+
+
+# --- one exception tree, a curated surface ---------------------------------------------------
+
+
+OUTSIDE_THE_TREE = {"crdtsync.testing.faults.Crash"}
+"""A ``BaseException`` on purpose: a simulated process death no ``except Exception`` swallows."""
+
+
+def exception_classes() -> list[type[BaseException]]:
+    """Every exception class defined in a module of the library or the server (each module
+    imported, its own classes kept, not the ones it imports)."""
+    found = []
+    for name in GRAPH:
+        module = importlib.import_module(name)
+        found += [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(cls, BaseException) and cls.__module__ == name]
+    return found
+
+
+def test_every_exception_is_in_the_one_tree() -> None:
+    classes = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in exception_classes()}
+    assert len(classes) > 30  # the walk found errors.py and the classes beside it
+    outside = {name for name, cls in classes.items() if not issubclass(cls, CrdtsyncError)}
+    assert outside == OUTSIDE_THE_TREE
+    undrawn = {name for name, cls in classes.items()
+               if name not in OUTSIDE_THE_TREE and cls.__name__ not in (errors.__doc__ or "")}
+    assert undrawn == set()
+
+
+def test_examples_import_only_the_public_packages() -> None:
+    examples = sorted((ROOT / "examples").glob("*.py"))
+    assert examples
+    for path in examples:
+        imported = {node.module for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.Import) for alias in node.names}
+        ours = {name for name in imported if name.split(".")[0].startswith("crdtsync")}
+        assert ours <= {"crdtsync", "crdtsync_server"}, (path.name, ours)

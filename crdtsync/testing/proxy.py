@@ -46,6 +46,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import CrdtsyncError
+
 log = logging.getLogger("crdtsync.testing.proxy")
 
 FAULT_MODES = ("cut_request", "cut_response", "stall", "reset")
@@ -56,8 +58,11 @@ MODES = ("pass", *FAULT_MODES, *HOLD_MODES)
 """Every mode the proxy knows."""
 
 
-class FramingError(ValueError):
+class FramingError(CrdtsyncError, ValueError):
     """An HTTP message the proxy cannot delimit (a bad Content-Length or chunk size)."""
+
+    code = "framing"
+    status = 0
 
 
 _DROPPED = (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,

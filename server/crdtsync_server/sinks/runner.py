@@ -68,8 +68,12 @@ a shutdown)."""
 __all__ = ["Backoff", "Failure", "LeaseLost", "SinkRunner", "error_text"]
 
 
-class LeaseLost(Exception):
-    """The store refused to move the cursor: another process holds the sink's lease."""
+class LeaseLost(CrdtsyncError):
+    """The store refused to move the cursor: another process holds the sink's lease (the
+    runner stands by; not retryable, the other process delivers)."""
+
+    code = "lease_lost"
+    status = 0
 
 
 def error_text(exc: BaseException) -> str:
@@ -189,15 +193,15 @@ class SinkRunner:
                 return await self._stand_by()
             if await self._retry_dead_letters() or await self._deliver_page():
                 return True
+        except LeaseLost:  # before CrdtsyncError, its base
+            log.warning("sink %r: another process took over its delivery", self.name)
+            self.lease.lost()
+            return await self._stand_by()
         except CrdtsyncError as exc:  # the store failed; nothing was lost: try again
             log.error("sink %r: %s", self.name, exc.message)
             self.state = "store error"
             await self._sleep(STORE_RETRY_S)
             return False
-        except LeaseLost:
-            log.warning("sink %r: another process took over its delivery", self.name)
-            self.lease.lost()
-            return await self._stand_by()
         self.state = "idle"
         await self._idle()
         return False
