@@ -16,7 +16,7 @@ import contextlib
 import os
 import shutil
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,10 @@ import pytest
 
 from crdtsync import AdminClient, Device
 from crdtsync.device_store import MIGRATIONS, SCHEMA_VERSION, DeviceStore, StoredCall
-from crdtsync.sqlite_worker import statements, transaction
 from crdtsync_server import Server
 
 from .test_device_store import FIXTURES, _dump
+from .test_store_sqlite import migrated_fixture
 
 # device_v1.db: frozen Yjs v1 updates made with pycrdt 0.14.13, client id 9, logged without a
 # snapshot: update 1 sets state a = 1 (the cloud holds it, V1_SERVER_SV), update 2 b = "two".
@@ -57,21 +57,11 @@ V2_CALLS = [StoredCall("r1", "weather", msgpack.packb({"city": "Oslo"}), 1_710_0
 V2_STATE = {"n": 2.5}
 
 
-@contextlib.contextmanager
-def migrated_device_fixture(path: Path, version: int) -> Iterator[sqlite3.Connection]:
-    """A new golden device file at ``path`` with the migrations up to ``version`` applied,
-    its meta rows written; the block fills in the rest in the same transaction; compacted
-    to a single file at the end."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        with transaction(conn):
-            for script in MIGRATIONS[:version]:
-                for statement in statements(script):
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {version}")
-            yield conn
-        conn.execute("VACUUM")
+def migrated_device_fixture(path: Path, version: int
+                            ) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+    """A new golden device file at ``path`` with the device migrations up to ``version``
+    applied (the block fills in its rows in the same transaction)."""
+    return migrated_fixture(path, version, MIGRATIONS)
 
 
 def _insert_common(conn: sqlite3.Connection, meta: dict[str, Any],

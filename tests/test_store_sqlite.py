@@ -20,7 +20,7 @@ import dataclasses
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -100,14 +100,16 @@ V2_EVENT = Event(1, "hum", 1_710_000_000_000, {"rh": 40})
 
 
 @contextmanager
-def migrated_fixture(path: Path, version: int) -> Iterator[sqlite3.Connection]:
-    """A new golden file at ``path`` with the migrations up to ``version`` applied; the
-    block fills it in the same transaction; compacted to a single file at the end."""
+def migrated_fixture(path: Path, version: int, migrations: Sequence[str] = MIGRATIONS
+                     ) -> Iterator[sqlite3.Connection]:
+    """A new golden file at ``path`` with ``migrations`` (the server's by default) up to
+    ``version`` applied; the block fills it in the same transaction; compacted to a single
+    file at the end."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     with closing(sqlite3.connect(path, isolation_level=None)) as conn:
         with transaction(conn):
-            for script in MIGRATIONS[:version]:
+            for script in migrations[:version]:
                 for statement in statements(script):
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
