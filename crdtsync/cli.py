@@ -621,7 +621,7 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
     """Run a deterministic simulation of devices, server instances and a faulty network,
     then check every invariant; exit 0 only if all held (docs/testing.md)."""
     from .testing import FAULT_NAMES
-    from .testing.runner import simulate
+    from .testing.simulate import simulate
 
     seeds = list(range(args.seed, args.seed + args.seeds))
     faults = [] if args.faults in ("", "none") else args.faults.split(",")

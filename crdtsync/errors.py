@@ -46,8 +46,9 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
 Only ``crdtsync.testing.faults.Crash`` stands outside the tree, a ``BaseException`` on purpose
 (a simulated process death that no ``except Exception`` may swallow). The local classes are
 defined here, except ``UsageError`` (``crdtsync.cli``), ``FramingError``
-(``crdtsync.testing.proxy``) and ``LeaseLost`` (``crdtsync_server.sinks.runner``), which live
-with the one module that raises and catches them; tests/test_layering.py keeps them in the tree.
+(``crdtsync.testing.fault_proxy``) and ``LeaseLost`` (``crdtsync_server.sinks.delivery``),
+which live with the one module that raises and catches them; tests/test_layering.py keeps
+them in the tree.
 """
 
 from __future__ import annotations

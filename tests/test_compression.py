@@ -40,10 +40,10 @@ async def test_device_falls_back_to_deflate_for_a_server_without_zstd(
 ) -> None:
     """A server without zstandard answers ``unsupported_encoding`` with what it takes; the
     transport sends the same request again at once as deflate, and stays with deflate."""
-    from crdtsync_server import app, sync_api
+    from crdtsync_server.api import body, sync
 
-    monkeypatch.delitem(app._DECODERS, "zstd")
-    monkeypatch.setattr(sync_api, "BEST_ENCODING", "deflate")
+    monkeypatch.delitem(body._DECODERS, "zstd")
+    monkeypatch.setattr(sync, "BEST_ENCODING", "deflate")
     dev = await make_device("d1")
     transport = dev._transport
     assert isinstance(transport, HttpTransport)
@@ -126,9 +126,9 @@ async def test_zstd_frames_without_a_declared_size_are_capped_too(
 
 async def test_a_server_without_zstd_lists_what_it_takes_best_first(
         server: Server, admin: AdminClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from crdtsync_server import app
+    from crdtsync_server.api import body
 
-    monkeypatch.delitem(app._DECODERS, "zstd")
+    monkeypatch.delitem(body._DECODERS, "zstd")
     token = (await admin.add_device("d1"))["token"]
     body = zstandard.compress(encode_request(SyncRequest(device="d1", docs=())))
     headers = {"Authorization": f"Bearer {token}", "Content-Encoding": "zstd",

@@ -19,7 +19,8 @@ from crdtsync import AdminClient, Device
 from crdtsync.admin import SseParser, sse_lines
 from crdtsync.cli import build_parser
 from crdtsync.errors import CursorExpired, MalformedRequest, Unauthorized
-from crdtsync_server import Server, feed_api
+from crdtsync_server import Server
+from crdtsync_server.api import feed as feed_api
 
 from .conftest import ADMIN_TOKEN, DeviceFactory
 

@@ -196,3 +196,105 @@ def test_examples_import_only_the_public_packages() -> None:
                      if isinstance(node, ast.Import) for alias in node.names}
         ours = {name for name in imported if name.split(".")[0].startswith("crdtsync")}
         assert ours <= {"crdtsync", "crdtsync_server"}, (path.name, ours)
+
+
+# --- the server: a core without HTTP, storage below it, adapters at the edge ----------------
+
+
+HTTP = ("aiohttp", "multidict", "yarl")
+ADAPTERS = ("crdtsync_server.api", "crdtsync_server.proxied.executor")
+"""The only server modules that may import an HTTP library: the handlers and the executor
+of proxied requests (sinks import their clients when they open, like NATS and PostgreSQL)."""
+
+
+def server_modules(prefix: str = "crdtsync_server") -> list[str]:
+    return [name for name in GRAPH if name == prefix or name.startswith(f"{prefix}.")]
+
+
+def is_adapter(name: str) -> bool:
+    return any(name == a or name.startswith(f"{a}.") for a in ADAPTERS)
+
+
+def test_the_server_core_reaches_no_http_library_statically() -> None:
+    core = [name for name in server_modules() if not is_adapter(name)]
+    assert "crdtsync_server.core" in core and "crdtsync_server.sync" in core
+    offenders = {name: sorted(t for t in reachable(name) if t.split(".")[0] in HTTP)
+                 for name in core}
+    assert {name: found for name, found in offenders.items() if found} == {}
+    # the control: the graph does see the handlers import aiohttp
+    assert "aiohttp" in {t.split(".")[0] for t in reachable("crdtsync_server.api.sync")}
+
+
+def test_the_server_core_loads_no_http_library() -> None:
+    loaded = loaded_after("import crdtsync_server.core, crdtsync_server.maintenance")
+    assert loaded & set(HTTP) == set()
+    assert "aiohttp" in loaded_after("import crdtsync_server.api.app")  # the control
+
+
+def test_the_core_never_imports_the_handlers() -> None:
+    core = [name for name in server_modules() if not is_adapter(name)]
+    offenders = {name: sorted(t for t in reachable(name) if t.startswith("crdtsync_server.api"))
+                 for name in core}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_storage_imports_nothing_of_the_server_above_it() -> None:
+    store = server_modules("crdtsync_server.store")
+    assert len(store) > 5
+    above = {name: sorted(t for t in GRAPH[name]
+                          if t.startswith("crdtsync_server.")
+                          and not t.startswith("crdtsync_server.store"))
+             for name in store}
+    assert {name: found for name, found in above.items() if found} == {}
+    http = {name: sorted(t for t in reachable(name) if t.split(".")[0] in HTTP) for name in store}
+    assert {name: found for name, found in http.items() if found} == {}
+
+
+def import_cycles() -> list[list[str]]:
+    """The strongly connected components of more than one module in the graph of explicit
+    module-level imports (Tarjan), over the library and the server. An import of a module's
+    own package (``from . import sibling``) is no edge: the package runs first anyway."""
+    edges = {name: sorted(t for t in targets if t in GRAPH and t not in parents(name) | {name})
+             for name, targets in GRAPH.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in edges[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycles() -> None:
+    assert import_cycles() == []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    """The control: a graph with a cycle added is reported."""
+    GRAPH["crdtsync_server.core"].add("crdtsync_server.api.app")
+    try:
+        assert any("crdtsync_server.core" in c and "crdtsync_server.api.app" in c
+                   for c in import_cycles())
+    finally:
+        GRAPH["crdtsync_server.core"].discard("crdtsync_server.api.app")

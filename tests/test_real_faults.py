@@ -45,7 +45,7 @@ from crdtsync.protocol import (
     encode_state_vector,
 )
 from crdtsync.testing import FaultProxy
-from crdtsync.testing.proxy import FAULT_MODES, HOLD_MODES
+from crdtsync.testing.fault_proxy import FAULT_MODES, HOLD_MODES
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server
 

@@ -17,11 +17,11 @@ from aiohttp import web
 from crdtsync import AdminClient
 from crdtsync.errors import ClosedError, MalformedRequest, NotFound
 from crdtsync_server import Server
-from crdtsync_server.proxy import load_route_table
-from crdtsync_server.routes import (
-    Outcome,
+from crdtsync_server.proxied.dispatch import load_route_table
+from crdtsync_server.proxied.executor import RouteExecutor
+from crdtsync_server.proxied.routes import (
     Route,
-    RouteExecutor,
+    RouteOutcome,
     RouteTable,
     load_routes_file,
 )
@@ -143,7 +143,7 @@ async def test_post_sends_json_and_secret_header(target: Target, executor: Route
                                                  ) -> None:
     route = target.route("/echo", headers={"X-Api-Key": SECRET})
     out = await executor.perform(route, "d1", {"city": "Oslo", "n": [1, 2]})
-    assert out == Outcome(True, 200, {"method": "POST", "json": {"city": "Oslo", "n": [1, 2]},
+    assert out == RouteOutcome(True, 200, {"method": "POST", "json": {"city": "Oslo", "n": [1, 2]},
                                       "query": {}, "key": SECRET, "type": "application/json"},
                           None, "target answered 200", 1)
 
@@ -285,13 +285,13 @@ async def test_executor_lifecycle(target: Target) -> None:
 
 
 def test_outcome_json_round_trip() -> None:
-    out = Outcome(False, 503, "busy", "route_http_error", "target answered 503", 2)
+    out = RouteOutcome(False, 503, "busy", "route_http_error", "target answered 503", 2)
     wire = out.to_json()
     assert wire == {"ok": False, "status": 503, "body": "busy", "error": "route_http_error",
                     "message": "target answered 503", "attempts": 2}
-    assert Outcome.from_json(json.loads(json.dumps(wire))) == out
+    assert RouteOutcome.from_json(json.loads(json.dumps(wire))) == out
     with pytest.raises(MalformedRequest):
-        Outcome.from_json({"ok": True})
+        RouteOutcome.from_json({"ok": True})
 
 
 # --- route validation ------------------------------------------------------------------

@@ -19,13 +19,13 @@ from aiohttp import web
 from crdtsync.aio import cancel_and_wait, spawn
 from crdtsync.errors import MalformedRequest, SinkError, SinkRejected
 from crdtsync.protocol import Event
+from crdtsync_server.api.metrics import render_metrics
 from crdtsync_server.feed import FeedNotifier
-from crdtsync_server.metrics_api import render_metrics
 from crdtsync_server.sinks import SINK_TYPES, SinkConfig
-from crdtsync_server.sinks import runner as runner_module
+from crdtsync_server.sinks import delivery as runner_module
 from crdtsync_server.sinks.config import load_sinks_file, parse_sink
+from crdtsync_server.sinks.delivery import Backoff, SinkRunner
 from crdtsync_server.sinks.manager import SinkManager
-from crdtsync_server.sinks.runner import Backoff, SinkRunner
 from crdtsync_server.sinks.webhook import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,

@@ -16,9 +16,9 @@ from .._lazy import lazy_exports
 if TYPE_CHECKING:  # at run time __getattr__ imports on first access: FAULT_NAMES alone (the
     # CLI's parser) must not load the server, which only the simulation needs
     from .clocks import ClockPlan, SkewedClock
+    from .fault_proxy import FaultProxy
     from .faults import FAULT_NAMES, Crash, FaultPlan
     from .invariants import Model
-    from .proxy import FaultProxy
     from .simulation import SimDevice, SimReport, Simulation
 
 __all__ = [
@@ -39,6 +39,6 @@ if not TYPE_CHECKING:  # hidden from mypy, which would type a misspelt name as o
         "clocks": ["ClockPlan", "SkewedClock"],
         "faults": ["FAULT_NAMES", "Crash", "FaultPlan"],
         "invariants": ["Model"],
-        "proxy": ["FaultProxy"],
+        "fault_proxy": ["FaultProxy"],
         "simulation": ["SimDevice", "SimReport", "Simulation"],
     })

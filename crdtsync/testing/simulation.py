@@ -1,10 +1,12 @@
 """``Simulation``: devices, server instances and a faulty network in one process, from a seed.
 
 Devices are real :class:`~crdtsync.Device` objects on real SQLite files; server instances are
-the real server code (``process_sync``, ``SyncService``, ``DocumentCache``) over one shared
-real SQLite database in a temporary folder; the network between them is simulated
-(:mod:`crdtsync.testing.faults`). Every step runs to completion before the next, so a run is
-a pure function of its seed: a failure prints the seed, and the same seed replays it.
+the real server core, built as a server process builds it (``open_services``, then
+``process_sync`` per request; the maintenance chores run every ``CHORE_EVERY`` steps of
+virtual time), over one shared real SQLite database in a temporary folder; the network
+between them is simulated (:mod:`crdtsync.testing.faults`). Every step runs to completion
+before the next, so a run is a pure function of its seed: a failure prints the seed, and
+the same seed replays it.
 
     async with Simulation(devices=3, seed=7, faults=FaultPlan.everything()) as sim:
         report = await sim.run(steps=500)
@@ -13,27 +15,22 @@ a pure function of its seed: a failure prints the seed, and the same seed replay
 
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crdtsync_server.app import ServerConfig, Services
 from crdtsync_server.auth import DEVICE_TOKEN_BYTES, hash_token, new_token
-from crdtsync_server.documents import DocumentCache
-from crdtsync_server.feed import FeedNotifier
-from crdtsync_server.notify import DeviceNotifier
-from crdtsync_server.proxy import ProxyRunner
-from crdtsync_server.routes import Outcome, Route, RouteExecutor, RouteTable
-from crdtsync_server.sinks.manager import SinkManager
+from crdtsync_server.config import ServerConfig
+from crdtsync_server.core import Services, open_services, process_sync
+from crdtsync_server.proxied.routes import Executor, Route, RouteOutcome
 from crdtsync_server.store import CommitResult, DeviceRecord, SQLiteStore, SyncWrite
-from crdtsync_server.sync import SyncService
-from crdtsync_server.sync_api import process_sync
-from crdtsync_server.template_registry import TemplateRegistry
 
 from .. import crdt
 from ..device import Device
@@ -123,31 +120,42 @@ class SimServer:
         return self.services is not None
 
     async def start(self) -> None:
-        store = CrashingStore(self.sim, self.index, self.sim.workdir / "cloud.db",
-                              synchronous="OFF")
-        await store.open()
-        docs = DocumentCache(store, crdt.random_client_id(), capacity=self.sim.cache_docs,
-                             compact_every=self.sim.compact_every)
-        config = ServerConfig(db=str(self.sim.workdir / "cloud.db"), admin_token=ADMIN_TOKEN)
-        routes = RouteTable([Route(ECHO_ROUTE, "http://127.0.0.1:9/echo")])
-        proxy = ProxyRunner(store, routes, SimExecutor(self.sim))
-        await proxy.recover()
-        notifier = FeedNotifier()
-        results = DeviceNotifier()
-        clock: dict[str, Any] = {"clock": self.clock} if server_takes_clock() else {}
-        self.services = Services(config, store, docs,
-                                 SyncService(store, docs, proxy, proxy_budget=5.0,
-                                             notifier=notifier, results=results, **clock),
-                                 hash_token(ADMIN_TOKEN), routes, proxy,
-                                 TemplateRegistry(store), notifier,
-                                 SinkManager(store, notifier), results)
+        """Build the instance's services exactly as a server process does
+        (:func:`~crdtsync_server.core.open_services`), over a crashing store and an
+        in-process executor, with the chores left to the simulation's virtual time."""
+        sim = self.sim
+        store = CrashingStore(sim, self.index, sim.workdir / "cloud.db", synchronous="OFF")
+        config = ServerConfig(db=str(sim.workdir / "cloud.db"), admin_token=ADMIN_TOKEN,
+                              cache_docs=sim.cache_docs, compact_every=sim.compact_every,
+                              proxy_budget=5.0, proxy_grace=0)
+        if server_takes_clock():
+            config.clock = self.clock
+        self._stack = AsyncExitStack()
+        self.services = await self._stack.enter_async_context(
+            open_services(config, executor=SimExecutor(sim), store=store, loops=False))
+        self.services.routes.put(Route(ECHO_ROUTE, "http://127.0.0.1:9/echo"))
 
     async def crash(self) -> None:
-        """Lose everything in memory; the database keeps what was committed."""
+        """Lose everything in memory; the database keeps what was committed. The store
+        closes first (a dead process writes nothing more), so the orderly shutdown that
+        follows only releases what the instance held."""
         if self.services is not None:
             services, self.services = self.services, None
             await services.proxy.aclose(grace=0)
             await services.store.aclose()
+            with contextlib.suppress(CrdtsyncError):
+                await self._stack.aclose()
+
+    async def stop(self) -> None:
+        """An orderly shutdown of the instance (the end of a run)."""
+        if self.services is not None:
+            self.services = None
+            await self._stack.aclose()
+
+    async def chores(self) -> None:
+        """The instance's maintenance chores, once (purges, last-sync times, evictions)."""
+        if self.services is not None:
+            await self.services.maintenance.run_once()
 
     async def handle(self, token: str, body: bytes) -> bytes:
         if self.services is None:
@@ -163,19 +171,21 @@ class SimServer:
 
 ECHO_ROUTE = "echo"
 
+CHORE_EVERY = 25
+"""Steps between two runs of the instances' maintenance chores."""
 
-class SimExecutor(RouteExecutor):
+
+class SimExecutor(Executor):
     """Performs the simulation's one route in process (no HTTP) and counts every call, so
     the invariants can check that each request ran at most once."""
 
     def __init__(self, sim: Simulation) -> None:
-        super().__init__()
         self.sim = sim
 
-    async def perform(self, route: Route, device_id: str, payload: Any) -> Outcome:
+    async def perform(self, route: Route, device_id: str, payload: Any) -> RouteOutcome:
         key = (device_id, str(payload.get("id")) if isinstance(payload, dict) else "")
         self.sim.model.performed[key] += 1
-        return Outcome(True, 200, {"echo": payload}, None, "", 1)
+        return RouteOutcome(True, 200, {"echo": payload}, None, "", 1)
 
 
 class CrashingStore(SQLiteStore):
@@ -391,9 +401,7 @@ class Simulation:
                 await device.device.aclose()
                 device.device = None
         for server in self.servers:
-            if server.services is not None:
-                await server.services.store.aclose()
-                server.services = None
+            await server.stop()
         self._ids.__exit__(None, None, None)
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -478,6 +486,13 @@ class Simulation:
         name, op, _ = self.rng.choices(ops, weights=[w for _, _, w in ops])[0]
         self.report.operations[name] += 1
         await op()
+        if self.report.steps % CHORE_EVERY == 0:
+            await self._chores()
+
+    async def _chores(self) -> None:
+        """Every live instance runs its maintenance chores once."""
+        for server in self.servers:
+            await server.chores()
 
     def _set_clocks(self) -> None:
         """Per device, with the plan's chances: its clock is set to another offset, or
@@ -685,6 +700,7 @@ class Simulation:
         for _ in range(3):
             for device in self.devices:
                 await self.sync_device(device)
+        await self._chores()
 
     async def check(self) -> None:
         """Check the built-in and registered invariants; fill ``report``."""

@@ -14,8 +14,6 @@ import hashlib
 import hmac
 import secrets
 
-from aiohttp import web
-
 from crdtsync.errors import Forbidden, Unauthorized
 
 from .store import DeviceRecord, Store
@@ -64,15 +62,6 @@ async def authenticate_device(store: Store, token: str) -> DeviceRecord:
         raise Forbidden(f"device {device.id!r} is disabled; its syncs are refused until an "
                         "admin enables it", {"device": device.id, "disabled": True})
     return device
-
-
-def bearer(request: web.Request) -> str:
-    """The bearer token of a request; :class:`Unauthorized` when absent or malformed."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    return token.strip()
 
 
 async def admin_token_hash(store: Store, given: str | None) -> tuple[str, str | None]:

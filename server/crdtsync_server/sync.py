@@ -49,7 +49,7 @@ from . import stamps
 from .documents import GENERATION_LIMIT, DocumentCache, LiveDoc
 from .feed import FeedNotifier
 from .notify import DeviceNotifier
-from .proxy import ProxyRunner
+from .proxied.dispatch import ProxyRunner
 from .store import CommitResult, DeviceRecord, DocWrite, KeyStamp, Store, SyncWrite
 from .store.base import CommandResult, ProxyRequest
 from .store.feed import ConflictRecord, StateChange

@@ -3,7 +3,7 @@
 A sink receives feed items in cursor order, in batches, and must make delivering the same
 batch twice harmless: each item carries a stable idempotency key (``FeedItem.key``) that the
 destination deduplicates on (a webhook receiver, JetStream's ``Nats-Msg-Id``, a primary key
-in PostgreSQL). The runner (``sinks/runner.py``) owns cursors, retries, backoff and dead
+in PostgreSQL). The runner (``sinks/delivery.py``) owns cursors, retries, backoff and dead
 letters; a sink only delivers or raises.
 
 :class:`SinkConfig` is defined with the other stored sink records (``store/sinks.py``: the

@@ -1,4 +1,4 @@
-"""``SinkManager``: one :class:`~crdtsync_server.sinks.runner.SinkRunner` task per sink.
+"""``SinkManager``: one :class:`~crdtsync_server.sinks.delivery.SinkRunner` task per sink.
 
 At server start the sinks of the sinks file are stored (created, or reconfigured keeping
 their cursor) and a runner starts for every stored sink that is not paused. A sink whose
@@ -26,8 +26,8 @@ from ..store import Store
 from ..store.sinks import SinkRecord
 from .base import SINK_TYPES, Sink, SinkConfig
 from .config import FileSink, SinkSpec, load_sinks_file
+from .delivery import SinkRunner
 from .lease import LEASE_TTL_S, new_owner_id
-from .runner import SinkRunner
 
 log = logging.getLogger("crdtsync.server.sinks")
 

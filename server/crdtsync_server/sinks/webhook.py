@@ -31,9 +31,8 @@ import hmac
 import json
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-import aiohttp
 
 from crdtsync import __version__
 from crdtsync.errors import SinkError, SinkRejected
@@ -42,6 +41,9 @@ from ..store.feed import FeedItem
 from ..validation import headers_problem, url_problem
 from .base import SinkConfig, register
 from .config import invalid, number_field
+
+if TYPE_CHECKING:
+    import aiohttp
 
 SIGNATURE_HEADER = "X-Crdtsync-Signature"
 TIMESTAMP_HEADER = "X-Crdtsync-Timestamp"
@@ -119,9 +121,16 @@ class WebhookSink:
         self.headers: Mapping[str, str] = dict(headers)
         self._host = urlsplit(self.url).hostname
         self._session: aiohttp.ClientSession | None = None
+        self._unreachable: tuple[type[Exception], ...] = (OSError,)
+        """What a failed exchange raises: OSError, and aiohttp's ClientError once open."""
 
     async def open(self) -> None:
+        # The HTTP client is imported here, as the NATS and PostgreSQL sinks import theirs:
+        # the server core that loads the sink types stays free of any HTTP library.
+        import aiohttp
+
         if self._session is None:
+            self._unreachable = (aiohttp.ClientError, OSError)
             self._session = aiohttp.ClientSession(
                 cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
@@ -150,7 +159,7 @@ class WebhookSink:
                 snippet = (await resp.content.read(_SNIPPET)).decode("utf-8", "replace")
         except TimeoutError:  # before OSError: TimeoutError is one
             raise SinkError(f"{self._host}: no answer within {self.timeout:g} s") from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except self._unreachable as exc:
             # The URL may hold a secret (a token in its path): only the host is named.
             raise SinkError(f"{self._host}: cannot reach the receiver"
                             f" ({type(exc).__name__})") from None

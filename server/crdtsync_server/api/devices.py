@@ -2,80 +2,31 @@
 
 from __future__ import annotations
 
-import json
 from importlib import resources
-from typing import Any
 
 from aiohttp import web
 
-from crdtsync.errors import MalformedRequest, NotFound, Unauthorized
+from crdtsync.errors import MalformedRequest
 from crdtsync.protocol import NAME_RE
 from crdtsync.values import check_key
 
-from .api_input import parse_json, parse_uint
-from .app import SERVICES, read_body
-from .auth import DEVICE_TOKEN_BYTES, bearer, hash_token, new_token, token_matches
-from .store import DeviceRecord
+from ..auth import DEVICE_TOKEN_BYTES, hash_token, new_token
+from ..store import DeviceRecord
+from .common import (
+    bool_param,
+    device_json,
+    found,
+    id_page,
+    int_param,
+    json_response,
+    limit_param,
+    name_param,
+    read_json,
+    require_admin,
+)
+from .keys import SERVICES
 
 routes = web.RouteTableDef()
-MAX_PAGE = 1000
-
-
-def require_admin(request: web.Request) -> None:
-    """Raise :class:`Unauthorized` unless the admin token is presented."""
-    token = bearer(request)
-    if not token_matches(token, request.app[SERVICES].admin_hash):
-        raise Unauthorized("this endpoint needs the admin token")
-
-
-async def read_json(request: web.Request) -> Any:
-    """The JSON body (``None`` if empty), parsed by :func:`api_input.parse_json`:
-    :class:`MalformedRequest` if it is not JSON, :class:`InvalidValue` for NaN, deep
-    nesting or a lone surrogate."""
-    return parse_json(await read_body(request) or b"null")
-
-
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, separators=(
-        ",", ":")))
-
-
-def device_json(device: DeviceRecord) -> dict[str, Any]:
-    return {"id": device.id, "created": device.created, "last_sync": device.last_sync,
-            "last_seq": device.last_seq, "events_lost": device.events_lost,
-            "meta": dict(device.meta), "fleet": device.fleet, "fleet_gen": device.fleet_gen,
-            "disabled": device.disabled}
-
-
-def int_param(request: web.Request, name: str, default: int, maximum: int,
-               minimum: int = 0) -> int:
-    """The query parameter ``name`` as an integer from ``minimum`` to ``maximum``
-    (``default`` when absent or empty); :class:`MalformedRequest` otherwise."""
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
-    value = parse_uint(raw, minimum, maximum)
-    if value is None:
-        raise MalformedRequest(
-            f"query parameter {name!r} must be an integer {minimum}..{maximum}")
-    return value
-
-
-def bool_param(request: web.Request, name: str) -> bool:
-    """Query parameter ``name``: ``true`` or ``1``, ``false`` or ``0`` (absent or empty:
-    false)."""
-    raw = request.query.get(name, "") or "false"
-    if raw not in ("true", "false", "1", "0"):
-        raise MalformedRequest(f"query parameter {name!r} must be true, false, 1 or 0")
-    return raw in ("true", "1")
-
-
-def name_param(request: web.Request, key: str = "device") -> str:
-    """The path parameter ``key`` (a device id, fleet id, topic...), checked as a name."""
-    value = request.match_info[key]
-    if not NAME_RE.match(value):
-        raise MalformedRequest(f"{value!r} is not a valid {key} name")
-    return value
 
 
 @routes.get("/v1/health")
@@ -118,9 +69,8 @@ async def add_device(request: web.Request) -> web.Response:
 async def list_devices(request: web.Request) -> web.Response:
     """Devices in id order, paginated with ``after`` (the last id seen) and ``limit``."""
     require_admin(request)
-    limit = int_param(request, "limit", 100, MAX_PAGE, minimum=1)
-    devices = await request.app[SERVICES].store.list_devices(request.query.get("after", ""),
-                                                             limit)
+    after, limit = id_page(request)
+    devices = await request.app[SERVICES].store.list_devices(after, limit)
     sync = request.app[SERVICES].sync
     return json_response({"devices": [device_json(sync.with_recent_sync(d)) for d in devices],
                           "next": devices[-1].id if len(devices) == limit else None})
@@ -130,9 +80,8 @@ async def list_devices(request: web.Request) -> web.Response:
 async def get_device(request: web.Request) -> web.Response:
     """One device with its bookkeeping (last sync time, last stored seq)."""
     require_admin(request)
-    device = await request.app[SERVICES].store.get_device(name_param(request))
-    if device is None:
-        raise NotFound(f"no device {request.match_info['device']!r}")
+    device_id = name_param(request)
+    device = found(await request.app[SERVICES].store.get_device(device_id), "device", device_id)
     return json_response(device_json(request.app[SERVICES].sync.with_recent_sync(device)))
 
 
@@ -203,7 +152,7 @@ async def list_events(request: web.Request) -> web.Response:
     """Events in arrival order after ``after`` (a cursor), filtered by device and topic."""
     require_admin(request)
     after = int_param(request, "after", 0, 2**63 - 1)
-    limit = int_param(request, "limit", 100, MAX_PAGE, minimum=1)
+    limit = limit_param(request)
     events = await request.app[SERVICES].store.read_events(
         after, limit, device=request.query.get("device") or None,
         topic=request.query.get("topic") or None)

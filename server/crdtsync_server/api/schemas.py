@@ -18,11 +18,14 @@ from aiohttp import web
 from crdtsync.errors import MalformedRequest, NotFound
 from crdtsync.schema import SCHEMA_MAP, StateSchema
 
-from .admin_api import json_response, read_json, require_admin
-from .app import SERVICES
-from .env_api import fleet_param
-from .schemas import SchemaRegistry
-from .sync import fleet_key
+from ..schemas import SchemaRegistry
+from .common import (
+    admin_fleet,
+    json_response,
+    read_object,
+    require_admin,
+)
+from .keys import SERVICES
 
 routes = web.RouteTableDef()
 VERSION_RE = re.compile(r"[0-9a-f]{16}\Z")
@@ -37,13 +40,9 @@ def _shown(version: str | None, text: str | None) -> dict[str, Any]:
 @routes.put("/v1/fleets/{fleet}/schema")
 async def put_schema(request: web.Request) -> web.Response:
     """Set the fleet's state schema; returns ``{"hash", "schema"}`` (normalized)."""
-    require_admin(request)
-    services = request.app[SERVICES]
-    key = fleet_key(await fleet_param(services, request))
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise MalformedRequest('a schema is a JSON object {"unknown", "policy", "maps"}')
-    schema = StateSchema(body)
+    services, key = await admin_fleet(request)
+    schema = StateSchema(await read_object(
+        request, 'a schema is a JSON object {"unknown", "policy", "maps"}'))
     await SchemaRegistry(services.store).put(schema)  # kept before it can be in force
     await services.sync.write_shared(key, SCHEMA_MAP, schema.entry)
     return json_response(_shown(schema.version, schema.canonical.decode()))
@@ -53,9 +52,7 @@ async def put_schema(request: web.Request) -> web.Response:
 async def get_schema(request: web.Request) -> web.Response:
     """The fleet's current schema and its version: ``{"hash", "schema"}``, both ``null``
     when the fleet has none."""
-    require_admin(request)
-    services = request.app[SERVICES]
-    key = fleet_key(await fleet_param(services, request))
+    services, key = await admin_fleet(request)
     entry = (await services.sync.read_doc(key, key)).get(SCHEMA_MAP, {})
     return json_response(_shown(entry.get("hash"), entry.get("json")))
 
@@ -63,9 +60,7 @@ async def get_schema(request: web.Request) -> web.Response:
 @routes.delete("/v1/fleets/{fleet}/schema")
 async def delete_schema(request: web.Request) -> web.Response:
     """Remove the fleet's schema: its devices are held to nothing from their next sync."""
-    require_admin(request)
-    services = request.app[SERVICES]
-    key = fleet_key(await fleet_param(services, request))
+    services, key = await admin_fleet(request)
     await services.sync.write_shared(key, SCHEMA_MAP, {"hash": None, "json": None})
     return web.Response(status=204)
 

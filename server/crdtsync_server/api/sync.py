@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from crdtsync.errors import Unauthorized, UnsupportedEncoding
-from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, decode_request, encode_response
+from crdtsync.errors import UnsupportedEncoding
+from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH
 
-from .app import ACCEPT_ENCODING, BEST_ENCODING, SERVICES, Services, read_body
-from .auth import UNAUTHORIZED_DEVICE, authenticate_device, bearer
-from .store import DeviceRecord
+from ..auth import authenticate_device
+from ..core import run_sync
+from .body import ACCEPT_ENCODING, BEST_ENCODING, read_body
+from .common import bearer
+from .keys import SERVICES
 
 routes = web.RouteTableDef()
 
@@ -43,26 +45,3 @@ def response_headers(request: web.Request) -> dict[str, str]:
     if used not in ("identity", BEST_ENCODING):
         headers["Accept-Encoding"] = ACCEPT_ENCODING
     return headers
-
-
-async def process_sync(services: Services, token: str, body: bytes) -> bytes:
-    """Authenticate, decode and run one sync request body; return the encoded response.
-
-    The transport-free core of ``POST /v1/sync`` (the simulator in ``crdtsync.testing`` calls
-    it directly). Raises a :class:`~crdtsync.errors.CrdtsyncError` with nothing committed.
-    """
-    return await run_sync(services, await authenticate_device(services.store, token), body)
-
-
-async def run_sync(services: Services, device: DeviceRecord, body: bytes) -> bytes:
-    """Decode and run a sync request body of the authenticated ``device``.
-
-    The envelope's ``dev`` must name that device, else :class:`Unauthorized` with the same
-    answer as a wrong token (a token is good for its own device only; ids are not
-    disclosed)."""
-    sync_request = decode_request(body, services.config.limits)
-    if sync_request.device != device.id:
-        raise Unauthorized(UNAUTHORIZED_DEVICE)
-    sync_request = await services.templates.expand(sync_request, services.config.limits)
-    response = await services.sync.sync(device, sync_request)
-    return encode_response(response)

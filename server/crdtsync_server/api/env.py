@@ -12,29 +12,26 @@ from typing import Any
 
 from aiohttp import web
 
-from crdtsync.errors import MalformedRequest, NotFound
-from crdtsync.protocol import NAME_RE, PROJECT_DOC, STATE_DOC
+from crdtsync.protocol import PROJECT_DOC, STATE_DOC
 
-from .admin_api import json_response, name_param, read_json, require_admin
-from .app import SERVICES, Services
-from .sync import doc_key, fleet_key
+from ..core import Services
+from ..sync import doc_key, fleet_key
+from .common import (
+    admin_fleet,
+    found,
+    json_response,
+    name_param,
+    read_object,
+    require_admin,
+)
+from .keys import SERVICES
 
 routes = web.RouteTableDef()
 ENV = "env"
 
 
 async def _patch(request: web.Request) -> dict[str, Any]:
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise MalformedRequest("body must be a JSON object of NAME: value (null deletes)")
-    return body
-
-
-async def fleet_param(services: Services, request: web.Request) -> str:
-    fleet = request.match_info["fleet"]
-    if not NAME_RE.match(fleet) or await services.store.get_fleet(fleet) is None:
-        raise NotFound(f"no fleet {fleet!r}")
-    return fleet
+    return await read_object(request, "body must be a JSON object of NAME: value (null deletes)")
 
 
 async def _layer(services: Services, key: str) -> dict[str, Any]:
@@ -60,17 +57,14 @@ async def patch_project_env(request: web.Request) -> web.Response:
 
 @routes.get("/v1/fleets/{fleet}/env")
 async def get_fleet_env(request: web.Request) -> web.Response:
-    require_admin(request)
-    services = request.app[SERVICES]
-    return json_response(await _layer(services, fleet_key(await fleet_param(services, request))))
+    services, key = await admin_fleet(request)
+    return json_response(await _layer(services, key))
 
 
 @routes.patch("/v1/fleets/{fleet}/env")
 async def patch_fleet_env(request: web.Request) -> web.Response:
     """Set or delete a fleet's variables; they reach every device of the fleet."""
-    require_admin(request)
-    services = request.app[SERVICES]
-    key = fleet_key(await fleet_param(services, request))
+    services, key = await admin_fleet(request)
     return json_response(await services.sync.write_shared(key, ENV, await _patch(request)))
 
 
@@ -89,9 +83,7 @@ async def get_device_env(request: web.Request) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
     device_id = name_param(request)
-    device = await services.store.get_device(device_id)
-    if device is None:
-        raise NotFound(f"no device {device_id!r}")
+    device = found(await services.store.get_device(device_id), "device", device_id)
     layers = [("project", await _layer(services, PROJECT_DOC))]
     if device.fleet:
         layers.append(("fleet", await _layer(services, fleet_key(device.fleet))))

@@ -11,44 +11,34 @@ from typing import Any
 
 from aiohttp import web
 
-from crdtsync.errors import MalformedRequest, NotFound
+from crdtsync.errors import MalformedRequest
 from crdtsync.protocol import NAME_RE
 
-from .admin_api import (
-    MAX_PAGE,
+from ..store import FleetRecord
+from .common import (
     device_json,
-    int_param,
+    found,
+    id_page,
     json_response,
     name_param,
-    read_json,
+    read_object,
     require_admin,
 )
-from .app import SERVICES
-from .store import FleetRecord
+from .keys import SERVICES
 
 routes = web.RouteTableDef()
 
 
 async def _require_fleet(request: web.Request) -> FleetRecord:
     fleet_id = name_param(request, "fleet")
-    fleet = await request.app[SERVICES].store.get_fleet(fleet_id)
-    if fleet is None:
-        raise NotFound(f"no fleet {fleet_id!r}", {"fleet": fleet_id})
-    return fleet
-
-
-async def _object(request: web.Request, shape: str) -> dict[str, Any]:
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise MalformedRequest(f"body must be {shape}")
-    return body
+    return found(await request.app[SERVICES].store.get_fleet(fleet_id), "fleet", fleet_id)
 
 
 @routes.post("/v1/fleets")
 async def add_fleet(request: web.Request) -> web.Response:
     """Create ``{"id", "meta"}``; 409 ``already_exists`` if the id is taken."""
     require_admin(request)
-    body = await _object(request, '{"id": "<fleet id>", "meta": {...}}')
+    body = await read_object(request, 'body must be {"id": "<fleet id>", "meta": {...}}')
     fleet_id, meta = body.get("id"), body.get("meta", {})
     if not isinstance(fleet_id, str) or not NAME_RE.match(fleet_id):
         raise MalformedRequest(f"{fleet_id!r} is not a valid fleet id "
@@ -64,9 +54,8 @@ async def add_fleet(request: web.Request) -> web.Response:
 async def list_fleets(request: web.Request) -> web.Response:
     """Fleets in id order, paginated with ``after`` (the last id seen) and ``limit``."""
     require_admin(request)
-    limit = int_param(request, "limit", 100, MAX_PAGE, minimum=1)
-    fleets = await request.app[SERVICES].store.list_fleets(request.query.get("after", ""),
-                                                           limit)
+    after, limit = id_page(request)
+    fleets = await request.app[SERVICES].store.list_fleets(after, limit)
     return json_response({"fleets": [f.to_json() for f in fleets],
                           "next": fleets[-1].id if len(fleets) == limit else None})
 
@@ -83,9 +72,8 @@ async def list_fleet_devices(request: web.Request) -> web.Response:
     """The fleet's devices in id order, paginated like ``GET /v1/devices``."""
     require_admin(request)
     fleet = await _require_fleet(request)
-    limit = int_param(request, "limit", 100, MAX_PAGE, minimum=1)
-    devices = await request.app[SERVICES].store.devices_in_fleet(
-        fleet.id, request.query.get("after", ""), limit)
+    after, limit = id_page(request)
+    devices = await request.app[SERVICES].store.devices_in_fleet(fleet.id, after, limit)
     sync = request.app[SERVICES].sync
     return json_response({"devices": [device_json(sync.with_recent_sync(d)) for d in devices],
                           "next": devices[-1].id if len(devices) == limit else None})
@@ -97,7 +85,7 @@ async def set_device_fleet(request: web.Request) -> web.Response:
     fleet; returns the device. 404 ``not_found`` for an unknown device or fleet."""
     require_admin(request)
     device_id = name_param(request)
-    fleet = _fleet_choice(await _object(request, _ASSIGN_SHAPE))
+    fleet = _fleet_choice(await read_object(request, f"body must be {_ASSIGN_SHAPE}"))
     services = request.app[SERVICES]
     device = await services.store.set_device_fleet(device_id, fleet, services.config.clock())
     return json_response(device_json(services.sync.with_recent_sync(device)))

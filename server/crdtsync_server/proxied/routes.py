@@ -1,15 +1,17 @@
-"""Proxied requests: the routes the server may call for a device, and the executor.
+"""Proxied requests: the routes the server may call for a device, and what performs them.
 
 A device never names an address, only a route *alias*; the server looks the alias up in its
 own :class:`RouteTable` (filled from :func:`load_routes_file` or the management API), so a
 device can never make the server call anything but a configured route. Secrets (API keys,
 tokens in the URL) live on the server only: :meth:`Route.to_json` shows header values as
 ``"***"`` and the URL redacted, and :meth:`Route.from_json` with ``keep=`` takes a value sent
-back as shown to mean the stored one (the rules of sinks: :func:`.validation.redact_options`).
+back as shown to mean the stored one (the rules of sinks: :func:`..validation.redact_options`).
 
-:meth:`RouteExecutor.perform` makes one request for a route and always answers with an
-:class:`Outcome`; whatever the target does (time out, refuse, answer 5xx, redirect, stream
-too much) becomes a stable error code, never an exception:
+An :class:`Executor` performs a route; the HTTP one is
+:class:`~crdtsync_server.proxied.executor.RouteExecutor` (an adapter: this module and the
+dispatcher import no HTTP client). ``perform`` makes one request for a route and always
+answers with a :class:`RouteOutcome`; whatever the target does (time out, refuse, answer
+5xx, redirect, stream too much) becomes a stable error code, never an exception:
 
     code                       meaning                                           retried
     route_timeout              no complete answer within ``route.timeout``        yes
@@ -27,35 +29,25 @@ Redirects are never followed: a route cannot be bounced to an address nobody con
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Literal, Self
+from typing import Any
 
-import aiohttp
-from multidict import CIMultiDict
-
-from crdtsync.errors import ClosedError, InvalidValue, MalformedRequest, NotFound
+from crdtsync.errors import MalformedRequest, NotFound
 from crdtsync.protocol import NAME_RE
-from crdtsync.values import check_value
 
-from .validation import (
+from ..validation import (
     headers_problem,
     keep_redacted,
     missing_env,
-    query_names,
     read_config_file,
     redact_options,
     substitute_env,
     url_problem,
 )
-
-log = logging.getLogger("crdtsync.server.routes")
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -75,7 +67,6 @@ ROUTE_BAD_PAYLOAD = "route_bad_payload"
 ROUTE_NOT_ALLOWED = "route_not_allowed"
 UNKNOWN_ROUTE = "unknown_route"
 
-_READ_CHUNK = 64 * 1024
 
 
 def _invalid(alias: object, name: str, problem: str) -> MalformedRequest:
@@ -243,7 +234,7 @@ def _expand_value(alias: str, header: str, value: str, env: Mapping[str, str]) -
 
 
 @dataclass(frozen=True)
-class Outcome:
+class RouteOutcome:
     """What came of one proxied request; the result a device receives.
 
     ``ok`` is True only for a 2xx answer. ``status`` is the target's HTTP status (None when
@@ -264,7 +255,7 @@ class Outcome:
 
     @classmethod
     def failure(cls, error: str, message: str, *, status: int | None = None,
-                body: Any = None, attempts: int = 0) -> Outcome:
+                body: Any = None, attempts: int = 0) -> RouteOutcome:
         """A failed outcome with the stable code ``error``."""
         return cls(False, status, body, error, message, attempts)
 
@@ -274,7 +265,7 @@ class Outcome:
                 "message": self.message, "attempts": self.attempts}
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> Outcome:
+    def from_json(cls, obj: Mapping[str, Any]) -> RouteOutcome:
         """The inverse of :meth:`to_json`; raises :class:`MalformedRequest` on missing keys."""
         try:
             return cls(*(obj[f.name] for f in fields(cls)))
@@ -319,183 +310,26 @@ class RouteTable:
         return len(self._routes)
 
 
-class RouteExecutor:
-    """Performs proxied requests over one ``aiohttp.ClientSession``.
-
-    Use ``async with RouteExecutor() as executor`` (or :meth:`start` / :meth:`aclose`).
-    :meth:`perform` before start or after close raises :class:`ClosedError`. The session
-    keeps no cookies (requests of different devices share nothing) and ignores proxy
-    environment variables.
-    """
-
-    def __init__(self) -> None:
-        self.state: Literal["new", "open", "closed"] = "new"
-        self._session: aiohttp.ClientSession | None = None
+class Executor:
+    """Performs proxied requests: the port the dispatcher calls. Subclasses implement
+    :meth:`perform` (the HTTP one in ``proxied/executor.py``, an in-process one in the
+    simulator); ``start`` and ``aclose`` open and release what they hold."""
 
     async def start(self) -> None:
-        """Open the session; a no-op if open. Raises :class:`ClosedError` after close."""
-        if self.state == "closed":
-            raise ClosedError("RouteExecutor is closed")
-        if self._session is None:
-            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
-                                                  trust_env=False)
-            self.state = "open"
+        """Open what performing needs; a no-op here."""
 
     async def aclose(self) -> None:
-        """Close the session; idempotent."""
-        self.state = "closed"
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        """Release it; idempotent; a no-op here."""
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+    async def perform(self, route: Route, device_id: str, payload: Any) -> RouteOutcome:
+        """Call ``route`` for ``device_id`` with ``payload``; never raises for the target."""
+        raise NotImplementedError
 
     async def perform_alias(self, table: RouteTable, alias: str, device_id: str,
-                            payload: Any) -> Outcome:
+                            payload: Any) -> RouteOutcome:
         """:meth:`perform` for the route ``alias`` of ``table``; ``unknown_route`` if none."""
         try:
             route = table.get(alias)
         except NotFound as exc:
-            return Outcome.failure(UNKNOWN_ROUTE, exc.message)
+            return RouteOutcome.failure(UNKNOWN_ROUTE, exc.message)
         return await self.perform(route, device_id, payload)
-
-    async def perform(self, route: Route, device_id: str, payload: Any) -> Outcome:
-        """Call ``route`` for ``device_id`` with ``payload``; never raises for the target.
-
-        Nothing is sent if the device may not use the route (``route_not_allowed``) or the
-        payload does not fit (``route_bad_payload``): POST/PUT/PATCH send it as a JSON body,
-        GET/DELETE as query parameters, so there it must be a flat object of str, number or
-        bool, and a parameter the route's URL already sets keeps the URL's value (the payload's
-        is dropped); None sends no body or parameters. Each attempt has ``route.timeout`` seconds
-        in total; timeouts, unreachable targets and 5xx are retried ``route.retries`` times
-        after ``retry_backoff * 2**n`` seconds. A retry after a timeout or reset may reach
-        the target a second time: give retries only to routes whose target tolerates that.
-        """
-        session = self._open_session()
-        if not route.allows(device_id):
-            return Outcome.failure(ROUTE_NOT_ALLOWED,
-                                   f"device {device_id!r} may not use route {route.alias!r}")
-        try:
-            request = _request_kwargs(route, payload)
-        except InvalidValue as exc:
-            return Outcome.failure(ROUTE_BAD_PAYLOAD, f"route {route.alias!r}: {exc.message}")
-        attempt = 1
-        while True:
-            outcome = await _attempt(session, route, request, attempt)
-            if attempt > route.retries or not _retryable(outcome):
-                return outcome
-            await asyncio.sleep(route.retry_backoff * 2 ** (attempt - 1))
-            attempt += 1
-
-    def _open_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            what = "closed" if self.state == "closed" else "not started"
-            raise ClosedError(f"RouteExecutor is {what}")
-        return self._session
-
-
-def _request_kwargs(route: Route, payload: Any) -> dict[str, Any]:
-    """The aiohttp arguments carrying ``payload``; :class:`InvalidValue` if it cannot."""
-    headers: CIMultiDict[str] = CIMultiDict(route.headers)
-    if payload is None:
-        return {"headers": headers}
-    if route.method not in BODY_METHODS:
-        return {"headers": headers, "params": _query_params(route, payload)}
-    try:
-        data = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
-    except (TypeError, ValueError) as exc:
-        raise InvalidValue(f"payload is not JSON data: {exc}") from exc
-    headers.setdefault("Content-Type", "application/json")
-    return {"headers": headers, "data": data}
-
-
-def _query_params(route: Route, payload: Any) -> dict[str, str]:
-    """The payload as query parameters added to the route URL's own; a parameter the URL
-    already sets keeps the route's value (the admin's parameters win, never duplicated)."""
-    if not isinstance(payload, Mapping):
-        raise InvalidValue("payload of a GET or DELETE route must be an object (query params)")
-    fixed = query_names(route.url)
-    params: dict[str, str] = {}
-    for key, value in payload.items():
-        if (not isinstance(key, str) or not isinstance(value, (str, int, float))
-                or (isinstance(value, float) and not math.isfinite(value))):
-            raise InvalidValue(f"query parameter {key!r} must be a str, finite number or bool")
-        if key not in fixed:
-            params[key] = value if isinstance(value, str) else json.dumps(value,
-                                                                          allow_nan=False)
-    return params
-
-
-async def _attempt(session: aiohttp.ClientSession, route: Route, request: dict[str, Any],
-                   attempt: int) -> Outcome:
-    """One request to ``route``; every failure of the target becomes an :class:`Outcome`."""
-    timeout = aiohttp.ClientTimeout(total=route.timeout)
-    try:
-        async with session.request(route.method, route.url, timeout=timeout,
-                                   allow_redirects=False, **request) as response:
-            return await _read_outcome(route, response, attempt)
-    except TimeoutError:  # before OSError: TimeoutError is one, and so is aiohttp's
-        return Outcome.failure(ROUTE_TIMEOUT, f"route {route.alias!r}: no answer within "
-                               f"{route.timeout:g} s", attempts=attempt)
-    except (aiohttp.ClientError, OSError) as exc:
-        # The exception text may name the target; it stays in the server log.
-        log.info("route %r attempt %d: %r", route.alias, attempt, exc)
-        return Outcome.failure(ROUTE_UNREACHABLE, f"route {route.alias!r}: cannot reach the "
-                               f"target ({type(exc).__name__})", attempts=attempt)
-
-
-async def _read_outcome(route: Route, response: aiohttp.ClientResponse,
-                        attempt: int) -> Outcome:
-    status = response.status
-    declared = response.content_length
-    raw = None if declared is not None and declared > route.max_response else \
-        await _read_capped(response.content, route.max_response)
-    if raw is None:
-        response.close()  # drop the connection rather than drain an oversized body
-        return Outcome.failure(ROUTE_RESPONSE_TOO_LARGE, f"route {route.alias!r}: response "
-                               f"over {route.max_response} bytes", status=status,
-                               attempts=attempt)
-    body = _decode_body(response.content_type, raw)
-    if 200 <= status < 300:
-        return Outcome(True, status, body, None, f"target answered {status}", attempt)
-    note = " (redirects are not followed)" if 300 <= status < 400 else ""
-    return Outcome.failure(ROUTE_HTTP_ERROR, f"route {route.alias!r}: target answered "
-                           f"{status}{note}", status=status, body=body, attempts=attempt)
-
-
-async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes | None:
-    """The whole body if it has at most ``cap`` bytes, else None after reading cap + 1."""
-    buffer = bytearray()
-    while len(buffer) <= cap:
-        chunk = await stream.read(min(_READ_CHUNK, cap + 1 - len(buffer)))
-        if not chunk:
-            return bytes(buffer)
-        buffer += chunk
-    return None
-
-
-def _decode_body(content_type: str, raw: bytes) -> Any:
-    text = raw.decode("utf-8", errors="replace")
-    if content_type != "application/json" and not content_type.endswith("+json"):
-        return text
-    try:
-        value = json.loads(raw, parse_constant=_reject_constant)
-        check_value(value, where="response")
-    except (ValueError, RecursionError):  # not JSON a device can receive: hand over the text
-        return text
-    return value
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON data")
-
-
-def _retryable(outcome: Outcome) -> bool:
-    if outcome.error in (ROUTE_TIMEOUT, ROUTE_UNREACHABLE):
-        return True
-    return outcome.error == ROUTE_HTTP_ERROR and (outcome.status or 0) >= 500

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .app import HEADS, SERVICES, ServerConfig, Services, create_app
+from ..config import ServerConfig
+from ..core import Services
+from ..store import Store
+from .app import create_app
 from .deadlines import GuardedSite
-from .store import Store
+from .keys import HEADS, SERVICES
 
 
 class Server:
     """The sync server listening on ``config.host:config.port`` (port 0 picks a free one),
-    with the slow-client deadlines of :mod:`crdtsync_server.deadlines`.
+    with the slow-client deadlines of :mod:`crdtsync_server.api.deadlines`.
 
     ``async with Server(config) as server`` starts it; ``server.url`` is where devices
     connect; leaving the block stops it and closes the store.
@@ -47,7 +50,11 @@ class Server:
         # The listener guards each connection with the app's request-head deadline.
         site = GuardedSite(self._runner, self.config.host, self.config.port,
                            backlog=self.config.backlog, deadline=self.app[HEADS])
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:  # a taken port: close what setup opened (store, tasks)
+            await self.aclose()
+            raise
         self.port = site.port
 
     async def aclose(self) -> None:

@@ -2,7 +2,7 @@
 
 A request stored by a sync commit is ``pending``; the runner claims it (``pending`` ->
 ``running``, atomically in the store, so two workers or two processes never both run it),
-calls its route through the :class:`~crdtsync_server.routes.RouteExecutor`, and stores the
+calls its route through an :class:`~crdtsync_server.proxied.routes.Executor`, and stores the
 outcome (``done``). The sync that brought the request waits up to a short budget so a fast
 target's outcome rides on the same response; slower ones arrive on a later sync. A process
 that dies while a request runs leaves it ``running``; the next start finishes it with the
@@ -21,16 +21,16 @@ from crdtsync.aio import cancel_and_wait
 from crdtsync.errors import BodyTooLarge
 from crdtsync.protocol import DEFAULT_LIMITS, Limits, item_body
 
+from ..store import Store
+from ..store.base import ProxyRequest
 from .routes import (
     ROUTE_RESPONSE_TOO_LARGE,
-    Outcome,
+    Executor,
     Route,
-    RouteExecutor,
+    RouteOutcome,
     RouteTable,
     load_routes_file,
 )
-from .store import Store
-from .store.base import ProxyRequest
 
 log = logging.getLogger("crdtsync.server")
 
@@ -73,7 +73,7 @@ class ProxyRunner:
     ``limits.max_item_body`` (a device would not take it) is stored as the failure
     ``route_response_too_large`` instead."""
 
-    def __init__(self, store: Store, routes: RouteTable, executor: RouteExecutor,
+    def __init__(self, store: Store, routes: RouteTable, executor: Executor,
                  limits: Limits = DEFAULT_LIMITS, *,
                  clock: Callable[[], int] = hlc.wall_ms) -> None:
         self.store = store
@@ -119,12 +119,12 @@ class ProxyRunner:
         await self.store.finish_request(request.device, request.id,
                                         self._deliverable(request, outcome).to_json(), self.clock())
 
-    def _deliverable(self, request: ProxyRequest, outcome: Outcome) -> Outcome:
+    def _deliverable(self, request: ProxyRequest, outcome: RouteOutcome) -> RouteOutcome:
         """``outcome``, or ``route_response_too_large`` if a device could not take it."""
         try:
             item_body(outcome.to_json(), self.limits, what="outcome")
         except BodyTooLarge as exc:
-            return Outcome.failure(
+            return RouteOutcome.failure(
                 ROUTE_RESPONSE_TOO_LARGE,
                 f"route {request.route!r}: the answer is {exc.detail['size']} bytes as an "
                 f"outcome, over the {self.limits.max_item_body} bytes a device takes",

@@ -8,16 +8,25 @@ from typing import Any
 
 from aiohttp import web
 
-from crdtsync.errors import AlreadyExists, MalformedRequest, NotFound
+from crdtsync.errors import MalformedRequest, NotFound
 from crdtsync.protocol import NAME_RE, item_body
 from crdtsync.values import check_value
 
-from .admin_api import int_param, json_response, name_param, read_json, require_admin
-from .api_input import parse_uint
-from .app import SERVICES, Services
-from .proxy import remember_route
-from .routes import Route
-from .store.base import Downlink
+from ..core import Services
+from ..proxied.dispatch import remember_route
+from ..proxied.routes import Route
+from ..store.base import Downlink
+from .common import (
+    int_param,
+    json_response,
+    limit_param,
+    name_param,
+    not_from_file,
+    read_object,
+    require_admin,
+)
+from .input import parse_uint
+from .keys import SERVICES
 
 routes = web.RouteTableDef()
 
@@ -42,20 +51,13 @@ def _seconds(body: dict[str, Any], key: str, default: float | None) -> float | N
     return float(value)
 
 
-async def _object(request: web.Request) -> dict[str, Any]:
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise MalformedRequest("body must be a JSON object")
-    return body
-
-
 async def _queue(request: web.Request, kind: str, name_key: str, body_key: str,
                  life_key: str, default_life: float | None) -> Downlink:
     """Queue the item a JSON body describes. ``413 body_too_large`` (``detail``:
     ``max_item_body``, ``size``) when ``body_key`` is over what a device takes: queued, it
     would reach the device only to be skipped."""
     services = request.app[SERVICES]
-    body = await _object(request)
+    body = await read_object(request, "body must be a JSON object")
     payload = body.get(body_key)
     check_value(payload, where=body_key, max_int=2**63 - 1)
     item_body(payload, services.config.limits, what=body_key)
@@ -103,7 +105,7 @@ async def _list(request: web.Request, kind: str) -> web.Response:
         raise NotFound(f"no device {device!r}")
     items = await services.store.list_downlink(
         device, kind, int_param(request, "after", 0, 2**63 - 1),
-        int_param(request, "limit", 100, 1000, minimum=1))
+        limit_param(request))
     return json_response({"items": [i.to_json() for i in items],
                           "next": items[-1].seq if items else None})
 
@@ -183,12 +185,6 @@ async def get_route(request: web.Request) -> web.Response:
     return json_response(_route_json(request.app[SERVICES].routes.get(request.match_info["alias"])))
 
 
-def _not_from_file(services: Services, alias: str) -> None:
-    if alias in services.routes.from_file:
-        raise AlreadyExists(f"route {alias!r} is defined in the routes file; change it there",
-                            {"route": alias, "origin": "file"})
-
-
 @routes.put("/v1/routes/{alias}")
 async def put_route(request: web.Request) -> web.Response:
     """Create or replace a route; persisted (a routes-file route of the same alias wins
@@ -197,8 +193,9 @@ async def put_route(request: web.Request) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
     alias = request.match_info["alias"]
-    _not_from_file(services, alias)
-    route = Route.from_json(alias, await _object(request), keep=services.routes.find(alias))
+    not_from_file("route", alias, services.routes.from_file)
+    body = await read_object(request, "body must be a JSON object")
+    route = Route.from_json(alias, body, keep=services.routes.find(alias))
     services.routes.put(route)
     await remember_route(services.store, route, route.alias)
     return json_response(_route_json(route))
@@ -209,7 +206,7 @@ async def delete_route(request: web.Request) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
     alias = request.match_info["alias"]
-    _not_from_file(services, alias)
+    not_from_file("route", alias, services.routes.from_file)
     services.routes.delete(alias)
     await remember_route(services.store, None, alias)
     return web.Response(status=204)

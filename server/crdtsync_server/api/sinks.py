@@ -8,14 +8,24 @@ from typing import Any
 
 from aiohttp import web
 
-from crdtsync.errors import AlreadyExists, MalformedRequest, NotFound
+from crdtsync.errors import MalformedRequest
 
-from .admin_api import MAX_PAGE, int_param, json_response, name_param, read_json, require_admin
-from .app import SERVICES, Services
-from .sinks.config import check_options, parse_sink, spec_json
-from .sinks.manager import start_cursor
-from .store.sinks import SinkRecord
-from .validation import keep_redacted
+from ..core import Services
+from ..sinks.config import check_options, parse_sink, spec_json
+from ..sinks.manager import start_cursor
+from ..store.sinks import SinkRecord
+from ..validation import keep_redacted
+from .common import (
+    found,
+    int_param,
+    json_response,
+    limit_param,
+    name_param,
+    not_from_file,
+    read_json,
+    require_admin,
+)
+from .keys import SERVICES
 
 routes = web.RouteTableDef()
 
@@ -43,16 +53,7 @@ async def _show(services: Services, record: SinkRecord, status: int = 200) -> we
 
 
 async def _record(services: Services, name: str) -> SinkRecord:
-    record = await services.store.get_sink(name)
-    if record is None:
-        raise NotFound(f"no sink {name!r}", {"sink": name})
-    return record
-
-
-def _not_from_file(services: Services, name: str) -> None:
-    if name in services.sinks.file_sinks:
-        raise AlreadyExists(f"sink {name!r} is defined in the sinks file; change it there",
-                            {"sink": name, "origin": "file"})
+    return found(await services.store.get_sink(name), "sink", name)
 
 
 @routes.get("/v1/sinks")
@@ -79,7 +80,7 @@ async def put_sink(request: web.Request) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
     name = name_param(request, "name")
-    _not_from_file(services, name)
+    not_from_file("sink", name, services.sinks.file_sinks)
     spec = parse_sink(name, await read_json(request))
     old = await services.store.get_sink(name)
     config = spec.config if old is None else dataclasses.replace(
@@ -97,7 +98,7 @@ async def delete_sink(request: web.Request) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
     name = name_param(request, "name")
-    _not_from_file(services, name)
+    not_from_file("sink", name, services.sinks.file_sinks)
     await services.store.delete_sink(name)
     await services.sinks.apply(name)
     return web.Response(status=204)
@@ -109,7 +110,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
     record = await _record(services, name_param(request, "name"))
-    limit = int_param(request, "limit", 100, MAX_PAGE, minimum=1)
+    limit = limit_param(request)
     letters = await services.store.list_dead_letters(
         record.name, int_param(request, "after", 0, 2**63 - 1), limit)
     return json_response({"dead_letters": [d.to_json() for d in letters],

@@ -48,7 +48,7 @@ from typing import Any
 
 from ..errors import CrdtsyncError
 
-log = logging.getLogger("crdtsync.testing.proxy")
+log = logging.getLogger("crdtsync.testing.fault_proxy")
 
 FAULT_MODES = ("cut_request", "cut_response", "stall", "reset")
 """The faults a random :attr:`FaultProxy.plan` may draw."""

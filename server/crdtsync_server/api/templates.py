@@ -14,13 +14,15 @@ from typing import Any
 
 from aiohttp import web
 
-from crdtsync.errors import InvalidValue, MalformedRequest
+from crdtsync.errors import InvalidValue
 from crdtsync.templates import Template
 
-from .admin_api import json_response, name_param, read_json, require_admin
-from .app import SERVICES
-from .env_api import fleet_param
-from .sync import fleet_key
+from .common import (
+    admin_fleet,
+    json_response,
+    name_param,
+    read_object,
+)
 
 routes = web.RouteTableDef()
 TEMPLATES = "templates"
@@ -29,9 +31,7 @@ TEMPLATES = "templates"
 @routes.get("/v1/fleets/{fleet}/templates")
 async def list_templates(request: web.Request) -> web.Response:
     """The fleet's templates: ``{topic: {"hash", "def"}}``."""
-    require_admin(request)
-    services = request.app[SERVICES]
-    key = fleet_key(await fleet_param(services, request))
+    services, key = await admin_fleet(request)
     doc = await services.sync.read_doc(key, key)
     return json_response({topic: _shown(entry)
                           for topic, entry in doc.get(TEMPLATES, {}).items()})
@@ -44,13 +44,8 @@ def _shown(entry: dict[str, Any]) -> dict[str, Any]:
 @routes.put("/v1/fleets/{fleet}/templates/{topic}")
 async def put_template(request: web.Request) -> web.Response:
     """Set the template of a topic (``{field: type}``); returns ``{"hash", "def"}``."""
-    require_admin(request)
-    services = request.app[SERVICES]
-    key = fleet_key(await fleet_param(services, request))
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise MalformedRequest("a template is a JSON object {field: type}")
-    template = Template(body)
+    services, key = await admin_fleet(request)
+    template = Template(await read_object(request, "a template is a JSON object {field: type}"))
     limit = services.config.limits.max_event_body
     if template.min_body_size > limit:  # no event could ever be sent with it
         raise InvalidValue(f"every event of this template decodes to at least "
@@ -65,8 +60,6 @@ async def put_template(request: web.Request) -> web.Response:
 @routes.delete("/v1/fleets/{fleet}/templates/{topic}")
 async def delete_template(request: web.Request) -> web.Response:
     """Stop templating a topic (queued events encoded with it still decode)."""
-    require_admin(request)
-    services = request.app[SERVICES]
-    key = fleet_key(await fleet_param(services, request))
+    services, key = await admin_fleet(request)
     await services.sync.write_shared(key, TEMPLATES, {name_param(request, "topic"): None})
     return web.Response(status=204)

@@ -10,11 +10,18 @@ from aiohttp import web
 
 from crdtsync.errors import CrdtsyncError, CursorExpired, MalformedRequest
 
-from .admin_api import MAX_PAGE, int_param, json_response, require_admin
-from .api_input import parse_json, parse_uint
-from .app import SERVICES, error_json
-from .feed import check_cursor, read_feed
-from .store.feed import FEED_KINDS, FeedFilter, FeedItem
+from ..feed import check_cursor, read_feed
+from ..store.feed import FEED_KINDS, FeedFilter, FeedItem
+from .common import (
+    MAX_PAGE,
+    int_param,
+    json_response,
+    limit_param,
+    require_admin,
+)
+from .errors import error_json
+from .input import parse_json, parse_uint
+from .keys import SERVICES
 
 routes = web.RouteTableDef()
 
@@ -53,7 +60,7 @@ async def get_feed(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     after = cursor_value(request.query.get("after"), "after")
     items = await read_feed(services.store, services.feed, after,
-                            int_param(request, "limit", 100, MAX_PAGE, minimum=1),
+                            limit_param(request),
                             feed_filter(request), int_param(request, "wait", 0, MAX_WAIT_S))
     return json_response({"items": [i.to_json() for i in items],
                           "next": str(items[-1].cursor if items else after)})
@@ -129,7 +136,7 @@ async def get_projection(request: web.Request) -> web.Response:
     after = projection_token(request.query.get("after") or "")
     rows = await services.store.read_projection(
         request.query.get("device") or None, after,
-        int_param(request, "limit", 1000, MAX_PAGE, minimum=1))
+        limit_param(request, 1000))
     last = rows[-1] if rows else None
     return json_response({
         "rows": [r.to_json() for r in rows],

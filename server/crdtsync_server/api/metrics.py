@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .admin_api import require_admin
-from .app import SERVICES
-from .store.sinks import SinkRecord
+from ..store.sinks import SinkRecord
+from .common import require_admin
+from .keys import SERVICES
 
 routes = web.RouteTableDef()
 

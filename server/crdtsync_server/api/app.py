@@ -1,0 +1,110 @@
+"""The aiohttp application of the reference sync server: routes, lifecycle, errors.
+
+``create_app(config)`` builds the app; its ``cleanup_ctx`` opens the server core
+(:func:`crdtsync_server.core.open_services`, with the HTTP executor of proxied requests) and
+closes it on shutdown. Handlers are thin adapters in this package. Every error leaves as a
+typed frame: msgpack on ``/v1/sync`` (devices), JSON elsewhere (management API), with the
+HTTP status of its class (crdtsync.errors).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from crdtsync.crdt import rejects_input
+from crdtsync.errors import (
+    BodyTooLarge,
+    CrdtsyncError,
+    NotFound,
+    RequestError,
+    ServerError,
+)
+
+from ..config import ServerConfig
+from ..core import open_services
+from ..proxied.executor import RouteExecutor
+from ..store import Store
+from . import devices, downlink, env, feed, fleets, metrics, schemas, sinks, sync, templates
+from .deadlines import HeadDeadline
+from .errors import error_response
+from .keys import HEADS, SERVICES
+
+log = logging.getLogger("crdtsync.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+ROUTE_TABLES = (sync, devices, downlink, env, templates, schemas, fleets, feed, sinks, metrics)
+"""The handler modules; each has a ``routes`` table."""
+
+
+def create_app(config: ServerConfig, store: Store | None = None) -> web.Application:
+    """Build the server app. ``store`` overrides ``config.db`` (tests, simulations)."""
+    heads = HeadDeadline(config.header_timeout)
+    app = web.Application(client_max_size=config.max_body,
+                          middlewares=[heads.middleware, unread_body_middleware,
+                                       error_middleware],
+                          handler_args={"auto_decompress": False})
+    app[HEADS] = heads
+    for module in ROUTE_TABLES:
+        app.add_routes(module.routes)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        async with open_services(config, executor=RouteExecutor(), store=store) as services:
+            app[SERVICES] = services
+            yield
+
+    async def release_waiters(app: web.Application) -> None:
+        if SERVICES in app:
+            app[SERVICES].release_waiters()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(release_waiters)
+    return app
+
+
+_HTTP_CODES: dict[int, type[CrdtsyncError]] = {404: NotFound, 413: BodyTooLarge}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into a typed error frame; the server keeps serving."""
+    try:
+        return await handler(request)
+    except CrdtsyncError as exc:
+        if exc.status == 0:  # a local error (StoreError, ...): to the client, an internal one
+            log.error("%s %s failed: %s: %s", request.method, request.path, exc.code,
+                      exc.message)
+            return error_response(request, ServerError("internal error; nothing was committed"))
+        if exc.status >= 500:
+            log.error("%s %s failed: %s", request.method, request.path, exc.message)
+        return error_response(request, exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        cls = _HTTP_CODES.get(exc.status, RequestError)
+        error = cls(exc.reason, {"http": exc.status})
+        response = error_response(request, error)
+        response.set_status(exc.status if exc.status != 400 else error.status)
+        return response
+    except BaseException as exc:
+        # Exception, and a Rust panic from pycrdt (a BaseException): answer, keep serving.
+        if not isinstance(exc, Exception) and not rejects_input(exc):
+            raise
+        log.exception("%s %s: unexpected error", request.method, request.path)
+        return error_response(request, ServerError("internal error; nothing was committed"))
+
+
+@web.middleware
+async def unread_body_middleware(request: web.Request, handler: Handler
+                                 ) -> web.StreamResponse:
+    """Close the connection after answering a request whose body was not read to its end
+    (refused before reading: a wrong token, a timeout, an oversized Content-Length). The
+    rest of that body is never read into memory: aiohttp only drains and drops it for at
+    most its ``lingering_time`` (10 s), so that the client gets the answer, not a reset."""
+    response = await handler(request)
+    if not request.content.is_eof():
+        response.force_close()
+    return response

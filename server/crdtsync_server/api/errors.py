@@ -1,0 +1,26 @@
+"""Errors as the client reads them: a msgpack frame on ``/v1/sync``, JSON elsewhere."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from crdtsync.errors import CrdtsyncError
+from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, encode_error
+
+
+def error_response(request: web.Request, error: CrdtsyncError) -> web.Response:
+    """Render ``error`` as a frame in the format the endpoint speaks."""
+    if request.path == SYNC_PATH:
+        return web.Response(status=error.status, body=encode_error(error),
+                            content_type=MEDIA_TYPE, headers={"Server": "crdtsync"})
+    return web.Response(status=error.status, text=json.dumps(error_json(error)),
+                        content_type="application/json")
+
+
+def error_json(error: CrdtsyncError) -> dict[str, Any]:
+    """The JSON body of an error answer of the management API."""
+    return {"error": {"code": error.code, "message": error.message, "detail": error.detail,
+                      "retryable": error.retryable}}

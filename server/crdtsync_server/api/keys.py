@@ -1,0 +1,12 @@
+"""The keys under which the app holds its parts (a leaf module: every handler imports it)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..core import Services
+from .deadlines import HeadDeadline
+
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+HEADS: web.AppKey[HeadDeadline] = web.AppKey("heads", HeadDeadline)
+"""The app's request-head deadline; its runner guards connections with it (server.py)."""

@@ -1,0 +1,85 @@
+"""The settings of one server process (:class:`ServerConfig`), free of any transport: the
+core (``core.py``), the HTTP app (``api/``) and the simulator all read the same object."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from crdtsync import hlc
+from crdtsync.protocol import DEFAULT_LIMITS, Limits
+
+from .documents import DEFAULT_REBUILD_FACTOR, DEFAULT_REBUILD_SLACK
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Settings of one server process. ``db`` is a file path, ``sqlite:///path`` or ``memory:``."""
+
+    db: str = "crdtsync.db"
+    host: str = "127.0.0.1"
+    port: int = 8787
+    admin_token: str | None = None
+    max_body: int = 4 * 1024 * 1024
+    limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+    cache_docs: int = 10_000
+    """Documents kept in memory at most (LRU); a sync of a document not in the cache reloads
+    it from the store (about 14 KB each for a 30-key state)."""
+    cache_idle: float = 600.0
+    """Seconds after which a document nobody used leaves memory: idle devices cost none."""
+    backlog: int = 2048
+    """TCP listen backlog: aiohttp's default (128) drops connections when a fleet reconnects
+    at once, and each drop costs the client a 1 s SYN retry."""
+    compact_every: int = 500
+    rebuild_factor: float = DEFAULT_REBUILD_FACTOR
+    """A device's ``state`` document is rebuilt into its next generation (its history
+    dropped) when its encoded size exceeds ``rebuild_factor`` times that of a fresh
+    document with the same content plus ``rebuild_slack`` bytes; 0 disables rebuilds. Only
+    documents whose device can adopt a new generation (it sends ``a``) are rebuilt."""
+    rebuild_slack: int = DEFAULT_REBUILD_SLACK
+    """Bytes of history a document may carry beyond ``rebuild_factor`` before a rebuild."""
+    on_admin_token: Callable[[str], None] | None = None
+    """Called once with a newly created admin token (the CLI prints it)."""
+    routes_file: str | None = None
+    """JSON file of proxied-request routes (``{"routes": {alias: {...}}}``); its routes
+    override routes set through the API with the same alias."""
+    sinks_file: str | None = None
+    """JSON file of downstream sinks (``{"sinks": {name: {...}}}``, ``${ENV}`` references in
+    options); these sinks cannot be changed through the API (docs/downstream.md)."""
+    proxy_budget: float = 1.0
+    """Seconds a sync waits for the proxied requests it brought (answer in the same round)."""
+    proxy_grace: float = 5.0
+    """At shutdown, seconds running proxied requests may finish before being interrupted."""
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    """Finished messages, commands and acknowledged requests are purged this long after
+    they finished."""
+    purge_every: float = 3600.0
+    """Seconds between purges."""
+    feed_retention_ms: int | None = None
+    """Feed items (and the events among them) are purged this long after they were stored,
+    once every sink delivered them; ``None`` keeps the feed for ever (docs/downstream.md)."""
+    feed_poll: float = 1.0
+    """Seconds between re-reads of the feed by waiting readers (long polls, streams, sinks)
+    when nothing in this process woke them: how soon they see another process's items."""
+    command_poll: float = 1.0
+    """Seconds between re-reads of a command by a ``GET /v1/commands/{id}?wait=`` long
+    poll when no commit of this process woke it: how soon it sees a result another
+    process on the same database stored."""
+    sink_lease_ttl: float = 30.0
+    """Seconds a process's lease on a sink lasts unless renewed (every third of it): when
+    several processes share the database, how long after one dies another delivers its
+    sinks (docs/downstream.md)."""
+    touch_every: float = 1.0
+    """Seconds between batched writes of ``last_sync`` for syncs that changed nothing (a
+    crash loses at most this much of that bookkeeping, never data)."""
+    header_timeout: float = 10.0
+    """Seconds a connection has to deliver a complete request head (from its opening, or
+    from the first byte of a later request); then it is closed (crdtsync_server.api.deadlines)."""
+    body_timeout: float = 30.0
+    """Seconds a client has to deliver a whole request body once the server reads it; then
+    ``408 request_timeout`` and the connection is closed. A device on a slow link needs
+    ``max_body / rate`` at least (the reference client gives a request 30 s)."""
+    clock: Callable[[], int] = hlc.wall_ms
+    """The server's wall clock, ms since the epoch: the times syncs record and answer, and
+    the stamps that decide which write of a key is the latest (protocol section 13).
+    Injectable so tests and simulations move time instead of sleeping."""

@@ -1,0 +1,104 @@
+"""Work the server does on its own, apart from requests: purging finished items and old feed
+items, writing the batched ``last_sync`` of no-change syncs, evicting idle documents.
+
+:class:`Maintenance` offers each chore as one call (the simulator runs them at steps of its
+virtual time) and :meth:`Maintenance.spawn` runs them on their intervals in a server process.
+Retention is decided here, above the store: the store only deletes what it is told to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from crdtsync.aio import spawn
+from crdtsync.errors import CrdtsyncError
+
+from .config import ServerConfig
+from .documents import DocumentCache
+from .store import Store
+from .sync import SyncService
+
+log = logging.getLogger("crdtsync.server")
+
+
+class Maintenance:
+    """The periodic chores of one server process over its store, cache and sync service."""
+
+    def __init__(self, config: ServerConfig, store: Store, docs: DocumentCache,
+                 sync: SyncService) -> None:
+        self.config = config
+        self.store = store
+        self.docs = docs
+        self.sync = sync
+        self.purges = 0
+        """Purge rounds run so far (whether or not they deleted anything)."""
+
+    async def purge(self) -> int:
+        """Purge finished downlink items and acknowledged requests older than the retention,
+        and feed items older than the feed retention (:meth:`purge_feed`); returns how many
+        rows went. Raises a :class:`CrdtsyncError` of the store."""
+        now = self.config.clock()
+        gone = await self.store.purge_finished(now - self.config.retention_ms)
+        if gone:
+            log.info("purged %d finished messages, commands and requests", gone)
+        if self.config.feed_retention_ms is not None:
+            feed = await self.purge_feed(now - self.config.feed_retention_ms)
+            if feed:
+                log.info("purged %d feed items", feed)
+            gone += feed
+        self.purges += 1
+        return gone
+
+    async def purge_feed(self, before: int) -> int:
+        """Purge the feed items stored before ``before`` (ms) that every sink has delivered
+        (a paused or failing sink holds them back); returns how many went."""
+        cursors = [sink.cursor for sink in await self.store.list_sinks()]
+        keep_after = min(cursors) if cursors else await self.store.feed_head()
+        return await self.store.purge_feed(before, keep_after)
+
+    async def flush_touches(self) -> None:
+        """Store the ``last_sync`` of the no-change syncs since the last flush."""
+        await self.sync.flush_touches()
+
+    def evict_idle(self) -> None:
+        """Drop documents nobody used for ``cache_idle`` seconds from memory."""
+        self.docs.evict_idle(self.config.cache_idle)
+
+    async def run_once(self) -> None:
+        """Every chore once; a failing chore is logged and the others still run."""
+        await _logged("purge", self.purge)
+        await _logged("recording last sync times", self.flush_touches)
+        self.evict_idle()
+
+    def spawn(self) -> list[asyncio.Task[None]]:
+        """Run each chore on its interval until the tasks are cancelled: purges every
+        ``purge_every`` s (first at once), touches every ``touch_every`` s, evictions ten
+        times per ``cache_idle``."""
+        config = self.config
+        return [spawn(_every(config.purge_every, "purge", self.purge, first=True),
+                      "crdtsync-purge"),
+                spawn(_every(config.touch_every, "recording last sync times",
+                             self.flush_touches), "crdtsync-touch"),
+                spawn(_every(max(config.cache_idle / 10, 0.01), "eviction", self._evict),
+                      "crdtsync-idle")]
+
+    async def _evict(self) -> None:
+        self.evict_idle()
+
+
+async def _every(seconds: float, what: str, chore: Callable[[], Awaitable[object]], *,
+                 first: bool = False) -> None:
+    if not first:
+        await asyncio.sleep(seconds)
+    while True:
+        await _logged(what, chore)
+        await asyncio.sleep(seconds)
+
+
+async def _logged(what: str, chore: Callable[[], Awaitable[object]]) -> None:
+    try:
+        await chore()
+    except CrdtsyncError as exc:
+        log.error("%s failed, will retry: %s", what, exc.message)
