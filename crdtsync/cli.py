@@ -2,18 +2,22 @@
 events.
 
     crdtsync serve  [--db PATH] [--host H] [--port N] [--admin-token T] [--max-body B]
-                    [--routes FILE] [--sinks FILE] [--header-timeout S] [--body-timeout S]
+                    [--routes FILE] [--sinks FILE] [--cache-docs N] [--cache-idle S]
+                    [--backlog N] [--feed-retention DAYS] [--header-timeout S]
+                    [--body-timeout S] [--rebuild-factor X] [--rebuild-slack B]
+                    [--log-level LEVEL]
     crdtsync demo   [--devices N] [--duration S] [--db PATH] [--port N] [--data-dir DIR]
+                    [--log-level LEVEL]
     crdtsync device add ID [--meta JSON] | crdtsync device list | crdtsync device show ID
     crdtsync device token ID | disable ID | enable ID | delete ID [--events]
     crdtsync fleet add ID [--meta JSON] | crdtsync fleet list | crdtsync fleet show ID
     crdtsync fleet devices ID | crdtsync fleet assign DEVICE (FLEET | --none)
     crdtsync state ID [--map NAME] | crdtsync state set ID KEY=VALUE... [--map NAME]
     crdtsync events [--device ID] [--topic T] [--after CURSOR] [--limit N] [--follow]
+                    [--poll S]
     crdtsync feed [--after CURSOR] [--device ID] [--fleet F] [--topic T] [--kind K] [--follow]
     crdtsync export --out DIR [--format parquet|ndjson|auto] [--device ID] [--fleet F]
                     [--topic T] [--chunk N] [--follow]
-    crdtsync fleet add|list|show|devices|assign ...
     crdtsync env show|set [--device ID | --fleet ID] [KEY=VALUE...]
     crdtsync template FLEET [TOPIC [JSON | --delete]]
     crdtsync schema set --fleet F FILE | show --fleet F [--version HASH] | delete --fleet F
@@ -21,6 +25,7 @@ events.
     crdtsync sink retry NAME [ID...]
     crdtsync simulate [--devices N] [--servers M] [--steps S] [--seed K] [--seeds N]
                       [--faults drop,dup,reorder,delay,partition,crash] [--rate P]
+                      [--skew] [--no-progress]
 
 Management commands take ``--url`` (or ``CRDTSYNC_URL``) and ``--admin-token`` (or
 ``CRDTSYNC_ADMIN_TOKEN``). Exit status: 0 success; 1 an error from the server or the network,

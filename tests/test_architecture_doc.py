@@ -1,7 +1,8 @@
 """docs/architecture.md and README.md stay true to the tree: the Layout block of
 architecture.md names every module of ``crdtsync/`` and ``server/crdtsync_server/`` (one line
-each, by its path inside the package), and the README's ``crdtsync serve`` synopsis names
-exactly the flags the command accepts."""
+each, by its path inside the package), and the README's ``crdtsync serve`` synopsis and the
+synopsis of every command in ``crdtsync/cli.py``'s docstring name exactly the flags the
+parser accepts."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import argparse
 import re
 from pathlib import Path
 
-from crdtsync.cli import add_serve
+from crdtsync import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"crdtsync/": ROOT / "crdtsync",
             "server/crdtsync_server/": ROOT / "server" / "crdtsync_server"}
+COMMANDS: dict[str, argparse.ArgumentParser] = next(
+    action.choices for action in cli.build_parser()._actions
+    if isinstance(action, argparse._SubParsersAction))
+"""Each ``crdtsync`` command's parser, by name."""
 
 
 def layout_block() -> str:
@@ -55,18 +60,48 @@ def test_layout_lists_every_module() -> None:
         assert not stale, f"docs/architecture.md Layout lists absent {header}: {sorted(stale)}"
 
 
-def serve_flags() -> set[str]:
-    """The long options ``crdtsync serve`` accepts, ``--help`` aside."""
-    sub = argparse.ArgumentParser().add_subparsers()
-    add_serve(sub)
-    serve = sub.choices["serve"]
-    return {option for action in serve._actions for option in action.option_strings
-            if option.startswith("--")} - {"--help"}
+def parser_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """The long options ``parser`` and its subcommands accept, ``--help`` aside."""
+    flags: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                flags |= parser_flags(subparser)
+        flags |= {option for option in action.option_strings if option.startswith("--")}
+    return flags - {"--help"}
+
+
+def named_flags(text: str) -> set[str]:
+    """The long options a synopsis names."""
+    return set(re.findall(r"--[a-z][a-z-]*", text))
+
+
+def cli_synopsis() -> dict[str, str]:
+    """The synopsis of ``crdtsync/cli.py``'s docstring, by command: each line starting
+    with ``crdtsync COMMAND`` plus its more indented continuation lines."""
+    block = (cli.__doc__ or "").split("\n\n")[1]
+    lines: dict[str, str] = {}
+    command = ""
+    for line in block.splitlines():
+        if line.strip().startswith("crdtsync "):
+            command = line.split()[1]
+        lines[command] = lines.get(command, "") + line + "\n"
+    return lines
 
 
 def test_readme_serve_synopsis_names_every_flag() -> None:
     text = (ROOT / "README.md").read_text()
     match = re.search(r"`crdtsync serve (\[.*?)`", text, flags=re.S)
     assert match, "no `crdtsync serve [...]` synopsis in README.md"
-    documented = set(re.findall(r"\[(--[a-z-]+)", match.group(1)))
-    assert documented == serve_flags()
+    assert named_flags(match.group(1)) == parser_flags(COMMANDS["serve"])
+
+
+def test_cli_synopsis_names_every_flag_of_every_command() -> None:
+    """The management options (``--url``, ``--admin-token``) are said once, in prose."""
+    synopsis = cli_synopsis()
+    assert synopsis.keys() == COMMANDS.keys()
+    client = parser_flags(cli.client_options())
+    for command, parser in COMMANDS.items():
+        flags = parser_flags(parser)
+        expected = flags - client if client <= flags else flags
+        assert named_flags(synopsis[command]) == expected, command

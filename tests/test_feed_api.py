@@ -21,6 +21,7 @@ from crdtsync.cli import build_parser
 from crdtsync.errors import CursorExpired, MalformedRequest, Unauthorized
 from crdtsync_server import Server
 from crdtsync_server.api import feed as feed_api
+from crdtsync_server.feed import FeedNotifier
 
 from .conftest import ADMIN_TOKEN, DeviceFactory
 
@@ -65,14 +66,31 @@ async def test_a_long_poll_returns_at_once_when_items_exist(
     assert [i["key"] for i in items] == ["ev:d1:1"]
 
 
+def when_waiting(notifier: FeedNotifier, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """An event set once a reader of the feed found nothing and waits on ``notifier`` (set
+    as it starts waiting; a coroutine awaiting the event resumes after it went to sleep)."""
+    entered = asyncio.Event()
+    original = notifier.wait
+
+    async def wait(seconds: float) -> None:
+        entered.set()
+        await original(seconds)
+
+    monkeypatch.setattr(notifier, "wait", wait)
+    return entered
+
+
 async def test_a_long_poll_wakes_up_when_a_device_syncs(
-        admin: AdminClient, make_device: DeviceFactory) -> None:
+        admin: AdminClient, make_device: DeviceFactory, server: Server,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     dev = await make_device("d1")
     await emit(dev, "t", 1)
     _, head = await admin.feed()
+    waiting = when_waiting(server.services.feed, monkeypatch)
     poll = asyncio.create_task(admin.feed(after=head, wait=60))
-    await asyncio.sleep(0.2)
-    assert not poll.done()  # nothing to return yet: the server holds the request
+    async with asyncio.timeout(20):  # a hang guard, not a timing check
+        await waiting.wait()  # nothing to return yet: the server holds the request
+    assert not poll.done()
     await emit(dev, "t", 1)
     async with asyncio.timeout(30):
         items, end = await poll

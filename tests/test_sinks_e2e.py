@@ -21,6 +21,7 @@ from crdtsync import AdminClient, Device
 from crdtsync.errors import AlreadyExists, MalformedRequest, NotFound
 from crdtsync_server import Server, ServerConfig
 from crdtsync_server.sinks.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from crdtsync_server.store import Store
 
 from .conftest import ADMIN_TOKEN, DeviceFactory, local_app
 from .test_cli import admin_env, cli
@@ -450,20 +451,42 @@ async def test_sink_commands(server: Server, receiver: tuple[Receiver, str]) -> 
     assert missing.returncode == 1 and "not_found" in missing.stderr
 
 
+def record_feed_purges(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """A list that gets ``(before, purged)`` for each ``store.purge_feed`` call from now on
+    (one per round of the server's purge loop): what a test waits for instead of sleeping."""
+    purges: list[tuple[int, int]] = []
+    original = store.purge_feed
+
+    async def purge_feed(before: int, keep_after: int) -> int:
+        gone = await original(before, keep_after)
+        purges.append((before, gone))
+        return gone
+
+    monkeypatch.setattr(store, "purge_feed", purge_feed)
+    return purges
+
+
 async def test_the_feed_retention_purges_only_what_every_sink_delivered(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A paused sink holds the feed back; once it is gone the purge loop of a server with
     a feed retention deletes the old items (events included), and devices sync on."""
     config = ServerConfig(db=str(tmp_path / "s.db"), port=0, admin_token=ADMIN_TOKEN,
                           feed_retention_ms=1, purge_every=0.05)
     async with Server(config) as server, AdminClient(server.url, ADMIN_TOKEN) as admin:
+        purges = record_feed_purges(server.services.store, monkeypatch)
         await admin.put_sink("held", webhook_sink("http://127.0.0.1:9/x", paused=True))
         token = (await admin.add_device("d0"))["token"]
         async with Device("d0", server.url, token=token, interval=None,
                           path=tmp_path / "d0.db") as dev:
             await produce([dev], range(3))
-            await asyncio.sleep(0.3)  # several purge rounds: the paused sink holds them
-            assert len(await feed_keys(admin)) == 6
+            items, _ = await admin.feed(limit=1000)
+            newest = max(item["received"] for item in items)
+
+            async def held_twice() -> bool:  # two rounds that could purge every item
+                return len([gone for before, gone in purges if before > newest]) >= 2
+
+            await eventually(held_twice)
+            assert len(await feed_keys(admin)) == 6  # the paused sink held them
             await admin.delete_sink("held")
 
             async def purged() -> bool:
