@@ -12,7 +12,7 @@ server's table that stores events and its indexes (read from the server's databa
 of which `events` is a view, since schema v4), WAL,
 `synchronous=FULL`, one transaction per 1,000 rows. Two variants: with the per-event work the
 server does when it stores an event (the body as JSON text and its 16-byte BLAKE2b digest, as
-`crdtsync_server.store.base` computes them), which is the ceiling of the ratio, and with
+`crdtsync_server.store.rules` computes them), which is the ceiling of the ratio, and with
 rows prepared in advance (SQLite alone). Rounds are interleaved: server, ceiling, server, ...
 
     python bench/ingest.py [--devices 4] [--batches 50] [--rounds 5]
@@ -79,13 +79,13 @@ LIBS = ("aiohttp", "pycrdt", "msgpack")
 
 
 def event_json(event: Event) -> str:
-    """The stored JSON text of an event body (as ``crdtsync_server.store.base``)."""
+    """The stored JSON text of an event body (as ``crdtsync_server.store.rules``)."""
     return json.dumps(event.body, separators=(",", ":"), ensure_ascii=False,
                       default=json_default)
 
 
 def event_digest(event: Event) -> bytes:
-    """The stored digest of an event (as ``crdtsync_server.store.base.event_digest``)."""
+    """The stored digest of an event (as ``crdtsync_server.store.rules.event_digest``)."""
     packed = msgpack.packb([event.topic, event.time, event.body], use_bin_type=True)
     return hashlib.blake2b(packed, digest_size=16).digest()
 

@@ -31,7 +31,7 @@ from crdtsync.protocol import (
     encode_request,
 )
 from crdtsync_server import Server, ServerConfig
-from crdtsync_server.store import sqlite as sqlite_store
+from crdtsync_server.store.sqlite import documents as sqlite_documents
 
 from .conftest import ADMIN_TOKEN
 from .test_device_lifecycle import second_server
@@ -320,13 +320,13 @@ async def test_a_failure_inside_the_rebuild_leaves_the_old_generation(
     """An I/O error in the middle of the rebuild transaction (after the rows were deleted):
     every sync and cloud write still succeeds, generation 0 stays whole, and the rebuild is
     retried at a later write."""
-    real = sqlite_store._replace_doc
+    real = sqlite_documents.replace_doc
 
     def crash(conn: sqlite3.Connection, *args: Any) -> None:
         real(conn, *args)
         raise sqlite3.OperationalError("disk I/O error (injected)")
 
-    monkeypatch.setattr(sqlite_store, "_replace_doc", crash)
+    monkeypatch.setattr(sqlite_documents, "replace_doc", crash)
     for i in range(60):  # far past the point where it rebuilds (test above)
         await round_(client, admin, i)
     docs = server.services.docs

@@ -22,7 +22,7 @@ from crdtsync.testing import (
     SkewedClock,
 )
 from crdtsync.testing.latest import DELETED, Delivery, TimedWrite, allowed_finals
-from crdtsync_server.store import base as store_base
+from crdtsync_server.store import rules as store_base
 
 SWEEP = [
     # (seed, devices, servers, faults, rate, steps)
@@ -92,7 +92,7 @@ async def test_a_planted_duplicate_bug_is_caught(monkeypatch: pytest.MonkeyPatch
         plan = original(device, last_seq, purged, events, digests, **kwargs)
         return store_base.EventPlan(tuple(events), plan.lost)
 
-    from crdtsync_server.store import sqlite as sqlite_store
+    from crdtsync_server.store.sqlite import store as sqlite_store
 
     monkeypatch.setattr(sqlite_store, "plan_events", no_dedup)
     async with Simulation(devices=2, seed=3,
@@ -238,7 +238,7 @@ def test_simulate_command_reports_and_exits_zero(capsys: pytest.CaptureFixture[s
 def test_simulate_command_fails_on_a_broken_invariant(capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from crdtsync.cli import main
-    from crdtsync_server.store import sqlite as sqlite_store
+    from crdtsync_server.store.sqlite import store as sqlite_store
 
     original = sqlite_store.plan_events
 

@@ -41,12 +41,12 @@ from crdtsync_server.store import (
     SQLiteStore,
     SyncWrite,
     open_store,
-    sqlite_feed,
 )
-from crdtsync_server.store import sqlite as sqlite_store
-from crdtsync_server.store.base import event_digest
 from crdtsync_server.store.feed import event_json
+from crdtsync_server.store.rules import event_digest
 from crdtsync_server.store.sqlite import MIGRATIONS, SCHEMA_VERSION
+from crdtsync_server.store.sqlite import documents as sqlite_documents
+from crdtsync_server.store.sqlite import feed as sqlite_feed
 
 FIXTURES = Path(__file__).parent / "data" / "schema"
 REGEN = os.environ.get("CRDTSYNC_REGEN_FIXTURES") == "1"
@@ -674,7 +674,7 @@ async def test_a_failure_inside_a_rebuild_leaves_the_old_generation(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rebuild is one transaction: an I/O error after it deleted the rows rolls it all
     back, and the next attempt succeeds."""
-    real = sqlite_store._replace_doc
+    real = sqlite_documents.replace_doc
 
     def fail_after(conn: sqlite3.Connection, *args: Any) -> None:
         real(conn, *args)
@@ -684,11 +684,11 @@ async def test_a_failure_inside_a_rebuild_leaves_the_old_generation(
         ids = (await store.commit(SyncWrite(None, 1, docs=[DocWrite("k", b"u1"),
                                                            DocWrite("k", b"u2")]))).update_ids
         before = await store.load_doc("k")
-        monkeypatch.setattr(sqlite_store, "_replace_doc", fail_after)
+        monkeypatch.setattr(sqlite_documents, "replace_doc", fail_after)
         with pytest.raises(StoreError):
             await store.rebuild("k", 0, ids[1], b"fresh")
         assert await store.load_doc("k") == before
         assert await store.read_since("k", ids[1]) == ()
-        monkeypatch.setattr(sqlite_store, "_replace_doc", real)
+        monkeypatch.setattr(sqlite_documents, "replace_doc", real)
         assert await store.rebuild("k", 0, ids[1], b"fresh")
         assert (await store.load_doc("k")).gen == 1

@@ -51,8 +51,8 @@ from .feed import FeedNotifier
 from .notify import DeviceNotifier
 from .proxied.dispatch import ProxyRunner
 from .store import CommitResult, DeviceRecord, DocWrite, KeyStamp, Store, SyncWrite
-from .store.base import CommandResult, ProxyRequest
 from .store.feed import ConflictRecord, StateChange
+from .store.records import CommandResult, ProxyRequest
 
 log = logging.getLogger("crdtsync.server")
 

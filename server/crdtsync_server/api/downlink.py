@@ -15,7 +15,7 @@ from crdtsync.values import check_value
 from ..core import Services
 from ..proxied.dispatch import remember_route
 from ..proxied.routes import Route
-from ..store.base import Downlink
+from ..store.records import Downlink
 from .common import (
     int_param,
     json_response,

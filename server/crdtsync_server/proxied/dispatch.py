@@ -22,7 +22,7 @@ from crdtsync.errors import BodyTooLarge
 from crdtsync.protocol import DEFAULT_LIMITS, Limits, item_body
 
 from ..store import Store
-from ..store.base import ProxyRequest
+from ..store.records import ProxyRequest
 from .routes import (
     ROUTE_RESPONSE_TOO_LARGE,
     Executor,

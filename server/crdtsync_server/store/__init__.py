@@ -1,4 +1,9 @@
-"""Storage backends of the sync server behind one narrow interface, :class:`Store`.
+"""Storage backends of the sync server behind role-sized interfaces (``store/roles.py``):
+:class:`DocumentStore`, :class:`DeviceStore`, :class:`SettingsStore`, :class:`DownlinkStore`,
+:class:`FeedStore` and :class:`SinkStore`; :class:`Store` is all of them with the lifecycle
+and the two writes that span roles (``commit``, ``delete_device``). Records are in
+``store/records.py``, ``store/feed.py`` and ``store/sinks.py``; each backend is a package
+with one module per role (``store/memory/``, ``store/sqlite/``).
 
 :func:`open_store` picks a backend from a URL: ``memory:`` (:class:`MemoryStore`),
 ``sqlite:///path.db`` or a plain file path (:class:`SQLiteStore`, the default).
@@ -6,7 +11,8 @@
 
 from __future__ import annotations
 
-from .base import (
+from .memory import MemoryStore
+from .records import (
     DOWNLINK_KINDS,
     DOWNLINK_STATUSES,
     REQUEST_STATUSES,
@@ -19,12 +25,20 @@ from .base import (
     FleetRecord,
     KeyStamp,
     ProxyRequest,
-    Store,
     StoredEvent,
     SyncWrite,
-    plan_events,
 )
-from .memory import MemoryStore
+from .roles import (
+    DeviceStore,
+    DocumentStore,
+    DownlinkStore,
+    DownstreamStore,
+    FeedStore,
+    SettingsStore,
+    SinkStore,
+    Store,
+)
+from .rules import plan_events
 from .sqlite import SQLiteStore
 
 __all__ = [
@@ -34,14 +48,21 @@ __all__ = [
     "CommandResult",
     "CommitResult",
     "DeviceRecord",
+    "DeviceStore",
     "DocLog",
     "DocWrite",
+    "DocumentStore",
     "Downlink",
+    "DownlinkStore",
+    "DownstreamStore",
+    "FeedStore",
     "FleetRecord",
     "KeyStamp",
     "MemoryStore",
     "ProxyRequest",
     "SQLiteStore",
+    "SettingsStore",
+    "SinkStore",
     "Store",
     "StoredEvent",
     "SyncWrite",

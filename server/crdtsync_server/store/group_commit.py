@@ -6,7 +6,7 @@ lone sync pays nothing extra, and under load the fsyncs per second stay flat whi
 syncs per second grow.
 
 Each write of a group runs inside its own savepoint (see
-:func:`crdtsync_server.store.sqlite._commit_group`): a write that fails (``SeqGap``, a
+:func:`crdtsync_server.store.sqlite.store._commit_group`): a write that fails (``SeqGap``, a
 constraint) is rolled back alone and raises to its own caller only; the others commit. When
 the transaction itself fails (the disk is full, the database is locked too long), every
 caller of the group gets that error and nothing of the group is stored.

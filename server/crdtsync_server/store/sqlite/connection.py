@@ -1,0 +1,86 @@
+"""The connection every part of :class:`~crdtsync_server.store.sqlite.SQLiteStore` runs on.
+
+Threading: the connection lives in one dedicated worker thread. Each public coroutine runs
+one whole synchronous function in that thread, and every function that writes is one
+transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``, ``ROLLBACK`` on any exception), so the
+statements of two transactions never interleave and the event loop never blocks on disk.
+If the awaiting coroutine is cancelled, the function still runs to its end in the thread:
+a commit either lands whole or not at all, but only a returned :meth:`SQLiteStore.commit`
+counts as acknowledged.
+
+Durability: WAL journal, ``PRAGMA synchronous=FULL`` by default (a returned commit survives
+power loss), ``busy_timeout`` 5 s so another process (a backup, an admin shell) can hold the
+lock briefly.
+
+Each role's part (``sqlite/documents.py``, ``devices.py``, ``settings.py``, ``downlink.py``,
+``feed.py``, ``sinks.py``) holds its worker-thread functions (``conn`` first) and a mixin
+over :class:`SQLiteConnection` whose coroutines run them; ``sqlite/store.py`` puts them
+together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from crdtsync.sqlite_worker import SQLiteWorker, pragmas, transaction
+
+from .schema import MIGRATIONS
+
+T = TypeVar("T")
+
+
+class SQLiteConnection:
+    """The worker thread and its connection to the SQLite file ``path``, and what every
+    role's coroutines share: :meth:`_run` and :attr:`external_writes`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
+        self._db = SQLiteWorker(path, migrations=MIGRATIONS, synchronous=synchronous,
+                                name="crdtsync-store")
+        self.external_writes = 0
+        """Moves whenever this store notices a commit by another connection (another server
+        process, an admin shell): the document cache skips its catch-up read while it stands
+        still. Observed before each call's own statements, so a reader that records it before
+        a read never misses a later commit."""
+        self._data_version: int | None = None
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self._db.path
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in the store's thread, noting first whether another
+        connection committed since the previous call (``PRAGMA data_version``)."""
+        observed: tuple[int, T] = await self._db.run(observing, fn, *args)
+        version, result = observed
+        if version != self._data_version:
+            if self._data_version is not None:  # the first reading is no news
+                self.external_writes += 1
+            self._data_version = version
+        return result
+
+    async def pragmas(self) -> dict[str, Any]:
+        """The connection's ``journal_mode``, ``synchronous``, ``busy_timeout``,
+        ``foreign_keys`` and ``user_version``, for diagnostics and tests."""
+        return await self._run(pragmas)
+
+
+def loads(text: str | None) -> Any:
+    """A nullable JSON column as data (``None`` stays ``None``)."""
+    return None if text is None else json.loads(text)
+
+
+def in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(conn, *args)`` as one transaction."""
+    with transaction(conn):
+        return fn(conn, *args)
+
+
+def observing(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> tuple[int, T]:
+    """``PRAGMA data_version`` (changes when another connection commits), then ``fn``."""
+    version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+    return version, fn(conn, *args)

@@ -1,0 +1,167 @@
+"""The default :class:`~crdtsync_server.store.roles.Store`: one SQLite file, stdlib ``sqlite3``,
+put together from one mixin per role over one :class:`~.connection.SQLiteConnection`
+(threading and durability are described there, the schema in ``sqlite/schema.py``, each
+role's rules in its module).
+
+This module holds the two writes that span roles. ``commit``: concurrent calls share one
+transaction, each write in its own savepoint (:mod:`crdtsync_server.store.group_commit`).
+``delete_device`` deletes the device's rows of every role in one transaction, turns each of
+its documents into an empty snapshot at a fresh update id (so other processes' cached copies
+reload), and keeps the device's ``last_seq`` in ``deleted_devices``.
+
+Errors: ``sqlite3`` exceptions become :class:`StoreError` (``raise ... from``); the
+crdtsync errors of the contract (``NotFound``, ``AlreadyExists``, ``SeqGap``,
+``SeqConflict``) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Sequence
+
+from crdtsync.errors import CrdtsyncError, StoreError
+from crdtsync.sqlite_worker import transaction
+
+from ..group_commit import GroupCommitter
+from ..records import CommitResult, SyncWrite
+from ..rules import check_write, plan_events
+from .devices import SQLiteDevices, require_device
+from .documents import SQLiteDocuments, delete_stamps, insert_updates, replace_doc, write_stamps
+from .downlink import SQLiteDownlink, ack_downlink, ack_outcomes, insert_requests
+from .feed import SQLiteFeed, insert_events, record_changes, record_conflicts, stored_digests
+from .settings import SQLiteSettings
+from .sinks import SQLiteSinks
+
+
+class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink, SQLiteFeed,
+                  SQLiteSinks):
+    """A :class:`Store` in the SQLite file ``path``.
+
+    Use ``async with SQLiteStore(path) as store:`` or :meth:`open` / :meth:`aclose`.
+    ``synchronous`` is the ``PRAGMA synchronous`` level (``OFF``, ``NORMAL``, ``FULL``,
+    ``EXTRA``); ``FULL`` makes every returned commit survive power loss. Any method called
+    before :meth:`open` or after :meth:`aclose` raises :class:`ClosedError`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
+        super().__init__(path, synchronous=synchronous)
+        self.group_commit: GroupCommitter[SyncWrite, CommitResult] = GroupCommitter(
+            self._commit_group)
+        """Batches concurrent :meth:`commit` calls into one transaction (one fsync)."""
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStore {self._db.path!r} {self._db.state}>"
+
+    async def __aenter__(self) -> SQLiteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Connect, set the pragmas and migrate the schema; a no-op if already open.
+
+        Raises :class:`StoreError` if the file is not a database, cannot be opened, or holds
+        a newer schema (the file is then left untouched), and :class:`ClosedError` after
+        :meth:`aclose`. After a failed open the store may be opened again."""
+        await self._db.open()
+
+    async def aclose(self) -> None:
+        """Wait for queued calls, close the connection and stop the thread; idempotent."""
+        await self.group_commit.drain()
+        await self._db.aclose()
+
+    # the writes that span roles
+
+    async def commit(self, write: SyncWrite) -> CommitResult:
+        """Append doc updates, store new events, and apply the device's downlink progress,
+        command results, new requests and outcome acknowledgements, in one transaction
+        (see ``Store.commit``; the downlink and request rules are in ``sqlite/downlink.py``).
+
+        Raises :class:`NotFound` for an unknown device, :class:`SeqGap` /
+        :class:`SeqConflict` from :func:`plan_events`, and :class:`Unavailable` for a
+        ``DocWrite`` of another generation than the stored one (``stale_generation``), in
+        every case with nothing written;
+        ``ValueError`` for device parts without a device, or a request whose ``device`` is
+        not the write's."""
+        check_write(write)
+        return await self.group_commit.submit(write)
+
+    async def _commit_group(self, writes: list[SyncWrite]
+                            ) -> list[CommitResult | BaseException]:
+        return await self._run(_commit_group, writes)
+
+    async def delete_device(self, device_id: str, docs: Sequence[str], *,
+                            events: bool = False) -> None:
+        """Delete the device and what belongs to it in one transaction (see
+        ``Store.delete_device``). :class:`NotFound` for an unknown device."""
+        await self._run(_delete_device, device_id, list(docs), events)
+
+
+def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
+                  ) -> list[CommitResult | BaseException]:
+    """Commit ``writes`` in one transaction, each in its own savepoint: a write that raises
+    is rolled back alone and its exception returned in its place (group commit)."""
+    outcomes: list[CommitResult | BaseException] = []
+    with transaction(conn):
+        for write in writes:
+            conn.execute("SAVEPOINT write")
+            try:
+                outcomes.append(_commit(conn, write))
+            except (CrdtsyncError, ValueError, sqlite3.Error) as exc:
+                if not conn.in_transaction:  # SQLite rolled the whole transaction back
+                    raise
+                conn.execute("ROLLBACK TO write")
+                outcomes.append(StoreError(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error)
+                                else exc)
+            finally:
+                if conn.in_transaction:
+                    conn.execute("RELEASE write")
+    return outcomes
+
+
+def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
+    """One write's statements, inside the caller's transaction."""
+    update_ids, prev_ids = insert_updates(conn, write.docs)
+    write_stamps(conn, write.stamps)
+    if write.device is None:
+        record_changes(conn, write.changes, None, write.time)
+        record_conflicts(conn, write.conflicts, None, write.time)
+        return CommitResult(update_ids=update_ids, prev_ids=prev_ids)
+    device = require_device(conn, write.device)
+    plan = plan_events(
+        device.id, device.last_seq, write.purged, write.events,
+        stored_digests(conn, device, write), seq_floor=device.seq_floor,
+    )
+    insert_events(conn, device, write.time, plan)
+    record_changes(conn, write.changes, device.fleet, write.time)
+    record_conflicts(conn, write.conflicts, device.fleet, write.time)
+    last_seq = max(device.last_seq, plan.new[-1].seq) if plan.new else device.last_seq
+    down_done = ack_downlink(conn, device, write)
+    new_requests = insert_requests(conn, device.id, write)
+    ack_outcomes(conn, device.id, write)
+    conn.execute(
+        "UPDATE devices SET last_seq = ?, events_lost = events_lost + ?, last_sync = ?,"
+        " down_done = ? WHERE id = ?",
+        (last_seq, plan.lost, write.time, down_done, device.id),
+    )
+    return CommitResult(update_ids, last_seq, len(plan.new), down_done, new_requests,
+                        prev_ids)
+
+
+def _delete_device(conn: sqlite3.Connection, device_id: str, docs: list[str],
+                   events: bool) -> None:
+    with transaction(conn):
+        device = require_device(conn, device_id)
+        for key in docs:
+            replace_doc(conn, key, 0, b"")
+        delete_stamps(conn, docs)
+        for table in ("projection", "downlink", "requests", *(("feed",) if events else ())):
+            conn.execute(f"DELETE FROM {table} WHERE device = ?", (device.id,))
+        conn.execute("DELETE FROM devices WHERE id = ?", (device.id,))
+        conn.execute(
+            "INSERT INTO deleted_devices (id, last_seq) VALUES (?, ?) ON CONFLICT (id)"
+            " DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
+            (device.id, device.last_seq))
