@@ -13,6 +13,8 @@ from crdtsync import AdminClient, Device, TransportError, hlc
 from crdtsync.transport import Transport
 from crdtsync_server import Server, ServerConfig
 
+from .store_backends import store  # noqa: F401  (the store contract suites' fixture)
+
 ADMIN_TOKEN = "test-admin-token"
 
 
