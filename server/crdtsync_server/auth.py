@@ -16,7 +16,7 @@ import secrets
 
 from crdtsync.errors import Forbidden, Unauthorized
 
-from .store import DeviceRecord, Store
+from .store import DeviceRecord, DeviceStore, SettingsStore
 
 ADMIN_TOKEN_SETTING = "admin_token_hash"
 
@@ -46,7 +46,7 @@ UNAUTHORIZED_DEVICE = "unknown device or wrong token"
 """The one message of every failed device authentication: ids are not disclosed."""
 
 
-async def authenticate_device(store: Store, token: str) -> DeviceRecord:
+async def authenticate_device(store: DeviceStore, token: str) -> DeviceRecord:
     """The device this bearer token belongs to; :class:`Unauthorized` when none does,
     :class:`Forbidden` (``detail.disabled``) when it is disabled.
 
@@ -64,7 +64,7 @@ async def authenticate_device(store: Store, token: str) -> DeviceRecord:
     return device
 
 
-async def admin_token_hash(store: Store, given: str | None) -> tuple[str, str | None]:
+async def admin_token_hash(store: SettingsStore, given: str | None) -> tuple[str, str | None]:
     """Decide the admin credential at start: returns ``(hash, token_to_print)``.
 
     A token given on the command line or in the environment wins for this run. Otherwise the

@@ -27,7 +27,7 @@ from pycrdt import Doc, TransactionEvent, merge_updates
 from crdtsync import crdt
 from crdtsync.errors import CrdtsyncError, Unavailable
 
-from .store import KeyStamp, Store
+from .store import DocumentStore, KeyStamp
 
 log = logging.getLogger("crdtsync.server")
 
@@ -141,7 +141,7 @@ class DocumentCache:
     of one device are serialised and the cache never holds two instances of one document.
     """
 
-    def __init__(self, store: Store, client_id: int, *, capacity: int = 1000,
+    def __init__(self, store: DocumentStore, client_id: int, *, capacity: int = 1000,
                  compact_every: int = 500, rebuild_factor: float = DEFAULT_REBUILD_FACTOR,
                  rebuild_slack: int = DEFAULT_REBUILD_SLACK,
                  clock: Callable[[], float] = time.monotonic) -> None:

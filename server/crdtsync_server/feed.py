@@ -18,7 +18,7 @@ from crdtsync.errors import CursorExpired
 from crdtsync.protocol import STATE_DOC
 
 from .documents import DocumentCache
-from .store import Store
+from .store import FeedStore, Store
 from .store.feed import FeedFilter, FeedItem
 
 PROJECTION_SETTING = "projection_built"
@@ -51,7 +51,7 @@ class FeedNotifier:
         await wait_event(self._event, min(seconds, self.poll))
 
 
-async def check_cursor(store: Store, after: int) -> None:
+async def check_cursor(store: FeedStore, after: int) -> None:
     """:class:`CursorExpired` when items after ``after`` were purged (0 means "from the
     oldest item kept" and never expires)."""
     if after > 0 and after < (floor := await store.feed_floor()):
@@ -60,7 +60,7 @@ async def check_cursor(store: Store, after: int) -> None:
                             {"after": str(after), "floor": str(floor)})
 
 
-async def read_feed(store: Store, notifier: FeedNotifier, after: int, limit: int,
+async def read_feed(store: FeedStore, notifier: FeedNotifier, after: int, limit: int,
                     where: FeedFilter, wait: float) -> list[FeedItem]:
     """Items after ``after``; when there are none, wait up to ``wait`` seconds for some.
     :class:`CursorExpired` if items after ``after`` were purged (checked after each read:

@@ -21,7 +21,7 @@ from crdtsync.errors import InvalidValue
 from crdtsync.schema import SCHEMA_MAP, StateSchema
 
 from .documents import DocumentCache
-from .store import DeviceRecord, Store
+from .store import DeviceRecord, SettingsStore
 from .sync import fleet_key
 
 log = logging.getLogger("crdtsync.server")
@@ -33,7 +33,7 @@ PREFIX = "schema:"
 class SchemaRegistry:
     """Every schema version the cloud set, by hash, persisted in the store's settings."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: SettingsStore) -> None:
         self.store = store
 
     async def put(self, schema: StateSchema) -> None:

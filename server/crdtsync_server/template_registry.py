@@ -19,7 +19,7 @@ from crdtsync.protocol import (
 )
 from crdtsync.templates import SizeBudget, Template, batch_hash, decode_batch
 
-from .store import Store
+from .store import SettingsStore
 
 PREFIX = "template:"
 
@@ -27,7 +27,7 @@ PREFIX = "template:"
 class TemplateRegistry:
     """Templates by hash, persisted in the store, cached in memory."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: SettingsStore) -> None:
         self.store = store
         self._cache: dict[bytes, Template] = {}
 

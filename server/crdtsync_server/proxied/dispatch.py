@@ -21,7 +21,7 @@ from crdtsync.aio import cancel_and_wait
 from crdtsync.errors import BodyTooLarge
 from crdtsync.protocol import DEFAULT_LIMITS, Limits, item_body
 
-from ..store import Store
+from ..store import DownlinkStore, SettingsStore
 from ..store.records import ProxyRequest
 from .routes import (
     ROUTE_RESPONSE_TOO_LARGE,
@@ -42,7 +42,7 @@ INTERRUPTED = {"ok": False, "status": None, "body": None, "error": "interrupted"
 ROUTES_SETTING = "routes"
 
 
-async def load_route_table(store: Store, routes_file: str | None) -> RouteTable:
+async def load_route_table(store: SettingsStore, routes_file: str | None) -> RouteTable:
     """Routes set through the API (persisted in the store's settings), then the routes of
     ``routes_file``, which win for the aliases they define."""
     table = RouteTable()
@@ -56,7 +56,7 @@ async def load_route_table(store: Store, routes_file: str | None) -> RouteTable:
     return table
 
 
-async def remember_route(store: Store, route: Route | None, alias: str) -> None:
+async def remember_route(store: SettingsStore, route: Route | None, alias: str) -> None:
     """Persist a route set through the API (``None``: forget ``alias``). Only API routes are
     stored; routes of the routes file stay in the file (with their ``${ENV}`` secrets)."""
     saved = await store.get_setting(ROUTES_SETTING)
@@ -73,7 +73,7 @@ class ProxyRunner:
     ``limits.max_item_body`` (a device would not take it) is stored as the failure
     ``route_response_too_large`` instead."""
 
-    def __init__(self, store: Store, routes: RouteTable, executor: Executor,
+    def __init__(self, store: DownlinkStore, routes: RouteTable, executor: Executor,
                  limits: Limits = DEFAULT_LIMITS, *,
                  clock: Callable[[], int] = hlc.wall_ms) -> None:
         self.store = store

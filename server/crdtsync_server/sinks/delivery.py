@@ -45,7 +45,7 @@ from crdtsync.errors import CrdtsyncError, SinkRejected
 from crdtsync.hlc import wall_ms
 
 from ..feed import FeedNotifier
-from ..store import Store
+from ..store import DownstreamStore
 from ..store.feed import FeedItem
 from .base import Sink, SinkConfig
 from .lease import LEASE_TTL_S, SinkLease, new_owner_id
@@ -118,8 +118,9 @@ class SinkRunner:
     ``stopped``. ``owner`` identifies this process's leases (default: a new id), ``lease_ttl``
     is their duration in seconds."""
 
-    def __init__(self, store: Store, notifier: FeedNotifier, config: SinkConfig, sink: Sink,
-                 cursor: int, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    def __init__(self, store: DownstreamStore, notifier: FeedNotifier, config: SinkConfig,
+                 sink: Sink, cursor: int, *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rand: Callable[[], float] = random.random, owner: str | None = None,
                  lease_ttl: float = LEASE_TTL_S) -> None:
         self.store = store

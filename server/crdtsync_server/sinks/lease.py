@@ -20,7 +20,7 @@ import time
 from crdtsync.errors import CrdtsyncError
 from crdtsync.hlc import wall_ms
 
-from ..store import Store
+from ..store import SinkStore
 
 log = logging.getLogger("crdtsync.server.sinks")
 
@@ -37,7 +37,7 @@ def new_owner_id() -> str:
 class SinkLease:
     """``owner``'s lease on sink ``name``, as this process last saw it."""
 
-    def __init__(self, store: Store, name: str, owner: str, ttl: float = LEASE_TTL_S
+    def __init__(self, store: SinkStore, name: str, owner: str, ttl: float = LEASE_TTL_S
                  ) -> None:
         self.store = store
         self.name = name

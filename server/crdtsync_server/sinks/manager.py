@@ -22,7 +22,7 @@ from crdtsync.errors import CrdtsyncError, MalformedRequest
 from crdtsync.hlc import wall_ms
 
 from ..feed import FeedNotifier
-from ..store import Store
+from ..store import DownstreamStore
 from ..store.sinks import SinkRecord
 from .base import SINK_TYPES, Sink, SinkConfig
 from .config import FileSink, SinkSpec, load_sinks_file
@@ -37,7 +37,7 @@ async def read_sinks_file(path: str | None) -> dict[str, FileSink]:
     return await asyncio.to_thread(load_sinks_file, path) if path else {}
 
 
-async def start_cursor(store: Store, spec: SinkSpec) -> int:
+async def start_cursor(store: DownstreamStore, spec: SinkSpec) -> int:
     """Where a new sink's cursor starts: 0 (the whole feed) or the current feed head."""
     return 0 if spec.start == "beginning" else await store.feed_head()
 
@@ -45,7 +45,7 @@ async def start_cursor(store: Store, spec: SinkSpec) -> int:
 class SinkManager:
     """Starts, restarts and stops the runners of the stored sinks."""
 
-    def __init__(self, store: Store, notifier: FeedNotifier,
+    def __init__(self, store: DownstreamStore, notifier: FeedNotifier,
                  file_sinks: Mapping[str, FileSink] | None = None, *,
                  owner: str | None = None, lease_ttl: float = LEASE_TTL_S) -> None:
         self.store = store
