@@ -37,17 +37,7 @@ from .store_backends import (
     write_docs,
 )
 
-
-async def test_delete_device_deletes_the_stamps_of_its_documents(store: Store) -> None:
-    for device in ("dev-1", "dev-2"):
-        await add_device(store, device)
-        await store.commit(SyncWrite(device, 10, stamps=[
-            stamp_row("k", 1, doc=f"{device}/state")]))
-    await store.delete_device("dev-1", ["dev-1/state"])
-    assert await store.read_stamps("dev-1/state") == []
-    assert await store.read_stamps("dev-2/state") == [stamp_row("k", 1, doc="dev-2/state")]
-    await add_device(store, "dev-1")  # a device created again with the id starts afresh
-    assert await store.read_stamps("dev-1/state") == []
+# --- events ------------------------------------------------------------------------------
 
 
 async def test_first_events_are_stored(store: Store) -> None:
@@ -182,6 +172,9 @@ async def test_concurrent_commits_are_serialised(store: Store) -> None:
     assert len(cursors) == 20 and len(set(cursors)) == 20
 
 
+# --- downlink and requests commit with the events, or not at all -------------------------
+
+
 async def test_seq_conflict_stores_no_downlink_or_request_change(store: Store) -> None:
     await add_device(store)
     await store.commit(SyncWrite("dev-1", time=1, events=evs(1, 2),
@@ -216,6 +209,21 @@ async def test_seq_conflict_stores_no_downlink_or_request_change(store: Store) -
     assert await statuses(store) == {1: "delivered", 2: "succeeded"}
     acked = await store.get_request("dev-1", "done")
     assert acked is not None and acked.status == "acked"
+
+
+# --- delete_device: a device out of every role -------------------------------------------
+
+
+async def test_delete_device_deletes_the_stamps_of_its_documents(store: Store) -> None:
+    for device in ("dev-1", "dev-2"):
+        await add_device(store, device)
+        await store.commit(SyncWrite(device, 10, stamps=[
+            stamp_row("k", 1, doc=f"{device}/state")]))
+    await store.delete_device("dev-1", ["dev-1/state"])
+    assert await store.read_stamps("dev-1/state") == []
+    assert await store.read_stamps("dev-2/state") == [stamp_row("k", 1, doc="dev-2/state")]
+    await add_device(store, "dev-1")  # a device created again with the id starts afresh
+    assert await store.read_stamps("dev-1/state") == []
 
 
 async def owned_by(store: Store, device: str) -> None:
@@ -298,6 +306,9 @@ async def test_a_recreated_device_starts_above_the_seqs_of_the_deleted_one(
     await store.add_device(DeviceRecord("dev-1", "hash-3", created=3))
     again = await store.get_device("dev-1")
     assert again is not None and (again.seq_floor, again.last_seq) == (4, 4)
+
+
+# --- lifecycle ---------------------------------------------------------------------------
 
 
 async def test_closed_store_refuses_calls(store: Store) -> None:

@@ -17,6 +17,8 @@ from crdtsync_server.store import DeviceRecord, DeviceStore, FleetRecord, Store,
 
 from .store_backends import add_device, evs, queue
 
+# --- devices -----------------------------------------------------------------------------
+
 
 async def test_device_roundtrip(store: DeviceStore) -> None:
     record = DeviceRecord(
@@ -92,6 +94,9 @@ async def test_update_device_refuses_an_unknown_device(store: DeviceStore) -> No
         await store.update_device("ghost", token_hash="h", disabled=True)
     assert info.value.detail == {"device": "ghost"}
     assert await store.device_by_token("h") is None
+
+
+# --- fleets ------------------------------------------------------------------------------
 
 
 async def add_fleet(store: DeviceStore, fleet_id: str = "north", **kw: Any) -> FleetRecord:

@@ -20,6 +20,8 @@ from crdtsync_server.store import DocLog, DocumentStore, DocWrite, KeyStamp, Sto
 
 from .store_backends import add_device, conflict_record, evs, stamp_row, write_docs
 
+# --- documents ---------------------------------------------------------------------------
+
 
 async def test_unknown_doc_is_empty(store: DocumentStore) -> None:
     log = await store.load_doc("nothing")
@@ -139,6 +141,9 @@ async def test_snapshot_plus_updates_rebuild_the_document(store: Store) -> None:
     assert _replay(compacted) == expected
 
 
+# --- generations (rebuild) ----------------------------------------------------------------
+
+
 async def test_rebuild_replaces_the_log_by_the_next_generation(store: Store) -> None:
     ids = (await write_docs(store, "a", b"u1", b"u2")).update_ids
     other = (await write_docs(store, "other", b"o1")).update_ids
@@ -222,6 +227,9 @@ async def test_commit_refuses_a_write_of_a_stale_generation(store: Store) -> Non
     done = await store.commit(dataclasses.replace(stale, docs=[DocWrite("dev-1/state", b"x", 1)]))
     assert done.stored == 2
     assert (await store.load_doc("dev-1/state")).updates == ((done.update_ids[0], b"x"),)
+
+
+# --- stamps (the latest-write-wins decision per key) --------------------------------------
 
 
 async def test_stamps_are_written_with_the_update_and_replaced_per_key(store: Store) -> None:

@@ -26,6 +26,8 @@ from crdtsync_server.store import (
 
 from .store_backends import add_device, finished, queue, req, statuses
 
+# --- downlink ----------------------------------------------------------------------------
+
 
 async def down_done(store: DeviceStore, device: str = "dev-1") -> int:
     record = await store.get_device(device)
@@ -208,6 +210,9 @@ async def test_result_for_a_command_never_sent_is_ignored(store: Store) -> None:
     await store.commit(SyncWrite("dev-1", time=30, down_done=1,
                                  results=[CommandResult(2, True, "no such seq")]))
     assert await statuses(store) == {1: "queued"}  # acknowledged, still no result
+
+
+# --- proxied requests --------------------------------------------------------------------
 
 
 async def test_requests_are_inserted_once(store: Store) -> None:

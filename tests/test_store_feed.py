@@ -16,6 +16,8 @@ from crdtsync_server.store.feed import FeedFilter, ProjectionRow
 
 from .store_backends import add_device, all_events, change, conflict_record, ev, evs
 
+# --- events ------------------------------------------------------------------------------
+
 
 async def test_read_events_filters_and_pages_in_arrival_order(store: Store) -> None:
     await add_device(store, "dev-a")
@@ -48,6 +50,9 @@ async def test_read_events_filters_and_pages_in_arrival_order(store: Store) -> N
     assert await store.read_events(limit=0) == []
     with pytest.raises(ValueError):
         await store.read_events(limit=-1)
+
+
+# --- the change feed and the state projection ---------------------------------------------
 
 
 async def test_feed_holds_events_and_changes_in_commit_order(store: Store) -> None:
