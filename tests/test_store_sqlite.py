@@ -1,6 +1,6 @@
 """SQLite-only behaviour of the store: persistence, schema versions, migrations from old
 golden databases, pragmas, lifecycle, and :func:`open_store` URL parsing. The shared
-contract is in ``test_store_contract.py``.
+contract is in the role suites ``test_store_<role>.py`` (backends in ``store_backends.py``).
 
 Golden databases live in ``tests/data/schema/server_v<n>.db``, one per released schema, each
 holding a device, an event and a document update written with that schema alone (v2 adds a
