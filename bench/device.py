@@ -57,9 +57,9 @@ from common import (
 )
 
 from crdtsync import Device, OutboxLimits
-from crdtsync import device_store as ds
+from crdtsync import _device_store as ds
+from crdtsync._sqlite_worker import connect
 from crdtsync.protocol import encode_event_body
-from crdtsync.sqlite_worker import connect
 
 READING: dict[str, Any] = {"temp": 21.5, "hum": 40, "voltage": 3.71, "ts": 1764000000,
                            "motion": False}

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING
 from ._lazy import lazy_exports
 
 if TYPE_CHECKING:  # what mypy and IDEs see; at run time __getattr__ imports on first access
+    from ._device_store import OutboxLimits
+    from ._inbox import Message
+    from ._state import StateMap
     from .admin import AdminClient
     from .device import Device, SyncReport
-    from .device_store import OutboxLimits
     from .errors import (
         ClosedError,
         CrdtsyncError,
@@ -28,10 +30,8 @@ if TYPE_CHECKING:  # what mypy and IDEs see; at run time __getattr__ imports on 
         SyncStalled,
         TransportError,
     )
-    from .inbox import Message
     from .protocol import Conflict, WriteInfo
     from .schema import StateSchema
-    from .state import StateMap
     from .transport import HttpTransport, Transport
 
 __version__ = "0.1.0.dev0"
@@ -64,12 +64,12 @@ if not TYPE_CHECKING:  # hidden from mypy, which would type a misspelt name as o
     __getattr__, __dir__ = lazy_exports(__name__, {
         "admin": ["AdminClient"],
         "device": ["Device", "SyncReport"],
-        "device_store": ["OutboxLimits"],
+        "_device_store": ["OutboxLimits"],
         "errors": ["ClosedError", "CrdtsyncError", "InvalidValue", "OutboxFull", "RouteFailed",
                    "SchemaViolation", "StoreError", "SyncStalled", "TransportError"],
-        "inbox": ["Message"],
+        "_inbox": ["Message"],
         "protocol": ["Conflict", "WriteInfo"],
         "schema": ["StateSchema"],
-        "state": ["StateMap"],
+        "_state": ["StateMap"],
         "transport": ["HttpTransport", "Transport"],
     })

@@ -47,8 +47,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from . import __version__
+from ._console import compact, err, out, pretty, stop_event, wait_or_stop
 from .admin import AdminClient
-from .console import compact, err, out, pretty, stop_event, wait_or_stop
 from .demo import cmd_demo
 from .errors import CrdtsyncError
 from .export import DEFAULT_CHUNK, FORMATS, ExportReport, export_events, unless_stopped

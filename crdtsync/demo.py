@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._console import compact, out, stop_event, wait_or_stop
 from .admin import AdminClient
-from .console import compact, out, stop_event, wait_or_stop
 from .device import Device
 from .transport import HttpTransport, Transport
 

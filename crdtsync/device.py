@@ -27,9 +27,9 @@ import msgpack
 from pycrdt import Array, Doc, Map, Text, TransactionEvent
 
 from . import crdt, hlc
-from .aio import cancel_and_wait, wait_event
-from .calls import Calls
-from .device_store import (
+from ._aio import cancel_and_wait, wait_event
+from ._calls import Calls
+from ._device_store import (
     DeviceStore,
     DirtyKey,
     DirtyWrite,
@@ -37,6 +37,10 @@ from .device_store import (
     OutboxLimits,
     QueuedEvent,
 )
+from ._inbox import CommandHandler, Inbox, MessageHandler
+from ._packing import pack, plain_events
+from ._shared import TEMPLATES, Env, FleetSchema, ReadOnlyMap, SharedDoc
+from ._state import StateMap
 from .errors import (
     BodyTooLarge,
     ClosedError,
@@ -46,8 +50,6 @@ from .errors import (
     SyncStalled,
     TooManyEvents,
 )
-from .inbox import CommandHandler, Inbox, MessageHandler
-from .packing import pack, plain_events
 from .protocol import (
     DEFAULT_LIMITS,
     FLEET_DOC,
@@ -69,8 +71,6 @@ from .protocol import (
     parse_state_vector,
 )
 from .schema import StateSchema
-from .shared import TEMPLATES, Env, FleetSchema, ReadOnlyMap, SharedDoc
-from .state import StateMap
 from .templates import Template
 from .transport import HttpTransport, Transport
 from .values import check_event_body, normalize
@@ -526,7 +526,7 @@ class Device:
     def on(self, topic: str) -> Callable[[MessageHandler], MessageHandler]:
         """Register ``handler(message)`` (sync or async) for messages on ``topic`` (``"*"``:
         any topic without its own handler). Handlers run during :meth:`sync`, in order; see
-        :mod:`crdtsync.inbox` for the exact delivery guarantee. They must not call
+        :mod:`crdtsync._inbox` for the exact delivery guarantee. They must not call
         :meth:`sync` themselves."""
         def register(handler: MessageHandler) -> MessageHandler:
             self._inbox.message_handlers[topic] = handler

@@ -44,8 +44,8 @@ from types import ModuleType
 from typing import IO, Any, TypeVar
 from urllib.parse import quote
 
+from ._aio import cancel_and_wait
 from .admin import MAX_PAGE, AdminClient
-from .aio import cancel_and_wait
 from .errors import CrdtsyncError, ExportError
 
 __all__ = ["COLUMNS", "FORMATS", "ExportError", "ExportReport", "ExportState",

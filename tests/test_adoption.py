@@ -15,7 +15,7 @@ import pytest
 from pycrdt import Map
 
 from crdtsync import Device, StoreError, TransportError, crdt
-from crdtsync import device_store as device_store_module
+from crdtsync import _device_store as device_store_module
 from crdtsync.transport import Transport
 
 from .generation_cloud import GenerationCloud

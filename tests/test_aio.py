@@ -1,4 +1,4 @@
-"""``crdtsync.aio``: waiting on an event never swallows a cancellation, and stopping a task
+"""``crdtsync._aio``: waiting on an event never swallows a cancellation, and stopping a task
 works even when the task swallowed one (as Python 3.11's ``asyncio.wait_for`` does when its
 inner awaitable finishes in the same loop iteration as the cancellation)."""
 
@@ -9,7 +9,7 @@ import contextlib
 
 import pytest
 
-from crdtsync.aio import cancel_and_wait, wait_event
+from crdtsync._aio import cancel_and_wait, wait_event
 
 
 async def test_wait_event_returns_whether_the_event_was_set() -> None:

@@ -24,7 +24,7 @@ import msgpack
 import pytest
 
 from crdtsync import AdminClient, Device
-from crdtsync.device_store import MIGRATIONS, SCHEMA_VERSION, DeviceStore, StoredCall
+from crdtsync._device_store import MIGRATIONS, SCHEMA_VERSION, DeviceStore, StoredCall
 from crdtsync_server import Server
 
 from .test_device_store import FIXTURES, _dump

@@ -14,9 +14,9 @@ import msgpack
 import pytest
 
 from crdtsync import AdminClient, Device, OutboxFull, OutboxLimits, StoreError
-from crdtsync.device_store import MIGRATIONS, SCHEMA_VERSION, DeviceStore, DirtyWrite
+from crdtsync._device_store import MIGRATIONS, SCHEMA_VERSION, DeviceStore, DirtyWrite
+from crdtsync._sqlite_worker import statements, transaction, user_version
 from crdtsync.errors import InvalidValue
-from crdtsync.sqlite_worker import statements, transaction, user_version
 from crdtsync_server import Server
 
 from .conftest import DeviceFactory

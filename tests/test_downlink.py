@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from crdtsync import AdminClient, Device, RouteFailed, TransportError
-from crdtsync.inbox import Message
+from crdtsync._inbox import Message
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
 from crdtsync_server.notify import DeviceNotifier, Watch

@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from crdtsync import AdminClient, CrdtsyncError, InvalidValue, RouteFailed
+from crdtsync._inbox import Message
 from crdtsync.hlc import wall_ms
-from crdtsync.inbox import Message
 from crdtsync.protocol import DEFAULT_LIMITS
 from crdtsync_server import Server
 

@@ -73,6 +73,35 @@ def test_public_names_are_frozen_and_resolve() -> None:
         crdtsync.Bogus  # type: ignore[attr-defined]  # noqa: B018
 
 
+PUBLIC_MODULES = {"admin", "cli", "crdt", "demo", "device", "errors", "export", "hlc",
+                  "protocol", "schema", "templates", "testing", "transport", "values",
+                  "yupdate"}
+"""The modules of ``crdtsync`` a user may import by name; the rest are underscored (httpx's
+rule): their names are re-exported where they are public (``crdtsync.Message`` lives in
+``_inbox``)."""
+
+
+def test_public_modules_are_a_deliberate_list() -> None:
+    found = {path.stem if path.is_file() else path.name
+             for path in LIBRARY.iterdir()
+             if (path.suffix == ".py" or (path / "__init__.py").exists())
+             and not path.name.startswith("_")}
+    assert found == PUBLIC_MODULES
+
+
+def test_server_and_testing_public_names_are_frozen_and_resolve() -> None:
+    import crdtsync.testing
+    import crdtsync_server
+
+    assert crdtsync_server.__all__ == ["Server", "ServerConfig", "Services", "create_app",
+                                       "open_services", "process_sync"]
+    assert crdtsync.testing.__all__ == [
+        "FAULT_NAMES", "ClockPlan", "Crash", "FaultPlan", "FaultProxy", "Model", "SimDevice",
+        "SimReport", "Simulation", "SkewedClock"]
+    for package in (crdtsync_server, crdtsync.testing):
+        assert all(getattr(package, name) is not None for name in package.__all__)
+
+
 # --- static import graph --------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from crdtsync.aio import cancel_and_wait, spawn
+from crdtsync._aio import cancel_and_wait, spawn
 from crdtsync.errors import MalformedRequest, SinkError, SinkRejected
 from crdtsync.protocol import Event
 from crdtsync_server.api.metrics import render_metrics

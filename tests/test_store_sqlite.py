@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
+from crdtsync._sqlite_worker import statements, transaction
 from crdtsync.errors import ClosedError, StoreError, Unavailable
 from crdtsync.protocol import Event
-from crdtsync.sqlite_worker import statements, transaction
 from crdtsync_server.store import (
     CommandResult,
     DeviceRecord,

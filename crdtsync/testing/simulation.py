@@ -33,10 +33,10 @@ from crdtsync_server.proxied.routes import Executor, Route, RouteOutcome
 from crdtsync_server.store import CommitResult, DeviceRecord, SQLiteStore, SyncWrite
 
 from .. import crdt
+from .._inbox import Message
 from ..device import Device
 from ..errors import CrdtsyncError, TransportError
 from ..hlc import HybridClock, stamp_ms
-from ..inbox import Message
 from ..protocol import STATE_MAP
 from .clocks import ClockPlan, SkewedClock, device_takes_clock, server_takes_clock
 from .faults import Crash, FaultPlan, Network

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from crdtsync import crdt
-from crdtsync.aio import cancel_and_wait
+from crdtsync._aio import cancel_and_wait
 from crdtsync.errors import Unauthorized
 from crdtsync.protocol import decode_request, encode_response
 

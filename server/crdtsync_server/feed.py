@@ -13,7 +13,7 @@ import asyncio
 import time
 
 from crdtsync import crdt
-from crdtsync.aio import wait_event
+from crdtsync._aio import wait_event
 from crdtsync.errors import CursorExpired
 from crdtsync.protocol import STATE_DOC
 

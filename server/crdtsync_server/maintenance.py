@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from crdtsync.aio import spawn
+from crdtsync._aio import spawn
 from crdtsync.errors import CrdtsyncError
 
 from .config import ServerConfig

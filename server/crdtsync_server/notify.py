@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
-from crdtsync.aio import wait_event
+from crdtsync._aio import wait_event
 
 
 class Watch:

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from crdtsync import hlc
-from crdtsync.aio import cancel_and_wait
+from crdtsync._aio import cancel_and_wait
 from crdtsync.errors import BodyTooLarge
 from crdtsync.protocol import DEFAULT_LIMITS, Limits, item_body
 

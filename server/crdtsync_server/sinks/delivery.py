@@ -40,7 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from crdtsync.aio import cancel_and_wait
+from crdtsync._aio import cancel_and_wait
 from crdtsync.errors import CrdtsyncError, SinkRejected
 from crdtsync.hlc import wall_ms
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from crdtsync.aio import cancel_and_wait, spawn
+from crdtsync._aio import cancel_and_wait, spawn
 from crdtsync.errors import CrdtsyncError, MalformedRequest
 from crdtsync.hlc import wall_ms
 

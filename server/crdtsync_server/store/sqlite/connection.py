@@ -26,7 +26,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from crdtsync.sqlite_worker import SQLiteWorker, pragmas, transaction
+from crdtsync._sqlite_worker import SQLiteWorker, pragmas, transaction
 
 from .schema import MIGRATIONS
 

@@ -17,8 +17,8 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from crdtsync._sqlite_worker import transaction
 from crdtsync.errors import AlreadyExists, NotFound
-from crdtsync.sqlite_worker import transaction
 
 from ..feed import json_text
 from ..records import DeviceRecord, FleetRecord

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from crdtsync.sqlite_worker import transaction
+from crdtsync._sqlite_worker import transaction
 
 from ..records import DocLog, DocWrite, KeyStamp
 from ..rules import stale_generation

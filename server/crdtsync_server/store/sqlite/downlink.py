@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import closing
 from typing import Any
 
-from crdtsync.sqlite_worker import transaction
+from crdtsync._sqlite_worker import transaction
 
 from ..feed import json_text
 from ..records import FINISHED_DOWNLINK, DeviceRecord, Downlink, ProxyRequest, SyncWrite

@@ -1,5 +1,5 @@
 """The SQLite schema: :data:`MIGRATIONS`, applied in order by
-:class:`~crdtsync.sqlite_worker.SQLiteWorker` when the store opens.
+:class:`~crdtsync._sqlite_worker.SQLiteWorker` when the store opens.
 
 ``PRAGMA user_version`` is the number of migrations applied. Opening applies the missing
 ones, each in its own transaction. A database from a newer crdtsync raises

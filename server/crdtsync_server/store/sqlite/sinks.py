@@ -8,8 +8,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from crdtsync._sqlite_worker import transaction
 from crdtsync.errors import NotFound
-from crdtsync.sqlite_worker import transaction
 
 from ..feed import FeedItem
 from ..rules import check_limit

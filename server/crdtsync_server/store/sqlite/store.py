@@ -20,8 +20,8 @@ import os
 import sqlite3
 from collections.abc import Sequence
 
+from crdtsync._sqlite_worker import transaction
 from crdtsync.errors import CrdtsyncError, StoreError
-from crdtsync.sqlite_worker import transaction
 
 from ..group_commit import GroupCommitter
 from ..records import CommitResult, SyncWrite

@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 
 from . import hlc
-from .device_store import DeviceStore, StoredCall
+from ._device_store import DeviceStore, StoredCall
 from .errors import BodyTooLarge, InvalidValue, NotFound, RouteFailed
 from .protocol import NAME_RE, Outcome, ProxyCall, item_body
 from .values import check_value

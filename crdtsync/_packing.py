@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import msgpack
 
-from .device_store import OutboxEvent
+from ._device_store import OutboxEvent
 from .protocol import Event, TemplateBatch
 from .templates import Template, encode_batch
 

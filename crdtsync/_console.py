@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Any
 
-from .aio import wait_event
+from ._aio import wait_event
 
 
 def out(text: str) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import msgpack
 
 from . import hlc
-from .device_store import DeviceStore
+from ._device_store import DeviceStore
 from .errors import BodyTooLarge, CrdtsyncError, InvalidValue
 from .protocol import DownItem, Result, item_body
 from .values import check_value

@@ -19,7 +19,7 @@ from typing import Any
 from pycrdt import Doc, Map, TransactionEvent
 
 from . import crdt
-from .device_store import DeviceStore
+from ._device_store import DeviceStore
 from .errors import Forbidden, InvalidValue
 from .protocol import DocSync
 from .schema import SCHEMA_MAP, StateSchema

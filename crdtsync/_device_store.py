@@ -8,7 +8,7 @@ the last transactions before a power cut (never consistency) for speed. See
 docs/architecture.md.
 
 Every operation is one transaction run in the connection's own thread
-(:class:`~crdtsync.sqlite_worker.SQLiteWorker`). A state assignment (``dev.state["k"] = v``)
+(:class:`~crdtsync._sqlite_worker.SQLiteWorker`). A state assignment (``dev.state["k"] = v``)
 is synchronous and must be durable before it returns, so :meth:`DeviceStore.append_update`
 waits for that thread from the event loop; it cannot deadlock, because no transaction ever
 spans an ``await``. The in-memory mirror (``meta``, outbox counters) is changed only inside
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ._sqlite_worker import SQLiteWorker, transaction
 from .errors import OutboxFull
 from .hlc import COUNTER_BITS
-from .sqlite_worker import SQLiteWorker, transaction
 
 MIGRATIONS: Sequence[str] = (
     # v1
