@@ -32,8 +32,6 @@ class Maintenance:
         self.store = store
         self.docs = docs
         self.sync = sync
-        self.purges = 0
-        """Purge rounds run so far (whether or not they deleted anything)."""
 
     async def purge(self) -> int:
         """Purge finished downlink items and acknowledged requests older than the retention,
@@ -48,7 +46,6 @@ class Maintenance:
             if feed:
                 log.info("purged %d feed items", feed)
             gone += feed
-        self.purges += 1
         return gone
 
     async def purge_feed(self, before: int) -> int:
