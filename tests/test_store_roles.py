@@ -19,12 +19,13 @@ from crdtsync_server.store import (
     SettingsStore,
     SinkStore,
     Store,
+    WakeStore,
 )
 
 from .store_backends import BACKENDS
 
 ROLES: tuple[type[Any], ...] = (DocumentStore, DeviceStore, SettingsStore, DownlinkStore,
-                                FeedStore, SinkStore, Store)
+                                FeedStore, SinkStore, WakeStore, Store)
 """The role protocols, and :class:`Store` for what only the whole store declares (the
 lifecycle, ``commit`` and ``delete_device``)."""
 

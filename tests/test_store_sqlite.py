@@ -5,7 +5,8 @@ contract is in the role suites ``test_store_<role>.py`` (backends in ``store_bac
 Golden databases live in ``tests/data/schema/server_v<n>.db``, one per released schema, each
 holding a device, an event and a document update written with that schema alone (v2 adds a
 downlink item and a request; v4 a feed item, a projection row and a second device; v5 a
-device that was deleted and one with a document, which v6 leaves without stamps).
+device that was deleted and one with a document, which v6 leaves without stamps; v6 a
+document with stamp rows and a request running, whose interruption v7 announces).
 :func:`write_v1_fixture` made ``server_v1.db`` and :func:`write_v2_fixture` ``server_v2.db``;
 they only ever run ``MIGRATIONS[0]`` and ``MIGRATIONS[1]`` (never edited), so regenerating
 them with ``CRDTSYNC_REGEN_FIXTURES=1 pytest tests/test_store_sqlite.py`` yields the same
@@ -40,6 +41,7 @@ from crdtsync_server.store import (
     ProxyRequest,
     SQLiteStore,
     SyncWrite,
+    WakeEntry,
     open_store,
 )
 from crdtsync_server.store.feed import event_json
@@ -187,6 +189,25 @@ def write_v5_fixture(path: Path = FIXTURES / "server_v5.db") -> None:
             " ('dev-v5', 'state', 'state', 'y', '\"hi\"', 6)")
 
 
+def write_v6_fixture(path: Path = FIXTURES / "server_v6.db") -> None:
+    """Write ``server_v6.db``: schemas v1 to v6 only, a device with a document, one stamp
+    row and a proxied request left ``running``."""
+    with migrated_fixture(path, 6) as conn:
+        conn.execute(
+            "INSERT INTO devices (id, token_hash, created, last_sync, last_seq)"
+            " VALUES ('dev-v6', 'hash-v6', 1, 6, 0)")
+        conn.execute("INSERT INTO docs (key, gen) VALUES ('dev-v6/state', 0)")
+        conn.execute(
+            "INSERT INTO updates (key, gen, data) VALUES ('dev-v6/state', 0, ?)",
+            (V1_UPDATE,))
+        conn.execute(
+            "INSERT INTO stamps (doc, map, key, stamp, writer, raw)"
+            " VALUES ('dev-v6/state', 'state', 'x', 123, 'device', 120)")
+        conn.execute(
+            "INSERT INTO requests (device, id, route, body, created, status, updated)"
+            " VALUES ('dev-v6', 'r1', 'weather', '{}', 8, 'running', 8)")
+
+
 def write_v2_fixture(path: Path = FIXTURES / "server_v2.db") -> None:
     """Write ``server_v2.db``: schemas v1 and v2 only, one device with one event, one doc
     update, one delivered command and one pending request."""
@@ -232,6 +253,7 @@ def _regenerate_fixtures() -> None:
         write_v3_fixture()
         write_v4_fixture()
         write_v5_fixture()
+        write_v6_fixture()
 
 
 def _user_version(path: Path) -> int:
@@ -362,7 +384,7 @@ async def test_v1_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_fleet(FleetRecord("north", created=1_700_000_004_000))
         moved = await store.set_device_fleet("dev-old", "north", now=1_700_000_004_001)
         assert (moved.fleet, moved.fleet_gen, moved.down_done) == ("north", 1, 1)
-    assert _user_version(path) == 6 == SCHEMA_VERSION
+    assert _user_version(path) == 7 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         columns = {row[1]: row[4] for row in conn.execute("PRAGMA table_info(devices)")}
@@ -403,7 +425,7 @@ async def test_v2_database_migrates_to_current(tmp_path: Path) -> None:
         assert claimed is not None and claimed.route == "weather"
         device = await store.get_device("dev-v2")
         assert device is not None and (device.fleet, device.down_done) == ("south", 1)
-    assert _user_version(path) == 6 == SCHEMA_VERSION
+    assert _user_version(path) == 7 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
@@ -427,7 +449,7 @@ async def test_v3_database_migrates_to_current(tmp_path: Path) -> None:
             (1, "event", "dev-v3", "west", 1, V1_EVENT.time, 5, V1_EVENT.body)]
         assert await store.read_projection() == []
         assert await store.feed_head() == 1
-    assert _user_version(path) == SCHEMA_VERSION == 6
+    assert _user_version(path) == SCHEMA_VERSION == 7
     assert _user_version(FIXTURES / "server_v3.db") == 3
 
 
@@ -463,7 +485,7 @@ async def test_v4_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_device(DeviceRecord("dev-v4", "new-hash", created=9))
         again = await store.get_device("dev-v4")
         assert again is not None and (again.seq_floor, again.last_seq) == (1, 1)
-    assert _user_version(path) == SCHEMA_VERSION == 6
+    assert _user_version(path) == SCHEMA_VERSION == 7
     with closing(sqlite3.connect(path)) as conn:
         plan = " ".join(str(r) for r in conn.execute(
             "EXPLAIN QUERY PLAN SELECT id FROM devices WHERE token_hash = 'x'"))
@@ -498,11 +520,39 @@ async def test_v5_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_device(DeviceRecord("gone", "h", created=9))
         again = await store.get_device("gone")
         assert again is not None and again.seq_floor == 3
-    assert _user_version(path) == SCHEMA_VERSION == 6
+    assert _user_version(path) == SCHEMA_VERSION == 7
     with closing(sqlite3.connect(path)) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(stamps)")]
     assert columns == ["doc", "map", "key", "stamp", "writer", "raw"]
     assert _user_version(FIXTURES / "server_v5.db") == 5
+
+
+def test_v6_fixture_is_what_the_v6_scripts_make(tmp_path: Path) -> None:
+    write_v6_fixture(tmp_path / "v6.db")
+    assert _dump(FIXTURES / "server_v6.db") == _dump(tmp_path / "v6.db")
+
+
+async def test_v6_database_migrates_to_current(tmp_path: Path) -> None:
+    """v7 adds the wake log, empty, with its head at 0: a device that reconnects with no
+    cursor starts from there; the running request interrupted at start wakes its device;
+    everything v6 held is untouched."""
+    path = tmp_path / "sync.db"
+    shutil.copyfile(FIXTURES / "server_v6.db", path)
+    async with SQLiteStore(path) as store:
+        assert await store.wake_head() == 0
+        assert await store.wake_pending(["d:dev-v6"], 0) is False
+        assert await store.interrupt_running({"error": "restart"}, 9) == 1
+        assert await store.read_wakes(0, 10) == [WakeEntry(1, "d:dev-v6", 9)]
+        assert [r.key for r in await store.read_stamps("dev-v6/state")] == ["x"]
+        assert (await store.load_doc("dev-v6/state")).updates == ((1, V1_UPDATE),)
+    assert _user_version(path) == SCHEMA_VERSION == 7
+    with closing(sqlite3.connect(path)) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(wakes)")]
+        plan = " ".join(str(row) for row in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT 1 FROM wakes WHERE target IN ('a', 'b') AND cursor > 5"))
+    assert columns == ["cursor", "target", "at"]
+    assert "wakes_target_cursor" in plan  # a pending check reads the index, not the log
+    assert _user_version(FIXTURES / "server_v6.db") == 6
 
 
 async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:

@@ -50,7 +50,17 @@ from .documents import GENERATION_LIMIT, DocumentCache, LiveDoc
 from .feed import FeedNotifier
 from .notify import DeviceNotifier
 from .proxied.dispatch import ProxyRunner
-from .store import CommitResult, DeviceRecord, DocWrite, KeyStamp, Store, SyncWrite
+from .store import (
+    WAKE_EVERYONE,
+    CommitResult,
+    DeviceRecord,
+    DocWrite,
+    KeyStamp,
+    Store,
+    SyncWrite,
+    wake_device,
+    wake_fleet,
+)
 from .store.feed import ConflictRecord, StateChange
 from .store.records import CommandResult, ProxyRequest
 
@@ -68,6 +78,16 @@ def doc_key(device_id: str, doc: str) -> str:
 def fleet_key(fleet: str) -> str:
     """Store key of a fleet's shared document."""
     return f"fleet:{fleet}"
+
+
+def wake_target(key: str) -> str:
+    """Whose live channel a cloud write of document ``key`` wakes: the device of
+    ``"<device>/<doc>"``, the fleet of ``"fleet:<f>"``, everyone for ``"project"``."""
+    if key == PROJECT_DOC:
+        return WAKE_EVERYONE
+    if key.startswith("fleet:"):
+        return wake_fleet(key.removeprefix("fleet:"))
+    return wake_device(key.partition("/")[0])
 
 
 def shared_key(device: DeviceRecord, name: str) -> str | None:
@@ -473,7 +493,8 @@ class SyncService:
         """Commit a cloud write of ``live`` and record it in the live document."""
         stored = await self.store.commit(SyncWrite(
             device=None, time=self.clock(), changes=feed, stamps=rows,
-            docs=[DocWrite(live.key, update, live.gen)] if update else []))
+            docs=[DocWrite(live.key, update, live.gen)] if update else [],
+            wakes=[wake_target(live.key)]))
         if update:
             live.committed(stored.update_ids[0], stored.prev_ids[0])
         for row in rows:  # a stamp above the clock (stored + 1) moves the clock past it

@@ -16,6 +16,7 @@ from .records import (
     DOWNLINK_KINDS,
     DOWNLINK_STATUSES,
     REQUEST_STATUSES,
+    WAKE_EVERYONE,
     CommandResult,
     CommitResult,
     DeviceRecord,
@@ -27,6 +28,10 @@ from .records import (
     ProxyRequest,
     StoredEvent,
     SyncWrite,
+    WakeEntry,
+    wake_device,
+    wake_fleet,
+    wake_targets,
 )
 from .roles import (
     DeviceStore,
@@ -37,6 +42,7 @@ from .roles import (
     SettingsStore,
     SinkStore,
     Store,
+    WakeStore,
 )
 from .rules import plan_events
 from .sqlite import SQLiteStore
@@ -45,6 +51,7 @@ __all__ = [
     "DOWNLINK_KINDS",
     "DOWNLINK_STATUSES",
     "REQUEST_STATUSES",
+    "WAKE_EVERYONE",
     "CommandResult",
     "CommitResult",
     "DeviceRecord",
@@ -66,8 +73,13 @@ __all__ = [
     "Store",
     "StoredEvent",
     "SyncWrite",
+    "WakeEntry",
+    "WakeStore",
     "open_store",
     "plan_events",
+    "wake_device",
+    "wake_fleet",
+    "wake_targets",
 ]
 
 _SQLITE_PREFIX = "sqlite:///"

@@ -162,6 +162,10 @@ class SyncWrite:
     conflicts: Sequence[ConflictRecord] = ()
     """Conflicts decided in this sync: appended to the feed (kind ``conflict``) after the
     changes, in the same transaction."""
+    wakes: Sequence[str] = ()
+    """Wake targets (:func:`wake_device`, :func:`wake_fleet`, :data:`WAKE_EVERYONE`) to
+    append to the wake log in the same transaction: whose live channel this write must
+    wake (a cloud write of a device's, a fleet's or the project document)."""
 
 
 DOWNLINK_KINDS = ("message", "command")
@@ -243,3 +247,36 @@ class CommitResult:
     """For each ``DocWrite``, the highest update id its document reflected just before
     (logged rows and snapshot): when it equals what a cached copy holds, nobody else wrote
     that document in between."""
+
+
+WAKE_EVERYONE = "*"
+"""The wake target of every device (a write of the ``project`` document)."""
+
+
+def wake_device(device_id: str) -> str:
+    """The wake target of one device: ``"d:<id>"``."""
+    return "d:" + device_id
+
+
+def wake_fleet(fleet: str) -> str:
+    """The wake target of every device of a fleet: ``"f:<fleet>"``."""
+    return "f:" + fleet
+
+
+def wake_targets(device: DeviceRecord) -> tuple[str, ...]:
+    """Every target that wakes ``device``: its own, its fleet's (if any), everyone's."""
+    if device.fleet is None:
+        return (wake_device(device.id), WAKE_EVERYONE)
+    return (wake_device(device.id), wake_fleet(device.fleet), WAKE_EVERYONE)
+
+
+@dataclass(frozen=True, slots=True)
+class WakeEntry:
+    """One entry of the wake log: something for ``target`` was committed at ``at`` (ms).
+    ``cursor`` orders the log; it is never reused, and on one database entries become
+    visible in cursor order (a reader that saw cursor ``c`` never later finds an entry
+    below ``c`` it had not seen)."""
+
+    cursor: int
+    target: str
+    at: int

@@ -40,7 +40,7 @@ device unless :meth:`Store.commit` returned.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from .feed import Changes, FeedFilter, FeedItem, ProjectionRow
@@ -54,6 +54,7 @@ from .records import (
     ProxyRequest,
     StoredEvent,
     SyncWrite,
+    WakeEntry,
 )
 from .sinks import DeadLetter, SinkConfig, SinkRecord
 
@@ -324,12 +325,51 @@ class SinkStore(Protocol):
         ``attempts`` more attempts."""
 
 
+class WakeStore(Protocol):
+    """The wake log (table ``wakes``): one entry per commit that a device's live channel
+    must hear of (docs/protocol.md section 14a), naming a target (``store/records.py``:
+    :func:`~.records.wake_device`, :func:`~.records.wake_fleet`,
+    :data:`~.records.WAKE_EVERYONE`). Entries are appended in the transaction of the write
+    they announce: by :meth:`Store.commit` (``SyncWrite.wakes``),
+    :meth:`DownlinkStore.queue_downlink`, :meth:`DownlinkStore.finish_request`,
+    :meth:`DownlinkStore.interrupt_running` (each for the request's device) and
+    :meth:`DeviceStore.set_device_fleet` (when the fleet changes), or by :meth:`add_wakes`.
+    The log is read by cursor; old entries are purged (when: the server decides)."""
+
+    def on_wakes(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(head)`` on the event loop after each transaction of this store
+        object that appended wake entries has committed (``head``: the highest cursor it
+        gave out). Another writer's entries (another process) are not announced: readers
+        find those with :meth:`wake_head` / :meth:`read_wakes`."""
+
+    async def add_wakes(self, targets: Sequence[str], now: int) -> int:
+        """Append one entry per target at time ``now`` (ms) in one transaction; returns the
+        head after it."""
+
+    async def wake_head(self) -> int:
+        """The highest cursor the log ever held (0: never any); a purge does not lower it."""
+
+    async def read_wakes(self, after: int, limit: int) -> list[WakeEntry]:
+        """Entries with cursor > ``after``, in cursor order, at most ``limit``."""
+
+    async def wake_pending(self, targets: Sequence[str], after: int) -> bool:
+        """Whether a device woken by ``targets`` has to sync to be sure it holds everything
+        up to the head, given that it synced after seeing cursor ``after``: ``True`` if an
+        entry above ``after`` names one of ``targets``, if ``after`` is below the floor (a
+        purge may have taken such an entry), or if ``after`` is above the head (a cursor
+        this database never gave out: it was restored or replaced)."""
+
+    async def purge_wakes(self, before: int) -> int:
+        """Delete the entries written before ``before`` (ms), except that the head is never
+        lowered; raises the floor to the highest cursor deleted. Returns how many went."""
+
+
 class DownstreamStore(FeedStore, SinkStore, Protocol):
     """The feed and the sinks that deliver it: what a sink runner reads and moves."""
 
 
 class Store(DocumentStore, DeviceStore, SettingsStore, DownlinkStore, DownstreamStore,
-            Protocol):
+            WakeStore, Protocol):
     """What the server needs from a database: every role, the lifecycle, and the two writes
     that span roles. Backends: memory, SQLite (default)."""
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from crdtsync.errors import AlreadyExists, NotFound
 
-from ..records import DeviceRecord, FleetRecord
+from ..records import DeviceRecord, FleetRecord, wake_device
 from ..rules import above_deleted, check_limit, updated_fields
 from .state import MemoryState, copy_device, copy_fleet
 
@@ -110,6 +110,7 @@ class MemoryDevices(MemoryState):
         if fleet != device.fleet:
             device = dataclasses.replace(device, fleet=fleet, fleet_gen=device.fleet_gen + 1)
             self._devices[device_id] = device
+            self._append_wakes([wake_device(device_id)], now)
         return copy_device(device)
 
     async def devices_in_fleet(self, fleet: str, after: str = "", limit: int = 100

@@ -16,6 +16,7 @@ from ..records import (
     Downlink,
     ProxyRequest,
     SyncWrite,
+    wake_device,
 )
 from ..rules import check_kind, check_limit
 from .state import ItemRow, MemoryState, RequestRow
@@ -40,6 +41,7 @@ class MemoryDownlink(MemoryState):
         item = ItemRow(self._last_item_id, device, seq, kind, name, body_json, now, expires, now)
         self._items[item.id] = item
         self._downlink.setdefault(device, {})[seq] = item
+        self._append_wakes([wake_device(device)], now)
         return item.record()
 
     async def get_downlink(self, item_id: int) -> Downlink | None:
@@ -98,6 +100,7 @@ class MemoryDownlink(MemoryState):
         request = self._requests.get((device, request_id))
         if request is not None and request.status == "running":
             request.set_status("done", now, outcome_json)
+            self._append_wakes([wake_device(device)], now)
 
     async def get_request(self, device: str, request_id: str) -> ProxyRequest | None:
         """One request, or ``None``."""
@@ -121,6 +124,7 @@ class MemoryDownlink(MemoryState):
         running = [r for r in self._requests.values() if r.status == "running"]
         for request in running:
             request.set_status("done", now, outcome_json)
+        self._append_wakes(sorted({wake_device(r.device) for r in running}), now)
         return len(running)
 
     async def purge_finished(self, before: int) -> int:

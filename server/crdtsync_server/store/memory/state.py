@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from crdtsync.errors import ClosedError, NotFound
 
 from ..feed import FeedItem
-from ..records import DeviceRecord, Downlink, FleetRecord, KeyStamp, ProxyRequest, StoredEvent
+from ..records import (
+    DeviceRecord,
+    Downlink,
+    FleetRecord,
+    KeyStamp,
+    ProxyRequest,
+    StoredEvent,
+    WakeEntry,
+)
 from ..sinks import (
     DeadLetter,
     SinkConfig,
@@ -173,10 +182,25 @@ class MemoryState:
         self._last_letter_id = 0
         self._deleted_devices: dict[str, int] = {}  # id -> last_seq when deleted
         self._stamps: dict[str, dict[tuple[str, str], KeyStamp]] = {}  # doc -> (map, key)
+        self._wakes: list[WakeEntry] = []  # cursor order
+        self._wake_head = 0  # cursors are never reused, even after a purge
+        self._wake_floor = 0  # the highest purged cursor
+        self._wake_listeners: list[Callable[[int], None]] = []
 
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("MemoryStore is closed")
+
+    def _append_wakes(self, targets: Sequence[str], now: int) -> None:
+        """Append wake entries and announce them (the caller's write is already applied:
+        every method runs between two awaits, so announcing here is after its commit)."""
+        if not targets:
+            return
+        for target in targets:
+            self._wake_head += 1
+            self._wakes.append(WakeEntry(self._wake_head, target, now))
+        for listener in self._wake_listeners:
+            listener(self._wake_head)
 
     def _require_device(self, device_id: str) -> DeviceRecord:
         device = self._devices.get(device_id)

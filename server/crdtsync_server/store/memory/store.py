@@ -29,10 +29,11 @@ from .downlink import MemoryDownlink
 from .feed import MemoryFeed
 from .settings import MemorySettings
 from .sinks import MemorySinks
+from .wakes import MemoryWakes
 
 
 class MemoryStore(MemoryDocuments, MemoryDevices, MemorySettings, MemoryDownlink, MemoryFeed,
-                  MemorySinks):
+                  MemorySinks, MemoryWakes):
     """A :class:`Store` held in dicts. Raises :class:`ClosedError` after :meth:`aclose`."""
 
     async def __aenter__(self) -> MemoryStore:
@@ -63,6 +64,7 @@ class MemoryStore(MemoryDocuments, MemoryDevices, MemorySettings, MemoryDownlink
         self._letters.clear()
         self._deleted_devices.clear()
         self._stamps.clear()
+        self._wakes.clear()
 
     # the writes that span roles
 
@@ -83,6 +85,7 @@ class MemoryStore(MemoryDocuments, MemoryDevices, MemorySettings, MemoryDownlink
             self._record_conflicts(write.conflicts, write.time)
             self._write_stamps(write.stamps)
             update_ids, prev_ids = self._append_updates(write.docs)
+            self._append_wakes(write.wakes, write.time)
             return CommitResult(update_ids=update_ids, prev_ids=prev_ids)
         device = self._require_device(write.device)
         plan = self._plan(device, write)
@@ -100,6 +103,7 @@ class MemoryStore(MemoryDocuments, MemoryDevices, MemorySettings, MemoryDownlink
         new_requests = self._insert_requests(device.id, write, bodies)
         self._ack_outcomes(device.id, write)
         self._devices[device.id] = dataclasses.replace(device, down_done=down_done)
+        self._append_wakes(write.wakes, write.time)
         return CommitResult(update_ids, device.last_seq, len(plan.new), down_done, new_requests,
                             prev_ids)
 

@@ -46,6 +46,8 @@ class SQLiteConnection:
         still. Observed before each call's own statements, so a reader that records it before
         a read never misses a later commit."""
         self._data_version: int | None = None
+        self._wake_listeners: list[Callable[[int], None]] = []
+        self._wake_announced = 0
 
     @property
     def path(self) -> str:
@@ -61,6 +63,22 @@ class SQLiteConnection:
             if self._data_version is not None:  # the first reading is no news
                 self.external_writes += 1
             self._data_version = version
+        return result
+
+    def on_wakes(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(head)`` after each call of this store that moved the head of the
+        wake log (``sqlite/wakes.py``)."""
+        self._wake_listeners.append(callback)
+
+    async def _run_waking(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`_run` for a call that may append wake entries: read the head of the wake
+        log after its transaction and announce it to the listeners when it moved."""
+        outcome: tuple[int, T] = await self._run(_then_wake_head, fn, *args)
+        head, result = outcome
+        if head > self._wake_announced:
+            self._wake_announced = head
+            for listener in self._wake_listeners:
+                listener(head)
         return result
 
     async def pragmas(self) -> dict[str, Any]:
@@ -84,3 +102,15 @@ def observing(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> tup
     """``PRAGMA data_version`` (changes when another connection commits), then ``fn``."""
     version = int(conn.execute("PRAGMA data_version").fetchone()[0])
     return version, fn(conn, *args)
+
+
+def wake_head(conn: sqlite3.Connection) -> int:
+    """The head of the wake log: the highest cursor ever given out (0: none)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'wakes'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _then_wake_head(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any
+                    ) -> tuple[int, T]:
+    result = fn(conn, *args)
+    return wake_head(conn), result

@@ -21,9 +21,10 @@ from crdtsync._sqlite_worker import transaction
 from crdtsync.errors import AlreadyExists, NotFound
 
 from ..feed import json_text
-from ..records import DeviceRecord, FleetRecord
+from ..records import DeviceRecord, FleetRecord, wake_device
 from ..rules import above_deleted, check_limit, updated_fields
 from .connection import SQLiteConnection
+from .wakes import insert_wakes
 
 DEVICE_COLUMNS = (
     "id, token_hash, created, last_sync, last_seq, events_lost, meta, down_seq, down_done,"
@@ -83,7 +84,7 @@ class SQLiteDevices(SQLiteConnection):
         """Move the device to ``fleet`` (``None``: no fleet) in one transaction, bumping
         ``fleet_gen`` only on a change; returns the stored record. :class:`NotFound` for an
         unknown device or fleet, with nothing written."""
-        return await self._run(_set_device_fleet, device_id, fleet)
+        return await self._run_waking(_set_device_fleet, device_id, fleet, now)
 
     async def devices_in_fleet(self, fleet: str, after: str = "", limit: int = 100
                                ) -> list[DeviceRecord]:
@@ -210,7 +211,7 @@ def _list_fleets(conn: sqlite3.Connection, after: str, limit: int) -> list[Fleet
     return [_fleet_from_row(row) for row in rows]
 
 
-def _set_device_fleet(conn: sqlite3.Connection, device_id: str, fleet: str | None
+def _set_device_fleet(conn: sqlite3.Connection, device_id: str, fleet: str | None, now: int
                       ) -> DeviceRecord:
     with transaction(conn):
         device = require_device(conn, device_id)
@@ -220,6 +221,7 @@ def _set_device_fleet(conn: sqlite3.Connection, device_id: str, fleet: str | Non
             return device
         conn.execute("UPDATE devices SET fleet = ?, fleet_gen = fleet_gen + 1 WHERE id = ?",
                      (fleet, device.id))
+        insert_wakes(conn, [wake_device(device.id)], now)
     return dataclasses.replace(device, fleet=fleet, fleet_gen=device.fleet_gen + 1)
 
 

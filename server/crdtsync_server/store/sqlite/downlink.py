@@ -33,10 +33,18 @@ from typing import Any
 from crdtsync._sqlite_worker import transaction
 
 from ..feed import json_text
-from ..records import FINISHED_DOWNLINK, DeviceRecord, Downlink, ProxyRequest, SyncWrite
+from ..records import (
+    FINISHED_DOWNLINK,
+    DeviceRecord,
+    Downlink,
+    ProxyRequest,
+    SyncWrite,
+    wake_device,
+)
 from ..rules import check_kind, check_limit, result_columns
 from .connection import SQLiteConnection, loads
 from .devices import require_device
+from .wakes import insert_wakes
 
 _DOWNLINK_COLUMNS = (
     "id, device, seq, kind, name, body, created, expires, status, result, error, updated"
@@ -56,7 +64,8 @@ class SQLiteDownlink(SQLiteConnection):
         Raises ``ValueError`` for a kind not in ``DOWNLINK_KINDS``, ``TypeError`` for a body
         that is not JSON, :class:`NotFound` for an unknown device; nothing is written then."""
         check_kind(kind)
-        return await self._run(_queue_downlink, device, kind, name, json_text(body), now, expires)
+        return await self._run_waking(_queue_downlink, device, kind, name, json_text(body), now,
+                                      expires)
 
     async def get_downlink(self, item_id: int) -> Downlink | None:
         """One item by id, or ``None``."""
@@ -85,7 +94,7 @@ class SQLiteDownlink(SQLiteConnection):
                              now: int) -> None:
         """``running`` -> ``done`` with ``outcome``; does nothing if the request is not
         running (unknown, never claimed, or already finished: the first outcome stays)."""
-        await self._run(_finish_request, device, request_id, json_text(dict(outcome)), now)
+        await self._run_waking(_finish_request, device, request_id, json_text(dict(outcome)), now)
 
     async def get_request(self, device: str, request_id: str) -> ProxyRequest | None:
         """One request, or ``None``."""
@@ -98,7 +107,7 @@ class SQLiteDownlink(SQLiteConnection):
 
     async def interrupt_running(self, outcome: Mapping[str, Any], now: int) -> int:
         """Finish every ``running`` request with ``outcome``; returns how many."""
-        return await self._run(_interrupt_running, json_text(dict(outcome)), now)
+        return await self._run_waking(_interrupt_running, json_text(dict(outcome)), now)
 
     async def purge_finished(self, before: int) -> int:
         """Delete finished downlink items and acknowledged requests older than ``before``."""
@@ -128,6 +137,7 @@ def _queue_downlink(
             (device.id, seq, kind, name, body, now, expires, now),
         )
         assert cur.lastrowid is not None
+        insert_wakes(conn, [wake_device(device.id)], now)
     return Downlink(cur.lastrowid, device.id, seq, kind, name, json.loads(body), now, expires,
                     updated=now)
 
@@ -222,11 +232,14 @@ def _claim_request(conn: sqlite3.Connection, device: str, request_id: str, now: 
 
 def _finish_request(conn: sqlite3.Connection, device: str, request_id: str, outcome: str,
                     now: int) -> None:
-    conn.execute(
-        "UPDATE requests SET status = 'done', outcome = ?, updated = ?"
-        " WHERE device = ? AND id = ? AND status = 'running'",
-        (outcome, now, device, request_id),
-    )
+    with transaction(conn):
+        done = conn.execute(
+            "UPDATE requests SET status = 'done', outcome = ?, updated = ?"
+            " WHERE device = ? AND id = ? AND status = 'running'",
+            (outcome, now, device, request_id),
+        ).rowcount
+        if done:
+            insert_wakes(conn, [wake_device(device)], now)
 
 
 def _undelivered_outcomes(conn: sqlite3.Connection, device: str, limit: int
@@ -240,10 +253,13 @@ def _undelivered_outcomes(conn: sqlite3.Connection, device: str, limit: int
 
 
 def _interrupt_running(conn: sqlite3.Connection, outcome: str, now: int) -> int:
-    cur = conn.execute(
-        "UPDATE requests SET status = 'done', outcome = ?, updated = ? WHERE status = 'running'",
-        (outcome, now),
-    )
+    with transaction(conn):
+        devices = [row[0] for row in conn.execute(
+            "SELECT DISTINCT device FROM requests WHERE status = 'running' ORDER BY device")]
+        cur = conn.execute(
+            "UPDATE requests SET status = 'done', outcome = ?, updated = ?"
+            " WHERE status = 'running'", (outcome, now))
+        insert_wakes(conn, [wake_device(device) for device in devices], now)
     return cur.rowcount
 
 

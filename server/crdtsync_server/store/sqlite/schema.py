@@ -106,6 +106,19 @@ section 13). Documents written before v6 have no rows: their keys count as never
 (the next stamped write of a key wins)."""
 
 
+WAKES_V7 = """
+    CREATE TABLE wakes (
+        cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+        target TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE INDEX wakes_target_cursor ON wakes (target, cursor);
+"""
+"""Schema v7: the wake log of the live channel (docs/protocol.md section 14a), one row per
+commit a device must hear of; ``AUTOINCREMENT`` so a cursor is never reused after a purge
+(the head is ``sqlite_sequence``'s)."""
+
+
 MIGRATIONS: tuple[str, ...] = (
     # v1
     """
@@ -207,6 +220,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # v6: per-key stamps, the latest-write-wins decision (issue 13)
     STAMPS_V6,
+    # v7: the wake log of the live channel (issue 15)
+    WAKES_V7,
 )
 """Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
 Append only: a released script is never edited."""

@@ -32,10 +32,11 @@ from .downlink import SQLiteDownlink, ack_downlink, ack_outcomes, insert_request
 from .feed import SQLiteFeed, insert_events, record_changes, record_conflicts, stored_digests
 from .settings import SQLiteSettings
 from .sinks import SQLiteSinks
+from .wakes import SQLiteWakes, insert_wakes
 
 
 class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink, SQLiteFeed,
-                  SQLiteSinks):
+                  SQLiteSinks, SQLiteWakes):
     """A :class:`Store` in the SQLite file ``path``.
 
     Use ``async with SQLiteStore(path) as store:`` or :meth:`open` / :meth:`aclose`.
@@ -91,7 +92,7 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
 
     async def _commit_group(self, writes: list[SyncWrite]
                             ) -> list[CommitResult | BaseException]:
-        return await self._run(_commit_group, writes)
+        return await self._run_waking(_commit_group, writes)
 
     async def delete_device(self, device_id: str, docs: Sequence[str], *,
                             events: bool = False) -> None:
@@ -126,6 +127,7 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
     """One write's statements, inside the caller's transaction."""
     update_ids, prev_ids = insert_updates(conn, write.docs)
     write_stamps(conn, write.stamps)
+    insert_wakes(conn, write.wakes, write.time)
     if write.device is None:
         record_changes(conn, write.changes, None, write.time)
         record_conflicts(conn, write.conflicts, None, write.time)
