@@ -108,7 +108,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 
 SERVE_OPTIONS = ("max_body", "cache_docs", "backlog", "cache_idle", "header_timeout",
-                 "body_timeout", "rebuild_factor", "rebuild_slack")
+                 "body_timeout", "rebuild_factor", "rebuild_slack", "wake_hold", "wake_rate",
+                 "max_waiters")
 """``crdtsync serve`` options that set the ``ServerConfig`` field of the same name."""
 SHOWN_DEFAULTS = frozenset(SERVE_OPTIONS) - {"max_body"}
 """The options whose help shows the ``ServerConfig`` default (:class:`ServeHelp`)."""
@@ -600,6 +601,14 @@ def add_serve(sub: Subparsers) -> None:
     p.add_argument("--rebuild-slack", type=number(int, 0), metavar="BYTES",
                    help="history a state document may carry beyond the factor before it is"
                         " rebuilt")
+    p.add_argument("--wake-hold", type=number(float, 0.01), metavar="SECONDS",
+                   help="longest a device's live channel (GET /v1/wake) is held before an"
+                        " empty answer; keep it below your proxy's idle timeout")
+    p.add_argument("--wake-rate", type=number(float, 0.01), metavar="PER_SECOND",
+                   help="devices per second a fleet-wide wake-up lets sync (the rest are told"
+                        " to wait their turn)")
+    p.add_argument("--max-waiters", type=number(int, 1), metavar="N",
+                   help="live channels held at most; beyond, 429 with Retry-After")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)

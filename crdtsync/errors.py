@@ -28,6 +28,7 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     │   ├── Unauthorized           unauthorized          401  missing or wrong credential
     │   └── Forbidden              forbidden             403  valid credential, not allowed
     ├── RequestTimeout             request_timeout       408  retryable; body came too slowly
+    ├── TooManyRequests            too_many_requests     429  retryable; after Retry-After s
     ├── ServerError                internal              500  retryable; nothing committed
     ├── Unavailable                unavailable           503  retryable; overloaded/stopping
     ├── TransportError             (local)                    retryable; outcome unknown
@@ -184,6 +185,15 @@ class RequestTimeout(CrdtsyncError):
 
     code = "request_timeout"
     status = 408
+    retryable = True
+
+
+class TooManyRequests(CrdtsyncError):
+    """The server holds as many live channels as it may: come back after
+    ``detail.retry_after`` seconds (also the ``Retry-After`` header)."""
+
+    code = "too_many_requests"
+    status = 429
     retryable = True
 
 

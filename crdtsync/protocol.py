@@ -36,6 +36,17 @@ from .values import MAX_KEY_LENGTH, check_event_body, check_value
 PROTOCOL_VERSION = 1
 MEDIA_TYPE = "application/vnd.crdtsync+msgpack"
 SYNC_PATH = "/v1/sync"
+WAKE_PATH = "/v1/wake"
+MAX_WAKE_DELAY_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class WakeSignal:
+    """An answer of the live channel (section 14a)."""
+
+    wake: bool
+    cursor: int
+    delay_ms: int
 
 STATE_DOC = "state"
 """The document a device owns and writes (docs/protocol.md section 8)."""

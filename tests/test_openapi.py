@@ -90,7 +90,7 @@ async def test_openapi_security_matches_the_handlers(server: Server) -> None:
             names = {name for requirement in op.get("security", []) for name in requirement}
             if path in ("/v1/health", "/v1/openapi.json"):
                 expected: set[str] = set()
-            elif path == "/v1/sync":
+            elif path in ("/v1/sync", "/v1/wake"):
                 expected = {"deviceToken"}
             else:
                 expected = {"adminToken"}

@@ -79,6 +79,22 @@ class ServerConfig:
     """Seconds a client has to deliver a whole request body once the server reads it; then
     ``408 request_timeout`` and the connection is closed. A device on a slow link needs
     ``max_body / rate`` at least (the reference client gives a request 30 s)."""
+    wake_hold: float = 50.0
+    """Seconds a live channel's request (``GET /v1/wake``) is held at most before it is
+    answered ``wake: false``: below the 60 s idle timeout of common proxies and load
+    balancers, so the answer itself is the heartbeat."""
+    wake_poll: float = 0.25
+    """Seconds between reads of the wake log while devices wait, for entries another
+    process committed (this process's own are read at once)."""
+    wake_rate: float = 500.0
+    """Devices per second a wake-up of a whole fleet or of everyone lets sync: each woken
+    device is told to wait its slot (``in``) first."""
+    max_waiters: int = 100_000
+    """Live channels one process holds at most; beyond, ``429 too_many_requests`` with a
+    ``Retry-After`` of 5-30 s."""
+    wake_retention_ms: int = 3600 * 1000
+    """Wake log entries are purged this long after they were written (with the other
+    purges); a device whose cursor is older syncs once when it reconnects."""
     clock: Callable[[], int] = hlc.wall_ms
     """The server's wall clock, ms since the epoch: the times syncs record and answer, and
     the stamps that decide which write of a key is the latest (protocol section 13).

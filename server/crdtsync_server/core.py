@@ -33,6 +33,7 @@ from .sinks.manager import SinkManager, read_sinks_file
 from .store import DeviceRecord, Store, open_store
 from .sync import SyncService
 from .template_registry import TemplateRegistry
+from .wake import WakeHub
 
 log = logging.getLogger("crdtsync.server")
 
@@ -54,11 +55,14 @@ class Services:
     results: DeviceNotifier
     """Wakes long polls of command results (``GET /v1/commands/{id}?wait=``)."""
     maintenance: Maintenance
+    wakes: WakeHub
+    """Holds the devices' live channels (``GET /v1/wake``)."""
 
     def release_waiters(self) -> None:
         """Wake every long poll and stream for good (at shutdown, before the close)."""
         self.feed.close()
         self.results.close()
+        self.wakes.release()
 
 
 @asynccontextmanager
@@ -106,20 +110,24 @@ async def _build(config: ServerConfig, store: Store, proxy: ProxyRunner) -> Serv
         log.info("built the state projection of %d stored documents", built)
     sinks = SinkManager(store, feed, await read_sinks_file(config.sinks_file),
                         lease_ttl=config.sink_lease_ttl)
+    wakes = WakeHub(store, hold=config.wake_hold, poll=config.wake_poll,
+                    rate=config.wake_rate, max_waiters=config.max_waiters)
     return Services(config, store, docs, sync, admin_hash, proxy.routes, proxy,
                     TemplateRegistry(store), feed, sinks, results,
-                    Maintenance(config, store, docs, sync))
+                    Maintenance(config, store, docs, sync), wakes)
 
 
 @asynccontextmanager
 async def _running(services: Services, loops: bool) -> AsyncIterator[None]:
-    """Sinks and maintenance tasks run while the block runs; at its end they stop and the
-    pending ``last_sync`` times are written."""
+    """Sinks, the live channels' hub and maintenance tasks run while the block runs; at its
+    end they stop and the pending ``last_sync`` times are written."""
     tasks: list[asyncio.Task[None]] = services.maintenance.spawn() if loops else []
     try:
+        await services.wakes.start()
         await services.sinks.start()
         yield
     finally:
+        await services.wakes.aclose()
         await services.sinks.aclose()
         await cancel_and_wait(*tasks)
         await services.sync.flush_touches()

@@ -35,12 +35,14 @@ class Maintenance:
 
     async def purge(self) -> int:
         """Purge finished downlink items and acknowledged requests older than the retention,
-        and feed items older than the feed retention (:meth:`purge_feed`); returns how many
-        rows went. Raises a :class:`CrdtsyncError` of the store."""
+        wake log entries older than theirs, and feed items older than the feed retention
+        (:meth:`purge_feed`); returns how many rows went. Raises a :class:`CrdtsyncError`
+        of the store."""
         now = self.config.clock()
         gone = await self.store.purge_finished(now - self.config.retention_ms)
         if gone:
             log.info("purged %d finished messages, commands and requests", gone)
+        gone += await self.store.purge_wakes(now - self.config.wake_retention_ms)
         if self.config.feed_retention_ms is not None:
             feed = await self.purge_feed(now - self.config.feed_retention_ms)
             if feed:

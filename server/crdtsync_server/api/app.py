@@ -27,7 +27,19 @@ from ..config import ServerConfig
 from ..core import open_services
 from ..proxied.executor import RouteExecutor
 from ..store import Store
-from . import devices, downlink, env, feed, fleets, metrics, schemas, sinks, sync, templates
+from . import (
+    devices,
+    downlink,
+    env,
+    feed,
+    fleets,
+    metrics,
+    schemas,
+    sinks,
+    sync,
+    templates,
+    wake,
+)
 from .deadlines import HeadDeadline
 from .errors import error_response
 from .keys import HEADS, SERVICES
@@ -36,7 +48,8 @@ log = logging.getLogger("crdtsync.server")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-ROUTE_TABLES = (sync, devices, downlink, env, templates, schemas, fleets, feed, sinks, metrics)
+ROUTE_TABLES = (sync, wake, devices, downlink, env, templates, schemas, fleets, feed, sinks,
+                metrics)
 """The handler modules; each has a ``routes`` table."""
 
 

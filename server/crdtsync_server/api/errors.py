@@ -17,7 +17,14 @@ def error_response(request: web.Request, error: CrdtsyncError) -> web.Response:
         return web.Response(status=error.status, body=encode_error(error),
                             content_type=MEDIA_TYPE, headers={"Server": "crdtsync"})
     return web.Response(status=error.status, text=json.dumps(error_json(error)),
-                        content_type="application/json")
+                        content_type="application/json", headers=_retry_after(error))
+
+
+def _retry_after(error: CrdtsyncError) -> dict[str, str]:
+    """``Retry-After`` (seconds) for an error that says when to come back
+    (``detail.retry_after``, e.g. ``429 too_many_requests``)."""
+    seconds = error.detail.get("retry_after")
+    return {"Retry-After": str(seconds)} if isinstance(seconds, int) else {}
 
 
 def error_json(error: CrdtsyncError) -> dict[str, Any]:

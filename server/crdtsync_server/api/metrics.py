@@ -66,9 +66,9 @@ def header(name: str, type_: str, help_: str) -> list[str]:
 
 
 def render_metrics(head: int, sinks: Sequence[SinkRecord], floor: int = 0, *,
-                   rebuilds: int = 0, rebuild_failures: int = 0) -> str:
-    """The exposition text: the feed head and floor, this process's document rebuilds,
-    then each sink metric for every sink."""
+                   rebuilds: int = 0, rebuild_failures: int = 0, waiting: int = 0) -> str:
+    """The exposition text: the feed head and floor, this process's document rebuilds and
+    held live channels, then each sink metric for every sink."""
     lines = [*header("crdtsync_feed_head", "gauge", "Highest cursor of the change feed."),
              f"crdtsync_feed_head {head}",
              *header("crdtsync_feed_floor", "gauge",
@@ -79,7 +79,10 @@ def render_metrics(head: int, sinks: Sequence[SinkRecord], floor: int = 0, *,
              f"crdtsync_doc_rebuilds_total {rebuilds}",
              *header("crdtsync_doc_rebuild_failures_total", "counter",
                      "Document rebuilds this process failed to store (retried later)."),
-             f"crdtsync_doc_rebuild_failures_total {rebuild_failures}"]
+             f"crdtsync_doc_rebuild_failures_total {rebuild_failures}",
+             *header("crdtsync_wake_waiting", "gauge",
+                     "Live channels (GET /v1/wake) this process holds now."),
+             f"crdtsync_wake_waiting {waiting}"]
     for metric in SINK_METRICS:
         lines += header(metric.name, metric.type, metric.help)
         for record in sinks:
@@ -92,11 +95,13 @@ def render_metrics(head: int, sinks: Sequence[SinkRecord], floor: int = 0, *,
 
 @routes.get("/v1/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus metrics of the change feed, document rebuilds and the sinks."""
+    """Prometheus metrics of the change feed, document rebuilds, live channels and the
+    sinks."""
     require_admin(request)
     services = request.app[SERVICES]
     store = services.store
     text = render_metrics(await store.feed_head(), await store.list_sinks(),
                           await store.feed_floor(), rebuilds=services.docs.rebuilds,
-                          rebuild_failures=services.docs.rebuild_failures)
+                          rebuild_failures=services.docs.rebuild_failures,
+                          waiting=services.wakes.waiting)
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,51 @@
+"""``GET /v1/wake``: a device's live channel (docs/protocol.md section 14a), answered by the
+process's :class:`~crdtsync_server.wake.WakeHub`. Authenticated like a sync, from the headers
+alone; the answer is a small JSON object."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from aiohttp import web
+
+from crdtsync.errors import MalformedRequest
+from crdtsync.protocol import WAKE_PATH
+
+from ..auth import authenticate_device
+from .common import bearer, int_param
+from .keys import SERVICES
+
+routes = web.RouteTableDef()
+
+DEFAULT_WAIT = 50.0
+"""Seconds a request without ``wait`` asks to be held (the server holds at most its own
+``wake_hold``)."""
+MAX_WAIT = 3600
+_SECONDS_RE = re.compile(r"[0-9]{1,4}(?:\.[0-9]{1,3})?")
+
+
+@routes.get(WAKE_PATH)
+async def wake(request: web.Request) -> web.Response:
+    """Hold the request until something for the device is committed after cursor
+    ``after`` (``wake: true``) or the hold ends (``wake: false``); without ``after``,
+    answer at once with the cursor to start from."""
+    services = request.app[SERVICES]
+    device = await authenticate_device(services.store, bearer(request))
+    after = (int_param(request, "after", 0, 2**63 - 1)
+             if request.query.get("after", "") != "" else None)
+    signal = await services.wakes.wait(device, after, _seconds(request, "wait"))
+    body = {"wake": signal.wake, "w": signal.cursor, "in": signal.delay_ms}
+    return web.Response(text=json.dumps(body, separators=(",", ":")),
+                        content_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+def _seconds(request: web.Request, name: str) -> float:
+    """Query parameter ``name``: decimal seconds 0..``MAX_WAIT`` (at most 3 decimals)."""
+    raw = request.query.get(name, "")
+    if raw == "":
+        return DEFAULT_WAIT
+    if not _SECONDS_RE.fullmatch(raw) or float(raw) > MAX_WAIT:
+        raise MalformedRequest(
+            f"query parameter {name!r} must be decimal seconds 0..{MAX_WAIT}")
+    return float(raw)
