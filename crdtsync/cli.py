@@ -5,7 +5,7 @@ events.
                     [--routes FILE] [--sinks FILE] [--cache-docs N] [--cache-idle S]
                     [--backlog N] [--feed-retention DAYS] [--header-timeout S]
                     [--body-timeout S] [--rebuild-factor X] [--rebuild-slack B]
-                    [--log-level LEVEL]
+                    [--wake-hold S] [--wake-rate N] [--max-waiters N] [--log-level LEVEL]
     crdtsync demo   [--devices N] [--duration S] [--db PATH] [--port N] [--data-dir DIR]
                     [--log-level LEVEL]
     crdtsync device add ID [--meta JSON] | crdtsync device list | crdtsync device show ID

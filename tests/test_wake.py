@@ -368,7 +368,7 @@ async def test_the_spread_is_capped_at_a_minute() -> None:
     await hub.start()
     try:
         await store.add_wakes([wake_fleet("west")], 1)
-        await hub._read()
+        await hub.catch_up()
         delays = [(await hub.wait(device, 0, 1)).delay_ms for _ in range(3)]
     finally:
         await hub.aclose()
@@ -386,7 +386,7 @@ async def test_the_hub_forgets_targets_beyond_its_bound(monkeypatch: pytest.Monk
     await hub.start()
     try:
         await store.add_wakes([wake_device(f"d{i}") for i in range(3)], 1)
-        await hub._read()
+        await hub.catch_up()
         assert hub._last == {} and hub._since == 3
         signal = await hub.wait(DeviceRecord("d1", "h", created=1), 0, 0)
         assert signal.wake is True

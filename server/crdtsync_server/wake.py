@@ -182,6 +182,11 @@ class WakeHub:
                             exc.code, exc.message)
                 await asyncio.sleep(self.poll)
 
+    async def catch_up(self) -> None:
+        """Read the log up to its head now (the tail does so by itself; the simulator calls
+        this to make a step's answer independent of when the tail task ran)."""
+        await self._read()
+
     async def _read(self) -> None:
         """Take every entry above :attr:`cursor` (one reader at a time)."""
         async with self._reading:
