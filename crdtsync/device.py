@@ -3,7 +3,9 @@
 It holds the device's CRDT document (replicated state) and its event outbox in one local
 SQLite file, and syncs both with the cloud in one HTTP round trip, explicitly
 (:meth:`Device.sync`) or from a background loop (interval, prompt sync after local changes with
-a minimum spacing, exponential backoff with jitter on failure).
+a minimum spacing, exponential backoff with jitter on failure). With the loop, a live channel
+(:mod:`crdtsync._live`, a long poll) wakes it as soon as the cloud has something for the
+device.
 
 Every local write of a root-map key is stamped by the device's hybrid logical clock
 (:mod:`crdtsync.hlc`) and sent with its stamp and value until the cloud acknowledged it, so
@@ -27,7 +29,7 @@ import msgpack
 from pycrdt import Array, Doc, Map, Text, TransactionEvent
 
 from . import crdt, hlc
-from ._aio import cancel_and_wait, wait_event
+from ._aio import cancel_and_wait, spawn, wait_event
 from ._calls import Calls
 from ._device_store import (
     DeviceStore,
@@ -38,6 +40,7 @@ from ._device_store import (
     QueuedEvent,
 )
 from ._inbox import CommandHandler, Inbox, MessageHandler
+from ._live import LiveChannel
 from ._packing import pack, plain_events
 from ._shared import TEMPLATES, Env, FleetSchema, ReadOnlyMap, SharedDoc
 from ._state import StateMap
@@ -52,7 +55,9 @@ from .errors import (
 )
 from .protocol import (
     DEFAULT_LIMITS,
+    DEFAULT_WAKE_WAIT,
     FLEET_DOC,
+    MAX_WAKE_WAIT,
     NAME_RE,
     PROJECT_DOC,
     SHARED_DOC_NAMES,
@@ -72,7 +77,7 @@ from .protocol import (
 )
 from .schema import StateSchema
 from .templates import Template
-from .transport import HttpTransport, Transport
+from .transport import HttpTransport, LiveTransport, Transport
 from .values import check_event_body, normalize
 
 log = logging.getLogger("crdtsync.device")
@@ -88,6 +93,9 @@ millisecond would not fit the device store's signed 64-bit integers."""
 OFFSET_SLACK_MS = 1000
 """A sync that changes nothing else stores the clock only when the offset learnt from the
 server moved by more than this (the stamps that matter are stored with every change)."""
+WAKE_SPACING = 0.05
+"""Seconds between the start of a sync and that of a sync the live channel asked for (which
+skips ``min_spacing``): a server that wakes the device in a loop cannot make it hammer."""
 _MISSING = object()
 
 
@@ -150,6 +158,15 @@ class Device:
     system clock, :func:`crdtsync.hlc.wall_ms`; tests inject skewed clocks). It need not be
     right: the device learns its offset from the cloud, and stamps increase across restarts
     whatever it returns.
+
+    ``live`` (with the background loop only: ``interval`` not ``None``, and a transport that
+    is a :class:`~crdtsync.transport.LiveTransport`, as the default HTTP one is) keeps a
+    wake request open to the cloud (``GET /v1/wake``, held up to ``wake_wait`` seconds):
+    when the cloud commits something for the device (a state write, a message, a command,
+    a shared document change), the device syncs at once instead of at its next interval.
+    It costs one held HTTP connection and an empty answer every ``wake_wait`` seconds; pass
+    ``live=False`` on a metered link or a battery. Against a server without the live
+    channel the device syncs at its interval, as before.
     """
 
     def __init__(
@@ -171,9 +188,13 @@ class Device:
         compact_every: int = 500,
         max_rounds: int = 1000,
         clock: Callable[[], int] | None = None,
+        live: bool = True,
+        wake_wait: float = DEFAULT_WAKE_WAIT,
     ) -> None:
         if not NAME_RE.match(device_id):
             raise ValueError(f"device id {device_id!r} is not a valid name")
+        if not 1 <= wake_wait <= MAX_WAKE_WAIT:
+            raise ValueError(f"wake_wait must be seconds in 1..{MAX_WAKE_WAIT}")
         if transport is None:
             if url is None or token is None:
                 raise ValueError("give url and token, or a transport")
@@ -217,7 +238,14 @@ class Device:
         self._synced_version = -1
         self._sync_lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
+        """Set with ``_wake`` by the live channel: the next sync skips ``min_spacing``."""
+        self._sync_started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._channel = (LiveChannel(device_id, transport, self._sync_now, wake_wait)
+                         if live and interval is not None
+                         and isinstance(transport, LiveTransport) else None)
+        self._live_task: asyncio.Task[None] | None = None
         self._state = "new"
         self._last_attempt = 0.0
         self.state = StateMap(self, STATE_MAP)
@@ -252,15 +280,19 @@ class Device:
         self.env.remember()
         if self.interval is not None:
             self._task = asyncio.create_task(self._run(), name=f"crdtsync-sync-{self.id}")
+        if self._channel is not None:
+            self._live_task = spawn(self._channel.run(), f"crdtsync-live-{self.id}")
 
     async def aclose(self) -> None:
-        """Stop the sync loop and close the store and transport. Does not sync first."""
+        """Stop the sync loop and the live channel, and close the store and transport.
+        Does not sync first."""
         if self._state == "closed":
             return
         self._state = "closed"
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
+        tasks = [task for task in (self._task, self._live_task) if task is not None]
+        if tasks:
+            await cancel_and_wait(*tasks)
+        self._task = self._live_task = None
         async with self._sync_lock:
             if self._captured:
                 self._flush()
@@ -293,6 +325,19 @@ class Device:
             await self._store.mark_dirty(
                 [_write_in(self.doc, name, key, stamp) for name, key in unstamped],
                 self._local_version)
+
+    @property
+    def live(self) -> bool:
+        """Whether the live channel is on: the device is open, its channel enabled (see the
+        class docstring) and the server has one (it did not answer ``404``)."""
+        return (self._live_task is not None and not self._live_task.done()
+                and self._channel is not None and self._channel.available)
+
+    @property
+    def wake_cursor(self) -> int | None:
+        """The live channel's cursor (``w`` of the last wake answer; ``None`` before the
+        first, or without a channel): for diagnostics."""
+        return self._channel.cursor if self._channel is not None else None
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -623,6 +668,7 @@ class Device:
             report = SyncReport()
             started = time.perf_counter()
             self._last_attempt = time.monotonic()
+            self._sync_started.set()
             try:
                 while await self._round(report):
                     if report.rounds >= self.max_rounds:
@@ -965,6 +1011,15 @@ class Device:
         """Ask the background loop to sync soon (respecting ``min_spacing``)."""
         self._wake.set()
 
+    async def _sync_now(self) -> None:
+        """Have the background loop sync without waiting for ``min_spacing`` (a wake from
+        the live channel; :data:`WAKE_SPACING` still holds), and return once a sync started
+        (this one, or another that started after the call)."""
+        self._sync_started.clear()
+        self._hurry.set()
+        self._wake.set()
+        await self._sync_started.wait()
+
     async def _run(self) -> None:
         failures = 0
         delay = 0.0
@@ -973,10 +1028,9 @@ class Device:
                 await asyncio.sleep(delay)
             else:
                 await wait_event(self._wake, delay)
-            spacing = self.min_spacing - (time.monotonic() - self._last_attempt)
-            if spacing > 0:
-                await asyncio.sleep(spacing)
+            await self._spaced()
             self._wake.clear()
+            self._hurry.clear()
             try:
                 await self.sync()
                 failures = 0
@@ -993,6 +1047,19 @@ class Device:
                 failures += 1
                 delay = self._backoff(failures)
                 log.exception("device %s: unexpected error in sync loop", self.id)
+
+    async def _spaced(self) -> None:
+        """Wait until ``min_spacing`` passed since the last sync started, or only
+        :data:`WAKE_SPACING` once the live channel asks (also while this waits)."""
+        while True:
+            floor = WAKE_SPACING if self._hurry.is_set() else self.min_spacing
+            left = floor - (time.monotonic() - self._last_attempt)
+            if left <= 0:
+                return
+            if self._hurry.is_set():
+                await asyncio.sleep(left)
+            else:
+                await wait_event(self._hurry, left)
 
     def _backoff(self, failures: int) -> float:
         """Exponential backoff with "equal jitter": half fixed, half random."""

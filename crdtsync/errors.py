@@ -28,8 +28,8 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     │   ├── Unauthorized           unauthorized          401  missing or wrong credential
     │   └── Forbidden              forbidden             403  valid credential, not allowed
     ├── RequestTimeout             request_timeout       408  retryable; body came too slowly
-    ├── TooManyRequests            too_many_requests     429  retryable; after Retry-After s
     ├── ServerError                internal              500  retryable; nothing committed
+    ├── TooManyRequests            too_many_requests     429  retryable after ``retry_after`` s
     ├── Unavailable                unavailable           503  retryable; overloaded/stopping
     ├── TransportError             (local)                    retryable; outcome unknown
     ├── OutboxFull                 (local)                    outbox bound hit ("reject")
@@ -55,6 +55,9 @@ them in the tree.
 from __future__ import annotations
 
 from typing import Any, ClassVar
+
+MAX_RETRY_AFTER = 3600
+"""The longest ``retry_after`` (seconds) a client takes from a server."""
 
 
 class CrdtsyncError(Exception):
@@ -188,19 +191,29 @@ class RequestTimeout(CrdtsyncError):
     retryable = True
 
 
+class ServerError(CrdtsyncError):
+    code = "internal"
+    status = 500
+    retryable = True
+
+
 class TooManyRequests(CrdtsyncError):
-    """The server holds as many live channels as it may: come back after
-    ``detail.retry_after`` seconds (also the ``Retry-After`` header)."""
+    """The server holds as many live channels (``GET /v1/wake``) as it takes; try again
+    after :attr:`retry_after` seconds (``detail.retry_after``, also the ``Retry-After``
+    header; docs/protocol.md 14a)."""
 
     code = "too_many_requests"
     status = 429
     retryable = True
 
-
-class ServerError(CrdtsyncError):
-    code = "internal"
-    status = 500
-    retryable = True
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds to wait before trying again: ``detail.retry_after`` when it is a number
+        in 0..3600, else ``None`` (back off as after any retryable error)."""
+        value = self.detail.get("retry_after")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return float(value) if 0 <= value <= MAX_RETRY_AFTER else None
 
 
 class Unavailable(CrdtsyncError):

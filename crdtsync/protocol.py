@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import math
 import re
 import zlib
 from collections.abc import Mapping, Sequence
@@ -37,16 +39,8 @@ PROTOCOL_VERSION = 1
 MEDIA_TYPE = "application/vnd.crdtsync+msgpack"
 SYNC_PATH = "/v1/sync"
 WAKE_PATH = "/v1/wake"
-MAX_WAKE_DELAY_MS = 60_000
-
-
-@dataclass(frozen=True, slots=True)
-class WakeSignal:
-    """An answer of the live channel (section 14a)."""
-
-    wake: bool
-    cursor: int
-    delay_ms: int
+"""The live channel: a long poll answered when the cloud queued something for the device
+(docs/protocol.md 14a)."""
 
 STATE_DOC = "state"
 """The document a device owns and writes (docs/protocol.md section 8)."""
@@ -807,12 +801,96 @@ def decode_error_obj(obj: Mapping[str, Any], status: int = 0) -> CrdtsyncError:
 
 
 def decode_error(data: bytes, status: int) -> CrdtsyncError:
-    """Turn a non-200 response body into its exception, whatever the body holds."""
+    """Turn a non-200 response body into its exception, whatever the body holds: a msgpack
+    error frame (``/v1/sync``) or the JSON error body of the other endpoints
+    (``{"error": {"code", "message", "detail", "retryable"}}``, ``/v1/wake`` included)."""
     try:
         obj = msgpack.unpackb(data, raw=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-        obj = None
+        obj = _json_error(data)
     if isinstance(obj, dict) and obj.get("t") == "error":
         return decode_error_obj(obj, status)
     return error_from_code("internal" if status >= 500 else "bad_request",
                            f"HTTP {status} without an error frame", None, status)
+
+
+def _json_error(data: bytes) -> dict[str, Any] | None:
+    """The error of a JSON error body ``{"error": {...}}`` as a frame-like map, else None."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    err = obj.get("error") if isinstance(obj, dict) else None
+    return {**err, "t": "error"} if isinstance(err, dict) else None
+
+
+# --- the live channel (GET /v1/wake) -----------------------------------------------------
+
+
+MAX_WAKE_WAIT = 3600
+"""The longest hold (seconds) a client may ask for with ``wait``."""
+DEFAULT_WAKE_WAIT = 50.0
+"""The hold a client asks for by default, and the server's default cap: under the 60 s
+idle timeout of typical proxies and load balancers."""
+MAX_WAKE_DELAY_MS = 60_000
+"""The longest ``in`` (ms) a client waits before syncing; longer values are clamped."""
+MAX_WAKE_BODY = 4096
+"""The largest wake answer a client reads (a real one is about 40 bytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WakeSignal:
+    """One answer of ``GET /v1/wake`` (docs/protocol.md 14a): ``wake`` is true when
+    something for the device was committed after the cursor the request sent (or the server
+    cannot tell); ``cursor`` (``w``) is what the next request sends as ``after``;
+    ``delay_ms`` (``in``) how long the client waits before it syncs (0..60,000)."""
+
+    wake: bool
+    cursor: int
+    delay_ms: int = 0
+
+
+def wake_query(after: int | None, wait: float) -> dict[str, str]:
+    """The query of a wake request: ``after`` (left out when the client has no cursor yet)
+    and ``wait``, decimal seconds (at most millisecond precision). Raises ``ValueError``
+    when ``after`` is not in 0..2**63-1 or ``wait`` not in 0..3600."""
+    if after is not None and (isinstance(after, bool) or not 0 <= after <= MAX_SEQ):
+        raise ValueError(f"after must be an integer in 0..{MAX_SEQ}")
+    if not (math.isfinite(wait) and 0 <= wait <= MAX_WAKE_WAIT):
+        raise ValueError(f"wait must be seconds in 0..{MAX_WAKE_WAIT}")
+    query = {} if after is None else {"after": str(after)}
+    query["wait"] = f"{wait:.3f}".rstrip("0").rstrip(".")
+    return query
+
+
+def encode_wake(signal: WakeSignal) -> bytes:
+    """The JSON body of a wake answer: ``{"wake": bool, "w": int, "in": int}``. Raises
+    ``ValueError`` for a cursor outside 0..2**63-1 or a delay outside 0..60,000 ms."""
+    if not 0 <= signal.cursor <= MAX_SEQ or not 0 <= signal.delay_ms <= MAX_WAKE_DELAY_MS:
+        raise ValueError(f"wake cursor or delay out of range: {signal!r}")
+    return json.dumps({"wake": bool(signal.wake), "w": signal.cursor, "in": signal.delay_ms},
+                      separators=(",", ":")).encode()
+
+
+def decode_wake(body: bytes) -> WakeSignal:
+    """Decode a wake answer, strictly: a JSON object (at most 4 KiB) whose ``wake`` is a
+    boolean, ``w`` an integer in 0..2**63-1 and ``in`` an integer (clamped to 0..60,000);
+    other keys are ignored. Raises :class:`MalformedRequest`, as for a malformed sync
+    response: the answer is not used."""
+    if len(body) > MAX_WAKE_BODY:
+        raise MalformedRequest(f"wake answer over {MAX_WAKE_BODY} bytes")
+    try:
+        obj = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedRequest(f"wake answer is not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MalformedRequest("wake answer must be a JSON object")
+    where = "wake answer"
+    delay = _get(obj, "in", int, where=where)
+    return WakeSignal(_get(obj, "wake", bool, where=where),
+                      _uint(_get(obj, "w", int, where=where), f"{where}: 'w'"),
+                      min(max(delay, 0), MAX_WAKE_DELAY_MS))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

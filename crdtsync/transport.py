@@ -2,18 +2,29 @@
 
 A transport moves one encoded sync request and returns the encoded response; it knows nothing
 of the protocol's content. Tests and simulations plug in their own (``crdtsync.testing``).
+A :class:`LiveTransport` also holds the live channel, a long poll that tells the device
+when to sync (docs/protocol.md 14a).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import zlib
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
-from .errors import TransportError, UnsupportedEncoding
-from .protocol import SYNC_PATH, decode_error
+from .errors import (
+    CrdtsyncError,
+    NotFound,
+    RequestError,
+    TooManyRequests,
+    TransportError,
+    UnsupportedEncoding,
+)
+from .protocol import SYNC_PATH, WAKE_PATH, WakeSignal, decode_error, decode_wake, wake_query
 
 COMPRESS_THRESHOLD = 128
 """Request bodies at least this large are compressed, and sent compressed only when that
@@ -23,6 +34,10 @@ SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 """Headers aiohttp adds by itself that the reference client leaves out: the server needs
 none of them (a sync request without ``Content-Type`` is taken as ``MEDIA_TYPE``), and every
 header byte is paid on every sync."""
+
+WAKE_GRACE = 30.0
+"""Seconds a wake request may take beyond the ``wait`` it asks for before the client gives
+up on it (a server that never answers, a connection silently dropped)."""
 
 zstandard: Any
 try:  # optional: `pip install crdtsync[zstd]`
@@ -51,16 +66,30 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class LiveTransport(Transport, Protocol):
+    """A :class:`Transport` that also holds the live channel: ``wake`` sends one wake
+    request (``after``: the cursor of the previous answer, ``None`` on the first; ``wait``:
+    seconds the server may hold it) and returns the answer. It raises like ``exchange``; it
+    must not delay a concurrent ``exchange`` (a held request occupies its connection)."""
+
+    async def wake(self, after: int | None, wait: float) -> WakeSignal: ...
+
+
 class HttpTransport:
-    """``POST {url}/v1/sync`` with a bearer token, over an aiohttp session.
+    """``POST {url}/v1/sync`` with a bearer token, over an aiohttp session, and the live
+    channel ``GET {url}/v1/wake`` (a :class:`LiveTransport`).
 
     Pass ``session`` to share one connection pool among many devices (a gateway); the
-    transport then leaves it open on ``aclose()``.
+    transport then leaves it open on ``aclose()``. Wake requests always use a session of
+    their own with a single connection, so a held one never takes a connection a sync needs.
     """
 
     def __init__(self, url: str, token: str, *, session: aiohttp.ClientSession | None = None,
                  timeout: float = 30.0, compress_threshold: int = COMPRESS_THRESHOLD) -> None:
         self.url = url.rstrip("/") + SYNC_PATH
+        self.wake_url = url.rstrip("/") + WAKE_PATH
+        self._wake_session: aiohttp.ClientSession | None = None
         self._token = token
         self._session = session
         self._owns_session = session is None
@@ -112,6 +141,31 @@ class HttpTransport:
             raise decode_error(data, status)
         return data
 
+    async def wake(self, after: int | None, wait: float) -> WakeSignal:
+        """Send one wake request and return its answer, after at most ``wait`` +
+        :data:`WAKE_GRACE` seconds. Raises :class:`TransportError` (connection failed or
+        timed out), the error an error answer carries (a 429 :class:`TooManyRequests`
+        holds the ``Retry-After`` seconds in ``retry_after``), or ``MalformedRequest``
+        for an answer that does not decode."""
+        try:
+            async with self._wake_client().get(
+                    self.wake_url, params=wake_query(after, wait),
+                    headers=request_headers(self._token), skip_auto_headers=SKIP_AUTO_HEADERS,
+                    timeout=aiohttp.ClientTimeout(total=wait + WAKE_GRACE)) as resp:
+                data = await resp.read()
+                status, headers = resp.status, resp.headers
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(f"wake request failed: {describe(exc)}") from exc
+        if status != 200:
+            raise wake_error(data, status, headers)
+        return decode_wake(data)
+
+    def _wake_client(self) -> aiohttp.ClientSession:
+        if self._wake_session is None:
+            self._wake_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1))
+        return self._wake_session
+
     def _negotiate(self, accepted: str) -> None:
         """Use zstd if the server lists it (and this installation has it), else deflate."""
         offered = {part.strip().split(";")[0] for part in accepted.split(",")}
@@ -120,7 +174,34 @@ class HttpTransport:
     async def aclose(self) -> None:
         if self._owns_session and self._session is not None:
             await self._session.close()
-        self._session = None
+        if self._wake_session is not None:
+            await self._wake_session.close()
+        self._session = self._wake_session = None
+
+
+def wake_error(data: bytes, status: int, headers: Mapping[str, str]) -> CrdtsyncError:
+    """The error of a wake answer with status ``status``: a 429 without
+    ``detail.retry_after`` takes the ``Retry-After`` header (seconds) instead, and a 404
+    without an error body (a proxy's page) is :class:`NotFound` too: no such endpoint."""
+    error = decode_error(data, status)
+    if status == 404 and type(error) is RequestError:
+        return NotFound(error.message, {"http": 404})
+    if isinstance(error, TooManyRequests) and error.retry_after is None:
+        value = headers.get("Retry-After", "")
+        if value.isascii() and value.isdigit():
+            error.detail["retry_after"] = int(value)
+    return error
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for a failed request ("connection refused", "timed out"), for one
+    log line rather than a long ``repr``."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    reason = str(exc) or type(exc).__name__
+    return str(reason)[:120].lower()
 
 
 def compress(body: bytes, encoding: str) -> bytes:

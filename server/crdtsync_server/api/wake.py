@@ -4,13 +4,12 @@ alone; the answer is a small JSON object."""
 
 from __future__ import annotations
 
-import json
 import re
 
 from aiohttp import web
 
 from crdtsync.errors import MalformedRequest
-from crdtsync.protocol import WAKE_PATH
+from crdtsync.protocol import MAX_WAKE_WAIT, WAKE_PATH, encode_wake
 
 from ..auth import authenticate_device
 from .common import bearer, int_param
@@ -21,7 +20,7 @@ routes = web.RouteTableDef()
 DEFAULT_WAIT = 50.0
 """Seconds a request without ``wait`` asks to be held (the server holds at most its own
 ``wake_hold``)."""
-MAX_WAIT = 3600
+MAX_WAIT = MAX_WAKE_WAIT
 _SECONDS_RE = re.compile(r"[0-9]{1,4}(?:\.[0-9]{1,3})?")
 
 
@@ -35,9 +34,8 @@ async def wake(request: web.Request) -> web.Response:
     after = (int_param(request, "after", 0, 2**63 - 1)
              if request.query.get("after", "") != "" else None)
     signal = await services.wakes.wait(device, after, _seconds(request, "wait"))
-    body = {"wake": signal.wake, "w": signal.cursor, "in": signal.delay_ms}
-    return web.Response(text=json.dumps(body, separators=(",", ":")),
-                        content_type="application/json", headers={"Cache-Control": "no-store"})
+    return web.Response(body=encode_wake(signal), content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
 
 
 def _seconds(request: web.Request, name: str) -> float:
