@@ -662,7 +662,8 @@ def add_simulate(sub: Subparsers) -> None:
                    help="how many consecutive seeds to run (default %(default)s)")
     p.add_argument("--faults", default=",".join(FAULT_NAMES),
                    help="comma-separated subset of " + ",".join(FAULT_NAMES)
-                   + ", or none (default: all)")
+                   + ", or none (default: all); drop, dup, delay and reorder also hit the "
+                   "live channel's wake answers")
     p.add_argument("--rate", type=number(float, 0), default=0.05,
                    help="probability of each enabled fault (default %(default)g)")
     p.add_argument("--skew", action="store_true",

@@ -399,7 +399,7 @@ async def test_the_latest_write_wins_without_skew() -> None:
     decided (the correction error is within a millisecond)."""
     async with Simulation(devices=3, servers=2, seed=710,
                           faults=FaultPlan.everything(0.05)) as sim:
-        report = await sim.run(300)
+        report = await sim.run(400)  # 400: the live op (issue 15) takes a share of the steps
     assert report.ok, report.describe()
     assert report.latest_decided >= 10 and report.corrections_unchecked < \
         report.corrections_checked, report.describe()
@@ -412,8 +412,8 @@ async def test_the_server_dates_writes_by_time_not_by_arrival(
     from crdtsync_server import stamps
 
     monkeypatch.setattr(stamps, "correct", lambda stamp, offset, now: now)
-    async with Simulation(devices=3, servers=1, seed=720,
-                          faults=FaultPlan.everything(0.05)) as sim:
+    async with Simulation(devices=3, servers=1, seed=721,  # 721: the live op (issue 15)
+                          faults=FaultPlan.everything(0.05)) as sim:  # changed seed 720's run
         report = await sim.run(300)
     assert not report.ok
     assert any(f.startswith("latest:") for f in report.failures), report.describe()
@@ -448,3 +448,52 @@ async def test_a_clock_an_hour_behind_is_corrected_at_the_first_sync(
         assert final == "cloud:1" and any(f.startswith("latest:") for f in report.failures)
     else:
         assert final == "device:2" and report.ok, report.describe()
+
+
+# --- the live channel (issue 15) ---------------------------------------------------------------
+
+async def test_live_delivery_holds_under_every_fault() -> None:
+    """30 seeds: no hub answer skips a cloud operation for its device, every operation
+    appended a wake entry, and devices that sync only when woken (or with something to
+    send) end up with everything; wake answers were lost, duplicated, delayed, reordered."""
+    faults: Counter[str] = Counter()
+    checked = 0
+    for seed in range(30):
+        async with Simulation(devices=3, servers=2, seed=900 + seed,
+                              faults=FaultPlan.everything()) as sim:
+            report = await sim.run(150)
+        assert report.ok, report.describe()
+        faults += report.faults
+        checked += report.wakes_checked
+    assert checked > 500
+    for name in ("wake_lost", "wake_dup", "wake_delayed", "wake_reordered"):
+        assert faults[name] > 0, faults
+
+
+@pytest.mark.parametrize("planted", ["never_wake", "forget_devices"])
+async def test_a_hub_that_forgets_a_wake_up_is_caught(planted: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted bugs in the hub: answering wake=false always, or not remembering entries
+    for a device's own target: the simulation reports lost wake-ups."""
+    from crdtsync.protocol import WakeSignal
+    from crdtsync_server import wake
+
+    if planted == "never_wake":
+        original = wake.WakeHub.wait
+
+        async def never(self: Any, device: Any, after: Any, seconds: float) -> WakeSignal:
+            signal = await original(self, device, after, seconds)
+            return WakeSignal(False, signal.cursor, 0)
+        monkeypatch.setattr(wake.WakeHub, "wait", never)
+    else:
+        take = wake.WakeHub._take
+
+        def forget(self: Any, entries: Any) -> None:
+            take(self, entries)
+            for target in [t for t in self._last if t.startswith("d:")]:
+                del self._last[target]
+        monkeypatch.setattr(wake.WakeHub, "_take", forget)
+    async with Simulation(devices=3, seed=5, faults=FaultPlan.everything()) as sim:
+        report = await sim.run(150)
+    assert not report.ok
+    assert any(f.startswith("lost-wake") for f in report.failures), report.describe()

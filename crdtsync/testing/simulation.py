@@ -42,6 +42,7 @@ from .clocks import ClockPlan, SkewedClock, device_takes_clock, server_takes_clo
 from .faults import Crash, FaultPlan, Network
 from .invariants import Model, check_all
 from .latest import WriteLog, check_corrections, check_latest
+from .live import LiveChannel, WakeAnswer
 
 DeviceOp = Callable[["SimDevice", random.Random], Awaitable[None]]
 Invariant = Callable[["Simulation"], Awaitable[list[str]]]
@@ -72,6 +73,10 @@ class SimReport:
     """Deliveries of device writes whose correction error was checked against its bound."""
     corrections_unchecked: int = 0
     """Deliveries left unchecked (clock set, restart, clock ahead: the documented limits)."""
+    wakes_checked: int = 0
+    """Answers of the live channel's hub checked for a lost wake-up."""
+    woken: int = 0
+    """Syncs started by a live-channel answer."""
 
     @property
     def ok(self) -> bool:
@@ -95,6 +100,9 @@ class SimReport:
                          f"had to win; corrections "
                          f"checked {self.corrections_checked}, beyond the documented limits "
                          f"{self.corrections_unchecked}")
+        if self.wakes_checked:
+            lines.append(f"live channel: {self.wakes_checked} answers checked, "
+                         f"{self.woken} syncs woken")
         lines += [f"  FAIL {f}" for f in self.failures]
         if self.failures:
             lines.append(f"replay with seed={self.seed}")
@@ -210,6 +218,24 @@ class CrashingStore(SQLiteStore):
         self.sim.maybe_crash_server(self.index, "after rebuild")
         return done
 
+    async def finish_request(self, device: str, request_id: str, outcome: Any, now: int
+                             ) -> None:
+        before = await self.wake_head()
+        await super().finish_request(device, request_id, outcome, now)
+        await self.sim.live.recorded(self, [device], "request outcome", before)
+
+    async def interrupt_running(self, outcome: Any, now: int) -> int:
+        before = await self.wake_head()
+        done = {d.id: await self._outcomes(d.id) for d in self.sim.devices}
+        count = await super().interrupt_running(outcome, now)
+        if count:
+            changed = [d for d, ids in done.items() if await self._outcomes(d) - ids]
+            await self.sim.live.recorded(self, changed, "interrupted request", before)
+        return count
+
+    async def _outcomes(self, device: str) -> set[str]:
+        return {r.id for r in await self.undelivered_outcomes(device, 100_000)}
+
 
 class SimDevice:
     """A simulated device: its id, token and SQLite file survive crashes, its memory not."""
@@ -229,6 +255,15 @@ class SimDevice:
         self.path = sim.workdir / f"{device_id}.db"
         self.device: Device | None = None
         self.down_until = -1
+        self.wake_cursor: int | None = None
+        """The live channel's cursor (``None``: ask for one; after a crash too)."""
+        self.in_flight: list[WakeAnswer] = []
+        """Answers of the hub held back by the network."""
+        self.asked = 0
+        self.taken = 0
+        """Order of the newest answer acted on (an older one arriving later is reordered)."""
+        self.owes_sync = False
+        """The last sync failed: the client's retry will sync again."""
 
     @property
     def alive(self) -> bool:
@@ -271,6 +306,7 @@ class SimDevice:
         if self.device is not None:
             dev, self.device = self.device, None
             self.crashes.append(self.sim.now_ms())
+            self.wake_cursor, self.in_flight = None, []
             await dev.aclose()
             self.down_until = self.sim.network.step + self.sim.rng.randint(1, 10)
 
@@ -355,6 +391,7 @@ class Simulation:
         self._invariants: list[Invariant] = []
         self._ids = crdt.seeded_client_ids(seed + 2)
         self._counter = 0
+        self.live = LiveChannel(self)
 
     def _server_offset(self) -> int:
         limit = self.clocks.server_offset_ms
@@ -471,6 +508,7 @@ class Simulation:
         await self._heal()
         self.network.maybe_partition([d.id for d in self.devices])
         await self._deliver_held()
+        await self.live.deliver_due()
         ops: list[tuple[str, Callable[[], Awaitable[None]], float]] = [
             ("device_write", self.op_device_write, 3.0),
             ("device_delete", self.op_device_delete, 0.5),
@@ -481,6 +519,7 @@ class Simulation:
             ("cloud_command", self.op_cloud_command, 0.7),
             ("device_request", self.op_device_request, 0.7),
             ("rebuild", self.op_rebuild, 0.7),
+            ("live", self.live.step_op, 3.0),
         ]
         ops += [(name, self._user_op(op), weight) for name, op, weight in self._device_ops]
         name, op, _ = self.rng.choices(ops, weights=[w for _, _, w in ops])[0]
@@ -604,11 +643,14 @@ class Simulation:
         self.model.wrote(device_id, key, value, acknowledged=False)
         write = self.writes.wrote(device_id, key, value, writer="cloud", time=self.now_ms(),
                                   acknowledged=None)
+        store = server.services.store
+        before = await store.wake_head()
         try:
             await server.services.sync.write_state(device_id, STATE_MAP, {key: value})
         except Crash:
             await server.crash()
             return
+        await self.live.recorded(store, [device_id], "cloud write", before)
         self.model.wrote(device_id, key, value, acknowledged=True)
         write.acknowledged = True
 
@@ -641,8 +683,10 @@ class Simulation:
         if server.services is None:
             return
         device = self.rng.choice(self.devices)
-        item = await server.services.store.queue_downlink(device.id, kind, name, body,
-                                                          self.now_ms(), None)
+        store = server.services.store
+        before = await store.wake_head()
+        item = await store.queue_downlink(device.id, kind, name, body, self.now_ms(), None)
+        await self.live.recorded(store, [device.id], kind, before)
         self.model.downlink.append((device.id, item.id, kind, body["id"]))
 
     async def op_device_request(self) -> None:
@@ -680,23 +724,29 @@ class Simulation:
             result = await self._guard(device, device.device.sync())
         except CrdtsyncError:
             self.report.syncs_failed += 1
+            device.owes_sync = True
             return False
         if result is None:
             self.report.syncs_failed += 1
+            device.owes_sync = True
             return False
         self.report.syncs_ok += 1
+        device.owes_sync = False
         device.synced_at = started
         return True
 
     # --- the end --------------------------------------------------------------------------
 
     async def settle(self) -> None:
-        """Heal everything and sync every device without faults until nothing changes."""
+        """Heal everything; without faults, run the live phase (devices sync only when
+        they have something to send or are woken) and check liveness; then sync every
+        device three times."""
         self.network.perfect = True
         for device in self.devices:
             device.down_until = -1
         await self._heal()
         await self._deliver_held()
+        await self.live.settle()
         for _ in range(3):
             for device in self.devices:
                 await self.sync_device(device)
@@ -709,6 +759,7 @@ class Simulation:
             failures += await check_latest(self) + await check_corrections(self)
         for invariant in self._invariants:
             failures += await invariant(self)
+        failures += self.live.failures
         self.report.failures += failures
         self.report.converged = not any(f.startswith("diverged") for f in failures)
         self.report.faults = Counter(self.network.injected)
