@@ -16,7 +16,9 @@ ii. Channels held: ``--channels`` devices each hold one ``GET /v1/wake`` (a clie
    RSS is read before any connection (server up, devices provisioned) and while all are
    held: the difference per channel (its TCP connection and request included). Server CPU
    (user + system from ``/proc``) with no channel, over a quiet span while all are held,
-   and over whole hold periods (``--wake-hold``, the renewals included).
+   and over whole hold periods (``--wake-hold``, the renewals included). Then one write of
+   the project's env wakes every device: the time until every channel was answered, and the
+   largest ``in`` (the spread of their syncs at ``--wake-rate``).
 iii. Reconnect storm: with every channel held, the server is killed (``SIGKILL``) and started
    again on the same port and database. Clients reconnect as the reference client does
    (backoff from 1 s doubling, full jitter). Measured: time from the new server's readiness
@@ -180,7 +182,7 @@ async def hold_channels(url: str, tokens: list[str], control: asyncio.StreamRead
     """Hold one wake request per token until told to stop; reconnect as the reference
     client does. Prints one JSON line per command read on stdin: ``held`` (wait until every
     channel is held, print the count), ``stop`` (print the counters and exit)."""
-    state = {"held": 0, "refused": 0, "failed": 0, "answered": 0}
+    state = {"held": 0, "refused": 0, "failed": 0, "answered": 0, "woken": 0, "max_in": 0}
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, force_close=False),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
@@ -208,7 +210,11 @@ async def hold_channels(url: str, tokens: list[str], control: asyncio.StreamRead
             if status == 200:
                 failures = 0
                 state["answered"] += 1
-                after = int(json.loads(body)["w"])
+                answer = json.loads(body)
+                if answer["wake"] and after is not None:
+                    state["woken"] += 1
+                    state["max_in"] = max(state["max_in"], answer["in"])
+                after = int(answer["w"])
                 continue
             failures += 1
             if status == 429:
@@ -224,6 +230,8 @@ async def hold_channels(url: str, tokens: list[str], control: asyncio.StreamRead
         while line := (await control.readline()).decode().strip():
             if line == "held":
                 await until(lambda: state["held"] >= len(tokens))
+            elif line == "woken":
+                await until(lambda: state["woken"] >= len(tokens), 0.01)
             print(json.dumps(state), flush=True)
             if line == "stop":
                 break
@@ -311,6 +319,15 @@ async def measure_channels(folder: Path, channels: int, hold: float, quiet: floa
         used = cpu_seconds(server.pid) - cpu0
         out["cycle_cpu_pct"] = 100 * used / span
         out["renewal_us"] = 1e6 * used / (channels * span / hold)
+        # everyone woken at once: a project-wide env write
+        cpu0, t0 = cpu_seconds(server.pid), time.perf_counter()
+        async with AdminClient(server.url, ADMIN_TOKEN) as admin:
+            await admin.request("PATCH", "/v1/env", json={"bench": "wake"})
+        counters = await holder.ask("woken")
+        out["everyone_s"] = time.perf_counter() - t0
+        out["everyone_cpu_s"] = cpu_seconds(server.pid) - cpu0
+        out["everyone_max_in_s"] = counters["max_in"] / 1000
+        await holder.ask("held")
         # iii. the storm
         os.kill(server.pid, signal.SIGKILL)
         proc = server.proc
@@ -385,7 +402,11 @@ async def run(args: argparse.Namespace) -> str:
                 f"| server CPU over two hold periods (renewals included) |"
                 f" {f['cycle_cpu_pct']:.2f} % of one core |",
                 f"| server CPU per renewal (one answer + next request) |"
-                f" {f['renewal_us']:.0f} µs |", "",
+                f" {f['renewal_us']:.0f} µs |",
+                f"| a project-wide write wakes all: every channel answered after |"
+                f" {f['everyone_s']:.2f} s (server CPU {f['everyone_cpu_s']:.2f} s) |",
+                f"| ... their syncs spread over (`--wake-rate 500`, largest `in`) |"
+                f" {f['everyone_max_in_s']:.1f} s |", "",
                 f"iii. Reconnect storm: the server is killed and restarted; all"
                 f" {args.channels:,} reconnect:", "",
                 "| | |", "|---|---:|",
