@@ -393,3 +393,81 @@ async def test_the_hub_forgets_targets_beyond_its_bound(monkeypatch: pytest.Monk
         assert (await hub.wait(DeviceRecord("d1", "h", created=1), 3, 0)).wake is False
     finally:
         await hub.aclose()
+
+
+# --- end to end: real devices with their live channel ----------------------------------------
+
+LONG_INTERVAL = 600.0
+"""The devices' interval sync: far beyond every wait below, so only the channel can have
+delivered what they received."""
+
+
+async def test_an_online_device_gets_cloud_writes_messages_and_commands_at_once(
+        server: Server, admin: AdminClient, make_device: DeviceFactory) -> None:
+    dev = await make_device("d1", interval=LONG_INTERVAL)
+    got: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    dev.on_change(lambda name, key, old, new: got.put_nowait(("state", new)))
+
+    @dev.on("hello")
+    async def on_hello(message: Any) -> None:
+        got.put_nowait(("message", message.body["n"]))
+
+    @dev.command("blink")
+    async def on_blink(params: Any) -> Any:
+        got.put_nowait(("command", params["n"]))
+        return "ok"
+
+    async def channel_open() -> bool:
+        return dev.wake_cursor is not None and server.services.wakes.waiting == 1
+
+    await until(channel_open)
+    assert dev.live
+    await admin.patch_state("d1", {"led": 1})
+    assert await asyncio.wait_for(got.get(), HELD) == ("state", 1)
+    await admin.request("POST", "/v1/devices/d1/messages", json={"topic": "hello",
+                                                                 "body": {"n": 2}})
+    assert await asyncio.wait_for(got.get(), HELD) == ("message", 2)
+    command = await admin.request("POST", "/v1/devices/d1/commands",
+                                  json={"method": "blink", "params": {"n": 3}})
+    assert await asyncio.wait_for(got.get(), HELD) == ("command", 3)
+    done = await admin.request("GET", f"/v1/commands/{command['id']}?wait=30")
+    assert done["status"] == "succeeded" and done["result"] == "ok"
+
+
+async def test_a_live_device_rides_out_a_server_restart(
+        server_config: ServerConfig, tmp_path: Any) -> None:
+    """The server goes away and comes back on the same port; a command queued while it was
+    down reaches the device through its channel, which reconnected by itself."""
+    from crdtsync import Device
+
+    first = Server(server_config)
+    await first.start()
+    port = int(first.url.rsplit(":", 1)[1])
+    async with AdminClient(first.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+    ran: asyncio.Queue[Any] = asyncio.Queue()
+    dev = Device("d1", first.url, token=token, path=tmp_path / "d1.db",
+                 interval=LONG_INTERVAL)
+
+    @dev.command("blink")
+    async def on_blink(params: Any) -> Any:
+        ran.put_nowait(params["n"])
+        return "ok"
+
+    await dev.start()
+    try:
+        async def channel_open() -> bool:
+            return first.services.wakes.waiting == 1
+
+        await until(channel_open)
+        await first.aclose()
+        async with SQLiteStore(server_config.db) as store:  # queued while the server is down
+            await store.queue_downlink("d1", "command", "blink", {"n": 1}, 1, None)
+        async with Server(dataclasses.replace(server_config, port=port)) as again:
+            assert await asyncio.wait_for(ran.get(), 60) == 1
+            async with AdminClient(again.url, ADMIN_TOKEN) as admin:
+                await admin.request("POST", "/v1/devices/d1/commands",
+                                    json={"method": "blink", "params": {"n": 2}})
+            assert await asyncio.wait_for(ran.get(), 60) == 2
+    finally:
+        await dev.aclose()
