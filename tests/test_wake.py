@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from crdtsync import AdminClient
+from crdtsync import AdminClient, Device
 from crdtsync.protocol import WAKE_PATH
 from crdtsync_server import Server, ServerConfig
 from crdtsync_server.store import (
@@ -438,8 +438,6 @@ async def test_a_live_device_rides_out_a_server_restart(
         server_config: ServerConfig, tmp_path: Any) -> None:
     """The server goes away and comes back on the same port; a command queued while it was
     down reaches the device through its channel, which reconnected by itself."""
-    from crdtsync import Device
-
     first = Server(server_config)
     await first.start()
     port = int(first.url.rsplit(":", 1)[1])
