@@ -314,6 +314,8 @@ async def test_interrupt_running_finishes_orphans(store: Store) -> None:
     await store.claim_request("dev-2", "a", now=30)
     await finished(store, "b", now=35)
     outcome = {"ok": False, "code": "interrupted"}
+    assert await store.interrupt_running(outcome, now=40) == 0  # its own: still running
+    store.instance = "restarted"  # the runner sent no heartbeat: it is gone
     assert await store.interrupt_running(outcome, now=40) == 2
     for device in ["dev-1", "dev-2"]:
         r = await store.get_request(device, "a")
@@ -344,3 +346,29 @@ async def test_purge_finished_keeps_open_and_recent_items(store: Store) -> None:
     assert await store.get_request("dev-1", "a") is None
     assert (await store.get_request("dev-1", "b")) is not None  # still pending
     assert await store.purge_finished(before=500) == 0
+
+
+async def test_a_live_instances_requests_are_not_interrupted(store: Store) -> None:
+    """A runner is alive while its heartbeat is at most ``stale_ms`` old; once it is older,
+    another instance finishes its requests, once; its own requests never."""
+    await add_device(store)
+    await store.commit(SyncWrite("dev-1", time=20, requests=[req("a"), req("b")]))
+    store.instance = "first"
+    await store.heartbeat(25)
+    assert await store.claim_request("dev-1", "a", now=30) is not None
+    store.instance = "second"
+    await store.heartbeat(31)
+    assert await store.claim_request("dev-1", "b", now=32) is not None
+    outcome = {"error": "interrupted"}
+    assert await store.interrupt_running(outcome, now=40, stale_ms=15) == 0  # 25 >= 25
+    assert await store.interrupt_running(outcome, now=41, stale_ms=15) == 1
+    assert await store.interrupt_running(outcome, now=500, stale_ms=15) == 0  # b is its own
+    a, b = await store.get_request("dev-1", "a"), await store.get_request("dev-1", "b")
+    assert a is not None and (a.status, a.outcome, a.updated) == ("done", outcome, 41)
+    assert b is not None and b.status == "running"
+    store.instance = "first"
+    await store.heartbeat(600)  # back: a heartbeat never revives an interrupted request
+    assert await store.interrupt_running(outcome, now=601, stale_ms=1000) == 0
+    assert await store.interrupt_running(outcome, now=601, stale_ms=15) == 1  # "second"'s
+    assert {r.status for r in [await store.get_request("dev-1", i) for i in "ab"]
+            if r is not None} == {"done"}

@@ -208,6 +208,19 @@ def write_v6_fixture(path: Path = FIXTURES / "server_v6.db") -> None:
             " VALUES ('dev-v6', 'r1', 'weather', '{}', 8, 'running', 8)")
 
 
+def write_v7_fixture(path: Path = FIXTURES / "server_v7.db") -> None:
+    """Write ``server_v7.db``: schemas v1 to v7 only, a device with one wake entry and a
+    proxied request left ``running`` (by a process of its time: no runner recorded)."""
+    with migrated_fixture(path, 7) as conn:
+        conn.execute(
+            "INSERT INTO devices (id, token_hash, created, last_sync, last_seq)"
+            " VALUES ('dev-v7', 'hash-v7', 1, 7, 0)")
+        conn.execute("INSERT INTO wakes (target, at) VALUES ('d:dev-v7', 7)")
+        conn.execute(
+            "INSERT INTO requests (device, id, route, body, created, status, updated)"
+            " VALUES ('dev-v7', 'r1', 'weather', '{}', 8, 'running', 8)")
+
+
 def write_v2_fixture(path: Path = FIXTURES / "server_v2.db") -> None:
     """Write ``server_v2.db``: schemas v1 and v2 only, one device with one event, one doc
     update, one delivered command and one pending request."""
@@ -254,6 +267,7 @@ def _regenerate_fixtures() -> None:
         write_v4_fixture()
         write_v5_fixture()
         write_v6_fixture()
+        write_v7_fixture()
 
 
 def _user_version(path: Path) -> int:
@@ -384,7 +398,7 @@ async def test_v1_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_fleet(FleetRecord("north", created=1_700_000_004_000))
         moved = await store.set_device_fleet("dev-old", "north", now=1_700_000_004_001)
         assert (moved.fleet, moved.fleet_gen, moved.down_done) == ("north", 1, 1)
-    assert _user_version(path) == 7 == SCHEMA_VERSION
+    assert _user_version(path) == 8 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         columns = {row[1]: row[4] for row in conn.execute("PRAGMA table_info(devices)")}
@@ -425,7 +439,7 @@ async def test_v2_database_migrates_to_current(tmp_path: Path) -> None:
         assert claimed is not None and claimed.route == "weather"
         device = await store.get_device("dev-v2")
         assert device is not None and (device.fleet, device.down_done) == ("south", 1)
-    assert _user_version(path) == 7 == SCHEMA_VERSION
+    assert _user_version(path) == 8 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
@@ -449,7 +463,7 @@ async def test_v3_database_migrates_to_current(tmp_path: Path) -> None:
             (1, "event", "dev-v3", "west", 1, V1_EVENT.time, 5, V1_EVENT.body)]
         assert await store.read_projection() == []
         assert await store.feed_head() == 1
-    assert _user_version(path) == SCHEMA_VERSION == 7
+    assert _user_version(path) == SCHEMA_VERSION == 8
     assert _user_version(FIXTURES / "server_v3.db") == 3
 
 
@@ -485,7 +499,7 @@ async def test_v4_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_device(DeviceRecord("dev-v4", "new-hash", created=9))
         again = await store.get_device("dev-v4")
         assert again is not None and (again.seq_floor, again.last_seq) == (1, 1)
-    assert _user_version(path) == SCHEMA_VERSION == 7
+    assert _user_version(path) == SCHEMA_VERSION == 8
     with closing(sqlite3.connect(path)) as conn:
         plan = " ".join(str(r) for r in conn.execute(
             "EXPLAIN QUERY PLAN SELECT id FROM devices WHERE token_hash = 'x'"))
@@ -520,7 +534,7 @@ async def test_v5_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_device(DeviceRecord("gone", "h", created=9))
         again = await store.get_device("gone")
         assert again is not None and again.seq_floor == 3
-    assert _user_version(path) == SCHEMA_VERSION == 7
+    assert _user_version(path) == SCHEMA_VERSION == 8
     with closing(sqlite3.connect(path)) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(stamps)")]
     assert columns == ["doc", "map", "key", "stamp", "writer", "raw"]
@@ -545,7 +559,7 @@ async def test_v6_database_migrates_to_current(tmp_path: Path) -> None:
         assert await store.read_wakes(0, 10) == [WakeEntry(1, "d:dev-v6", 9)]
         assert [r.key for r in await store.read_stamps("dev-v6/state")] == ["x"]
         assert (await store.load_doc("dev-v6/state")).updates == ((1, V1_UPDATE),)
-    assert _user_version(path) == SCHEMA_VERSION == 7
+    assert _user_version(path) == SCHEMA_VERSION == 8
     with closing(sqlite3.connect(path)) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(wakes)")]
         plan = " ".join(str(row) for row in conn.execute(
@@ -553,6 +567,32 @@ async def test_v6_database_migrates_to_current(tmp_path: Path) -> None:
     assert columns == ["cursor", "target", "at"]
     assert "wakes_target_cursor" in plan  # a pending check reads the index, not the log
     assert _user_version(FIXTURES / "server_v6.db") == 6
+
+
+def test_v7_fixture_is_what_the_v7_scripts_make(tmp_path: Path) -> None:
+    write_v7_fixture(tmp_path / "v7.db")
+    assert _dump(FIXTURES / "server_v7.db") == _dump(tmp_path / "v7.db")
+
+
+async def test_v7_database_migrates_to_current(tmp_path: Path) -> None:
+    """v8 adds the instances and each running request's runner: a request v7 left running
+    has none, so it counts as a gone instance's and is interrupted at once, even by a
+    store that heartbeats; the wake log keeps its head."""
+    path = tmp_path / "sync.db"
+    shutil.copyfile(FIXTURES / "server_v7.db", path)
+    async with SQLiteStore(path, instance="new") as store:
+        await store.heartbeat(9)
+        assert await store.wake_head() == 1
+        assert await store.interrupt_running({"error": "restart"}, 9, stale_ms=60_000) == 1
+        request = await store.get_request("dev-v7", "r1")
+        assert request is not None and request.status == "done"
+        assert await store.read_wakes(1, 10) == [WakeEntry(2, "d:dev-v7", 9)]
+    assert _user_version(path) == SCHEMA_VERSION == 8
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM instances").fetchone()[0] == 0  # it left
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(requests)")]
+    assert columns[-1] == "runner"
+    assert _user_version(FIXTURES / "server_v7.db") == 7
 
 
 async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:

@@ -131,6 +131,7 @@ async def test_downlink_and_requests_wake_their_device(store: Store) -> None:
     await store.finish_request("d1", "r1", {"status": 200}, 14)
     await store.finish_request("d1", "r1", {"status": 500}, 15)  # not running: no entry
     assert await store.claim_request("d1", "r2", 16) is not None
+    store.instance = "restarted"
     assert await store.interrupt_running({"error": "restart"}, 17) == 1
     assert await store.interrupt_running({"error": "restart"}, 18) == 0
     assert await store.read_wakes(0, 10) == [

@@ -224,10 +224,10 @@ class CrashingStore(SQLiteStore):
         await super().finish_request(device, request_id, outcome, now)
         await self.sim.live.recorded(self, [device], "request outcome", before)
 
-    async def interrupt_running(self, outcome: Any, now: int) -> int:
+    async def interrupt_running(self, outcome: Any, now: int, stale_ms: int = 0) -> int:
         before = await self.wake_head()
         done = {d.id: await self._outcomes(d.id) for d in self.sim.devices}
-        count = await super().interrupt_running(outcome, now)
+        count = await super().interrupt_running(outcome, now, stale_ms)
         if count:
             changed = [d for d, ids in done.items() if await self._outcomes(d) - ids]
             await self.sim.live.recorded(self, changed, "interrupted request", before)

@@ -69,6 +69,11 @@ class ServerConfig:
     """Seconds a process's lease on a sink lasts unless renewed (every third of it): when
     several processes share the database, how long after one dies another delivers its
     sinks (docs/downstream.md)."""
+    instance_ttl: float = 30.0
+    """Seconds after its last heartbeat (sent every third of it) that a server instance
+    counts as gone: the proxied requests it was running are then finished as
+    ``interrupted`` by another instance, or by itself after a restart (at once after a
+    clean shutdown). Matters when several instances share a database."""
     touch_every: float = 1.0
     """Seconds between batched writes of ``last_sync`` for syncs that changed nothing (a
     crash loses at most this much of that bookkeeping, never data)."""
@@ -99,3 +104,8 @@ class ServerConfig:
     """The server's wall clock, ms since the epoch: the times syncs record and answer, and
     the stamps that decide which write of a key is the latest (protocol section 13).
     Injectable so tests and simulations move time instead of sleeping."""
+
+    @property
+    def instance_stale_ms(self) -> int:
+        """:attr:`instance_ttl` in ms."""
+        return int(self.instance_ttl * 1000)

@@ -37,6 +37,11 @@ from .wake import WakeHub
 
 log = logging.getLogger("crdtsync.server")
 
+SAFETY_POLL = 60.0
+"""Seconds between re-reads of waiting readers when the store announces every instance's
+commits (``Store.hears_others``): they are woken by those announcements, and this slow
+re-read is only a safety net."""
+
 
 @dataclass(slots=True)
 class Services:
@@ -81,7 +86,7 @@ async def open_services(config: ServerConfig, *, executor: Executor,
         await executor.start()
         proxy = ProxyRunner(backend, await load_route_table(backend, config.routes_file),
                             executor, config.limits, clock=config.clock)
-        await proxy.recover()
+        await proxy.recover(config.instance_stale_ms)
         services = await _build(config, backend, proxy)
         async with _running(services, loops):
             yield services
@@ -100,8 +105,11 @@ async def _build(config: ServerConfig, store: Store, proxy: ProxyRunner) -> Serv
                          compact_every=config.compact_every,
                          rebuild_factor=config.rebuild_factor,
                          rebuild_slack=config.rebuild_slack)
-    feed = FeedNotifier(config.feed_poll)
-    results = DeviceNotifier(config.command_poll)
+    hears = store.hears_others  # PostgreSQL: every instance's commits are announced
+    feed = FeedNotifier(SAFETY_POLL if hears else config.feed_poll)
+    results = DeviceNotifier(SAFETY_POLL if hears else config.command_poll)
+    store.on_feed(feed.notify)
+    store.on_results(results.notify)
     sync = SyncService(store, docs, proxy, proxy_budget=config.proxy_budget,
                        max_items=config.limits.max_items, notifier=feed, results=results,
                        clock=config.clock, schema_for=FleetSchemas(docs).schema_for)
@@ -110,11 +118,12 @@ async def _build(config: ServerConfig, store: Store, proxy: ProxyRunner) -> Serv
         log.info("built the state projection of %d stored documents", built)
     sinks = SinkManager(store, feed, await read_sinks_file(config.sinks_file),
                         lease_ttl=config.sink_lease_ttl)
-    wakes = WakeHub(store, hold=config.wake_hold, poll=config.wake_poll,
+    wakes = WakeHub(store, hold=config.wake_hold,
+                    poll=SAFETY_POLL if hears else config.wake_poll,
                     rate=config.wake_rate, max_waiters=config.max_waiters)
     return Services(config, store, docs, sync, admin_hash, proxy.routes, proxy,
                     TemplateRegistry(store), feed, sinks, results,
-                    Maintenance(config, store, docs, sync), wakes)
+                    Maintenance(config, store, docs, sync, proxy), wakes)
 
 
 @asynccontextmanager

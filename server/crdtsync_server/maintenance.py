@@ -17,6 +17,7 @@ from crdtsync.errors import CrdtsyncError
 
 from .config import ServerConfig
 from .documents import DocumentCache
+from .proxied.dispatch import ProxyRunner
 from .store import Store
 from .sync import SyncService
 
@@ -27,11 +28,17 @@ class Maintenance:
     """The periodic chores of one server process over its store, cache and sync service."""
 
     def __init__(self, config: ServerConfig, store: Store, docs: DocumentCache,
-                 sync: SyncService) -> None:
+                 sync: SyncService, proxy: ProxyRunner) -> None:
         self.config = config
         self.store = store
         self.docs = docs
         self.sync = sync
+        self.proxy = proxy
+
+    async def heartbeat(self) -> int:
+        """Prove this instance alive and finish the proxied requests of instances that are
+        gone (``instance_ttl`` without a heartbeat) as ``interrupted``; returns how many."""
+        return await self.proxy.recover(self.config.instance_stale_ms)
 
     async def purge(self) -> int:
         """Purge finished downlink items and acknowledged requests older than the retention,
@@ -67,16 +74,19 @@ class Maintenance:
 
     async def run_once(self) -> None:
         """Every chore once; a failing chore is logged and the others still run."""
+        await _logged("heartbeat", self.heartbeat)
         await _logged("purge", self.purge)
         await _logged("recording last sync times", self.flush_touches)
         self.evict_idle()
 
     def spawn(self) -> list[asyncio.Task[None]]:
         """Run each chore on its interval until the tasks are cancelled: purges every
-        ``purge_every`` s (first at once), touches every ``touch_every`` s, evictions ten
-        times per ``cache_idle``."""
+        ``purge_every`` s (first at once), touches every ``touch_every`` s, heartbeats three
+        times per ``instance_ttl``, evictions ten times per ``cache_idle``."""
         config = self.config
-        return [spawn(_every(config.purge_every, "purge", self.purge, first=True),
+        return [spawn(_every(config.instance_ttl / 3, "heartbeat", self.heartbeat),
+                      "crdtsync-heartbeat"),
+                spawn(_every(config.purge_every, "purge", self.purge, first=True),
                       "crdtsync-purge"),
                 spawn(_every(config.touch_every, "recording last sync times",
                              self.flush_touches), "crdtsync-touch"),

@@ -54,12 +54,14 @@ class DeviceNotifier:
         """How many notifications were sent so far, for any device."""
         self._watches: dict[str, set[Watch]] = {}
 
-    def notify(self, device: str) -> None:
+    def notify(self, device: str | None) -> None:
         """Called after a commit that stored results of ``device``'s commands: wakes every
-        watch on it."""
+        watch on it (``None``: on every device, when news may have been missed)."""
         self.notified += 1
-        for watch in self._watches.get(device, ()):
-            watch.wake()
+        watched = self._watches.values() if device is None else [self._watches.get(device, ())]
+        for watches in watched:
+            for watch in watches:
+                watch.wake()
 
     def waiting(self, device: str) -> int:
         """How many watches ``device`` has now."""

@@ -5,8 +5,10 @@ A request stored by a sync commit is ``pending``; the runner claims it (``pendin
 calls its route through an :class:`~crdtsync_server.proxied.routes.Executor`, and stores the
 outcome (``done``). The sync that brought the request waits up to a short budget so a fast
 target's outcome rides on the same response; slower ones arrive on a later sync. A process
-that dies while a request runs leaves it ``running``; the next start finishes it with the
-error ``interrupted`` instead of calling the target a second time.
+that dies while a request runs leaves it ``running``; once that process is gone (a clean
+stop, or no heartbeat for ``instance_ttl``) the next :meth:`ProxyRunner.recover` of any
+instance finishes it with the error ``interrupted`` instead of calling the target a second
+time.
 """
 
 from __future__ import annotations
@@ -85,9 +87,14 @@ class ProxyRunner:
         self.limits = limits
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def recover(self) -> int:
-        """At start: finish requests a dead process left ``running`` as ``interrupted``."""
-        count = await self.store.interrupt_running(INTERRUPTED, self.clock())
+    async def recover(self, stale_ms: int = 0) -> int:
+        """Prove this instance alive, then finish as ``interrupted`` the requests left
+        ``running`` by an instance without a heartbeat for ``stale_ms`` (a dead process:
+        this one before a restart, or another instance on the same database). Run at start
+        and then periodically (``Maintenance``)."""
+        now = self.clock()
+        await self.store.heartbeat(now)
+        count = await self.store.interrupt_running(INTERRUPTED, now, stale_ms)
         if count:
             log.warning("%d proxied requests were interrupted by a restart", count)
         return count

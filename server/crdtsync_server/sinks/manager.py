@@ -8,7 +8,9 @@ management API calls :meth:`SinkManager.apply` after each change.
 
 Several server processes may share one database: every process runs a runner per sink, but
 only the one holding the sink's lease delivers it (see :mod:`~crdtsync_server.sinks.lease`);
-``owner`` identifies this manager's process in those leases.
+``owner`` identifies this manager's process in those leases. A sink created, changed or
+deleted through another process's API reaches this one by :meth:`SinkManager.reconcile`,
+which runs every third of the lease time (as do dead letters marked for a retry there).
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ class SinkManager:
         self.file_sinks = dict(file_sinks or {})
         self._runners: dict[str, tuple[SinkRunner, asyncio.Task[None]]] = {}
         self._problems: dict[str, str] = {}
+        self._applied: dict[str, tuple[object, ...]] = {}  # what each runner was started from
         self._lock = asyncio.Lock()
+        self._reconciler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Store the sinks file's sinks, then start a runner for every runnable sink."""
@@ -67,6 +71,8 @@ class SinkManager:
         async with self._lock:
             for record in await self.store.list_sinks():
                 self._start(record)
+        self._reconciler = spawn(self._reconcile_every(self.lease_ttl / 3),
+                                 "crdtsync-sinks-reconcile")
 
     async def apply(self, name: str) -> None:
         """Sink ``name`` changed in the store (created, reconfigured, paused, deleted):
@@ -76,6 +82,29 @@ class SinkManager:
             record = await self.store.get_sink(name)
             if record is not None:
                 self._start(record)
+
+    async def reconcile(self) -> None:
+        """Bring the runners in line with the stored sinks, which another process sharing
+        the database may have created, changed or deleted through its API, and let every
+        runner look for dead letters marked for a retry (perhaps through another process)."""
+        async with self._lock:
+            records = {record.name: record for record in await self.store.list_sinks()}
+            for name in [n for n in self._applied if n not in records]:
+                await self._stop(name)
+            for name, record in records.items():
+                if self._applied.get(name) != _applied_key(record):
+                    await self._stop(name)
+                    self._start(record)
+            for runner, _ in self._runners.values():
+                runner.request_retry()
+
+    async def _reconcile_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self.reconcile()
+            except CrdtsyncError as exc:
+                log.warning("reading the sinks failed, will retry: %s", exc.message)
 
     def retry(self, name: str) -> None:
         """Dead letters of ``name`` were marked for a retry: wake its runner."""
@@ -105,6 +134,7 @@ class SinkManager:
     def _start(self, record: SinkRecord) -> None:
         config = self._runtime_config(record)
         self._problems.pop(record.name, None)
+        self._applied[record.name] = _applied_key(record)
         if record.paused or config is None:
             return
         sink = self._build(record.name, config)
@@ -126,13 +156,22 @@ class SinkManager:
             return None
 
     async def _stop(self, name: str) -> None:
+        self._applied.pop(name, None)
         entry = self._runners.pop(name, None)
         if entry is not None:
             await cancel_and_wait(entry[1])
 
     async def aclose(self) -> None:
         """Stop every runner (items being delivered are delivered again at the next start)."""
+        if self._reconciler is not None:
+            await cancel_and_wait(self._reconciler)
+            self._reconciler = None
         async with self._lock:
             for name in list(self._runners):
                 await self._stop(name)
 
+
+
+def _applied_key(record: SinkRecord) -> tuple[object, ...]:
+    """What a runner is started from: a change of any of it means a new runner."""
+    return (record.config, record.paused, record.origin)

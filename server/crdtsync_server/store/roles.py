@@ -174,7 +174,17 @@ class DownlinkStore(Protocol):
     """Messages and commands to devices, and proxied requests from them (tables ``downlink``,
     ``requests``; a device's ``down_seq`` and ``down_done``). A device's acknowledgements,
     command results and new requests arrive with :meth:`Store.commit`; this role queues,
-    hands out, claims and finishes them. When to purge is the server's decision."""
+    hands out, claims and finishes them. When to purge is the server's decision.
+
+    Several server instances may share one database. Each store object is one instance,
+    named by :attr:`instance`: it claims requests as their runner and proves it is alive
+    with :meth:`heartbeat`; the requests of an instance that died while running them are
+    finished as interrupted by whichever instance calls :meth:`interrupt_running` next, and
+    never run twice."""
+
+    instance: str
+    """This server instance's id (random per store object unless set): the runner of the
+    proxied requests it claims. Changing it makes the object a new instance."""
 
     async def queue_downlink(self, device: str, kind: str, name: str, body: Any, now: int,
                              expires: int | None) -> Downlink:
@@ -194,8 +204,13 @@ class DownlinkStore(Protocol):
         the returned queued items ``delivered`` (commands) in the same transaction."""
 
     async def claim_request(self, device: str, request_id: str, now: int) -> ProxyRequest | None:
-        """Move a ``pending`` request to ``running`` and return it; ``None`` if it is not
-        pending (already claimed by another worker or finished): at most once."""
+        """Move a ``pending`` request to ``running`` with this :attr:`instance` as its
+        runner and return it; ``None`` if it is not pending (already claimed by another
+        worker or instance, or finished): at most once, across instances too."""
+
+    async def heartbeat(self, now: int) -> None:
+        """Record that this :attr:`instance` is alive at ``now`` (ms). The server calls it
+        at start and then several times per its instance time-to-live."""
 
     async def finish_request(self, device: str, request_id: str, outcome: Mapping[str, Any],
                              now: int) -> None:
@@ -207,9 +222,13 @@ class DownlinkStore(Protocol):
     async def undelivered_outcomes(self, device: str, limit: int) -> list[ProxyRequest]:
         """``done`` requests of the device (outcome not yet acknowledged), oldest first."""
 
-    async def interrupt_running(self, outcome: Mapping[str, Any], now: int) -> int:
-        """At start: requests left ``running`` by a dead process are finished with
-        ``outcome`` (never run twice); returns how many."""
+    async def interrupt_running(self, outcome: Mapping[str, Any], now: int,
+                                stale_ms: int = 0) -> int:
+        """Finish with ``outcome`` (status ``done``, and a wake entry for each device) every
+        ``running`` request whose runner is gone: not this :attr:`instance`, and without a
+        :meth:`heartbeat` at or after ``now - stale_ms`` (a runner that never sent one, or
+        that closed its store, is gone). Such a request is never run again; returns how
+        many were finished. Two instances calling it at once finish each request once."""
 
     async def purge_finished(self, before: int) -> int:
         """Delete downlink items that are finished (``delivered``, ``succeeded``,
@@ -372,6 +391,22 @@ class Store(DocumentStore, DeviceStore, SettingsStore, DownlinkStore, Downstream
             WakeStore, Protocol):
     """What the server needs from a database: every role, the lifecycle, and the two writes
     that span roles. Backends: memory, SQLite (default)."""
+
+    @property
+    def hears_others(self) -> bool:
+        """Whether this store hears every instance's commits (PostgreSQL: ``LISTEN`` /
+        ``NOTIFY``): then :meth:`on_wakes`, :meth:`on_feed` and :meth:`on_results` announce
+        other instances' writes too, and the server's waiters need no polling. ``False``
+        (memory, SQLite): :meth:`on_feed` and :meth:`on_results` are never called; the
+        server wakes its own waiters and re-reads on a timer for other processes."""
+
+    def on_feed(self, callback: Callable[[], None]) -> None:
+        """With :attr:`hears_others`: call ``callback()`` on the event loop after any
+        instance committed feed items (and when news may have been missed)."""
+
+    def on_results(self, callback: Callable[[str | None], None]) -> None:
+        """With :attr:`hears_others`: call ``callback(device)`` after any instance stored
+        command results of ``device`` (``None``: news may have been missed, re-read all)."""
 
     async def open(self) -> None:
         """Connect and migrate the schema. Raises ``StoreError`` for a newer schema."""

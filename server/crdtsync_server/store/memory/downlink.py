@@ -89,6 +89,7 @@ class MemoryDownlink(MemoryState):
         if request is None or request.status != "pending":
             return None
         request.set_status("running", now)
+        request.runner = self.instance
         return request.record()
 
     async def finish_request(self, device: str, request_id: str, outcome: Mapping[str, Any],
@@ -117,11 +118,21 @@ class MemoryDownlink(MemoryState):
                       key=lambda r: (r.updated, r.id))
         return [r.record() for r in done[:limit]]
 
-    async def interrupt_running(self, outcome: Mapping[str, Any], now: int) -> int:
-        """Finish every ``running`` request with ``outcome``; returns how many."""
+    async def heartbeat(self, now: int) -> None:
+        """Record that this instance is alive at ``now`` (ms)."""
+        self._check_open()
+        self._instances[self.instance] = now
+
+    async def interrupt_running(self, outcome: Mapping[str, Any], now: int,
+                                stale_ms: int = 0) -> int:
+        """Finish the ``running`` requests whose runner is gone with ``outcome`` (see
+        ``DownlinkStore.interrupt_running``); returns how many."""
         self._check_open()
         outcome_json = json_text(dict(outcome))
-        running = [r for r in self._requests.values() if r.status == "running"]
+        alive = {i for i, seen in self._instances.items() if seen >= now - stale_ms}
+        alive.add(self.instance)
+        running = [r for r in self._requests.values()
+                   if r.status == "running" and r.runner not in alive]
         for request in running:
             request.set_status("done", now, outcome_json)
         self._append_wakes(sorted({wake_device(r.device) for r in running}), now)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,7 @@ class RequestRow:
     updated: int
     status: str = "pending"
     outcome: str | None = None
+    runner: str | None = None
 
     def record(self) -> ProxyRequest:
         return ProxyRequest(
@@ -186,6 +188,18 @@ class MemoryState:
         self._wake_head = 0  # cursors are never reused, even after a purge
         self._wake_floor = 0  # the highest purged cursor
         self._wake_listeners: list[Callable[[int], None]] = []
+        self._instances: dict[str, int] = {}  # instance id -> last heartbeat (ms)
+        self.instance = secrets.token_hex(8)
+        """This server instance's id: the runner of the proxied requests it claims."""
+
+    hears_others = False
+    """Only this object's own commits are announced (``on_wakes``)."""
+
+    def on_feed(self, callback: Callable[[], None]) -> None:
+        """Never called (``hears_others`` is false)."""
+
+    def on_results(self, callback: Callable[[str | None], None]) -> None:
+        """Never called (``hears_others`` is false)."""
 
     def _check_open(self) -> None:
         if self._closed:

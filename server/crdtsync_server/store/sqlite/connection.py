@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -37,7 +38,10 @@ class SQLiteConnection:
     """The worker thread and its connection to the SQLite file ``path``, and what every
     role's coroutines share: :meth:`_run` and :attr:`external_writes`."""
 
-    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",
+                 instance: str | None = None) -> None:
+        self.instance = instance or secrets.token_hex(8)
+        """This server instance's id: the runner of the proxied requests it claims."""
         self._db = SQLiteWorker(path, migrations=MIGRATIONS, synchronous=synchronous,
                                 name="crdtsync-store")
         self.external_writes = 0
@@ -69,6 +73,16 @@ class SQLiteConnection:
         """Call ``callback(head)`` after each call of this store that moved the head of the
         wake log (``sqlite/wakes.py``)."""
         self._wake_listeners.append(callback)
+
+    hears_others = False
+    """Only this object's own commits are announced (``on_wakes``); other processes'
+    are found by reading."""
+
+    def on_feed(self, callback: Callable[[], None]) -> None:
+        """Never called: this store does not hear other processes (``hears_others``)."""
+
+    def on_results(self, callback: Callable[[str | None], None]) -> None:
+        """Never called: this store does not hear other processes (``hears_others``)."""
 
     async def _run_waking(self, fn: Callable[..., T], *args: Any) -> T:
         """:meth:`_run` for a call that may append wake entries: read the head of the wake

@@ -42,7 +42,7 @@ from ..records import (
     wake_device,
 )
 from ..rules import check_kind, check_limit, result_columns
-from .connection import SQLiteConnection, loads
+from .connection import SQLiteConnection, in_transaction, loads
 from .devices import require_device
 from .wakes import insert_wakes
 
@@ -87,8 +87,13 @@ class SQLiteDownlink(SQLiteConnection):
         return await self._run(_pending_downlink, device, now, limit)
 
     async def claim_request(self, device: str, request_id: str, now: int) -> ProxyRequest | None:
-        """``pending`` -> ``running`` in one statement; ``None`` unless this call moved it."""
-        return await self._run(_claim_request, device, request_id, now)
+        """``pending`` -> ``running`` (runner: this instance) in one statement; ``None``
+        unless this call moved it."""
+        return await self._run(_claim_request, device, request_id, now, self.instance)
+
+    async def heartbeat(self, now: int) -> None:
+        """Record that this instance is alive at ``now`` (ms)."""
+        await self._run(in_transaction, _heartbeat, self.instance, now)
 
     async def finish_request(self, device: str, request_id: str, outcome: Mapping[str, Any],
                              now: int) -> None:
@@ -105,9 +110,12 @@ class SQLiteDownlink(SQLiteConnection):
         check_limit(limit)
         return await self._run(_undelivered_outcomes, device, limit)
 
-    async def interrupt_running(self, outcome: Mapping[str, Any], now: int) -> int:
-        """Finish every ``running`` request with ``outcome``; returns how many."""
-        return await self._run_waking(_interrupt_running, json_text(dict(outcome)), now)
+    async def interrupt_running(self, outcome: Mapping[str, Any], now: int,
+                                stale_ms: int = 0) -> int:
+        """Finish the ``running`` requests whose runner is gone with ``outcome`` (see
+        ``DownlinkStore.interrupt_running``), in one transaction; returns how many."""
+        return await self._run_waking(_interrupt_running, json_text(dict(outcome)), now,
+                                      now - stale_ms, self.instance)
 
     async def purge_finished(self, before: int) -> int:
         """Delete finished downlink items and acknowledged requests older than ``before``."""
@@ -219,13 +227,13 @@ def _select_request(conn: sqlite3.Connection, device: str, request_id: str
     return None if row is None else _request_from_row(row)
 
 
-def _claim_request(conn: sqlite3.Connection, device: str, request_id: str, now: int
-                   ) -> ProxyRequest | None:
+def _claim_request(conn: sqlite3.Connection, device: str, request_id: str, now: int,
+                   runner: str) -> ProxyRequest | None:
     with transaction(conn):
         cur = conn.execute(
-            "UPDATE requests SET status = 'running', updated = ?"
+            "UPDATE requests SET status = 'running', updated = ?, runner = ?"
             " WHERE device = ? AND id = ? AND status = 'pending'",
-            (now, device, request_id),
+            (now, runner, device, request_id),
         )
         return _select_request(conn, device, request_id) if cur.rowcount == 1 else None
 
@@ -252,13 +260,32 @@ def _undelivered_outcomes(conn: sqlite3.Connection, device: str, limit: int
     return [_request_from_row(row) for row in rows]
 
 
-def _interrupt_running(conn: sqlite3.Connection, outcome: str, now: int) -> int:
+_ORPHANED = (
+    "status = 'running' AND (runner IS NULL OR runner <> :me) AND NOT EXISTS"
+    " (SELECT 1 FROM instances i WHERE i.id = requests.runner AND i.seen >= :alive)"
+)
+"""Running requests whose runner is gone: not this instance, no heartbeat since ``alive``."""
+
+
+def _heartbeat(conn: sqlite3.Connection, instance: str, now: int) -> None:
+    conn.execute("INSERT INTO instances (id, started, seen) VALUES (?, ?, ?) ON CONFLICT (id)"
+                 " DO UPDATE SET seen = MAX(seen, excluded.seen)", (instance, now, now))
+
+
+def leave(conn: sqlite3.Connection, instance: str) -> None:
+    """Forget ``instance`` (it closed): its running requests count as a gone runner's."""
+    conn.execute("DELETE FROM instances WHERE id = ?", (instance,))
+
+
+def _interrupt_running(conn: sqlite3.Connection, outcome: str, now: int, alive: int,
+                       me: str) -> int:
     with transaction(conn):
+        marks = {"me": me, "alive": alive}
         devices = [row[0] for row in conn.execute(
-            "SELECT DISTINCT device FROM requests WHERE status = 'running' ORDER BY device")]
+            f"SELECT DISTINCT device FROM requests WHERE {_ORPHANED} ORDER BY device", marks)]
         cur = conn.execute(
-            "UPDATE requests SET status = 'done', outcome = ?, updated = ?"
-            " WHERE status = 'running'", (outcome, now))
+            f"UPDATE requests SET status = 'done', outcome = :outcome, updated = :now"
+            f" WHERE {_ORPHANED}", {**marks, "outcome": outcome, "now": now})
         insert_wakes(conn, [wake_device(device) for device in devices], now)
     return cur.rowcount
 

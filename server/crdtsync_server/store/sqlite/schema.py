@@ -119,6 +119,20 @@ commit a device must hear of; ``AUTOINCREMENT`` so a cursor is never reused afte
 (the head is ``sqlite_sequence``'s)."""
 
 
+INSTANCES_V8 = """
+    ALTER TABLE requests ADD COLUMN runner TEXT;
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        started INTEGER NOT NULL,
+        seen INTEGER NOT NULL
+    );
+"""
+"""Schema v8: server instances sharing the database (``crdtsync serve --workers``, or
+several hosts on PostgreSQL) with their last heartbeat, and the runner of each running
+proxied request, so one instance's running requests are interrupted only once it is gone.
+Requests left running by v7 have no runner: they count as a gone instance's."""
+
+
 MIGRATIONS: tuple[str, ...] = (
     # v1
     """
@@ -222,6 +236,8 @@ MIGRATIONS: tuple[str, ...] = (
     STAMPS_V6,
     # v7: the wake log of the live channel (issue 15)
     WAKES_V7,
+    # v8: instances and request runners (issue 16)
+    INSTANCES_V8,
 )
 """Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
 Append only: a released script is never edited."""

@@ -16,6 +16,7 @@ crdtsync errors of the contract (``NotFound``, ``AlreadyExists``, ``SeqGap``,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -26,9 +27,10 @@ from crdtsync.errors import CrdtsyncError, StoreError
 from ..group_commit import GroupCommitter
 from ..records import CommitResult, SyncWrite
 from ..rules import check_write, plan_events
+from .connection import in_transaction
 from .devices import SQLiteDevices, require_device
 from .documents import SQLiteDocuments, delete_stamps, insert_updates, replace_doc, write_stamps
-from .downlink import SQLiteDownlink, ack_downlink, ack_outcomes, insert_requests
+from .downlink import SQLiteDownlink, ack_downlink, ack_outcomes, insert_requests, leave
 from .feed import SQLiteFeed, insert_events, record_changes, record_conflicts, stored_digests
 from .settings import SQLiteSettings
 from .sinks import SQLiteSinks
@@ -45,8 +47,9 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
     before :meth:`open` or after :meth:`aclose` raises :class:`ClosedError`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
-        super().__init__(path, synchronous=synchronous)
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",
+                 instance: str | None = None) -> None:
+        super().__init__(path, synchronous=synchronous, instance=instance)
         self.group_commit: GroupCommitter[SyncWrite, CommitResult] = GroupCommitter(
             self._commit_group)
         """Batches concurrent :meth:`commit` calls into one transaction (one fsync)."""
@@ -70,8 +73,12 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
         await self._db.open()
 
     async def aclose(self) -> None:
-        """Wait for queued calls, close the connection and stop the thread; idempotent."""
+        """Wait for queued calls, forget this instance (its running requests now count as
+        interrupted), close the connection and stop the thread; idempotent."""
         await self.group_commit.drain()
+        if self._db.state == "open":
+            with contextlib.suppress(CrdtsyncError):
+                await self._run(in_transaction, leave, self.instance)
         await self._db.aclose()
 
     # the writes that span roles
