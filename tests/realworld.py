@@ -1,0 +1,170 @@
+"""What the real-process tests share: a device's :class:`Ledger` of what the cloud must end
+up holding and :func:`check_invariants` against it, ``crdtsync serve`` as a subprocess
+(:class:`ServeProcess`, killable with ``kill -9``), and the write-emit-sync
+:func:`device_loop` with its :class:`Progress`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import aiohttp
+
+from crdtsync import AdminClient, Device, TransportError, crdt
+
+from .conftest import ADMIN_TOKEN
+
+
+@dataclass
+class Ledger:
+    """What one device did that the cloud must end up holding."""
+
+    device: str
+    emitted: list[dict[str, Any]] = field(default_factory=list)
+    owned: str | None = None
+    """The last value written to the device-owned key ``own``."""
+    cloud: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The last value of each cloud-owned key written by PATCH, per map."""
+
+    async def emit(self, dev: Device, body: dict[str, Any]) -> None:
+        seq = await dev.emit("t", body)
+        self.emitted.append(body)
+        assert seq == len(self.emitted)
+
+    def own(self, dev: Device, value: str) -> None:
+        dev.state["own"] = value
+        self.owned = value
+
+
+async def events_of(admin: AdminClient, device: str) -> list[dict[str, Any]]:
+    return [e async for e in admin.iter_events(device=device)]
+
+
+def outbox_rows(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+
+async def check_invariants(admin: AdminClient, dev: Device, ledger: Ledger) -> None:
+    """After a fault-free sync: replicas equal, events exactly once in order, outbox empty,
+    acknowledged writes present."""
+    cloud = await admin.state(dev.id)
+    assert crdt.to_json(dev.doc) == cloud
+    assert cloud["state"].get("own") == ledger.owned
+    for map_name, keys in ledger.cloud.items():
+        for key, value in keys.items():
+            assert cloud[map_name][key] == value, (map_name, key)
+    events = await events_of(admin, dev.id)
+    assert [e["seq"] for e in events] == list(range(1, len(ledger.emitted) + 1))
+    assert [e["body"] for e in events] == ledger.emitted
+    assert dev.pending_events == 0
+
+
+def log_file(path: Path) -> BinaryIO:
+    """A local log file for a subprocess's output (opening it does not block noticeably)."""
+    return path.open("ab")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServeProcess:
+    """``crdtsync serve`` as a subprocess on a fixed port and database: start, kill -9."""
+
+    def __init__(self, db: Path | str, port: int, logs: Path, *,
+                 args: Sequence[str] = (), name: str = "serve") -> None:
+        self.db, self.port, self.logs = db, port, logs
+        self.args = tuple(args)
+        """More ``crdtsync serve`` options."""
+        self.name = name
+        """Prefix of the log files (one per start)."""
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    async def start(self) -> None:
+        """Start the server and wait until ``GET /v1/health`` answers."""
+        self.starts += 1
+        with log_file(self.logs / f"{self.name}-{self.starts}.log") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "crdtsync.cli", "serve", "--db", str(self.db),
+                "--port", str(self.port), "--admin-token", ADMIN_TOKEN, *self.args,
+                stdout=log, stderr=asyncio.subprocess.STDOUT)
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        async with asyncio.timeout(20), aiohttp.ClientSession() as http:
+            while True:
+                assert self.proc is not None and self.proc.returncode is None, self.log()
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with http.get(self.url + "/v1/health",
+                                        timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                        if resp.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+
+    async def kill(self) -> None:
+        """``kill -9``, then reap the process."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        assert await self.proc.wait() == -signal.SIGKILL
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    def log(self, start: int | None = None) -> str:
+        """What the server printed in its ``start``-th run (default: the latest)."""
+        path = self.logs / f"{self.name}-{start or self.starts}.log"
+        return path.read_text(errors="replace")
+
+
+class Progress:
+    """How many syncs succeeded and failed; :meth:`wait_ok` waits for successes."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failed = 0
+        self._changed = asyncio.Event()
+
+    def record(self, error: TransportError | None = None) -> None:
+        if error is None:
+            self.ok += 1
+        else:
+            self.failed += 1
+        self._changed.set()
+
+    async def wait_ok(self, target: int) -> None:
+        async with asyncio.timeout(20):
+            while self.ok < target:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def device_loop(dev: Device, ledger: Ledger, stop: asyncio.Event,
+                      progress: Progress) -> None:
+    """Write, emit and sync until ``stop``; a sync may fail while the server is down."""
+    step = 0
+    while not stop.is_set():
+        step += 1
+        ledger.own(dev, f"{dev.id}-{step}")
+        await ledger.emit(dev, {"id": f"{dev.id}-{step}"})
+        try:
+            await dev.sync()
+            progress.record()
+        except TransportError as exc:
+            progress.record(exc)
+            await asyncio.sleep(0.02)
