@@ -1,0 +1,331 @@
+"""The pool every part of :class:`~crdtsync_server.store.postgres.PostgresStore` runs on.
+
+Connections: an ``asyncpg`` pool (``min_size``..``max_size``). Each public coroutine runs
+one whole async function ``fn(conn, *args)`` on one pooled connection: :meth:`_read` in a
+read-only ``REPEATABLE READ`` transaction (one snapshot for every query of the call),
+:meth:`_write` in a ``READ COMMITTED`` transaction, committed when ``fn`` returns and rolled
+back when it raises. Every connection has ``statement_timeout`` set, and waiting for a free
+connection is bounded by ``acquire_timeout``: a slow or absent database becomes
+:class:`Unavailable` (HTTP 503, retryable) within a bounded time, with nothing committed,
+instead of piling up requests.
+
+Commit order: cursors a reader follows (update ids, feed cursors, wake cursors) come from
+sequences, and PostgreSQL hands out a sequence value when a row is inserted, not when its
+transaction commits: a reader could see cursor 11 committed while 10 is still in flight and
+step over 10 for ever. Every transaction that inserts such a row therefore first takes the
+transaction-scoped advisory lock :data:`SEQUENCE_LOCK` (:func:`sequenced`), held until it
+commits: cursors become visible in the order they were given out, across every instance on
+the database. The lock is taken first in its transaction, so it never waits while holding
+a row lock (no deadlock with row locks), and it is held only by writes that append.
+
+Announcements: transactions that append wake entries, feed items or command results call
+:func:`announce`, a ``pg_notify`` on :data:`CHANNEL` delivered at commit to every instance's
+listener connection (:meth:`_listen`). Each instance hears every instance's commits, its
+own included: waiters need no polling loop (:attr:`hears_others`). When the listener
+connection is lost, it reconnects with backoff and then announces ``None`` to every
+listener ("something may have been missed: re-read").
+
+Errors: connection loss, timeouts, a database starting up or shutting down, serialization
+failures and deadlocks become :class:`Unavailable` (retryable); any other database error
+becomes :class:`StoreError`; the crdtsync errors of the contract pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from crdtsync.errors import ClosedError, StoreError, Unavailable
+
+from .schema import MIGRATIONS
+
+T = TypeVar("T")
+
+log = logging.getLogger("crdtsync.server")
+
+SEQUENCE_LOCK = 0x63726474_0001
+"""Advisory lock key held by every transaction that appends rows read by cursor."""
+
+MIGRATION_LOCK = 0x63726474_0002
+"""Advisory lock key held while the schema is migrated (instances starting together)."""
+
+CHANNEL = "crdtsync"
+"""``LISTEN``/``NOTIFY`` channel of the announcements (payloads in :func:`announce`)."""
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.QueryCanceledError,  # statement_timeout
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby after a failover
+)
+
+
+def store_error(exc: BaseException) -> Exception:
+    """The crdtsync error a database failure becomes (see the module docstring)."""
+    if isinstance(exc, _UNAVAILABLE):
+        return Unavailable(f"database unavailable: {type(exc).__name__}: {exc}",
+                           {"retry_after": 1})
+    return StoreError(f"postgres: {type(exc).__name__}: {exc}")
+
+
+class PostgresConnection:
+    """The pool to the database at ``url`` and what every role's coroutines share.
+
+    ``schema``: the PostgreSQL schema holding the tables (created if missing; default
+    ``public``), so several independent stores can share one database (tests do).
+    ``statement_timeout``: seconds any statement may run. ``acquire_timeout``: seconds a
+    call waits for a pooled connection.
+    """
+
+    def __init__(self, url: str, *, schema: str | None = None, min_size: int = 1,
+                 max_size: int = 10, statement_timeout: float = 10.0,
+                 acquire_timeout: float = 5.0, connect_timeout: float = 5.0) -> None:
+        if schema is not None and not _SCHEMA_NAME.match(schema):
+            raise ValueError(f"schema must match {_SCHEMA_NAME.pattern}, not {schema!r}")
+        self.url = url
+        self.schema = schema
+        self.min_size = min_size
+        self.max_size = max_size
+        self.statement_timeout = statement_timeout
+        self.acquire_timeout = acquire_timeout
+        self.connect_timeout = connect_timeout
+        self.hears_others = True
+        """Listeners (``on_wakes``, ``on_news``) hear every instance's commits."""
+        self._pool: asyncpg.Pool | None = None
+        self._closed = False
+        self._listeners: dict[str, list[Callable[[str | None], None]]] = {}
+        self._listen_task: asyncio.Task[None] | None = None
+
+    @property
+    def external_writes(self) -> int | None:
+        """``None``: another instance may write at any time, so the document cache always
+        catches up (one indexed read) before it answers."""
+        return None
+
+    # --- lifecycle
+
+    async def _connect(self) -> None:
+        if self._closed:
+            raise ClosedError("the store is closed")
+        if self._pool is not None:
+            return
+        try:
+            await self._create_schema()
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=self.min_size, max_size=self.max_size,
+                timeout=self.connect_timeout, server_settings=self._settings())
+            await self._migrate()
+        except BaseException as exc:
+            await self._disconnect()
+            if isinstance(exc, StoreError | Unavailable | ClosedError):
+                raise
+            if isinstance(exc, Exception):
+                raise store_error(exc) from exc
+            raise
+        self._listen_task = asyncio.create_task(self._listen(), name="crdtsync-pg-listen")
+
+    async def _disconnect(self) -> None:
+        task, self._listen_task = self._listen_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5.0)
+            except (asyncio.TimeoutError, Exception):
+                pool.terminate()
+
+    def _settings(self) -> dict[str, str]:
+        settings = {"statement_timeout": str(int(self.statement_timeout * 1000)),
+                    "application_name": "crdtsync"}
+        if self.schema is not None:
+            settings["search_path"] = self.schema
+        return settings
+
+    async def _create_schema(self) -> None:
+        if self.schema is None:
+            return
+        conn = await asyncpg.connect(self.url, timeout=self.connect_timeout)
+        try:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        except asyncpg.exceptions.UniqueViolationError:
+            pass  # created concurrently by another instance
+        finally:
+            await conn.close()
+
+    async def _migrate(self) -> None:
+        """Apply the missing migrations, each in its own transaction, under
+        :data:`MIGRATION_LOCK` (instances starting together migrate once). A database
+        from a newer crdtsync raises :class:`StoreError` and is left untouched."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version"
+                               " (version INTEGER NOT NULL)")
+            version = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"the database holds schema v{version}, newer than this crdtsync"
+                    f" (v{len(MIGRATIONS)}); upgrade crdtsync", {"version": version})
+            for number in range(version, len(MIGRATIONS)):
+                await conn.execute(MIGRATIONS[number])
+                await conn.execute("INSERT INTO schema_version (version) VALUES ($1)",
+                                   number + 1)
+
+    async def schema_version(self) -> int:
+        """The schema version the database holds (diagnostics and tests)."""
+        return int(await self._read(_schema_version))
+
+    # --- running calls
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._pool is None:
+            raise ClosedError("the store is not open" if not self._closed
+                              else "the store is closed")
+        try:
+            async with self._pool.acquire(timeout=self.acquire_timeout) as conn:
+                yield conn
+        except (StoreError, Unavailable, ClosedError):
+            raise
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, _UNAVAILABLE):
+                raise store_error(exc) from exc
+            raise store_error(exc) from exc
+        except _UNAVAILABLE as exc:
+            raise store_error(exc) from exc
+
+    async def _read(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in one read-only snapshot."""
+        async with self._connection() as conn, conn.transaction(
+                isolation="repeatable_read", readonly=True):
+            return await fn(conn, *args)
+
+    async def _write(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` as one transaction (committed when it returns)."""
+        async with self._connection() as conn, conn.transaction():
+            return await fn(conn, *args)
+
+    # --- announcements
+
+    def _on(self, kind: str, callback: Callable[[str | None], None]) -> None:
+        self._listeners.setdefault(kind, []).append(callback)
+
+    def on_wakes(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(head)`` when any instance committed wake entries (the highest
+        cursor its transaction gave out); after a lost listener connection, with the
+        current head."""
+        def heard(payload: str | None) -> None:
+            if payload is not None:
+                callback(int(payload))
+            else:
+                asyncio.get_running_loop().create_task(self._announce_head(callback))
+        self._on("w", heard)
+
+    async def _announce_head(self, callback: Callable[[int], None]) -> None:
+        with contextlib.suppress(Exception):
+            callback(int(await self._read(_wake_head)))
+
+    def _dispatch(self, payload: str) -> None:
+        kind, _, rest = payload.partition(":")
+        for callback in self._listeners.get(kind, ()):
+            try:
+                callback(rest)
+            except Exception:
+                log.exception("a store listener failed on %r", payload)
+
+    def _missed(self) -> None:
+        for callbacks in self._listeners.values():
+            for callback in callbacks:
+                with contextlib.suppress(Exception):
+                    callback(None)
+
+    async def _listen(self) -> None:
+        """Hold a dedicated connection that ``LISTEN``s on :data:`CHANNEL`; reconnect
+        with backoff when it is lost, then tell every listener it may have missed news."""
+        delay = 0.1
+        first = True
+        while True:
+            lost = asyncio.Event()
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self.url, timeout=self.connect_timeout,
+                                             server_settings=self._settings())
+                conn.add_termination_listener(lambda _c: lost.set())
+                await conn.add_listener(CHANNEL, lambda _c, _pid, _ch, payload:
+                                        self._dispatch(payload))
+                if not first:
+                    self._missed()
+                first = False
+                delay = 0.1
+                await lost.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("store listener: %s: %s; retrying in %.1f s",
+                            type(exc).__name__, exc, delay)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), timeout=2.0)
+            first = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def sequenced(conn: asyncpg.Connection) -> None:
+    """Take :data:`SEQUENCE_LOCK` for the rest of the transaction: call it first in every
+    transaction that appends rows read by cursor (updates, feed, wakes)."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", SEQUENCE_LOCK)
+
+
+async def announce(conn: asyncpg.Connection, kind: str, payload: str | int) -> None:
+    """Queue the announcement ``kind:payload`` (delivered when the transaction commits;
+    identical ones in one transaction are delivered once). Kinds: ``w`` (wake head),
+    ``f`` (feed head), ``r`` (device whose command results were stored)."""
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{kind}:{payload}")
+
+
+def loads(text: str | None) -> Any:
+    """A nullable JSON column as data (``None`` stays ``None``)."""
+    return None if text is None else json.loads(text)
+
+
+async def _schema_version(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT max(version) FROM schema_version") or 0)
+
+
+async def _wake_head(conn: asyncpg.Connection) -> int:
+    return await mark(conn, "wake_head")
+
+
+async def mark(conn: asyncpg.Connection, name: str) -> int:
+    """A named counter of table ``marks`` (0 if never set): the heads of the feed and the
+    wake log (never lowered by a purge) and their floors."""
+    return int(await conn.fetchval("SELECT value FROM marks WHERE name = $1", name) or 0)
+
+
+async def raise_mark(conn: asyncpg.Connection, name: str, value: int) -> None:
+    """Raise the counter ``name`` to ``value`` (never lowers it), in the caller's
+    transaction."""
+    await conn.execute(
+        "INSERT INTO marks (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE"
+        " SET value = GREATEST(marks.value, excluded.value)", name, value)

@@ -1,0 +1,221 @@
+"""The PostgreSQL schema: :data:`MIGRATIONS`, applied in order by
+:meth:`~.connection.PostgresConnection._migrate` when the store opens (table
+``schema_version`` holds the versions applied; a newer database is refused untouched).
+
+The same data as the SQLite schema (``store/sqlite/schema.py``), in PostgreSQL's types:
+``BIGINT`` times, ids and counters, ``BYTEA`` updates and digests, ``TEXT`` JSON (kept as
+the exact text that was stored, like SQLite), ``BOOLEAN`` flags. Ids read by cursor come
+from ``BIGSERIAL`` sequences, appended under the sequence lock (``connection.py``). Heads
+and floors that a purge must not move back live in ``marks``.
+
+Each role's tables are one constant, so the modules of a role and its tables read together.
+"""
+
+from __future__ import annotations
+
+DOCUMENTS = """
+    CREATE TABLE docs (
+        key TEXT PRIMARY KEY,
+        gen BIGINT NOT NULL DEFAULT 0,
+        snapshot BYTEA NOT NULL DEFAULT '\\x',
+        snapshot_id BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE updates (
+        id BIGSERIAL PRIMARY KEY,
+        key TEXT NOT NULL,
+        gen BIGINT NOT NULL,
+        data BYTEA NOT NULL
+    );
+    CREATE INDEX updates_key_id ON updates (key, id);
+    CREATE TABLE stamps (
+        doc TEXT NOT NULL,
+        map TEXT NOT NULL,
+        key TEXT NOT NULL,
+        stamp BIGINT NOT NULL,
+        writer TEXT NOT NULL,
+        raw BIGINT NOT NULL,
+        PRIMARY KEY (doc, map, key)
+    );
+"""
+"""Documents: generation and snapshot per key, the update log, one stamp per key (stamps
+are unsigned 64-bit, stored as the signed ``BIGINT`` with the same bits)."""
+
+DEVICES = """
+    CREATE TABLE fleets (
+        id TEXT PRIMARY KEY,
+        created BIGINT NOT NULL,
+        meta TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL,
+        created BIGINT NOT NULL,
+        last_sync BIGINT,
+        last_seq BIGINT NOT NULL DEFAULT 0,
+        events_lost BIGINT NOT NULL DEFAULT 0,
+        meta TEXT NOT NULL DEFAULT '{}',
+        down_seq BIGINT NOT NULL DEFAULT 0,
+        down_done BIGINT NOT NULL DEFAULT 0,
+        fleet TEXT,
+        fleet_gen BIGINT NOT NULL DEFAULT 0,
+        disabled BOOLEAN NOT NULL DEFAULT FALSE,
+        seq_floor BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE INDEX devices_fleet_id ON devices (fleet, id);
+    CREATE INDEX devices_token_hash ON devices (token_hash, id);
+    CREATE TABLE deleted_devices (
+        id TEXT PRIMARY KEY,
+        last_seq BIGINT NOT NULL
+    );
+"""
+"""Devices (with their downlink counters ``down_seq``, ``down_done``) and fleets."""
+
+SETTINGS = """
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE marks (
+        name TEXT PRIMARY KEY,
+        value BIGINT NOT NULL
+    );
+"""
+"""Named settings, and ``marks``: counters such as the feed's and the wake log's heads and
+floors (``connection.mark``)."""
+
+DOWNLINK = """
+    CREATE TABLE downlink (
+        id BIGSERIAL PRIMARY KEY,
+        device TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created BIGINT NOT NULL,
+        expires BIGINT,
+        status TEXT NOT NULL DEFAULT 'queued',
+        result TEXT,
+        error TEXT,
+        updated BIGINT NOT NULL,
+        UNIQUE (device, seq)
+    );
+    CREATE INDEX downlink_device_status_seq ON downlink (device, status, seq);
+    CREATE TABLE requests (
+        device TEXT NOT NULL,
+        id TEXT NOT NULL,
+        route TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created BIGINT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        outcome TEXT,
+        updated BIGINT NOT NULL,
+        runner TEXT,
+        PRIMARY KEY (device, id)
+    );
+    CREATE INDEX requests_device_status ON requests (device, status);
+    CREATE INDEX requests_running ON requests (runner) WHERE status = 'running';
+"""
+"""Messages and commands to devices; proxied requests from them (``runner``: the instance
+that claimed a running request)."""
+
+FEED = """
+    CREATE TABLE feed (
+        cursor BIGSERIAL PRIMARY KEY,
+        kind TEXT NOT NULL,
+        device TEXT NOT NULL,
+        fleet TEXT,
+        doc TEXT,
+        topic TEXT,
+        seq BIGINT,
+        time BIGINT NOT NULL,
+        received BIGINT NOT NULL,
+        body TEXT NOT NULL,
+        source TEXT,
+        digest BYTEA
+    );
+    CREATE UNIQUE INDEX feed_event_seq ON feed (device, seq) WHERE kind = 'event';
+    CREATE INDEX feed_device_cursor ON feed (device, cursor);
+    CREATE INDEX feed_topic_cursor ON feed (topic, cursor) WHERE kind = 'event';
+    CREATE VIEW events AS
+        SELECT cursor, device, seq, topic, time, received, body, digest
+        FROM feed WHERE kind = 'event';
+    CREATE TABLE projection (
+        device TEXT NOT NULL,
+        doc TEXT NOT NULL,
+        map TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated BIGINT NOT NULL,
+        PRIMARY KEY (device, doc, map, key)
+    );
+"""
+"""The change feed (events, state changes, conflicts) and the state projection."""
+
+SINKS = """
+    CREATE TABLE sinks (
+        name TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        options TEXT NOT NULL,
+        filter TEXT NOT NULL,
+        batch BIGINT NOT NULL,
+        max_attempts BIGINT NOT NULL,
+        backoff DOUBLE PRECISION NOT NULL,
+        max_backoff DOUBLE PRECISION NOT NULL,
+        origin TEXT NOT NULL,
+        paused BOOLEAN NOT NULL DEFAULT FALSE,
+        cursor BIGINT NOT NULL DEFAULT 0,
+        delivered BIGINT NOT NULL DEFAULT 0,
+        failures BIGINT NOT NULL DEFAULT 0,
+        consecutive_failures BIGINT NOT NULL DEFAULT 0,
+        dead_lettered BIGINT NOT NULL DEFAULT 0,
+        last_error TEXT,
+        last_error_at BIGINT,
+        last_delivered_at BIGINT,
+        created BIGINT NOT NULL,
+        updated BIGINT NOT NULL,
+        owner TEXT,
+        lease_until BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE dead_letters (
+        id BIGSERIAL PRIMARY KEY,
+        sink TEXT NOT NULL,
+        cursor BIGINT NOT NULL,
+        key TEXT NOT NULL,
+        item TEXT NOT NULL,
+        error TEXT NOT NULL,
+        attempts BIGINT NOT NULL,
+        retry BOOLEAN NOT NULL DEFAULT FALSE,
+        created BIGINT NOT NULL
+    );
+    CREATE INDEX dead_letters_sink_id ON dead_letters (sink, id);
+"""
+"""Downstream sinks (configuration, progress, the delivery lease) and dead letters."""
+
+WAKES = """
+    CREATE TABLE wakes (
+        cursor BIGSERIAL PRIMARY KEY,
+        target TEXT NOT NULL,
+        at BIGINT NOT NULL
+    );
+    CREATE INDEX wakes_target_cursor ON wakes (target, cursor);
+"""
+"""The wake log of the live channel (head and floor in ``marks``)."""
+
+INSTANCES = """
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        started BIGINT NOT NULL,
+        seen BIGINT NOT NULL
+    );
+"""
+"""Server instances on this database and when each was last seen alive (heartbeat): a
+running proxied request whose runner is gone is finished as ``interrupted``."""
+
+MIGRATIONS: tuple[str, ...] = (
+    # v1: everything of SQLite schema v7, plus marks, requests.runner and instances
+    DOCUMENTS + DEVICES + SETTINGS + DOWNLINK + FEED + SINKS + WAKES + INSTANCES,
+)
+"""Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
+Append only: a released script is never edited."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
