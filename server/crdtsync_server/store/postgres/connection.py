@@ -19,11 +19,16 @@ the database. The lock is taken first in its transaction, so it never waits whil
 a row lock (no deadlock with row locks), and it is held only by writes that append.
 
 Announcements: transactions that append wake entries, feed items or command results call
-:func:`announce`, a ``pg_notify`` on :data:`CHANNEL` delivered at commit to every instance's
-listener connection (:meth:`_listen`). Each instance hears every instance's commits, its
-own included: waiters need no polling loop (:attr:`hears_others`). When the listener
-connection is lost, it reconnects with backoff and then announces ``None`` to every
-listener ("something may have been missed: re-read").
+:func:`announce`; :meth:`_write` sends them with ``pg_notify`` on the store's channel
+(:data:`CHANNEL`, plus ``.schema`` for a store in its own schema: stores in other schemas
+of the database hear nothing of it) just before it commits, and PostgreSQL delivers them at
+commit to every instance's listener connection (:meth:`_listen`). Each instance hears every
+instance's commits, its own included: waiters need no polling loop (:attr:`hears_others`).
+The instance that committed also hands them to its own listeners as soon as the commit
+returned, so a caller that awaited a write has had it announced (the notification comes
+again a moment later: listeners take news twice; ``on_wakes`` passes each head once). When
+the listener connection is lost, it reconnects with backoff and then announces ``None`` to
+every listener ("something may have been missed: re-read").
 
 Errors: connection loss, timeouts, a database starting up or shutting down, serialization
 failures and deadlocks become :class:`Unavailable` (retryable); any other database error
@@ -34,10 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import asyncpg
@@ -59,7 +65,13 @@ MIGRATION_LOCK = 0x63726474_0002
 CHANNEL = "crdtsync"
 """``LISTEN``/``NOTIFY`` channel of the announcements (payloads in :func:`announce`)."""
 
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,53}$")
+"""A schema name (short enough that ``crdtsync.<schema>`` is a channel name, < 64 bytes)."""
+
+_ANNOUNCED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "crdtsync_pg_announced", default=None)
+"""The announcements (``kind:payload``) of the :meth:`PostgresConnection._write` running in
+this task, sent when it commits."""
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -108,10 +120,14 @@ class PostgresConnection:
         self.connect_timeout = connect_timeout
         self.hears_others = True
         """Listeners (``on_wakes``, ``on_news``) hear every instance's commits."""
+        self.channel = CHANNEL if schema is None else f"{CHANNEL}.{schema}"
+        """The ``LISTEN``/``NOTIFY`` channel of this store's announcements."""
         self._pool: asyncpg.Pool | None = None
         self._closed = False
         self._listeners: dict[str, list[Callable[[str | None], None]]] = {}
         self._listen_task: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def external_writes(self) -> int | None:
@@ -139,19 +155,24 @@ class PostgresConnection:
             if isinstance(exc, Exception):
                 raise store_error(exc) from exc
             raise
+        self._listening.clear()
         self._listen_task = asyncio.create_task(self._listen(), name="crdtsync-pg-listen")
+        # announcements committed once open() returned must be heard: wait for LISTEN (a
+        # listener that cannot connect yet keeps retrying; the store works meanwhile)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listening.wait(), self.connect_timeout)
 
     async def _disconnect(self) -> None:
         task, self._listen_task = self._listen_task, None
-        if task is not None:
-            task.cancel()
+        for pending in [*self._tasks, *([task] if task is not None else [])]:
+            pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await pending
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), timeout=5.0)
-            except (asyncio.TimeoutError, Exception):
+            except Exception:  # TimeoutError included
                 pool.terminate()
 
     def _settings(self) -> dict[str, str]:
@@ -204,13 +225,7 @@ class PostgresConnection:
         try:
             async with self._pool.acquire(timeout=self.acquire_timeout) as conn:
                 yield conn
-        except (StoreError, Unavailable, ClosedError):
-            raise
-        except asyncpg.PostgresError as exc:
-            if isinstance(exc, _UNAVAILABLE):
-                raise store_error(exc) from exc
-            raise store_error(exc) from exc
-        except _UNAVAILABLE as exc:
+        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             raise store_error(exc) from exc
 
     async def _read(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -220,9 +235,22 @@ class PostgresConnection:
             return await fn(conn, *args)
 
     async def _write(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` as one transaction (committed when it returns)."""
-        async with self._connection() as conn, conn.transaction():
-            return await fn(conn, *args)
+        """Run ``fn(conn, *args)`` as one transaction (committed when it returns); send
+        the announcements it queued (:func:`announce`) before the commit, and hand them to
+        this instance's listeners after."""
+        announced: list[str] = []
+        token = _ANNOUNCED.set(announced)
+        try:
+            async with self._connection() as conn, conn.transaction():
+                result = await fn(conn, *args)
+                if announced:
+                    await conn.execute("SELECT pg_notify($1, text) FROM unnest($2::text[])"
+                                       " AS t(text)", self.channel, announced)
+        finally:
+            _ANNOUNCED.reset(token)
+        for payload in announced:
+            self._dispatch(payload)
+        return result
 
     # --- announcements
 
@@ -231,18 +259,33 @@ class PostgresConnection:
 
     def on_wakes(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(head)`` when any instance committed wake entries (the highest
-        cursor its transaction gave out); after a lost listener connection, with the
-        current head."""
+        cursor its transaction gave out; this instance's own before its write returns);
+        after a lost listener connection, with the current head. Each head is passed once,
+        and only when above every head passed before."""
+        passed = 0
+
         def heard(payload: str | None) -> None:
-            if payload is not None:
-                callback(int(payload))
-            else:
-                asyncio.get_running_loop().create_task(self._announce_head(callback))
+            nonlocal passed
+            if payload is None:
+                self._spawn(self._reread_wake_head(heard))
+            elif int(payload) > passed:
+                passed = int(payload)
+                callback(passed)
         self._on("w", heard)
 
-    async def _announce_head(self, callback: Callable[[int], None]) -> None:
-        with contextlib.suppress(Exception):
-            callback(int(await self._read(_wake_head)))
+    async def _reread_wake_head(self, heard: Callable[[str | None], None]) -> None:
+        try:
+            head = await self._read(wake_head)
+        except (StoreError, Unavailable, ClosedError) as exc:
+            log.warning("store listener: cannot re-read the wake head: %s", exc)
+            return
+        heard(str(head))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task this connection keeps until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _dispatch(self, payload: str) -> None:
         kind, _, rest = payload.partition(":")
@@ -269,9 +312,10 @@ class PostgresConnection:
             try:
                 conn = await asyncpg.connect(self.url, timeout=self.connect_timeout,
                                              server_settings=self._settings())
-                conn.add_termination_listener(lambda _c: lost.set())
-                await conn.add_listener(CHANNEL, lambda _c, _pid, _ch, payload:
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(self.channel, lambda _c, _pid, _ch, payload:
                                         self._dispatch(payload))
+                self._listening.set()
                 if not first:
                     self._missed()
                 first = False
@@ -298,10 +342,22 @@ async def sequenced(conn: asyncpg.Connection) -> None:
 
 
 async def announce(conn: asyncpg.Connection, kind: str, payload: str | int) -> None:
-    """Queue the announcement ``kind:payload`` (delivered when the transaction commits;
-    identical ones in one transaction are delivered once). Kinds: ``w`` (wake head),
-    ``f`` (feed head), ``r`` (device whose command results were stored)."""
-    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{kind}:{payload}")
+    """Queue the announcement ``kind:payload`` of the transaction ``conn`` runs for
+    :meth:`PostgresConnection._write` (delivered when it commits; identical ones in one
+    transaction are delivered once; one in a savepoint rolled back is still delivered:
+    listeners re-read, they never trust an announcement for data). Kinds: ``w`` (wake
+    head), ``f`` (feed head), ``r`` (device whose command results were stored)."""
+    announced = _ANNOUNCED.get()
+    if announced is None:
+        raise RuntimeError("announce() outside a transaction of PostgresConnection._write")
+    text = f"{kind}:{payload}"
+    if text not in announced:
+        announced.append(text)
+
+
+def rowcount(status: str) -> int:
+    """The rows a statement touched, from the status ``execute`` returns (``DELETE 3``)."""
+    return int(status.rpartition(" ")[2])
 
 
 def loads(text: str | None) -> Any:
@@ -313,8 +369,13 @@ async def _schema_version(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT max(version) FROM schema_version") or 0)
 
 
-async def _wake_head(conn: asyncpg.Connection) -> int:
-    return await mark(conn, "wake_head")
+WAKE_HEAD = "wake_head"
+"""The mark holding the head of the wake log (``postgres/wakes.py``)."""
+
+
+async def wake_head(conn: asyncpg.Connection) -> int:
+    """The head of the wake log: the highest cursor ever given out (0: none)."""
+    return await mark(conn, WAKE_HEAD)
 
 
 async def mark(conn: asyncpg.Connection, name: str) -> int:

@@ -4,7 +4,10 @@
 
 The same data as the SQLite schema (``store/sqlite/schema.py``), in PostgreSQL's types:
 ``BIGINT`` times, ids and counters, ``BYTEA`` updates and digests, ``TEXT`` JSON (kept as
-the exact text that was stored, like SQLite), ``BOOLEAN`` flags. Ids read by cursor come
+the exact text that was stored, like SQLite), ``BOOLEAN`` flags. Every ``TEXT`` column is
+``COLLATE "C"``: ids and keys compare and sort by code point, as in SQLite and in memory,
+whatever collation the database was created with (paging by ``id > $1 ORDER BY id`` and
+the order of stamps and projection rows are the same on every backend). Ids read by cursor come
 from ``BIGSERIAL`` sequences, appended under the sequence lock (``connection.py``). Heads
 and floors that a purge must not move back live in ``marks``.
 
@@ -15,24 +18,24 @@ from __future__ import annotations
 
 DOCUMENTS = """
     CREATE TABLE docs (
-        key TEXT PRIMARY KEY,
+        key TEXT COLLATE "C" PRIMARY KEY,
         gen BIGINT NOT NULL DEFAULT 0,
         snapshot BYTEA NOT NULL DEFAULT '\\x',
         snapshot_id BIGINT NOT NULL DEFAULT 0
     );
     CREATE TABLE updates (
         id BIGSERIAL PRIMARY KEY,
-        key TEXT NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
         gen BIGINT NOT NULL,
         data BYTEA NOT NULL
     );
     CREATE INDEX updates_key_id ON updates (key, id);
     CREATE TABLE stamps (
-        doc TEXT NOT NULL,
-        map TEXT NOT NULL,
-        key TEXT NOT NULL,
+        doc TEXT COLLATE "C" NOT NULL,
+        map TEXT COLLATE "C" NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
         stamp BIGINT NOT NULL,
-        writer TEXT NOT NULL,
+        writer TEXT COLLATE "C" NOT NULL,
         raw BIGINT NOT NULL,
         PRIMARY KEY (doc, map, key)
     );
@@ -42,21 +45,21 @@ are unsigned 64-bit, stored as the signed ``BIGINT`` with the same bits)."""
 
 DEVICES = """
     CREATE TABLE fleets (
-        id TEXT PRIMARY KEY,
+        id TEXT COLLATE "C" PRIMARY KEY,
         created BIGINT NOT NULL,
-        meta TEXT NOT NULL DEFAULT '{}'
+        meta TEXT COLLATE "C" NOT NULL DEFAULT '{}'
     );
     CREATE TABLE devices (
-        id TEXT PRIMARY KEY,
-        token_hash TEXT NOT NULL,
+        id TEXT COLLATE "C" PRIMARY KEY,
+        token_hash TEXT COLLATE "C" NOT NULL,
         created BIGINT NOT NULL,
         last_sync BIGINT,
         last_seq BIGINT NOT NULL DEFAULT 0,
         events_lost BIGINT NOT NULL DEFAULT 0,
-        meta TEXT NOT NULL DEFAULT '{}',
+        meta TEXT COLLATE "C" NOT NULL DEFAULT '{}',
         down_seq BIGINT NOT NULL DEFAULT 0,
         down_done BIGINT NOT NULL DEFAULT 0,
-        fleet TEXT,
+        fleet TEXT COLLATE "C",
         fleet_gen BIGINT NOT NULL DEFAULT 0,
         disabled BOOLEAN NOT NULL DEFAULT FALSE,
         seq_floor BIGINT NOT NULL DEFAULT 0
@@ -64,7 +67,7 @@ DEVICES = """
     CREATE INDEX devices_fleet_id ON devices (fleet, id);
     CREATE INDEX devices_token_hash ON devices (token_hash, id);
     CREATE TABLE deleted_devices (
-        id TEXT PRIMARY KEY,
+        id TEXT COLLATE "C" PRIMARY KEY,
         last_seq BIGINT NOT NULL
     );
 """
@@ -72,11 +75,11 @@ DEVICES = """
 
 SETTINGS = """
     CREATE TABLE settings (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL
+        key TEXT COLLATE "C" PRIMARY KEY,
+        value TEXT COLLATE "C" NOT NULL
     );
     CREATE TABLE marks (
-        name TEXT PRIMARY KEY,
+        name TEXT COLLATE "C" PRIMARY KEY,
         value BIGINT NOT NULL
     );
 """
@@ -86,30 +89,30 @@ floors (``connection.mark``)."""
 DOWNLINK = """
     CREATE TABLE downlink (
         id BIGSERIAL PRIMARY KEY,
-        device TEXT NOT NULL,
+        device TEXT COLLATE "C" NOT NULL,
         seq BIGINT NOT NULL,
-        kind TEXT NOT NULL,
-        name TEXT NOT NULL,
-        body TEXT NOT NULL,
+        kind TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        body TEXT COLLATE "C" NOT NULL,
         created BIGINT NOT NULL,
         expires BIGINT,
-        status TEXT NOT NULL DEFAULT 'queued',
-        result TEXT,
-        error TEXT,
+        status TEXT COLLATE "C" NOT NULL DEFAULT 'queued',
+        result TEXT COLLATE "C",
+        error TEXT COLLATE "C",
         updated BIGINT NOT NULL,
         UNIQUE (device, seq)
     );
     CREATE INDEX downlink_device_status_seq ON downlink (device, status, seq);
     CREATE TABLE requests (
-        device TEXT NOT NULL,
-        id TEXT NOT NULL,
-        route TEXT NOT NULL,
-        body TEXT NOT NULL,
+        device TEXT COLLATE "C" NOT NULL,
+        id TEXT COLLATE "C" NOT NULL,
+        route TEXT COLLATE "C" NOT NULL,
+        body TEXT COLLATE "C" NOT NULL,
         created BIGINT NOT NULL,
-        status TEXT NOT NULL DEFAULT 'pending',
-        outcome TEXT,
+        status TEXT COLLATE "C" NOT NULL DEFAULT 'pending',
+        outcome TEXT COLLATE "C",
         updated BIGINT NOT NULL,
-        runner TEXT,
+        runner TEXT COLLATE "C",
         PRIMARY KEY (device, id)
     );
     CREATE INDEX requests_device_status ON requests (device, status);
@@ -121,16 +124,16 @@ that claimed a running request)."""
 FEED = """
     CREATE TABLE feed (
         cursor BIGSERIAL PRIMARY KEY,
-        kind TEXT NOT NULL,
-        device TEXT NOT NULL,
-        fleet TEXT,
-        doc TEXT,
-        topic TEXT,
+        kind TEXT COLLATE "C" NOT NULL,
+        device TEXT COLLATE "C" NOT NULL,
+        fleet TEXT COLLATE "C",
+        doc TEXT COLLATE "C",
+        topic TEXT COLLATE "C",
         seq BIGINT,
         time BIGINT NOT NULL,
         received BIGINT NOT NULL,
-        body TEXT NOT NULL,
-        source TEXT,
+        body TEXT COLLATE "C" NOT NULL,
+        source TEXT COLLATE "C",
         digest BYTEA
     );
     CREATE UNIQUE INDEX feed_event_seq ON feed (device, seq) WHERE kind = 'event';
@@ -140,11 +143,11 @@ FEED = """
         SELECT cursor, device, seq, topic, time, received, body, digest
         FROM feed WHERE kind = 'event';
     CREATE TABLE projection (
-        device TEXT NOT NULL,
-        doc TEXT NOT NULL,
-        map TEXT NOT NULL,
-        key TEXT NOT NULL,
-        value TEXT NOT NULL,
+        device TEXT COLLATE "C" NOT NULL,
+        doc TEXT COLLATE "C" NOT NULL,
+        map TEXT COLLATE "C" NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
+        value TEXT COLLATE "C" NOT NULL,
         updated BIGINT NOT NULL,
         PRIMARY KEY (device, doc, map, key)
     );
@@ -153,36 +156,36 @@ FEED = """
 
 SINKS = """
     CREATE TABLE sinks (
-        name TEXT PRIMARY KEY,
-        type TEXT NOT NULL,
-        options TEXT NOT NULL,
-        filter TEXT NOT NULL,
+        name TEXT COLLATE "C" PRIMARY KEY,
+        type TEXT COLLATE "C" NOT NULL,
+        options TEXT COLLATE "C" NOT NULL,
+        filter TEXT COLLATE "C" NOT NULL,
         batch BIGINT NOT NULL,
         max_attempts BIGINT NOT NULL,
         backoff DOUBLE PRECISION NOT NULL,
         max_backoff DOUBLE PRECISION NOT NULL,
-        origin TEXT NOT NULL,
+        origin TEXT COLLATE "C" NOT NULL,
         paused BOOLEAN NOT NULL DEFAULT FALSE,
         cursor BIGINT NOT NULL DEFAULT 0,
         delivered BIGINT NOT NULL DEFAULT 0,
         failures BIGINT NOT NULL DEFAULT 0,
         consecutive_failures BIGINT NOT NULL DEFAULT 0,
         dead_lettered BIGINT NOT NULL DEFAULT 0,
-        last_error TEXT,
+        last_error TEXT COLLATE "C",
         last_error_at BIGINT,
         last_delivered_at BIGINT,
         created BIGINT NOT NULL,
         updated BIGINT NOT NULL,
-        owner TEXT,
+        owner TEXT COLLATE "C",
         lease_until BIGINT NOT NULL DEFAULT 0
     );
     CREATE TABLE dead_letters (
         id BIGSERIAL PRIMARY KEY,
-        sink TEXT NOT NULL,
+        sink TEXT COLLATE "C" NOT NULL,
         cursor BIGINT NOT NULL,
-        key TEXT NOT NULL,
-        item TEXT NOT NULL,
-        error TEXT NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
+        item TEXT COLLATE "C" NOT NULL,
+        error TEXT COLLATE "C" NOT NULL,
         attempts BIGINT NOT NULL,
         retry BOOLEAN NOT NULL DEFAULT FALSE,
         created BIGINT NOT NULL
@@ -194,7 +197,7 @@ SINKS = """
 WAKES = """
     CREATE TABLE wakes (
         cursor BIGSERIAL PRIMARY KEY,
-        target TEXT NOT NULL,
+        target TEXT COLLATE "C" NOT NULL,
         at BIGINT NOT NULL
     );
     CREATE INDEX wakes_target_cursor ON wakes (target, cursor);
@@ -203,7 +206,7 @@ WAKES = """
 
 INSTANCES = """
     CREATE TABLE instances (
-        id TEXT PRIMARY KEY,
+        id TEXT COLLATE "C" PRIMARY KEY,
         started BIGINT NOT NULL,
         seen BIGINT NOT NULL
     );
