@@ -40,6 +40,7 @@ from crdtsync_server.store.postgres import PostgresStore
 
 from .services import require_postgres
 
+
 def postgres_store(tmp_path: Path | None = None) -> PostgresStore:
     """A :class:`PostgresStore` in a schema of its own (random name) on the test database;
     skipped (failed under ``CI=true``) without PostgreSQL. Drop its schema afterwards with

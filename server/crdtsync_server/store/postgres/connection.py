@@ -73,16 +73,22 @@ _ANNOUNCED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
 """The announcements (``kind:payload``) of the :meth:`PostgresConnection._write` running in
 this task, sent when it commits."""
 
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
+_BROKEN: tuple[type[BaseException], ...] = (
     OSError,
-    asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. a query on a connection the server just terminated
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+"""Errors after which a connection is closed, not given back to the pool for reuse."""
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    *_BROKEN,
+    asyncio.TimeoutError,
     asyncpg.exceptions.QueryCanceledError,  # statement_timeout
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby after a failover
@@ -177,7 +183,7 @@ class PostgresConnection:
 
     def _settings(self) -> dict[str, str]:
         settings = {"statement_timeout": str(int(self.statement_timeout * 1000)),
-                    "application_name": "crdtsync"}
+                    "application_name": self.channel}  # which store, in pg_stat_activity
         if self.schema is not None:
             settings["search_path"] = self.schema
         return settings
@@ -224,7 +230,11 @@ class PostgresConnection:
                               else "the store is closed")
         try:
             async with self._pool.acquire(timeout=self.acquire_timeout) as conn:
-                yield conn
+                try:
+                    yield conn
+                except _BROKEN:
+                    conn.terminate()  # lost or in an unknown state: the pool replaces it
+                    raise
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             raise store_error(exc) from exc
 
