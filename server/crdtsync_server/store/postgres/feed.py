@@ -169,9 +169,9 @@ async def _read_projection(conn: asyncpg.Connection, device: str | None,
 async def _replace_projection(conn: asyncpg.Connection, device: str, doc: str, rows: Changes,
                               now: int) -> None:
     await conn.execute("DELETE FROM projection WHERE device = $1 AND doc = $2", device, doc)
-    await _upsert_projection(conn, [
+    await _upsert_projection(conn, sorted(
         (device, doc, name, key, json_text(value))
-        for name, keys in rows.items() for key, value in keys.items() if value is not None],
+        for name, keys in rows.items() for key, value in keys.items() if value is not None),
         now)
 
 
@@ -256,7 +256,8 @@ async def _fleets(conn: asyncpg.Connection, devices: Sequence[str], fleet: str |
 async def _upsert_projection(conn: asyncpg.Connection,
                              rows: Sequence[tuple[str, str, str, str, str | None]], now: int
                              ) -> None:
-    """Set each ``(device, doc, map, key, value JSON text)`` of ``rows`` (keys distinct)."""
+    """Set each ``(device, doc, map, key, value JSON text)`` of ``rows`` (keys distinct;
+    callers sort them, so that concurrent writers lock rows in one order)."""
     if not rows:
         return
     await conn.execute(
