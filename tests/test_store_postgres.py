@@ -326,3 +326,15 @@ async def test_stamps_keep_all_64_bits(instance: OpenStore) -> None:
     await store.commit(SyncWrite(None, 1, stamps=rows))
     assert await store.read_stamps("doc") == rows
 
+
+
+async def test_concurrent_opens_make_one_pool(schema: str) -> None:
+    store = PostgresStore(require_postgres(), schema=schema)
+    try:
+        await asyncio.gather(store.open(), store.open())
+        await store.set_setting("k", "v")
+        rows = await admin_fetch("SELECT count(*) FROM pg_stat_activity"
+                                 " WHERE application_name = $1", store.channel)
+        assert rows[0][0] == 2  # min_size=1 pooled connection and the listener
+    finally:
+        await store.aclose()

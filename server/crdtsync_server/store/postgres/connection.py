@@ -134,6 +134,7 @@ class PostgresConnection:
         self._listen_task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._opening = asyncio.Lock()
 
     @property
     def external_writes(self) -> int | None:
@@ -144,6 +145,10 @@ class PostgresConnection:
     # --- lifecycle
 
     async def _connect(self) -> None:
+        async with self._opening:  # two concurrent open() calls make one pool
+            await self._connect_once()
+
+    async def _connect_once(self) -> None:
         if self._closed:
             raise ClosedError("the store is closed")
         if self._pool is not None:
