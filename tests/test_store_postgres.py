@@ -11,14 +11,18 @@ afterwards.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from crdtsync import AdminClient, Device
 from crdtsync.errors import StoreError, Unavailable
+from crdtsync_server import Server, ServerConfig
 from crdtsync_server.store import (
     DeviceRecord,
     DocWrite,
@@ -31,8 +35,10 @@ from crdtsync_server.store import (
 from crdtsync_server.store.postgres import PostgresStore
 from crdtsync_server.store.postgres.schema import SCHEMA_VERSION
 
+from .conftest import ADMIN_TOKEN
 from .services import require_postgres
 from .store_backends import drop_schema, evs, write_docs
+from .test_wake import Channel, held, woken
 
 OpenStore = Callable[..., Awaitable[PostgresStore]]
 
@@ -338,3 +344,35 @@ async def test_concurrent_opens_make_one_pool(schema: str) -> None:
         assert rows[0][0] == 2  # min_size=1 pooled connection and the listener
     finally:
         await store.aclose()
+
+
+# --- servers sharing the database --------------------------------------------------------
+
+
+async def test_two_servers_on_one_database(schema: str, server_config: ServerConfig,
+                                           tmp_path: Path) -> None:
+    """A cloud write through one server reaches a device syncing through the other (the
+    document cache catches up with every read), and wakes that device's live channel held
+    by the other server at once: heard over ``NOTIFY``, since the hub's polling of the log
+    is turned off here (``wake_poll`` far beyond the test)."""
+    config = dataclasses.replace(server_config, wake_poll=3600.0)
+    stores = [PostgresStore(require_postgres(), schema=schema) for _ in range(2)]
+    async with Server(config, store=stores[0]) as one, \
+            Server(dataclasses.replace(config, port=0), store=stores[1]) as two, \
+            AdminClient(one.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+        device = Device("d1", two.url, token=token, interval=None, path=tmp_path / "d1.db")
+        chan = Channel(two.url, token)
+        try:
+            await device.start()
+            await device.sync()
+            start = await chan.start()
+            holding = chan.hold(start)
+            await held(two, 1)  # the write comes after the request waits
+            await admin.patch_state("d1", {"led": "on"})
+            assert (await woken(holding)).body["w"] > start
+            await device.sync()
+            assert device.state["led"] == "on"
+        finally:
+            await chan.aclose()
+            await device.aclose()
