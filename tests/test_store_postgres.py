@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
 from crdtsync import AdminClient, Device
 from crdtsync.errors import StoreError, Unavailable
+from crdtsync.protocol import WAKE_PATH
 from crdtsync_server import Server, ServerConfig
 from crdtsync_server.store import (
     DeviceRecord,
@@ -38,7 +40,6 @@ from crdtsync_server.store.postgres.schema import SCHEMA_VERSION
 from .conftest import ADMIN_TOKEN
 from .services import require_postgres
 from .store_backends import drop_schema, evs, write_docs
-from .test_wake import Channel, held, woken
 
 OpenStore = Callable[..., Awaitable[PostgresStore]]
 
@@ -349,30 +350,47 @@ async def test_concurrent_opens_make_one_pool(schema: str) -> None:
 # --- servers sharing the database --------------------------------------------------------
 
 
+async def wake(url: str, token: str, after: int | None = None) -> dict[str, Any]:
+    """One live-channel request (docs/protocol.md section 14a) and its JSON answer."""
+    params = {} if after is None else {"after": str(after), "wait": "30"}
+    async with aiohttp.ClientSession() as session, session.get(
+            url + WAKE_PATH, params=params, headers={"Authorization": f"Bearer {token}"},
+            timeout=aiohttp.ClientTimeout(total=60)) as resp:
+        assert resp.status == 200
+        answer: dict[str, Any] = await resp.json()
+        return answer
+
+
+async def holding(server: Server, count: int) -> None:
+    """Wait until ``server`` holds ``count`` live-channel requests."""
+    for _ in range(1000):
+        if server.services.wakes.waiting >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the server never held {count} requests")
+
+
 async def test_two_servers_on_one_database(schema: str, server_config: ServerConfig,
                                            tmp_path: Path) -> None:
     """A cloud write through one server reaches a device syncing through the other (the
     document cache catches up with every read), and wakes that device's live channel held
     by the other server at once: heard over ``NOTIFY``, since the hub's polling of the log
-    is turned off here (``wake_poll`` far beyond the test)."""
+    is turned off here (``wake_poll`` far beyond the test; without the announcement the
+    request would end unwoken after 30 s)."""
     config = dataclasses.replace(server_config, wake_poll=3600.0)
     stores = [PostgresStore(require_postgres(), schema=schema) for _ in range(2)]
     async with Server(config, store=stores[0]) as one, \
             Server(dataclasses.replace(config, port=0), store=stores[1]) as two, \
             AdminClient(one.url, ADMIN_TOKEN) as admin:
         token = (await admin.add_device("d1"))["token"]
-        device = Device("d1", two.url, token=token, interval=None, path=tmp_path / "d1.db")
-        chan = Channel(two.url, token)
-        try:
-            await device.start()
+        async with Device("d1", two.url, token=token, interval=None,
+                          path=tmp_path / "d1.db") as device:
             await device.sync()
-            start = await chan.start()
-            holding = chan.hold(start)
-            await held(two, 1)  # the write comes after the request waits
+            start = int((await wake(two.url, token))["w"])
+            held = asyncio.create_task(wake(two.url, token, start))
+            await holding(two, 1)  # the write comes after the request waits
             await admin.patch_state("d1", {"led": "on"})
-            assert (await woken(holding)).body["w"] > start
+            answer = await held
+            assert answer["wake"] is True and answer["w"] > start
             await device.sync()
             assert device.state["led"] == "on"
-        finally:
-            await chan.aclose()
-            await device.aclose()
