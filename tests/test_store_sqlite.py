@@ -686,7 +686,7 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         store = open_store(url)
         assert isinstance(store, SQLiteStore)
         assert store.path == path
-    for bad in ["", "sqlite:///", "sqlite://host/x.db", "postgresql://u@h/db", "memory://"]:
+    for bad in ["", "sqlite:///", "sqlite://host/x.db", "mysql://u@h/db", "memory://"]:
         with pytest.raises(ValueError, match="unsupported store URL"):
             open_store(bad)
 

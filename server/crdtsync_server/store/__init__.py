@@ -3,13 +3,17 @@
 :class:`FeedStore` and :class:`SinkStore`; :class:`Store` is all of them with the lifecycle
 and the two writes that span roles (``commit``, ``delete_device``). Records are in
 ``store/records.py``, ``store/feed.py`` and ``store/sinks.py``; each backend is a package
-with one module per role (``store/memory/``, ``store/sqlite/``).
+with one module per role (``store/memory/``, ``store/sqlite/``, ``store/postgres/``).
 
 :func:`open_store` picks a backend from a URL: ``memory:`` (:class:`MemoryStore`),
-``sqlite:///path.db`` or a plain file path (:class:`SQLiteStore`, the default).
+``sqlite:///path.db`` or a plain file path (:class:`SQLiteStore`, the default),
+``postgresql://...`` (``PostgresStore``, for several server instances on one database;
+imported only then, as it needs the optional ``asyncpg``).
 """
 
 from __future__ import annotations
+
+from crdtsync.errors import StoreError
 
 from .memory import MemoryStore
 from .records import (
@@ -83,6 +87,7 @@ __all__ = [
 ]
 
 _SQLITE_PREFIX = "sqlite:///"
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def open_store(url: str) -> Store:
@@ -92,6 +97,9 @@ def open_store(url: str) -> Store:
     - ``sqlite:///data/sync.db`` (relative) or ``sqlite:////var/lib/sync.db`` (absolute):
       what follows ``sqlite:///`` is the path, as in SQLAlchemy.
     - any string without ``://``: a file path for a :class:`SQLiteStore`.
+    - ``postgresql://user@host:5432/dbname`` (or ``postgres://``): a ``PostgresStore``
+      (``crdtsync_server.store.postgres``); raises :class:`StoreError` when ``asyncpg`` is
+      not installed (``pip install 'crdtsync[postgres]'``).
 
     Raises ``ValueError`` for an empty string or another scheme.
     """
@@ -99,9 +107,21 @@ def open_store(url: str) -> Store:
         return MemoryStore()
     if url.startswith(_SQLITE_PREFIX) and len(url) > len(_SQLITE_PREFIX):
         return SQLiteStore(url[len(_SQLITE_PREFIX):])
+    if url.startswith(_POSTGRES_SCHEMES):
+        return _postgres_store(url)
     if url and "://" not in url:
         return SQLiteStore(url)
     raise ValueError(
-        f"unsupported store URL {url!r}: use 'memory:', 'sqlite:///path.db' or a file path"
-        " (postgresql:// comes later)"
+        f"unsupported store URL {url!r}: use 'memory:', 'sqlite:///path.db', a file path or"
+        " 'postgresql://user@host/dbname'"
     )
+
+
+def _postgres_store(url: str) -> Store:
+    """A ``PostgresStore`` for ``url``, importing the backend (and ``asyncpg``) now."""
+    try:
+        from .postgres import PostgresStore
+    except ImportError as exc:
+        raise StoreError(f"a postgresql:// store needs asyncpg ({exc}); install it with"
+                         " pip install 'crdtsync[postgres]'") from exc
+    return PostgresStore(url)

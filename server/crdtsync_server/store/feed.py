@@ -16,7 +16,7 @@ key holding the current value as JSON, updated in the same transaction as the do
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,6 +224,23 @@ def item_from_row(cursor: int, row: Sequence[Any]) -> FeedItem:
     kind, device, fleet, doc, topic, seq, time, received, body, source = row
     return FeedItem(cursor, kind, device, fleet, time, received, json.loads(body), topic, seq,
                     doc, source)
+
+
+def cursor_page(after: int, limit: int, equal: Mapping[str, Any],
+                param: Callable[[int], str]) -> tuple[str, list[Any]]:
+    """The tail of a query paging by cursor, shared by the SQL backends: ``WHERE cursor >
+    after AND column = value ... ORDER BY cursor LIMIT limit`` for each ``column: value`` of
+    ``equal`` whose value is not ``None`` (e.g. ``FeedFilter.to_json()``), and its
+    parameters. ``param(n)`` writes the n-th parameter (from 1): ``?`` in SQLite, ``$n`` in
+    PostgreSQL."""
+    params: list[Any] = [after]
+    clauses = [f"cursor > {param(1)}"]
+    for column, value in equal.items():
+        if value is not None:
+            params.append(value)
+            clauses.append(f"{column} = {param(len(params))}")
+    params.append(limit)
+    return f"WHERE {' AND '.join(clauses)} ORDER BY cursor LIMIT {param(len(params))}", params
 
 
 def projection_writes(change: StateChange) -> Iterator[tuple[str, str, str | None]]:

@@ -390,7 +390,8 @@ class DownstreamStore(FeedStore, SinkStore, Protocol):
 class Store(DocumentStore, DeviceStore, SettingsStore, DownlinkStore, DownstreamStore,
             WakeStore, Protocol):
     """What the server needs from a database: every role, the lifecycle, and the two writes
-    that span roles. Backends: memory, SQLite (default)."""
+    that span roles. Backends: memory, SQLite (default), PostgreSQL (several server
+    instances on one database)."""
 
     @property
     def hears_others(self) -> bool:

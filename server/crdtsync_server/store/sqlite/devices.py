@@ -12,27 +12,18 @@ A sync finds its device by token hash (index ``devices_token_hash``, v5). A devi
 from __future__ import annotations
 
 import dataclasses
-import json
 import sqlite3
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 from crdtsync._sqlite_worker import transaction
 from crdtsync.errors import AlreadyExists, NotFound
 
+from ..columns import DEVICE_COLUMNS, FLEET_COLUMNS, device_from_row, fleet_from_row
 from ..feed import json_text
 from ..records import DeviceRecord, FleetRecord, wake_device
 from ..rules import above_deleted, check_limit, updated_fields
 from .connection import SQLiteConnection
 from .wakes import insert_wakes
-
-DEVICE_COLUMNS = (
-    "id, token_hash, created, last_sync, last_seq, events_lost, meta, down_seq, down_done,"
-    " fleet, fleet_gen, disabled, seq_floor"
-)
-
-
-_FLEET_COLUMNS = "id, created, meta"
 
 
 class SQLiteDevices(SQLiteConnection):
@@ -92,17 +83,6 @@ class SQLiteDevices(SQLiteConnection):
         empty for an unknown fleet."""
         check_limit(limit)
         return await self._run(_devices_in_fleet, fleet, after, limit)
-
-
-def device_from_row(row: Sequence[Any]) -> DeviceRecord:
-    (id_, token_hash, created, last_sync, last_seq, events_lost, meta, down_seq, down_done,
-     fleet, fleet_gen, disabled, seq_floor) = row
-    return DeviceRecord(
-        id=id_, token_hash=token_hash, created=created, last_sync=last_sync,
-        last_seq=last_seq, events_lost=events_lost, meta=json.loads(meta),
-        down_seq=down_seq, down_done=down_done, fleet=fleet, fleet_gen=fleet_gen,
-        disabled=bool(disabled), seq_floor=seq_floor,
-    )
 
 
 def _add_device(conn: sqlite3.Connection, device: DeviceRecord) -> None:
@@ -177,14 +157,9 @@ def _touch_devices(conn: sqlite3.Connection, last_sync: dict[str, int]) -> None:
             [(t, device, t) for device, t in last_sync.items()])
 
 
-def _fleet_from_row(row: Sequence[Any]) -> FleetRecord:
-    id_, created, meta = row
-    return FleetRecord(id=id_, created=created, meta=json.loads(meta))
-
-
 def _add_fleet(conn: sqlite3.Connection, fleet: FleetRecord) -> None:
     cur = conn.execute(
-        f"INSERT INTO fleets ({_FLEET_COLUMNS}) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        f"INSERT INTO fleets ({FLEET_COLUMNS}) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING",
         (fleet.id, fleet.created, json_text(dict(fleet.meta))),
     )
     if cur.rowcount == 0:
@@ -193,9 +168,9 @@ def _add_fleet(conn: sqlite3.Connection, fleet: FleetRecord) -> None:
 
 def _select_fleet(conn: sqlite3.Connection, fleet_id: str) -> FleetRecord | None:
     row = conn.execute(
-        f"SELECT {_FLEET_COLUMNS} FROM fleets WHERE id = ?", (fleet_id,)
+        f"SELECT {FLEET_COLUMNS} FROM fleets WHERE id = ?", (fleet_id,)
     ).fetchone()
-    return None if row is None else _fleet_from_row(row)
+    return None if row is None else fleet_from_row(row)
 
 
 def _require_fleet(conn: sqlite3.Connection, fleet_id: str) -> None:
@@ -205,10 +180,10 @@ def _require_fleet(conn: sqlite3.Connection, fleet_id: str) -> None:
 
 def _list_fleets(conn: sqlite3.Connection, after: str, limit: int) -> list[FleetRecord]:
     rows = conn.execute(
-        f"SELECT {_FLEET_COLUMNS} FROM fleets WHERE id > ? ORDER BY id LIMIT ?",
+        f"SELECT {FLEET_COLUMNS} FROM fleets WHERE id > ? ORDER BY id LIMIT ?",
         (after, limit),
     )
-    return [_fleet_from_row(row) for row in rows]
+    return [fleet_from_row(row) for row in rows]
 
 
 def _set_device_fleet(conn: sqlite3.Connection, device_id: str, fleet: str | None, now: int

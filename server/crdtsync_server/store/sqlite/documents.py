@@ -11,8 +11,8 @@ Stamps (v6): one row per ``(doc, map, key)``, replaced by :meth:`SQLiteStore.com
 write's transaction, never touched by ``compact`` or ``rebuild`` (they are per key, not per
 generation), deleted by ``delete_device`` with the device's documents. Stamps are unsigned
 64-bit integers and SQLite's are signed: a stamp is stored as the signed integer with the
-same 64 bits (:func:`to_column`) and read back with :func:`from_column`. SQL never compares
-stamps, so the order of the stored integers does not matter.
+same 64 bits and read back (``store/columns.py``: ``to_column``, ``from_column``). SQL
+never compares stamps, so the order of the stored integers does not matter.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from crdtsync._sqlite_worker import transaction
 
+from ..columns import from_column, to_column
 from ..records import DocLog, DocWrite, KeyStamp
 from ..rules import stale_generation
 from .connection import SQLiteConnection
@@ -159,22 +160,6 @@ def replace_doc(conn: sqlite3.Connection, key: str, gen: int, snapshot: bytes) -
 
 
 # --- stamps
-
-
-_SIGN = 1 << 63
-
-
-_WRAP = 1 << 64
-
-
-def to_column(value: int) -> int:
-    """Unsigned 64-bit ``value`` as the signed integer SQLite stores."""
-    return value - _WRAP if value >= _SIGN else value
-
-
-def from_column(value: int) -> int:
-    """The unsigned 64-bit integer stored as ``value`` (:func:`to_column`)."""
-    return value + _WRAP if value < 0 else value
 
 
 def _read_stamps(conn: sqlite3.Connection, doc: str) -> list[KeyStamp]:

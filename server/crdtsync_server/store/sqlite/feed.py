@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
 
 from ..feed import (
     FEED_COLUMNS,
@@ -24,6 +23,7 @@ from ..feed import (
     StateChange,
     change_row,
     conflict_row,
+    cursor_page,
     event_rows,
     item_from_row,
     json_text,
@@ -90,20 +90,15 @@ class SQLiteFeed(SQLiteConnection):
                         now)
 
 
+def _param(number: int) -> str:
+    return "?"
+
+
 def _read_events(
     conn: sqlite3.Connection, after: int, limit: int, device: str | None, topic: str | None
 ) -> list[StoredEvent]:
-    where: list[str] = ["cursor > ?"]
-    params: list[Any] = [after]
-    for column, value in (("device", device), ("topic", topic)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    rows = conn.execute(
-        f"SELECT {_EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)}"
-        " ORDER BY cursor LIMIT ?",
-        (*params, limit),
-    )
+    tail, params = cursor_page(after, limit, {"device": device, "topic": topic}, _param)
+    rows = conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events {tail}", params)
     return [
         StoredEvent(cursor, dev, seq, top, time, received, json.loads(body))
         for cursor, dev, seq, top, time, received, body in rows
@@ -112,15 +107,8 @@ def _read_events(
 
 def _read_feed(conn: sqlite3.Connection, after: int, limit: int, where: FeedFilter
               ) -> list[FeedItem]:
-    clauses, params = ["cursor > ?"], [after]
-    for column in ("device", "fleet", "topic", "kind"):
-        value = getattr(where, column)
-        if value is not None:
-            clauses.append(f"{column} = ?")
-            params.append(value)
-    rows = conn.execute(
-        f"SELECT cursor, {FEED_COLUMNS} FROM feed WHERE {' AND '.join(clauses)}"
-        " ORDER BY cursor LIMIT ?", (*params, limit))
+    tail, params = cursor_page(after, limit, where.to_json(), _param)
+    rows = conn.execute(f"SELECT cursor, {FEED_COLUMNS} FROM feed {tail}", params)
     return [item_from_row(row[0], row[1:]) for row in rows]
 
 
