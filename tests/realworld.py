@@ -12,6 +12,7 @@ import signal
 import socket
 import sqlite3
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, BinaryIO
 
 import aiohttp
 
-from crdtsync import AdminClient, Device, TransportError, crdt
+from crdtsync import AdminClient, CrdtsyncError, Device, crdt
 
 from .conftest import ADMIN_TOKEN
 
@@ -138,25 +139,33 @@ class Progress:
     def __init__(self) -> None:
         self.ok = 0
         self.failed = 0
+        self.errors: Counter[str] = Counter()
+        """Failed syncs by error code."""
         self._changed = asyncio.Event()
 
-    def record(self, error: TransportError | None = None) -> None:
+    def record(self, error: CrdtsyncError | None = None) -> None:
         if error is None:
             self.ok += 1
         else:
             self.failed += 1
+            self.errors[error.code] += 1
         self._changed.set()
 
     async def wait_ok(self, target: int) -> None:
-        async with asyncio.timeout(20):
-            while self.ok < target:
-                self._changed.clear()
-                await self._changed.wait()
+        try:
+            async with asyncio.timeout(20):
+                while self.ok < target:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"{self.ok} syncs of {target} succeeded; failures:"
+                                 f" {dict(self.errors)}") from None
 
 
 async def device_loop(dev: Device, ledger: Ledger, stop: asyncio.Event,
                       progress: Progress) -> None:
-    """Write, emit and sync until ``stop``; a sync may fail while the server is down."""
+    """Write, emit and sync until ``stop``; a sync may fail with a retryable error while
+    the server (or one of several) is down; any other error ends the loop."""
     step = 0
     while not stop.is_set():
         step += 1
@@ -165,6 +174,67 @@ async def device_loop(dev: Device, ledger: Ledger, stop: asyncio.Event,
         try:
             await dev.sync()
             progress.record()
-        except TransportError as exc:
+        except CrdtsyncError as exc:
+            if not exc.retryable:
+                raise
             progress.record(exc)
             await asyncio.sleep(0.02)
+
+
+class TcpLink:
+    """A byte-for-byte TCP proxy on loopback to ``host:port`` that can be cut: put it
+    between the server and its database. :meth:`cut` resets every open connection and
+    refuses new ones (the database is gone, or the network to it); :meth:`restore` lets
+    connections through again."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self.up = True
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def __aenter__(self) -> TcpLink:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        self.up = False
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            for w in (writer, up_writer):
+                self._writers.discard(w)
+                w.transport.abort()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.transport.abort()

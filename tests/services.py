@@ -7,8 +7,11 @@ of this machine before the tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -43,3 +46,21 @@ def require_postgres() -> str:
 def require_nats() -> str:
     require_service("NATS", "127.0.0.1", 4222)
     return NATS_URL
+
+
+@contextlib.asynccontextmanager
+async def postgres_schema() -> AsyncIterator[str]:
+    """A store URL on a fresh PostgreSQL schema of its own (``...?schema=t_<random>``), so
+    tests never see each other's rows; the schema is dropped afterwards."""
+    import asyncpg
+
+    base = require_postgres()
+    schema = "t_" + secrets.token_hex(6)
+    try:
+        yield f"{base}?schema={schema}"
+    finally:
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()

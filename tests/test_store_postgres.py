@@ -1,8 +1,9 @@
 """PostgreSQL-only behaviour of the store: migrations and schema versions, several store
 objects (server instances) on one database, the sequence lock that keeps cursors from
 skipping, announcements over ``LISTEN``/``NOTIFY``, lost connections, two servers on one
-database, and :func:`open_store` URLs. The shared contract is in the role suites ``test_store_<role>.py`` (backends in
-``store_backends.py``, where each store gets a schema of its own).
+database, and :func:`open_store` URLs. The shared contract is in the role suites
+``test_store_<role>.py`` (backends in ``store_backends.py``, where each store gets a schema
+of its own).
 
 Every test runs on the test database of ``tests/services.py`` in a random schema, dropped
 afterwards.

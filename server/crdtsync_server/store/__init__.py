@@ -13,6 +13,9 @@ imported only then, as it needs the optional ``asyncpg``).
 
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
 from crdtsync.errors import StoreError
 
 from .memory import MemoryStore
@@ -99,7 +102,11 @@ def open_store(url: str) -> Store:
     - any string without ``://``: a file path for a :class:`SQLiteStore`.
     - ``postgresql://user@host:5432/dbname`` (or ``postgres://``): a ``PostgresStore``
       (``crdtsync_server.store.postgres``); raises :class:`StoreError` when ``asyncpg`` is
-      not installed (``pip install 'crdtsync[postgres]'``).
+      not installed (``pip install 'crdtsync[postgres]'``). Query parameters of the store
+      (:data:`STORE_PARAMETERS`) are taken out of the URL: ``schema`` (the PostgreSQL
+      schema holding the tables, created if missing), ``pool_min`` and ``pool_max``
+      (connections per process), ``statement_timeout`` and ``acquire_timeout`` (seconds);
+      the others (``sslmode``, ...) are left for the driver.
 
     Raises ``ValueError`` for an empty string or another scheme.
     """
@@ -117,6 +124,17 @@ def open_store(url: str) -> Store:
     )
 
 
+STORE_PARAMETERS: dict[str, tuple[str, type]] = {
+    "schema": ("schema", str),
+    "pool_min": ("min_size", int),
+    "pool_max": ("max_size", int),
+    "statement_timeout": ("statement_timeout", float),
+    "acquire_timeout": ("acquire_timeout", float),
+}
+"""Query parameters of a ``postgresql://`` URL that configure the store, not the driver:
+name -> (``PostgresStore`` keyword, type)."""
+
+
 def _postgres_store(url: str) -> Store:
     """A ``PostgresStore`` for ``url``, importing the backend (and ``asyncpg``) now."""
     try:
@@ -124,4 +142,24 @@ def _postgres_store(url: str) -> Store:
     except ImportError as exc:
         raise StoreError(f"a postgresql:// store needs asyncpg ({exc}); install it with"
                          " pip install 'crdtsync[postgres]'") from exc
-    return PostgresStore(url)
+    driver_url, options = store_parameters(url)
+    return PostgresStore(driver_url, **options)
+
+
+def store_parameters(url: str) -> tuple[str, dict[str, Any]]:
+    """Split the store's own query parameters (:data:`STORE_PARAMETERS`) off ``url``;
+    ``ValueError`` for a value of the wrong type."""
+    parts = urlsplit(url)
+    driver: list[tuple[str, str]] = []
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in STORE_PARAMETERS:
+            driver.append((name, value))
+            continue
+        keyword, kind = STORE_PARAMETERS[name]
+        try:
+            options[keyword] = kind(value)
+        except ValueError:
+            raise ValueError(f"store URL parameter {name}={value!r} is not"
+                             f" {kind.__name__}") from None
+    return urlunsplit(parts._replace(query=urlencode(driver))), options

@@ -288,6 +288,16 @@ class PostgresConnection:
                 callback(passed)
         self._on("w", heard)
 
+    def on_feed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when any instance committed feed items, and after a lost
+        listener connection."""
+        self._on("f", lambda _payload: callback())
+
+    def on_results(self, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(device)`` when any instance stored command results of
+        ``device``; ``callback(None)`` after a lost listener connection (re-read all)."""
+        self._on("r", callback)
+
     async def _reread_wake_head(self, heard: Callable[[str | None], None]) -> None:
         try:
             head = await self._read(wake_head)

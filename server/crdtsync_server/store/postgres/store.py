@@ -14,6 +14,7 @@ one transaction.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Sequence
 
@@ -70,8 +71,12 @@ class PostgresStore(PostgresDocuments, PostgresDevices, PostgresSettings, Postgr
         await self._connect()
 
     async def aclose(self) -> None:
-        """Wait for queued commits, then close the pool and the listener; idempotent."""
+        """Wait for queued commits, forget this instance (its running requests now count as
+        interrupted), then close the pool and the listener; idempotent."""
         await self.group_commit.drain()
+        if self._pool is not None:
+            with contextlib.suppress(CrdtsyncError):
+                await self.leave()
         await self._disconnect()
         self._closed = True
 
