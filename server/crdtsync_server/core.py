@@ -26,7 +26,7 @@ from .documents import DocumentCache
 from .feed import FeedNotifier, build_projection
 from .maintenance import Maintenance
 from .notify import DeviceNotifier
-from .proxied.dispatch import ProxyRunner, load_route_table
+from .proxied.dispatch import ProxyRunner, load_route_table, recover_requests
 from .proxied.routes import Executor, RouteTable
 from .schemas import FleetSchemas
 from .sinks.manager import SinkManager, read_sinks_file
@@ -73,7 +73,9 @@ async def open_services(config: ServerConfig, *, executor: Executor,
     build every service, recover interrupted proxied requests, build the state projection,
     start the sinks and (with ``loops``) the maintenance tasks; on exit close all of it in
     reverse order. ``loops=False`` leaves the chores to the caller
-    (``services.maintenance.run_once()``: the simulator runs them on its virtual time)."""
+    (``services.maintenance.run_once()``: the simulator runs them on its virtual time).
+    A worker (``config.worker`` set) recovers no proxied requests: its siblings may be
+    running them, and its supervisor did it once (:func:`settle_database`)."""
     backend = store if store is not None else open_store(config.db)
     await backend.open()
     proxy: ProxyRunner | None = None
@@ -81,7 +83,8 @@ async def open_services(config: ServerConfig, *, executor: Executor,
         await executor.start()
         proxy = ProxyRunner(backend, await load_route_table(backend, config.routes_file),
                             executor, config.limits, clock=config.clock)
-        await proxy.recover()
+        if config.worker is None:
+            await proxy.recover()
         services = await _build(config, backend, proxy)
         async with _running(services, loops):
             yield services
@@ -90,6 +93,23 @@ async def open_services(config: ServerConfig, *, executor: Executor,
             await proxy.aclose(config.proxy_grace)
         await executor.aclose()
         await backend.aclose()
+
+
+async def settle_database(config: ServerConfig) -> str | None:
+    """Open the store of ``config.db`` once, alone, and close it again: the start-up work
+    that must happen exactly once, done by the supervisor of ``crdtsync serve --workers``
+    before any worker starts. Opening migrates the schema; then the admin credential is
+    settled and proxied requests a dead process left ``running`` are finished as
+    ``interrupted``. Returns a newly created admin token (to print, the only time it can
+    be seen), else ``None``. Raises what ``Store.open`` raises (``StoreError``, ...)."""
+    store = open_store(config.db)
+    await store.open()
+    try:
+        _hash, created = await admin_token_hash(store, config.admin_token)
+        await recover_requests(store, config.clock())
+        return created
+    finally:
+        await store.aclose()
 
 
 async def _build(config: ServerConfig, store: Store, proxy: ProxyRunner) -> Services:

@@ -68,6 +68,15 @@ async def remember_route(store: SettingsStore, route: Route | None, alias: str) 
     await store.set_setting(ROUTES_SETTING, json.dumps(routes))
 
 
+async def recover_requests(store: DownlinkStore, now: int) -> int:
+    """At start, while no other process runs proxied requests on ``store``: finish those a
+    dead process left ``running`` as ``interrupted`` (never run twice); returns how many."""
+    count = await store.interrupt_running(INTERRUPTED, now)
+    if count:
+        log.warning("%d proxied requests were interrupted by a restart", count)
+    return count
+
+
 class ProxyRunner:
     """Runs proxied requests in background tasks owned by the server app. An outcome over
     ``limits.max_item_body`` (a device would not take it) is stored as the failure
@@ -87,10 +96,7 @@ class ProxyRunner:
 
     async def recover(self) -> int:
         """At start: finish requests a dead process left ``running`` as ``interrupted``."""
-        count = await self.store.interrupt_running(INTERRUPTED, self.clock())
-        if count:
-            log.warning("%d proxied requests were interrupted by a restart", count)
-        return count
+        return await recover_requests(self.store, self.clock())
 
     async def run(self, device: str, ids: Sequence[str], budget: float) -> None:
         """Claim the requests ``ids`` of ``device`` that are still pending, then perform them
