@@ -128,19 +128,19 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def serve_workers(config: ServerConfig, args: argparse.Namespace) -> int:
-    """``crdtsync serve --workers N``: settle the database once (the admin token is created
-    and printed here, never by a worker), then run the supervisor until SIGINT or SIGTERM.
-    Returns 1 if a worker did not stop cleanly."""
+    """``crdtsync serve --workers N``: the supervisor, until SIGINT or SIGTERM. It settles
+    the database once before any worker starts, so the admin token is created and printed
+    here, never by a worker. Returns 1 if a worker did not stop cleanly."""
     from crdtsync_server.api.workers import Supervisor
-    from crdtsync_server.core import settle_database
 
-    created = await settle_database(config)
-    if created:
-        announce_admin_token(created)
-    announce_admin_origin(args, created)
+    def on_settled(created: str | None) -> None:
+        if created:
+            announce_admin_token(created)
+        announce_admin_origin(args, created)
+
     supervisor = Supervisor(config, args.workers, stop=stop_event(), log_level=args.log_level)
     status = await supervisor.run(
-        lambda: out(listening_line(supervisor.url, config.db, args.workers)))
+        on_settled, lambda: out(listening_line(supervisor.url, config.db, args.workers)))
     err("stopped")
     return status
 

@@ -159,6 +159,8 @@ def test_a_taken_port_fails_at_once(tmp_path: Path) -> None:
     assert result.stderr.rstrip().splitlines()[-1].startswith("error: ")
     assert "address already in use" in result.stderr
     assert "listening" not in result.stdout
+    assert "shown once" not in result.stdout  # checked before the database was touched
+    assert not (tmp_path / "server.db").exists()
 
 
 def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:

@@ -3,10 +3,10 @@ sharing the listening port through ``SO_REUSEPORT`` (the kernel spreads new conn
 over the workers' sockets).
 
 - The **supervisor** (:class:`Supervisor`, in the ``crdtsync serve`` process) serves nothing.
-  Before it starts a worker, the CLI runs :func:`~crdtsync_server.core.settle_database` once
-  (migration, the admin token, interrupted proxied requests) and the supervisor checks that
-  nothing listens on the port (:func:`check_port_free`: with ``SO_REUSEPORT`` alone, the
-  workers would silently share a port another server of the same user holds). Then it
+  It checks that nothing listens on the port (:func:`check_port_free`: with ``SO_REUSEPORT``
+  alone, the workers would silently share a port another server of the same user holds),
+  then opens the database once, alone (:func:`~crdtsync_server.core.settle_database`:
+  migration, the admin token, interrupted proxied requests), and closes it. Then it
   starts the workers (``multiprocessing``, ``spawn``: a fresh interpreter each, nothing
   inherited from its event loop), waits until each reports that it listens, restarts one
   that dies (after 0.5 s, doubling up to 30 s while it keeps dying within 30 s of its
@@ -40,6 +40,7 @@ from crdtsync._aio import cancel_and_wait, wait_event
 from crdtsync.errors import CrdtsyncError
 
 from ..config import ServerConfig
+from ..core import settle_database
 from ..validation import redact_dsn
 from .server import Server
 
@@ -196,9 +197,8 @@ class _Slot:
 
 class Supervisor:
     """Runs ``workers`` worker processes of ``config`` (see the module docstring) until
-    ``stop`` is set. ``config.db`` must already be settled
-    (:func:`~crdtsync_server.core.settle_database`) and :func:`workers_problem` have no
-    objection; ``log_level`` is the workers' logging level (``"info"``)."""
+    ``stop`` is set; ``ValueError`` if :func:`workers_problem` objects. ``log_level`` is
+    the workers' logging level (``"info"``)."""
 
     def __init__(self, config: ServerConfig, workers: int, *, stop: asyncio.Event,
                  log_level: str = "info") -> None:
@@ -217,13 +217,17 @@ class Supervisor:
     def url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
 
-    async def run(self, on_listening: Callable[[], None] = lambda: None) -> int:
-        """Start the workers, call ``on_listening`` once every one listens, keep them
-        running until ``stop`` is set, then stop them. Returns 0 when every worker exited
-        cleanly, 1 otherwise. Raises ``OSError`` if the port is taken, and
-        :class:`WorkersFailed` (after stopping the other workers) as the module docstring
-        says."""
+    async def run(self, on_settled: Callable[[str | None], None] = lambda token: None,
+                  on_listening: Callable[[], None] = lambda: None) -> int:
+        """Check that the port is free, settle the database (:func:`settle_database`;
+        ``on_settled`` gets the admin token it created, else ``None``), start the workers,
+        call ``on_listening`` once every one listens, keep them running until ``stop`` is
+        set, then stop them. Returns 0 when every worker exited cleanly, 1 otherwise.
+        Raises ``OSError`` if the port is taken (before the database is touched), what
+        the store raises if it cannot be opened, and :class:`WorkersFailed` (after
+        stopping the other workers) as the module docstring says."""
         await check_port_free(self.config.host, self.config.port)
+        on_settled(await settle_database(self.config))
         self._tasks = [asyncio.create_task(self._keep(slot), name=f"worker-{slot.number}")
                        for slot in self._slots]
         try:
