@@ -1,6 +1,7 @@
 """``crdtsync serve --workers N`` as a real subprocess: N worker processes share the port
 (SO_REUSEPORT), a supervisor restarts a killed one, nothing synced is lost, SIGTERM stops
-them all; and ``--database`` / ``CRDTSYNC_DATABASE``, never showing a password."""
+them all; the once-per-start work is the supervisor's, not a worker's; and ``--database`` /
+``CRDTSYNC_DATABASE``, never showing a password."""
 
 from __future__ import annotations
 
@@ -17,11 +18,16 @@ import pytest
 
 from crdtsync import AdminClient, Device, TransportError
 from crdtsync.cli import build_parser, listening_line, serve_config
+from crdtsync_server import ServerConfig, open_services
 from crdtsync_server.api.app import WORKER_HEADER
 from crdtsync_server.api.workers import MAX_START_FAILURES
+from crdtsync_server.core import settle_database
+from crdtsync_server.proxied.executor import RouteExecutor
+from crdtsync_server.store import SQLiteStore, SyncWrite
 from crdtsync_server.validation import redact_dsn
 
 from .cli_process import Background, clean_env, cli, free_port
+from .store_backends import add_device, req
 
 TOKEN_LINE = r"admin token \(shown once, store it\): (\S+)"
 
@@ -226,3 +232,24 @@ def test_a_password_in_the_database_url_is_never_shown() -> None:
                  ["serve", "--help"]):
         result = cli(*args, env=clean_env(CRDTSYNC_DATABASE=url), timeout=30)
         assert "hunter2" not in result.stdout + result.stderr, args
+
+
+async def test_a_worker_leaves_running_requests_alone_the_settling_finishes_them(
+        tmp_path: Path) -> None:
+    """A worker starting beside running siblings must not mark their proxied requests
+    interrupted; the supervisor's settling, alone on the database, does."""
+    db = str(tmp_path / "server.db")
+    async with SQLiteStore(db) as store:
+        await add_device(store)
+        await store.commit(SyncWrite("dev-1", time=20, requests=[req("a")]))
+        assert await store.claim_request("dev-1", "a", now=30) is not None
+    config = ServerConfig(db=db, admin_token="x", worker=2)
+    async with open_services(config, executor=RouteExecutor(), loops=False) as services:
+        running = await services.store.get_request("dev-1", "a")
+        assert running is not None and running.status == "running"
+    created = await settle_database(ServerConfig(db=db))  # no token given: one is made
+    async with SQLiteStore(db) as store:
+        done = await store.get_request("dev-1", "a")
+        assert done is not None and done.status == "done"
+        assert done.outcome is not None and done.outcome["error"] == "interrupted"
+    assert created and await settle_database(ServerConfig(db=db)) is None  # made once
