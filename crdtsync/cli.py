@@ -1,8 +1,9 @@
 """The ``crdtsync`` command: run a server or the demo, and manage devices, fleets, state and
 events.
 
-    crdtsync serve  [--db PATH] [--host H] [--port N] [--admin-token T] [--max-body B]
-                    [--routes FILE] [--sinks FILE] [--cache-docs N] [--cache-idle S]
+    crdtsync serve  [--database URL (alias --db)] [--workers N] [--host H] [--port N]
+                    [--admin-token T] [--max-body B] [--routes FILE] [--sinks FILE]
+                    [--cache-docs N] [--cache-idle S]
                     [--backlog N] [--feed-retention DAYS] [--header-timeout S]
                     [--body-timeout S] [--rebuild-factor X] [--rebuild-slack B]
                     [--wake-hold S] [--wake-rate N] [--max-waiters N] [--log-level LEVEL]
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # the server loads only when a command runs it (docs/architec
     from crdtsync_server import ServerConfig
 
 DEFAULT_URL = "http://127.0.0.1:8787"
+DEFAULT_DATABASE = "./crdtsync.db"
 PAGE = 1000
 """The largest page the management API serves."""
 
@@ -82,29 +84,81 @@ def announce_admin_token(token: str) -> None:
         f"  export CRDTSYNC_ADMIN_TOKEN={token}\n{rule}")
 
 
+def announce_admin_origin(args: argparse.Namespace, created: str | None) -> None:
+    """Say where the admin token comes from when it was not just created (and printed)."""
+    if args.admin_token:
+        err("admin token: the one given by --admin-token / CRDTSYNC_ADMIN_TOKEN")
+    elif not created:
+        err("admin token: the one created at first start (the database keeps its hash)")
+
+
+def listening_line(url: str, database: str, workers: int = 1) -> str:
+    """The line ``crdtsync serve`` prints once it serves; a password in ``database`` reads
+    ``***``."""
+    from crdtsync_server.validation import redact_dsn
+
+    processes = f"; {workers} worker processes" if workers > 1 else ""
+    return f"crdtsync server listening on {url} (database: {redact_dsn(database)}{processes})"
+
+
 async def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the sync server until SIGINT or SIGTERM, then shut it down cleanly."""
+    """Run the sync server until SIGINT or SIGTERM, then shut it down cleanly. With
+    ``--workers N`` (N > 1) this process supervises N server processes sharing the port."""
+    config = serve_config(args)
+    check_serve(config, args.workers)
+    if args.workers > 1:
+        return await serve_workers(config, args)
+    from crdtsync_server import Server
+
     created: list[str] = []
 
     def on_admin_token(token: str) -> None:
         created.append(token)
         announce_admin_token(token)
 
-    from crdtsync_server import Server
-
-    config = serve_config(args)
     config.on_admin_token = on_admin_token
     stop = stop_event()
     async with Server(config) as server:
-        if args.admin_token:
-            err("admin token: the one given by --admin-token / CRDTSYNC_ADMIN_TOKEN")
-        elif not created:
-            err("admin token: the one created at first start (the database keeps its hash)")
-        out(f"crdtsync server listening on {server.url} (database: {args.db})")
+        announce_admin_origin(args, created[0] if created else None)
+        out(listening_line(server.url, config.db))
         await stop.wait()
         err("shutting down")
     err("stopped")
     return 0
+
+
+async def serve_workers(config: ServerConfig, args: argparse.Namespace) -> int:
+    """``crdtsync serve --workers N``: the supervisor, until SIGINT or SIGTERM. It settles
+    the database once before any worker starts, so the admin token is created and printed
+    here, never by a worker. Returns 1 if a worker did not stop cleanly."""
+    from crdtsync_server.api.workers import Supervisor
+
+    def on_settled(created: str | None) -> None:
+        if created:
+            announce_admin_token(created)
+        announce_admin_origin(args, created)
+
+    supervisor = Supervisor(config, args.workers, stop=stop_event(), log_level=args.log_level)
+    status = await supervisor.run(
+        on_settled, lambda: out(listening_line(supervisor.url, config.db, args.workers)))
+    err("stopped")
+    return status
+
+
+def check_serve(config: ServerConfig, workers: int) -> None:
+    """Raise :class:`UsageError` if ``config`` cannot be served by ``workers`` processes:
+    a database URL no backend takes (shown without its password), or a combination
+    :func:`~crdtsync_server.api.workers.workers_problem` refuses."""
+    from crdtsync_server.api.workers import workers_problem
+    from crdtsync_server.store import open_store
+    from crdtsync_server.validation import redact_dsn
+
+    try:
+        open_store(config.db)  # builds the backend object only: nothing is opened
+    except ValueError as exc:
+        raise UsageError(f"--database: {redact_dsn(str(exc))}") from None
+    if problem := workers_problem(config, workers):
+        raise UsageError(problem)
 
 
 SERVE_OPTIONS = ("max_body", "cache_docs", "backlog", "cache_idle", "header_timeout",
@@ -134,7 +188,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
     """The server configuration ``crdtsync serve`` options ask for."""
     from crdtsync_server import ServerConfig
 
-    config = ServerConfig(db=args.db, host=args.host, port=args.port,
+    config = ServerConfig(db=args.database, host=args.host, port=args.port,
                           admin_token=args.admin_token or None)
     config.routes_file = args.routes
     config.sinks_file = args.sinks
@@ -562,8 +616,16 @@ def client_options() -> argparse.ArgumentParser:
 def add_serve(sub: Subparsers) -> None:
     p = sub.add_parser("serve", help="run the sync server", description=cmd_serve.__doc__,
                        formatter_class=ServeHelp)
-    p.add_argument("--db", default="./crdtsync.db",
-                   help="SQLite file, sqlite:///PATH or memory: (default %(default)s)")
+    # The default comes from the environment, so the help must not show it (a password).
+    p.add_argument("--database", "--db", dest="database", metavar="URL",
+                   default=os.environ.get("CRDTSYNC_DATABASE") or DEFAULT_DATABASE,
+                   help="the store: a SQLite file, sqlite:///PATH, postgresql://... or "
+                        f"memory: (env CRDTSYNC_DATABASE; default {DEFAULT_DATABASE}); "
+                        "logs show a password in it as ***")
+    p.add_argument("--workers", type=number(int, 1), default=1, metavar="N",
+                   help="server processes sharing the port (SO_REUSEPORT), under a "
+                        "supervisor that restarts them; needs a fixed --port and a database "
+                        "every process opens (default 1: one process, no supervisor)")
     p.add_argument("--host", default="127.0.0.1", help="default %(default)s")
     p.add_argument("--port", type=int, default=8787,
                    help="0 picks a free port (default %(default)s)")

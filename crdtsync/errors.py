@@ -42,14 +42,16 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     ├── FramingError               (local)                    test proxy: HTTP not delimitable
     ├── SinkError                  (server, local)            sink delivery failed; retried
     │   └── SinkRejected           (server, local)            refused for good; dead-lettered
-    └── LeaseLost                  (server, local)            another process delivers the sink
+    ├── LeaseLost                  (server, local)            another process delivers the sink
+    └── WorkersFailed              (server, local)            serve --workers: a worker failed
+                                                              to start (and would again)
 
 Only ``crdtsync.testing.faults.Crash`` stands outside the tree, a ``BaseException`` on purpose
 (a simulated process death that no ``except Exception`` may swallow). The local classes are
 defined here, except ``UsageError`` (``crdtsync.cli``), ``FramingError``
-(``crdtsync.testing.fault_proxy``) and ``LeaseLost`` (``crdtsync_server.sinks.delivery``),
-which live with the one module that raises and catches them; tests/test_layering.py keeps
-them in the tree.
+(``crdtsync.testing.fault_proxy``), ``LeaseLost`` (``crdtsync_server.sinks.delivery``) and
+``WorkersFailed`` (``crdtsync_server.api.workers``), which live with the one module that
+raises them; tests/test_layering.py keeps them in the tree.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from crdtsync_server import Server, ServerConfig
 from crdtsync_server.sinks.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from crdtsync_server.store import Store
 
+from .cli_process import admin_env, cli
 from .conftest import ADMIN_TOKEN, DeviceFactory, local_app
-from .test_cli import admin_env, cli
 
 SECRET = "webhook-shared-secret"
 WAIT_S = 60.0

@@ -40,6 +40,12 @@ class ServerConfig:
     """Bytes of history a document may carry beyond ``rebuild_factor`` before a rebuild."""
     on_admin_token: Callable[[str], None] | None = None
     """Called once with a newly created admin token (the CLI prints it)."""
+    worker: int | None = None
+    """This process's number (1..N) among the workers of ``crdtsync serve --workers N``
+    (crdtsync_server.api.workers), ``None`` for a lone server. A worker listens with
+    ``SO_REUSEPORT`` beside its siblings, names itself in the ``X-Crdtsync-Worker`` header
+    of every answer, and leaves what must happen once per start to its supervisor
+    (migrating, the admin credential, proxied requests a dead process left ``running``)."""
     routes_file: str | None = None
     """JSON file of proxied-request routes (``{"routes": {alias: {...}}}``); its routes
     override routes set through the API with the same alias."""

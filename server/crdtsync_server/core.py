@@ -78,7 +78,9 @@ async def open_services(config: ServerConfig, *, executor: Executor,
     build every service, recover interrupted proxied requests, build the state projection,
     start the sinks and (with ``loops``) the maintenance tasks; on exit close all of it in
     reverse order. ``loops=False`` leaves the chores to the caller
-    (``services.maintenance.run_once()``: the simulator runs them on its virtual time)."""
+    (``services.maintenance.run_once()``: the simulator runs them on its virtual time).
+    A worker (``config.worker`` set) recovers no proxied requests: its siblings may be
+    running them, and its supervisor did it once (:func:`settle_database`)."""
     backend = store if store is not None else open_store(config.db)
     await backend.open()
     proxy: ProxyRunner | None = None
@@ -95,6 +97,23 @@ async def open_services(config: ServerConfig, *, executor: Executor,
             await proxy.aclose(config.proxy_grace)
         await executor.aclose()
         await backend.aclose()
+
+
+async def settle_database(config: ServerConfig) -> str | None:
+    """Open the store of ``config.db`` once, alone, and close it again: the start-up work
+    that must happen exactly once, done by the supervisor of ``crdtsync serve --workers``
+    before any worker starts. Opening migrates the schema; then the admin credential is
+    settled. (Proxied requests a dead process left ``running`` are each instance's
+    business: every worker's recovery finishes those of instances that are gone, see
+    ``ProxyRunner.recover``.) Returns a newly created admin token (to print, the only time it can
+    be seen), else ``None``. Raises what ``Store.open`` raises (``StoreError``, ...)."""
+    store = open_store(config.db)
+    await store.open()
+    try:
+        _hash, created = await admin_token_hash(store, config.admin_token)
+        return created
+    finally:
+        await store.aclose()
 
 
 async def _build(config: ServerConfig, store: Store, proxy: ProxyRunner) -> Services:

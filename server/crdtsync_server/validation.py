@@ -22,6 +22,7 @@ ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SECRET_RE = re.compile(r"secret|passw|token|credential|creds|api[_-]?key|private",
                         re.IGNORECASE)
 _DSN_PASSWORD_RE = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+_URL_PASSWORD_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*):\S*@")
 
 
 def substitute_env(text: str, env: Mapping[str, str]) -> str:
@@ -89,6 +90,18 @@ def redact_url(text: str) -> str:
     if parts.fragment:
         shown += "#" + REDACTED
     return shown
+
+
+def redact_dsn(text: str) -> str:
+    """``text`` (a store URL, a libpq DSN, or a message quoting one) as logs and banners may
+    show it: the password of every ``scheme://user:password@`` reads ``***`` (the user
+    stays), and so does every ``password=`` value (``?password=`` in a URL, a keyword DSN).
+    Unlike :func:`redact_url`, host, port, database name and other parameters stay, so the
+    reader can tell which database it is. A password holding an unencoded ``@`` is hidden
+    whole (up to the last ``@``); text without a password is returned unchanged:
+    ``postgresql://app:s3cret@db:5432/sync`` reads ``postgresql://app:***@db:5432/sync``."""
+    shown = _URL_PASSWORD_RE.sub(rf"\g<1>:{REDACTED}@", text)
+    return _DSN_PASSWORD_RE.sub(rf"\g<1>{REDACTED}", shown)
 
 
 def _redacted_netloc(netloc: str) -> str:

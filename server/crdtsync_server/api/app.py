@@ -10,6 +10,7 @@ HTTP status of its class (crdtsync.errors).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -75,7 +76,24 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(release_waiters)
+    if config.worker is not None:
+        app.on_response_prepare.append(worker_header(config.worker))
     return app
+
+
+WORKER_HEADER = "X-Crdtsync-Worker"
+"""Names the worker process that answered, as ``<number>/<pid>``; sent only under
+``crdtsync serve --workers`` (operators and tests see how connections spread)."""
+
+
+def worker_header(number: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """An ``on_response_prepare`` hook that adds :data:`WORKER_HEADER` to every answer."""
+    value = f"{number}/{os.getpid()}"
+
+    async def tag(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[WORKER_HEADER] = value
+
+    return tag
 
 
 _HTTP_CODES: dict[int, type[CrdtsyncError]] = {404: NotFound, 413: BodyTooLarge}

@@ -141,16 +141,19 @@ class _Guard(asyncio.Protocol):
 
 class GuardedSite(web.BaseSite):
     """A TCP listener like ``web.TCPSite`` whose connections are guarded by ``deadline``
-    (``port`` 0 picks a free one: see :attr:`port`)."""
+    (``port`` 0 picks a free one: see :attr:`port`). With ``reuse_port`` the socket sets
+    ``SO_REUSEPORT``, so that sibling processes listen on the same port and the kernel
+    spreads new connections over them (crdtsync_server.api.workers)."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, backlog: int,
-                 deadline: HeadDeadline) -> None:
+                 deadline: HeadDeadline, reuse_port: bool = False) -> None:
         super().__init__(runner, backlog=backlog)
         server = runner.server
         assert server is not None  # BaseSite checked runner.setup() was called
         self._factory = deadline.wrap(server)
         self._host = host
         self._listen_backlog = backlog
+        self._reuse_port = reuse_port
         self.port = port
 
     @property
@@ -160,7 +163,8 @@ class GuardedSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         listener = await asyncio.get_running_loop().create_server(
-            self._factory, self._host, self.port, backlog=self._listen_backlog)
+            self._factory, self._host, self.port, backlog=self._listen_backlog,
+            reuse_port=self._reuse_port)
         self._server = listener
         if listener.sockets:
             self.port = listener.sockets[0].getsockname()[1]

@@ -49,7 +49,8 @@ class Server:
         await self._runner.setup()
         # The listener guards each connection with the app's request-head deadline.
         site = GuardedSite(self._runner, self.config.host, self.config.port,
-                           backlog=self.config.backlog, deadline=self.app[HEADS])
+                           backlog=self.config.backlog, deadline=self.app[HEADS],
+                           reuse_port=self.config.worker is not None)
         try:
             await site.start()
         except BaseException:  # a taken port: close what setup opened (store, tasks)
