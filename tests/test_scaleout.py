@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from crdtsync import AdminClient, CrdtsyncError, Device
+from crdtsync import AdminClient, CrdtsyncError, Device, crdt
 from crdtsync.testing.balancer import Balancer
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
@@ -144,6 +145,58 @@ async def test_a_running_request_of_a_live_instance_is_not_interrupted_by_anothe
         request = await three.services.store.get_request("d1", "r1")
         assert request is not None and request.status == "done"
         assert request.outcome is not None and request.outcome["error"] == "interrupted"
+
+
+async def test_sinks_changed_through_one_instance_reach_the_others(database: str) -> None:
+    """A sink created, paused and deleted through instance two's API is started, stopped
+    and forgotten by instance one at its next reconcile (every third of the lease time)."""
+    async with instances(database, 2) as (one, two), \
+            AdminClient(two.url, ADMIN_TOKEN) as admin:
+        sink = {"type": "webhook",
+                "options": {"url": "http://127.0.0.1:9/hook", "secret": "s3cret"}}
+        await admin.put_sink("hook", sink)
+        record = await one.services.store.get_sink("hook")
+        assert record is not None and one.services.sinks.running == set()
+        await one.services.sinks.reconcile()
+        assert one.services.sinks.running == {"hook"}
+        await admin.request("PUT", "/v1/sinks/hook", json={**sink, "paused": True})
+        await one.services.sinks.reconcile()
+        record = await one.services.store.get_sink("hook")
+        assert record is not None and one.services.sinks.state(record) == "paused"
+        assert one.services.sinks.running == set()
+        await admin.put_sink("hook", sink)  # resumed
+        await one.services.sinks.reconcile()
+        assert one.services.sinks.running == {"hook"}
+        await admin.delete_sink("hook")
+        await one.services.sinks.reconcile()
+        assert one.services.sinks.running == set()
+
+
+async def test_compaction_and_rebuilds_are_safe_while_another_instance_appends(
+        database: str, tmp_path: Path) -> None:
+    """A device and the cloud overwrite the same keys through two instances in turn (a
+    balancer alternates): both instances compact every few rows and rebuild the growing
+    document into new generations while the other appends. Both end with the device's
+    document, and the device adopted the rebuilt generations."""
+    config = ServerConfig(db=database, port=0, admin_token=ADMIN_TOKEN, compact_every=4,
+                          rebuild_slack=256)
+    async with Server(config) as one, Server(dataclasses.replace(config)) as two, \
+            Balancer([one.url, two.url]) as lb, AdminClient(lb.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+        async with Device("d1", transport=HttpTransport(lb.url, token, timeout=5),
+                          path=tmp_path / "d1.db", interval=None) as dev:
+            adopted = 0
+            for step in range(60):
+                dev.state[f"k{step % 3}"] = f"device-{step}"
+                adopted += (await dev.sync()).adopted
+                await admin.patch_state("d1", {f"k{(step + 1) % 3}": f"cloud-{step}"})
+            for _ in range(2):
+                adopted += (await dev.sync()).adopted
+            for server in (one, two):
+                async with AdminClient(server.url, ADMIN_TOKEN) as direct:
+                    assert await direct.state("d1") == crdt.to_json(dev.doc)
+    rebuilds = one.services.docs.rebuilds + two.services.docs.rebuilds
+    assert rebuilds >= 1 and adopted >= 1
 
 
 # --- real processes behind a balancer, killed with kill -9 --------------------------------------

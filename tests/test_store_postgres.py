@@ -326,6 +326,19 @@ def test_open_store_takes_postgres_urls() -> None:
         assert "u@" not in repr(store)  # never the user and password
 
 
+def test_store_url_parameters_configure_the_store_and_the_rest_goes_to_the_driver() -> None:
+    store = open_store("postgresql://u:p@h:5432/db?schema=tenant_a&sslmode=require"
+                       "&pool_max=4&statement_timeout=2.5&pool_min=2&acquire_timeout=1")
+    assert isinstance(store, PostgresStore)
+    assert store.url == "postgresql://u:p@h:5432/db?sslmode=require"
+    assert (store.schema, store.min_size, store.max_size) == ("tenant_a", 2, 4)
+    assert (store.statement_timeout, store.acquire_timeout) == (2.5, 1.0)
+    with pytest.raises(ValueError, match="pool_max"):
+        open_store("postgresql://h/db?pool_max=many")
+    with pytest.raises(ValueError, match="schema"):
+        open_store("postgresql://h/db?schema=Robert');DROP")
+
+
 async def test_stamps_keep_all_64_bits(instance: OpenStore) -> None:
     """Stamps are unsigned 64-bit and BIGINT is signed: the top bit survives."""
     store = await instance()

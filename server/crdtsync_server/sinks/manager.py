@@ -113,6 +113,11 @@ class SinkManager:
             entry[0].request_retry()
             self.notifier.notify()
 
+    @property
+    def running(self) -> set[str]:
+        """The sinks this process runs a runner for now (delivering or standing by)."""
+        return set(self._runners)
+
     def state(self, record: SinkRecord) -> str:
         """What the sink's runner is doing (see ``SinkRunner.state``), or why none runs:
         ``paused``, ``not in the sinks file``, ``stopped``, or a configuration problem."""
