@@ -308,6 +308,35 @@ async def test_lost_connections_give_unavailable_then_the_store_recovers(
     await heads.until(lambda heard: head in heard)  # the listener reconnected
 
 
+async def test_a_slow_database_answers_unavailable_instead_of_piling_up(
+        instance: OpenStore) -> None:
+    """A statement over ``statement_timeout`` and a call that finds every pooled connection
+    busy for longer than ``acquire_timeout`` both raise the retryable ``Unavailable``; the
+    store serves again afterwards."""
+    quick = await instance(statement_timeout=0.3)
+    with pytest.raises(Unavailable) as raised:
+        await quick._read(_sleep, 5.0)  # cancelled by the database after 0.3 s
+    assert raised.value.retryable
+    assert await quick.get_setting("k") is None
+    store = await instance(max_size=1, acquire_timeout=0.2)
+    holding = asyncio.Event()
+
+    async def hold(conn: asyncpg.Connection) -> None:
+        holding.set()
+        await conn.execute("SELECT pg_sleep(3)")
+
+    held = asyncio.create_task(store._read(hold))
+    await holding.wait()  # the only connection is busy for 3 s, 15x the acquire timeout
+    with pytest.raises(Unavailable):
+        await store.get_setting("k")
+    await held
+    assert await store.get_setting("k") is None  # and it serves again
+
+
+async def _sleep(conn: asyncpg.Connection, seconds: float) -> None:
+    await conn.execute("SELECT pg_sleep($1)", seconds)
+
+
 async def test_an_unreachable_database_is_unavailable() -> None:
     store = PostgresStore("postgresql://postgres@127.0.0.1:1/none", connect_timeout=2.0)
     with pytest.raises(Unavailable):
