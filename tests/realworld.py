@@ -13,7 +13,7 @@ import socket
 import sqlite3
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -179,6 +179,25 @@ async def device_loop(dev: Device, ledger: Ledger, stop: asyncio.Event,
                 raise
             progress.record(exc)
             await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def device_loops(devices: Mapping[str, Device], ledgers: Mapping[str, Ledger],
+                       progress: Progress) -> AsyncIterator[None]:
+    """Run :func:`device_loop` for every device while the block runs; when it ends, stop
+    the loops and wait for them (a loop's own failure is raised then)."""
+    stop = asyncio.Event()
+    loops = [asyncio.create_task(device_loop(dev, ledgers[d], stop, progress))
+             for d, dev in devices.items()]
+    try:
+        yield
+        stop.set()
+        await asyncio.gather(*loops)
+    finally:
+        stop.set()
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
 
 
 class TcpLink:

@@ -53,7 +53,7 @@ from .realworld import (
     Progress,
     ServeProcess,
     check_invariants,
-    device_loop,
+    device_loops,
     events_of,
     free_port,
     log_file,
@@ -256,7 +256,6 @@ async def test_server_killed_repeatedly_mid_sync_loses_and_duplicates_nothing(
     names = ("k1", "k2", "k3")
     ledgers = {d: Ledger(d) for d in names}
     progress = Progress()
-    stop = asyncio.Event()
     async with FaultProxy(serve_process.port) as proxy, \
             AdminClient(serve_process.url, ADMIN_TOKEN) as admin, \
             contextlib.AsyncExitStack() as stack:
@@ -264,9 +263,7 @@ async def test_server_killed_repeatedly_mid_sync_loses_and_duplicates_nothing(
         devices = {d: await stack.enter_async_context(Device(
             d, transport=HttpTransport(proxy.url, tokens[d], timeout=5),
             path=tmp_path / f"{d}.db", interval=None)) for d in names}
-        loops = [asyncio.create_task(device_loop(devices[d], ledgers[d], stop, progress))
-                 for d in names]
-        try:
+        async with device_loops(devices, ledgers, progress):
             for kill in range(KILLS):
                 await progress.wait_ok(progress.ok + rng.randint(3, 12))
                 await hold_one(proxy, HOLD_MODES[kill % 2])
@@ -274,13 +271,6 @@ async def test_server_killed_repeatedly_mid_sync_loses_and_duplicates_nothing(
                 proxy.mode = "pass"
                 await asyncio.sleep(rng.uniform(0, 0.2))  # the devices meet a dead server
                 await serve_process.start()
-            stop.set()
-            await asyncio.gather(*loops)
-        finally:
-            stop.set()
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
         for d in names:
             await devices[d].sync()
             await check_invariants(admin, devices[d], ledgers[d])

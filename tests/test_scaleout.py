@@ -38,7 +38,7 @@ from .realworld import (
     ServeProcess,
     TcpLink,
     check_invariants,
-    device_loop,
+    device_loops,
     free_port,
     outbox_rows,
 )
@@ -232,7 +232,6 @@ async def test_instances_killed_behind_a_balancer_lose_and_duplicate_nothing(
     ledgers = {d: Ledger(d) for d in DEVICES}
     commands = Commands()
     progress = Progress()
-    stop = asyncio.Event()
     try:
         for server in servers:
             await server.start()
@@ -245,9 +244,7 @@ async def test_instances_killed_behind_a_balancer_lose_and_duplicate_nothing(
                 path=tmp_path / f"{d}.db", interval=None)) for d in DEVICES}
             for d, dev in devices.items():
                 dev.command("bump")(commands.handler(d))
-            loops = [asyncio.create_task(device_loop(devices[d], ledgers[d], stop, progress))
-                     for d in DEVICES]
-            try:
+            async with device_loops(devices, ledgers, progress):
                 for kill in range(KILLS):
                     for d in DEVICES:
                         await commands.queue(admin, d, kill)
@@ -256,13 +253,6 @@ async def test_instances_killed_behind_a_balancer_lose_and_duplicate_nothing(
                     await victim.kill()  # requests in flight to it fail; the others go on
                     await progress.wait_ok(progress.ok + rng.randint(4, 10))
                     await victim.start()
-                stop.set()
-                await asyncio.gather(*loops)
-            finally:
-                stop.set()
-                for task in loops:
-                    task.cancel()
-                await asyncio.gather(*loops, return_exceptions=True)
             for d in DEVICES:
                 await devices[d].sync()
                 await devices[d].sync()  # command results of the last round
@@ -301,17 +291,14 @@ async def test_a_cut_database_connection_is_retryable_and_loses_nothing(
         config = ServerConfig(db=via_link, port=0, admin_token=ADMIN_TOKEN)
         ledgers = {d: Ledger(d) for d in DEVICES[:2]}
         progress = Progress()
-        stop = asyncio.Event()
         async with Server(config) as server, AdminClient(server.url, ADMIN_TOKEN) as admin, \
                 contextlib.AsyncExitStack() as stack:
             tokens = {d: (await admin.add_device(d))["token"] for d in ledgers}
             devices = {d: await stack.enter_async_context(Device(
                 d, server.url, token=tokens[d], path=tmp_path / f"{d}.db", interval=None))
                 for d in ledgers}
-            loops = [asyncio.create_task(device_loop(devices[d], ledgers[d], stop, progress))
-                     for d in ledgers]
             refused: list[str] = []
-            try:
+            async with device_loops(devices, ledgers, progress):
                 for _ in range(3):
                     await progress.wait_ok(progress.ok + 5)
                     link.cut()
@@ -323,13 +310,6 @@ async def test_a_cut_database_connection_is_retryable_and_loses_nothing(
                         assert resp.status == 200  # the server itself keeps serving
                     link.restore()
                 await progress.wait_ok(progress.ok + 5)
-                stop.set()
-                await asyncio.gather(*loops)
-            finally:
-                stop.set()
-                for task in loops:
-                    task.cancel()
-                await asyncio.gather(*loops, return_exceptions=True)
             for d, dev in devices.items():
                 await dev.sync()
                 await check_invariants(admin, dev, ledgers[d])
