@@ -48,19 +48,29 @@ def require_nats() -> str:
     return NATS_URL
 
 
+def new_schema() -> str:
+    """A fresh, random name for a test's own PostgreSQL schema."""
+    return "t_" + secrets.token_hex(6)
+
+
+async def drop_schema(schema: str) -> None:
+    """Drop a test schema with everything in it (a connection of its own)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(require_postgres())
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
 @contextlib.asynccontextmanager
 async def postgres_schema() -> AsyncIterator[str]:
     """A store URL on a fresh PostgreSQL schema of its own (``...?schema=t_<random>``), so
     tests never see each other's rows; the schema is dropped afterwards."""
-    import asyncpg
-
     base = require_postgres()
-    schema = "t_" + secrets.token_hex(6)
+    schema = new_schema()
     try:
         yield f"{base}?schema={schema}"
     finally:
-        conn = await asyncpg.connect(base)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await drop_schema(schema)

@@ -11,12 +11,10 @@ after the test.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from crdtsync.protocol import Conflict, Event, WriteInfo
@@ -38,23 +36,14 @@ from crdtsync_server.store import (
 from crdtsync_server.store.feed import ConflictRecord, StateChange
 from crdtsync_server.store.postgres import PostgresStore
 
-from .services import POSTGRES_URL, require_postgres
+from .services import POSTGRES_URL, drop_schema, new_schema, require_postgres
 
 
 def postgres_store(tmp_path: Path | None = None) -> PostgresStore:
     """A :class:`PostgresStore` in a schema of its own (random name) on the test database,
     not opened (building one needs no database: ``test_store_roles.py`` runs without it).
     Drop its schema afterwards with :func:`drop_schema`."""
-    return PostgresStore(POSTGRES_URL, schema="t_" + secrets.token_hex(6))
-
-
-async def drop_schema(schema: str) -> None:
-    """Drop a test schema with everything in it (a connection of its own)."""
-    conn = await asyncpg.connect(require_postgres())
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
+    return PostgresStore(POSTGRES_URL, schema=new_schema())
 
 
 BACKENDS: dict[str, Callable[[Path], Store]] = {

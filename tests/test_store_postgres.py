@@ -39,15 +39,15 @@ from crdtsync_server.store.postgres import PostgresStore
 from crdtsync_server.store.postgres.schema import SCHEMA_VERSION
 
 from .conftest import ADMIN_TOKEN
-from .services import require_postgres
-from .store_backends import drop_schema, evs, write_docs
+from .services import drop_schema, new_schema, require_postgres
+from .store_backends import evs, write_docs
 
 OpenStore = Callable[..., Awaitable[PostgresStore]]
 
 
 @pytest.fixture
 async def schema() -> AsyncIterator[str]:
-    name = "t_" + secrets.token_hex(6)
+    name = new_schema()
     require_postgres()
     try:
         yield name

@@ -8,7 +8,6 @@ fresh PostgreSQL schema, as several servers share one database. Liveness is deci
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ from crdtsync_server.store import SyncWrite
 from crdtsync_server.store.postgres import PostgresStore
 from crdtsync_server.store.sinks import SinkConfig
 
-from .services import require_postgres
+from .services import drop_schema, new_schema, require_postgres
 from .store_backends import add_device, req
 
 pytestmark = pytest.mark.service
@@ -33,16 +32,11 @@ INTERRUPTED = {"ok": False, "code": "interrupted"}
 @pytest.fixture
 async def schema() -> AsyncIterator[tuple[str, str]]:
     """``(url, schema)``: a fresh schema, dropped afterwards."""
-    url = require_postgres()
-    name = "t_" + secrets.token_hex(8)
+    url, name = require_postgres(), new_schema()
     try:
         yield url, name
     finally:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-        finally:
-            await conn.close()
+        await drop_schema(name)
 
 
 @pytest.fixture
