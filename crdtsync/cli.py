@@ -6,7 +6,8 @@ events.
                     [--cache-docs N] [--cache-idle S]
                     [--backlog N] [--feed-retention DAYS] [--header-timeout S]
                     [--body-timeout S] [--rebuild-factor X] [--rebuild-slack B]
-                    [--wake-hold S] [--wake-rate N] [--max-waiters N] [--log-level LEVEL]
+                    [--wake-hold S] [--wake-rate N] [--max-waiters N] [--instance-ttl S]
+                    [--log-level LEVEL]
     crdtsync demo   [--devices N] [--duration S] [--db PATH] [--port N] [--data-dir DIR]
                     [--log-level LEVEL]
     crdtsync device add ID [--meta JSON] | crdtsync device list | crdtsync device show ID
@@ -163,7 +164,7 @@ def check_serve(config: ServerConfig, workers: int) -> None:
 
 SERVE_OPTIONS = ("max_body", "cache_docs", "backlog", "cache_idle", "header_timeout",
                  "body_timeout", "rebuild_factor", "rebuild_slack", "wake_hold", "wake_rate",
-                 "max_waiters")
+                 "max_waiters", "instance_ttl")
 """``crdtsync serve`` options that set the ``ServerConfig`` field of the same name."""
 SHOWN_DEFAULTS = frozenset(SERVE_OPTIONS) - {"max_body"}
 """The options whose help shows the ``ServerConfig`` default (:class:`ServeHelp`)."""
@@ -671,6 +672,10 @@ def add_serve(sub: Subparsers) -> None:
                         " to wait their turn)")
     p.add_argument("--max-waiters", type=number(int, 1), metavar="N",
                    help="live channels held at most; beyond, 429 with Retry-After")
+    p.add_argument("--instance-ttl", type=number(float, 0.1), metavar="SECONDS",
+                   help="after this long without a heartbeat, an instance sharing the"
+                        " database counts as gone: its running proxied requests are finished"
+                        " as interrupted")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)
