@@ -23,6 +23,8 @@ balancer without sticky routing does.
                              [--storm-devices 2000] [--storm-rounds 1] [--quick]
                              [--database postgresql://postgres@127.0.0.1:5432/test]
                              [--write docs/benchmarks.md]
+    python bench/scaleout.py --profile server.prof [--profile-instances N]
+                             (the PostgreSQL throughput only, its first server under cProfile)
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from common import (
     nproc,
     percentile,
     postgres_schema,
+    print_profile,
     provision,
     report,
     spread,
@@ -96,12 +99,13 @@ STORM = (Setup(False, 1), Setup(True, 2))
 
 
 @contextlib.asynccontextmanager
-async def cluster(setup: Setup, tmp: Path, database: str
+async def cluster(setup: Setup, tmp: Path, database: str, profile: Path | None = None
                   ) -> AsyncIterator[tuple[list[Child], PgBackends | None]]:
     """The servers of ``setup``, started and accepting connections, and the PostgreSQL
-    backends serving them (None on SQLite); stopped (and the schema dropped) afterwards."""
+    backends serving them (None on SQLite); stopped (and the schema dropped) afterwards.
+    ``profile``: the first server runs under cProfile, its stats to that file."""
     if not setup.postgres:
-        server = await start_server(tmp, db=f"{setup.key}.db")
+        server = await start_server(tmp, db=f"{setup.key}.db", profile=profile)
         try:
             yield [server], None
         finally:
@@ -112,8 +116,9 @@ async def cluster(setup: Setup, tmp: Path, database: str
         servers: list[Child] = []
         try:
             for n in range(setup.instances):
-                servers.append(await start_server(tmp, db=f"{setup.key}-{n}",
-                                                  database=url))
+                servers.append(await start_server(
+                    tmp, db=f"{setup.key}-{n}", database=url,
+                    profile=profile if n == 0 else None))
             yield servers, PgBackends(database, schema)
         finally:
             for server in reversed(servers):
@@ -126,9 +131,10 @@ async def cluster(setup: Setup, tmp: Path, database: str
 async def throughput(setup: Setup, s: Settings, tmp: Path, database: str
                      ) -> list[RoundResult]:
     """``s.rounds`` rounds of the throughput load on fresh servers of ``setup``; checks that
-    every acknowledged event of a sample of devices is stored."""
+    every acknowledged event of a sample of devices is stored. With ``s.profile``, the first
+    server runs under cProfile."""
     rounds: list[RoundResult] = []
-    async with cluster(setup, tmp, database) as (servers, backends):
+    async with cluster(setup, tmp, database, s.profile) as (servers, backends):
         ids = [f"bench-{n:04d}" for n in range(s.devices)]
         tokens = await provision(servers[0].url, ids)
         urls = [server.url + SYNC_PATH for server in servers]
@@ -207,34 +213,40 @@ def throughput_table(results: Results) -> list[str]:
 
 
 def bottleneck(results: Results, cpus: int) -> list[str]:
-    """Where the best configuration's time goes, and what one more CPU would buy: the
-    machine can do at most ``cpus / (CPU per sync)`` syncs/s, the load generator (one
-    process, one CPU) at most ``1 / (its CPU per sync)``."""
-    best = max(results, key=lambda s: median([r.syncs_per_s for r in results[s]]))
-    rs = results[best]
+    """Where each configuration's CPU goes, and what one more CPU would buy the fastest one.
+    Caps on syncs/s: the machine ``cpus / (server + PostgreSQL + load CPU per sync)``; the
+    load generator (one process, one CPU) ``1 / (its CPU per sync)``; the servers (one event
+    loop each, one CPU at most) ``instances / (server CPU per sync)``."""
+    lines = []
+    caps: dict[Setup, tuple[float, float, float, float]] = {}
+    for setup, rs in results.items():
+        def med(fn: Callable[[RoundResult], float], rs: list[RoundResult] = rs) -> float:
+            return median([fn(r) for r in rs])
 
-    def med(fn: Callable[[RoundResult], float]) -> float:
-        return median([fn(r) for r in rs])
-
-    syncs = med(lambda r: r.syncs_per_s)
-    load = med(lambda r: r.cpu.load)
-    busy = med(lambda r: r.cpu.server + r.cpu.database + r.cpu.load + r.cpu.others)
-    work_ms = med(lambda r: per_sync(r, r.cpu.server + r.cpu.database + r.cpu.load))
-    load_ms = med(lambda r: per_sync(r, r.cpu.load))
-    machine_cap = [(cpus + k) * 1000 / work_ms for k in (0, 1)]
-    client_cap = 1000 / load_ms
-    bound = ("client-bound: the load generator uses about one CPU" if load >= 85 else
-             f"CPU-bound: the {cpus} CPUs are busy ({busy:.0f} % of one in all)"
-             if busy >= 90 * cpus else
-             f"not CPU-bound ({busy:.0f} % of {cpus * 100} %): waits (commit, locks, "
-             "round trips) limit it")
-    return [
-        f"Bottleneck ({best.label}, the fastest: {syncs:,.0f} syncs/s): {bound}. "
-        f"Server, PostgreSQL and load generator together use {work_ms:.2f} ms of CPU per "
-        f"sync, so {cpus} CPUs allow at most {machine_cap[0]:,.0f} syncs/s and one more CPU "
-        f"{machine_cap[1]:,.0f} syncs/s; the load generator alone (one process) tops out at "
-        f"{client_cap:,.0f} syncs/s, so one more CPU would buy at most "
-        f"{min(machine_cap[1], client_cap) / syncs:.2f}x."]
+        syncs = med(lambda r: r.syncs_per_s)
+        load = med(lambda r: r.cpu.load)
+        busy = med(lambda r: r.cpu.server + r.cpu.database + r.cpu.load + r.cpu.others)
+        work_ms = med(lambda r: per_sync(r, r.cpu.server + r.cpu.database + r.cpu.load))
+        server_ms = med(lambda r: per_sync(r, r.cpu.server))
+        load_ms = med(lambda r: per_sync(r, r.cpu.load))
+        caps[setup] = (syncs, (cpus + 1) * 1000 / work_ms, 1000 / load_ms,
+                       setup.instances * 1000 / server_ms)
+        bound = ("client-bound: the load generator uses about one CPU" if load >= 85 else
+                 f"CPU-bound: the machine is busy ({busy:.0f} % of {cpus * 100} %)"
+                 if busy >= 90 * cpus else
+                 f"not CPU-bound ({busy:.0f} % of {cpus * 100} % busy): waits (commits, "
+                 "locks, round trips) limit it")
+        lines.append(f"- {setup.label}: {bound}; CPU per sync {work_ms:.2f} ms, "
+                     f"{cpus} CPUs allow {cpus * 1000 / work_ms:,.0f} syncs/s.")
+    best = max(caps, key=lambda s: caps[s][0])
+    syncs, machine_cap, client_cap, server_cap = caps[best]
+    gain = min(machine_cap, client_cap, server_cap) / syncs
+    lines.append(
+        f"- One more CPU, for the fastest ({best.label}, {syncs:,.0f} syncs/s): the machine "
+        f"would allow {machine_cap:,.0f} syncs/s, the load generator {client_cap:,.0f}, its "
+        f"{best.instances} server process(es) (one GIL each) {server_cap:,.0f}: at most "
+        f"{gain:.2f}x.")
+    return lines
 
 
 def storm_table(storms: dict[Setup, list[Run]], devices: int) -> list[str]:
@@ -274,6 +286,8 @@ def render(args: argparse.Namespace, s: Settings, results: Results,
         "one CPU; PostgreSQL: its backends serving the instances only.",
         "",
         *throughput_table(results),
+        "",
+        "Where the CPU goes (medians):",
         "",
         *bottleneck(results, args.cpus),
         "",
@@ -316,6 +330,10 @@ async def main(args: argparse.Namespace, s: Settings) -> int:
     storms: dict[Setup, list[Run]] = {setup: [] for setup in STORM}
     with tempfile.TemporaryDirectory(prefix="crdtsync-scaleout-") as tmp_name:
         tmp = Path(tmp_name)
+        if s.profile is not None:
+            await throughput(Setup(True, args.profile_instances), s, tmp, args.database)
+            print_profile(s.profile)
+            return 0
         for setup in THROUGHPUT:
             results[setup] = await throughput(setup, s, tmp, args.database)
         for n in range(args.storm_rounds):
@@ -352,6 +370,11 @@ def cli() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="20 devices, 1 round of 1.5 s; storm of 50 devices (CI smoke)")
     parser.add_argument("--write", type=Path, help="replace the generated block of this file")
+    parser.add_argument("--profile", type=Path, metavar="OUT",
+                        help="only the PostgreSQL throughput, its first server under cProfile "
+                             "(stats to OUT and OUT.threads), then print the top functions")
+    parser.add_argument("--profile-instances", type=int, default=1, metavar="N",
+                        help="PostgreSQL instances with --profile (default 1)")
     args = parser.parse_args()
     if args.quick:
         args.devices, args.concurrency, args.duration, args.rounds = 20, 8, 1.5, 1
@@ -359,7 +382,7 @@ def cli() -> None:
     args.cpus = nproc()
     s = Settings(devices=args.devices, concurrency=args.concurrency, duration=args.duration,
                  rounds=args.rounds, shared_docs=False, encoding="identity", quick=args.quick,
-                 profile=None, seed=args.seed)
+                 profile=args.profile.resolve() if args.profile else None, seed=args.seed)
     try:
         sys.exit(asyncio.run(main(args, s)))
     except asyncio.CancelledError:  # SIGTERM: children stopped by the finally blocks
