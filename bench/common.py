@@ -396,6 +396,34 @@ class PgBackends:
         """Backends seen so far."""
         return len(self.procs)
 
+    async def waits(self, stop: asyncio.Event, every: float = 0.05) -> dict[str, float]:
+        """Until ``stop`` is set, look at what the backends do every ``every`` s; the mean
+        number of them per look that were ``lock`` (waiting for a lock: on crdtsync's
+        commits, the advisory lock that orders cursors), ``server`` (in a transaction,
+        waiting for the crdtsync server's next statement), ``running`` (running a
+        statement, or waiting for I/O) and ``idle`` (no transaction open)."""
+        import asyncpg
+
+        seen = {"lock": 0, "server": 0, "running": 0, "idle": 0}
+        looks = 0
+        conn = await asyncpg.connect(self.base)
+        try:
+            while not stop.is_set():
+                for row in await conn.fetch(
+                        "SELECT state, wait_event_type FROM pg_stat_activity"
+                        " WHERE application_name = $1", self.application_name):
+                    kind = ("lock" if row["wait_event_type"] == "Lock" else
+                            "running" if row["state"] == "active" else
+                            "server" if str(row["state"]).startswith("idle in transaction")
+                            else "idle")
+                    seen[kind] += 1
+                looks += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), every)
+        finally:
+            await conn.close()
+        return {kind: n / max(looks, 1) for kind, n in seen.items()}
+
     def seconds(self) -> float:
         for pid, proc in self.procs.items():
             with contextlib.suppress(psutil.Error):

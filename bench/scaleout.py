@@ -41,6 +41,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 from common import (
     POSTGRES_URL,
     Child,
@@ -64,6 +65,7 @@ from throughput import (
     STATE_CHANGES,
     RoundResult,
     Settings,
+    SimDevice,
     fleet,
     run_round,
     warm_up,
@@ -74,6 +76,8 @@ from crdtsync.protocol import SYNC_PATH
 
 NAME = "scaleout"
 LIBS = ("aiohttp", "pycrdt", "asyncpg")
+SERIAL = 0.8
+"""Mean backends waiting for the commit-order lock from which it counts as always taken."""
 STORM_TIMEOUT = 120.0
 """Seconds a storm device may take (as ``bench/storm.py``)."""
 
@@ -128,12 +132,34 @@ async def cluster(setup: Setup, tmp: Path, database: str, profile: Path | None =
 # --- throughput -----------------------------------------------------------------------------
 
 
-async def throughput(setup: Setup, s: Settings, tmp: Path, database: str
-                     ) -> list[RoundResult]:
+@dataclass
+class Round:
+    """One throughput round and, on PostgreSQL, what its backends were doing
+    (:meth:`PgBackends.waits`)."""
+
+    result: RoundResult
+    waits: dict[str, float]
+
+
+async def watched_round(session: aiohttp.ClientSession, urls: list[str],
+                        devices: Sequence[SimDevice], s: Settings, setup: Setup,
+                        servers: list[Child], backends: PgBackends | None) -> Round:
+    """:func:`throughput.run_round`, with the backends' waits sampled meanwhile."""
+    stop = asyncio.Event()
+    watch = (asyncio.create_task(backends.waits(stop)) if backends is not None else None)
+    try:
+        result = await run_round(session, urls, devices, s.concurrency, s.duration,
+                                 setup.key, servers, backends)
+    finally:
+        stop.set()
+    return Round(result, await watch if watch is not None else {})
+
+
+async def throughput(setup: Setup, s: Settings, tmp: Path, database: str) -> list[Round]:
     """``s.rounds`` rounds of the throughput load on fresh servers of ``setup``; checks that
     every acknowledged event of a sample of devices is stored. With ``s.profile``, the first
     server runs under cProfile."""
-    rounds: list[RoundResult] = []
+    rounds: list[Round] = []
     async with cluster(setup, tmp, database, s.profile) as (servers, backends):
         ids = [f"bench-{n:04d}" for n in range(s.devices)]
         tokens = await provision(servers[0].url, ids)
@@ -142,10 +168,11 @@ async def throughput(setup: Setup, s: Settings, tmp: Path, database: str
         async with client_session(s.concurrency, 60) as session:
             await warm_up(session, urls, devices, s.concurrency)
             for n in range(s.rounds):
-                r = await run_round(session, urls, devices, s.concurrency, s.duration,
-                                    setup.key, servers, backends)
+                r = await watched_round(session, urls, devices, s, setup, servers, backends)
                 rounds.append(r)
-                print(f"{setup.label} round {n + 1}/{s.rounds} {r.line()}", flush=True)
+                waits = " ".join(f"{k} {v:.1f}" for k, v in r.waits.items())
+                print(f"{setup.label} round {n + 1}/{s.rounds} {r.result.line()}"
+                      + (f"  backends: {waits}" if waits else ""), flush=True)
         sample = devices[::max(1, len(devices) // 20)]
         await check_last_seq(servers[-1].url, {d.id: d.acked for d in sample})
     return rounds
@@ -183,7 +210,7 @@ async def storm_run(setup: Setup, ids: Sequence[int], tmp: Path, args: argparse.
 # --- report ---------------------------------------------------------------------------------
 
 
-Results = dict[Setup, list[RoundResult]]
+Results = dict[Setup, list[Round]]
 
 
 def throughput_table(results: Results) -> list[str]:
@@ -193,8 +220,13 @@ def throughput_table(results: Results) -> list[str]:
 
     def row(name: str, fn: Callable[[RoundResult], float], fmt: str = "{:,.0f}") -> None:
         lines.append(f"| {name} | "
-                     + " | ".join(spread([fn(r) for r in results[s]], fmt) for s in setups)
-                     + " |")
+                     + " | ".join(spread([fn(r.result) for r in results[s]], fmt)
+                                  for s in setups) + " |")
+
+    def waits(name: str, kind: str) -> None:
+        lines.append(f"| {name} | " + " | ".join(
+            spread([r.waits[kind] for r in results[s]], "{:.1f}") if s.postgres else "-"
+            for s in setups) + " |")
 
     row("syncs/s", lambda r: r.syncs_per_s)
     row("events/s", lambda r: r.events_per_s)
@@ -209,43 +241,57 @@ def throughput_table(results: Results) -> list[str]:
     row("load generator CPU per sync (ms)", lambda r: per_sync(r, r.cpu.load), "{:.2f}")
     row("server + PostgreSQL + load per sync (ms)",
         lambda r: per_sync(r, r.cpu.server + r.cpu.database + r.cpu.load), "{:.2f}")
+    waits("PostgreSQL backends waiting for the commit-order lock (mean)", "lock")
+    waits("... in a transaction, waiting for the server (mean)", "server")
+    waits("... running a statement (mean)", "running")
+    waits("... idle (mean)", "idle")
     return lines
 
 
-def bottleneck(results: Results, cpus: int) -> list[str]:
-    """Where each configuration's CPU goes, and what one more CPU would buy the fastest one.
-    Caps on syncs/s: the machine ``cpus / (server + PostgreSQL + load CPU per sync)``; the
-    load generator (one process, one CPU) ``1 / (its CPU per sync)``; the servers (one event
-    loop each, one CPU at most) ``instances / (server CPU per sync)``."""
-    lines = []
-    caps: dict[Setup, tuple[float, float, float, float]] = {}
-    for setup, rs in results.items():
-        def med(fn: Callable[[RoundResult], float], rs: list[RoundResult] = rs) -> float:
-            return median([fn(r) for r in rs])
+def median_of(rounds: Sequence[RoundResult], fn: Callable[[RoundResult], float]) -> float:
+    return median([fn(r) for r in rounds])
 
-        syncs = med(lambda r: r.syncs_per_s)
-        load = med(lambda r: r.cpu.load)
-        busy = med(lambda r: r.cpu.server + r.cpu.database + r.cpu.load + r.cpu.others)
-        work_ms = med(lambda r: per_sync(r, r.cpu.server + r.cpu.database + r.cpu.load))
-        server_ms = med(lambda r: per_sync(r, r.cpu.server))
-        load_ms = med(lambda r: per_sync(r, r.cpu.load))
-        caps[setup] = (syncs, (cpus + 1) * 1000 / work_ms, 1000 / load_ms,
-                       setup.instances * 1000 / server_ms)
+
+def bottleneck(results: Results, cpus: int) -> list[str]:
+    """Per configuration: what limits it, and what one more CPU would buy. Caps on syncs/s:
+    the machine ``cpus / (server + PostgreSQL + load CPU per sync)``; the load generator
+    (one process) ``1 / (its CPU per sync)``; the servers (one GIL each)
+    ``instances / (server CPU per sync)``; one more CPU buys at most the lowest cap with
+    ``cpus + 1`` over the syncs/s measured."""
+    lines = []
+    lock = 0.0
+    serial_note = ""
+    for setup, rounds in results.items():
+        rs = [r.result for r in rounds]
+        syncs = median_of(rs, lambda r: r.syncs_per_s)
+        load = median_of(rs, lambda r: r.cpu.load)
+        busy = median_of(rs, lambda r: r.cpu.server + r.cpu.database + r.cpu.load + r.cpu.others)
+        work_ms = median_of(rs, lambda r: per_sync(r, r.cpu.server + r.cpu.database + r.cpu.load))
+        client_cap = 1000 / median_of(rs, lambda r: per_sync(r, r.cpu.load))
+        server_cap = setup.instances * 1000 / median_of(rs, lambda r: per_sync(r, r.cpu.server))
+        more = min((cpus + 1) * 1000 / work_ms, client_cap, server_cap)
         bound = ("client-bound: the load generator uses about one CPU" if load >= 85 else
                  f"CPU-bound: the machine is busy ({busy:.0f} % of {cpus * 100} %)"
                  if busy >= 90 * cpus else
                  f"not CPU-bound ({busy:.0f} % of {cpus * 100} % busy): waits (commits, "
                  "locks, round trips) limit it")
-        lines.append(f"- {setup.label}: {bound}; CPU per sync {work_ms:.2f} ms, "
-                     f"{cpus} CPUs allow {cpus * 1000 / work_ms:,.0f} syncs/s.")
-    best = max(caps, key=lambda s: caps[s][0])
-    syncs, machine_cap, client_cap, server_cap = caps[best]
-    gain = min(machine_cap, client_cap, server_cap) / syncs
-    lines.append(
-        f"- One more CPU, for the fastest ({best.label}, {syncs:,.0f} syncs/s): the machine "
-        f"would allow {machine_cap:,.0f} syncs/s, the load generator {client_cap:,.0f}, its "
-        f"{best.instances} server process(es) (one GIL each) {server_cap:,.0f}: at most "
-        f"{gain:.2f}x.")
+        if setup.postgres:
+            lock = median([r.waits["lock"] for r in rounds])
+            held = median([r.waits["server"] for r in rounds])
+            bound += (f"; on average {lock:.1f} PostgreSQL backends wait for the commit-order "
+                      f"lock and {held:.1f} hold a transaction open waiting for the server")
+            serial_note = (
+                ", but only if the commits' hold on the lock gets shorter: someone waits for it "
+                "nearly all the time, so commits run one group after another across the "
+                "instances and more CPU helps only as far as the holder's server process "
+                "waited to be scheduled")
+        lines.append(
+            f"- {setup.label} ({syncs:,.0f} syncs/s): {bound}. {work_ms:.2f} ms of CPU per "
+            f"sync: {cpus} CPUs allow {cpus * 1000 / work_ms:,.0f} syncs/s, "
+            f"{cpus + 1} CPUs {(cpus + 1) * 1000 / work_ms:,.0f}; caps: load generator "
+            f"{client_cap:,.0f}, {setup.instances} server process(es) {server_cap:,.0f}; "
+            f"one more CPU: at most {more:,.0f} syncs/s ({more / syncs:.2f}x)"
+            + (serial_note if setup.postgres and lock >= SERIAL else "") + ".")
     return lines
 
 
@@ -342,7 +388,7 @@ async def main(args: argparse.Namespace, s: Settings) -> int:
             for setup in (STORM if n % 2 == 0 else STORM[::-1]):
                 with tempfile.TemporaryDirectory(dir=tmp) as folder:
                     storms[setup].append(await storm_run(setup, ids, Path(folder), args))
-    errors = sum(sum(r.errors.values()) for rs in results.values() for r in rs)
+    errors = sum(sum(r.result.errors.values()) for rs in results.values() for r in rs)
     failed = [r for runs in storms.values() for r in runs if not r.ok]
     text = render(args, s, results, storms, pg_version)
     if errors or failed:
