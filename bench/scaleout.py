@@ -270,9 +270,12 @@ def bottleneck(results: Results, cpus: int) -> list[str]:
         client_cap = 1000 / median_of(rs, lambda r: per_sync(r, r.cpu.load))
         server_cap = setup.instances * 1000 / median_of(rs, lambda r: per_sync(r, r.cpu.server))
         more = min((cpus + 1) * 1000 / work_ms, client_cap, server_cap)
+        server = median_of(rs, lambda r: r.cpu.server)
         bound = ("client-bound: the load generator uses about one CPU" if load >= 85 else
                  f"CPU-bound: the machine is busy ({busy:.0f} % of {cpus * 100} %)"
                  if busy >= 90 * cpus else
+                 f"server-bound: {server:.0f} % of a CPU for {setup.instances} process(es), "
+                 "one GIL each" if server >= 85 * setup.instances else
                  f"not CPU-bound ({busy:.0f} % of {cpus * 100} % busy): waits (commits, "
                  "locks, round trips) limit it")
         if setup.postgres:
