@@ -20,7 +20,7 @@ balancer without sticky routing does.
   compared with its device's afterwards.
 
     python bench/scaleout.py [--devices 200] [--concurrency 32] [--duration 8] [--rounds 3]
-                             [--storm-devices 2000] [--storm-rounds 1] [--quick]
+                             [--storm-devices 2000] [--storm-rounds 2] [--quick]
                              [--database postgresql://postgres@127.0.0.1:5432/test]
                              [--write docs/benchmarks.md]
     python bench/scaleout.py --profile server.prof [--profile-instances N]
@@ -410,7 +410,7 @@ def cli() -> None:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per configuration")
     parser.add_argument("--storm-devices", type=int, default=2000)
-    parser.add_argument("--storm-rounds", type=int, default=1)
+    parser.add_argument("--storm-rounds", type=int, default=2)
     parser.add_argument("--storm-concurrency", type=int,
                         default=500, help="connections open at once in the storm")
     parser.add_argument("--database", default=POSTGRES_URL,
