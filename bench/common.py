@@ -14,8 +14,10 @@
 - the admin API (:func:`provision`, :func:`check_last_seq`); bounded concurrency
   (:func:`gather_limited`);
 - requests as the reference client sends them (:func:`headers`, :func:`compress`,
-  :func:`client_session`, :func:`post_sync`), and the CPU a server and the load used during a
-  span (:class:`CpuMeter`);
+  :func:`client_session`, :func:`post_sync`), and the CPU servers, their database and the
+  load used during a span (:class:`CpuMeter`);
+- PostgreSQL: a fresh schema dropped afterwards (:func:`postgres_schema`), the CPU of the
+  backends serving it (:class:`PgBackends`);
 - memory: :func:`rss`, :func:`settled_rss`, :func:`files_size`, and allocation sites between
   two ``tracemalloc`` snapshots (:func:`remember_sources`, :func:`top_sites`,
   :func:`traced_bytes`).
@@ -35,6 +37,7 @@ import math
 import os
 import platform
 import re
+import secrets
 import signal
 import sqlite3
 import statistics
@@ -44,7 +47,7 @@ import tempfile
 import time
 import tracemalloc
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -281,36 +284,152 @@ def busy_seconds() -> float:
 
 @dataclass
 class CpuUse:
-    """CPU used during a span, in % of one CPU: the server's event-loop thread, its other
-    threads, this process (the load generator) and every other process of the machine."""
+    """CPU used during a span, in % of one CPU: the servers' event-loop threads, their other
+    threads, the database's processes serving them (:class:`PgBackends`; 0 for SQLite),
+    this process (the load generator) and every other process of the machine."""
 
     server_main: float = 0.0
     server_other: float = 0.0
     load: float = 0.0
     others: float = 0.0
+    database: float = 0.0
+
+    @property
+    def server(self) -> float:
+        """All threads of the servers."""
+        return self.server_main + self.server_other
 
 
 class CpuMeter:
-    """``meter = CpuMeter(server)`` ... ``use = meter.stop()``; the span lasted
-    ``meter.seconds`` (wall time, from ``meter.t0``, a ``perf_counter()``)."""
+    """``meter = CpuMeter(servers)`` ... ``use = meter.stop()``; the span lasted
+    ``meter.seconds`` (wall time, from ``meter.t0``, a ``perf_counter()``). ``servers``: one
+    server process or several (their CPU summed); ``database``: a reading of the database's
+    CPU seconds so far (:meth:`PgBackends.seconds`), left out of ``others``."""
 
-    def __init__(self, server: Child) -> None:
-        self.server = server
+    def __init__(self, servers: Child | Sequence[Child],
+                 database: Callable[[], float] | None = None) -> None:
+        self.servers = [servers] if isinstance(servers, Child) else list(servers)
+        self.database = database or (lambda: 0.0)
         self.me = psutil.Process()
-        self.start = (server.thread_cpu(), self.me.cpu_times(), busy_seconds())
+        self.start = (self._server_cpu(), self.database(), self.me.cpu_times(),
+                      busy_seconds())
         self.t0 = time.perf_counter()
         self.seconds = 0.0
 
+    def _server_cpu(self) -> tuple[float, float]:
+        threads = [s.thread_cpu() for s in self.servers]
+        return sum(m for m, _ in threads), sum(o for _, o in threads)
+
     def stop(self) -> CpuUse:
         self.seconds = time.perf_counter() - self.t0
-        (main0, other0), me0, busy0 = self.start
-        main1, other1 = self.server.thread_cpu()
-        me1, busy1 = self.me.cpu_times(), busy_seconds()
+        (main0, other0), db0, me0, busy0 = self.start
+        main1, other1 = self._server_cpu()
+        db1, me1, busy1 = self.database(), self.me.cpu_times(), busy_seconds()
         load = me1.user + me1.system - me0.user - me0.system
         server = main1 - main0 + other1 - other0
-        others = max(0.0, busy1 - busy0 - load - server)
+        others = max(0.0, busy1 - busy0 - load - server - (db1 - db0))
         return CpuUse(*(100 * x / self.seconds for x in (main1 - main0, other1 - other0, load,
-                                                         others)))
+                                                         others, db1 - db0)))
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------
+
+
+POSTGRES_URL = os.environ.get("CRDTSYNC_TEST_POSTGRES",
+                              "postgresql://postgres@127.0.0.1:5432/test")
+"""The database of the PostgreSQL benchmarks (the tests' one; CI runs it)."""
+
+
+@contextlib.asynccontextmanager
+async def postgres_schema(base: str = POSTGRES_URL, prefix: str = "bench"
+                          ) -> AsyncIterator[tuple[str, str]]:
+    """A fresh PostgreSQL schema ``<prefix>_<random>`` as ``(store URL, schema)`` (the URL:
+    ``base?schema=NAME``, created by the first server that opens it); dropped afterwards."""
+    import asyncpg
+
+    schema = f"{prefix}_{secrets.token_hex(5)}"
+    try:
+        yield f"{base}?schema={schema}", schema
+    finally:
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+class PgBackends:
+    """The CPU of the PostgreSQL backend processes serving the crdtsync stores of one schema
+    (``pg_stat_activity.application_name`` is ``crdtsync.<schema>``: the pooled connections
+    and the ``LISTEN`` one), read from ``/proc`` (the database runs on this machine).
+
+    :meth:`refresh` (async) finds the current backends; :meth:`seconds` is the CPU they used
+    so far: a backend seen by a refresh counts its whole life, one that has exited since
+    keeps its last reading. Refresh just before a span starts and before it ends, so a
+    backend opened during the span counts too. PostgreSQL's shared processes (WAL writer,
+    checkpointer, background writer) are left out."""
+
+    def __init__(self, base: str, schema: str) -> None:
+        self.base = base
+        self.application_name = f"crdtsync.{schema}"
+        self.last: dict[int, float] = {}
+        self.procs: dict[int, psutil.Process] = {}
+
+    async def refresh(self) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.base)
+        try:
+            rows = await conn.fetch("SELECT pid FROM pg_stat_activity"
+                                    " WHERE application_name = $1", self.application_name)
+        finally:
+            await conn.close()
+        for row in rows:
+            pid = int(row["pid"])
+            if pid not in self.procs:
+                with contextlib.suppress(psutil.Error):
+                    self.procs[pid] = psutil.Process(pid)
+        self.seconds()
+
+    @property
+    def count(self) -> int:
+        """Backends seen so far."""
+        return len(self.procs)
+
+    async def waits(self, stop: asyncio.Event, every: float = 0.05) -> dict[str, float]:
+        """Until ``stop`` is set, look at what the backends do every ``every`` s; the mean
+        number of them per look that were ``lock`` (waiting for a lock: on crdtsync's
+        commits, the advisory lock that orders cursors), ``server`` (in a transaction,
+        waiting for the crdtsync server's next statement), ``running`` (running a
+        statement, or waiting for I/O) and ``idle`` (no transaction open)."""
+        import asyncpg
+
+        seen = {"lock": 0, "server": 0, "running": 0, "idle": 0}
+        looks = 0
+        conn = await asyncpg.connect(self.base)
+        try:
+            while not stop.is_set():
+                for row in await conn.fetch(
+                        "SELECT state, wait_event_type FROM pg_stat_activity"
+                        " WHERE application_name = $1", self.application_name):
+                    kind = ("lock" if row["wait_event_type"] == "Lock" else
+                            "running" if row["state"] == "active" else
+                            "server" if str(row["state"]).startswith("idle in transaction")
+                            else "idle")
+                    seen[kind] += 1
+                looks += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), every)
+        finally:
+            await conn.close()
+        return {kind: n / max(looks, 1) for kind, n in seen.items()}
+
+    def seconds(self) -> float:
+        for pid, proc in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                self.last[pid] = float(times.user + times.system)
+        return sum(self.last.values())
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -547,9 +666,10 @@ class Child:
 
 
 def serve_argv(folder: Path, *flags: str, db: str = "server.db",
-               grace: float | None = None, profile: Path | None = None
-               ) -> tuple[list[str], dict[str, str]]:
-    """Command line and extra environment of ``crdtsync serve`` on SQLite ``folder/db``, on a
+               grace: float | None = None, profile: Path | None = None,
+               database: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """Command line and extra environment of ``crdtsync serve`` on SQLite ``folder/db`` (or
+    on the ``database`` URL, a PostgreSQL one say), on a
     free port, with the admin token :data:`ADMIN_TOKEN` and ``flags``. With ``grace`` (the
     seconds an LRU-evicted document keeps its observers, ``RETIRE_GRACE``) or ``profile`` (a
     file for cProfile stats), through ``bench/_serve.py``: benchmark knobs, no product code
@@ -561,16 +681,19 @@ def serve_argv(folder: Path, *flags: str, db: str = "server.db",
         env[PROFILE_ENV] = str(profile)
     prefix = ([sys.executable, str(BENCH / "_serve.py")] if env
               else [sys.executable, "-m", "crdtsync"])
-    return [*prefix, "serve", "--db", str(folder / db), "--port", "0", "--admin-token",
+    return [*prefix, "serve", "--db", database or str(folder / db), "--port", "0",
+            "--admin-token",
             ADMIN_TOKEN, "--log-level", "warning", *flags], env
 
 
 async def start_server(folder: Path, *flags: str, name: str = "crdtsync serve",
                        db: str = "server.db", grace: float | None = None,
-                       profile: Path | None = None, patience: float = 30.0) -> Child:
+                       profile: Path | None = None, patience: float = 30.0,
+                       database: str | None = None) -> Child:
     """``crdtsync serve`` (see :func:`serve_argv`) started and accepting connections; its
     output in ``folder/<db>.log``. Stop it with ``await server.stop()`` (or ``async with``)."""
-    argv, env = serve_argv(folder, *flags, db=db, grace=grace, profile=profile)
+    argv, env = serve_argv(folder, *flags, db=db, grace=grace, profile=profile,
+                           database=database)
     server = Child(name, argv, folder / f"{db}.log", env)
     await server.start(patience=patience)
     return server

@@ -50,6 +50,7 @@ import msgpack
 from common import (
     ADMIN_TOKEN,
     Child,
+    PgBackends,
     gather_limited,
     machine,
     median,
@@ -376,6 +377,8 @@ class Run:
     server_cpu: float = 0.0
     client_cpu: float = 0.0
     proxy_cpu: float = 0.0
+    database_cpu: float = 0.0
+    """PostgreSQL backends serving the servers (0 on SQLite)."""
     setup: float = 0.0
     listen_drops: int = 0
 
@@ -389,12 +392,24 @@ class Run:
 
 
 async def storm(run: Run, clients: Sequence[T], sync: Callable[[T], Awaitable[float]],
-                proxy: ProxyHandle, server: Child, concurrency: int, limit: float) -> None:
+                proxy: ProxyHandle | None, servers: Child | Sequence[Child], concurrency: int,
+                limit: float, database: PgBackends | None = None) -> None:
     """Reconnect every client at once (``concurrency`` at a time) and time it. ``sync``
-    returns the ``perf_counter()`` at which its client converged (before it disconnects)."""
+    returns the ``perf_counter()`` at which its client converged (before it disconnects).
+    Without ``proxy`` (clients connect to the servers directly) no bytes are counted and
+    every client counts as one connection. ``servers``: their CPU summed; ``database``:
+    the backends serving them (``run.database_cpu``)."""
+    servers = [servers] if isinstance(servers, Child) else list(servers)
+
+    def server_cpu() -> float:
+        return sum(s.cpu() for s in servers)
+
     gc.collect()
-    up0, down0, opened0, _ = await proxy.stats()
-    cpu0 = (server.cpu(), time.process_time(), proxy.cpu())
+    up0, down0, opened0, _ = await proxy.stats() if proxy is not None else (0, 0, 0, 0)
+    if database is not None:
+        await database.refresh()
+    cpu0 = (server_cpu(), time.process_time(), proxy.cpu() if proxy is not None else 0.0,
+            database.seconds() if database is not None else 0.0)
     drops0 = listen_drops()
     sem = asyncio.Semaphore(concurrency)
     start = time.perf_counter()
@@ -415,15 +430,21 @@ async def storm(run: Run, clients: Sequence[T], sync: Callable[[T], Awaitable[fl
     await asyncio.gather(*(one(c) for c in clients))
     run.all_closed = time.perf_counter() - start
     run.elapsed = (max(converged) - start) if converged else float("nan")
-    for _ in range(500):  # let the proxy see every close
-        up, down, opened, live = await proxy.stats()
-        if live == 0:
-            break
-        await asyncio.sleep(0.02)
-    run.up, run.down, run.connections = up - up0, down - down0, opened - opened0
-    run.server_cpu = server.cpu() - cpu0[0]
+    if proxy is None:
+        run.connections = len(clients)
+    else:
+        for _ in range(500):  # let the proxy see every close
+            up, down, opened, live = await proxy.stats()
+            if live == 0:
+                break
+            await asyncio.sleep(0.02)
+        run.up, run.down, run.connections = up - up0, down - down0, opened - opened0
+        run.proxy_cpu = proxy.cpu() - cpu0[2]
+    run.server_cpu = server_cpu() - cpu0[0]
     run.client_cpu = time.process_time() - cpu0[1]
-    run.proxy_cpu = proxy.cpu() - cpu0[2]
+    if database is not None:
+        await database.refresh()
+        run.database_cpu = database.seconds() - cpu0[3]
     run.listen_drops = listen_drops() - drops0
 
 
@@ -478,6 +499,58 @@ async def crdtsync_sync(client: CrdtsyncClient, transport: HttpTransport) -> flo
     return time.perf_counter()
 
 
+async def offline_clients(url: str, ids: Sequence[int]) -> list[CrdtsyncClient]:
+    """One device per client id in ``ids``: provisioned on the server at ``url``, synced
+    once (its prior state), then with its offline edits made (the storm's setup)."""
+    clients = [CrdtsyncClient(i, f"storm-{i:05d}", initial_doc(i, cid))
+               for i, cid in enumerate(ids)]
+    tokens = await provision(url, [c.id for c in clients], 32)
+    for c in clients:
+        c.token = tokens[c.id]
+    async with aiohttp.ClientSession() as session:
+        async def first_sync(c: CrdtsyncClient) -> None:
+            await crdtsync_sync(c, HttpTransport(url, c.token, session=session))
+        await gather_limited(clients, first_sync, 32)
+    for c in clients:
+        offline_edits(c.doc, c.index)
+    return clients
+
+
+async def crdtsync_storm(run: Run, clients: Sequence[CrdtsyncClient], urls: Sequence[str],
+                         servers: Child | Sequence[Child], proxy: ProxyHandle | None, *,
+                         concurrency: int, limit: float, lean: bool = False,
+                         database: PgBackends | None = None) -> None:
+    """The crdtsync storm (:func:`storm`, ``concurrency`` connections at a time, ``limit``
+    s per device): client ``i`` reconnects to ``urls[i % len]`` (one request each, so this
+    is round robin per request) on a new connection: its own session, or with ``lean`` one
+    shared session without keep-alive."""
+    shared = (aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0))
+              if lean else None)
+
+    async def reconnect(c: CrdtsyncClient) -> float:
+        # A fresh session (real) or no keep-alive (lean): a new connection either way.
+        transport = HttpTransport(urls[c.index % len(urls)], c.token, session=shared)
+        try:
+            return await crdtsync_sync(c, transport)
+        finally:
+            await transport.aclose()
+
+    try:
+        await storm(run, clients, reconnect, proxy, servers, concurrency, limit, database)
+    finally:
+        if shared is not None:
+            await shared.close()
+
+
+async def count_mismatched(url: str, clients: Sequence[CrdtsyncClient], run: Run) -> None:
+    """Compare every device's document with the server's copy (``run.mismatched``)."""
+    async with AdminClient(url, ADMIN_TOKEN) as admin:
+        async def check(c: CrdtsyncClient) -> None:
+            if (await admin.state(c.id)).get("state") != state_map(c.doc):
+                run.mismatched += 1
+        await gather_limited(clients, check, 32)
+
+
 async def run_crdtsync(round_no: int, ids: list[int], tmp: Path, args: argparse.Namespace
                        ) -> Run:
     run = Run("crdtsync", len(ids))
@@ -486,44 +559,13 @@ async def run_crdtsync(round_no: int, ids: list[int], tmp: Path, args: argparse.
     proxy = ProxyHandle(args.proxy, tmp)
     try:
         server = await start_server(tmp, db="storm.db")
-        url, port = server.url, server.port
-        clients = [CrdtsyncClient(i, f"storm-{i:05d}", initial_doc(i, cid))
-                   for i, cid in enumerate(ids)]
-        tokens = await provision(url, [c.id for c in clients], 32)
-        for c in clients:
-            c.token = tokens[c.id]
-        async with aiohttp.ClientSession() as session:
-            async def first_sync(c: CrdtsyncClient) -> None:
-                await crdtsync_sync(c, HttpTransport(url, c.token, session=session))
-            await gather_limited(clients, first_sync, 32)
-        for c in clients:
-            offline_edits(c.doc, c.index)
-        await proxy.start(port)
+        clients = await offline_clients(server.url, ids)
+        await proxy.start(server.port)
         run.setup = time.perf_counter() - started
-        proxied = f"http://127.0.0.1:{proxy.port}"
-        shared = (aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True,
-                                                                       limit=0))
-                  if args.clients == "lean" else None)
-
-        async def reconnect(c: CrdtsyncClient) -> float:
-            # A fresh session (real) or no keep-alive (lean): a new connection either way.
-            transport = HttpTransport(proxied, c.token, session=shared)
-            try:
-                return await crdtsync_sync(c, transport)
-            finally:
-                await transport.aclose()
-
-        try:
-            await storm(run, clients, reconnect, proxy, server, args.concurrency,
-                        args.timeout)
-        finally:
-            if shared is not None:
-                await shared.close()
-        async with AdminClient(url, ADMIN_TOKEN) as admin:
-            async def check(c: CrdtsyncClient) -> None:
-                if (await admin.state(c.id)).get("state") != state_map(c.doc):
-                    run.mismatched += 1
-            await gather_limited(clients, check, 32)
+        await crdtsync_storm(run, clients, [f"http://127.0.0.1:{proxy.port}"], server, proxy,
+                             concurrency=args.concurrency, limit=args.timeout,
+                             lean=args.clients == "lean")
+        await count_mismatched(server.url, clients, run)
     finally:
         await proxy.stop()
         if server is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import signal
@@ -43,6 +44,7 @@ from common import (
     Child,
     CpuMeter,
     CpuUse,
+    PgBackends,
     add_encoding_option,
     check_last_seq,
     client_session,
@@ -189,8 +191,9 @@ class RoundResult:
                 f"events/s  p50 {self.p(0.5):6.2f} ms  p99 {self.p(0.99):6.2f} ms  "
                 f"req {self.bytes_up / max(self.syncs, 1):4.0f} B  resp "
                 f"{self.bytes_down / max(self.syncs, 1):3.0f} B  CPU server "
-                f"{c.server_main:3.0f}%+{c.server_other:2.0f}% load {c.load:3.0f}% others "
-                f"{c.others:3.0f}%"
+                f"{c.server_main:3.0f}%+{c.server_other:2.0f}% "
+                + (f"database {c.database:3.0f}% " if c.database else "")
+                + f"load {c.load:3.0f}% others {c.others:3.0f}%"
                 + (f"  ERRORS {dict(self.errors)}" if self.errors else ""))
 
 
@@ -230,42 +233,59 @@ async def sync_once(session: aiohttp.ClientSession, url: str, dev: SimDevice,
     return raw
 
 
-async def warm_up(session: aiohttp.ClientSession, url: str, devices: Sequence[SimDevice],
-                  concurrency: int, passes: int = 2) -> list[bytes]:
-    """``passes`` syncs of every device (the first carries its whole document); returns the
-    last response of each."""
+def round_robin(urls: str | Sequence[str]) -> Callable[[], str]:
+    """The URL of each next request: ``urls`` in turn (one URL: always that one), as a
+    balancer without sticky routing spreads requests over instances."""
+    turn = itertools.cycle([urls] if isinstance(urls, str) else urls)
+    return lambda: next(turn)
+
+
+async def warm_up(session: aiohttp.ClientSession, urls: str | Sequence[str],
+                  devices: Sequence[SimDevice], concurrency: int, passes: int = 2
+                  ) -> list[bytes]:
+    """``passes`` syncs of every device (the first carries its whole document), spread over
+    ``urls`` (:func:`round_robin`); returns the last response of each."""
     sem = asyncio.Semaphore(concurrency)
     last: list[bytes] = []
+    next_url = round_robin(urls)
 
     async def one(dev: SimDevice) -> None:
         async with sem:
             raw = b""
             for _ in range(passes):
-                raw = await sync_once(session, url, dev)
+                raw = await sync_once(session, next_url(), dev)
             last.append(raw)
 
     await asyncio.gather(*(one(d) for d in devices))
     return last
 
 
-async def run_round(session: aiohttp.ClientSession, url: str, devices: Sequence[SimDevice],
-                    concurrency: int, duration: float, side: str,
-                    server: Child) -> RoundResult:
-    """``concurrency`` workers, each syncing the next idle device, for ``duration`` s."""
+async def run_round(session: aiohttp.ClientSession, urls: str | Sequence[str],
+                    devices: Sequence[SimDevice], concurrency: int, duration: float,
+                    side: str, servers: Child | Sequence[Child],
+                    database: PgBackends | None = None) -> RoundResult:
+    """``concurrency`` workers, each syncing the next idle device through the next of
+    ``urls`` (:func:`round_robin`), for ``duration`` s; the CPU of ``servers`` (and of the
+    ``database`` backends serving them) during it."""
     idle = deque(devices)
     result = RoundResult(side)
-    meter = CpuMeter(server)
+    next_url = round_robin(urls)
+    if database is not None:
+        await database.refresh()
+    meter = CpuMeter(servers, database.seconds if database is not None else None)
     deadline = meter.t0 + duration
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
             dev = idle.popleft()
             try:
-                await sync_once(session, url, dev, result)
+                await sync_once(session, next_url(), dev, result)
             finally:
                 idle.append(dev)
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(devices)))))
+    if database is not None:
+        await database.refresh()
     result.cpu = meter.stop()
     result.seconds = meter.seconds
     return result

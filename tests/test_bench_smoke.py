@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .services import require_postgres
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -20,6 +24,41 @@ def test_benchmark_runs_in_quick_mode(script: str) -> None:
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip()
+
+
+def test_scaleout_runs_in_quick_mode_on_postgres_and_drops_its_schemas() -> None:
+    """``bench/scaleout.py --quick`` (it needs PostgreSQL): every configuration runs, the
+    PostgreSQL backends' CPU is found for each PostgreSQL one, and every schema it made is
+    gone afterwards."""
+    import asyncpg
+
+    url = require_postgres()
+    result = subprocess.run([sys.executable, str(BENCH / "scaleout.py"), "--quick",
+                             "--database", url], capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    header = re.search(r"^\| figure \| (.*) \|$", result.stdout, re.M)
+    assert header is not None, result.stdout
+    assert header.group(1).split(" | ") == ["SQLite x1", "PostgreSQL x1", "PostgreSQL x2",
+                                            "PostgreSQL x4"]
+    per_sync = re.search(r"^\| PostgreSQL CPU per sync \(ms\) \| (.*) \|$", result.stdout,
+                         re.M)
+    assert per_sync is not None, result.stdout
+    sqlite, *postgres = (float(x) for x in per_sync.group(1).split(" | "))
+    assert sqlite == 0 and all(x > 0 for x in postgres), per_sync.group(0)
+    schemas = re.findall(r"^PostgreSQL schema: (\w+)$", result.stdout, re.M)
+    assert len(schemas) == 4, result.stdout  # x1, x2, x4, and the storm's x2
+
+    async def left() -> list[str]:
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch("SELECT schema_name FROM information_schema.schemata"
+                                    " WHERE schema_name = any($1::text[])", schemas)
+        finally:
+            await conn.close()
+        return [r["schema_name"] for r in rows]
+
+    assert asyncio.run(left()) == []
 
 
 def run_suite(*args: str) -> subprocess.CompletedProcess[str]:
