@@ -270,6 +270,14 @@ def test_simulate_command_rejects_unknown_faults(capsys: pytest.CaptureFixture[s
     assert "meteor" in capsys.readouterr().err
 
 
+def test_simulate_command_rejects_another_database(capsys: pytest.CaptureFixture[str]) -> None:
+    from crdtsync.cli import main
+
+    assert main(["simulate", "--database", "mysql://u:secret@db/x", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--database" in err and "mysql://" in err and "secret" not in err
+
+
 async def test_a_planted_resurrection_bug_in_adoption_is_caught(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """If adoption carried every local key instead of the dirty ones, keys the cloud deleted

@@ -52,7 +52,9 @@ async def test_invariants_hold_on_postgres_with_three_instances() -> None:
 async def test_a_seed_makes_the_same_run_on_postgres_as_on_sqlite() -> None:
     """The schedule is a function of the seed alone, whatever the backend: the NOTIFY
     announcements that arrive when they like change no answer (the hub catches up with the
-    log before answering, the document cache re-reads before serving)."""
+    log before answering, the document cache re-reads before serving). Except ``rebuilt``:
+    on SQLite a forced rebuild may start from a cached copy one commit behind and lose
+    (docs/testing.md, "On PostgreSQL")."""
     url = require_postgres()
     reports = []
     for database in ("sqlite", url):
@@ -61,6 +63,7 @@ async def test_a_seed_makes_the_same_run_on_postgres_as_on_sqlite() -> None:
             reports.append(await sim.run(150))
     sqlite, postgres = reports
     assert sqlite.ok and postgres.ok, sqlite.describe() + "\n" + postgres.describe()
+    del postgres.operations["rebuilt"], sqlite.operations["rebuilt"]
     assert postgres.operations == sqlite.operations
     assert postgres.faults == sqlite.faults
     assert (postgres.syncs_ok, postgres.syncs_failed, postgres.events_delivered,
@@ -97,3 +100,14 @@ async def test_a_planted_recovery_bug_is_caught(planted: str, backend: str,
     for name in expected:
         assert any(f.startswith(name) for f in report.failures), report.describe()
 
+
+
+def test_simulate_command_on_postgres(capsys: pytest.CaptureFixture[str]) -> None:
+    from crdtsync.cli import main
+
+    url = require_postgres()
+    code = main(["simulate", "--servers", "3", "--steps", "60", "--seed", "2", "--database",
+                 url, "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "converged: yes" in out and "invariants: all held" in out
