@@ -425,7 +425,12 @@ class Simulation:
     # --- lifecycle ----------------------------------------------------------------------
 
     async def __aenter__(self) -> Simulation:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the start's error is the one to see
+                await self.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -433,6 +438,7 @@ class Simulation:
 
     async def start(self) -> None:
         """Create the database, provision the devices, start every instance and device."""
+        self._ids.__enter__()
         if self._workdir_arg is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="crdtsync-sim-")
             self.workdir = Path(self._tmp.name)
@@ -440,7 +446,6 @@ class Simulation:
             self.workdir = Path(self._workdir_arg)
             self.workdir.mkdir(parents=True, exist_ok=True)
         self.database.place(self.workdir)
-        self._ids.__enter__()
         for server in self.servers:
             await server.start()
         for i in range(self._device_count):
@@ -458,20 +463,23 @@ class Simulation:
         return sim_device
 
     async def aclose(self) -> None:
-        """Close every device and instance, remove the temporary folder."""
-        for device in self.devices:
-            if device.device is not None:
-                await device.device.aclose()
-                device.device = None
+        """Close every device and instance, drop the PostgreSQL schema, remove the
+        temporary folder (all of it attempted even if a step fails)."""
         try:
+            for device in self.devices:
+                if device.device is not None:
+                    await device.device.aclose()
+                    device.device = None
             for server in self.servers:
                 await server.stop()
         finally:
-            await self.database.drop()
-        self._ids.__exit__(None, None, None)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+            try:
+                await self.database.drop()
+            finally:
+                self._ids.__exit__(None, None, None)
+                if self._tmp is not None:
+                    self._tmp.cleanup()
+                    self._tmp = None
 
     # --- extension points ---------------------------------------------------------------
 
