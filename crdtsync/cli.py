@@ -27,7 +27,7 @@ events.
     crdtsync sink retry NAME [ID...]
     crdtsync simulate [--devices N] [--servers M] [--steps S] [--seed K] [--seeds N]
                       [--faults drop,dup,reorder,delay,partition,crash] [--rate P]
-                      [--skew] [--no-progress]
+                      [--skew] [--database sqlite|postgresql://...] [--no-progress]
 
 Management commands take ``--url`` (or ``CRDTSYNC_URL``) and ``--admin-token`` (or
 ``CRDTSYNC_ADMIN_TOKEN``). Exit status: 0 success; 1 an error from the server or the network,
@@ -701,7 +701,10 @@ def add_demo(sub: Subparsers) -> None:
 async def cmd_simulate(args: argparse.Namespace) -> int:
     """Run a deterministic simulation of devices, server instances and a faulty network,
     then check every invariant; exit 0 only if all held (docs/testing.md)."""
+    from crdtsync_server.validation import redact_dsn
+
     from .testing import FAULT_NAMES
+    from .testing.database import SimDatabase
     from .testing.simulate import simulate
 
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -710,9 +713,14 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"unknown fault {', '.join(unknown)}; choose from "
                          f"{', '.join(FAULT_NAMES)}")
+    try:
+        SimDatabase(args.database)
+    except ValueError as exc:
+        raise UsageError(f"--database: {redact_dsn(str(exc))}") from None
     return await simulate(devices=args.devices, servers=args.servers, steps=args.steps,
                           seeds=seeds, faults=faults, rate=args.rate,
-                          progress=not args.no_progress, skew=args.skew)
+                          progress=not args.no_progress, skew=args.skew,
+                          database=args.database)
 
 
 def add_simulate(sub: Subparsers) -> None:
@@ -736,6 +744,10 @@ def add_simulate(sub: Subparsers) -> None:
     p.add_argument("--skew", action="store_true",
                    help="wrong clocks: device clocks up to 1 h off, drifting, stepped now and "
                    "then; requests and answers taking 2-300 ms")
+    p.add_argument("--database", default="sqlite",
+                   help="the server instances' shared database: sqlite (one file, the "
+                   "default) or a postgresql:// URL (each seed runs in a fresh schema, "
+                   "dropped at its end)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_simulate)
 

@@ -15,11 +15,19 @@ Built-in invariants (each failure message starts with its name):
   order, with its body; nothing that was never acknowledged appears twice.
 - ``outbox``: every device outbox is empty once everything was acknowledged.
 - ``replay``: each server's stored log replays to the same state as its live document.
+- ``downlink``: messages delivered, commands finished and run at most once.
+- ``requests``: each proxied request performed at most once, finally acknowledged with an
+  outcome the device holds (``interrupted`` if it was never performed: its instance died).
+- ``recovery`` (checked whenever requests are interrupted): only requests left running (their
+  route called, no outcome stored) are interrupted, only once the instance running them
+  crashed and its last heartbeat is ``instance_ttl`` old (less twice the instances' clock
+  offset bound), never while their runner lives.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +70,15 @@ class Model:
     """(device, request id) of every proxied request queued."""
     performed: Counter[tuple[str, str]] = field(default_factory=Counter)
     """Route calls per (device, request id)."""
+    runners: dict[tuple[str, str], str] = field(default_factory=dict)
+    """Instance id that called the route, per (device, request id)."""
+    running: set[tuple[str, str]] = field(default_factory=set)
+    """(device, request id) of the requests whose route was called and whose outcome was
+    not stored yet (their instance died meanwhile)."""
+    last_beats: dict[str, int] = field(default_factory=dict)
+    """Per instance id of a crashed instance: the true time of its last heartbeat."""
+    recovery: list[str] = field(default_factory=list)
+    """Failures of ``recovery``, found when requests were interrupted."""
 
     def wrote(self, device: str, key: str, value: Any, *, acknowledged: bool) -> None:
         """Record a write to ``key`` of ``device``'s state (``None`` deletes)."""
@@ -276,3 +293,25 @@ async def check_requests(sim: Simulation) -> list[str]:
         elif performed == 0 and (stored.outcome or {}).get("error") != "interrupted":
             failures.append(f"requests: {device} {request_id} never performed, not interrupted")
     return failures
+
+
+def check_interrupted(sim: Simulation, device: str, request_ids: Iterable[str]) -> None:
+    """``recovery``: the requests ``request_ids`` of ``device`` were just finished as
+    interrupted: each runner must be a crashed instance whose last heartbeat is at least
+    ``sim.instance_ttl`` old (failures go to ``sim.model.recovery``)."""
+    ttl_ms = int(sim.instance_ttl * 1000)
+    live = {s.store.instance: s.index for s in sim.servers
+            if s.alive and s.store is not None}
+    slack = 2 * sim.clocks.server_offset_ms
+    for request_id in request_ids:
+        runner = sim.model.runners[(device, request_id)]
+        step = sim.network.step
+        if runner in live:
+            sim.model.recovery.append(
+                f"recovery: step {step}: {device} {request_id} interrupted while its "
+                f"runner (server {live[runner]}) is alive")
+        elif (age := sim.now_ms() - sim.model.last_beats.get(runner, 0)) < ttl_ms - slack:
+            sim.model.recovery.append(
+                f"recovery: step {step}: {device} {request_id} interrupted {age} ms after "
+                f"its dead runner's last heartbeat (instance_ttl {ttl_ms} ms)")
+

@@ -39,18 +39,21 @@ class Progress:
 
 async def simulate(*, devices: int, servers: int, steps: int, seeds: Sequence[int],
                    faults: Sequence[str], rate: float, progress: bool = True,
-                   out: TextIO | None = None, skew: bool = False) -> int:
+                   out: TextIO | None = None, skew: bool = False,
+                   database: str = "sqlite") -> int:
     """Run one simulation per seed; print each report; 0 only if every invariant held.
-    ``skew``: with :meth:`ClockPlan.skewed` clocks.
+    ``skew``: with :meth:`ClockPlan.skewed` clocks. ``database``: ``"sqlite"`` or a
+    ``postgresql://`` URL (``Simulation(database=)``).
 
-    Raises ``ValueError`` for an unknown fault name."""
+    Raises ``ValueError`` for an unknown fault name or database."""
     out = out or sys.stdout
     plan = FaultPlan.from_names(faults, rate)
     clocks = ClockPlan.skewed() if skew else None
     bar = Progress(steps * len(seeds)) if progress else None
     failed = 0
     for index, seed in enumerate(seeds):
-        report = await _one(devices, servers, steps, seed, plan, bar, index * steps, clocks)
+        report = await _one(devices, servers, steps, seed, plan, bar, index * steps, clocks,
+                            database)
         out.write(report.describe() + "\n")
         failed += not report.ok
     if len(seeds) > 1:
@@ -59,10 +62,11 @@ async def simulate(*, devices: int, servers: int, steps: int, seeds: Sequence[in
 
 
 async def _one(devices: int, servers: int, steps: int, seed: int, plan: FaultPlan,
-               bar: Progress | None, offset: int, clocks: ClockPlan | None) -> SimReport:
+               bar: Progress | None, offset: int, clocks: ClockPlan | None, database: str
+               ) -> SimReport:
     started = time.perf_counter()
     async with Simulation(devices=devices, servers=servers, seed=seed, faults=plan,
-                          clocks=clocks) as sim:
+                          clocks=clocks, database=database) as sim:
         for done in range(1, steps + 1):
             await sim.step()
             if bar is not None:

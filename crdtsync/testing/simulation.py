@@ -3,7 +3,9 @@
 Devices are real :class:`~crdtsync.Device` objects on real SQLite files; server instances are
 the real server core, built as a server process builds it (``open_services``, then
 ``process_sync`` per request; the maintenance chores run every ``CHORE_EVERY`` steps of
-virtual time), over one shared real SQLite database in a temporary folder; the network
+virtual time, heartbeats every third of ``instance_ttl``), each with its own store object
+on one shared database: a real SQLite file in a temporary folder, or a fresh schema of a
+real PostgreSQL database (``database=``, :mod:`crdtsync.testing.database`); the network
 between them is simulated (:mod:`crdtsync.testing.faults`). Every step runs to completion
 before the next, so a run is a pure function of its seed: a failure prints the seed, and
 the same seed replays it.
@@ -15,6 +17,7 @@ the same seed replays it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import tempfile
@@ -30,7 +33,7 @@ from crdtsync_server.auth import DEVICE_TOKEN_BYTES, hash_token, new_token
 from crdtsync_server.config import ServerConfig
 from crdtsync_server.core import Services, open_services, process_sync
 from crdtsync_server.proxied.routes import Executor, Route, RouteOutcome
-from crdtsync_server.store import CommitResult, DeviceRecord, SQLiteStore, SyncWrite
+from crdtsync_server.store import DeviceRecord
 
 from .. import crdt
 from .._inbox import Message
@@ -39,6 +42,7 @@ from ..errors import CrdtsyncError, TransportError
 from ..hlc import HybridClock, stamp_ms
 from ..protocol import STATE_MAP
 from .clocks import ClockPlan, SkewedClock, device_takes_clock, server_takes_clock
+from .database import SQLITE, SimDatabase, SimStore
 from .faults import Crash, FaultPlan, Network
 from .invariants import Model, check_all
 from .latest import WriteLog, check_corrections, check_latest
@@ -122,6 +126,13 @@ class SimServer:
         self.clock = clock
         """This instance's wall clock (the true time plus its offset)."""
         self.services: Services | None = None
+        self.store: SimStore | None = None
+        """This instance's store object (a new one, with a new instance id, per start)."""
+        self.doomed = False
+        """The process died while a proxied request ran: the running sync's answer is lost
+        and the instance crashes as soon as it returns."""
+        self.beat_at = 0
+        """True time of the instance's last heartbeat."""
 
     @property
     def alive(self) -> bool:
@@ -129,28 +140,37 @@ class SimServer:
 
     async def start(self) -> None:
         """Build the instance's services exactly as a server process does
-        (:func:`~crdtsync_server.core.open_services`), over a crashing store and an
-        in-process executor, with the chores left to the simulation's virtual time."""
+        (:func:`~crdtsync_server.core.open_services`), over its own crashing store object on
+        the shared database and an in-process executor, with the chores left to the
+        simulation's virtual time."""
         sim = self.sim
-        store = CrashingStore(sim, self.index, sim.workdir / "cloud.db", synchronous="OFF")
-        config = ServerConfig(db=str(sim.workdir / "cloud.db"), admin_token=ADMIN_TOKEN,
+        self.store = SimStore(sim, self.index, sim.database.open_store())
+        config = ServerConfig(db=sim.database.url, admin_token=ADMIN_TOKEN,
                               cache_docs=sim.cache_docs, compact_every=sim.compact_every,
-                              proxy_budget=5.0, proxy_grace=0)
+                              proxy_budget=5.0, proxy_grace=0,
+                              instance_ttl=sim.instance_ttl)
         if server_takes_clock():
             config.clock = self.clock
+        self.doomed = False
         self._stack = AsyncExitStack()
         self.services = await self._stack.enter_async_context(
-            open_services(config, executor=SimExecutor(sim), store=store, loops=False))
+            open_services(config, executor=SimExecutor(self), store=self.store.as_store(),
+                          loops=False))
         self.services.routes.put(Route(ECHO_ROUTE, "http://127.0.0.1:9/echo"))
+        self.beat_at = sim.now_ms()
 
     async def crash(self) -> None:
         """Lose everything in memory; the database keeps what was committed. The store
-        closes first (a dead process writes nothing more), so the orderly shutdown that
-        follows only releases what the instance held."""
+        closes first, as a killed process (:meth:`SimStore.die`: it writes nothing more and
+        leaves its instance row to age), so the orderly shutdown that follows only releases
+        what the instance held; its running proxied requests stay ``running`` until another
+        instance finds its heartbeat older than ``instance_ttl``."""
         if self.services is not None:
             services, self.services = self.services, None
             await services.proxy.aclose(grace=0)
-            await services.store.aclose()
+            assert self.store is not None
+            self.sim.model.last_beats[self.store.instance] = self.beat_at
+            await self.store.die()
             with contextlib.suppress(CrdtsyncError):
                 await self._stack.aclose()
 
@@ -161,20 +181,35 @@ class SimServer:
             await self._stack.aclose()
 
     async def chores(self) -> None:
-        """The instance's maintenance chores, once (purges, last-sync times, evictions)."""
+        """The instance's maintenance chores, once (heartbeat and recovery of the requests
+        of gone instances, purges, last-sync times, evictions)."""
         if self.services is not None:
             await self.services.maintenance.run_once()
+            self.beat_at = self.sim.now_ms()
+
+    async def beat(self) -> None:
+        """The heartbeat loop of a server process (``Maintenance.spawn``): every third of
+        ``instance_ttl`` of virtual time, prove the instance alive and finish as
+        interrupted the running requests of instances gone for longer than that."""
+        if self.services is not None and \
+                self.sim.now_ms() - self.beat_at >= self.sim.instance_ttl * 1000 / 3:
+            await self.services.maintenance.heartbeat()
+            self.beat_at = self.sim.now_ms()
 
     async def handle(self, token: str, body: bytes) -> bytes:
+        """One sync request; :class:`Crash` instead of its answer when the instance died
+        while a proxied request ran (:class:`SimExecutor`)."""
         if self.services is None:
             raise TransportError("connection refused (server instance down)")
-        if not self.sim.latest:
-            return await process_sync(self.services, token, body)
-        self.sim.writes.received(body, self.sim.now_ms(), self.clock)
+        if self.sim.latest:
+            self.sim.writes.received(body, self.sim.now_ms(), self.clock)
         try:
             return await process_sync(self.services, token, body)
         finally:
-            self.sim.writes.done()
+            if self.sim.latest:
+                self.sim.writes.done()
+            if self.doomed:
+                raise Crash("server", self.index)
 
 
 ECHO_ROUTE = "echo"
@@ -182,59 +217,43 @@ ECHO_ROUTE = "echo"
 CHORE_EVERY = 25
 """Steps between two runs of the instances' maintenance chores."""
 
+INSTANCE_TTL = 30.0
+"""``ServerConfig.instance_ttl`` of the instances (seconds of virtual time): a crashed
+instance's running proxied requests are finished as interrupted once its last heartbeat is
+older than that."""
+
 
 class SimExecutor(Executor):
     """Performs the simulation's one route in process (no HTTP) and counts every call, so
-    the invariants can check that each request ran at most once."""
+    the invariants can check that each request ran at most once. The instance may die
+    while the route runs (``crash_server during proxied request``, before or after the
+    call): the request stays ``running`` under the dead instance, the sync's answer is
+    lost."""
 
-    def __init__(self, sim: Simulation) -> None:
-        self.sim = sim
+    def __init__(self, server: SimServer) -> None:
+        self.server = server
+        self.sim = server.sim
 
     async def perform(self, route: Route, device_id: str, payload: Any) -> RouteOutcome:
         key = (device_id, str(payload.get("id")) if isinstance(payload, dict) else "")
+        assert self.server.store is not None
+        self.sim.model.runners[key] = self.server.store.instance
+        self.sim.model.running.add(key)
+        if self.server.doomed:
+            raise asyncio.CancelledError  # the process is dead: nothing more runs
+        self._maybe_die("before the route call")
         self.sim.model.performed[key] += 1
+        self._maybe_die("after the route call")
         return RouteOutcome(True, 200, {"echo": payload}, None, "", 1)
 
-
-class CrashingStore(SQLiteStore):
-    """The real SQLite store with crash points just before and just after a commit."""
-
-    def __init__(self, sim: Simulation, index: int, path: Path, **kwargs: Any) -> None:
-        super().__init__(path, **kwargs)
-        self.sim = sim
-        self.index = index
-
-    async def commit(self, write: SyncWrite) -> CommitResult:
-        self.sim.maybe_crash_server(self.index, "before commit")
-        result = await super().commit(write)
-        if write.device is not None:
-            self.sim.writes.committed()
-        self.sim.maybe_crash_server(self.index, "after commit")
-        return result
-
-    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> bool:
-        self.sim.maybe_crash_server(self.index, "before rebuild")
-        done = await super().rebuild(key, gen, upto_id, snapshot)
-        self.sim.maybe_crash_server(self.index, "after rebuild")
-        return done
-
-    async def finish_request(self, device: str, request_id: str, outcome: Any, now: int
-                             ) -> None:
-        before = await self.wake_head()
-        await super().finish_request(device, request_id, outcome, now)
-        await self.sim.live.recorded(self, [device], "request outcome", before)
-
-    async def interrupt_running(self, outcome: Any, now: int, stale_ms: int = 0) -> int:
-        before = await self.wake_head()
-        done = {d.id: await self._outcomes(d.id) for d in self.sim.devices}
-        count = await super().interrupt_running(outcome, now, stale_ms)
-        if count:
-            changed = [d for d, ids in done.items() if await self._outcomes(d) - ids]
-            await self.sim.live.recorded(self, changed, "interrupted request", before)
-        return count
-
-    async def _outcomes(self, device: str) -> set[str]:
-        return {r.id for r in await self.undelivered_outcomes(device, 100_000)}
+    def _maybe_die(self, where: str) -> None:
+        """Perhaps the process dies here: the task ends as if killed (cancelled, so no
+        outcome is stored), and the instance crashes once the sync returns."""
+        try:
+            self.sim.maybe_crash_server(self.server.index, f"during proxied request, {where}")
+        except Crash:
+            self.server.doomed = True
+            raise asyncio.CancelledError from None
 
 
 class SimDevice:
@@ -359,8 +378,14 @@ class Simulation:
                  faults: FaultPlan | None = None, workdir: str | Path | None = None,
                  keys: int = 4, compact_every: int = 50, cache_docs: int = 1000,
                  concurrent_writes: float = 0.2, clocks: ClockPlan | None = None,
-                 latest: bool | None = None) -> None:
+                 latest: bool | None = None, database: str = SQLITE) -> None:
         self.seed = seed
+        self.instance_ttl = INSTANCE_TTL
+        """``ServerConfig.instance_ttl`` of every instance (seconds of virtual time)."""
+        self.database = SimDatabase(database)
+        """The instances' shared database: one SQLite file in ``workdir`` (``"sqlite"``)
+        or a fresh schema of the PostgreSQL database at a ``postgresql://`` URL, dropped
+        at the end."""
         self.rng = random.Random(seed)
         self._clock_ms = 1_764_000_000_000
         self.clocks = clocks or ClockPlan()
@@ -400,7 +425,12 @@ class Simulation:
     # --- lifecycle ----------------------------------------------------------------------
 
     async def __aenter__(self) -> Simulation:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the start's error is the one to see
+                await self.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -408,13 +438,14 @@ class Simulation:
 
     async def start(self) -> None:
         """Create the database, provision the devices, start every instance and device."""
+        self._ids.__enter__()
         if self._workdir_arg is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="crdtsync-sim-")
             self.workdir = Path(self._tmp.name)
         else:
             self.workdir = Path(self._workdir_arg)
             self.workdir.mkdir(parents=True, exist_ok=True)
-        self._ids.__enter__()
+        self.database.place(self.workdir)
         for server in self.servers:
             await server.start()
         for i in range(self._device_count):
@@ -432,17 +463,23 @@ class Simulation:
         return sim_device
 
     async def aclose(self) -> None:
-        """Close every device and instance, remove the temporary folder."""
-        for device in self.devices:
-            if device.device is not None:
-                await device.device.aclose()
-                device.device = None
-        for server in self.servers:
-            await server.stop()
-        self._ids.__exit__(None, None, None)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        """Close every device and instance, drop the PostgreSQL schema, remove the
+        temporary folder (all of it attempted even if a step fails)."""
+        try:
+            for device in self.devices:
+                if device.device is not None:
+                    await device.device.aclose()
+                    device.device = None
+            for server in self.servers:
+                await server.stop()
+        finally:
+            try:
+                await self.database.drop()
+            finally:
+                self._ids.__exit__(None, None, None)
+                if self._tmp is not None:
+                    self._tmp.cleanup()
+                    self._tmp = None
 
     # --- extension points ---------------------------------------------------------------
 
@@ -506,6 +543,8 @@ class Simulation:
         self._clock_ms += self.rng.randint(1, 5000)
         self._set_clocks()
         await self._heal()
+        for server in self.servers:
+            await server.beat()
         self.network.maybe_partition([d.id for d in self.devices])
         await self._deliver_held()
         await self.live.deliver_due()
@@ -738,19 +777,30 @@ class Simulation:
     # --- the end --------------------------------------------------------------------------
 
     async def settle(self) -> None:
-        """Heal everything; without faults, run the live phase (devices sync only when
-        they have something to send or are woken) and check liveness; then sync every
-        device three times."""
+        """Heal everything; let ``instance_ttl`` pass (the running proxied requests of
+        crashed instances are interrupted); without faults, run the live phase (devices
+        sync only when they have something to send or are woken) and check liveness; then
+        sync every device three times."""
         self.network.perfect = True
         for device in self.devices:
             device.down_until = -1
         await self._heal()
         await self._deliver_held()
+        await self._outlive_the_dead()
         await self.live.settle()
         for _ in range(3):
             for device in self.devices:
                 await self.sync_device(device)
         await self._chores()
+
+    async def _outlive_the_dead(self) -> None:
+        """Let ``instance_ttl`` of virtual time pass, with the live instances beating, so
+        that every instance that crashed is gone for the others: its running proxied
+        requests are finished as interrupted and their outcomes can reach the devices."""
+        for _ in range(4):
+            self.advance(int(self.instance_ttl * 1000 / 3) + 1)
+            for server in self.servers:
+                await server.beat()
 
     async def check(self) -> None:
         """Check the built-in and registered invariants; fill ``report``."""
@@ -759,7 +809,7 @@ class Simulation:
             failures += await check_latest(self) + await check_corrections(self)
         for invariant in self._invariants:
             failures += await invariant(self)
-        failures += self.live.failures
+        failures += self.live.failures + self.model.recovery
         self.report.failures += failures
         self.report.converged = not any(f.startswith("diverged") for f in failures)
         self.report.faults = Counter(self.network.injected)
