@@ -372,3 +372,16 @@ async def test_a_live_instances_requests_are_not_interrupted(store: Store) -> No
     assert await store.interrupt_running(outcome, now=601, stale_ms=15) == 1  # "second"'s
     assert {r.status for r in [await store.get_request("dev-1", i) for i in "ab"]
             if r is not None} == {"done"}
+
+
+async def test_a_heartbeat_never_moves_back(store: Store) -> None:
+    """A heartbeat older than the last one (a clock stepped back) leaves the newer one."""
+    await add_device(store)
+    await store.commit(SyncWrite("dev-1", time=20, requests=[req("a")]))
+    store.instance = "runner"
+    await store.heartbeat(100)
+    await store.heartbeat(50)
+    assert await store.claim_request("dev-1", "a", now=101) is not None
+    store.instance = "other"
+    assert await store.interrupt_running({"error": "x"}, now=120, stale_ms=30) == 0
+    assert await store.interrupt_running({"error": "x"}, now=131, stale_ms=30) == 1

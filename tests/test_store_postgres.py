@@ -36,6 +36,7 @@ from crdtsync_server.store import (
     wake_device,
 )
 from crdtsync_server.store.postgres import PostgresStore
+from crdtsync_server.store.postgres.connection import sequenced
 from crdtsync_server.store.postgres.schema import SCHEMA_VERSION
 
 from .conftest import ADMIN_TOKEN
@@ -335,6 +336,32 @@ async def test_a_slow_database_answers_unavailable_instead_of_piling_up(
 
 async def _sleep(conn: asyncpg.Connection, seconds: float) -> None:
     await conn.execute("SELECT pg_sleep($1)", seconds)
+
+
+async def test_stores_in_other_schemas_never_wait_for_each_others_commit_lock(
+        instance: OpenStore) -> None:
+    """The commit-order lock is per schema: while a transaction of one schema holds it, a
+    commit in another schema of the same database goes through."""
+    mine = await instance()
+    stranger = PostgresStore(require_postgres(), schema=new_schema())
+    await stranger.open()
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(conn: asyncpg.Connection) -> None:
+        await sequenced(conn)
+        holding.set()
+        await release.wait()
+
+    held = asyncio.create_task(mine._write(hold))
+    try:
+        await holding.wait()
+        async with asyncio.timeout(10):  # a hang, not a speed, is what this bounds
+            await write_docs(stranger, "doc", b"\x00\x00")
+    finally:
+        release.set()
+        await held
+        await stranger.aclose()
+        await drop_schema(stranger.schema or "")
 
 
 async def test_an_unreachable_database_is_unavailable() -> None:

@@ -96,7 +96,8 @@ class ProxyRunner:
         await self.store.heartbeat(now)
         count = await self.store.interrupt_running(INTERRUPTED, now, stale_ms)
         if count:
-            log.warning("%d proxied requests were interrupted by a restart", count)
+            log.warning("%d proxied requests of a server instance that is gone (stopped or"
+                        " restarted) were finished as interrupted", count)
         return count
 
     async def run(self, device: str, ids: Sequence[str], budget: float) -> None:

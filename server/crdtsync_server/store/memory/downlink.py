@@ -121,7 +121,7 @@ class MemoryDownlink(MemoryState):
     async def heartbeat(self, now: int) -> None:
         """Record that this instance is alive at ``now`` (ms)."""
         self._check_open()
-        self._instances[self.instance] = now
+        self._instances[self.instance] = max(now, self._instances.get(self.instance, now))
 
     async def interrupt_running(self, outcome: Mapping[str, Any], now: int,
                                 stale_ms: int = 0) -> int:

@@ -56,11 +56,17 @@ T = TypeVar("T")
 
 log = logging.getLogger("crdtsync.server")
 
-SEQUENCE_LOCK = 0x63726474_0001
-"""Advisory lock key held by every transaction that appends rows read by cursor."""
+SEQUENCE_LOCK = 0x6372_0001
+"""First half of the advisory lock key held by every transaction that appends rows read by
+cursor; the second half is the hash of the store's schema (:data:`_LOCK`), so stores in
+different schemas of one database never wait for each other."""
 
-MIGRATION_LOCK = 0x63726474_0002
-"""Advisory lock key held while the schema is migrated (instances starting together)."""
+MIGRATION_LOCK = 0x6372_0002
+"""First half of the advisory lock key held while the schema is migrated (instances
+starting together); the second half as for :data:`SEQUENCE_LOCK`."""
+
+_LOCK = "SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))"
+"""Take the transaction-scoped advisory lock ``($1, this schema)``."""
 
 CHANNEL = "crdtsync"
 """``LISTEN``/``NOTIFY`` channel of the announcements (payloads in :func:`announce`)."""
@@ -209,7 +215,7 @@ class PostgresConnection:
         :data:`MIGRATION_LOCK` (instances starting together migrate once). A database
         from a newer crdtsync raises :class:`StoreError` and is left untouched."""
         async with self._connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(_LOCK, MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version"
                                " (version INTEGER NOT NULL)")
             version = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
@@ -363,7 +369,7 @@ class PostgresConnection:
 async def sequenced(conn: asyncpg.Connection) -> None:
     """Take :data:`SEQUENCE_LOCK` for the rest of the transaction: call it first in every
     transaction that appends rows read by cursor (updates, feed, wakes)."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", SEQUENCE_LOCK)
+    await conn.execute(_LOCK, SEQUENCE_LOCK)
 
 
 async def announce(conn: asyncpg.Connection, kind: str, payload: str | int) -> None:

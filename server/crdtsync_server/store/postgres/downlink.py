@@ -132,8 +132,11 @@ class PostgresDownlink(PostgresConnection):
         ``instances`` seen at or after ``now - stale_ms`` (a request without a runner is
         always an orphan). Requests another instance is finishing meanwhile are skipped, so
         each is finished once. Returns how many this call finished."""
+        alive_since = now - stale_ms
+        if not await self._read(_any_orphaned, self.instance, alive_since):
+            return 0  # the common case, every heartbeat: no lock taken
         return await self._write(_interrupt_running, json_text(dict(outcome)), now,
-                                 self.instance, now - stale_ms)
+                                 self.instance, alive_since)
 
     async def purge_finished(self, before: int) -> int:
         """Delete finished downlink items and acknowledged requests older than ``before``."""
@@ -274,25 +277,36 @@ async def _undelivered_outcomes(conn: asyncpg.Connection, device: str, limit: in
 async def _heartbeat(conn: asyncpg.Connection, instance: str, now: int) -> None:
     await conn.execute(
         "INSERT INTO instances (id, started, seen) VALUES ($1, $2, $2)"
-        " ON CONFLICT (id) DO UPDATE SET seen = excluded.seen", instance, now)
+        " ON CONFLICT (id) DO UPDATE SET seen = GREATEST(instances.seen, excluded.seen)",
+        instance, now)
 
 
 async def _leave(conn: asyncpg.Connection, instance: str) -> None:
     await conn.execute("DELETE FROM instances WHERE id = $1", instance)
 
 
+_ORPHANED = (
+    "status = 'running' AND r.runner IS DISTINCT FROM $1 AND NOT EXISTS"
+    " (SELECT 1 FROM instances i WHERE i.id = r.runner AND i.seen >= $2)"
+)
+"""Running requests whose runner is gone: not this instance (``$1``), no heartbeat since
+``$2``."""
+
+
+async def _any_orphaned(conn: asyncpg.Connection, instance: str, alive_since: int) -> bool:
+    return bool(await conn.fetchval(
+        f"SELECT EXISTS (SELECT 1 FROM requests r WHERE {_ORPHANED})", instance, alive_since))
+
+
 async def _interrupt_running(conn: asyncpg.Connection, outcome: str, now: int,
                              instance: str, alive_since: int) -> int:
     await sequenced(conn)  # first: the transaction appends wake entries
     rows = await conn.fetch(
-        "WITH orphans AS ("
-        " SELECT device, id FROM requests r WHERE status = 'running'"
-        " AND r.runner IS DISTINCT FROM $3 AND NOT EXISTS (SELECT 1 FROM instances i"
-        " WHERE i.id = r.runner AND i.seen >= $4)"
+        f"WITH orphans AS (SELECT device, id FROM requests r WHERE {_ORPHANED}"
         " FOR UPDATE SKIP LOCKED)"
-        " UPDATE requests r SET status = 'done', outcome = $1, updated = $2 FROM orphans"
+        " UPDATE requests r SET status = 'done', outcome = $3, updated = $4 FROM orphans"
         " WHERE r.device = orphans.device AND r.id = orphans.id RETURNING r.device",
-        outcome, now, instance, alive_since)
+        instance, alive_since, outcome, now)
     devices = sorted({row[0] for row in rows})
     await insert_wakes(conn, [wake_device(device) for device in devices], now)
     return len(rows)
