@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import signal
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from crdtsync_server.store import SQLiteStore, SyncWrite
 from crdtsync_server.validation import redact_dsn
 
 from .cli_process import Background, clean_env, cli, free_port
+from .services import postgres_schema
 from .store_backends import add_device, req
 
 TOKEN_LINE = r"admin token \(shown once, store it\): (\S+)"
@@ -107,15 +109,24 @@ async def start_devices(admin: AdminClient, url: str, tmp_path: Path, count: int
     return ledgers
 
 
-async def test_workers_share_the_port_survive_a_kill_and_stop_on_sigterm(tmp_path: Path
-                                                                        ) -> None:
-    db = tmp_path / "server.db"
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The workers' database: a SQLite file, or a schema of its own on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'server.db'}"
+        return
+    async with postgres_schema() as url:
+        yield url
+
+
+async def test_workers_share_the_port_survive_a_kill_and_stop_on_sigterm(
+        database: str, tmp_path: Path) -> None:
     port = free_port()
     with Background("serve", "--workers", "2", "--port", str(port),
-                    env=clean_env(CRDTSYNC_DATABASE=f"sqlite:///{db}")) as proc:
+                    env=clean_env(CRDTSYNC_DATABASE=database)) as proc:
         token = (await asyncio.to_thread(proc.wait_for, TOKEN_LINE)).group(1)
         url = await asyncio.to_thread(proc.url)
-        assert f"(database: sqlite:///{db}; 2 worker processes)" in proc.seen[-1]
+        assert f"(database: {database}; 2 worker processes)" in proc.seen[-1]
         first = {n: await asyncio.to_thread(worker_pid, proc, n) for n in (1, 2)}
         assert await answering_workers(url, set(first.values())) == set(first.values())
 
