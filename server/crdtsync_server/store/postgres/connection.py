@@ -375,15 +375,22 @@ async def sequenced(conn: asyncpg.Connection) -> None:
 async def announce(conn: asyncpg.Connection, kind: str, payload: str | int) -> None:
     """Queue the announcement ``kind:payload`` of the transaction ``conn`` runs for
     :meth:`PostgresConnection._write` (delivered when it commits; identical ones in one
-    transaction are delivered once; one in a savepoint rolled back is still delivered:
+    transaction are delivered once, and of the heads ``w`` and ``f`` only the last; one in a
+    savepoint rolled back is still delivered:
     listeners re-read, they never trust an announcement for data). Kinds: ``w`` (wake
     head), ``f`` (feed head), ``r`` (device whose command results were stored)."""
     announced = _ANNOUNCED.get()
     if announced is None:
         raise RuntimeError("announce() outside a transaction of PostgresConnection._write")
+    if kind in _HEADS:  # a head: the transaction's highest says it all
+        announced[:] = [a for a in announced if not a.startswith(f"{kind}:")]
     text = f"{kind}:{payload}"
     if text not in announced:
         announced.append(text)
+
+
+_HEADS = ("w", "f")
+"""Announcement kinds whose payload is a head that only grows within a transaction."""
 
 
 def rowcount(status: str) -> int:
