@@ -16,6 +16,7 @@
 - requests as the reference client sends them (:func:`headers`, :func:`compress`,
   :func:`client_session`, :func:`post_sync`), and the CPU servers, their database and the
   load used during a span (:class:`CpuMeter`);
+- SQLite: the CREATE statements of a server database's tables (:func:`table_schema`);
 - PostgreSQL: a fresh schema dropped afterwards (:func:`postgres_schema`), the CPU of the
   backends serving it (:class:`PgBackends`);
 - memory: :func:`rss`, :func:`settled_rss`, :func:`files_size`, and allocation sites between
@@ -430,6 +431,28 @@ class PgBackends:
                 times = proc.cpu_times()
                 self.last[pid] = float(times.user + times.system)
         return sum(self.last.values())
+
+
+# --- SQLite ---------------------------------------------------------------------------------
+
+
+def table_schema(db: Path, tables: Sequence[str]) -> list[str]:
+    """The CREATE statements of ``tables`` of the SQLite database ``db`` and of their
+    indexes (tables first, in the order given), read without writing; a missing table
+    raises RuntimeError."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        out: list[str] = []
+        for table in tables:
+            rows = conn.execute("SELECT sql FROM sqlite_master WHERE tbl_name = ?"
+                                " AND type IN ('table', 'index') AND sql IS NOT NULL"
+                                " ORDER BY type = 'index'", (table,)).fetchall()
+            if not rows:
+                raise RuntimeError(f"{db} has no {table} table")
+            out += [sql for (sql,) in rows]
+    finally:
+        conn.close()
+    return out
 
 
 # --- memory ---------------------------------------------------------------------------------

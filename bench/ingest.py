@@ -57,6 +57,7 @@ from common import (
     report,
     spread,
     start_server,
+    table_schema,
 )
 
 from crdtsync.protocol import (
@@ -177,19 +178,14 @@ def events_table(server_db: Path) -> tuple[str, list[str]]:
     conn = sqlite3.connect(f"file:{server_db}?mode=ro", uri=True)
     try:
         kind = conn.execute("SELECT type FROM sqlite_master WHERE name = 'events'").fetchone()
-        table = "events" if kind and kind[0] == "table" else "feed"
-        rows = conn.execute("SELECT sql FROM sqlite_master WHERE tbl_name = ?"
-                            " AND type IN ('table', 'index') AND sql IS NOT NULL"
-                            " ORDER BY type = 'index'", (table,)).fetchall()
     finally:
         conn.close()
-    if not rows:
-        raise RuntimeError(f"{server_db} has no {table} table")
+    table = "events" if kind and kind[0] == "table" else "feed"
     if table == "feed":
         insert = f"INSERT INTO feed (kind, {COLUMNS}) VALUES ('event', ?, ?, ?, ?, ?, ?, ?)"
     else:
         insert = f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
-    return insert, [sql for (sql,) in rows]
+    return insert, table_schema(server_db, [table])
 
 
 def open_ceiling(path: Path, schema: Sequence[str]) -> sqlite3.Connection:

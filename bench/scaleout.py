@@ -67,6 +67,7 @@ from throughput import (
     Settings,
     SimDevice,
     fleet,
+    per_sync,
     run_round,
     warm_up,
 )
@@ -176,11 +177,6 @@ async def throughput(setup: Setup, s: Settings, tmp: Path, database: str) -> lis
         sample = devices[::max(1, len(devices) // 20)]
         await check_last_seq(servers[-1].url, {d.id: d.acked for d in sample})
     return rounds
-
-
-def per_sync(r: RoundResult, percent: float) -> float:
-    """CPU ms per sync of a figure in % of one CPU over round ``r``."""
-    return percent * 10 / r.syncs_per_s if r.syncs else float("nan")
 
 
 # --- storm ----------------------------------------------------------------------------------

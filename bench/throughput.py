@@ -58,7 +58,9 @@ from common import (
     report,
     spread,
     start_server,
+    table_schema,
 )
+from ingest import event_digest, event_json, events_table, open_ceiling
 from pycrdt import Doc, Map
 
 from crdtsync.crdt import random_client_id
@@ -144,9 +146,15 @@ class SimDevice:
         for part in response.docs:
             if part.update and part.doc == "state":
                 self.doc.apply_update(part.update)
-        self.base_sv = sent_sv  # a 200 comes after the commit: the server has our update
+        # a 200 comes after the commit: the server has our update
+        return self.acknowledge(sent_sv, response.acked)
+
+    def acknowledge(self, sent_sv: bytes, acked: int) -> int:
+        """Record a sync that stored our state as of ``sent_sv`` and acknowledged the events
+        up to seq ``acked``; returns how many outbox events that drops."""
+        self.base_sv = sent_sv
         self.syncs += 1
-        self.acked = max(self.acked, response.acked)
+        self.acked = max(self.acked, acked)
         done = 0
         while self.outbox and self.outbox[0][0] <= self.acked:
             self.outbox.popleft()
@@ -340,6 +348,126 @@ def bare_server(port: int, response_file: Path) -> None:
     asyncio.run(main())
 
 
+# --- the durable work done directly -------------------------------------------------------
+
+
+COMMIT_EVERY = 12
+"""Syncs per transaction of the direct store (about the server's group commit under load)."""
+UPSERT_PROJECTION = (
+    "INSERT INTO projection (device, doc, map, key, value, updated) VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (device, doc, map, key) DO UPDATE SET value = excluded.value,"
+    " updated = excluded.updated")
+
+
+class DirectStore:
+    """The durable work of a sync done directly, in this process, as a lower bound of what a
+    server must do: msgpack-decode the request body (event bodies included), apply the
+    ``state`` update to a pycrdt document per device, and write to SQLite (WAL,
+    ``synchronous=FULL``, the tables ``feed``, ``updates`` and ``projection`` and their
+    indexes as in the server's database ``server_db``) the events (body as JSON text and
+    digest, as the server stores them), one ``updates`` row and one projection upsert per
+    key of the ``state`` map (its values as JSON text); one commit per :data:`COMMIT_EVERY`
+    syncs."""
+
+    def __init__(self, path: Path, server_db: Path) -> None:
+        self.insert_event, schema = events_table(server_db)
+        self.conn = open_ceiling(path, [*schema,
+                                        *table_schema(server_db, ["updates", "projection"])])
+        self.docs: dict[str, tuple[Doc[Any], Map[Any]]] = {}
+        self.pending = 0
+
+    def _doc(self, device: str) -> tuple[Doc[Any], Map[Any]]:
+        if device not in self.docs:
+            doc: Doc[Any] = Doc()
+            self.docs[device] = doc, doc.get("state", type=Map)
+        return self.docs[device]
+
+    def sync(self, body: bytes) -> None:
+        """Do the durable work of one (uncompressed) sync request ``body``."""
+        msg = msgpack.unpackb(body, raw=False)
+        device = msg["dev"]
+        doc, state = self._doc(device)
+        updates = [entry["u"] for entry in msg.get("docs", ()) if entry.get("u")
+                   and entry["d"] == "state"]
+        for update in updates:
+            doc.apply_update(update)
+        now = int(time.time() * 1000)
+        events = [Event(seq, topic, at, msgpack.unpackb(raw, raw=False))
+                  for seq, topic, at, raw in msg.get("ev", ())]
+        if not self.pending:
+            self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.executemany(self.insert_event, [
+            (device, e.seq, e.topic, e.time, now, event_json(e), event_digest(e))
+            for e in events])
+        self.conn.executemany("INSERT INTO updates (key, gen, data) VALUES (?, 0, ?)",
+                              [(f"{device}/state", u) for u in updates])
+        self.conn.executemany(UPSERT_PROJECTION, [
+            (device, "state", "state", key, json.dumps(value), now)
+            for key, value in state.items()])
+        self.pending += 1
+        if self.pending == COMMIT_EVERY:
+            self.commit()
+
+    def commit(self) -> None:
+        if self.pending:
+            self.conn.execute("COMMIT")
+            self.pending = 0
+
+    def close(self) -> None:
+        self.commit()
+        self.conn.close()
+
+
+@dataclass
+class DirectResult:
+    """Process CPU seconds (``time.process_time``) of ``syncs`` syncs done directly."""
+
+    syncs: int
+    cpu: float
+
+    @property
+    def ms_per_sync(self) -> float:
+        return self.cpu * 1000 / self.syncs
+
+
+def direct_requests(s: Settings, seed: int) -> list[bytes]:
+    """Request bodies (uncompressed) of ``s.devices`` fresh simulated devices, as the load
+    generator makes them, each acknowledged in full when made: two warm-up passes of
+    every device (the first carries its whole document) then ``s.direct_passes`` passes."""
+    devices = [SimDevice(f"direct-{n:04d}", "", seed * 1_000_003 + n, s.shared_docs,
+                         "identity") for n in range(s.devices)]
+    bodies = []
+    for _ in range(2 + s.direct_passes):
+        for dev in devices:
+            body, sv, last = dev.request()
+            dev.acknowledge(sv, last)
+            bodies.append(body)
+    return bodies
+
+
+def direct_round(path: Path, server_db: Path, s: Settings, seed: int) -> DirectResult:
+    """The durable work of the requests of :func:`direct_requests` in a fresh SQLite file
+    ``path`` (:class:`DirectStore`): the warm-up passes untimed, the others timed (process
+    CPU time, every thread, the last commit included); the files are removed after."""
+    bodies = direct_requests(s, seed)
+    warm = 2 * s.devices
+    store = DirectStore(path, server_db)
+    try:
+        for body in bodies[:warm]:
+            store.sync(body)
+        store.commit()
+        start = time.process_time()
+        for body in bodies[warm:]:
+            store.sync(body)
+        store.commit()
+        cpu = time.process_time() - start
+    finally:
+        store.close()
+        for file in path.parent.glob(f"{path.name}*"):
+            file.unlink()
+    return DirectResult(len(bodies) - warm, cpu)
+
+
 # --- the benchmark ------------------------------------------------------------------------
 
 
@@ -354,12 +482,24 @@ class Settings:
     quick: bool
     profile: Path | None
     seed: int
+    direct_passes: int = 10
+    """Timed syncs per device of the direct work, per round."""
 
 
-async def benchmark(s: Settings) -> tuple[list[RoundResult], list[RoundResult], int, int]:
-    """Run the rounds; returns (real rounds, bare rounds, real response size, bare size)."""
-    real_rounds: list[RoundResult] = []
-    bare_rounds: list[RoundResult] = []
+@dataclass
+class Results:
+    real: list[RoundResult] = field(default_factory=list)
+    bare: list[RoundResult] = field(default_factory=list)
+    direct: list[DirectResult] = field(default_factory=list)
+    real_size: int = 0
+    """Bytes of the real server's typical response."""
+    bare_size: int = 0
+
+
+async def benchmark(s: Settings) -> Results:
+    """Run the rounds: crdtsync, bare, direct work, crdtsync, ... (only crdtsync when
+    profiling)."""
+    results = Results()
     servers: list[Child] = []
     with tempfile.TemporaryDirectory(prefix="crdtsync-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -395,24 +535,86 @@ async def benchmark(s: Settings) -> tuple[list[RoundResult], list[RoundResult], 
                 for n in range(s.rounds):
                     r = await run_round(session, real_url, real_devs, s.concurrency,
                                         s.duration, "crdtsync", real)
-                    real_rounds.append(r)
+                    results.real.append(r)
                     print(f"round {n + 1}/{s.rounds} {r.line()}", flush=True)
                     if bare is not None:
                         b = await run_round(session, bare_url, bare_devs, s.concurrency,
                                             s.duration, "bare", bare)
-                        bare_rounds.append(b)
+                        results.bare.append(b)
                         print(f"round {n + 1}/{s.rounds} {b.line()}", flush=True)
+                        d = direct_round(tmp / "direct.db", tmp / "server.db", s,
+                                         s.seed + 2 + n)
+                        results.direct.append(d)
+                        print(f"round {n + 1}/{s.rounds}   direct: {d.syncs:,} syncs, "
+                              f"{d.ms_per_sync:.3f} ms CPU per sync", flush=True)
             # every acknowledged event is stored (checked on a sample of the devices)
             sample = real_devs[::max(1, len(real_devs) // 20)]
             await check_last_seq(real.url, {d.id: d.acked for d in sample})
         finally:
             for server in reversed(servers):
                 await server.stop()
-    return real_rounds, bare_rounds, len(typical), len(canned)
+    results.real_size, results.bare_size = len(typical), len(canned)
+    return results
 
 
-def render(s: Settings, real: list[RoundResult], bare: list[RoundResult],
-           real_size: int, bare_size: int) -> str:
+def per_sync(r: RoundResult, percent: float) -> float:
+    """CPU ms per sync of a figure in % of one CPU over round ``r``."""
+    return percent * 10 / r.syncs_per_s if r.syncs else float("nan")
+
+
+CLIENT_BOUND = 90.0
+"""Load generator CPU (% of one CPU) from which a round's syncs/s are bounded by the load
+generator (one Python process: one CPU at most) rather than by the server."""
+
+
+def floor_table(real: Sequence[RoundResult], bare: Sequence[RoundResult],
+                direct: Sequence[DirectResult]) -> list[str]:
+    """Server CPU per sync and per event of crdtsync, of the bare handler, of the durable
+    work done directly, of the floor (bare + direct) and crdtsync over the floor (medians
+    over rounds, min-max across rounds; the ratio of the medians, per-round ratios in
+    brackets), then whether each side's syncs/s are bounded by the load generator."""
+    a = [per_sync(r, r.cpu.server) for r in real]
+    b = [per_sync(r, r.cpu.server) for r in bare]
+    c = [d.ms_per_sync for d in direct]
+    floor = [x + y for x, y in zip(b, c, strict=True)]
+    pairs = [x / y for x, y in zip(a, floor, strict=True)]
+    ratio = statistics.median(a) / statistics.median(floor)
+
+    def row(name: str, values: Sequence[float]) -> str:
+        events = [v / EVENTS_PER_SYNC for v in values]
+        return f"| {name} | {spread(values, '{:.3f}')} | {spread(events, '{:.4f}')} |"
+
+    lines = [
+        "", "Server CPU per sync against the floor (user + system CPU time; servers: every "
+        "thread of their process from `/proc`, during the rounds above; direct work: "
+        "`time.process_time` of this process; per event = per sync / "
+        f"{EVENTS_PER_SYNC}):", "",
+        "| | CPU per sync (ms) | CPU per event (ms) |", "|---|---:|---:|",
+        row("(a) crdtsync serve", a),
+        row("(b) bare aiohttp handler, same body sizes", b),
+        row(f"(c) the durable work done directly ({direct[0].syncs:,} syncs per round)", c),
+        row("floor = (b) + (c)", floor),
+        f"| **(a) / floor** | **{ratio:.1f}x** ({min(pairs):.1f}-{max(pairs):.1f}) | |",
+        "",
+    ]
+    for side, rounds in (("crdtsync", real), ("bare", bare)):
+        load = statistics.median([r.cpu.load for r in rounds])
+        bound = load >= CLIENT_BOUND
+        lines.append(
+            f"- Load generator in the {side} rounds: {load:.0f} % of a CPU (median): the "
+            f"{side} syncs/s {'ARE' if bound else 'are not'} client-bound (bound from "
+            f"{CLIENT_BOUND:.0f} %)"
+            + ("; the bare syncs/s is no true ceiling and the syncs/s ratio flatters "
+               "crdtsync." if bound and side == "bare" else "."))
+    lines.append("- CPU per sync is the server's own CPU divided by the syncs it served, so "
+                 "it does not depend on how hard the load generator drives it (beyond how "
+                 "many syncs share a commit).")
+    return lines
+
+
+def render(s: Settings, res: Results) -> str:
+    real, bare = res.real, res.bare
+
     def row(name: str, fn: Callable[[RoundResult], float], fmt: str = "{:,.0f}",
             ratio: bool = False) -> str:
         a = [fn(r) for r in real]
@@ -436,7 +638,7 @@ def render(s: Settings, real: list[RoundResult], bare: list[RoundResult],
         + (" (quick mode: not representative)" if s.quick else "")
         + f". Mean body sizes: request {mean_up:.0f} B"
         + ("" if s.encoding == "identity" else f" (sent as {s.encoding})")
-        + f", response {real_size} B (typical real) / {bare_size} B (bare).",
+        + f", response {res.real_size} B (typical real) / {res.bare_size} B (bare).",
         "",
         "Medians over rounds, (min-max) across rounds; ratio = crdtsync / bare "
         "(of the medians; per-round pairs in brackets):",
@@ -449,13 +651,22 @@ def render(s: Settings, real: list[RoundResult], bare: list[RoundResult],
         row("latency p99 (ms)", lambda r: r.p(0.99), "{:.2f}"),
         row("server CPU, event-loop thread (%)", lambda r: r.cpu.server_main),
         row("server CPU, other threads (%)", lambda r: r.cpu.server_other),
+        row("server CPU per sync (ms)", lambda r: per_sync(r, r.cpu.server), "{:.3f}",
+            ratio=True),
         row("load generator CPU (%)", lambda r: r.cpu.load),
+        row("load generator CPU per sync (ms)", lambda r: per_sync(r, r.cpu.load), "{:.3f}"),
         row("CPU of other processes on the machine (%)", lambda r: r.cpu.others),
     ]
+    lines += floor_table(real, bare, res.direct)
     goal = statistics.median([r.syncs_per_s for r in real]) / statistics.median(
         [r.syncs_per_s for r in bare])
+    cpu = statistics.median([per_sync(r, r.cpu.server) for r in real]) / statistics.median(
+        [per_sync(r, r.cpu.server) + d.ms_per_sync for r, d in zip(bare, res.direct,
+                                                                  strict=True)])
     lines += ["", f"Goal (issue 6): crdtsync at least 0.5x the bare syncs/s: "
-              f"{'met' if goal >= 0.5 else 'not met'} ({goal:.2f})."]
+              f"{'met' if goal >= 0.5 else 'not met'} ({goal:.2f}).",
+              f"Goal (issue 17): crdtsync server CPU per sync at most 2x the floor: "
+              f"{'met' if cpu <= 2 else 'not met'} ({cpu:.1f}x)."]
     return "\n".join(lines)
 
 
@@ -469,6 +680,8 @@ def main() -> None:
                         help="also send fleet and project entries, as the reference client")
     add_encoding_option(parser)
     parser.add_argument("--seed", type=int, default=6)
+    parser.add_argument("--direct-passes", type=int, default=10,
+                        help="timed syncs per device of the direct work, per round")
     parser.add_argument("--quick", action="store_true",
                         help="20 devices, 2 rounds of 2 s (CI smoke test)")
     parser.add_argument("--write", type=Path, help="replace the generated block of this file")
@@ -488,16 +701,17 @@ def main() -> None:
                  rounds=2 if args.quick else args.rounds, shared_docs=args.shared_docs,
                  encoding=args.encoding,
                  quick=args.quick,
-                 profile=args.profile.resolve() if args.profile else None, seed=args.seed)
+                 profile=args.profile.resolve() if args.profile else None, seed=args.seed,
+                 direct_passes=5 if args.quick else args.direct_passes)
     print(f"Machine: {machine(LIBS, model=True, temp_dir=True)}", flush=True)
-    real, bare, real_size, bare_size = asyncio.run(benchmark(s))
-    errors = sum(sum(r.errors.values()) for r in real + bare)
+    results = asyncio.run(benchmark(s))
+    errors = sum(sum(r.errors.values()) for r in results.real + results.bare)
     if s.profile is not None:
         print_profile(s.profile)
     else:
         if errors and args.write:
             sys.exit(f"{errors} failed requests: not writing {args.write}")
-        report(render(s, real, bare, real_size, bare_size), args.write, NAME)
+        report(render(s, results), args.write, NAME)
     if errors:
         sys.exit(f"{errors} requests failed (see the ERRORS columns)")
 
