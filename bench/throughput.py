@@ -12,10 +12,18 @@ The ceiling is a bare aiohttp server in a third process (this script with `--bar
 its handler reads the body and answers a valid sync response of the same size as the real
 server's typical one, with an `ack` covering every seq. It is driven by the same load
 generator with its own set of simulated devices, in rounds interleaved with the real ones
-(real, bare, real, bare, ...); the ratio is crdtsync syncs/s over bare syncs/s.
+(real, bare, real, bare, ...); the ratio is crdtsync syncs/s over bare syncs/s. On 2 CPUs
+that ceiling is client-bound (the load generator at 100 % of a CPU); the report says so.
+
+The floor (issue 17), from the same run: server process CPU per sync (every thread, from
+``/proc``) of the real and of the bare server during their rounds, and, after each bare
+round, the durable work of the same kind of requests done directly in this process
+(:class:`DirectStore`: msgpack decode, pycrdt apply, SQLite inserts with the server's
+schema, ``time.process_time``). Floor = bare + direct; the report gives crdtsync / floor.
 
     python bench/throughput.py [--devices 200] [--concurrency 32] [--duration 10]
-                               [--rounds 5] [--shared-docs] [--quick] [--write FILE]
+                               [--rounds 5] [--direct-passes 10] [--shared-docs] [--quick]
+                               [--write FILE]
     python bench/throughput.py --profile server.prof   (server under cProfile, no ceiling)
 """
 
