@@ -7,6 +7,9 @@ statements of two transactions never interleave and the event loop never blocks 
 If the awaiting coroutine is cancelled, the function still runs to its end in the thread:
 a commit either lands whole or not at all, but only a returned :meth:`SQLiteStore.commit`
 counts as acknowledged.
+The one exception is the device lookup of every sync (``device_by_token``): a read of a few
+cached index pages, run on the event loop's thread on a second, read-only connection
+(``SQLiteWorker.read``), because the hop to the thread and back costs several times the read.
 
 Durability: WAL journal, ``PRAGMA synchronous=FULL`` by default (a returned commit survives
 power loss), ``busy_timeout`` 5 s so another process (a backup, an admin shell) can hold the
@@ -24,7 +27,7 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from crdtsync._sqlite_worker import SQLiteWorker, pragmas, transaction
@@ -104,6 +107,13 @@ class SQLiteConnection:
 def loads(text: str | None) -> Any:
     """A nullable JSON column as data (``None`` stays ``None``)."""
     return None if text is None else json.loads(text)
+
+
+def execute_many(conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """``conn.executemany(sql, rows)``, skipped when there are no rows: most parts of a
+    sync's commit are empty, and an empty ``executemany`` still costs a statement lookup."""
+    if rows:
+        conn.executemany(sql, rows)
 
 
 def in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:

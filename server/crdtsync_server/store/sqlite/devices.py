@@ -39,8 +39,9 @@ class SQLiteDevices(SQLiteConnection):
         return await self._run(select_device, device_id)
 
     async def device_by_token(self, token_hash: str) -> DeviceRecord | None:
-        """The device with this token hash (index ``devices_token_hash``), or ``None``."""
-        return await self._run(_device_by_token, token_hash)
+        """The device with this token hash (index ``devices_token_hash``), or ``None``. Read
+        on the event loop's thread (``SQLiteWorker.read``): it runs before every sync."""
+        return await self._db.read(_device_by_token, token_hash)
 
     async def update_device(self, device_id: str, *, token_hash: str | None = None,
                             disabled: bool | None = None) -> DeviceRecord:
