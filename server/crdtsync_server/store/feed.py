@@ -23,10 +23,16 @@ from typing import Any
 from crdtsync.protocol import Conflict, Event, WriteInfo
 from crdtsync.values import json_default
 
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False,
+                         default=json_default)
+"""One encoder for every JSON column: ``json.dumps`` with options builds a new one per call.
+No circular check: stored values come from msgpack or JSON decoding, or were checked as
+trees (``crdtsync.values``)."""
+
 
 def json_text(value: Any) -> str:
     """``value`` as the compact JSON text stored in a JSON column."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=json_default)
+    return _JSON.encode(value)
 
 
 def event_json(event: Event) -> str:

@@ -198,13 +198,13 @@ async def insert_events(conn: asyncpg.Connection, device: DeviceRecord, received
 
 
 async def record_changes(conn: asyncpg.Connection, changes: Sequence[StateChange],
-                         fleet: str | None, now: int) -> None:
+                         writer: DeviceRecord | None, now: int) -> None:
     """Append the feed rows of ``changes`` and apply them to the projection, in order.
-    ``fleet`` is the writing device's; a cloud write (``fleet`` unknown) looks each device
-    up."""
+    ``writer`` is the writing device (its fleet is known); a cloud write (``None``) looks
+    each device's fleet up."""
     if not changes:
         return
-    fleets = await _fleets(conn, [c.device for c in changes], fleet)
+    fleets = await _fleets(conn, [c.device for c in changes], writer)
     await _append(conn, [change_row(c, fleets[c.device], now) for c in changes])
     final: dict[tuple[str, str, str, str], str | None] = {}
     for change in changes:  # a later change of a key wins, as if applied one by one
@@ -221,11 +221,11 @@ async def record_changes(conn: asyncpg.Connection, changes: Sequence[StateChange
 
 
 async def record_conflicts(conn: asyncpg.Connection, conflicts: Sequence[ConflictRecord],
-                           fleet: str | None, now: int) -> None:
-    """Append the feed rows of ``conflicts`` (``fleet`` as for :func:`record_changes`)."""
+                           writer: DeviceRecord | None, now: int) -> None:
+    """Append the feed rows of ``conflicts`` (``writer`` as for :func:`record_changes`)."""
     if not conflicts:
         return
-    fleets = await _fleets(conn, [c.device for c in conflicts], fleet)
+    fleets = await _fleets(conn, [c.device for c in conflicts], writer)
     await _append(conn, [conflict_row(c, fleets[c.device], now) for c in conflicts])
 
 
@@ -242,12 +242,12 @@ async def _append(conn: asyncpg.Connection, rows: Sequence[FeedRow],
     await announce(conn, "f", head)
 
 
-async def _fleets(conn: asyncpg.Connection, devices: Sequence[str], fleet: str | None
-                  ) -> dict[str, str | None]:
-    """The fleet of each of ``devices``: ``fleet`` if known (the writing device's), else
-    each device's as stored (``None`` for an unknown device)."""
-    if fleet is not None:
-        return dict.fromkeys(devices, fleet)
+async def _fleets(conn: asyncpg.Connection, devices: Sequence[str],
+                  writer: DeviceRecord | None) -> dict[str, str | None]:
+    """The fleet of each of ``devices``: the writing device's if known, else each device's
+    as stored (``None`` for an unknown device)."""
+    if writer is not None:
+        return dict.fromkeys(devices, writer.fleet)
     rows = await conn.fetch("SELECT id, fleet FROM devices WHERE id = ANY($1::text[])",
                             sorted(set(devices)))
     return {**dict.fromkeys(devices), **{r[0]: r[1] for r in rows}}

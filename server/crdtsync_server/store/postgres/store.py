@@ -131,8 +131,8 @@ async def _commit(conn: asyncpg.Connection, write: SyncWrite) -> CommitResult:
         await stored_digests(conn, device, write), seq_floor=device.seq_floor,
     )
     await insert_events(conn, device, write.time, plan)
-    await record_changes(conn, write.changes, device.fleet, write.time)
-    await record_conflicts(conn, write.conflicts, device.fleet, write.time)
+    await record_changes(conn, write.changes, device, write.time)
+    await record_conflicts(conn, write.conflicts, device, write.time)
     last_seq = max(device.last_seq, plan.new[-1].seq) if plan.new else device.last_seq
     down_done = await ack_downlink(conn, device, write)
     new_requests = await insert_requests(conn, device.id, write)

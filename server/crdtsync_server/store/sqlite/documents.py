@@ -25,7 +25,7 @@ from crdtsync._sqlite_worker import transaction
 from ..columns import from_column, to_column
 from ..records import DocLog, DocWrite, KeyStamp
 from ..rules import stale_generation
-from .connection import SQLiteConnection
+from .connection import SQLiteConnection, execute_many
 
 
 class SQLiteDocuments(SQLiteConnection):
@@ -108,12 +108,14 @@ def insert_updates(conn: sqlite3.Connection, docs: Sequence[DocWrite]
     ids: list[int] = []
     prevs: list[int] = []
     for w in docs:
-        stored = _stored_gen(conn, w.key)
+        stored, snapshot_id, logged = conn.execute(
+            "SELECT d.gen, d.snapshot_id, (SELECT MAX(id) FROM updates WHERE key = ?1)"
+            " FROM (SELECT 1) LEFT JOIN docs d ON d.key = ?1", (w.key,)).fetchone()
         if stored is None:
             conn.execute("INSERT INTO docs (key, gen) VALUES (?, ?)", (w.key, w.gen))
         elif stored != w.gen:
             raise stale_generation(w.key, stored, w.gen)
-        prevs.append(_last_id(conn, w.key))
+        prevs.append(max(snapshot_id or 0, logged or 0))
         cur = conn.execute(
             "INSERT INTO updates (key, gen, data) VALUES (?, ?, ?)", (w.key, w.gen, w.update)
         )
@@ -172,7 +174,7 @@ def _read_stamps(conn: sqlite3.Connection, doc: str) -> list[KeyStamp]:
 
 def write_stamps(conn: sqlite3.Connection, rows: Sequence[KeyStamp]) -> None:
     """Insert or replace each row, inside the caller's transaction."""
-    conn.executemany(
+    execute_many(conn, 
         "INSERT INTO stamps (doc, map, key, stamp, writer, raw) VALUES (?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (doc, map, key) DO UPDATE SET stamp = excluded.stamp,"
         " writer = excluded.writer, raw = excluded.raw",

@@ -42,7 +42,7 @@ from ..records import (
     wake_device,
 )
 from ..rules import check_kind, check_limit, result_columns
-from .connection import SQLiteConnection, in_transaction, loads
+from .connection import SQLiteConnection, execute_many, in_transaction, loads
 from .devices import require_device
 from .wakes import insert_wakes
 
@@ -314,7 +314,7 @@ def ack_downlink(conn: sqlite3.Connection, device: DeviceRecord, write: SyncWrit
             " WHERE device = ? AND status = 'queued' AND kind = 'message' AND seq <= ?",
             (write.time, device.id, done),
         )
-    conn.executemany(
+    execute_many(conn, 
         "UPDATE downlink SET status = ?, result = ?, error = ?, updated = ?"
         " WHERE device = ? AND seq = ? AND kind = 'command'"
         " AND status IN ('queued', 'delivered')",
@@ -339,7 +339,7 @@ def insert_requests(conn: sqlite3.Connection, device: str, write: SyncWrite) -> 
 
 
 def ack_outcomes(conn: sqlite3.Connection, device: str, write: SyncWrite) -> None:
-    conn.executemany(
+    execute_many(conn, 
         "UPDATE requests SET status = 'acked', updated = ?"
         " WHERE device = ? AND id = ? AND status = 'done'",
         [(write.time, device, request_id) for request_id in write.outcomes_acked],

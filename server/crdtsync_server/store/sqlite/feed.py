@@ -32,7 +32,7 @@ from ..feed import (
 )
 from ..records import DeviceRecord, StoredEvent, SyncWrite
 from ..rules import EventPlan, check_limit, event_digest
-from .connection import SQLiteConnection, in_transaction
+from .connection import SQLiteConnection, execute_many, in_transaction
 
 _EVENT_COLUMNS = "cursor, device, seq, topic, time, received, body"
 
@@ -186,48 +186,50 @@ def insert_events(
 ) -> None:
     """New events go into the feed (``events`` is a view over it), with their digest."""
     rows = event_rows(device.id, device.fleet, received, plan.new)
-    conn.executemany(
+    execute_many(conn, 
         f"INSERT INTO feed ({FEED_COLUMNS}, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(*row, event_digest(e)) for row, e in zip(rows, plan.new, strict=True)],
     )
 
 
 def record_changes(conn: sqlite3.Connection, changes: Sequence[StateChange],
-                   fleet: str | None, now: int) -> None:
-    """Append the feed rows of ``changes`` and apply them to the projection. ``fleet`` is
-    the writing device's; a cloud write (``fleet`` unknown) looks each device up."""
+                   writer: DeviceRecord | None, now: int) -> None:
+    """Append the feed rows of ``changes`` and apply them to the projection. ``writer`` is
+    the writing device (its fleet is known); a cloud write (``None``) looks each device's
+    fleet up."""
     for change in changes:
-        owner = fleet if fleet is not None else _device_fleet(conn, change.device)
-        _insert_feed(conn, [change_row(change, owner, now)])
+        _insert_feed(conn, [change_row(change, _fleet(conn, writer, change.device), now)])
         _apply_projection(conn, change, now)
 
 
 def record_conflicts(conn: sqlite3.Connection, conflicts: Sequence[ConflictRecord],
-                     fleet: str | None, now: int) -> None:
-    """Append the feed rows of ``conflicts`` (``fleet`` as for :func:`record_changes`)."""
-    _insert_feed(conn, [
-        conflict_row(c, fleet if fleet is not None else _device_fleet(conn, c.device), now)
-        for c in conflicts])
+                     writer: DeviceRecord | None, now: int) -> None:
+    """Append the feed rows of ``conflicts`` (``writer`` as for :func:`record_changes`)."""
+    _insert_feed(conn, [conflict_row(c, _fleet(conn, writer, c.device), now)
+                        for c in conflicts])
 
 
 def _insert_feed(conn: sqlite3.Connection, rows: Sequence[FeedRow]) -> None:
-    conn.executemany(f"INSERT INTO feed ({FEED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     rows)
+    execute_many(
+        conn, f"INSERT INTO feed ({FEED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
 
-def _device_fleet(conn: sqlite3.Connection, device: str) -> str | None:
+def _fleet(conn: sqlite3.Connection, writer: DeviceRecord | None, device: str) -> str | None:
+    """The fleet of ``device``: the writing device's if known, else as stored."""
+    if writer is not None:
+        return writer.fleet
     row = conn.execute("SELECT fleet FROM devices WHERE id = ?", (device,)).fetchone()
     return None if row is None else row[0]
 
 
 def _apply_projection(conn: sqlite3.Connection, change: StateChange, now: int) -> None:
     writes = list(projection_writes(change))
-    conn.executemany(
-        "DELETE FROM projection WHERE device = ? AND doc = ? AND map = ? AND key = ?",
+    execute_many(
+        conn, "DELETE FROM projection WHERE device = ? AND doc = ? AND map = ? AND key = ?",
         [(change.device, change.doc, name, key) for name, key, value in writes
          if value is None])
-    conn.executemany(
-        "INSERT INTO projection (device, doc, map, key, value, updated)"
+    execute_many(
+        conn, "INSERT INTO projection (device, doc, map, key, value, updated)"
         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device, doc, map, key)"
         " DO UPDATE SET value = excluded.value, updated = excluded.updated",
         [(change.device, change.doc, name, key, value, now) for name, key, value in writes

@@ -145,8 +145,8 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
         stored_digests(conn, device, write), seq_floor=device.seq_floor,
     )
     insert_events(conn, device, write.time, plan)
-    record_changes(conn, write.changes, device.fleet, write.time)
-    record_conflicts(conn, write.conflicts, device.fleet, write.time)
+    record_changes(conn, write.changes, device, write.time)
+    record_conflicts(conn, write.conflicts, device, write.time)
     last_seq = max(device.last_seq, plan.new[-1].seq) if plan.new else device.last_seq
     down_done = ack_downlink(conn, device, write)
     new_requests = insert_requests(conn, device.id, write)

@@ -17,7 +17,7 @@ from crdtsync._sqlite_worker import transaction
 
 from ..records import WakeEntry
 from ..rules import check_limit
-from .connection import SQLiteConnection, in_transaction, wake_head
+from .connection import SQLiteConnection, execute_many, in_transaction, wake_head
 
 WAKE_FLOOR_SETTING = "wake_floor"
 
@@ -52,7 +52,7 @@ class SQLiteWakes(SQLiteConnection):
 
 def insert_wakes(conn: sqlite3.Connection, targets: Sequence[str], now: int) -> None:
     """Append one entry per target, inside the caller's transaction."""
-    conn.executemany("INSERT INTO wakes (target, at) VALUES (?, ?)",
+    execute_many(conn, "INSERT INTO wakes (target, at) VALUES (?, ?)",
                      [(target, now) for target in targets])
 
 
