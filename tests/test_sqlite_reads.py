@@ -1,9 +1,12 @@
-"""``SQLiteWorker.read``: small reads on the event loop's thread, on a second connection.
+"""``SQLiteWorker.read``: small reads on the event loop's thread, on a second connection,
+and ``Writers``: when a sync's device lookup may use it.
 
 A sync's device lookup runs there (``SQLiteStore.device_by_token``) instead of hopping to the
-connection's thread. What must hold: it sees every committed write (the thread's and other
-processes'), it cannot write, a busy file never blocks the event loop (the read is handed to
-the thread, which waits there), and closing the worker closes it too.
+connection's thread while the store is the file's only writer. What must hold: it sees
+every committed write (the thread's and other processes'), it cannot write, a busy file
+never blocks the event loop (the read is handed to the thread, which waits there), closing
+the worker closes it too, and as soon as another store object has the file open every
+lookup observes its writes again.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from crdtsync.errors import ClosedError, StoreError
 from crdtsync_server.auth import hash_token
 from crdtsync_server.store import DeviceRecord
 from crdtsync_server.store.sqlite import SQLiteStore
+from crdtsync_server.store.sqlite.writers import Writers
 
 MIGRATIONS = ("CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER NOT NULL)",)
 
@@ -107,3 +111,73 @@ async def test_device_lookup_by_token_sees_a_rotation_at_once(tmp_path: Path) ->
         await store.update_device("d1", disabled=True)
         found = await store.device_by_token(hash_token("new"))
         assert found is not None and found.disabled
+
+
+# --- Writers: when the lookup may skip observing other writers
+
+
+def test_a_lone_writer_knows_it_after_one_check(tmp_path: Path) -> None:
+    one = Writers(str(tmp_path / "w.db"))
+    one.open()
+    try:
+        assert not one.alone()  # the first check makes the caller observe once
+        assert one.alone() and one.alone()
+    finally:
+        one.close()
+    assert not one.alone()  # closed: never alone
+
+
+def test_two_writers_are_never_alone_and_the_survivor_observes_once(tmp_path: Path) -> None:
+    one, two = Writers(str(tmp_path / "w.db")), Writers(str(tmp_path / "w.db"))
+    one.open()
+    one.alone()
+    assert one.alone()
+    two.open()  # in this process too: the locks belong to open files, not processes
+    try:
+        assert not one.alone() and not two.alone()
+        assert not one.alone() and not two.alone()
+    finally:
+        two.close()
+    assert not one.alone()  # the other may have written: observe once more
+    assert one.alone()
+    one.close()
+
+
+def test_a_writer_that_came_and_went_between_two_checks_is_noticed(tmp_path: Path) -> None:
+    one = Writers(str(tmp_path / "w.db"))
+    one.open()
+    one.alone()
+    assert one.alone()
+    passing = Writers(str(tmp_path / "w.db"))
+    passing.open()
+    passing.close()
+    assert not one.alone()
+    assert one.alone()
+    one.close()
+
+
+async def test_a_second_store_on_the_file_makes_the_lookup_observe_its_writes(
+        tmp_path: Path) -> None:
+    """While alone, the lookup reads on the loop and ``external_writes`` stands still; once
+    another store object (another process, in production) has the file open, every lookup
+    observes, so a commit of the other one moves ``external_writes`` before the sync reads
+    its documents; once the other is gone, one more lookup observes, then the loop again."""
+    path = tmp_path / "s.db"
+    async with SQLiteStore(path) as first:
+        await first.add_device(DeviceRecord("d1", hash_token("t"), 1))
+        for _ in range(3):
+            assert await first.device_by_token(hash_token("t")) is not None
+        before = first.external_writes
+        async with SQLiteStore(path) as second:
+            await second.set_setting("k", "v")
+            assert await first.device_by_token(hash_token("t")) is not None
+            assert first.external_writes == before + 1
+            moved = first.external_writes
+            await second.set_setting("k", "w")
+            assert await first.device_by_token(hash_token("t")) is not None
+            assert first.external_writes == moved + 1
+        settled = first.external_writes
+        for _ in range(3):
+            assert await first.device_by_token(hash_token("t")) is not None
+        assert first.external_writes == settled
+        assert first.writers.alone()

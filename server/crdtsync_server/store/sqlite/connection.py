@@ -10,6 +10,9 @@ counts as acknowledged.
 The one exception is the device lookup of every sync (``device_by_token``): a read of a few
 cached index pages, run on the event loop's thread on a second, read-only connection
 (``SQLiteWorker.read``), because the hop to the thread and back costs several times the read.
+It runs there only while no other store object writes the file (``sqlite/writers.py``):
+otherwise it takes the thread and observes ``data_version`` like every other call, so a
+sync's cached documents catch up with what other processes wrote.
 
 Durability: WAL journal, ``PRAGMA synchronous=FULL`` by default (a returned commit survives
 power loss), ``busy_timeout`` 5 s so another process (a backup, an admin shell) can hold the
@@ -33,6 +36,7 @@ from typing import Any, TypeVar
 from crdtsync._sqlite_worker import SQLiteWorker, pragmas, transaction
 
 from .schema import MIGRATIONS
+from .writers import Writers
 
 T = TypeVar("T")
 
@@ -53,6 +57,9 @@ class SQLiteConnection:
         still. Observed before each call's own statements, so a reader that records it before
         a read never misses a later commit."""
         self._data_version: int | None = None
+        self.writers = Writers(os.fspath(path))
+        """This store among the writers of the file: while it is alone, a sync's device
+        lookup reads on the event loop and needs no observation (``sqlite/writers.py``)."""
         self._wake_listeners: list[Callable[[int], None]] = []
         self._wake_announced = 0
 

@@ -39,9 +39,15 @@ class SQLiteDevices(SQLiteConnection):
         return await self._run(select_device, device_id)
 
     async def device_by_token(self, token_hash: str) -> DeviceRecord | None:
-        """The device with this token hash (index ``devices_token_hash``), or ``None``. Read
-        on the event loop's thread (``SQLiteWorker.read``): it runs before every sync."""
-        return await self._db.read(_device_by_token, token_hash)
+        """The device with this token hash (index ``devices_token_hash``), or ``None``.
+
+        It runs before every sync. While this store is the only writer of the file, it is
+        read on the event loop's thread (``SQLiteWorker.read``, no hop); otherwise in the
+        store's thread, observing what other writers committed (``external_writes``)
+        before the sync reads its documents (``sqlite/writers.py``)."""
+        if self.writers.alone():
+            return await self._db.read(_device_by_token, token_hash)
+        return await self._run(_device_by_token, token_hash)
 
     async def update_device(self, device_id: str, *, token_hash: str | None = None,
                             disabled: bool | None = None) -> DeviceRecord:

@@ -71,6 +71,12 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
         a newer schema (the file is then left untouched), and :class:`ClosedError` after
         :meth:`aclose`. After a failed open the store may be opened again."""
         await self._db.open()
+        try:
+            # After the migrations: other stores observe them when this registration shows.
+            self.writers.open()
+        except BaseException:
+            await self._db.aclose()
+            raise
 
     async def aclose(self) -> None:
         """Wait for queued calls, forget this instance (its running requests now count as
@@ -80,6 +86,7 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
             with contextlib.suppress(CrdtsyncError):
                 await self._run(in_transaction, leave, self.instance)
         await self._db.aclose()
+        self.writers.close()
 
     # the writes that span roles
 
