@@ -75,24 +75,19 @@ def read_keys(doc: Doc[Any], keys: Iterable[Where]) -> dict[Where, Any]:
     keys = list(keys)
     if not keys:
         return {}
+    by_root: dict[str, list[str]] = {}
+    for name, key in keys:
+        by_root.setdefault(name, []).append(key)
     out: dict[Where, Any] = {}
     with doc.transaction():
         roots = set(doc.keys())
-        maps: dict[str, Map[Any] | None] = {}
-        for name, key in keys:
-            if name not in maps:
-                maps[name] = doc.get(name, type=Map) if name in roots else None
-            out[(name, key)] = _value(maps[name], key)
+        for name, names in by_root.items():
+            if name not in roots:
+                out.update(((name, key), MISSING) for key in names)
+                continue
+            values = crdt.map_values(doc.get(name, type=Map), names, crdt.ABSENT)
+            out.update(((name, key), held(value)) for key, value in values.items())
     return out
-
-
-def _value(root: Map[Any] | None, key: str) -> Any:
-    if root is None:
-        return MISSING
-    try:
-        return held(root[key])
-    except KeyError:
-        return MISSING
 
 
 def held(value: Any) -> Any:
