@@ -60,19 +60,34 @@ def _valid(value: Any, max_int: int, depth: int, allow_bytes: bool) -> bool:
         return bool(-max_int <= value <= max_int)
     if kind is float:
         return math.isfinite(value)
+    inner = depth < MAX_DEPTH  # a member may sit at depth + 1: the scalar fast path holds
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str or not key or len(key) > MAX_KEY_LENGTH:
                 return False
-            if not _valid(item, max_int, depth + 1, allow_bytes):
+            if not (inner and _plain_scalar(item, max_int)) and not _valid(
+                    item, max_int, depth + 1, allow_bytes):
                 return False
         return True
     if kind is list or kind is tuple:
-        for item in value:  # noqa: SIM110 (a loop: no generator on the hot path)
-            if not _valid(item, max_int, depth + 1, allow_bytes):
+        for item in value:  # a loop: no generator on the hot path
+            if not (inner and _plain_scalar(item, max_int)) and not _valid(
+                    item, max_int, depth + 1, allow_bytes):
                 return False
         return True
     return allow_bytes and kind is bytes
+
+
+def _plain_scalar(value: Any, max_int: int) -> bool:
+    """True for a valid ``str``, ``bool``, ``None``, in-range ``int`` or finite ``float``: the
+    members of most bodies, checked without a recursive call; ``False`` means "ask
+    :func:`_valid`" (which gives the same answer for these types)."""
+    kind = type(value)
+    if kind is float:
+        return value - value == 0.0  # finite: inf - inf and nan - nan are nan
+    if kind is str or kind is bool or value is None:
+        return True
+    return kind is int and -max_int <= value <= max_int
 
 
 def _check(value: Any, where: str, max_int: int, depth: int, *,
