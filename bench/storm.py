@@ -24,8 +24,25 @@ Both servers run in their own process: ``crdtsync serve`` (SQLite in a temp fold
 durability) and pycrdt-websocket's ``WebsocketServer`` + ``ASGIServer`` under uvicorn (rooms
 in memory, no store). Fresh servers each round, alternating which system goes first.
 
-    python bench/storm.py [--devices 2000] [--rounds 3] [--concurrency 500]
-                          [--proxy inline|process] [--write docs/benchmarks.md] [--quick]
+Each system storms twice per round (``--no-isolate``: once):
+
+- *Shared CPUs* (the figure kept from the start, and the bytes): server, load generator and
+  proxy share the machine's CPUs, so the time is close to the CPU of all three together;
+  the report says what share of the machine they used. On a 2-CPU machine this cannot show
+  the servers alone: crdtsync's clients and proxy cost about as much CPU as its server.
+- *Server on a CPU of its own*: the server's threads bound to one CPU, this process (the
+  load generator) to another, no proxy (bytes are not counted), lean clients (see
+  ``--clients``) for both systems. A real fleet's clients run on their own machines; this
+  pass keeps them off the server's CPU. It reports how busy each side was (CPU seconds over
+  wall seconds): the time is the server's only while the load generator stays below 1.00.
+  Other programs on the machine are not kept off either CPU.
+
+CPU figures are user + system seconds of one process (psutil, from ``/proc/<pid>/stat``;
+children not included): the server process alone, the proxy process, and this process.
+
+    python bench/storm.py [--devices 2000] [--rounds 3] [--concurrency 500] [--no-isolate]
+                          [--proxy inline|process] [--clients real|lean]
+                          [--write docs/benchmarks.md] [--quick]
 """
 
 from __future__ import annotations
