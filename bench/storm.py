@@ -24,23 +24,42 @@ Both servers run in their own process: ``crdtsync serve`` (SQLite in a temp fold
 durability) and pycrdt-websocket's ``WebsocketServer`` + ``ASGIServer`` under uvicorn (rooms
 in memory, no store). Fresh servers each round, alternating which system goes first.
 
-    python bench/storm.py [--devices 2000] [--rounds 3] [--concurrency 500]
-                          [--proxy inline|process] [--write docs/benchmarks.md] [--quick]
+Each system storms twice per round (``--no-isolate``: once):
+
+- *Shared CPUs* (the figure kept from the start, and the bytes): server, load generator and
+  proxy share the machine's CPUs, so the time is close to the CPU of all three together;
+  the report says what share of the machine they used. On a 2-CPU machine this cannot show
+  the servers alone: crdtsync's clients and proxy cost about as much CPU as its server.
+- *Server on a CPU of its own*: the server's threads bound to one CPU, this process (the
+  load generator) to another, no proxy (bytes are not counted), lean clients (see
+  ``--clients``) for both systems. A real fleet's clients run on their own machines; this
+  pass keeps them off the server's CPU. It reports how busy each side was (CPU seconds over
+  wall seconds): the time is the server's only while the load generator stays below 1.00.
+  Other programs on the machine are not kept off either CPU.
+
+CPU figures are user + system seconds of one process (psutil, from ``/proc/<pid>/stat``;
+children not included): the server process alone, the proxy process, and this process.
+
+    python bench/storm.py [--devices 2000] [--rounds 3] [--concurrency 500] [--no-isolate]
+                          [--proxy inline|process] [--clients real|lean]
+                          [--write docs/benchmarks.md] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
+import os
 import random
 import re
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,6 +73,7 @@ from common import (
     gather_limited,
     machine,
     median,
+    nproc,
     percentile,
     provision,
     report,
@@ -229,6 +249,35 @@ class _Leg(asyncio.Protocol):
 # --- child processes ------------------------------------------------------------------------
 
 
+def can_isolate() -> bool:
+    """Whether this process may use at least two CPUs (Linux affinity), one for the server
+    and one for the load generator."""
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Bind every thread of process ``pid`` (0: this one) to ``cpus``; threads it starts
+    later inherit the binding from the thread that starts them."""
+    for tid in os.listdir(f"/proc/{pid or os.getpid()}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cpus)
+
+
+@contextlib.contextmanager
+def server_cpu_of_its_own(server: Child) -> Iterator[None]:
+    """The server on the first CPU this process may use, this process (the load
+    generator) on the second, for the duration; this process's binding restored after.
+    Other programs on the machine are not kept off either CPU."""
+    mine = os.sched_getaffinity(0)
+    first, second = sorted(mine)[:2]
+    pin(server.pid, {first})
+    pin(0, {second})
+    try:
+        yield
+    finally:
+        pin(0, mine)
+
+
 def listen_drops() -> int:
     """Connections the kernel dropped because a listen queue was full (Linux, all sockets:
     here only the proxy and the server listen). Each costs the client a SYN retransmit
@@ -381,10 +430,16 @@ class Run:
     """PostgreSQL backends serving the servers (0 on SQLite)."""
     setup: float = 0.0
     listen_drops: int = 0
+    isolated: bool = False
+    """The server had a CPU of its own, the load generator the other, no proxy."""
 
     @property
     def total(self) -> int:
         return self.up + self.down
+
+    def busy(self, cpu: float) -> float:
+        """``cpu`` seconds as a share of one CPU over the storm (start to all closed)."""
+        return cpu / self.all_closed if self.all_closed else float("nan")
 
     @property
     def ok(self) -> bool:
@@ -551,26 +606,38 @@ async def count_mismatched(url: str, clients: Sequence[CrdtsyncClient], run: Run
         await gather_limited(clients, check, 32)
 
 
-async def run_crdtsync(round_no: int, ids: list[int], tmp: Path, args: argparse.Namespace
-                       ) -> Run:
-    run = Run("crdtsync", len(ids))
+async def run_crdtsync(ids: list[int], tmp: Path, args: argparse.Namespace,
+                       isolated: bool = False) -> Run:
+    """One crdtsync storm: through the counting proxy, or ``isolated`` (see
+    :func:`isolation`)."""
+    run = Run("crdtsync", len(ids), isolated=isolated)
     started = time.perf_counter()
     server: Child | None = None
-    proxy = ProxyHandle(args.proxy, tmp)
+    proxy = None if isolated else ProxyHandle(args.proxy, tmp)
     try:
         server = await start_server(tmp, db="storm.db")
         clients = await offline_clients(server.url, ids)
-        await proxy.start(server.port)
+        if proxy is not None:
+            await proxy.start(server.port)
         run.setup = time.perf_counter() - started
-        await crdtsync_storm(run, clients, [f"http://127.0.0.1:{proxy.port}"], server, proxy,
-                             concurrency=args.concurrency, limit=args.timeout,
-                             lean=args.clients == "lean")
+        url = server.url if proxy is None else f"http://127.0.0.1:{proxy.port}"
+        with isolation(server, isolated):
+            await crdtsync_storm(run, clients, [url], server, proxy,
+                                 concurrency=args.concurrency, limit=args.timeout,
+                                 lean=isolated or args.clients == "lean")
         await count_mismatched(server.url, clients, run)
     finally:
-        await proxy.stop()
+        if proxy is not None:
+            await proxy.stop()
         if server is not None:
             await server.stop()
     return run
+
+
+def isolation(server: Child, isolated: bool) -> contextlib.AbstractContextManager[None]:
+    """For an ``isolated`` storm, the server on a CPU of its own (see
+    :func:`server_cpu_of_its_own`); else nothing."""
+    return server_cpu_of_its_own(server) if isolated else contextlib.nullcontext()
 
 
 # --- the peer: pycrdt-websocket, a pycrdt Provider per device over `websockets` -------------
@@ -676,15 +743,19 @@ class PeerClient:
     doc: Doc[Any]
 
 
-async def run_peer(round_no: int, ids: list[int], tmp: Path, args: argparse.Namespace) -> Run:
+async def run_peer(ids: list[int], tmp: Path, args: argparse.Namespace,
+                   isolated: bool = False) -> Run:
+    """One pycrdt-websocket storm: through the counting proxy, or ``isolated`` (see
+    :func:`isolation`)."""
     from websockets.asyncio.client import connect
 
-    run = Run("pycrdt-websocket", len(ids))
+    run = Run("pycrdt-websocket", len(ids), isolated=isolated)
     started = time.perf_counter()
     rooms = tmp / "rooms.msgpack"
     server = Child("pycrdt-websocket server", [sys.executable, str(HERE), "--peer-server",
                                                str(rooms)], tmp / "peer.log")
-    proxy = ProxyHandle(args.proxy, tmp)
+    proxy = None if isolated else ProxyHandle(args.proxy, tmp)
+    lean = isolated or args.clients == "lean"
     try:
         clients = [PeerClient(i, f"/storm-{i:05d}", initial_doc(i, cid))
                    for i, cid in enumerate(ids)]
@@ -693,19 +764,22 @@ async def run_peer(round_no: int, ids: list[int], tmp: Path, args: argparse.Name
         port = int(match.group(1))
         for c in clients:
             offline_edits(c.doc, c.index)
-        await proxy.start(port)
+        if proxy is not None:
+            await proxy.start(port)
         run.setup = time.perf_counter() - started
+        target = port if proxy is None else proxy.port
 
         async def reconnect(c: PeerClient) -> float:
-            async with connect(f"ws://127.0.0.1:{proxy.port}{c.path}", open_timeout=60) as ws:
-                if args.clients == "lean":
+            async with connect(f"ws://127.0.0.1:{target}{c.path}", open_timeout=60) as ws:
+                if lean:
                     return await lean_sync(ws, c.doc)
                 channel = PeerChannel(ws, c.path, c.doc.client_id)
                 async with Provider(c.doc, channel):
                     await channel.converged.wait()
             return channel.converged_at
 
-        await storm(run, clients, reconnect, proxy, server, args.concurrency, args.timeout)
+        with isolation(server, isolated):
+            await storm(run, clients, reconnect, proxy, server, args.concurrency, args.timeout)
         async with aiohttp.ClientSession() as session, \
                 session.get(f"http://127.0.0.1:{port}/_dump") as resp:
             dump = msgpack.unpackb(await resp.read())
@@ -717,7 +791,8 @@ async def run_peer(round_no: int, ids: list[int], tmp: Path, args: argparse.Name
                     != parse_state_vector(c.doc.get_state())):
                 run.mismatched += 1
     finally:
-        await proxy.stop()
+        if proxy is not None:
+            await proxy.stop()
         await server.stop()
     return run
 
@@ -732,58 +807,99 @@ def write_bytes(path: Path, data: bytes) -> None:
 LIBS = ("pycrdt", "pycrdt-websocket", "aiohttp", "uvicorn", "websockets", "httptools")
 
 
-def render(rounds: list[dict[str, Run]], args: argparse.Namespace) -> str:
-    n = args.devices
-    ours = [r["crdtsync"] for r in rounds]
-    peer = [r["pycrdt-websocket"] for r in rounds]
-    t_ratio = [a.elapsed / b.elapsed for a, b in zip(ours, peer, strict=True)]
-    b_ratio = [a.total / b.total for a, b in zip(ours, peer, strict=True)]
+def render(rounds: list[dict[str, Run]], isolated: list[dict[str, Run]],
+           args: argparse.Namespace) -> str:
+    """The report: the storm through the proxy (time, bytes, every process's CPU), the
+    storm with the server on a CPU of its own (when run), and every storm by round."""
     lines = [
-        f"Machine: {machine(LIBS, sqlite=False, sep='; ')}.",
-        f"{n:,} devices x {EDITS} offline edits, {len(rounds)} round(s) (order alternating), "
-        f"at most {args.concurrency} connections at once, proxy {args.proxy}, {args.clients} "
-        "clients. "
-        "Median over rounds, (min-max) when more than one.",
+        f"Machine: {machine(LIBS, sqlite=False, sep='; ')}; load average before the run "
+        f"{args.load_before:.1f}.",
+        f"{args.devices:,} devices x {EDITS} offline edits, {len(rounds)} round(s) (order "
+        f"alternating), at most {args.concurrency} connections at once. Median over rounds, "
+        "(min-max) when more than one.",
         "",
-        "| figure | crdtsync | pycrdt-websocket | crdtsync / peer | goal |",
-        "|---|---:|---:|---:|---|",
+        f"Shared CPUs (proxy {args.proxy}, {args.clients} clients): server, load generator "
+        "and proxy on the same CPUs; time to all converged, bytes.",
+        "",
+        *table(rounds, args, shared_rows),
+    ]
+    if isolated:
+        lines += ["", "Server on a CPU of its own (no proxy, lean clients on the other CPU): "
+                  "the time and CPU of the server when clients are not in its way.", "",
+                  *table(isolated, args, isolated_rows)]
+    lines += ["", "Per storm:", "",
+              "| round | system | CPUs | time (s) | bytes up | bytes down | connections | "
+              "listen drops | server CPU (s) | load gen. CPU (s) | errors | mismatched |",
+              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(rounds, 1):
+        passes = [r, isolated[i - 1]] if isolated else [r]
+        for name in (SYSTEMS if i % 2 else SYSTEMS[::-1]):
+            for x in (p[name] for p in passes):
+                wire = "| - | - |" if x.isolated else f"| {x.up:,} | {x.down:,} |"
+                lines.append(f"| {i} | {name} | {'own' if x.isolated else 'shared'} | "
+                             f"{x.elapsed:.2f} {wire} {x.connections:,} | "
+                             f"{x.listen_drops} | {x.server_cpu:.2f} | {x.client_cpu:.2f} | "
+                             f"{len(x.errors)} | {x.mismatched} |")
+    return "\n".join(lines)
+
+
+Row = tuple[str, Callable[[Run], float], str, float | None]
+"""A figure of a report table: name, value of one storm, format, goal for the ratio."""
+
+
+def shared_rows(args: argparse.Namespace) -> list[Row]:
+    n = args.devices
+    rows: list[Row] = [
+        ("time to all converged (s)", lambda r: r.elapsed, ".2f", 1 / 3),
+        ("bytes on the wire, both ways", lambda r: r.total, ",.0f", 0.75),
+        ("bytes per device, up", lambda r: r.up / n, ",.0f", None),
+        ("bytes per device, down", lambda r: r.down / n, ",.0f", None),
+        ("per-device latency, median (ms)", lambda r: median(r.latencies) * 1000, ".0f", None),
+        ("per-device latency, p99 (ms)",
+         lambda r: percentile(r.latencies, 0.99) * 1000, ".0f", None),
+        ("all connections closed (s)", lambda r: r.all_closed, ".2f", None),
+        ("listen-queue drops (1 s SYN retries)", lambda r: r.listen_drops, ".0f", None),
+        ("server CPU during the storm (s)", lambda r: r.server_cpu, ".2f", None),
+        ("load generator CPU (s)", lambda r: r.client_cpu, ".2f", None),
+    ]
+    if args.proxy == "process":
+        rows.append(("proxy CPU (s)", lambda r: r.proxy_cpu, ".2f", None))
+    rows.append(("all three, share of the machine's CPUs",
+                 lambda r: r.busy(r.server_cpu + r.client_cpu + r.proxy_cpu) / nproc(),
+                 ".2f", None))
+    return rows
+
+
+def isolated_rows(args: argparse.Namespace) -> list[Row]:
+    return [
+        ("time to all converged (s)", lambda r: r.elapsed, ".2f", 1 / 3),
+        ("server CPU during the storm (s)", lambda r: r.server_cpu, ".2f", 1 / 3),
+        ("server CPU per device (ms)", lambda r: r.server_cpu / r.devices * 1000, ".3f",
+         None),
+        ("server busy (CPU s / wall s, 1.00 = its CPU full)",
+         lambda r: r.busy(r.server_cpu), ".2f", None),
+        ("load generator busy (CPU s / wall s)", lambda r: r.busy(r.client_cpu), ".2f", None),
+        ("per-device latency, median (ms)", lambda r: median(r.latencies) * 1000, ".0f", None),
     ]
 
-    def row(name: str, fn: Callable[[Run], float], fmt: str, ratios: list[float] | None = None,
-            goal: float | None = None) -> None:
+
+def table(rounds: list[dict[str, Run]], args: argparse.Namespace,
+          rows: Callable[[argparse.Namespace], list[Row]]) -> list[str]:
+    """A markdown table of ``rows``: each system's median (min-max) and the ratio
+    crdtsync / peer within each round, checked against the row's goal."""
+    ours = [r["crdtsync"] for r in rounds]
+    peer = [r["pycrdt-websocket"] for r in rounds]
+    lines = ["| figure | crdtsync | pycrdt-websocket | crdtsync / peer | goal |",
+             "|---|---:|---:|---:|---|"]
+    for name, fn, fmt, goal in rows(args):
         a, b = [fn(r) for r in ours], [fn(r) for r in peer]
-        if ratios is None:
-            ratios = [x / y for x, y in zip(a, b, strict=True) if y]
+        ratios = [x / y for x, y in zip(a, b, strict=True) if y]
         verdict = ""
         if goal is not None:
             verdict = f"<= {goal:.2f}: {'holds' if median(ratios) <= goal else 'missed'}"
         ratio = spread(ratios, ".2f") if len(ratios) == len(a) else "-"
         lines.append(f"| {name} | {spread(a, fmt)} | {spread(b, fmt)} | {ratio} | {verdict} |")
-
-    row("time to all converged (s)", lambda r: r.elapsed, ".2f", t_ratio, 1 / 3)
-    row("bytes on the wire, both ways", lambda r: r.total, ",.0f", b_ratio, 0.75)
-    row("bytes per device, up", lambda r: r.up / n, ",.0f")
-    row("bytes per device, down", lambda r: r.down / n, ",.0f")
-    row("per-device latency, median (ms)", lambda r: median(r.latencies) * 1000, ".0f")
-    row("per-device latency, p99 (ms)", lambda r: percentile(r.latencies, 0.99) * 1000, ".0f")
-    row("all connections closed (s)", lambda r: r.all_closed, ".2f")
-    row("listen-queue drops (1 s SYN retries)", lambda r: r.listen_drops, ".0f")
-    row("server CPU during the storm (s)", lambda r: r.server_cpu, ".2f")
-    row("load generator CPU (s)", lambda r: r.client_cpu, ".2f")
-    if args.proxy == "process":
-        row("proxy CPU (s)", lambda r: r.proxy_cpu, ".2f")
-    lines += ["", "Per round:", "",
-              "| round | system | time (s) | bytes up | bytes down | connections | "
-              "listen drops | server CPU (s) | errors | mismatched |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for i, r in enumerate(rounds, 1):
-        for name in (SYSTEMS if i % 2 else SYSTEMS[::-1]):
-            x = r[name]
-            lines.append(f"| {i} | {name} | {x.elapsed:.2f} | {x.up:,} | {x.down:,} | "
-                         f"{x.connections:,} | {x.listen_drops} | {x.server_cpu:.2f} | "
-                         f"{len(x.errors)} | "
-                         f"{x.mismatched} |")
-    return "\n".join(lines)
+    return lines
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -793,30 +909,46 @@ async def main(args: argparse.Namespace) -> int:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # run finally:s
+    args.load_before = os.getloadavg()[0]
     print(f"Machine: {machine(LIBS, sqlite=False, sep='; ')}", flush=True)
+    isolate = args.isolate and can_isolate()
+    if args.isolate and not isolate:
+        print("fewer than 2 CPUs usable: no storm with the server on a CPU of its own",
+              flush=True)
     runners = {"crdtsync": run_crdtsync, "pycrdt-websocket": run_peer}
     rounds: list[dict[str, Run]] = []
+    isolated: list[dict[str, Run]] = []
     for round_no in range(args.rounds):
         rng = random.Random(args.seed + round_no)
         ids = [rng.randrange(1, crdt.MAX_CLIENT_ID + 1) for _ in range(args.devices)]
-        results: dict[str, Run] = {}
+        results: list[dict[str, Run]] = [{}, {}]
         order = SYSTEMS if round_no % 2 == 0 else SYSTEMS[::-1]
         for name in order:
-            with tempfile.TemporaryDirectory(prefix="storm-") as tmp:
-                run = await runners[name](round_no, ids, Path(tmp), args)
-            results[name] = run
-            print(f"round {round_no + 1} {name:>16}: {run.elapsed:6.2f} s to converge, "
-                  f"{run.up:,} B up + {run.down:,} B down = {run.total:,} B "
-                  f"({run.total / args.devices:,.0f} B/device), {run.connections} connections, "
-                  f"server CPU {run.server_cpu:.2f} s, load CPU {run.client_cpu:.2f} s, "
-                  f"setup {run.setup:.1f} s, listen drops {run.listen_drops}, "
-                  f"errors {len(run.errors)}, mismatched {run.mismatched}", flush=True)
-            for error in sorted(set(run.errors))[:5]:
-                print(f"    error: {error}", flush=True)
-        rounds.append(results)
-    text = render(rounds, args)
+            for alone in (False, True) if isolate else (False,):
+                with tempfile.TemporaryDirectory(prefix="storm-") as tmp:
+                    run = await runners[name](ids, Path(tmp), args, alone)
+                results[int(alone)][name] = run
+                print_run(round_no, run, args.devices)
+        rounds.append(results[0])
+        if isolate:
+            isolated.append(results[1])
+    text = render(rounds, isolated, args)
     report(text, args.write, "storm")
-    return 0 if all(r.ok for rr in rounds for r in rr.values()) else 1
+    return 0 if all(r.ok for rr in rounds + isolated for r in rr.values()) else 1
+
+
+def print_run(round_no: int, run: Run, devices: int) -> None:
+    """One progress line per storm, and its first errors."""
+    cpus = "own CPU" if run.isolated else "shared "
+    print(f"round {round_no + 1} {run.system:>16} {cpus}: {run.elapsed:6.2f} s to converge, "
+          f"{run.up:,} B up + {run.down:,} B down = {run.total:,} B "
+          f"({run.total / devices:,.0f} B/device), {run.connections} connections, "
+          f"server CPU {run.server_cpu:.2f} s, load CPU {run.client_cpu:.2f} s, "
+          f"proxy CPU {run.proxy_cpu:.2f} s, setup {run.setup:.1f} s, "
+          f"listen drops {run.listen_drops}, errors {len(run.errors)}, "
+          f"mismatched {run.mismatched}", flush=True)
+    for error in sorted(set(run.errors))[:5]:
+        print(f"    error: {error}", flush=True)
 
 
 def cli() -> None:
@@ -832,6 +964,9 @@ def cli() -> None:
                              "each peer device pycrdt's Provider; lean: one aiohttp session "
                              "without keep-alive for crdtsync, the Yjs exchange written out "
                              "for the peer (same bytes, less load-generator CPU)")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="skip the second storm of each system with the server on a CPU "
+                             "of its own")
     parser.add_argument("--timeout", type=float, default=120.0, help="per device, seconds")
     parser.add_argument("--seed", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="50 devices, 1 round (CI smoke)")
