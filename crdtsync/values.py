@@ -84,10 +84,10 @@ def _plain_scalar(value: Any, max_int: int) -> bool:
     :func:`_valid`" (which gives the same answer for these types)."""
     kind = type(value)
     if kind is float:
-        return value - value == 0.0  # finite: inf - inf and nan - nan are nan
+        return bool(value - value == 0.0)  # finite: inf - inf and nan - nan are nan
     if kind is str or kind is bool or value is None:
         return True
-    return kind is int and -max_int <= value <= max_int
+    return kind is int and bool(-max_int <= value <= max_int)
 
 
 def _check(value: Any, where: str, max_int: int, depth: int, *,
