@@ -33,7 +33,7 @@ from .errors import (
     UnsupportedVersion,
     error_from_code,
 )
-from .values import MAX_KEY_LENGTH, check_event_body, check_value
+from .values import MAX_KEY_LENGTH, check_event_body, check_value, event_body_ok
 
 PROTOCOL_VERSION = 1
 MEDIA_TYPE = "application/vnd.crdtsync+msgpack"
@@ -524,23 +524,42 @@ def decode_event_body(data: bytes, *, where: str = "event body") -> Any:
 
 
 def _decode_event(obj: Any, limits: Limits) -> Event:
-    if not isinstance(obj, list) or len(obj) != 4:
+    """One ``[seq, topic, time, body]`` entry. The common case runs without building a
+    message (a request carries up to ``max_events`` of them): plain type checks, a topic
+    already seen valid, a body the fast value check accepts; anything else takes the path
+    that names what is wrong."""
+    if type(obj) is not list or len(obj) != 4:
         raise MalformedRequest("each event must be [seq, topic, time, body]")
     seq, topic, time, body_bytes = obj
-    if not isinstance(body_bytes, bytes):
+    if type(body_bytes) is not bytes:
         raise MalformedRequest("event body must be msgpack bytes")
     if len(body_bytes) > limits.max_event_body:
         raise InvalidValue(f"event body over {limits.max_event_body} bytes",
                            {"seq": seq, "max_event_body": limits.max_event_body})
-    body = decode_event_body(body_bytes, where=f"event {seq!r} body")
-    if _uint(seq, "event seq") == 0:
+    try:
+        body = _unpack_body(body_bytes, "event body")
+    except MalformedRequest:
+        body = decode_event_body(body_bytes, where=f"event {seq!r} body")  # raises, named
+    if not event_body_ok(body):
+        check_event_body(body, where=f"event {seq!r} body")
+    if (type(seq) is not int or not 0 < seq <= MAX_SEQ) and _uint(seq, "event seq") == 0:
         raise MalformedRequest("event seq starts at 1")
-    return Event(
-        seq=seq,
-        topic=_name(topic, "topic"),
-        time=_uint(time, "event time"),
-        body=body,
-    )
+    if type(time) is not int or not 0 <= time <= MAX_SEQ:
+        _uint(time, "event time")
+    known = type(topic) is str and topic in _TOPICS_SEEN
+    return Event(seq, topic if known else _topic(topic), time, body)
+
+
+_TOPICS_SEEN: set[str] = set()
+"""Topics that passed :func:`_name` (a fleet uses a handful): the regex runs once each."""
+_TOPICS_REMEMBERED = 4096
+
+
+def _topic(value: Any) -> str:
+    topic = _name(value, "topic")
+    if len(_TOPICS_SEEN) < _TOPICS_REMEMBERED:
+        _TOPICS_SEEN.add(topic)
+    return topic
 
 
 def encode_event_body(body: Any) -> bytes:

@@ -277,6 +277,11 @@ def _event(seq: int, body: Any = None, topic: Any = "t", time: Any = 0) -> list[
     (_msg(ev=[[1, "t", 0, b"\xc1"]]), MalformedRequest),
     (_msg(ev=[_event(1, topic="")]), MalformedRequest),
     (_msg(ev=[_event(1, time=-5)]), MalformedRequest),
+    (_msg(ev=[_event(1, time=True)]), MalformedRequest),
+    (_msg(ev=[_event(1, time=2**64 - 1)]), MalformedRequest),
+    (_msg(ev=[_event(1, topic=["t"])]), MalformedRequest),  # unhashable: not a cached topic
+    (_msg(ev=[_event(1, topic=5)]), MalformedRequest),
+    (_msg(ev=[_event(1), _event(2, topic="t" * 65)]), MalformedRequest),
     (_msg(ev=[_event(1, {"n": 2**63})]), InvalidValue),
     (_msg(ev=[_event(1, {"n": 2**64 - 1})]), InvalidValue),
     (_msg(ev=[_event(1, {"n": -(2**63)})]), InvalidValue),
