@@ -190,6 +190,14 @@ def carry(source: Doc[Any], target: Doc[Any], keys: Iterable[tuple[str, str]]) -
                 del root[key]
 
 
+def root_names(doc: Doc[Any]) -> list[str]:
+    """The names of ``doc``'s roots, without the wrapper pycrdt's ``Doc.keys`` builds for
+    each root (it runs several times per sync)."""
+    with doc.transaction() as txn:
+        assert txn._txn is not None  # inside the block
+        return list(doc._doc.roots(txn._txn))
+
+
 def map_values(root: Map[Any], keys: Iterable[str], missing: Any = None) -> dict[str, Any]:
     """The value ``root`` holds at each of ``keys`` (``missing`` when absent; a shared type as
     pycrdt wraps it), read in one transaction through the integrated map. pycrdt's own
@@ -217,7 +225,7 @@ class ChangeTracker:
         self._adopt_roots(mark=False)
 
     def _adopt_roots(self, *, mark: bool) -> None:
-        for name in self.doc.keys():  # noqa: SIM118 (a pycrdt Doc is not a Mapping)
+        for name in root_names(self.doc):
             if name not in self._observed:
                 root = self.doc.get(name, type=Map)
                 # On the integrated map: pycrdt's ``observe_deep`` wraps every event and

@@ -80,7 +80,7 @@ def read_keys(doc: Doc[Any], keys: Iterable[Where]) -> dict[Where, Any]:
         by_root.setdefault(name, []).append(key)
     out: dict[Where, Any] = {}
     with doc.transaction():
-        roots = set(doc.keys())
+        roots = set(crdt.root_names(doc))
         for name, names in by_root.items():
             if name not in roots:
                 out.update(((name, key), MISSING) for key in names)
