@@ -36,6 +36,8 @@ async def read_within(request: web.Request, seconds: float) -> bytes:
     when it did not arrive within ``seconds``; :class:`MalformedRequest` when the client
     broke it off. aiohttp's ``HTTPRequestEntityTooLarge`` passes through."""
     try:
+        if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
+            return await request.read()  # (and no timer to arm and cancel on every sync)
         async with asyncio.timeout(seconds):
             return await request.read()
     except TimeoutError as exc:
