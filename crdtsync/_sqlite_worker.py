@@ -47,7 +47,7 @@ class SQLiteWorker:
 
     def __init__(self, path: str | os.PathLike[str], *, migrations: Sequence[str],
                  synchronous: str = "FULL", name: str = "crdtsync-sqlite",
-                 wal_pages: int = 1000) -> None:
+                 wal_pages: int = 1000, wal_limit: int | None = None) -> None:
         if synchronous.upper() not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, "
                              f"not {synchronous!r}")
@@ -55,6 +55,8 @@ class SQLiteWorker:
         self.synchronous = synchronous.upper()
         self.migrations = tuple(migrations)
         self.wal_pages = wal_pages
+        self.wal_limit = WAL_SIZE_LIMIT if wal_limit is None else wal_limit
+        """``PRAGMA journal_size_limit``: bytes the log is cut back to after a checkpoint."""
         """``PRAGMA wal_autocheckpoint``: pages the write-ahead log may hold before a commit
         checkpoints it (SQLite's default 1000 pages, 4 MB; a device store takes fewer)."""
         self._name = name
@@ -84,7 +86,7 @@ class SQLiteWorker:
         thread = _Thread(self._name)
         try:
             self._conn = await thread.call(connect, self.path, self.synchronous,
-                                           self.migrations, self.wal_pages)
+                                           self.migrations, self.wal_pages, self.wal_limit)
         except BaseException:
             thread.stop()
             raise
@@ -224,13 +226,16 @@ def _translate(exc: BaseException) -> BaseException:
 
 
 WAL_SIZE_LIMIT = 1024 * 1024
-"""Bytes the ``-wal`` file is truncated to after a checkpoint (``PRAGMA journal_size_limit``)."""
+"""Bytes the ``-wal`` file is truncated to after a checkpoint (``PRAGMA journal_size_limit``)
+unless the caller says otherwise: right for a device's small log. A log that checkpoints at
+more than this (the server's) needs a larger limit, or every checkpoint cuts the file and
+the next commits grow it again, block by block."""
 
 
-def connect(path: str, synchronous: str, migrations: Sequence[str], wal_pages: int = 1000
-            ) -> sqlite3.Connection:
+def connect(path: str, synchronous: str, migrations: Sequence[str], wal_pages: int = 1000,
+            wal_limit: int = WAL_SIZE_LIMIT) -> sqlite3.Connection:
     """Open ``path`` in WAL mode with the given durability and apply ``migrations``; the log
-    is checkpointed every ``wal_pages`` pages and then cut back to ``WAL_SIZE_LIMIT``."""
+    is checkpointed every ``wal_pages`` pages and then cut back to ``wal_limit`` bytes."""
     # isolation_level=None: no implicit transactions, every one is spelled out.
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
                            check_same_thread=False)
@@ -242,7 +247,7 @@ def connect(path: str, synchronous: str, migrations: Sequence[str], wal_pages: i
         conn.execute("PRAGMA foreign_keys = ON")
         # A checkpoint truncates the write-ahead log back to this size: without it the file
         # keeps the largest size it ever reached (4 MB and more after a burst of writes).
-        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+        conn.execute(f"PRAGMA journal_size_limit = {int(wal_limit)}")
         conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_pages)}")
         migrate(conn, migrations)
     except BaseException:
@@ -305,5 +310,6 @@ def transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[N
 
 def pragmas(conn: sqlite3.Connection) -> dict[str, Any]:
     """The connection's pragmas that matter for durability, for diagnostics and tests."""
-    names = ("journal_mode", "synchronous", "busy_timeout", "foreign_keys", "user_version")
+    names = ("journal_mode", "synchronous", "busy_timeout", "foreign_keys", "user_version",
+             "journal_size_limit")
     return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}

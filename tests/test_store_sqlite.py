@@ -636,6 +636,7 @@ async def test_pragmas(tmp_path: Path, mode: str | None, level: int) -> None:
     assert pragmas == {
         "journal_mode": "wal", "synchronous": level, "busy_timeout": 5000,
         "foreign_keys": 1, "user_version": SCHEMA_VERSION,
+        "journal_size_limit": 64 * 1024 * 1024,  # above a checkpoint's log: never regrown
     }
 
 
