@@ -20,9 +20,12 @@ import pytest
 from crdtsync._sqlite_worker import SQLiteWorker, transaction
 from crdtsync.errors import ClosedError, StoreError
 from crdtsync_server.auth import hash_token
-from crdtsync_server.store import DeviceRecord
+from crdtsync_server.store import DeviceRecord, FleetRecord, SyncWrite
 from crdtsync_server.store.sqlite import SQLiteStore
+from crdtsync_server.store.sqlite.connection import DEVICE_CACHE_SECONDS, DeviceCache
 from crdtsync_server.store.sqlite.writers import Writers
+
+from .store_backends import evs
 
 MIGRATIONS = ("CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER NOT NULL)",)
 
@@ -181,3 +184,98 @@ async def test_a_second_store_on_the_file_makes_the_lookup_observe_its_writes(
             assert await first.device_by_token(hash_token("t")) is not None
         assert first.external_writes == settled
         assert first.writers.alone()
+
+
+# --- the device records a lone store keeps (``known_devices``)
+
+
+async def lookup_matches_the_row(store: SQLiteStore, token: str, device_id: str) -> None:
+    """The sync's lookup answers exactly the stored row (or nothing for a gone token)."""
+    found = await store.device_by_token(hash_token(token))
+    stored = await store.get_device(device_id)
+    if stored is None or stored.token_hash != hash_token(token):
+        assert found is None
+    else:
+        assert found == stored
+
+
+async def test_the_lookup_answers_the_stored_row_after_every_kind_of_write(
+        tmp_path: Path) -> None:
+    """Whatever this store writes (a sync's commit, a touch, a message queued, a fleet, a
+    token, a disable, a delete), the next lookup answers the row as stored: a commit puts
+    its row back as written, every other write forgets what was kept."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        await store.add_fleet(FleetRecord("f1", created=1))
+        await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
+        await store.add_device(DeviceRecord("d2", hash_token("u"), 1))
+        await lookup_matches_the_row(store, "t", "d1")
+        assert store.writers.alone()
+        steps = [
+            lambda: store.commit(SyncWrite("d1", time=500, events=evs(1, 3))),
+            lambda: store.commit(SyncWrite("d2", time=501, events=evs(1, 2))),
+            lambda: store.touch_devices({"d1": 900}),
+            lambda: store.queue_downlink("d1", "message", "cfg", {"a": 1}, 950, None),
+            lambda: store.commit(SyncWrite("d1", time=1000, events=evs(4, 4), down_done=1)),
+            lambda: store.set_device_fleet("d1", "f1", 1100),
+            lambda: store.commit(SyncWrite("d1", time=1200, events=evs(6, 6), purged=5)),
+            lambda: store.update_device("d1", disabled=True),
+            lambda: store.update_device("d1", token_hash=hash_token("t2")),
+            lambda: store.delete_device("d2", []),
+        ]
+        for step in steps:
+            await step()
+            for token, device in (("t", "d1"), ("t2", "d1"), ("u", "d2")):
+                await lookup_matches_the_row(store, token, device)
+        found = await store.device_by_token(hash_token("t2"))
+        assert found is not None and found.disabled and found.fleet == "f1"
+        assert (found.last_seq, found.events_lost, found.down_done) == (6, 1, 1)
+
+
+async def test_a_commit_keeps_its_row_and_the_lookup_reads_nothing(tmp_path: Path) -> None:
+    """After a sync's commit the next lookup of that device is answered from memory: the
+    proof is a row changed behind the store's back (an SQL shell), which the lookup does
+    not see until the kept records expire or this store writes something else."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
+        assert await store.device_by_token(hash_token("t")) is not None
+        assert store.writers.alone()
+        await store.commit(SyncWrite("d1", time=500, events=evs(1, 2)))
+        with sqlite3.connect(tmp_path / "s.db") as shell:
+            shell.execute("UPDATE devices SET disabled = 1 WHERE id = 'd1'")
+        kept = await store.device_by_token(hash_token("t"))
+        assert kept is not None and kept.last_seq == 2 and not kept.disabled
+        await store.set_setting("k", "v")  # any write of this store forgets what it kept
+        fresh = await store.device_by_token(hash_token("t"))
+        assert fresh is not None and fresh.disabled
+
+
+def test_kept_records_expire() -> None:
+    """A row changed behind the server's back is seen within ``DEVICE_CACHE_SECONDS``."""
+    now = [100.0]
+    cache = DeviceCache(clock=lambda: now[0])
+    record = DeviceRecord("d1", "h", 1)
+    cache.keep(record)
+    now[0] += DEVICE_CACHE_SECONDS / 2
+    cache.keep(DeviceRecord("d2", "h2", 1))
+    assert cache.get("h") == record
+    now[0] += DEVICE_CACHE_SECONDS / 2 + 0.1  # from the first kept record, not the last
+    assert cache.get("h") is None and cache.get("h2") is None
+
+
+async def test_a_second_store_on_the_file_makes_the_lookup_forget_what_it_kept(
+        tmp_path: Path) -> None:
+    """Once another store object has the file open, its writes are not seen by this one's
+    kept records: the lookup reads (and observes) instead, and after the other left it
+    starts again from the rows."""
+    path = tmp_path / "s.db"
+    async with SQLiteStore(path) as first:
+        await first.add_device(DeviceRecord("d1", hash_token("t"), 1))
+        await first.commit(SyncWrite("d1", time=500, events=evs(1, 1)))
+        for _ in range(2):
+            assert await first.device_by_token(hash_token("t")) is not None
+        async with SQLiteStore(path) as second:
+            await second.update_device("d1", disabled=True)
+            found = await first.device_by_token(hash_token("t"))
+            assert found is not None and found.disabled
+        found = await first.device_by_token(hash_token("t"))
+        assert found is not None and found.disabled

@@ -3,9 +3,10 @@
 Tokens carry 128 (device) or 256 (admin) bits of randomness, so a fast hash is enough (no
 password-style KDF): the database never holds a usable credential, and a leaked hash cannot
 be replayed. A device is found by the hash of its token alone (:func:`authenticate_device`),
-so a sync is authenticated from its headers, before a byte of its body is read. Nothing is
-cached: a rotated, disabled or deleted credential stops working at the next request, in
-every server process sharing the database.
+so a sync is authenticated from its headers, before a byte of its body is read. A rotated,
+disabled or deleted credential stops working at the next request, in every server process
+sharing the database (the SQLite store answers from the rows it knows only while no other
+process writes its file, and forgets them at each change: docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -247,6 +247,10 @@ class CommitResult:
     """For each ``DocWrite``, the highest update id its document reflected just before
     (logged rows and snapshot): when it equals what a cached copy holds, nobody else wrote
     that document in between."""
+    device: DeviceRecord | None = field(default=None, compare=False, repr=False)
+    """The device's row as the commit left it, where the backend has it at hand (SQLite: for
+    its cache of device records); ``None`` otherwise. Not part of the contract: results of
+    different backends compare equal without it."""
 
 
 WAKE_EVERYONE = "*"

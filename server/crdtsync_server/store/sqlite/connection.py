@@ -30,11 +30,13 @@ import json
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from crdtsync._sqlite_worker import SQLiteWorker, pragmas, transaction
 
+from ..records import DeviceRecord
 from .schema import MIGRATIONS
 from .writers import Writers
 
@@ -70,17 +72,28 @@ class SQLiteConnection:
         lookup reads on the event loop and needs no observation (``sqlite/writers.py``)."""
         self._wake_listeners: list[Callable[[int], None]] = []
         self._wake_announced = 0
+        self.known_devices = DeviceCache()
+        """The devices as stored, by token hash, as far as this store saw them: what a sync's
+        lookup answers while this store is alone on the file (``sqlite/devices.py``). Every
+        call that changes a row forgets all of it (:meth:`_run`); a commit puts back the
+        device rows it wrote (``sqlite/store.py``)."""
 
     @property
     def path(self) -> str:
         """The database file."""
         return self._db.path
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, fn: Callable[..., T], *args: Any, forget_devices: bool = True) -> T:
         """Run ``fn(conn, *args)`` in the store's thread, noting first whether another
-        connection committed since the previous call (``PRAGMA data_version``)."""
-        observed: tuple[int, T] = await self._db.run(observing, fn, *args)
-        version, result = observed
+        connection committed since the previous call (``PRAGMA data_version``), and after it
+        whether it changed any row (then :attr:`known_devices` is forgotten: it may have
+        changed a device; forgetting at the end, not the start, also drops a record read on
+        the loop while the call ran). A sync's commit passes ``forget_devices=False``: it
+        changes no device row but its own, which it puts back as written."""
+        observed: tuple[int, bool, T] = await self._db.run(observing, fn, *args)
+        version, wrote, result = observed
+        if wrote and forget_devices:
+            self.known_devices.clear()
         if version != self._data_version:
             if self._data_version is not None:  # the first reading is no news
                 self.external_writes += 1
@@ -102,10 +115,12 @@ class SQLiteConnection:
     def on_results(self, callback: Callable[[str | None], None]) -> None:
         """Never called: this store does not hear other processes (``hears_others``)."""
 
-    async def _run_waking(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run_waking(self, fn: Callable[..., T], *args: Any,
+                          forget_devices: bool = True) -> T:
         """:meth:`_run` for a call that may append wake entries: read the head of the wake
         log after its transaction and announce it to the listeners when it moved."""
-        outcome: tuple[int, T] = await self._run(_then_wake_head, fn, *args)
+        outcome: tuple[int, T] = await self._run(_then_wake_head, fn, *args,
+                                                 forget_devices=forget_devices)
         head, result = outcome
         if head > self._wake_announced:
             self._wake_announced = head
@@ -117,6 +132,35 @@ class SQLiteConnection:
         """The connection's ``journal_mode``, ``synchronous``, ``busy_timeout``,
         ``foreign_keys`` and ``user_version``, for diagnostics and tests."""
         return await self._run(pragmas)
+
+
+DEVICE_CACHE_SECONDS = 5.0
+"""Longest a device record is answered from memory: a row changed behind the server's back
+(an SQL shell on the file, which no store object registers) is seen within this time."""
+
+
+class DeviceCache:
+    """Device records by token hash (see :attr:`SQLiteConnection.known_devices`), all
+    forgotten at once, and at the latest :data:`DEVICE_CACHE_SECONDS` after the first was
+    kept."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._records: dict[str, DeviceRecord] = {}
+        self._since = 0.0
+
+    def get(self, token_hash: str) -> DeviceRecord | None:
+        if self._records and self._clock() - self._since > DEVICE_CACHE_SECONDS:
+            self._records = {}
+        return self._records.get(token_hash)
+
+    def keep(self, device: DeviceRecord) -> None:
+        if not self._records:
+            self._since = self._clock()
+        self._records[device.token_hash] = device
+
+    def clear(self) -> None:
+        self._records = {}
 
 
 def loads(text: str | None) -> Any:
@@ -137,10 +181,14 @@ def in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -
         return fn(conn, *args)
 
 
-def observing(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> tuple[int, T]:
-    """``PRAGMA data_version`` (changes when another connection commits), then ``fn``."""
+def observing(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any
+              ) -> tuple[int, bool, T]:
+    """``PRAGMA data_version`` (changes when another connection commits), then ``fn``, and
+    whether ``fn`` inserted, updated or deleted any row (``total_changes`` moved)."""
     version = int(conn.execute("PRAGMA data_version").fetchone()[0])
-    return version, fn(conn, *args)
+    changes = conn.total_changes
+    result = fn(conn, *args)
+    return version, conn.total_changes != changes, result
 
 
 def wake_head(conn: sqlite3.Connection) -> int:

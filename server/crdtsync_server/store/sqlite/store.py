@@ -17,6 +17,7 @@ crdtsync errors of the contract (``NotFound``, ``AlreadyExists``, ``SeqGap``,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -106,7 +107,12 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
 
     async def _commit_group(self, writes: list[SyncWrite]
                             ) -> list[CommitResult | BaseException]:
-        return await self._run_waking(_commit_group, writes)
+        # A commit changes no device row but its writer's, kept below as written.
+        outcomes = await self._run_waking(_commit_group, writes, forget_devices=False)
+        for outcome in outcomes:  # the rows just written, for the next syncs' lookups
+            if isinstance(outcome, CommitResult) and outcome.device is not None:
+                self.known_devices.keep(outcome.device)
+        return outcomes
 
     async def delete_device(self, device_id: str, docs: Sequence[str], *,
                             events: bool = False) -> None:
@@ -164,7 +170,9 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
         (last_seq, plan.lost, write.time, down_done, device.id),
     )
     return CommitResult(update_ids, last_seq, len(plan.new), down_done, new_requests,
-                        prev_ids)
+                        prev_ids, dataclasses.replace(  # the row as the UPDATE above left it
+                            device, last_seq=last_seq, events_lost=device.events_lost + plan.lost,
+                            last_sync=write.time, down_done=down_done))
 
 
 def _delete_device(conn: sqlite3.Connection, device_id: str, docs: list[str],
