@@ -401,9 +401,10 @@ class SyncService:
         after = stamps.after_values(live.doc, kinds, before, landed)
         decision = stamps.decide(writes, stamps.Inputs(live.key, live.stamps, kinds, before,
                                                        after, landed), context.clocks)
-        stamps.write_fixes(live.doc, decision.fixes)
-        for name, values in live.changes.take().items():
-            changed.setdefault(name, {}).update(values)
+        if decision.fixes:  # what the fix-ups changed (nothing else was written since)
+            stamps.write_fixes(live.doc, decision.fixes)
+            for name, values in live.changes.take().items():
+                changed.setdefault(name, {}).update(values)
         for where in decision.decided.intersection(before):
             if stamps.same(decision.fixes.get(where, after[where]), before[where]):
                 changed.get(where[0], {}).pop(where[1], None)
