@@ -14,6 +14,12 @@ product code changes):
   (``python -m cProfile`` sees the main thread only). Times are each thread's CPU time
   (``time.thread_time``), not wall time: a thread waiting for the GIL, the disk or the
   network is not charged for it.
+- ``CRDTSYNC_BENCH_SAMPLE=OUT``: a sampling profile of the event loop's thread, for where the
+  CPU goes without cProfile's overhead (which inflates small Python functions several times):
+  every 0.5 ms of the process's CPU time (``ITIMER_PROF``) the loop thread's Python stack is
+  counted; at exit ``{stack: samples}`` is pickled to ``OUT`` (innermost frame first). Samples
+  taken while the loop waits in ``select`` are the other threads' CPU (or idle):
+  :func:`common.print_samples` sets them apart.
 """
 
 from __future__ import annotations
@@ -31,6 +37,33 @@ def apply_knobs() -> None:
         from crdtsync_server import documents
 
         documents.RETIRE_GRACE = float(grace)
+
+
+def sampled(out: Path, interval: float = 0.0005) -> None:
+    """Count the main thread's stack every ``interval`` s of process CPU time; pickle the
+    counts to ``out`` at exit (see the module's doc)."""
+    import atexit
+    import pickle
+    import signal
+    from collections import Counter
+    from types import FrameType
+
+    samples: Counter[tuple[tuple[str, str], ...]] = Counter()
+
+    def on_sample(_signum: int, frame: FrameType | None) -> None:
+        stack = []
+        while frame is not None:
+            stack.append((frame.f_code.co_filename, frame.f_code.co_name))
+            frame = frame.f_back
+        samples[tuple(stack)] += 1
+
+    def dump() -> None:
+        signal.setitimer(signal.ITIMER_PROF, 0, 0)
+        out.write_bytes(pickle.dumps(dict(samples)))
+
+    signal.signal(signal.SIGPROF, on_sample)
+    signal.setitimer(signal.ITIMER_PROF, interval, interval)
+    atexit.register(dump)
 
 
 def profiled(out: Path, main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
@@ -77,6 +110,9 @@ def serve() -> int:
     from crdtsync.cli import main
 
     apply_knobs()
+    sample = os.environ.get("CRDTSYNC_BENCH_SAMPLE")
+    if sample:
+        sampled(Path(sample))
     profile = os.environ.get("CRDTSYNC_BENCH_PROFILE")
     if profile:
         return profiled(Path(profile), main, sys.argv[1:])

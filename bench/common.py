@@ -48,6 +48,7 @@ import tempfile
 import time
 import tracemalloc
 import zlib
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -71,6 +72,7 @@ LISTENING = r"listening on (http://[\d.]+:(\d+))"
 """What ``crdtsync serve`` prints once it accepts connections: its URL and port."""
 GRACE_ENV = "CRDTSYNC_BENCH_RETIRE_GRACE"
 PROFILE_ENV = "CRDTSYNC_BENCH_PROFILE"
+SAMPLE_ENV = "CRDTSYNC_BENCH_SAMPLE"
 """Read by ``bench/_serve.py`` in a benchmark's server subprocess, nowhere else."""
 
 
@@ -690,7 +692,8 @@ class Child:
 
 def serve_argv(folder: Path, *flags: str, db: str = "server.db",
                grace: float | None = None, profile: Path | None = None,
-               database: str | None = None) -> tuple[list[str], dict[str, str]]:
+               database: str | None = None, sample: Path | None = None
+               ) -> tuple[list[str], dict[str, str]]:
     """Command line and extra environment of ``crdtsync serve`` on SQLite ``folder/db`` (or
     on the ``database`` URL, a PostgreSQL one say), on a
     free port, with the admin token :data:`ADMIN_TOKEN` and ``flags``. With ``grace`` (the
@@ -702,6 +705,8 @@ def serve_argv(folder: Path, *flags: str, db: str = "server.db",
         env[GRACE_ENV] = f"{grace:g}"
     if profile is not None:
         env[PROFILE_ENV] = str(profile)
+    if sample is not None:
+        env[SAMPLE_ENV] = str(sample)
     prefix = ([sys.executable, str(BENCH / "_serve.py")] if env
               else [sys.executable, "-m", "crdtsync"])
     return [*prefix, "serve", "--db", database or str(folder / db), "--port", "0",
@@ -712,11 +717,11 @@ def serve_argv(folder: Path, *flags: str, db: str = "server.db",
 async def start_server(folder: Path, *flags: str, name: str = "crdtsync serve",
                        db: str = "server.db", grace: float | None = None,
                        profile: Path | None = None, patience: float = 30.0,
-                       database: str | None = None) -> Child:
+                       database: str | None = None, sample: Path | None = None) -> Child:
     """``crdtsync serve`` (see :func:`serve_argv`) started and accepting connections; its
     output in ``folder/<db>.log``. Stop it with ``await server.stop()`` (or ``async with``)."""
     argv, env = serve_argv(folder, *flags, db=db, grace=grace, profile=profile,
-                           database=database)
+                           database=database, sample=sample)
     server = Child(name, argv, folder / f"{db}.log", env)
     await server.start(patience=patience)
     return server
@@ -739,6 +744,26 @@ async def run_child(script: str | Path, *args: str, env: dict[str, str] | None =
         raise RuntimeError(f"{what} failed (exit {proc.returncode})")
     lines = out.decode().strip().splitlines()
     return json.loads(lines[-1]) if lines else None
+
+
+def print_samples(path: Path, top: int = 40) -> None:
+    """The sampling profile a server under ``bench/_serve.py`` wrote (``CRDTSYNC_BENCH_SAMPLE``):
+    each function's inclusive share of the samples where the event loop was busy, and how
+    many samples found it waiting in ``select`` (its idle time and the other threads' CPU)."""
+    import pickle
+    samples: dict[tuple[tuple[str, str], ...], int] = pickle.loads(path.read_bytes())
+    total = sum(samples.values())
+    waiting = sum(n for stack, n in samples.items() if stack and stack[0][1] == "select")
+    busy = total - waiting
+    inclusive: Counter[str] = Counter()
+    for stack, n in samples.items():
+        if stack and stack[0][1] == "select":
+            continue
+        for name in {f"{Path(file).parent.name}/{Path(file).name}:{fn}" for file, fn in stack}:
+            inclusive[name] += n
+    print(f"{total:,} samples: loop busy {busy:,}, waiting in select {waiting:,}")
+    for name, n in inclusive.most_common(top):
+        print(f"{n * 100 / max(busy, 1):6.1f} %  {name}")
 
 
 def print_profile(path: Path, top: int = 25) -> None:

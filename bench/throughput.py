@@ -25,6 +25,7 @@ server's database, ``time.process_time``). Floor = bare + direct; the report giv
                                [--rounds 5] [--direct-passes 10] [--shared-docs] [--quick]
                                [--write FILE]
     python bench/throughput.py --profile server.prof   (server under cProfile, no ceiling)
+    python bench/throughput.py --sample loop.pkl       (sampling profile of the server's loop)
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from common import (
     machine,
     percentile,
     print_profile,
+    print_samples,
     provision,
     report,
     spread,
@@ -510,6 +512,8 @@ class Settings:
     seed: int
     direct_passes: int = 10
     """Timed syncs per device of the direct work, per round."""
+    sample: Path | None = None
+    """Where the server's sampling profile goes (``--sample``)."""
 
 
 @dataclass
@@ -530,7 +534,7 @@ async def benchmark(s: Settings) -> Results:
     with tempfile.TemporaryDirectory(prefix="crdtsync-bench-") as tmp_name:
         tmp = Path(tmp_name)
         try:
-            real = await start_server(tmp, profile=s.profile)
+            real = await start_server(tmp, profile=s.profile, sample=s.sample)
             servers.append(real)
             ids = [f"bench-{n:04d}" for n in range(s.devices)]
             tokens = await provision(real.url, ids)
@@ -713,6 +717,8 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="replace the generated block of this file")
     parser.add_argument("--profile", type=Path, metavar="OUT",
                         help="run the server under cProfile (stats to OUT), no ceiling")
+    parser.add_argument("--sample", type=Path, metavar="OUT",
+                        help="sampling profile of the server's event loop (to OUT), printed")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--response", type=Path, help=argparse.SUPPRESS)
@@ -728,10 +734,13 @@ def main() -> None:
                  encoding=args.encoding,
                  quick=args.quick,
                  profile=args.profile.resolve() if args.profile else None, seed=args.seed,
-                 direct_passes=5 if args.quick else args.direct_passes)
+                 direct_passes=5 if args.quick else args.direct_passes,
+                 sample=args.sample.resolve() if args.sample else None)
     print(f"Machine: {machine(LIBS, model=True, temp_dir=True)}", flush=True)
     results = asyncio.run(benchmark(s))
     errors = sum(sum(r.errors.values()) for r in results.real + results.bare)
+    if s.sample is not None:
+        print_samples(s.sample)
     if s.profile is not None:
         print_profile(s.profile)
     else:
