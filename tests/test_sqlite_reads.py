@@ -146,6 +146,32 @@ def test_two_writers_are_never_alone_and_the_survivor_observes_once(tmp_path: Pa
     one.close()
 
 
+def test_once_alone_a_check_takes_no_lock_until_the_file_grows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a check found it alone, the next checks are one ``fstat``: another writer
+    appends its byte before it writes anything, and that growth brings back the full check."""
+    from crdtsync_server.store.sqlite import writers
+    locks: list[int] = []
+    real_lock = writers._lock
+    monkeypatch.setattr(writers, "_lock", lambda fd, kind, **kw: (locks.append(kind),
+                                                                   real_lock(fd, kind, **kw)))
+    one = Writers(str(tmp_path / "w.db"))
+    one.open()
+    one.alone()
+    assert one.alone()
+    taken = len(locks)
+    assert one.alone() and one.alone()
+    assert len(locks) == taken  # no fcntl while nothing changed
+    two = Writers(str(tmp_path / "w.db"))
+    two.open()
+    try:
+        assert not one.alone()
+        assert len(locks) > taken
+    finally:
+        two.close()
+        one.close()
+
+
 def test_a_writer_that_came_and_went_between_two_checks_is_noticed(tmp_path: Path) -> None:
     one = Writers(str(tmp_path / "w.db"))
     one.open()
