@@ -19,7 +19,9 @@ product code changes):
   every 0.5 ms of the process's CPU time (``ITIMER_PROF``) the loop thread's Python stack is
   counted; at exit ``{stack: samples}`` is pickled to ``OUT`` (innermost frame first). Samples
   taken while the loop waits in ``select`` are the other threads' CPU (or idle):
-  :func:`common.print_samples` sets them apart.
+  :func:`common.print_samples` sets them apart. The signal is handled when the thread next
+  returns from the kernel, so frames that make system calls (``fstat``, socket writes) are
+  over-counted: compare shares of pure Python code, and time system calls directly.
 """
 
 from __future__ import annotations
