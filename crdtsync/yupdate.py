@@ -30,6 +30,7 @@ from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from math import isfinite
+from typing import TypeAlias
 
 from .errors import CorruptUpdate, InvalidValue
 from .values import MAX_DEPTH, MAX_KEY_LENGTH, MAX_SAFE_INTEGER
@@ -66,7 +67,7 @@ ID = tuple[int, int]
 # good part of the reading time). A chain ends in a root map's name or in
 # ``("item" | "type", client, clock)``, an item known only by its id; each link
 # ``(parent, segment)`` adds a map key (a ``str``) or an array index (an ``int``).
-_Where = "str | tuple[str, int, int] | tuple[_Where, str | int]"
+_Where: TypeAlias = "str | tuple[str, int, int] | tuple[_Where, str | int]"
 
 
 def _render(doc: str, where: _Where) -> str:
@@ -263,7 +264,7 @@ class _UpdateReader:
                 head = data[pos]
                 pos += 1
                 kind = head & 0x1F
-                if kind == GC or kind == SKIP:
+                if kind in (GC, SKIP):
                     length, pos = _uint(data, pos, MAX_CLOCK)
                     info.skips |= kind == SKIP
                 else:
