@@ -25,11 +25,12 @@ docs/protocol.md, section 7a.
 
 from __future__ import annotations
 
-import math
 import struct
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from math import isfinite
+from typing import TypeAlias
 
 from .errors import CorruptUpdate, InvalidValue
 from .values import MAX_DEPTH, MAX_KEY_LENGTH, MAX_SAFE_INTEGER
@@ -54,21 +55,32 @@ _REFUSED_CONTENT = {
 }
 _REFUSED_VALUES = {127: "undefined", 122: "a BigInt", 116: "a Uint8Array"}
 _BIT8, _BIT7, _BIT6 = 0x80, 0x40, 0x20
-_FLOAT32 = struct.Struct(">f")
-_FLOAT64 = struct.Struct(">d")
+_ORIGINS = _BIT8 | _BIT7
+_FLOAT32 = struct.Struct(">f").unpack_from
+_FLOAT64 = struct.Struct(">d").unpack_from
 
 ID = tuple[int, int]
 """A Yjs item id: ``(client, clock)``."""
-_Path = tuple["_Path | str", str]
-"""Where a value sits, as a chain ``(parent, segment)`` built in O(1) per value."""
+
+# Where a value sits, kept as a chain of tuples built in O(1) per item or value and rendered
+# only when an error names it (most updates are valid: formatting every place eagerly was a
+# good part of the reading time). A chain ends in a root map's name or in
+# ``("item" | "type", client, clock)``, an item known only by its id; each link
+# ``(parent, segment)`` adds a map key (a ``str``) or an array index (an ``int``).
+_Where: TypeAlias = "str | tuple[str, int, int] | tuple[_Where, str | int]"
 
 
-def _render(path: _Path | str) -> str:
+def _render(doc: str, where: _Where) -> str:
+    """``where`` as ``detail.where`` spells it: ``<doc>:<root>.<key>[<index>]...``."""
     parts: list[str] = []
-    while not isinstance(path, str):
-        path, segment = path
-        parts.append(segment)
-    return path + "".join(reversed(parts))
+    while isinstance(where, tuple) and len(where) == 2:
+        where, segment = where
+        parts.append(f"[{segment}]" if isinstance(segment, int) else f".{segment}")
+    if isinstance(where, str):
+        base = f"{doc}:{where}"
+    else:
+        base = f"{doc}:<{where[0]} {where[1]}:{where[2]}>"
+    return base + "".join(reversed(parts))
 
 
 @dataclass(slots=True)
@@ -110,278 +122,318 @@ class UpdateInfo:
         return None
 
 
-class _Reader:
-    """lib0 decoding over ``data`` with every read bounded by the bytes that remain."""
+# lib0 decoding, as functions of ``(data, pos)`` that return ``(value, pos after)``. The
+# readers index ``data`` without checking the length first: reading past the end raises
+# IndexError, which :func:`read_update` reports as truncated data (always at the end: no
+# read skips ahead unchecked). A one-byte varuint, the common case, is read inline by the
+# callers (``value = data[pos]; pos += 1; if value > 0x7F: ... _uint_tail``).
 
-    __slots__ = ("data", "end", "pos")
+def _corrupt(what: str, pos: int) -> CorruptUpdate:
+    return CorruptUpdate(f"not a Yjs v1 update: {what} at byte {pos}")
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-        self.end = len(data)
 
-    def corrupt(self, what: str) -> CorruptUpdate:
-        return CorruptUpdate(f"not a Yjs v1 update: {what} at byte {self.pos}")
+def _uint_tail(data: bytes, pos: int, first: int, maximum: int) -> tuple[int, int]:
+    """The rest of a lib0 varuint whose first byte ``first`` (at ``pos - 1``) had its
+    continuation bit; refused above ``maximum`` (which is at least ``2**28 - 1``)."""
+    # Up to four bytes (28 bits: every clock below 2**28 and most client ids) unrolled, with
+    # no range check: no maximum is that small.
+    byte = data[pos]
+    value = first & 0x7F | (byte & 0x7F) << 7
+    if byte < 0x80:
+        return value, pos + 1
+    byte = data[pos + 1]
+    value |= (byte & 0x7F) << 14
+    if byte < 0x80:
+        return value, pos + 2
+    byte = data[pos + 2]
+    value |= (byte & 0x7F) << 21
+    if byte < 0x80:
+        return value, pos + 3
+    pos += 3
+    shift = 28
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if value > maximum:
+            raise _corrupt("number out of range", pos)
+        if byte < 0x80:
+            return value, pos
+        shift += 7
 
-    def remaining(self) -> int:
-        return self.end - self.pos
 
-    def byte(self) -> int:
-        if self.pos >= self.end:
-            raise self.corrupt("truncated")
-        value = self.data[self.pos]
-        self.pos += 1
-        return value
+def _uint(data: bytes, pos: int, maximum: int = MAX_CLIENT) -> tuple[int, int]:
+    """A lib0 varuint, at most ``maximum``."""
+    value = data[pos]
+    if value < 0x80:
+        return value, pos + 1
+    return _uint_tail(data, pos + 1, value, maximum)
 
-    def uint(self, maximum: int = MAX_CLIENT) -> int:
-        """A lib0 varuint, at most ``maximum``."""
-        value = self.byte()
-        if value < 0x80:
-            return value
-        value &= 0x7F
-        shift = 7
-        while True:
-            byte = self.byte()
-            value |= (byte & 0x7F) << shift
-            if value > maximum:
-                raise self.corrupt("number out of range")
-            if byte < 0x80:
-                return value
-            shift += 7
 
-    def count(self, least_bytes: int = 1) -> int:
-        """A declared number of elements, each taking at least ``least_bytes``: refused when
-        the bytes that remain cannot hold them (nothing is allocated from it)."""
-        value = self.uint()
-        if value * least_bytes > self.remaining():
-            raise self.corrupt(f"declares {value} elements in {self.remaining()} bytes")
-        return value
+def _count(data: bytes, pos: int, least_bytes: int = 1) -> tuple[int, int]:
+    """A declared number of elements, each taking at least ``least_bytes``: refused when
+    the bytes that remain cannot hold them (nothing is allocated from it)."""
+    value = data[pos]
+    pos += 1
+    if value > 0x7F:
+        value, pos = _uint_tail(data, pos, value, MAX_CLIENT)
+    if value * least_bytes > len(data) - pos:
+        raise _corrupt(f"declares {value} elements in {len(data) - pos} bytes", pos)
+    return value, pos
 
-    def varint(self) -> int:
-        """A lib0 signed varint (sign in bit 6 of the first byte)."""
-        first = self.byte()
-        value = first & 0x3F
-        negative = first & 0x40
-        shift = 6
-        byte = first
-        while byte & 0x80:
-            byte = self.byte()
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if shift > 70:
-                raise self.corrupt("over-long integer")
-        return -value if negative else value
 
-    def raw(self, size: int) -> bytes:
-        if size > self.remaining():
-            raise self.corrupt("truncated")
-        start = self.pos
-        self.pos += size
-        return self.data[start:self.pos]
+def _string(data: bytes, pos: int) -> tuple[str, int]:
+    """A lib0 string: its UTF-8 byte length (bounded by the bytes that remain), the bytes."""
+    size, pos = _count(data, pos)
+    end = pos + size
+    try:
+        return data[pos:end].decode("utf-8"), end
+    except UnicodeDecodeError as exc:
+        raise _corrupt("invalid UTF-8 in a string", end) from exc
 
-    def string(self) -> str:
-        raw = self.raw(self.count())
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise self.corrupt("invalid UTF-8 in a string") from exc
+
+def _id(data: bytes, pos: int) -> tuple[ID, int]:
+    """An item id: varuint client, varuint clock."""
+    client = data[pos]
+    pos += 1
+    if client > 0x7F:
+        client, pos = _uint_tail(data, pos, client, MAX_CLIENT)
+    clock = data[pos]
+    pos += 1
+    if clock > 0x7F:
+        clock, pos = _uint_tail(data, pos, clock, MAX_CLOCK)
+    return (client, clock), pos
+
+
+def _varint_tail(data: bytes, pos: int, first: int) -> tuple[int, int]:
+    """The rest of a lib0 signed varint (sign in bit 6 of ``first``) that continues."""
+    value = first & 0x3F
+    shift = 6
+    byte = first
+    while byte & 0x80:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if shift > 70:
+            raise _corrupt("over-long integer", pos)
+    return (-value if first & 0x40 else value), pos
 
 
 def utf16_length(text: str) -> int:
     """The length of ``text`` in UTF-16 code units: how Yjs counts a string's clock length."""
-    return len(text) + sum(1 for char in text if ord(char) > 0xFFFF)
-
-
-@dataclass(slots=True)
-class _Item:
-    """Where a struct of the update sits, as far as the update itself tells."""
-
-    client: int
-    clock: int
-    length: int
-    level: int
-    """Nesting level of its parent: 0 for a root map, n for a type n levels below a root."""
-    where: str
+    if text.isascii():
+        return len(text)
+    # Decoded UTF-8 holds no lone surrogates, so this encodes every character.
+    return len(text.encode("utf-16-le")) // 2
 
 
 class _UpdateReader:
+    """One read of one update: the bytes, and what the structs read so far tell."""
+
+    __slots__ = ("clocks", "data", "doc", "places", "refs", "types")
+
     def __init__(self, data: bytes, doc: str) -> None:
-        self.r = _Reader(data)
+        self.data = data
         self.doc = doc
-        self.info = UpdateInfo()
-        self._items: dict[int, list[_Item]] = {}
-        """Per client, the items read so far, in clock order."""
-        self._clocks: dict[int, list[int]] = {}
-        """Per client, the first clock of each of those items."""
-        self._types: dict[ID, tuple[int, str]] = {}
+        self.refs: set[ID] = set()
+        self.clocks: dict[int, list[int]] = {}
+        """Per client, the first clock of each item read so far, in read order."""
+        self.places: dict[int, list[tuple[int, int, _Where]]] = {}
+        """Per client and in the same order, each item's (end clock, level, where): level
+        is the nesting level of its parent, 0 for a root map, n for a type n levels down."""
+        self.types: dict[ID, tuple[int, _Where]] = {}
         """Types created by the update: id -> (its level, where)."""
 
     def read(self) -> UpdateInfo:
-        r = self.r
-        for _ in range(r.count(3)):
-            structs = r.count()
-            client = r.uint()
-            clock = r.uint(MAX_CLOCK)
-            self.info.starts.setdefault(client, clock)
+        # One loop over every struct, with the item header read inline: most of the reading
+        # time of a small update went into calls per byte and per struct.
+        data, refs = self.data, self.refs
+        info = UpdateInfo(refs=refs)
+        starts, ends = info.starts, info.ends
+        clients, pos = _count(data, 0, 3)
+        for _ in range(clients):
+            structs, pos = _count(data, pos)
+            client, pos = _uint(data, pos)
+            clock, pos = _uint(data, pos, MAX_CLOCK)
+            starts.setdefault(client, clock)
+            clocks = self.clocks.setdefault(client, [])
+            places = self.places.setdefault(client, [])
+            info.structs += structs
             for _ in range(structs):
-                clock = self._struct(client, clock)
-            self.info.ends[client] = clock
-        self._delete_set()
-        if r.remaining():
-            raise r.corrupt("trailing bytes after the update")
-        return self.info
+                head = data[pos]
+                pos += 1
+                kind = head & 0x1F
+                if kind in (GC, SKIP):
+                    length, pos = _uint(data, pos, MAX_CLOCK)
+                    info.skips |= kind == SKIP
+                else:
+                    if head & _ORIGINS:
+                        # origin, right origin or both: the first one read is the neighbour
+                        neighbour, pos = _id(data, pos)
+                        refs.add(neighbour)
+                        if head & _ORIGINS == _ORIGINS:
+                            right, pos = _id(data, pos)
+                            refs.add(right)
+                        level, where = self._inherit(neighbour, client, clock)
+                    else:
+                        pos, level, where = self._parent(pos, head & _BIT6)
+                    pos, length = self._content(pos, kind, level, where, client, clock)
+                    clocks.append(clock)
+                    places.append((clock + length, level, where))
+                if length < 1 or clock + length > MAX_CLOCK + 1:
+                    raise _corrupt("struct length out of range", pos)
+                clock += length
+            ends[client] = clock
+        pos = _delete_set(data, pos)
+        if pos != len(data):
+            raise _corrupt("trailing bytes after the update", pos)
+        return info
 
-    def _delete_set(self) -> None:
-        r = self.r
-        for _ in range(r.count(2)):
-            r.uint()
-            for _ in range(r.count(2)):
-                start = r.uint(MAX_CLOCK)
-                if start + r.uint(MAX_CLOCK) > MAX_CLOCK + 1:
-                    raise r.corrupt("deleted range out of range")
+    def _content(self, pos: int, kind: int, level: int, where: _Where,
+                 client: int, clock: int) -> tuple[int, int]:
+        """Read and check the content of the item ``(client, clock)``; return (pos after
+        it, its clock length)."""
+        data = self.data
+        if kind == ANY:
+            length = data[pos]
+            pos += 1
+            if length > 0x7F:
+                length, pos = _uint_tail(data, pos, length, MAX_CLIENT)
+            if length > len(data) - pos:
+                raise _corrupt(f"declares {length} elements in {len(data) - pos} bytes", pos)
+            if length == 1:
+                return self._any(pos, level + 1, where), 1
+            for i in range(length):
+                pos = self._any(pos, level + 1, (where, i))
+            return pos, length
+        if kind == STRING:
+            text, pos = _string(data, pos)
+            return pos, utf16_length(text)
+        if kind == DELETED:
+            length, pos = _uint(data, pos, MAX_CLOCK)
+            return pos, length
+        if kind == TYPE:
+            return self._type(pos, level, where, (client, clock))
+        if kind in _REFUSED_CONTENT:
+            raise self._invalid(where, _REFUSED_CONTENT[kind])
+        raise _corrupt(f"unknown content kind {kind}", pos)
 
-    def _struct(self, client: int, clock: int) -> int:
-        """Read one struct starting at ``clock``; return the clock after it."""
-        r = self.r
-        self.info.structs += 1
-        info = r.byte()
-        kind = info & 0x1F
-        if kind in (GC, SKIP):
-            length = r.uint(MAX_CLOCK)
-            self.info.skips |= kind == SKIP
-            return self._advance(clock, length)
-        origin = self._id() if info & _BIT8 else None
-        right = self._id() if info & _BIT7 else None
-        level, where = 0, f"{self.doc}:<item {client}:{clock}>"
-        if origin is None and right is None:
-            level, where = self._parent(info & _BIT6)
-        else:
-            level, where = self._inherit(origin or right, where)  # type: ignore[arg-type]
-        length = self._content(kind, level, where, (client, clock))
-        self._items.setdefault(client, []).append(_Item(client, clock, length, level, where))
-        self._clocks.setdefault(client, []).append(clock)
-        return self._advance(clock, length)
-
-    def _advance(self, clock: int, length: int) -> int:
-        if length < 1 or clock + length > MAX_CLOCK + 1:
-            raise self.r.corrupt("struct length out of range")
-        return clock + length
-
-    def _id(self) -> ID:
-        ref = (self.r.uint(), self.r.uint(MAX_CLOCK))
-        self.info.refs.add(ref)
-        return ref
-
-    def _parent(self, has_key: int) -> tuple[int, str]:
-        """Explicit parent info: a root name or the id of a type; then the map key."""
-        r = self.r
-        if r.uint() == 1:
-            name = r.string()
+    def _parent(self, pos: int, has_key: int) -> tuple[int, int, _Where]:
+        """Explicit parent info: a root name or the id of a type; then the map key. Returns
+        (pos after it, the parent's level, where)."""
+        data = self.data
+        form, pos = _uint(data, pos)
+        where: _Where
+        if form == 1:
+            name, pos = _string(data, pos)
             if not name or len(name) > MAX_KEY_LENGTH:
-                raise self._invalid(f"{self.doc}:", "root map names are non-empty strings of "
+                raise self._invalid("", "root map names are non-empty strings of "
                                     f"at most {MAX_KEY_LENGTH} characters")
-            level, where = 0, f"{self.doc}:{name}"
+            level, where = 0, name
         else:
-            parent = self._id()
-            level, where = self._type_level(parent)
+            parent, pos = _id(data, pos)
+            self.refs.add(parent)
+            # A type the receiver already has counts as level 1, the least it can be (the
+            # receiver checks the total depth in the real document).
+            level, where = self.types.get(parent) or (1, ("type", *parent))
         if not has_key:
             if level == 0:
                 raise self._invalid(where, "a root must be a Y.Map: items of a root "
                                     "Y.Array or Y.Text are not accepted")
-            return level, where
-        key = r.string()
+            return pos, level, where
+        key, pos = _string(data, pos)
         if not key or len(key) > MAX_KEY_LENGTH:
             raise self._invalid(where, f"keys are non-empty strings of at most "
                                 f"{MAX_KEY_LENGTH} characters")
-        return level, f"{where}.{key}"
+        return pos, level, (where, key)
 
-    def _type_level(self, parent: ID) -> tuple[int, str]:
-        """Level and place of a parent type: known when the update created it; a type the
-        receiver already has counts as level 1, the least it can be (the receiver checks the
-        total depth in the real document)."""
-        return self._types.get(parent, (1, f"{self.doc}:<type {parent[0]}:{parent[1]}>"))
-
-    def _inherit(self, neighbour: ID, where: str) -> tuple[int, str]:
+    def _inherit(self, neighbour: ID, client: int, clock: int) -> tuple[int, _Where]:
         """An item placed next to ``neighbour`` has the same parent; next to an item the
-        receiver already has, level 0 is the least it can be."""
-        item = self._find(neighbour)
-        return (item.level, item.where) if item is not None else (0, where)
+        receiver already has, level 0 is the least it can be, and the item's own id
+        ``(client, clock)`` is all that tells where it is."""
+        clocks = self.clocks.get(neighbour[0])
+        if clocks:
+            i = bisect_right(clocks, neighbour[1]) - 1
+            if i >= 0:
+                end, level, where = self.places[neighbour[0]][i]
+                if neighbour[1] < end:
+                    return level, where
+        return 0, ("item", client, clock)
 
-    def _find(self, ref: ID) -> _Item | None:
-        items = self._items.get(ref[0])
-        if not items:
-            return None
-        i = bisect_right(self._clocks[ref[0]], ref[1]) - 1
-        if i < 0 or ref[1] >= items[i].clock + items[i].length:
-            return None
-        return items[i]
-
-    def _content(self, kind: int, level: int, where: str, item: ID) -> int:
-        """Read and check one item's content; return its clock length."""
-        r = self.r
-        if kind == DELETED:
-            return r.uint(MAX_CLOCK)
-        if kind == STRING:
-            return utf16_length(r.string())
-        if kind == ANY:
-            length = r.count()
-            for i in range(length):
-                self._any(level + 1, (where, "") if length == 1 else (where, f"[{i}]"))
-            return length
-        if kind == TYPE:
-            return self._type(level, where, item)
-        if kind in _REFUSED_CONTENT:
-            raise self._invalid(where, _REFUSED_CONTENT[kind])
-        raise r.corrupt(f"unknown content kind {kind}")
-
-    def _type(self, level: int, where: str, item: ID) -> int:
-        ref = self.r.uint()
+    def _type(self, pos: int, level: int, where: _Where, item: ID) -> tuple[int, int]:
+        ref, pos = _uint(self.data, pos)
         if ref not in (Y_ARRAY, Y_MAP, Y_TEXT):
             raise self._invalid(where, f"{TYPE_NAMES.get(ref, f'type {ref}')} is not "
                                 "supported (only Y.Map, Y.Array and Y.Text)")
         if level + 1 > MAX_DEPTH:
             raise self._invalid(where, f"nested more than {MAX_DEPTH} levels")
-        self._types[item] = (level + 1, where)
-        return 1
+        self.types[item] = (level + 1, where)
+        return pos, 1
 
-    def _any(self, depth: int, path: _Path) -> None:
-        """Check one lib0 ``any`` value at nesting ``depth`` (1 = a map's value); ``path``
-        locates it, rendered only for an error."""
+    def _any(self, pos: int, depth: int, where: _Where) -> int:
+        """Check the lib0 ``any`` value at ``pos``, at nesting ``depth`` (1 = a map's value);
+        return the position after it. Tags in the order of how often documents hold them."""
         if depth > MAX_DEPTH:
-            raise self._invalid(_render(path), f"nested more than {MAX_DEPTH} levels")
-        r = self.r
-        tag = r.byte()
-        if tag in (126, 121, 120):  # null, false, true
-            return
-        if tag == 119:
-            r.string()
-        elif tag == 125:
-            value = r.varint()
+            raise self._invalid(where, f"nested more than {MAX_DEPTH} levels")
+        data = self.data
+        tag = data[pos]
+        pos += 1
+        if tag == 125:
+            first = data[pos]
+            if first < 0x80:
+                return pos + 1  # six bits: always a safe integer
+            value, pos = _varint_tail(data, pos + 1, first)
             if abs(value) > MAX_SAFE_INTEGER:
-                raise self._invalid(_render(path),
-                                    f"integer {value} is outside +/-{MAX_SAFE_INTEGER}")
-        elif tag in (124, 123):
-            number = (_FLOAT32.unpack(r.raw(4)) if tag == 124 else _FLOAT64.unpack(r.raw(8)))[0]
-            if not math.isfinite(number):
-                raise self._invalid(_render(path), f"{number} is not a finite number")
-        elif tag == 118:
-            for _ in range(r.count(2)):
-                key = r.string()
+                raise self._invalid(where, f"integer {value} is outside +/-{MAX_SAFE_INTEGER}")
+            return pos
+        if tag == 123 or tag == 124:
+            size, unpack = (8, _FLOAT64) if tag == 123 else (4, _FLOAT32)
+            if pos + size > len(data):
+                raise _corrupt("truncated", pos)
+            number = unpack(data, pos)[0]
+            if not isfinite(number):
+                raise self._invalid(where, f"{number} is not a finite number")
+            return pos + size
+        if tag == 119:
+            return _string(data, pos)[1]
+        if tag == 126 or tag == 121 or tag == 120:  # null, false, true
+            return pos
+        if tag == 118:
+            entries, pos = _count(data, pos, 2)
+            for _ in range(entries):
+                key, pos = _string(data, pos)
                 if not key or len(key) > MAX_KEY_LENGTH:
-                    raise self._invalid(_render(path), "keys are non-empty strings of at most "
+                    raise self._invalid(where, "keys are non-empty strings of at most "
                                         f"{MAX_KEY_LENGTH} characters")
-                self._any(depth + 1, (path, f".{key}"))
-        elif tag == 117:
-            for i in range(r.count()):
-                self._any(depth + 1, (path, f"[{i}]"))
-        elif tag in _REFUSED_VALUES:
-            raise self._invalid(_render(path), f"{_REFUSED_VALUES[tag]} is not JSON data")
-        else:
-            raise r.corrupt(f"unknown value tag {tag}")
+                pos = self._any(pos, depth + 1, (where, key))
+            return pos
+        if tag == 117:
+            items, pos = _count(data, pos)
+            for i in range(items):
+                pos = self._any(pos, depth + 1, (where, i))
+            return pos
+        if tag in _REFUSED_VALUES:
+            raise self._invalid(where, f"{_REFUSED_VALUES[tag]} is not JSON data")
+        raise _corrupt(f"unknown value tag {tag}", pos)
 
-    @staticmethod
-    def _invalid(where: str, problem: str) -> InvalidValue:
-        return InvalidValue(f"{where}: {problem}", {"where": where})
+    def _invalid(self, where: _Where, problem: str) -> InvalidValue:
+        rendered = _render(self.doc, where)
+        return InvalidValue(f"{rendered}: {problem}", {"where": rendered})
+
+
+def _delete_set(data: bytes, pos: int) -> int:
+    """Check the delete set at ``pos``; return the position after it."""
+    clients, pos = _count(data, pos, 2)
+    for _ in range(clients):
+        _, pos = _uint(data, pos)
+        ranges, pos = _count(data, pos, 2)
+        for _ in range(ranges):
+            start, pos = _uint(data, pos, MAX_CLOCK)
+            length, pos = _uint(data, pos, MAX_CLOCK)
+            if start + length > MAX_CLOCK + 1:
+                raise _corrupt("deleted range out of range", pos)
+    return pos
 
 
 def read_update(data: bytes, *, doc: str = "") -> UpdateInfo:
@@ -391,4 +443,8 @@ def read_update(data: bytes, *, doc: str = "") -> UpdateInfo:
     Costs time linear in ``len(data)`` and memory linear in the number of items it holds;
     recursion is bounded by :data:`~crdtsync.values.MAX_DEPTH`.
     """
-    return _UpdateReader(data, doc).read()
+    try:
+        return _UpdateReader(data, doc).read()
+    except IndexError:
+        # Every read past the end stops there: see the lib0 decoding functions above.
+        raise _corrupt("truncated", len(data)) from None
