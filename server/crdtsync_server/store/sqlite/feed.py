@@ -31,7 +31,7 @@ from ..feed import (
     purgeable_prefix,
 )
 from ..records import DeviceRecord, StoredEvent, SyncWrite
-from ..rules import EventPlan, check_limit, event_digest
+from ..rules import EventPlan, check_limit, event_digests
 from .connection import SQLiteConnection, execute_many, in_transaction
 
 _EVENT_COLUMNS = "cursor, device, seq, topic, time, received, body"
@@ -185,10 +185,12 @@ def insert_events(
     conn: sqlite3.Connection, device: DeviceRecord, received: int, plan: EventPlan
 ) -> None:
     """New events go into the feed (``events`` is a view over it), with their digest."""
+    if not plan.new:
+        return
     rows = event_rows(device.id, device.fleet, received, plan.new)
-    execute_many(conn, 
+    conn.executemany(
         f"INSERT INTO feed ({FEED_COLUMNS}, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(*row, event_digest(e)) for row, e in zip(rows, plan.new, strict=True)],
+        [(*row, digest) for row, digest in zip(rows, event_digests(plan.new), strict=True)],
     )
 
 
@@ -223,14 +225,18 @@ def _fleet(conn: sqlite3.Connection, writer: DeviceRecord | None, device: str) -
 
 
 def _apply_projection(conn: sqlite3.Connection, change: StateChange, now: int) -> None:
-    writes = list(projection_writes(change))
+    device, doc = change.device, change.doc
+    deletes: list[tuple[str, str, str, str]] = []
+    upserts: list[tuple[str, str, str, str, str, int]] = []
+    for name, key, value in projection_writes(change):
+        if value is None:
+            deletes.append((device, doc, name, key))
+        else:
+            upserts.append((device, doc, name, key, value, now))
     execute_many(
         conn, "DELETE FROM projection WHERE device = ? AND doc = ? AND map = ? AND key = ?",
-        [(change.device, change.doc, name, key) for name, key, value in writes
-         if value is None])
+        deletes)
     execute_many(
         conn, "INSERT INTO projection (device, doc, map, key, value, updated)"
         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device, doc, map, key)"
-        " DO UPDATE SET value = excluded.value, updated = excluded.updated",
-        [(change.device, change.doc, name, key, value, now) for name, key, value in writes
-         if value is not None])
+        " DO UPDATE SET value = excluded.value, updated = excluded.updated", upserts)
