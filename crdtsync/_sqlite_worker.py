@@ -237,8 +237,11 @@ def connect(path: str, synchronous: str, migrations: Sequence[str], wal_pages: i
     """Open ``path`` in WAL mode with the given durability and apply ``migrations``; the log
     is checkpointed every ``wal_pages`` pages and then cut back to ``wal_limit`` bytes."""
     # isolation_level=None: no implicit transactions, every one is spelled out.
+    # cached_statements: room for the multi-row inserts of the server's store, one text per
+    # row count (``ROWS_PER_INSERT`` in crdtsync_server/store/sqlite/connection.py), beside
+    # every other statement (the default keeps 128).
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
-                           check_same_thread=False)
+                           check_same_thread=False, cached_statements=256)
     try:
         refuse_newer(conn, path, len(migrations))  # before any pragma that writes the file
         conn.execute("PRAGMA journal_mode = WAL")

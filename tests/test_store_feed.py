@@ -8,13 +8,23 @@ it checks.
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
-from crdtsync.errors import SeqGap
+from crdtsync.errors import SeqConflict, SeqGap
 from crdtsync_server.store import FleetRecord, Store, SyncWrite
 from crdtsync_server.store.feed import FeedFilter, ProjectionRow
 
-from .store_backends import add_device, all_events, change, conflict_record, ev, evs
+from .store_backends import (
+    add_device,
+    all_events,
+    change,
+    conflict_record,
+    ev,
+    evs,
+    stamp_row,
+)
 
 # --- events ------------------------------------------------------------------------------
 
@@ -167,6 +177,36 @@ async def test_conflicts_are_feed_items_after_the_changes(store: Store) -> None:
         3, 4, 5]
     assert await store.read_projection() == [  # a conflict changes no value by itself
         ProjectionRow("a", "state", "state", "v", 1, 10)]
+
+
+async def test_a_large_sync_keeps_every_row_in_order(store: Store) -> None:
+    """More rows than one SQL statement carries (SQLite inserts 16 per statement): events,
+    changes, conflicts, projection keys and stamps all land, in cursor order, and a replay
+    of every event is still recognised by its digest."""
+    await add_device(store, "a")
+    events = [ev(s, body={"seq": s, "raw": bytes([s]), "f": s / 3}) for s in range(1, 41)]
+    keys = {f"k{i:02d}": i * 1.5 for i in range(35)}
+    changes = [change("a", {"state": keys}), change("a", {"state": {"k00": None, "k01": 7}})]
+    stamps = [stamp_row(key, 2**63 + i, doc="a/state") for i, key in enumerate(keys)]
+    conflicts = [conflict_record("a", f"c{i}") for i in range(20)]
+    await store.commit(SyncWrite("a", 10, events=events, changes=changes, conflicts=conflicts,
+                                 stamps=stamps))
+    items = await store.read_feed(limit=1000)
+    assert [(i.kind, i.seq) for i in items] == (
+        [("event", s) for s in range(1, 41)] + [("state", None)] * 2
+        + [("conflict", None)] * 20)
+    assert [i.cursor for i in items] == list(range(1, 63))
+    assert [i.body for i in items[:40]] == [
+        {"seq": s, "raw": base64.b64encode(bytes([s])).decode(), "f": s / 3}
+        for s in range(1, 41)]
+    assert [i.body["key"] for i in items[42:]] == [f"c{i}" for i in range(20)]
+    assert {(r.key, r.value) for r in await store.read_projection()} == {
+        *((k, v) for k, v in keys.items() if k not in ("k00", "k01")), ("k01", 7)}
+    assert await store.read_stamps("a/state") == sorted(stamps, key=lambda r: r.key)
+    replay = await store.commit(SyncWrite("a", 11, events=events))
+    assert (replay.stored, replay.last_seq) == (0, 40)
+    with pytest.raises(SeqConflict):
+        await store.commit(SyncWrite("a", 12, events=[ev(40, body={"seq": 40})]))
 
 
 async def test_purge_feed_cuts_the_oldest_items_as_a_prefix(store: Store) -> None:

@@ -49,6 +49,7 @@ from crdtsync_server.store.rules import event_digest
 from crdtsync_server.store.sqlite import MIGRATIONS, SCHEMA_VERSION
 from crdtsync_server.store.sqlite import documents as sqlite_documents
 from crdtsync_server.store.sqlite import feed as sqlite_feed
+from crdtsync_server.store.sqlite.connection import insert_values
 
 FIXTURES = Path(__file__).parent / "data" / "schema"
 REGEN = os.environ.get("CRDTSYNC_REGEN_FIXTURES") == "1"
@@ -690,6 +691,33 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     for bad in ["", "sqlite:///", "sqlite://host/x.db", "mysql://u@h/db", "memory://"]:
         with pytest.raises(ValueError, match="unsupported store URL"):
             open_store(bad)
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 17, 40])
+def test_insert_values_is_executemany_in_fewer_statements(count: int) -> None:
+    """Multi-row inserts store what one-row ``executemany`` stores, in order, an upsert
+    of a key repeated within one statement included; at most 16 rows per statement."""
+    rows = [(f"k{i % 7}", i) for i in range(count)]
+    results = []
+    for many in (True, False):
+        with closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
+            conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, k TEXT UNIQUE,"
+                         " v INTEGER, n INTEGER DEFAULT 0)")
+            conn.execute("CREATE TABLE log (id INTEGER PRIMARY KEY AUTOINCREMENT, v INTEGER)")
+            upsert = " ON CONFLICT (k) DO UPDATE SET v = excluded.v, n = n + 1"
+            traced: list[str] = []
+            conn.set_trace_callback(traced.append)
+            if many:
+                conn.executemany(f"INSERT INTO t (k, v) VALUES (?, ?){upsert}", rows)
+                conn.executemany("INSERT INTO log (v) VALUES (?)", [(v,) for _, v in rows])
+            else:
+                insert_values(conn, "INSERT INTO t (k, v)", rows, upsert)
+                insert_values(conn, "INSERT INTO log (v)", [(v,) for _, v in rows])
+                assert len(traced) == 2 * -(-count // 16)
+            results.append((conn.execute("SELECT * FROM t ORDER BY id").fetchall(),
+                            conn.execute("SELECT * FROM log ORDER BY id").fetchall()))
+    assert results[0] == results[1]
+    assert [v for _, v in results[1][1]] == [v for _, v in rows]
 
 
 async def test_concurrent_commits_share_transactions_and_fail_alone(tmp_path: Path) -> None:

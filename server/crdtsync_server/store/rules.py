@@ -23,10 +23,21 @@ from .feed import json_text
 from .records import DOWNLINK_KINDS, CommandResult, DeviceRecord, SyncWrite
 
 
+def event_digests(events: Sequence[Event]) -> list[bytes]:
+    """A 16-byte fingerprint of each event's content, to tell a replay from a reused seq:
+    BLAKE2b (16-byte digest) of the msgpack array ``[topic, time, body]`` (bytes as msgpack
+    bin). The stored digests of every backend depend on these exact bytes; a cheaper
+    encoding would need the old one kept for events stored before it."""
+    # One packer per call, not per event (packb builds one each time) nor per module (a
+    # packer holds its buffer between calls: it cannot be shared across threads).
+    pack = msgpack.Packer(use_bin_type=True).pack
+    blake2b = hashlib.blake2b
+    return [blake2b(pack([e.topic, e.time, e.body]), digest_size=16).digest() for e in events]
+
+
 def event_digest(event: Event) -> bytes:
-    """A 16-byte fingerprint of an event's content, to tell a replay from a reused seq."""
-    packed = msgpack.packb([event.topic, event.time, event.body], use_bin_type=True)
-    return hashlib.blake2b(packed, digest_size=16).digest()
+    """The fingerprint of one event (see :func:`event_digests`)."""
+    return event_digests((event,))[0]
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ from ..feed import (
     purgeable_prefix,
 )
 from ..records import DeviceRecord, StoredEvent, SyncWrite
-from ..rules import EventPlan, check_limit, event_digest
+from ..rules import EventPlan, check_limit, event_digests
 from .connection import PostgresConnection, announce, loads, mark, raise_mark
 
 _EVENT_COLUMNS = "cursor, device, seq, topic, time, received, body"
@@ -194,7 +194,7 @@ async def insert_events(conn: asyncpg.Connection, device: DeviceRecord, received
                         plan: EventPlan) -> None:
     """New events go into the feed (``events`` is a view over it), with their digest."""
     rows = event_rows(device.id, device.fleet, received, plan.new)
-    await _append(conn, rows, [event_digest(e) for e in plan.new])
+    await _append(conn, rows, event_digests(plan.new))
 
 
 async def record_changes(conn: asyncpg.Connection, changes: Sequence[StateChange],

@@ -25,7 +25,7 @@ from crdtsync._sqlite_worker import transaction
 from ..columns import from_column, to_column
 from ..records import DocLog, DocWrite, KeyStamp
 from ..rules import stale_generation
-from .connection import SQLiteConnection, execute_many
+from .connection import SQLiteConnection, insert_values
 
 
 class SQLiteDocuments(SQLiteConnection):
@@ -174,12 +174,11 @@ def _read_stamps(conn: sqlite3.Connection, doc: str) -> list[KeyStamp]:
 
 def write_stamps(conn: sqlite3.Connection, rows: Sequence[KeyStamp]) -> None:
     """Insert or replace each row, inside the caller's transaction."""
-    execute_many(conn, 
-        "INSERT INTO stamps (doc, map, key, stamp, writer, raw) VALUES (?, ?, ?, ?, ?, ?)"
+    insert_values(
+        conn, "INSERT INTO stamps (doc, map, key, stamp, writer, raw)",
+        [(r.doc, r.map, r.key, to_column(r.stamp), r.writer, to_column(r.raw)) for r in rows],
         " ON CONFLICT (doc, map, key) DO UPDATE SET stamp = excluded.stamp,"
-        " writer = excluded.writer, raw = excluded.raw",
-        [(r.doc, r.map, r.key, to_column(r.stamp), r.writer, to_column(r.raw))
-         for r in rows])
+        " writer = excluded.writer, raw = excluded.raw")
 
 
 def delete_stamps(conn: sqlite3.Connection, docs: Sequence[str]) -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
+
+from crdtsync.protocol import Event
 
 from ..feed import (
     FEED_COLUMNS,
@@ -18,7 +21,6 @@ from ..feed import (
     ConflictRecord,
     FeedFilter,
     FeedItem,
-    FeedRow,
     ProjectionRow,
     StateChange,
     change_row,
@@ -31,8 +33,8 @@ from ..feed import (
     purgeable_prefix,
 )
 from ..records import DeviceRecord, StoredEvent, SyncWrite
-from ..rules import EventPlan, check_limit, event_digest
-from .connection import SQLiteConnection, execute_many, in_transaction
+from ..rules import check_limit, event_digests
+from .connection import SQLiteConnection, execute_many, in_transaction, insert_values
 
 _EVENT_COLUMNS = "cursor, device, seq, topic, time, received, body"
 
@@ -181,37 +183,26 @@ def stored_digests(
     return {int(seq): bytes(digest) for seq, digest in rows if seq in wanted}
 
 
-def insert_events(
-    conn: sqlite3.Connection, device: DeviceRecord, received: int, plan: EventPlan
-) -> None:
-    """New events go into the feed (``events`` is a view over it), with their digest."""
-    rows = event_rows(device.id, device.fleet, received, plan.new)
-    execute_many(conn, 
-        f"INSERT INTO feed ({FEED_COLUMNS}, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(*row, event_digest(e)) for row, e in zip(rows, plan.new, strict=True)],
-    )
-
-
-def record_changes(conn: sqlite3.Connection, changes: Sequence[StateChange],
-                   writer: DeviceRecord | None, now: int) -> None:
-    """Append the feed rows of ``changes`` and apply them to the projection. ``writer`` is
-    the writing device (its fleet is known); a cloud write (``None``) looks each device's
-    fleet up."""
+def record_feed(conn: sqlite3.Connection, writer: DeviceRecord | None, now: int,
+                events: Sequence[Event], changes: Sequence[StateChange],
+                conflicts: Sequence[ConflictRecord]) -> None:
+    """Append one write's feed rows in cursor order, in as few statements as they fit: its
+    new ``events`` (with their digest; the ``events`` view shows them), then ``changes``,
+    then ``conflicts``; and apply ``changes`` to the projection. ``writer`` is the writing
+    device (the events' device; its fleet is known); a cloud write (``None``, no events:
+    ``check_write``) looks each device's fleet up."""
+    rows: list[tuple[Any, ...]] = []
+    if events:
+        assert writer is not None
+        rows = [(*row, digest) for row, digest in zip(
+            event_rows(writer.id, writer.fleet, now, events), event_digests(events),
+            strict=True)]
+    rows += [(*change_row(c, _fleet(conn, writer, c.device), now), None) for c in changes]
+    rows += [(*conflict_row(c, _fleet(conn, writer, c.device), now), None)
+             for c in conflicts]
+    insert_values(conn, f"INSERT INTO feed ({FEED_COLUMNS}, digest)", rows)
     for change in changes:
-        _insert_feed(conn, [change_row(change, _fleet(conn, writer, change.device), now)])
         _apply_projection(conn, change, now)
-
-
-def record_conflicts(conn: sqlite3.Connection, conflicts: Sequence[ConflictRecord],
-                     writer: DeviceRecord | None, now: int) -> None:
-    """Append the feed rows of ``conflicts`` (``writer`` as for :func:`record_changes`)."""
-    _insert_feed(conn, [conflict_row(c, _fleet(conn, writer, c.device), now)
-                        for c in conflicts])
-
-
-def _insert_feed(conn: sqlite3.Connection, rows: Sequence[FeedRow]) -> None:
-    execute_many(
-        conn, f"INSERT INTO feed ({FEED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
 
 def _fleet(conn: sqlite3.Connection, writer: DeviceRecord | None, device: str) -> str | None:
@@ -223,14 +214,18 @@ def _fleet(conn: sqlite3.Connection, writer: DeviceRecord | None, device: str) -
 
 
 def _apply_projection(conn: sqlite3.Connection, change: StateChange, now: int) -> None:
-    writes = list(projection_writes(change))
+    device, doc = change.device, change.doc
+    deletes: list[tuple[str, str, str, str]] = []
+    upserts: list[tuple[str, str, str, str, str, int]] = []
+    for name, key, value in projection_writes(change):
+        if value is None:
+            deletes.append((device, doc, name, key))
+        else:
+            upserts.append((device, doc, name, key, value, now))
     execute_many(
         conn, "DELETE FROM projection WHERE device = ? AND doc = ? AND map = ? AND key = ?",
-        [(change.device, change.doc, name, key) for name, key, value in writes
-         if value is None])
-    execute_many(
-        conn, "INSERT INTO projection (device, doc, map, key, value, updated)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device, doc, map, key)"
-        " DO UPDATE SET value = excluded.value, updated = excluded.updated",
-        [(change.device, change.doc, name, key, value, now) for name, key, value in writes
-         if value is not None])
+        deletes)
+    insert_values(
+        conn, "INSERT INTO projection (device, doc, map, key, value, updated)", upserts,
+        " ON CONFLICT (device, doc, map, key)"
+        " DO UPDATE SET value = excluded.value, updated = excluded.updated")

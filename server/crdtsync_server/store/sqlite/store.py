@@ -32,7 +32,7 @@ from .connection import in_transaction
 from .devices import SQLiteDevices, require_device
 from .documents import SQLiteDocuments, delete_stamps, insert_updates, replace_doc, write_stamps
 from .downlink import SQLiteDownlink, ack_downlink, ack_outcomes, insert_requests, leave
-from .feed import SQLiteFeed, insert_events, record_changes, record_conflicts, stored_digests
+from .feed import SQLiteFeed, record_feed, stored_digests
 from .settings import SQLiteSettings
 from .sinks import SQLiteSinks
 from .wakes import SQLiteWakes, insert_wakes
@@ -149,17 +149,14 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
     write_stamps(conn, write.stamps)
     insert_wakes(conn, write.wakes, write.time)
     if write.device is None:
-        record_changes(conn, write.changes, None, write.time)
-        record_conflicts(conn, write.conflicts, None, write.time)
+        record_feed(conn, None, write.time, (), write.changes, write.conflicts)
         return CommitResult(update_ids=update_ids, prev_ids=prev_ids)
     device = require_device(conn, write.device)
     plan = plan_events(
         device.id, device.last_seq, write.purged, write.events,
         stored_digests(conn, device, write), seq_floor=device.seq_floor,
     )
-    insert_events(conn, device, write.time, plan)
-    record_changes(conn, write.changes, device, write.time)
-    record_conflicts(conn, write.conflicts, device, write.time)
+    record_feed(conn, device, write.time, plan.new, write.changes, write.conflicts)
     last_seq = max(device.last_seq, plan.new[-1].seq) if plan.new else device.last_seq
     down_done = ack_downlink(conn, device, write)
     new_requests = insert_requests(conn, device.id, write)
