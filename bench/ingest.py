@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import json
 import random
 import sqlite3
 import statistics
@@ -69,7 +67,8 @@ from crdtsync.protocol import (
     decode_response,
     encode_request,
 )
-from crdtsync.values import json_default
+from crdtsync_server.store.feed import json_text
+from crdtsync_server.store.rules import event_digests as server_digests
 
 NAME = "ingest"
 BATCH = 1000
@@ -80,15 +79,13 @@ LIBS = ("aiohttp", "pycrdt", "msgpack")
 
 
 def event_json(event: Event) -> str:
-    """The stored JSON text of an event body (as ``crdtsync_server.store.rules``)."""
-    return json.dumps(event.body, separators=(",", ":"), ensure_ascii=False,
-                      default=json_default)
+    """The stored JSON text of an event body, made as the server makes it."""
+    return json_text(event.body)
 
 
-def event_digest(event: Event) -> bytes:
-    """The stored digest of an event (as ``crdtsync_server.store.rules.event_digest``)."""
-    packed = msgpack.packb([event.topic, event.time, event.body], use_bin_type=True)
-    return hashlib.blake2b(packed, digest_size=16).digest()
+def event_digests(events: Sequence[Event]) -> list[bytes]:
+    """The stored digests of a batch of events, made as the server makes them."""
+    return server_digests(events)
 
 
 @dataclass
@@ -204,14 +201,16 @@ def ceiling_round(conn: sqlite3.Connection, insert: str, batches: Sequence[Batch
     prepared: list[list[tuple[Any, ...]]] = []
     if not digest:  # rows prepared before the clock starts: SQLite alone
         now = int(time.time() * 1000)
-        prepared = [[(b.device, e.seq, e.topic, e.time, now, event_json(e), event_digest(e))
-                     for e in b.events] for b in batches]
+        prepared = [[(b.device, e.seq, e.topic, e.time, now, event_json(e), fingerprint)
+                     for e, fingerprint in zip(b.events, event_digests(b.events), strict=True)]
+                    for b in batches]
     start = time.perf_counter()
     for n, batch in enumerate(batches):
         if digest:
             now = int(time.time() * 1000)
-            rows = [(batch.device, e.seq, e.topic, e.time, now, event_json(e), event_digest(e))
-                    for e in batch.events]
+            rows = [(batch.device, e.seq, e.topic, e.time, now, event_json(e), fingerprint)
+                    for e, fingerprint in zip(batch.events, event_digests(batch.events),
+                                              strict=True)]
         else:
             rows = prepared[n]
         conn.execute("BEGIN IMMEDIATE")

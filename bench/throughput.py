@@ -71,7 +71,7 @@ from common import (
     spread,
     start_server,
 )
-from ingest import event_digest, event_json, events_table, open_ceiling
+from ingest import event_digests, event_json, events_table, open_ceiling
 from pycrdt import Doc, Map
 
 from crdtsync.crdt import random_client_id
@@ -85,6 +85,7 @@ from crdtsync.protocol import (
     decode_response,
     encode_request,
 )
+from crdtsync_server.store.feed import json_text
 
 NAME = "throughput"
 STATE_CHANGES = 5
@@ -414,12 +415,12 @@ class DirectStore:
         if not self.pending:
             self.conn.execute("BEGIN IMMEDIATE")
         self.conn.executemany(self.insert_event, [
-            (device, e.seq, e.topic, e.time, now, event_json(e), event_digest(e))
-            for e in events])
+            (device, e.seq, e.topic, e.time, now, event_json(e), digest)
+            for e, digest in zip(events, event_digests(events), strict=True)])
         self.conn.executemany("INSERT INTO updates (key, gen, data) VALUES (?, 0, ?)",
                               [(f"{device}/state", u) for u in updates])
         self.conn.executemany(UPSERT_PROJECTION, [
-            (device, "state", "state", key, json.dumps(value), now)
+            (device, "state", "state", key, json_text(value), now)
             for key, value in state.items()])
         self.pending += 1
         if self.pending == COMMIT_EVERY:
