@@ -73,6 +73,10 @@ LISTENING = r"listening on (http://[\d.]+:(\d+))"
 GRACE_ENV = "CRDTSYNC_BENCH_RETIRE_GRACE"
 PROFILE_ENV = "CRDTSYNC_BENCH_PROFILE"
 SAMPLE_ENV = "CRDTSYNC_BENCH_SAMPLE"
+SERVER_TREE_ENV = "CRDTSYNC_BENCH_SERVER_TREE"
+"""A checkout whose ``crdtsync`` and ``crdtsync_server`` the benchmark's servers run (the
+load generator and the floor stay this checkout's): how one harness measures several
+commits."""
 """Read by ``bench/_serve.py`` in a benchmark's server subprocess, nowhere else."""
 
 
@@ -707,6 +711,9 @@ def serve_argv(folder: Path, *flags: str, db: str = "server.db",
         env[PROFILE_ENV] = str(profile)
     if sample is not None:
         env[SAMPLE_ENV] = str(sample)
+    tree = os.environ.get(SERVER_TREE_ENV)
+    if tree:  # that checkout's server, this checkout's harness (per-commit comparisons)
+        env["PYTHONPATH"] = os.pathsep.join([tree, os.path.join(tree, "server")])
     prefix = ([sys.executable, str(BENCH / "_serve.py")] if env
               else [sys.executable, "-m", "crdtsync"])
     return [*prefix, "serve", "--db", database or str(folder / db), "--port", "0",
