@@ -111,13 +111,13 @@ $("logout").addEventListener("click", () => {
 // --- routing ---------------------------------------------------------------------------
 
 const VIEWS = [
-  [/^#\/device\/(.+)$/, (id) => deviceView(id)],
-  [/^#\/fleets$/, () => fleetsView()],
-  [/^#\/fleet\/(.+)$/, (id) => fleetView(id)],
-  [/^#\/sinks$/, () => sinksView()],
-  [/^#\/sink\/(.+)$/, (name) => sinkView(name)],
-  [/^#\/metrics$/, () => metricsView()],
-  [/^/, () => devicesView()],
+  [/^#\/device\/(.+)$/, deviceView],
+  [/^#\/fleets$/, fleetsView],
+  [/^#\/fleet\/(.+)$/, fleetView],
+  [/^#\/sinks$/, sinksView],
+  [/^#\/sink\/(.+)$/, sinkView],
+  [/^#\/metrics$/, metricsView],
+  [/^/, devicesView],
 ];
 
 function route() {
@@ -449,7 +449,7 @@ async function sinkView(name, signal) {
 // --- metrics ---------------------------------------------------------------------------
 
 const POINTS = 60;
-const history = [];
+const readings = [];
 
 async function metricsView(signal) {
   const chart = h("div", { id: "chart" });
@@ -462,12 +462,12 @@ async function metricsView(signal) {
   $("series").querySelector("tbody").replaceWith(raw);
   while (!signal.aborted) {
     const samples = parseMetrics(await metricsText(signal));
-    history.push({ t: Date.now(), sync: total(samples, isSyncCounter), errors: total(samples, isErrorCounter) });
-    while (history.length > POINTS + 1) history.shift();
+    readings.push({ t: Date.now(), sync: total(samples, isSyncCounter), errors: total(samples, isErrorCounter) });
+    while (readings.length > POINTS + 1) readings.shift();
     drawChart(chart);
     const missing = [];
-    if (history.at(-1).sync === null) missing.push("no sync counter (crdtsync_*sync*_total)");
-    if (history.at(-1).errors === null) missing.push("no error counter (crdtsync_*error*_total or *fail*_total)");
+    if (readings.at(-1).sync === null) missing.push("no sync counter (crdtsync_*sync*_total)");
+    if (readings.at(-1).errors === null) missing.push("no error counter (crdtsync_*error*_total or *fail*_total)");
     notes.textContent = missing.length ? `This server exposes ${missing.join(" and ")}: shown as no data.` : "";
     raw.replaceChildren(...samples.filter((s) => s.name.startsWith("crdtsync_")).slice(0, 200).map((s) =>
       h("tr", {}, h("td", {}, s.name), h("td", { class: "value" }, Object.entries(s.labels).map(([k, v]) => `${k}=${v}`).join(" ")),
@@ -479,8 +479,8 @@ async function metricsView(signal) {
 /** Per-second rates between consecutive readings (a counter reset counts as 0). */
 function rates(key) {
   const out = [];
-  for (let i = 1; i < history.length; i++) {
-    const a = history[i - 1], b = history[i];
+  for (let i = 1; i < readings.length; i++) {
+    const a = readings[i - 1], b = readings[i];
     if (a[key] === null || b[key] === null) { out.push(null); continue; }
     out.push(Math.max(0, (b[key] - a[key]) / ((b.t - a.t) / 1000 || 1)));
   }
@@ -510,7 +510,7 @@ function drawChart(box) {
   label.setAttribute("y", 12);
   label.textContent = `${top.toFixed(top < 10 ? 2 : 0)}/s`;
   svg.append(label);
-  if (history.length < 2) {
+  if (readings.length < 2) {
     const wait = document.createElementNS(NS, "text");
     wait.setAttribute("x", W / 2 - 60);
     wait.setAttribute("y", H / 2);
