@@ -295,7 +295,10 @@ async function deviceView(id, signal) {
       for (const [map, keys] of Object.entries(item.changes || {})) {
         for (const [key, value] of Object.entries(keys || {})) setValue(map, key, value, true);
       }
-      renderInfo({ ...device, last_sync: Math.max(device.last_sync || 0, item.received) });
+      if (item.source === "device") {
+        device.last_sync = Math.max(device.last_sync || 0, item.received);
+        renderInfo(device);
+      }
     }
     addTail(item);
   }, signal, (status) => { live.textContent = status; live.className = status === "live" ? "online" : "muted"; });
