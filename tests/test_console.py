@@ -197,3 +197,38 @@ async def test_sinks_and_metrics_pages(server: Server, admin: AdminClient,
     await page.click("a[href='#/metrics']")
     await expect(page.locator("#chart svg")).to_be_visible()
     await expect(page.locator("#series")).to_contain_text("crdtsync_feed_head")
+
+
+METRICS_TEXT = """# HELP crdtsync_syncs_total Syncs served.
+# TYPE crdtsync_syncs_total counter
+crdtsync_syncs_total{result="ok"} 7
+crdtsync_syncs_total{result="refused"} 3
+crdtsync_syncs_created 1.7e9
+crdtsync_sync_errors_total{code="seq_conflict",note="a \\"quoted\\" one"} 2
+crdtsync_sink_failures_total{sink="hook"} 1
+crdtsync_feed_head 41
+garbage line
+other_requests_total 99
+"""
+
+
+async def test_metrics_parser_is_generic_and_tolerates_missing_series(
+        server: Server, page: Any) -> None:
+    """The chart's parser (console/metrics.js, run in the browser) reads any series and
+    labels, sums the sync and error counters, and answers null for what is absent."""
+    await page.goto(server.url + "/console")
+    result = await page.evaluate("""async (text) => {
+        const m = await import("/console/metrics.js");
+        const samples = m.parseMetrics(text);
+        return {names: samples.map((s) => s.name), labels: samples[3].labels,
+                syncs: m.total(samples, m.isSyncCounter),
+                errors: m.total(samples, m.isErrorCounter),
+                head: m.first(samples, "crdtsync_feed_head"),
+                none: m.total(m.parseMetrics("crdtsync_feed_head 1\\n"), m.isSyncCounter)};
+    }""", METRICS_TEXT)
+    assert result == {
+        "names": ["crdtsync_syncs_total", "crdtsync_syncs_total", "crdtsync_syncs_created",
+                  "crdtsync_sync_errors_total", "crdtsync_sink_failures_total",
+                  "crdtsync_feed_head", "other_requests_total"],
+        "labels": {"code": "seq_conflict", "note": 'a "quoted" one'},
+        "syncs": 10, "errors": 3, "head": 41, "none": None}
