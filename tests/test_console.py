@@ -194,6 +194,9 @@ async def test_sinks_and_metrics_pages(server: Server, admin: AdminClient,
     await page.click("a[href='#/sinks']")
     await expect(page.locator("tr[data-sink='hook']")).to_contain_text("webhook")
     await page.screenshot(path=str(SHOTS / "sinks.png"))
+    await page.click("tr[data-sink='hook'] a")
+    await expect(page.locator("#view h1")).to_contain_text("hook")
+    await expect(page.locator("#view")).not_to_contain_text("s3cret")  # redacted by the API
     await page.click("a[href='#/metrics']")
     await expect(page.locator("#chart svg")).to_be_visible()
     await expect(page.locator("#series")).to_contain_text("crdtsync_feed_head")
