@@ -29,6 +29,7 @@ from ..core import open_services
 from ..proxied.executor import RouteExecutor
 from ..store import Store
 from . import (
+    console,
     devices,
     downlink,
     env,
@@ -50,7 +51,7 @@ log = logging.getLogger("crdtsync.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ROUTE_TABLES = (sync, wake, devices, downlink, env, templates, schemas, fleets, feed, sinks,
-                metrics)
+                metrics, console)
 """The handler modules; each has a ``routes`` table."""
 
 
