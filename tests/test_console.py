@@ -2,14 +2,16 @@
 a real server, devices provisioned over the admin API and a real ``crdtsync.Device`` syncing.
 
 Without chromium or Playwright the browser tests are skipped on a developer's machine and fail
-under ``CI=true`` (``.ci/run`` installs chromium). Screenshots go to docs/console/*.png
-(docs/console.md shows them)."""
+under ``CI=true`` (``.ci/run`` installs chromium). Screenshots go to a temporary folder, or
+to docs/console/*.png (docs/console.md shows them) with ``CRDTSYNC_CONSOLE_SCREENSHOTS=1``:
+a test run does not rewrite tracked files unless asked to."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ from crdtsync_server import Server
 
 from .conftest import ADMIN_TOKEN, DeviceFactory
 
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+SHOTS = (Path(__file__).resolve().parent.parent / "docs" / "console"
+         if os.environ.get("CRDTSYNC_CONSOLE_SCREENSHOTS") == "1"
+         else Path(tempfile.gettempdir()) / "crdtsync-console-shots")
 WAIT_MS = 15_000
 
 
