@@ -21,8 +21,10 @@ import aiohttp
 import pytest
 
 from crdtsync import AdminClient, Device
+from crdtsync.errors import StoreError
 from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH
 from crdtsync_server import Server, ServerConfig
+from crdtsync_server.api import sync as sync_module
 from crdtsync_server.api.requestlog import REQUEST_ID_HEADER
 from crdtsync_server.logs import JsonFormatter
 
@@ -80,6 +82,7 @@ async def test_a_sync_with_a_wrong_token_is_logged_once_without_device_or_token(
         assert resp.status == 401
         rid = resp.headers[REQUEST_ID_HEADER]
     [record] = failures(caplog)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == [record]
     assert record.levelno == logging.WARNING
     assert (record.method, record.path, record.status, record.code) == (  # type: ignore[attr-defined]
         "POST", SYNC_PATH, 401, "unauthorized")
@@ -102,6 +105,7 @@ async def test_a_malformed_sync_body_is_logged_once_with_the_device(
         assert resp.status == 400
         assert resp.headers[REQUEST_ID_HEADER] == "client-id_1.2:3"
     [record] = failures(caplog)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == [record]
     entry = json.loads(JsonFormatter().format(record))
     assert entry["level"] == "warning" and entry["status"] == 400
     assert entry["code"] == "malformed_request" and entry["device"] == "d1"
@@ -149,6 +153,31 @@ async def test_a_successful_call_logs_nothing_and_sends_no_request_id(
         assert resp.status == 200
         assert REQUEST_ID_HEADER not in resp.headers
     assert failures(caplog) == []
+
+
+@pytest.mark.parametrize(("raised", "code"), [(RuntimeError("bug"), "internal"),
+                                              (StoreError("disk gone"), "store")])
+async def test_a_server_failure_is_one_error_record(
+        server: Server, admin: AdminClient, http: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        raised: Exception, code: str) -> None:
+    """A 500: logged at error level with the code behind it (the client reads
+    ``internal``); an unexpected exception carries its traceback as ``exc``."""
+    token = (await admin.add_device("d1"))["token"]
+
+    async def failing(*args: object) -> bytes:
+        raise raised
+
+    monkeypatch.setattr(sync_module, "run_sync", failing)
+    caplog.set_level(logging.INFO)
+    async with http.post(server.url + SYNC_PATH, data=b"\x80",
+                         headers={"Authorization": f"Bearer {token}",
+                                  "Content-Type": MEDIA_TYPE}) as resp:
+        assert resp.status == 500
+    [record] = failures(caplog)
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["level"] == "error" and entry["code"] == code and entry["device"] == "d1"
+    assert ("RuntimeError: bug" in entry["exc"]) if code == "internal" else "exc" not in entry
 
 
 # --- crdtsync serve --log-format json ----------------------------------------------------
