@@ -199,8 +199,8 @@ def describe(exc: BaseException, url: str | None = None) -> str:
     log line rather than a long ``repr``. With the request's ``url``, a failed connection
     names the server: ``cannot connect to http://host:port (connection refused)``."""
     if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "timed out" if url is None else f"timed out waiting for {origin(url)}"
+    if isinstance(exc, _DNS_ERRORS):
         return f"cannot resolve the server's host name {exc.host!r}"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return f"TLS failed with {exc.host}:{exc.port} (certificate or handshake)"
@@ -215,11 +215,16 @@ def describe(exc: BaseException, url: str | None = None) -> str:
     return str(reason)[:120].lower()
 
 
+_DNS_ERRORS: tuple[type[aiohttp.ClientConnectorError], ...] = tuple(
+    cls for cls in [getattr(aiohttp, "ClientConnectorDNSError", None)] if cls is not None)
+"""aiohttp's error for a failed name lookup (aiohttp 3.11 and later; before, such a failure
+reads as its ``os.strerror``)."""
+
+
 def origin(url: str) -> str:
     """``scheme://host:port`` of ``url``: no user or password, path or query."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def failure_reason(exc: CrdtsyncError) -> str:

@@ -19,17 +19,19 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from crdtsync import AdminClient, Device
-from crdtsync.errors import StoreError
+from crdtsync.errors import StoreError, TransportError
 from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH
+from crdtsync.transport import HttpTransport, origin
 from crdtsync_server import Server, ServerConfig
 from crdtsync_server.api import sync as sync_module
 from crdtsync_server.api.requestlog import REQUEST_ID_HEADER
 from crdtsync_server.logs import JsonFormatter
 
 from .cli_process import ADMIN, Background, clean_env, cli, free_port
-from .conftest import ADMIN_TOKEN
+from .conftest import ADMIN_TOKEN, local_app
 
 WRONG_TOKEN = "wrong-device-token-0123456789"
 TEXT_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \S+ (DEBUG|INFO|WARNING|ERROR) ")
@@ -284,3 +286,48 @@ async def test_an_error_answer_is_logged_with_its_status_and_code(
     assert first.getMessage().startswith("device d1: sync failed: HTTP 401 unauthorized: ")
     assert first.levelno == logging.ERROR  # not retryable: retrying cannot heal it
     assert WRONG_TOKEN not in first.getMessage()
+
+
+async def exchange_failure(url: str) -> str:
+    """The message of the ``TransportError`` a sync request to ``url`` fails with."""
+    transport = HttpTransport(url, WRONG_TOKEN)
+    try:
+        with pytest.raises(TransportError) as caught:
+            await transport.exchange(b"\x80")
+    finally:
+        await transport.aclose()
+    return caught.value.message
+
+
+async def test_a_failed_connection_names_the_server() -> None:
+    port = free_port()
+    message = await exchange_failure(f"http://127.0.0.1:{port}/base")
+    assert message == f"cannot connect to http://127.0.0.1:{port} (connection refused)"
+
+
+def test_the_server_is_named_without_credentials_path_or_query() -> None:
+    assert origin("https://user:secret@[::1]:8787/base/v1/sync?token=t") == "https://[::1]:8787"
+
+
+async def test_a_name_that_does_not_resolve_is_said_so() -> None:
+    message = await exchange_failure("http://no-such-host.invalid:8787")
+    assert message == "cannot resolve the server's host name 'no-such-host.invalid'"
+
+
+async def test_a_timeout_names_the_server(tmp_path: Path) -> None:
+    never = asyncio.Event()
+
+    async def hold(request: web.Request) -> web.Response:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_post(SYNC_PATH, hold)
+    async with local_app(app, shutdown_timeout=0.1) as url:
+        transport = HttpTransport(url, WRONG_TOKEN, timeout=0.2)
+        try:
+            with pytest.raises(TransportError) as caught:
+                await transport.exchange(b"\x80")
+        finally:
+            await transport.aclose()
+    assert caught.value.message == f"timed out waiting for {url}"
