@@ -51,6 +51,8 @@ class LiveChannel:
         self.available = True
         """False once the server answered ``404`` (it has no live channel), until it has."""
         self.failures = 0
+        self._reported: str | None = None
+        """The failure last logged at warning level: its repeats are logged at debug."""
         self.resets = 0
         """Answers in a row that moved the cursor back (or woke without moving it)."""
         self._transport = transport
@@ -59,7 +61,8 @@ class LiveChannel:
 
     async def run(self) -> None:
         """Send wake requests one after the other, until cancelled. Never raises: failures
-        are logged (one line each) and retried after a backoff."""
+        are logged (one short line each: a warning, then debug while the same failure
+        repeats) and retried after a backoff."""
         while True:
             pause = await self.step()
             if pause > 0:
@@ -78,7 +81,10 @@ class LiveChannel:
         except Exception:  # a bug: logged with its traceback, the channel goes on
             log.exception("device %s: unexpected error in the live channel", self.device_id)
             return self._failed(None)
-        self.failures = 0
+        if self.failures:
+            log.info("device %s: live channel recovered after %d failed requests",
+                     self.device_id, self.failures)
+        self.failures, self._reported = 0, None
         self.available = True
         self.cursor = signal.cursor
         if self._wants_sync(signal, after):
@@ -126,9 +132,17 @@ class LiveChannel:
         else:
             delay = full_jitter(self.failures if exc is None or exc.retryable else 64)
         if exc is not None:
-            log.warning("device %s: live channel down (%s: %s); retry in %.1fs",
-                        self.device_id, exc.code, exc.message[:MAX_LOGGED], delay)
+            self._log_failure(f"{exc.code}: {exc.message[:MAX_LOGGED]}", delay)
         return delay
+
+    def _log_failure(self, reason: str, delay: float) -> None:
+        """One short line per failed request: at warning when ``reason`` differs from the
+        failure logged before, at debug while it repeats (a server that stays down costs
+        one warning, not one per retry)."""
+        level = logging.DEBUG if reason == self._reported else logging.WARNING
+        log.log(level, "device %s: live channel down (%s); retry in %.1fs", self.device_id,
+                reason, delay)
+        self._reported = reason
 
 
 def full_jitter(failures: int) -> float:

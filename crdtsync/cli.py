@@ -7,7 +7,7 @@ events.
                     [--backlog N] [--feed-retention DAYS] [--header-timeout S]
                     [--body-timeout S] [--rebuild-factor X] [--rebuild-slack B]
                     [--wake-hold S] [--wake-rate N] [--max-waiters N] [--instance-ttl S]
-                    [--log-level LEVEL]
+                    [--log-level LEVEL] [--log-format text|json]
     crdtsync demo   [--devices N] [--duration S] [--db PATH] [--port N] [--data-dir DIR]
                     [--log-level LEVEL]
     crdtsync device add ID [--meta JSON] | crdtsync device list | crdtsync device show ID
@@ -105,6 +105,9 @@ def listening_line(url: str, database: str, workers: int = 1) -> str:
 async def cmd_serve(args: argparse.Namespace) -> int:
     """Run the sync server until SIGINT or SIGTERM, then shut it down cleanly. With
     ``--workers N`` (N > 1) this process supervises N server processes sharing the port."""
+    from crdtsync_server.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
     config = serve_config(args)
     check_serve(config, args.workers)
     if args.workers > 1:
@@ -139,7 +142,8 @@ async def serve_workers(config: ServerConfig, args: argparse.Namespace) -> int:
             announce_admin_token(created)
         announce_admin_origin(args, created)
 
-    supervisor = Supervisor(config, args.workers, stop=stop_event(), log_level=args.log_level)
+    supervisor = Supervisor(config, args.workers, stop=stop_event(), log_level=args.log_level,
+                            log_format=args.log_format)
     status = await supervisor.run(
         on_settled, lambda: out(listening_line(supervisor.url, config.db, args.workers)))
     err("stopped")
@@ -678,7 +682,19 @@ def add_serve(sub: Subparsers) -> None:
                         " as interrupted")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", type=log_format, metavar="text|json",
+                   default=os.environ.get("CRDTSYNC_LOG_FORMAT") or "text",
+                   help="log lines as text or one JSON object per line (env "
+                        "CRDTSYNC_LOG_FORMAT; default text); see docs/operations.md, Logs")
     p.set_defaults(run=cmd_serve)
+
+
+def log_format(value: str) -> str:
+    """``--log-format``: ``text`` or ``json`` (also checks a value from the environment,
+    which argparse passes through this but not through ``choices``)."""
+    if value not in ("text", "json"):
+        raise argparse.ArgumentTypeError(f"{value!r}: use text or json")
+    return value
 
 
 def add_demo(sub: Subparsers) -> None:

@@ -77,7 +77,7 @@ from .protocol import (
 )
 from .schema import StateSchema
 from .templates import Template
-from .transport import HttpTransport, LiveTransport, Transport
+from .transport import HttpTransport, LiveTransport, Transport, failure_reason
 from .values import check_event_body, normalize
 
 log = logging.getLogger("crdtsync.device")
@@ -1023,6 +1023,7 @@ class Device:
     async def _run(self) -> None:
         failures = 0
         delay = 0.0
+        reported: str | None = None  # the failure last logged: its repeats go to debug
         while True:
             if failures:
                 await asyncio.sleep(delay)
@@ -1033,20 +1034,34 @@ class Device:
             self._hurry.clear()
             try:
                 await self.sync()
-                failures = 0
+                if failures:
+                    log.info("device %s: sync recovered after %d failed attempts", self.id,
+                             failures)
+                failures, reported = 0, None
                 delay = self.interval or 0.0
             except CrdtsyncError as exc:
                 failures += 1
                 # A permanent error (revoked token, ...) will not heal by hammering: wait the
                 # longest backoff, and keep trying so a fixed server resumes the device.
                 delay = self._backoff(failures if exc.retryable else 64)
-                level = logging.WARNING if exc.retryable else logging.ERROR
-                log.log(level, "device %s: sync failed (%s: %s); retry in %.1fs",
-                        self.id, exc.code, exc.message, delay)
+                reported = self._log_failure(exc, reported, delay)
             except Exception:
                 failures += 1
                 delay = self._backoff(failures)
                 log.exception("device %s: unexpected error in sync loop", self.id)
+
+    def _log_failure(self, exc: CrdtsyncError, reported: str | None, delay: float) -> str:
+        """Log a failed sync on one short line: at warning (error if retrying cannot heal
+        it) when it differs from the failure ``reported`` last, else at debug, so a server
+        that stays down costs one warning, not one per retry. Returns the reason logged."""
+        reason = failure_reason(exc)
+        if reason == reported:
+            level = logging.DEBUG
+        else:
+            level = logging.WARNING if exc.retryable else logging.ERROR
+        log.log(level, "device %s: sync failed: %s; retrying in %.1f s", self.id, reason,
+                delay)
+        return reason
 
     async def _spaced(self) -> None:
         """Wait until ``min_spacing`` passed since the last sync started, or only

@@ -13,6 +13,7 @@ import os
 import zlib
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -136,7 +137,7 @@ class HttpTransport:
                     self._negotiate(resp.headers["Accept-Encoding"])
                 self.wire_bytes_down += int(resp.headers.get("Content-Length", len(data)))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransportError(f"sync request failed: {exc!r}") from exc
+            raise TransportError(describe(exc, self.url)) from exc
         if status != 200:
             raise decode_error(data, status)
         return data
@@ -193,15 +194,46 @@ def wake_error(data: bytes, status: int, headers: Mapping[str, str]) -> Crdtsync
     return error
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, url: str | None = None) -> str:
     """A short reason for a failed request ("connection refused", "timed out"), for one
-    log line rather than a long ``repr``."""
+    log line rather than a long ``repr``. With the request's ``url``, a failed connection
+    names the server: ``cannot connect to http://host:port (connection refused)``."""
     if isinstance(exc, TimeoutError):
-        return "timed out"
+        return "timed out" if url is None else f"timed out waiting for {origin(url)}"
+    if isinstance(exc, _DNS_ERRORS):
+        return f"cannot resolve the server's host name {exc.host!r}"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return f"TLS failed with {exc.host}:{exc.port} (certificate or handshake)"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
     if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()
+        reason = os.strerror(exc.errno).lower()
+        if url is not None and isinstance(exc, aiohttp.ClientConnectorError):
+            return f"cannot connect to {origin(url)} ({reason})"
+        return reason
     reason = str(exc) or type(exc).__name__
     return str(reason)[:120].lower()
+
+
+_DNS_ERRORS: tuple[type[aiohttp.ClientConnectorError], ...] = tuple(
+    cls for cls in [getattr(aiohttp, "ClientConnectorDNSError", None)] if cls is not None)
+"""aiohttp's error for a failed name lookup (aiohttp 3.11 and later; before, such a failure
+reads as its ``os.strerror``)."""
+
+
+def origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``: no user or password, path or query."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def failure_reason(exc: CrdtsyncError) -> str:
+    """A failed request in a few words for a log line: the message of a local or network
+    error (already short: :func:`describe`), ``HTTP 401 unauthorized: <message>`` for an
+    error answer, its message cut to 120 characters."""
+    if exc.status == 0:
+        return exc.message[:160]
+    return f"HTTP {exc.status} {exc.code}: {exc.message[:120]}"
 
 
 def compress(body: bytes, encoding: str) -> bytes:

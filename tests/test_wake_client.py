@@ -488,16 +488,38 @@ async def test_a_success_resets_the_backoff(scripted: ScriptedLive, pauses: Paus
     assert len(pauses.seen) == 6 and pauses.seen[5] <= 1.0
 
 
+async def test_a_repeated_failure_is_warned_once_and_the_recovery_told(
+        scripted: ScriptedLive, pauses: Pauses, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    t = scripted
+    caplog.set_level(logging.DEBUG, "crdtsync.device")
+    async with live_device(t, tmp_path) as dev:
+        await first_answer(dev, t)
+        for error in (Unavailable("stopping"), Unavailable("stopping"),
+                      TransportError("wake request failed: timed out")):
+            await t.answers.put(error)
+        await t.answers.put(WakeSignal(False, 10, 0))
+        await until(lambda: len(t.calls) == 6)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records
+             if "live channel" in r.getMessage()]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.DEBUG, logging.WARNING,
+                                             logging.INFO]
+    assert lines[3][1] == "device d1: live channel recovered after 3 failed requests"
+
+
 async def test_failures_are_logged_one_short_line_each(
         tmp_path: Path, pauses: Pauses, caplog: pytest.LogCaptureFixture) -> None:
-    """A real HttpTransport to a closed port: one line per failure, without a repr."""
-    caplog.set_level(logging.WARNING, "crdtsync.device")
+    """A real HttpTransport to a closed port: one line per failure, without a repr; a
+    warning for the first, debug for its repeats."""
+    caplog.set_level(logging.DEBUG, "crdtsync.device")
     dev = Device("d1", f"http://127.0.0.1:{_closed_port()}", token=TOKEN,
                  path=tmp_path / "d1.db", interval=3600.0)
     async with dev:
         await until(lambda: len(pauses.seen) >= 2)
-    lines = [r.getMessage() for r in caplog.records if "live channel" in r.getMessage()]
+    records = [r for r in caplog.records if "live channel" in r.getMessage()]
+    lines = [r.getMessage() for r in records]
     assert len(lines) >= 2
+    assert [r.levelno for r in records] == [logging.WARNING] + [logging.DEBUG] * (len(lines) - 1)
     assert lines[0].startswith("device d1: live channel down (transport: wake request "
                                "failed: connection refused); retry in ")
     assert all(len(line) < 120 for line in lines)

@@ -9,8 +9,8 @@ HTTP status of its class (crdtsync.errors).
 
 from __future__ import annotations
 
-import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -45,8 +45,7 @@ from . import (
 from .deadlines import HeadDeadline
 from .errors import error_response
 from .keys import HEADS, SERVICES
-
-log = logging.getLogger("crdtsync.server")
+from .requestlog import log_failure
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -102,17 +101,17 @@ _HTTP_CODES: dict[int, type[CrdtsyncError]] = {404: NotFound, 413: BodyTooLarge}
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every failure into a typed error frame; the server keeps serving."""
+    """Turn every failure into a typed error frame, logged once (:mod:`.requestlog`); the
+    server keeps serving. A success costs one clock read here."""
+    started = time.monotonic()
     try:
         return await handler(request)
     except CrdtsyncError as exc:
         if exc.status == 0:  # a local error (StoreError, ...): to the client, an internal one
-            log.error("%s %s failed: %s: %s", request.method, request.path, exc.code,
-                      exc.message)
-            return error_response(request, ServerError("internal error; nothing was committed"))
-        if exc.status >= 500:
-            log.error("%s %s failed: %s", request.method, request.path, exc.message)
-        return error_response(request, exc)
+            response = error_response(request, ServerError("internal error; nothing was committed"))
+            return log_failure(request, response, exc.code, exc.message, started)
+        return log_failure(request, error_response(request, exc), exc.code, exc.message,
+                           started)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -120,13 +119,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         error = cls(exc.reason, {"http": exc.status})
         response = error_response(request, error)
         response.set_status(exc.status if exc.status != 400 else error.status)
-        return response
+        return log_failure(request, response, error.code, error.message, started)
     except BaseException as exc:
         # Exception, and a Rust panic from pycrdt (a BaseException): answer, keep serving.
         if not isinstance(exc, Exception) and not rejects_input(exc):
             raise
-        log.exception("%s %s: unexpected error", request.method, request.path)
-        return error_response(request, ServerError("internal error; nothing was committed"))
+        response = error_response(request, ServerError("internal error; nothing was committed"))
+        return log_failure(request, response, ServerError.code, "unexpected error", started,
+                           exc_info=True)
 
 
 @web.middleware

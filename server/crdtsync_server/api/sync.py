@@ -12,6 +12,7 @@ from ..core import run_sync
 from .body import ACCEPT_ENCODING, BEST_ENCODING, read_body
 from .common import bearer
 from .keys import SERVICES
+from .requestlog import DEVICE
 
 routes = web.RouteTableDef()
 
@@ -28,6 +29,7 @@ async def sync(request: web.Request) -> web.Response:
     byte is paid on every sync); any other type is refused."""
     services = request.app[SERVICES]
     device = await authenticate_device(services.store, bearer(request))
+    request[DEVICE] = device.id  # for the log of a failure (requestlog)
     if "Content-Type" in request.headers and request.content_type not in ACCEPTED_TYPES:
         raise UnsupportedEncoding(f"Content-Type must be {MEDIA_TYPE}",
                                   {"accepted": list(ACCEPTED_TYPES)})

@@ -14,6 +14,7 @@ from crdtsync.protocol import MAX_WAKE_WAIT, WAKE_PATH, encode_wake
 from ..auth import authenticate_device
 from .common import bearer, int_param
 from .keys import SERVICES
+from .requestlog import DEVICE
 
 routes = web.RouteTableDef()
 
@@ -31,6 +32,7 @@ async def wake(request: web.Request) -> web.Response:
     answer at once with the cursor to start from."""
     services = request.app[SERVICES]
     device = await authenticate_device(services.store, bearer(request))
+    request[DEVICE] = device.id  # for the log of a failure (requestlog)
     after = (int_param(request, "after", 0, 2**63 - 1)
              if request.query.get("after", "") != "" else None)
     signal = await services.wakes.wait(device, after, _seconds(request, "wait"))

@@ -41,6 +41,7 @@ from crdtsync.errors import CrdtsyncError
 
 from ..config import ServerConfig
 from ..core import settle_database
+from ..logs import configure_logging
 from ..validation import redact_dsn
 from .server import Server
 
@@ -58,8 +59,6 @@ STABLE_AFTER = 30.0
 SHUTDOWN_GRACE = 90.0
 """Seconds workers have to stop after SIGTERM (a worker closes connections within
 aiohttp's 60 s shutdown timeout); then they are killed."""
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-"""The format of every log line of ``crdtsync serve`` (a worker adds its number)."""
 
 
 class WorkersFailed(CrdtsyncError):
@@ -95,7 +94,8 @@ async def check_port_free(host: str, port: int) -> None:
     await probe.wait_closed()
 
 
-def run_worker(config: ServerConfig, log_level: str, ready: Connection) -> None:
+def run_worker(config: ServerConfig, log_level: str, ready: Connection,
+               log_format: str = "text") -> None:
     """The body of a worker process (a top-level function: ``spawn`` finds it by name).
 
     Runs :class:`Server` for ``config`` until SIGTERM or the supervisor's death. Sends one
@@ -103,8 +103,7 @@ def run_worker(config: ServerConfig, log_level: str, ready: Connection) -> None:
     ``CrdtsyncError``, ``OSError`` or ``ValueError``, as ``crdtsync serve`` prints it; other
     exceptions propagate with their traceback, and the pipe just closes)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards Ctrl-C as SIGTERM
-    logging.basicConfig(level=log_level.upper(),
-                        format=LOG_FORMAT.replace("%(name)s", f"%(name)s[{config.worker}]"))
+    configure_logging(log_level, log_format, worker=config.worker)
     raise SystemExit(asyncio.run(_serve(config, ready)))
 
 
@@ -197,11 +196,12 @@ class _Slot:
 
 class Supervisor:
     """Runs ``workers`` worker processes of ``config`` (see the module docstring) until
-    ``stop`` is set; ``ValueError`` if :func:`workers_problem` objects. ``log_level`` is
-    the workers' logging level (``"info"``)."""
+    ``stop`` is set; ``ValueError`` if :func:`workers_problem` objects. ``log_level`` and
+    ``log_format`` are the workers' logging level (``"info"``) and line format
+    (:func:`~crdtsync_server.logs.configure_logging`)."""
 
     def __init__(self, config: ServerConfig, workers: int, *, stop: asyncio.Event,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", log_format: str = "text") -> None:
         if problem := workers_problem(config, workers):
             raise ValueError(problem)
         self.config = replace(config, on_admin_token=None)  # a worker pickles it
@@ -210,6 +210,7 @@ class Supervisor:
         self._halt = asyncio.Event()
         """Set when the workers must stop: ``stop``, or a slot gave up."""
         self._log_level = log_level
+        self._log_format = log_format
         self._context = multiprocessing.get_context("spawn")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -298,7 +299,7 @@ class Supervisor:
         reader, writer = self._context.Pipe(duplex=False)
         config = replace(self.config, worker=slot.number)
         process = self._context.Process(target=run_worker, name=f"crdtsync-worker-{slot.number}",
-                                        args=(config, self._log_level, writer))
+                                        args=(config, self._log_level, writer, self._log_format))
         process.start()
         slot.process = process
         writer.close()  # the child holds the only writer: its exit ends the pipe
