@@ -109,7 +109,7 @@ class SyncTally:
 
     def __init__(self) -> None:
         self.ok = 0
-        self.refused: dict[tuple[str, str], int] = {}
+        self.refused: dict[tuple[str, ...], int] = {}
         self.seconds = Histogram(SYNC_BUCKETS)
         self.request_bytes = 0
         self.response_bytes = 0
