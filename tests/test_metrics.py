@@ -111,11 +111,14 @@ async def test_a_refused_sync_is_counted_by_its_code(server: Server,
 async def test_downlink_pending_counts_queued_items_until_processed(
         server: Server, admin: AdminClient, make_device: DeviceFactory) -> None:
     dev = await make_device("d1")
+    received: list[object] = []
+    dev.on("hello")(received.append)
     await admin.request("POST", "/v1/devices/d1/messages",
                         json={"topic": "hello", "body": {"n": 1}})
     assert value(await scrape(server), "crdtsync_downlink_pending") == 1
-    await dev.sync()  # receives it
+    await dev.sync()  # receives and handles it
     await dev.sync()  # acknowledges it
+    assert len(received) == 1
     assert value(await scrape(server), "crdtsync_downlink_pending") == 0
 
 
