@@ -5,21 +5,23 @@ traffic (syncs, a refused sync, a cloud write, a queued message, a long poll, a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from crdtsync import AdminClient
+from crdtsync import AdminClient, Device
 from crdtsync.errors import StoreError
 from crdtsync.protocol import SYNC_PATH
 from crdtsync_server import Server, ServerConfig
 from crdtsync_server.api.keys import METRICS
 from crdtsync_server.store import MemoryStore
 
-from .conftest import ADMIN_TOKEN, DeviceFactory
+from .conftest import ADMIN_TOKEN, DeviceFactory, local_app
 from .scrape import Samples, scrape, value
 from .test_sinks_e2e import eventually
 
@@ -220,3 +222,42 @@ async def test_readyz_follows_the_database(broken_server: tuple[Server, BrokenSt
     assert "secret" not in body and "locked" not in body
     store.broken = False
     assert (await _get(server.url + "/readyz"))[0] == 200
+
+
+# --- documents and proxied requests ------------------------------------------------------------
+
+async def test_compactions_are_counted(server_config: ServerConfig, tmp_path: Path) -> None:
+    config = dataclasses.replace(server_config, compact_every=2)
+    async with Server(config) as server, AdminClient(server.url, ADMIN_TOKEN) as admin:
+        token = (await admin.add_device("d1"))["token"]
+        async with Device("d1", server.url, token=token, path=tmp_path / "d1.db",
+                          interval=None) as dev:
+            for n in range(4):
+                dev.state["n"] = n
+                await dev.sync()
+        samples = await scrape(server)
+    assert value(samples, "crdtsync_doc_compactions_total") >= 1
+    assert value(samples, "crdtsync_doc_compaction_failures_total") == 0
+
+
+async def test_proxied_requests_are_counted_by_outcome(
+        server: Server, admin: AdminClient, make_device: DeviceFactory) -> None:
+    async def target(request: web.Request) -> web.Response:
+        return web.json_response({"fine": True})
+
+    app = web.Application()
+    app.router.add_post("/x", target)
+    async with local_app(app) as url:
+        await admin.request("PUT", "/v1/routes/ok", json={"url": url + "/x"})
+        await admin.request("PUT", "/v1/routes/down", json={"url": url + "/missing"})
+        dev = await make_device("d1")
+        await dev.queue_request("ok", {"n": 1})
+        await dev.queue_request("down", {"n": 2})
+
+        async def finished() -> bool:
+            await dev.sync()
+            samples = await scrape(server)
+            return (count(samples, "crdtsync_proxied_requests_total", outcome="ok") == 1
+                    and count(samples, "crdtsync_proxied_requests_total",
+                              outcome="route_http_error") == 1)
+        await eventually(finished)
