@@ -14,7 +14,6 @@ one pass over the devices table included.
 from __future__ import annotations
 
 import asyncio
-import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -343,8 +342,3 @@ class ProcessMetrics:
         """Refresh, then the whole registry in the Prometheus text format."""
         await self.refresh()
         return generate_latest(self.registry)
-
-
-def elapsed(started: float) -> float:
-    """Seconds since ``started`` (a :func:`time.perf_counter` reading)."""
-    return time.perf_counter() - started
