@@ -9,18 +9,20 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.core import Metric
 
 from crdtsync._aio import cancel_and_wait, spawn
 from crdtsync.errors import MalformedRequest, SinkError, SinkRejected
 from crdtsync.protocol import Event
-from crdtsync_server.api.metrics import render_metrics
 from crdtsync_server.feed import FeedNotifier
+from crdtsync_server.metrics import sink_families
 from crdtsync_server.sinks import SINK_TYPES, SinkConfig
 from crdtsync_server.sinks import delivery as runner_module
 from crdtsync_server.sinks.config import load_sinks_file, parse_sink
@@ -40,6 +42,7 @@ from crdtsync_server.store.sinks import SinkRecord
 from crdtsync_server.validation import keep_redacted, redact_options
 
 from .conftest import local_app
+from .scrape import parse, value
 
 Failer = Callable[[Sequence[FeedItem]], BaseException | None]
 
@@ -667,23 +670,30 @@ async def test_webhook_unreachable_is_retryable(store: MemoryStore) -> None:
 
 # --- metrics -----------------------------------------------------------------------------------
 
-def test_metrics_text() -> None:
+class _Sinks:
+    """A collector of the sink families alone (what ``generate_latest`` needs)."""
+
+    def __init__(self, head: int, sinks: list[SinkRecord]) -> None:
+        self.head, self.sinks = head, sinks
+
+    def collect(self) -> Iterator[Metric]:
+        return sink_families(self.head, self.sinks)
+
+
+def test_sink_metrics_text() -> None:
     record = SinkRecord(SinkConfig('we"ird', "webhook"), cursor=7, delivered=5, failures=2,
                         dead_lettered=1, dead_letters=1, last_delivered_at=1_500)
-    lines = render_metrics(9, [record], floor=3).splitlines()
-    assert "crdtsync_feed_head 9" in lines and "crdtsync_feed_floor 3" in lines
-    assert "# TYPE crdtsync_sink_delivered_total counter" in lines
-    for sample in ('crdtsync_sink_lag{sink="we\\"ird"} 2',
-                   'crdtsync_sink_delivered_total{sink="we\\"ird"} 5',
-                   'crdtsync_sink_failures_total{sink="we\\"ird"} 2',
-                   'crdtsync_sink_dead_letters_total{sink="we\\"ird"} 1',
-                   'crdtsync_sink_last_delivered_timestamp_seconds{sink="we\\"ird"} 1.5'):
-        assert sample in lines
-    assert "crdtsync_doc_rebuilds_total 0" in lines
-    rebuilt = render_metrics(0, [], rebuilds=4, rebuild_failures=1).splitlines()
-    assert "# TYPE crdtsync_doc_rebuilds_total counter" in rebuilt
-    assert {"crdtsync_doc_rebuilds_total 4", "crdtsync_doc_rebuild_failures_total 1"} <= set(
-        rebuilt)
+    text = generate_latest(_Sinks(9, [record])).decode()
+    assert "# TYPE crdtsync_sink_delivered_total counter" in text.splitlines()
+    assert 'crdtsync_sink_lag{sink="we\\"ird"} 2.0' in text.splitlines()  # escaped label
+    samples = parse(text)
+    for name, expected in (("crdtsync_sink_lag", 2), ("crdtsync_sink_cursor", 7),
+                           ("crdtsync_sink_delivered_total", 5),
+                           ("crdtsync_sink_failures_total", 2),
+                           ("crdtsync_sink_dead_letters_total", 1),
+                           ("crdtsync_sink_dead_letters_stored", 1),
+                           ("crdtsync_sink_last_delivered_timestamp_seconds", 1.5)):
+        assert value(samples, name, sink='we"ird') == expected, name
     idle = SinkRecord(SinkConfig("idle", "webhook"))
     assert not any("last_delivered" in line and "idle" in line
-                   for line in render_metrics(0, [idle]).splitlines())
+                   for line in generate_latest(_Sinks(0, [idle])).decode().splitlines())

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -25,6 +24,7 @@ from crdtsync_server.store import Store
 
 from .cli_process import admin_env, cli
 from .conftest import ADMIN_TOKEN, DeviceFactory, local_app
+from .scrape import scrape, value
 
 SECRET = "webhook-shared-secret"
 WAIT_S = 60.0
@@ -193,7 +193,7 @@ async def test_every_item_arrives_once_in_order_across_failures_and_a_restart(
             await rx.wait_for(lambda: set(rx.items) >= set(expected))
             await eventually(lambda: caught_up(admin))
             status = await sink_status(admin)
-            metrics = await metrics_text(second)
+            metrics = await scrape(second)
     finally:
         for dev in devices:
             await dev.aclose()
@@ -211,8 +211,8 @@ async def test_every_item_arrives_once_in_order_across_failures_and_a_restart(
     assert status["failures"] >= 3 and "answered 500" in status["last_error"]
     assert status["dead_letters"] == 0 and status["consecutive_failures"] == 0
     assert status["delivered"] >= len(expected)
-    assert 'crdtsync_sink_lag{sink="hook"} 0' in metrics.splitlines()
-    assert f"crdtsync_feed_head {status['head']}" in metrics.splitlines()
+    assert value(metrics, "crdtsync_sink_lag", sink="hook") == 0
+    assert value(metrics, "crdtsync_feed_head") == int(status["head"])
 
 
 async def test_two_processes_on_one_database_deliver_each_sink_once_and_fail_over(
@@ -261,15 +261,6 @@ async def test_two_processes_on_one_database_deliver_each_sink_once_and_fail_ove
     assert_device_order(first_arrivals(rx))
 
 
-async def metrics_text(server: Server) -> str:
-    async with aiohttp.ClientSession() as session, session.get(
-            server.url + "/v1/metrics",
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        return await resp.text()
-
-
 # --- dead letters ------------------------------------------------------------------------------
 
 async def test_refused_items_are_dead_lettered_then_retried(
@@ -291,8 +282,7 @@ async def test_refused_items_are_dead_lettered_then_retried(
     assert "answered 400" in page["dead_letters"][0]["error"] and page["next"] is None
     status = await sink_status(admin)
     assert (status["delivered"], status["dead_letters"], status["dead_lettered"]) == (2, 2, 2)
-    assert "crdtsync_sink_dead_letters_total{sink=\"hook\"} 2" in (
-        await metrics_text(server)).splitlines()
+    assert value(await scrape(server), "crdtsync_sink_dead_letters_total", sink="hook") == 2
 
     rx.reject = lambda item: False  # the receiver is fixed
     assert await admin.retry_dead_letters("hook") == 2
@@ -494,7 +484,7 @@ async def test_the_feed_retention_purges_only_what_every_sink_delivered(
 
             await eventually(purged)
             assert await server.services.store.feed_floor() == 6
-            assert "crdtsync_feed_floor 6" in (await metrics_text(server)).splitlines()
+            assert value(await scrape(server), "crdtsync_feed_floor") == 6
             # A sink from the end on holds what comes next (the purge loop goes on).
             await admin.put_sink("next", webhook_sink("http://127.0.0.1:9/x", paused=True,
                                                       start="head"))

@@ -33,6 +33,7 @@ from crdtsync_server.store import (
 from crdtsync_server.wake import WakeHub
 
 from .conftest import ADMIN_TOKEN, DeviceFactory, local_app
+from .scrape import parse, value
 from .test_downlink import put_route, until
 
 HELD = 30.0
@@ -252,7 +253,7 @@ async def test_a_full_server_answers_429_with_retry_after(server: Server,
     await held(server, 1)
     async with second.session.get(server.url + "/v1/metrics", headers={
             "Authorization": f"Bearer {ADMIN_TOKEN}"}) as metrics:
-        assert "\ncrdtsync_wake_waiting 1\n" in await metrics.text()
+        assert value(parse(await metrics.text()), "crdtsync_wake_waiting") == 1
     refused = await second.get(start, wait=HELD)
     assert refused.status == 429
     assert refused.body["error"]["code"] == "too_many_requests"

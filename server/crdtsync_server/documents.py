@@ -160,6 +160,9 @@ class DocumentCache:
         """Documents this cache rebuilt into a new generation (a metric)."""
         self.rebuild_failures = 0
         """Rebuilds the store failed (an error, not a lost race); each is retried later."""
+        self.compactions = 0
+        """Logs this cache folded into a snapshot (a metric)."""
+        self.compaction_failures = 0
         self._clock = clock
         self._docs: OrderedDict[str, LiveDoc] = OrderedDict()  # least recently used first
         self._retired: list[LiveDoc] = []
@@ -341,7 +344,9 @@ class DocumentCache:
         try:
             await self.store.compact(live.key, live.last_id, live.doc.get_update())
         except CrdtsyncError as exc:
+            self.compaction_failures += 1
             log.error("compaction of %s failed, will retry: %s", live.key, exc.message)
             return False
+        self.compactions += 1
         live.rows = 0
         return True

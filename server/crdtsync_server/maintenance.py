@@ -34,6 +34,8 @@ class Maintenance:
         self.docs = docs
         self.sync = sync
         self.proxy = proxy
+        self.purged = {"finished": 0, "wakes": 0, "feed": 0}
+        """Rows purged by retention, by log (a metric)."""
 
     async def heartbeat(self) -> int:
         """Prove this instance alive and finish the proxied requests of instances that are
@@ -47,11 +49,15 @@ class Maintenance:
         of the store."""
         now = self.config.clock()
         gone = await self.store.purge_finished(now - self.config.retention_ms)
+        self.purged["finished"] += gone
         if gone:
             log.info("purged %d finished messages, commands and requests", gone)
-        gone += await self.store.purge_wakes(now - self.config.wake_retention_ms)
+        wakes = await self.store.purge_wakes(now - self.config.wake_retention_ms)
+        self.purged["wakes"] += wakes
+        gone += wakes
         if self.config.feed_retention_ms is not None:
             feed = await self.purge_feed(now - self.config.feed_retention_ms)
+            self.purged["feed"] += feed
             if feed:
                 log.info("purged %d feed items", feed)
             gone += feed

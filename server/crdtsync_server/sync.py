@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ from crdtsync.yupdate import UpdateInfo, read_update
 from . import stamps
 from .documents import GENERATION_LIMIT, DocumentCache, LiveDoc
 from .feed import FeedNotifier
+from .metrics import COMMIT_BUCKETS, Histogram
 from .notify import DeviceNotifier
 from .proxied.dispatch import ProxyRunner
 from .store import (
@@ -201,6 +203,13 @@ class SyncService:
         self.proxy_budget = proxy_budget
         """Seconds a sync waits for the requests it brought, to answer with their outcome."""
         self.max_items = max_items
+        self.events = 0
+        """Events stored by syncs (replays not counted): a metric, like the next three."""
+        self.device_changes = 0
+        self.cloud_changes = 0
+        self.conflicts = 0
+        self.commit_seconds = Histogram(COMMIT_BUCKETS)
+        """Time of each :meth:`Store.commit` (``crdtsync_store_commit_duration_seconds``)."""
         self._touched: dict[str, int] = {}
         """``last_sync`` of syncs that changed nothing, not yet in the store."""
 
@@ -238,12 +247,15 @@ class SyncService:
                                 done.change.changes if done.change else {}, part.stamps,
                                 doc=part.doc)
                 result = (self._unchanged(device, write) if self._idle(device, write)
-                          else await self.store.commit(write))
+                          else await self._commit(write))
             except BaseException:
                 for live in lives:
                     self.docs.evict(live.key)
                 raise
             self._committed(lives, applied, result)
+            self.events += result.stored
+            self.device_changes += len(write.changes)
+            self.conflicts += len(write.conflicts)
             if self.notifier is not None and (result.stored or write.changes):
                 self.notifier.notify()
             if write.results and self.results is not None:
@@ -267,6 +279,15 @@ class SyncService:
             for live in lives:
                 await self.docs.after_commit(live)
         return response
+
+    async def _commit(self, write: SyncWrite) -> CommitResult:
+        """``Store.commit``, timed: the store transaction latency, measured at the interface
+        so that every backend is measured alike."""
+        started = time.perf_counter()
+        try:
+            return await self.store.commit(write)
+        finally:
+            self.commit_seconds.observe(time.perf_counter() - started)
 
     def _write(self, device: DeviceRecord, request: SyncRequest, applied: list[Applied]
                ) -> SyncWrite:
@@ -492,10 +513,11 @@ class SyncService:
     async def _commit_cloud(self, live: LiveDoc, update: bytes, rows: list[KeyStamp],
                             feed: list[StateChange]) -> None:
         """Commit a cloud write of ``live`` and record it in the live document."""
-        stored = await self.store.commit(SyncWrite(
+        stored = await self._commit(SyncWrite(
             device=None, time=self.clock(), changes=feed, stamps=rows,
             docs=[DocWrite(live.key, update, live.gen)] if update else [],
             wakes=[wake_target(live.key)]))
+        self.cloud_changes += len(feed)
         if update:
             live.committed(stored.update_ids[0], stored.prev_ids[0])
         for row in rows:  # a stamp above the clock (stored + 1) moves the clock past it

@@ -26,6 +26,7 @@ from crdtsync.errors import (
 
 from ..config import ServerConfig
 from ..core import open_services
+from ..metrics import ProcessMetrics
 from ..proxied.executor import RouteExecutor
 from ..store import Store
 from . import (
@@ -35,6 +36,7 @@ from . import (
     env,
     feed,
     fleets,
+    health,
     metrics,
     schemas,
     sinks,
@@ -44,13 +46,13 @@ from . import (
 )
 from .deadlines import HeadDeadline
 from .errors import error_response
-from .keys import HEADS, SERVICES
+from .keys import HEADS, METRICS, SERVICES
 from .requestlog import log_failure
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ROUTE_TABLES = (sync, wake, devices, downlink, env, templates, schemas, fleets, feed, sinks,
-                metrics, console)
+                metrics, console, health)
 """The handler modules; each has a ``routes`` table."""
 
 
@@ -68,6 +70,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with open_services(config, executor=RouteExecutor(), store=store) as services:
             app[SERVICES] = services
+            app[METRICS] = ProcessMetrics(services)
             yield
 
     async def release_waiters(app: web.Application) -> None:

@@ -26,7 +26,7 @@ from .common import (
     require_admin,
 )
 from .input import parse_uint
-from .keys import SERVICES
+from .keys import METRICS, SERVICES
 
 routes = web.RouteTableDef()
 
@@ -143,7 +143,8 @@ async def get_command(request: web.Request) -> web.Response:
     item_id = _item_id(request, "command")
     if wait == 0:
         return json_response((await _item(services, item_id, "command")).to_json())
-    return json_response((await _final_command(services, item_id, wait)).to_json())
+    with request.app[METRICS].command_polls:
+        return json_response((await _final_command(services, item_id, wait)).to_json())
 
 
 async def _final_command(services: Services, item_id: int, wait: float) -> Downlink:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import nullcontext
 
 from aiohttp import web
 
@@ -21,7 +22,7 @@ from .common import (
 )
 from .errors import error_json
 from .input import parse_json, parse_uint
-from .keys import SERVICES
+from .keys import METRICS, SERVICES
 
 routes = web.RouteTableDef()
 
@@ -59,9 +60,10 @@ async def get_feed(request: web.Request) -> web.Response:
     require_admin(request)
     services = request.app[SERVICES]
     after = cursor_value(request.query.get("after"), "after")
-    items = await read_feed(services.store, services.feed, after,
-                            limit_param(request),
-                            feed_filter(request), int_param(request, "wait", 0, MAX_WAIT_S))
+    wait = int_param(request, "wait", 0, MAX_WAIT_S)
+    with request.app[METRICS].feed_polls if wait else nullcontext():
+        items = await read_feed(services.store, services.feed, after, limit_param(request),
+                                feed_filter(request), wait)
     return json_response({"items": [i.to_json() for i in items],
                           "next": str(items[-1].cursor if items else after)})
 
@@ -85,25 +87,34 @@ async def stream_feed(request: web.Request) -> web.StreamResponse:
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
     await response.write(b"retry: 1000\n\n")
-    loop = asyncio.get_running_loop()
-    last_write = loop.time()
     try:
-        while not services.feed.closed:
-            items = await read_feed(services.store, services.feed, after, MAX_PAGE, where,
-                                    HEARTBEAT_S)
-            for item in items:
-                await response.write(sse_frame(item))
-                after = item.cursor
-            if items:
-                last_write = loop.time()
-            elif loop.time() - last_write >= HEARTBEAT_S:
-                await response.write(b": keep-alive\n\n")
-                last_write = loop.time()
+        with request.app[METRICS].feed_streams:
+            await _stream(request, response, after, where)
     except CursorExpired as exc:  # the stream fell behind a purge: say so, then end it
         await response.write(error_frame(exc))
     except ConnectionError:
         pass  # the client left
     return response
+
+
+async def _stream(request: web.Request, response: web.StreamResponse, after: int,
+                  where: FeedFilter) -> None:
+    """Write the items after ``after`` as they come, and a comment line every
+    :data:`HEARTBEAT_S` seconds without any, until the server stops."""
+    services = request.app[SERVICES]
+    loop = asyncio.get_running_loop()
+    last_write = loop.time()
+    while not services.feed.closed:
+        items = await read_feed(services.store, services.feed, after, MAX_PAGE, where,
+                                HEARTBEAT_S)
+        for item in items:
+            await response.write(sse_frame(item))
+            after = item.cursor
+        if items:
+            last_write = loop.time()
+        elif loop.time() - last_write >= HEARTBEAT_S:
+            await response.write(b": keep-alive\n\n")
+            last_write = loop.time()
 
 
 def error_frame(error: CrdtsyncError) -> bytes:

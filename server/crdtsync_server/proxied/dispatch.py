@@ -86,6 +86,9 @@ class ProxyRunner:
         self.executor = executor
         self.limits = limits
         self._tasks: set[asyncio.Task[None]] = set()
+        self.outcomes: dict[str, int] = {}
+        """Requests this runner finished, by outcome: ``ok``, the route's error code, or
+        ``interrupted`` (a metric)."""
 
     async def recover(self, stale_ms: int = 0) -> int:
         """Prove this instance alive, then finish as ``interrupted`` the requests left
@@ -96,6 +99,7 @@ class ProxyRunner:
         await self.store.heartbeat(now)
         count = await self.store.interrupt_running(INTERRUPTED, now, stale_ms)
         if count:
+            self._count("interrupted", count)
             log.warning("%d proxied requests of a server instance that is gone (stopped or"
                         " restarted) were finished as interrupted", count)
         return count
@@ -124,8 +128,13 @@ class ProxyRunner:
     async def _perform(self, request: ProxyRequest) -> None:
         outcome = await self.executor.perform_alias(self.routes, request.route, request.device,
                                                     request.body)
-        await self.store.finish_request(request.device, request.id,
-                                        self._deliverable(request, outcome).to_json(), self.clock())
+        outcome = self._deliverable(request, outcome)
+        await self.store.finish_request(request.device, request.id, outcome.to_json(),
+                                        self.clock())
+        self._count("ok" if outcome.ok else str(outcome.error), 1)
+
+    def _count(self, outcome: str, n: int) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + n
 
     def _deliverable(self, request: ProxyRequest, outcome: RouteOutcome) -> RouteOutcome:
         """``outcome``, or ``route_response_too_large`` if a device could not take it."""
