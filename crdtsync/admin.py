@@ -14,6 +14,7 @@ import aiohttp
 
 from .errors import CrdtsyncError, TransportError, error_from_code
 from .protocol import STATE_MAP
+from .transport import describe, origin
 
 
 class AdminClient:
@@ -41,6 +42,16 @@ class AdminClient:
             await self._session.close()
             self._session = None
 
+    def _unreachable(self, method: str, path: str, exc: BaseException) -> TransportError:
+        """One short line for a request that got no answer; a refused connection asks
+        whether the server runs at that address at all (the usual first-hour mistake)."""
+        reason = describe(exc, self.url)
+        if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
+                exc, aiohttp.ClientSSLError):
+            return TransportError(f"{reason}: is `crdtsync serve` running at {origin(self.url)}?"
+                                  " (--url or CRDTSYNC_URL name the server)")
+        return TransportError(f"{method} {path} failed: {reason}")
+
     async def request(self, method: str, path: str, *, json: Any = None,
                       params: Mapping[str, str] | None = None) -> Any:
         """One call; returns the decoded JSON body."""
@@ -52,7 +63,7 @@ class AdminClient:
                 data = None if resp.status == 204 else await resp.json(content_type=None)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransportError(f"{method} {path} failed: {exc!r}") from exc
+            raise self._unreachable(method, path, exc) from exc
         except ValueError as exc:
             raise CrdtsyncError(f"{method} {path}: response is not JSON") from exc
         if status >= 400:
@@ -293,7 +304,7 @@ class AdminClient:
                     raise await response_error(resp)
                 yield resp
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransportError(f"GET {path} failed: {exc!r}") from exc
+            raise self._unreachable("GET", path, exc) from exc
 
 
 MAX_PAGE = 1000

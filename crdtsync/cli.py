@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -174,7 +175,18 @@ SHOWN_DEFAULTS = frozenset(SERVE_OPTIONS) - {"max_body"}
 """The options whose help shows the ``ServerConfig`` default (:class:`ServeHelp`)."""
 
 
-class ServeHelp(argparse.HelpFormatter):
+class PlainHelp(argparse.HelpFormatter):
+    """Help as a terminal shows it: the reST ````code```` marks of the docstrings that serve
+    as descriptions are dropped."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(text.replace("``", ""))
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return super()._expand_help(action).replace("``", "")
+
+
+class ServeHelp(PlainHelp):
     """``crdtsync serve --help``: appends each option's ``ServerConfig`` default, importing the
     server only when the help is shown, so building the parser leaves it unloaded."""
 
@@ -233,18 +245,30 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE``: VALUE is read as JSON, else taken as a string; ``null`` deletes KEY."""
+JSON_OPENERS = ('{', '[', '"')
+"""A VALUE starting with one of these is meant as JSON: if it does not parse, it is a typo
+(``cfg={"a": 1,``), refused rather than stored as a string."""
+
+
+def parse_assignment(text: str, *, string: bool = False) -> tuple[str, Any]:
+    """``KEY=VALUE``: VALUE is read as JSON, else taken as a string (a word: ``mode=eco``);
+    ``null`` deletes KEY. A VALUE that starts like a JSON object, array or string but does
+    not parse is a :class:`UsageError`. With ``string``, VALUE is always the string."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise UsageError(f"expected KEY=VALUE, got {text!r}")
+    if string:
+        return key, raw
 
     def no_constants(name: str) -> Any:
         raise ValueError(name)  # NaN and Infinity stay strings: no CRDT holds them
 
     try:
         return key, json.loads(raw, parse_constant=no_constants)
-    except ValueError:
+    except ValueError as exc:
+        if raw.lstrip().startswith(JSON_OPENERS):
+            raise UsageError(f"{key}: {raw!r} is not valid JSON ({exc}); quote it for the "
+                             "shell, or pass --string to store it as text") from exc
         return key, raw
 
 
@@ -374,7 +398,7 @@ async def cmd_state(admin: AdminClient, args: argparse.Namespace) -> int:
         return 0
     if words[0] != "set" or len(words) < 3:
         raise UsageError("use `crdtsync state ID` or `crdtsync state set ID KEY=VALUE...`")
-    changes = dict(parse_assignment(word) for word in words[2:])
+    changes = dict(parse_assignment(word, string=args.string) for word in words[2:])
     out(pretty(await admin.patch_state(words[1], changes, args.map or "state")))
     return 0
 
@@ -403,7 +427,7 @@ async def cmd_env_show(admin: AdminClient, args: argparse.Namespace) -> int:
 async def cmd_env_set(admin: AdminClient, args: argparse.Namespace) -> int:
     """Set or delete (``KEY=null``) project, fleet (``--fleet``) or device (``--device``)
     variables; VALUE is read as JSON, else taken as a string."""
-    changes = dict(parse_assignment(word) for word in args.pairs)
+    changes = dict(parse_assignment(word, string=args.string) for word in args.pairs)
     out(pretty(await admin.request("PATCH", env_path(args), json=changes)))
     return 0
 
@@ -773,13 +797,13 @@ def add_device(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     device = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = device.add_parser("add", parents=[client], help="provision a device, print its token",
                             description=cmd_device_add.__doc__)
-    add.add_argument("id")
+    add.add_argument("id", help="the new device's id (1-64 of A-Z a-z 0-9 _ . : -)")
     add.add_argument("--meta", type=json_object, default={}, help="JSON object kept with it")
     add.set_defaults(run=admin_command(cmd_device_add))
     listing = device.add_parser("list", parents=[client], help="list devices")
     listing.set_defaults(run=admin_command(cmd_device_list))
     show = device.add_parser("show", parents=[client], help="show one device as JSON")
-    show.add_argument("id")
+    show.add_argument("id", help="the device's id")
     show.set_defaults(run=admin_command(cmd_device_show))
     actions = {"token": (cmd_device_token, "issue a new token, revoking the old one"),
                "disable": (cmd_device_disable, "refuse the device's syncs until enabled"),
@@ -789,7 +813,7 @@ def add_device(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     for action, (command, help_) in actions.items():
         parsers[action] = device.add_parser(action, parents=[client], help=help_,
                                             description=command.__doc__)
-        parsers[action].add_argument("id")
+        parsers[action].add_argument("id", help="the device's id")
         parsers[action].set_defaults(run=admin_command(command))
     parsers["delete"].add_argument(
         "--events", action="store_true",
@@ -801,22 +825,22 @@ def add_fleet(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     fleet = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = fleet.add_parser("add", parents=[client], help="create a fleet",
                            description=cmd_fleet_add.__doc__)
-    add.add_argument("id")
+    add.add_argument("id", help="the new fleet's id")
     add.add_argument("--meta", type=json_object, default={}, help="JSON object kept with it")
     add.set_defaults(run=admin_command(cmd_fleet_add))
     listing = fleet.add_parser("list", parents=[client], help="list fleets")
     listing.set_defaults(run=admin_command(cmd_fleet_list))
     show = fleet.add_parser("show", parents=[client], help="show one fleet as JSON")
-    show.add_argument("id")
+    show.add_argument("id", help="the fleet's id")
     show.set_defaults(run=admin_command(cmd_fleet_show))
     devices = fleet.add_parser("devices", parents=[client], help="list a fleet's devices")
-    devices.add_argument("id")
+    devices.add_argument("id", help="the fleet's id")
     devices.set_defaults(run=admin_command(cmd_fleet_devices))
     assign = fleet.add_parser("assign", parents=[client], help="move a device to a fleet",
                               usage="crdtsync fleet assign DEVICE (FLEET | --none)",
                               description=cmd_fleet_assign.__doc__)
-    assign.add_argument("device")
-    assign.add_argument("fleet", nargs="?")
+    assign.add_argument("device", help="the device's id")
+    assign.add_argument("fleet", nargs="?", help="the fleet to move it to")
     assign.add_argument("--none", action="store_true", help="take the device out of its fleet")
     assign.set_defaults(run=admin_command(cmd_fleet_assign))
 
@@ -827,9 +851,15 @@ def add_state(sub: Subparsers, client: argparse.ArgumentParser) -> None:
         usage="crdtsync state ID [--map NAME]\n"
               "       crdtsync state set ID KEY=VALUE... [--map NAME]",
         description="Show a device's document, or merge KEY=VALUE pairs into one of its maps. "
-                    "VALUE is read as JSON, else taken as a string; KEY=null deletes KEY.")
-    p.add_argument("words", nargs="+", metavar="ID | set ID KEY=VALUE")
-    p.add_argument("--map", help="map to show, or to set keys in (default: state)")
+                    "VALUE is read as JSON, else taken as a string (a word: mode=eco); "
+                    "KEY=null deletes KEY. A VALUE that starts with { [ or \" must be valid "
+                    "JSON (else an error), unless --string stores every VALUE as text.")
+    p.add_argument("words", nargs="+", metavar="ID | set ID KEY=VALUE",
+                   help="a device id to show, or `set`, the device id and KEY=VALUE pairs")
+    p.add_argument("--map", metavar="NAME",
+                   help="map to show, or to set keys in (default: state)")
+    p.add_argument("--string", action="store_true",
+                   help="store every VALUE as a string, without reading it as JSON")
     p.set_defaults(run=admin_command(cmd_state))
 
 
@@ -837,23 +867,29 @@ def add_env(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     p = sub.add_parser("env", help="show or set environment variables")
     env = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     scope = argparse.ArgumentParser(add_help=False)
-    scope.add_argument("--device", help="a device's own variables (shown merged)")
+    scope.add_argument("--device", metavar="ID",
+                       help="a device's own variables (`show` also lists what it inherits "
+                            "from its fleet and the project, with the source of each)")
     scope.add_argument("--fleet", help="a fleet's variables")
     show = env.add_parser("show", parents=[client, scope], help="show variables",
                           description=cmd_env_show.__doc__)
     show.set_defaults(run=admin_command(cmd_env_show))
     put = env.add_parser("set", parents=[client, scope], help="set or delete variables",
                          description=cmd_env_set.__doc__)
-    put.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    put.add_argument("pairs", nargs="+", metavar="KEY=VALUE",
+                     help="VALUE read as JSON, else taken as a string; KEY=null deletes KEY")
+    put.add_argument("--string", action="store_true",
+                     help="store every VALUE as a string, without reading it as JSON")
     put.set_defaults(run=admin_command(cmd_env_set))
 
 
 def add_template(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     p = sub.add_parser("template", parents=[client], help="list or set a fleet's templates",
                        description=cmd_template.__doc__)
-    p.add_argument("fleet")
-    p.add_argument("topic", nargs="?")
-    p.add_argument("definition", nargs="?", metavar="JSON")
+    p.add_argument("fleet", help="the fleet's id")
+    p.add_argument("topic", nargs="?", help="the event topic the template is for")
+    p.add_argument("definition", nargs="?", metavar="JSON",
+                   help='the template: {"field": "type", ...} in wire order')
     p.add_argument("--delete", action="store_true", help="remove the topic's template")
     p.set_defaults(run=admin_command(cmd_template))
 
@@ -932,8 +968,9 @@ def add_sink(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     sink = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = sink.add_parser("add", parents=[client], help="create or reconfigure a sink",
                           description=cmd_sink_add.__doc__)
-    add.add_argument("name")
-    add.add_argument("config", type=json_object, metavar="JSON")
+    add.add_argument("name", help="the sink's name")
+    add.add_argument("config", type=json_object, metavar="JSON",
+                     help="the sink's definition (docs/downstream.md)")
     add.set_defaults(run=admin_command(cmd_sink_add))
     listing = sink.add_parser("list", parents=[client], help="list sinks with their status")
     listing.set_defaults(run=admin_command(cmd_sink_list))
@@ -943,18 +980,28 @@ def add_sink(sub: Subparsers, client: argparse.ArgumentParser) -> None:
             ("dead-letters", cmd_sink_dead_letters, "print a sink's dead letters as NDJSON")):
         one = sink.add_parser(action, parents=[client], help=help_,
                               description=command.__doc__)
-        one.add_argument("name")
+        one.add_argument("name", help="the sink's name")
         one.set_defaults(run=admin_command(command))
     retry = sink.add_parser("retry", parents=[client], help="deliver dead letters again",
                             description=cmd_sink_retry.__doc__)
-    retry.add_argument("name")
-    retry.add_argument("ids", nargs="*", type=number(int, 1), metavar="ID")
+    retry.add_argument("name", help="the sink's name")
+    retry.add_argument("ids", nargs="*", type=number(int, 1), metavar="ID",
+                       help="dead letters to retry (default: all of them)")
     retry.set_defaults(run=admin_command(cmd_sink_retry))
+
+
+class Parser(argparse.ArgumentParser):
+    """Every parser and sub-parser of the command line formats its help with
+    :class:`PlainHelp` (sub-parsers are made of the root parser's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", PlainHelp)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``crdtsync`` argument parser; each command stores its coroutine as ``run``."""
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = Parser(
         prog="crdtsync", description="Offline-first sync of device state and events.")
     parser.add_argument("--version", action="version", version=f"crdtsync {__version__}")
     parser.set_defaults(log_level="warning")
@@ -994,7 +1041,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as exc:  # the port is taken, the database cannot be opened, ...
-        err(f"error: {exc}")
+        hint = (" (another server on that port? pick a free one with --port)"
+                if exc.errno == errno.EADDRINUSE else "")
+        err(f"error: {exc}{hint}")
         return 1
     except KeyboardInterrupt:
         return 130
