@@ -545,8 +545,8 @@ async def cmd_export(admin: AdminClient, args: argparse.Namespace) -> int:
         admin, args.out, format=args.format, device=args.device, fleet=args.fleet,
         topic=args.topic, chunk=args.chunk, follow=args.follow,
         stop=stop_event() if args.follow else None, progress=export_progress)
-    out(f"exported {report.events} event(s) into {report.files} file(s) under {args.out}; "
-        f"last cursor {report.cursor}")
+    out(f"exported {report.events} event(s) into {report.files} {report.format.upper()} "
+        f"file(s) under {args.out}; last cursor {report.cursor}")
     return 0
 
 

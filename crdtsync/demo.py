@@ -9,6 +9,8 @@ import contextlib
 import functools
 import random
 import secrets
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,15 @@ class CountingTransport:
 
 CONFIG_CHOICES: dict[str, list[Any]] = {
     "report_every_s": [1, 2, 5, 10], "led": ["green", "blue", "off"], "alarm_below_v": [3.4, 3.6]}
+
+
+def cli_path() -> str:
+    """How to run ``crdtsync`` from another shell: its name when it is on the PATH, else the
+    script next to this interpreter (``.venv/bin/crdtsync`` of ``make demo``)."""
+    if shutil.which("crdtsync"):
+        return "crdtsync"
+    beside = Path(sys.executable).with_name("crdtsync")
+    return str(beside) if beside.exists() else "crdtsync"
 
 
 def reset_demo_files(db: Path, data_dir: Path) -> None:
@@ -217,7 +228,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     async with Server(config) as server, AdminClient(server.url, token) as admin:
         out(f"demo: server on {server.url} (fresh database {db}, device stores in {data_dir}/)\n"
             f"      watch from another shell: CRDTSYNC_URL={server.url} "
-            f"CRDTSYNC_ADMIN_TOKEN={token} crdtsync events --follow")
+            f"CRDTSYNC_ADMIN_TOKEN={token} {cli_path()} events --follow")
         demo = Demo(admin, server.url, data_dir)
         async with contextlib.AsyncExitStack() as stack:
             await demo.start_devices(args.devices, stack)

@@ -87,12 +87,14 @@ class ExportState:
 
 @dataclass(slots=True)
 class ExportReport:
-    """What an export run wrote: ``cursor`` is the last exported cursor (resume point)."""
+    """What an export run wrote: ``cursor`` is the last exported cursor (resume point),
+    ``format`` the files' format (``parquet``, or ``ndjson`` when pyarrow is absent)."""
 
     events: int = 0
     files: int = 0
     chunks: int = 0
     cursor: int = 0
+    format: str = ""
 
     def add(self, events: int, files: int, cursor: int) -> None:
         """Count one committed chunk."""
@@ -332,7 +334,7 @@ class _Export:
                  progress: Callable[[ExportReport], None] | None) -> None:
         self.admin, self.out, self.state, self.chunk = admin, out, state, chunk
         self.progress = progress
-        self.report = ExportReport(cursor=state.cursor)
+        self.report = ExportReport(cursor=state.cursor, format=state.format)
 
     async def redo_pending(self) -> None:
         """Finish the chunk a previous run left pending: the same events, the same files."""

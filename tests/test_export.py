@@ -316,7 +316,7 @@ async def test_cli_export(admin: AdminClient, sensor: Device, out: Path,
                                       "--topic", "env.temp", "--chunk", "2"])
     assert await args.run(args) == 0
     output = capsys.readouterr()
-    assert output.out.startswith("exported 3 event(s) into 3 file(s)")
+    assert output.out.startswith("exported 3 event(s) into 3 NDJSON file(s)")
     assert "up to cursor" in output.err
     assert {row["topic"] for row in read_ndjson(out)} == {"env.temp"}
 

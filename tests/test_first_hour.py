@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from crdtsync.cli import UsageError, build_parser, parse_assignment
+from crdtsync.demo import cli_path
 
 from .cli_process import admin_env, clean_env, cli, free_port
 
@@ -116,3 +118,10 @@ def test_serve_on_a_taken_port_suggests_another(tmp_path: Path) -> None:
                      "--admin-token", "a" * 40, env=clean_env())
     assert result.returncode == 1
     assert "address already in use" in result.stderr and "--port" in result.stderr
+
+
+def test_the_demo_names_a_crdtsync_that_runs_from_another_shell() -> None:
+    """The demo prints a command to watch the events: its ``crdtsync`` must exist as printed
+    (the venv's script when ``crdtsync`` is not on the PATH)."""
+    command = cli_path()
+    assert shutil.which(command) is not None or Path(command).is_file()
