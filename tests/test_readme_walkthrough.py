@@ -51,7 +51,10 @@ def commands(block: str) -> list[tuple[list[str], str]]:
 def schema_example() -> dict[str, object]:
     text = README.read_text()
     section = text[text.index("## Typed state"):]
-    return json.loads(re.search(r"```json\n(.*?)```", section, flags=re.S).group(1))
+    found = re.search(r"```json\n(.*?)```", section, flags=re.S)
+    assert found is not None, "the schema example is gone"
+    example: dict[str, object] = json.loads(found.group(1))
+    return example
 
 
 def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
