@@ -225,10 +225,11 @@ def admin_command(command: AdminCommand) -> Command:
 
     @functools.wraps(command)
     async def run(args: argparse.Namespace) -> int:
-        if not args.admin_token:
+        url, token = client_settings(args)
+        if not token:
             raise UsageError("no admin token: pass --admin-token or set CRDTSYNC_ADMIN_TOKEN "
                              "(`crdtsync serve` prints one at its first start)")
-        async with AdminClient(args.url, args.admin_token) as admin:
+        async with AdminClient(url, token) as admin:
             return await command(admin, args)
 
     return run
@@ -632,14 +633,27 @@ def rebuild_factor(text: str) -> float:
     return value
 
 
-def client_options() -> argparse.ArgumentParser:
-    """The options every management command takes."""
+def client_options(prefix: str = "") -> argparse.ArgumentParser:
+    """The options every management command takes, after the command or (``prefix``
+    ``global_``, on the root parser) before it: ``crdtsync --url URL device list``. The two
+    are kept apart (a sub-command's default would overwrite the root's value) and resolved
+    by :func:`client_settings`."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--url", default=os.environ.get("CRDTSYNC_URL", DEFAULT_URL),
-                        help="server URL (env CRDTSYNC_URL; default %(default)s)")
-    parent.add_argument("--admin-token", default=os.environ.get("CRDTSYNC_ADMIN_TOKEN"),
+    parent.add_argument("--url", dest=f"{prefix}url", default=None,
+                        help=f"server URL (env CRDTSYNC_URL; default {DEFAULT_URL})")
+    parent.add_argument("--admin-token", dest=f"{prefix}admin_token", default=None,
                         help="admin token (env CRDTSYNC_ADMIN_TOKEN, which keeps it out of `ps`)")
     return parent
+
+
+def client_settings(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The URL and admin token of a management command: given after the command, else
+    before it, else from the environment (else the default URL, and no token)."""
+    url = (args.url or getattr(args, "global_url", None) or os.environ.get("CRDTSYNC_URL")
+           or DEFAULT_URL)
+    token = (args.admin_token or getattr(args, "global_admin_token", None)
+             or os.environ.get("CRDTSYNC_ADMIN_TOKEN"))
+    return url, token
 
 
 def add_serve(sub: Subparsers) -> None:
@@ -1002,7 +1016,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The ``crdtsync`` argument parser; each command stores its coroutine as ``run``."""
     parser: argparse.ArgumentParser = Parser(
-        prog="crdtsync", description="Offline-first sync of device state and events.")
+        prog="crdtsync", description="Offline-first sync of device state and events.",
+        parents=[client_options("global_")])
     parser.add_argument("--version", action="version", version=f"crdtsync {__version__}")
     parser.set_defaults(log_level="warning")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

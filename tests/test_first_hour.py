@@ -125,3 +125,14 @@ def test_the_demo_names_a_crdtsync_that_runs_from_another_shell() -> None:
     (the venv's script when ``crdtsync`` is not on the PATH)."""
     command = cli_path()
     assert shutil.which(command) is not None or Path(command).is_file()
+
+
+def test_client_options_work_before_the_command_and_after_it_win() -> None:
+    before, after = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
+    result = cli("--url", before, "--admin-token", "x", "device", "list", env=clean_env())
+    assert result.returncode == 1 and f"running at {before}?" in result.stderr
+    result = cli("--url", before, "device", "list", "--url", after, "--admin-token", "x",
+                 env=clean_env())
+    assert result.returncode == 1 and f"running at {after}?" in result.stderr
+    result = cli("device", "list", env=clean_env(CRDTSYNC_URL=before, CRDTSYNC_ADMIN_TOKEN="x"))
+    assert result.returncode == 1 and f"running at {before}?" in result.stderr
