@@ -261,4 +261,4 @@ def test_device_token_disable_enable_delete(server: str, tmp_path: Path) -> None
     for action in ("token", "disable", "enable", "delete"):
         missing = cli("device", action, "cli-life", env=env)
         assert (missing.returncode, missing.stderr) == (
-            1, "error: not_found: device 'cli-life' does not exist\n")
+            1, "error: not_found: no device 'cli-life'\n")

@@ -136,3 +136,13 @@ def test_client_options_work_before_the_command_and_after_it_win() -> None:
     assert result.returncode == 1 and f"running at {after}?" in result.stderr
     result = cli("device", "list", env=clean_env(CRDTSYNC_URL=before, CRDTSYNC_ADMIN_TOKEN="x"))
     assert result.returncode == 1 and f"running at {before}?" in result.stderr
+
+
+def test_not_found_reads_the_same_whoever_says_it() -> None:
+    """One wording for a missing thing, "no <kind> '<id>'", from the service and from every
+    store (the CLI prints it as is)."""
+    import crdtsync_server
+    root = Path(crdtsync_server.__file__).parent
+    wordings = [line for path in root.rglob("*.py") for line in path.read_text().splitlines()
+                if "NotFound(f\"" in line and "does not exist" in line]
+    assert wordings == []

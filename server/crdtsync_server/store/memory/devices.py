@@ -96,7 +96,7 @@ class MemoryDevices(MemoryState):
 
     def _require_fleet(self, fleet_id: str) -> None:
         if fleet_id not in self._fleets:
-            raise NotFound(f"fleet {fleet_id!r} does not exist", {"fleet": fleet_id})
+            raise NotFound(f"no fleet {fleet_id!r}", {"fleet": fleet_id})
 
     async def set_device_fleet(self, device_id: str, fleet: str | None, now: int
                                ) -> DeviceRecord:

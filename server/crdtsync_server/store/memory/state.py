@@ -219,5 +219,5 @@ class MemoryState:
     def _require_device(self, device_id: str) -> DeviceRecord:
         device = self._devices.get(device_id)
         if device is None:
-            raise NotFound(f"device {device_id!r} does not exist", {"device": device_id})
+            raise NotFound(f"no device {device_id!r}", {"device": device_id})
         return device

@@ -135,7 +135,7 @@ async def require_device(conn: asyncpg.Connection, device_id: str, *, lock: bool
     device waits."""
     device = await select_device(conn, device_id, lock=lock)
     if device is None:
-        raise NotFound(f"device {device_id!r} does not exist", {"device": device_id})
+        raise NotFound(f"no device {device_id!r}", {"device": device_id})
     return device
 
 
@@ -181,7 +181,7 @@ async def _select_fleet(conn: asyncpg.Connection, fleet_id: str) -> FleetRecord 
 
 async def _require_fleet(conn: asyncpg.Connection, fleet_id: str) -> None:
     if await _select_fleet(conn, fleet_id) is None:
-        raise NotFound(f"fleet {fleet_id!r} does not exist", {"fleet": fleet_id})
+        raise NotFound(f"no fleet {fleet_id!r}", {"fleet": fleet_id})
 
 
 async def _list_fleets(conn: asyncpg.Connection, after: str, limit: int

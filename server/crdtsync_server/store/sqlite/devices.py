@@ -148,7 +148,7 @@ def _update_device(conn: sqlite3.Connection, device_id: str, token_hash: str | N
 def require_device(conn: sqlite3.Connection, device_id: str) -> DeviceRecord:
     device = select_device(conn, device_id)
     if device is None:
-        raise NotFound(f"device {device_id!r} does not exist", {"device": device_id})
+        raise NotFound(f"no device {device_id!r}", {"device": device_id})
     return device
 
 
@@ -193,7 +193,7 @@ def _select_fleet(conn: sqlite3.Connection, fleet_id: str) -> FleetRecord | None
 
 def _require_fleet(conn: sqlite3.Connection, fleet_id: str) -> None:
     if _select_fleet(conn, fleet_id) is None:
-        raise NotFound(f"fleet {fleet_id!r} does not exist", {"fleet": fleet_id})
+        raise NotFound(f"no fleet {fleet_id!r}", {"fleet": fleet_id})
 
 
 def _list_fleets(conn: sqlite3.Connection, after: str, limit: int) -> list[FleetRecord]:
