@@ -98,6 +98,10 @@ async def test_token_form_and_paged_device_list(server: Server, admin: AdminClie
     await admin.add_fleet("north", {"site": "Oslo"})
     for n in range(55):
         await admin.add_device(f"sensor-{n:02d}", fleet="north" if n % 2 else None)
+    for name in ("a", "b"):  # queued for a device that never syncs: pending to it
+        await admin.request("POST", "/v1/devices/sensor-02/messages",
+                            json={"topic": name, "body": {}})
+    assert (await admin.device("sensor-02"))["downlink_pending"] == 2
     await page.goto(server.url + "/console")
     await page.fill("#token", "wrong-token")
     await page.click("#login button[type=submit]")
@@ -109,6 +113,8 @@ async def test_token_form_and_paged_device_list(server: Server, admin: AdminClie
     await expect(rows.first).to_contain_text("sensor-00")
     await expect(page.locator("tr[data-device='sensor-01']")).to_contain_text("north")
     await expect(page.locator("tr[data-device='sensor-01']")).to_contain_text("never")
+    await expect(page.locator("tr[data-device='sensor-02'] td.pending")).to_have_text("2")
+    await expect(page.locator("tr[data-device='sensor-03'] td.pending")).to_have_text("0")
     assert await page.evaluate("sessionStorage.getItem('crdtsync.adminToken')") == ADMIN_TOKEN
     SHOTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(SHOTS / "devices.png"))

@@ -96,7 +96,8 @@ def device_json(device: DeviceRecord) -> dict[str, Any]:
     return {"id": device.id, "created": device.created, "last_sync": device.last_sync,
             "last_seq": device.last_seq, "events_lost": device.events_lost,
             "meta": dict(device.meta), "fleet": device.fleet, "fleet_gen": device.fleet_gen,
-            "disabled": device.disabled}
+            "disabled": device.disabled,
+            "downlink_pending": max(0, device.down_seq - device.down_done)}
 
 
 def admin_services(request: web.Request) -> Services:

@@ -182,11 +182,12 @@ function deviceRow(d) {
     h("td", { title: when(d.last_sync) }, ago(d.last_sync)),
     h("td", {}, d.fleet ? h("a", { href: `#/fleet/${encodeURIComponent(d.fleet)}` }, d.fleet) : "—"),
     h("td", {}, d.last_seq ?? ""),
-    h("td", {}, d.events_lost || 0));
+    h("td", {}, d.events_lost || 0),
+    h("td", { class: "pending" }, d.downlink_pending || 0));
 }
 
 const deviceTable = (rows) => table(
-  ["Device", "Status", "Last sync", "Fleet", "Last event seq", "Events lost"],
+  ["Device", "Status", "Last sync", "Fleet", "Last event seq", "Events lost", "Pending to device"],
   rows.map(deviceRow), { id: "devices" });
 
 async function devicesView(signal) {
