@@ -14,13 +14,13 @@ events.
     crdtsync device token ID | disable ID | enable ID | delete ID [--events]
     crdtsync fleet add ID [--meta JSON] | crdtsync fleet list | crdtsync fleet show ID
     crdtsync fleet devices ID | crdtsync fleet assign DEVICE (FLEET | --none)
-    crdtsync state ID [--map NAME] | crdtsync state set ID KEY=VALUE... [--map NAME]
+    crdtsync state ID [--map NAME] | crdtsync state set ID KEY=VALUE... [--map NAME] [--string]
     crdtsync events [--device ID] [--topic T] [--after CURSOR] [--limit N] [--follow]
                     [--poll S]
     crdtsync feed [--after CURSOR] [--device ID] [--fleet F] [--topic T] [--kind K] [--follow]
     crdtsync export --out DIR [--format parquet|ndjson|auto] [--device ID] [--fleet F]
                     [--topic T] [--chunk N] [--follow]
-    crdtsync env show|set [--device ID | --fleet ID] [KEY=VALUE...]
+    crdtsync env show|set [--device ID | --fleet ID] [KEY=VALUE...] [--string]
     crdtsync template FLEET [TOPIC [JSON | --delete]]
     crdtsync schema set --fleet F FILE | show --fleet F [--version HASH] | delete --fleet F
     crdtsync sink add NAME JSON | list | show NAME | delete NAME | dead-letters NAME
@@ -863,7 +863,7 @@ def add_state(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "state", parents=[client], help="show a device's state, or set keys of it",
         usage="crdtsync state ID [--map NAME]\n"
-              "       crdtsync state set ID KEY=VALUE... [--map NAME]",
+              "       crdtsync state set ID KEY=VALUE... [--map NAME] [--string]",
         description="Show a device's document, or merge KEY=VALUE pairs into one of its maps. "
                     "VALUE is read as JSON, else taken as a string (a word: mode=eco); "
                     "KEY=null deletes KEY. A VALUE that starts with { [ or \" must be valid "
