@@ -96,3 +96,76 @@ def test_real_updates_and_their_mutations_read_the_same() -> None:
         for update in real_updates(seed):
             for data in (update, *mutations(update, rng)):
                 same(data)
+
+
+def every_cut_and_changes(data: bytes, rng: random.Random) -> list[bytes]:
+    """Every truncation of ``data`` and a few dozen changes of one to three bytes to values
+    that matter to varints (0, 1, 0x7F, 0x80, 0xFF) or random ones."""
+    out = [data[:i] for i in range(len(data))]
+    for _ in range(40):
+        changed = bytearray(data)
+        for _ in range(rng.randint(1, 3)):
+            if changed:
+                changed[rng.randrange(len(changed))] = rng.choice(
+                    [0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+        out.append(bytes(changed))
+    return out
+
+
+values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**53) + 1, 2**53 - 1),
+              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(min_size=1, max_size=4), inner,
+                                            max_size=3)), max_leaves=10)
+
+
+@st.composite
+def pycrdt_updates(draw: st.DrawFn) -> bytes:
+    """A diff between two states of a document edited by up to three clients: map
+    writes, nested maps, arrays, text, deletes."""
+    docs = [Doc(client_id=c) for c in draw(st.lists(
+        st.sampled_from([1, 300, 2**31 + 7, 2**40]), min_size=1, max_size=3, unique=True))]
+    since = b"\x00"
+    for round_ in range(draw(st.integers(1, 3))):
+        for doc in docs:
+            root = doc.get("state", type=Map)
+            with doc.transaction():
+                for _ in range(draw(st.integers(0, 4))):
+                    key = draw(st.sampled_from(["a", "b", "m", "l", "t", "é😀"]))
+                    op = draw(st.sampled_from(["value", "map", "array", "text", "del",
+                                               "edit"]))
+                    if op == "value":
+                        root[key] = draw(values)
+                    elif op == "map":
+                        root[key] = Map({"x": draw(values), "n": Map({"y": draw(values)})})
+                    elif op == "array":
+                        root[key] = Array(draw(st.lists(values, max_size=3)))
+                    elif op == "text":
+                        root[key] = Text(draw(st.text(max_size=5)))
+                    elif op == "del" and key in root:
+                        del root[key]
+                    elif op == "edit" and key in root:
+                        target = root[key]
+                        if isinstance(target, Array):
+                            target.append(draw(values))
+                        elif isinstance(target, Text):
+                            target.insert(0, draw(st.text(min_size=1, max_size=3)))
+                        elif isinstance(target, Map):
+                            target["x"] = draw(values)
+        for doc in docs:  # exchange, so later edits build on other clients' items
+            for other in docs:
+                if other is not doc:
+                    doc.apply_update(other.get_update(doc.get_state()))
+        if round_ == 0 and draw(st.booleans()):
+            since = docs[0].get_state()
+    return docs[0].get_update(since)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(pycrdt_updates(), st.randoms(use_true_random=False))
+def test_same_result_on_pycrdt_updates_and_their_mutations(
+        update: bytes, rng: random.Random) -> None:
+    for data in (update, *mutations(update, rng), *every_cut_and_changes(update, rng)):
+        same(data)
