@@ -212,12 +212,13 @@ async def test_sinks_and_metrics_pages(server: Server, admin: AdminClient,
     await expect(page.locator("#series")).to_contain_text("crdtsync_feed_head")
 
 
-METRICS_TEXT = """# HELP crdtsync_syncs_total Syncs served.
-# TYPE crdtsync_syncs_total counter
-crdtsync_syncs_total{result="ok"} 7
-crdtsync_syncs_total{result="refused"} 3
-crdtsync_syncs_created 1.7e9
-crdtsync_sync_errors_total{code="seq_conflict",note="a \\"quoted\\" one"} 2
+METRICS_TEXT = """# HELP crdtsync_sync_requests_total Sync requests by outcome and code.
+# TYPE crdtsync_sync_requests_total counter
+crdtsync_sync_requests_total{outcome="ok",code="none"} 7.0
+crdtsync_sync_requests_total{outcome="client_error",code="seq_conflict"} 2.0
+crdtsync_sync_requests_total{code="internal",outcome="server_error",note="a \\"quoted\\" one"} 1.0
+crdtsync_sync_requests_created{outcome="ok",code="none"} 1.7e9
+crdtsync_sync_request_bytes_total 12345.0
 crdtsync_sink_failures_total{sink="hook"} 1
 crdtsync_feed_head 41
 garbage line
@@ -228,20 +229,21 @@ other_requests_total 99
 async def test_metrics_parser_is_generic_and_tolerates_missing_series(
         server: Server, page: Any) -> None:
     """The chart's parser (console/metrics.js, run in the browser) reads any series and
-    labels, sums the sync and error counters, and answers null for what is absent."""
+    labels; the chart sums the server's sync requests (every outcome) and those answered with
+    an error (their labels), not the bytes or other counters, and answers null for what is
+    absent."""
     await page.goto(server.url + "/console")
     result = await page.evaluate("""async (text) => {
         const m = await import("/console/metrics.js");
         const samples = m.parseMetrics(text);
-        return {names: samples.map((s) => s.name), labels: samples[3].labels,
-                syncs: m.total(samples, m.isSyncCounter),
-                errors: m.total(samples, m.isErrorCounter),
+        return {names: samples.map((s) => s.name), labels: samples[2].labels,
+                syncs: m.syncs(samples), errors: m.syncErrors(samples),
                 head: m.first(samples, "crdtsync_feed_head"),
-                none: m.total(m.parseMetrics("crdtsync_feed_head 1\\n"), m.isSyncCounter)};
+                none: m.syncs(m.parseMetrics("crdtsync_feed_head 1\\n"))};
     }""", METRICS_TEXT)
     assert result == {
-        "names": ["crdtsync_syncs_total", "crdtsync_syncs_total", "crdtsync_syncs_created",
-                  "crdtsync_sync_errors_total", "crdtsync_sink_failures_total",
-                  "crdtsync_feed_head", "other_requests_total"],
-        "labels": {"code": "seq_conflict", "note": 'a "quoted" one'},
+        "names": ["crdtsync_sync_requests_total"] * 3 + [
+            "crdtsync_sync_requests_created", "crdtsync_sync_request_bytes_total",
+            "crdtsync_sink_failures_total", "crdtsync_feed_head", "other_requests_total"],
+        "labels": {"code": "internal", "outcome": "server_error", "note": 'a "quoted" one'},
         "syncs": 10, "errors": 3, "head": 41, "none": None}

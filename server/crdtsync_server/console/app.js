@@ -4,7 +4,7 @@
 // becomes markup. See docs/console.md.
 
 import { ApiError, call, followFeed, get, metricsText, q, token } from "./api.js";
-import { first, isErrorCounter, isSyncCounter, parseMetrics, total } from "./metrics.js";
+import { first, parseMetrics, syncErrors, syncs, SYNCS } from "./metrics.js";
 
 const PAGE = 50;
 const ONLINE_MS = 5 * 60 * 1000;
@@ -466,12 +466,11 @@ async function metricsView(signal) {
   $("series").querySelector("tbody").replaceWith(raw);
   while (!signal.aborted) {
     const samples = parseMetrics(await metricsText(signal));
-    readings.push({ t: Date.now(), sync: total(samples, isSyncCounter), errors: total(samples, isErrorCounter) });
+    readings.push({ t: Date.now(), sync: syncs(samples), errors: syncErrors(samples) });
     while (readings.length > POINTS + 1) readings.shift();
     drawChart(chart);
     const missing = [];
-    if (readings.at(-1).sync === null) missing.push("no sync counter (crdtsync_*sync*_total)");
-    if (readings.at(-1).errors === null) missing.push("no error counter (crdtsync_*error*_total or *fail*_total)");
+    if (readings.at(-1).sync === null) missing.push(`no ${SYNCS} (no sync served yet, or an older server)`);
     notes.textContent = missing.length ? `This server exposes ${missing.join(" and ")}: shown as no data.` : "";
     raw.replaceChildren(...samples.filter((s) => s.name.startsWith("crdtsync_")).slice(0, 200).map((s) =>
       h("tr", {}, h("td", {}, s.name), h("td", { class: "value" }, Object.entries(s.labels).map(([k, v]) => `${k}=${v}`).join(" ")),

@@ -33,13 +33,18 @@ export function total(samples, test) {
   return hits.length ? hits.reduce((sum, s) => sum + s.value, 0) : null;
 }
 
-const counter = (name) => name.startsWith("crdtsync_") && name.endsWith("_total")
-  && !name.endsWith("_created");
+/** The server's count of sync requests, one sample per outcome and error code
+ * (docs/operations.md). */
+export const SYNCS = "crdtsync_sync_requests_total";
 
-/** Counters of syncs served (any crdtsync_*sync*_total that is not an error count). */
-export const isSyncCounter = (name) => counter(name) && /sync/.test(name) && !/error|fail/.test(name);
-/** Counters of errors and failures (crdtsync_*error*_total, crdtsync_*fail*_total). */
-export const isErrorCounter = (name) => counter(name) && /error|fail/.test(name);
+/** Sum of the samples named `name` whose labels pass `test`; null when there are none. */
+export function totalOf(samples, name, test = () => true) {
+  return total(samples.filter((s) => test(s.labels)), (n) => n === name);
+}
+
+/** Sync requests answered, and those answered with an error (any outcome but `ok`). */
+export const syncs = (samples) => totalOf(samples, SYNCS);
+export const syncErrors = (samples) => totalOf(samples, SYNCS, (labels) => labels.outcome !== "ok");
 
 /** The first sample named `name` (any labels), or null. */
 export function first(samples, name) {
