@@ -305,20 +305,13 @@ async function deviceView(id, signal) {
   }, signal, (status) => { live.textContent = status; live.className = status === "live" ? "online" : "muted"; });
 }
 
-function stateForm(path, signal) {
-  const status = h("span", { class: "muted" });
-  const form = h("form", { class: "inline", id: "state-form" },
-    h("input", { type: "text", name: "map", value: "state", size: 8, "aria-label": "map" }),
-    h("input", { type: "text", name: "key", placeholder: "key", required: true, size: 12, "aria-label": "key" }),
-    h("input", { type: "text", name: "value", placeholder: "JSON value (empty: delete)", size: 20, "aria-label": "value" }),
-    h("button", { type: "submit" }, "Write"), status);
+/** Run `action()` when `form` is submitted; it returns the text to show in `status`, and
+ * a failure shows its message there as an error. */
+function onSubmit(form, status, action) {
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
-    const f = form.elements;
     try {
-      await call("PATCH", `${path}/state/${encodeURIComponent(f.map.value)}`,
-        { [f.key.value]: parseInput(f.value.value) }, signal);
-      status.textContent = "written; the device gets it at its next sync";
+      status.textContent = await action(form.elements);
       status.className = "muted";
     } catch (err) {
       status.textContent = err.message;
@@ -326,6 +319,20 @@ function stateForm(path, signal) {
     }
   });
   return form;
+}
+
+function stateForm(path, signal) {
+  const status = h("span", { class: "muted" });
+  const form = h("form", { class: "inline", id: "state-form" },
+    h("input", { type: "text", name: "map", value: "state", size: 8, "aria-label": "map" }),
+    h("input", { type: "text", name: "key", placeholder: "key", required: true, size: 12, "aria-label": "key" }),
+    h("input", { type: "text", name: "value", placeholder: "JSON value (empty: delete)", size: 20, "aria-label": "value" }),
+    h("button", { type: "submit" }, "Write"), status);
+  return onSubmit(form, status, async (f) => {
+    await call("PATCH", `${path}/state/${encodeURIComponent(f.map.value)}`,
+      { [f.key.value]: parseInput(f.value.value) }, signal);
+    return "written; the device gets it at its next sync";
+  });
 }
 
 function messageForm(path, signal) {
@@ -334,19 +341,11 @@ function messageForm(path, signal) {
     h("input", { type: "text", name: "topic", placeholder: "topic", required: true, size: 10, "aria-label": "topic" }),
     h("input", { type: "text", name: "body", placeholder: "JSON body", size: 20, "aria-label": "message body" }),
     h("button", { type: "submit" }, "Send message"), status);
-  form.addEventListener("submit", async (e) => {
-    e.preventDefault();
-    try {
-      const item = await call("POST", `${path}/messages`,
-        { topic: form.elements.topic.value, body: parseInput(form.elements.body.value) }, signal);
-      status.textContent = `message ${item.id} queued`;
-      status.className = "muted";
-    } catch (err) {
-      status.textContent = err.message;
-      status.className = "error";
-    }
+  return onSubmit(form, status, async (f) => {
+    const item = await call("POST", `${path}/messages`,
+      { topic: f.topic.value, body: parseInput(f.body.value) }, signal);
+    return `message ${item.id} queued`;
   });
-  return form;
 }
 
 function commandForm(path, commands, signal) {
@@ -355,21 +354,15 @@ function commandForm(path, commands, signal) {
     h("input", { type: "text", name: "method", placeholder: "method", required: true, size: 10, "aria-label": "method" }),
     h("input", { type: "text", name: "params", placeholder: "JSON params", size: 20, "aria-label": "params" }),
     h("button", { type: "submit" }, "Send command"), status);
-  form.addEventListener("submit", async (e) => {
-    e.preventDefault();
-    try {
-      const item = await call("POST", `${path}/commands`,
-        { method: form.elements.method.value, params: parseInput(form.elements.params.value) }, signal);
-      status.textContent = "";
-      const row = h("tr", { dataset: { command: item.id } });
-      commands.prepend(row);
-      await watchCommand(item, row, signal);
-    } catch (err) {
-      status.textContent = err.message;
-      status.className = "error";
-    }
+  return onSubmit(form, status, async (f) => {
+    const item = await call("POST", `${path}/commands`,
+      { method: f.method.value, params: parseInput(f.params.value) }, signal);
+    status.textContent = "";
+    const row = h("tr", { dataset: { command: item.id } });
+    commands.prepend(row);
+    await watchCommand(item, row, signal);
+    return "";
   });
-  return form;
 }
 
 const FINAL = new Set(["succeeded", "failed", "expired"]);
