@@ -138,8 +138,10 @@ def answer_entry(part: DocSync, doc: Doc[Any], gen: int) -> DocSync:
     document (the diff against an empty one; the ``sv`` sent belongs to another
     generation). ``u`` is left out when empty."""
     base = part.sv if part.gen == gen else EMPTY_STATE_VECTOR
-    update = doc.get_update(base)
-    return DocSync(part.doc, doc.get_state(), b"" if update == EMPTY_UPDATE else update, gen)
+    with doc.transaction():  # one transaction for both reads, not one each
+        update = doc.get_update(base)
+        state = doc.get_state()
+    return DocSync(part.doc, state, b"" if update == EMPTY_UPDATE else update, gen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,10 +418,11 @@ class SyncService:
         if part.update:
             crdt.apply_remote(live.doc, part.update, name=part.doc)
         landed: dict[tuple[str, str], Any] = {}
-        changed = live.changes.take(landed)
-        # What actually landed, checked in the real document (the caller evicts it on error).
-        crdt.check_changes(changed, name=part.doc)
-        after = stamps.after_values(live.doc, kinds, before, landed)
+        with live.doc.transaction():  # the reads below share it (each would open its own)
+            changed = live.changes.take(landed)
+            # What landed, checked in the real document (the caller evicts it on error).
+            crdt.check_changes(changed, name=part.doc)
+            after = stamps.after_values(live.doc, kinds, before, landed)
         decision = stamps.decide(writes, stamps.Inputs(live.key, live.stamps, kinds, before,
                                                        after, landed), context.clocks)
         if decision.fixes:  # what the fix-ups changed (nothing else was written since)
