@@ -281,7 +281,7 @@ async def test_a_failed_reload_after_a_rebuild_is_left_to_the_next_use(
         content = await overwrite(cache, store, 150)
         load_doc = store.load_doc
 
-        async def failing(key: str) -> DocLog:
+        async def failing(key: str, *, stamps: bool = False) -> DocLog:
             raise StoreError("disk I/O error (test)")
 
         store.load_doc = failing  # type: ignore[method-assign]

@@ -252,6 +252,24 @@ async def test_stamps_are_written_with_the_update_and_replaced_per_key(store: St
     assert await store.read_stamps("dev-1/other") == []
 
 
+async def test_load_doc_with_stamps_reads_log_and_rows_in_one_call(store: Store) -> None:
+    """``load_doc(key, stamps=True)``: the log as ``load_doc`` gives it and the rows as
+    ``read_stamps`` gives them; without ``stamps`` (and for a document never written) no
+    rows."""
+    await add_device(store)
+    assert (await store.load_doc("dev-1/state", stamps=True)).stamps == ()
+    rows = [stamp_row("b", 5, raw=4), stamp_row("a", 3, "cloud")]
+    await store.commit(SyncWrite("dev-1", 10, docs=[DocWrite("dev-1/state", b"u1")],
+                                 stamps=rows))
+    both = await store.load_doc("dev-1/state", stamps=True)
+    plain = await store.load_doc("dev-1/state")
+    assert both.stamps == tuple(await store.read_stamps("dev-1/state"))
+    assert [r.key for r in both.stamps] == ["a", "b"]
+    assert plain.stamps == ()
+    assert (both.gen, both.snapshot, both.updates) == (plain.gen, plain.snapshot, plain.updates)
+    assert [u for _, u in both.updates] == [b"u1"]
+
+
 async def test_stamps_survive_compaction_and_rebuilds(store: Store) -> None:
     """Rows are per key, not per generation: a rebuilt document keeps its keys' stamps."""
     await add_device(store)

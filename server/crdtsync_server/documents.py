@@ -216,10 +216,9 @@ class DocumentCache:
 
     async def _load(self, key: str) -> LiveDoc:
         seen = self.store.external_writes
-        log = await self.store.load_doc(key)
-        stamps = await self.store.read_stamps(key)
+        log = await self.store.load_doc(key, stamps=True)  # one store call, not two
         doc = crdt.new_doc(self.client_id, log.snapshot, (u for _, u in log.updates))
-        live = LiveDoc(key, doc, log.gen, log.last_id, len(log.updates), stamps)
+        live = LiveDoc(key, doc, log.gen, log.last_id, len(log.updates), log.stamps)
         live.seen = seen
         live.used = self._clock()
         return live

@@ -22,12 +22,14 @@ from .feed import ConflictRecord, StateChange
 @dataclass(frozen=True, slots=True)
 class DocLog:
     """A document as stored: generation, snapshot (covers update ids <= ``snapshot_id``) and
-    the updates logged after it, in id order."""
+    the updates logged after it, in id order; and its stamp rows (ordered by map and key)
+    when they were asked for (``DocumentStore.load_doc(key, stamps=True)``)."""
 
     gen: int = 0
     snapshot: bytes = b""
     snapshot_id: int = 0
     updates: tuple[tuple[int, bytes], ...] = ()
+    stamps: tuple[KeyStamp, ...] = ()
 
     @property
     def last_id(self) -> int:

@@ -72,8 +72,10 @@ class DocumentStore(Protocol):
         not moved since, nobody else wrote in between (the document cache then skips
         catching up)."""
 
-    async def load_doc(self, key: str) -> DocLog:
-        """The stored log of ``key``; an empty ``DocLog`` if it was never written."""
+    async def load_doc(self, key: str, *, stamps: bool = False) -> DocLog:
+        """The stored log of ``key``; an empty ``DocLog`` if it was never written. With
+        ``stamps``, its ``stamps`` are :meth:`read_stamps` read in the same call, from the
+        same committed state as the log (one store round trip where a document is loaded)."""
 
     async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...] | None:
         """Updates of ``key`` with id > ``after_id`` in id order; ``None`` when rows after

@@ -13,13 +13,16 @@ from .state import DocRow, MemoryState
 class MemoryDocuments(MemoryState):
     """The :class:`DocumentStore` role over :class:`MemoryState`."""
 
-    async def load_doc(self, key: str) -> DocLog:
-        """The stored log of ``key``; an empty ``DocLog`` if it was never written."""
+    async def load_doc(self, key: str, *, stamps: bool = False) -> DocLog:
+        """The stored log of ``key`` (with its stamp rows if ``stamps``); an empty
+        ``DocLog`` if it was never written."""
         self._check_open()
+        rows = tuple(await self.read_stamps(key)) if stamps else ()
         doc = self._docs.get(key)
         if doc is None:
-            return DocLog()
-        return DocLog(doc.gen, doc.snapshot, doc.snapshot_id, tuple(doc.updates.items()))
+            return DocLog(stamps=rows)
+        return DocLog(doc.gen, doc.snapshot, doc.snapshot_id, tuple(doc.updates.items()),
+                      rows)
 
     async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...] | None:
         """Updates of ``key`` with id > ``after_id`` in id order; ``None`` if compacted

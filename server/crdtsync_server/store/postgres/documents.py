@@ -35,9 +35,10 @@ from .connection import PostgresConnection, sequenced
 class PostgresDocuments(PostgresConnection):
     """The :class:`DocumentStore` role (``external_writes`` comes with the connection)."""
 
-    async def load_doc(self, key: str) -> DocLog:
-        """The stored log of ``key``; an empty ``DocLog`` if it was never written."""
-        return await self._read(_load_doc, key)
+    async def load_doc(self, key: str, *, stamps: bool = False) -> DocLog:
+        """The stored log of ``key`` (with its stamp rows if ``stamps``); an empty
+        ``DocLog`` if it was never written."""
+        return await self._read(_load_doc, key, stamps)
 
     async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...] | None:
         """Updates of ``key`` with id > ``after_id`` in id order; ``None`` if compacted
@@ -62,12 +63,13 @@ class PostgresDocuments(PostgresConnection):
         return await self._read(_read_stamps, key)
 
 
-async def _load_doc(conn: asyncpg.Connection, key: str) -> DocLog:
+async def _load_doc(conn: asyncpg.Connection, key: str, stamps: bool = False) -> DocLog:
     row = await conn.fetchrow("SELECT gen, snapshot, snapshot_id FROM docs WHERE key = $1",
                               key)
     gen, snapshot, snapshot_id = row if row is not None else (0, b"", 0)
     updates = await _select_updates(conn, key, snapshot_id)
-    return DocLog(gen, bytes(snapshot), snapshot_id, updates)
+    rows = tuple(await _read_stamps(conn, key)) if stamps else ()
+    return DocLog(gen, bytes(snapshot), snapshot_id, updates, rows)
 
 
 async def _read_since(conn: asyncpg.Connection, key: str, after_id: int

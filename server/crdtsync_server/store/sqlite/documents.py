@@ -31,9 +31,10 @@ from .connection import SQLiteConnection, insert_values
 class SQLiteDocuments(SQLiteConnection):
     """The :class:`DocumentStore` role (``external_writes`` comes with the connection)."""
 
-    async def load_doc(self, key: str) -> DocLog:
-        """The stored log of ``key``; an empty ``DocLog`` if it was never written."""
-        return await self._run(_load_doc, key)
+    async def load_doc(self, key: str, *, stamps: bool = False) -> DocLog:
+        """The stored log of ``key`` (with its stamp rows if ``stamps``); an empty
+        ``DocLog`` if it was never written."""
+        return await self._run(_load_doc, key, stamps)
 
     async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...] | None:
         """Updates of ``key`` with id > ``after_id`` in id order; ``None`` if compacted
@@ -56,14 +57,15 @@ class SQLiteDocuments(SQLiteConnection):
         return await self._run(_read_stamps, key)
 
 
-def _load_doc(conn: sqlite3.Connection, key: str) -> DocLog:
-    with transaction(conn, "DEFERRED"):  # one read snapshot for both queries
+def _load_doc(conn: sqlite3.Connection, key: str, stamps: bool = False) -> DocLog:
+    with transaction(conn, "DEFERRED"):  # one read snapshot for every query
         row = conn.execute(
             "SELECT gen, snapshot, snapshot_id FROM docs WHERE key = ?", (key,)
         ).fetchone()
         gen, snapshot, snapshot_id = row if row is not None else (0, b"", 0)
         updates = _select_updates(conn, key, snapshot_id)
-    return DocLog(gen, bytes(snapshot), snapshot_id, updates)
+        rows = tuple(_read_stamps(conn, key)) if stamps else ()
+    return DocLog(gen, bytes(snapshot), snapshot_id, updates, rows)
 
 
 def _read_since(
