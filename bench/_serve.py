@@ -22,6 +22,8 @@ product code changes):
   :func:`common.print_samples` sets them apart. The signal is handled when the thread next
   returns from the kernel, so frames that make system calls (``fstat``, socket writes) are
   over-counted: compare shares of pure Python code, and time system calls directly.
+- ``CRDTSYNC_BENCH_SQL_STATS=OUT``: the CPU time of every SQL statement the server runs, by
+  statement (``common.SqlStats``), written to ``OUT`` as JSON at exit.
 """
 
 from __future__ import annotations
@@ -66,6 +68,17 @@ def sampled(out: Path, interval: float = 0.0005) -> None:
     signal.signal(signal.SIGPROF, on_sample)
     signal.setitimer(signal.ITIMER_PROF, interval, interval)
     atexit.register(dump)
+
+
+def counted_sql(out: Path) -> None:
+    """Count the CPU time of every SQL statement (``common.SqlStats``); dump it at exit."""
+    import atexit
+
+    from common import SqlStats
+
+    stats = SqlStats()
+    stats.install()
+    atexit.register(stats.dump, out)
 
 
 def profiled(out: Path, main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
@@ -115,6 +128,9 @@ def serve() -> int:
     sample = os.environ.get("CRDTSYNC_BENCH_SAMPLE")
     if sample:
         sampled(Path(sample))
+    sql_stats = os.environ.get("CRDTSYNC_BENCH_SQL_STATS")
+    if sql_stats:
+        counted_sql(Path(sql_stats))
     profile = os.environ.get("CRDTSYNC_BENCH_PROFILE")
     if profile:
         return profiled(Path(profile), main, sys.argv[1:])

@@ -73,6 +73,7 @@ LISTENING = r"listening on (http://[\d.]+:(\d+))"
 GRACE_ENV = "CRDTSYNC_BENCH_RETIRE_GRACE"
 PROFILE_ENV = "CRDTSYNC_BENCH_PROFILE"
 SAMPLE_ENV = "CRDTSYNC_BENCH_SAMPLE"
+SQL_STATS_ENV = "CRDTSYNC_BENCH_SQL_STATS"
 SERVER_TREE_ENV = "CRDTSYNC_BENCH_SERVER_TREE"
 """A checkout whose ``crdtsync`` and ``crdtsync_server`` the benchmark's servers run (the
 load generator and the floor stay this checkout's): how one harness measures several
@@ -696,8 +697,8 @@ class Child:
 
 def serve_argv(folder: Path, *flags: str, db: str = "server.db",
                grace: float | None = None, profile: Path | None = None,
-               database: str | None = None, sample: Path | None = None
-               ) -> tuple[list[str], dict[str, str]]:
+               database: str | None = None, sample: Path | None = None,
+               sql_stats: Path | None = None) -> tuple[list[str], dict[str, str]]:
     """Command line and extra environment of ``crdtsync serve`` on SQLite ``folder/db`` (or
     on the ``database`` URL, a PostgreSQL one say), on a
     free port, with the admin token :data:`ADMIN_TOKEN` and ``flags``. With ``grace`` (the
@@ -711,6 +712,8 @@ def serve_argv(folder: Path, *flags: str, db: str = "server.db",
         env[PROFILE_ENV] = str(profile)
     if sample is not None:
         env[SAMPLE_ENV] = str(sample)
+    if sql_stats is not None:
+        env[SQL_STATS_ENV] = str(sql_stats)
     tree = os.environ.get(SERVER_TREE_ENV)
     if tree:  # that checkout's server, this checkout's harness (per-commit comparisons)
         env["PYTHONPATH"] = os.pathsep.join([tree, os.path.join(tree, "server")])
@@ -724,11 +727,12 @@ def serve_argv(folder: Path, *flags: str, db: str = "server.db",
 async def start_server(folder: Path, *flags: str, name: str = "crdtsync serve",
                        db: str = "server.db", grace: float | None = None,
                        profile: Path | None = None, patience: float = 30.0,
-                       database: str | None = None, sample: Path | None = None) -> Child:
+                       database: str | None = None, sample: Path | None = None,
+                       sql_stats: Path | None = None) -> Child:
     """``crdtsync serve`` (see :func:`serve_argv`) started and accepting connections; its
     output in ``folder/<db>.log``. Stop it with ``await server.stop()`` (or ``async with``)."""
     argv, env = serve_argv(folder, *flags, db=db, grace=grace, profile=profile,
-                           database=database, sample=sample)
+                           database=database, sample=sample, sql_stats=sql_stats)
     server = Child(name, argv, folder / f"{db}.log", env)
     await server.start(patience=patience)
     return server
@@ -751,6 +755,79 @@ async def run_child(script: str | Path, *args: str, env: dict[str, str] | None =
         raise RuntimeError(f"{what} failed (exit {proc.returncode})")
     lines = out.decode().strip().splitlines()
     return json.loads(lines[-1]) if lines else None
+
+
+class SqlStats:
+    """CPU time of every SQL statement a process runs through ``sqlite3``, by statement.
+
+    :meth:`install` makes every later ``sqlite3.connect`` of the process return a connection
+    whose ``execute`` and ``executemany`` add the calling thread's CPU time
+    (``time.thread_time``) and a count to the statement's entry: SQLite's work on that
+    thread (parsing is cached; the statement runs while the GIL is released, still on the
+    thread), plus about a microsecond of wrapper. ``executescript`` and cursors' own
+    ``execute`` are not counted (the store uses neither on its hot path)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, list[float]] = {}
+        """``{statement: [calls, cpu seconds]}``; the text with its whitespace collapsed."""
+
+    def install(self) -> None:
+        stats = self.stats
+
+        def timed(method: Callable[..., Any], prefix: str) -> Callable[..., Any]:
+            def run(conn: sqlite3.Connection, sql: str, *args: Any) -> Any:
+                start = time.thread_time()
+                try:
+                    return method(conn, sql, *args)
+                finally:
+                    entry = stats.setdefault(prefix + " ".join(sql.split()), [0, 0.0])
+                    entry[0] += 1
+                    entry[1] += time.thread_time() - start
+            return run
+
+        class Timed(sqlite3.Connection):
+            execute = timed(sqlite3.Connection.execute, "")  # type: ignore[assignment]
+            executemany = timed(sqlite3.Connection.executemany,  # type: ignore[assignment]
+                                "many: ")
+
+        original = sqlite3.connect
+
+        def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            kwargs.setdefault("factory", Timed)
+            return original(*args, **kwargs)
+
+        sqlite3.connect = connect  # type: ignore[assignment]
+
+    def dump(self, path: Path) -> None:
+        path.write_text(json.dumps(self.stats))
+
+    @staticmethod
+    def load(path: Path) -> dict[str, list[float]]:
+        loaded: dict[str, list[float]] = json.loads(path.read_text())
+        return loaded
+
+
+def sql_kind(statement: str) -> str:
+    """A statement's short name for a report: its verb and table (``INSERT feed``,
+    ``SELECT devices``), or its first words (``COMMIT``, ``PRAGMA data_version``)."""
+    words = statement.removeprefix("many: ").replace("(", " ").split()
+    verb = words[0].upper() if words else ""
+    after = {"INSERT": "INTO", "SELECT": "FROM", "UPDATE": "UPDATE", "DELETE": "FROM"}
+    if verb in after and after[verb] in (w.upper() for w in words):
+        upper = [w.upper() for w in words]
+        table = words[upper.index(after[verb]) + 1] if verb != "UPDATE" else words[1]
+        return f"{verb} {table}"
+    return " ".join(words[:2])
+
+
+def sql_per_sync(stats: dict[str, list[float]], syncs: int) -> dict[str, tuple[float, float]]:
+    """``{kind: (calls per sync, µs of CPU per sync)}`` of ``stats`` over ``syncs`` syncs."""
+    out: dict[str, list[float]] = {}
+    for statement, (calls, cpu) in stats.items():
+        entry = out.setdefault(sql_kind(statement), [0.0, 0.0])
+        entry[0] += calls
+        entry[1] += cpu
+    return {kind: (calls / syncs, cpu * 1e6 / syncs) for kind, (calls, cpu) in out.items()}
 
 
 def print_samples(path: Path, top: int = 40) -> None:

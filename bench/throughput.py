@@ -26,6 +26,7 @@ server's database, ``time.process_time``). Floor = bare + direct; the report giv
                                [--write FILE]
     python bench/throughput.py --profile server.prof   (server under cProfile, no ceiling)
     python bench/throughput.py --sample loop.pkl       (sampling profile of the server's loop)
+    python bench/throughput.py --sql-stats DIR         (CPU per SQL statement, server and floor)
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from common import (
     CpuMeter,
     CpuUse,
     PgBackends,
+    SqlStats,
     add_encoding_option,
     check_last_seq,
     client_session,
@@ -69,6 +71,8 @@ from common import (
     provision,
     report,
     spread,
+    sql_kind,
+    sql_per_sync,
     start_server,
 )
 from ingest import event_digests, event_json, events_table, open_ceiling
@@ -515,6 +519,8 @@ class Settings:
     """Timed syncs per device of the direct work, per round."""
     sample: Path | None = None
     """Where the server's sampling profile goes (``--sample``)."""
+    sql_stats: Path | None = None
+    """Folder of the SQL statement counts (``--sql-stats``): ``server.json`` by the server."""
 
 
 @dataclass
@@ -535,7 +541,9 @@ async def benchmark(s: Settings) -> Results:
     with tempfile.TemporaryDirectory(prefix="crdtsync-bench-") as tmp_name:
         tmp = Path(tmp_name)
         try:
-            real = await start_server(tmp, profile=s.profile, sample=s.sample)
+            real = await start_server(
+                tmp, profile=s.profile, sample=s.sample,
+                sql_stats=None if s.sql_stats is None else s.sql_stats / "server.json")
             servers.append(real)
             ids = [f"bench-{n:04d}" for n in range(s.devices)]
             tokens = await provision(real.url, ids)
@@ -586,6 +594,36 @@ async def benchmark(s: Settings) -> Results:
                 await server.stop()
     results.real_size, results.bare_size = len(typical), len(canned)
     return results
+
+
+SERVER_SYNC_STATEMENT = "UPDATE devices"
+"""Run once per device write the server commits: its count is the server's syncs that wrote
+(no-change syncs write nothing), warm-ups included."""
+DIRECT_SYNC_STATEMENT = "INSERT updates"
+"""Run once per sync of the direct work (``executemany``), warm-up passes included."""
+
+
+def sql_table(server: dict[str, list[float]], direct: dict[str, list[float]]) -> list[str]:
+    """Calls and µs of CPU per sync of each kind of SQL statement, the server's (per device
+    write it committed) beside the direct work's (per sync), most expensive first."""
+    def syncs(stats: dict[str, list[float]], kind: str) -> int:
+        return max(1, int(sum(calls for statement, (calls, _) in stats.items()
+                              if sql_kind(statement) == kind)))
+
+    ours = sql_per_sync(server, syncs(server, SERVER_SYNC_STATEMENT))
+    floor = sql_per_sync(direct, syncs(direct, DIRECT_SYNC_STATEMENT))
+    lines = ["", "SQL statements per sync (calls, µs of the calling thread's CPU; "
+             "`--sql-stats`):", "",
+             "| statement | server calls | server µs | direct calls | direct µs |",
+             "|---|---:|---:|---:|---:|"]
+    for kind in sorted(ours.keys() | floor.keys(),
+                       key=lambda k: -max(ours.get(k, (0, 0))[1], floor.get(k, (0, 0))[1])):
+        a, b = ours.get(kind, (0.0, 0.0)), floor.get(kind, (0.0, 0.0))
+        if max(a[1], b[1]) >= 0.05:
+            lines.append(f"| {kind} | {a[0]:.2f} | {a[1]:.1f} | {b[0]:.2f} | {b[1]:.1f} |")
+    total = [sum(v[1] for v in side.values()) for side in (ours, floor)]
+    lines.append(f"| **all** | | **{total[0]:.1f}** | | **{total[1]:.1f}** |")
+    return lines
 
 
 def per_sync(r: RoundResult, percent: float) -> float:
@@ -720,6 +758,9 @@ def main() -> None:
                         help="run the server under cProfile (stats to OUT), no ceiling")
     parser.add_argument("--sample", type=Path, metavar="OUT",
                         help="sampling profile of the server's event loop (to OUT), printed")
+    parser.add_argument("--sql-stats", type=Path, metavar="DIR",
+                        help="CPU time per SQL statement of the server and of the direct "
+                        "work (JSON in DIR), printed per sync")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--response", type=Path, help=argparse.SUPPRESS)
@@ -736,9 +777,18 @@ def main() -> None:
                  quick=args.quick,
                  profile=args.profile.resolve() if args.profile else None, seed=args.seed,
                  direct_passes=5 if args.quick else args.direct_passes,
-                 sample=args.sample.resolve() if args.sample else None)
+                 sample=args.sample.resolve() if args.sample else None,
+                 sql_stats=args.sql_stats.resolve() if args.sql_stats else None)
     print(f"Machine: {machine(LIBS, model=True, temp_dir=True)}", flush=True)
+    direct_sql = SqlStats()
+    if s.sql_stats is not None:
+        s.sql_stats.mkdir(parents=True, exist_ok=True)
+        direct_sql.install()  # this process's SQLite work is the floor's direct work
     results = asyncio.run(benchmark(s))
+    if s.sql_stats is not None:
+        direct_sql.dump(s.sql_stats / "direct.json")
+        print("\n".join(sql_table(SqlStats.load(s.sql_stats / "server.json"),
+                                  direct_sql.stats)))
     errors = sum(sum(r.errors.values()) for r in results.real + results.bare)
     if s.sample is not None:
         print_samples(s.sample)

@@ -92,3 +92,27 @@ def test_conflicts_bench_json_counts_every_device() -> None:
     for row in data["rows"]:
         assert sum(row["won_cloud"].values()) == sum(row["won_device"].values()) == 3
         assert row["later"] == ("cloud" if row["scenario"] == "A" else "device")
+
+
+def test_throughput_sql_stats_count_every_write_of_server_and_floor(tmp_path: Path) -> None:
+    """``bench/throughput.py --quick --sql-stats DIR``: both sides' statement counts are
+    written, the server's commits its device writes (one ``UPDATE devices`` each, at least
+    one ``INSERT feed`` each since every sync brings events: more than 16 rows take two)
+    and the table is printed."""
+    import json
+
+    result = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--quick",
+                             "--sql-stats", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    server = json.loads((tmp_path / "server.json").read_text())
+    direct = json.loads((tmp_path / "direct.json").read_text())
+
+    def calls(stats: dict[str, list[float]], prefix: str) -> float:
+        return sum(n for statement, (n, _) in stats.items() if statement.startswith(prefix))
+
+    writes = calls(server, "UPDATE devices SET last_seq")
+    assert writes > 0
+    assert writes <= calls(server, "INSERT INTO feed") < writes * 1.05
+    assert calls(direct, "many: INSERT INTO updates") > 0
+    assert re.search(r"\| INSERT feed \| 1\.0\d \| [\d.]+ \| 1\.00 \|", result.stdout)
