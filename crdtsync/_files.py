@@ -152,13 +152,15 @@ class FileClient:
                 if start and resp.status != 206:
                     raise TransportError("the server ignored the range")
                 buffer = bytearray()
-                async for block in resp.content.iter_any():
-                    buffer += block
-                    if len(buffer) >= BLOCK:
+                try:
+                    async for block in resp.content.iter_any():
+                        buffer += block
+                        if len(buffer) >= BLOCK:
+                            await write(bytes(buffer))
+                            buffer.clear()
+                finally:  # also after a cut: what arrived is a correct prefix, kept
+                    if buffer:
                         await write(bytes(buffer))
-                        buffer.clear()
-                if buffer:
-                    await write(bytes(buffer))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(describe(exc, url)) from exc
 
@@ -269,7 +271,6 @@ class FileTransfers:
                 state = await self._send_one(client, info, state, transfer)
         finally:
             self.transfers.pop(("up", info.name), None)
-        self._report(Transfer(info.name, "up", info.size, info.size))
         done = await self._store.run(_sent, info)
         if done:
             self._pending.pop(info.name, None)
