@@ -233,8 +233,8 @@ class AdminClient:
         """One page of the change feed after cursor ``after``: ``(items, next)``, ``next``
         the cursor to pass as ``after`` to read on. With ``wait=S`` (at most 60) the server
         holds the request up to S seconds until an item arrives (a long poll). Filters:
-        ``device``, ``fleet``, ``topic`` (events only) and ``kind`` (``event``, ``state``
-        or ``conflict``)."""
+        ``device``, ``fleet``, ``topic`` (events only) and ``kind`` (``event``, ``state``,
+        ``conflict`` or ``file``)."""
         params = query_params(after=after, limit=limit, wait=wait, device=device,
                               fleet=fleet, topic=topic, kind=kind)
         total = self._timeout.total

@@ -966,7 +966,7 @@ def feed_options(*, kind: bool) -> argparse.ArgumentParser:
     parent.add_argument("--fleet", help="only items of devices in this fleet")
     parent.add_argument("--topic", help="only events of this topic")
     if kind:
-        parent.add_argument("--kind", choices=["event", "state", "conflict"],
+        parent.add_argument("--kind", choices=["event", "state", "conflict", "file"],
                             help="only events, only state changes or only conflicts")
     return parent
 

@@ -186,3 +186,16 @@ async def test_cloud_put_and_device_download(server: Server, admin: AdminClient)
         async with http.get(f"{server.url}/v1/files/blobs/{sha}", headers=auth) as resp:
             assert resp.status == 404
     assert await server.services.files.blobs.blob_size(sha) is None  # nothing names it
+
+
+def test_file_feed_item_json_and_subject() -> None:
+    from crdtsync_server.sinks.nats import item_subject
+    from crdtsync_server.store.feed import FeedItem
+
+    body = {"name": "dump.bin", "size": 3, "sha256": "a" * 64, "meta": None,
+            "url": "/v1/devices/cam.1/files/dump.bin"}
+    item = FeedItem(7, "file", "cam.1", "west", 10, 10, body)
+    assert item.key == "fi:7"
+    assert item.to_json() == {"cursor": "7", "key": "fi:7", "kind": "file", "device": "cam.1",
+                              "fleet": "west", "time": 10, "received": 10, "file": body}
+    assert item_subject("cs", item) == "cs.west.cam%2E1._file.dump%2Ebin"
