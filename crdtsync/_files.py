@@ -96,6 +96,44 @@ class Transfer:
     total: int
 
 
+class ChunkReader:
+    """Chunks of a queued file with their SHA-256, read in a worker thread; the next one is
+    read ahead while the current one travels."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self._path = path
+        self._size = size
+        self._ahead: tuple[int, int, asyncio.Future[tuple[bytes, str]]] | None = None
+
+    async def read(self, offset: int, size: int) -> tuple[bytes, str]:
+        """Bytes ``offset`` to ``offset + size`` (or the end) and their SHA-256."""
+        size = min(size, self._size - offset)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (offset, size):
+            chunk = await ahead[2]
+        else:
+            if ahead is not None:
+                await _settle(ahead[2])
+            chunk = await asyncio.to_thread(_read_chunk, self._path, offset, size)
+        following = offset + size
+        if following < self._size:
+            length = min(size, self._size - following)
+            self._ahead = (following, length, asyncio.ensure_future(
+                asyncio.to_thread(_read_chunk, self._path, following, length)))
+        return chunk
+
+    async def aclose(self) -> None:
+        """Wait for a read ahead still running (its chunk is dropped)."""
+        if self._ahead is not None:
+            await _settle(self._ahead[2])
+            self._ahead = None
+
+
+async def _settle(future: asyncio.Future[Any]) -> None:
+    with contextlib.suppress(Exception):
+        await future
+
+
 FileHandler = Callable[[FileInfo], Awaitable[None] | None]
 ProgressCallback = Callable[[Transfer], None]
 
@@ -139,7 +177,7 @@ class FileClient:
             headers={"X-Chunk-Sha256": sha256, "Content-Type": "application/octet-stream"})
 
     async def download(self, sha256: str, start: int,
-                       write: Callable[[bytes], Awaitable[None]]) -> None:
+                       write: Callable[[bytearray], Awaitable[None]]) -> None:
         """Bytes ``start``.. of the announced blob ``sha256``, handed to ``write`` in
         blocks of about :data:`BLOCK`."""
         url = f"{self.base_url}/v1/files/blobs/{sha256}"
@@ -156,11 +194,11 @@ class FileClient:
                     async for block in resp.content.iter_any():
                         buffer += block
                         if len(buffer) >= BLOCK:
-                            await write(bytes(buffer))
-                            buffer.clear()
+                            full, buffer = buffer, bytearray()
+                            await write(full)
                 finally:  # also after a cut: what arrived is a correct prefix, kept
                     if buffer:
-                        await write(bytes(buffer))
+                        await write(buffer)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(describe(exc, url)) from exc
 
@@ -266,10 +304,12 @@ class FileTransfers:
         client = self._require_client()
         state = await client.begin(info)
         transfer = self._start("up", info.name, int(state["offset"]), info.size)
+        chunks = ChunkReader(self._out / info.sha256, info.size)
         try:
             while not state.get("complete"):
-                state = await self._send_one(client, info, state, transfer)
+                state = await self._send_one(client, info, state, transfer, chunks)
         finally:
+            await chunks.aclose()
             self.transfers.pop(("up", info.name), None)
         done = await self._store.run(_sent, info)
         if done:
@@ -278,11 +318,10 @@ class FileTransfers:
         log.info("file %s sent (%d bytes)", info.name, info.size)
 
     async def _send_one(self, client: FileClient, info: FileInfo, state: dict[str, Any],
-                        transfer: Transfer) -> dict[str, Any]:
+                        transfer: Transfer, chunks: ChunkReader) -> dict[str, Any]:
         offset = int(state["offset"])
         chunk_size = max(1, min(int(state.get("chunk") or DEFAULT_CHUNK), 64 * BLOCK))
-        chunk, digest = await asyncio.to_thread(_read_chunk, self._out / info.sha256, offset,
-                                                min(chunk_size, info.size - offset))
+        chunk, digest = await chunks.read(offset, chunk_size)
         try:
             answer = await client.send(str(state["id"]), offset, chunk, digest)
         except OffsetMismatch as exc:
@@ -317,17 +356,21 @@ class FileTransfers:
             await asyncio.to_thread(_unlink, part)
             start = 0
         transfer = self._start("down", name, start, info.size)
+        # Hashed as it is written (after the prefix a cut left, if any): no second pass.
+        running = hashlib.sha256()
+        if start:
+            await asyncio.to_thread(_hash_into, part, running)
 
-        async def write(block: bytes) -> None:
-            await asyncio.to_thread(_append, part, block)
+        async def write(block: bytearray) -> None:
+            await asyncio.to_thread(_append, part, block, running)
             transfer.done += len(block)
             self._report(transfer)
 
         try:
             if start < info.size or info.size == 0:
                 await client.download(info.sha256, start, write)
-            digest, size = await asyncio.to_thread(_hash_file, part)
-            if digest != info.sha256 or size != info.size:
+            size = await asyncio.to_thread(_size, part)
+            if running.hexdigest() != info.sha256 or size != info.size:
                 await asyncio.to_thread(_unlink, part)
                 raise DigestMismatch(f"file {name} does not match its sha256; downloading"
                                      " it again", {"scope": "file", "name": name})
@@ -546,9 +589,16 @@ def _opened(dest: str | os.PathLike[str] | IO[bytes]) -> Any:
         yield dest
 
 
-def _append(path: Path, block: bytes) -> None:
+def _append(path: Path, block: bytearray, running: Any) -> None:
     with open(path, "ab") as handle:
         handle.write(block)
+    running.update(block)
+
+
+def _hash_into(path: Path, running: Any) -> None:
+    with open(path, "rb") as handle:
+        while block := handle.read(BLOCK):
+            running.update(block)
 
 
 def _seal(part: Path, target: Path) -> None:

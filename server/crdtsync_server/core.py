@@ -163,6 +163,7 @@ async def _running(services: Services, loops: bool) -> AsyncIterator[None]:
         await services.sinks.aclose()
         await cancel_and_wait(*tasks)
         await services.sync.flush_touches()
+        await services.files.drain()
 
 
 async def process_sync(services: Services, token: str, body: bytes) -> bytes:

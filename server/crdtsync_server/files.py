@@ -24,16 +24,18 @@ import asyncio
 import hashlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from crdtsync.errors import (
+    CrdtsyncError,
     DigestMismatch,
     FileTooLarge,
     InvalidValue,
     MalformedRequest,
     NotFound,
+    OffsetMismatch,
 )
 
 from .blobs import READ_BLOCK, BlobStore, DirectoryBlobs, MemoryBlobs
@@ -82,6 +84,24 @@ def open_blobs(config: ServerConfig, store: Store) -> BlobStore:
     return MemoryBlobs()
 
 
+def _background(write: Coroutine[Any, Any, int]) -> asyncio.Future[int]:
+    """``write`` running on its own; its failure is kept for whoever awaits it next (and
+    not reported as never retrieved if nobody does)."""
+    task = asyncio.ensure_future(write)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
+
+
+def _hash_chunk(data: bytes, expected: str | None, running: Any) -> bool:
+    """Whether ``data`` hashes to ``expected`` (``None``: not checked); when it does, it is
+    added to the ``running`` SHA-256 (if any). Runs in a worker thread."""
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        return False
+    if running is not None:
+        running.update(data)
+    return True
+
+
 def check_meta(meta: Any) -> Any:
     """``meta`` if it is JSON data of at most :data:`MAX_META` bytes, else
     :class:`InvalidValue`."""
@@ -105,6 +125,11 @@ class FileService:
         self.sync = sync
         self.feed = feed
         self._parts: dict[str, asyncio.Lock] = {}
+        self._writes: dict[str, asyncio.Future[int]] = {}
+        """Per upload, the write of its last chunk, still in flight."""
+        self._hashing: dict[str, tuple[int, Any]] = {}
+        """Per upload, the SHA-256 of the bytes this process appended in order from 0 (and
+        up to where): the last chunk then needs no second pass over the whole file."""
         self._naming = asyncio.Lock()
         """Held while a blob is sealed and recorded, and while unnamed blobs are deleted."""
 
@@ -136,10 +161,14 @@ class FileService:
                               self.config.clock())
         stored, replaced = await self.store.begin_upload(upload, self.config.file_quota)
         for part in replaced:
-            await self.blobs.drop_part(part)
-        if await self.blobs.blob_size(sha256) == size:
-            return await self._finish(stored)
-        return self._answer(stored.id, await self.blobs.part_size(stored.id), size)
+            async with self._part_lock(part):
+                await self._settled(part)
+                await self.blobs.drop_part(part)
+        async with self._part_lock(stored.id):
+            offset = await self._settled(stored.id)
+            if await self.blobs.blob_size(sha256) == size:
+                return await self._finish(stored)
+        return self._answer(stored.id, offset, size)
 
     def _answer(self, upload_id: str, offset: int, size: int,
                 record: FileRecord | None = None) -> dict[str, Any]:
@@ -161,23 +190,74 @@ class FileService:
         upload = await self.store.get_upload(upload_id)
         if upload is None or upload.device != device.id:
             raise NotFound(f"no upload {upload_id!r} of this device", {"upload": upload_id})
-        if chunk_sha256 is not None and hashlib.sha256(data).hexdigest() != chunk_sha256:
-            raise DigestMismatch("the chunk does not match its X-Chunk-Sha256",
-                                 {"scope": "chunk", "offset": offset})
         if offset + len(data) > upload.size:
             raise MalformedRequest(f"chunk ends at {offset + len(data)}, beyond the declared"
                                    f" size {upload.size}", {"size": upload.size})
         async with self._part_lock(upload_id):
-            end = await self.blobs.append_part(upload_id, offset, data)
+            stored = await self._settled(upload_id)
+            if offset != stored:
+                raise OffsetMismatch(f"the part ends at {stored}, not {offset}",
+                                     {"offset": stored})
+            running = self._running(upload_id, offset)
+            # Off the event loop: hashlib lets go of the GIL for large buffers.
+            chunk_ok = await asyncio.to_thread(_hash_chunk, data, chunk_sha256, running)
+            if not chunk_ok:
+                self._hashing.pop(upload_id, None)
+                raise DigestMismatch("the chunk does not match its X-Chunk-Sha256",
+                                     {"scope": "chunk", "offset": offset})
+            end = offset + len(data)
+            if running is not None:
+                self._hashing[upload_id] = (end, running)
             if end < upload.size:
+                # Written while the next chunk travels: the offset answered is where the
+                # part will end. Should the write fail (or the process die first), the
+                # next chunk is told the true end (offset_mismatch) and the device
+                # resends from there.
+                self._writes[upload_id] = _background(
+                    self.blobs.append_part(upload_id, offset, data))
                 return self._answer(upload_id, end, upload.size)
+            await self.blobs.append_part(upload_id, offset, data)
             return await self._finish(upload)
 
+    async def _settled(self, upload_id: str) -> int:
+        """Where the part of ``upload_id`` ends, once its write in flight (if any) is
+        done; a failed one is logged, and forgets the running hash."""
+        pending = self._writes.pop(upload_id, None)
+        if pending is not None:
+            try:
+                await pending
+            except (CrdtsyncError, OSError) as exc:
+                self._hashing.pop(upload_id, None)
+                log.warning("upload %s: a chunk's write failed (%s); the device resends it",
+                            upload_id, exc)
+        return await self.blobs.part_size(upload_id)
+
+    async def drain(self) -> None:
+        """Wait for every chunk write in flight (at shutdown)."""
+        for upload_id in list(self._writes):
+            await self._settled(upload_id)
+
+    def _running(self, upload_id: str, offset: int) -> Any:
+        """The running SHA-256 of ``upload_id`` if this process hashed every byte before
+        ``offset`` (a fresh one at 0), else ``None`` (the seal will hash the part)."""
+        if offset == 0:
+            return hashlib.sha256()
+        known = self._hashing.get(upload_id)
+        if known is not None and known[0] == offset:
+            return known[1]
+        self._hashing.pop(upload_id, None)
+        return None
+
     async def _finish(self, upload: UploadRecord) -> dict[str, Any]:
+        known = self._hashing.pop(upload.id, None)
+        hashed = (known[1].hexdigest() == upload.sha256 if known is not None
+                  and known[0] == upload.size else None)
         async with self._naming:
             if await self.blobs.blob_size(upload.sha256) == upload.size:
                 await self.blobs.drop_part(upload.id)  # same bytes stored before
-            elif not await self.blobs.seal(upload.id, upload.sha256):
+            elif hashed is False or not await self.blobs.seal(upload.id, upload.sha256,
+                                                             hashed=bool(hashed)):
+                await self.blobs.drop_part(upload.id)
                 raise DigestMismatch("the uploaded bytes do not match the declared sha256; the"
                                      " upload starts over at offset 0",
                                      {"scope": "file", "offset": 0})
@@ -211,7 +291,7 @@ class FileService:
         try:
             sha256, size = await self._receive(part, body)
             async with self._naming:
-                await self.blobs.seal(part, sha256)
+                await self.blobs.seal(part, sha256, hashed=True)
                 record = FileRecord(owner, DOWN, name, sha256, size, meta, self.config.clock())
                 old = await self.store.put_file(record)
         finally:
