@@ -153,6 +153,7 @@ async def one_size(size: int, repeat: int, folder: Path, server: Child, static: 
     source = folder / f"src-{size}.bin"
     make_file(source, size)
     os.link(source, folder / "static" / source.name)
+    fresh = folder / f"fresh-{size}.bin"  # new bytes per upload: none is deduplicated
     results: dict[str, list[dict[str, Any]]] = {"up": [], "down": [], "plain": []}
     server_peak = {"up": 0, "down": 0}
     for run in range(repeat):
@@ -164,11 +165,13 @@ async def one_size(size: int, repeat: int, folder: Path, server: Child, static: 
             if direction == "down":
                 async with AdminClient(server.url, ADMIN_TOKEN) as admin:
                     await admin.put_file("blob.bin", source, device=device)
+            else:
+                make_file(fresh, size)
             base = rss(server.pid)
             async with PeakRss(server.pid) as peak:
                 results[direction].append(await run_child(
                     __file__, "--child", server.url, device, tokens[device], str(work),
-                    direction, str(source)))
+                    direction, str(fresh if direction == "up" else source)))
             server_peak[direction] = max(server_peak[direction], peak.peak - base)
         results["plain"].append(await run_child(
             __file__, "--plain", f"{static.url}/{source.name}", str(folder / "plain.out")))

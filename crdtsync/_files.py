@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
-import io
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ import re
 import secrets
 import sqlite3
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,8 +173,8 @@ class FileClient:
                    ) -> dict[str, Any]:
         """One chunk at ``offset``; the server's new state."""
         return await self._json(
-            "PUT", f"/v1/files/uploads/{upload}?offset={offset}", data=io.BytesIO(chunk),
-            headers={"X-Chunk-Sha256": sha256, "Content-Type": "application/octet-stream"})
+            "PUT", f"/v1/files/uploads/{upload}?offset={offset}", data=_payload(chunk),
+            headers={"X-Chunk-Sha256": sha256})
 
     async def download(self, sha256: str, start: int,
                        write: Callable[[bytearray], Awaitable[None]]) -> None:
@@ -201,6 +201,16 @@ class FileClient:
                         await write(buffer)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(describe(exc, url)) from exc
+
+
+def _payload(chunk: bytes) -> aiohttp.BytesPayload:
+    """``chunk`` as a body written to the socket in one call. aiohttp warns about bytes
+    bodies over 1 MiB (the copy into the socket buffer runs on the loop); a chunk is at most
+    the server's ``chunk`` (4 MiB by default), and one copy took a third less time per
+    upload than the 64 KiB writes of an ``io.BytesIO`` body (bench/files.py)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return aiohttp.BytesPayload(chunk, content_type="application/octet-stream")
 
 
 async def _json_or_none(resp: aiohttp.ClientResponse) -> Any:
