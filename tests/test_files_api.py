@@ -199,3 +199,18 @@ def test_file_feed_item_json_and_subject() -> None:
     assert item.to_json() == {"cursor": "7", "key": "fi:7", "kind": "file", "device": "cam.1",
                               "fleet": "west", "time": 10, "received": 10, "file": body}
     assert item_subject("cs", item) == "cs.west.cam%2E1._file.dump%2Ebin"
+
+
+async def test_deleting_a_device_deletes_its_files(server: Server, admin: AdminClient) -> None:
+    auth = await _device(admin)
+    data = b"photo" * 100
+    async with aiohttp.ClientSession() as http:
+        _, begun = await _begin(http, server.url, auth, "p.jpg", data)
+        await _put(http, server.url, auth, begun["id"], 0, data)
+        async with http.put(f"{server.url}/v1/devices/cam-1/files/cfg.json",
+                            data=io.BytesIO(b"{}"), headers=ADMIN) as resp:
+            assert resp.status == 201
+    await admin.delete_device("cam-1")
+    await _device(admin)  # the same id again: a new device, without the old one's files
+    assert await admin.files(device="cam-1") == []
+    assert await server.services.files.blobs.blob_size(hashlib.sha256(data).hexdigest()) is None

@@ -332,6 +332,19 @@ class FileService:
         await self._forget([record.sha256])
         return record
 
+    async def forget_device(self, device_id: str) -> int:
+        """Delete every file of a deleted device (its blobs too, unless something else
+        names them); returns how many. Its uploads in progress go with the retention of
+        uploads."""
+        owner = device_owner(device_id)
+        gone = 0
+        while records := await self.store.list_files(owner, limit=1000):
+            for record in records:
+                await self.store.delete_file(owner, record.direction, record.name)
+            await self._forget([record.sha256 for record in records])
+            gone += len(records)
+        return gone
+
     async def readable(self, device: DeviceRecord, sha256: str) -> FileRecord:
         """The ``down`` file of ``device`` or its fleet whose blob is ``sha256``:
         what a device may download. :class:`NotFound` otherwise."""
