@@ -17,7 +17,8 @@ Throughput is the median over `--repeat` runs of each; the ratio is crdtsync ove
 (goal >= 0.5). The server's RSS is sampled every 10 ms during each transfer (its peak over
 the baseline before); memory is compared between two file sizes, the small and the large.
 
-    python bench/files.py [--sizes 20 100] [--repeat 3] [--quick] [--write FILE]
+    python bench/files.py [--sizes 20 100] [--repeat 3] [--chunk BYTES] [--quick]
+                          [--write FILE]
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def render(rows: list[dict[str, Any]], repeat: int) -> str:
     return "\n".join(lines)
 
 
-async def bench(sizes: list[int], repeat: int) -> str:
+async def bench(sizes: list[int], repeat: int, chunk: int | None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "static").mkdir()
@@ -212,7 +213,8 @@ async def bench(sizes: list[int], repeat: int) -> str:
                                          str(folder / "static")], folder / "static.log")
         await static.start()
         try:
-            async with await start_server(folder) as server:
+            flags = ["--file-chunk", str(chunk)] if chunk else []
+            async with await start_server(folder, *flags) as server:
                 rows = [await one_size(size, repeat, folder, server, static) for size in sizes]
         finally:
             await static.stop()
@@ -233,12 +235,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs=2, default=[20, 100], metavar="MB",
                         help="the small and the large file, MB (default 20 100)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure")
+    parser.add_argument("--chunk", type=int, metavar="BYTES",
+                        help="the server's --file-chunk (default: its default, 4 MiB)")
     parser.add_argument("--quick", action="store_true", help="CI: 2 and 8 MB, one run")
     parser.add_argument("--write", type=Path, metavar="FILE",
                         help="put the report in the files block of FILE")
     args = parser.parse_args()
     sizes, repeat = ([2, 8], 1) if args.quick else (args.sizes, args.repeat)
-    text = asyncio.run(bench([s * MB for s in sizes], repeat))
+    text = asyncio.run(bench([s * MB for s in sizes], repeat, args.chunk))
     report(text, args.write, "files")
 
 
