@@ -36,7 +36,6 @@ import random
 import re
 import secrets
 import sqlite3
-import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -70,6 +69,9 @@ DEFAULT_CHUNK = 4 * 1024 * 1024
 """Upload chunk when the server does not say (it answers its ``chunk``)."""
 FILE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 """A file name (the server's rule, docs/protocol.md section 18)."""
+MAX_DAMAGED = 5
+"""Chunks in a row the cloud may refuse as damaged (``digest_mismatch``, scope ``chunk``)
+before the upload stops with that error."""
 RECHECK = 300.0
 """Seconds after which the transfer task tries again files that failed for good."""
 
@@ -86,7 +88,7 @@ class FileInfo:
 
 
 @dataclass(slots=True)
-class Transfer:
+class FileTransfer:
     """Progress of one transfer in flight: ``direction`` ``"up"`` or ``"down"``, ``done``
     bytes of ``total``."""
 
@@ -135,7 +137,7 @@ async def _settle(future: asyncio.Future[Any]) -> None:
 
 
 FileHandler = Callable[[FileInfo], Awaitable[None] | None]
-ProgressCallback = Callable[[Transfer], None]
+ProgressCallback = Callable[[FileTransfer], None]
 
 
 class FileClient:
@@ -232,9 +234,10 @@ class FileTransfers:
     (then files queue, and transfers raise :class:`ClosedError`)."""
 
     def __init__(self, store: DeviceStore, root: Path, client: FileClient | None,
-                 announced: Callable[[], Mapping[str, Any]],
+                 announced: Callable[[], Mapping[str, Any]], clock: Callable[[], int],
                  backoff: tuple[float, float] = (1.0, 300.0)) -> None:
         self._store = store
+        self._clock = clock
         self._out = root / "out"
         self._in = root / "in"
         self._client = client
@@ -245,7 +248,7 @@ class FileTransfers:
         self._unhandled: set[str] = set()
         self._handlers: list[tuple[str | None, FileHandler]] = []
         self._progress: list[ProgressCallback] = []
-        self.transfers: dict[tuple[str, str], Transfer] = {}
+        self.transfers: dict[tuple[str, str], FileTransfer] = {}
         """Transfers in flight by ``(direction, name)``."""
         self.errors: dict[str, CrdtsyncError] = {}
         """The last error of each file that could not move (by name; cleared on success)."""
@@ -297,7 +300,7 @@ class FileTransfers:
         finally:
             await asyncio.to_thread(_unlink, temp)
         info = FileInfo(name, size, sha256, meta)
-        replaced = await self._store.run(_queue, info, int(time.time() * 1000))
+        replaced = await self._store.run(_queue, info, self._clock())
         self._pending.pop(name, None)
         self._pending[name] = info
         await self._drop_copies(replaced)
@@ -328,7 +331,7 @@ class FileTransfers:
         log.info("file %s sent (%d bytes)", info.name, info.size)
 
     async def _send_one(self, client: FileClient, info: FileInfo, state: dict[str, Any],
-                        transfer: Transfer, chunks: ChunkReader) -> dict[str, Any]:
+                        transfer: FileTransfer, chunks: ChunkReader) -> dict[str, Any]:
         offset = int(state["offset"])
         chunk_size = max(1, min(int(state.get("chunk") or DEFAULT_CHUNK), 64 * BLOCK))
         chunk, digest = await chunks.read(offset, chunk_size)
@@ -342,10 +345,14 @@ class FileTransfers:
             if exc.detail.get("scope") == "file":
                 await self._check_copy(info)
                 return {**state, "offset": 0}
-            raise
+            # Damaged on the way: send it again, a few times in a row at most.
+            damaged = int(state.get("damaged", 0)) + 1
+            if damaged > MAX_DAMAGED:
+                raise
+            return {**state, "damaged": damaged}
         transfer.done = int(answer["offset"])
         self._report(transfer)
-        return {**state, **answer}
+        return {**state, **answer, "damaged": 0}
 
     async def _check_copy(self, info: FileInfo) -> None:
         """After the cloud refused the whole file: the local copy must still hash right,
@@ -474,7 +481,7 @@ class FileTransfers:
             self.errors.pop(name, None)
 
     async def run(self) -> None:
-        """Transfer whenever poked (and every :data:`RECHECK` seconds), backing off after
+        """FileTransfer whenever poked (and every :data:`RECHECK` seconds), backing off after
         retryable failures, until cancelled."""
         failures = 0
         delay: float | None = 0.0
@@ -500,12 +507,12 @@ class FileTransfers:
             raise ClosedError("this device's transport cannot carry files")
         return self._client
 
-    def _start(self, direction: str, name: str, done: int, total: int) -> Transfer:
-        transfer = self.transfers[(direction, name)] = Transfer(name, direction, done, total)
+    def _start(self, direction: str, name: str, done: int, total: int) -> FileTransfer:
+        transfer = self.transfers[(direction, name)] = FileTransfer(name, direction, done, total)
         self._report(transfer)
         return transfer
 
-    def _report(self, transfer: Transfer) -> None:
+    def _report(self, transfer: FileTransfer) -> None:
         for callback in self._progress:
             try:
                 callback(transfer)

@@ -44,9 +44,9 @@ from ._files import (
     FileHandler,
     FileInfo,
     FileSource,
+    FileTransfer,
     FileTransfers,
     ProgressCallback,
-    Transfer,
 )
 from ._inbox import CommandHandler, Inbox, MessageHandler
 from ._live import LiveChannel
@@ -231,7 +231,7 @@ class Device:
         self._files = FileTransfers(
             self._store, Path(f"{path}.files"),
             FileClient(*transport.files()) if isinstance(transport, HttpTransport) else None,
-            self._announced_files, backoff)
+            self._announced_files, wall, backoff)
         self._files_task: asyncio.Task[None] | None = None
         self._templates: dict[str, Template] = {}
         self._schema = FleetSchema(self._shared[FLEET_DOC])
@@ -634,7 +634,7 @@ class Device:
         return self._files.held
 
     @property
-    def file_transfers(self) -> list[Transfer]:
+    def file_transfers(self) -> list[FileTransfer]:
         """Transfers in flight, each with ``done`` and ``total`` bytes."""
         return list(self._files.transfers.values())
 

@@ -25,8 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from crdtsync import AdminClient, Device
-from crdtsync._files import FileInfo, Transfer
+from crdtsync import AdminClient, Device, FileInfo, FileTransfer
 from crdtsync_server import Server, ServerConfig
 
 
@@ -43,7 +42,7 @@ async def run_camera(device: Device, workdir: Path) -> dict[str, bytes]:
         print(f"firmware {version}: {info.size} bytes verified, installed")
         installed.append(version)
 
-    def progress(t: Transfer) -> None:
+    def progress(t: FileTransfer) -> None:
         if t.done == t.total:
             print(f"  {t.direction} {t.name}: {t.total} bytes")
 

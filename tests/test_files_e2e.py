@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
-from crdtsync import AdminClient, Device
-from crdtsync._files import FileInfo, Transfer
+from crdtsync import AdminClient, Device, FileInfo, FileTransfer
 from crdtsync_server import Server
 
 from .conftest import ADMIN_TOKEN, DeviceFactory
@@ -127,5 +127,34 @@ async def test_cloud_files_reach_the_device(server: Server, admin: AdminClient,
     await dev.sync_files()
     assert set(dev.files) == {"fw.bin"} and dev.files["fw.bin"].size == 1000
     assert len(seen) == 2
-    transfers: list[Transfer] = dev.file_transfers
+    transfers: list[FileTransfer] = dev.file_transfers
     assert transfers == []
+
+
+async def test_a_chunk_damaged_on_the_way_is_refused_and_sent_again(
+        server: Server, make_device: DeviceFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk whose bytes no longer match their X-Chunk-Sha256 (damaged between the read
+    and the server) is refused with ``digest_mismatch`` (nothing of it stored) and sent
+    again; the file arrives whole, once."""
+    import crdtsync._files as files
+
+    read = files._read_chunk
+    damaged: list[int] = []
+
+    def damage_once(path: Path, offset: int, size: int) -> tuple[bytes, str]:
+        chunk, digest = read(path, offset, size)
+        if not damaged and offset > 0:
+            damaged.append(offset)
+            return bytes([chunk[0] ^ 0xFF]) + chunk[1:], digest
+        return chunk, digest
+
+    monkeypatch.setattr(files, "_read_chunk", damage_once)
+    server.services.config.file_chunk = 1024 * 1024
+    dev = await make_device("cam-9")
+    data = os.urandom(3 * 1024 * 1024)
+    await dev.send_file("x.bin", data)
+    await dev.sync_files()
+    assert damaged == [1024 * 1024] and dev.pending_files == []
+    files_in_feed = await _feed_files(server.url)
+    assert len(files_in_feed) == 1
+    assert await _cloud_file(server.url, files_in_feed[0]["url"]) == data

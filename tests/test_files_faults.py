@@ -20,8 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from crdtsync import AdminClient, Device, TransportError
-from crdtsync._files import Transfer
+from crdtsync import AdminClient, Device, FileTransfer, TransportError
 from crdtsync.testing import FaultProxy
 from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
@@ -85,15 +84,15 @@ async def until_done(dev: Device, done: Callable[[], bool], *, sync: bool = Fals
 
 class Starts:
     """A progress callback recording where each attempt of a transfer started, by
-    direction (each attempt reports through a new :class:`Transfer`)."""
+    direction (each attempt reports through a new :class:`FileTransfer`)."""
 
     def __init__(self, reached: int | None = None) -> None:
         self.starts: dict[str, list[int]] = {"up": [], "down": []}
         self.reached = {"up": asyncio.Event(), "down": asyncio.Event()}
         self._threshold = reached
-        self._current: dict[str, Transfer | None] = {"up": None, "down": None}
+        self._current: dict[str, FileTransfer | None] = {"up": None, "down": None}
 
-    def __call__(self, transfer: Transfer) -> None:
+    def __call__(self, transfer: FileTransfer) -> None:
         if transfer is not self._current[transfer.direction]:
             self._current[transfer.direction] = transfer
             self.starts[transfer.direction].append(transfer.done)

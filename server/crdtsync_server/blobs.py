@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -95,11 +96,15 @@ class DirectoryBlobs:
         return await asyncio.to_thread(self._append, self._part(part), offset, data)
 
     def _append(self, path: Path, offset: int, data: bytes) -> int:
-        size = _size(path)
-        if size != offset:
-            raise OffsetMismatch(f"the part ends at {size}, not {offset}", {"offset": size})
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab") as out:
+            # Locked from the size check to the end of the write: server processes sharing
+            # the directory (serve --workers) never both append at one offset.
+            fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+            size = os.fstat(out.fileno()).st_size
+            if size != offset:
+                raise OffsetMismatch(f"the part ends at {size}, not {offset}",
+                                     {"offset": size})
             out.write(data)
         return size + len(data)
 
