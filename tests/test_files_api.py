@@ -214,3 +214,19 @@ async def test_deleting_a_device_deletes_its_files(server: Server, admin: AdminC
     await _device(admin)  # the same id again: a new device, without the old one's files
     assert await admin.files(device="cam-1") == []
     assert await server.services.files.blobs.blob_size(hashlib.sha256(data).hexdigest()) is None
+
+
+async def test_a_put_the_schema_refuses_stores_nothing(server: Server, admin: AdminClient
+                                                       ) -> None:
+    """A device whose fleet schema refuses unknown maps cannot be announced a file: the put
+    is refused with the schema's error and nothing of it stays."""
+    await admin.add_fleet("strict")
+    await _device(admin, fleet="strict")
+    await admin.put_schema("strict", {"unknown": "refuse"})
+    async with aiohttp.ClientSession() as http, http.put(
+            f"{server.url}/v1/devices/cam-1/files/fw.bin", data=io.BytesIO(b"fw"),
+            headers=ADMIN) as resp:
+        assert resp.status in (403, 422)
+    assert await admin.files(device="cam-1") == []
+    assert await server.services.files.blobs.blob_size(hashlib.sha256(b"fw").hexdigest()) \
+        is None

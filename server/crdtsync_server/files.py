@@ -284,19 +284,31 @@ class FileService:
         ``fleet_owner``) ``down`` file ``name``, hashing them on the way (never whole in
         memory), and announce it to the device or fleet; returns the record. Raises
         :class:`FileTooLarge` as soon as the bytes pass ``max_file_size``, with nothing
-        stored; what ``body`` raises, likewise."""
+        stored; what ``body`` raises, likewise; what the announcement raises (the device's
+        fleet schema refusing its ``files`` map: ``SchemaViolation``, ``Forbidden``) after
+        undoing the record."""
         check_file_name(name)
         check_meta(meta)
         part = f"put-{secrets.token_hex(16)}"
+        previous = await self.store.get_file(owner, DOWN, name)
         try:
             sha256, size = await self._receive(part, body)
             async with self._naming:
                 await self.blobs.seal(part, sha256, hashed=True)
                 record = FileRecord(owner, DOWN, name, sha256, size, meta, self.config.clock())
-                old = await self.store.put_file(record)
+                await self.store.put_file(record)
         finally:
             await self.blobs.drop_part(part)
-        await self._announce(owner, name, {"sha256": sha256, "size": size, "meta": meta})
+        try:
+            await self._announce(owner, name, {"sha256": sha256, "size": size, "meta": meta})
+        except CrdtsyncError:  # e.g. the fleet's schema refuses the `files` map: undo
+            if previous is None:
+                await self.store.delete_file(owner, DOWN, name)
+            else:
+                await self.store.put_file(previous)
+            await self._forget([sha256])
+            raise
+        old = previous.sha256 if previous is not None else None
         await self._forget([old] if old and old != sha256 else [])
         return record
 
