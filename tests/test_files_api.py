@@ -230,3 +230,38 @@ async def test_a_put_the_schema_refuses_stores_nothing(server: Server, admin: Ad
     assert await admin.files(device="cam-1") == []
     assert await server.services.files.blobs.blob_size(hashlib.sha256(b"fw").hexdigest()) \
         is None
+
+
+async def test_retention_purges_old_files_and_abandoned_uploads(
+        server: Server, admin: AdminClient, server_clock: Any) -> None:
+    """With ``file_retention_ms`` set, the purge deletes uploaded files stored before it
+    (and the blobs nothing names), and uploads abandoned past ``upload_retention_ms`` with
+    their parts; a cloud put (``down``) stays."""
+    config = server.services.config
+    config.file_retention_ms = 60_000
+    config.upload_retention_ms = 120_000
+    auth = await _device(admin)
+    old, fresh, partial = b"old" * 100, b"fresh" * 100, b"partial" * 100
+    async with aiohttp.ClientSession() as http:
+        _, begun = await _begin(http, server.url, auth, "old.bin", old)
+        await _put(http, server.url, auth, begun["id"], 0, old)
+        _, abandoned = await _begin(http, server.url, auth, "partial.bin", partial)
+        await _put(http, server.url, auth, abandoned["id"], 0, partial[:10])
+        async with http.put(f"{server.url}/v1/devices/cam-1/files/fw.bin",
+                            data=io.BytesIO(b"fw"), headers=ADMIN) as resp:
+            assert resp.status == 201
+        server_clock.advance(90_000)
+        _, begun = await _begin(http, server.url, auth, "fresh.bin", fresh)
+        await _put(http, server.url, auth, begun["id"], 0, fresh)
+        assert await server.services.maintenance.purge() >= 1
+        assert sorted(f["name"] for f in await admin.files(device="cam-1")) == [
+            "fresh.bin", "fw.bin"]
+        blobs = server.services.files.blobs
+        assert await blobs.blob_size(hashlib.sha256(old).hexdigest()) is None
+        assert await blobs.part_size(abandoned["id"]) == 10  # not abandoned long enough yet
+        server_clock.advance(60_000)
+        await server.services.maintenance.purge()
+        assert await blobs.part_size(abandoned["id"]) == 0
+        status, gone = await _put(http, server.url, auth, abandoned["id"], 10, partial[10:])
+        assert status == 404 and gone["error"]["code"] == "not_found"
+    assert server.services.maintenance.purged["files"] >= 2
