@@ -5,6 +5,7 @@ verified, with ``on_file`` once, and ``fetch_file`` copies them out."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -158,3 +159,42 @@ async def test_a_chunk_damaged_on_the_way_is_refused_and_sent_again(
     files_in_feed = await _feed_files(server.url)
     assert len(files_in_feed) == 1
     assert await _cloud_file(server.url, files_in_feed[0]["url"]) == data
+
+
+async def test_a_sink_receives_each_file_once(server: Server, admin: AdminClient,
+                                              make_device: DeviceFactory) -> None:
+    """A webhook sink filtered on ``kind: file`` gets one item per stored upload, with
+    where to fetch it; a resent file (its answer lost) adds none."""
+    from aiohttp import web
+
+    from .conftest import local_app
+
+    received: list[dict[str, Any]] = []
+    arrived = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        received.extend((await request.json())["items"])
+        arrived.set()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    async with local_app(app) as url:
+        await admin.put_sink("files", {"type": "webhook", "filter": {"kind": "file"},
+                                       "options": {"url": f"{url}/hook",
+                                                   "secret": "s" * 16}})
+        dev = await make_device("cam-s")
+        await dev.send_file("a.bin", b"a" * 1000)
+        await dev.send_file("b.bin", b"b" * 2000)
+        await dev.sync_files()
+        await dev.send_file("a.bin", b"a" * 1000)  # the same file again: already stored
+        await dev.sync_files()
+        async with asyncio.timeout(30):
+            while len(received) < 2:
+                arrived.clear()
+                await arrived.wait()
+        await asyncio.sleep(0.3)  # nothing more comes
+    assert [(i["kind"], i["file"]["name"], i["file"]["size"]) for i in received] == [
+        ("file", "a.bin", 1000), ("file", "b.bin", 2000)]
+    assert len({i["key"] for i in received}) == 2
+    assert received[0]["file"]["url"] == "/v1/devices/cam-s/files/a.bin"
