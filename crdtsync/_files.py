@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import random
-import re
 import secrets
 import sqlite3
 import warnings
@@ -56,6 +55,7 @@ from .errors import (
     TransportError,
     error_from_code,
 )
+from .protocol import FILE_NAME_RE
 from .transport import describe
 
 log = logging.getLogger("crdtsync.device")
@@ -67,8 +67,6 @@ BLOCK = 1024 * 1024
 """Bytes read, hashed or written at a time."""
 DEFAULT_CHUNK = 4 * 1024 * 1024
 """Upload chunk when the server does not say (it answers its ``chunk``)."""
-FILE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-"""A file name (the server's rule, docs/protocol.md section 18)."""
 MAX_DAMAGED = 5
 """Chunks in a row the cloud may refuse as damaged (``digest_mismatch``, scope ``chunk``)
 before the upload stops with that error."""

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from crdtsync.errors import MalformedRequest
+from crdtsync.protocol import FILE_NAME_RE
 
 from .feed import FeedRow, json_text
 from .records import wake_device, wake_fleet
@@ -25,16 +26,13 @@ DOWN = "down"
 """A file the cloud put for a device or a fleet (``PUT /v1/devices/{id}/files/{name}``)."""
 FILE_DIRECTIONS = (UP, DOWN)
 
-FILE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-"""A file name: 1-128 of ``A-Z a-z 0-9 . _ -``, not starting with ``.`` or ``-`` (safe in
-a URL path segment and as a file name on every platform)."""
 
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 """A SHA-256 as 64 lowercase hex digits."""
 
 
 def check_file_name(name: str) -> str:
-    """``name`` if it is a valid file name (:data:`FILE_NAME_RE`), else
+    """``name`` if it is a valid file name (``crdtsync.protocol.FILE_NAME_RE``), else
     :class:`MalformedRequest`."""
     if not isinstance(name, str) or not FILE_NAME_RE.fullmatch(name):
         raise MalformedRequest(f"{name!r} is not a valid file name (1-128 of A-Z a-z 0-9 . _ -,"
