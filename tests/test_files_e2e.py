@@ -198,3 +198,20 @@ async def test_a_sink_receives_each_file_once(server: Server, admin: AdminClient
         ("file", "a.bin", 1000), ("file", "b.bin", 2000)]
     assert len({i["key"] for i in received}) == 2
     assert received[0]["file"]["url"] == "/v1/devices/cam-s/files/a.bin"
+
+
+async def test_the_background_loop_moves_files_by_itself(server: Server,
+                                                         make_device: DeviceFactory) -> None:
+    """With the background loop (and the live channel), a queued file leaves and a file the
+    cloud puts arrives without any call: the transfer task runs after each sync."""
+    dev = await make_device("cam-bg", interval=30.0, min_spacing=0.05)
+    got = asyncio.Event()
+    dev.on_file("fw.bin")(lambda info: got.set())
+    await dev.send_file("up.bin", b"u" * 5000)
+    await _put(server.url, "/v1/devices/cam-bg/files/fw.bin", b"f" * 7000)
+    async with asyncio.timeout(30):
+        await got.wait()
+        while dev.pending_files:
+            await asyncio.sleep(0.05)
+    assert dev.files["fw.bin"].size == 7000
+    assert [f["name"] for f in await _feed_files(server.url)] == ["up.bin"]
