@@ -1046,9 +1046,13 @@ async def cmd_file_get(admin: AdminClient, args: argparse.Namespace) -> int:
         await admin.get_file(args.name, sys.stdout.buffer, direction=args.direction,
                              **file_target(args))
         return 0
-    with open(target, "wb") as dest:  # noqa: ASYNC230 (written block by block as it arrives)
-        size = await admin.get_file(args.name, dest, direction=args.direction,
-                                    **file_target(args))
+    try:
+        with open(target, "wb") as dest:  # noqa: ASYNC230 (written block by block as it comes)
+            size = await admin.get_file(args.name, dest, direction=args.direction,
+                                        **file_target(args))
+    except BaseException:
+        os.unlink(target)  # no empty or partial file left behind
+        raise
     err(f"{target}: {size} bytes")
     return 0
 

@@ -63,8 +63,10 @@ def test_file_put_get_list(server: str, tmp_path: Path) -> None:
     _ok("file", "get", "--device", "cli-f1", "dump.bin", "--out", str(tmp_path / "back"),
         url=server)
     assert (tmp_path / "back").read_bytes() == upload
-    missing = cli("file", "get", "--device", "cli-f1", "nope.bin", env=admin_env(server))
+    missing = cli("file", "get", "--device", "cli-f1", "nope.bin", env=admin_env(server),
+                  cwd=tmp_path)
     assert missing.returncode == 1 and "not_found" in missing.stderr
+    assert not (tmp_path / "nope.bin").exists()
     both = cli("file", "list", "--device", "x", "--fleet", "y", env=admin_env(server))
     assert both.returncode == 2
 
