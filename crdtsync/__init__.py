@@ -15,6 +15,7 @@ from ._lazy import lazy_exports
 
 if TYPE_CHECKING:  # what mypy and IDEs see; at run time __getattr__ imports on first access
     from ._device_store import OutboxLimits
+    from ._files import FileInfo, FileTransfer
     from ._inbox import Message
     from ._state import StateMap
     from .admin import AdminClient
@@ -42,6 +43,8 @@ __all__ = [
     "Conflict",
     "CrdtsyncError",
     "Device",
+    "FileInfo",
+    "FileTransfer",
     "HttpTransport",
     "InvalidValue",
     "Message",
@@ -65,6 +68,7 @@ if not TYPE_CHECKING:  # hidden from mypy, which would type a misspelt name as o
         "admin": ["AdminClient"],
         "device": ["Device", "SyncReport"],
         "_device_store": ["OutboxLimits"],
+        "_files": ["FileInfo", "FileTransfer"],
         "errors": ["ClosedError", "CrdtsyncError", "InvalidValue", "OutboxFull", "RouteFailed",
                    "SchemaViolation", "StoreError", "SyncStalled", "TransportError"],
         "_inbox": ["Message"],

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ._sqlite_worker import SQLiteWorker, transaction
 from .errors import OutboxFull
 from .hlc import COUNTER_BITS
+
+T = TypeVar("T")
 
 MIGRATIONS: Sequence[str] = (
     # v1
@@ -67,6 +69,14 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE dirty ADD COLUMN stamp INTEGER;
     ALTER TABLE dirty ADD COLUMN value BLOB;
     ALTER TABLE dirty ADD COLUMN nested INTEGER NOT NULL DEFAULT 0;
+    """,
+    # v6: files (crdtsync/_files.py): queued to send (their bytes copied under <path>.files/out)
+    # and received, verified (under <path>.files/in), with whether on_file handlers ran
+    """
+    CREATE TABLE files_out (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+                            meta TEXT NOT NULL, queued INTEGER NOT NULL) STRICT;
+    CREATE TABLE files_in (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+                           meta TEXT NOT NULL, handled INTEGER NOT NULL DEFAULT 0) STRICT;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -196,6 +206,11 @@ class DeviceStore:
     async def aclose(self) -> None:
         """Close the connection; idempotent."""
         await self._db.aclose()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in the store's thread: for a module that owns its own
+        tables (``crdtsync/_files.py``: ``files_out``, ``files_in``)."""
+        return await self._db.run(fn, *args)
 
     # --- the mirror -------------------------------------------------------------------
 

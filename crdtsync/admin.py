@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
 import aiohttp
@@ -232,8 +233,8 @@ class AdminClient:
         """One page of the change feed after cursor ``after``: ``(items, next)``, ``next``
         the cursor to pass as ``after`` to read on. With ``wait=S`` (at most 60) the server
         holds the request up to S seconds until an item arrives (a long poll). Filters:
-        ``device``, ``fleet``, ``topic`` (events only) and ``kind`` (``event``, ``state``
-        or ``conflict``)."""
+        ``device``, ``fleet``, ``topic`` (events only) and ``kind`` (``event``, ``state``,
+        ``conflict`` or ``file``)."""
         params = query_params(after=after, limit=limit, wait=wait, device=device,
                               fleet=fleet, topic=topic, kind=kind)
         total = self._timeout.total
@@ -289,6 +290,59 @@ class AdminClient:
                 return rows
             after = page["next"]
 
+    # --- files (docs/protocol.md section 18) ---------------------------------------------
+
+    async def put_file(self, name: str, source: str | os.PathLike[str], *,
+                       device: str | None = None, fleet: str | None = None,
+                       meta: Any = None) -> dict[str, Any]:
+        """Put the file at ``source`` as ``name`` for ``device`` or ``fleet`` (streamed from
+        disk, never read whole); returns the stored record. The device (every device of
+        the fleet) downloads it after its next sync."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if meta is not None:
+            headers["X-File-Meta"] = json.dumps(meta)
+        path = f"{_files_path(device, fleet)}/{name}"
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        try:
+            with open(source, "rb") as body:  # noqa: ASYNC230 (aiohttp streams it)
+                async with self._session.put(self.url + path, data=body, headers=headers,
+                                             timeout=FILE_TIMEOUT) as resp:
+                    if resp.status >= 400:
+                        raise await response_error(resp)
+                    result: dict[str, Any] = await resp.json()
+                    return result
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._unreachable("PUT", path, exc) from exc
+
+    async def get_file(self, name: str, dest: IO[bytes], *, device: str | None = None,
+                       fleet: str | None = None, direction: str | None = None) -> int:
+        """Write the bytes of file ``name`` of ``device`` (default: what it sent) or
+        ``fleet`` into ``dest`` as they arrive; returns how many."""
+        size = 0
+        async with self._open(f"{_files_path(device, fleet)}/{name}",
+                              query_params(direction=direction), timeouts=FILE_TIMEOUT) as resp:
+            try:
+                async for block in resp.content.iter_chunked(1024 * 1024):
+                    dest.write(block)
+                    size += len(block)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise self._unreachable("GET", name, exc) from exc
+        return size
+
+    async def files(self, *, device: str | None = None, fleet: str | None = None,
+                    direction: str | None = None) -> list[dict[str, Any]]:
+        """Every file of ``device`` or ``fleet`` (optionally of one direction), all pages."""
+        found: list[dict[str, Any]] = []
+        after = ""
+        while True:
+            page = (await self.request("GET", _files_path(device, fleet), params=query_params(
+                direction=direction, after=after, limit=MAX_PAGE)))["files"]
+            found += page
+            if len(page) < MAX_PAGE:
+                return found
+            after = page[-1]["name"]
+
     @contextlib.asynccontextmanager
     async def _open(self, path: str, params: Mapping[str, str], *,
                     timeouts: aiohttp.ClientTimeout, headers: Mapping[str, str] | None = None
@@ -309,6 +363,15 @@ class AdminClient:
 
 MAX_PAGE = 1000
 """The largest page the management API serves."""
+FILE_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+"""A file moves for as long as it takes, as long as bytes keep coming."""
+
+
+def _files_path(device: str | None, fleet: str | None) -> str:
+    """``/v1/devices/{device}/files`` or ``/v1/fleets/{fleet}/files``: exactly one."""
+    if (device is None) == (fleet is None):
+        raise ValueError("give device or fleet")
+    return f"/v1/devices/{device}/files" if device is not None else f"/v1/fleets/{fleet}/files"
 STREAM_IDLE_S = 45.0
 """Seconds without a byte before a feed stream counts as dropped (the server sends a
 keep-alive every 15 seconds)."""

@@ -7,7 +7,8 @@ events.
                     [--backlog N] [--feed-retention DAYS] [--header-timeout S]
                     [--body-timeout S] [--rebuild-factor X] [--rebuild-slack B]
                     [--wake-hold S] [--wake-rate N] [--max-waiters N] [--instance-ttl S]
-                    [--log-level LEVEL] [--log-format text|json]
+                    [--files-dir DIR] [--max-file-size B] [--file-quota B] [--file-chunk B]
+                    [--file-retention DAYS] [--log-level LEVEL] [--log-format text|json]
     crdtsync demo   [--devices N] [--duration S] [--db PATH] [--port N] [--data-dir DIR]
                     [--log-level LEVEL]
     crdtsync device add ID [--meta JSON] | crdtsync device list | crdtsync device show ID
@@ -23,6 +24,9 @@ events.
     crdtsync env show|set [--device ID | --fleet ID] [KEY=VALUE...] [--string]
     crdtsync template FLEET [TOPIC [JSON | --delete]]
     crdtsync schema set --fleet F FILE | show --fleet F [--version HASH] | delete --fleet F
+    crdtsync file put (--device ID | --fleet F) NAME PATH [--meta JSON]
+    crdtsync file get (--device ID | --fleet F) NAME [--out PATH] [--direction up|down]
+    crdtsync file list (--device ID | --fleet F) [--direction up|down]
     crdtsync sink add NAME JSON | list | show NAME | delete NAME | dead-letters NAME
     crdtsync sink retry NAME [ID...]
     crdtsync simulate [--devices N] [--servers M] [--steps S] [--seed K] [--seeds N]
@@ -169,9 +173,10 @@ def check_serve(config: ServerConfig, workers: int) -> None:
 
 SERVE_OPTIONS = ("max_body", "cache_docs", "backlog", "cache_idle", "header_timeout",
                  "body_timeout", "rebuild_factor", "rebuild_slack", "wake_hold", "wake_rate",
-                 "max_waiters", "instance_ttl")
+                 "max_waiters", "instance_ttl", "files_dir", "max_file_size", "file_quota",
+                 "file_chunk")
 """``crdtsync serve`` options that set the ``ServerConfig`` field of the same name."""
-SHOWN_DEFAULTS = frozenset(SERVE_OPTIONS) - {"max_body"}
+SHOWN_DEFAULTS = frozenset(SERVE_OPTIONS) - {"max_body", "files_dir"}
 """The options whose help shows the ``ServerConfig`` default (:class:`ServeHelp`)."""
 
 
@@ -214,6 +219,8 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
             setattr(config, name, value)
     if args.feed_retention is not None:
         config.feed_retention_ms = round(args.feed_retention * 86_400_000)
+    if args.file_retention is not None:
+        config.file_retention_ms = round(args.file_retention * 86_400_000)
     return config
 
 
@@ -718,6 +725,18 @@ def add_serve(sub: Subparsers) -> None:
                    help="after this long without a heartbeat, an instance sharing the"
                         " database counts as gone: its running proxied requests are finished"
                         " as interrupted")
+    p.add_argument("--files-dir", metavar="DIR",
+                   help="directory of the file blobs (default: <database>.files next to a"
+                        " SQLite file; inside the database on PostgreSQL)")
+    p.add_argument("--max-file-size", type=number(int, 0), metavar="BYTES",
+                   help="largest file either way")
+    p.add_argument("--file-quota", type=number(int, 0), metavar="BYTES",
+                   help="bytes of files one device may hold in the cloud")
+    p.add_argument("--file-chunk", type=number(int, 1), metavar="BYTES",
+                   help="largest upload chunk a device may send")
+    p.add_argument("--file-retention", type=number(float, 0.0001), metavar="DAYS",
+                   help="delete files devices sent this many days after they were stored"
+                        " (default: keep them)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", type=log_format, metavar="text|json",
@@ -947,7 +966,7 @@ def feed_options(*, kind: bool) -> argparse.ArgumentParser:
     parent.add_argument("--fleet", help="only items of devices in this fleet")
     parent.add_argument("--topic", help="only events of this topic")
     if kind:
-        parent.add_argument("--kind", choices=["event", "state", "conflict"],
+        parent.add_argument("--kind", choices=["event", "state", "conflict", "file"],
                             help="only events, only state changes or only conflicts")
     return parent
 
@@ -1004,6 +1023,74 @@ def add_sink(sub: Subparsers, client: argparse.ArgumentParser) -> None:
     retry.set_defaults(run=admin_command(cmd_sink_retry))
 
 
+def file_target(args: argparse.Namespace) -> dict[str, str | None]:
+    """``device=`` or ``fleet=`` from ``--device`` / ``--fleet`` (exactly one)."""
+    if (args.device is None) == (args.fleet is None):
+        raise UsageError("give --device ID or --fleet F")
+    return {"device": args.device, "fleet": args.fleet}
+
+
+async def cmd_file_put(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Put the file at PATH as NAME for a device (``--device``) or every device of a fleet
+    (``--fleet``), streamed; they download it after their next sync. Prints the record."""
+    meta = json.loads(args.meta) if args.meta is not None else None
+    out(pretty(await admin.put_file(args.name, args.path, meta=meta, **file_target(args))))
+    return 0
+
+
+async def cmd_file_get(admin: AdminClient, args: argparse.Namespace) -> int:
+    """Download file NAME of a device (by default what it sent; ``--direction down``: what
+    the cloud put for it) or of a fleet into ``--out`` (default: NAME; ``-``: stdout)."""
+    target = args.out or args.name
+    if target == "-":
+        await admin.get_file(args.name, sys.stdout.buffer, direction=args.direction,
+                             **file_target(args))
+        return 0
+    try:
+        with open(target, "wb") as dest:  # noqa: ASYNC230 (written block by block as it comes)
+            size = await admin.get_file(args.name, dest, direction=args.direction,
+                                        **file_target(args))
+    except BaseException:
+        os.unlink(target)  # no empty or partial file left behind
+        raise
+    err(f"{target}: {size} bytes")
+    return 0
+
+
+async def cmd_file_list(admin: AdminClient, args: argparse.Namespace) -> int:
+    """List a device's or a fleet's files: name, direction, size, SHA-256."""
+    files = await admin.files(direction=args.direction, **file_target(args))
+    rows = [("NAME", "DIRECTION", "SIZE", "SHA256")]
+    rows += [(f["name"], f["direction"], str(f["size"]), f["sha256"]) for f in files]
+    out(format_table(rows))
+    return 0
+
+
+def add_file(sub: Subparsers, client: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("file", help="put, get and list files of devices and fleets")
+    file = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument("--device", metavar="ID", help="a device's files")
+    target.add_argument("--fleet", metavar="F", help="a fleet's files")
+    direction = argparse.ArgumentParser(add_help=False)
+    direction.add_argument("--direction", choices=["up", "down"],
+                           help="up: sent by the device; down: put by the cloud")
+    put = file.add_parser("put", parents=[client, target], help="put a file for devices",
+                          description=cmd_file_put.__doc__)
+    put.add_argument("name", help="the file's name (1-128 of A-Z a-z 0-9 . _ -)")
+    put.add_argument("path", help="the local file to send")
+    put.add_argument("--meta", metavar="JSON", help="the file's meta, as JSON")
+    put.set_defaults(run=admin_command(cmd_file_put))
+    get = file.add_parser("get", parents=[client, target, direction], help="download a file",
+                          description=cmd_file_get.__doc__)
+    get.add_argument("name", help="the file's name")
+    get.add_argument("--out", "-o", metavar="PATH", help="where to write it (- for stdout)")
+    get.set_defaults(run=admin_command(cmd_file_get))
+    listing = file.add_parser("list", parents=[client, target, direction], help="list files",
+                              description=cmd_file_list.__doc__)
+    listing.set_defaults(run=admin_command(cmd_file_list))
+
+
 class Parser(argparse.ArgumentParser):
     """Every parser and sub-parser of the command line formats its help with
     :class:`PlainHelp` (sub-parsers are made of the root parser's class)."""
@@ -1033,6 +1120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_state(sub, client)
     add_events(sub, client)
     add_sink(sub, client)
+    add_file(sub, client)
     add_feed(sub, client)
     add_export(sub, client)
     return parser

@@ -39,6 +39,15 @@ from ._device_store import (
     OutboxLimits,
     QueuedEvent,
 )
+from ._files import (
+    FileClient,
+    FileHandler,
+    FileInfo,
+    FileSource,
+    FileTransfer,
+    FileTransfers,
+    ProgressCallback,
+)
 from ._inbox import CommandHandler, Inbox, MessageHandler
 from ._live import LiveChannel
 from ._packing import pack, plain_events
@@ -81,6 +90,9 @@ from .transport import HttpTransport, LiveTransport, Transport, failure_reason
 from .values import check_event_body, normalize
 
 log = logging.getLogger("crdtsync.device")
+
+FILES_MAP = "files"
+"""The root map where the cloud announces files (docs/protocol.md section 18)."""
 
 STATE_GEN = f"gen:{STATE_DOC}"
 """Store meta key of the generation of the device's own document (docs/protocol.md 8)."""
@@ -216,6 +228,11 @@ class Device:
         self._inbox = Inbox(self._store, device_id, wall)
         self._calls = Calls(self._store, wall)
         self._shared = {name: SharedDoc(name, self._store) for name in SHARED_DOC_NAMES}
+        self._files = FileTransfers(
+            self._store, Path(f"{path}.files"),
+            FileClient(*transport.files()) if isinstance(transport, HttpTransport) else None,
+            self._announced_files, wall, backoff)
+        self._files_task: asyncio.Task[None] | None = None
         self._templates: dict[str, Template] = {}
         self._schema = FleetSchema(self._shared[FLEET_DOC])
         self.env = Env(self._own_env, self._shared[FLEET_DOC], self._shared[PROJECT_DOC])
@@ -278,8 +295,10 @@ class Device:
         self._local_version = self._store.dirty_version
         await self._start_clock()
         self.env.remember()
+        await self._files.load()
         if self.interval is not None:
             self._task = asyncio.create_task(self._run(), name=f"crdtsync-sync-{self.id}")
+            self._files_task = spawn(self._files.run(), f"crdtsync-files-{self.id}")
         if self._channel is not None:
             self._live_task = spawn(self._channel.run(), f"crdtsync-live-{self.id}")
 
@@ -289,10 +308,11 @@ class Device:
         if self._state == "closed":
             return
         self._state = "closed"
-        tasks = [task for task in (self._task, self._live_task) if task is not None]
+        tasks = [task for task in (self._task, self._live_task, self._files_task)
+                 if task is not None]
         if tasks:
             await cancel_and_wait(*tasks)
-        self._task = self._live_task = None
+        self._task = self._live_task = self._files_task = None
         async with self._sync_lock:
             if self._captured:
                 self._flush()
@@ -588,6 +608,80 @@ class Device:
             return handler
         return register
 
+    # --- files both ways ---------------------------------------------------------------
+
+    async def send_file(self, name: str, source: FileSource, meta: Any = None) -> FileInfo:
+        """Queue file ``name`` for the cloud: ``source`` is a path, the bytes or a binary
+        file object, ``meta`` JSON data (at most 4 KiB as JSON). The bytes are copied into
+        the device's store first (``<path>.files``), so the file survives restarts and
+        changes to the source; it is sent in chunks by the transfer task (the background
+        loop, or :meth:`sync_files`), resumes where it stopped after any cut, and leaves
+        :attr:`pending_files` once the cloud verified its SHA-256. A queued file of the
+        same name is replaced. ``ValueError`` for a bad name or meta, ``OSError`` when the
+        source cannot be read."""
+        self._check_open()
+        return await self._files.queue(name, source, meta)
+
+    @property
+    def pending_files(self) -> list[FileInfo]:
+        """Files queued for the cloud and not yet stored there, oldest first."""
+        return self._files.pending
+
+    @property
+    def files(self) -> dict[str, FileInfo]:
+        """Files the cloud put for this device or its fleet that the device holds,
+        verified, by name (copy one out with :meth:`fetch_file`)."""
+        return self._files.held
+
+    @property
+    def file_transfers(self) -> list[FileTransfer]:
+        """Transfers in flight, each with ``done`` and ``total`` bytes."""
+        return list(self._files.transfers.values())
+
+    @property
+    def file_errors(self) -> dict[str, CrdtsyncError]:
+        """Files that could not move for good (too large, over quota...), with the error;
+        they stay queued and are tried again every few minutes."""
+        return dict(self._files.errors)
+
+    def on_file(self, name: str | None = None) -> Callable[[FileHandler], FileHandler]:
+        """Register ``handler(info)`` (sync or async) for received file ``name`` (``None``:
+        every file). It runs once per received version, after the bytes were verified;
+        again only if it raised or the device died before it was recorded."""
+        def register(handler: FileHandler) -> FileHandler:
+            self._files.on_file(name, handler)
+            return handler
+        return register
+
+    def on_file_progress(self, callback: ProgressCallback) -> ProgressCallback:
+        """Register ``callback(transfer)``, called as transfers move (after each chunk)."""
+        self._files.on_progress(callback)
+        return callback
+
+    async def fetch_file(self, name: str, dest: str | Path | Any) -> FileInfo:
+        """Copy received file ``name`` to ``dest`` (a path or a binary file object),
+        checking its SHA-256; :class:`NotFound` if the device holds none."""
+        self._check_open()
+        return await self._files.fetch(name, dest)
+
+    async def sync_files(self) -> None:
+        """Send every queued file and receive every announced one now (the background
+        loop does this by itself; call it with ``interval=None`` after :meth:`sync`).
+        Raises a retryable :class:`CrdtsyncError` when the link or the server failed;
+        files refused for good are in :attr:`file_errors`."""
+        self._check_open()
+        await self._files.run_once()
+
+    def _announced_files(self) -> dict[str, Any]:
+        """The ``files`` maps of the fleet document and of the device's own (its own
+        wins): what the cloud put for the device."""
+        if self._state != "open":
+            return {}
+        announced = dict(self._shared[FLEET_DOC].get(FILES_MAP))
+        if FILES_MAP in self.doc.keys():  # noqa: SIM118  (never create the root by reading)
+            announced.update(StateMap(self, FILES_MAP).to_dict())
+        return announced
+
     # --- device to cloud: proxied requests ----------------------------------------------
 
     async def request(self, route: str, body: Any = None, *, request_id: str | None = None
@@ -680,6 +774,7 @@ class Device:
             report.duration = time.perf_counter() - started
             self.last_report = report
             self.last_error = None
+            self._files.poke()  # the announced files may have changed
             return report
 
     @property

@@ -23,7 +23,11 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     │   ├── SeqGap                 seq_gap               409  events skip unseen seqs
     │   ├── SeqConflict            seq_conflict          409  seq reused with other content
     │   ├── GenerationMismatch     generation_mismatch   409  document generation differs
-    │   └── CursorExpired          cursor_expired        410  feed items after it were purged
+    │   ├── CursorExpired          cursor_expired        410  feed items after it were purged
+    │   ├── FileTooLarge           file_too_large        413  file over the server's max size
+    │   ├── QuotaExceeded          quota_exceeded        413  device's files over its quota
+    │   ├── OffsetMismatch         offset_mismatch       409  upload chunk not at the stored end
+    │   └── DigestMismatch         digest_mismatch       422  chunk or file fails its SHA-256
     ├── AuthError
     │   ├── Unauthorized           unauthorized          401  missing or wrong credential
     │   └── Forbidden              forbidden             403  valid credential, not allowed
@@ -167,6 +171,39 @@ class CursorExpired(RequestError):
 
     code = "cursor_expired"
     status = 410
+
+
+class FileTooLarge(RequestError):
+    """A file over the server's ``max_file_size`` (``detail``: ``max_file_size``, ``size``);
+    nothing of it is stored."""
+
+    code = "file_too_large"
+    status = 413
+
+
+class QuotaExceeded(RequestError):
+    """A device's files (stored and being uploaded) would exceed its quota (``detail``:
+    ``quota``, ``used``, ``size``); nothing of the new file is stored."""
+
+    code = "quota_exceeded"
+    status = 413
+
+
+class OffsetMismatch(RequestError):
+    """An upload chunk that does not start where the stored part of the file ends
+    (``detail.offset``: where it ends); nothing of the chunk is stored. Resend from there."""
+
+    code = "offset_mismatch"
+    status = 409
+
+
+class DigestMismatch(RequestError):
+    """Bytes that fail their SHA-256 (``detail.scope``: ``chunk`` for one upload chunk,
+    nothing of which is stored; ``file`` for a whole file, whose upload starts over from
+    offset 0)."""
+
+    code = "digest_mismatch"
+    status = 422
 
 
 class AuthError(CrdtsyncError):

@@ -61,6 +61,10 @@ MAX_SEQ = 2**63 - 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
 """Device ids, document names and topics: 1-64 chars, letters, digits and ``_ . : -``."""
 
+FILE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+"""File names (docs/protocol.md 18), to ``fullmatch``: 1-128 of ``A-Z a-z 0-9 . _ -``, not
+starting with ``.`` or ``-`` (safe in a URL path segment and as a file name anywhere)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -88,7 +88,9 @@ class HttpTransport:
 
     def __init__(self, url: str, token: str, *, session: aiohttp.ClientSession | None = None,
                  timeout: float = 30.0, compress_threshold: int = COMPRESS_THRESHOLD) -> None:
-        self.url = url.rstrip("/") + SYNC_PATH
+        self.base_url = url.rstrip("/")
+        """The server's base URL (the file transfers, ``crdtsync/_files.py``, use it too)."""
+        self.url = self.base_url + SYNC_PATH
         self.wake_url = url.rstrip("/") + WAKE_PATH
         self._wake_session: aiohttp.ClientSession | None = None
         self._token = token
@@ -109,6 +111,11 @@ class HttpTransport:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         return self._session
+
+    def files(self) -> tuple[str, str, Callable[[], aiohttp.ClientSession]]:
+        """What the device's file transfers need to reach the server on this transport's
+        connections: the base URL, the token and the session (created when first used)."""
+        return self.base_url, self._token, self._client
 
     async def exchange(self, body: bytes) -> bytes:
         try:

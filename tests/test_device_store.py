@@ -269,7 +269,7 @@ async def test_device_v3_database_migrates_in_place(tmp_path: Path) -> None:
         assert (store.dirty_count, store.dirty_version, await store.dirty_keys()) == (0, 0, [])
         store.append_update("state", b"u", [DirtyWrite("state", "z", 5, b"\xc3")], 1)
         assert await store.dirty_keys() == [("state", "z")]
-    assert _dump(path)[0] == SCHEMA_VERSION == 5
+    assert _dump(path)[0] == SCHEMA_VERSION == 6
     assert _dump(FIXTURES / "device_v3.db")[0] == 3  # the golden file was not touched
 
 
@@ -296,7 +296,7 @@ async def test_device_v4_database_migrates_in_place(tmp_path: Path) -> None:
                                                 ("state", "gone")]
         assert await store.dirty_writes() == [DirtyWrite("state", "z", 9, b"\xc3")]
         assert store.dirty_stamp == 9
-    assert _dump(path)[0] == SCHEMA_VERSION == 5
+    assert _dump(path)[0] == SCHEMA_VERSION == 6
     assert _dump(FIXTURES / "device_v4.db")[0] == 4  # the golden file was not touched
 
 

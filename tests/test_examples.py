@@ -21,6 +21,9 @@ EXPECTED = {
     "pipe_events.py": ["piped 3 event(s) (3 new)", "pipe resumed after cursor",
                        "piped 5 event(s) (5 new)", "events delivered again: 0 new row(s)",
                        "ok: 8 readings piped into SQLite exactly once"],
+    "firmware.py": ["firmware 2.1: 3000000 bytes verified, installed",
+                    "after the transfers: 0 file(s) queued",
+                    "ok: firmware down verified, 2 file(s) up verified"],
 }
 
 

@@ -61,8 +61,9 @@ def test_cli_loads_the_server_only_when_a_server_command_runs() -> None:
 
 def test_public_names_are_frozen_and_resolve() -> None:
     assert crdtsync.__all__ == [
-        "AdminClient", "ClosedError", "Conflict", "CrdtsyncError", "Device", "HttpTransport",
-        "InvalidValue", "Message", "OutboxFull", "OutboxLimits", "RouteFailed",
+        "AdminClient", "ClosedError", "Conflict", "CrdtsyncError", "Device", "FileInfo",
+        "FileTransfer", "HttpTransport", "InvalidValue", "Message", "OutboxFull",
+        "OutboxLimits", "RouteFailed",
         "SchemaViolation", "StateMap", "StateSchema", "StoreError", "SyncReport", "SyncStalled",
         "Transport", "TransportError", "WriteInfo", "__version__"]
     namespace: dict[str, object] = {}

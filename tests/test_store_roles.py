@@ -16,6 +16,7 @@ from crdtsync_server.store import (
     DocumentStore,
     DownlinkStore,
     FeedStore,
+    FileStore,
     SettingsStore,
     SinkStore,
     Store,
@@ -25,7 +26,7 @@ from crdtsync_server.store import (
 from .store_backends import BACKENDS
 
 ROLES: tuple[type[Any], ...] = (DocumentStore, DeviceStore, SettingsStore, DownlinkStore,
-                                FeedStore, SinkStore, WakeStore, Store)
+                                FeedStore, SinkStore, WakeStore, FileStore, Store)
 """The role protocols, and :class:`Store` for what only the whole store declares (the
 lifecycle, ``commit`` and ``delete_device``)."""
 

@@ -22,6 +22,12 @@ fault per *request*, also on keep-alive connections. Per request it applies one 
     hold_response forward the request, read the server's whole answer (it has committed)
                   without forwarding it, then hold as ``hold_request`` does
 
+Independently of the mode, ``cut_every`` (bytes) cuts the stream every that many bytes
+forwarded, counted over requests and responses of every connection: the message that
+crosses the budget is forwarded up to it, then both sides are closed (counted as
+``cut_every`` in :attr:`FaultProxy.stats`). Large transfers (files) see a cut every few
+megabytes, wherever in a message it falls.
+
 Either one fixed mode (``proxy.mode = "reset"``) or a seeded random plan of probabilities
 per request (``proxy.plan = {"cut_request": 0.1, "stall": 0.05}``; the rest passes). Every
 random choice comes from ``random.Random(seed)``, drawn when a request arrives, so a client
@@ -37,12 +43,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import socket
 import struct
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,8 +204,12 @@ class FaultProxy:
 
     def __init__(self, target_port: int, *, target_host: str = "127.0.0.1", seed: int = 0,
                  mode: str = "pass", plan: Mapping[str, float] | None = None,
-                 stall: float = 1.0, host: str = "127.0.0.1", port: int = 0) -> None:
+                 stall: float = 1.0, host: str = "127.0.0.1", port: int = 0,
+                 cut_every: int | None = None) -> None:
         self.target = (target_host, target_port)
+        self.cut_every = cut_every
+        """Bytes forwarded between two cuts of the stream (``None``: no such cuts)."""
+        self._budget = cut_every or 0
         self.host = host
         self.port = port
         self.stall = stall
@@ -374,11 +385,29 @@ class _Link:
             await _first_end(self.client[0], upstream)
 
     async def _pass(self, request: bytes) -> bool:
-        response = await self._exchange(request)
+        if not await self._within_budget(self._send_upstream, request):
+            return False
+        assert self.upstream is not None
+        response = await read_message(self.upstream[0], response=True)
         if response is None:
             return False
-        await _send(self.client[1], response)
+        if not await self._within_budget(functools.partial(_send, self.client[1]), response):
+            return False
         return not (_closes(request) or _closes(response))
+
+    async def _within_budget(self, forward: Callable[[bytes], Awaitable[object]],
+                             message: bytes) -> bool:
+        """Forward ``message``, or only its part within the proxy's ``cut_every`` budget
+        (then renew the budget and return False: the caller closes both sides)."""
+        proxy = self.proxy
+        if proxy.cut_every is None or len(message) < proxy._budget:
+            proxy._budget -= len(message)
+            await forward(message)
+            return True
+        await forward(message[:proxy._budget])
+        proxy._budget = proxy.cut_every
+        proxy.stats["cut_every"] += 1
+        return False
 
     async def _send_upstream(self, data: bytes) -> asyncio.StreamReader:
         if self.upstream is None:

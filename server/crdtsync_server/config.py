@@ -106,6 +106,23 @@ class ServerConfig:
     wake_retention_ms: int = 3600 * 1000
     """Wake log entries are purged this long after they were written (with the other
     purges); a device whose cursor is older syncs once when it reconnects."""
+    files_dir: str | None = None
+    """Directory of the file blobs (content-addressed, ``crdtsync_server.blobs``). ``None``:
+    ``<db>.files`` next to a SQLite database, the database itself on PostgreSQL (so every
+    instance serves the same bytes), memory with a ``memory:`` store."""
+    max_file_size: int = 1024 * 1024 * 1024
+    """Bytes one file may have at most, either way (``413 file_too_large``)."""
+    file_quota: int | None = 4 * 1024 * 1024 * 1024
+    """Bytes of files one device may hold in the cloud at most, stored and being uploaded
+    together (``413 quota_exceeded``); ``None``: no quota."""
+    file_chunk: int = 4 * 1024 * 1024
+    """Bytes of the largest upload chunk the server takes (and tells devices to send); a
+    larger Content-Length is refused before a byte is read."""
+    file_retention_ms: int | None = None
+    """Files devices uploaded are deleted this long after they were stored (with the other
+    purges); ``None`` keeps them until deleted through the API."""
+    upload_retention_ms: int = 7 * 24 * 3600 * 1000
+    """An upload not finished this long after it started is dropped with its bytes."""
     clock: Callable[[], int] = hlc.wall_ms
     """The server's wall clock, ms since the epoch: the times syncs record and answer, and
     the stamps that decide which write of a key is the latest (protocol section 13).

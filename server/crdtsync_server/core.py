@@ -24,6 +24,7 @@ from .auth import UNAUTHORIZED_DEVICE, admin_token_hash, authenticate_device
 from .config import ServerConfig
 from .documents import DocumentCache
 from .feed import FeedNotifier, build_projection
+from .files import FileService, open_blobs
 from .maintenance import Maintenance
 from .notify import DeviceNotifier
 from .proxied.dispatch import ProxyRunner, load_route_table
@@ -62,6 +63,8 @@ class Services:
     maintenance: Maintenance
     wakes: WakeHub
     """Holds the devices' live channels (``GET /v1/wake``)."""
+    files: FileService
+    """Files both ways: uploads, the cloud's puts, downloads, retention."""
 
     def release_waiters(self) -> None:
         """Wake every long poll and stream for good (at shutdown, before the close)."""
@@ -140,9 +143,10 @@ async def _build(config: ServerConfig, store: Store, proxy: ProxyRunner) -> Serv
     wakes = WakeHub(store, hold=config.wake_hold,
                     poll=SAFETY_POLL if hears else config.wake_poll,
                     rate=config.wake_rate, max_waiters=config.max_waiters)
+    files = FileService(config, store, open_blobs(config, store), sync, feed)
     return Services(config, store, docs, sync, admin_hash, proxy.routes, proxy,
                     TemplateRegistry(store), feed, sinks, results,
-                    Maintenance(config, store, docs, sync, proxy), wakes)
+                    Maintenance(config, store, docs, sync, proxy, files), wakes, files)
 
 
 @asynccontextmanager
@@ -159,6 +163,7 @@ async def _running(services: Services, loops: bool) -> AsyncIterator[None]:
         await services.sinks.aclose()
         await cancel_and_wait(*tasks)
         await services.sync.flush_touches()
+        await services.files.drain()
 
 
 async def process_sync(services: Services, token: str, body: bytes) -> bytes:

@@ -17,6 +17,7 @@ from crdtsync.errors import CrdtsyncError
 
 from .config import ServerConfig
 from .documents import DocumentCache
+from .files import FileService
 from .proxied.dispatch import ProxyRunner
 from .store import Store
 from .sync import SyncService
@@ -28,13 +29,15 @@ class Maintenance:
     """The periodic chores of one server process over its store, cache and sync service."""
 
     def __init__(self, config: ServerConfig, store: Store, docs: DocumentCache,
-                 sync: SyncService, proxy: ProxyRunner) -> None:
+                 sync: SyncService, proxy: ProxyRunner, files: FileService | None = None
+                 ) -> None:
         self.config = config
         self.store = store
         self.docs = docs
         self.sync = sync
         self.proxy = proxy
-        self.purged = {"finished": 0, "wakes": 0, "feed": 0}
+        self.files = files
+        self.purged = {"finished": 0, "wakes": 0, "feed": 0, "files": 0}
         """Rows purged by retention, by log (a metric)."""
 
     async def heartbeat(self) -> int:
@@ -44,7 +47,8 @@ class Maintenance:
 
     async def purge(self) -> int:
         """Purge finished downlink items and acknowledged requests older than the retention,
-        wake log entries older than theirs, and feed items older than the feed retention
+        wake log entries older than theirs, uploaded files and abandoned uploads older than
+        theirs (``FileService.purge``), and feed items older than the feed retention
         (:meth:`purge_feed`); returns how many rows went. Raises a :class:`CrdtsyncError`
         of the store."""
         now = self.config.clock()
@@ -55,6 +59,10 @@ class Maintenance:
         wakes = await self.store.purge_wakes(now - self.config.wake_retention_ms)
         self.purged["wakes"] += wakes
         gone += wakes
+        if self.files is not None:
+            files = await self.files.purge(now)
+            self.purged["files"] += files
+            gone += files
         if self.config.feed_retention_ms is not None:
             feed = await self.purge_feed(now - self.config.feed_retention_ms)
             self.purged["feed"] += feed

@@ -35,6 +35,7 @@ from . import (
     downlink,
     env,
     feed,
+    files,
     fleets,
     health,
     metrics,
@@ -52,7 +53,7 @@ from .requestlog import log_failure
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ROUTE_TABLES = (sync, wake, devices, downlink, env, templates, schemas, fleets, feed, sinks,
-                metrics, console, health)
+                files, metrics, console, health)
 """The handler modules; each has a ``routes`` table."""
 
 

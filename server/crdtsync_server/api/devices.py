@@ -114,12 +114,15 @@ async def patch_device(request: web.Request) -> web.Response:
 
 @routes.delete("/v1/devices/{device}")
 async def delete_device(request: web.Request) -> web.Response:
-    """Delete the device, its documents, projection, queued messages and commands and its
-    proxied requests; its token stops working at once. Its events and state changes stay
-    in the feed unless ``?events=true``. Answers 204."""
+    """Delete the device, its documents, projection, queued messages and commands, its
+    proxied requests and its files; its token stops working at once. Its events and state
+    changes stay in the feed unless ``?events=true``. Answers 204."""
     require_admin(request)
     events = bool_param(request, "events")
-    await request.app[SERVICES].sync.delete_device(name_param(request), events=events)
+    services = request.app[SERVICES]
+    device_id = name_param(request)
+    await services.sync.delete_device(device_id, events=events)
+    await services.files.forget_device(device_id)
     return web.Response(status=204)
 
 

@@ -8,11 +8,12 @@ before the next, so the stream holds every device's items in cursor order even w
 fails half way and is delivered again.
 
 Subjects (``_`` stands for "no fleet"; ``_state`` marks state changes, ``_conflict``
-conflicts)::
+conflicts, ``_file`` files)::
 
     <subject_prefix>.<fleet or _>.<device>.<topic>            an event
     <subject_prefix>.<fleet or _>.<device>._state.<doc>       a state change
     <subject_prefix>.<fleet or _>.<device>._conflict.<doc>    a conflict
+    <subject_prefix>.<fleet or _>.<device>._file.<name>       a file the device sent
 
 Names become single subject tokens by :func:`subject_token` (percent-encoding, reversible
 with ``urllib.parse.unquote``), so names holding ``.`` never add subject levels.
@@ -51,6 +52,7 @@ MAX_TIMEOUT_S = 120.0
 NO_FLEET = "_"
 STATE_TOKEN = "_state"
 CONFLICT_TOKEN = "_conflict"
+FILE_TOKEN = "_file"
 MSG_ID = "Nats-Msg-Id"
 
 
@@ -71,6 +73,8 @@ def item_subject(prefix: str, item: FeedItem) -> str:
     tokens = [prefix, subject_token(item.fleet), subject_token(item.device)]
     if item.kind == "event":
         tokens.append(subject_token(item.topic))
+    elif item.kind == "file":
+        tokens += [FILE_TOKEN, subject_token(item.body.get("name"))]
     else:
         marker = CONFLICT_TOKEN if item.kind == "conflict" else STATE_TOKEN
         tokens += [marker, subject_token(item.doc)]

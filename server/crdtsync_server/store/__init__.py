@@ -1,8 +1,9 @@
 """Storage backends of the sync server behind role-sized interfaces (``store/roles.py``):
 :class:`DocumentStore`, :class:`DeviceStore`, :class:`SettingsStore`, :class:`DownlinkStore`,
-:class:`FeedStore` and :class:`SinkStore`; :class:`Store` is all of them with the lifecycle
-and the two writes that span roles (``commit``, ``delete_device``). Records are in
-``store/records.py``, ``store/feed.py`` and ``store/sinks.py``; each backend is a package
+:class:`FeedStore`, :class:`SinkStore`, :class:`WakeStore` and :class:`FileStore`;
+:class:`Store` is all of them with the lifecycle and the two writes that span roles
+(``commit``, ``delete_device``). Records are in ``store/records.py``, ``store/feed.py``,
+``store/sinks.py`` and ``store/files.py``; each backend is a package
 with one module per role (``store/memory/``, ``store/sqlite/``, ``store/postgres/``).
 
 :func:`open_store` picks a backend from a URL: ``memory:`` (:class:`MemoryStore`),
@@ -18,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from crdtsync.errors import StoreError
 
+from .files import FileRecord, UploadRecord
 from .memory import MemoryStore
 from .records import (
     DOWNLINK_KINDS,
@@ -46,6 +48,7 @@ from .roles import (
     DownlinkStore,
     DownstreamStore,
     FeedStore,
+    FileStore,
     SettingsStore,
     SinkStore,
     Store,
@@ -70,6 +73,8 @@ __all__ = [
     "DownlinkStore",
     "DownstreamStore",
     "FeedStore",
+    "FileRecord",
+    "FileStore",
     "FleetRecord",
     "KeyStamp",
     "MemoryStore",
@@ -80,6 +85,7 @@ __all__ = [
     "Store",
     "StoredEvent",
     "SyncWrite",
+    "UploadRecord",
     "WakeEntry",
     "WakeStore",
     "open_store",

@@ -4,7 +4,8 @@ The feed is one durable, ordered log of everything downstream consumers need: ea
 event (``kind="event"``), each change of a device document (``kind="state"``: the keys
 that changed with their new values, ``None`` for a deleted key) and each conflict between
 a device's write and the cloud's (``kind="conflict"``: both writes, and which one the key
-holds). Its ``cursor`` grows in commit order, so a reader that saw cursor ``c`` never later
+holds), and each file a device finished uploading (``kind="file"``, ``store/files.py``).
+Its ``cursor`` grows in commit order, so a reader that saw cursor ``c`` never later
 finds a new item below ``c`` (one writer at a time: SQLite's write lock). Items are written
 in the same transaction as the data they describe, so the feed never misses nor invents a
 change.
@@ -60,7 +61,7 @@ def event_json(event: Event) -> str:
     """The event body as stored JSON text (bytes become base64 text)."""
     return json_text(event.body)
 
-FEED_KINDS = ("event", "state", "conflict")
+FEED_KINDS = ("event", "state", "conflict", "file")
 
 FEED_FLOOR_SETTING = "feed_floor"
 """Setting holding the highest purged feed cursor (backends that keep settings)."""
@@ -181,10 +182,10 @@ class FeedItem:
     def key(self) -> str:
         """A stable idempotency key: ``ev:<device>:<seq>`` for an event (the same event
         always gets the same key), ``st:<cursor>`` for a state change, ``cf:<cursor>`` for
-        a conflict."""
+        a conflict, ``fi:<cursor>`` for a file."""
         if self.kind == "event":
             return f"ev:{self.device}:{self.seq}"
-        return f"{'cf' if self.kind == 'conflict' else 'st'}:{self.cursor}"
+        return f"{_KEY_PREFIX.get(self.kind, 'st')}:{self.cursor}"
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -196,9 +197,14 @@ class FeedItem:
             data.update(topic=self.topic, seq=self.seq, body=self.body)
         elif self.kind == "conflict":
             data.update(doc=self.doc, conflict=self.body)
+        elif self.kind == "file":
+            data.update(file=self.body)
         else:
             data.update(doc=self.doc, source=self.source, changes=self.body)
         return data
+
+
+_KEY_PREFIX = {"conflict": "cf", "file": "fi"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,9 @@ and is implemented and tested on its own (``tests/test_store_<role>.py``):
 - :class:`FeedStore`: ``feed`` (with the ``events`` view) and ``projection``: every stored
   event, document change and conflict in one ordered log, and the current value of every
   key.
+- :class:`FileStore`: ``files`` and ``uploads``: which device or fleet holds which file
+  name (its SHA-256, size, meta), and the uploads in progress (records in
+  ``store/files.py``; the bytes are blobs, ``crdtsync_server.blobs``).
 - :class:`SinkStore`: ``sinks`` and ``dead_letters``: downstream consumers of the feed,
   their progress, leases and dead letters. :class:`DownstreamStore` is the feed and the
   sinks together, what a sink runner needs.
@@ -44,6 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from .feed import Changes, FeedFilter, FeedItem, ProjectionRow
+from .files import FileRecord, UploadRecord
 from .records import (
     CommitResult,
     DeviceRecord,
@@ -385,12 +389,73 @@ class WakeStore(Protocol):
         lowered; raises the floor to the highest cursor deleted. Returns how many went."""
 
 
+class FileStore(Protocol):
+    """Files and uploads in progress (tables ``files``, ``uploads``; records in
+    ``store/files.py``). A file record names a complete, verified blob by its SHA-256; an
+    upload is a separate record until :meth:`finish_upload` turns it into a file, in one
+    transaction with its ``file`` feed item, so nothing half-stored is ever listed. Which
+    blobs may go once no record names them is the server's decision
+    (``crdtsync_server.files``)."""
+
+    async def begin_upload(self, upload: UploadRecord, quota: int | None
+                           ) -> tuple[UploadRecord, list[str]]:
+        """Start (or resume) ``upload.device``'s upload of ``upload.name``: when an upload
+        of the same device, name and SHA-256 exists, it is returned unchanged (resume);
+        otherwise ``upload`` is stored, replacing the device's other uploads of that name,
+        whose ids are returned (their parts are the caller's to drop). With ``quota``, raises
+        :class:`QuotaExceeded` (nothing written) when the device's files (except one of this
+        name, which the upload replaces) and other uploads in progress plus ``upload.size``
+        exceed it. :class:`NotFound` for an unknown device."""
+
+    async def get_upload(self, upload_id: str) -> UploadRecord | None:
+        """One upload in progress, or ``None``."""
+
+    async def finish_upload(self, upload_id: str, now: int) -> tuple[FileRecord, str | None]:
+        """In one transaction: delete the upload, store its file (direction ``up``, owner
+        the device, ``created`` = ``now``) replacing one of the same name, and append its
+        ``file`` feed item (``store/files.py``: :func:`~.files.file_feed_row`). Returns the
+        file and the SHA-256 the replaced file named (``None`` if none). :class:`NotFound`
+        when the upload is gone (finished or dropped meanwhile), with nothing written."""
+
+    async def drop_upload(self, upload_id: str) -> bool:
+        """Forget an upload in progress; whether it existed."""
+
+    async def put_file(self, record: FileRecord) -> str | None:
+        """Store ``record`` (a file the cloud put, direction ``down``), replacing one of the
+        same owner, direction and name; returns the SHA-256 the replaced one named."""
+
+    async def get_file(self, owner: str, direction: str, name: str) -> FileRecord | None:
+        """One file, or ``None``."""
+
+    async def list_files(self, owner: str, direction: str | None = None, after: str = "",
+                         limit: int = 100) -> list[FileRecord]:
+        """The owner's files (of one direction, or both) with name > ``after``, ordered by
+        name then direction."""
+
+    async def find_file(self, owners: Sequence[str], direction: str, sha256: str
+                        ) -> FileRecord | None:
+        """A file of one of ``owners`` in ``direction`` whose blob is ``sha256``, or
+        ``None`` (does this device may read that blob)."""
+
+    async def delete_file(self, owner: str, direction: str, name: str) -> FileRecord | None:
+        """Delete one file; returns it, or ``None`` if there was none."""
+
+    async def purge_files(self, before: int, uploads_before: int
+                          ) -> tuple[list[str], list[str]]:
+        """Delete the ``up`` files stored before ``before`` (ms) and the uploads started
+        before ``uploads_before``; returns the SHA-256s the deleted files named and the ids
+        of the deleted uploads."""
+
+    async def digests_in_use(self, digests: Sequence[str]) -> set[str]:
+        """Those of ``digests`` that a file or an upload in progress still names."""
+
+
 class DownstreamStore(FeedStore, SinkStore, Protocol):
     """The feed and the sinks that deliver it: what a sink runner reads and moves."""
 
 
 class Store(DocumentStore, DeviceStore, SettingsStore, DownlinkStore, DownstreamStore,
-            WakeStore, Protocol):
+            WakeStore, FileStore, Protocol):
     """What the server needs from a database: every role, the lifecycle, and the two writes
     that span roles. Backends: memory, SQLite (default), PostgreSQL (several server
     instances on one database)."""

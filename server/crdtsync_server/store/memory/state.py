@@ -19,6 +19,7 @@ from typing import Any
 from crdtsync.errors import ClosedError, NotFound
 
 from ..feed import FeedItem
+from ..files import FileRecord, UploadRecord
 from ..records import (
     DeviceRecord,
     Downlink,
@@ -189,6 +190,8 @@ class MemoryState:
         self._wake_floor = 0  # the highest purged cursor
         self._wake_listeners: list[Callable[[int], None]] = []
         self._instances: dict[str, int] = {}  # instance id -> last heartbeat (ms)
+        self._files: dict[tuple[str, str, str], FileRecord] = {}  # (owner, direction, name)
+        self._uploads: dict[str, UploadRecord] = {}  # id -> upload in progress
         self.instance = secrets.token_hex(8)
         """This server instance's id: the runner of the proxied requests it claims."""
 

@@ -27,13 +27,14 @@ from .devices import MemoryDevices
 from .documents import MemoryDocuments
 from .downlink import MemoryDownlink
 from .feed import MemoryFeed
+from .files import MemoryFiles
 from .settings import MemorySettings
 from .sinks import MemorySinks
 from .wakes import MemoryWakes
 
 
-class MemoryStore(MemoryDocuments, MemoryDevices, MemorySettings, MemoryDownlink, MemoryFeed,
-                  MemorySinks, MemoryWakes):
+class MemoryStore(MemoryDocuments, MemoryDevices, MemorySettings, MemoryDownlink, MemoryFiles,
+                  MemoryFeed, MemorySinks, MemoryWakes):
     """A :class:`Store` held in dicts. Raises :class:`ClosedError` after :meth:`aclose`."""
 
     async def __aenter__(self) -> MemoryStore:
@@ -65,6 +66,8 @@ class MemoryStore(MemoryDocuments, MemoryDevices, MemorySettings, MemoryDownlink
         self._deleted_devices.clear()
         self._stamps.clear()
         self._wakes.clear()
+        self._files.clear()
+        self._uploads.clear()
 
     # the writes that span roles
 

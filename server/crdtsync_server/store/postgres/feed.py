@@ -229,6 +229,12 @@ async def record_conflicts(conn: asyncpg.Connection, conflicts: Sequence[Conflic
     await _append(conn, [conflict_row(c, fleets[c.device], now) for c in conflicts])
 
 
+async def append_feed(conn: asyncpg.Connection, rows: Sequence[FeedRow]) -> None:
+    """Append ``rows`` (no digests) to the feed, inside the caller's transaction, which
+    holds the sequence lock (another role's write with a feed item: a finished upload)."""
+    await _append(conn, rows)
+
+
 async def _append(conn: asyncpg.Connection, rows: Sequence[FeedRow],
                   digests: Sequence[bytes | None] | None = None) -> None:
     """Append ``rows`` (with ``digests``, if any) in one statement, raise ``feed_head`` to

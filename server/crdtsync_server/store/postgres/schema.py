@@ -214,9 +214,53 @@ INSTANCES = """
 """Server instances on this database and when each was last seen alive (heartbeat): a
 running proxied request whose runner is gone is finished as ``interrupted``."""
 
+FILES = """
+    CREATE TABLE files (
+        owner TEXT COLLATE "C" NOT NULL,
+        direction TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        sha256 TEXT COLLATE "C" NOT NULL,
+        size BIGINT NOT NULL,
+        meta TEXT COLLATE "C" NOT NULL,
+        created BIGINT NOT NULL,
+        PRIMARY KEY (owner, direction, name)
+    );
+    CREATE INDEX files_sha256 ON files (sha256);
+    CREATE INDEX files_direction_created ON files (direction, created);
+    CREATE TABLE uploads (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        device TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        sha256 TEXT COLLATE "C" NOT NULL,
+        size BIGINT NOT NULL,
+        meta TEXT COLLATE "C" NOT NULL,
+        created BIGINT NOT NULL
+    );
+    CREATE INDEX uploads_device_name ON uploads (device, name);
+    CREATE INDEX uploads_sha256 ON uploads (sha256);
+    CREATE TABLE blob_chunks (
+        sha256 TEXT COLLATE "C" NOT NULL,
+        pos BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (sha256, pos)
+    );
+    CREATE TABLE part_chunks (
+        part TEXT COLLATE "C" NOT NULL,
+        pos BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (part, pos)
+    );
+"""
+"""Files (``store/files.py``) and, so that every instance sharing the database serves the
+same bytes, the blobs themselves as ``BYTEA`` chunks (``store/postgres/blobs.py``): complete
+blobs by SHA-256 in ``blob_chunks``, uploads in progress in ``part_chunks``
+(docs/architecture.md explains why chunks, not large objects)."""
+
 MIGRATIONS: tuple[str, ...] = (
     # v1: everything of SQLite schema v7, plus marks, requests.runner and instances
     DOCUMENTS + DEVICES + SETTINGS + DOWNLINK + FEED + SINKS + WAKES + INSTANCES,
+    # v2: files, uploads and their blobs (issue 19)
+    FILES,
 )
 """Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
 Append only: a released script is never edited."""

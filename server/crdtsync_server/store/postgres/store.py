@@ -30,13 +30,14 @@ from .devices import PostgresDevices, require_device
 from .documents import PostgresDocuments, delete_stamps, insert_updates, replace_doc, write_stamps
 from .downlink import PostgresDownlink, ack_downlink, ack_outcomes, insert_requests
 from .feed import PostgresFeed, insert_events, record_changes, record_conflicts, stored_digests
+from .files import PostgresFiles
 from .settings import PostgresSettings
 from .sinks import PostgresSinks
 from .wakes import PostgresWakes, insert_wakes
 
 
 class PostgresStore(PostgresDocuments, PostgresDevices, PostgresSettings, PostgresDownlink,
-                    PostgresFeed, PostgresSinks, PostgresWakes):
+                    PostgresFeed, PostgresSinks, PostgresWakes, PostgresFiles):
     """A :class:`Store` in the PostgreSQL database at ``url``
     (``postgresql://user@host:port/dbname``).
 

@@ -8,7 +8,8 @@ ones, each in its own transaction. A database from a newer crdtsync raises
 Tables by role (``store/roles.py``): documents ``docs``, ``updates``, ``stamps``; devices
 ``devices``, ``deleted_devices``, ``fleets``; settings ``settings``; downlink ``downlink``,
 ``requests`` (and ``devices.down_seq``, ``down_done``); feed ``feed`` (and the ``events``
-view), ``projection``; sinks ``sinks``, ``dead_letters``.
+view), ``projection``; sinks ``sinks``, ``dead_letters``; wakes ``wakes``; files ``files``,
+``uploads``.
 """
 
 from __future__ import annotations
@@ -133,6 +134,36 @@ proxied request, so one instance's running requests are interrupted only once it
 Requests left running by v7 have no runner: they count as a gone instance's."""
 
 
+FILES_V9 = """
+    CREATE TABLE files (
+        owner TEXT NOT NULL,
+        direction TEXT NOT NULL,
+        name TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        meta TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        PRIMARY KEY (owner, direction, name)
+    ) WITHOUT ROWID;
+    CREATE INDEX files_sha256 ON files (sha256);
+    CREATE INDEX files_direction_created ON files (direction, created);
+    CREATE TABLE uploads (
+        id TEXT PRIMARY KEY,
+        device TEXT NOT NULL,
+        name TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        meta TEXT NOT NULL,
+        created INTEGER NOT NULL
+    );
+    CREATE INDEX uploads_device_name ON uploads (device, name);
+    CREATE INDEX uploads_sha256 ON uploads (sha256);
+"""
+"""Schema v9: files (``store/files.py``): which device or fleet holds which name, by the
+SHA-256 of its bytes (the blobs themselves are outside the database, ``crdtsync_server.blobs``),
+and the uploads in progress."""
+
+
 MIGRATIONS: tuple[str, ...] = (
     # v1
     """
@@ -238,6 +269,8 @@ MIGRATIONS: tuple[str, ...] = (
     WAKES_V7,
     # v8: instances and request runners (issue 16)
     INSTANCES_V8,
+    # v9: files and uploads (issue 19)
+    FILES_V9,
 )
 """Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
 Append only: a released script is never edited."""

@@ -34,13 +34,14 @@ from .devices import SQLiteDevices, require_device
 from .documents import SQLiteDocuments, delete_stamps, insert_updates, replace_doc, write_stamps
 from .downlink import SQLiteDownlink, ack_downlink, ack_outcomes, insert_requests, leave
 from .feed import SQLiteFeed, record_feed, stored_digests
+from .files import SQLiteFiles
 from .settings import SQLiteSettings
 from .sinks import SQLiteSinks
 from .wakes import SQLiteWakes, insert_wakes
 
 
 class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink, SQLiteFeed,
-                  SQLiteSinks, SQLiteWakes):
+                  SQLiteSinks, SQLiteWakes, SQLiteFiles):
     """A :class:`Store` in the SQLite file ``path``.
 
     Use ``async with SQLiteStore(path) as store:`` or :meth:`open` / :meth:`aclose`.
