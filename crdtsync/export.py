@@ -1,4 +1,5 @@
-"""Cold export: events from the change feed into files partitioned by day and topic.
+"""Cold export: events (and the files devices sent, as rows of topic ``_file``) from the
+change feed into files partitioned by day and topic.
 
     DIR/day=YYYY-MM-DD/topic=<topic>/part-<first cursor>-<last cursor>.parquet (or .ndjson)
     DIR/_export_state.json
@@ -51,6 +52,8 @@ from .errors import CrdtsyncError, ExportError
 __all__ = ["COLUMNS", "FORMATS", "ExportError", "ExportReport", "ExportState",
            "export_events", "topic_dir"]
 
+EXPORTED_KINDS = "event,file"
+"""The feed items an export writes: events, and files devices finished uploading."""
 COLUMNS = ("cursor", "key", "device", "fleet", "seq", "topic", "time", "received", "body")
 FORMATS = ("auto", "parquet", "ndjson")
 STATE_FILE = "_export_state.json"
@@ -269,8 +272,17 @@ def commit_chunk(out: Path, state: ExportState, rows: Sequence[Row], last: int
 # --- reading the feed -----------------------------------------------------------------------
 
 
+FILE_TOPIC = "_file"
+"""The ``topic`` of a file's row (its partition ``topic=_file``): no event topic starts with
+``_``, so it is never an event's."""
+
+
 def to_row(item: Mapping[str, Any]) -> Row:
-    """An event feed item as an export row (``COLUMNS``)."""
+    """An event or file feed item as an export row (``COLUMNS``). A file's row has ``topic``
+    :data:`FILE_TOPIC`, no ``seq`` and the file's description as ``body`` (name, size,
+    sha256, where to fetch it: protocol section 19)."""
+    if item["kind"] == "file":
+        item = {**item, "topic": FILE_TOPIC, "seq": None, "body": item["file"]}
     row = {name: item[name] for name in COLUMNS}
     row["cursor"] = int(item["cursor"])
     row["body"] = json.dumps(item["body"], separators=(",", ":"), ensure_ascii=False)
@@ -279,9 +291,11 @@ def to_row(item: Mapping[str, Any]) -> Row:
 
 async def feed_page(admin: AdminClient, state: ExportState, after: int, limit: int,
                     wait: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """One page of the events the export selects."""
+    """One page of the events and files the export selects (a ``topic`` filter selects
+    events of that topic only)."""
     where = state.filters
-    return await admin.feed(after, limit, wait, kind="event", device=where.get("device"),
+    return await admin.feed(after, limit, wait, kind=EXPORTED_KINDS,
+                            device=where.get("device"),
                             fleet=where.get("fleet"), topic=where.get("topic"))
 
 

@@ -120,6 +120,34 @@ async def test_export_partitions_by_day_and_topic(admin: AdminClient, sensor: De
     assert_clean(out)
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "ndjson"])
+async def test_files_devices_sent_are_exported_once_in_their_own_partition(
+        admin: AdminClient, sensor: Device, out: Path, fmt: str) -> None:
+    """A file a device finished uploading is one row (topic ``_file``, no seq, the feed
+    item's file description as body) beside the events, and a rerun adds none."""
+    await emit(sensor, EVENTS[:1])
+    await sensor.send_file("dump.bin", b"x" * 5000, meta={"why": "test"})
+    await sensor.sync_files()
+    first = await export_events(admin, out, format=fmt)
+    files, _ = await admin.feed(limit=1000, kind="file")
+    assert len(files) == 1 and first.events == 2
+    rows = READERS[fmt](out)
+    row = next(r for r in rows if r["topic"] == export.FILE_TOPIC)
+    assert row["key"] == files[0]["key"] and row["seq"] is None
+    assert json.loads(row["body"]) == files[0]["file"]
+    assert json.loads(row["body"])["size"] == 5000
+    day = datetime.fromtimestamp(files[0]["time"] / 1000, UTC).date().isoformat()
+    assert f"day={day}/topic=_file" in part_dirs(out)
+    await sensor.send_file("dump.bin", b"x" * 5000)  # the same file again: a new upload
+    await sensor.sync_files()
+    again = await export_events(admin, out, format=fmt)
+    files, _ = await admin.feed(limit=1000, kind="file")
+    assert again.events == len(files) - 1
+    assert sorted(exported_keys(out)) == sorted(
+        await event_keys(admin) + [f["key"] for f in files])
+    assert_clean(out)
+
+
 async def test_part_files_are_named_by_their_cursors(admin: AdminClient, sensor: Device,
                                                      out: Path) -> None:
     await emit(sensor, EVENTS)

@@ -117,10 +117,14 @@ async def test_filters(admin: AdminClient, make_device: DeviceFactory) -> None:
         assert await cursors(admin, **where) == expected(**where) != []
     assert await cursors(admin, device="nobody") == []
     assert {i["kind"] for i in everything} == {"event", "state"}
+    # several kinds, separated by commas
+    assert await cursors(admin, kind="state,event") == [i["cursor"] for i in everything]
+    assert await cursors(admin, kind="conflict,state") == expected(kind="state")
 
 
 @pytest.mark.parametrize("query", ["after=abc", "after=-1", "after=99999999999999999999",
-                                   "kind=nope", "limit=0", "limit=1001", "wait=61", "wait=x"])
+                                   "kind=nope", "kind=event,nope", "limit=0", "limit=1001",
+                                   "wait=61", "wait=x"])
 async def test_bad_parameters_get_a_typed_400(server: Server, query: str) -> None:
     async with aiohttp.ClientSession(headers=AUTH) as session, \
             session.get(f"{server.url}/v1/feed?{query}") as resp:

@@ -103,9 +103,12 @@ async def test_feed_filters(store: Store) -> None:
     assert await cursors(topic="temp") == [1, 4]
     assert await cursors(kind="state") == [3]
     assert await cursors(kind="event", device="a") == [1, 2]
+    assert await cursors(kind="state,event") == [1, 2, 3, 4]
+    assert await cursors(kind="state,conflict", device="a") == [3]
     assert await cursors(device="nobody") == []
-    with pytest.raises(ValueError):
-        FeedFilter(kind="nope")
+    for bad in ("nope", "event,nope", ",", ""):
+        with pytest.raises(ValueError):
+            FeedFilter(kind=bad)
 
 
 async def test_replayed_and_refused_writes_add_nothing_to_the_feed(store: Store) -> None:

@@ -34,12 +34,15 @@ the stream and lets the server notice a client that left)."""
 
 
 def feed_filter(request: web.Request) -> FeedFilter:
-    """``device``, ``fleet``, ``topic`` and ``kind`` query parameters (all optional)."""
+    """``device``, ``fleet``, ``topic`` and ``kind`` query parameters (all optional; ``kind``
+    one kind or several separated by commas)."""
     values = {name: request.query.get(name) or None
               for name in ("device", "fleet", "topic", "kind")}
-    if values["kind"] is not None and values["kind"] not in FEED_KINDS:
-        raise MalformedRequest(f"kind must be one of {list(FEED_KINDS)}")
-    return FeedFilter(**values)
+    try:
+        return FeedFilter(**values)
+    except ValueError as exc:
+        raise MalformedRequest(f"kind must be one or more of {list(FEED_KINDS)}, separated "
+                               "by commas") from exc
 
 
 def cursor_value(raw: str | None, name: str) -> int:

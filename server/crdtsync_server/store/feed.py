@@ -124,7 +124,8 @@ def conflict_json(conflict: Conflict) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class FeedFilter:
     """Which feed items a reader wants; ``None`` fields match everything. ``topic`` matches
-    events only (state changes have no topic)."""
+    events only (state changes have no topic). ``kind`` is one kind or several separated by
+    commas (``"event,file"``: what the export reads)."""
 
     device: str | None = None
     fleet: str | None = None
@@ -132,14 +133,31 @@ class FeedFilter:
     kind: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind is not None and self.kind not in FEED_KINDS:
-            raise ValueError(f"feed kind must be one of {FEED_KINDS}, not {self.kind!r}")
+        if self.kind is not None and not (self.kinds and set(self.kinds) <= set(FEED_KINDS)):
+            raise ValueError(f"feed kind must be one or more of {FEED_KINDS} separated by "
+                             f"commas, not {self.kind!r}")
+
+    @property
+    def kinds(self) -> tuple[str, ...] | None:
+        """The kinds ``kind`` names (``None``: every kind)."""
+        return None if self.kind is None else tuple(
+            part for part in self.kind.split(",") if part)
 
     def matches(self, item: FeedItem) -> bool:
+        kinds = self.kinds
         return ((self.device is None or item.device == self.device)
                 and (self.fleet is None or item.fleet == self.fleet)
                 and (self.topic is None or item.topic == self.topic)
-                and (self.kind is None or item.kind == self.kind))
+                and (kinds is None or item.kind in kinds))
+
+    def columns(self) -> dict[str, str | tuple[str, ...]]:
+        """``{column: value}`` of the fields set, for :func:`cursor_page`: ``kind`` as the
+        tuple of its kinds (one or more)."""
+        equal: dict[str, str | tuple[str, ...]] = {
+            name: value for name, value in self.to_json().items() if name != "kind"}
+        if self.kinds is not None:
+            equal["kind"] = self.kinds
+        return equal
 
     def to_json(self) -> dict[str, str]:
         return {name: value for name in ("device", "fleet", "topic", "kind")
@@ -261,13 +279,19 @@ def cursor_page(after: int, limit: int, equal: Mapping[str, Any],
                 param: Callable[[int], str]) -> tuple[str, list[Any]]:
     """The tail of a query paging by cursor, shared by the SQL backends: ``WHERE cursor >
     after AND column = value ... ORDER BY cursor LIMIT limit`` for each ``column: value`` of
-    ``equal`` whose value is not ``None`` (e.g. ``FeedFilter.to_json()``), and its
-    parameters. ``param(n)`` writes the n-th parameter (from 1): ``?`` in SQLite, ``$n`` in
-    PostgreSQL."""
+    ``equal`` whose value is not ``None`` (e.g. ``FeedFilter.columns()``; a tuple value is
+    ``column IN (...)``), and its parameters. ``param(n)`` writes the n-th parameter (from
+    1): ``?`` in SQLite, ``$n`` in PostgreSQL."""
     params: list[Any] = [after]
     clauses = [f"cursor > {param(1)}"]
     for column, value in equal.items():
-        if value is not None:
+        if isinstance(value, tuple):
+            marks = []
+            for one in value:
+                params.append(one)
+                marks.append(param(len(params)))
+            clauses.append(f"{column} IN ({', '.join(marks)})")
+        elif value is not None:
             params.append(value)
             clauses.append(f"{column} = {param(len(params))}")
     params.append(limit)

@@ -126,7 +126,7 @@ async def _read_events(conn: asyncpg.Connection, after: int, limit: int, device:
 
 async def _read_feed(conn: asyncpg.Connection, after: int, limit: int, where: FeedFilter
                      ) -> list[FeedItem]:
-    tail, params = cursor_page(after, limit, where.to_json(), _param)
+    tail, params = cursor_page(after, limit, where.columns(), _param)
     rows = await conn.fetch(f"SELECT cursor, {FEED_COLUMNS} FROM feed {tail}", *params)
     return [item_from_row(row[0], tuple(row)[1:]) for row in rows]
 

@@ -109,7 +109,7 @@ def _read_events(
 
 def _read_feed(conn: sqlite3.Connection, after: int, limit: int, where: FeedFilter
               ) -> list[FeedItem]:
-    tail, params = cursor_page(after, limit, where.to_json(), _param)
+    tail, params = cursor_page(after, limit, where.columns(), _param)
     rows = conn.execute(f"SELECT cursor, {FEED_COLUMNS} FROM feed {tail}", params)
     return [item_from_row(row[0], row[1:]) for row in rows]
 

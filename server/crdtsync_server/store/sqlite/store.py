@@ -123,38 +123,46 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
         await self._run(_delete_device, device_id, list(docs), events)
 
 
-class _Refused(Exception):
-    """A write of an optimistic group raised: the group runs again, with savepoints."""
-
-
 def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
                   ) -> list[CommitResult | BaseException]:
     """Commit ``writes`` in one transaction; a write that raises is left out alone and its
     exception returned in its place (group commit).
 
-    Optimistically first: every write straight into the transaction, no savepoint. Writes
-    are rarely refused (a seq gap, a stale generation), and a savepoint is not free: two
-    more statements per write, and SQLite copies each page the write touches into its
-    statement journal. If one raises, that transaction is rolled back whole and the group
-    runs again, each write in its own savepoint. A lone write needs no savepoint at all: its
-    transaction is its own."""
+    Optimistically first (:func:`_commit_all`): every write straight into the transaction,
+    no savepoint. Writes are rarely refused (a seq gap, a stale generation), and a savepoint
+    is not free: two more statements per write, and SQLite copies each page the write
+    touches into its statement journal. If one is refused, that transaction is rolled back
+    whole and the group runs again, each write in its own savepoint. A lone write needs no
+    savepoint at all: its transaction is its own."""
     if len(writes) == 1:
         try:
             with transaction(conn):
                 return [_commit(conn, writes[0])]
         except (CrdtsyncError, ValueError, sqlite3.Error) as exc:
             return [_refusal(exc)]
+    outcomes = _commit_all(conn, writes)
+    return outcomes if outcomes is not None else _commit_each(conn, writes)
+
+
+def _commit_all(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
+                ) -> list[CommitResult | BaseException] | None:
+    """Every write in one transaction without savepoints; ``None``, with nothing stored,
+    when one of them was refused."""
+    outcomes: list[CommitResult | BaseException] = []
+    conn.execute("BEGIN IMMEDIATE")
     try:
-        with transaction(conn):
-            outcomes: list[CommitResult | BaseException] = []
-            for write in writes:
-                try:
-                    outcomes.append(_commit(conn, write))
-                except (CrdtsyncError, ValueError, sqlite3.Error) as exc:
-                    raise _Refused from exc
-            return outcomes
-    except _Refused:
-        return _commit_each(conn, writes)
+        for write in writes:
+            try:
+                outcomes.append(_commit(conn, write))
+            except (CrdtsyncError, ValueError, sqlite3.Error):
+                conn.rollback()  # a no-op when SQLite already rolled back
+                return None
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    return outcomes
 
 
 def _commit_each(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
