@@ -18,7 +18,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 @pytest.mark.parametrize("script", ["sync_basics.py", "templates_bytes.py", "compression.py",
                                     "throughput.py", "ingest.py", "storm.py", "memory.py",
                                     "device.py", "growth.py", "rebuild.py", "policy.py",
-                                    "conflicts.py", "policy_cost.py", "wake.py"])
+                                    "conflicts.py", "policy_cost.py", "wake.py",
+                                    "gateway.py"])
 def test_benchmark_runs_in_quick_mode(script: str) -> None:
     result = subprocess.run([sys.executable, str(BENCH / script), "--quick"],
                             capture_output=True, text=True, timeout=120, check=False)
