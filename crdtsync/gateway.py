@@ -494,7 +494,8 @@ class Gateway:
         works as usual (its syncs go through the gateway). ``options`` go to
         :class:`Device` (``outbox``, ``max_events_per_sync``, ``clock``...). A device already
         added gets the new ``token`` (after ``POST /v1/devices/{id}/token``); its options
-        stay."""
+        stay. The scheduler may sync the device from the caller's next ``await`` on:
+        register its handlers (``on``, ``command``, ``on_change``) before that."""
         self._check_open()
         if not NAME_RE.match(device_id):
             raise ValueError(f"device id {device_id!r} is not a valid name")
@@ -625,9 +626,11 @@ class Gateway:
     async def _run(self) -> None:
         """The scheduler: sync together every device that is ready, then sleep until the
         next one is (or a device has something new)."""
+        linger = self._limits[0]
         while True:
-            now = time.monotonic()
-            ready = [s for s in self._slots.values() if s.ready(now, self.min_spacing)]
+            # Devices ready within `linger` go now too: fewer, fuller batches.
+            horizon = time.monotonic() + linger
+            ready = [s for s in self._slots.values() if s.ready(horizon, self.min_spacing)]
             if ready:
                 await self._sync_slots(ready)
                 continue
@@ -637,4 +640,4 @@ class Gateway:
             await wait_event(self._wake, None if upcoming == math.inf
                              else max(0.0, upcoming - time.monotonic()))
             if self._wake.is_set():  # something new: leave a moment for more to come
-                await asyncio.sleep(0)
+                await asyncio.sleep(linger)
