@@ -15,9 +15,10 @@ How it fits together:
   becomes its exception, and a batch whose outcome is unknown (cut, timed out, an answer that
   does not decode) raises :class:`~crdtsync.errors.TransportError` in every device of it;
 - the batcher sends what is queued once every device the gateway is syncing has either
-  queued its request or finished (or, for a sync started elsewhere, ``linger`` seconds after
-  the last request queued), split by the server's limits (entries and body size, learnt
-  from its refusals);
+  queued its request or finished (at once for a sync started elsewhere, such as an
+  application's ``dev.sync()``; after ``patience`` seconds without a new request when a
+  device is slow to prepare its own, a command handler running say), split by the server's
+  limits (entries and body size, learnt from its refusals);
 - the gateway's scheduler replaces each device's own loop: it syncs, together, every device
   that has something new to send (``min_spacing`` after its last sync), is due (every
   ``interval``) or whose backoff after a failure ended (the backoff of
@@ -116,11 +117,13 @@ class Batcher:
     """Collects device sync requests and sends them as batches (see the module)."""
 
     def __init__(self, url: str, session: aiohttp.ClientSession, *, timeout: float,
-                 linger: float, max_entries: int, max_body: int) -> None:
+                 patience: float, max_entries: int, max_body: int) -> None:
         self.url = url.rstrip("/") + BATCH_PATH
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self.linger = linger
+        self.patience = patience
+        """Seconds queued requests wait, without a new one arriving, for the devices still
+        preparing theirs."""
         self.max_entries = max_entries
         """Entries per batch; lowered to the server's ``detail.max_entries`` if it refuses."""
         self.max_body = max_body
@@ -157,7 +160,7 @@ class Batcher:
 
     def poke(self, *, arrived: bool = False) -> None:
         """Send now if nobody the gateway waits for is still preparing a request, or a full
-        batch is queued; else (re)arm the linger timer when a request ``arrived``."""
+        batch is queued; else (re)arm the patience timer when a request ``arrived``."""
         if not self._queue or self._closed:
             return
         full = (len(self._queue) >= self.max_entries
@@ -167,7 +170,7 @@ class Batcher:
         elif arrived:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = asyncio.get_running_loop().call_later(self.linger, self._flush)
+            self._timer = asyncio.get_running_loop().call_later(self.patience, self._flush)
 
     def _queued_bytes(self) -> int:
         return sum(_entry_size(p) for p in self._queue)
@@ -399,15 +402,16 @@ class Gateway:
     Use ``async with Gateway(url, path=DIR) as gw:`` then ``dev = await gw.add(id, token)``.
     ``interval`` (seconds) runs the background scheduler (``None``: none; call
     :meth:`sync`); ``min_spacing``, ``backoff`` and ``durability`` mean what they mean for a
-    :class:`Device`. ``linger`` is how long a request started outside the gateway's own syncs
-    (a ``dev.sync()`` of the application) waits for more before its batch leaves.
+    :class:`Device`. ``linger``: devices ready within that many seconds of each other are
+    synced in one batch by the scheduler. ``patience``: how long, without a new request, the
+    queued requests of a gateway sync wait for the devices still preparing theirs.
     ``max_entries`` and ``max_body`` bound a batch before the server says its own limits
     (the defaults are the reference server's). ``timeout`` is the time of one batch request.
     """
 
     def __init__(self, url: str, *, path: str | Path, interval: float | None = 60.0,
                  min_spacing: float = 1.0, backoff: tuple[float, float] = (1.0, 300.0),
-                 durability: str = "FULL", linger: float = 0.05,
+                 durability: str = "FULL", linger: float = 0.05, patience: float = 0.5,
                  max_entries: int = DEFAULT_LIMITS.max_batch_entries,
                  max_body: int = DEFAULT_MAX_BODY, timeout: float = 30.0,
                  connections: int = 4) -> None:
@@ -417,7 +421,8 @@ class Gateway:
         self.min_spacing = min_spacing
         self.backoff = backoff
         self.durability = durability
-        self._limits = (linger, max_entries, max_body, timeout)
+        self.linger = linger
+        self._limits = (patience, max_entries, max_body, timeout)
         self._connections = connections
         self._slots: dict[str, _Slot] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -444,8 +449,8 @@ class Gateway:
         self.path.mkdir(parents=True, exist_ok=True)
         self._session = aiohttp.ClientSession(
             auto_decompress=False, connector=aiohttp.TCPConnector(limit=self._connections))
-        linger, max_entries, max_body, timeout = self._limits
-        self._batcher = Batcher(self.url, self._session, timeout=timeout, linger=linger,
+        patience, max_entries, max_body, timeout = self._limits
+        self._batcher = Batcher(self.url, self._session, timeout=timeout, patience=patience,
                                 max_entries=max_entries, max_body=max_body)
         try:
             for device_id, token in self._read_registry().items():
@@ -626,7 +631,7 @@ class Gateway:
     async def _run(self) -> None:
         """The scheduler: sync together every device that is ready, then sleep until the
         next one is (or a device has something new)."""
-        linger = self._limits[0]
+        linger = self.linger
         while True:
             # Devices ready within `linger` go now too: fewer, fuller batches.
             horizon = time.monotonic() + linger
