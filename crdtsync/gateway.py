@@ -216,6 +216,10 @@ class Batcher:
             except CrdtsyncError as exc:
                 chunk = self._refused(chunk, exc)
                 continue
+            except Exception as exc:  # a bug: no device may wait for ever on its answer
+                log.exception("gateway: a batch failed unexpectedly")
+                _settle(chunk, TransportError(f"batch failed: {exc!r}"))
+                return
             for item, (status, body) in zip(chunk, answers, strict=True):
                 if item.future.done():
                     continue
