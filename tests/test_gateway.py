@@ -4,6 +4,7 @@ requests against a real server on 127.0.0.1 with real SQLite files (and PostgreS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -237,3 +238,41 @@ async def test_gateway_on_postgres(tmp_path: Path) -> None:
             assert (await admin.state("s11"))["state"] == {"id": "s11"}
     finally:
         await drop_schema(schema)
+
+
+@pytest.mark.parametrize("mode", ["hold_request", "hold_response"])
+async def test_gateway_stopped_mid_batch_resumes_from_its_directory(
+        server: Server, admin: AdminClient, tmp_path: Path, mode: str) -> None:
+    """The gateway stops while its batch is in flight (``hold_response``: the server has
+    committed every entry, the answer never arrives; ``hold_request``: nothing was
+    committed), as a process killed at that point would: no device stored an answer. A new
+    gateway on the same directory reopens every device and its outbox, and one sync leaves
+    every event stored exactly once and every state converged."""
+    tokens = await provision(admin, 6)
+    async with FaultProxy(server.port, mode="pass") as proxy:
+        gw = Gateway(proxy.url, path=tmp_path / "gw", interval=None)
+        await gw.start()
+        for i, t in tokens.items():
+            dev = await gw.add(i, t)
+            await dev.emit_many([("t", {"k": k}) for k in range(3)])
+            dev.state["v"] = i
+        proxy.mode = mode
+        syncing = asyncio.create_task(gw.sync())
+        async with asyncio.timeout(20):
+            await proxy.wait_held()
+        stored = await events_by_device(admin)
+        assert sum(len(e) for e in stored.values()) == (18 if mode == "hold_response" else 0)
+        syncing.cancel()  # the process dies here: nothing of the answer reaches a device
+        with contextlib.suppress(asyncio.CancelledError):
+            await syncing
+        await gw.aclose()
+        proxy.mode = "pass"
+        async with Gateway(proxy.url, path=tmp_path / "gw", interval=None) as again:
+            assert all(d.pending_events == 3 for d in again.devices.values())
+            outcomes = await again.sync()
+            assert all(not isinstance(o, Exception) for o in outcomes.values()), outcomes
+            assert all(d.pending_events == 0 for d in again.devices.values())
+    stored = await events_by_device(admin)
+    assert stored == {i: [(k + 1, {"k": k}) for k in range(3)] for i in tokens}
+    for i in tokens:
+        assert (await admin.state(i))["state"] == {"v": i}
