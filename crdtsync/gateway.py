@@ -127,12 +127,15 @@ class Batcher:
         self.max_entries = max_entries
         """Entries per batch; lowered to the server's ``detail.max_entries`` if it refuses."""
         self.max_body = max_body
-        """Uncompressed bytes per batch; halved each time the server refuses a body."""
+        """Uncompressed bytes per batch; the server's ``detail.max_body`` when it refuses a
+        batch of several entries with a lower one, else halved at such a refusal."""
         self.encoding = "zstd" if zstandard is not None else "deflate"
         self.stats = BatchStats()
         self.busy = 0
         """Devices in a gateway-driven sync that are not waiting for an answer."""
         self._queue: list[_Pending] = []
+        self._queued = 0
+        """:func:`_entry_size` of everything in the queue."""
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -147,7 +150,9 @@ class Batcher:
         if self._closed:
             raise ClosedError("the gateway is closed")
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(token, body, future))
+        item = _Pending(token, body, future)
+        self._queue.append(item)
+        self._queued += _entry_size(item)
         driven = _DRIVEN.get()
         if driven:
             self.busy -= 1
@@ -163,8 +168,7 @@ class Batcher:
         batch is queued; else (re)arm the patience timer when a request ``arrived``."""
         if not self._queue or self._closed:
             return
-        full = (len(self._queue) >= self.max_entries
-                or self._queued_bytes() >= self.max_body)
+        full = len(self._queue) >= self.max_entries or self._queued >= self.max_body
         if self.busy <= 0 or full:
             self._flush()
         elif arrived:
@@ -172,14 +176,11 @@ class Batcher:
                 self._timer.cancel()
             self._timer = asyncio.get_running_loop().call_later(self.patience, self._flush)
 
-    def _queued_bytes(self) -> int:
-        return sum(_entry_size(p) for p in self._queue)
-
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        queued, self._queue = self._queue, []
+        queued, self._queue, self._queued = self._queue, [], 0
         for chunk in self._chunks([p for p in queued if not p.future.done()]):
             task = asyncio.create_task(self._send(chunk), name="crdtsync-gateway-batch")
             self._sending.add(task)
@@ -255,8 +256,8 @@ class Batcher:
             return self._resplit(chunk)
         if isinstance(exc, BodyTooLarge) and len(chunk) > 1:
             limit = exc.detail.get("max_body")
-            self.max_body = max(1024, min(self.max_body // 2, limit if isinstance(limit, int)
-                                          else self.max_body))
+            self.max_body = (limit if isinstance(limit, int) and 0 < limit < self.max_body
+                             else max(1024, self.max_body // 2))
             return self._resplit(chunk)
         if isinstance(exc, UnsupportedEncoding) and self.encoding != "deflate":
             self.encoding = "deflate"  # a server without zstd: nothing was applied
@@ -315,7 +316,7 @@ class Batcher:
             self._timer.cancel()
         await cancel_and_wait(*self._sending)
         _settle(self._queue, ClosedError("the gateway is closed"))
-        self._queue = []
+        self._queue, self._queued = [], 0
 
 
 def _entry_size(item: _Pending) -> int:
