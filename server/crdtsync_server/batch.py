@@ -10,8 +10,15 @@ oversized entry) answers its own typed error frame while the others go on.
 
 The entries run concurrently. That is what amortises the database: their commits reach the
 store together, and its group commit (:mod:`.store.group_commit`) stores them in a few
-transactions instead of one each. Entries of one device would only wait for each other
-(the device lock), so a token given twice is refused in its later entries.
+transactions instead of one each (2 for 500 entries in bench/gateway.py). Entries of one
+device would only wait for each other (the device lock), so a token given twice is refused
+in its later entries.
+
+Memory: the batch body is bounded by ``max_body`` and its entry count before any entry is
+read; each entry is then bounded by the single sync's limits (``max_decoded_bytes`` for
+what its template batches decode to, for one). Since a token counts once per batch, what a
+batch can make the server hold at once is what as many devices syncing concurrently on
+their own connections could: a client needs one valid token per entry to get there.
 """
 
 from __future__ import annotations
