@@ -9,12 +9,20 @@ from typing import Any
 
 import aiohttp
 import msgpack
+import pytest
 
 from crdtsync import AdminClient
-from crdtsync.errors import CorruptUpdate, Forbidden, SeqConflict, Unauthorized
+from crdtsync.errors import (
+    CorruptUpdate,
+    Forbidden,
+    MalformedRequest,
+    SeqConflict,
+    Unauthorized,
+)
 from crdtsync.protocol import (
     BATCH_PATH,
     DEFAULT_LIMITS,
+    BatchAnswer,
     BatchEntry,
     DocSync,
     Event,
@@ -23,6 +31,7 @@ from crdtsync.protocol import (
     decode_error,
     decode_response,
     encode_batch_request,
+    encode_batch_response,
     encode_request,
 )
 from crdtsync_server import Server, ServerConfig
@@ -142,3 +151,43 @@ async def test_the_request_itself_is_bounded_and_authenticated(
                      code="batch_too_large") == 1
         assert value(metrics, "crdtsync_batch_entries_total") == 1
         assert value(metrics, "crdtsync_sync_requests_total", outcome="ok", code="none") == 1
+
+
+async def test_the_answer_is_compressed_only_when_the_client_takes_it(
+        server: Server, admin: AdminClient) -> None:
+    """``Accept-Encoding: zstd`` (or ``deflate``) gets a compressed answer that decodes to
+    the same entries; none, or ``q=0``, gets it plain."""
+    import zlib
+
+    import zstandard
+
+    tokens = await provision(admin, 20)
+    entries = [BatchEntry(t, sync_body(i)) for i, t in tokens.items()]
+    seen = {}
+    for accept in ("", "zstd", "deflate", "zstd;q=0, deflate;q=0"):
+        headers = {"Authorization": f"Bearer {tokens['s0']}", "Accept-Encoding": accept,
+                   "Content-Type": "application/vnd.crdtsync+msgpack"}
+        async with aiohttp.ClientSession(auto_decompress=False) as http, http.post(
+                server.url + BATCH_PATH, data=encode_batch_request(entries),
+                headers=headers) as resp:
+            assert resp.status == 200
+            coding, raw = resp.headers.get("Content-Encoding", "identity"), await resp.read()
+        plain = (zstandard.ZstdDecompressor().decompress(raw) if coding == "zstd"
+                 else zlib.decompress(raw) if coding == "deflate" else raw)
+        answers = decode_batch_response(plain, len(entries))
+        assert all(a.status == 200 for a in answers)
+        seen[accept] = (coding, len(raw), len(plain))
+    assert seen[""][0] == "identity" and seen["zstd;q=0, deflate;q=0"][0] == "identity"
+    assert seen["zstd"][0] == "zstd" and seen["deflate"][0] == "deflate"
+    assert seen["zstd"][1] < seen["zstd"][2] / 2
+
+
+def test_a_batch_answer_of_the_wrong_shape_is_refused_whole() -> None:
+    """The client's decoder: exactly one ``[status, bin]`` per entry, else nothing of it."""
+    good = encode_batch_response([BatchAnswer(200, b"x"), BatchAnswer(409, b"y")])
+    assert [a.status for a in decode_batch_response(good, 2)] == [200, 409]
+    for data, count in ((good, 3), (good, 1),
+                        (encode_batch_response([BatchAnswer(99, b"x")]), 1),
+                        (msgpack.packb({"v": 1, "t": "sync", "r": []}), 0)):
+        with pytest.raises(MalformedRequest):
+            decode_batch_response(data, count)
