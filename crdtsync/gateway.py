@@ -581,7 +581,9 @@ class Gateway:
 
     async def sync(self, *, force: bool = False) -> dict[str, SyncOutcome]:
         """Sync now, in as few batch requests as the server's limits allow, every device
-        that has something to send, is due, or failed last time (``force``: every device);
+        that has something to send, is due, or failed last time (``force``: every device;
+        without an ``interval`` every device is due at every call, so that what the cloud
+        queued reaches it);
         returns each one's :class:`SyncReport` or the error its sync raised. Never raises
         for a device's failure; the failed ones are retried by the scheduler after their
         backoff, as a device's own loop would."""
