@@ -139,6 +139,11 @@ async def test_restart_reloads_devices_and_their_outboxes(server: Server, admin:
         assert all(d.pending_events == 1 for d in gw.devices.values())
         outcomes = await gw.sync()
         assert sorted(outcomes) == sorted(tokens)
+        await gw.remove("s0")  # forgotten: not reopened next time, its file stays
+        assert sorted(gw.devices) == ["s1", "s2", "s3"]
+    async with Gateway(server.url, path=tmp_path / "gw", interval=None) as gw:
+        assert sorted(gw.devices) == ["s1", "s2", "s3"]
+    assert (tmp_path / "gw" / "s0.db").exists()
     stored = await events_by_device(admin)
     assert stored == {i: [(1, {"offline": i})] for i in tokens}
     assert (await admin.state("s3"))["state"] == {"where": "s3"}
