@@ -1,7 +1,8 @@
 """crdtsync: offline-first sync of device state (CRDT) and events with the cloud.
 
-``Device`` is what a device or gateway app embeds; ``AdminClient`` calls the management API;
-the reference server is the ``crdtsync_server`` package (``crdtsync serve``).
+``Device`` is what a device app embeds, ``Gateway`` hosts many of them synced in batches;
+``AdminClient`` calls the management API; the reference server is the ``crdtsync_server``
+package (``crdtsync serve``).
 
 Public names load on first access (``crdtsync._lazy``): ``import crdtsync.protocol`` must not
 pull in aiohttp or sqlite3 through this file (docs/architecture.md, Layering).
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # what mypy and IDEs see; at run time __getattr__ imports on 
         SyncStalled,
         TransportError,
     )
+    from .gateway import Gateway
     from .protocol import Conflict, WriteInfo
     from .schema import StateSchema
     from .transport import HttpTransport, Transport
@@ -45,6 +47,7 @@ __all__ = [
     "Device",
     "FileInfo",
     "FileTransfer",
+    "Gateway",
     "HttpTransport",
     "InvalidValue",
     "Message",
@@ -71,6 +74,7 @@ if not TYPE_CHECKING:  # hidden from mypy, which would type a misspelt name as o
         "_files": ["FileInfo", "FileTransfer"],
         "errors": ["ClosedError", "CrdtsyncError", "InvalidValue", "OutboxFull", "RouteFailed",
                    "SchemaViolation", "StoreError", "SyncStalled", "TransportError"],
+        "gateway": ["Gateway"],
         "_inbox": ["Message"],
         "protocol": ["Conflict", "WriteInfo"],
         "schema": ["StateSchema"],

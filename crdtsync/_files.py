@@ -1,4 +1,4 @@
-"""A device's files both ways (docs/protocol.md section 18): the durable send queue and its
+"""A device's files both ways (docs/protocol.md section 19): the durable send queue and its
 resumable upload, and the downloads of the files the cloud announces.
 
 Sending: :meth:`FileTransfers.queue` copies the source into ``<path>.files/out/<sha256>``

@@ -290,7 +290,7 @@ class AdminClient:
                 return rows
             after = page["next"]
 
-    # --- files (docs/protocol.md section 18) ---------------------------------------------
+    # --- files (docs/protocol.md section 19) ---------------------------------------------
 
     async def put_file(self, name: str, source: str | os.PathLike[str], *,
                        device: str | None = None, fleet: str | None = None,

@@ -92,7 +92,7 @@ from .values import check_event_body, normalize
 log = logging.getLogger("crdtsync.device")
 
 FILES_MAP = "files"
-"""The root map where the cloud announces files (docs/protocol.md section 18)."""
+"""The root map where the cloud announces files (docs/protocol.md section 19)."""
 
 STATE_GEN = f"gen:{STATE_DOC}"
 """Store meta key of the generation of the device's own document (docs/protocol.md 8)."""
@@ -179,6 +179,11 @@ class Device:
     It costs one held HTTP connection and an empty answer every ``wake_wait`` seconds; pass
     ``live=False`` on a metered link or a battery. Against a server without the live
     channel the device syncs at its interval, as before.
+
+    ``on_wake`` is called (on the event loop, without arguments; it must not block or raise)
+    each time the device has something new to sync, whether or not it has a loop: what
+    lets a scheduler outside the device, such as :class:`~crdtsync.gateway.Gateway`,
+    sync it when needed.
     """
 
     def __init__(
@@ -202,6 +207,7 @@ class Device:
         clock: Callable[[], int] | None = None,
         live: bool = True,
         wake_wait: float = DEFAULT_WAKE_WAIT,
+        on_wake: Callable[[], None] | None = None,
     ) -> None:
         if not NAME_RE.match(device_id):
             raise ValueError(f"device id {device_id!r} is not a valid name")
@@ -254,7 +260,11 @@ class Device:
         self._local_version = 0
         self._synced_version = -1
         self._sync_lock = asyncio.Lock()
-        self._wake = asyncio.Event()
+        self._wake = _Wake(on_wake)
+        """Set when the device has something to sync (a local write, an event, a request,
+        a handler registered, :meth:`request_sync`); it wakes the background loop, and
+        ``on_wake`` hears it too (a :class:`~crdtsync.gateway.Gateway` schedules its devices'
+        syncs with it)."""
         self._hurry = asyncio.Event()
         """Set with ``_wake`` by the live channel: the next sync skips ``min_spacing``."""
         self._sync_started = asyncio.Event()
@@ -1172,10 +1182,29 @@ class Device:
                 await wait_event(self._hurry, left)
 
     def _backoff(self, failures: int) -> float:
-        """Exponential backoff with "equal jitter": half fixed, half random."""
-        base, cap = self.backoff
-        step: float = min(cap, base * 2.0 ** min(failures - 1, 32))
-        return step / 2 + random.uniform(0, step / 2)
+        return backoff_delay(self.backoff, failures)
+
+
+def backoff_delay(backoff: tuple[float, float], failures: int) -> float:
+    """Seconds to wait after ``failures`` failed syncs in a row, for ``backoff`` =
+    ``(base, cap)``: exponential backoff with "equal jitter", half fixed, half random. A
+    sync loop passes 64 failures after an error that is not retryable (the longest wait)."""
+    base, cap = backoff
+    step: float = min(cap, base * 2.0 ** min(failures - 1, 32))
+    return step / 2 + random.uniform(0, step / 2)
+
+
+class _Wake(asyncio.Event):
+    """The event that wakes a device's sync loop, also told to a ``listener``."""
+
+    def __init__(self, listener: Callable[[], None] | None) -> None:
+        super().__init__()
+        self._listener = listener
+
+    def set(self) -> None:
+        super().set()
+        if self._listener is not None:
+            self._listener()
 
 
 def _written(value: Any) -> tuple[bytes | None, bool]:

@@ -17,6 +17,7 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     │   │   └── SchemaViolation    schema_violation      422  write the fleet's schema refuses
     │   ├── BodyTooLarge           body_too_large        413  body over the server's limit
     │   ├── TooManyEvents          too_many_events       413  too many events in one request
+    │   ├── BatchTooLarge          batch_too_large       413  too many entries in one batch
     │   ├── NotFound               not_found             404  no such device / resource
     │   ├── UnknownDocument        unknown_document      404  document not served to device
     │   ├── AlreadyExists          already_exists        409  e.g. device id taken
@@ -132,6 +133,14 @@ class BodyTooLarge(RequestError):
 
 class TooManyEvents(RequestError):
     code = "too_many_events"
+    status = 413
+
+
+class BatchTooLarge(RequestError):
+    """A gateway batch (``POST /v1/sync/batch``) with more entries than the server takes
+    (``detail.max_entries``); nothing of it was processed."""
+
+    code = "batch_too_large"
     status = 413
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from .errors import (
+    BatchTooLarge,
     BodyTooLarge,
     CorruptUpdate,
     CrdtsyncError,
@@ -39,6 +40,8 @@ PROTOCOL_VERSION = 1
 MEDIA_TYPE = "application/vnd.crdtsync+msgpack"
 SYNC_PATH = "/v1/sync"
 WAKE_PATH = "/v1/wake"
+BATCH_PATH = "/v1/sync/batch"
+"""Many devices' syncs in one request, for a gateway (docs/protocol.md 18)."""
 """The live channel: a long poll answered when the cloud queued something for the device
 (docs/protocol.md 14a)."""
 
@@ -62,7 +65,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
 """Device ids, document names and topics: 1-64 chars, letters, digits and ``_ . : -``."""
 
 FILE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-"""File names (docs/protocol.md 18), to ``fullmatch``: 1-128 of ``A-Z a-z 0-9 . _ -``, not
+"""File names (docs/protocol.md 19), to ``fullmatch``: 1-128 of ``A-Z a-z 0-9 . _ -``, not
 starting with ``.`` or ``-`` (safe in a URL path segment and as a file name anywhere)."""
 
 
@@ -88,6 +91,8 @@ class Limits:
     to queue bigger ones; a receiver skips a bigger one it meets (docs/protocol.md 14)."""
     max_stamps: int = 10_000
     """Stamped writes in one document entry (``s``) and conflicts in one response (``cf``)."""
+    max_batch_entries: int = 1000
+    """Entries (device sync requests) in one gateway batch (docs/protocol.md 18)."""
 
 
 DEFAULT_LIMITS = Limits()
@@ -932,6 +937,120 @@ def _json_error(data: bytes) -> dict[str, Any] | None:
         return None
     err = obj.get("error") if isinstance(obj, dict) else None
     return {**err, "t": "error"} if isinstance(err, dict) else None
+
+
+# --- gateway batches (POST /v1/sync/batch) -----------------------------------------------
+
+MAX_BATCH_TOKEN = 256
+"""The longest token an entry of a batch may carry (device tokens have 22 or 43 characters)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchEntry:
+    """One device's part of a gateway batch: its bearer ``token`` and the body of its sync
+    request, exactly as ``POST /v1/sync`` would carry it (uncompressed msgpack)."""
+
+    token: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BatchAnswer:
+    """One device's part of a batch answer: ``status`` 200 with the body of its sync
+    response, or the HTTP status of its error with the error frame as ``body``."""
+
+    status: int
+    body: bytes
+
+
+def encode_batch_request(entries: Sequence[BatchEntry]) -> bytes:
+    """A batch request body: ``{v: 1, t: "batch", e: [[token, body], ...]}``."""
+    return _pack({"v": PROTOCOL_VERSION, "t": "batch",
+                  "e": [[entry.token, entry.body] for entry in entries]})
+
+
+def decode_batch_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> list[BatchEntry]:
+    """Read the outer framing of a batch request, and only that: each entry's token and its
+    body as bytes, not decoded (the server authenticates an entry before it reads its
+    body). The entry count is checked before any entry is read: over
+    ``limits.max_batch_entries`` raises :class:`BatchTooLarge` (``detail.max_entries``).
+    Anything else that is not the framing of section 18 raises :class:`MalformedRequest`
+    (:class:`UnsupportedVersion` for a ``v`` other than 1)."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(len(data), 1),
+                                max_bin_len=len(data), max_str_len=len(data))
+    unpacker.feed(data)
+    fields: dict[str, Any] = {}
+    entries: list[BatchEntry] | None = None
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key == "e":
+                entries = _batch_entries(unpacker, limits.max_batch_entries)
+            else:
+                fields[key] = unpacker.unpack()
+    except (*_NOT_MSGPACK, msgpack.OutOfData) as exc:
+        raise MalformedRequest(f"batch body is not a batch message: {exc}") from exc
+    if unpacker.tell() != len(data):
+        raise MalformedRequest("batch body has bytes after its message")
+    _check_header(fields, "batch")
+    if entries is None:
+        raise MalformedRequest("batch: missing field 'e'")
+    return entries
+
+
+def _batch_entries(unpacker: msgpack.Unpacker, limit: int) -> list[BatchEntry]:
+    count = unpacker.read_array_header()
+    if count > limit:
+        raise BatchTooLarge(f"a batch carries at most {limit} entries, not {count}",
+                            {"max_entries": limit})
+    entries = []
+    for n in range(count):
+        if unpacker.read_array_header() != 2:
+            raise MalformedRequest(f"batch entry {n} must be [token, body]")
+        token, body = unpacker.unpack(), unpacker.unpack()
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_BATCH_TOKEN:
+            raise MalformedRequest(f"batch entry {n}: the token must be a string of 1 to "
+                                   f"{MAX_BATCH_TOKEN} characters")
+        if not isinstance(body, bytes):
+            raise MalformedRequest(f"batch entry {n}: the body must be bin")
+        entries.append(BatchEntry(token, body))
+    return entries
+
+
+def _check_header(fields: Mapping[str, Any], kind: str) -> None:
+    """``v`` must be the protocol version and ``t`` ``kind``."""
+    version = fields.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {version!r} is not supported (this peer speaks {PROTOCOL_VERSION})",
+            {"supported": [PROTOCOL_VERSION]})
+    if fields.get("t") != kind:
+        raise MalformedRequest(f"message type must be {kind!r}")
+
+
+def encode_batch_response(answers: Sequence[BatchAnswer]) -> bytes:
+    """A batch answer body: ``{v: 1, t: "batch", r: [[status, body], ...]}``, one per entry
+    of the request, in its order."""
+    return _pack({"v": PROTOCOL_VERSION, "t": "batch",
+                  "r": [[answer.status, answer.body] for answer in answers]})
+
+
+def decode_batch_response(data: bytes, count: int) -> list[BatchAnswer]:
+    """The answers of a batch of ``count`` entries, in order; :class:`MalformedRequest` when
+    the body is not a batch answer of exactly ``count`` entries (then nothing of it may be
+    used: each device handles it as a lost response)."""
+    obj = _unpack(data)
+    _check_header(obj, "batch")
+    raw = obj.get("r")
+    if not isinstance(raw, list) or len(raw) != count:
+        raise MalformedRequest(f"batch answer must carry {count} entries")
+    answers = []
+    for item in raw:
+        if (not isinstance(item, list) or len(item) != 2 or type(item[0]) is not int
+                or not 100 <= item[0] <= 599 or not isinstance(item[1], bytes)):
+            raise MalformedRequest("batch answer entries must be [status, bin]")
+        answers.append(BatchAnswer(item[0], item[1]))
+    return answers
 
 
 # --- the live channel (GET /v1/wake) -----------------------------------------------------

@@ -1,10 +1,13 @@
-"""A gateway: several devices in one process, sharing one HTTP connection pool.
+"""A gateway: many devices in one process, synced together in batch requests.
 
-Each device keeps its own SQLite file (its CRDT state and its event outbox); all of them
-reach the cloud through one ``aiohttp.ClientSession``. Each device syncs from its own
-background loop: every ``interval`` seconds, and shortly after each new reading (at most one
-sync per ``min_spacing``), backing off while the cloud is unreachable. A cloud write to a
-device's ``config`` map reaches it at its next sync.
+One :class:`crdtsync.Gateway` hosts every device (each keeps its own SQLite file under the
+gateway's directory: its CRDT state and its event outbox) and syncs them through
+``POST /v1/sync/batch``: one HTTP request carries every device that has something to send
+or is due, each authenticated by its own token. The gateway's loop syncs shortly after new
+readings (at most once per ``min_spacing``), every ``interval`` seconds, and backs off per
+device while the cloud is unreachable. A cloud write to a device's ``config`` map reaches
+it at its next sync. The devices and their tokens are kept in the directory, so a restart
+needs no ``--device`` again.
 
 Against a running server, one ``--device ID=TOKEN`` per device::
 
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import random
 import secrets
@@ -31,15 +33,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from crdtsync import AdminClient, CrdtsyncError, Device
+from crdtsync import AdminClient, CrdtsyncError, Device, Gateway
 from crdtsync_server import Server, ServerConfig
 
 
 async def run_device(device: Device, readings: int, period: float) -> None:
-    """A pump: each cycle, queue a reading and keep the latest one in state; the device's
-    background loop syncs. At the end, one explicit sync flushes what is left.
+    """A pump: each cycle, queue a reading and keep the latest one in state; the gateway's
+    loop syncs it (with the other devices, in one request).
 
     A failed sync loses nothing: the readings wait in the device's outbox for the next one."""
     for n in range(1, readings + 1):
@@ -47,14 +47,6 @@ async def run_device(device: Device, readings: int, period: float) -> None:
         await device.emit("pressure", {"bar": pressure})
         device.state.update({"pressure_bar": pressure, "readings": n})
         await asyncio.sleep(period)
-    try:
-        await device.sync()
-    except CrdtsyncError as exc:
-        if not exc.retryable:
-            raise
-        print(f"{device.id}: offline ({exc.code}), {device.pending_events} queued")
-    print(f"{device.id}: state {device.state.to_dict()}, "
-          f"config {device.map('config').to_dict()}, {device.pending_events} queued")
 
 
 def announcer(device_id: str) -> Callable[[str, str, Any, Any], None]:
@@ -68,18 +60,29 @@ def announcer(device_id: str) -> Callable[[str, str, Any, Any], None]:
 
 async def run_gateway(url: str, tokens: dict[str, str], data_dir: Path, readings: int,
                       period: float) -> None:
-    """Host one :class:`Device` per token over one shared session until each sent
-    ``readings`` readings."""
-    async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
-        devices: list[Device] = []
+    """Host every device of ``tokens`` (and those the directory already lists) in one
+    :class:`Gateway` until each sent ``readings`` readings; then one last sync of all."""
+    async with Gateway(url, path=data_dir, interval=5.0, min_spacing=0.5) as gw:
+        for device in gw.devices.values():  # those a previous run added
+            if device.id not in tokens:
+                device.on_change(announcer(device.id))
         for device_id, token in tokens.items():
-            device = Device(device_id, url, token=token, session=session,
-                            path=data_dir / f"{device_id}.db", interval=5.0,
-                            min_spacing=0.1)
-            device.on_change(announcer(device_id))
-            devices.append(await stack.enter_async_context(device))
-        print(f"gateway: {len(devices)} devices over one HTTP session, files in {data_dir}")
+            # Handlers go on before the next await: the gateway may sync from then on.
+            (await gw.add(device_id, token)).on_change(announcer(device_id))
+        devices = list(gw.devices.values())
+        print(f"gateway: {len(devices)} devices in one Gateway, files in {data_dir}")
         await asyncio.gather(*(run_device(device, readings, period) for device in devices))
+        for device_id, outcome in (await gw.sync(force=True)).items():
+            if isinstance(outcome, CrdtsyncError):
+                if not outcome.retryable:
+                    raise outcome
+                print(f"{device_id}: offline ({outcome.code}), "
+                      f"{gw.devices[device_id].pending_events} queued")
+        for device in devices:
+            print(f"{device.id}: state {device.state.to_dict()}, "
+                  f"config {device.map('config').to_dict()}, {device.pending_events} queued")
+        stats = gw.stats
+        print(f"gateway: {stats.entries} device syncs in {stats.requests} HTTP request(s)")
 
 
 async def verify(admin: AdminClient, device_ids: list[str], readings: int) -> bool:
@@ -92,7 +95,7 @@ async def verify(admin: AdminClient, device_ids: list[str], readings: int) -> bo
         print(f"FAILED: expected seqs 1..{readings} per device, found {wrong}")
         return False
     print(f"ok: {len(device_ids)} devices x {readings} events arrived exactly once "
-          "over one shared session")
+          "through one gateway")
     return True
 
 
@@ -123,17 +126,18 @@ def main() -> int:
     parser.add_argument("--url", default=os.environ.get("CRDTSYNC_URL"),
                         help="server URL (env CRDTSYNC_URL); none: self-contained run")
     parser.add_argument("--device", type=device_token, action="append", default=[],
-                        metavar="ID=TOKEN", help="a device to host (repeat)")
+                        metavar="ID=TOKEN", help="a device to host (repeat; kept in the "
+                        "data directory for the next runs)")
     parser.add_argument("--readings", type=int, default=5, help="readings per device")
     parser.add_argument("--period", type=float, default=0.2, help="seconds between readings")
-    parser.add_argument("--data-dir", default="gateway-data", help="device SQLite files")
+    parser.add_argument("--data-dir", default="gateway-data",
+                        help="the gateway's directory: device SQLite files and tokens")
     args = parser.parse_args()
     if not args.url:
         return asyncio.run(self_contained(args))
-    if not args.device:
-        parser.error("give at least one --device ID=TOKEN")
     data_dir = Path(args.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    if not args.device and not (data_dir / "gateway.json").exists():
+        parser.error("give at least one --device ID=TOKEN")
     asyncio.run(run_gateway(args.url, dict(args.device), data_dir, args.readings, args.period))
     return 0
 

@@ -19,7 +19,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
                                     "throughput.py", "ingest.py", "storm.py", "memory.py",
                                     "device.py", "growth.py", "rebuild.py", "policy.py",
                                     "conflicts.py", "policy_cost.py", "wake.py",
-                                    "files.py"])
+                                    "files.py", "gateway.py"])
 def test_benchmark_runs_in_quick_mode(script: str) -> None:
     result = subprocess.run([sys.executable, str(BENCH / script), "--quick"],
                             capture_output=True, text=True, timeout=120, check=False)

@@ -13,8 +13,8 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 EXPECTED = {
     "sensor.py": ["reading 1:", "synced: 1 round trip(s), 1 event(s) acked",
                   "the cloud changed config.unit", "ok: 5 readings arrived exactly once"],
-    "gateway.py": ["gateway: 3 devices over one HTTP session", "gateway-2: the cloud set config",
-                   "ok: 3 devices x 5 events arrived exactly once"],
+    "gateway.py": ["gateway: 3 devices in one Gateway", "gateway-2: the cloud set config",
+                   "HTTP request(s)", "ok: 3 devices x 5 events arrived exactly once"],
     "commands_and_requests.py": ["message 1 on 'config'", "command blink: blinked 3 time(s)",
                                  "succeeded, result {'blinked': 3}", "request weather: 200",
                                  "the API key never left the server"],

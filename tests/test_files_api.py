@@ -1,5 +1,5 @@
 """The files HTTP API against a real server on 127.0.0.1 over SQLite (docs/protocol.md
-section 18): the resumable upload with its typed refusals, listings and range downloads,
+section 19): the resumable upload with its typed refusals, listings and range downloads,
 the cloud's streamed put and the device's download by SHA-256."""
 
 from __future__ import annotations

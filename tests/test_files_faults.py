@@ -1,4 +1,4 @@
-"""Files through real faults (docs/protocol.md section 18): 20 MB each way through a
+"""Files through real faults (docs/protocol.md section 19): 20 MB each way through a
 :class:`~crdtsync.testing.FaultProxy` that cuts the connection every 2 MB, and ``kill -9`` of
 the device process and of a ``crdtsync serve`` process in the middle of a transfer. After
 each, the transfer resumes (never from 0 once past a cut) and completes: the bytes are

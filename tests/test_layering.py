@@ -62,7 +62,7 @@ def test_cli_loads_the_server_only_when_a_server_command_runs() -> None:
 def test_public_names_are_frozen_and_resolve() -> None:
     assert crdtsync.__all__ == [
         "AdminClient", "ClosedError", "Conflict", "CrdtsyncError", "Device", "FileInfo",
-        "FileTransfer", "HttpTransport", "InvalidValue", "Message", "OutboxFull",
+        "FileTransfer", "Gateway", "HttpTransport", "InvalidValue", "Message", "OutboxFull",
         "OutboxLimits", "RouteFailed",
         "SchemaViolation", "StateMap", "StateSchema", "StoreError", "SyncReport", "SyncStalled",
         "Transport", "TransportError", "WriteInfo", "__version__"]
@@ -74,7 +74,7 @@ def test_public_names_are_frozen_and_resolve() -> None:
         crdtsync.Bogus  # type: ignore[attr-defined]  # noqa: B018
 
 
-PUBLIC_MODULES = {"admin", "cli", "crdt", "demo", "device", "errors", "export", "hlc",
+PUBLIC_MODULES = {"admin", "cli", "crdt", "demo", "device", "errors", "export", "gateway", "hlc",
                   "protocol", "schema", "templates", "testing", "transport", "values",
                   "yupdate"}
 """The modules of ``crdtsync`` a user may import by name; the rest are underscored (httpx's

@@ -93,7 +93,8 @@ async def test_openapi_security_matches_the_handlers(server: Server) -> None:
                 continue
             if path in ("/v1/health", "/v1/openapi.json", "/healthz", "/readyz"):
                 expected: set[str] = set()
-            elif path in ("/v1/sync", "/v1/wake") or path.startswith("/v1/files/"):
+            elif path in ("/v1/sync", "/v1/sync/batch", "/v1/wake") or path.startswith(
+                    "/v1/files/"):
                 expected = {"deviceToken"}
             else:
                 expected = {"adminToken"}

@@ -328,8 +328,13 @@ class FaultProxy:
         except _DROPPED as exc:
             log.debug("proxy connection dropped: %r", exc)
         finally:
-            await link.close()
-            self._tasks.discard(task)
+            try:
+                # Cancelled by aclose() while closing: closing was all that was left, and
+                # the task must still leave the set (else aclose() loops for ever).
+                with contextlib.suppress(asyncio.CancelledError):
+                    await link.close()
+            finally:
+                self._tasks.discard(task)
 
 
 class _Link:

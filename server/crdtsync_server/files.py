@@ -2,7 +2,7 @@
 and the blobs (:mod:`crdtsync_server.blobs`): limits, quota, the resumable upload, the
 cloud's streamed put, announcements to devices and retention.
 
-Device to cloud (docs/protocol.md section 18): the device declares a file (name, size,
+Device to cloud (docs/protocol.md section 19): the device declares a file (name, size,
 SHA-256, meta) and gets an upload id and the offset to resume from; it appends chunks at
 that offset; the last chunk seals the part into a blob (only if the whole SHA-256 matches)
 and turns the upload into a file with its one ``file`` feed item, in one transaction.

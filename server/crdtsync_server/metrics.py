@@ -127,6 +127,27 @@ class SyncTally:
         self.refused[key] = self.refused.get(key, 0) + 1
 
 
+class BatchTally:
+    """What ``POST /v1/sync/batch`` counts besides its entries (each entry is a sync, counted
+    by the :class:`SyncTally` like one of ``POST /v1/sync``): batches answered and refused
+    whole, by code, and the entries of the answered ones."""
+
+    __slots__ = ("entries", "ok", "refused")
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.entries = 0
+        self.refused: dict[tuple[str, ...], int] = {}
+
+    def served(self, entries: int) -> None:
+        self.ok += 1
+        self.entries += entries
+
+    def failed(self, exc: BaseException) -> None:
+        key = sync_outcome(exc)
+        self.refused[key] = self.refused.get(key, 0) + 1
+
+
 @dataclass(slots=True)
 class StoreView:
     """What a scrape reads from the store: shared by every instance on the database."""
@@ -240,6 +261,7 @@ class ServerCollector:
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
         yield from self._syncs(m.syncs)
+        yield from self._batches(m.batches)
         yield from self._store(m.view)
         yield from self._process(m)
 
@@ -258,6 +280,18 @@ class ServerCollector:
                        "received (compressed if the device compressed).", tally.request_bytes)
         yield _counter("crdtsync_sync_response_bytes", "Body bytes of sync answers.",
                        tally.response_bytes)
+
+    @staticmethod
+    def _batches(tally: BatchTally) -> Iterator[Metric]:
+        outcomes: dict[tuple[str, ...], int] = {("ok", "none"): tally.ok}
+        outcomes.update(tally.refused)
+        yield _labelled(CounterMetricFamily, "crdtsync_batch_requests",
+                        "Gateway batches (POST /v1/sync/batch) by outcome of the whole "
+                        "request (ok, client_error, server_error, cancelled) and error code; "
+                        "each entry is also counted in crdtsync_sync_requests.",
+                        ["outcome", "code"], outcomes)
+        yield _counter("crdtsync_batch_entries", "Entries (device syncs) of answered "
+                       "gateway batches, whatever each entry's outcome.", tally.entries)
 
     @staticmethod
     def _store(view: StoreView) -> Iterator[Metric]:
@@ -323,6 +357,7 @@ class ProcessMetrics:
 
     services: Services
     syncs: SyncTally = field(default_factory=SyncTally)
+    batches: BatchTally = field(default_factory=BatchTally)
     feed_polls: Level = field(default_factory=Level)
     command_polls: Level = field(default_factory=Level)
     feed_streams: Level = field(default_factory=Level)

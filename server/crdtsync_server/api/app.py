@@ -30,6 +30,7 @@ from ..metrics import ProcessMetrics
 from ..proxied.executor import RouteExecutor
 from ..store import Store
 from . import (
+    batch,
     console,
     devices,
     downlink,
@@ -52,8 +53,8 @@ from .requestlog import log_failure
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-ROUTE_TABLES = (sync, wake, devices, downlink, env, templates, schemas, fleets, feed, sinks,
-                files, metrics, console, health)
+ROUTE_TABLES = (sync, batch, wake, devices, downlink, env, templates, schemas, fleets, feed,
+                sinks, files, metrics, console, health)
 """The handler modules; each has a ``routes`` table."""
 
 

@@ -1,4 +1,5 @@
-"""Errors as the client reads them: a msgpack frame on ``/v1/sync``, JSON elsewhere."""
+"""Errors as the client reads them: a msgpack frame on ``/v1/sync`` and
+``/v1/sync/batch``, JSON elsewhere."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from typing import Any
 from aiohttp import web
 
 from crdtsync.errors import CrdtsyncError
-from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH, encode_error
+from crdtsync.protocol import BATCH_PATH, MEDIA_TYPE, SYNC_PATH, encode_error
 
 
 def error_response(request: web.Request, error: CrdtsyncError) -> web.Response:
     """Render ``error`` as a frame in the format the endpoint speaks."""
-    if request.path == SYNC_PATH:
+    if request.path in (SYNC_PATH, BATCH_PATH):
         return web.Response(status=error.status, body=encode_error(error),
                             content_type=MEDIA_TYPE, headers={"Server": "crdtsync"})
     return web.Response(status=error.status, text=json.dumps(error_json(error)),

@@ -1,4 +1,4 @@
-"""Files (docs/protocol.md section 18): the device's resumable upload and its downloads
+"""Files (docs/protocol.md section 19): the device's resumable upload and its downloads
 (device token), and the management API's listings, range downloads and streamed puts
 (admin token). Bodies of files are raw bytes (``application/octet-stream``), bounded before
 they are read and never held whole in memory: a device's chunk is at most ``file_chunk``
