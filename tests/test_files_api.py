@@ -111,6 +111,41 @@ async def test_upload_resume_and_range(server: Server, admin: AdminClient) -> No
             assert resp.status == 401  # the admin's route
 
 
+@pytest.mark.parametrize("header, status, span", [
+    ("bytes=10-19", 206, (10, 20)), ("bytes=-10", 206, (990, 1000)),
+    ("bytes=995-", 206, (995, 1000)),
+    ("bytes=0-99999", 206, (0, 1000)),
+    ("items=0-5", 200, (0, 1000)), ("bytes=0-5,10-20", 200, (0, 1000)),
+    ("bytes=abc", 200, (0, 1000)),
+    ("bytes=5-2", 200, (0, 1000)),
+    ("bytes=1000-", 416, None), ("bytes=-0", 416, None)])
+async def test_ranges_are_answered_alike_for_devices_and_the_admin(
+        server: Server, admin: AdminClient, header: str, status: int,
+        span: tuple[int, int] | None) -> None:
+    """One reading of ``Range`` (protocol 19.2) for the device's blob route and the admin's
+    file route, on local disk: one range honoured, several or another unit ignored, a start
+    beyond the end a typed ``416`` with ``Content-Range: bytes */size``."""
+    auth = await _device(admin)
+    data = os.urandom(1000)
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"{server.url}/v1/devices/cam-1/files/r.bin", data=data,
+                            headers=ADMIN) as resp:
+            assert resp.status == 201
+        sha = hashlib.sha256(data).hexdigest()
+        for url, who in (("/v1/devices/cam-1/files/r.bin?direction=down", ADMIN),
+                         (f"/v1/files/blobs/{sha}", auth)):
+            async with http.get(server.url + url, headers=dict(who, Range=header)) as resp:
+                assert resp.status == status, (url, await resp.text())
+                if span is None:
+                    assert resp.headers["Content-Range"] == "bytes */1000"
+                    assert (await resp.json())["error"]["code"] == "bad_request"
+                else:
+                    assert await resp.read() == data[span[0]:span[1]]
+                    if status == 206:
+                        assert resp.headers["Content-Range"] == (
+                            f"bytes {span[0]}-{span[1] - 1}/1000")
+
+
 async def test_whole_file_mismatch_starts_over(server: Server, admin: AdminClient) -> None:
     auth = await _device(admin)
     data = b"x" * 1000

@@ -124,6 +124,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         error = cls(exc.reason, {"http": exc.status})
         response = error_response(request, error)
         response.set_status(exc.status if exc.status != 400 else error.status)
+        if "Content-Range" in exc.headers:  # a 416 says how large the resource is
+            response.headers["Content-Range"] = exc.headers["Content-Range"]
         return log_failure(request, response, error.code, error.message, started)
     except BaseException as exc:
         # Exception, and a Rust panic from pycrdt (a BaseException): answer, keep serving.

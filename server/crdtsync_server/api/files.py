@@ -235,9 +235,11 @@ def _headers(record: FileRecord) -> dict[str, Any]:
 
 async def _serve(request: web.Request, files: FileService, record: FileRecord
                  ) -> web.StreamResponse:
-    """``record``'s bytes, all of them (200) or the one range asked (206, RFC 9110)."""
+    """``record``'s bytes, all of them (200) or the one range asked (206, RFC 9110), with
+    the same answer to a ``Range`` header whatever stores the bytes (:func:`byte_range`).
+    A whole file on local disk goes out with ``sendfile``."""
     path = files.local_path(record)
-    if path is not None:  # sendfile, ranges and If-Range by aiohttp
+    if path is not None and "Range" not in request.headers:
         sent = web.FileResponse(path, headers=_headers(record))
         sent.content_type = "application/octet-stream"
         return sent
@@ -258,15 +260,20 @@ async def _serve(request: web.Request, files: FileService, record: FileRecord
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     """``(start, end)`` (end exclusive) of a single ``Range: bytes=`` header over ``size``
     bytes; ``None`` for no header or one this server ignores (several ranges, another
-    unit: the whole file is sent). ``416`` when the range starts beyond the end."""
+    unit, a last byte before the first: the whole file is sent). ``416`` when the range
+    starts beyond the end, or asks for the last 0 bytes."""
     match = _RANGE_RE.fullmatch((header or "").strip())
     if match is None or match.groups() == ("", ""):
         return None
     first, last = match.groups()
-    if first == "":  # the last N bytes
+    if first == "" and int(last) > 0:  # the last N bytes
         return max(0, size - int(last)), size
+    if first == "":
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
     start = int(first)
+    if last != "" and int(last) < start:  # not a valid range (RFC 9110 14.1.1): ignored
+        return None
     end = size if last == "" else min(size, int(last) + 1)
-    if start >= size or end <= start:
+    if start >= size:
         raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
     return start, end
