@@ -292,3 +292,46 @@ async def test_a_failed_reload_after_a_rebuild_is_left_to_the_next_use(
         store.load_doc = load_doc  # type: ignore[method-assign]
         again = await cache.get(KEY)
         assert again.gen == 1 and crdt.to_json(again.doc) == content
+
+
+async def test_a_key_lock_serialises_its_holders_and_goes_when_the_last_leaves() -> None:
+    """``cache.lock(key)``: one holder at a time per key, other keys free; the key's lock
+    is forgotten once nobody holds or awaits it: after a normal exit, an error inside, and
+    a waiter cancelled before it got the lock."""
+    import asyncio
+
+    async with MemoryStore() as store:
+        cache = DocumentCache(store, 1)
+        order: list[str] = []
+        entered = asyncio.Event()
+
+        async def holder(name: str, hold: asyncio.Event) -> None:
+            async with cache.lock("k"):
+                order.append(f"{name} in")
+                entered.set()
+                await hold.wait()
+                order.append(f"{name} out")
+
+        release = asyncio.Event()
+        first = asyncio.create_task(holder("a", release))
+        await entered.wait()
+        second = asyncio.create_task(holder("b", asyncio.Event()))
+        cancelled = asyncio.create_task(holder("c", asyncio.Event()))
+        async with cache.lock("other"):  # another key is not held up
+            order.append("other")
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        second.cancel()
+        release.set()
+        await first
+        for task in (second, cancelled):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert order == ["a in", "other", "a out"]
+        assert cache._locks == {}
+        with pytest.raises(RuntimeError):
+            async with cache.lock("k"):
+                raise RuntimeError("inside")
+        assert cache._locks == {}
+        async with cache.lock("k"):  # usable again
+            assert list(cache._locks) == ["k"]
