@@ -4,9 +4,12 @@ the cloud's streamed put and the device's download by SHA-256."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
+import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +45,10 @@ async def _begin(http: aiohttp.ClientSession, url: str, auth: dict[str, str], na
 
 
 async def _put(http: aiohttp.ClientSession, url: str, auth: dict[str, str], upload: str,
-               offset: int, chunk: bytes, sha: str | None = None
+               offset: int, chunk: bytes, sha: str | None = None, crc: str | None = None
                ) -> tuple[int, dict[str, Any]]:
-    headers = dict(auth, **({"X-Chunk-Sha256": sha} if sha else {}))
+    headers = dict(auth, **({"X-Chunk-Sha256": sha} if sha else {}),
+                   **({"X-Chunk-Crc32": crc} if crc else {}))
     async with http.put(f"{url}/v1/files/uploads/{upload}?offset={offset}",
                         data=io.BytesIO(chunk),
                         headers=headers) as resp:
@@ -122,6 +126,55 @@ async def test_whole_file_mismatch_starts_over(server: Server, admin: AdminClien
         assert (again["id"], again["offset"]) == (begun["id"], 0)
         status, done = await _put(http, server.url, auth, begun["id"], 0, data)
         assert status == 200 and done["complete"] is True
+
+
+async def test_a_chunk_ahead_waits_for_the_one_before_in_flight(server: Server,
+                                                                admin: AdminClient) -> None:
+    """A window of two chunks: the second, whole before the first finished arriving, waits
+    for it instead of being refused; each answer is the exact end after its chunk. A chunk
+    ahead with nothing in flight before it is refused with the true end; a wrong
+    X-Chunk-Crc32 is refused like a wrong X-Chunk-Sha256, nothing stored."""
+    auth = await _device(admin)
+    mb = 1024 * 1024
+    data = os.urandom(2 * mb + 5)
+    first_half_sent = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_first() -> AsyncIterator[bytes]:
+        yield data[:mb // 2]
+        first_half_sent.set()
+        await release.wait()
+        yield data[mb // 2:mb]
+
+    async with aiohttp.ClientSession() as http:
+        _, begun = await _begin(http, server.url, auth, "w.bin", data)
+        upload = begun["id"]
+        status, ahead = await _put(http, server.url, auth, upload, mb, data[mb:2 * mb])
+        assert status == 409 and ahead["error"]["detail"]["offset"] == 0
+        status, bad = await _put(http, server.url, auth, upload, 0, data[:mb],
+                                 crc=f"{zlib.crc32(data[:mb]) ^ 1:08x}")
+        assert status == 422 and bad["error"]["detail"] == {"scope": "chunk", "offset": 0}
+
+        async def first() -> tuple[int, dict[str, Any]]:
+            async with http.put(f"{server.url}/v1/files/uploads/{upload}?offset=0",
+                                data=slow_first(),
+                                headers=dict(auth, **{"Content-Length": str(mb)})) as resp:
+                return resp.status, await resp.json()
+
+        sending_first = asyncio.ensure_future(first())
+        await first_half_sent.wait()
+        second = asyncio.ensure_future(_put(http, server.url, auth, upload, mb,
+                                            data[mb:2 * mb],
+                                            crc=f"{zlib.crc32(data[mb:2 * mb]):08x}"))
+        await asyncio.sleep(0.2)  # the second is whole at the server by now: it waits
+        assert not second.done()
+        release.set()
+        assert await sending_first == (200, {"id": upload, "offset": mb, "size": len(data),
+                                             "chunk": mb, "complete": False})
+        status, answer = await second
+        assert (status, answer["offset"]) == (200, 2 * mb)
+        status, done = await _put(http, server.url, auth, upload, 2 * mb, data[2 * mb:])
+        assert status == 200 and done["file"]["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 async def test_limits_are_typed(server: Server, admin: AdminClient) -> None:

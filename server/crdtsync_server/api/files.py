@@ -23,7 +23,7 @@ from crdtsync.errors import (
 )
 
 from ..auth import authenticate_device
-from ..files import FileService
+from ..files import ChunkCheck, FileService
 from ..store import DeviceRecord
 from ..store.files import (
     DOWN,
@@ -56,6 +56,8 @@ META_HEADER = "X-File-Meta"
 """Optional header of a put: the file's ``meta`` as JSON."""
 CHUNK_SHA_HEADER = "X-Chunk-Sha256"
 """Optional header of an upload chunk: the SHA-256 (hex) of its bytes."""
+CHUNK_CRC_HEADER = "X-Chunk-Crc32"
+"""Optional header of an upload chunk: the CRC-32 (zlib's, 8 hex digits) of its bytes."""
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
@@ -101,19 +103,34 @@ async def upload_chunk(request: web.Request) -> web.Response:
     if offset < 0:
         raise MalformedRequest("query parameter 'offset' is required")
     _identity(request)
-    data = await _chunk(request, services.config.file_chunk, services.config.body_timeout)
-    chunk_sha = request.headers.get(CHUNK_SHA_HEADER, "").strip().lower() or None
-    return json_response(await services.files.write_chunk(device, upload_id, offset, data,
-                                                          chunk_sha))
+    length = _chunk_length(request, services.config.file_chunk)
+    seconds = services.config.body_timeout
+    return json_response(await services.files.write_chunk(
+        device, upload_id, offset, length, lambda: _chunk(request, length, seconds),
+        _chunk_check(request)))
 
 
-async def _chunk(request: web.Request, limit: int, seconds: float) -> bytes:
-    """The whole body, of a declared Content-Length of at most ``limit``."""
+def _chunk_check(request: web.Request) -> ChunkCheck | None:
+    """The chunk's ``X-Chunk-Sha256`` (preferred when both come) or ``X-Chunk-Crc32``."""
+    for header, algorithm in ((CHUNK_SHA_HEADER, "sha256"), (CHUNK_CRC_HEADER, "crc32")):
+        value = request.headers.get(header, "").strip().lower()
+        if value:
+            return ChunkCheck(algorithm, value)
+    return None
+
+
+def _chunk_length(request: web.Request, limit: int) -> int:
+    """The declared Content-Length of a chunk, at most ``limit``."""
     length = request.content_length
     if length is None:
         raise MalformedRequest("an upload chunk needs a Content-Length")
     if length > limit:
         raise BodyTooLarge(f"chunk over {limit} bytes", {"max_body": limit, "chunk": limit})
+    return length
+
+
+async def _chunk(request: web.Request, length: int, seconds: float) -> bytes:
+    """The whole body of ``length`` bytes."""
     try:
         async with asyncio.timeout(seconds):
             return await request.content.readexactly(length)
