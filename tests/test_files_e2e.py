@@ -134,7 +134,7 @@ async def test_cloud_files_reach_the_device(server: Server, admin: AdminClient,
 
 async def test_a_chunk_damaged_on_the_way_is_refused_and_sent_again(
         server: Server, make_device: DeviceFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A chunk whose bytes no longer match their X-Chunk-Sha256 (damaged between the read
+    """A chunk whose bytes no longer match their X-Chunk-Crc32 (damaged between the read
     and the server) is refused with ``digest_mismatch`` (nothing of it stored) and sent
     again; the file arrives whole, once."""
     import crdtsync._files as files
