@@ -8,7 +8,7 @@ source's path: a reference would have to trust that nobody rewrites or deletes t
 before the last byte is out, and a digest taken at queueing time would then fail at the
 end; the copy costs disk for the time the file waits.) The upload asks the cloud where to
 resume (``POST /v1/files/uploads``), sends chunks from there (``PUT
-/v1/files/uploads/{id}?offset=``, each with its CRC-32, :data:`WINDOW` of them in flight),
+/v1/files/uploads/{id}?offset=``, each with its SHA-256, :data:`WINDOW` of them in flight),
 and forgets the file once the cloud answered ``complete``: the cloud verified the whole
 SHA-256 first.
 
@@ -37,7 +37,6 @@ import random
 import secrets
 import sqlite3
 import warnings
-import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ import aiohttp
 
 from ._aio import wait_event
 from ._device_store import DeviceStore
+from ._disk import fsync_dir, write_behind
 from ._sqlite_worker import transaction
 from .errors import (
     ClosedError,
@@ -103,7 +103,7 @@ class FileTransfer:
 
 
 class ChunkReader:
-    """Chunks of a queued file with their CRC-32, read in a worker thread; the next one is
+    """Chunks of a queued file with their SHA-256, read in a worker thread; the next one is
     read ahead while the current one travels."""
 
     def __init__(self, path: Path, size: int) -> None:
@@ -112,7 +112,7 @@ class ChunkReader:
         self._ahead: tuple[int, int, asyncio.Future[tuple[bytes, str]]] | None = None
 
     async def read(self, offset: int, size: int) -> tuple[bytes, str]:
-        """Bytes ``offset`` to ``offset + size`` (or the end) and their CRC-32 (hex)."""
+        """Bytes ``offset`` to ``offset + size`` (or the end) and their SHA-256."""
         size = min(size, self._size - offset)
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[:2] == (offset, size):
@@ -175,12 +175,12 @@ class FileClient:
         return await self._json("POST", "/v1/files/uploads", json={
             "name": info.name, "size": info.size, "sha256": info.sha256, "meta": info.meta})
 
-    async def send(self, upload: str, offset: int, chunk: bytes, crc32: str
+    async def send(self, upload: str, offset: int, chunk: bytes, sha256: str
                    ) -> dict[str, Any]:
-        """One chunk at ``offset`` with its CRC-32 (8 hex digits); the server's new state."""
+        """One chunk at ``offset``; the server's new state."""
         return await self._json(
             "PUT", f"/v1/files/uploads/{upload}?offset={offset}", data=_payload(chunk),
-            headers={"X-Chunk-Crc32": crc32})
+            headers={"X-Chunk-Sha256": sha256})
 
     async def download(self, sha256: str, start: int,
                        write: Callable[[list[bytes]], Awaitable[None]]) -> None:
@@ -394,8 +394,9 @@ class FileTransfers:
         upload = str(state["id"])
         chunk_size = max(1, min(int(state.get("chunk") or DEFAULT_CHUNK), 64 * BLOCK))
         following = int(state.get("following", state["offset"]))
-        while len(sending) < WINDOW and (following < info.size or (following == 0 == info.size
-                                         and not sending)):
+        # Nothing left but nothing in flight either (an empty file; a part the server holds
+        # whole but has not finished): an empty chunk at the end finishes it.
+        while len(sending) < WINDOW and (following < info.size or not sending):
             chunk, check = await chunks.read(following, chunk_size)
             sending.append(asyncio.ensure_future(client.send(upload, following, chunk, check)))
             following += len(chunk)
@@ -637,7 +638,7 @@ def _copy_in(source: FileSource, temp: Path, out: Path) -> tuple[str, int]:
         os.fsync(target.fileno())
     sha256 = digest.hexdigest()
     os.replace(temp, out / sha256)
-    _fsync_dir(out)
+    fsync_dir(out)
     return sha256, size
 
 
@@ -656,12 +657,10 @@ def _blocks(source: FileSource) -> Iterator[bytes | memoryview]:
 
 
 def _read_chunk(path: Path, offset: int, size: int) -> tuple[bytes, str]:
-    """The chunk and its CRC-32: what catches a chunk damaged on the way at a third of the
-    cost of a SHA-256 on each side; the whole file's SHA-256 is what the cloud verifies."""
     with open(path, "rb") as handle:
         handle.seek(offset)
         chunk = handle.read(size)
-    return chunk, f"{zlib.crc32(chunk):08x}"
+    return chunk, hashlib.sha256(chunk).hexdigest()
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
@@ -695,9 +694,12 @@ def _opened(dest: str | os.PathLike[str] | IO[bytes]) -> Any:
 def _append_blocks(handle: IO[bytes], blocks: list[bytes], running: Any) -> int:
     for block in blocks:
         running.update(block)
+    start = handle.tell()
     handle.writelines(blocks)
     handle.flush()
-    return sum(len(block) for block in blocks)
+    size = handle.tell() - start
+    write_behind(handle.fileno(), start, size)  # the seal's fsync is short
+    return size
 
 
 def _hash_into(path: Path, running: Any) -> None:
@@ -710,7 +712,7 @@ def _seal(part: Path, target: Path) -> None:
     with open(part, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(part, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _size(path: Path) -> int:
@@ -723,14 +725,6 @@ def _size(path: Path) -> int:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # --- the tables (store thread) ---------------------------------------------------------------

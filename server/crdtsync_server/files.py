@@ -24,7 +24,6 @@ import asyncio
 import hashlib
 import logging
 import secrets
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,37 +92,23 @@ def _background(write: Coroutine[Any, Any, int]) -> asyncio.Future[int]:
     return task
 
 
-class ChunkCheck:
-    """The integrity check a device sent with a chunk: ``algorithm`` (``sha256``, or
-    ``crc32``: the CRC-32 of zlib and gzip) and the ``expected`` digest, lowercase hex."""
-
-    __slots__ = ("algorithm", "expected")
-
-    def __init__(self, algorithm: str, expected: str) -> None:
-        self.algorithm = algorithm
-        self.expected = expected
-
-    def matches(self, data: bytes) -> bool:
-        """Whether ``data`` has the expected digest. Runs in a worker thread: hashlib and
-        zlib let go of the GIL for large buffers."""
-        if self.algorithm == "crc32":
-            return f"{zlib.crc32(data):08x}" == self.expected
-        return hashlib.sha256(data).hexdigest() == self.expected
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-async def _check_and_hash(data: bytes, check: ChunkCheck | None, running: Any) -> Any:
-    """The ``running`` SHA-256 (if any) advanced over ``data`` if ``data`` passes ``check``
-    (``None``: not checked), else ``False``. The check and the hash run at once in two
-    worker threads (each lets go of the GIL), the hash on a copy that only a chunk that
-    passed replaces: one wait for both, not one after the other."""
+async def _check_and_hash(data: bytes, expected: str | None, running: Any) -> Any:
+    """The ``running`` SHA-256 (if any) advanced over ``data`` if ``data`` hashes to
+    ``expected`` (``None``: not checked), else ``False``. The check and the running hash
+    run at once in two worker threads (hashlib lets go of the GIL for large buffers), the
+    latter on a copy that only a chunk that passed replaces."""
     advanced = running.copy() if running is not None else None
     hashing = (asyncio.to_thread(advanced.update, data) if advanced is not None
                else asyncio.sleep(0))
-    if check is None:
+    if expected is None:
         await hashing
         return advanced
-    ok, _ = await asyncio.gather(asyncio.to_thread(check.matches, data), hashing)
-    return advanced if ok else False
+    digest, _ = await asyncio.gather(asyncio.to_thread(_sha256_hex, data), hashing)
+    return advanced if digest == expected else False
 
 
 def check_meta(meta: Any) -> Any:
@@ -149,8 +134,8 @@ class FileService:
         self.sync = sync
         self.feed = feed
         self._parts: dict[str, asyncio.Lock] = {}
-        self._writes: dict[str, asyncio.Future[int]] = {}
-        """Per upload, the write of its last chunk, still in flight."""
+        self._writes: dict[str, tuple[int, asyncio.Future[int]]] = {}
+        """Per upload, the write of its last chunk still in flight, and where it ends."""
         self._hashing: dict[str, tuple[int, Any]] = {}
         """Per upload, the SHA-256 of the bytes this process appended in order from 0 (and
         up to where): the last chunk then needs no second pass over the whole file."""
@@ -208,9 +193,10 @@ class FileService:
 
     async def write_chunk(self, device: DeviceRecord, upload_id: str, offset: int,
                           length: int, body: Callable[[], Awaitable[bytes]],
-                          check: ChunkCheck | None) -> dict[str, Any]:
+                          chunk_sha256: str | None) -> dict[str, Any]:
         """Append the ``length`` bytes ``body()`` reads at ``offset`` of ``device``'s upload
-        ``upload_id`` (checked with ``check`` first when given); the chunk that completes
+        ``upload_id`` (checked against ``chunk_sha256`` first when given); the chunk that
+        completes
         it finishes the upload. The body is read only once the upload is known.
 
         Chunks may arrive on several connections at once (a client keeping a window of
@@ -235,9 +221,11 @@ class FileService:
             data = await body()
             while True:
                 async with self._part_lock(upload_id):
+                    if offset == await self._end(upload_id):
+                        return await self._append(upload, offset, data, chunk_sha256)
                     stored = await self._settled(upload_id)
                     if offset == stored:
-                        return await self._append(upload, offset, data, check)
+                        return await self._append(upload, offset, data, chunk_sha256)
                     before = next((event for start, event in arriving
                                    if start == stored and event is not me[1]), None)
                     if offset < stored or before is None:
@@ -251,13 +239,17 @@ class FileService:
                 self._arriving.pop(upload_id, None)
 
     async def _append(self, upload: UploadRecord, offset: int, data: bytes,
-                      check: ChunkCheck | None) -> dict[str, Any]:
-        """Check and append a chunk at the part's end (under its lock)."""
-        running = await _check_and_hash(data, check, self._running(upload.id, offset))
+                      chunk_sha256: str | None) -> dict[str, Any]:
+        """Check and append a chunk at the part's end (under its lock). It is checked and
+        hashed while the write of the chunk before it (if any) goes on; a failure of that
+        write is then an :class:`OffsetMismatch` for this one."""
+        running = await _check_and_hash(data, chunk_sha256, self._running(upload.id, offset))
         if running is False:
-            self._hashing.pop(upload.id, None)
-            raise DigestMismatch("the chunk does not match its X-Chunk-Sha256 or X-Chunk-Crc32",
+            raise DigestMismatch("the chunk does not match its X-Chunk-Sha256",
                                  {"scope": "chunk", "offset": offset})
+        stored = await self._settled(upload.id)
+        if stored != offset:  # the write before it failed: the running hash is gone too
+            raise OffsetMismatch(f"the part ends at {stored}, not {offset}", {"offset": stored})
         end = offset + len(data)
         if running is not None:
             self._hashing[upload.id] = (end, running)
@@ -266,8 +258,8 @@ class FileService:
             # part will end. Should the write fail (or the process die first), the
             # next chunk is told the true end (offset_mismatch) and the device
             # resends from there.
-            self._writes[upload.id] = _background(
-                self.blobs.append_part(upload.id, offset, data))
+            self._writes[upload.id] = (end, _background(
+                self.blobs.append_part(upload.id, offset, data)))
             return self._answer(upload.id, end, upload.size)
         await self.blobs.append_part(upload.id, offset, data)
         return await self._finish(upload)
@@ -278,12 +270,18 @@ class FileService:
         pending = self._writes.pop(upload_id, None)
         if pending is not None:
             try:
-                await pending
+                await pending[1]
             except (CrdtsyncError, OSError) as exc:
                 self._hashing.pop(upload_id, None)
                 log.warning("upload %s: a chunk's write failed (%s); the device resends it",
                             upload_id, exc)
         return await self.blobs.part_size(upload_id)
+
+    async def _end(self, upload_id: str) -> int:
+        """Where the part of ``upload_id`` will end once its write in flight (if any) is
+        done, without waiting for it."""
+        pending = self._writes.get(upload_id)
+        return pending[0] if pending is not None else await self.blobs.part_size(upload_id)
 
     async def drain(self) -> None:
         """Wait for every chunk write in flight (at shutdown)."""
