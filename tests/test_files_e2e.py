@@ -217,6 +217,17 @@ async def test_a_part_held_whole_but_not_finished_is_finished(
     assert await _cloud_file(server.url, files_in_feed[0]["url"]) == data
 
 
+async def test_an_empty_file_is_sent(server: Server, make_device: DeviceFactory) -> None:
+    """A zero-byte file goes as one empty chunk (it was refused as cut off before)."""
+    dev = await make_device("cam-12")
+    await dev.send_file("empty.bin", b"")
+    await dev.sync_files()
+    assert dev.pending_files == [] and dev.file_errors == {}
+    files_in_feed = await _feed_files(server.url)
+    assert [(f["name"], f["size"]) for f in files_in_feed] == [("empty.bin", 0)]
+    assert await _cloud_file(server.url, files_in_feed[0]["url"]) == b""
+
+
 async def test_a_sink_receives_each_file_once(server: Server, admin: AdminClient,
                                               make_device: DeviceFactory) -> None:
     """A webhook sink filtered on ``kind: file`` gets one item per stored upload, with
