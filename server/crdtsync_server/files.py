@@ -196,8 +196,7 @@ class FileService:
                           chunk_sha256: str | None) -> dict[str, Any]:
         """Append the ``length`` bytes ``body()`` reads at ``offset`` of ``device``'s upload
         ``upload_id`` (checked against ``chunk_sha256`` first when given); the chunk that
-        completes
-        it finishes the upload. The body is read only once the upload is known.
+        completes it finishes the upload. The body is read only once the upload is known.
 
         Chunks may arrive on several connections at once (a client keeping a window of
         chunks in flight): a chunk that starts beyond the part's end waits for a chunk
