@@ -8,8 +8,9 @@ source's path: a reference would have to trust that nobody rewrites or deletes t
 before the last byte is out, and a digest taken at queueing time would then fail at the
 end; the copy costs disk for the time the file waits.) The upload asks the cloud where to
 resume (``POST /v1/files/uploads``), sends chunks from there (``PUT
-/v1/files/uploads/{id}?offset=``, each with its SHA-256), and forgets the file once the
-cloud answered ``complete``: the cloud verified the whole SHA-256 first.
+/v1/files/uploads/{id}?offset=``, each with its SHA-256, :data:`WINDOW` of them in flight),
+and forgets the file once the cloud answered ``complete``: the cloud verified the whole
+SHA-256 first.
 
 Receiving: after each sync the device reads the ``files`` map of its fleet's document and
 of its own (its own wins), and downloads each announced file it does not hold by SHA-256
@@ -36,6 +37,7 @@ import random
 import secrets
 import sqlite3
 import warnings
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ import aiohttp
 
 from ._aio import wait_event
 from ._device_store import DeviceStore
+from ._disk import fsync_dir, write_behind
 from ._sqlite_worker import transaction
 from .errors import (
     ClosedError,
@@ -67,6 +70,9 @@ BLOCK = 1024 * 1024
 """Bytes read, hashed or written at a time."""
 DEFAULT_CHUNK = 4 * 1024 * 1024
 """Upload chunk when the server does not say (it answers its ``chunk``)."""
+WINDOW = 2
+"""Chunks in flight at once: the next one travels while the server stores the one before
+(docs/protocol.md 19.1); each on its own connection of the session's pool."""
 MAX_DAMAGED = 5
 """Chunks in a row the cloud may refuse as damaged (``digest_mismatch``, scope ``chunk``)
 before the upload stops with that error."""
@@ -177,9 +183,10 @@ class FileClient:
             headers={"X-Chunk-Sha256": sha256})
 
     async def download(self, sha256: str, start: int,
-                       write: Callable[[bytearray], Awaitable[None]]) -> None:
+                       write: Callable[[list[bytes]], Awaitable[None]]) -> None:
         """Bytes ``start``.. of the announced blob ``sha256``, handed to ``write`` in
-        blocks of about :data:`BLOCK`."""
+        lists of blocks of about :data:`BLOCK` bytes together (no copy into one buffer);
+        after a cut, what arrived is handed over before the error is raised."""
         url = f"{self.base_url}/v1/files/blobs/{sha256}"
         headers = {**self._headers, **({"Range": f"bytes={start}-"} if start else {})}
         try:
@@ -189,18 +196,63 @@ class FileClient:
                     raise _error(await _json_or_none(resp), resp.status)
                 if start and resp.status != 206:
                     raise TransportError("the server ignored the range")
-                buffer = bytearray()
+                blocks: list[bytes] = []
+                size = 0
                 try:
                     async for block in resp.content.iter_any():
-                        buffer += block
-                        if len(buffer) >= BLOCK:
-                            full, buffer = buffer, bytearray()
+                        blocks.append(block)
+                        size += len(block)
+                        if size >= BLOCK:
+                            full, blocks, size = blocks, [], 0
                             await write(full)
                 finally:  # also after a cut: what arrived is a correct prefix, kept
-                    if buffer:
-                        await write(buffer)
+                    if blocks:
+                        await write(blocks)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(describe(exc, url)) from exc
+
+
+class PartWriter:
+    """Appends blocks to a download's part file in a worker thread, hashing them into
+    ``running`` on the way, while the next blocks arrive: one write in flight at most, so
+    memory stays at two blocks whatever the file size. ``written(n)`` is called as bytes
+    land; :attr:`size` is the part's size."""
+
+    def __init__(self, handle: IO[bytes], running: Any, written: Callable[[int], None]
+                 ) -> None:
+        self._handle = handle
+        self._running = running
+        self._written = written
+        self._writing: asyncio.Future[int] | None = None
+        self.size = handle.tell()
+
+    @classmethod
+    async def open(cls, path: Path, running: Any, written: Callable[[int], None]
+                   ) -> PartWriter:
+        """A writer appending to ``path`` (created if missing)."""
+        handle = await asyncio.to_thread(open, path, "ab")
+        return cls(handle, running, written)
+
+    async def write(self, blocks: list[bytes]) -> None:
+        """Wait for the write in flight (raising its error), then start writing
+        ``blocks``."""
+        await self._settle()
+        self._writing = asyncio.ensure_future(
+            asyncio.to_thread(_append_blocks, self._handle, blocks, self._running))
+
+    async def _settle(self) -> None:
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            size = await writing
+            self.size += size
+            self._written(size)
+
+    async def aclose(self) -> None:
+        """Finish the write in flight and close the file (its error raised)."""
+        try:
+            await self._settle()
+        finally:
+            await asyncio.to_thread(self._handle.close)
 
 
 def _payload(chunk: bytes) -> aiohttp.BytesPayload:
@@ -316,10 +368,14 @@ class FileTransfers:
         state = await client.begin(info)
         transfer = self._start("up", info.name, int(state["offset"]), info.size)
         chunks = ChunkReader(self._out / info.sha256, info.size)
+        sending: deque[asyncio.Future[dict[str, Any]]] = deque()
         try:
             while not state.get("complete"):
-                state = await self._send_one(client, info, state, transfer, chunks)
+                state = await self._send(client, info, state, transfer, chunks, sending)
         finally:
+            for future in sending:
+                future.cancel()
+            await asyncio.gather(*sending, return_exceptions=True)
             await chunks.aclose()
             self.transfers.pop(("up", info.name), None)
         done = await self._store.run(_sent, info)
@@ -328,29 +384,58 @@ class FileTransfers:
             await self._drop_copies([info.sha256])
         log.info("file %s sent (%d bytes)", info.name, info.size)
 
-    async def _send_one(self, client: FileClient, info: FileInfo, state: dict[str, Any],
-                        transfer: FileTransfer, chunks: ChunkReader) -> dict[str, Any]:
-        offset = int(state["offset"])
+    async def _send(self, client: FileClient, info: FileInfo, state: dict[str, Any],
+                    transfer: FileTransfer, chunks: ChunkReader,
+                    sending: deque[asyncio.Future[dict[str, Any]]]) -> dict[str, Any]:
+        """Fill the window (:data:`WINDOW` chunks in flight after ``state["offset"]``), then
+        wait for the oldest answer: the new state. After a refusal the chunks still in
+        flight are awaited (the server refuses those after it too) and the state is the
+        refusal's, or the answer of a later chunk that went through after all."""
+        upload = str(state["id"])
         chunk_size = max(1, min(int(state.get("chunk") or DEFAULT_CHUNK), 64 * BLOCK))
-        chunk, digest = await chunks.read(offset, chunk_size)
+        following = int(state.get("following", state["offset"]))
+        # Nothing left but nothing in flight either (an empty file; a part the server holds
+        # whole but has not finished): an empty chunk at the end finishes it.
+        while len(sending) < WINDOW and (following < info.size or not sending):
+            chunk, check = await chunks.read(following, chunk_size)
+            sending.append(asyncio.ensure_future(client.send(upload, following, chunk, check)))
+            following += len(chunk)
         try:
-            answer = await client.send(str(state["id"]), offset, chunk, digest)
-        except OffsetMismatch as exc:
-            return {**state, "offset": int(exc.detail.get("offset", 0))}
-        except NotFound:  # finished (an answer lost) or dropped: declare it again
-            return await client.begin(info)
-        except DigestMismatch as exc:
-            if exc.detail.get("scope") == "file":
-                await self._check_copy(info)
-                return {**state, "offset": 0}
-            # Damaged on the way: send it again, a few times in a row at most.
-            damaged = int(state.get("damaged", 0)) + 1
-            if damaged > MAX_DAMAGED:
-                raise
-            return {**state, "damaged": damaged}
+            answer = await sending.popleft()
+        except (OffsetMismatch, NotFound, DigestMismatch) as exc:
+            later = [a for a in await asyncio.gather(*sending, return_exceptions=True)
+                     if isinstance(a, dict)]
+            sending.clear()
+            if later:
+                return self._progress_to(transfer, state, later[-1])
+            return await self._refused(client, info, state, exc)
+        return {**self._progress_to(transfer, state, answer), "following": following}
+
+    def _progress_to(self, transfer: FileTransfer, state: dict[str, Any],
+                     answer: dict[str, Any]) -> dict[str, Any]:
         transfer.done = int(answer["offset"])
         self._report(transfer)
-        return {**state, **answer, "damaged": 0}
+        state = {**state, **answer, "damaged": 0}
+        state.pop("following", None)
+        return state
+
+    async def _refused(self, client: FileClient, info: FileInfo, state: dict[str, Any],
+                       exc: CrdtsyncError) -> dict[str, Any]:
+        """The state to go on from after the server refused a chunk (``exc``): where it
+        says to resume; raised when it is damaged too often or for good."""
+        state = {k: v for k, v in state.items() if k != "following"}
+        if isinstance(exc, OffsetMismatch):
+            return {**state, "offset": int(exc.detail.get("offset", 0))}
+        if isinstance(exc, NotFound):  # finished (an answer lost) or dropped: declare again
+            return await client.begin(info)
+        if exc.detail.get("scope") == "file":
+            await self._check_copy(info)
+            return {**state, "offset": 0}
+        # Damaged on the way: send it again, a few times in a row at most.
+        damaged = int(state.get("damaged", 0)) + 1
+        if damaged > MAX_DAMAGED:
+            raise exc
+        return {**state, "damaged": damaged}
 
     async def _check_copy(self, info: FileInfo) -> None:
         """After the cloud refused the whole file: the local copy must still hash right,
@@ -376,16 +461,18 @@ class FileTransfers:
         if start:
             await asyncio.to_thread(_hash_into, part, running)
 
-        async def write(block: bytearray) -> None:
-            await asyncio.to_thread(_append, part, block, running)
-            transfer.done += len(block)
+        def written(size: int) -> None:
+            transfer.done += size
             self._report(transfer)
 
+        writer = await PartWriter.open(part, running, written)
         try:
-            if start < info.size or info.size == 0:
-                await client.download(info.sha256, start, write)
-            size = await asyncio.to_thread(_size, part)
-            if running.hexdigest() != info.sha256 or size != info.size:
+            try:
+                if start < info.size or info.size == 0:
+                    await client.download(info.sha256, start, writer.write)
+            finally:  # what arrived before a cut is a correct prefix, kept
+                await writer.aclose()
+            if running.hexdigest() != info.sha256 or writer.size != info.size:
                 await asyncio.to_thread(_unlink, part)
                 raise DigestMismatch(f"file {name} does not match its sha256; downloading"
                                      " it again", {"scope": "file", "name": name})
@@ -551,7 +638,7 @@ def _copy_in(source: FileSource, temp: Path, out: Path) -> tuple[str, int]:
         os.fsync(target.fileno())
     sha256 = digest.hexdigest()
     os.replace(temp, out / sha256)
-    _fsync_dir(out)
+    fsync_dir(out)
     return sha256, size
 
 
@@ -604,10 +691,15 @@ def _opened(dest: str | os.PathLike[str] | IO[bytes]) -> Any:
         yield dest
 
 
-def _append(path: Path, block: bytearray, running: Any) -> None:
-    with open(path, "ab") as handle:
-        handle.write(block)
-    running.update(block)
+def _append_blocks(handle: IO[bytes], blocks: list[bytes], running: Any) -> int:
+    for block in blocks:
+        running.update(block)
+    start = handle.tell()
+    handle.writelines(blocks)
+    handle.flush()
+    size = handle.tell() - start
+    write_behind(handle.fileno(), start, size)  # the seal's fsync is short
+    return size
 
 
 def _hash_into(path: Path, running: Any) -> None:
@@ -620,7 +712,7 @@ def _seal(part: Path, target: Path) -> None:
     with open(part, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(part, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _size(path: Path) -> int:
@@ -633,14 +725,6 @@ def _size(path: Path) -> int:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # --- the tables (store thread) ---------------------------------------------------------------

@@ -4,9 +4,11 @@ the cloud's streamed put and the device's download by SHA-256."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,55 @@ async def test_whole_file_mismatch_starts_over(server: Server, admin: AdminClien
         assert (again["id"], again["offset"]) == (begun["id"], 0)
         status, done = await _put(http, server.url, auth, begun["id"], 0, data)
         assert status == 200 and done["complete"] is True
+
+
+async def test_a_chunk_ahead_waits_for_the_one_before_in_flight(server: Server,
+                                                                admin: AdminClient) -> None:
+    """A window of two chunks: the second, whole before the first finished arriving, waits
+    for it instead of being refused; each answer is the exact end after its chunk. A chunk
+    ahead with nothing in flight before it is refused with the true end; a damaged chunk is
+    refused with nothing stored."""
+    auth = await _device(admin)
+    mb = 1024 * 1024
+    data = os.urandom(2 * mb + 5)
+    first_half_sent = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_first() -> AsyncIterator[bytes]:
+        yield data[:mb // 2]
+        first_half_sent.set()
+        await release.wait()
+        yield data[mb // 2:mb]
+
+    async with aiohttp.ClientSession() as http:
+        _, begun = await _begin(http, server.url, auth, "w.bin", data)
+        upload = begun["id"]
+        status, ahead = await _put(http, server.url, auth, upload, mb, data[mb:2 * mb])
+        assert status == 409 and ahead["error"]["detail"]["offset"] == 0
+        status, bad = await _put(http, server.url, auth, upload, 0, data[:mb],
+                                 "0" * 64)
+        assert status == 422 and bad["error"]["detail"] == {"scope": "chunk", "offset": 0}
+
+        async def first() -> tuple[int, dict[str, Any]]:
+            async with http.put(f"{server.url}/v1/files/uploads/{upload}?offset=0",
+                                data=slow_first(),
+                                headers=dict(auth, **{"Content-Length": str(mb)})) as resp:
+                return resp.status, await resp.json()
+
+        sending_first = asyncio.ensure_future(first())
+        await first_half_sent.wait()
+        second = asyncio.ensure_future(_put(http, server.url, auth, upload, mb,
+                                            data[mb:2 * mb],
+                                            hashlib.sha256(data[mb:2 * mb]).hexdigest()))
+        await asyncio.sleep(0.2)  # the second is whole at the server by now: it waits
+        assert not second.done()
+        release.set()
+        assert await sending_first == (200, {"id": upload, "offset": mb, "size": len(data),
+                                             "chunk": mb, "complete": False})
+        status, answer = await second
+        assert (status, answer["offset"]) == (200, 2 * mb)
+        status, done = await _put(http, server.url, auth, upload, 2 * mb, data[2 * mb:])
+        assert status == 200 and done["file"]["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 async def test_limits_are_typed(server: Server, admin: AdminClient) -> None:

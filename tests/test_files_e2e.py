@@ -161,6 +161,73 @@ async def test_a_chunk_damaged_on_the_way_is_refused_and_sent_again(
     assert await _cloud_file(server.url, files_in_feed[0]["url"]) == data
 
 
+async def test_two_chunks_travel_at_once(server: Server, make_device: DeviceFactory,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device keeps two chunks in flight (the next travels while the server stores the
+    one before), never more, with exact offsets; the file arrives whole, once."""
+    import crdtsync._files as files
+
+    send = files.FileClient.send
+    flying: list[int] = []
+    most = 0
+    offsets: list[int] = []
+
+    async def counted(self: Any, upload: str, offset: int, chunk: bytes, check: str
+                      ) -> dict[str, Any]:
+        nonlocal most
+        flying.append(offset)
+        offsets.append(offset)
+        most = max(most, len(flying))
+        try:
+            return await send(self, upload, offset, chunk, check)
+        finally:
+            flying.remove(offset)
+
+    monkeypatch.setattr(files.FileClient, "send", counted)
+    server.services.config.file_chunk = 256 * 1024
+    dev = await make_device("cam-10")
+    data = os.urandom(10 * 256 * 1024 + 1)
+    await dev.send_file("w.bin", data)
+    await dev.sync_files()
+    assert dev.pending_files == [] and most == 2
+    assert offsets == [i * 256 * 1024 for i in range(11)]
+    files_in_feed = await _feed_files(server.url)
+    assert len(files_in_feed) == 1
+    assert await _cloud_file(server.url, files_in_feed[0]["url"]) == data
+
+
+async def test_a_part_held_whole_but_not_finished_is_finished(
+        server: Server, make_device: DeviceFactory) -> None:
+    """The server holds every byte of an upload it did not finish (it died between the last
+    write and the record): declared again, the offset answered is the size, and the device's
+    empty chunk at the end finishes it, checked against the whole SHA-256."""
+    dev = await make_device("cam-11")
+    data = os.urandom(300_000)
+    device = await server.services.store.get_device("cam-11")
+    assert device is not None
+    files = server.services.files
+    begun = await files.begin_upload(device, "held.bin", len(data),
+                                     hashlib.sha256(data).hexdigest(), None)
+    await files.blobs.append_part(begun["id"], 0, data)
+    await dev.send_file("held.bin", data)
+    await dev.sync_files()
+    assert dev.pending_files == [] and dev.file_errors == {}
+    files_in_feed = await _feed_files(server.url)
+    assert [f["name"] for f in files_in_feed] == ["held.bin"]
+    assert await _cloud_file(server.url, files_in_feed[0]["url"]) == data
+
+
+async def test_an_empty_file_is_sent(server: Server, make_device: DeviceFactory) -> None:
+    """A zero-byte file goes as one empty chunk (it was refused as cut off before)."""
+    dev = await make_device("cam-12")
+    await dev.send_file("empty.bin", b"")
+    await dev.sync_files()
+    assert dev.pending_files == [] and dev.file_errors == {}
+    files_in_feed = await _feed_files(server.url)
+    assert [(f["name"], f["size"]) for f in files_in_feed] == [("empty.bin", 0)]
+    assert await _cloud_file(server.url, files_in_feed[0]["url"]) == b""
+
+
 async def test_a_sink_receives_each_file_once(server: Server, admin: AdminClient,
                                               make_device: DeviceFactory) -> None:
     """A webhook sink filtered on ``kind: file`` gets one item per stored upload, with

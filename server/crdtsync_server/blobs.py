@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from crdtsync._disk import fsync_dir, write_behind
 from crdtsync.errors import OffsetMismatch
 
 READ_BLOCK = 1024 * 1024
@@ -106,6 +107,8 @@ class DirectoryBlobs:
                 raise OffsetMismatch(f"the part ends at {size}, not {offset}",
                                      {"offset": size})
             out.write(data)
+            out.flush()
+            write_behind(out.fileno(), offset, len(data))  # the seal's fsync is short
         return size + len(data)
 
     async def seal(self, part: str, sha256: str, *, hashed: bool = False) -> bool:
@@ -126,7 +129,7 @@ class DirectoryBlobs:
         with open(path, "rb+") as part_file:
             os.fsync(part_file.fileno())
         os.replace(path, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return True
 
     async def drop_part(self, part: str) -> None:
@@ -175,14 +178,6 @@ def _file_sha256(path: Path) -> str:
         while block := source.read(READ_BLOCK):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class MemoryBlobs:

@@ -24,7 +24,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +92,23 @@ def _background(write: Coroutine[Any, Any, int]) -> asyncio.Future[int]:
     return task
 
 
-def _hash_chunk(data: bytes, expected: str | None, running: Any) -> bool:
-    """Whether ``data`` hashes to ``expected`` (``None``: not checked); when it does, it is
-    added to the ``running`` SHA-256 (if any). Runs in a worker thread."""
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        return False
-    if running is not None:
-        running.update(data)
-    return True
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _check_and_hash(data: bytes, expected: str | None, running: Any) -> Any:
+    """The ``running`` SHA-256 (if any) advanced over ``data`` if ``data`` hashes to
+    ``expected`` (``None``: not checked), else ``False``. The check and the running hash
+    run at once in two worker threads (hashlib lets go of the GIL for large buffers), the
+    latter on a copy that only a chunk that passed replaces."""
+    advanced = running.copy() if running is not None else None
+    hashing = (asyncio.to_thread(advanced.update, data) if advanced is not None
+               else asyncio.sleep(0))
+    if expected is None:
+        await hashing
+        return advanced
+    digest, _ = await asyncio.gather(asyncio.to_thread(_sha256_hex, data), hashing)
+    return advanced if digest == expected else False
 
 
 def check_meta(meta: Any) -> Any:
@@ -125,11 +134,14 @@ class FileService:
         self.sync = sync
         self.feed = feed
         self._parts: dict[str, asyncio.Lock] = {}
-        self._writes: dict[str, asyncio.Future[int]] = {}
-        """Per upload, the write of its last chunk, still in flight."""
+        self._writes: dict[str, tuple[int, asyncio.Future[int]]] = {}
+        """Per upload, the write of its last chunk still in flight, and where it ends."""
         self._hashing: dict[str, tuple[int, Any]] = {}
         """Per upload, the SHA-256 of the bytes this process appended in order from 0 (and
         up to where): the last chunk then needs no second pass over the whole file."""
+        self._arriving: dict[str, list[tuple[int, asyncio.Event]]] = {}
+        """Per upload, the chunks being received (their offset, and an event set when the
+        request is done with), so that a chunk ahead of the part waits for the one before."""
         self._naming = asyncio.Lock()
         """Held while a blob is sealed and recorded, and while unnamed blobs are deleted."""
 
@@ -180,44 +192,76 @@ class FileService:
         return answer
 
     async def write_chunk(self, device: DeviceRecord, upload_id: str, offset: int,
-                          data: bytes, chunk_sha256: str | None) -> dict[str, Any]:
-        """Append ``data`` at ``offset`` of ``device``'s upload ``upload_id`` (checked
-        against ``chunk_sha256`` first when given); the chunk that completes it finishes
-        the upload. Returns the same answer as :meth:`begin_upload`. Raises
-        :class:`NotFound` (no such upload of this device: finished or dropped; declare it
-        again), :class:`DigestMismatch` (``scope`` ``chunk``: nothing written; ``file``: the
-        whole file did not match, the upload starts over at 0), :class:`OffsetMismatch`."""
+                          length: int, body: Callable[[], Awaitable[bytes]],
+                          chunk_sha256: str | None) -> dict[str, Any]:
+        """Append the ``length`` bytes ``body()`` reads at ``offset`` of ``device``'s upload
+        ``upload_id`` (checked against ``chunk_sha256`` first when given); the chunk that
+        completes it finishes the upload. The body is read only once the upload is known.
+
+        Chunks may arrive on several connections at once (a client keeping a window of
+        chunks in flight): a chunk that starts beyond the part's end waits for a chunk
+        still being received that starts at that end, then goes on in order; without one
+        it is refused (:class:`OffsetMismatch`).
+
+        Returns the same answer as :meth:`begin_upload`. Raises :class:`NotFound` (no such
+        upload of this device: finished or dropped; declare it again),
+        :class:`DigestMismatch` (``scope`` ``chunk``: nothing written; ``file``: the whole
+        file did not match, the upload starts over at 0), :class:`OffsetMismatch`."""
         upload = await self.store.get_upload(upload_id)
         if upload is None or upload.device != device.id:
             raise NotFound(f"no upload {upload_id!r} of this device", {"upload": upload_id})
-        if offset + len(data) > upload.size:
-            raise MalformedRequest(f"chunk ends at {offset + len(data)}, beyond the declared"
+        if offset + length > upload.size:
+            raise MalformedRequest(f"chunk ends at {offset + length}, beyond the declared"
                                    f" size {upload.size}", {"size": upload.size})
-        async with self._part_lock(upload_id):
-            stored = await self._settled(upload_id)
-            if offset != stored:
-                raise OffsetMismatch(f"the part ends at {stored}, not {offset}",
-                                     {"offset": stored})
-            running = self._running(upload_id, offset)
-            # Off the event loop: hashlib lets go of the GIL for large buffers.
-            chunk_ok = await asyncio.to_thread(_hash_chunk, data, chunk_sha256, running)
-            if not chunk_ok:
-                self._hashing.pop(upload_id, None)
-                raise DigestMismatch("the chunk does not match its X-Chunk-Sha256",
-                                     {"scope": "chunk", "offset": offset})
-            end = offset + len(data)
-            if running is not None:
-                self._hashing[upload_id] = (end, running)
-            if end < upload.size:
-                # Written while the next chunk travels: the offset answered is where the
-                # part will end. Should the write fail (or the process die first), the
-                # next chunk is told the true end (offset_mismatch) and the device
-                # resends from there.
-                self._writes[upload_id] = _background(
-                    self.blobs.append_part(upload_id, offset, data))
-                return self._answer(upload_id, end, upload.size)
-            await self.blobs.append_part(upload_id, offset, data)
-            return await self._finish(upload)
+        arriving = self._arriving.setdefault(upload_id, [])
+        me = (offset, asyncio.Event())
+        arriving.append(me)
+        try:
+            data = await body()
+            while True:
+                async with self._part_lock(upload_id):
+                    if offset == await self._end(upload_id):
+                        return await self._append(upload, offset, data, chunk_sha256)
+                    stored = await self._settled(upload_id)
+                    if offset == stored:
+                        return await self._append(upload, offset, data, chunk_sha256)
+                    before = next((event for start, event in arriving
+                                   if start == stored and event is not me[1]), None)
+                    if offset < stored or before is None:
+                        raise OffsetMismatch(f"the part ends at {stored}, not {offset}",
+                                             {"offset": stored})
+                await before.wait()
+        finally:
+            arriving.remove(me)
+            me[1].set()
+            if not arriving:
+                self._arriving.pop(upload_id, None)
+
+    async def _append(self, upload: UploadRecord, offset: int, data: bytes,
+                      chunk_sha256: str | None) -> dict[str, Any]:
+        """Check and append a chunk at the part's end (under its lock). It is checked and
+        hashed while the write of the chunk before it (if any) goes on; a failure of that
+        write is then an :class:`OffsetMismatch` for this one."""
+        running = await _check_and_hash(data, chunk_sha256, self._running(upload.id, offset))
+        if running is False:
+            raise DigestMismatch("the chunk does not match its X-Chunk-Sha256",
+                                 {"scope": "chunk", "offset": offset})
+        stored = await self._settled(upload.id)
+        if stored != offset:  # the write before it failed: the running hash is gone too
+            raise OffsetMismatch(f"the part ends at {stored}, not {offset}", {"offset": stored})
+        end = offset + len(data)
+        if running is not None:
+            self._hashing[upload.id] = (end, running)
+        if end < upload.size:
+            # Written while the next chunk travels: the offset answered is where the
+            # part will end. Should the write fail (or the process die first), the
+            # next chunk is told the true end (offset_mismatch) and the device
+            # resends from there.
+            self._writes[upload.id] = (end, _background(
+                self.blobs.append_part(upload.id, offset, data)))
+            return self._answer(upload.id, end, upload.size)
+        await self.blobs.append_part(upload.id, offset, data)
+        return await self._finish(upload)
 
     async def _settled(self, upload_id: str) -> int:
         """Where the part of ``upload_id`` ends, once its write in flight (if any) is
@@ -225,12 +269,18 @@ class FileService:
         pending = self._writes.pop(upload_id, None)
         if pending is not None:
             try:
-                await pending
+                await pending[1]
             except (CrdtsyncError, OSError) as exc:
                 self._hashing.pop(upload_id, None)
                 log.warning("upload %s: a chunk's write failed (%s); the device resends it",
                             upload_id, exc)
         return await self.blobs.part_size(upload_id)
+
+    async def _end(self, upload_id: str) -> int:
+        """Where the part of ``upload_id`` will end once its write in flight (if any) is
+        done, without waiting for it."""
+        pending = self._writes.get(upload_id)
+        return pending[0] if pending is not None else await self.blobs.part_size(upload_id)
 
     async def drain(self) -> None:
         """Wait for every chunk write in flight (at shutdown)."""

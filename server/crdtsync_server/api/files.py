@@ -101,19 +101,27 @@ async def upload_chunk(request: web.Request) -> web.Response:
     if offset < 0:
         raise MalformedRequest("query parameter 'offset' is required")
     _identity(request)
-    data = await _chunk(request, services.config.file_chunk, services.config.body_timeout)
-    chunk_sha = request.headers.get(CHUNK_SHA_HEADER, "").strip().lower() or None
-    return json_response(await services.files.write_chunk(device, upload_id, offset, data,
-                                                          chunk_sha))
+    length = _chunk_length(request, services.config.file_chunk)
+    seconds = services.config.body_timeout
+    return json_response(await services.files.write_chunk(
+        device, upload_id, offset, length, lambda: _chunk(request, length, seconds),
+        request.headers.get(CHUNK_SHA_HEADER, "").strip().lower() or None))
 
 
-async def _chunk(request: web.Request, limit: int, seconds: float) -> bytes:
-    """The whole body, of a declared Content-Length of at most ``limit``."""
+def _chunk_length(request: web.Request, limit: int) -> int:
+    """The declared Content-Length of a chunk, at most ``limit``."""
     length = request.content_length
     if length is None:
         raise MalformedRequest("an upload chunk needs a Content-Length")
     if length > limit:
         raise BodyTooLarge(f"chunk over {limit} bytes", {"max_body": limit, "chunk": limit})
+    return length
+
+
+async def _chunk(request: web.Request, length: int, seconds: float) -> bytes:
+    """The whole body of ``length`` bytes."""
+    if length == 0:  # aiohttp's reader of an empty body raises even for 0 bytes
+        return b""
     try:
         async with asyncio.timeout(seconds):
             return await request.content.readexactly(length)
