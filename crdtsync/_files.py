@@ -145,14 +145,20 @@ ProgressCallback = Callable[[FileTransfer], None]
 
 
 class FileClient:
-    """The HTTP side: the upload calls and the range download, with the device's token."""
+    """The HTTP side: the upload calls and the range download, with the device's token
+    (``token``: the token, or a function giving the current one, as a gateway's devices
+    have: their token may be replaced while they run)."""
 
-    def __init__(self, base_url: str, token: str,
+    def __init__(self, base_url: str, token: str | Callable[[], str],
                  session: Callable[[], aiohttp.ClientSession]) -> None:
         self.base_url = base_url
-        self._headers = {"Authorization": f"Bearer {token}"}
+        self._token = token if callable(token) else (lambda: token)
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_read=60)
+
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token()}"}
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         url = self.base_url + path

@@ -184,6 +184,12 @@ class Device:
     each time the device has something new to sync, whether or not it has a loop: what
     lets a scheduler outside the device, such as :class:`~crdtsync.gateway.Gateway`,
     sync it when needed.
+
+    ``transfers`` runs the file transfer task (files sent and received beside the sync,
+    :meth:`send_file`): by default with the background loop; ``True`` runs it without one
+    (a device synced by a scheduler outside it, as a gateway's are), ``False`` leaves it to
+    :meth:`sync_files`. Files need a transport that can carry them (``files()``: the HTTP
+    transport and a gateway's do).
     """
 
     def __init__(
@@ -208,6 +214,7 @@ class Device:
         live: bool = True,
         wake_wait: float = DEFAULT_WAKE_WAIT,
         on_wake: Callable[[], None] | None = None,
+        transfers: bool | None = None,
     ) -> None:
         if not NAME_RE.match(device_id):
             raise ValueError(f"device id {device_id!r} is not a valid name")
@@ -234,10 +241,11 @@ class Device:
         self._inbox = Inbox(self._store, device_id, wall)
         self._calls = Calls(self._store, wall)
         self._shared = {name: SharedDoc(name, self._store) for name in SHARED_DOC_NAMES}
+        files = getattr(transport, "files", None)  # what a transport needs to carry files
         self._files = FileTransfers(
-            self._store, Path(f"{path}.files"),
-            FileClient(*transport.files()) if isinstance(transport, HttpTransport) else None,
+            self._store, Path(f"{path}.files"), FileClient(*files()) if callable(files) else None,
             self._announced_files, wall, backoff)
+        self._transfers = interval is not None if transfers is None else transfers
         self._files_task: asyncio.Task[None] | None = None
         self._templates: dict[str, Template] = {}
         self._schema = FleetSchema(self._shared[FLEET_DOC])
@@ -308,6 +316,7 @@ class Device:
         await self._files.load()
         if self.interval is not None:
             self._task = asyncio.create_task(self._run(), name=f"crdtsync-sync-{self.id}")
+        if self._transfers:
             self._files_task = spawn(self._files.run(), f"crdtsync-files-{self.id}")
         if self._channel is not None:
             self._live_task = spawn(self._channel.run(), f"crdtsync-live-{self.id}")

@@ -42,6 +42,7 @@ import math
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,10 @@ class Batcher:
 
     def __init__(self, url: str, session: aiohttp.ClientSession, *, timeout: float,
                  patience: float, max_entries: int, max_body: int) -> None:
-        self.url = url.rstrip("/") + BATCH_PATH
-        self._session = session
+        self.base_url = url.rstrip("/")
+        self.url = self.base_url + BATCH_PATH
+        self.session = session
+        """The gateway's connections: its batches, and its devices' file transfers."""
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.patience = patience
         """Seconds queued requests wait, without a new one arriving, for the devices still
@@ -290,7 +293,7 @@ class Batcher:
         self.stats.entries += len(chunk)
         self.stats.bytes_up += len(body)
         try:
-            async with self._session.post(self.url, data=body, headers=headers,
+            async with self.session.post(self.url, data=body, headers=headers,
                                           skip_auto_headers=SKIP_AUTO_HEADERS,
                                           timeout=self._timeout) as resp:
                 data = await resp.read()
@@ -365,6 +368,12 @@ class BatchedTransport:
 
     async def exchange(self, body: bytes) -> bytes:
         return await self.batcher.exchange(self.token, body)
+
+    def files(self) -> tuple[str, Callable[[], str], Callable[[], aiohttp.ClientSession]]:
+        """What the device's file transfers need (as ``HttpTransport.files``): they go
+        straight to the server, one request per chunk, on the gateway's connections, under
+        the device's current token."""
+        return self.batcher.base_url, lambda: self.token, lambda: self.batcher.session
 
     async def aclose(self) -> None:
         """Nothing to close: the gateway owns the connection."""
@@ -539,7 +548,7 @@ class Gateway:
         device = Device(device_id, transport=transport, path=self.path / f"{device_id}.db",
                         interval=None, live=False, min_spacing=self.min_spacing,
                         backoff=self.backoff, durability=self.durability, on_wake=wake,
-                        **options)
+                        transfers=True, **options)
         await device.start()
         slot = self._slots[device_id] = _Slot(device, transport)
         return slot

@@ -166,6 +166,41 @@ async def test_background_loop_syncs_what_changed(server: Server, admin: AdminCl
     assert stored == {i: [(1, {"v": i})] for i in tokens}
 
 
+async def test_files_move_both_ways_through_a_gateways_devices(
+        server: Server, admin: AdminClient, tmp_path: Path) -> None:
+    """A gateway's device has the whole file API (issue 19): a file it sends reaches the
+    cloud (one feed item), and a file the cloud puts for it arrives, is verified and handed
+    to its ``on_file`` handler once, driven by the gateway's loop alone; a new token given
+    through ``gw.add`` is the one its transfers use."""
+    tokens = await provision(admin, 2)
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(bytes(range(256)) * 4000)
+    async with Gateway(server.url, path=tmp_path / "gw", interval=30.0,
+                       min_spacing=0.05) as gw:
+        devices = {i: await gw.add(i, t) for i, t in tokens.items()}
+        got: list[tuple[str, bytes]] = []
+        for dev in devices.values():
+            @dev.on_file("fw.bin")
+            async def handle(info: Any, dev: Device = dev) -> None:
+                out = tmp_path / f"{dev.id}.out"
+                await dev.fetch_file(info.name, out)
+                got.append((dev.id, out.read_bytes()))
+
+        new_token = (await admin.rotate_token("s1"))["token"]
+        await gw.add("s1", new_token)
+        await devices["s0"].send_file("dump.bin", b"d" * 300_000, meta={"n": 0})
+        await devices["s1"].send_file("dump.bin", b"e" * 1000)
+        await admin.put_file("fw.bin", firmware, device="s1")
+        async with asyncio.timeout(20):
+            while (any(d.pending_files for d in devices.values())  # noqa: ASYNC110
+                   or not got):
+                await asyncio.sleep(0.05)
+        assert got == [("s1", firmware.read_bytes())]
+    items, _ = await admin.feed(limit=100, kind="file")
+    assert sorted((i["device"], i["file"]["size"]) for i in items) == [
+        ("s0", 300_000), ("s1", 1000)]
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_cuts_mid_batch_lose_and_duplicate_nothing(server: Server, admin: AdminClient,
                                                          tmp_path: Path, seed: int) -> None:
