@@ -54,8 +54,25 @@ def write_behind(descriptor: int, offset: int, length: int) -> None:
             os.posix_fadvise(descriptor, 0, offset, os.POSIX_FADV_DONTNEED)
 
 
+def size_or_zero(path: str | os.PathLike[str]) -> int:
+    """The size of the file ``path``, 0 when there is none."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def unlink_missing_ok(path: str | os.PathLike[str]) -> None:
+    """Remove the file ``path`` if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """``fsync`` the directory ``path``: a rename or a new file in it is durable after."""
+    """``fsync`` the directory ``path``: a rename or a new file in it is durable after (a
+    directory cannot be opened on Windows, where NTFS journals its entries itself)."""
+    if os.name == "nt":
+        return
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

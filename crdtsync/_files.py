@@ -47,7 +47,7 @@ import aiohttp
 
 from ._aio import wait_event
 from ._device_store import DeviceStore
-from ._disk import fsync_dir, write_behind
+from ._disk import fsync_dir, size_or_zero, unlink_missing_ok, write_behind
 from ._sqlite_worker import transaction
 from .errors import (
     ClosedError,
@@ -354,7 +354,7 @@ class FileTransfers:
         try:
             sha256, size = await asyncio.to_thread(_copy_in, source, temp, self._out)
         finally:
-            await asyncio.to_thread(_unlink, temp)
+            await asyncio.to_thread(unlink_missing_ok, temp)
         info = FileInfo(name, size, sha256, meta)
         replaced = await self._store.run(_queue, info, self._clock())
         self._pending.pop(name, None)
@@ -367,7 +367,7 @@ class FileTransfers:
         keep = {f.sha256 for f in self._pending.values()}
         for digest in digests:
             if digest not in keep:
-                await asyncio.to_thread(_unlink, self._out / digest)
+                await asyncio.to_thread(unlink_missing_ok, self._out / digest)
 
     async def _upload(self, info: FileInfo) -> None:
         client = self._require_client()
@@ -457,9 +457,9 @@ class FileTransfers:
         client = self._require_client()
         self._in.mkdir(parents=True, exist_ok=True)
         part = self._in / f".part-{info.sha256}"
-        start = await asyncio.to_thread(_size, part)
+        start = await asyncio.to_thread(size_or_zero, part)
         if start > info.size:
-            await asyncio.to_thread(_unlink, part)
+            await asyncio.to_thread(unlink_missing_ok, part)
             start = 0
         transfer = self._start("down", name, start, info.size)
         # Hashed as it is written (after the prefix a cut left, if any): no second pass.
@@ -479,7 +479,7 @@ class FileTransfers:
             finally:  # what arrived before a cut is a correct prefix, kept
                 await writer.aclose()
             if running.hexdigest() != info.sha256 or writer.size != info.size:
-                await asyncio.to_thread(_unlink, part)
+                await asyncio.to_thread(unlink_missing_ok, part)
                 raise DigestMismatch(f"file {name} does not match its sha256; downloading"
                                      " it again", {"scope": "file", "name": name})
             await asyncio.to_thread(_seal, part, self._in / info.sha256)
@@ -489,7 +489,7 @@ class FileTransfers:
         self._held[name] = info
         self._unhandled.add(name)
         if old and old not in {f.sha256 for f in self._held.values()}:
-            await asyncio.to_thread(_unlink, self._in / old)
+            await asyncio.to_thread(unlink_missing_ok, self._in / old)
         log.info("file %s received (%d bytes)", name, info.size)
 
     async def _withdraw(self, name: str) -> None:
@@ -498,7 +498,7 @@ class FileTransfers:
         self._unhandled.discard(name)
         await self._store.run(_forget, name)
         if info.sha256 not in {f.sha256 for f in self._held.values()}:
-            await asyncio.to_thread(_unlink, self._in / info.sha256)
+            await asyncio.to_thread(unlink_missing_ok, self._in / info.sha256)
 
     def _wanted(self) -> tuple[dict[str, FileInfo], list[str]]:
         """Announced files to download, and held ones no longer announced."""
@@ -719,18 +719,6 @@ def _seal(part: Path, target: Path) -> None:
         os.fsync(handle.fileno())
     os.replace(part, target)
     fsync_dir(target.parent)
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
 
 
 # --- the tables (store thread) ---------------------------------------------------------------

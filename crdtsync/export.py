@@ -46,6 +46,7 @@ from typing import IO, Any, TypeVar
 from urllib.parse import quote
 
 from ._aio import cancel_and_wait
+from ._disk import fsync_dir
 from .admin import MAX_PAGE, AdminClient
 from .errors import CrdtsyncError, ExportError
 
@@ -152,17 +153,6 @@ WRITERS: dict[str, Callable[[Sequence[Row], IO[bytes]], None]] = {
 
 
 # --- files ----------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (a rename, a new file) durable."""
-    if os.name == "nt":
-        return  # a directory cannot be opened on Windows; NTFS journals its entries
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_dirs(path: Path) -> None:

@@ -16,7 +16,6 @@ Which blobs may go is the caller's decision (``crdtsync_server.files``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -24,7 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from crdtsync._disk import fsync_dir, write_behind
+from crdtsync._disk import fsync_dir, size_or_zero, unlink_missing_ok, write_behind
 from crdtsync.errors import OffsetMismatch
 
 READ_BLOCK = 1024 * 1024
@@ -91,7 +90,7 @@ class DirectoryBlobs:
         return self._blobs / sha256[:2] / sha256
 
     async def part_size(self, part: str) -> int:
-        return await asyncio.to_thread(_size, self._part(part))
+        return await asyncio.to_thread(size_or_zero, self._part(part))
 
     async def append_part(self, part: str, offset: int, data: bytes) -> int:
         return await asyncio.to_thread(self._append, self._part(part), offset, data)
@@ -133,7 +132,7 @@ class DirectoryBlobs:
         return True
 
     async def drop_part(self, part: str) -> None:
-        await asyncio.to_thread(_unlink, self._part(part))
+        await asyncio.to_thread(unlink_missing_ok, self._part(part))
 
     async def blob_size(self, sha256: str) -> int | None:
         path = self._blob(sha256)
@@ -157,19 +156,7 @@ class DirectoryBlobs:
 
     async def delete_blobs(self, digests: Sequence[str]) -> None:
         for digest in digests:
-            await asyncio.to_thread(_unlink, self._blob(digest))
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+            await asyncio.to_thread(unlink_missing_ok, self._blob(digest))
 
 
 def _file_sha256(path: Path) -> str:
