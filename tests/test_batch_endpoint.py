@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import msgpack
@@ -37,22 +36,11 @@ from crdtsync.protocol import (
 from crdtsync_server import Server, ServerConfig
 
 from .conftest import ADMIN_TOKEN
+from .provisioning import events_by_device, provision
 from .scrape import scrape, value
 
 UPDATE = bytes.fromhex("0101f0b0950a00280105737461746501610177016200")
 """A Yjs v1 update: ``state["a"] = "b"`` by client 21321840."""
-
-
-async def provision(admin: AdminClient, count: int, prefix: str = "s") -> dict[str, str]:
-    return {f"{prefix}{n}": (await admin.add_device(f"{prefix}{n}"))["token"]
-            for n in range(count)}
-
-
-async def events_by_device(admin: AdminClient) -> dict[str, list[tuple[int, Any]]]:
-    seen: dict[str, list[tuple[int, Any]]] = {}
-    async for event in admin.iter_events():
-        seen.setdefault(event["device"], []).append((event["seq"], event["body"]))
-    return seen
 
 
 def sync_body(device: str, *, events: int = 0, update: bytes = b"", crc: int | None = None

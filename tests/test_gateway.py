@@ -19,19 +19,8 @@ from crdtsync.testing import FaultProxy
 from crdtsync_server import Server, ServerConfig
 
 from .conftest import ADMIN_TOKEN
+from .provisioning import events_by_device, provision
 from .services import drop_schema, new_schema, require_postgres
-
-
-async def provision(admin: AdminClient, count: int, prefix: str = "s") -> dict[str, str]:
-    return {f"{prefix}{n}": (await admin.add_device(f"{prefix}{n}"))["token"]
-            for n in range(count)}
-
-
-async def events_by_device(admin: AdminClient) -> dict[str, list[tuple[int, Any]]]:
-    seen: dict[str, list[tuple[int, Any]]] = {}
-    async for event in admin.iter_events():
-        seen.setdefault(event["device"], []).append((event["seq"], event["body"]))
-    return seen
 
 
 async def test_devices_converge_both_ways_in_one_request(server: Server, admin: AdminClient,
