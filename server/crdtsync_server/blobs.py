@@ -16,15 +16,20 @@ Which blobs may go is the caller's decision (``crdtsync_server.files``).
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from crdtsync._disk import fsync_dir, size_or_zero, unlink_missing_ok, write_behind
 from crdtsync.errors import OffsetMismatch
+
+fcntl: Any
+try:  # POSIX: appends of several server processes to one part are serialised
+    import fcntl
+except ImportError:  # pragma: no cover (Windows: one server process, nothing to serialise)
+    fcntl = None
 
 READ_BLOCK = 1024 * 1024
 """Bytes read at a time when hashing or serving a blob: memory stays flat in file size."""
@@ -100,7 +105,8 @@ class DirectoryBlobs:
         with open(path, "ab") as out:
             # Locked from the size check to the end of the write: server processes sharing
             # the directory (serve --workers) never both append at one offset.
-            fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+            if fcntl is not None:
+                fcntl.flock(out.fileno(), fcntl.LOCK_EX)
             size = os.fstat(out.fileno()).st_size
             if size != offset:
                 raise OffsetMismatch(f"the part ends at {size}, not {offset}",
