@@ -18,28 +18,8 @@ import pytest
 from crdtsync import AdminClient, Device, FileInfo, FileTransfer
 from crdtsync_server import Server
 
-from .conftest import ADMIN_TOKEN, DeviceFactory
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-async def _feed_files(url: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.get(
-            f"{url}/v1/feed?kind=file&limit=1000", headers=ADMIN) as resp:
-        return [i["file"] for i in (await resp.json())["items"] if i["kind"] == "file"]
-
-
-async def _cloud_file(url: str, path: str) -> bytes:
-    async with aiohttp.ClientSession() as http, http.get(url + path, headers=ADMIN) as resp:
-        assert resp.status == 200
-        return await resp.read()
-
-
-async def _put(url: str, path: str, data: bytes, meta: str | None = None) -> None:
-    headers = dict(ADMIN, **({"X-File-Meta": meta} if meta else {}))
-    async with aiohttp.ClientSession() as http, http.put(
-            url + path, data=io.BytesIO(data), headers=headers) as resp:
-        assert resp.status == 201, await resp.text()
+from .conftest import DeviceFactory
+from .filehttp import ADMIN, cloud_bytes, feed_files, put_down
 
 
 async def test_send_files_of_every_source(server: Server, make_device: DeviceFactory,
@@ -55,17 +35,17 @@ async def test_send_files_of_every_source(server: Server, make_device: DeviceFac
     await dev.send_file("log.txt", io.BytesIO(b"line\n" * 1000))
     on_disk.write_bytes(b"changed after queueing")  # the queued copy is what goes
     assert [f.name for f in dev.pending_files] == ["photo.jpg", "dump.bin", "log.txt"]
-    assert await _feed_files(server.url) == []
+    assert await feed_files(server.url) == []
     await dev.sync_files()
     assert dev.pending_files == [] and dev.file_errors == {}
-    files = await _feed_files(server.url)
+    files = await feed_files(server.url)
     assert [(f["name"], f["size"]) for f in files] == [
         ("photo.jpg", 300_000), ("dump.bin", 5_000_000), ("log.txt", 5000)]
     assert files[0]["meta"] == {"camera": 2}
-    assert await _cloud_file(server.url, files[1]["url"]) == blob
+    assert await cloud_bytes(server.url, files[1]["url"]) == blob
     assert ("dump.bin", 5_000_000, 5_000_000) in progress
     await dev.sync_files()  # nothing left: no second feed item
-    assert len(await _feed_files(server.url)) == 3
+    assert len(await feed_files(server.url)) == 3
 
 
 async def test_queue_survives_a_restart(server: Server, admin: AdminClient,
@@ -81,7 +61,7 @@ async def test_queue_survives_a_restart(server: Server, admin: AdminClient,
                                               hashlib.sha256(data).hexdigest(), None)]
         await dev.sync_files()
         assert dev.pending_files == []
-    assert await _cloud_file(server.url, "/v1/devices/cam-2/files/a.bin") == data
+    assert await cloud_bytes(server.url, "/v1/devices/cam-2/files/a.bin") == data
 
 
 async def test_cloud_files_reach_the_device(server: Server, admin: AdminClient,
@@ -100,8 +80,8 @@ async def test_cloud_files_reach_the_device(server: Server, admin: AdminClient,
     async def any_file(info: FileInfo) -> None:
         every.append(info.name)
 
-    await _put(server.url, "/v1/fleets/west/files/fw.bin", firmware, '{"version": "2.0"}')
-    await _put(server.url, "/v1/devices/gw-1/files/config.json", config)
+    await put_down(server.url, "/v1/fleets/west/files/fw.bin", firmware, '{"version": "2.0"}')
+    await put_down(server.url, "/v1/devices/gw-1/files/config.json", config)
     await dev.sync()
     await dev.sync_files()
     assert set(dev.files) == {"fw.bin", "config.json"}
@@ -119,7 +99,7 @@ async def test_cloud_files_reach_the_device(server: Server, admin: AdminClient,
     await dev.sync_files()  # nothing new: handlers do not run again
     assert len(seen) == 1 and len(every) == 2
     newer = os.urandom(1000)
-    await _put(server.url, "/v1/fleets/west/files/fw.bin", newer)
+    await put_down(server.url, "/v1/fleets/west/files/fw.bin", newer)
     async with aiohttp.ClientSession() as http, http.delete(
             f"{server.url}/v1/devices/gw-1/files/config.json?direction=down",
             headers=ADMIN) as resp:
@@ -156,9 +136,9 @@ async def test_a_chunk_damaged_on_the_way_is_refused_and_sent_again(
     await dev.send_file("x.bin", data)
     await dev.sync_files()
     assert damaged == [1024 * 1024] and dev.pending_files == []
-    files_in_feed = await _feed_files(server.url)
+    files_in_feed = await feed_files(server.url)
     assert len(files_in_feed) == 1
-    assert await _cloud_file(server.url, files_in_feed[0]["url"]) == data
+    assert await cloud_bytes(server.url, files_in_feed[0]["url"]) == data
 
 
 async def test_two_chunks_travel_at_once(server: Server, make_device: DeviceFactory,
@@ -191,9 +171,9 @@ async def test_two_chunks_travel_at_once(server: Server, make_device: DeviceFact
     await dev.sync_files()
     assert dev.pending_files == [] and most == 2
     assert offsets == [i * 256 * 1024 for i in range(11)]
-    files_in_feed = await _feed_files(server.url)
+    files_in_feed = await feed_files(server.url)
     assert len(files_in_feed) == 1
-    assert await _cloud_file(server.url, files_in_feed[0]["url"]) == data
+    assert await cloud_bytes(server.url, files_in_feed[0]["url"]) == data
 
 
 async def test_a_part_held_whole_but_not_finished_is_finished(
@@ -212,9 +192,9 @@ async def test_a_part_held_whole_but_not_finished_is_finished(
     await dev.send_file("held.bin", data)
     await dev.sync_files()
     assert dev.pending_files == [] and dev.file_errors == {}
-    files_in_feed = await _feed_files(server.url)
+    files_in_feed = await feed_files(server.url)
     assert [f["name"] for f in files_in_feed] == ["held.bin"]
-    assert await _cloud_file(server.url, files_in_feed[0]["url"]) == data
+    assert await cloud_bytes(server.url, files_in_feed[0]["url"]) == data
 
 
 async def test_an_empty_file_is_sent(server: Server, make_device: DeviceFactory) -> None:
@@ -223,9 +203,9 @@ async def test_an_empty_file_is_sent(server: Server, make_device: DeviceFactory)
     await dev.send_file("empty.bin", b"")
     await dev.sync_files()
     assert dev.pending_files == [] and dev.file_errors == {}
-    files_in_feed = await _feed_files(server.url)
+    files_in_feed = await feed_files(server.url)
     assert [(f["name"], f["size"]) for f in files_in_feed] == [("empty.bin", 0)]
-    assert await _cloud_file(server.url, files_in_feed[0]["url"]) == b""
+    assert await cloud_bytes(server.url, files_in_feed[0]["url"]) == b""
 
 
 async def test_a_sink_receives_each_file_once(server: Server, admin: AdminClient,
@@ -275,10 +255,10 @@ async def test_the_background_loop_moves_files_by_itself(server: Server,
     got = asyncio.Event()
     dev.on_file("fw.bin")(lambda info: got.set())
     await dev.send_file("up.bin", b"u" * 5000)
-    await _put(server.url, "/v1/devices/cam-bg/files/fw.bin", b"f" * 7000)
+    await put_down(server.url, "/v1/devices/cam-bg/files/fw.bin", b"f" * 7000)
     async with asyncio.timeout(30):
         await got.wait()
         while dev.pending_files:  # noqa: ASYNC110 (no event announces an empty queue)
             await asyncio.sleep(0.05)
     assert dev.files["fw.bin"].size == 7000
-    assert [f["name"] for f in await _feed_files(server.url)] == ["up.bin"]
+    assert [f["name"] for f in await feed_files(server.url)] == ["up.bin"]

@@ -15,9 +15,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 
 from crdtsync import AdminClient, Device, FileTransfer, TransportError
@@ -26,13 +24,13 @@ from crdtsync.transport import HttpTransport
 from crdtsync_server import Server, ServerConfig
 
 from .conftest import ADMIN_TOKEN
+from .filehttp import cloud_bytes, feed_files, put_down
 from .realworld import ServeProcess, free_port, log_file
 
 pytestmark = pytest.mark.timeout(120)
 
 MB = 1024 * 1024
 SIZE = 20 * MB
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +42,6 @@ def payload() -> bytes:
 def server_config(server_config: ServerConfig) -> ServerConfig:
     server_config.file_chunk = MB  # below the proxy's 2 MB between cuts
     return server_config
-
-
-async def feed_files(url: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.get(
-            f"{url}/v1/feed?kind=file&limit=1000", headers=ADMIN) as resp:
-        return [i["file"] for i in (await resp.json())["items"] if i["kind"] == "file"]
-
-
-async def cloud_bytes(url: str, path: str) -> bytes:
-    async with aiohttp.ClientSession() as http, http.get(url + path, headers=ADMIN) as resp:
-        assert resp.status == 200
-        return await resp.read()
-
-
-async def put_down(url: str, path: str, data: bytes) -> None:
-    async with aiohttp.ClientSession() as http, http.put(
-            url + path, data=io.BytesIO(data), headers=ADMIN) as resp:
-        assert resp.status == 201, await resp.text()
 
 
 async def until_done(dev: Device, done: Callable[[], bool], *, sync: bool = False,
