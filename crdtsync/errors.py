@@ -39,6 +39,7 @@ Every error has a stable wire ``code``, the HTTP ``status`` the server answers w
     ├── TransportError             (local)                    retryable; outcome unknown
     ├── OutboxFull                 (local)                    outbox bound hit ("reject")
     ├── StoreError                 (local)                    local database failed / newer
+    │   └── StoreBusy              (local)                    not now in this thread; no write
     ├── SyncStalled                (local)                    a sync did not settle in max_rounds
     ├── ClosedError                (local)                    used after ``aclose()``
     ├── RouteFailed                (local)                    a proxied request's route failed
@@ -55,7 +56,8 @@ Only ``crdtsync.testing.faults.Crash`` stands outside the tree, a ``BaseExceptio
 (a simulated process death that no ``except Exception`` may swallow). The local classes are
 defined here, except ``UsageError`` (``crdtsync.cli``), ``FramingError``
 (``crdtsync.testing.fault_proxy``), ``LeaseLost`` (``crdtsync_server.sinks.delivery``) and
-``WorkersFailed`` (``crdtsync_server.api.workers``), which live with the one module that
+``WorkersFailed`` (``crdtsync_server.api.workers``) and ``StoreBusy``
+(``crdtsync._sqlite_worker``), which live with the one module that
 raises them; tests/test_layering.py keeps them in the tree.
 """
 

@@ -21,6 +21,7 @@ import dataclasses
 import os
 import shutil
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -811,3 +812,157 @@ async def test_a_failure_inside_a_rebuild_leaves_the_old_generation(
         monkeypatch.setattr(sqlite_documents, "replace_doc", real)
         assert await store.rebuild("k", 0, ids[1], b"fresh")
         assert (await store.load_doc("k")).gen == 1
+
+
+# --- group commits on the event loop's thread ---------------------------------------------
+
+
+def _threads_of_commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread each write of a group commit runs in, from now on."""
+    from crdtsync_server.store.sqlite import store as sqlite_store
+
+    names: list[str] = []
+    real = sqlite_store._commit
+
+    def recorded(conn: sqlite3.Connection, write: SyncWrite) -> Any:
+        names.append(threading.current_thread().name)
+        return real(conn, write)
+
+    monkeypatch.setattr(sqlite_store, "_commit", recorded)
+    return names
+
+
+def _event_write(device: str, seq: int) -> SyncWrite:
+    return SyncWrite(device, 10, docs=[DocWrite(f"{device}/state", V1_UPDATE)] if seq == 1
+                     else [], events=[Event(seq, "t", seq, {"n": seq, "pad": "x" * 400})])
+
+
+async def test_a_group_commits_on_the_loop_when_the_store_thread_is_idle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle store thread: the group runs in the event loop's thread. A busy one: the
+    group waits in its queue behind the call already there (calls keep their order)."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        await store.add_device(DeviceRecord("d", "h", created=1))
+        names = _threads_of_commits(monkeypatch)
+        await store.commit(_event_write("d", 1))
+        assert names == [threading.current_thread().name]
+
+        release = threading.Event()
+        blocking = asyncio.ensure_future(store._run(lambda conn: release.wait(10)))
+        await asyncio.sleep(0.01)
+        commit = asyncio.ensure_future(store.commit(_event_write("d", 2)))
+        await asyncio.sleep(0.05)
+        assert not commit.done() and names == [threading.current_thread().name]
+        release.set()
+        await blocking
+        assert (await commit).last_seq == 2
+        assert names[1] == "crdtsync-store"
+        assert [e.seq for e in await store.read_events()] == [1, 2]
+
+
+async def test_a_locked_file_sends_the_group_to_the_thread_without_blocking_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another connection holds the write lock: the loop does not wait for it (busy timeout
+    0 there); the group goes to the store thread, which waits, and commits once the lock is
+    free. The pragmas come back as they were, a busy timeout set by hand included."""
+    path = tmp_path / "s.db"
+    async with SQLiteStore(path) as store:
+        await store.add_device(DeviceRecord("d", "h", created=1))
+        await store._run(lambda conn: conn.execute("PRAGMA busy_timeout = 3000"))
+        names = _threads_of_commits(monkeypatch)
+        with closing(sqlite3.connect(path, isolation_level=None, timeout=0)) as blocker:
+            blocker.execute("BEGIN IMMEDIATE")
+            commit = asyncio.ensure_future(store.commit(_event_write("d", 1)))
+            ticks = 0
+            while ticks < 5:  # the loop keeps running while the group waits for the lock
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert not commit.done()
+            blocker.execute("COMMIT")
+        assert (await commit).stored == 1
+        assert names == ["crdtsync-store"]
+        pragmas = await store.pragmas()
+        assert (pragmas["synchronous"], pragmas["busy_timeout"]) == (2, 3000)
+        assert await store._run(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 1000
+
+
+async def test_pragmas_stay_as_configured_after_commits_on_the_loop(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "s.db", synchronous="EXTRA") as store:
+        await store.add_device(DeviceRecord("d", "h", created=1))
+        for seq in range(1, 4):
+            await store.commit(_event_write("d", seq))
+        pragmas = await store.pragmas()
+        assert (pragmas["synchronous"], pragmas["busy_timeout"]) == (3, 5000)
+        assert await store._run(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 1000
+
+
+@pytest.mark.parametrize(("mode", "synced"), [("FULL", True), ("EXTRA", True),
+                                              ("NORMAL", False), ("OFF", False)])
+async def test_a_commit_on_the_loop_returns_after_its_log_is_synced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, synced: bool) -> None:
+    """``FULL`` (and ``EXTRA``): the write-ahead log is synced, in the log's own thread,
+    before the commit returns; ``NORMAL`` and ``OFF`` promise no such thing and pay none."""
+    from crdtsync import _sqlite_worker
+
+    steps: list[str] = []
+
+    def fdatasync(fd: int) -> None:
+        steps.append(f"sync {os.path.basename(os.readlink(f'/proc/self/fd/{fd}'))} in "
+                     f"{threading.current_thread().name}")
+
+    monkeypatch.setattr(_sqlite_worker, "_fdatasync", fdatasync)
+    async with SQLiteStore(tmp_path / "s.db", synchronous=mode) as store:
+        await store.add_device(DeviceRecord("d", "h", created=1))
+        for seq in (1, 2):
+            await store.commit(_event_write("d", seq))
+            steps.append("returned")
+    synced_step = "sync s.db-wal in crdtsync-sqlite-log"
+    assert steps == ([synced_step, "returned"] * 2 if synced else ["returned"] * 2)
+
+
+async def test_a_failed_log_sync_fails_the_group_and_its_retry_stores_nothing_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transaction committed but its log could not be synced: every write of the group
+    gets a typed ``StoreError`` (not acknowledged); the device's retry is a replay and
+    stores nothing twice, and the store keeps serving."""
+    from crdtsync import _sqlite_worker
+
+    failures = [OSError(5, "Input/output error (injected)")]
+
+    def fdatasync(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+
+    monkeypatch.setattr(_sqlite_worker, "_fdatasync", fdatasync)
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        await store.add_device(DeviceRecord("d", "h", created=1))
+        with pytest.raises(StoreError, match="cannot sync the write-ahead log"):
+            await store.commit(_event_write("d", 1))
+        retried = await store.commit(_event_write("d", 1))
+        assert (retried.last_seq, retried.stored) == (1, 0)
+        assert await store.commit(_event_write("d", 2))
+        assert [e.seq for e in await store.read_events()] == [1, 2]
+        assert len((await store.load_doc("d/state")).updates) == 2  # the update, replayed
+
+
+@pytest.mark.parametrize("every", [0.0, 3600.0])
+async def test_commits_on_the_loop_are_checkpointed_by_the_log_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: float) -> None:
+    """The commits on the loop run no automatic checkpoint; the log's thread checkpoints
+    at most every ``CHECKPOINT_SECONDS``: with 0, the database file takes the rows at once;
+    with an hour, they stay in the log."""
+    from crdtsync import _sqlite_worker
+
+    monkeypatch.setattr(_sqlite_worker, "CHECKPOINT_SECONDS", every)
+    path = tmp_path / "s.db"
+    async with SQLiteStore(path) as store:
+        await store.add_device(DeviceRecord("d", "h", created=1))
+        await store._run(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        before = path.stat().st_size
+        for seq in range(1, 200):
+            await store.commit(_event_write("d", seq))
+        grown = path.stat().st_size - before
+        assert (grown > 50_000) if every == 0 else (grown == 0), grown
+        assert len(await store.read_events(limit=500)) == 199

@@ -7,9 +7,17 @@ statements of two transactions never interleave and the event loop never blocks 
 If the awaiting coroutine is cancelled, the function still runs to its end in the thread:
 a commit either lands whole or not at all, but only a returned :meth:`SQLiteStore.commit`
 counts as acknowledged.
-The one exception is the device lookup of every sync (``device_by_token``): a read of a few
-cached index pages, run on the event loop's thread on a second, read-only connection
-(``SQLiteWorker.read``), because the hop to the thread and back costs several times the read.
+Two exceptions run on the event loop's thread. The group commit of syncs
+(``SQLiteStore.commit``) runs there whenever the store's thread is idle
+(``SQLiteWorker.write_here``): handing it over cost every sync's objects a trip to another
+CPU and back, about a sixth of its CPU. It commits without SQLite's ``fsync`` and without an
+automatic checkpoint; ``SQLiteWorker.durable`` then syncs the log in a thread of its own
+before any sync of the group is answered, so the guarantee stays ``synchronous=FULL``'s.
+When the thread is busy, or another process holds the write lock, the group runs in the
+thread as every other call. And the device lookup of every sync (``device_by_token``): a
+read of a few cached index pages, run on the event loop's thread on a second, read-only
+connection (``SQLiteWorker.read``), because the hop to the thread and back costs several
+times the read.
 It runs there only while no other store object writes the file (``sqlite/writers.py``):
 otherwise it takes the thread and observes ``data_version`` like every other call, so a
 sync's cached documents catch up with what other processes wrote.
@@ -93,6 +101,10 @@ class SQLiteConnection:
         the loop while the call ran). A sync's commit passes ``forget_devices=False``: it
         changes no device row but its own, which it puts back as written."""
         observed: tuple[int, bool, T] = await self._db.run(observing, fn, *args)
+        return self._observed(observed, forget_devices)
+
+    def _observed(self, observed: tuple[int, bool, T], forget_devices: bool) -> T:
+        """What :meth:`_run` notes of a call's :func:`observing` result; returns the call's."""
         version, wrote, result = observed
         if wrote and forget_devices:
             self.known_devices.clear()
@@ -123,6 +135,22 @@ class SQLiteConnection:
         log after its transaction and announce it to the listeners when it moved."""
         outcome: tuple[int, T] = await self._run(_then_wake_head, fn, *args,
                                                  forget_devices=forget_devices)
+        return self._woken(outcome)
+
+    async def _write_here_waking(self, fn: Callable[..., T], *args: Any,
+                                 forget_devices: bool = True) -> T:
+        """:meth:`_run_waking` of a write transaction ``fn`` in the event loop's thread when
+        the store's thread is idle (``SQLiteWorker.write_here``), durable on return;
+        :class:`~crdtsync._sqlite_worker.StoreBusy` (nothing written) when it cannot run there."""
+        observed: tuple[int, bool, tuple[int, T]] = self._db.write_here(
+            observing, _then_wake_head, fn, *args)
+        try:
+            await self._db.durable()
+        finally:  # committed, durable or not: what it changed is noted all the same
+            outcome = self._observed(observed, forget_devices)
+        return self._woken(outcome)
+
+    def _woken(self, outcome: tuple[int, T]) -> T:
         head, result = outcome
         if head > self._wake_announced:
             self._wake_announced = head

@@ -23,7 +23,7 @@ import os
 import sqlite3
 from collections.abc import Sequence
 
-from crdtsync._sqlite_worker import transaction
+from crdtsync._sqlite_worker import StoreBusy, transaction
 from crdtsync.errors import CrdtsyncError, StoreError
 
 from ..group_commit import GroupCommitter
@@ -109,8 +109,13 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
 
     async def _commit_group(self, writes: list[SyncWrite]
                             ) -> list[CommitResult | BaseException]:
+        # On the event loop's thread when the store's is idle (most groups), else in it.
         # A commit changes no device row but its writer's, kept below as written.
-        outcomes = await self._run_waking(_commit_group, writes, forget_devices=False)
+        try:
+            outcomes = await self._write_here_waking(_commit_group, writes,
+                                                     forget_devices=False)
+        except StoreBusy:
+            outcomes = await self._run_waking(_commit_group, writes, forget_devices=False)
         for outcome in outcomes:  # the rows just written, for the next syncs' lookups
             if isinstance(outcome, CommitResult) and outcome.device is not None:
                 self.known_devices.keep(outcome.device)
@@ -126,7 +131,8 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
 def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
                   ) -> list[CommitResult | BaseException]:
     """Commit ``writes`` in one transaction; a write that raises is left out alone and its
-    exception returned in its place (group commit).
+    exception returned in its place (group commit). The transaction begins first, outside
+    every write's handling: when it cannot begin, the caller gets that error.
 
     Optimistically first (:func:`_commit_all`): every write straight into the transaction,
     no savepoint. Writes are rarely refused (a seq gap, a stale generation), and a savepoint
@@ -134,35 +140,51 @@ def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
     touches into its statement journal. If one is refused, that transaction is rolled back
     whole and the group runs again, each write in its own savepoint. A lone write needs no
     savepoint at all: its transaction is its own."""
+    conn.execute("BEGIN IMMEDIATE")
     if len(writes) == 1:
-        try:
-            with transaction(conn):
-                return [_commit(conn, writes[0])]
-        except (CrdtsyncError, ValueError, sqlite3.Error) as exc:
-            return [_refusal(exc)]
+        return [_commit_alone(conn, writes[0])]
     outcomes = _commit_all(conn, writes)
     return outcomes if outcomes is not None else _commit_each(conn, writes)
 
 
+def _commit_alone(conn: sqlite3.Connection, write: SyncWrite
+                  ) -> CommitResult | BaseException:
+    """One write as the whole begun transaction; its refusal returned, nothing stored."""
+    try:
+        result = _commit(conn, write)
+        conn.execute("COMMIT")
+    except (CrdtsyncError, ValueError, sqlite3.Error) as exc:
+        _rollback(conn)
+        return _refusal(exc)
+    except BaseException:
+        _rollback(conn)
+        raise
+    return result
+
+
 def _commit_all(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
                 ) -> list[CommitResult | BaseException] | None:
-    """Every write in one transaction without savepoints; ``None``, with nothing stored,
-    when one of them was refused."""
+    """Every write in the begun transaction without savepoints; ``None``, with nothing
+    stored, when one of them was refused."""
     outcomes: list[CommitResult | BaseException] = []
-    conn.execute("BEGIN IMMEDIATE")
     try:
         for write in writes:
             try:
                 outcomes.append(_commit(conn, write))
             except (CrdtsyncError, ValueError, sqlite3.Error):
-                conn.rollback()  # a no-op when SQLite already rolled back
+                _rollback(conn)
                 return None
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
-            conn.rollback()
+        _rollback(conn)
         raise
     return outcomes
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll the open transaction back; nothing when SQLite already did (a failed COMMIT)."""
+    if conn.in_transaction:
+        conn.rollback()
 
 
 def _commit_each(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
