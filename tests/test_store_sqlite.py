@@ -32,6 +32,7 @@ import pytest
 from crdtsync._sqlite_worker import statements, transaction
 from crdtsync.errors import ClosedError, StoreError, Unavailable
 from crdtsync.protocol import Event
+from crdtsync_server.auth import hash_token
 from crdtsync_server.store import (
     CommandResult,
     DeviceRecord,
@@ -824,9 +825,9 @@ def _threads_of_commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     names: list[str] = []
     real = sqlite_store._commit
 
-    def recorded(conn: sqlite3.Connection, write: SyncWrite) -> Any:
+    def recorded(conn: sqlite3.Connection, write: SyncWrite, *rest: Any) -> Any:
         names.append(threading.current_thread().name)
-        return real(conn, write)
+        return real(conn, write, *rest)
 
     monkeypatch.setattr(sqlite_store, "_commit", recorded)
     return names
@@ -966,3 +967,27 @@ async def test_commits_on_the_loop_are_checkpointed_by_the_log_thread(
         grown = path.stat().st_size - before
         assert (grown > 50_000) if every == 0 else (grown == 0), grown
         assert len(await store.read_events(limit=500)) == 199
+
+
+async def test_a_commit_takes_its_device_row_from_memory_only_while_the_store_is_alone(
+        tmp_path: Path) -> None:
+    """Alone on its file, a store's commit on the loop uses the device row it kept (no read
+    of the row); once another store wrote the row, the commit reads it: the second store's
+    events 2-5 make seq 6 the next one, not a gap."""
+    path = tmp_path / "s.db"
+    async with SQLiteStore(path) as one:
+        await one.add_device(DeviceRecord("d", hash_token("t"), created=1))
+        for _ in range(2):  # the first lookup finds out the store is alone, the second keeps
+            assert await one.device_by_token(hash_token("t")) is not None
+        traced: list[str] = []
+        await one._run(lambda conn: conn.set_trace_callback(traced.append))
+        assert (await one.commit(_event_write("d", 1))).last_seq == 1
+        assert not [s for s in traced if "FROM devices WHERE id" in s]
+        async with SQLiteStore(path) as two:
+            for seq in range(2, 6):
+                await two.commit(_event_write("d", seq))
+            traced.clear()
+            assert (await one.commit(_event_write("d", 6))).last_seq == 6
+            assert [s for s in traced if "FROM devices WHERE id" in s]
+        assert [e.seq for e in await one.read_events()] == [1, 2, 3, 4, 5, 6]
+        assert (await one.get_device("d")).last_seq == 6  # type: ignore[union-attr]

@@ -66,6 +66,18 @@ class DeviceRecord:
     ``ev:<device>:<seq>`` keys unique for ever. Set by :meth:`DeviceStore.add_device`."""
 
 
+def synced(device: DeviceRecord, last_seq: int, lost: int, time: int, down_done: int
+           ) -> DeviceRecord:
+    """``device`` as a sync's commit leaves its row: events stored up to ``last_seq``,
+    ``lost`` more counted lost, synced at ``time``, downlink done up to ``down_done``. The
+    same as ``dataclasses.replace``, at about half its cost (once per sync)."""
+    return DeviceRecord(
+        id=device.id, token_hash=device.token_hash, created=device.created, last_sync=time,
+        last_seq=last_seq, events_lost=device.events_lost + lost, meta=device.meta,
+        down_seq=device.down_seq, down_done=down_done, fleet=device.fleet,
+        fleet_gen=device.fleet_gen, disabled=device.disabled, seq_floor=device.seq_floor)
+
+
 @dataclass(frozen=True, slots=True)
 class FleetRecord:
     """A fleet: a group of devices sharing one read-only fleet document. ``created`` is ms

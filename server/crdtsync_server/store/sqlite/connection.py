@@ -170,27 +170,41 @@ DEVICE_CACHE_SECONDS = 5.0
 
 
 class DeviceCache:
-    """Device records by token hash (see :attr:`SQLiteConnection.known_devices`), all
-    forgotten at once, and at the latest :data:`DEVICE_CACHE_SECONDS` after the first was
-    kept."""
+    """Device records by token hash (see :attr:`SQLiteConnection.known_devices`), and by id,
+    all forgotten at once, and at the latest :data:`DEVICE_CACHE_SECONDS` after the first
+    was kept."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._records: dict[str, DeviceRecord] = {}
+        self._by_id: dict[str, DeviceRecord] = {}
         self._since = 0.0
 
     def get(self, token_hash: str) -> DeviceRecord | None:
+        return self._fresh().get(token_hash)
+
+    def by_id(self) -> dict[str, DeviceRecord]:
+        """The records kept, by device id (the commit's rows when the store is alone)."""
+        self._fresh()
+        return self._by_id
+
+    def _fresh(self) -> dict[str, DeviceRecord]:
         if self._records and self._clock() - self._since > DEVICE_CACHE_SECONDS:
-            self._records = {}
-        return self._records.get(token_hash)
+            self.clear()
+        return self._records
 
     def keep(self, device: DeviceRecord) -> None:
         if not self._records:
             self._since = self._clock()
+        old = self._by_id.get(device.id)
+        if old is not None and old.token_hash != device.token_hash:
+            self._records.pop(old.token_hash, None)
         self._records[device.token_hash] = device
+        self._by_id[device.id] = device
 
     def clear(self) -> None:
         self._records = {}
+        self._by_id = {}
 
 
 def loads(text: str | None) -> Any:

@@ -18,16 +18,15 @@ crdtsync errors of the contract (``NotFound``, ``AlreadyExists``, ``SeqGap``,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from crdtsync._sqlite_worker import StoreBusy, transaction
 from crdtsync.errors import CrdtsyncError, StoreError
 
 from ..group_commit import GroupCommitter
-from ..records import CommitResult, SyncWrite
+from ..records import CommitResult, DeviceRecord, SyncWrite, synced
 from ..rules import check_write, plan_events
 from .connection import in_transaction
 from .devices import SQLiteDevices, require_device
@@ -113,13 +112,21 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
         # A commit changes no device row but its writer's, kept below as written.
         try:
             outcomes = await self._write_here_waking(_commit_group, writes,
-                                                     forget_devices=False)
+                                                     self._rows_if_alone, forget_devices=False)
         except StoreBusy:
             outcomes = await self._run_waking(_commit_group, writes, forget_devices=False)
         for outcome in outcomes:  # the rows just written, for the next syncs' lookups
             if isinstance(outcome, CommitResult) and outcome.device is not None:
                 self.known_devices.keep(outcome.device)
         return outcomes
+
+    def _rows_if_alone(self) -> Mapping[str, DeviceRecord]:
+        """The device rows this store kept as stored (``known_devices``), when it is the
+        file's only writer: asked inside a commit's transaction on the loop's thread, where
+        a write takes its device's row from here instead of reading it again. While this
+        store is alone, every row it did not write itself was forgotten, and others write
+        none (``sqlite/writers.py``)."""
+        return self.known_devices.by_id() if self.writers.alone() else {}
 
     async def delete_device(self, device_id: str, docs: Sequence[str], *,
                             events: bool = False) -> None:
@@ -128,7 +135,8 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
         await self._run(_delete_device, device_id, list(docs), events)
 
 
-def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
+def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite],
+                  known: Callable[[], Mapping[str, DeviceRecord]] | None = None
                   ) -> list[CommitResult | BaseException]:
     """Commit ``writes`` in one transaction; a write that raises is left out alone and its
     exception returned in its place (group commit). The transaction begins first, outside
@@ -139,19 +147,22 @@ def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
     is not free: two more statements per write, and SQLite copies each page the write
     touches into its statement journal. If one is refused, that transaction is rolled back
     whole and the group runs again, each write in its own savepoint. A lone write needs no
-    savepoint at all: its transaction is its own."""
+    savepoint at all: its transaction is its own. ``known``, asked once the transaction
+    began, gives the device rows known to be as stored (each write reads its own otherwise).
+    """
     conn.execute("BEGIN IMMEDIATE")
+    rows = {} if known is None else known()
     if len(writes) == 1:
-        return [_commit_alone(conn, writes[0])]
-    outcomes = _commit_all(conn, writes)
+        return [_commit_alone(conn, writes[0], rows)]
+    outcomes = _commit_all(conn, writes, rows)
     return outcomes if outcomes is not None else _commit_each(conn, writes)
 
 
-def _commit_alone(conn: sqlite3.Connection, write: SyncWrite
-                  ) -> CommitResult | BaseException:
+def _commit_alone(conn: sqlite3.Connection, write: SyncWrite,
+                  rows: Mapping[str, DeviceRecord]) -> CommitResult | BaseException:
     """One write as the whole begun transaction; its refusal returned, nothing stored."""
     try:
-        result = _commit(conn, write)
+        result = _commit(conn, write, rows)
         conn.execute("COMMIT")
     except (CrdtsyncError, ValueError, sqlite3.Error) as exc:
         _rollback(conn)
@@ -162,15 +173,17 @@ def _commit_alone(conn: sqlite3.Connection, write: SyncWrite
     return result
 
 
-def _commit_all(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
-                ) -> list[CommitResult | BaseException] | None:
+def _commit_all(conn: sqlite3.Connection, writes: Sequence[SyncWrite],
+                rows: Mapping[str, DeviceRecord]) -> list[CommitResult | BaseException] | None:
     """Every write in the begun transaction without savepoints; ``None``, with nothing
     stored, when one of them was refused."""
     outcomes: list[CommitResult | BaseException] = []
+    written: set[str | None] = set()  # a second write of one device reads the row it left
     try:
         for write in writes:
             try:
-                outcomes.append(_commit(conn, write))
+                outcomes.append(_commit(conn, write, {} if write.device in written else rows))
+                written.add(write.device)
             except (CrdtsyncError, ValueError, sqlite3.Error):
                 _rollback(conn)
                 return None
@@ -195,7 +208,7 @@ def _commit_each(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
         for write in writes:
             conn.execute("SAVEPOINT write")
             try:
-                outcomes.append(_commit(conn, write))
+                outcomes.append(_commit(conn, write, {}))
             except (CrdtsyncError, ValueError, sqlite3.Error) as exc:
                 if not conn.in_transaction:  # SQLite rolled the whole transaction back
                     raise
@@ -212,15 +225,17 @@ def _refusal(exc: Exception) -> BaseException:
     return StoreError(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error) else exc
 
 
-def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
-    """One write's statements, inside the caller's transaction."""
+def _commit(conn: sqlite3.Connection, write: SyncWrite, rows: Mapping[str, DeviceRecord]
+            ) -> CommitResult:
+    """One write's statements, inside the caller's transaction; its device's row from
+    ``rows`` when there (as stored), else read."""
     update_ids, prev_ids = insert_updates(conn, write.docs)
     write_stamps(conn, write.stamps)
     insert_wakes(conn, write.wakes, write.time)
     if write.device is None:
         record_feed(conn, None, write.time, (), write.changes, write.conflicts)
         return CommitResult(update_ids=update_ids, prev_ids=prev_ids)
-    device = require_device(conn, write.device)
+    device = rows.get(write.device) or require_device(conn, write.device)
     plan = plan_events(
         device.id, device.last_seq, write.purged, write.events,
         stored_digests(conn, device, write), seq_floor=device.seq_floor,
@@ -236,9 +251,7 @@ def _commit(conn: sqlite3.Connection, write: SyncWrite) -> CommitResult:
         (last_seq, plan.lost, write.time, down_done, device.id),
     )
     return CommitResult(update_ids, last_seq, len(plan.new), down_done, new_requests,
-                        prev_ids, dataclasses.replace(  # the row as the UPDATE above left it
-                            device, last_seq=last_seq, events_lost=device.events_lost + plan.lost,
-                            last_sync=write.time, down_done=down_done))
+                        prev_ids, synced(device, last_seq, plan.lost, write.time, down_done))
 
 
 def _delete_device(conn: sqlite3.Connection, device_id: str, docs: list[str],
