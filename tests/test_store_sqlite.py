@@ -991,3 +991,33 @@ async def test_a_commit_takes_its_device_row_from_memory_only_while_the_store_is
             assert [s for s in traced if "FROM devices WHERE id" in s]
         assert [e.seq for e in await one.read_events()] == [1, 2, 3, 4, 5, 6]
         assert (await one.get_device("d")).last_seq == 6  # type: ignore[union-attr]
+
+
+async def test_a_commit_takes_its_documents_last_id_from_the_writer_only_while_alone(
+        tmp_path: Path) -> None:
+    """Alone, a document write that says which update id its copy reflects is appended
+    without reading the document's generation and highest id, and that id is its
+    ``prev_ids``; once another store appended, the hint is ignored and the stored highest id
+    answered (the writer's copy must catch up)."""
+    path = tmp_path / "s.db"
+    check = "LEFT JOIN docs"
+    async with SQLiteStore(path) as one:
+        await one.add_device(DeviceRecord("d", hash_token("t"), created=1))
+        for _ in range(2):
+            await one.device_by_token(hash_token("t"))
+        traced: list[str] = []
+        await one._run(lambda conn: conn.set_trace_callback(traced.append))
+        first = await one.commit(SyncWrite("d", 10, docs=[DocWrite("d/state", V1_UPDATE)]))
+        assert [s for s in traced if check in s]  # never stored: read (and its row made)
+        traced.clear()
+        second = await one.commit(SyncWrite("d", 11, docs=[
+            DocWrite("d/state", b"u2", 0, last_id=first.update_ids[0])]))
+        assert not [s for s in traced if check in s]
+        assert second.prev_ids == first.update_ids
+        async with SQLiteStore(path) as two:
+            other = await two.commit(SyncWrite(None, 12, docs=[DocWrite("d/state", b"u3")]))
+            traced.clear()
+            third = await one.commit(SyncWrite("d", 13, docs=[
+                DocWrite("d/state", b"u4", 0, last_id=second.update_ids[0])]))
+            assert [s for s in traced if check in s]
+            assert third.prev_ids == other.update_ids  # not the stale hint

@@ -26,7 +26,7 @@ from pycrdt import Doc, TransactionEvent, merge_updates
 from crdtsync import crdt
 from crdtsync.errors import CrdtsyncError, Unavailable
 
-from .store import DocumentStore, KeyStamp
+from .store import DocumentStore, DocWrite, KeyStamp
 
 log = logging.getLogger("crdtsync.server")
 
@@ -104,6 +104,12 @@ class LiveDoc:
         update = captured[0] if len(captured) == 1 else merge_updates(*captured)
         self.grown += len(update)
         return update
+
+    def write(self, update: bytes | None = None) -> DocWrite:
+        """The store write of ``update`` (default: :meth:`capture`) at this document's
+        generation, with the highest update id it reflects (when it was ever stored)."""
+        return DocWrite(self.key, self.capture() if update is None else update, self.gen,
+                        self.last_id or None)
 
     def catch_up(self, rows: tuple[tuple[int, bytes], ...]) -> None:
         for row_id, update in rows:

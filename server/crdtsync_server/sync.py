@@ -390,7 +390,7 @@ class SyncService:
                 )
             log.info("%s: the device holds generation %d of %d; it gets the whole document",
                      live.key, part.gen, live.gen)
-            return Applied(DocWrite(live.key, live.capture(), live.gen))
+            return Applied(live.write())
         if info is not None:
             missing = info.missing(parse_state_vector(live.doc.get_state()))
             if missing is not None:
@@ -401,9 +401,9 @@ class SyncService:
                 # step 5.4).
                 log.info("update for %s builds on missing item %s:%s; not applied",
                          live.key, *missing)
-                return Applied(DocWrite(live.key, live.capture(), live.gen))
+                return Applied(live.write())
         elif not part.stamps:
-            return Applied(DocWrite(live.key, live.capture(), live.gen))
+            return Applied(live.write())
         assert context is not None  # the part brings an update or stamped writes
         return self._merge(device, live, part, context)
 
@@ -434,7 +434,7 @@ class SyncService:
                 changed.get(where[0], {}).pop(where[1], None)
         changed = {name: values for name, values in changed.items() if values}
         return Applied(
-            DocWrite(live.key, live.capture(), live.gen),
+            live.write(),
             StateChange(device, part.doc, changed) if changed else None,
             tuple(decision.rows),
             tuple(ConflictRecord(device, part.doc, c) for c in decision.conflicts))
@@ -518,7 +518,7 @@ class SyncService:
         """Commit a cloud write of ``live`` and record it in the live document."""
         stored = await self._commit(SyncWrite(
             device=None, time=self.clock(), changes=feed, stamps=rows,
-            docs=[DocWrite(live.key, update, live.gen)] if update else [],
+            docs=[live.write(update)] if update else [],
             wakes=[wake_target(live.key)]))
         self.cloud_changes += len(feed)
         if update:

@@ -118,11 +118,15 @@ class StoredEvent:
 
 @dataclass(frozen=True, slots=True)
 class DocWrite:
-    """One effective CRDT update to append to document ``key`` at generation ``gen``."""
+    """One effective CRDT update to append to document ``key`` at generation ``gen``.
+    ``last_id`` is the highest update id the writer's copy reflects (``None``: not known, or
+    the document was never stored); a store that knows it is the only writer may take it
+    for what it stores instead of reading it (``CommitResult.prev_ids``)."""
 
     key: str
     update: bytes
     gen: int = 0
+    last_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

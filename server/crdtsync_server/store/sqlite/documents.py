@@ -18,7 +18,7 @@ never compares stamps, so the order of the stored integers does not matter.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from crdtsync._sqlite_worker import transaction
 
@@ -102,28 +102,41 @@ def _last_id(conn: sqlite3.Connection, key: str) -> int:
     return int(row[0])
 
 
-def insert_updates(conn: sqlite3.Connection, docs: Sequence[DocWrite]
-                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def insert_updates(conn: sqlite3.Connection, docs: Sequence[DocWrite],
+                   known: Callable[[DocWrite], int | None] = lambda write: None
+                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Append each write; returns the new row ids and, for each, the highest id its document
     reflected before (``CommitResult.prev_ids``). Raises ``stale_generation`` for a write of
-    another generation than the stored one (the caller's savepoint rolls back the rest)."""
+    another generation than the stored one (the caller's savepoint rolls back the rest).
+    ``known(write)`` gives that highest id when the caller vouches for it and for the
+    write's generation (the store is the file's only writer and the writer's copy is the
+    stored document), which saves reading them."""
     ids: list[int] = []
     prevs: list[int] = []
     for w in docs:
-        stored, snapshot_id, logged = conn.execute(
-            "SELECT d.gen, d.snapshot_id, (SELECT MAX(id) FROM updates WHERE key = ?1)"
-            " FROM (SELECT 1) LEFT JOIN docs d ON d.key = ?1", (w.key,)).fetchone()
-        if stored is None:
-            conn.execute("INSERT INTO docs (key, gen) VALUES (?, ?)", (w.key, w.gen))
-        elif stored != w.gen:
-            raise stale_generation(w.key, stored, w.gen)
-        prevs.append(max(snapshot_id or 0, logged or 0))
+        prev = known(w)
+        if prev is None:
+            prev = _check_generation(conn, w)
+        prevs.append(prev)
         cur = conn.execute(
             "INSERT INTO updates (key, gen, data) VALUES (?, ?, ?)", (w.key, w.gen, w.update)
         )
         assert cur.lastrowid is not None
         ids.append(cur.lastrowid)
     return tuple(ids), tuple(prevs)
+
+
+def _check_generation(conn: sqlite3.Connection, w: DocWrite) -> int:
+    """The highest id document ``w.key`` reflects, its ``docs`` row created when absent;
+    ``stale_generation`` unless it is at generation ``w.gen``."""
+    stored, snapshot_id, logged = conn.execute(
+        "SELECT d.gen, d.snapshot_id, (SELECT MAX(id) FROM updates WHERE key = ?1)"
+        " FROM (SELECT 1) LEFT JOIN docs d ON d.key = ?1", (w.key,)).fetchone()
+    if stored is None:
+        conn.execute("INSERT INTO docs (key, gen) VALUES (?, ?)", (w.key, w.gen))
+    elif stored != w.gen:
+        raise stale_generation(w.key, stored, w.gen)
+    return int(max(snapshot_id or 0, logged or 0))
 
 
 def _compact(conn: sqlite3.Connection, key: str, upto_id: int, snapshot: bytes) -> None:

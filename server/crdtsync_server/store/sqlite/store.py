@@ -26,7 +26,7 @@ from crdtsync._sqlite_worker import StoreBusy, transaction
 from crdtsync.errors import CrdtsyncError, StoreError
 
 from ..group_commit import GroupCommitter
-from ..records import CommitResult, DeviceRecord, SyncWrite, synced
+from ..records import CommitResult, DeviceRecord, DocWrite, SyncWrite, synced
 from ..rules import check_write, plan_events
 from .connection import in_transaction
 from .devices import SQLiteDevices, require_device
@@ -120,13 +120,14 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
                 self.known_devices.keep(outcome.device)
         return outcomes
 
-    def _rows_if_alone(self) -> Mapping[str, DeviceRecord]:
-        """The device rows this store kept as stored (``known_devices``), when it is the
-        file's only writer: asked inside a commit's transaction on the loop's thread, where
-        a write takes its device's row from here instead of reading it again. While this
-        store is alone, every row it did not write itself was forgotten, and others write
-        none (``sqlite/writers.py``)."""
-        return self.known_devices.by_id() if self.writers.alone() else {}
+    def _rows_if_alone(self) -> Mapping[str, DeviceRecord] | None:
+        """The device rows this store kept as stored (``known_devices``) when it is the
+        file's only writer, else ``None``: asked inside a commit's transaction on the loop's
+        thread, where a write takes its device's row from here instead of reading it again,
+        and its document's last id from its writer (:class:`Known`). While this store is
+        alone, every row it did not write itself was forgotten, and others write none
+        (``sqlite/writers.py``)."""
+        return self.known_devices.by_id() if self.writers.alone() else None
 
     async def delete_device(self, device_id: str, docs: Sequence[str], *,
                             events: bool = False) -> None:
@@ -136,7 +137,7 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
 
 
 def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite],
-                  known: Callable[[], Mapping[str, DeviceRecord]] | None = None
+                  known: Callable[[], Mapping[str, DeviceRecord] | None] | None = None
                   ) -> list[CommitResult | BaseException]:
     """Commit ``writes`` in one transaction; a write that raises is left out alone and its
     exception returned in its place (group commit). The transaction begins first, outside
@@ -148,21 +149,22 @@ def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite],
     touches into its statement journal. If one is refused, that transaction is rolled back
     whole and the group runs again, each write in its own savepoint. A lone write needs no
     savepoint at all: its transaction is its own. ``known``, asked once the transaction
-    began, gives the device rows known to be as stored (each write reads its own otherwise).
+    began, gives the device rows known to be as stored, or ``None`` when other writers may
+    have written (:class:`Known`).
     """
     conn.execute("BEGIN IMMEDIATE")
-    rows = {} if known is None else known()
+    rows = None if known is None else known()
     if len(writes) == 1:
-        return [_commit_alone(conn, writes[0], rows)]
-    outcomes = _commit_all(conn, writes, rows)
+        return [_commit_alone(conn, writes[0], Known(rows))]
+    outcomes = _commit_all(conn, writes, Known(rows))
     return outcomes if outcomes is not None else _commit_each(conn, writes)
 
 
-def _commit_alone(conn: sqlite3.Connection, write: SyncWrite,
-                  rows: Mapping[str, DeviceRecord]) -> CommitResult | BaseException:
+def _commit_alone(conn: sqlite3.Connection, write: SyncWrite, known: Known
+                  ) -> CommitResult | BaseException:
     """One write as the whole begun transaction; its refusal returned, nothing stored."""
     try:
-        result = _commit(conn, write, rows)
+        result = _commit(conn, write, known)
         conn.execute("COMMIT")
     except (CrdtsyncError, ValueError, sqlite3.Error) as exc:
         _rollback(conn)
@@ -173,17 +175,15 @@ def _commit_alone(conn: sqlite3.Connection, write: SyncWrite,
     return result
 
 
-def _commit_all(conn: sqlite3.Connection, writes: Sequence[SyncWrite],
-                rows: Mapping[str, DeviceRecord]) -> list[CommitResult | BaseException] | None:
+def _commit_all(conn: sqlite3.Connection, writes: Sequence[SyncWrite], known: Known
+                ) -> list[CommitResult | BaseException] | None:
     """Every write in the begun transaction without savepoints; ``None``, with nothing
     stored, when one of them was refused."""
     outcomes: list[CommitResult | BaseException] = []
-    written: set[str | None] = set()  # a second write of one device reads the row it left
     try:
         for write in writes:
             try:
-                outcomes.append(_commit(conn, write, {} if write.device in written else rows))
-                written.add(write.device)
+                outcomes.append(_commit(conn, write, known))
             except (CrdtsyncError, ValueError, sqlite3.Error):
                 _rollback(conn)
                 return None
@@ -208,7 +208,7 @@ def _commit_each(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
         for write in writes:
             conn.execute("SAVEPOINT write")
             try:
-                outcomes.append(_commit(conn, write, {}))
+                outcomes.append(_commit(conn, write, Known(None)))
             except (CrdtsyncError, ValueError, sqlite3.Error) as exc:
                 if not conn.in_transaction:  # SQLite rolled the whole transaction back
                     raise
@@ -220,22 +220,48 @@ def _commit_each(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
     return outcomes
 
 
+class Known:
+    """What one group's transaction may take as stored without reading it, when ``rows`` is
+    not ``None`` (the store is the file's only writer: ``SQLiteStore._rows_if_alone``): each
+    device's row as kept there, and each document's highest update id as its writer's copy
+    reflects it (``DocWrite.last_id``). Each device and document once: a second write of
+    one in the same transaction reads what the first left."""
+
+    __slots__ = ("rows", "used")
+
+    def __init__(self, rows: Mapping[str, DeviceRecord] | None) -> None:
+        self.rows = rows
+        self.used: set[str] = set()
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        if self.rows is None or device_id in self.used:
+            return None
+        self.used.add(device_id)
+        return self.rows.get(device_id)
+
+    def last_id(self, write: DocWrite) -> int | None:
+        key = f"doc:{write.key}"
+        if self.rows is None or write.last_id is None or key in self.used:
+            return None
+        self.used.add(key)
+        return write.last_id
+
+
 def _refusal(exc: Exception) -> BaseException:
     """What the caller of a refused write gets: ``sqlite3`` errors as :class:`StoreError`."""
     return StoreError(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error) else exc
 
 
-def _commit(conn: sqlite3.Connection, write: SyncWrite, rows: Mapping[str, DeviceRecord]
-            ) -> CommitResult:
-    """One write's statements, inside the caller's transaction; its device's row from
-    ``rows`` when there (as stored), else read."""
-    update_ids, prev_ids = insert_updates(conn, write.docs)
+def _commit(conn: sqlite3.Connection, write: SyncWrite, known: Known) -> CommitResult:
+    """One write's statements, inside the caller's transaction; what ``known`` vouches for
+    is not read again."""
+    update_ids, prev_ids = insert_updates(conn, write.docs, known.last_id)
     write_stamps(conn, write.stamps)
     insert_wakes(conn, write.wakes, write.time)
     if write.device is None:
         record_feed(conn, None, write.time, (), write.changes, write.conflicts)
         return CommitResult(update_ids=update_ids, prev_ids=prev_ids)
-    device = rows.get(write.device) or require_device(conn, write.device)
+    device = known.device(write.device) or require_device(conn, write.device)
     plan = plan_events(
         device.id, device.last_seq, write.purged, write.events,
         stored_digests(conn, device, write), seq_floor=device.seq_floor,
