@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from ._fastinit import fast_init
 from .errors import (
     BatchTooLarge,
     BodyTooLarge,
@@ -137,6 +138,7 @@ class Conflict:
     loser: WriteInfo
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class DocSync:
     """One document's part of a sync message.
@@ -159,6 +161,7 @@ class DocSync:
     protocol section 13), and its writes are merged by Yjs as they arrive."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Event:
     """A device event: ``seq`` is 1, 2, 3, ... per device; ``time`` is the device clock in ms."""
@@ -246,6 +249,7 @@ class TemplateBatch:
     data: bytes
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SyncRequest:
     """What a device sends on ``POST /v1/sync``.
@@ -276,6 +280,7 @@ class SyncRequest:
     section 13). ``None``: not sent (no stamped writes)."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SyncResponse:
     """What the server answers: its deltas, its state vectors, and ``acked``, the highest event

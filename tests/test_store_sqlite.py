@@ -861,6 +861,22 @@ async def test_a_group_commits_on_the_loop_when_the_store_thread_is_idle(
         assert [e.seq for e in await store.read_events()] == [1, 2]
 
 
+async def test_a_large_group_is_written_in_the_store_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group over ``HERE_MAX_ROWS`` rows would hold the event loop: the thread writes it."""
+    from crdtsync_server.store.sqlite import store as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "HERE_MAX_ROWS", 5)
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        await store.add_device(DeviceRecord("d", "h", created=1))
+        names = _threads_of_commits(monkeypatch)
+        small = await store.commit(_event_write("d", 1))
+        large = await store.commit(SyncWrite("d", 10, events=[
+            Event(seq, "t", seq, {"n": seq}) for seq in range(2, 12)]))
+        assert (small.stored, large.stored, large.last_seq) == (1, 10, 11)
+        assert names == [threading.current_thread().name, "crdtsync-store"]
+
+
 async def test_a_locked_file_sends_the_group_to_the_thread_without_blocking_the_loop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another connection holds the write lock: the loop does not wait for it (busy timeout

@@ -39,6 +39,7 @@ from typing import Any
 from pycrdt import Array, Doc, Map, Text
 
 from crdtsync import crdt, hlc
+from crdtsync._fastinit import fast_init
 from crdtsync.protocol import Conflict, StampedWrite, WriteInfo
 from crdtsync.values import normalize
 
@@ -133,6 +134,7 @@ def info(writer: str, stamp: int, value: Any) -> WriteInfo:
     return WriteInfo(writer, hlc.stamp_ms(stamp), value)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Clocks:
     """The timing of one sync: ``now`` the server's stamp for it (the clamp, and the stamp of
@@ -157,6 +159,7 @@ class Decision:
     """Keys whose stamped write was decided here (the others are left to Yjs)."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Inputs:
     """What :func:`decide` reads: the document key, the stored rows, each stamped key's

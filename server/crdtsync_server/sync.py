@@ -28,6 +28,7 @@ from typing import Any
 from pycrdt import Doc
 
 from crdtsync import crdt, hlc
+from crdtsync._fastinit import fast_init
 from crdtsync.errors import Forbidden, GenerationMismatch, NotFound, UnknownDocument
 from crdtsync.protocol import (
     DEVICE_DOC_NAMES,
@@ -144,6 +145,7 @@ def answer_entry(part: DocSync, doc: Doc[Any], gen: int) -> DocSync:
     return DocSync(part.doc, state, b"" if update == EMPTY_UPDATE else update, gen)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Applied:
     """What one document entry of a sync did: the effective update to store, the keys whose
@@ -164,6 +166,7 @@ async def no_schema(device: DeviceRecord) -> StateSchema:
     return StateSchema.empty()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Merge:
     """What deciding the stamped writes of one sync needs: the device's schema (each key's

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from crdtsync._fastinit import fast_init
 from crdtsync.protocol import Conflict, Event, WriteInfo
 from crdtsync.values import json_default
 
@@ -83,6 +84,7 @@ Changes = Mapping[str, Mapping[str, Any]]
 """``{map: {key: new value or None (deleted)}}``."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StateChange:
     """Keys of device ``device``'s document ``doc`` changed by one write (device or cloud)."""
@@ -94,6 +96,7 @@ class StateChange:
     """``device`` (a sync) or ``cloud`` (the management API)."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ConflictRecord:
     """A conflict decided in a sync of device ``device``'s document ``doc``: two writes of

@@ -5,11 +5,11 @@ commits that arrive queue up; the next group takes them all. Nobody waits for a 
 lone sync pays nothing extra, and under load the fsyncs per second stay flat while the
 syncs per second grow.
 
-Each write of a group runs inside its own savepoint (see
-:func:`crdtsync_server.store.sqlite.store._commit_group`): a write that fails (``SeqGap``, a
-constraint) is rolled back alone and raises to its own caller only; the others commit. When
-the transaction itself fails (the disk is full, the database is locked too long), every
-caller of the group gets that error and nothing of the group is stored.
+A write that fails (``SeqGap``, a constraint) fails alone and raises to its own caller only;
+the others commit (on SQLite the group runs again with a savepoint per write once one is
+refused, :func:`crdtsync_server.store.sqlite.store._commit_group`). When the transaction
+itself fails (the disk is full, the database is locked too long, its log cannot be synced),
+every caller of the group gets that error and none of them is acknowledged.
 """
 
 from __future__ import annotations

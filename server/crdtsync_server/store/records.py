@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from crdtsync._fastinit import fast_init
 from crdtsync.protocol import Event
 
 from .feed import ConflictRecord, StateChange
@@ -37,6 +38,7 @@ class DocLog:
         return self.updates[-1][0] if self.updates else self.snapshot_id
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
     """A provisioned device. ``last_seq`` is the highest event seq stored for it."""
@@ -116,6 +118,7 @@ class StoredEvent:
         }
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class DocWrite:
     """One effective CRDT update to append to document ``key`` at generation ``gen``.
@@ -129,6 +132,7 @@ class DocWrite:
     last_id: int | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class KeyStamp:
     """The write that decides key ``key`` of root map ``map`` of document ``doc`` (a store
@@ -149,6 +153,7 @@ class KeyStamp:
     raw: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SyncWrite:
     """Everything one sync (or one cloud write) commits in a single transaction.
@@ -223,6 +228,7 @@ class Downlink:
                 "updated": self.updated}
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     """A device's result for command ``seq``: ``ok`` with ``value``, or an error
@@ -249,6 +255,7 @@ class ProxyRequest:
     updated: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CommitResult:
     """``update_ids`` holds the id given to each ``DocWrite`` in order; ``last_seq`` the

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 
+from crdtsync._fastinit import fast_init
 from crdtsync.errors import SeqConflict, SeqGap, Unavailable
 from crdtsync.hlc import MAX_STAMP
 from crdtsync.protocol import WRITERS, Event
@@ -40,6 +41,7 @@ def event_digest(event: Event) -> bytes:
     return event_digests((event,))[0]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class EventPlan:
     """What a commit does with a batch of events: insert ``new`` and count ``lost`` seqs the

@@ -108,9 +108,12 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
 
     async def _commit_group(self, writes: list[SyncWrite]
                             ) -> list[CommitResult | BaseException]:
-        # On the event loop's thread when the store's is idle (most groups), else in it.
-        # A commit changes no device row but its writer's, kept below as written.
+        # On the event loop's thread when the store's is idle and the group small (most
+        # groups), else in it. A commit changes no device row but its writer's, kept below
+        # as written.
         try:
+            if _rows(writes) > HERE_MAX_ROWS:
+                raise StoreBusy("a large group is written in the store's thread")
             outcomes = await self._write_here_waking(_commit_group, writes,
                                                      self._rows_if_alone, forget_devices=False)
         except StoreBusy:
@@ -134,6 +137,16 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
         """Delete the device and what belongs to it in one transaction (see
         ``Store.delete_device``). :class:`NotFound` for an unknown device."""
         await self._run(_delete_device, device_id, list(docs), events)
+
+
+HERE_MAX_ROWS = 4096
+"""Largest group run on the event loop's thread, in rows it writes (roughly: events, stamps,
+updates, changes). A larger one (bulk ingestion, 1,000 events a sync) would hold the loop,
+and every other connection, for tens of milliseconds: the store's thread writes it."""
+
+
+def _rows(writes: Sequence[SyncWrite]) -> int:
+    return sum(len(w.events) + len(w.stamps) + len(w.docs) + len(w.changes) for w in writes)
 
 
 def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite],
