@@ -174,7 +174,7 @@ class SQLiteWorker:
         or another connection holds the write lock, which is not waited for.
 
         For the hot write of a server (a group of syncs): handing the transaction to the
-        connection's thread costs its objects a trip to another CPU and back, about a fifth
+        connection's thread costs its objects a trip to another CPU and back, about a sixth
         of a sync's CPU. What must stay off the event loop stays off it: the transaction
         commits without SQLite's own ``fsync`` (``synchronous`` is ``NORMAL`` while it runs,
         when the connection's is ``FULL`` or ``EXTRA``) and without an automatic

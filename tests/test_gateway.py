@@ -160,11 +160,13 @@ async def test_files_move_both_ways_through_a_gateways_devices(
     """A gateway's device has the whole file API (issue 19): a file it sends reaches the
     cloud (one feed item), and a file the cloud puts for it arrives, is verified and handed
     to its ``on_file`` handler once, driven by the gateway's loop alone; a new token given
-    through ``gw.add`` is the one its transfers use."""
+    through ``gw.add`` is the one its transfers use. A gateway holds no live channel, so the
+    cloud's file reaches the device at its next due sync: a short interval, else the device's
+    last sync may come before the put and the next one 30 s later."""
     tokens = await provision(admin, 2)
     firmware = tmp_path / "fw.bin"
     firmware.write_bytes(bytes(range(256)) * 4000)
-    async with Gateway(server.url, path=tmp_path / "gw", interval=30.0,
+    async with Gateway(server.url, path=tmp_path / "gw", interval=0.5,
                        min_spacing=0.05) as gw:
         devices = {i: await gw.add(i, t) for i, t in tokens.items()}
         got: list[tuple[str, bytes]] = []
