@@ -1037,3 +1037,22 @@ async def test_a_commit_takes_its_documents_last_id_from_the_writer_only_while_a
                 DocWrite("d/state", b"u4", 0, last_id=second.update_ids[0])]))
             assert [s for s in traced if check in s]
             assert third.prev_ids == other.update_ids  # not the stale hint
+
+
+async def test_a_failing_writers_check_fails_the_group_and_leaves_no_transaction_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writers' check runs inside the group's transaction: when it fails, the group
+    fails with nothing stored, and the next commit begins a transaction of its own."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        await store.add_device(DeviceRecord("d", "h", created=1))
+
+        def broken() -> bool:
+            raise OSError(5, "Input/output error (injected)")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(store.writers, "alone", broken)
+            with pytest.raises(OSError):
+                await store.commit(_event_write("d", 1))
+        assert await store.read_events() == []
+        assert (await store.commit(_event_write("d", 1))).last_seq == 1
+        assert [e.seq for e in await store.read_events()] == [1]

@@ -166,7 +166,11 @@ def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite],
     have written (:class:`Known`).
     """
     conn.execute("BEGIN IMMEDIATE")
-    rows = None if known is None else known()
+    try:
+        rows = None if known is None else known()
+    except BaseException:  # the connection must not stay inside the transaction
+        _rollback(conn)
+        raise
     if len(writes) == 1:
         return [_commit_alone(conn, writes[0], Known(rows))]
     outcomes = _commit_all(conn, writes, Known(rows))
@@ -240,23 +244,23 @@ class Known:
     reflects it (``DocWrite.last_id``). Each device and document once: a second write of
     one in the same transaction reads what the first left."""
 
-    __slots__ = ("rows", "used")
+    __slots__ = ("devices", "docs", "rows")
 
     def __init__(self, rows: Mapping[str, DeviceRecord] | None) -> None:
         self.rows = rows
-        self.used: set[str] = set()
+        self.devices: set[str] = set()
+        self.docs: set[str] = set()
 
     def device(self, device_id: str) -> DeviceRecord | None:
-        if self.rows is None or device_id in self.used:
+        if self.rows is None or device_id in self.devices:
             return None
-        self.used.add(device_id)
+        self.devices.add(device_id)
         return self.rows.get(device_id)
 
     def last_id(self, write: DocWrite) -> int | None:
-        key = f"doc:{write.key}"
-        if self.rows is None or write.last_id is None or key in self.used:
+        if self.rows is None or write.last_id is None or write.key in self.docs:
             return None
-        self.used.add(key)
+        self.docs.add(write.key)
         return write.last_id
 
 
