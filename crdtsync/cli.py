@@ -3,7 +3,7 @@ events.
 
     crdtsync serve  [--database URL (alias --db)] [--workers N] [--host H] [--port N]
                     [--admin-token T] [--max-body B] [--routes FILE] [--sinks FILE]
-                    [--cache-docs N] [--cache-idle S]
+                    [--cache-docs N] [--cache-idle S] [--gc-young N]
                     [--backlog N] [--feed-retention DAYS] [--header-timeout S]
                     [--body-timeout S] [--rebuild-factor X] [--rebuild-slack B]
                     [--wake-hold S] [--wake-rate N] [--max-waiters N] [--instance-ttl S]
@@ -176,6 +176,10 @@ SERVE_OPTIONS = ("max_body", "cache_docs", "backlog", "cache_idle", "header_time
                  "max_waiters", "instance_ttl", "files_dir", "max_file_size", "file_quota",
                  "file_chunk")
 """``crdtsync serve`` options that set the ``ServerConfig`` field of the same name."""
+SERVE_GC_YOUNG = 50_000
+"""``ServerConfig.gc_young`` of ``crdtsync serve`` (``--gc-young``): above the container
+objects a few thousand syncs in flight keep alive, so a loaded server's collector rarely
+runs (it ran every dozen syncs at Python's 700)."""
 SHOWN_DEFAULTS = frozenset(SERVE_OPTIONS) - {"max_body", "files_dir"}
 """The options whose help shows the ``ServerConfig`` default (:class:`ServeHelp`)."""
 
@@ -217,6 +221,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
     for name in SERVE_OPTIONS:  # given on the command line: overrides the default
         if (value := getattr(args, name)) is not None:
             setattr(config, name, value)
+    config.gc_young = SERVE_GC_YOUNG if args.gc_young is None else args.gc_young
     if args.feed_retention is not None:
         config.feed_retention_ms = round(args.feed_retention * 86_400_000)
     if args.file_retention is not None:
@@ -694,6 +699,10 @@ def add_serve(sub: Subparsers) -> None:
                    help="documents kept in memory (LRU); size it to the devices syncing often")
     p.add_argument("--cache-idle", type=number(float, 0.01), metavar="SECONDS",
                    help="a document unused this long leaves memory")
+    p.add_argument("--gc-young", type=number(int, 0), metavar="N",
+                   help="freeze the start-up's objects and run Python's young garbage"
+                        f" collection every N net container allocations (default"
+                        f" {SERVE_GC_YOUNG:,}; 0 leaves the collector as Python sets it)")
     p.add_argument("--backlog", type=number(int, 1), metavar="N",
                    help="TCP listen backlog: connections the kernel queues during a reconnect"
                         " storm")

@@ -211,6 +211,20 @@ def test_serve_options_become_the_server_config() -> None:
             build_parser().parse_args(["serve", option, "0"])
 
 
+def test_serve_tunes_the_garbage_collector_unless_told_not_to() -> None:
+    from crdtsync.cli import SERVE_GC_YOUNG, build_parser, serve_config
+    from crdtsync_server import ServerConfig
+
+    assert ServerConfig().gc_young == 0  # embedded: left to the host process
+    assert serve_config(build_parser().parse_args(["serve"])).gc_young == SERVE_GC_YOUNG
+    for given in ("0", "2000"):
+        config = serve_config(build_parser().parse_args(["serve", "--gc-young", given]))
+        assert config.gc_young == int(given)
+    for bad in ("-1", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--gc-young", bad])
+
+
 def test_serve_rebuild_options() -> None:
     from crdtsync.cli import build_parser, serve_config
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from aiohttp import web
 
 from ..config import ServerConfig
@@ -57,8 +59,23 @@ class Server:
             await self.aclose()
             raise
         self.port = site.port
+        tune_gc(self.config.gc_young)
 
     async def aclose(self) -> None:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+
+
+def tune_gc(young: int) -> None:
+    """Freeze what is alive (the start-up's modules, routes, caches: never scanned again) and
+    collect the young generation only once ``young`` more container objects were allocated
+    than freed (``ServerConfig.gc_young``); nothing when ``young`` is 0. Reference counting
+    still frees everything that is not in a cycle at once; cycles wait for the next
+    collection."""
+    if young <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(young, middle, old)
