@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -51,13 +52,24 @@ async def test_every_family_is_documented_and_named_once(server: Server) -> None
     for name in ("crdtsync_sync_requests_total", "crdtsync_sync_duration_seconds_count",
                  "crdtsync_store_commit_duration_seconds_bucket", "crdtsync_docs_cached",
                  "crdtsync_devices_active", "crdtsync_downlink_pending",
-                 "crdtsync_feed_head", "crdtsync_wake_waiting", "process_cpu_seconds_total"):
+                 "crdtsync_feed_head", "crdtsync_wake_waiting", "process_cpu_seconds_total",
+                 "python_gc_collections_total"):
         assert name in names, name
     text = OPERATIONS_DOC.read_text(encoding="utf-8")
     for name in names:
         if name.startswith("crdtsync_"):
             family = name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
             assert f"`{family}" in text, f"{family} is not in docs/operations.md"
+
+
+async def test_the_garbage_collectors_runs_are_counted_per_process(server: Server) -> None:
+    """``python_gc_collections_total{generation}``: how often the collector ran in this process
+    (``--gc-young`` spaces the young ones out); the server runs in this test's process."""
+    before = value(await scrape(server), "python_gc_collections_total", generation="0")
+    gc.collect(0)
+    gc.collect(0)
+    after = value(await scrape(server), "python_gc_collections_total", generation="0")
+    assert after >= before + 2
 
 
 async def test_syncs_move_the_sync_series(server: Server, admin: AdminClient,

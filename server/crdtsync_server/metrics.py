@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -351,9 +351,9 @@ class ServerCollector:
 
 @dataclass(eq=False)
 class ProcessMetrics:
-    """The metrics of one server process: its registry (this collector, and the process
-    collector: CPU, memory, file descriptors), the HTTP adapters' tallies, and the store's
-    view as of the last :meth:`refresh`."""
+    """The metrics of one server process: its registry (this collector, the process
+    collector: CPU, memory, file descriptors, and the garbage collector's), the HTTP
+    adapters' tallies, and the store's view as of the last :meth:`refresh`."""
 
     services: Services
     syncs: SyncTally = field(default_factory=SyncTally)
@@ -368,6 +368,7 @@ class ProcessMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServerCollector(self))
         ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)  # the collections `--gc-young` spaces out
 
     async def refresh(self) -> None:
         """Read the store's part (:func:`read_store`); raises what the store raises."""
