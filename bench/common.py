@@ -698,13 +698,15 @@ class Child:
 def serve_argv(folder: Path, *flags: str, db: str = "server.db",
                grace: float | None = None, profile: Path | None = None,
                database: str | None = None, sample: Path | None = None,
-               sql_stats: Path | None = None) -> tuple[list[str], dict[str, str]]:
+               sql_stats: Path | None = None, tree: str | None = None
+               ) -> tuple[list[str], dict[str, str]]:
     """Command line and extra environment of ``crdtsync serve`` on SQLite ``folder/db`` (or
     on the ``database`` URL, a PostgreSQL one say), on a
     free port, with the admin token :data:`ADMIN_TOKEN` and ``flags``. With ``grace`` (the
     seconds an LRU-evicted document keeps its observers, ``RETIRE_GRACE``) or ``profile`` (a
     file for cProfile stats), through ``bench/_serve.py``: benchmark knobs, no product code
-    changed."""
+    changed. ``tree``: the checkout whose server runs (default: ``$CRDTSYNC_BENCH_SERVER_TREE``,
+    else this one)."""
     env: dict[str, str] = {}
     if grace is not None:
         env[GRACE_ENV] = f"{grace:g}"
@@ -714,7 +716,7 @@ def serve_argv(folder: Path, *flags: str, db: str = "server.db",
         env[SAMPLE_ENV] = str(sample)
     if sql_stats is not None:
         env[SQL_STATS_ENV] = str(sql_stats)
-    tree = os.environ.get(SERVER_TREE_ENV)
+    tree = tree or os.environ.get(SERVER_TREE_ENV)
     if tree:  # that checkout's server, this checkout's harness (per-commit comparisons)
         env["PYTHONPATH"] = os.pathsep.join([tree, os.path.join(tree, "server")])
     prefix = ([sys.executable, str(BENCH / "_serve.py")] if env
@@ -728,11 +730,11 @@ async def start_server(folder: Path, *flags: str, name: str = "crdtsync serve",
                        db: str = "server.db", grace: float | None = None,
                        profile: Path | None = None, patience: float = 30.0,
                        database: str | None = None, sample: Path | None = None,
-                       sql_stats: Path | None = None) -> Child:
+                       sql_stats: Path | None = None, tree: str | None = None) -> Child:
     """``crdtsync serve`` (see :func:`serve_argv`) started and accepting connections; its
     output in ``folder/<db>.log``. Stop it with ``await server.stop()`` (or ``async with``)."""
     argv, env = serve_argv(folder, *flags, db=db, grace=grace, profile=profile,
-                           database=database, sample=sample, sql_stats=sql_stats)
+                           database=database, sample=sample, sql_stats=sql_stats, tree=tree)
     server = Child(name, argv, folder / f"{db}.log", env)
     await server.start(patience=patience)
     return server

@@ -27,6 +27,7 @@ server's database, ``time.process_time``). Floor = bare + direct; the report giv
     python bench/throughput.py --profile server.prof   (server under cProfile, no ceiling)
     python bench/throughput.py --sample loop.pkl       (sampling profile of the server's loop)
     python bench/throughput.py --sql-stats DIR         (CPU per SQL statement, server and floor)
+    python bench/throughput.py --against TREE          (this server against TREE's, A/B)
 """
 
 from __future__ import annotations
@@ -614,6 +615,59 @@ async def benchmark(s: Settings) -> Results:
     return results
 
 
+async def ab_benchmark(s: Settings, against: Path) -> tuple[list[RoundResult],
+                                                           list[RoundResult]]:
+    """``--against TREE``: this checkout's server (A) and the checkout ``against``'s (B), each
+    on its own database with the same devices and load, in rounds that alternate which goes
+    first (A B, B A, ...): a comparison paired within seconds, so that a machine whose speed
+    drifts (as these do, by a fifth within an hour) moves both sides alike. No floor."""
+    sides: tuple[list[RoundResult], list[RoundResult]] = ([], [])
+    with tempfile.TemporaryDirectory(prefix="crdtsync-ab-") as tmp_name:
+        tmp = Path(tmp_name)
+        async with contextlib.AsyncExitStack() as stack, \
+                client_session(s.concurrency, 60) as session:
+            runs = []
+            for name, tree in (("A", None), ("B", str(against))):
+                server = await start_server(tmp, db=f"{name}.db", tree=tree)
+                stack.push_async_callback(server.stop)
+                tokens = await provision(server.url, [f"bench-{n:04d}" for n in
+                                                      range(s.devices)])
+                devs = fleet(tokens, s, s.seed)
+                await warm_up(session, server.url + SYNC_PATH, devs, s.concurrency)
+                runs.append((name, server, devs))
+            for n in range(s.rounds):
+                for side in (0, 1) if n % 2 == 0 else (1, 0):
+                    name, server, devs = runs[side]
+                    r = await run_round(session, server.url + SYNC_PATH, devs,
+                                        s.concurrency, s.duration, f"crdtsync {name}", server)
+                    sides[side].append(r)
+                    print(f"round {n + 1}/{s.rounds} {r.line()}", flush=True)
+    return sides
+
+
+def render_ab(s: Settings, a: Sequence[RoundResult], b: Sequence[RoundResult],
+              against: Path) -> str:
+    """The A/B table: per round and median, B over A."""
+    def cpu(r: RoundResult) -> float:
+        return per_sync(r, r.cpu.server)
+
+    lines = [f"A: this checkout's server; B: the server of {against}. {s.devices} devices, "
+             f"{s.concurrency} requests in flight, {s.rounds} rounds of {s.duration:g} s "
+             "per side, alternating which side goes first.", "",
+             "| round | A CPU per sync (ms) | B CPU per sync (ms) | B / A | A syncs/s | "
+             "B syncs/s |", "|---:|---:|---:|---:|---:|---:|"]
+    for n, (x, y) in enumerate(zip(a, b, strict=True), start=1):
+        lines.append(f"| {n} | {cpu(x):.3f} | {cpu(y):.3f} | {cpu(y) / cpu(x):.2f} | "
+                     f"{x.syncs_per_s:,.0f} | {y.syncs_per_s:,.0f} |")
+    ratios = [cpu(y) / cpu(x) for x, y in zip(a, b, strict=True)]
+    lines.append(f"| median | {statistics.median(map(cpu, a)):.3f} | "
+                 f"{statistics.median(map(cpu, b)):.3f} | **{statistics.median(ratios):.2f}** "
+                 f"({min(ratios):.2f}-{max(ratios):.2f}) | "
+                 f"{statistics.median(r.syncs_per_s for r in a):,.0f} | "
+                 f"{statistics.median(r.syncs_per_s for r in b):,.0f} |")
+    return "\n".join(lines)
+
+
 SERVER_SYNC_STATEMENT = "UPDATE devices"
 """Run once per device write the server commits: its count is the server's syncs that wrote
 (no-change syncs write nothing), warm-ups included."""
@@ -782,6 +836,9 @@ def main() -> None:
     parser.add_argument("--sql-stats", type=Path, metavar="DIR",
                         help="CPU time per SQL statement of the server and of the direct "
                         "work (JSON in DIR), printed per sync")
+    parser.add_argument("--against", type=Path, metavar="TREE",
+                        help="compare this checkout's server with the one of the checkout "
+                        "TREE (a `git worktree`), rounds alternating; prints B / A per round")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--response", type=Path, help=argparse.SUPPRESS)
@@ -801,6 +858,12 @@ def main() -> None:
                  sample=args.sample.resolve() if args.sample else None,
                  sql_stats=args.sql_stats.resolve() if args.sql_stats else None)
     print(f"Machine: {machine(LIBS, model=True, temp_dir=True)}", flush=True)
+    if args.against is not None:
+        a, b = asyncio.run(ab_benchmark(s, args.against.resolve()))
+        print(render_ab(s, a, b, args.against))
+        if sum(sum(r.errors.values()) for r in a + b):
+            sys.exit("requests failed (see the ERRORS columns)")
+        return
     direct_sql = SqlStats()
     if s.sql_stats is not None:
         s.sql_stats.mkdir(parents=True, exist_ok=True)

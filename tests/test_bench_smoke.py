@@ -117,3 +117,21 @@ def test_throughput_sql_stats_count_every_write_of_server_and_floor(tmp_path: Pa
     assert writes <= calls(server, "INSERT INTO feed") < writes * 1.05
     assert calls(direct, "many: INSERT INTO updates") > 0
     assert re.search(r"\| INSERT feed \| 1\.0\d \| [\d.]+ \| 1\.00 \|", result.stdout)
+
+
+def test_throughput_against_another_checkout_alternates_and_prints_b_over_a() -> None:
+    """``bench/throughput.py --quick --against TREE`` (here the checkout against itself): both
+    servers run every round, the first round A then B, the second B then A, and the table
+    gives B / A per round and its median."""
+    root = BENCH.parent
+    result = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--quick",
+                             "--against", str(root)],
+                            capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    order = re.findall(r"^round (\d)/2 crdtsync ([AB]):", result.stdout, flags=re.M)
+    assert order == [("1", "A"), ("1", "B"), ("2", "B"), ("2", "A")]
+    for n in (1, 2):
+        assert re.search(rf"^\| {n} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d,]+ \| [\d,]+ \|$",
+                         result.stdout, flags=re.M)
+    assert re.search(r"^\| median \| [\d.]+ \| [\d.]+ \| \*\*[\d.]+\*\* \([\d.]+-[\d.]+\) \|",
+                     result.stdout, flags=re.M)
