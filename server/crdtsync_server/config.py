@@ -29,8 +29,9 @@ class ServerConfig:
     """Python's cyclic garbage collector, tuned once the server listens: the objects alive
     then are frozen (never scanned again) and a young collection runs only once this many
     more container objects are alive than were freed (Python's default: 700). Under load a
-    collection ran every dozen syncs, scanning the requests in flight, for about 5 % of the
-    server's CPU. 0 leaves the collector as the process set it (the default for an
+    collection ran every dozen syncs, scanning the requests in flight: about a sixth of the
+    server's CPU in the throughput benchmark (the memory it walks, more than its
+    instructions). 0 leaves the collector as the process set it (the default for an
     embedded server: the process is its host's); ``crdtsync serve`` sets
     ``crdtsync.cli.SERVE_GC_YOUNG``."""
     cache_idle: float = 600.0
