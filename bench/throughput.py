@@ -617,7 +617,8 @@ async def benchmark(s: Settings) -> Results:
 
 async def ab_benchmark(s: Settings, against: Path) -> tuple[list[RoundResult],
                                                            list[RoundResult]]:
-    """``--against TREE``: this checkout's server (A) and the checkout ``against``'s (B), each
+    """``--against TREE``: this checkout's server (A; ``$CRDTSYNC_BENCH_SERVER_TREE``'s when
+    set) and the checkout ``against``'s (B), each
     on its own database with the same devices and load, in rounds that alternate which goes
     first (A B, B A, ...): a comparison paired within seconds, so that a machine whose speed
     drifts (as these do, by a fifth within an hour) moves both sides alike. No floor."""
@@ -643,6 +644,11 @@ async def ab_benchmark(s: Settings, against: Path) -> tuple[list[RoundResult],
                     sides[side].append(r)
                     print(f"round {n + 1}/{s.rounds} {r.line()}", flush=True)
     return sides
+
+
+def failed(rounds: Sequence[RoundResult]) -> int:
+    """Requests that failed over ``rounds``."""
+    return sum(sum(r.errors.values()) for r in rounds)
 
 
 def render_ab(s: Settings, a: Sequence[RoundResult], b: Sequence[RoundResult],
@@ -861,7 +867,7 @@ def main() -> None:
     if args.against is not None:
         a, b = asyncio.run(ab_benchmark(s, args.against.resolve()))
         print(render_ab(s, a, b, args.against))
-        if sum(sum(r.errors.values()) for r in a + b):
+        if failed(a + b):
             sys.exit("requests failed (see the ERRORS columns)")
         return
     direct_sql = SqlStats()
@@ -873,7 +879,7 @@ def main() -> None:
         direct_sql.dump(s.sql_stats / "direct.json")
         print("\n".join(sql_table(SqlStats.load(s.sql_stats / "server.json"),
                                   direct_sql.stats)))
-    errors = sum(sum(r.errors.values()) for r in results.real + results.bare)
+    errors = failed(results.real + results.bare)
     if s.sample is not None:
         print_samples(s.sample)
     if s.profile is not None:
