@@ -78,6 +78,10 @@ class SQLiteWorker:
         """The connection of :meth:`read`, opened on first use in the event loop's thread."""
         self._log: _LogSync | None = None
         """Makes the commits of :meth:`write_here` durable (:meth:`durable`)."""
+        self._here: _HereMode | None = None
+        """The connection's pragmas as :meth:`write_here` left them, with what they were
+        before (restored before the next call in the thread); ``None`` when they are as
+        configured. Read and written only under the thread's lock."""
 
     def __repr__(self) -> str:
         return f"<SQLiteWorker {self.path!r} {self.state}>"
@@ -122,7 +126,7 @@ class SQLiteWorker:
             if self._log is not None:  # before the connection: its close checkpoints last
                 log, self._log = self._log, None
                 await log.aclose()
-            await thread.call(conn.close)
+            await thread.call(self._as_configured, _close, conn)
         finally:
             thread.stop()
 
@@ -134,7 +138,7 @@ class SQLiteWorker:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in the connection's thread and return its result."""
         thread, conn = self._ready()
-        return await thread.call(fn, conn, *args)
+        return await thread.call(self._as_configured, fn, conn, *args)
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run the read-only ``fn(conn, *args)`` right here, in the event loop's thread, on
@@ -177,14 +181,22 @@ class SQLiteWorker:
         connection's thread costs its objects a trip to another CPU and back, about a sixth
         of a sync's CPU. What must stay off the event loop stays off it: the transaction
         commits without SQLite's own ``fsync`` (``synchronous`` is ``NORMAL`` while it runs,
-        when the connection's is ``FULL`` or ``EXTRA``) and without an automatic
-        checkpoint; :meth:`durable` makes it durable, in a thread of its own, before the
-        caller may report it stored. Calls queued meanwhile run after it, in their order."""
+        when the connection's is ``FULL`` or ``EXTRA``), without an automatic checkpoint
+        and without a busy timeout; :meth:`durable` makes it durable, in a thread of its
+        own, before the caller may report it stored. Calls queued meanwhile run after it,
+        in their order.
+
+        The pragmas stay so between two such transactions (setting and restoring them cost
+        nine statements a group); the next call in the connection's thread finds them
+        restored first (:meth:`_as_configured`)."""
         thread, conn = self._ready()
         if not thread.idle() or not thread.lock.acquire(blocking=False):
             raise StoreBusy("the connection's thread has calls of its own")
         try:
-            return _without_sync(conn, self.synchronous, fn, *args)
+            if self._here is None:
+                self._here = _HereMode.read(conn, self.synchronous)
+                self._here.apply(conn, self.synchronous)
+            return _busy_if_locked(conn, fn, *args)
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
         finally:
@@ -208,7 +220,16 @@ class SQLiteWorker:
         For the few synchronous paths that must be durable before they return; the wait is
         one short transaction plus whatever single call is ahead of it."""
         thread, conn = self._ready()
-        return thread.call_blocking(fn, conn, *args)
+        result: T = thread.call_blocking(self._as_configured, fn, conn, *args)
+        return result
+
+    def _as_configured(self, fn: Callable[..., T], conn: sqlite3.Connection, *args: Any) -> T:
+        """``fn(conn, *args)`` in the thread, the pragmas first restored as they were before
+        :meth:`write_here` changed them, if it did."""
+        if self._here is not None:
+            here, self._here = self._here, None
+            here.restore(conn)
+        return fn(conn, *args)
 
 
 class _Thread:
@@ -347,20 +368,44 @@ _fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 """What SQLite calls on Linux to sync its log (the data and the size, not the times)."""
 
 
-def _without_sync(conn: sqlite3.Connection, synchronous: str, fn: Callable[..., T],
-                  *args: Any) -> T:
-    """``fn(conn, *args)`` (one write transaction) with ``synchronous`` at ``NORMAL`` (when
-    it is ``FULL`` or ``EXTRA``: no ``fsync`` at the commit), no automatic checkpoint and no
-    busy timeout, each restored after it as it was; :class:`StoreBusy` when the transaction
+class _HereMode:
+    """The pragmas of :meth:`SQLiteWorker.write_here`'s transactions: ``synchronous`` at
+    ``NORMAL`` (when it is ``FULL`` or ``EXTRA``: no ``fsync`` at the commit), no automatic
+    checkpoint and no busy timeout; :meth:`restore` sets them back as they were."""
+
+    __slots__ = ("restore_statements",)
+
+    def __init__(self, restore_statements: list[str]) -> None:
+        self.restore_statements = restore_statements
+
+    @classmethod
+    def read(cls, conn: sqlite3.Connection, synchronous: str) -> _HereMode:
+        """The pragmas as they are, to restore."""
+        return cls([f"PRAGMA {name} = {_pragma(conn, name)}"
+                    for name in ("busy_timeout", "wal_autocheckpoint",
+                                 *(("synchronous",) if _deferred(synchronous) else ()))])
+
+    @staticmethod
+    def apply(conn: sqlite3.Connection, synchronous: str) -> None:
+        if _deferred(synchronous):
+            conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute("PRAGMA busy_timeout = 0")
+
+    def restore(self, conn: sqlite3.Connection) -> None:
+        for statement in self.restore_statements:
+            conn.execute(statement)
+
+
+def _deferred(synchronous: str) -> bool:
+    """Whether the commits of :meth:`SQLiteWorker.write_here` leave their ``fsync`` to
+    :meth:`SQLiteWorker.durable`."""
+    return synchronous in ("FULL", "EXTRA")
+
+
+def _busy_if_locked(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(conn, *args)`` (one write transaction); :class:`StoreBusy` when the transaction
     could not begin because another connection holds the write lock."""
-    deferred = synchronous in ("FULL", "EXTRA")
-    restore = [f"PRAGMA {name} = {_pragma(conn, name)}"
-               for name in ("busy_timeout", "wal_autocheckpoint",
-                            *(("synchronous",) if deferred else ()))]
-    if deferred:
-        conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA wal_autocheckpoint = 0")
-    conn.execute("PRAGMA busy_timeout = 0")
     try:
         return fn(conn, *args)
     except sqlite3.OperationalError as exc:
@@ -368,9 +413,10 @@ def _without_sync(conn: sqlite3.Connection, synchronous: str, fn: Callable[..., 
         if locked and not conn.in_transaction:
             raise StoreBusy("another connection holds the write lock") from exc
         raise
-    finally:
-        for statement in restore:
-            conn.execute(statement)
+
+
+def _close(conn: sqlite3.Connection) -> None:
+    conn.close()
 
 
 def _pragma(conn: sqlite3.Connection, name: str) -> int:

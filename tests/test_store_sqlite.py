@@ -915,6 +915,41 @@ async def test_pragmas_stay_as_configured_after_commits_on_the_loop(tmp_path: Pa
             lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 1000
 
 
+async def test_commits_on_the_loop_set_the_pragmas_once_and_the_thread_restores_them(
+        tmp_path: Path) -> None:
+    """The first group on the loop reads and changes the pragmas; the next groups find them
+    changed and run no ``PRAGMA`` at all; a call in the store's thread finds them as
+    configured again, and a group on the loop after it changes them again."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        await store.add_device(DeviceRecord("d", "h", created=1))
+        traced: list[str] = []
+        await store._run(lambda conn: conn.set_trace_callback(traced.append))
+
+        def pragmas() -> list[str]:
+            found = [s for s in traced if s.startswith("PRAGMA") and "data_version" not in s]
+            traced.clear()
+            return found
+
+        await store.commit(_event_write("d", 1))
+        assert pragmas() == [
+            "PRAGMA busy_timeout", "PRAGMA wal_autocheckpoint", "PRAGMA synchronous",
+            "PRAGMA synchronous = NORMAL", "PRAGMA wal_autocheckpoint = 0",
+            "PRAGMA busy_timeout = 0"]
+        for seq in range(2, 5):
+            await store.commit(_event_write("d", seq))
+        assert pragmas() == []
+        assert await store._run(lambda conn: [
+            conn.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("synchronous", "busy_timeout", "wal_autocheckpoint")]) == [2, 5000,
+                                                                                   1000]
+        assert pragmas()[:3] == ["PRAGMA busy_timeout = 5000",
+                                 "PRAGMA wal_autocheckpoint = 1000", "PRAGMA synchronous = 2"]
+        await store.commit(_event_write("d", 5))
+        assert pragmas()[-3:] == ["PRAGMA synchronous = NORMAL",
+                                  "PRAGMA wal_autocheckpoint = 0", "PRAGMA busy_timeout = 0"]
+        assert (await store.pragmas())["synchronous"] == 2
+
+
 @pytest.mark.parametrize(("mode", "synced"), [("FULL", True), ("EXTRA", True),
                                               ("NORMAL", False), ("OFF", False)])
 async def test_a_commit_on_the_loop_returns_after_its_log_is_synced(
