@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,3 +136,54 @@ def test_throughput_against_another_checkout_alternates_and_prints_b_over_a() ->
                          result.stdout, flags=re.M)
     assert re.search(r"^\| median \| [\d.]+ \| [\d.]+ \| \*\*[\d.]+\*\* \([\d.]+-[\d.]+\) \|",
                      result.stdout, flags=re.M)
+
+
+async def test_the_lean_load_generator_frames_and_counts_every_exchange() -> None:
+    """``lean_round`` (the bare rounds' load generator of ``bench/throughput.py``) against
+    a real aiohttp server: every request arrives whole (its body one of the prebuilt ones),
+    every answer is counted once, as a sync (200) or as an error by its status, with the
+    bytes of the bodies that went each way."""
+    import importlib
+
+    from aiohttp import web
+
+    sys.path.insert(0, str(BENCH))
+    throughput: Any = importlib.import_module("throughput")
+    seen: list[tuple[bytes, int]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.read()
+        status = 503 if len(seen) % 7 == 6 else 200
+        seen.append((body, status))
+        return web.Response(body=b"r" * (81 if status == 200 else 5), status=status)
+
+    app = web.Application()
+    app.router.add_post("/v1/sync", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    bodies = [bytes([n]) * (100 + 37 * n) for n in range(5)]
+    requests = [(throughput.raw_request(f"127.0.0.1:{port}", body,
+                                        {"Authorization": "Bearer t"}), len(body))
+                for body in bodies]
+
+    class Meter:  # the CPU meter reads a server process; this server is this process
+        @staticmethod
+        def thread_cpu() -> tuple[float, float]:
+            return 0.0, 0.0
+
+    try:
+        result = await throughput.lean_round(f"http://127.0.0.1:{port}/v1/sync", requests,
+                                             4, 0.3, "bare", [Meter()])
+    finally:
+        await runner.cleanup()
+    ok = [body for body, status in seen if status == 200]
+    assert all(body in bodies for body, _ in seen)
+    assert result.syncs == len(ok) > 0
+    assert dict(result.errors) == ({"503": len(seen) - len(ok)} if len(seen) > len(ok)
+                                   else {})
+    assert result.bytes_up == sum(len(body) for body in ok)
+    assert result.bytes_down == 81 * len(ok)
+    assert len(result.latencies) == len(ok)
