@@ -42,6 +42,7 @@ import contextlib
 import gc
 import itertools
 import json
+import math
 import random
 import signal
 import sqlite3
@@ -385,37 +386,87 @@ def raw_request(host: str, body: bytes, request_headers: dict[str, str]) -> byte
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def lean_requests(host: str, tokens: dict[str, str], s: Settings, seed: int
-                  ) -> list[tuple[bytes, int]]:
-    """Prebuilt requests (and their body sizes) of fresh simulated devices with the ids and
-    tokens of ``tokens``, as :func:`direct_requests` makes them (each acknowledged in full
-    when made), the warm-up passes left out: the bare server's load, with no pycrdt or
-    aiohttp work per request left in the load generator."""
-    devices = [SimDevice(device, token, seed * 1_000_003 + n, s.shared_docs, s.encoding)
-               for n, (device, token) in enumerate(tokens.items())]
-    out = []
-    for n in range(4):
-        for dev in devices:
-            body, sv, last = dev.request()
-            dev.acknowledge(sv, last)
-            if n >= 2:
-                out.append((raw_request(host, body, dev.headers), len(body)))
-    return out
+Prebuilt = tuple[bytes, int, int]
+"""A prebuilt request: the whole request as sent, its body's size, the highest event seq it
+carries."""
+
+
+class LeanFleet:
+    """The load of :func:`lean_round`: simulated devices whose requests are built before a
+    round (:meth:`top_up`), each acknowledged in full when built, as :func:`direct_requests`
+    makes them, and sent in order, one request per device in flight, each device's next
+    one after its previous answer. A request left unsent at the end of a round is the first
+    of the next. With ``ring``, the bare server's load: the first requests built, sent over
+    and over by any connection (it reads nothing but their size)."""
+
+    def __init__(self, host: str, devices: Sequence[SimDevice], ring: bool = False) -> None:
+        self.host = host
+        self.devices = {dev.id: dev for dev in devices}
+        self.ring = ring
+        self.pending: dict[str, deque[Prebuilt]] = {dev.id: deque() for dev in devices}
+        self.idle: deque[str] = deque(self.devices)
+        self.acked = {dev.id: 0 for dev in devices}
+        """Per device, the highest ``ack`` the server answered."""
+        self._ring: list[tuple[str, Prebuilt]] = []
+        self._turn = 0
+
+    def top_up(self, per_device: int) -> None:
+        """Build requests until each device has ``per_device`` waiting (untimed)."""
+        for _ in range(per_device - min(len(q) for q in self.pending.values())):
+            for dev in self.devices.values():
+                if len(self.pending[dev.id]) < per_device:
+                    body, sv, last = dev.request()
+                    dev.acknowledge(sv, last)
+                    self.pending[dev.id].append(
+                        (raw_request(self.host, body, dev.headers), len(body), last))
+        if self.ring and not self._ring:
+            self._ring = [(device, queue[-1]) for device, queue in self.pending.items()]
+
+    def take(self) -> tuple[str, Prebuilt] | None:
+        """The next request to send and its device; ``None`` when no idle device has one."""
+        if self.ring:
+            self._turn += 1
+            return self._ring[self._turn % len(self._ring)]
+        for _ in range(len(self.idle)):
+            device = self.idle.popleft()
+            if self.pending[device]:
+                return device, self.pending[device].popleft()
+            self.idle.append(device)
+        return None
+
+    def answered(self, device: str, request: Prebuilt, status: bytes, body: bytes,
+                 result: RoundResult) -> None:
+        """Record the answer to ``device``'s ``request``: a 200 whose ``ack`` covers the
+        request's events counts as a sync, anything else as an error."""
+        if not self.ring:
+            self.idle.append(device)
+        if status != b"200":
+            result.errors[status.decode()] += 1
+            return
+        if not self.ring:
+            ack = msgpack.unpackb(body, raw=False)["ack"]
+            self.acked[device] = max(self.acked[device], ack)
+            if ack < request[2]:
+                result.errors["events not acknowledged"] += 1
+                return
+        result.syncs += 1
+        result.events += EVENTS_PER_SYNC
+        result.bytes_up += request[1]
+        result.bytes_down += len(body)
 
 
 class _LeanConnection(asyncio.Protocol):
-    """One keep-alive connection of :func:`lean_round`: sends the next prebuilt request as
-    soon as the previous response is complete (``Content-Length`` framing), until the
-    deadline; records into ``result``."""
+    """One keep-alive connection of :func:`lean_round`: sends the next request of ``fleet``
+    as soon as the previous answer is complete (``Content-Length`` framing), until the
+    deadline or until ``fleet`` has none; records into ``result``."""
 
-    def __init__(self, requests: Sequence[tuple[bytes, int]], first: int, result: RoundResult,
-                 deadline: float, done: asyncio.Future[None]) -> None:
-        self.requests, self.next = requests, first
-        self.result, self.deadline, self.done = result, deadline, done
+    def __init__(self, fleet: LeanFleet, result: RoundResult, deadline: float,
+                 done: asyncio.Future[None]) -> None:
+        self.fleet, self.result, self.deadline, self.done = fleet, result, deadline, done
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.sent_at = 0.0
-        self.sent_size = 0
+        self.sent: tuple[str, Prebuilt] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -424,10 +475,12 @@ class _LeanConnection(asyncio.Protocol):
 
     def _send(self) -> None:
         assert self.transport is not None
-        request, self.sent_size = self.requests[self.next % len(self.requests)]
-        self.next += 1
+        self.sent = self.fleet.take()
+        if self.sent is None:
+            self.transport.close()
+            return
         self.sent_at = time.perf_counter()
-        self.transport.write(request)
+        self.transport.write(self.sent[1][0])
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -438,15 +491,11 @@ class _LeanConnection(asyncio.Protocol):
         end = head_end + 4 + int(self.buffer[at:self.buffer.index(b"\r\n", at)])
         if len(self.buffer) < end:
             return
-        now, r = time.perf_counter(), self.result
-        if self.buffer[9:12] == b"200":
-            r.syncs += 1
-            r.events += EVENTS_PER_SYNC
-            r.latencies.append(now - self.sent_at)
-            r.bytes_up += self.sent_size
-            r.bytes_down += end - head_end - 4
-        else:
-            r.errors[self.buffer[9:12].decode()] += 1
+        now = time.perf_counter()
+        assert self.sent is not None
+        self.result.latencies.append(now - self.sent_at)
+        self.fleet.answered(*self.sent, self.buffer[9:12], self.buffer[head_end + 4:end],
+                            self.result)
         self.buffer = self.buffer[end:]
         if now < self.deadline:
             self._send()
@@ -455,37 +504,36 @@ class _LeanConnection(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if time.perf_counter() < self.deadline:
+        if self.sent is not None and time.perf_counter() < self.deadline:
             self.result.errors["connection lost"] += 1
         if not self.done.done():
             self.done.set_result(None)
 
 
-async def lean_round(url: str, requests: Sequence[tuple[bytes, int]], concurrency: int,
-                     duration: float, side: str, server: Child) -> RoundResult:
-    """``concurrency`` keep-alive connections to ``url``'s host, each sending ``requests``
-    (prebuilt, from its own offset) one after another for ``duration`` s: a load generator
-    that costs a few µs per request in this process, so that it saturates a bare server
-    that the simulated devices cannot (their pycrdt and aiohttp client work per request
-    leave the bare server idle a third of the time, where each request costs it more: one
-    wake-up of its loop per request instead of one per several); the CPU of ``server``
-    during it."""
+async def lean_round(url: str, fleet: LeanFleet, concurrency: int, duration: float,
+                     side: str, server: Child | Sequence[Child]) -> RoundResult:
+    """``concurrency`` keep-alive connections to ``url``'s host sending ``fleet``'s
+    prebuilt requests for ``duration`` s: a load generator that costs a few µs per request
+    in this process. The simulated devices' own pycrdt and aiohttp client work per request
+    left the bare server idle a third of the time, where each request costs it more (one
+    wake-up of its loop per request instead of one per several), and took a CPU's worth of
+    the machine the servers run on. The CPU of ``server`` during it."""
     host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
     loop = asyncio.get_running_loop()
     result = RoundResult(side)
     meter = CpuMeter(server)
     deadline = meter.t0 + duration
     dones = []
-    step = max(1, len(requests) // concurrency)
-    for n in range(concurrency):
+    for _ in range(concurrency):
         done: asyncio.Future[None] = loop.create_future()
         await loop.create_connection(
-            lambda n=n, done=done: _LeanConnection(requests, n * step, result, deadline, done),
-            host, int(port))
+            lambda done=done: _LeanConnection(fleet, result, deadline, done), host, int(port))
         dones.append(done)
     await asyncio.wait_for(asyncio.gather(*dones), duration + 60)  # a server that hangs
     result.cpu = meter.stop()
     result.seconds = meter.seconds
+    if time.perf_counter() < deadline:
+        result.errors["requests ran out before the round's end"] += 1
     return result
 
 
@@ -689,11 +737,14 @@ async def benchmark(s: Settings) -> Results:
             async with client_session(s.concurrency, 60) as session:
                 real_devs = fleet(tokens, s, s.seed)
                 real_url = real.url + SYNC_PATH
+                started = time.perf_counter()
                 last = await warm_up(session, real_url, real_devs, s.concurrency)
+                rate = 2 * len(real_devs) / (time.perf_counter() - started)
+                real_fleet = LeanFleet(real.url.split("//", 1)[1], real_devs)
                 typical = sorted(last, key=len)[len(last) // 2]
                 bare_url = ""
                 bare: Child | None = None
-                bare_requests: list[tuple[bytes, int]] = []
+                bare_fleet = LeanFleet("", [])
                 canned = b""
                 if s.profile is None:
                     canned = canned_response(typical)
@@ -708,17 +759,22 @@ async def benchmark(s: Settings) -> Results:
                     servers.append(bare)
                     await bare.start()
                     bare_url = bare.url + SYNC_PATH
-                    host = bare.url.split("//", 1)[1]
-                    bare_requests = lean_requests(host, tokens, s, s.seed + 1)
-                    await lean_round(bare_url, bare_requests, s.concurrency, 0.5, "warm-up",
+                    bare_fleet = LeanFleet(bare.url.split("//", 1)[1],
+                                           fleet(tokens, s, s.seed + 1), ring=True)
+                    bare_fleet.top_up(3)  # the third request of each: no whole document
+                    await lean_round(bare_url, bare_fleet, s.concurrency, 0.5, "warm-up",
                                      bare)
                 for n in range(s.rounds):
-                    r = await run_round(session, real_url, real_devs, s.concurrency,
-                                        s.duration, "crdtsync", real)
+                    # enough for twice the best rate so far (three times the warm-up's)
+                    real_fleet.top_up(math.ceil((3 if n == 0 else 2) * rate * s.duration
+                                                / len(real_devs)))
+                    r = await lean_round(real_url, real_fleet, s.concurrency, s.duration,
+                                         "crdtsync", real)
+                    rate = max(rate, r.syncs_per_s)
                     results.real.append(r)
                     print(f"round {n + 1}/{s.rounds} {r.line()}", flush=True)
                     if bare is not None:
-                        b = await lean_round(bare_url, bare_requests, s.concurrency,
+                        b = await lean_round(bare_url, bare_fleet, s.concurrency,
                                              s.duration, "bare", bare)
                         results.bare.append(b)
                         print(f"round {n + 1}/{s.rounds} {b.line()}", flush=True)
@@ -729,7 +785,7 @@ async def benchmark(s: Settings) -> Results:
                               f"{d.ms_per_sync:.3f} ms CPU per sync", flush=True)
             # every acknowledged event is stored (checked on a sample of the devices)
             sample = real_devs[::max(1, len(real_devs) // 20)]
-            await check_last_seq(real.url, {d.id: d.acked for d in sample})
+            await check_last_seq(real.url, {d.id: real_fleet.acked[d.id] for d in sample})
         finally:
             for server in reversed(servers):
                 await server.stop()
@@ -750,19 +806,25 @@ async def ab_benchmark(s: Settings, against: Path) -> tuple[list[RoundResult],
         async with contextlib.AsyncExitStack() as stack, \
                 client_session(s.concurrency, 60) as session:
             runs = []
+            rates: list[float] = []
             for name, tree in (("A", None), ("B", str(against))):
                 server = await start_server(tmp, db=f"{name}.db", tree=tree)
                 stack.push_async_callback(server.stop)
                 tokens = await provision(server.url, [f"bench-{n:04d}" for n in
                                                       range(s.devices)])
                 devs = fleet(tokens, s, s.seed)
+                started = time.perf_counter()
                 await warm_up(session, server.url + SYNC_PATH, devs, s.concurrency)
-                runs.append((name, server, devs))
+                rates.append(2 * len(devs) / (time.perf_counter() - started))
+                runs.append((name, server, LeanFleet(server.url.split("//", 1)[1], devs)))
             for n in range(s.rounds):
                 for side in (0, 1) if n % 2 == 0 else (1, 0):
-                    name, server, devs = runs[side]
-                    r = await run_round(session, server.url + SYNC_PATH, devs,
-                                        s.concurrency, s.duration, f"crdtsync {name}", server)
+                    name, server, lean = runs[side]
+                    lean.top_up(math.ceil((3 if n == 0 else 2) * rates[side] * s.duration
+                                          / s.devices))
+                    r = await lean_round(server.url + SYNC_PATH, lean, s.concurrency,
+                                         s.duration, f"crdtsync {name}", server)
+                    rates[side] = max(rates[side], r.syncs_per_s)
                     sides[side].append(r)
                     print(f"round {n + 1}/{s.rounds} {r.line()}", flush=True)
     return sides

@@ -139,23 +139,33 @@ def test_throughput_against_another_checkout_alternates_and_prints_b_over_a() ->
 
 
 async def test_the_lean_load_generator_frames_and_counts_every_exchange() -> None:
-    """``lean_round`` (the bare rounds' load generator of ``bench/throughput.py``) against
-    a real aiohttp server: every request arrives whole (its body one of the prebuilt ones),
-    every answer is counted once, as a sync (200) or as an error by its status, with the
-    bytes of the bodies that went each way."""
+    """``lean_round`` (``bench/throughput.py``'s load generator) against a real aiohttp
+    server: every request arrives whole, each device's in the order built and one at a time,
+    every answer is counted once (a 200 whose ``ack`` covers the request as a sync, anything
+    else as an error), with the bytes of the bodies that went each way, and each device's
+    highest ``ack`` is kept."""
     import importlib
 
+    import msgpack
     from aiohttp import web
 
     sys.path.insert(0, str(BENCH))
     throughput: Any = importlib.import_module("throughput")
-    seen: list[tuple[bytes, int]] = []
+    seen: list[tuple[str, int, int, bool, int]] = []  # device, last seq, status, short, size
+    in_flight: set[str] = set()
 
     async def handler(request: web.Request) -> web.Response:
-        body = await request.read()
+        message = msgpack.unpackb(await request.read(), raw=False)
+        device, last = message["dev"], message["ev"][-1][0]
+        assert device not in in_flight
+        in_flight.add(device)
+        await asyncio.sleep(0)
+        in_flight.discard(device)
         status = 503 if len(seen) % 7 == 6 else 200
-        seen.append((body, status))
-        return web.Response(body=b"r" * (81 if status == 200 else 5), status=status)
+        ack = last - 1 if len(seen) % 11 == 10 else last  # one short now and then
+        body = msgpack.packb({"ack": ack, "pad": "x" * 40})
+        seen.append((device, last, status, ack < last, len(body)))
+        return web.Response(body=body, status=status)
 
     app = web.Application()
     app.router.add_post("/v1/sync", handler)
@@ -164,10 +174,12 @@ async def test_the_lean_load_generator_frames_and_counts_every_exchange() -> Non
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    bodies = [bytes([n]) * (100 + 37 * n) for n in range(5)]
-    requests = [(throughput.raw_request(f"127.0.0.1:{port}", body,
-                                        {"Authorization": "Bearer t"}), len(body))
-                for body in bodies]
+    settings = throughput.Settings(devices=6, concurrency=4, duration=0.3, rounds=1,
+                                   shared_docs=False, encoding="identity", quick=True,
+                                   profile=None, seed=1)
+    devices = throughput.fleet({f"d{n}": "t" for n in range(6)}, settings, 1)
+    fleet = throughput.LeanFleet(f"127.0.0.1:{port}", devices)
+    fleet.top_up(400)
 
     class Meter:  # the CPU meter reads a server process; this server is this process
         @staticmethod
@@ -175,15 +187,20 @@ async def test_the_lean_load_generator_frames_and_counts_every_exchange() -> Non
             return 0.0, 0.0
 
     try:
-        result = await throughput.lean_round(f"http://127.0.0.1:{port}/v1/sync", requests,
-                                             4, 0.3, "bare", [Meter()])
+        result = await throughput.lean_round(f"http://127.0.0.1:{port}/v1/sync", fleet, 4,
+                                             0.3, "crdtsync", [Meter()])
     finally:
         await runner.cleanup()
-    ok = [body for body, status in seen if status == 200]
-    assert all(body in bodies for body, _ in seen)
+    for device in fleet.devices:  # each device's seqs in the order built, none skipped
+        sent = [last for d, last, *_ in seen if d == device]
+        assert sent == list(range(10, 10 * len(sent) + 1, 10))
+        assert fleet.acked[device] == max(
+            [last - short for d, last, status, short, _ in seen
+             if d == device and status == 200], default=0)
+    ok = [size for _, _, status, short, size in seen if status == 200 and not short]
     assert result.syncs == len(ok) > 0
-    assert dict(result.errors) == ({"503": len(seen) - len(ok)} if len(seen) > len(ok)
-                                   else {})
-    assert result.bytes_up == sum(len(body) for body in ok)
-    assert result.bytes_down == 81 * len(ok)
-    assert len(result.latencies) == len(ok)
+    assert result.errors["503"] == sum(1 for _, _, status, *_ in seen if status == 503)
+    assert result.errors["events not acknowledged"] == sum(
+        1 for _, _, status, short, _ in seen if status == 200 and short)
+    assert result.bytes_down == sum(ok)
+    assert len(result.latencies) == len(seen)
