@@ -939,10 +939,10 @@ def floor_table(real: Sequence[RoundResult], bare: Sequence[RoundResult],
                "crdtsync." if bound and side == "bare" else "."))
     lines.append("- CPU per sync is the server's own CPU divided by the syncs it served. It "
                  "falls as the server gets busier (one wake-up of its loop serves several "
-                 "requests), so both servers are measured busy: the bare one is driven by "
-                 "prebuilt requests on keep-alive connections (`lean_round`), not by the "
-                 "simulated devices, which left it idle a third of the time at 1.5x the CPU "
-                 "per request.")
+                 "requests), so both servers are measured busy, driven by prebuilt requests "
+                 "on keep-alive connections (`lean_round`): the simulated devices' own work "
+                 "per request left the bare server idle a third of the time, at 1.5x its "
+                 "CPU per request when busy.")
     lines.append(f"- (b) and (c) run with the garbage collector as `crdtsync serve` tunes it "
                  f"(start-up frozen, young collections every {SERVE_GC_YOUNG:,} net "
                  "allocations), so the floor gets what the server gets.")
