@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from .conftest import local_app
 from .services import require_postgres
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -169,28 +170,21 @@ async def test_the_lean_load_generator_frames_and_counts_every_exchange() -> Non
 
     app = web.Application()
     app.router.add_post("/v1/sync", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     settings = throughput.Settings(devices=6, concurrency=4, duration=0.3, rounds=1,
                                    shared_docs=False, encoding="identity", quick=True,
                                    profile=None, seed=1)
     devices = throughput.fleet({f"d{n}": "t" for n in range(6)}, settings, 1)
-    fleet = throughput.LeanFleet(f"127.0.0.1:{port}", devices)
-    fleet.top_up(400)
 
     class Meter:  # the CPU meter reads a server process; this server is this process
         @staticmethod
         def thread_cpu() -> tuple[float, float]:
             return 0.0, 0.0
 
-    try:
-        result = await throughput.lean_round(f"http://127.0.0.1:{port}/v1/sync", fleet, 4,
-                                             0.3, "crdtsync", [Meter()])
-    finally:
-        await runner.cleanup()
+    async with local_app(app) as url:
+        fleet = throughput.LeanFleet(url.split("//", 1)[1], devices)
+        fleet.top_up(400)
+        result = await throughput.lean_round(f"{url}/v1/sync", fleet, 4, 0.3, "crdtsync",
+                                             [Meter()])
     for device in fleet.devices:  # each device's seqs in the order built, none skipped
         sent = [last for d, last, *_ in seen if d == device]
         assert sent == list(range(10, 10 * len(sent) + 1, 10))
