@@ -227,8 +227,8 @@ class SQLiteWorker:
         """``fn(conn, *args)`` in the thread, the pragmas first restored as they were before
         :meth:`write_here` changed them, if it did."""
         if self._here is not None:
-            here, self._here = self._here, None
-            here.restore(conn)
+            self._here.restore(conn)  # if it fails, the next call tries again
+            self._here = None
         return fn(conn, *args)
 
 
