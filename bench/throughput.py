@@ -4,9 +4,11 @@ The server runs in its own process (`python -m crdtsync serve`, SQLite in a temp
 default durability); the load generator runs in this process. Each simulated device keeps
 one in-memory pycrdt document (random client id) and a small outbox, no SQLite: every sync
 makes 5 writes into its `state` map, sends the update since its last acknowledged state
-vector plus 10 new events (consecutive seqs, `pg` = the highest acknowledged seq), applies
-the response's update and drops the acknowledged events. A fixed number of requests is kept
-in flight (one per device at most); each round runs for a fixed time.
+vector plus 10 new events (consecutive seqs, `pg` = the highest acknowledged seq). The
+warm-up sends them through aiohttp and applies the answers; the rounds send requests built
+before each round (:class:`LeanFleet`, :func:`lean_round`), so that the load generator takes
+little of the machine. A fixed number of requests is kept in flight (one per device at
+most); each round runs for a fixed time.
 
 The ceiling is a bare aiohttp server in a third process (this script with `--bare-server`):
 its handler reads the body and answers a valid sync response of the same size as the real
@@ -374,7 +376,7 @@ def bare_server(port: int, response_file: Path) -> None:
     asyncio.run(main())
 
 
-# --- the lean load generator of the bare rounds ------------------------------------------
+# --- the lean load generator of the rounds -----------------------------------------------
 
 
 def raw_request(host: str, body: bytes, request_headers: dict[str, str]) -> bytes:
@@ -396,8 +398,9 @@ class LeanFleet:
     round (:meth:`top_up`), each acknowledged in full when built, as :func:`direct_requests`
     makes them, and sent in order, one request per device in flight, each device's next
     one after its previous answer. A request left unsent at the end of a round is the first
-    of the next. With ``ring``, the bare server's load: the first requests built, sent over
-    and over by any connection (it reads nothing but their size)."""
+    of the next. With ``ring``, the bare server's load: the last request built for each device
+    at the first :meth:`top_up`, sent over and over by any connection (it reads nothing but
+    their size)."""
 
     def __init__(self, host: str, devices: Sequence[SimDevice], ring: bool = False) -> None:
         self.host = host
