@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from ._accel import speedups
 from .errors import InvalidValue
 
 MAX_SAFE_INTEGER = 2**53 - 1
@@ -35,7 +36,7 @@ def check_event_body(value: Any, *, where: str = "event body") -> None:
         _check(value, where, _MAX_EVENT_INT, 0, allow_bytes=True)
 
 
-def event_body_ok(value: Any) -> bool:
+def event_body_ok_py(value: Any) -> bool:
     """The fast check of :func:`check_event_body` (no message built): ``True`` means the
     body is valid; ``False`` means "call :func:`check_event_body`", which names the fault
     (or accepts a subclass of an allowed type).
@@ -44,7 +45,7 @@ def event_body_ok(value: Any) -> bool:
     body: the rules of :func:`_valid`'s member loop, spelled out again for that shape (the
     server runs this for every event); other members and bodies go to :func:`_valid`."""
     if type(value) is not dict:
-        return _valid(value, _MAX_EVENT_INT, 0, True)
+        return _valid_py(value, _MAX_EVENT_INT, 0, True)
     keys = tuple(value)
     if keys not in _KEYS_SEEN and not _keys_ok(keys):
         return False
@@ -57,7 +58,7 @@ def event_body_ok(value: Any) -> bool:
             if not _MIN_EVENT_INT <= item <= _MAX_EVENT_INT:
                 return False
         elif (kind is not str and kind is not bool and item is not None
-              and not _valid(item, _MAX_EVENT_INT, 1, True)):
+              and not _valid_py(item, _MAX_EVENT_INT, 1, True)):
             return False
     return True
 
@@ -79,7 +80,7 @@ def check_value(value: Any, *, where: str = "value", max_int: int = MAX_SAFE_INT
         _check(value, where, max_int, 0)
 
 
-def _valid(value: Any, max_int: int, depth: int, allow_bytes: bool) -> bool:
+def _valid_py(value: Any, max_int: int, depth: int, allow_bytes: bool) -> bool:
     """The fast path of :func:`_check` for the plain types: no path strings are built.
     ``False`` means "look closer": :func:`_check` then raises with the exact place (or
     accepts a subclass of an allowed type)."""
@@ -115,9 +116,17 @@ def _valid(value: Any, max_int: int, depth: int, allow_bytes: bool) -> bool:
             if not min_int <= item <= max_int:
                 return False
         elif (kind is not str and kind is not bool and item is not None
-              and not _valid(item, max_int, depth + 1, allow_bytes)):
+              and not _valid_py(item, max_int, depth + 1, allow_bytes)):
             return False
     return True
+
+
+event_body_ok: Callable[[Any], bool] = (
+    speedups.event_body_ok if speedups is not None else event_body_ok_py)
+"""What :func:`event_body_ok_py` answers: the C version where crdtsync was built with it
+(:mod:`crdtsync._accel`), else that function."""
+_valid: Callable[[Any, int, int, bool], bool] = (
+    speedups.valid if speedups is not None else _valid_py)
 
 
 _KEYS_SEEN: set[tuple[str, ...]] = set()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from math import isfinite
 from typing import TypeAlias
 
+from ._accel import speedups
 from .errors import CorruptUpdate, InvalidValue
 from .values import MAX_DEPTH, MAX_KEY_LENGTH, MAX_SAFE_INTEGER
 
@@ -441,8 +442,19 @@ def read_update(data: bytes, *, doc: str = "") -> UpdateInfo:
     the document in error messages and ``detail.where`` (``"<doc>:<map>.<key>..."``).
 
     Costs time linear in ``len(data)`` and memory linear in the number of items it holds;
-    recursion is bounded by :data:`~crdtsync.values.MAX_DEPTH`.
+    recursion is bounded by :data:`~crdtsync.values.MAX_DEPTH`. Where crdtsync was built
+    with its C accelerator (:mod:`crdtsync._accel`), that reads the update first; an update
+    it does not accept is read again here, which raises the typed error.
     """
+    if speedups is not None:
+        fields = speedups.read_update(data)
+        if fields is not None:
+            return UpdateInfo(*fields)
+    return read_update_py(data, doc=doc)
+
+
+def read_update_py(data: bytes, *, doc: str = "") -> UpdateInfo:
+    """:func:`read_update` in Python only: the reference the C reader is held to."""
     try:
         return _UpdateReader(data, doc).read()
     except IndexError:

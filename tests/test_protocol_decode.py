@@ -260,6 +260,7 @@ def assert_checks_agree(value: Any) -> None:
     if values.event_body_ok(value):
         assert check_outcome(reference.check_event_body, value) is None
     assert values.event_body_ok(value) == reference.event_body_ok(value)
+    assert values.event_body_ok_py(value) == reference.event_body_ok(value)
     assert (check_outcome(values.check_event_body, value)
             == check_outcome(reference.check_event_body, value))
     assert (check_outcome(values.check_value, value)

@@ -5,6 +5,8 @@ byte, error locations rendered only when an error names them). Every input must 
 what the plain reader gives: the same :class:`UpdateInfo`, or the same error (type, code,
 message, detail). Inputs: the structurally random updates of test_yupdate_properties
 (clean and hostile), real pycrdt updates, and both with bytes flipped, cut or appended.
+Both the public reader (the C accelerator first where it was built, tests/test_speedups.py)
+and the Python reader alone are held to it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
 from crdtsync.errors import CrdtsyncError
-from crdtsync.yupdate import read_update
+from crdtsync.yupdate import read_update, read_update_py
 
 from . import _yupdate_reference as reference
 from .test_yupdate_properties import updates
@@ -34,7 +36,9 @@ def outcome(reader: Any, data: bytes) -> Any:
 
 
 def same(data: bytes) -> None:
-    assert outcome(read_update, data) == outcome(reference.read_update, data)
+    expected = outcome(reference.read_update, data)
+    assert outcome(read_update, data) == expected  # the C reader first, where built
+    assert outcome(read_update_py, data) == expected
 
 
 def mutations(data: bytes, rng: random.Random) -> list[bytes]:

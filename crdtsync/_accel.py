@@ -1,0 +1,26 @@
+"""The optional C accelerator ``crdtsync._speedups``, or ``None``.
+
+Built by ``pip install`` where a C compiler is found (setup.py). It speeds up two checks the
+server runs on every sync: the bounded read of a Yjs update (:mod:`crdtsync.yupdate`) and
+the event-body check (:mod:`crdtsync.values`). Their pure-Python versions stay the
+reference, give the same answers (tests/test_speedups.py) and run where the module is
+missing or ``CRDTSYNC_NO_EXTENSIONS`` is set (to any non-empty value) when crdtsync is
+imported."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get("CRDTSYNC_NO_EXTENSIONS"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    return _speedups
+
+
+speedups = _load()

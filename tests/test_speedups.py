@@ -1,0 +1,283 @@
+"""The C accelerator (``crdtsync._speedups``) against the pure-Python reference.
+
+``read_update`` must return the fields of the :class:`UpdateInfo` the Python reader returns
+for every update that reader accepts, and ``None`` for every update it refuses (the caller
+then reads it in Python, which raises the typed error): never accept what Python refuses,
+never crash, whatever the bytes. ``event_body_ok`` and ``valid`` must answer exactly what
+``values.event_body_ok_py`` and ``values._valid_py`` answer.
+
+Inputs: the structurally random updates of test_yupdate_properties (clean and hostile), the
+pycrdt updates of test_yupdate_reference, arbitrary bytes, every cut and byte change of
+those, and hand-made edges of the lib0 encodings (varint lengths and ranges, UTF-8, floats,
+nesting, many clients and types). Where the module was not built these tests skip, except
+with ``CI=true``: CI builds it, so a missing module there fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crdtsync import values, yupdate
+from crdtsync._accel import speedups
+from crdtsync.errors import CrdtsyncError
+from crdtsync.testing import yjs
+
+from .test_protocol_decode import bodies, deep_bodies, flat_bodies, nested, scalars
+from .test_yupdate_properties import updates
+from .test_yupdate_reference import every_cut_and_changes, mutations, pycrdt_updates, real_updates
+
+
+def test_ci_builds_the_accelerator() -> None:
+    """`pip install -e .` compiles it where a C compiler is (CI's machine has one)."""
+    if speedups is None and os.environ.get("CI") != "true":
+        pytest.skip("crdtsync._speedups was not built (no C compiler?)")
+    assert speedups is not None
+    assert values.event_body_ok is speedups.event_body_ok
+
+
+needs_speedups = pytest.mark.skipif(
+    speedups is None and os.environ.get("CI") != "true",
+    reason="crdtsync._speedups was not built")
+
+
+def python_fields(data: bytes) -> tuple[Any, ...] | None:
+    try:
+        info = yupdate.read_update_py(data, doc="state")
+    except CrdtsyncError:
+        return None
+    return (info.structs, info.starts, info.ends, info.refs, info.skips)
+
+
+def agree(data: bytes) -> None:
+    assert speedups is not None
+    native = speedups.read_update(data)
+    expected = python_fields(data)
+    assert native == expected, data.hex()
+    if native is not None:  # the same insertion order: `missing` reports the first client
+        assert list(native[1]) == list(expected[1])  # type: ignore[index]
+        assert list(native[2]) == list(expected[2])  # type: ignore[index]
+
+
+@needs_speedups
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize=True)
+@given(updates(), st.randoms(use_true_random=False))
+def test_random_structures_and_their_mutations(update: bytes, rng: random.Random) -> None:
+    for data in (update, *mutations(update, rng), *every_cut_and_changes(update, rng)):
+        agree(data)
+
+
+@needs_speedups
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize=True)
+@given(pycrdt_updates(), st.randoms(use_true_random=False))
+def test_pycrdt_updates_and_their_mutations(update: bytes, rng: random.Random) -> None:
+    for data in (update, *mutations(update, rng), *every_cut_and_changes(update, rng)):
+        agree(data)
+
+
+@needs_speedups
+def test_real_updates_of_two_clients() -> None:
+    rng = random.Random(5)
+    for seed in range(5):
+        for update in real_updates(seed):
+            for data in (update, *mutations(update, rng)):
+                agree(data)
+
+
+@needs_speedups
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes(data: bytes) -> None:
+    agree(data)
+
+
+def ok_key(key_value: Any) -> bytes:
+    return yjs.set_key(9, 0, "x", key_value)
+
+
+EDGES = [
+    # varuints: lengths around 2**7, 2**28 (where the checks start), clock and client ranges
+    *(yjs.update(yjs.client(client, 0, yjs.item(yjs.any_content(1), root="state", key="x")))
+      for client in (0, 127, 128, 2**28 - 1, 2**28, 2**32, 2**53 - 1, 2**53)),
+    *(yjs.update(yjs.client(9, clock, yjs.item(yjs.any_content(1), root="state", key="x")))
+      for clock in (0, 2**28, 2**32 - 2, 2**32 - 1, 2**32)),
+    # over-long varuints: zero bits in extra bytes read as the number, set bits past 2**53 not
+    b"\x81\x80\x80\x80\x80\x80\x80\x80\x00" + yjs.varuint(0),
+    b"\x81\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x00" + yjs.varuint(0),
+    b"\x81\x80\x80\x80\x80\x80\x80\x80\x10" + yjs.varuint(0),
+    b"\x01\x01\x89\x80\x80\x80\x80\x00\x00\x28\x01\x05state\x01x\x08\x01\x7d\x01\x00",
+    # signed varints around 2**53 and over-long ones
+    *(ok_key(yjs.Varint(v)) for v in (63, 64, -64, 2**53 - 1, -(2**53 - 1), 2**53, -(2**53),
+                                      2**56, 2**62)),
+    yjs.set_key(9, 0, "x", raw=b"\x7d\xc1\x80\x80\x80\x80\x80\x80\x80\x80\x00"),
+    yjs.set_key(9, 0, "x", raw=b"\x7d\xc1\x80\x80\x80\x80\x80\x80\x80\x00"),
+    yjs.set_key(9, 0, "x", raw=b"\x7d\xc1\x80\x80\x80\x80\x80\x80\x00"),
+    yjs.set_key(9, 0, "x", raw=b"\x7d\x81\x80\x80\x80\x80\x80\x80\x03"),
+    yjs.set_key(9, 0, "x", raw=b"\x7d\x81\x80\x80\x80\x80\x80\x80\x04"),
+    yjs.set_key(9, 0, "x", raw=b"\x7d\xbf\xff\xff\xff\xff\xff\xff\x03"),
+    yjs.set_key(9, 0, "x", raw=b"\x7d\xbf\xff\xff\xff\xff\xff\xff\x07"),
+    # floats
+    *(ok_key(v) for v in (0.5, -0.0, 1e308, math.inf, -math.inf, math.nan)),
+    *(ok_key(yjs.Float32(v)) for v in (0.5, math.inf, math.nan)),
+    yjs.set_key(9, 0, "x", raw=b"\x7b\x00\x00\x00"),
+    # strings: UTF-8 and its errors, lengths in code points and UTF-16 units
+    ok_key("é😀"), ok_key({"é" * 256: 1}), ok_key({"é" * 257: 1}), ok_key({"😀" * 256: 1}),
+    yjs.set_key(9, 0, "é" * 256, 1), yjs.set_key(9, 0, "😀" * 257, 1),
+    yjs.set_key(9, 0, "x", 1, root="é" * 256), yjs.set_key(9, 0, "x", 1, root="é" * 257),
+    yjs.set_key(9, 0, "x", raw=b"\x77\x03\xed\xa0\x80"),  # a surrogate
+    yjs.set_key(9, 0, "x", raw=b"\x77\x02\xc0\x80"),  # over-long NUL
+    yjs.set_key(9, 0, "x", raw=b"\x77\x04\xf4\x90\x80\x80"),  # above U+10FFFF
+    yjs.set_key(9, 0, "x", raw=b"\x77\x01\x00"),
+    yjs.update(yjs.client(9, 0, yjs.item(yjs.string_content("a😀b"), parent=(9, 5)))),
+    yjs.update(yjs.client(9, 0, yjs.item(yjs.type_content(2), root="state", key="t"),
+                          yjs.item(yjs.string_content("😀😀"), parent=(9, 0)),
+                          yjs.item(yjs.string_content("x"), origin=(9, 2)))),
+    # nesting: any values and types at 32 and 33 levels
+    yjs.set_key(9, 0, "x", raw=yjs.nested_array(31)),
+    yjs.set_key(9, 0, "x", raw=yjs.nested_array(32)),
+    yjs.set_key(9, 0, "x", raw=yjs.nested_array(33)),
+]
+
+
+def nested_types(depth: int, value_depth: int = 0) -> bytes:
+    structs = [yjs.item(yjs.type_content(1), root="state", key="m")]
+    structs += [yjs.item(yjs.type_content(1), parent=(9, i), key="m") for i in range(depth - 1)]
+    if value_depth:
+        structs.append(yjs.item(yjs.any_content(raw=yjs.nested_array(value_depth)),
+                                parent=(9, depth - 1), key="v"))
+    return yjs.update(yjs.client(9, 0, *structs))
+
+
+def many_clients(count: int) -> bytes:
+    return yjs.update(*(yjs.client(c * 7919, 0, yjs.item(yjs.any_content(c), root="state",
+                                                        key="k"))
+                        for c in range(1, count + 1)))
+
+
+def same_client_twice() -> bytes:
+    """One client's runs in two parts, the later part first: the clocks read are not
+    sorted, and an item placed next to either part inherits its level."""
+    high = yjs.client(9, 10, yjs.item(yjs.type_content(1), root="state", key="a"),
+                      yjs.item(yjs.any_content(1), parent=(9, 10), key="b"))
+    low = yjs.client(9, 0, yjs.item(yjs.type_content(1), parent=(9, 10), key="c"),
+                     yjs.item(yjs.any_content(raw=yjs.nested_array(30)), origin=(9, 10)),
+                     yjs.item(yjs.any_content(raw=yjs.nested_array(31)), origin=(9, 0)))
+    return yjs.update(high, low)
+
+
+EDGES += [nested_types(32), nested_types(33), nested_types(31, 1), nested_types(31, 2),
+          nested_types(30, 2), many_clients(1), many_clients(40), many_clients(500),
+          same_client_twice(),
+          yjs.update(yjs.client(9, 0, yjs.gc(3), yjs.skip(2),
+                                yjs.item(yjs.any_content(1), origin=(9, 1)))),
+          yjs.update(yjs.client(9, 0, yjs.item(yjs.deleted_content(4), root="state",
+                                               key="x")), deletes=[(9, [(0, 4)])]),
+          yjs.update(deletes=[(9, [(2**32 - 5, 5)]), (2**53 - 1, [(0, 1)])]),
+          yjs.update(deletes=[(9, [(2**32 - 5, 6)])])]
+
+
+@needs_speedups
+@pytest.mark.parametrize("update", EDGES)
+def test_edges_of_the_encoding(update: bytes) -> None:
+    agree(update)
+    rng = random.Random(len(update))
+    for data in every_cut_and_changes(update, rng):
+        agree(data)
+
+
+@needs_speedups
+def test_many_types_and_a_large_update() -> None:
+    """The hash tables grow (thousands of types, hundreds of clients) and a 2.7 MB update
+    reads the same."""
+    structs = [yjs.item(yjs.type_content(1), root="state", key="m0")]
+    structs += [yjs.item(yjs.type_content(1), parent=(9, i % 7), key=f"m{i}")
+                for i in range(1, 5000)]
+    agree(yjs.update(yjs.client(9, 0, *structs)))
+    from pycrdt import Doc, Map
+
+    doc: Doc[Any] = Doc(client_id=9)
+    root = doc.get("state", type=Map)
+    with doc.transaction():
+        for i in range(20_000):
+            root[f"key{i}"] = [i, "x" * 100, {"a": i * 0.5}]
+    agree(doc.get_update())
+
+
+@needs_speedups
+def test_the_public_reader_uses_it_and_keeps_the_python_errors() -> None:
+    """A refused update is read again in Python: the same typed error, message and place."""
+    bad = yjs.set_key(9, 0, "x", {"a": [math.nan]})
+    assert speedups is not None and speedups.read_update(bad) is None
+    with pytest.raises(CrdtsyncError) as caught:
+        yupdate.read_update(bad, doc="state")
+    assert caught.value.detail == {"where": "state:state.x.a[0]"}
+    good = yjs.set_key(9, 0, "x", 1)
+    assert yupdate.read_update(good) == yupdate.read_update_py(good)
+
+
+def test_bytes_like_input_is_read() -> None:
+    if speedups is None:
+        pytest.skip("crdtsync._speedups was not built")
+    data = yjs.set_key(9, 0, "x", 1)
+    assert speedups.read_update(memoryview(data)) == speedups.read_update(data)
+    with pytest.raises(TypeError):
+        speedups.read_update("not bytes")  # type: ignore[arg-type]
+
+
+# --- value checks ------------------------------------------------------------------------
+
+
+def checks_agree(value: Any) -> None:
+    assert speedups is not None
+    assert speedups.event_body_ok(value) == values.event_body_ok_py(value)
+    for max_int in (values.MAX_SAFE_INTEGER, 2**63 - 1):
+        for allow_bytes in (False, True):
+            for depth in (0, 1, values.MAX_DEPTH, values.MAX_DEPTH + 1):
+                assert (speedups.valid(value, max_int, depth, allow_bytes)
+                        == values._valid_py(value, max_int, depth, allow_bytes))
+
+
+@needs_speedups
+@settings(max_examples=1500, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(bodies, deep_bodies, flat_bodies,
+                 st.builds(tuple, st.lists(scalars, max_size=3))))
+def test_value_checks(value: Any) -> None:
+    checks_agree(value)
+
+
+class Text(str):
+    pass
+
+
+class Number(int):
+    pass
+
+
+class Table(dict):  # type: ignore[type-arg]
+    pass
+
+
+@needs_speedups
+@pytest.mark.parametrize("value", [
+    None, True, 0, 2**53 - 1, 2**53, -(2**53), 2**63 - 1, -(2**63 - 1), 2**63, -(2**63), 2**64,
+    10**30, 0.5, math.nan, math.inf, -math.inf, "", "x", b"", b"x", bytearray(b"x"), [], (),
+    {}, {"a": 1}, {"": 1}, {"k" * 256: 1}, {"k" * 257: 1}, {"é" * 256: 1}, {"😀" * 257: 1},
+    {1: 1}, {b"k": 1}, {"a": b"x"}, {"a": [b"x"]}, {"a": 2**63}, {"a": -(2**63)},
+    {"a": math.nan}, {"a": [math.inf]}, {"a": Text("x")}, {"a": Number(1)}, Table(a=1),
+    {"a": Table(a=1)}, [Text("x")], {"a": {1, 2}}, {"a": object()}, [1, "x", None, 2.5],
+    nested(values.MAX_DEPTH - 1, 1), nested(values.MAX_DEPTH, 1), nested(values.MAX_DEPTH + 1, 1),
+    nested(values.MAX_DEPTH, {}), nested(values.MAX_DEPTH + 1, {}),
+    nested(values.MAX_DEPTH, []), nested(values.MAX_DEPTH, [1]), nested(values.MAX_DEPTH, {"a": 1}),
+    nested(5000, 1),
+])
+def test_value_check_edges(value: Any) -> None:
+    checks_agree(value)
