@@ -232,3 +232,30 @@ async def test_the_head_deadline_spares_requests_being_handled(quick: Server) ->
     await conn.head("GET", "/v1/health", {})
     assert (await conn.response())[0] == 200
     await conn.close()
+
+
+def test_the_server_serves_on_uvloop(tmp_path: Path) -> None:
+    """Embedded in an app on uvloop's event loop, whose transports are not
+    ``asyncio.Transport`` subclasses, the server accepts connections (each one used to fail
+    an assertion of the head deadline's guard), serves a sync and still cuts off a head
+    that does not come."""
+    import uvloop
+
+    async def main() -> None:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        config = ServerConfig(db=str(tmp_path / "server.db"), port=0,
+                              admin_token=ADMIN_TOKEN, header_timeout=1.0)
+        async with Server(config) as server:
+            token = await provision(server)
+            async with Device("d1", server.url, token=token, path=tmp_path / "d1.db",
+                              interval=None) as device:
+                device.state["mode"] = "eco"
+                await device.emit("t", {"n": 1})
+                assert (await device.sync()).events_acked == 1
+            async with AdminClient(server.url, ADMIN_TOKEN) as admin:
+                assert (await admin.state("d1"))["state"]["mode"] == "eco"
+            conn = await Raw.open(server)
+            assert await conn.closed_by_server()
+            await conn.close()
+
+    uvloop.run(main())

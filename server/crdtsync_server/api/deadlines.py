@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -119,8 +120,9 @@ class _Guard(asyncio.Protocol):
         self._awaiting_head = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport: asyncio's are `asyncio.Transport`s, uvloop's only have its
+        # methods (a check of the class failed every connection on uvloop).
+        self._transport = cast(asyncio.Transport, transport)
         self._clock = asyncio.get_running_loop().time
         self._since = self._clock()  # the first head's clock starts with the connection
         self._owner._watch(transport, self)
