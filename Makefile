@@ -12,12 +12,13 @@ DEMO_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# One stamp per set of extras: pip runs again only when pyproject.toml changes.
-$(VENV)/.installed-base: pyproject.toml | $(PY)
+# One stamp per set of extras: pip runs again only when pyproject.toml changes, or the C
+# accelerator's source (an editable install compiles it once).
+$(VENV)/.installed-base: pyproject.toml setup.py crdtsync/_speedups.c | $(PY)
 	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-%: pyproject.toml | $(PY)
+$(VENV)/.installed-%: pyproject.toml setup.py crdtsync/_speedups.c | $(PY)
 	$(PIP) -e '.[$*]'
 	touch $@
 

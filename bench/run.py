@@ -24,8 +24,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 SUITE = ("sync_basics.py", "templates_bytes.py", "compression.py", "throughput.py",
-         "ingest.py", "storm.py", "memory.py", "device.py", "growth.py", "rebuild.py",
-         "policy.py", "conflicts.py", "policy_cost.py", "wake.py", "scaleout.py",
+         "instructions.py", "ingest.py", "storm.py", "memory.py", "device.py", "growth.py",
+         "rebuild.py", "policy.py", "conflicts.py", "policy_cost.py", "wake.py", "scaleout.py",
          "files.py", "gateway.py")
 """The suite, in running order; the scripts not (yet) in bench/ are skipped."""
 HELPERS = ("run.py", "common.py")

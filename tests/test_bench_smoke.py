@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +200,33 @@ async def test_the_lean_load_generator_frames_and_counts_every_exchange() -> Non
         1 for _, _, status, short, _ in seen if status == 200 and short)
     assert result.bytes_down == sum(ok)
     assert len(result.latencies) == len(seen)
+
+
+@pytest.mark.parametrize("side", ["server", "direct"])
+def test_instructions_children_run_the_syncs_they_count(side: str) -> None:
+    """``bench/instructions.py``'s measured processes, without valgrind: every timed sync
+    runs (the server side checks that each device's events are all stored)."""
+    import json
+
+    argv = [sys.executable, str(BENCH / "instructions.py"), "--child", side, "--devices", "3",
+            "--passes", "2", "--concurrency", "2"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["syncs"] == 6
+    warm = subprocess.run([*argv, "--warm-up-only"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    assert json.loads(warm.stdout.strip().splitlines()[-1])["syncs"] == 0
+
+
+@pytest.mark.timeout(900)
+def test_instructions_runs_in_quick_mode_under_valgrind() -> None:
+    """The whole measurement, small: four callgrind runs, a ratio. CI installs valgrind
+    (.ci/run), so there a missing valgrind fails the test; elsewhere it skips."""
+    if shutil.which("valgrind") is None and os.environ.get("CI") != "true":
+        pytest.skip("valgrind is not installed")
+    result = subprocess.run([sys.executable, str(BENCH / "instructions.py"), "--quick"],
+                            capture_output=True, text=True, timeout=850, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "server / direct" in result.stdout
+
