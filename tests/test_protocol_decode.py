@@ -246,10 +246,14 @@ def check_outcome(check: Any, value: Any, **kw: Any) -> Any:
     return None
 
 
+checked_values = st.one_of(bodies, deep_bodies, flat_bodies,
+                           st.builds(tuple, st.lists(scalars, max_size=3)))
+"""Event bodies of every shape, nesting around the limit, and tuples (test_speedups too)."""
+
+
 @settings(max_examples=1500, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(bodies, deep_bodies, flat_bodies,
-                 st.builds(tuple, st.lists(scalars, max_size=3))))
+@given(checked_values)
 def test_value_checks_agree_with_the_reference(value: Any) -> None:
     assert_checks_agree(value)
 

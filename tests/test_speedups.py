@@ -29,7 +29,7 @@ from crdtsync._accel import speedups
 from crdtsync.errors import CrdtsyncError
 from crdtsync.testing import yjs
 
-from .test_protocol_decode import bodies, deep_bodies, flat_bodies, nested, scalars
+from .test_protocol_decode import checked_values, nested
 from .test_yupdate_properties import updates
 from .test_yupdate_reference import every_cut_and_changes, mutations, pycrdt_updates, real_updates
 
@@ -248,8 +248,7 @@ def checks_agree(value: Any) -> None:
 @needs_speedups
 @settings(max_examples=1500, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(bodies, deep_bodies, flat_bodies,
-                 st.builds(tuple, st.lists(scalars, max_size=3))))
+@given(checked_values)
 def test_value_checks(value: Any) -> None:
     checks_agree(value)
 
