@@ -670,7 +670,7 @@ static int valid(PyObject *value, long long max_int, int depth, int allow_bytes)
     if (kind == &PyList_Type || kind == &PyTuple_Type) {
         if (depth == MAX_DEPTH)
             return Py_SIZE(value) == 0;
-        /* a list may change while an item is checked? no: only our own code runs here */
+        /* no Python code runs while the items are checked: the list cannot change */
         for (Py_ssize_t i = 0; i < Py_SIZE(value); i++) {
             PyObject *item = kind == &PyList_Type ? PyList_GET_ITEM(value, i)
                                                   : PyTuple_GET_ITEM(value, i);
