@@ -40,6 +40,30 @@ CHECKPOINT_SECONDS = 0.5
 thread (:meth:`SQLiteWorker.write_here` turns the connection's automatic checkpoint off)."""
 
 
+def _as_is(value: T) -> T:
+    return value
+
+
+def bind_blobs_and_nulls_as_is() -> None:
+    """Register ``sqlite3`` adapters that hand ``bytes`` and ``None`` parameters to SQLite
+    as they are (which it binds natively), unless the process registered its own.
+
+    CPython's ``sqlite3`` (3.11 and before 3.14) skips adaptation only for exact ``int``,
+    ``float``, ``str`` and ``bytearray``; every ``bytes`` or ``None`` parameter without an
+    adapter goes through the PEP 246 protocol, whose first step raises and formats an
+    ``AttributeError`` (``PrepareProtocol.__adapt__``) to be thrown away: about 2,000
+    instructions per parameter, 46 per sync of the server (an event's body and its feed
+    row's empty columns), 5 % of a sync's instructions. With an adapter registered, the
+    parameter is one dictionary hit and one call instead. What is stored is unchanged:
+    the adapter returns the very object."""
+    for kind in (bytes, type(None)):
+        if (kind, sqlite3.PrepareProtocol) not in sqlite3.adapters:
+            sqlite3.register_adapter(kind, _as_is)
+
+
+bind_blobs_and_nulls_as_is()
+
+
 class StoreBusy(StoreError):
     """:meth:`SQLiteWorker.write_here` cannot run the transaction in the caller's thread now:
     the connection's thread has calls of its own, or another connection holds the write
