@@ -15,9 +15,13 @@ with ``CI=true``: CI builds it, so a missing module there fails.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import math
 import os
 import random
+import sys
+import weakref
 from typing import Any
 
 import pytest
@@ -280,3 +284,91 @@ class Table(dict):  # type: ignore[type-arg]
 ])
 def test_value_check_edges(value: Any) -> None:
     checks_agree(value)
+
+
+# --- slot_filler: the records' __init__ (crdtsync._fastinit) -------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Pair:
+    left: Any
+    right: Any = None
+
+
+class Triple(Pair):
+    __slots__ = ("third",)
+
+
+@needs_speedups
+def test_a_slot_filler_sets_each_named_slot_and_keeps_counts_right() -> None:
+    assert speedups is not None
+    fill = speedups.slot_filler(Pair, ("right", "left"))  # any order of names
+    pair = object.__new__(Pair)
+    value = object()
+    before = sys.getrefcount(value)
+    fill(pair, value, "l")
+    assert (pair.left, pair.right) == ("l", value)
+    assert sys.getrefcount(value) == before + 1
+    fill(pair, "r", "l")  # overwriting releases the old value
+    assert sys.getrefcount(value) == before
+    sub = object.__new__(Triple)  # a subclass shares the layout
+    fill(sub, 1, 2)
+    assert (sub.left, sub.right) == (2, 1)
+    assert speedups.slot_filler(Pair, ())(pair) is None
+
+
+@needs_speedups
+def test_a_slot_filler_refuses_what_it_cannot_fill() -> None:
+    assert speedups is not None
+    fill = speedups.slot_filler(Pair, ("left", "right"))
+    pair = object.__new__(Pair)
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        fill(pair, 1)
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        fill(pair, 1, 2, 3)
+    with pytest.raises(TypeError, match="cannot fill"):
+        fill(object(), 1, 2)
+    with pytest.raises(TypeError, match="keyword"):
+        fill(pair, 1, right=2)
+    with pytest.raises(AttributeError):
+        speedups.slot_filler(Pair, ("missing",))
+    for name in ("__init__", "__doc__", "__slots__"):  # not slots of the record
+        with pytest.raises(TypeError, match="not a writable slot"):
+            speedups.slot_filler(Pair, (name,))
+    with pytest.raises(AttributeError):  # a subclass's slot
+        speedups.slot_filler(Pair, ("third",))
+
+    class Borrowing:  # another class's slot descriptor: its offset means nothing here
+        __slots__ = ()
+        third = Triple.third  # type: ignore[attr-defined]
+
+    with pytest.raises(TypeError, match="not a writable slot"):
+        speedups.slot_filler(Borrowing, ("third",))
+    with pytest.raises(TypeError):
+        speedups.slot_filler(Pair, ["left"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        speedups.slot_filler(Pair, (1,))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        speedups.slot_filler("Pair", ("left",))  # type: ignore[arg-type]
+
+
+@needs_speedups
+def test_a_slot_filler_keeps_its_class_alive() -> None:
+    assert speedups is not None
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Passing:
+        x: Any
+
+    fill = speedups.slot_filler(Passing, ("x",))
+    ref = weakref.ref(Passing)
+    del Passing
+    gc.collect()
+    cls = ref()
+    assert cls is not None
+    obj = object.__new__(cls)
+    fill(obj, 5)
+    assert obj.x == 5
+    del fill, obj, cls
+    gc.collect()
+    assert ref() is None  # and the filler releases it (a cycle through its type, collected)
