@@ -2,7 +2,8 @@
 
 Built by ``pip install`` where a C compiler is found (setup.py). It speeds up two checks the
 server runs on every sync: the bounded read of a Yjs update (:mod:`crdtsync.yupdate`) and
-the event-body check (:mod:`crdtsync.values`). Their pure-Python versions stay the
+the event-body check (:mod:`crdtsync.values`); and it sets the slots of the records built on
+every sync in one call (:mod:`crdtsync._fastinit`). Their pure-Python versions stay the
 reference, give the same answers (tests/test_speedups.py) and run where the module is
 missing or ``CRDTSYNC_NO_EXTENSIONS`` is set (to any non-empty value) when crdtsync is
 imported."""

@@ -24,6 +24,7 @@ from ._accel import speedups
 
 T = TypeVar("T")
 
+
 def slot_filler(cls: type, names: tuple[str, ...]) -> Callable[..., None] | None:
     """``filler(obj, *values)`` setting ``names`` of ``cls`` in one C call, where
     ``crdtsync._speedups`` is built (else ``None``: each slot's descriptor sets it)."""

@@ -1,4 +1,5 @@
-/* crdtsync._speedups: optional C versions of two checks the server runs on every sync.
+/* crdtsync._speedups: optional C versions of two checks the server runs on every sync,
+ * and a setter of record slots.
  *
  * The pure-Python modules are the reference and stay complete: crdtsync.yupdate (the
  * bounded reader of Yjs v1 updates) and crdtsync.values (the value checks). This file only
@@ -19,7 +20,8 @@
  *
  * Hostile bytes: every read checks the bytes that remain first; no count declared by the
  * input is allocated from; recursion is bounded by MAX_DEPTH (32). tests/test_speedups.py
- * checks both functions against the Python reference on random, real and mutated input.
+ * checks both checks against the Python reference on random, real and mutated input,
+ * and the slot filler's refusals and reference counts.
  * Build with CRDTSYNC_NO_EXTENSIONS=1 set to leave this module out (setup.py).
  */
 #define PY_SSIZE_T_CLEAN
