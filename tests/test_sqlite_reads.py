@@ -22,7 +22,11 @@ from crdtsync.errors import ClosedError, StoreError
 from crdtsync_server.auth import hash_token
 from crdtsync_server.store import DeviceRecord, FleetRecord, SyncWrite
 from crdtsync_server.store.sqlite import SQLiteStore
-from crdtsync_server.store.sqlite.connection import DEVICE_CACHE_SECONDS, DeviceCache
+from crdtsync_server.store.sqlite.connection import (
+    DEVICE_CACHE_LIMIT,
+    DEVICE_CACHE_SECONDS,
+    DeviceCache,
+)
 from crdtsync_server.store.sqlite.writers import Writers
 
 from .store_backends import evs
@@ -286,6 +290,64 @@ def test_kept_records_expire() -> None:
     assert cache.get("h") == record
     now[0] += DEVICE_CACHE_SECONDS / 2 + 0.1  # from the first kept record, not the last
     assert cache.get("h") is None and cache.get("h2") is None
+
+
+def test_a_look_at_the_file_that_finds_no_other_writer_extends_the_kept_records() -> None:
+    """Each :meth:`DeviceCache.checked` moves the 5 s window on (a device that syncs every
+    minute stays kept while other syncs commit); without one, the records go 5 s after the
+    last; whatever the checks, all go ``DEVICE_CACHE_LIMIT`` after the first was kept."""
+    now = [100.0]
+    cache = DeviceCache(clock=lambda: now[0])
+    record = DeviceRecord("d1", "h", 1)
+    cache.keep(record)
+    while now[0] < 100.0 + 10 * DEVICE_CACHE_SECONDS:
+        cache.checked(now[0])
+        now[0] += DEVICE_CACHE_SECONDS * 0.9
+        assert cache.get("h") == record
+    cache.checked(now[0] - DEVICE_CACHE_SECONDS)  # an older check than the last: no effect
+    now[0] += DEVICE_CACHE_SECONDS * 0.2  # 1.1 windows after the last check
+    assert cache.get("h") is None
+    cache.keep(record)
+    started = now[0]
+    while now[0] - started < DEVICE_CACHE_LIMIT:
+        assert cache.get("h") == record
+        cache.checked(now[0])
+        now[0] += DEVICE_CACHE_SECONDS / 2
+    now[0] += 0.1
+    assert cache.get("h") is None  # past the limit, checked 2.6 s ago
+    assert cache.by_id() == {}
+
+
+async def test_the_store_keeps_a_device_past_5_s_while_its_looks_find_no_other_writer(
+        tmp_path: Path) -> None:
+    """On a real file, with the kept records' clock moved by hand: the lookup of a device
+    kept 8 s ago is answered from memory when a commit of another device looked at the
+    file 4 s ago (the proof: a row changed behind the store's back is not seen); the next
+    look at the file sees that change and forgets everything, and so does 5 s without any
+    look."""
+    now = [1000.0]
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        store.known_devices.clock = lambda: now[0]
+        await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
+        await store.add_device(DeviceRecord("d2", hash_token("u"), 1))
+        for _ in range(2):  # the first observes (``Writers.alone``), the second keeps it
+            await lookup_matches_the_row(store, "t", "d1")
+        assert store.writers.alone() and store.known_devices.by_id().keys() == {"d1"}
+        now[0] += 4
+        await store.commit(SyncWrite("d2", time=500, events=evs(1, 1)))  # looks: no news
+        now[0] += 4
+        with sqlite3.connect(tmp_path / "s.db") as shell:
+            shell.execute("UPDATE devices SET disabled = 1 WHERE id = 'd1'")
+        kept = await store.device_by_token(hash_token("t"))
+        assert kept is not None and not kept.disabled  # 8 s after it was kept
+        await store.commit(SyncWrite("d2", time=501, events=evs(2, 2)))  # sees the shell
+        fresh = await store.device_by_token(hash_token("t"))
+        assert fresh is not None and fresh.disabled
+        with sqlite3.connect(tmp_path / "s.db") as shell:
+            shell.execute("UPDATE devices SET disabled = 0 WHERE id = 'd1'")
+        now[0] += DEVICE_CACHE_SECONDS + 0.1  # no call of the store meanwhile
+        again = await store.device_by_token(hash_token("t"))
+        assert again is not None and not again.disabled
 
 
 async def test_a_second_store_on_the_file_makes_the_lookup_forget_what_it_kept(

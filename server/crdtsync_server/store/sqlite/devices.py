@@ -44,7 +44,8 @@ class SQLiteDevices(SQLiteConnection):
         It runs before every sync. While this store is the only writer of the file, the
         record comes from :attr:`known_devices` (every row this store changed since is
         forgotten there or put back as written, so it is the stored row; a row changed behind
-        the server's back is seen within ``DEVICE_CACHE_SECONDS``), else is read on the event
+        the server's back is seen within ``DEVICE_CACHE_SECONDS`` of the store's last look at
+        the file, ``DeviceCache``), else is read on the event
         loop's thread (``SQLiteWorker.read``, no hop); otherwise in the store's thread,
         observing what other writers committed (``external_writes``) before the sync reads
         its documents (``sqlite/writers.py``). Reading the row on the loop cost about 40 µs
