@@ -9,6 +9,8 @@
  *   yupdate.UpdateInfo, for an update the Python reader accepts, and None for anything
  *   else: the caller then runs the Python reader, which raises the typed error with its
  *   message and detail. So errors have one implementation.
+ * - parse_state_vector(data, max_entries) returns what crdtsync.protocol.parse_state_vector
+ *   returns for a state vector it accepts, and None for anything else (the same pattern).
  * - valid(value, max_int, depth, allow_bytes) and event_body_ok(value) return exactly what
  *   values._valid and values.event_body_ok return (False means "ask the full check").
  *
@@ -616,6 +618,69 @@ static PyObject *read_update(PyObject *module, PyObject *arg) {
     return result;
 }
 
+/* --- state vectors ---------------------------------------------------------------------- */
+
+#define SV_MAX_VARUINT_BYTES 10
+/* As the Python parser: a number of more bytes is over-long (refused), whatever its bits; a
+ * zero-padded one of at most ten bytes is read (uint_read refuses bits above 2**53). */
+
+static int sv_uint_read(Reader *r, uint64_t maximum, uint64_t *out) {
+    Py_ssize_t start = r->pos;
+    if (uint_read(r, maximum, out) != OK || r->pos - start > SV_MAX_VARUINT_BYTES)
+        return REFUSED;
+    return OK;
+}
+
+static int sv_read(Reader *r, long long max_entries, PyObject *clocks) {
+    uint64_t count, client, clock;
+    if (sv_uint_read(r, MAX_CLIENT, &count) != OK || count > (uint64_t)max_entries)
+        return REFUSED;
+    for (uint64_t i = 0; i < count; i++) { /* each entry takes two bytes: the input bounds i */
+        if (sv_uint_read(r, MAX_CLIENT, &client) != OK
+                || sv_uint_read(r, MAX_CLOCK, &clock) != OK)
+            return REFUSED;
+        PyObject *key = PyLong_FromUnsignedLongLong(client);
+        PyObject *value = key ? PyLong_FromUnsignedLongLong(clock) : NULL;
+        int status = value ? PyDict_Contains(clocks, key) : -1;
+        if (status == 0)
+            status = PyDict_SetItem(clocks, key, value) < 0 ? -1 : 0;
+        else if (status == 1)
+            status = 2; /* a repeated client: refused */
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (status < 0)
+            return FAILED;
+        if (status == 2)
+            return REFUSED;
+    }
+    return r->pos == r->len ? OK : REFUSED;
+}
+
+static PyObject *parse_state_vector(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "parse_state_vector(data, max_entries)");
+        return NULL;
+    }
+    long long max_entries = PyLong_AsLongLong(args[1]);
+    if (max_entries == -1 && PyErr_Occurred())
+        return NULL;
+    if (max_entries < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_entries must not be negative");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Reader r = {view.buf, view.len, 0, {0}, {0}, NULL};
+    PyObject *clocks = PyDict_New();
+    int status = clocks ? sv_read(&r, max_entries, clocks) : FAILED;
+    PyBuffer_Release(&view);
+    if (status == OK)
+        return clocks;
+    Py_XDECREF(clocks);
+    return status == REFUSED ? Py_NewRef(Py_None) : NULL;
+}
+
 /* --- value checks --------------------------------------------------------------------- */
 
 #define MAX_EVENT_INT 9223372036854775807LL /* 2**63 - 1 */
@@ -838,6 +903,9 @@ static PyMethodDef methods[] = {
     {"read_update", read_update, METH_O,
      "read_update(data) -> (structs, starts, ends, refs, skips) for an update "
      "crdtsync.yupdate accepts, else None (ask the Python reader why)."},
+    {"parse_state_vector", (PyCFunction)(void (*)(void))parse_state_vector, METH_FASTCALL,
+     "parse_state_vector(data, max_entries) -> {client: clock} for a state vector "
+     "crdtsync.protocol.parse_state_vector accepts, else None (ask it why)."},
     {"valid", (PyCFunction)(void (*)(void))py_valid, METH_FASTCALL,
      "valid(value, max_int, depth, allow_bytes): what crdtsync.values._valid answers."},
     {"event_body_ok", event_body_ok, METH_O,

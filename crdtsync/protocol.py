@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from ._accel import speedups
 from ._fastinit import fast_init, slot_filler
 from .errors import (
     BatchTooLarge,
@@ -324,6 +325,10 @@ def _write_varuint(value: int, out: bytearray) -> None:
     out.append(value)
 
 
+_parse_sv: Callable[[bytes, int], dict[int, int] | None] | None = (
+    None if speedups is None else speedups.parse_state_vector)
+
+
 def parse_state_vector(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[int, int]:
     """Decode a Yjs v1 state vector into ``{client_id: clock}``.
 
@@ -331,7 +336,21 @@ def parse_state_vector(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[int
     2**53 - 1, a clock of 2**32 or more, a repeated client, or too many entries. Yrs itself
     accepts such garbage silently (it would answer with a useless update), so every state
     vector from the network passes here first.
+
+    Where ``crdtsync._speedups`` is built, its parser answers first (a dict for a vector
+    this function accepts, ``None`` otherwise); only a refused vector is read again here,
+    to raise the error that names what is wrong.
     """
+    if _parse_sv is not None:
+        clocks = _parse_sv(data, limits.max_sv_entries)
+        if clocks is not None:
+            return clocks
+    return parse_state_vector_py(data, limits)
+
+
+def parse_state_vector_py(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[int, int]:
+    """:func:`parse_state_vector` in Python alone: the reference the C parser must agree
+    with, and what names the fault of a refused vector."""
     count, pos = _read_varuint(data, 0)
     if count > limits.max_sv_entries:
         raise InvalidStateVector(f"state vector has {count} entries (max {limits.max_sv_entries})")

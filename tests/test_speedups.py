@@ -28,9 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crdtsync import values, yupdate
+from crdtsync import protocol, values, yupdate
 from crdtsync._accel import speedups
-from crdtsync.errors import CrdtsyncError
+from crdtsync.errors import CrdtsyncError, InvalidStateVector
 from crdtsync.testing import yjs
 
 from .test_protocol_decode import checked_values, nested
@@ -372,3 +372,89 @@ def test_a_slot_filler_keeps_its_class_alive() -> None:
     del fill, obj, cls
     gc.collect()
     assert ref() is None  # and the filler releases it (a cycle through its type, collected)
+
+
+# --- state vectors -------------------------------------------------------------------------
+
+
+def sv_agree(data: bytes, max_entries: int = protocol.DEFAULT_LIMITS.max_sv_entries) -> None:
+    """The C parser answers the Python parser's dict, in the same order, or ``None`` exactly
+    where it raises ``InvalidStateVector``."""
+    assert speedups is not None
+    limits = dataclasses.replace(protocol.DEFAULT_LIMITS, max_sv_entries=max_entries)
+    try:
+        expected: dict[int, int] | None = protocol.parse_state_vector_py(data, limits)
+    except InvalidStateVector:
+        expected = None
+    native = speedups.parse_state_vector(data, max_entries)
+    assert native == expected, data.hex()
+    if native is not None:
+        assert list(native.items()) == list(expected.items())  # type: ignore[union-attr]
+
+
+def varuint(value: int, pad: int = 0) -> bytes:
+    """lib0's varuint of ``value``, with ``pad`` extra bytes of zero bits (over-long)."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(byte | (0x80 if pad else 0))
+            break
+        out.append(byte | 0x80)
+    for n in range(pad):
+        out.append(0x80 if n < pad - 1 else 0)
+    return bytes(out)
+
+
+SV_EDGES = [
+    b"", b"\x00", b"\x00\x00", b"\x01", b"\x80", b"\xff" * 12,
+    varuint(1) + varuint(2**53 - 1) + varuint(2**32 - 1),
+    varuint(1) + varuint(2**53) + varuint(1),
+    varuint(1) + varuint(5) + varuint(2**32),
+    varuint(2) + varuint(5) + varuint(1) + varuint(5) + varuint(2),  # a repeated client
+    varuint(2) + varuint(5) + varuint(1) + varuint(6),  # truncated
+    *(varuint(1) + varuint(7, pad) + varuint(3) for pad in range(12)),  # over-long numbers
+    *(varuint(1) + varuint(7) + varuint(3, pad) for pad in range(12)),
+    *(varuint(1, pad) + varuint(7) + varuint(3) for pad in range(12)),
+    varuint(3) + b"".join(varuint(c) + varuint(c * 7) for c in (2**40, 2**20, 1)),
+]
+
+
+@needs_speedups
+@pytest.mark.parametrize("data", SV_EDGES, ids=lambda d: d.hex()[:40] or "empty")
+def test_state_vector_edges(data: bytes) -> None:
+    for max_entries in (0, 1, 2, 3, 100_000):
+        sv_agree(data, max_entries)
+
+
+@needs_speedups
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(st.dictionaries(st.integers(0, 2**53 + 5), st.integers(0, 2**32 + 5), max_size=8),
+       st.randoms(use_true_random=False))
+def test_state_vectors_and_their_mutations(clocks: dict[int, int], rng: random.Random) -> None:
+    data = b"".join([varuint(len(clocks)), *(varuint(c) + varuint(k) for c, k in clocks.items())])
+    for variant in (data, *mutations(data, rng)):
+        sv_agree(variant)
+
+
+@needs_speedups
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(st.binary(max_size=40))
+def test_state_vector_arbitrary_bytes(data: bytes) -> None:
+    sv_agree(data)
+
+
+@needs_speedups
+def test_the_public_parser_uses_it_and_keeps_the_python_errors() -> None:
+    assert speedups is not None
+    assert protocol._parse_sv is speedups.parse_state_vector
+    repeated = varuint(2) + varuint(5) + varuint(1) + varuint(5) + varuint(2)
+    with pytest.raises(InvalidStateVector, match="repeats a client id"):
+        protocol.parse_state_vector(repeated)
+    good = protocol.encode_state_vector({2**40: 9, 3: 1})
+    assert protocol.parse_state_vector(memoryview(good)) == {2**40: 9, 3: 1}  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        speedups.parse_state_vector("not bytes", 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        speedups.parse_state_vector(good, -1)
