@@ -24,6 +24,7 @@ from crdtsync.protocol import decode_response, parse_state_vector
 from crdtsync.testing import yjs
 from crdtsync.yupdate import read_update
 from crdtsync_server import Server
+from crdtsync_server.sync import STATE_DOC, doc_key
 
 from .conftest import DeviceFactory
 from .test_bad_input import Victim, raw_doc, raw_event, raw_request
@@ -268,6 +269,27 @@ async def test_update_building_on_missing_items_is_not_applied(
     assert parse_state_vector(answer.docs[0].sv).get(31337, 0) == 0
     assert answer.acked == 2  # the rest of the request is committed as usual
     assert await victim.admin.state("d1") == {"state": {"a": 1}}
+
+
+async def test_an_update_building_on_a_cloud_write_made_since_the_last_answer_applies(
+        victim: Victim, http: aiohttp.ClientSession, server: Server) -> None:
+    """The state vector answered to a device is kept for the next sync's check of what an
+    update builds on, until the document changes: a cloud write made in between counts, so
+    an update that builds on it is applied (with a kept vector from before the write, the
+    server would take it for one that builds on a missing item and not apply it)."""
+    await victim.dev.sync()  # its answer's state vector is kept
+    await victim.admin.patch_state("d1", {"a": 2})
+    key = doc_key("d1", STATE_DOC)
+    async with server.services.sync.docs.lock("d1"):
+        clocks = parse_state_vector((await server.services.sync.docs.get(key)).doc.get_state())
+    cloud = next(client for client in clocks if client != victim.dev.doc.client_id)
+    written = (cloud, clocks[cloud] - 1)  # the cloud's item for "a"
+    update = yjs.update(yjs.client(31337, 0, yjs.item(yjs.any_content(3), origin=written)),
+                        deletes=[(cloud, [(written[1], 1)])])
+    reply = await post_update(victim, http, update, ev=[raw_event(2)])
+    assert reply.status == 200
+    assert parse_state_vector(decode_response(reply.body).docs[0].sv)[31337] == 1
+    assert await victim.admin.state("d1") == {"state": {"a": 3}}
 
 
 @pytest.mark.parametrize(("update", "where"), [

@@ -66,6 +66,10 @@ class LiveDoc:
         self.used = 0.0
         """When the cache last handed this document out (its clock)."""
         self.closed = False
+        self.state: bytes | None = None
+        """The document's state vector as last answered to a device, while the document has
+        not changed since (every change clears it, :meth:`_on_update`): the next sync's
+        check of its update's dependencies reads it from here instead of the document."""
         self._captured: list[bytes] = []
         self._subscription = doc.observe(self._on_update)  # once per document lifetime
         self.changes = crdt.ChangeTracker(doc)
@@ -84,6 +88,7 @@ class LiveDoc:
         since loaded (the next check is due at once)."""
 
     def _on_update(self, event: TransactionEvent) -> None:
+        self.state = None
         self._captured.append(event.update)
 
     def close(self) -> None:

@@ -396,7 +396,7 @@ class SyncService:
                      live.key, part.gen, live.gen)
             return Applied(live.write())
         if info is not None:
-            missing = info.missing(parse_state_vector(live.doc.get_state()))
+            missing = info.missing(parse_state_vector(live.state or live.doc.get_state()))
             if missing is not None:
                 # It builds on items this document lacks (the device's diff base is ahead
                 # of what is stored, e.g. after a restore): applied, it would stay pending
@@ -456,7 +456,9 @@ class SyncService:
 
     @staticmethod
     def _answer(live: LiveDoc, part: DocSync) -> DocSync:
-        return answer_entry(part, live.doc, live.gen)
+        answer = answer_entry(part, live.doc, live.gen)
+        live.state = answer.sv  # until the document changes: the next sync's base
+        return answer
 
     async def write_state(self, device_id: str, name: str,
                           changes: Mapping[str, Any]) -> dict[str, Any]:
