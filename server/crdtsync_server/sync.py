@@ -457,7 +457,7 @@ class SyncService:
     @staticmethod
     def _answer(live: LiveDoc, part: DocSync) -> DocSync:
         answer = answer_entry(part, live.doc, live.gen)
-        live.state = answer.sv  # until the document changes: the next sync's base
+        live.state = answer.sv  # until it changes: what the next update is checked against
         return answer
 
     async def write_state(self, device_id: str, name: str,
