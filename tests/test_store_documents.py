@@ -9,6 +9,7 @@ Runs against every backend of ``tests/store_backends.py`` (the ``store`` fixture
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any
 
 import pytest
@@ -280,6 +281,59 @@ async def test_stamps_survive_compaction_and_rebuilds(store: Store) -> None:
     assert await store.rebuild("dev-1/state", 0, done.update_ids[0], b"fresh")
     assert (await store.load_doc("dev-1/state")).gen == 1
     assert await store.read_stamps("dev-1/state") == rows
+
+
+async def test_stamps_read_as_last_written_through_any_mix_of_writes(store: Store) -> None:
+    """Whatever path a stamp takes in a backend (a row of its own, or logged with its update
+    row and moved aside when compaction or a rebuild deletes that row), a key reads as the
+    stamp written last. A seeded mix of the ways a stamp arrives (with an update of its
+    document, possibly written twice in one commit; alone; beside an update of another
+    document) with compactions and rebuilds at any point, checked after each step against
+    a dict of the last write per key."""
+    rng = random.Random(17)
+    await add_device(store)
+    doc, other = "dev-1/state", "dev-1/other"
+    model: dict[tuple[str, str], KeyStamp] = {}
+    gen, ids, tick = 0, [0], 0
+
+    def stamps() -> list[KeyStamp]:
+        nonlocal tick
+        keys = rng.sample(["a", "b", "c", "d", "e"], rng.randint(1, 3))
+        rows = []
+        for key in keys:
+            tick += 1
+            rows.append(stamp_row(key, tick, rng.choice(["device", "cloud"]), rng.randint(0, 9),
+                                  name=rng.choice(["state", "config"])))
+        return rows
+
+    for step in range(80):
+        op = rng.choice(["logged", "logged", "twice", "alone", "beside", "compact", "rebuild"])
+        rows = stamps()
+        if op == "logged":
+            done = await store.commit(SyncWrite(None, step, docs=[DocWrite(doc, b"u", gen)],
+                                                stamps=rows))
+        elif op == "twice":
+            done = await store.commit(SyncWrite(None, step, docs=[
+                DocWrite(doc, b"u", gen), DocWrite(doc, b"v", gen)], stamps=rows))
+        elif op == "alone":
+            done = await store.commit(SyncWrite(None, step, stamps=rows))
+        elif op == "beside":
+            done = await store.commit(SyncWrite(None, step, docs=[DocWrite(other, b"o")],
+                                                stamps=rows))
+        elif op == "compact":
+            await store.compact(doc, rng.choice(ids), b"snap")
+            rows = []
+        else:
+            last = (await store.load_doc(doc)).last_id
+            assert await store.rebuild(doc, gen, last, b"fresh")
+            gen, ids, rows = gen + 1, [0], []
+        if op in ("logged", "twice"):
+            ids.extend(done.update_ids)
+        model.update({(r.map, r.key): r for r in rows})
+        assert await store.read_stamps(doc) == [model[k] for k in sorted(model)], (step, op)
+        assert (await store.load_doc(doc, stamps=True)).stamps == tuple(
+            model[k] for k in sorted(model))
+    assert await store.read_stamps(other) == []
 
 
 async def test_a_refused_commit_writes_no_stamps_and_no_conflicts(store: Store) -> None:

@@ -401,7 +401,7 @@ async def test_v1_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_fleet(FleetRecord("north", created=1_700_000_004_000))
         moved = await store.set_device_fleet("dev-old", "north", now=1_700_000_004_001)
         assert (moved.fleet, moved.fleet_gen, moved.down_done) == ("north", 1, 1)
-    assert _user_version(path) == 9 == SCHEMA_VERSION
+    assert _user_version(path) == 10 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         columns = {row[1]: row[4] for row in conn.execute("PRAGMA table_info(devices)")}
@@ -442,7 +442,7 @@ async def test_v2_database_migrates_to_current(tmp_path: Path) -> None:
         assert claimed is not None and claimed.route == "weather"
         device = await store.get_device("dev-v2")
         assert device is not None and (device.fleet, device.down_done) == ("south", 1)
-    assert _user_version(path) == 9 == SCHEMA_VERSION
+    assert _user_version(path) == 10 == SCHEMA_VERSION
 
     with closing(sqlite3.connect(path)) as conn:
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
@@ -466,7 +466,7 @@ async def test_v3_database_migrates_to_current(tmp_path: Path) -> None:
             (1, "event", "dev-v3", "west", 1, V1_EVENT.time, 5, V1_EVENT.body)]
         assert await store.read_projection() == []
         assert await store.feed_head() == 1
-    assert _user_version(path) == SCHEMA_VERSION == 9
+    assert _user_version(path) == SCHEMA_VERSION == 10
     assert _user_version(FIXTURES / "server_v3.db") == 3
 
 
@@ -502,7 +502,7 @@ async def test_v4_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_device(DeviceRecord("dev-v4", "new-hash", created=9))
         again = await store.get_device("dev-v4")
         assert again is not None and (again.seq_floor, again.last_seq) == (1, 1)
-    assert _user_version(path) == SCHEMA_VERSION == 9
+    assert _user_version(path) == SCHEMA_VERSION == 10
     with closing(sqlite3.connect(path)) as conn:
         plan = " ".join(str(r) for r in conn.execute(
             "EXPLAIN QUERY PLAN SELECT id FROM devices WHERE token_hash = 'x'"))
@@ -537,10 +537,10 @@ async def test_v5_database_migrates_to_current(tmp_path: Path) -> None:
         await store.add_device(DeviceRecord("gone", "h", created=9))
         again = await store.get_device("gone")
         assert again is not None and again.seq_floor == 3
-    assert _user_version(path) == SCHEMA_VERSION == 9
+    assert _user_version(path) == SCHEMA_VERSION == 10
     with closing(sqlite3.connect(path)) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(stamps)")]
-    assert columns == ["doc", "map", "key", "stamp", "writer", "raw"]
+    assert columns == ["doc", "map", "key", "stamp", "writer", "raw", "upto"]
     assert _user_version(FIXTURES / "server_v5.db") == 5
 
 
@@ -562,7 +562,13 @@ async def test_v6_database_migrates_to_current(tmp_path: Path) -> None:
         assert await store.read_wakes(0, 10) == [WakeEntry(1, "d:dev-v6", 9)]
         assert [r.key for r in await store.read_stamps("dev-v6/state")] == ["x"]
         assert (await store.load_doc("dev-v6/state")).updates == ((1, V1_UPDATE),)
-    assert _user_version(path) == SCHEMA_VERSION == 9
+        # v10: the v6 row (upto 0) gives way to a stamp logged with a later update, and
+        # stays what it was until then.
+        newer = KeyStamp("dev-v6/state", "state", "x", 124, "cloud", 0)
+        await store.commit(SyncWrite(None, 10, docs=[DocWrite("dev-v6/state", b"u2")],
+                                     stamps=[newer]))
+        assert await store.read_stamps("dev-v6/state") == [newer]
+    assert _user_version(path) == SCHEMA_VERSION == 10
     with closing(sqlite3.connect(path)) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(wakes)")]
         plan = " ".join(str(row) for row in conn.execute(
@@ -590,7 +596,7 @@ async def test_v7_database_migrates_to_current(tmp_path: Path) -> None:
         request = await store.get_request("dev-v7", "r1")
         assert request is not None and request.status == "done"
         assert await store.read_wakes(1, 10) == [WakeEntry(2, "d:dev-v7", 9)]
-    assert _user_version(path) == SCHEMA_VERSION == 9
+    assert _user_version(path) == SCHEMA_VERSION == 10
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT count(*) FROM instances").fetchone()[0] == 0  # it left
         columns = [row[1] for row in conn.execute("PRAGMA table_info(requests)")]

@@ -7,18 +7,31 @@ other process can slip a write into), at a fresh update id; ``commit`` refuses a
 ``DocWrite`` of another generation than the stored one, so a process that has not yet
 noticed a rebuild never appends to the new generation an update built on the old one.
 
-Stamps (v6): one row per ``(doc, map, key)``, replaced by :meth:`SQLiteStore.commit` in the
-write's transaction, never touched by ``compact`` or ``rebuild`` (they are per key, not per
-generation), deleted by ``delete_device`` with the device's documents. Stamps are unsigned
-64-bit integers and SQLite's are signed: a stamp is stored as the signed integer with the
-same 64 bits and read back (``store/columns.py``: ``to_column``, ``from_column``). SQL
-never compares stamps, so the order of the stored integers does not matter.
+Stamps (v6, logged since v10): the stamps a commit decides for a document it also updates
+are logged in that update's row (``updates.stamps``: a msgpack array of ``[map, key, stamp,
+writer, raw]``, :func:`log_stamps`), which the row's insert writes anyway, instead of one
+upserted ``stamps`` row each (about 19,000 instructions per key, the largest part of a sync
+only the server pays). The ``stamps`` table, one row per ``(doc, map, key)``, holds the rest:
+stamps written without an update of their document, and the logged ones folded into it
+(:func:`_fold_stamps`) when ``compact`` or ``rebuild`` deletes their update rows. Each table
+row has ``upto``, an update id: a stamp logged in a row of its document with a higher id is
+newer and supersedes it (a direct write takes the highest id ever given, so every row logged
+before it is older; a folded stamp takes the id of the row it came from and never replaces a
+newer one). :func:`_read_stamps` applies that rule, so what it reads is what one row per key
+replaced at each commit would hold. Stamps are per key, not per generation: a rebuild keeps
+them, ``delete_device`` deletes them with the device's documents. Stamps are unsigned 64-bit
+integers and SQLite's are signed: a table row stores the signed integer with the same 64 bits
+and reads it back (``store/columns.py``: ``to_column``, ``from_column``); msgpack keeps them
+unsigned. SQL never compares stamps, so the order of the stored integers does not matter.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import msgpack
 
 from crdtsync._sqlite_worker import transaction
 
@@ -103,24 +116,25 @@ def _last_id(conn: sqlite3.Connection, key: str) -> int:
 
 
 def insert_updates(conn: sqlite3.Connection, docs: Sequence[DocWrite],
-                   known: Callable[[DocWrite], int | None] = lambda write: None
+                   known: Callable[[DocWrite], int | None] = lambda write: None,
+                   stamps: Iterable[bytes | None] | None = None,
                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Append each write; returns the new row ids and, for each, the highest id its document
-    reflected before (``CommitResult.prev_ids``). Raises ``stale_generation`` for a write of
-    another generation than the stored one (the caller's savepoint rolls back the rest).
-    ``known(write)`` gives that highest id when the caller vouches for it and for the
-    write's generation (the store is the file's only writer and the writer's copy is the
+    """Append each write, with the stamps its row logs (``stamps``, one per write, from
+    :func:`log_stamps`; none when omitted); returns the new row ids and, for each, the highest
+    id its document reflected before (``CommitResult.prev_ids``). Raises ``stale_generation``
+    for a write of another generation than the stored one (the caller's savepoint rolls back
+    the rest). ``known(write)`` gives that highest id when the caller vouches for it and for
+    the write's generation (the store is the file's only writer and the writer's copy is the
     stored document), which saves reading them."""
     ids: list[int] = []
     prevs: list[int] = []
-    for w in docs:
+    for w, logged in zip(docs, stamps or [None] * len(docs), strict=True):
         prev = known(w)
         if prev is None:
             prev = _check_generation(conn, w)
         prevs.append(prev)
-        cur = conn.execute(
-            "INSERT INTO updates (key, gen, data) VALUES (?, ?, ?)", (w.key, w.gen, w.update)
-        )
+        cur = conn.execute("INSERT INTO updates (key, gen, data, stamps) VALUES (?, ?, ?, ?)",
+                           (w.key, w.gen, w.update, logged))
         assert cur.lastrowid is not None
         ids.append(cur.lastrowid)
     return tuple(ids), tuple(prevs)
@@ -151,6 +165,7 @@ def _compact(conn: sqlite3.Connection, key: str, upto_id: int, snapshot: bytes) 
             (key, snapshot, upto_id),
         )
         if cur.rowcount > 0:
+            _fold_stamps(conn, key, upto_id)
             conn.execute("DELETE FROM updates WHERE key = ? AND id <= ?", (key, upto_id))
 
 
@@ -163,12 +178,16 @@ def _rebuild(conn: sqlite3.Connection, key: str, gen: int, upto_id: int,
         return True
 
 
-def replace_doc(conn: sqlite3.Connection, key: str, gen: int, snapshot: bytes) -> None:
+def replace_doc(conn: sqlite3.Connection, key: str, gen: int, snapshot: bytes, *,
+                keep_stamps: bool = True) -> None:
     """Make document ``key`` generation ``gen`` holding only ``snapshot``, at a fresh update
     id: the id of a row inserted and deleted at once (AUTOINCREMENT never gives it again),
-    above every id a cached copy of the document can hold. Inside the caller's
-    transaction."""
+    above every id a cached copy of the document can hold. The stamps its deleted rows
+    logged move to ``stamps`` unless ``keep_stamps`` is false (the caller deletes them).
+    Inside the caller's transaction."""
     fresh = conn.execute("INSERT INTO updates (key, gen, data) VALUES (?, ?, x'')", (key, gen))
+    if keep_stamps:
+        _fold_stamps(conn, key, None)
     conn.execute("DELETE FROM updates WHERE key = ?", (key,))
     conn.execute(
         "INSERT INTO docs (key, gen, snapshot, snapshot_id) VALUES (?, ?, ?, ?)"
@@ -178,24 +197,84 @@ def replace_doc(conn: sqlite3.Connection, key: str, gen: int, snapshot: bytes) -
 
 # --- stamps
 
+_STAMPS_TAIL = (" ON CONFLICT (doc, map, key) DO UPDATE SET stamp = excluded.stamp,"
+                " writer = excluded.writer, raw = excluded.raw, upto = excluded.upto")
+_STAMPS_HEAD = "INSERT INTO stamps (doc, map, key, stamp, writer, raw, upto)"
+
+
+def log_stamps(docs: Sequence[DocWrite], rows: Sequence[KeyStamp]
+               ) -> tuple[tuple[bytes | None, ...] | None, list[KeyStamp]]:
+    """What the update row of each of ``docs`` logs of ``rows`` (the stamps of its document,
+    packed; ``None`` when there are none; a document written twice logs them in its last
+    row), and the rows of documents ``docs`` does not write, for :func:`write_stamps`."""
+    if not rows:
+        return None, []
+    where = {w.key: i for i, w in enumerate(docs)}
+    logged: list[list[tuple[str, str, int, str, int]]] = [[] for _ in docs]
+    rest: list[KeyStamp] = []
+    for r in rows:
+        i = where.get(r.doc)
+        if i is None:
+            rest.append(r)
+        else:
+            logged[i].append((r.map, r.key, r.stamp, r.writer, r.raw))
+    return tuple(msgpack.packb(each) if each else None for each in logged), rest
+
 
 def _read_stamps(conn: sqlite3.Connection, doc: str) -> list[KeyStamp]:
+    """Every stamp of ``doc`` ordered by map and key: the table's rows, each superseded by
+    the last stamp of its key logged in an update row above its ``upto``."""
+    held: dict[tuple[str, str], tuple[KeyStamp, int]] = {
+        (name, key): (KeyStamp(doc, name, key, from_column(stamp), writer, from_column(raw)),
+                      upto)
+        for name, key, stamp, writer, raw, upto in conn.execute(
+            "SELECT map, key, stamp, writer, raw, upto FROM stamps WHERE doc = ?", (doc,))}
+    for row_id, name, key, stamp, writer, raw in _logged(conn, doc, None):
+        kept = held.get((name, key))
+        if kept is None or kept[1] < row_id:
+            held[name, key] = (KeyStamp(doc, name, key, stamp, writer, raw), row_id)
+    return [held[both][0] for both in sorted(held)]
+
+
+def _logged(conn: sqlite3.Connection, doc: str, upto_id: int | None
+            ) -> Iterable[tuple[int, str, str, int, str, int]]:
+    """``(row id, map, key, stamp, writer, raw)`` of each stamp logged in the update rows of
+    ``doc`` (with id <= ``upto_id`` unless ``None``), in row order."""
     rows = conn.execute(
-        "SELECT map, key, stamp, writer, raw FROM stamps WHERE doc = ? ORDER BY map, key",
-        (doc,))
-    return [KeyStamp(doc, name, key, from_column(stamp), writer, from_column(raw))
-            for name, key, stamp, writer, raw in rows]
+        "SELECT id, stamps FROM updates WHERE key = ? AND id <= ? AND stamps IS NOT NULL"
+        " ORDER BY id", (doc, (1 << 63) - 1 if upto_id is None else upto_id))
+    for row_id, blob in rows.fetchall():
+        for name, key, stamp, writer, raw in msgpack.unpackb(blob):  # written by log_stamps
+            yield row_id, name, key, stamp, writer, raw
+
+
+def _fold_stamps(conn: sqlite3.Connection, doc: str, upto_id: int | None) -> None:
+    """Move the stamps logged in ``doc``'s update rows (with id <= ``upto_id``, all if
+    ``None``) into the table (the caller deletes those rows next, in its transaction), each
+    with the id of its row as ``upto``, never over a table row with a higher ``upto`` (a
+    newer direct write)."""
+    last: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for row_id, name, key, stamp, writer, raw in _logged(conn, doc, upto_id):
+        last[name, key] = (doc, name, key, to_column(stamp), writer, to_column(raw), row_id)
+    insert_values(conn, _STAMPS_HEAD, list(last.values()),
+                  _STAMPS_TAIL + " WHERE excluded.upto > stamps.upto")
 
 
 def write_stamps(conn: sqlite3.Connection, rows: Sequence[KeyStamp]) -> None:
-    """Insert or replace each row, inside the caller's transaction."""
+    """Replace each row's stamp in the table, inside the caller's transaction, as of the
+    highest update id ever given: newer than every stamp logged so far, older than any
+    logged after."""
+    if not rows:
+        return
+    given = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'updates'").fetchone()
+    upto = 0 if given is None else int(given[0])
     insert_values(
-        conn, "INSERT INTO stamps (doc, map, key, stamp, writer, raw)",
-        [(r.doc, r.map, r.key, to_column(r.stamp), r.writer, to_column(r.raw)) for r in rows],
-        " ON CONFLICT (doc, map, key) DO UPDATE SET stamp = excluded.stamp,"
-        " writer = excluded.writer, raw = excluded.raw")
+        conn, _STAMPS_HEAD,
+        [(r.doc, r.map, r.key, to_column(r.stamp), r.writer, to_column(r.raw), upto)
+         for r in rows], _STAMPS_TAIL)
 
 
 def delete_stamps(conn: sqlite3.Connection, docs: Sequence[str]) -> None:
-    """Delete every row of documents ``docs``, inside the caller's transaction."""
+    """Delete every row of documents ``docs``, inside the caller's transaction (their update
+    rows, and the stamps logged there, are the caller's to delete)."""
     conn.executemany("DELETE FROM stamps WHERE doc = ?", [(doc,) for doc in docs])

@@ -5,11 +5,11 @@
 ones, each in its own transaction. A database from a newer crdtsync raises
 :class:`StoreError` and is left exactly as it was; it is never moved aside.
 
-Tables by role (``store/roles.py``): documents ``docs``, ``updates``, ``stamps``; devices
-``devices``, ``deleted_devices``, ``fleets``; settings ``settings``; downlink ``downlink``,
-``requests`` (and ``devices.down_seq``, ``down_done``); feed ``feed`` (and the ``events``
-view), ``projection``; sinks ``sinks``, ``dead_letters``; wakes ``wakes``; files ``files``,
-``uploads``.
+Tables by role (``store/roles.py``): documents ``docs``, ``updates`` (with the stamps logged
+in them), ``stamps``; devices ``devices``, ``deleted_devices``, ``fleets``; settings
+``settings``; downlink ``downlink``, ``requests`` (and ``devices.down_seq``, ``down_done``);
+feed ``feed`` (and the ``events`` view), ``projection``; sinks ``sinks``, ``dead_letters``;
+wakes ``wakes``; files ``files``, ``uploads``.
 """
 
 from __future__ import annotations
@@ -164,6 +164,18 @@ SHA-256 of its bytes (the blobs themselves are outside the database, ``crdtsync_
 and the uploads in progress."""
 
 
+LOGGED_STAMPS_V10 = """
+    ALTER TABLE updates ADD COLUMN stamps BLOB;
+    ALTER TABLE stamps ADD COLUMN upto INTEGER NOT NULL DEFAULT 0;
+"""
+"""Schema v10: the stamps a sync decides are logged in the update row written with them
+(``updates.stamps``) instead of one ``stamps`` row each; ``stamps`` keeps the others (written
+without an update of their document) and those folded out of update rows that compaction or a
+rebuild deletes, each row superseded by a logged stamp of a higher update id than its
+``upto`` (``store/sqlite/documents.py``). Rows from before v10 have ``upto`` 0 and no update
+row logs a stamp yet, so every stamp reads as it did."""
+
+
 MIGRATIONS: tuple[str, ...] = (
     # v1
     """
@@ -271,6 +283,8 @@ MIGRATIONS: tuple[str, ...] = (
     INSTANCES_V8,
     # v9: files and uploads (issue 19)
     FILES_V9,
+    # v10: stamps logged with their update row (issue 17)
+    LOGGED_STAMPS_V10,
 )
 """Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
 Append only: a released script is never edited."""

@@ -30,7 +30,14 @@ from ..records import CommitResult, DeviceRecord, DocWrite, SyncWrite, synced
 from ..rules import check_write, plan_events
 from .connection import in_transaction
 from .devices import SQLiteDevices, require_device
-from .documents import SQLiteDocuments, delete_stamps, insert_updates, replace_doc, write_stamps
+from .documents import (
+    SQLiteDocuments,
+    delete_stamps,
+    insert_updates,
+    log_stamps,
+    replace_doc,
+    write_stamps,
+)
 from .downlink import SQLiteDownlink, ack_downlink, ack_outcomes, insert_requests, leave
 from .feed import SQLiteFeed, record_feed, stored_digests
 from .files import SQLiteFiles
@@ -272,8 +279,9 @@ def _refusal(exc: Exception) -> BaseException:
 def _commit(conn: sqlite3.Connection, write: SyncWrite, known: Known) -> CommitResult:
     """One write's statements, inside the caller's transaction; what ``known`` vouches for
     is not read again."""
-    update_ids, prev_ids = insert_updates(conn, write.docs, known.last_id)
-    write_stamps(conn, write.stamps)
+    logged, rest = log_stamps(write.docs, write.stamps)
+    update_ids, prev_ids = insert_updates(conn, write.docs, known.last_id, logged)
+    write_stamps(conn, rest)
     insert_wakes(conn, write.wakes, write.time)
     if write.device is None:
         record_feed(conn, None, write.time, (), write.changes, write.conflicts)
@@ -302,7 +310,7 @@ def _delete_device(conn: sqlite3.Connection, device_id: str, docs: list[str],
     with transaction(conn):
         device = require_device(conn, device_id)
         for key in docs:
-            replace_doc(conn, key, 0, b"")
+            replace_doc(conn, key, 0, b"", keep_stamps=False)
         delete_stamps(conn, docs)
         for table in ("projection", "downlink", "requests", *(("feed",) if events else ())):
             conn.execute(f"DELETE FROM {table} WHERE device = ?", (device.id,))
