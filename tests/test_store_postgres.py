@@ -123,6 +123,32 @@ async def test_instances_starting_together_migrate_once(schema: str,
     assert sorted(row["version"] for row in rows) == list(range(1, SCHEMA_VERSION + 1))
 
 
+async def test_a_v2_schema_migrates_and_its_stamps_read_as_before(
+        schema: str, instance: OpenStore) -> None:
+    """v3 logs a commit's stamps in its update rows: a v2 stamp row (no ``upto``, so 0)
+    reads as it did, until a stamp of its key logged with a later update supersedes it."""
+    store = await instance()
+    await store.aclose()
+    conn = await asyncpg.connect(require_postgres())
+    for statement in ("ALTER TABLE updates DROP COLUMN stamps",
+                      "ALTER TABLE stamps DROP COLUMN upto",
+                      "DELETE FROM schema_version WHERE version = 3",
+                      "INSERT INTO docs (key, gen) VALUES ('d/state', 0)",
+                      "INSERT INTO updates (key, gen, data) VALUES ('d/state', 0, '\\x01')",
+                      "INSERT INTO stamps (doc, map, key, stamp, writer, raw)"
+                      " VALUES ('d/state', 'state', 'x', 123, 'device', 120)"):
+        await conn.execute(f'SET search_path TO "{schema}"; {statement}')
+    await conn.close()
+    old = KeyStamp("d/state", "state", "x", 123, "device", 120)
+    migrated = await instance()
+    assert await migrated.schema_version() == SCHEMA_VERSION == 3
+    assert await migrated.read_stamps("d/state") == [old]
+    newer = KeyStamp("d/state", "state", "x", 124, "cloud", 0)
+    await migrated.commit(SyncWrite(None, 10, docs=[DocWrite("d/state", b"u2")],
+                                    stamps=[newer]))
+    assert await migrated.read_stamps("d/state") == [newer]
+
+
 async def test_a_newer_schema_is_refused_and_left_untouched(schema: str,
                                                             instance: OpenStore) -> None:
     store = await instance()

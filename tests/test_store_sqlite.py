@@ -1097,3 +1097,31 @@ async def test_a_failing_writers_check_fails_the_group_and_leaves_no_transaction
         assert await store.read_events() == []
         assert (await store.commit(_event_write("d", 1))).last_seq == 1
         assert [e.seq for e in await store.read_events()] == [1]
+
+
+async def test_reading_stamps_sees_one_snapshot_while_another_process_compacts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """v10 keeps a stamp in its update row until compaction moves it into ``stamps``, so
+    reading a document's stamps takes two queries (the table, then the logged ones). Another
+    process compacting between the two (injected here, on a connection of its own, right
+    before the second query) must not make a stamp vanish: both queries read one snapshot."""
+    path = tmp_path / "s.db"
+    row = KeyStamp("d/state", "state", "k", 7, "device", 3)
+    original = sqlite_documents._logged
+    compacted: list[int] = []
+
+    def compact_first(conn: sqlite3.Connection, doc: str, upto_id: int | None) -> Any:
+        if not compacted:  # once (the compaction's own fold comes through here too)
+            compacted.append(done.update_ids[0])
+            with closing(sqlite3.connect(path, isolation_level=None)) as other:
+                sqlite_documents._compact(other, doc, done.update_ids[0], b"snap")
+        return original(conn, doc, upto_id)
+
+    async with SQLiteStore(path) as store:
+        done = await store.commit(SyncWrite(None, 10, docs=[DocWrite("d/state", b"u1")],
+                                            stamps=[row]))
+        monkeypatch.setattr(sqlite_documents, "_logged", compact_first)
+        assert await store.read_stamps("d/state") == [row]
+        assert compacted  # the compaction did run between the two queries
+        assert (await store.load_doc("d/state")).snapshot_id == done.update_ids[0]
+        assert await store.read_stamps("d/state") == [row]  # now from the table

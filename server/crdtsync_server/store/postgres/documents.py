@@ -14,10 +14,15 @@ the row). ``commit`` refuses a ``DocWrite`` of another generation than the store
 instance that has not yet noticed a rebuild never appends to the new generation an update
 built on the old one.
 
-Stamps: one row per ``(doc, map, key)``, replaced by :meth:`PostgresStore.commit` in the
-write's transaction, never touched by ``compact`` or ``rebuild``, deleted by
-``delete_device`` with the device's documents. Unsigned 64-bit stamps are stored as the
-signed ``BIGINT`` with the same bits (``store/columns.py``).
+Stamps (logged since v3, as SQLite's v10; the rule is in ``store/columns.py``): a commit's
+stamps for a document it also updates are logged in that update's row, the others replace
+their row of ``stamps`` as of the highest update id given so far (the commit holds the
+sequence lock, so every id up to it belongs to a finished transaction); ``compact`` and
+``rebuild`` move the logged stamps of the rows they delete into ``stamps``; ``delete_device``
+deletes both with the device's documents. A key reads as the newest of its table row and
+its logged stamps, from one snapshot (reads are ``REPEATABLE READ``). Unsigned 64-bit
+stamps are stored as the signed ``BIGINT`` with the same bits in the table, unsigned in
+msgpack.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from ..columns import from_column, to_column
+from ..columns import LoggedStamp, folded, from_column, newest_stamps, to_column, unpack_logged
 from ..records import DocLog, DocWrite, KeyStamp
 from ..rules import stale_generation
 from .connection import PostgresConnection, sequenced
@@ -98,12 +103,15 @@ async def _last_ids(conn: asyncpg.Connection, keys: list[str]
     return {row[0]: (row[1], int(row[2])) for row in rows}
 
 
-async def insert_updates(conn: asyncpg.Connection, docs: Sequence[DocWrite]
+async def insert_updates(conn: asyncpg.Connection, docs: Sequence[DocWrite],
+                         stamps: Sequence[bytes | None] | None = None,
                          ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Append each write; returns the new row ids and, for each, the highest id its document
-    reflected before (``CommitResult.prev_ids``). Raises ``stale_generation`` for a write of
-    another generation than the stored one (the caller's savepoint rolls back the rest).
-    Three statements whatever the number of writes; the caller holds the sequence lock."""
+    """Append each write, with the stamps its row logs (``stamps``, one per write, from
+    ``columns.log_stamps``; none when omitted); returns the new row ids and, for each, the
+    highest id its document reflected before (``CommitResult.prev_ids``). Raises
+    ``stale_generation`` for a write of another generation than the stored one (the
+    caller's savepoint rolls back the rest). Three statements whatever the number of
+    writes; the caller holds the sequence lock."""
     if not docs:
         return (), ()
     stored = await _last_ids(conn, list(dict.fromkeys(w.key for w in docs)))
@@ -119,10 +127,11 @@ async def insert_updates(conn: asyncpg.Connection, docs: Sequence[DocWrite]
             "INSERT INTO docs (key, gen) SELECT * FROM unnest($1::text[], $2::bigint[])",
             list(new_docs), list(new_docs.values()))
     ids = sorted(row[0] for row in await conn.fetch(
-        "INSERT INTO updates (key, gen, data) SELECT key, gen, data FROM"
-        " unnest($1::text[], $2::bigint[], $3::bytea[]) WITH ORDINALITY AS w(key, gen, data, n)"
-        " ORDER BY n RETURNING id",
-        [w.key for w in docs], [w.gen for w in docs], [w.update for w in docs]))
+        "INSERT INTO updates (key, gen, data, stamps) SELECT key, gen, data, stamps FROM"
+        " unnest($1::text[], $2::bigint[], $3::bytea[], $4::bytea[])"
+        " WITH ORDINALITY AS w(key, gen, data, stamps, n) ORDER BY n RETURNING id",
+        [w.key for w in docs], [w.gen for w in docs], [w.update for w in docs],
+        list(stamps or [None] * len(docs))))
     last = {key: last_id for key, (_, last_id) in stored.items()}
     prevs: list[int] = []
     for w, new_id in zip(docs, ids, strict=True):  # ids ascend in the order of the rows
@@ -139,6 +148,7 @@ async def _compact(conn: asyncpg.Connection, key: str, upto_id: int, snapshot: b
         " WHERE excluded.snapshot_id > docs.snapshot_id RETURNING true",
         key, snapshot, upto_id)
     if installed:
+        await _fold_stamps(conn, key, upto_id)
         await conn.execute("DELETE FROM updates WHERE key = $1 AND id <= $2", key, upto_id)
 
 
@@ -169,11 +179,15 @@ async def _last_id(conn: asyncpg.Connection, key: str, snapshot_id: int) -> int:
     return max(snapshot_id, logged or 0)
 
 
-async def replace_doc(conn: asyncpg.Connection, key: str, gen: int, snapshot: bytes) -> None:
+async def replace_doc(conn: asyncpg.Connection, key: str, gen: int, snapshot: bytes, *,
+                      keep_stamps: bool = True) -> None:
     """Make document ``key`` generation ``gen`` holding only ``snapshot``, at a fresh update
     id (``nextval`` of the updates sequence: never given out again), above every id a
-    cached copy of the document can hold. Inside the caller's transaction, which holds the
-    sequence lock."""
+    cached copy of the document can hold. The stamps its deleted rows logged move to
+    ``stamps`` unless ``keep_stamps`` is false (the caller deletes them). Inside the
+    caller's transaction, which holds the sequence lock."""
+    if keep_stamps:
+        await _fold_stamps(conn, key, None)
     await conn.execute(
         "WITH gone AS (DELETE FROM updates WHERE key = $1)"
         " INSERT INTO docs (key, gen, snapshot, snapshot_id)"
@@ -182,31 +196,67 @@ async def replace_doc(conn: asyncpg.Connection, key: str, gen: int, snapshot: by
         " snapshot_id = excluded.snapshot_id", key, gen, snapshot)
 
 
-# --- stamps
+# --- stamps (logged with their update row: ``store/columns.py``)
+
+_STAMPS_TAIL = (" ON CONFLICT (doc, map, key) DO UPDATE SET stamp = excluded.stamp,"
+                " writer = excluded.writer, raw = excluded.raw, upto = excluded.upto")
 
 
 async def _read_stamps(conn: asyncpg.Connection, doc: str) -> list[KeyStamp]:
+    """Inside the caller's snapshot (``_read``: repeatable read)."""
+    table = [(name, key, from_column(stamp), writer, from_column(raw), upto)
+             for name, key, stamp, writer, raw, upto in await conn.fetch(
+                 "SELECT map, key, stamp, writer, raw, upto FROM stamps WHERE doc = $1", doc)]
+    return newest_stamps(doc, table, await _logged(conn, doc, None))
+
+
+async def _logged(conn: asyncpg.Connection, doc: str, upto_id: int | None
+                  ) -> list[LoggedStamp]:
+    """The stamps logged in the update rows of ``doc`` (with id <= ``upto_id`` unless
+    ``None``), in row order."""
     rows = await conn.fetch(
-        "SELECT map, key, stamp, writer, raw FROM stamps WHERE doc = $1 ORDER BY map, key",
-        doc)
-    return [KeyStamp(doc, name, key, from_column(stamp), writer, from_column(raw))
-            for name, key, stamp, writer, raw in rows]
+        "SELECT id, stamps FROM updates WHERE key = $1 AND ($2::bigint IS NULL OR id <= $2)"
+        " AND stamps IS NOT NULL ORDER BY id", doc, upto_id)
+    return list(unpack_logged((int(row[0]), bytes(row[1])) for row in rows))
+
+
+async def _fold_stamps(conn: asyncpg.Connection, doc: str, upto_id: int | None) -> None:
+    """Move the stamps logged in ``doc``'s update rows (with id <= ``upto_id``, all if
+    ``None``) into the table (the caller deletes those rows next, in its transaction), each
+    with the id of its row as ``upto``, never over a table row with a higher ``upto``."""
+    rows = folded(await _logged(conn, doc, upto_id))
+    if rows:
+        await conn.execute(
+            "INSERT INTO stamps AS s (doc, map, key, stamp, writer, raw, upto) SELECT $1, * FROM"
+            " unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],"
+            " $7::bigint[])" + _STAMPS_TAIL + " WHERE excluded.upto > s.upto",
+            doc, *_stamp_columns(rows))
+
+
+def _stamp_columns(rows: Sequence[tuple[str, str, int, str, int, int]]) -> list[list[object]]:
+    """``(map, key, stamp, writer, raw, upto)`` rows as one array per column, stamps as the
+    signed column values."""
+    return [[r[0] for r in rows], [r[1] for r in rows], [to_column(r[2]) for r in rows],
+            [r[3] for r in rows], [to_column(r[4]) for r in rows], [r[5] for r in rows]]
 
 
 async def write_stamps(conn: asyncpg.Connection, rows: Sequence[KeyStamp]) -> None:
-    """Insert or replace each row (one statement), inside the caller's transaction."""
+    """Replace each row's stamp in the table (one statement), inside the caller's
+    transaction, which holds the sequence lock: as of the highest update id given so far,
+    newer than every stamp logged until now, older than any logged after."""
     if not rows:
         return
     await conn.execute(
-        "INSERT INTO stamps (doc, map, key, stamp, writer, raw) SELECT * FROM"
-        " unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[])"
-        " ON CONFLICT (doc, map, key) DO UPDATE SET stamp = excluded.stamp,"
-        " writer = excluded.writer, raw = excluded.raw",
+        "INSERT INTO stamps (doc, map, key, stamp, writer, raw, upto) SELECT *,"
+        " COALESCE(pg_sequence_last_value(pg_get_serial_sequence('updates', 'id')::regclass),"
+        " 0) FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],"
+        " $6::bigint[])" + _STAMPS_TAIL,
         [r.doc for r in rows], [r.map for r in rows], [r.key for r in rows],
         [to_column(r.stamp) for r in rows], [r.writer for r in rows],
         [to_column(r.raw) for r in rows])
 
 
 async def delete_stamps(conn: asyncpg.Connection, docs: Sequence[str]) -> None:
-    """Delete every row of documents ``docs``, inside the caller's transaction."""
+    """Delete every row of documents ``docs``, inside the caller's transaction (their update
+    rows, and the stamps logged there, are the caller's to delete)."""
     await conn.execute("DELETE FROM stamps WHERE doc = ANY($1::text[])", list(docs))

@@ -256,11 +256,24 @@ same bytes, the blobs themselves as ``BYTEA`` chunks (``store/postgres/blobs.py`
 blobs by SHA-256 in ``blob_chunks``, uploads in progress in ``part_chunks``
 (docs/architecture.md explains why chunks, not large objects)."""
 
+LOGGED_STAMPS = """
+    ALTER TABLE updates ADD COLUMN stamps BYTEA;
+    ALTER TABLE stamps ADD COLUMN upto BIGINT NOT NULL DEFAULT 0;
+"""
+"""The stamps a commit decides for a document it also updates are logged in that update's
+row (``updates.stamps``); ``stamps`` keeps the others and those moved out of update rows
+that compaction or a rebuild deletes, each superseded by a stamp logged in an update row of
+its document with a higher id than its ``upto`` (``store/columns.py``; SQLite's v10). Rows
+from before have ``upto`` 0 and no update row logs a stamp yet: every stamp reads as it
+did."""
+
 MIGRATIONS: tuple[str, ...] = (
     # v1: everything of SQLite schema v7, plus marks, requests.runner and instances
     DOCUMENTS + DEVICES + SETTINGS + DOWNLINK + FEED + SINKS + WAKES + INSTANCES,
     # v2: files, uploads and their blobs (issue 19)
     FILES,
+    # v3: stamps logged with their update row (issue 17)
+    LOGGED_STAMPS,
 )
 """Schema migrations in order; ``MIGRATIONS[n]`` takes a database from v``n`` to v``n+1``.
 Append only: a released script is never edited."""

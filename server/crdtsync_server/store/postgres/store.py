@@ -22,6 +22,7 @@ import asyncpg
 
 from crdtsync.errors import CrdtsyncError
 
+from ..columns import log_stamps
 from ..group_commit import GroupCommitter
 from ..records import CommitResult, SyncWrite
 from ..rules import check_write, plan_events
@@ -119,8 +120,9 @@ async def _commit_group(conn: asyncpg.Connection, writes: Sequence[SyncWrite]
 
 async def _commit(conn: asyncpg.Connection, write: SyncWrite) -> CommitResult:
     """One write's statements, inside the caller's transaction."""
-    update_ids, prev_ids = await insert_updates(conn, write.docs)
-    await write_stamps(conn, write.stamps)
+    logged, rest = log_stamps(write.docs, write.stamps)
+    update_ids, prev_ids = await insert_updates(conn, write.docs, logged)
+    await write_stamps(conn, rest)
     await insert_wakes(conn, write.wakes, write.time)
     if write.device is None:
         await record_changes(conn, write.changes, None, write.time)
@@ -154,7 +156,7 @@ async def _delete_device(conn: asyncpg.Connection, device_id: str, docs: list[st
     await sequenced(conn)
     device = await require_device(conn, device_id, lock=True)
     for key in docs:
-        await replace_doc(conn, key, 0, b"")
+        await replace_doc(conn, key, 0, b"", keep_stamps=False)
     await delete_stamps(conn, docs)
     for table in ("projection", "downlink", "requests", *(("feed",) if events else ())):
         await conn.execute(f"DELETE FROM {table} WHERE device = $1", device.id)

@@ -9,7 +9,7 @@ noticed a rebuild never appends to the new generation an update built on the old
 
 Stamps (v6, logged since v10): the stamps a commit decides for a document it also updates
 are logged in that update's row (``updates.stamps``: a msgpack array of ``[map, key, stamp,
-writer, raw]``, :func:`log_stamps`), which the row's insert writes anyway, instead of one
+writer, raw]``, ``columns.log_stamps``), which the row's insert writes anyway, instead of one
 upserted ``stamps`` row each (about 19,000 instructions per key, the largest part of a sync
 only the server pays). The ``stamps`` table, one row per ``(doc, map, key)``, holds the rest:
 stamps written without an update of their document, and the logged ones folded into it
@@ -28,17 +28,24 @@ unsigned. SQL never compares stamps, so the order of the stored integers does no
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
-
-import msgpack
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from crdtsync._sqlite_worker import transaction
 
-from ..columns import from_column, to_column
+from ..columns import (
+    LoggedStamp,
+    folded,
+    from_column,
+    newest_stamps,
+    to_column,
+    unpack_logged,
+)
 from ..records import DocLog, DocWrite, KeyStamp
 from ..rules import stale_generation
 from .connection import SQLiteConnection, insert_values
+
+MAX_ID = (1 << 63) - 1
+"""Above every update id (SQLite's integers are signed 64-bit)."""
 
 
 class SQLiteDocuments(SQLiteConnection):
@@ -66,8 +73,8 @@ class SQLiteDocuments(SQLiteConnection):
         return await self._run(_rebuild, key, gen, upto_id, snapshot)
 
     async def read_stamps(self, key: str) -> list[KeyStamp]:
-        """Every stamp row of document ``key``, ordered by map and key."""
-        return await self._run(_read_stamps, key)
+        """Every stamp of document ``key``, ordered by map and key."""
+        return await self._run(_read_stamps_alone, key)
 
 
 def _load_doc(conn: sqlite3.Connection, key: str, stamps: bool = False) -> DocLog:
@@ -195,57 +202,34 @@ def replace_doc(conn: sqlite3.Connection, key: str, gen: int, snapshot: bytes, *
         " snapshot_id = excluded.snapshot_id", (key, gen, snapshot, fresh.lastrowid))
 
 
-# --- stamps
+# --- stamps (logged with their update row: ``store/columns.py``)
 
 _STAMPS_TAIL = (" ON CONFLICT (doc, map, key) DO UPDATE SET stamp = excluded.stamp,"
                 " writer = excluded.writer, raw = excluded.raw, upto = excluded.upto")
 _STAMPS_HEAD = "INSERT INTO stamps (doc, map, key, stamp, writer, raw, upto)"
 
 
-def log_stamps(docs: Sequence[DocWrite], rows: Sequence[KeyStamp]
-               ) -> tuple[tuple[bytes | None, ...] | None, list[KeyStamp]]:
-    """What the update row of each of ``docs`` logs of ``rows`` (the stamps of its document,
-    packed; ``None`` when there are none; a document written twice logs them in its last
-    row), and the rows of documents ``docs`` does not write, for :func:`write_stamps`."""
-    if not rows:
-        return None, []
-    where = {w.key: i for i, w in enumerate(docs)}
-    logged: list[list[tuple[str, str, int, str, int]]] = [[] for _ in docs]
-    rest: list[KeyStamp] = []
-    for r in rows:
-        i = where.get(r.doc)
-        if i is None:
-            rest.append(r)
-        else:
-            logged[i].append((r.map, r.key, r.stamp, r.writer, r.raw))
-    return tuple(msgpack.packb(each) if each else None for each in logged), rest
+def _read_stamps_alone(conn: sqlite3.Connection, doc: str) -> list[KeyStamp]:
+    """:func:`_read_stamps` in a read transaction of its own: its two queries see one
+    snapshot, so a compaction by another process cannot move a stamp between them."""
+    with transaction(conn, "DEFERRED"):
+        return _read_stamps(conn, doc)
 
 
 def _read_stamps(conn: sqlite3.Connection, doc: str) -> list[KeyStamp]:
-    """Every stamp of ``doc`` ordered by map and key: the table's rows, each superseded by
-    the last stamp of its key logged in an update row above its ``upto``."""
-    held: dict[tuple[str, str], tuple[KeyStamp, int]] = {
-        (name, key): (KeyStamp(doc, name, key, from_column(stamp), writer, from_column(raw)),
-                      upto)
-        for name, key, stamp, writer, raw, upto in conn.execute(
-            "SELECT map, key, stamp, writer, raw, upto FROM stamps WHERE doc = ?", (doc,))}
-    for row_id, name, key, stamp, writer, raw in _logged(conn, doc, None):
-        kept = held.get((name, key))
-        if kept is None or kept[1] < row_id:
-            held[name, key] = (KeyStamp(doc, name, key, stamp, writer, raw), row_id)
-    return [held[both][0] for both in sorted(held)]
+    table = [(name, key, from_column(stamp), writer, from_column(raw), upto)
+             for name, key, stamp, writer, raw, upto in conn.execute(
+                 "SELECT map, key, stamp, writer, raw, upto FROM stamps WHERE doc = ?", (doc,))]
+    return newest_stamps(doc, table, _logged(conn, doc, None))
 
 
-def _logged(conn: sqlite3.Connection, doc: str, upto_id: int | None
-            ) -> Iterable[tuple[int, str, str, int, str, int]]:
-    """``(row id, map, key, stamp, writer, raw)`` of each stamp logged in the update rows of
-    ``doc`` (with id <= ``upto_id`` unless ``None``), in row order."""
+def _logged(conn: sqlite3.Connection, doc: str, upto_id: int | None) -> Iterator[LoggedStamp]:
+    """The stamps logged in the update rows of ``doc`` (with id <= ``upto_id`` unless
+    ``None``), in row order."""
     rows = conn.execute(
         "SELECT id, stamps FROM updates WHERE key = ? AND id <= ? AND stamps IS NOT NULL"
-        " ORDER BY id", (doc, (1 << 63) - 1 if upto_id is None else upto_id))
-    for row_id, blob in rows.fetchall():
-        for name, key, stamp, writer, raw in msgpack.unpackb(blob):  # written by log_stamps
-            yield row_id, name, key, stamp, writer, raw
+        " ORDER BY id", (doc, MAX_ID if upto_id is None else upto_id)).fetchall()
+    return unpack_logged(rows)
 
 
 def _fold_stamps(conn: sqlite3.Connection, doc: str, upto_id: int | None) -> None:
@@ -253,10 +237,9 @@ def _fold_stamps(conn: sqlite3.Connection, doc: str, upto_id: int | None) -> Non
     ``None``) into the table (the caller deletes those rows next, in its transaction), each
     with the id of its row as ``upto``, never over a table row with a higher ``upto`` (a
     newer direct write)."""
-    last: dict[tuple[str, str], tuple[Any, ...]] = {}
-    for row_id, name, key, stamp, writer, raw in _logged(conn, doc, upto_id):
-        last[name, key] = (doc, name, key, to_column(stamp), writer, to_column(raw), row_id)
-    insert_values(conn, _STAMPS_HEAD, list(last.values()),
+    insert_values(conn, _STAMPS_HEAD,
+                  [(doc, name, key, to_column(stamp), writer, to_column(raw), upto)
+                   for name, key, stamp, writer, raw, upto in folded(_logged(conn, doc, upto_id))],
                   _STAMPS_TAIL + " WHERE excluded.upto > stamps.upto")
 
 

@@ -25,19 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from crdtsync._sqlite_worker import StoreBusy, transaction
 from crdtsync.errors import CrdtsyncError, StoreError
 
+from ..columns import log_stamps
 from ..group_commit import GroupCommitter
 from ..records import CommitResult, DeviceRecord, DocWrite, SyncWrite, synced
 from ..rules import check_write, plan_events
 from .connection import in_transaction
 from .devices import SQLiteDevices, require_device
-from .documents import (
-    SQLiteDocuments,
-    delete_stamps,
-    insert_updates,
-    log_stamps,
-    replace_doc,
-    write_stamps,
-)
+from .documents import SQLiteDocuments, delete_stamps, insert_updates, replace_doc, write_stamps
 from .downlink import SQLiteDownlink, ack_downlink, ack_outcomes, insert_requests, leave
 from .feed import SQLiteFeed, record_feed, stored_digests
 from .files import SQLiteFiles
