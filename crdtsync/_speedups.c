@@ -909,6 +909,99 @@ static PyObject *slot_filler(PyObject *module, PyObject *const *args, Py_ssize_t
     return (PyObject *)f;
 }
 
+/* --- decode_events: the entries of a sync's ``ev`` on the fast path ---------------------- */
+
+/* decode_events(raw, max_body, topics, unpack, kwnames, kwvalues, filler) -> (events, consecutive)
+ * or None. Every entry must be a list [seq, topic, time, data] that crdtsync.protocol's fast
+ * path takes as it is: seq an int in 1..2**63-1, time an int in 0..2**63-1, topic a str in
+ * ``topics`` (names already checked), data bytes of at most ``max_body`` whose body
+ * ``unpack(data, **kw)`` decodes and the value check accepts. Each event is made as
+ * ``object.__new__`` makes one and filled by ``filler`` (a slot filler of the event class).
+ * None for anything else, with no exception: the caller decodes the whole list again in
+ * Python, which gives the same events or names the fault. */
+static PyObject *decode_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7 || !PyList_CheckExact(args[0]) || !PyAnySet_Check(args[2])
+            || !PyTuple_CheckExact(args[4]) || !PyTuple_CheckExact(args[5])
+            || PyTuple_GET_SIZE(args[4]) != PyTuple_GET_SIZE(args[5])
+            || !Py_IS_TYPE(args[6], &SlotFillerType) || Py_SIZE(args[6]) != 4) {
+        PyErr_SetString(PyExc_TypeError, "decode_events(raw: list, max_body, topics: set, "
+                        "unpack, kwnames: tuple, kwvalues: tuple, filler of 4 slots)");
+        return NULL;
+    }
+    PyObject *raw = args[0], *topics = args[2], *unpack = args[3], *kwnames = args[4];
+    PyObject *kwvalues = args[5];
+    SlotFiller *fill = (SlotFiller *)args[6];
+    Py_ssize_t max_body = PyLong_AsSsize_t(args[1]);
+    if (max_body == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(raw), nkw = PyTuple_GET_SIZE(kwnames);
+    if (nkw > 7) {
+        PyErr_SetString(PyExc_ValueError, "at most 7 keyword arguments for unpack");
+        return NULL;
+    }
+    PyObject *events = PyTuple_New(n);
+    if (!events)
+        return NULL;
+    PyObject *call[8];
+    for (Py_ssize_t k = 0; k < nkw; k++)
+        call[1 + k] = PyTuple_GET_ITEM(kwvalues, k);
+    int consecutive = 1;
+    unsigned long long after = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *entry = PyList_GET_ITEM(raw, i);
+        if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 4)
+            goto refused;
+        PyObject *seq = PyList_GET_ITEM(entry, 0), *topic = PyList_GET_ITEM(entry, 1);
+        PyObject *time = PyList_GET_ITEM(entry, 2), *data = PyList_GET_ITEM(entry, 3);
+        if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) > max_body
+                || !PyLong_CheckExact(seq) || !PyLong_CheckExact(time)
+                || !PyUnicode_CheckExact(topic))
+            goto refused;
+        int overflow;
+        long long s = PyLong_AsLongLongAndOverflow(seq, &overflow);
+        if (overflow || s < 1)
+            goto refused;
+        long long t = PyLong_AsLongLongAndOverflow(time, &overflow);
+        if (overflow || t < 0)
+            goto refused;
+        int known = PySet_Contains(topics, topic);
+        if (known != 1)
+            goto refused;
+        call[0] = data;
+        PyObject *body = PyObject_Vectorcall(unpack, call, 1, nkw ? kwnames : NULL);
+        if (!body)
+            goto refused;
+        if (!valid(body, MAX_EVENT_INT, 0, 1)) {
+            Py_DECREF(body);
+            goto refused;
+        }
+        PyObject *event = fill->cls->tp_alloc(fill->cls, 0);
+        if (!event) {
+            Py_DECREF(body);
+            Py_DECREF(events);
+            return NULL;
+        }
+        PyObject *values[4] = {seq, topic, time, body};
+        for (Py_ssize_t k = 0; k < 4; k++) {
+            PyObject **slot = (PyObject **)((char *)event + fill->offsets[k]);
+            Py_INCREF(values[k]);
+            Py_XSETREF(*slot, values[k]);
+        }
+        Py_DECREF(body);
+        PyTuple_SET_ITEM(events, i, event);
+        if (after && (unsigned long long)s != after)
+            consecutive = 0;
+        after = (unsigned long long)s + 1;
+    }
+    PyObject *result = PyTuple_Pack(2, events, consecutive ? Py_True : Py_False);
+    Py_DECREF(events);
+    return result;
+refused:
+    PyErr_Clear();
+    Py_DECREF(events);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"read_update", read_update, METH_O,
      "read_update(data) -> (structs, starts, ends, refs, skips) for an update "
@@ -922,6 +1015,10 @@ static PyMethodDef methods[] = {
      "event_body_ok(value): what crdtsync.values.event_body_ok answers."},
     {"slot_filler", (PyCFunction)(void (*)(void))slot_filler, METH_FASTCALL,
      "slot_filler(cls, names) -> filler: filler(obj, *values) sets obj's named slots."},
+    {"decode_events", (PyCFunction)(void (*)(void))decode_events, METH_FASTCALL,
+     "decode_events(raw, max_body, topics, unpack, kwnames, kwvalues, filler) -> "
+     "(events, consecutive) for the entries crdtsync.protocol decodes on its fast path, "
+     "else None (decode them in Python)."},
     {NULL, NULL, 0, NULL},
 };
 

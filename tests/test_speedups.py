@@ -24,6 +24,7 @@ import sys
 import weakref
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -458,3 +459,70 @@ def test_the_public_parser_uses_it_and_keeps_the_python_errors() -> None:
         speedups.parse_state_vector("not bytes", 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         speedups.parse_state_vector(good, -1)
+
+
+# --- decode_events: a sync's events on the fast path ---------------------------------------
+
+event_entries = st.lists(st.one_of(
+    st.tuples(st.integers(-2, 2**64), st.sampled_from(["t", "reading", "x" * 70, "new"]),
+              st.integers(-2, 2**64),
+              st.one_of(checked_values.map(lambda v: _packed(v)), st.binary(max_size=12)))
+    .map(list),
+    st.lists(st.integers(0, 3), max_size=5),  # not [seq, topic, time, data]
+    st.integers(), st.none()), max_size=12)
+
+
+def _packed(value: Any) -> bytes:
+    try:
+        return protocol.encode_event_body(value)
+    except (TypeError, ValueError, OverflowError):
+        return b"\xc1"  # never used by msgpack: not a body
+
+
+def decoded(decode: Any, raw: list[Any], limits: protocol.Limits) -> Any:
+    try:
+        return decode(raw, limits)
+    except CrdtsyncError as exc:
+        return (type(exc), exc.message)
+
+
+def events_agree(raw: list[Any], limits: protocol.Limits) -> None:
+    """The public decoder (C first) and the pure-Python one give the same events in the same
+    order with the same flag, or the same error."""
+    fast, python = decoded(protocol._decode_events, raw, limits), decoded(
+        protocol._decode_events_py, raw, limits)
+    assert fast == python
+    if isinstance(python, tuple) and python and isinstance(python[0], tuple):
+        assert [type(e) for e in fast[0]] == [protocol.Event] * len(python[0])
+
+
+@needs_speedups
+@settings(max_examples=1500, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(event_entries, st.integers(0, 40))
+def test_events_decode_as_in_python(raw: list[Any], max_body: int) -> None:
+    protocol._TOPICS_SEEN.update(["t", "reading"])  # "new" and the long one are not known
+    events_agree(raw, dataclasses.replace(protocol.Limits(), max_event_body=max_body))
+    events_agree(raw, protocol.Limits())
+
+
+@needs_speedups
+def test_the_fast_path_decodes_a_sync_s_events_in_c() -> None:
+    assert speedups is not None
+    protocol._TOPICS_SEEN.add("reading")
+    raw = [[seq, "reading", 1_700_000_000_000 + seq,
+            protocol.encode_event_body({"t": 21.5, "n": seq, "ok": True, "l": [1, None]})]
+           for seq in (1, 2, 4)]
+    native = speedups.decode_events(raw, 1024, protocol._TOPICS_SEEN, msgpack.unpackb,
+                                    *protocol._UNPACK_BODY_KW, protocol._FILL_EVENT)
+    python = protocol._decode_events_py(raw, protocol.Limits())
+    assert native == python
+    assert native is not None and native[1] is False  # 2 -> 4 is a gap
+    for ours, theirs in zip(native[0], python[0], strict=True):  # no reference leaked
+        assert [sys.getrefcount(getattr(ours, name)) for name in ("body", "topic")] == [
+            sys.getrefcount(getattr(theirs, name)) for name in ("body", "topic")]
+    for refused in ([[1, "reading", 5, b"\xc1"]], [[1, "unknown topic", 5, b"\x80"]],
+                    [[0, "reading", 5, b"\x80"]], [(1, "reading", 5, b"\x80")],
+                    [[1, "reading", 2**63, b"\x80"]], [[1, "reading", 5, b"\x81\x01\x02"]]):
+        assert speedups.decode_events(refused, 1024, protocol._TOPICS_SEEN, msgpack.unpackb,
+                                      *protocol._UNPACK_BODY_KW, protocol._FILL_EVENT) is None
