@@ -918,7 +918,8 @@ static PyObject *slot_filler(PyObject *module, PyObject *const *args, Py_ssize_t
  * ``unpack(data, **kw)`` decodes and the value check accepts. Each event is made as
  * ``object.__new__`` makes one and filled by ``filler`` (a slot filler of the event class).
  * None for anything else, with no exception: the caller decodes the whole list again in
- * Python, which gives the same events or names the fault. */
+ * Python, which gives the same events or names the fault. The entries' items are borrowed
+ * across the ``unpack`` call: msgpack and the caller's ext_hook never reach ``raw``. */
 static PyObject *decode_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 7 || !PyList_CheckExact(args[0]) || !PyAnySet_Check(args[2])
             || !PyTuple_CheckExact(args[4]) || !PyTuple_CheckExact(args[5])

@@ -624,7 +624,6 @@ _FILL_EVENT: Callable[[Event, int, str, int, Any], None] = (
 one C call where ``crdtsync._speedups`` is built, else each slot's setter. Either skips the
 frozen dataclass's ``object.__setattr__`` calls, a third of the cost of a small event."""
 
-_PY_FILL = type(_set_event_fields)
 _DECODE_EVENTS = None if speedups is None else speedups.decode_events
 
 
@@ -636,7 +635,7 @@ def _decode_events(raw: list[Any], limits: Limits) -> tuple[tuple[Event, ...], b
     """The entries of ``ev``, and whether their seqs are consecutive: by
     ``crdtsync._speedups.decode_events`` where it is built and every entry is on the fast
     path below (the same events), else by :func:`_decode_events_py`."""
-    if _DECODE_EVENTS is not None and type(raw) is list and type(_FILL_EVENT) is not _PY_FILL:
+    if _DECODE_EVENTS is not None and type(raw) is list and _FILL_EVENT is not _set_event_fields:
         fast: tuple[tuple[Event, ...], bool] | None = _DECODE_EVENTS(
             raw, limits.max_event_body, _TOPICS_SEEN, msgpack.unpackb, *_UNPACK_BODY_KW,
             _FILL_EVENT)
