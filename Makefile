@@ -12,13 +12,20 @@ DEMO_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# One stamp per set of extras: pip runs again only when pyproject.toml changes, or the C
-# accelerator's source (an editable install compiles it once).
-$(VENV)/.installed-base: pyproject.toml setup.py crdtsync/_speedups.c | $(PY)
+# The sources pip compiles (crdtsync._compiled.MODULES, read from the file's text).
+COMPILED := crdtsync/_speedups.c crdtsync/_compiled.py $(shell $(PYTHON) -c "import ast, \
+  pathlib; t = ast.parse(pathlib.Path('crdtsync/_compiled.py').read_text()); m = next(n.value \
+  for n in t.body if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '') == 'MODULES'); \
+  print(' '.join(('server/' if x.startswith('crdtsync_server') else '') + x.replace('.', '/') \
+  + '.py' for x in ast.literal_eval(m)))")
+
+# One stamp per set of extras: pip runs again only when pyproject.toml changes, or a source
+# it compiles (an editable install compiles them once; a stale build runs as Python).
+$(VENV)/.installed-base: pyproject.toml setup.py $(COMPILED) | $(PY)
 	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-%: pyproject.toml setup.py crdtsync/_speedups.c | $(PY)
+$(VENV)/.installed-%: pyproject.toml setup.py $(COMPILED) | $(PY)
 	$(PIP) -e '.[$*]'
 	touch $@
 

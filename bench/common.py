@@ -119,11 +119,15 @@ def fs_type(path: str) -> str:
 
 def machine(libs: Sequence[str] = ("pycrdt", "aiohttp"), *, sqlite: bool = True,
             model: bool = False, temp_dir: bool = False, sep: str = ", ") -> str:
-    """One line: CPUs (with their ``model``), Python, SQLite, the versions of ``libs`` (after
-    ``sep``) and, with ``temp_dir``, the file system of the temp folder."""
+    """One line: CPUs (with their ``model``), Python, whether crdtsync's hot path runs
+    compiled (``crdtsync._compiled``), SQLite, the versions of ``libs`` (after ``sep``) and,
+    with ``temp_dir``, the file system of the temp folder."""
+    from crdtsync import _compiled
+
     name = cpu_model() if model else ""
     line = (f"{nproc()} CPUs (nproc){f' ({name})' if name else ''}, "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}"
+            f" ({'hot path compiled with mypyc' if _compiled.active() else 'no mypyc'})")
     if sqlite:
         line += f", SQLite {sqlite3.sqlite_version}"
     if libs:

@@ -401,7 +401,7 @@ def doc_probe(n: int) -> dict[str, float]:
     tracemalloc.stop()
     result = {"update_bytes": len(update), "rss_per_doc": (rss() - rss0) / n,
               "py_per_doc": py}
-    refs = [weakref.ref(live) for live in lives]
+    refs = [weakref.ref(live.doc) for live in lives]  # (a compiled LiveDoc takes no weak reference)
     close_all(lives)
     lives.clear()
     gc.collect()

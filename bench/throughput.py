@@ -768,8 +768,9 @@ async def benchmark(s: Settings) -> Results:
                     await lean_round(bare_url, bare_fleet, s.concurrency, 0.5, "warm-up",
                                      bare)
                 for n in range(s.rounds):
-                    # enough for twice the best rate so far (three times the warm-up's)
-                    real_fleet.top_up(math.ceil((3 if n == 0 else 2) * rate * s.duration
+                    # enough for twice the best rate so far (five times the warm-up's: a
+                    # warm-up slowed by the machine once left the first round short)
+                    real_fleet.top_up(math.ceil((5 if n == 0 else 2) * rate * s.duration
                                                 / len(real_devs)))
                     r = await lean_round(real_url, real_fleet, s.concurrency, s.duration,
                                          "crdtsync", real)
@@ -823,7 +824,7 @@ async def ab_benchmark(s: Settings, against: Path) -> tuple[list[RoundResult],
             for n in range(s.rounds):
                 for side in (0, 1) if n % 2 == 0 else (1, 0):
                     name, server, lean = runs[side]
-                    lean.top_up(math.ceil((3 if n == 0 else 2) * rates[side] * s.duration
+                    lean.top_up(math.ceil((5 if n == 0 else 2) * rates[side] * s.duration
                                           / s.devices))
                     r = await lean_round(server.url + SYNC_PATH, lean, s.concurrency,
                                          s.duration, f"crdtsync {name}", server)

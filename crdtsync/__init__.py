@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._compiled import choose
 from ._lazy import lazy_exports
+
+choose()  # before any compiled module is imported (crdtsync._compiled)
 
 if TYPE_CHECKING:  # what mypy and IDEs see; at run time __getattr__ imports on first access
     from ._device_store import OutboxLimits

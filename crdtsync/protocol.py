@@ -96,6 +96,11 @@ class Limits:
     max_batch_entries: int = 1000
     """Entries (device sync requests) in one gateway batch (docs/protocol.md 18)."""
 
+    def __reduce__(self) -> tuple[type[Limits], tuple[int, ...]]:
+        """Pickled as its fields (a server's worker processes get the limits): compiled
+        with mypyc (``crdtsync._compiled``), a frozen class refuses pickle's own way."""
+        return type(self), tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
 
 DEFAULT_LIMITS = Limits()
 

@@ -9,6 +9,7 @@ when to sync (docs/protocol.md 14a).
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import zlib
 from collections.abc import Callable, Mapping
@@ -41,8 +42,8 @@ WAKE_GRACE = 30.0
 up on it (a server that never answers, a connection silently dropped)."""
 
 zstandard: Any
-try:  # optional: `pip install crdtsync[zstd]`
-    import zstandard
+try:  # optional: `pip install crdtsync[zstd]` (imported by name: typed alike with or without it)
+    zstandard = importlib.import_module("zstandard")
 except ImportError:  # pragma: no cover - depends on the installation
     zstandard = None
 

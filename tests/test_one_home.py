@@ -57,8 +57,10 @@ def test_the_clock_has_one_definition() -> None:
     defined = [f"{path.relative_to(ROOT)}:{node.lineno}" for path, tree in modules()
                for node in tree.body
                if isinstance(node, ast.FunctionDef) and node.name in CLOCK_FUNCTIONS]
-    assert defined == [f"{CLOCK_HOME.relative_to(ROOT)}:"
-                       f"{hlc.wall_ms.__code__.co_firstlineno}"]
+    home = ast.parse(CLOCK_HOME.read_text())  # (compiled, hlc.wall_ms has no __code__)
+    line = next(node.lineno for node in home.body
+                if isinstance(node, ast.FunctionDef) and node.name == hlc.wall_ms.__name__)
+    assert defined == [f"{CLOCK_HOME.relative_to(ROOT)}:{line}"]
 
 
 def test_only_the_clock_home_reads_the_system_clock() -> None:

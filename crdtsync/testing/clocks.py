@@ -19,6 +19,7 @@ import inspect
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 HOUR_MS = 3_600_000
 
@@ -120,11 +121,18 @@ def device_takes_clock() -> bool:
     """True when :class:`~crdtsync.Device` takes ``clock=`` (a wall clock in ms)."""
     from ..device import Device
 
-    return "clock" in inspect.signature(Device.__init__).parameters
+    return _takes_clock(Device.__init__)
 
 
 def server_takes_clock() -> bool:
     """True when the server's ``SyncService`` takes ``clock=`` (a wall clock in ms)."""
     from crdtsync_server.sync import SyncService
 
-    return "clock" in inspect.signature(SyncService.__init__).parameters
+    return _takes_clock(SyncService.__init__)
+
+
+def _takes_clock(init: Any) -> bool:
+    """True when ``init`` takes ``clock=``: names it, or takes any keyword (a class compiled
+    with mypyc shows only ``*args, **kwargs``)."""
+    parameters = inspect.signature(init).parameters.values()
+    return any(p.name == "clock" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)

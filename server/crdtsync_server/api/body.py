@@ -5,6 +5,7 @@ client is authenticated."""
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import zlib
 from typing import Any
@@ -17,8 +18,8 @@ from .deadlines import read_within
 from .keys import SERVICES
 
 zstandard: Any
-try:  # optional: `pip install crdtsync[zstd]`
-    import zstandard
+try:  # optional: `pip install crdtsync[zstd]` (imported by name: typed alike with or without it)
+    zstandard = importlib.import_module("zstandard")
 except ImportError:  # pragma: no cover - depends on the installation
     zstandard = None
 
