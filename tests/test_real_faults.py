@@ -85,8 +85,10 @@ async def test_each_proxy_mode_breaks_the_exchange_as_documented(
     """Each fault fails the sync with a retryable TransportError of the right kind and
     commits exactly what the mode says; then pass-through delivers everything once."""
     token = (await admin.add_device("d1"))["token"]
-    async with FaultProxy(server.port, mode=mode, stall=0.5, seed=seed) as proxy:
-        transport = HttpTransport(proxy.url, token, timeout=0.3)
+    # A stall outlasts the client's timeout; the timeout leaves the sync through
+    # pass-through below room on a loaded machine (0.3 s once timed out in CI).
+    async with FaultProxy(server.port, mode=mode, stall=3.0, seed=seed) as proxy:
+        transport = HttpTransport(proxy.url, token, timeout=1.5)
         async with Device("d1", transport=transport, path=tmp_path / "d1.db",
                           interval=None) as dev:
             await dev.emit("t", {"n": 1})
