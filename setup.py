@@ -10,32 +10,33 @@ import ast
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from setuptools import Extension, setup
 
 HERE = Path(__file__).parent
 
 
-def compiled_modules() -> list[str]:
-    """``MODULES`` of ``crdtsync/_compiled.py``, read from its text (importing crdtsync here
-    would need its dependencies in the build environment)."""
+def compiled_setting(name: str) -> Any:
+    """The literal ``name`` (``MODULES``, ``ROOTS``) of ``crdtsync/_compiled.py``, read from
+    its text (importing crdtsync here would need its dependencies in the build environment)."""
     tree = ast.parse((HERE / "crdtsync" / "_compiled.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "MODULES":
-            return list(ast.literal_eval(node.value))
-    raise RuntimeError("crdtsync/_compiled.py has no MODULES")
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"crdtsync/_compiled.py has no {name}")
 
 
 def mypyc_extensions() -> list[Extension]:
     """The compiled modules, or none where mypyc cannot build them (a warning says why)."""
-    roots = {"crdtsync": [], "crdtsync_server": ["server"]}
-    files = [os.path.join(*roots[name.split(".")[0]], *name.split(".")) + ".py"
-             for name in compiled_modules()]
+    roots = compiled_setting("ROOTS")
+    files = [os.path.normpath(os.path.join(roots[name.split(".")[0]], *name.split(".")))
+             + ".py" for name in compiled_setting("MODULES")]
     try:
         from mypyc.build import mypycify
 
         extensions = mypycify(files, opt_level="3", group_name="crdtsync._mypyc")
-    except (ImportError, SystemExit, Exception) as exc:  # mypyc exits on a type error
+    except (Exception, SystemExit) as exc:  # mypyc exits on a type error
         print(f"crdtsync: not compiling {len(files)} modules with mypyc ({exc!r}); "
               "they run as Python", file=sys.stderr)
         return []

@@ -45,7 +45,8 @@ MODULES = (
 of strings)."""
 
 ROOTS = {"crdtsync": ".", "crdtsync_server": "server"}
-"""Where each top-level package lies in the source tree, relative to setup.py."""
+"""Where each top-level package lies in the source tree, relative to setup.py (which reads
+this literal too)."""
 
 
 def source_file(name: str, package_dir: Path) -> Path:
