@@ -179,7 +179,7 @@ class SQLiteWorker:
         try:
             return fn(self._reader or self._open_reader(), *args)
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            if _code(exc) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise _translate(exc) from exc
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
@@ -427,13 +427,19 @@ def _deferred(synchronous: str) -> bool:
     return synchronous in ("FULL", "EXTRA")
 
 
+def _code(exc: sqlite3.Error) -> int:
+    """SQLite's extended result code of ``exc``; 0 for one raised by Python code, which
+    carries none (a function inside a transaction, an injected fault)."""
+    return int(getattr(exc, "sqlite_errorcode", 0) or 0)
+
+
 def _busy_if_locked(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
     """``fn(conn, *args)`` (one write transaction); :class:`StoreBusy` when the transaction
     could not begin because another connection holds the write lock."""
     try:
         return fn(conn, *args)
     except sqlite3.OperationalError as exc:
-        locked = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        locked = _code(exc) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
         if locked and not conn.in_transaction:
             raise StoreBusy("another connection holds the write lock") from exc
         raise

@@ -197,6 +197,40 @@ async def test_a_document_is_rebuilt_once_its_history_outweighs_its_content(
         assert await stored_size(store) < await stored_size(unbounded) / 2
 
 
+async def test_the_fresh_size_is_measured_again_only_past_the_bound_it_gave(
+        tmp_path: Path) -> None:
+    """A check under the bound of the fresh size last measured does not build the fresh
+    document again: after the content shrank (a 3 KB value deleted), checks keep the old
+    measure until the document passes its bound, then measure again and rebuild."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        cache = DocumentCache(store, 1, rebuild_slack=256)
+        async with cache.lock("d"):
+            live = await cache.get(KEY)
+            live.adopts = True
+            crdt.write(live.doc, "state", {"big": "x" * 3000})
+            stored = await store.commit(SyncWrite(None, 1, docs=[
+                DocWrite(KEY, live.capture(), live.gen)]))
+            live.committed(stored.update_ids[0], stored.prev_ids[0])
+            await cache.after_commit(live)  # the first check measures
+            measured = live.fresh_size
+            assert measured is not None and measured > 3000 and cache.rebuilds == 0
+            crdt.write(live.doc, "state", {"big": None})
+            stored = await store.commit(SyncWrite(None, 2, docs=[
+                DocWrite(KEY, live.capture(), live.gen)]))
+            live.committed(stored.update_ids[0], stored.prev_ids[0])
+        rounds = 0
+        while cache.rebuilds == 0:
+            await overwrite(cache, store, 1, start=rounds)
+            rounds += 1
+            if cache.rebuilds == 0:  # not rebuilt: not measured again
+                assert live.fresh_size == measured
+        # rebuilt once past the old bound, far later than the new content's bound
+        assert rounds > 40 and len(live.doc.get_update()) > 2 * measured + 256
+        rebuilt = await cache.get(KEY)
+        assert rebuilt.gen == 1 and rebuilt.fresh_size is not None
+        assert rebuilt.fresh_size < 400 and "big" not in crdt.to_json(rebuilt.doc)["state"]
+
+
 async def test_only_documents_of_devices_that_adopt_are_rebuilt(tmp_path: Path) -> None:
     async with SQLiteStore(tmp_path / "s.db") as store:
         cache = DocumentCache(store, 1, rebuild_slack=256)
@@ -272,10 +306,12 @@ async def test_a_failed_rebuild_is_logged_and_retried(tmp_path: Path,
         assert cache.rebuilds >= 1 and (await store.load_doc(KEY)).gen == cache.rebuilds
 
 
-async def test_a_failed_reload_after_a_rebuild_is_left_to_the_next_use(
+async def test_the_rebuilt_generation_is_cached_as_stored_without_reading_it_back(
         tmp_path: Path) -> None:
-    """The store step is the rebuild; reading the new generation back is not: if that read
-    fails, the next use of the document loads it."""
+    """The cache keeps generation ``gen + 1`` as the store now holds it (the content, the
+    snapshot's update id, the stamps) without reading it back: with every read of the store
+    failing, the rebuild still leaves it cached, and a second cache that loads it from the
+    store holds the same."""
     async with SQLiteStore(tmp_path / "s.db") as store:
         cache = DocumentCache(store, 1, rebuild_factor=0, rebuild_slack=256)
         content = await overwrite(cache, store, 150)
@@ -288,10 +324,16 @@ async def test_a_failed_reload_after_a_rebuild_is_left_to_the_next_use(
         cache.rebuild_factor = 2
         live = cache._docs[KEY]
         assert await cache.maybe_rebuild(live)
-        assert KEY not in cache._docs
+        cached = cache._docs[KEY]
+        assert cached is not live and live.closed is False  # retired: a sync may hold it
+        assert (cached.gen, cached.rows, cached.adopts) == (1, 0, True)
+        assert crdt.to_json(cached.doc) == content
         store.load_doc = load_doc  # type: ignore[method-assign]
-        again = await cache.get(KEY)
-        assert again.gen == 1 and crdt.to_json(again.doc) == content
+        loaded = await DocumentCache(store, 2).get(KEY)
+        assert (loaded.gen, loaded.last_id, loaded.rows, loaded.stamps) == (
+            cached.gen, cached.last_id, cached.rows, cached.stamps)
+        assert loaded.doc.get_state() == cached.doc.get_state()
+        assert await cache.get(KEY) is cached  # nothing to catch up
 
 
 async def test_a_key_lock_serialises_its_holders_and_goes_when_the_last_leaves() -> None:

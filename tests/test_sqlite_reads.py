@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -277,6 +278,42 @@ async def test_a_commit_keeps_its_row_and_the_lookup_reads_nothing(tmp_path: Pat
         await store.set_setting("k", "v")  # any write of this store forgets what it kept
         fresh = await store.device_by_token(hash_token("t"))
         assert fresh is not None and fresh.disabled
+
+
+async def test_a_documents_upkeep_forgets_no_device_and_runs_on_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction, a rebuild into a new generation and a document's load change no device
+    row: the device rows the store kept stay kept. With the store's thread idle they run on
+    the event loop's thread, so the group commits that come meanwhile are not sent to the
+    store's thread."""
+    from crdtsync_server.store import DocWrite
+    from crdtsync_server.store.sqlite import documents
+
+    ran_in: dict[str, int] = {}
+    def spy(name: str) -> Any:
+        real = getattr(documents, name)
+
+        def run(*args: object) -> object:
+            ran_in[name] = threading.get_ident()
+            return real(*args)
+        return run
+
+    for name in ("_compact", "_rebuild", "_load_doc"):
+        monkeypatch.setattr(documents, name, spy(name))
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
+        assert await store.device_by_token(hash_token("t")) is not None
+        result = await store.commit(SyncWrite("d1", time=500, events=evs(1, 2),
+                                              docs=[DocWrite("d1/state", b"\x00\x00")]))
+        kept = store.known_devices.by_id()["d1"]  # put back by the commit
+        await store.compact("d1/state", result.update_ids[0], b"\x00\x00")
+        assert await store.rebuild("d1/state", 0, result.update_ids[0], b"\x00\x00")
+        assert (await store.load_doc("d1/state")).gen == 1
+        assert store.known_devices.by_id() == {"d1": kept}
+        await store.set_setting("k", "v")  # whereas a write that may change a row forgets
+        assert store.known_devices.by_id() == {}
+    assert ran_in == dict.fromkeys(("_compact", "_rebuild", "_load_doc"),
+                                   threading.get_ident())
 
 
 def test_kept_records_expire() -> None:

@@ -94,8 +94,8 @@ class _Incomplete:
 
     def compact(self, key: str, upto_id: int, snapshot: bytes) -> None: ...
 
-    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> bool:
-        return False
+    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> int | None:
+        return None
 
 
 def test_mismatches_names_what_a_backend_misses() -> None:

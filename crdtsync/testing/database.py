@@ -132,7 +132,7 @@ class SimStore:
         self.sim.maybe_crash_server(self.index, "after commit")
         return result
 
-    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> bool:
+    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> int | None:
         self.sim.maybe_crash_server(self.index, "before rebuild")
         done = await self.inner.rebuild(key, gen, upto_id, snapshot)
         self.sim.maybe_crash_server(self.index, "after rebuild")

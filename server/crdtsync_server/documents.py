@@ -84,8 +84,9 @@ class LiveDoc:
         self.grown = 0
         """Bytes of updates captured since the last rebuild check."""
         self.fresh_size: int | None = None
-        """Size of the rebuilt document at the last rebuild check; ``None``: not checked
-        since loaded (the next check is due at once)."""
+        """Size of the rebuilt document as last measured (at the first check after a load,
+        then whenever the size passed the bound it gave, :meth:`DocumentCache.maybe_rebuild`);
+        ``None``: not checked since loaded (the next check is due at once)."""
 
     def _on_update(self, event: TransactionEvent) -> None:
         self.state = None
@@ -313,10 +314,14 @@ class DocumentCache:
         """Rebuild ``live`` into generation ``gen + 1`` when its encoded size is over
         ``rebuild_factor * fresh + rebuild_slack`` bytes, ``fresh`` being the size of
         ``crdt.rebuilt(doc)`` (the same content, none of the history, a new random client
-        id). Call under the document's lock with ``live`` equal to what the store holds
-        (after a commit). Only documents whose holders can take a new generation are
-        rebuilt (:attr:`LiveDoc.adopts`: a device's document whose device adopts, and every
-        shared document).
+        id) as last measured: building it costs several times the size's encoding, so it
+        is built at the first check after a load and then only when the size passes the
+        bound the last measure gave (a document whose content shrank since is rebuilt once
+        its size passes its former content's bound; with devices that adopt, 3.5 checks
+        per rebuild had built it each time). Call under the document's lock with ``live``
+        equal to what the store holds (after a commit). Only documents whose holders can
+        take a new generation are rebuilt (:attr:`LiveDoc.adopts`: a device's document
+        whose device adopts, and every shared document).
 
         The store's compare-and-set (:meth:`Store.rebuild`) is the only step that changes
         anything, so a crash at any point leaves either generation ``gen`` or ``gen + 1``
@@ -327,12 +332,20 @@ class DocumentCache:
         device."""
         if not self._rebuild_due(live):
             return False
-        fresh = crdt.rebuilt(live.doc, crdt.random_client_id()).get_update()
         size = len(live.doc.get_update())
-        live.grown, live.fresh_size = 0, len(fresh)
-        if size <= self.rebuild_factor * len(fresh) + self.rebuild_slack:
+        live.grown = 0
+        if live.fresh_size is not None and size <= self._bound(live.fresh_size):
+            return False  # under the bound of the fresh size last measured
+        fresh = crdt.rebuilt(live.doc, crdt.random_client_id()).get_update()
+        live.fresh_size = len(fresh)
+        if size <= self._bound(len(fresh)):
             return False
         return await self.rebuild(live, fresh)
+
+    def _bound(self, fresh_size: int) -> float:
+        """The size over which a document whose content encodes in ``fresh_size`` bytes is
+        rebuilt."""
+        return self.rebuild_factor * fresh_size + self.rebuild_slack
 
     async def rebuild(self, live: LiveDoc, fresh: bytes | None = None) -> bool:
         """Rebuild ``live`` into generation ``gen + 1`` now, whatever its size (``fresh``:
@@ -341,31 +354,36 @@ class DocumentCache:
         if fresh is None:
             fresh = crdt.rebuilt(live.doc, crdt.random_client_id()).get_update()
         size = len(live.doc.get_update())
+        seen = self.store.external_writes
         try:
-            done = await self.store.rebuild(live.key, live.gen, live.last_id, fresh)
+            snapshot_id = await self.store.rebuild(live.key, live.gen, live.last_id, fresh)
         except CrdtsyncError as exc:
             self.rebuild_failures += 1
             log.error("rebuild of %s failed, will retry: %s", live.key, exc.message)
             return False
-        if not done:
+        if snapshot_id is None:
             log.info("rebuild of %s lost to another writer, will retry", live.key)
             return False
         self.rebuilds += 1
         log.info("rebuilt %s into generation %d: %d -> %d bytes", live.key, live.gen + 1,
                  size, len(fresh))
         self.evict(live.key)
-        await self._reload_rebuilt(live.key, len(fresh))
+        self._cache_rebuilt(live, fresh, snapshot_id, seen)
         return True
 
-    async def _reload_rebuilt(self, key: str, fresh_size: int) -> None:
-        """Cache the generation just stored (a failure leaves it to the next use)."""
-        try:
-            live = await self.get(key)
-        except CrdtsyncError as exc:
-            log.error("reloading rebuilt %s failed, will retry at its next use: %s", key,
-                      exc.message)
-            return
-        live.adopts, live.fresh_size = True, fresh_size
+    def _cache_rebuilt(self, old: LiveDoc, fresh: bytes, snapshot_id: int,
+                       seen: int | None) -> None:
+        """Cache generation ``old.gen + 1`` as just stored: ``fresh`` at ``snapshot_id``,
+        with the stamps of ``old`` (stamps are per key and survive a rebuild), as a load
+        would give it, without reading it back. ``seen`` is the store's
+        ``external_writes`` before the rebuild: another writer's commit noticed meanwhile
+        makes the next use catch up."""
+        live = LiveDoc(old.key, crdt.new_doc(self.client_id, fresh), old.gen + 1, snapshot_id,
+                       0, old.stamps.values())
+        live.seen, live.used = seen, self._clock()
+        live.adopts, live.fresh_size = True, len(fresh)
+        self._docs[old.key] = live
+        self._evict_over_capacity()
 
     async def maybe_compact(self, live: LiveDoc) -> bool:
         """Fold the log of ``live`` into a snapshot once ``compact_every`` rows piled up.

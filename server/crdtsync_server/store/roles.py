@@ -93,7 +93,7 @@ class DocumentStore(Protocol):
         """Replace the snapshot of ``key`` by ``snapshot`` (which must reflect every update
         with id <= ``upto_id``) and delete exactly those rows, in one transaction."""
 
-    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> bool:
+    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> int | None:
         """Replace document ``key`` by generation ``gen + 1`` whose whole content is
         ``snapshot`` (a full Yjs update of a fresh document with the content of generation
         ``gen`` up to update ``upto_id``), in one transaction, if and only if the stored
@@ -101,8 +101,9 @@ class DocumentStore(Protocol):
         ``upto_id`` (nobody appended, compacted past it or rebuilt meanwhile; an unknown
         document is generation 0 with nothing logged). Every update row of ``key`` is
         deleted and the snapshot gets a fresh, never reused update id as ``snapshot_id``, so
-        :meth:`read_since` answers ``None`` to every cached copy. Returns ``True`` if it
-        happened; ``False`` changes nothing."""
+        :meth:`read_since` answers ``None`` to every cached copy. Returns that
+        ``snapshot_id`` if it happened (the caller may cache generation ``gen + 1`` at it
+        without reading it back); ``None`` changes nothing."""
 
     async def read_stamps(self, key: str) -> list[KeyStamp]:
         """Every stamp row of document ``key`` (:class:`KeyStamp`), ordered by map and key;

@@ -48,15 +48,14 @@ class MemoryDocuments(MemoryState):
         doc.snapshot, doc.snapshot_id = snapshot, upto_id
         doc.updates = {i: data for i, data in doc.updates.items() if i > upto_id}
 
-    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> bool:
+    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> int | None:
         """Replace ``key`` by generation ``gen + 1`` holding ``snapshot`` if it is still at
         ``gen`` with nothing above ``upto_id`` (see ``Store.rebuild``)."""
         self._check_open()
         doc = self._docs.get(key, DocRow())
         if doc.gen != gen or doc.last_id > upto_id:
-            return False
-        self._replace_doc(key, gen + 1, snapshot)
-        return True
+            return None
+        return self._replace_doc(key, gen + 1, snapshot)
 
     async def read_stamps(self, key: str) -> list[KeyStamp]:
         """Every stamp row of document ``key``, ordered by map and key."""
@@ -68,11 +67,12 @@ class MemoryDocuments(MemoryState):
         for row in rows:
             self._stamps.setdefault(row.doc, {})[(row.map, row.key)] = row
 
-    def _replace_doc(self, key: str, gen: int, snapshot: bytes) -> None:
+    def _replace_doc(self, key: str, gen: int, snapshot: bytes) -> int:
         """Make ``key`` generation ``gen`` holding only ``snapshot``, at a fresh update id
-        (every cached copy must reload)."""
+        (every cached copy must reload); returns that id."""
         self._last_update_id += 1
         self._docs[key] = DocRow(gen=gen, snapshot=snapshot, snapshot_id=self._last_update_id)
+        return self._last_update_id
 
     def _check_generations(self, docs: Sequence[DocWrite]) -> None:
         for w in docs:

@@ -56,7 +56,7 @@ class PostgresDocuments(PostgresConnection):
         if upto_id > 0:  # covers nothing otherwise (``snapshot_id`` is 0 when absent)
             await self._write(_compact, key, upto_id, snapshot)
 
-    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> bool:
+    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> int | None:
         """Replace ``key`` by generation ``gen + 1`` holding ``snapshot`` if it is still at
         ``gen`` with nothing above ``upto_id``, in one transaction holding the sequence lock
         and the document's row lock, so the check and the write see no other instance in
@@ -153,13 +153,12 @@ async def _compact(conn: asyncpg.Connection, key: str, upto_id: int, snapshot: b
 
 
 async def _rebuild(conn: asyncpg.Connection, key: str, gen: int, upto_id: int,
-                   snapshot: bytes) -> bool:
+                   snapshot: bytes) -> int | None:
     await sequenced(conn)  # first: no commit or rebuild of any instance in between
     stored_gen, snapshot_id = await _lock_doc(conn, key)
     if stored_gen != gen or await _last_id(conn, key, snapshot_id) > upto_id:
-        return False
-    await replace_doc(conn, key, gen + 1, snapshot)
-    return True
+        return None
+    return await replace_doc(conn, key, gen + 1, snapshot)
 
 
 async def _lock_doc(conn: asyncpg.Connection, key: str) -> tuple[int, int]:
@@ -180,20 +179,21 @@ async def _last_id(conn: asyncpg.Connection, key: str, snapshot_id: int) -> int:
 
 
 async def replace_doc(conn: asyncpg.Connection, key: str, gen: int, snapshot: bytes, *,
-                      keep_stamps: bool = True) -> None:
+                      keep_stamps: bool = True) -> int:
     """Make document ``key`` generation ``gen`` holding only ``snapshot``, at a fresh update
     id (``nextval`` of the updates sequence: never given out again), above every id a
     cached copy of the document can hold. The stamps its deleted rows logged move to
     ``stamps`` unless ``keep_stamps`` is false (the caller deletes them). Inside the
-    caller's transaction, which holds the sequence lock."""
+    caller's transaction, which holds the sequence lock. Returns that id (the new
+    ``snapshot_id``)."""
     if keep_stamps:
         await _fold_stamps(conn, key, None)
-    await conn.execute(
+    return int(await conn.fetchval(
         "WITH gone AS (DELETE FROM updates WHERE key = $1)"
         " INSERT INTO docs (key, gen, snapshot, snapshot_id)"
         " VALUES ($1, $2, $3, nextval(pg_get_serial_sequence('updates', 'id')))"
         " ON CONFLICT (key) DO UPDATE SET gen = excluded.gen, snapshot = excluded.snapshot,"
-        " snapshot_id = excluded.snapshot_id", key, gen, snapshot)
+        " snapshot_id = excluded.snapshot_id RETURNING snapshot_id", key, gen, snapshot))
 
 
 # --- stamps (logged with their update row: ``store/columns.py``)

@@ -7,14 +7,18 @@ statements of two transactions never interleave and the event loop never blocks 
 If the awaiting coroutine is cancelled, the function still runs to its end in the thread:
 a commit either lands whole or not at all, but only a returned :meth:`SQLiteStore.commit`
 counts as acknowledged.
-Two exceptions run on the event loop's thread. The group commit of syncs
+Some calls run on the event loop's thread instead. The group commit of syncs
 (``SQLiteStore.commit``) runs there whenever the store's thread is idle
 (``SQLiteWorker.write_here``): handing it over cost every sync's objects a trip to another
 CPU and back, about a sixth of its CPU. It commits without SQLite's ``fsync`` and without an
 automatic checkpoint; ``SQLiteWorker.durable`` then syncs the log in a thread of its own
 before any sync of the group is answered, so the guarantee stays ``synchronous=FULL``'s.
 When the thread is busy, or another process holds the write lock, the group runs in the
-thread as every other call. And the device lookup of every sync (``device_by_token``): a
+thread as every other call. A document's upkeep (a compaction, a rebuild) runs there the
+same way (:meth:`SQLiteConnection._write_soon`), and so does a document's load, on the
+read-only connection below (:meth:`SQLiteConnection._read_soon`), so that they do not keep
+the thread busy and send the group commits there. And the device lookup of every sync
+(``device_by_token``): a
 read of a few cached index pages, run on the event loop's thread on a second, read-only
 connection (``SQLiteWorker.read``), because the hop to the thread and back costs several
 times the read.
@@ -45,7 +49,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from crdtsync._sqlite_worker import SQLiteWorker, pragmas, transaction
+from crdtsync._sqlite_worker import SQLiteWorker, StoreBusy, pragmas, transaction
 
 from ..records import DeviceRecord
 from .schema import MIGRATIONS
@@ -146,19 +150,51 @@ class SQLiteConnection:
                                                  forget_devices=forget_devices)
         return self._woken(outcome)
 
-    async def _write_here_waking(self, fn: Callable[..., T], *args: Any,
-                                 forget_devices: bool = True) -> T:
-        """:meth:`_run_waking` of a write transaction ``fn`` in the event loop's thread when
-        the store's thread is idle (``SQLiteWorker.write_here``), durable on return;
-        :class:`~crdtsync._sqlite_worker.StoreBusy` (nothing written) when it cannot run there."""
+    async def _write_here(self, fn: Callable[..., T], *args: Any,
+                          forget_devices: bool = True) -> T:
+        """:meth:`_run` of a write transaction ``fn`` (beginning ``BEGIN IMMEDIATE``) in the
+        event loop's thread when the store's thread is idle (``SQLiteWorker.write_here``),
+        durable on return; :class:`~crdtsync._sqlite_worker.StoreBusy` (nothing written)
+        when it cannot run there."""
         started = self.known_devices.clock()
-        observed: tuple[int, bool, tuple[int, T]] = self._db.write_here(
-            observing, _then_wake_head, fn, *args)
+        observed: tuple[int, bool, T] = self._db.write_here(observing, fn, *args)
         try:
             await self._db.durable()
         finally:  # committed, durable or not: what it changed is noted all the same
             outcome = self._observed(observed, forget_devices, started)
+        return outcome
+
+    async def _write_here_waking(self, fn: Callable[..., T], *args: Any,
+                                 forget_devices: bool = True) -> T:
+        """:meth:`_write_here` of a call that may append wake entries (as
+        :meth:`_run_waking`)."""
+        outcome: tuple[int, T] = await self._write_here(_then_wake_head, fn, *args,
+                                                        forget_devices=forget_devices)
         return self._woken(outcome)
+
+    async def _write_soon(self, fn: Callable[..., T], *args: Any,
+                          forget_devices: bool = True) -> T:
+        """A small write transaction ``fn`` of a document's upkeep (a compaction, a rebuild)
+        in the event loop's thread when the store's thread is idle (:meth:`_write_here`),
+        else in the store's thread (:meth:`_run`). In the thread it would keep the thread
+        busy, and the group commits that come meanwhile would go there too, where each
+        write reads its device's row and its document's generation again (they are known
+        only on the loop's thread, ``SQLiteStore._rows_if_alone``): with a rebuild every 36
+        syncs of each device, that was a fifth of the group commits."""
+        try:
+            return await self._write_here(fn, *args, forget_devices=forget_devices)
+        except StoreBusy:
+            return await self._run(fn, *args, forget_devices=forget_devices)
+
+    async def _read_soon(self, fn: Callable[..., T], *args: Any) -> T:
+        """A read ``fn`` in the event loop's thread on the reading connection
+        (``SQLiteWorker.read``) while this store is the file's only writer, so that no
+        commit of another process is left to observe, else :meth:`_run` (for a cached
+        document's load, which must not keep the store's thread busy either, as in
+        :meth:`_write_soon`)."""
+        if self.writers.alone():
+            return await self._db.read(fn, *args)
+        return await self._run(fn, *args)
 
     def _woken(self, outcome: tuple[int, T]) -> T:
         head, result = outcome

@@ -54,7 +54,7 @@ class SQLiteDocuments(SQLiteConnection):
     async def load_doc(self, key: str, *, stamps: bool = False) -> DocLog:
         """The stored log of ``key`` (with its stamp rows if ``stamps``); an empty
         ``DocLog`` if it was never written."""
-        return await self._run(_load_doc, key, stamps)
+        return await self._read_soon(_load_doc, key, stamps)
 
     async def read_since(self, key: str, after_id: int) -> tuple[tuple[int, bytes], ...] | None:
         """Updates of ``key`` with id > ``after_id`` in id order; ``None`` if compacted
@@ -63,14 +63,18 @@ class SQLiteDocuments(SQLiteConnection):
 
     async def compact(self, key: str, upto_id: int, snapshot: bytes) -> None:
         """Install ``snapshot`` as covering ids <= ``upto_id`` and delete exactly those rows,
-        in one transaction. A no-op unless ``upto_id`` is above the current ``snapshot_id``."""
-        await self._run(_compact, key, upto_id, snapshot)
+        in one transaction. A no-op unless ``upto_id`` is above the current ``snapshot_id``.
+        It changes no device row, so the devices this store knows stay known (each one
+        forgotten is read again at its device's next sync)."""
+        await self._write_soon(_compact, key, upto_id, snapshot, forget_devices=False)
 
-    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> bool:
+    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> int | None:
         """Replace ``key`` by generation ``gen + 1`` holding ``snapshot`` if it is still at
         ``gen`` with nothing above ``upto_id``, in one ``BEGIN IMMEDIATE`` transaction, so
-        the check and the write see no other process in between (see ``Store.rebuild``)."""
-        return await self._run(_rebuild, key, gen, upto_id, snapshot)
+        the check and the write see no other process in between (see ``Store.rebuild``).
+        It changes no device row (as :meth:`compact`)."""
+        return await self._write_soon(_rebuild, key, gen, upto_id, snapshot,
+                                      forget_devices=False)
 
     async def read_stamps(self, key: str) -> list[KeyStamp]:
         """Every stamp of document ``key``, ordered by map and key."""
@@ -177,21 +181,20 @@ def _compact(conn: sqlite3.Connection, key: str, upto_id: int, snapshot: bytes) 
 
 
 def _rebuild(conn: sqlite3.Connection, key: str, gen: int, upto_id: int,
-             snapshot: bytes) -> bool:
+             snapshot: bytes) -> int | None:
     with transaction(conn):  # IMMEDIATE: no other writer between the check and the write
         if (_stored_gen(conn, key) or 0) != gen or _last_id(conn, key) > upto_id:
-            return False
-        replace_doc(conn, key, gen + 1, snapshot)
-        return True
+            return None
+        return replace_doc(conn, key, gen + 1, snapshot)
 
 
 def replace_doc(conn: sqlite3.Connection, key: str, gen: int, snapshot: bytes, *,
-                keep_stamps: bool = True) -> None:
+                keep_stamps: bool = True) -> int:
     """Make document ``key`` generation ``gen`` holding only ``snapshot``, at a fresh update
     id: the id of a row inserted and deleted at once (AUTOINCREMENT never gives it again),
     above every id a cached copy of the document can hold. The stamps its deleted rows
     logged move to ``stamps`` unless ``keep_stamps`` is false (the caller deletes them).
-    Inside the caller's transaction."""
+    Inside the caller's transaction. Returns that id (the new ``snapshot_id``)."""
     fresh = conn.execute("INSERT INTO updates (key, gen, data) VALUES (?, ?, x'')", (key, gen))
     if keep_stamps:
         _fold_stamps(conn, key, None)
@@ -200,6 +203,8 @@ def replace_doc(conn: sqlite3.Connection, key: str, gen: int, snapshot: bytes, *
         "INSERT INTO docs (key, gen, snapshot, snapshot_id) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (key) DO UPDATE SET gen = excluded.gen, snapshot = excluded.snapshot,"
         " snapshot_id = excluded.snapshot_id", (key, gen, snapshot, fresh.lastrowid))
+    assert fresh.lastrowid is not None
+    return fresh.lastrowid
 
 
 # --- stamps (logged with their update row: ``store/columns.py``)
