@@ -4,7 +4,10 @@ The server runs in its own process (`python -m crdtsync serve`, SQLite in a temp
 default durability); the load generator runs in this process. Each simulated device keeps
 one in-memory pycrdt document (random client id) and a small outbox, no SQLite: every sync
 makes 5 writes into its `state` map, sends the update since its last acknowledged state
-vector plus 10 new events (consecutive seqs, `pg` = the highest acknowledged seq). The
+vector plus 10 new events (consecutive seqs, `pg` = the highest acknowledged seq), and
+adopts each new generation of `state` the server answers, as the reference client does
+(protocol section 8: the server rebuilds a document whose history outweighs its content,
+so the devices' history stays bounded as real devices' does). The
 warm-up sends them through aiohttp and applies the answers; the rounds send requests built
 before each round (:class:`LeanFleet`, :func:`lean_round`), so that the load generator takes
 little of the machine. A fixed number of requests is kept in flight (one per device at
@@ -129,7 +132,7 @@ class SimDevice:
     """One device: an in-memory pycrdt document, an outbox, and the protocol bookkeeping."""
 
     def __init__(self, device_id: str, token: str, seed: int, shared_docs: bool,
-                 encoding: str) -> None:
+                 encoding: str, adopts: bool = True) -> None:
         self.id = device_id
         self.encoding = encoding
         self.headers = headers(token, encoding)
@@ -145,9 +148,16 @@ class SimDevice:
         self.syncs = 0
         self.shared = ((DocSync("fleet", EMPTY_SV), DocSync("project", EMPTY_SV))
                        if shared_docs else ())
+        self.adopts = adopts
+        self.gen = 0
+        """The generation of ``state`` this device holds (protocol section 8)."""
+        self.adoptions = 0
 
-    def request(self) -> tuple[bytes, bytes, int]:
-        """The next request: ``(body, state vector sent, last seq sent)``."""
+    def request(self, events: Sequence[tuple[int, int, bytes]] = ()
+                ) -> tuple[bytes, bytes, int]:
+        """The next request: ``(body, state vector sent, last seq sent)``. Its events are
+        the outbox plus ``events`` if given (those of a request dropped when the device
+        adopted a new generation, :meth:`LeanFleet.answered`), else 10 new ones."""
         rng, now = self.rng, int(time.time() * 1000)
         with self.doc.transaction():
             self.state["temp"] = round(21 + rng.uniform(-2, 2), 1)
@@ -157,11 +167,13 @@ class SimDevice:
             self.state["rssi"] = -rng.randint(40, 90)
         sv = self.doc.get_state()
         update = self.doc.get_update(self.base_sv)
-        for _ in range(EVENTS_PER_SYNC):
+        self.outbox.extend(events)
+        for _ in range(0 if events else EVENTS_PER_SYNC):
             self.outbox.append((self.next_seq, now, reading(rng, now // 1000)))
             self.next_seq += 1
+        state = DocSync("state", sv, update, gen=self.gen, adopt=self.adopts)
         request = SyncRequest(
-            device=self.id, docs=(DocSync("state", sv, update), *self.shared),
+            device=self.id, docs=(state, *self.shared),
             events=tuple(Event(seq, "readings", t, None) for seq, t, _ in self.outbox),
             purged=self.acked)
         body = encode_request(request, bodies=[b for _, _, b in self.outbox])
@@ -171,10 +183,33 @@ class SimDevice:
         """Apply a 200 response; returns how many outbox events it acknowledged."""
         response = decode_response(raw)
         for part in response.docs:
-            if part.update and part.doc == "state":
+            if part.doc != "state":
+                continue
+            if part.gen != self.gen:
+                self.adopt(part.gen, part.sv, part.update)
+                sent_sv = part.sv
+            elif part.update:
                 self.doc.apply_update(part.update)
         # a 200 comes after the commit: the server has our update
         return self.acknowledge(sent_sv, response.acked)
+
+    def adopt(self, gen: int, sv: bytes, whole: bytes) -> None:
+        """Replace ``state`` by the cloud's generation ``gen`` (its whole document
+        ``whole``, state vector ``sv``) as the reference client does (protocol 8.1): a new
+        document with a new client id holding the cloud's content, and every key of this
+        device's map written into it again (each request writes them all, so all are
+        dirty: the request the cloud answered with ``gen`` was not applied). The next
+        request sends them with its own writes; its diff base is ``sv``."""
+        carried = self.state.to_py() or {}
+        self.doc = Doc(client_id=random_client_id())
+        if whole:
+            self.doc.apply_update(whole)
+        self.state = self.doc.get("state", type=Map)
+        with self.doc.transaction():
+            for key, value in carried.items():
+                self.state[key] = value
+        self.base_sv, self.gen = sv, gen
+        self.adoptions += 1
 
     def acknowledge(self, sent_sv: bytes, acked: int) -> int:
         """Record a sync that stored our state as of ``sent_sv`` and acknowledged the events
@@ -208,6 +243,8 @@ class RoundResult:
     bytes_down: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     cpu: CpuUse = field(default_factory=CpuUse)
+    adoptions: int = 0
+    """Answers that carried a new generation of a device's ``state`` (it adopted it)."""
 
     @property
     def syncs_per_s(self) -> float:
@@ -229,6 +266,7 @@ class RoundResult:
                 f"{c.server_main:3.0f}%+{c.server_other:2.0f}% "
                 + (f"database {c.database:3.0f}% " if c.database else "")
                 + f"load {c.load:3.0f}% others {c.others:3.0f}%"
+                + (f"  adopted {self.adoptions}" if self.adoptions else "")
                 + (f"  ERRORS {dict(self.errors)}" if self.errors else ""))
 
 
@@ -256,8 +294,10 @@ async def sync_once(session: aiohttp.ClientSession, url: str, dev: SimDevice,
             raise error
         result.errors[f"{status} {error.code}"] += 1
         return raw
+    adoptions = dev.adoptions
     acked = dev.apply(raw, sv)
     if result is not None:
+        result.adoptions += dev.adoptions - adoptions
         if dev.acked < last:
             result.errors["events not acknowledged"] += 1
         result.latencies.append(elapsed)
@@ -388,9 +428,12 @@ def raw_request(host: str, body: bytes, request_headers: dict[str, str]) -> byte
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-Prebuilt = tuple[bytes, int, int]
+Events = tuple[tuple[int, int, bytes], ...]
+"""Outbox events: ``(seq, time, body)``."""
+Prebuilt = tuple[bytes, int, int, Events]
 """A prebuilt request: the whole request as sent, its body's size, the highest event seq it
-carries."""
+carries, its events. ``b""`` as the request: not built yet, to be built with these events
+when its turn comes (its device adopted a new generation after it was queued)."""
 
 
 class LeanFleet:
@@ -400,7 +443,14 @@ class LeanFleet:
     one after its previous answer. A request left unsent at the end of a round is the first
     of the next. With ``ring``, the bare server's load: the last request built for each device
     at the first :meth:`top_up`, sent over and over by any connection (it reads nothing but
-    their size)."""
+    their size).
+
+    The devices adopt new generations of ``state`` as the reference client does (protocol
+    section 8), so the server rebuilds their documents and their history stays bounded, as
+    it does for real devices (until 2026-12-07 they did not: the documents' history grew
+    through a run, and the server's CPU per sync with it, by a third over five rounds). An
+    answer with a new generation drops the device's queued requests, built on the old one:
+    they are built again, with the same events, when their turn comes, in the round."""
 
     def __init__(self, host: str, devices: Sequence[SimDevice], ring: bool = False) -> None:
         self.host = host
@@ -415,15 +465,25 @@ class LeanFleet:
 
     def top_up(self, per_device: int) -> None:
         """Build requests until each device has ``per_device`` waiting (untimed)."""
+        for device, queue in self.pending.items():  # those an adoption dropped first
+            for n, request in enumerate(queue):
+                if not request[0]:
+                    queue[n] = self._build(device, request[3])
         for _ in range(per_device - min(len(q) for q in self.pending.values())):
             for dev in self.devices.values():
                 if len(self.pending[dev.id]) < per_device:
-                    body, sv, last = dev.request()
-                    dev.acknowledge(sv, last)
-                    self.pending[dev.id].append(
-                        (raw_request(self.host, body, dev.headers), len(body), last))
+                    self.pending[dev.id].append(self._build(dev.id))
         if self.ring and not self._ring:
             self._ring = [(device, queue[-1]) for device, queue in self.pending.items()]
+
+    def _build(self, device: str, events: Events = ()) -> Prebuilt:
+        """``device``'s next request (with ``events``: those of a dropped one), taken as
+        acknowledged in full."""
+        dev = self.devices[device]
+        body, sv, last = dev.request(events)
+        built = tuple(dev.outbox)
+        dev.acknowledge(sv, last)
+        return raw_request(self.host, body, dev.headers), len(body), last, built
 
     def take(self) -> tuple[str, Prebuilt] | None:
         """The next request to send and its device; ``None`` when no idle device has one."""
@@ -433,7 +493,10 @@ class LeanFleet:
         for _ in range(len(self.idle)):
             device = self.idle.popleft()
             if self.pending[device]:
-                return device, self.pending[device].popleft()
+                request = self.pending[device].popleft()
+                if not request[0]:
+                    request = self._build(device, request[3])
+                return device, request
             self.idle.append(device)
         return None
 
@@ -447,8 +510,10 @@ class LeanFleet:
             result.errors[status.decode()] += 1
             return
         if not self.ring:
-            ack = msgpack.unpackb(body, raw=False)["ack"]
+            answer = msgpack.unpackb(body, raw=False)
+            ack = answer["ack"]
             self.acked[device] = max(self.acked[device], ack)
+            self._adopt(device, answer, result)
             if ack < request[2]:
                 result.errors["events not acknowledged"] += 1
                 return
@@ -456,6 +521,19 @@ class LeanFleet:
         result.events += EVENTS_PER_SYNC
         result.bytes_up += request[1]
         result.bytes_down += len(body)
+
+
+    def _adopt(self, device: str, answer: dict[str, Any], result: RoundResult) -> None:
+        """If ``answer``'s ``state`` entry is of another generation than ``device`` holds,
+        adopt it and turn the device's queued requests into events to build again."""
+        dev = self.devices[device]
+        entry = next((d for d in answer.get("docs", ()) if d["d"] == "state"), None)
+        if entry is None or entry.get("g", 0) == dev.gen:
+            return
+        dev.adopt(entry["g"], entry["sv"], entry.get("u", b""))
+        result.adoptions += 1
+        self.pending[device] = deque((b"", 0, last, events)
+                                     for _, _, last, events in self.pending[device])
 
 
 class _LeanConnection(asyncio.Protocol):

@@ -230,3 +230,55 @@ def test_instructions_runs_in_quick_mode_under_valgrind() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "server / direct" in result.stdout
 
+
+
+async def test_the_lean_load_generator_adopts_rebuilt_documents(tmp_path: Path) -> None:
+    """``bench/throughput.py``'s prebuilt-request devices against a real server that rebuilds
+    their documents often (``rebuild_slack`` 0): they adopt each new generation, the requests
+    queued on the old one are built again with their events, and in the end every event is
+    stored once and the server holds each device's own state."""
+    import importlib
+
+    from crdtsync import AdminClient
+    from crdtsync_server import Server, ServerConfig
+
+    from .conftest import ADMIN_TOKEN
+
+    sys.path.insert(0, str(BENCH))
+    throughput: Any = importlib.import_module("throughput")
+    config = ServerConfig(db=str(tmp_path / "server.db"), port=0, admin_token=ADMIN_TOKEN,
+                          rebuild_factor=2, rebuild_slack=0)
+
+    class Meter:  # the CPU meter reads a server process; this server is this process
+        @staticmethod
+        def thread_cpu() -> tuple[float, float]:
+            return 0.0, 0.0
+
+    async with Server(config) as server, AdminClient(server.url, ADMIN_TOKEN) as admin:
+        tokens = {f"d{n}": (await admin.add_device(f"d{n}"))["token"] for n in range(3)}
+        settings = throughput.Settings(devices=3, concurrency=3, duration=60, rounds=1,
+                                       shared_docs=False, encoding="identity", quick=True,
+                                       profile=None, seed=3)
+        devices = throughput.fleet(tokens, settings, 3)
+        fleet = throughput.LeanFleet(server.url.split("//", 1)[1], devices)
+        fleet.top_up(25)
+        result = await throughput.lean_round(server.url + "/v1/sync", fleet, 3, 60,
+                                             "crdtsync", [Meter()])
+        # every request sent (the round ends when none is left), each answered 200
+        assert dict(result.errors) == {"requests ran out before the round's end": 1}
+        assert result.syncs == 75
+        assert result.adoptions == sum(d.adoptions for d in devices) > 0
+        assert all(d.gen > 0 for d in devices)
+        common: Any = importlib.import_module("common")
+        async with common.client_session(3, 60) as session:  # until one is not adopted:
+            for dev in devices:  # the server holds what the device last wrote
+                for _ in range(10):
+                    adopted = dev.adoptions
+                    await throughput.sync_once(session, server.url + "/v1/sync", dev)
+                    if dev.adoptions == adopted:
+                        break
+        for dev in devices:
+            assert (await admin.device(dev.id))["last_seq"] == dev.next_seq - 1 > 250
+            state = (await admin.state(dev.id))["state"]  # numbers come back as floats
+            assert state == {k: float(v) for k, v in dev.state.to_py().items()}
+    assert server.services.docs.rebuilds >= result.adoptions
