@@ -522,7 +522,6 @@ class LeanFleet:
         result.bytes_up += request[1]
         result.bytes_down += len(body)
 
-
     def _adopt(self, device: str, answer: dict[str, Any], result: RoundResult) -> None:
         """If ``answer``'s ``state`` entry is of another generation than ``device`` holds,
         adopt it and turn the device's queued requests into events to build again."""
