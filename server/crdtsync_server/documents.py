@@ -340,20 +340,23 @@ class DocumentCache:
         live.fresh_size = len(fresh)
         if size <= self._bound(len(fresh)):
             return False
-        return await self.rebuild(live, fresh)
+        return await self.rebuild(live, fresh, size)
 
     def _bound(self, fresh_size: int) -> float:
         """The size over which a document whose content encodes in ``fresh_size`` bytes is
         rebuilt."""
         return self.rebuild_factor * fresh_size + self.rebuild_slack
 
-    async def rebuild(self, live: LiveDoc, fresh: bytes | None = None) -> bool:
+    async def rebuild(self, live: LiveDoc, fresh: bytes | None = None,
+                      size: int | None = None) -> bool:
         """Rebuild ``live`` into generation ``gen + 1`` now, whatever its size (``fresh``:
-        the new generation's update if already built). The same contract as
-        :meth:`maybe_rebuild` once it decided; the simulator forces rebuilds through it."""
+        the new generation's update if already built; ``size``: the document's encoded size
+        if already measured, for the log). The same contract as :meth:`maybe_rebuild` once
+        it decided; the simulator forces rebuilds through it."""
         if fresh is None:
             fresh = crdt.rebuilt(live.doc, crdt.random_client_id()).get_update()
-        size = len(live.doc.get_update())
+        if size is None:
+            size = len(live.doc.get_update())
         seen = self.store.external_writes
         try:
             snapshot_id = await self.store.rebuild(live.key, live.gen, live.last_id, fresh)
