@@ -11,6 +11,7 @@ lookup observes its writes again.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from pathlib import Path
@@ -385,6 +386,69 @@ async def test_the_store_keeps_a_device_past_5_s_while_its_looks_find_no_other_w
         now[0] += DEVICE_CACHE_SECONDS + 0.1  # no call of the store meanwhile
         again = await store.device_by_token(hash_token("t"))
         assert again is not None and not again.disabled
+
+
+async def test_after_a_quiet_one_look_at_the_file_keeps_every_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Devices back after more than ``DEVICE_CACHE_SECONDS`` of quiet (an outage, then a
+    reconnect storm) are answered from memory: their lookups, all at once, share one look
+    at the file, which found no other connection's commit, and read no row. After the next
+    quiet a shell's change is seen: that look finds its commit and forgets the records."""
+    from crdtsync_server.store.sqlite import connection, devices
+
+    reads: list[str] = []
+    looks: list[int] = []
+    real_read, real_look = devices._device_by_token, connection._no_write
+
+    def counted_read(conn: sqlite3.Connection, token_hash: str) -> Any:
+        reads.append(token_hash)
+        return real_read(conn, token_hash)
+
+    def counted_look(conn: sqlite3.Connection) -> None:
+        looks.append(1)
+        real_look(conn)
+
+    monkeypatch.setattr(devices, "_device_by_token", counted_read)
+    monkeypatch.setattr(connection, "_no_write", counted_look)
+    now = [1000.0]
+    tokens = [f"t{n}" for n in range(20)]
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        store.known_devices.clock = lambda: now[0]
+        for n, token in enumerate(tokens):
+            await store.add_device(DeviceRecord(f"d{n}", hash_token(token), 1))
+        for token in tokens + tokens:  # the first lookup observes (``Writers.alone``)
+            assert await store.device_by_token(hash_token(token)) is not None
+        assert store.writers.alone() and len(store.known_devices.by_id()) == len(tokens)
+        reads.clear()
+        now[0] += DEVICE_CACHE_SECONDS + 1  # no call of the store meanwhile
+        found = await asyncio.gather(*(store.device_by_token(hash_token(t)) for t in tokens))
+        assert [d.id for d in found if d is not None] == [f"d{n}" for n in range(20)]
+        assert (reads, len(looks)) == ([], 1)
+        with sqlite3.connect(tmp_path / "s.db") as shell:
+            shell.execute("UPDATE devices SET disabled = 1 WHERE id = 'd3'")
+        now[0] += DEVICE_CACHE_SECONDS + 1
+        changed = await store.device_by_token(hash_token("t3"))
+        assert changed is not None and changed.disabled
+        assert (reads, len(looks)) == ([hash_token("t3")], 2)
+
+
+async def test_the_records_still_go_ten_minutes_after_the_first_was_kept(
+        tmp_path: Path) -> None:
+    """The look after a quiet does not outlive ``DEVICE_CACHE_LIMIT``, the bound on the
+    memory the records hold: past it, a lookup reads its row again."""
+    now = [1000.0]
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        store.known_devices.clock = lambda: now[0]
+        await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
+        for _ in range(2):
+            assert await store.device_by_token(hash_token("t")) is not None
+        assert store.known_devices.by_id().keys() == {"d1"}
+        with sqlite3.connect(tmp_path / "s.db") as shell:
+            shell.execute("UPDATE devices SET disabled = 1 WHERE id = 'd1'")
+        now[0] += DEVICE_CACHE_LIMIT + 1
+        assert not store.known_devices.unconfirmed()  # gone, not to be confirmed
+        found = await store.device_by_token(hash_token("t"))
+        assert found is not None and found.disabled
 
 
 async def test_a_second_store_on_the_file_makes_the_lookup_forget_what_it_kept(

@@ -38,6 +38,8 @@ together.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import itertools
 import json
@@ -88,6 +90,7 @@ class SQLiteConnection:
         self._wake_listeners: list[Callable[[int], None]] = []
         self._wake_announced = 0
         self.known_devices = DeviceCache()
+        self._confirming: asyncio.Future[None] | None = None
         """The devices as stored, by token hash, as far as this store saw them: what a sync's
         lookup answers while this store is alone on the file (``sqlite/devices.py``). Every
         call that changes a row forgets all of it (:meth:`_run`); a commit puts back the
@@ -126,6 +129,25 @@ class SQLiteConnection:
                 self.known_devices.clear()
             self._data_version = version
         return result
+
+    async def confirm_devices(self) -> None:
+        """Look at the file once (``PRAGMA data_version``, in the store's thread) when the
+        kept device records are :meth:`~DeviceCache.unconfirmed`: they are kept on when no
+        other connection committed since the store's last look, else forgotten. A server
+        that was idle for a while (its devices offline, then all back at once) so answers
+        their lookups from memory, one look for all of them, instead of reading every row.
+        Concurrent callers share the one look."""
+        if not self.known_devices.unconfirmed():
+            return
+        if self._confirming is None or self._confirming.done():
+            self._confirming = asyncio.ensure_future(self._look())
+        await asyncio.shield(self._confirming)
+
+    async def _look(self) -> None:
+        # A failed look confirms nothing: the records are then forgotten by ``get`` and the
+        # lookup reads the row, which reports what is wrong with the store.
+        with contextlib.suppress(Exception):
+            await self._run(_no_write, forget_devices=False)
 
     def on_wakes(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(head)`` after each call of this store that moved the head of the
@@ -213,8 +235,8 @@ class SQLiteConnection:
 DEVICE_CACHE_SECONDS = 5.0
 """Longest a device record is answered from memory without news of the file: a row changed
 behind the server's back (an SQL shell on the file, which no store object registers) is
-seen within this time of the store's last look at ``PRAGMA data_version`` (its next call),
-and within this time of being kept when the store makes no call at all."""
+seen within this time of the store's last look at ``PRAGMA data_version`` (its next call);
+a lookup after a longer quiet looks first (:meth:`SQLiteConnection.confirm_devices`)."""
 DEVICE_CACHE_LIMIT = 600.0
 """Longest the kept records live in any case, in seconds: they are forgotten all at once
 this long after the first was kept, so memory holds the devices of the last ten minutes at
@@ -254,6 +276,17 @@ class DeviceCache:
                     or now - self._since > DEVICE_CACHE_LIMIT):
                 self.clear()
         return self._records
+
+    def unconfirmed(self) -> bool:
+        """Records are kept, within :data:`DEVICE_CACHE_LIMIT` of the first, but the store's
+        last look at the file is more than :data:`DEVICE_CACHE_SECONDS` old: one more look
+        (:meth:`SQLiteConnection.confirm_devices`) keeps them, or forgets them if another
+        connection committed meanwhile; without it, :meth:`get` forgets them."""
+        if not self._records:
+            return False
+        now = self.clock()
+        return (now - max(self._since, self._checked) > DEVICE_CACHE_SECONDS
+                and now - self._since <= DEVICE_CACHE_LIMIT)
 
     def checked(self, at: float) -> None:
         """The store read ``PRAGMA data_version`` at or after ``at`` (this cache's clock) and
@@ -329,6 +362,10 @@ def observing(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any
     changes = conn.total_changes
     result = fn(conn, *args)
     return version, conn.total_changes != changes, result
+
+
+def _no_write(conn: sqlite3.Connection) -> None:
+    """Nothing: run through :func:`observing` for its look at the file."""
 
 
 def wake_head(conn: sqlite3.Connection) -> int:

@@ -45,7 +45,8 @@ class SQLiteDevices(SQLiteConnection):
         record comes from :attr:`known_devices` (every row this store changed since is
         forgotten there or put back as written, so it is the stored row; a row changed behind
         the server's back is seen within ``DEVICE_CACHE_SECONDS`` of the store's last look at
-        the file, ``DeviceCache``), else is read on the event
+        the file, ``DeviceCache``, and a lookup after a longer quiet looks first,
+        :meth:`confirm_devices`), else is read on the event
         loop's thread (``SQLiteWorker.read``, no hop); otherwise in the store's thread,
         observing what other writers committed (``external_writes``) before the sync reads
         its documents (``sqlite/writers.py``). Reading the row on the loop cost about 40 µs
@@ -54,6 +55,7 @@ class SQLiteDevices(SQLiteConnection):
         if not self.writers.alone():
             self.known_devices.clear()
             return await self._run(_device_by_token, token_hash)
+        await self.confirm_devices()
         device = self.known_devices.get(token_hash)
         if device is None:
             device = await self._db.read(_device_by_token, token_hash)
