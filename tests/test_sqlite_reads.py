@@ -289,18 +289,20 @@ async def test_a_documents_upkeep_forgets_no_device_and_runs_on_the_loop(
     store's thread."""
     from crdtsync_server.store import DocWrite
     from crdtsync_server.store.sqlite import documents
+    from crdtsync_server.store.sqlite import store as sqlite_store
 
     ran_in: dict[str, int] = {}
-    def spy(name: str) -> Any:
-        real = getattr(documents, name)
+    def spy(module: Any, name: str) -> Any:
+        real = getattr(module, name)
 
         def run(*args: object) -> object:
             ran_in[name] = threading.get_ident()
             return real(*args)
         return run
 
-    for name in ("_compact", "_rebuild", "_load_doc"):
-        monkeypatch.setattr(documents, name, spy(name))
+    for module, name in ((documents, "_compact"), (sqlite_store, "rebuild_in"),
+                         (documents, "_load_doc")):
+        monkeypatch.setattr(module, name, spy(module, name))
     async with SQLiteStore(tmp_path / "s.db") as store:
         await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
         assert await store.device_by_token(hash_token("t")) is not None
@@ -313,7 +315,7 @@ async def test_a_documents_upkeep_forgets_no_device_and_runs_on_the_loop(
         assert store.known_devices.by_id() == {"d1": kept}
         await store.set_setting("k", "v")  # whereas a write that may change a row forgets
         assert store.known_devices.by_id() == {}
-    assert ran_in == dict.fromkeys(("_compact", "_rebuild", "_load_doc"),
+    assert ran_in == dict.fromkeys(("_compact", "rebuild_in", "_load_doc"),
                                    threading.get_ident())
 
 

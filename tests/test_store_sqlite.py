@@ -750,6 +750,38 @@ async def test_concurrent_commits_share_transactions_and_fail_alone(tmp_path: Pa
         assert (await store.get_device("d17")).last_seq == 0  # type: ignore[union-attr]
 
 
+async def test_a_rebuild_rides_the_group_commit_of_concurrent_syncs(tmp_path: Path) -> None:
+    """A rebuild submitted while syncs are committing shares their transaction: fewer
+    transactions than writes. Its compare-and-set holds inside the group: the rebuild of a
+    document still at its generation and id lands (a new snapshot id, the log emptied), a
+    second one of the same old generation in the same group is refused (``None``), and a
+    rebuild refused does not refuse the syncs beside it."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        for i in range(20):
+            await store.add_device(DeviceRecord(f"d{i}", "h", created=1))
+        first = await store.commit(SyncWrite("d0", 10, docs=[DocWrite("d0/state", V1_UPDATE)]))
+        upto = first.update_ids[0]
+        groups, writes = store.group_commit.groups, store.group_commit.writes
+        commits: list[str] = []
+        await store._run(lambda conn: conn.set_trace_callback(
+            lambda sql: commits.append(sql) if sql.startswith("COMMIT") else None))
+        syncs = [store.commit(SyncWrite(f"d{i}", 10, events=[Event(1, "t", 1, {"i": i})]))
+                 for i in range(1, 20)]
+        rebuilds = [store.rebuild("d0/state", 0, upto, V1_UPDATE),
+                    store.rebuild("d0/state", 0, upto, b"\x00\x00")]
+        outcomes = await asyncio.gather(*syncs[:10], *rebuilds, *syncs[10:])
+        await store._run(lambda conn: conn.set_trace_callback(None))
+        assert store.group_commit.writes - writes == len(outcomes) == 21
+        assert len(commits) == store.group_commit.groups - groups < len(outcomes)
+        snapshot_id, refused = outcomes[10:12]
+        assert isinstance(snapshot_id, int) and snapshot_id > upto and refused is None
+        assert all(o.last_seq == 1 for o in outcomes[:10] + outcomes[12:])
+        stored = await store.load_doc("d0/state")
+        assert (stored.gen, stored.snapshot, stored.snapshot_id, stored.updates) == (
+            1, V1_UPDATE, snapshot_id, ())
+        assert len(await store.read_events(limit=100)) == 19
+
+
 async def test_failed_group_transaction_fails_every_write(tmp_path: Path) -> None:
     """When the transaction itself fails, every caller of the group gets the error and
     nothing of the group is stored."""

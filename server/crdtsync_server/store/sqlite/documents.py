@@ -3,7 +3,9 @@
 
 Generations: ``rebuild`` checks the stored generation and the highest update id of the
 document and replaces it in the same ``BEGIN IMMEDIATE`` transaction (a compare-and-set no
-other process can slip a write into), at a fresh update id; ``commit`` refuses a
+other process can slip a write into), at a fresh update id: the transaction of the next
+group commit, as one more write of the group (:class:`Rebuild`, :func:`rebuild_in`; the
+store's ``rebuild``); ``commit`` refuses a
 ``DocWrite`` of another generation than the stored one, so a process that has not yet
 noticed a rebuild never appends to the new generation an update built on the old one.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 from crdtsync._sqlite_worker import transaction
 
@@ -67,14 +70,6 @@ class SQLiteDocuments(SQLiteConnection):
         It changes no device row, so the devices this store knows stay known (each one
         forgotten is read again at its device's next sync)."""
         await self._write_soon(_compact, key, upto_id, snapshot, forget_devices=False)
-
-    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> int | None:
-        """Replace ``key`` by generation ``gen + 1`` holding ``snapshot`` if it is still at
-        ``gen`` with nothing above ``upto_id``, in one ``BEGIN IMMEDIATE`` transaction, so
-        the check and the write see no other process in between (see ``Store.rebuild``).
-        It changes no device row (as :meth:`compact`)."""
-        return await self._write_soon(_rebuild, key, gen, upto_id, snapshot,
-                                      forget_devices=False)
 
     async def read_stamps(self, key: str) -> list[KeyStamp]:
         """Every stamp of document ``key``, ordered by map and key."""
@@ -180,12 +175,26 @@ def _compact(conn: sqlite3.Connection, key: str, upto_id: int, snapshot: bytes) 
             conn.execute("DELETE FROM updates WHERE key = ? AND id <= ?", (key, upto_id))
 
 
-def _rebuild(conn: sqlite3.Connection, key: str, gen: int, upto_id: int,
-             snapshot: bytes) -> int | None:
-    with transaction(conn):  # IMMEDIATE: no other writer between the check and the write
-        if (_stored_gen(conn, key) or 0) != gen or _last_id(conn, key) > upto_id:
-            return None
-        return replace_doc(conn, key, gen + 1, snapshot)
+@dataclass(frozen=True, slots=True)
+class Rebuild:
+    """A rebuild of document ``key`` into generation ``gen + 1`` holding ``snapshot``, if
+    it is still at ``gen`` with nothing above ``upto_id`` (``Store.rebuild``): a write of a
+    group commit, next to the syncs' (:func:`rebuild_in`)."""
+
+    key: str
+    gen: int
+    upto_id: int
+    snapshot: bytes
+
+
+def rebuild_in(conn: sqlite3.Connection, write: Rebuild) -> int | None:
+    """:class:`Rebuild` inside the caller's ``BEGIN IMMEDIATE`` transaction, so that the
+    check and the write see no other process in between: the new generation's snapshot id,
+    or ``None`` (nothing written) when the document moved on."""
+    if ((_stored_gen(conn, write.key) or 0) != write.gen
+            or _last_id(conn, write.key) > write.upto_id):
+        return None
+    return replace_doc(conn, write.key, write.gen + 1, write.snapshot)
 
 
 def replace_doc(conn: sqlite3.Connection, key: str, gen: int, snapshot: bytes, *,

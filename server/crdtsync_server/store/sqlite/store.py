@@ -31,7 +31,15 @@ from ..records import CommitResult, DeviceRecord, DocWrite, SyncWrite, synced
 from ..rules import check_write, plan_events
 from .connection import in_transaction
 from .devices import SQLiteDevices, require_device
-from .documents import SQLiteDocuments, delete_stamps, insert_updates, replace_doc, write_stamps
+from .documents import (
+    Rebuild,
+    SQLiteDocuments,
+    delete_stamps,
+    insert_updates,
+    rebuild_in,
+    replace_doc,
+    write_stamps,
+)
 from .downlink import SQLiteDownlink, ack_downlink, ack_outcomes, insert_requests, leave
 from .feed import SQLiteFeed, record_feed, stored_digests
 from .files import SQLiteFiles
@@ -53,9 +61,9 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",
                  instance: str | None = None) -> None:
         super().__init__(path, synchronous=synchronous, instance=instance)
-        self.group_commit: GroupCommitter[SyncWrite, CommitResult] = GroupCommitter(
-            self._commit_group)
-        """Batches concurrent :meth:`commit` calls into one transaction (one fsync)."""
+        self.group_commit: GroupCommitter[Write, Outcome] = GroupCommitter(self._commit_group)
+        """Batches concurrent :meth:`commit` and :meth:`rebuild` calls into one transaction
+        (one fsync)."""
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {self._db.path!r} {self._db.state}>"
@@ -105,10 +113,26 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
         ``ValueError`` for device parts without a device, or a request whose ``device`` is
         not the write's."""
         check_write(write)
-        return await self.group_commit.submit(write)
+        result = await self.group_commit.submit(write)
+        assert isinstance(result, CommitResult)
+        return result
 
-    async def _commit_group(self, writes: list[SyncWrite]
-                            ) -> list[CommitResult | BaseException]:
+    async def rebuild(self, key: str, gen: int, upto_id: int, snapshot: bytes) -> int | None:
+        """Replace ``key`` by generation ``gen + 1`` holding ``snapshot`` if it is still at
+        ``gen`` with nothing above ``upto_id`` (see ``Store.rebuild``), in the next group
+        commit's ``BEGIN IMMEDIATE`` transaction, so the check and the write see no other
+        process in between. Returns the new generation's snapshot id, ``None`` when the
+        document moved on. It changes no device row.
+
+        A rebuild is decided right after a sync of its document committed, while the syncs
+        of other devices queue for the next group: riding that group's transaction saves a
+        transaction of its own, its commit and its log sync (with devices that adopt, about
+        one rebuild per group under load)."""
+        result = await self.group_commit.submit(Rebuild(key, gen, upto_id, snapshot))
+        assert result is None or isinstance(result, int)
+        return result
+
+    async def _commit_group(self, writes: list[Write]) -> list[Outcome | BaseException]:
         # On the event loop's thread when the store's is idle and the group small (most
         # groups), else in it. A commit changes no device row but its writer's, kept below
         # as written.
@@ -146,13 +170,20 @@ updates, changes). A larger one (bulk ingestion, 1,000 events a sync) would hold
 and every other connection, for tens of milliseconds: the store's thread writes it."""
 
 
-def _rows(writes: Sequence[SyncWrite]) -> int:
-    return sum(len(w.events) + len(w.stamps) + len(w.docs) + len(w.changes) for w in writes)
+Write = SyncWrite | Rebuild
+"""A write of a group commit: a sync's (or a cloud write's), or a document's rebuild."""
+Outcome = CommitResult | int | None
+"""What a write of a group gives: a :class:`CommitResult`, or a rebuild's snapshot id."""
 
 
-def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite],
+def _rows(writes: Sequence[Write]) -> int:
+    return sum(1 if isinstance(w, Rebuild) else
+               len(w.events) + len(w.stamps) + len(w.docs) + len(w.changes) for w in writes)
+
+
+def _commit_group(conn: sqlite3.Connection, writes: Sequence[Write],
                   known: Callable[[], Mapping[str, DeviceRecord] | None] | None = None
-                  ) -> list[CommitResult | BaseException]:
+                  ) -> list[Outcome | BaseException]:
     """Commit ``writes`` in one transaction; a write that raises is left out alone and its
     exception returned in its place (group commit). The transaction begins first, outside
     every write's handling: when it cannot begin, the caller gets that error.
@@ -178,8 +209,8 @@ def _commit_group(conn: sqlite3.Connection, writes: Sequence[SyncWrite],
     return outcomes if outcomes is not None else _commit_each(conn, writes)
 
 
-def _commit_alone(conn: sqlite3.Connection, write: SyncWrite, known: Known
-                  ) -> CommitResult | BaseException:
+def _commit_alone(conn: sqlite3.Connection, write: Write, known: Known
+                  ) -> Outcome | BaseException:
     """One write as the whole begun transaction; its refusal returned, nothing stored."""
     try:
         result = _commit(conn, write, known)
@@ -193,11 +224,11 @@ def _commit_alone(conn: sqlite3.Connection, write: SyncWrite, known: Known
     return result
 
 
-def _commit_all(conn: sqlite3.Connection, writes: Sequence[SyncWrite], known: Known
-                ) -> list[CommitResult | BaseException] | None:
+def _commit_all(conn: sqlite3.Connection, writes: Sequence[Write], known: Known
+                ) -> list[Outcome | BaseException] | None:
     """Every write in the begun transaction without savepoints; ``None``, with nothing
     stored, when one of them was refused."""
-    outcomes: list[CommitResult | BaseException] = []
+    outcomes: list[Outcome | BaseException] = []
     try:
         for write in writes:
             try:
@@ -218,10 +249,10 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.rollback()
 
 
-def _commit_each(conn: sqlite3.Connection, writes: Sequence[SyncWrite]
-                 ) -> list[CommitResult | BaseException]:
+def _commit_each(conn: sqlite3.Connection, writes: Sequence[Write]
+                 ) -> list[Outcome | BaseException]:
     """The group in one transaction, each write in its own savepoint."""
-    outcomes: list[CommitResult | BaseException] = []
+    outcomes: list[Outcome | BaseException] = []
     with transaction(conn):
         for write in writes:
             conn.execute("SAVEPOINT write")
@@ -270,9 +301,11 @@ def _refusal(exc: Exception) -> BaseException:
     return StoreError(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error) else exc
 
 
-def _commit(conn: sqlite3.Connection, write: SyncWrite, known: Known) -> CommitResult:
+def _commit(conn: sqlite3.Connection, write: Write, known: Known) -> Outcome:
     """One write's statements, inside the caller's transaction; what ``known`` vouches for
     is not read again."""
+    if isinstance(write, Rebuild):
+        return rebuild_in(conn, write)
     logged, rest = log_stamps(write.docs, write.stamps)
     update_ids, prev_ids = insert_updates(conn, write.docs, known.last_id, logged)
     write_stamps(conn, rest)
