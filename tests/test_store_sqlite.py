@@ -35,6 +35,7 @@ from crdtsync.protocol import Event
 from crdtsync_server.auth import hash_token
 from crdtsync_server.store import (
     CommandResult,
+    CommitResult,
     DeviceRecord,
     DocWrite,
     FleetRecord,
@@ -775,7 +776,8 @@ async def test_a_rebuild_rides_the_group_commit_of_concurrent_syncs(tmp_path: Pa
         assert len(commits) == store.group_commit.groups - groups < len(outcomes)
         snapshot_id, refused = outcomes[10:12]
         assert isinstance(snapshot_id, int) and snapshot_id > upto and refused is None
-        assert all(o.last_seq == 1 for o in outcomes[:10] + outcomes[12:])
+        assert all(isinstance(o, CommitResult) and o.last_seq == 1
+                   for o in outcomes[:10] + outcomes[12:])
         stored = await store.load_doc("d0/state")
         assert (stored.gen, stored.snapshot, stored.snapshot_id, stored.updates) == (
             1, V1_UPDATE, snapshot_id, ())
