@@ -122,12 +122,9 @@ def machine(libs: Sequence[str] = ("pycrdt", "aiohttp"), *, sqlite: bool = True,
     """One line: CPUs (with their ``model``), Python, whether crdtsync's hot path runs
     compiled (``crdtsync._compiled``), SQLite, the versions of ``libs`` (after ``sep``) and,
     with ``temp_dir``, the file system of the temp folder."""
-    from crdtsync import _compiled
-
     name = cpu_model() if model else ""
     line = (f"{nproc()} CPUs (nproc){f' ({name})' if name else ''}, "
-            f"Python {platform.python_version()}"
-            f" ({'hot path compiled with mypyc' if _compiled.active() else 'no mypyc'})")
+            f"Python {platform.python_version()} ({server_build()})")
     if sqlite:
         line += f", SQLite {sqlite3.sqlite_version}"
     if libs:
@@ -136,6 +133,24 @@ def machine(libs: Sequence[str] = ("pycrdt", "aiohttp"), *, sqlite: bool = True,
         tmp = tempfile.gettempdir()
         line += f"; temp dir {tmp} on {fs_type(tmp)}"
     return line
+
+
+def server_build(tree: str | None = None) -> str:
+    """Whether the server's hot path runs compiled: this checkout's, or with ``tree`` (default
+    ``$CRDTSYNC_BENCH_SERVER_TREE``) that checkout's, asked of a Python started as its
+    server is (:func:`serve_argv`), and named."""
+    tree = tree or os.environ.get(SERVER_TREE_ENV)
+    if not tree:
+        from crdtsync import _compiled
+        compiled = _compiled.active()
+    else:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, os.path.join(tree, "server")]))
+        asked = subprocess.run(
+            [sys.executable, "-c", "import crdtsync._compiled as c; print(c.active())"],
+            env=env, cwd=tree, capture_output=True, text=True, timeout=60)
+        compiled = asked.stdout.strip() == "True"
+    build = "hot path compiled with mypyc" if compiled else "no mypyc"
+    return f"{build}; server of {tree}" if tree else build
 
 
 # --- figures --------------------------------------------------------------------------------

@@ -282,3 +282,26 @@ async def test_the_lean_load_generator_adopts_rebuilt_documents(tmp_path: Path) 
             state = (await admin.state(dev.id))["state"]  # numbers come back as floats
             assert state == {k: float(v) for k, v in dev.state.to_py().items()}
     assert server.services.docs.rebuilds >= result.adoptions
+
+
+def test_the_machine_line_names_the_build_of_the_server_that_runs(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Under ``CRDTSYNC_BENCH_SERVER_TREE`` the machine line describes that checkout's server,
+    asked of a Python started as its server is: a tree without compiled modules reads "no
+    mypyc" whatever this checkout's build, and the line names the tree."""
+    import importlib
+
+    sys.path.insert(0, str(BENCH))
+    common: Any = importlib.import_module("common")
+    tree = tmp_path / "tree"
+    shutil.copytree(BENCH.parent / "crdtsync", tree / "crdtsync",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(BENCH.parent / "server", tree / "server",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    monkeypatch.setenv(common.SERVER_TREE_ENV, str(tree))
+    assert common.server_build() == f"no mypyc; server of {tree}"
+    assert f"(no mypyc; server of {tree})" in common.machine()
+    monkeypatch.delenv(common.SERVER_TREE_ENV)
+    from crdtsync import _compiled
+    expected = "hot path compiled with mypyc" if _compiled.active() else "no mypyc"
+    assert common.server_build() == expected

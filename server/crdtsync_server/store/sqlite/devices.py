@@ -55,7 +55,8 @@ class SQLiteDevices(SQLiteConnection):
         if not self.writers.alone():
             self.known_devices.clear()
             return await self._run(_device_by_token, token_hash)
-        await self.confirm_devices()
+        if self.known_devices.unconfirmed():  # (no coroutine at every sync)
+            await self.confirm_devices()
         device = self.known_devices.get(token_hash)
         if device is None:
             device = await self._db.read(_device_by_token, token_hash)
