@@ -90,11 +90,12 @@ class SQLiteConnection:
         self._wake_listeners: list[Callable[[int], None]] = []
         self._wake_announced = 0
         self.known_devices = DeviceCache()
-        self._confirming: asyncio.Future[None] | None = None
         """The devices as stored, by token hash, as far as this store saw them: what a sync's
         lookup answers while this store is alone on the file (``sqlite/devices.py``). Every
         call that changes a row forgets all of it (:meth:`_run`); a commit puts back the
         device rows it wrote (``sqlite/store.py``)."""
+        self._confirming: asyncio.Future[None] | None = None
+        """The look of :meth:`confirm_devices` under way, shared by the lookups meanwhile."""
 
     @property
     def path(self) -> str:
