@@ -434,6 +434,29 @@ async def test_after_a_quiet_one_look_at_the_file_keeps_every_record(
         assert (reads, len(looks)) == ([hash_token("t3")], 2)
 
 
+async def test_a_failed_look_after_a_quiet_confirms_nothing_and_the_row_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the look after a quiet fails, the lookup does not fail with it and the kept
+    records are not trusted: it reads its row (a shell's change is seen)."""
+    from crdtsync_server.store.sqlite import connection
+
+    def broken_look(conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    now = [1000.0]
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        store.known_devices.clock = lambda: now[0]
+        await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
+        for _ in range(2):
+            assert await store.device_by_token(hash_token("t")) is not None
+        with sqlite3.connect(tmp_path / "s.db") as shell:
+            shell.execute("UPDATE devices SET disabled = 1 WHERE id = 'd1'")
+        monkeypatch.setattr(connection, "_no_write", broken_look)
+        now[0] += DEVICE_CACHE_SECONDS + 1
+        found = await store.device_by_token(hash_token("t"))
+        assert found is not None and found.disabled
+
+
 async def test_the_records_still_go_ten_minutes_after_the_first_was_kept(
         tmp_path: Path) -> None:
     """The look after a quiet does not outlive ``DEVICE_CACHE_LIMIT``, the bound on the
