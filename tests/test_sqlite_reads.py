@@ -434,6 +434,19 @@ async def test_after_a_quiet_one_look_at_the_file_keeps_every_record(
         assert (reads, len(looks)) == ([hash_token("t3")], 2)
 
 
+async def kept_device_then_a_shell_change(store: SQLiteStore, path: Path,
+                                         now: list[float]) -> None:
+    """Device ``d1`` (token ``t``) kept by ``store`` on the clock ``now``, then disabled
+    behind the store's back by an SQL shell."""
+    store.known_devices.clock = lambda: now[0]
+    await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
+    for _ in range(2):  # the first lookup observes (``Writers.alone``), the second keeps
+        assert await store.device_by_token(hash_token("t")) is not None
+    assert store.known_devices.by_id().keys() == {"d1"}
+    with sqlite3.connect(path) as shell:
+        shell.execute("UPDATE devices SET disabled = 1 WHERE id = 'd1'")
+
+
 async def test_a_failed_look_after_a_quiet_confirms_nothing_and_the_row_is_read(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """When the look after a quiet fails, the lookup does not fail with it and the kept
@@ -445,12 +458,7 @@ async def test_a_failed_look_after_a_quiet_confirms_nothing_and_the_row_is_read(
 
     now = [1000.0]
     async with SQLiteStore(tmp_path / "s.db") as store:
-        store.known_devices.clock = lambda: now[0]
-        await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
-        for _ in range(2):
-            assert await store.device_by_token(hash_token("t")) is not None
-        with sqlite3.connect(tmp_path / "s.db") as shell:
-            shell.execute("UPDATE devices SET disabled = 1 WHERE id = 'd1'")
+        await kept_device_then_a_shell_change(store, tmp_path / "s.db", now)
         monkeypatch.setattr(connection, "_no_write", broken_look)
         now[0] += DEVICE_CACHE_SECONDS + 1
         found = await store.device_by_token(hash_token("t"))
@@ -463,13 +471,7 @@ async def test_the_records_still_go_ten_minutes_after_the_first_was_kept(
     memory the records hold: past it, a lookup reads its row again."""
     now = [1000.0]
     async with SQLiteStore(tmp_path / "s.db") as store:
-        store.known_devices.clock = lambda: now[0]
-        await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
-        for _ in range(2):
-            assert await store.device_by_token(hash_token("t")) is not None
-        assert store.known_devices.by_id().keys() == {"d1"}
-        with sqlite3.connect(tmp_path / "s.db") as shell:
-            shell.execute("UPDATE devices SET disabled = 1 WHERE id = 'd1'")
+        await kept_device_then_a_shell_change(store, tmp_path / "s.db", now)
         now[0] += DEVICE_CACHE_LIMIT + 1
         assert not store.known_devices.unconfirmed()  # gone, not to be confirmed
         found = await store.device_by_token(hash_token("t"))
