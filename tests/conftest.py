@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -54,6 +56,21 @@ async def server(server_config: ServerConfig) -> AsyncIterator[Server]:
 async def admin(server: Server) -> AsyncIterator[AdminClient]:
     async with AdminClient(server.url, ADMIN_TOKEN) as client:
         yield client
+
+
+UNTIL_BOUND = 20.0
+"""Seconds :func:`until` waits: only there so that a condition that never holds fails the
+test instead of hanging it."""
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Return once ``condition()`` holds (polled); fail the test after :data:`UNTIL_BOUND`
+    seconds."""
+    async with asyncio.timeout(UNTIL_BOUND):
+        for delay in itertools.repeat(0.01):
+            if condition():
+                return
+            await asyncio.sleep(delay)
 
 
 DeviceFactory = Callable[..., Awaitable[Device]]

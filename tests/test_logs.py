@@ -5,14 +5,13 @@ non-repeating sync failure lines."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import re
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from crdtsync_server.api.requestlog import REQUEST_ID_HEADER
 from crdtsync_server.logs import JsonFormatter
 
 from .cli_process import ADMIN, Background, clean_env, cli, free_port
-from .conftest import ADMIN_TOKEN, local_app
+from .conftest import ADMIN_TOKEN, local_app, until
 
 WRONG_TOKEN = "wrong-device-token-0123456789"
 TEXT_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \S+ (DEBUG|INFO|WARNING|ERROR) ")
@@ -236,13 +235,6 @@ def test_an_unknown_log_format_is_a_usage_error() -> None:
 
 # --- the device: one short line per kind of failure --------------------------------------
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Return once ``condition()`` holds (polled); fail the test after 20 s."""
-    async with asyncio.timeout(20):
-        for delay in itertools.repeat(0.01):
-            if condition():
-                return
-            await asyncio.sleep(delay)
 
 
 async def test_a_refused_connection_is_one_short_warning_then_recovery(

@@ -9,7 +9,9 @@ server on 127.0.0.1, so it controls exactly which bytes were sent when the answe
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,8 +22,9 @@ from crdtsync import AdminClient, Device
 from crdtsync.errors import RequestTimeout
 from crdtsync.protocol import BATCH_PATH, SYNC_PATH, SyncRequest, decode_error, encode_request
 from crdtsync_server import Server, ServerConfig
+from crdtsync_server.api.keys import HEADS
 
-from .conftest import ADMIN_TOKEN
+from .conftest import ADMIN_TOKEN, until
 
 BOUND = 30.0
 """Seconds a test waits for an answer that must come at once: only there so that a server
@@ -232,6 +235,31 @@ async def test_the_head_deadline_spares_requests_being_handled(quick: Server) ->
     await conn.head("GET", "/v1/health", {})
     assert (await conn.response())[0] == 200
     await conn.close()
+
+
+async def test_a_closed_connection_is_freed_without_the_garbage_collector(
+        quick: Server) -> None:
+    """Once a connection is lost, its transport (with its socket) is freed by reference
+    counting. asyncio's transport holds a bound method of itself; left as it is, every
+    closed connection waited for a collection, and a storm of short connections filled the
+    young generation with them (issue 17). With the collector off, the transport must go."""
+    heads = quick.app[HEADS]
+    gc.disable()
+    try:
+        conn = await Raw.open(quick)
+        await until(lambda: bool(heads._guards))  # the server accepted it
+        (transport,) = heads._guards  # the connection's server side
+        gone = weakref.ref(transport)
+        del transport
+        await conn.head("GET", "/v1/health", {"Connection": "close"})
+        assert (await conn.response())[0] == 200
+        assert await conn.closed_by_server()
+        await conn.close()
+        await until(lambda: not heads._guards)  # the server saw the connection lost
+        await asyncio.sleep(0)  # the loop drops the handle that reported it
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_the_server_serves_on_uvloop(tmp_path: Path) -> None:

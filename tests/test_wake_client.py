@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import socket
@@ -48,19 +47,10 @@ from crdtsync.protocol import (
 from crdtsync.transport import HttpTransport, LiveTransport, Transport
 from crdtsync_server import Server
 
-from .conftest import local_app
+from .conftest import local_app, until
 
 UPPER_BOUND = 20.0
 """Seconds after which a waiting test gives up (a hang guard, not the property tested)."""
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Return once ``condition()`` holds (polled); fail the test after UPPER_BOUND seconds."""
-    async with asyncio.timeout(UPPER_BOUND):
-        for delay in itertools.repeat(0.01):
-            if condition():
-                return
-            await asyncio.sleep(delay)
 
 
 # --- the codec ------------------------------------------------------------------------------

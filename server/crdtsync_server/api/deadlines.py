@@ -105,6 +105,24 @@ class HeadDeadline:
             self._schedule()
 
 
+def release(transport: asyncio.BaseTransport) -> None:
+    """Let reference counting free a closed connection's transport and socket.
+
+    asyncio's selector transports hold a bound method of themselves (``_read_ready_cb``),
+    a reference cycle: once closed, each connection's transport, socket and their
+    dictionaries waited for the garbage collector, which found them with their finalizers.
+    Under a storm of short connections that was most of what its young collections
+    scanned, and they ran 2.5 times as often. The connection is lost (its reader is
+    removed), so the callback is never called again; a no-op stands in for it all the
+    same. Other transports (uvloop's, TLS) have no such attribute and are left alone."""
+    if hasattr(transport, "_read_ready_cb"):
+        transport._read_ready_cb = _closed
+
+
+def _closed() -> None:
+    """The read callback of a transport whose connection is lost (:func:`release`)."""
+
+
 class _Guard(asyncio.Protocol):
     """One connection: forwards every event to aiohttp's protocol, and notes when its head
     clock started, for :meth:`HeadDeadline._sweep` to close the transport when a head is not
@@ -130,8 +148,10 @@ class _Guard(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._since = None
-        if self._transport is not None:
-            self._owner._guards.pop(self._transport, None)
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            self._owner._guards.pop(transport, None)
+            release(transport)
         self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
