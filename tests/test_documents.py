@@ -14,8 +14,10 @@ from pycrdt import Doc
 
 from crdtsync import crdt
 from crdtsync.errors import StoreError, Unavailable
-from crdtsync_server.documents import RETIRE_GRACE, DocumentCache
+from crdtsync.protocol import DocSync
+from crdtsync_server.documents import ANSWER_MEMO_BYTES, RETIRE_GRACE, DocumentCache, LiveDoc
 from crdtsync_server.store import DocLog, DocWrite, MemoryStore, SQLiteStore, Store, SyncWrite
+from crdtsync_server.sync import answer_entry
 
 
 class Clock:
@@ -377,3 +379,34 @@ async def test_a_key_lock_serialises_its_holders_and_goes_when_the_last_leaves()
         assert cache._locks == {}
         async with cache.lock("k"):  # usable again
             assert list(cache._locks) == ["k"]
+
+
+def test_an_answer_is_kept_only_while_the_document_is_unchanged() -> None:
+    """A device that sends the state vector the last answer was computed for gets that
+    answer again, until the document changes. A delete does not move the state vector:
+    the next answer for the same state vector must carry it."""
+    doc: Doc[Any] = Doc()
+    crdt.write(doc, "env", {"UNIT": "C", "LEVEL": 3})
+    live = LiveDoc("project", doc, 0, 0, 0)
+    try:
+        part = DocSync("project", doc.get_state(), b"", 0)
+        first = answer_entry(part, live, 0)
+        assert live.answered is not None and live.answered[0] == part.sv
+        assert answer_entry(part, live, 0) == first  # from the memo
+        held = doc.get_update()  # what a device holds
+        crdt.write(doc, "env", {"LEVEL": None})  # a delete: the state vector stays
+        assert live.answered is None and doc.get_state() == part.sv
+        after = answer_entry(part, live, 0)
+        assert after.update == doc.get_update(part.sv) != first.update
+        copy: Doc[Any] = Doc()
+        copy.apply_update(held)
+        copy.apply_update(after.update)  # the answer's delete set
+        assert crdt.to_json(copy)["env"] == {"UNIT": "C"}
+        whole = answer_entry(DocSync("project", part.sv, b"", 7), live, 0)  # another gen
+        assert whole.update == doc.get_update()  # the diff against an empty document
+        big = b"x" * ANSWER_MEMO_BYTES
+        crdt.write(doc, "env", {"BLOB": big.decode()})
+        answer_entry(DocSync("project", b"\x00", b"", 0), live, 0)
+        assert live.answered is None  # a large diff is not kept
+    finally:
+        live.close()

@@ -45,6 +45,12 @@ document packs its stored generation into 32 bits (``sync.shared_generation``). 
 document gets near it (each rebuild needs ``max(slack, fresh)`` bytes of new history)."""
 
 
+ANSWER_MEMO_BYTES = 512
+"""Largest diff a document keeps as its last answer (:attr:`LiveDoc.answered`): the answer
+of a device that is up to date is the document's delete set, tens of bytes; a whole
+document, answered to a device that adopts it, is not kept (memory per hot document)."""
+
+
 class LiveDoc:
     """One document held in memory. ``capture()`` returns the effective update of the writes
     since the last call: a replayed update changes nothing and yields ``b""``."""
@@ -70,6 +76,12 @@ class LiveDoc:
         """The document's state vector as last answered to a device, while the document has
         not changed since (every change clears it, :meth:`_on_update`): the next sync's
         check of its update's dependencies reads it from here instead of the document."""
+        self.answered: tuple[bytes, bytes, bytes] | None = None
+        """``(base, update, state)``: the last answer's diff against the state vector
+        ``base`` and the document's state vector, while the document has not changed since
+        (every change clears it, :meth:`_on_update`), and only when the diff is at most
+        :data:`ANSWER_MEMO_BYTES`: a device that holds what the last one held is answered
+        without reading the document again (``sync.answer_entry``)."""
         self._captured: list[bytes] = []
         self._subscription = doc.observe(self._on_update)  # once per document lifetime
         self.changes = crdt.ChangeTracker(doc)
@@ -90,6 +102,7 @@ class LiveDoc:
 
     def _on_update(self, event: TransactionEvent) -> None:
         self.state = None
+        self.answered = None
         self._captured.append(event.update)
 
     def close(self) -> None:

@@ -25,8 +25,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pycrdt import Doc
-
 from crdtsync import crdt, hlc
 from crdtsync._fastinit import fast_init
 from crdtsync.errors import Forbidden, GenerationMismatch, NotFound, UnknownDocument
@@ -48,7 +46,7 @@ from crdtsync.schema import StateSchema
 from crdtsync.yupdate import UpdateInfo, read_update
 
 from . import stamps
-from .documents import GENERATION_LIMIT, DocumentCache, LiveDoc
+from .documents import ANSWER_MEMO_BYTES, GENERATION_LIMIT, DocumentCache, LiveDoc
 from .feed import FeedNotifier
 from .metrics import COMMIT_BUCKETS, Histogram
 from .notify import DeviceNotifier
@@ -133,16 +131,26 @@ async def read_bounded(part: DocSync) -> UpdateInfo | None:
     return await asyncio.to_thread(read_update, part.update, doc=part.doc)
 
 
-def answer_entry(part: DocSync, doc: Doc[Any], gen: int) -> DocSync:
-    """The response entry for request entry ``part`` of a document stored as ``doc`` at
+def answer_entry(part: DocSync, live: LiveDoc, gen: int) -> DocSync:
+    """The response entry for request entry ``part`` of the document ``live`` answered at
     generation ``gen``: the server's state vector, and what the device lacks, that is the
     diff against ``part.sv`` when the device holds generation ``gen``, else the whole
     document (the diff against an empty one; the ``sv`` sent belongs to another
-    generation). ``u`` is left out when empty."""
+    generation). ``u`` is left out when empty. A device that sends the state vector the
+    last answer of the unchanged document was computed for gets that answer again
+    (:attr:`LiveDoc.answered`: the shared documents, held alike by every device, and
+    no-change syncs)."""
     base = part.sv if part.gen == gen else EMPTY_STATE_VECTOR
-    with doc.transaction():  # one transaction for both reads, not one each
-        update = doc.get_update(base)
-        state = doc.get_state()
+    memo = live.answered
+    if memo is not None and memo[0] == base:
+        update, state = memo[1], memo[2]
+    else:
+        doc = live.doc
+        with doc.transaction():  # one transaction for both reads, not one each
+            update = doc.get_update(base)
+            state = doc.get_state()
+        if len(update) <= ANSWER_MEMO_BYTES:
+            live.answered = (base, update, state)
     return DocSync(part.doc, state, b"" if update == EMPTY_UPDATE else update, gen)
 
 
@@ -320,7 +328,7 @@ class SyncService:
                            shared_generation(part.doc, device.fleet_gen, 0))
         async with self.docs.lock(key):
             live = await self.docs.get(key)
-            return answer_entry(part, live.doc,
+            return answer_entry(part, live,
                                 shared_generation(part.doc, device.fleet_gen, live.gen))
 
     @staticmethod
@@ -456,7 +464,7 @@ class SyncService:
 
     @staticmethod
     def _answer(live: LiveDoc, part: DocSync) -> DocSync:
-        answer = answer_entry(part, live.doc, live.gen)
+        answer = answer_entry(part, live, live.gen)
         live.state = answer.sv  # until it changes: what the next update is checked against
         return answer
 
