@@ -23,6 +23,7 @@ from crdtsync._sqlite_worker import SQLiteWorker, transaction
 from crdtsync.errors import ClosedError, StoreError
 from crdtsync_server.auth import hash_token
 from crdtsync_server.store import DeviceRecord, FleetRecord, SyncWrite
+from crdtsync_server.store.sinks import SinkConfig
 from crdtsync_server.store.sqlite import SQLiteStore
 from crdtsync_server.store.sqlite.connection import (
     DEVICE_CACHE_LIMIT,
@@ -266,7 +267,7 @@ async def test_the_lookup_answers_the_stored_row_after_every_kind_of_write(
 async def test_a_commit_keeps_its_row_and_the_lookup_reads_nothing(tmp_path: Path) -> None:
     """After a sync's commit the next lookup of that device is answered from memory: the
     proof is a row changed behind the store's back (an SQL shell), which the lookup does
-    not see until the kept records expire or this store writes something else."""
+    not see until the kept records expire or this store looks at the file again."""
     async with SQLiteStore(tmp_path / "s.db") as store:
         await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
         assert await store.device_by_token(hash_token("t")) is not None
@@ -276,7 +277,7 @@ async def test_a_commit_keeps_its_row_and_the_lookup_reads_nothing(tmp_path: Pat
             shell.execute("UPDATE devices SET disabled = 1 WHERE id = 'd1'")
         kept = await store.device_by_token(hash_token("t"))
         assert kept is not None and kept.last_seq == 2 and not kept.disabled
-        await store.set_setting("k", "v")  # any write of this store forgets what it kept
+        await store.set_setting("k", "v")  # its look at the file sees the shell's commit
         fresh = await store.device_by_token(hash_token("t"))
         assert fresh is not None and fresh.disabled
 
@@ -313,11 +314,75 @@ async def test_a_documents_upkeep_forgets_no_device_and_runs_on_the_loop(
         assert await store.rebuild("d1/state", 0, result.update_ids[0], b"\x00\x00")
         assert (await store.load_doc("d1/state")).gen == 1
         assert store.known_devices.by_id() == {"d1": kept}
-        await store.set_setting("k", "v")  # whereas a write that may change a row forgets
+        await store.update_device("d1", disabled=True)  # whereas a device's write forgets
         assert store.known_devices.by_id() == {}
     assert ran_in == dict.fromkeys(("_compact", "rebuild_in", "_load_doc"),
                                    threading.get_ident())
 
+
+
+async def test_writes_that_change_no_device_row_keep_the_records(tmp_path: Path) -> None:
+    """A heartbeat (every 10 s), a sink's progress, a wake, a setting, a purge: none changes a
+    row of ``devices``, and the records kept for the syncs' lookups stay. They used to be
+    forgotten at every write, so the heartbeat alone made a device that syncs every minute
+    read its row at every sync."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
+        await store.commit(SyncWrite("d1", time=500, events=evs(1, 2)))
+        kept = store.known_devices.by_id()
+        assert set(kept) == {"d1"} and kept["d1"].last_seq == 2
+        await store.heartbeat(600)
+        await store.set_setting("k", "v")
+        await store.add_wakes(["device:d1"], 700)
+        await store.put_sink(SinkConfig("s1", "file", {"path": str(tmp_path / "f")}), 800)
+        await store.sink_delivered("s1", 2, 2, 900)
+        await store.purge_finished(1000)
+        await store.purge_wakes(1000)
+        assert store.known_devices.by_id() == kept
+
+
+async def test_any_write_of_a_device_row_forgets_the_records_whatever_runs_it(
+        tmp_path: Path) -> None:
+    """The store notices a changed row of ``devices`` by itself (temporary triggers count
+    them), not by a list of the calls that may change one: any function run on its
+    connection that inserts, updates or deletes such a row, by one statement or many,
+    forgets what was kept, and the next lookup answers the row as stored."""
+    def disable(conn: sqlite3.Connection) -> None:
+        with transaction(conn):
+            conn.executemany("UPDATE devices SET disabled = 1 WHERE id = ?", [("d1",)])
+
+    def drop(conn: sqlite3.Connection) -> None:
+        with transaction(conn):
+            conn.execute("DELETE FROM devices WHERE id = 'd1'")
+
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
+        await store.commit(SyncWrite("d1", time=500, events=evs(1, 2)))
+        assert set(store.known_devices.by_id()) == {"d1"}
+        await store._run(disable)
+        assert store.known_devices.by_id() == {}
+        found = await store.device_by_token(hash_token("t"))
+        assert found is not None and found.disabled
+        assert set(store.known_devices.by_id()) == {"d1"}
+        await store._run(drop)
+        assert await store.device_by_token(hash_token("t")) is None
+
+
+async def test_a_flush_of_last_sync_times_moves_them_in_the_kept_records(
+        tmp_path: Path) -> None:
+    """``touch_devices`` (every second while devices make no-change syncs) keeps the records
+    and moves their ``last_sync`` forward, never back, as it does in the rows."""
+    async with SQLiteStore(tmp_path / "s.db") as store:
+        await store.add_device(DeviceRecord("d1", hash_token("t"), 1))
+        await store.add_device(DeviceRecord("d2", hash_token("u"), 1))
+        await store.commit(SyncWrite("d1", time=500, events=evs(1, 2)))
+        await store.commit(SyncWrite("d2", time=800, events=evs(1, 1)))
+        await store.touch_devices({"d1": 900, "d2": 700})
+        kept = store.known_devices.by_id()
+        assert (kept["d1"].last_sync, kept["d2"].last_sync) == (900, 800)
+        assert kept["d1"].last_seq == 2
+        for token, device in (("t", "d1"), ("u", "d2")):
+            await lookup_matches_the_row(store, token, device)
 
 def test_kept_records_expire() -> None:
     """A row changed behind the server's back is seen within ``DEVICE_CACHE_SECONDS``."""

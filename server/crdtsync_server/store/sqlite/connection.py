@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -92,8 +93,15 @@ class SQLiteConnection:
         self.known_devices = DeviceCache()
         """The devices as stored, by token hash, as far as this store saw them: what a sync's
         lookup answers while this store is alone on the file (``sqlite/devices.py``). Every
-        call that changes a row forgets all of it (:meth:`_run`); a commit puts back the
-        device rows it wrote (``sqlite/store.py``)."""
+        call that inserts, updates or deletes a row of ``devices`` forgets all of it
+        (:meth:`_run`); a commit puts back the device rows it wrote (``sqlite/store.py``),
+        and a flush of ``last_sync`` times moves them in the records kept."""
+        self._device_writes = 0
+        """Rows of ``devices`` this store's connection inserted, updated or deleted, counted
+        by temporary triggers (:func:`count_device_writes`): the other writes (a heartbeat, a
+        sink's cursor, a wake, a purge) leave the kept records alone. When every write
+        forgot them, the heartbeat alone (every 10 s) emptied them, and a device syncing
+        every minute read its row at every sync."""
         self._confirming: asyncio.Future[None] | None = None
         """The look of :meth:`confirm_devices` under way, shared by the lookups meanwhile."""
 
@@ -105,17 +113,32 @@ class SQLiteConnection:
     async def _run(self, fn: Callable[..., T], *args: Any, forget_devices: bool = True) -> T:
         """Run ``fn(conn, *args)`` in the store's thread, noting first whether another
         connection committed since the previous call (``PRAGMA data_version``), and after it
-        whether it changed any row (then :attr:`known_devices` is forgotten: it may have
-        changed a device; forgetting at the end, not the start, also drops a record read on
-        the loop while the call ran). A sync's commit passes ``forget_devices=False``: it
-        changes no device row but its own, which it puts back as written."""
+        whether it changed any row of ``devices`` (then :attr:`known_devices` is forgotten;
+        forgetting at the end, not the start, also drops a record read on the loop while the
+        call ran). A sync's commit passes ``forget_devices=False``: it changes no device row
+        but its own, which it puts back as written."""
         started = self.known_devices.clock()
-        observed: tuple[int, bool, T] = await self._db.run(observing, fn, *args)
+        observed: tuple[int, bool, T] = await self._db.run(self._observing, fn, *args)
         return self._observed(observed, forget_devices, started)
+
+    def _observing(self, conn: sqlite3.Connection, fn: Callable[..., T], *args: Any
+                   ) -> tuple[int, bool, T]:
+        """``PRAGMA data_version`` (changes when another connection commits), then ``fn``,
+        and whether ``fn`` inserted, updated or deleted a row of ``devices`` (the count of
+        :func:`count_device_writes` moved). In the connection's thread, or on the loop's
+        under the thread's lock (``write_here``): calls of the connection never overlap."""
+        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        before = self._device_writes
+        result = fn(conn, *args)
+        return version, self._device_writes != before, result
+
+    def _device_written(self) -> None:
+        """Called by SQLite for each row of ``devices`` the connection changes."""
+        self._device_writes += 1
 
     def _observed(self, observed: tuple[int, bool, T], forget_devices: bool,
                   started: float) -> T:
-        """What :meth:`_run` notes of a call's :func:`observing` result, the call handed to
+        """What :meth:`_run` notes of a call's :meth:`_observing` result, the call handed to
         the connection at ``started`` (:attr:`known_devices`' clock); returns the call's.
         Another connection's commit makes :attr:`known_devices` forget what it kept; none
         tells it that what it kept was as stored at ``started``."""
@@ -180,7 +203,7 @@ class SQLiteConnection:
         durable on return; :class:`~crdtsync._sqlite_worker.StoreBusy` (nothing written)
         when it cannot run there."""
         started = self.known_devices.clock()
-        observed: tuple[int, bool, T] = self._db.write_here(observing, fn, *args)
+        observed: tuple[int, bool, T] = self._db.write_here(self._observing, fn, *args)
         try:
             await self._db.durable()
         finally:  # committed, durable or not: what it changed is noted all the same
@@ -305,6 +328,14 @@ class DeviceCache:
         self._records[device.token_hash] = device
         self._by_id[device.id] = device
 
+    def touched(self, last_sync: dict[str, int]) -> None:
+        """``{device id: time}`` was stored as ``last_sync`` where it is later: the same
+        in the records kept (as ``_touch_devices`` moves it, never backwards)."""
+        for device_id, time_ms in last_sync.items():
+            device = self._by_id.get(device_id)
+            if device is not None and (device.last_sync or 0) < time_ms:
+                self.keep(dataclasses.replace(device, last_sync=time_ms))
+
     def clear(self) -> None:
         self._records = {}
         self._by_id = {}
@@ -355,18 +386,24 @@ def in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -
         return fn(conn, *args)
 
 
-def observing(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any
-              ) -> tuple[int, bool, T]:
-    """``PRAGMA data_version`` (changes when another connection commits), then ``fn``, and
-    whether ``fn`` inserted, updated or deleted any row (``total_changes`` moved)."""
-    version = int(conn.execute("PRAGMA data_version").fetchone()[0])
-    changes = conn.total_changes
-    result = fn(conn, *args)
-    return version, conn.total_changes != changes, result
+DEVICE_WRITES_FUNCTION = "crdtsync_device_written"
+
+
+def count_device_writes(conn: sqlite3.Connection, callback: Callable[[], None]) -> None:
+    """Make ``conn`` call ``callback()`` for each row of ``devices`` it inserts, updates or
+    deletes: the SQL function :data:`DEVICE_WRITES_FUNCTION` and three ``TEMP`` triggers
+    calling it, which live as long as the connection and see no other connection's writes.
+    After the migrations (the table must exist)."""
+    conn.create_function(DEVICE_WRITES_FUNCTION, 0, callback)
+    for event in ("INSERT", "UPDATE", "DELETE"):
+        conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS crdtsync_devices_{event.lower()}"
+                     f" AFTER {event} ON main.devices"
+                     f" BEGIN SELECT {DEVICE_WRITES_FUNCTION}(); END")
 
 
 def _no_write(conn: sqlite3.Connection) -> None:
-    """Nothing: run through :func:`observing` for its look at the file."""
+    """Nothing: run through :meth:`SQLiteConnection._observing` for its look at the
+    file."""
 
 
 def wake_head(conn: sqlite3.Connection) -> int:

@@ -76,8 +76,13 @@ class SQLiteDevices(SQLiteConnection):
         return await self._run(_list_devices, after, limit)
 
     async def touch_devices(self, last_sync: Mapping[str, int]) -> None:
-        """Record ``{device: time}`` as ``last_sync`` (never backwards), one transaction."""
-        await self._run(_touch_devices, dict(last_sync))
+        """Record ``{device: time}`` as ``last_sync`` (never backwards), one transaction.
+        The device records kept for the syncs' lookups stay, with the same times moved
+        (:meth:`DeviceCache.touched`): the flush runs every second while devices make
+        no-change syncs, and forgetting them made every sync read its device's row."""
+        times = dict(last_sync)
+        await self._run(_touch_devices, times, forget_devices=False)
+        self.known_devices.touched(times)
 
     async def add_fleet(self, fleet: FleetRecord) -> None:
         """Insert a fleet; raises :class:`AlreadyExists` if the id is taken."""

@@ -29,7 +29,7 @@ from ..columns import log_stamps
 from ..group_commit import GroupCommitter
 from ..records import CommitResult, DeviceRecord, DocWrite, SyncWrite, synced
 from ..rules import check_write, plan_events
-from .connection import in_transaction
+from .connection import count_device_writes, in_transaction
 from .devices import SQLiteDevices, require_device
 from .documents import (
     Rebuild,
@@ -83,6 +83,7 @@ class SQLiteStore(SQLiteDocuments, SQLiteDevices, SQLiteSettings, SQLiteDownlink
         :meth:`aclose`. After a failed open the store may be opened again."""
         await self._db.open()
         try:
+            await self._db.run(count_device_writes, self._device_written)
             # After the migrations: other stores observe them when this registration shows.
             self.writers.open()
         except BaseException:
