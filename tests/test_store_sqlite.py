@@ -1021,7 +1021,7 @@ async def test_a_failed_log_sync_fails_the_group_and_its_retry_stores_nothing_tw
     stores nothing twice, and the store keeps serving."""
     from crdtsync import _sqlite_worker
 
-    failures = [OSError(5, "Input/output error (injected)")]
+    failures: list[OSError] = []
 
     def fdatasync(fd: int) -> None:
         if failures:
@@ -1030,12 +1030,14 @@ async def test_a_failed_log_sync_fails_the_group_and_its_retry_stores_nothing_tw
     monkeypatch.setattr(_sqlite_worker, "_fdatasync", fdatasync)
     async with SQLiteStore(tmp_path / "s.db") as store:
         await store.add_device(DeviceRecord("d", "h", created=1))
-        with pytest.raises(StoreError, match="cannot sync the write-ahead log"):
-            await store.commit(_event_write("d", 1))
-        retried = await store.commit(_event_write("d", 1))
-        assert (retried.last_seq, retried.stored) == (1, 0)
-        assert await store.commit(_event_write("d", 2))
-        assert [e.seq for e in await store.read_events()] == [1, 2]
+        for seq in (1, 3):  # the device's row read from the file, then kept as written
+            failures.append(OSError(5, "Input/output error (injected)"))
+            with pytest.raises(StoreError, match="cannot sync the write-ahead log"):
+                await store.commit(_event_write("d", seq))
+            retried = await store.commit(_event_write("d", seq))
+            assert (retried.last_seq, retried.stored) == (seq, 0)
+            assert await store.commit(_event_write("d", seq + 1))
+        assert [e.seq for e in await store.read_events()] == [1, 2, 3, 4]
         assert len((await store.load_doc("d/state")).updates) == 2  # the update, replayed
 
 

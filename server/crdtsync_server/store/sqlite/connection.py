@@ -206,6 +206,12 @@ class SQLiteConnection:
         observed: tuple[int, bool, T] = self._db.write_here(self._observing, fn, *args)
         try:
             await self._db.durable()
+        except BaseException:
+            # Committed but not reported stored: the caller will not put back the device
+            # rows it changed, so the records kept are stale (a retry planned from them
+            # would store its events again and fail on the feed's unique key).
+            self.known_devices.clear()
+            raise
         finally:  # committed, durable or not: what it changed is noted all the same
             outcome = self._observed(observed, forget_devices, started)
         return outcome
