@@ -13,7 +13,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # The sources pip compiles (crdtsync._compiled.MODULES, read from the file's text).
-COMPILED := crdtsync/_speedups.c crdtsync/_compiled.py $(shell $(PYTHON) -c "import ast, \
+COMPILED := crdtsync/_speedups.c crdtsync/_logsync.c crdtsync/_compiled.py $(shell $(PYTHON) -c "import ast, \
   pathlib; t = ast.parse(pathlib.Path('crdtsync/_compiled.py').read_text()); m = next(n.value \
   for n in t.body if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '') == 'MODULES'); \
   print(' '.join(('server/' if x.startswith('crdtsync_server') else '') + x.replace('.', '/') \

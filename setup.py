@@ -1,6 +1,6 @@
 """The optional native code (everything else is in pyproject.toml): the C accelerator
-``crdtsync._speedups``, and the modules of a sync's hot path compiled with mypyc
-(``crdtsync._compiled.MODULES``).
+``crdtsync._speedups``, the log syncer ``crdtsync._logsync`` (Linux), and the modules of a
+sync's hot path compiled with mypyc (``crdtsync._compiled.MODULES``).
 
 Both build where a C compiler (and, for the second, mypyc) is found; where none is, or with
 ``CRDTSYNC_NO_EXTENSIONS=1``, the install goes on without them and crdtsync runs its
@@ -48,6 +48,8 @@ def mypyc_extensions() -> list[Extension]:
 extensions = [] if os.environ.get("CRDTSYNC_NO_EXTENSIONS") else [
     Extension("crdtsync._speedups", ["crdtsync/_speedups.c"], optional=True,
               extra_compile_args=["-O2"]),
+    *([Extension("crdtsync._logsync", ["crdtsync/_logsync.c"], optional=True,
+                 extra_compile_args=["-O2"])] if sys.platform.startswith("linux") else []),
     *mypyc_extensions(),
 ]
 setup(ext_modules=extensions)

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._logsync import LogSyncer
 
 
 def _load() -> ModuleType | None:
@@ -25,3 +29,19 @@ def _load() -> ModuleType | None:
 
 
 speedups = _load()
+
+
+def _load_log_syncer() -> type[LogSyncer] | None:
+    if os.environ.get("CRDTSYNC_NO_EXTENSIONS"):
+        return None
+    try:
+        from ._logsync import LogSyncer
+    except ImportError:
+        return None
+    return LogSyncer
+
+
+log_syncer = _load_log_syncer()
+"""``crdtsync._logsync.LogSyncer`` (Linux, built by ``pip install`` with a C compiler), or
+``None``: the thread that syncs SQLite's write-ahead log without taking the GIL
+(``crdtsync._sqlite_worker._LogSync``)."""

@@ -1005,6 +1005,7 @@ async def test_a_commit_on_the_loop_returns_after_its_log_is_synced(
                      f"{threading.current_thread().name}")
 
     monkeypatch.setattr(_sqlite_worker, "_fdatasync", fdatasync)
+    monkeypatch.setattr(_sqlite_worker._LogSync, "NATIVE", False)  # the Python thread's syncs
     async with SQLiteStore(tmp_path / "s.db", synchronous=mode) as store:
         await store.add_device(DeviceRecord("d", "h", created=1))
         for seq in (1, 2):
@@ -1028,6 +1029,7 @@ async def test_a_failed_log_sync_fails_the_group_and_its_retry_stores_nothing_tw
             raise failures.pop()
 
     monkeypatch.setattr(_sqlite_worker, "_fdatasync", fdatasync)
+    monkeypatch.setattr(_sqlite_worker._LogSync, "NATIVE", False)  # the Python thread's syncs
     async with SQLiteStore(tmp_path / "s.db") as store:
         await store.add_device(DeviceRecord("d", "h", created=1))
         for seq in (1, 3):  # the device's row read from the file, then kept as written
