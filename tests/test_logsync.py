@@ -13,10 +13,12 @@ replay. Where the module was not built these tests skip, except with ``CI=true``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import os
 import select
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -159,19 +161,31 @@ def _write(seq: int) -> SyncWrite:
     return SyncWrite("d", time=1000 + seq, events=evs(seq, seq))
 
 
-@needs_syncer
-async def test_a_commit_returns_after_a_round_that_started_after_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[Recorder]:
+    """The syncers the stores make from now on (each a :class:`Recorder`)."""
     Recorder.made = []
     monkeypatch.setattr(_accel, "log_syncer", Recorder)
+    return Recorder.made
+
+
+@contextlib.asynccontextmanager
+async def store_of_one_device(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     async with SQLiteStore(tmp_path / "s.db") as store:
         await store.add_device(DeviceRecord("d", "h", created=1))
+        yield store
+
+
+@needs_syncer
+async def test_a_commit_returns_after_a_round_that_started_after_it(
+        tmp_path: Path, recorded: list[Recorder]) -> None:
+    async with store_of_one_device(tmp_path) as store:
         for seq in (1, 2):
             await store.commit(_write(seq))
-            Recorder.made[0].steps.append("returned")
+            recorded[0].steps.append("returned")
         await asyncio.gather(*(store.commit(_write(seq)) for seq in range(3, 8)))
         assert [e.seq for e in await store.read_events()] == list(range(1, 8))
-    [recorder] = Recorder.made
+    [recorder] = recorded
     segments = " ".join(recorder.steps).split("returned")
     assert len(segments) == 3, recorder.steps
     for segment in segments[:2]:  # before each return: a request, then its round finished
@@ -183,13 +197,10 @@ async def test_a_commit_returns_after_a_round_that_started_after_it(
 
 @needs_syncer
 async def test_a_failed_round_fails_its_group_and_the_retry_is_a_replay(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    Recorder.made = []
-    monkeypatch.setattr(_accel, "log_syncer", Recorder)
-    async with SQLiteStore(tmp_path / "s.db") as store:
-        await store.add_device(DeviceRecord("d", "h", created=1))
+        tmp_path: Path, recorded: list[Recorder]) -> None:
+    async with store_of_one_device(tmp_path) as store:
         await store.commit(_write(1))  # starts the syncer
-        Recorder.made[0].fail_next = 1
+        recorded[0].fail_next = 1
         with pytest.raises(StoreError, match=r"cannot sync the write-ahead log: .*Errno 22"):
             await store.commit(_write(2))
         retried = await store.commit(_write(2))
@@ -207,8 +218,7 @@ def test_without_the_module_the_python_thread_syncs(
     monkeypatch.setattr(_sqlite_worker, "_fdatasync", synced.append)
 
     async def main() -> None:
-        async with SQLiteStore(tmp_path / "s.db") as store:
-            await store.add_device(DeviceRecord("d", "h", created=1))
+        async with store_of_one_device(tmp_path) as store:
             await store.commit(_write(1))
 
     asyncio.run(main())
