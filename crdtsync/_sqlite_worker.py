@@ -370,7 +370,11 @@ class _LogSync:
                 or not self.NATIVE):
             await self._thread.call(self._sync)
             return
-        await self._round()
+        try:
+            waiter = self._round()
+        except OSError as exc:  # the log cannot be opened, the thread cannot start
+            raise _unsynced(exc) from exc
+        await waiter
         if time.monotonic() - self._checkpointed >= CHECKPOINT_SECONDS:
             await self._thread.call(self._checkpoint)
 

@@ -209,6 +209,27 @@ async def test_a_failed_round_fails_its_group_and_the_retry_is_a_replay(
         assert [e.seq for e in await store.read_events()] == [1, 2, 3]
 
 
+
+@needs_syncer
+async def test_a_log_that_cannot_be_opened_fails_the_group_with_a_typed_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The syncer opens the log at the first sync; if it cannot (here: a refused
+    ``open``), the group gets a typed ``StoreError``, nothing is reported stored, and the
+    device's retry is a replay once the log opens."""
+    real_open = _sqlite_worker._open_log
+
+    def refused(path: str) -> int:
+        raise PermissionError(13, "Permission denied (injected)")
+
+    async with store_of_one_device(tmp_path) as store:
+        monkeypatch.setattr(_sqlite_worker, "_open_log", refused)
+        with pytest.raises(StoreError, match=r"cannot sync the write-ahead log.*Permission"):
+            await store.commit(_write(1))
+        monkeypatch.setattr(_sqlite_worker, "_open_log", real_open)
+        retried = await store.commit(_write(1))
+        assert (retried.last_seq, retried.stored) == (1, 0)
+        assert [e.seq for e in await store.read_events()] == [1]
+
 def test_without_the_module_the_python_thread_syncs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No C syncer (not built, or another platform): the log is synced by the Python
