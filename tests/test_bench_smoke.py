@@ -231,6 +231,23 @@ def test_instructions_runs_in_quick_mode_under_valgrind() -> None:
     assert "server / direct" in result.stdout
 
 
+@pytest.mark.timeout(600)
+def test_storm_instructions_runs_in_quick_mode_under_valgrind() -> None:
+    """Both servers under callgrind for a storm of 50 devices: each counted something, and
+    the ratio is theirs. Skips without valgrind, except in CI (.ci/run installs it)."""
+    if shutil.which("valgrind") is None and os.environ.get("CI") != "true":
+        pytest.skip("valgrind is not installed")
+    result = subprocess.run([sys.executable, str(BENCH / "storm_instructions.py"), "--quick"],
+                            capture_output=True, text=True, timeout=550, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = {name: int(count.replace(",", "")) for name, count in re.findall(
+        r"\| (crdtsync serve|pycrdt-websocket) \| ([\d,]+) \|", result.stdout)}
+    assert set(counts) == {"crdtsync serve", "pycrdt-websocket"}, result.stdout
+    assert all(count > 100_000 for count in counts.values()), counts  # a reconnect's work
+    ratio = counts["crdtsync serve"] / counts["pycrdt-websocket"]
+    assert f"**{ratio:.2f}x**" in result.stdout
+
+
 
 async def test_the_lean_load_generator_adopts_rebuilt_documents(tmp_path: Path) -> None:
     """``bench/throughput.py``'s prebuilt-request devices against a real server that rebuilds
