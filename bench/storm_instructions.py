@@ -14,7 +14,10 @@ by the devices. Such a count repeats to about 0.3 % for crdtsync and 2 % for the
 its websocket reads fall moves its loop's work), whatever else the machine does.
 
     python bench/storm_instructions.py [--devices 2000] [--concurrency 500] [--quick]
-                                       [--write FILE]
+                                       [--only crdtsync|peer] [--keep DIR] [--write FILE]
+
+``--keep DIR`` keeps callgrind's files (``callgrind_annotate --inclusive=yes`` reads them:
+where a reconnect's instructions go, mypyc-compiled functions by name).
 
 Needs ``valgrind`` (``apt-get install valgrind``); about 3 minutes on 2 CPUs (both servers
 run about 50 times slower under callgrind).
@@ -163,16 +166,26 @@ def render(args: argparse.Namespace, ours: int, peer: int) -> str:
     ])
 
 
+SIDES = {"crdtsync": crdtsync_side, "peer": peer_side}
+
+
 async def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)  # storm.py's first round
     ids = [rng.randrange(1, crdt.MAX_CLIENT_ID + 1) for _ in range(args.devices)]
     with tempfile.TemporaryDirectory(prefix="crdtsync-storm-cg-") as folder:
         tmp = Path(folder)
-        (tmp / "crdtsync").mkdir()
-        (tmp / "peer").mkdir()
-        ours = await crdtsync_side(ids, tmp / "crdtsync", args.concurrency, args.timeout)
-        peer = await peer_side(ids, tmp / "peer", args.concurrency, args.timeout)
-    report(render(args, ours, peer), args.write, "storm-instructions")
+        counts = {}
+        for name, side in SIDES.items():
+            if args.only in (None, name):
+                (tmp / name).mkdir()
+                counts[name] = await side(ids, tmp / name, args.concurrency, args.timeout)
+                print(f"{name}: {counts[name]:,} instructions per reconnect", flush=True)
+        if args.keep is not None:
+            shutil.copytree(tmp, args.keep, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*.db*", "*.msgpack"))
+    if args.only is None:
+        report(render(args, counts["crdtsync"], counts["peer"]), args.write,
+               "storm-instructions")
 
 
 def cli() -> None:
@@ -182,8 +195,12 @@ def cli() -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="per device, seconds")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--quick", action="store_true", help="50 devices (CI smoke)")
+    parser.add_argument("--only", choices=sorted(SIDES), help="count one server, print it")
+    parser.add_argument("--keep", type=Path, help="copy callgrind's files to this folder")
     parser.add_argument("--write", type=Path, help="replace the generated block of this file")
     args = parser.parse_args()
+    if args.only is not None and args.write is not None:
+        parser.error("--write needs both servers")
     if args.quick:
         args.devices = 50
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:

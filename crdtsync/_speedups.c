@@ -6,7 +6,8 @@
  * speeds up their accepting path:
  *
  * - read_update(data) returns (structs, starts, ends, refs, skips), the fields of
- *   yupdate.UpdateInfo, for an update the Python reader accepts, and None for anything
+ *   yupdate.UpdateInfo (refs as yupdate.outside_refs leaves them), for an update the
+ *   Python reader accepts, and None for anything
  *   else: the caller then runs the Python reader, which raises the typed error with its
  *   message and detail. So errors have one implementation.
  * - parse_state_vector(data, max_entries) returns what crdtsync.protocol.parse_state_vector
@@ -203,6 +204,32 @@ static int types_put(Types *m, uint64_t client, uint64_t clock, int level) {
     }
 }
 
+/* The ids an update's items build on (origins, right origins, parents), in read order with
+ * repeats. Kept as plain pairs while reading: most of them lie inside the update's own runs
+ * and are dropped at the end (refs_outside) without ever becoming Python objects. Each one
+ * consumed at least two bytes of input, so their number is bounded by the update's size. */
+typedef struct {
+    uint64_t client, clock;
+} Ref;
+
+typedef struct {
+    Ref *items;
+    size_t count, capacity;
+} Refs;
+
+static int refs_append(Refs *m, uint64_t client, uint64_t clock) {
+    if (m->count == m->capacity) {
+        size_t capacity = m->capacity ? m->capacity * 2 : 16;
+        Ref *items = PyMem_Realloc(m->items, capacity * sizeof(Ref));
+        if (!items)
+            return -1;
+        m->items = items;
+        m->capacity = capacity;
+    }
+    m->items[m->count++] = (Ref){client, clock};
+    return 0;
+}
+
 /* --- the reader ------------------------------------------------------------------------- */
 
 typedef struct {
@@ -211,7 +238,7 @@ typedef struct {
     Py_ssize_t pos;
     Runs runs;
     Types types;
-    PyObject *refs; /* set of (client, clock) */
+    Refs refs;
 } Reader;
 
 /* Return codes of the reading functions: OK, REFUSED (the Python reader raises: let it say
@@ -261,24 +288,64 @@ static int id_read(Reader *r, uint64_t *client, uint64_t *clock) {
     return OK;
 }
 
-/* The tuple is built item by item: ``Py_BuildValue`` parses its format string at every call,
- * which cost more than the tuple (about 2,000 instructions per reference). */
 static int add_ref(Reader *r, uint64_t client, uint64_t clock) {
+    if (refs_append(&r->refs, client, clock) < 0) {
+        PyErr_NoMemory();
+        return FAILED;
+    }
+    return OK;
+}
+
+/* ``(client, clock)`` into ``set``. The tuple is built item by item: ``Py_BuildValue``
+ * parses its format string at every call, which cost more than the tuple (about 2,000
+ * instructions per reference). */
+static int set_add_id(PyObject *set, uint64_t client, uint64_t clock) {
     PyObject *id = PyTuple_New(2);
     if (!id)
-        return FAILED;
+        return -1;
     PyObject *a = PyLong_FromUnsignedLongLong(client);
     PyObject *b = a ? PyLong_FromUnsignedLongLong(clock) : NULL;
     if (!b) {
         Py_XDECREF(a);
         Py_DECREF(id);
-        return FAILED;
+        return -1;
     }
     PyTuple_SET_ITEM(id, 0, a);
     PyTuple_SET_ITEM(id, 1, b);
-    int status = PySet_Add(r->refs, id);
+    int status = PySet_Add(set, id);
     Py_DECREF(id);
-    return status < 0 ? FAILED : OK;
+    return status;
+}
+
+/* The set of ``refs`` at or after their client's end in ``ends`` (0 for a client the update
+ * does not hold): yupdate.outside_refs. An id below that end is an item of the update
+ * itself, or one the receiver must hold for the update's run to begin where it does, which
+ * ``UpdateInfo.missing`` checks through ``starts``: it can never be the missing one. */
+static PyObject *refs_outside(const Refs *refs, PyObject *ends) {
+    PyObject *set = PySet_New(NULL);
+    uint64_t client = 0, end = 0;
+    int looked = 0;
+    for (size_t i = 0; set && i < refs->count; i++) {
+        Ref ref = refs->items[i];
+        if (!looked || ref.client != client) { /* refs come in runs of one client */
+            PyObject *key = PyLong_FromUnsignedLongLong(ref.client);
+            PyObject *value = key ? PyDict_GetItemWithError(ends, key) : NULL;
+            Py_XDECREF(key);
+            if (!value && (!key || PyErr_Occurred()))
+                goto failed;
+            end = value ? PyLong_AsUnsignedLongLong(value) : 0;
+            if (end == (uint64_t)-1 && PyErr_Occurred())
+                goto failed;
+            client = ref.client;
+            looked = 1;
+        }
+        if (ref.clock >= end && set_add_id(set, ref.client, ref.clock) < 0)
+            goto failed;
+    }
+    return set;
+failed:
+    Py_DECREF(set);
+    return NULL;
 }
 
 /* A lib0 string: its UTF-8 byte length (bounded by the bytes that remain), the bytes, which
@@ -600,12 +667,11 @@ static PyObject *read_update(PyObject *module, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    Reader r = {view.buf, view.len, 0, {0}, {0}, NULL};
-    PyObject *starts = PyDict_New(), *ends = PyDict_New(), *result = NULL;
-    r.refs = PySet_New(NULL);
+    Reader r = {view.buf, view.len, 0, {0}, {0}, {0}};
+    PyObject *starts = PyDict_New(), *ends = PyDict_New(), *refs = NULL, *result = NULL;
     uint64_t total = 0;
     int skips = 0, status = FAILED;
-    if (starts && ends && r.refs && runs_init(&r.runs) == 0 && types_init(&r.types) == 0) {
+    if (starts && ends && runs_init(&r.runs) == 0 && types_init(&r.types) == 0) {
         status = structs_read(&r, starts, ends, &total, &skips);
         if (status == OK)
             status = delete_set_read(&r);
@@ -614,8 +680,8 @@ static PyObject *read_update(PyObject *module, PyObject *arg) {
     } else if (!PyErr_Occurred()) {
         PyErr_NoMemory();
     }
-    if (status == OK)
-        result = Py_BuildValue("(KOOOO)", (unsigned long long)total, starts, ends, r.refs,
+    if (status == OK && (refs = refs_outside(&r.refs, ends)) != NULL)
+        result = Py_BuildValue("(KOOOO)", (unsigned long long)total, starts, ends, refs,
                                skips ? Py_True : Py_False);
     else if (status == REFUSED)
         result = Py_NewRef(Py_None);
@@ -623,7 +689,8 @@ static PyObject *read_update(PyObject *module, PyObject *arg) {
     PyMem_Free(r.types.slots);
     Py_XDECREF(starts);
     Py_XDECREF(ends);
-    Py_XDECREF(r.refs);
+    PyMem_Free(r.refs.items);
+    Py_XDECREF(refs);
     PyBuffer_Release(&view);
     return result;
 }
@@ -681,7 +748,7 @@ static PyObject *parse_state_vector(PyObject *module, PyObject *const *args, Py_
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    Reader r = {view.buf, view.len, 0, {0}, {0}, NULL};
+    Reader r = {view.buf, view.len, 0, {0}, {0}, {0}};
     PyObject *clocks = PyDict_New();
     int status = clocks ? sv_read(&r, max_entries, clocks) : FAILED;
     PyBuffer_Release(&view);
