@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from crdtsync.protocol import Event
 from crdtsync.values import json_default
-from crdtsync_server.store.feed import json_text
+from crdtsync_server.store.feed import json_text, json_texts
 from crdtsync_server.store.rules import event_digest, event_digests
 
 _REFERENCE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False,
@@ -56,6 +56,14 @@ VALUES = st.recursive(
 @given(VALUES)
 def test_json_text_decodes_like_the_stdlib_encoder(value: Any) -> None:
     same_json(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(VALUES, max_size=6))
+def test_json_texts_is_json_text_of_each(values: list[Any]) -> None:
+    """Also when one of them takes the fallback (an integer beyond 64 bits, a tuple key)."""
+    assert json_texts(iter(values)) == [json_text(v) for v in values]
+    assert json_texts([*values, 2**70]) == [json_text(v) for v in [*values, 2**70]]
 
 
 @pytest.mark.parametrize("value", [

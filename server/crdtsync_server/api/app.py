@@ -15,14 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from crdtsync.crdt import rejects_input
-from crdtsync.errors import (
-    BodyTooLarge,
-    CrdtsyncError,
-    NotFound,
-    RequestError,
-    ServerError,
-)
+from crdtsync.errors import BodyTooLarge, CrdtsyncError, NotFound, RequestError
 
 from ..config import ServerConfig
 from ..core import open_services
@@ -47,7 +40,8 @@ from . import (
     wake,
 )
 from .deadlines import HeadDeadline
-from .errors import error_response
+from .errors import answered, error_response
+from .fastsync import FastSync
 from .keys import HEADS, METRICS, SERVICES
 from .requestlog import log_failure
 
@@ -61,6 +55,7 @@ ROUTE_TABLES = (sync, batch, wake, devices, downlink, env, templates, schemas, f
 def create_app(config: ServerConfig, store: Store | None = None) -> web.Application:
     """Build the server app. ``store`` overrides ``config.db`` (tests, simulations)."""
     heads = HeadDeadline(config.header_timeout)
+    worker = None if config.worker is None else f"{config.worker}/{os.getpid()}"
     app = web.Application(client_max_size=config.max_body,
                           middlewares=[heads.middleware, unread_body_middleware,
                                        error_middleware],
@@ -80,9 +75,16 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             app[SERVICES].release_waiters()
 
     app.cleanup_ctx.append(lifecycle)
+    if config.plain_syncs:
+        heads.fast = FastSync(app, {} if worker is None else {WORKER_HEADER: worker})
+
+    async def close_connections(app: web.Application) -> None:
+        await heads.shutdown()
+
+    app.on_shutdown.append(close_connections)
     app.on_shutdown.append(release_waiters)
-    if config.worker is not None:
-        app.on_response_prepare.append(worker_header(config.worker))
+    if worker is not None:
+        app.on_response_prepare.append(worker_header(worker))
     return app
 
 
@@ -91,9 +93,9 @@ WORKER_HEADER = "X-Crdtsync-Worker"
 ``crdtsync serve --workers`` (operators and tests see how connections spread)."""
 
 
-def worker_header(number: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """An ``on_response_prepare`` hook that adds :data:`WORKER_HEADER` to every answer."""
-    value = f"{number}/{os.getpid()}"
+def worker_header(value: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """An ``on_response_prepare`` hook that adds :data:`WORKER_HEADER` (``value``) to every
+    answer (``FastSync`` adds it to the answers it writes)."""
 
     async def tag(request: web.Request, response: web.StreamResponse) -> None:
         response.headers[WORKER_HEADER] = value
@@ -111,12 +113,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     started = time.monotonic()
     try:
         return await handler(request)
-    except CrdtsyncError as exc:
-        if exc.status == 0:  # a local error (StoreError, ...): to the client, an internal one
-            response = error_response(request, ServerError("internal error; nothing was committed"))
-            return log_failure(request, response, exc.code, exc.message, started)
-        return log_failure(request, error_response(request, exc), exc.code, exc.message,
-                           started)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -129,11 +125,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return log_failure(request, response, error.code, error.message, started)
     except BaseException as exc:
         # Exception, and a Rust panic from pycrdt (a BaseException): answer, keep serving.
-        if not isinstance(exc, Exception) and not rejects_input(exc):
+        how = answered(exc)
+        if how is None:
             raise
-        response = error_response(request, ServerError("internal error; nothing was committed"))
-        return log_failure(request, response, ServerError.code, "unexpected error", started,
-                           exc_info=True)
+        sent, code, why, trace = how
+        return log_failure(request, error_response(request, sent), code, why, started,
+                           exc_info=trace)
 
 
 @web.middleware

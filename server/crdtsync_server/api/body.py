@@ -38,7 +38,7 @@ async def read_body(request: web.Request) -> bytes:
     config = request.app[SERVICES].config
     limit = config.max_body
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in _DECODERS:
+    if not decodable(encoding):
         raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not accepted",
                                   {"accepted": accepted_encodings()})
     if (request.content_length or 0) > limit:  # refused before a byte is read
@@ -47,6 +47,18 @@ async def read_body(request: web.Request) -> bytes:
         raw = await read_within(request, config.body_timeout)
     except web.HTTPRequestEntityTooLarge as exc:
         raise BodyTooLarge(f"body over {limit} bytes", {"max_body": limit}) from exc
+    return decode_body(raw, encoding, limit)
+
+
+def decodable(encoding: str) -> bool:
+    """True for a Content-Encoding (lower case) that :func:`decode_body` takes."""
+    return encoding in _DECODERS
+
+
+def decode_body(raw: bytes, encoding: str, limit: int) -> bytes:
+    """``raw`` decoded from ``encoding`` (one :func:`decodable` says yes to), to at most
+    ``limit`` bytes (:class:`BodyTooLarge`); :class:`MalformedRequest` for bytes that do
+    not decode."""
     if encoding == "zstd":
         return unzstd(raw, limit)
     wbits = _DECODERS[encoding]

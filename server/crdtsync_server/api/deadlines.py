@@ -26,15 +26,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from crdtsync.errors import MalformedRequest, RequestTimeout
 
+if TYPE_CHECKING:
+    from .fastsync import FastSync
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ProtocolFactory = Callable[[], asyncio.Protocol]
+
+MAX_WAITING = 1 << 20
+"""Bytes a connection may buffer while its plain sync is served (pipelined requests); past
+it, reading pauses until the answer is written."""
+KEEPALIVE = 75.0
+"""Seconds an idle kept-alive connection that only served plain syncs stays open (aiohttp's
+``keepalive_timeout`` default, which closes its own)."""
 
 
 async def read_within(request: web.Request, seconds: float) -> bytes:
@@ -67,12 +77,25 @@ class HeadDeadline:
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
+        self.fast: FastSync | None = None
+        """Serves plain syncs on the guarded connections (``api/fastsync.py``); ``None``:
+        aiohttp serves every request."""
         self._guards: dict[asyncio.BaseTransport, _Guard] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     def wrap(self, factory: ProtocolFactory) -> ProtocolFactory:
-        """A protocol factory whose protocols guard ``factory()``'s."""
-        return lambda: _Guard(self, factory())
+        """A protocol factory whose protocols guard ``factory()``'s (made when a request
+        needs aiohttp: with :attr:`fast`, not before)."""
+        return lambda: _Guard(self, factory)
+
+    async def shutdown(self) -> None:
+        """Wait for the plain syncs being served to be answered, then close the connections
+        that served only plain syncs (aiohttp closes its own): the app's ``on_shutdown``,
+        before the services close."""
+        if self.fast is not None:
+            await self.fast.drain()
+        for guard in list(self._guards.values()):
+            guard.close_if_plain()
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -124,18 +147,28 @@ def _closed() -> None:
 
 
 class _Guard(asyncio.Protocol):
-    """One connection: forwards every event to aiohttp's protocol, and notes when its head
-    clock started, for :meth:`HeadDeadline._sweep` to close the transport when a head is not
-    complete in time."""
+    """One connection: notes when its head clock started, for :meth:`HeadDeadline._sweep`
+    to close the transport when a head is not complete in time; hands plain syncs to the
+    owner's :class:`~.fastsync.FastSync` and every other request to aiohttp's protocol,
+    made (by ``factory``) when the first such request comes and then given every event."""
 
-    def __init__(self, owner: HeadDeadline, inner: asyncio.Protocol) -> None:
+    def __init__(self, owner: HeadDeadline, factory: ProtocolFactory) -> None:
         self._owner = owner
-        self._inner = inner
+        self._factory = factory
+        self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._clock: Callable[[], float] = time.monotonic
         self._since: float | None = None
         """When the current head's clock started (``None``: no head is awaited)."""
         self._awaiting_head = True
+        self.buffer = b""
+        """Bytes received and not yet served (while no aiohttp protocol is made)."""
+        self._busy = False
+        """A plain sync is being served."""
+        self._eof = False
+        self._paused = False
+        self._idle: float | None = None
+        """Since when a connection that served only plain syncs waits for a request."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport: asyncio's are `asyncio.Transport`s, uvloop's only have its
@@ -144,29 +177,102 @@ class _Guard(asyncio.Protocol):
         self._clock = asyncio.get_running_loop().time
         self._since = self._clock()  # the first head's clock starts with the connection
         self._owner._watch(transport, self)
-        self._inner.connection_made(transport)
+        if self._owner.fast is None:
+            self._start_inner()
+
+    def _start_inner(self) -> asyncio.Protocol:
+        inner = self._inner = self._factory()
+        inner.connection_made(cast(asyncio.Transport, self._transport))
+        return inner
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._since = None
+        self.buffer = b""
         transport, self._transport = self._transport, None
         if transport is not None:
             self._owner._guards.pop(transport, None)
             release(transport)
-        self._inner.connection_lost(exc)
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._awaiting_head and self._since is None:
             self._since = self._clock()  # the first byte of a later head
-        self._inner.data_received(data)
+        if self._inner is not None:
+            self._inner.data_received(data)
+            return
+        self.buffer += data
+        self._idle = None
+        if not self._busy:
+            cast("FastSync", self._owner.fast).received(self)
+        elif len(self.buffer) > MAX_WAITING and self._transport is not None:
+            self._transport.pause_reading()  # pipelined requests wait for the answer
+            self._paused = True
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
+        if self._inner is not None:
+            return self._inner.eof_received()
+        self._eof = True
+        return True if self._busy else None  # keep the transport open for the answer
 
     def pause_writing(self) -> None:
-        self._inner.pause_writing()
+        if self._inner is not None:
+            self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._inner.resume_writing()
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    # --- plain syncs (FastSync) -------------------------------------------------------
+
+    def take(self, size: int) -> bytes:
+        """The buffer's first ``size`` bytes, a plain sync now being served."""
+        raw, self.buffer = self.buffer[:size], self.buffer[size:]
+        self._busy = True
+        self.handling(True)
+        return raw
+
+    def answer(self, data: bytes, close: bool) -> None:
+        """Write a plain sync's answer; then serve what came meanwhile, or wait idle."""
+        self._busy = False
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if close or self._eof:
+            transport.close()
+            return
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        self.handling(False)
+        if self.buffer:
+            self._since = self._clock()
+            cast("FastSync", self._owner.fast).received(self)
+        else:
+            self._idle = self._clock()
+
+    def delegate(self) -> None:
+        """From now on aiohttp serves this connection, starting with the buffer."""
+        inner = self._start_inner()
+        data, self.buffer = self.buffer, b""
+        if data:
+            inner.data_received(data)
+        if self._eof:
+            inner.eof_received()
+
+    def close_if_plain(self) -> None:
+        """Close the connection unless aiohttp serves it (shutdown)."""
+        if self._inner is None and self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """A plain sync was cancelled (the loop is going down): close without an answer."""
+        self._busy = False
+        if self._transport is not None:
+            self._transport.close()
+
+    # --- deadlines ----------------------------------------------------------------------
 
     def handling(self, active: bool) -> None:
         """A request reached the application (``True``: its head was complete) or its
@@ -175,7 +281,11 @@ class _Guard(asyncio.Protocol):
         self._since = None
 
     def check(self, now: float, timeout: float) -> None:
-        """Close the connection if its head is ``timeout`` seconds late at ``now``."""
+        """Close the connection if its head is ``timeout`` seconds late at ``now``, or if it
+        served only plain syncs and has been idle :data:`KEEPALIVE` seconds."""
+        if self._idle is not None and now - self._idle >= KEEPALIVE and self._transport:
+            self._transport.close()
+            return
         if self._since is None or now - self._since < timeout:
             return
         transport = self._transport

@@ -8,8 +8,12 @@ from typing import Any
 
 from aiohttp import web
 
-from crdtsync.errors import CrdtsyncError
+from crdtsync.crdt import rejects_input
+from crdtsync.errors import CrdtsyncError, ServerError
 from crdtsync.protocol import BATCH_PATH, MEDIA_TYPE, SYNC_PATH, encode_error
+
+INTERNAL = "internal error; nothing was committed"
+"""What a client is told of a failure that is not its request's fault."""
 
 
 def error_response(request: web.Request, error: CrdtsyncError) -> web.Response:
@@ -32,3 +36,17 @@ def error_json(error: CrdtsyncError) -> dict[str, Any]:
     """The JSON body of an error answer of the management API."""
     return {"error": {"code": error.code, "message": error.message, "detail": error.detail,
                       "retryable": error.retryable}}
+
+
+def answered(exc: BaseException) -> tuple[CrdtsyncError, str, str, bool] | None:
+    """How a failure of a handler is answered: ``(error sent, code logged, reason logged,
+    log the traceback)``; ``None`` for what must propagate (a cancellation, an exit). A
+    typed client error goes as it is; a local one (status 0: ``StoreError``...) and any
+    other exception, a Rust panic from pycrdt included, as ``500 internal``."""
+    if isinstance(exc, CrdtsyncError):
+        if exc.status == 0:
+            return ServerError(INTERNAL), exc.code, exc.message, False
+        return exc, exc.code, exc.message, False
+    if not isinstance(exc, Exception) and not rejects_input(exc):
+        return None
+    return ServerError(INTERNAL), ServerError.code, "unexpected error", True

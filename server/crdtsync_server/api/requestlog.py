@@ -33,10 +33,9 @@ DEVICE: web.RequestKey[str] = web.RequestKey("device", str)
 log = logging.getLogger("crdtsync.server")
 
 
-def request_id(request: web.Request) -> str:
-    """The client's ``X-Request-Id`` if it matches :data:`REQUEST_ID`, else 12 random hex
-    digits."""
-    given = request.headers.get(REQUEST_ID_HEADER, "")
+def request_id(given: str) -> str:
+    """``given`` (the client's ``X-Request-Id``) if it matches :data:`REQUEST_ID`, else 12
+    random hex digits."""
     return given if REQUEST_ID.fullmatch(given) else secrets.token_hex(6)
 
 
@@ -45,18 +44,23 @@ def log_failure(request: web.Request, response: web.StreamResponse, code: str, w
     """Log one record for ``request``, answered by the error ``response`` (``code``, its
     reason ``why``) after starting at ``started`` (``time.monotonic()``); ``exc_info``
     attaches the exception being handled. Returns ``response`` with ``X-Request-Id``."""
-    rid = request_id(request)
+    rid = request_id(request.headers.get(REQUEST_ID_HEADER, ""))
     response.headers[REQUEST_ID_HEADER] = rid
-    path = request.path if len(request.path) <= MAX_PATH else request.path[:MAX_PATH] + "..."
-    fields = {"method": request.method, "path": path, "status": response.status,
-              "code": code, "request_id": rid,
-              "duration_ms": round((time.monotonic() - started) * 1000, 1)}
-    device = request.get(DEVICE)
+    log_error(request.method, request.path, response.status, code, why, rid,
+              request.get(DEVICE), time.monotonic() - started, exc_info)
+    return response
+
+
+def log_error(method: str, path: str, status: int, code: str, why: str, rid: str,
+              device: str | None, seconds: float, exc_info: bool = False) -> None:
+    """The record of one error answer (the module docstring's fields), given after
+    ``seconds``; ``device`` when the request authenticated as one."""
+    path = path if len(path) <= MAX_PATH else path[:MAX_PATH] + "..."
+    fields = {"method": method, "path": path, "status": status, "code": code,
+              "request_id": rid, "duration_ms": round(seconds * 1000, 1)}
     if device is not None:
         fields["device"] = device
-    level = logging.ERROR if response.status >= 500 else logging.WARNING
+    level = logging.ERROR if status >= 500 else logging.WARNING
     who = f"device {device}, " if device is not None else ""
-    log.log(level, "%s %s %d %s: %s (%srequest %s, %.1f ms)", request.method, path,
-            response.status, code, why, who, rid, fields["duration_ms"], extra=fields,
-            exc_info=exc_info)
-    return response
+    log.log(level, "%s %s %d %s: %s (%srequest %s, %.1f ms)", method, path, status, code,
+            why, who, rid, fields["duration_ms"], extra=fields, exc_info=exc_info)

@@ -10,7 +10,7 @@ from crdtsync.errors import UnsupportedEncoding
 from crdtsync.protocol import MEDIA_TYPE, SYNC_PATH
 
 from ..auth import authenticate_device
-from ..core import run_sync
+from ..core import run_sync as run_sync  # re-exported: the seam both sync paths call
 from .body import ACCEPT_ENCODING, BEST_ENCODING, read_body
 from .common import bearer
 from .keys import METRICS, SERVICES

@@ -17,7 +17,7 @@ key holding the current value as JSON, updated in the same transaction as the do
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,18 @@ def json_text(value: Any) -> str:
         return orjson.dumps(value, default=json_default, option=_ORJSON_OPTIONS).decode()
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return _JSON.encode(value)
+
+
+def json_texts(values: Iterable[Any]) -> list[str]:
+    """:func:`json_text` of each of ``values``, in one comprehension (a sync's 10 event
+    bodies or 20 state values: a Python call per value was most of the encoding's cost)."""
+    values = list(values)
+    dumps = orjson.dumps
+    try:
+        return [dumps(v, default=json_default, option=_ORJSON_OPTIONS).decode()
+                for v in values]
+    except TypeError:  # one of them takes the fallback: each decides alone
+        return [json_text(v) for v in values]
 
 
 def event_json(event: Event) -> str:
@@ -255,8 +267,8 @@ FEED_COLUMNS = "kind, device, fleet, doc, topic, seq, time, received, body, sour
 def event_rows(device: str, fleet: str | None, received: int, events: Sequence[Event]
                ) -> list[FeedRow]:
     """Feed rows of newly stored events."""
-    return [("event", device, fleet, None, e.topic, e.seq, e.time, received, json_text(e.body),
-             None) for e in events]
+    return [("event", device, fleet, None, e.topic, e.seq, e.time, received, body, None)
+            for e, body in zip(events, json_texts(e.body for e in events), strict=True)]
 
 
 def change_row(change: StateChange, fleet: str | None, received: int) -> FeedRow:
@@ -304,5 +316,6 @@ def cursor_page(after: int, limit: int, equal: Mapping[str, Any],
 def projection_writes(change: StateChange) -> Iterator[tuple[str, str, str | None]]:
     """``(map, key, value JSON text or None to delete)`` for each key of ``change``."""
     for name, keys in change.changes.items():
-        for key, value in keys.items():
-            yield name, key, None if value is None else json_text(value)
+        texts = json_texts(keys.values())  # a deleted key's None is "null", not used
+        for (key, value), text in zip(keys.items(), texts, strict=True):
+            yield name, key, None if value is None else text
