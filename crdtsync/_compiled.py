@@ -40,6 +40,8 @@ MODULES = (
     "crdtsync.protocol",
     "crdtsync_server.documents",
     "crdtsync_server.sync",
+    "crdtsync_server.stamps",
+    "crdtsync_server.api.fastsync",
 )
 """The compiled modules (setup.py reads this tuple from this file's text: keep it a literal
 of strings)."""

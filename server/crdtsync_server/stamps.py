@@ -115,11 +115,15 @@ def same(a: Any, b: Any) -> bool:
     return a is b if MISSING in (a, b) else bool(a == b)
 
 
-def correct(stamp: int, offset: int, now: int) -> int:
-    """Device stamp ``stamp`` in the server's frame: moved by ``offset`` ms (the server's
-    receive time minus the device's clock ``ck``), then clamped to ``now`` (the server's
-    stamp of this sync)."""
+def _correct(stamp: int, offset: int, now: int) -> int:
     return min(hlc.shift(stamp, offset), now)
+
+
+correct = _correct
+"""Device stamp ``stamp`` in the server's frame: moved by ``offset`` ms (the server's
+receive time minus the device's clock ``ck``), then clamped to ``now`` (the server's stamp
+of this sync). A variable, not a ``def``: this module is compiled (``crdtsync._compiled``),
+where a function is called directly, and tests/test_simulation.py plants bugs here."""
 
 
 def written(w: StampedWrite) -> Any:
