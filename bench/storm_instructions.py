@@ -10,8 +10,11 @@ off (``--instr-atstart=no``). The same devices as ``storm.py``'s isolated storm 
 sent on a raw connection). Instrumentation is switched on for the storm only
 (``callgrind_control -i on``, then ``off`` once the server is idle again, its closes
 handled). The instructions the server executed in that window, every thread, are divided
-by the devices. Such a count repeats to about 0.3 % for crdtsync and 2 % for the peer (how
-its websocket reads fall moves its loop's work), whatever else the machine does.
+by the devices. crdtsync's count repeats to 1-2 % (its group commits batch fewer syncs when
+the machine is busy, 0.3 % on a quiet one). The peer's moves far more: 4.8-4.9 M in one
+session, 5.5-9.1 M in the next with the same versions, mostly its cyclic garbage collector
+(whether a full collection of the rooms falls into the counted window): count it several
+times (``--only peer``) before reading a ratio.
 
     python bench/storm_instructions.py [--devices 2000] [--concurrency 500] [--quick]
                                        [--only crdtsync|peer] [--keep DIR] [--write FILE]
