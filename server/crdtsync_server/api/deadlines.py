@@ -9,7 +9,9 @@ for ever. Two deadlines bound that:
   ``timeout`` seconds of opening, and each later head within ``timeout`` seconds of its first
   byte, else it is closed without an answer (there is no request to answer yet). An idle
   keep-alive connection, one that sends nothing after an answer, is aiohttp's
-  ``keepalive_timeout``'s business, not this one's. The clock stops when the head is parsed
+  ``keepalive_timeout``'s business, not this one's; one that served only plain syncs
+  (``api/fastsync.py``, which aiohttp never saw) is closed by the same timer after
+  :data:`KEEPALIVE` seconds. The clock stops when the head is parsed
   and the request reaches the application; it is enforced by wrapping the protocol of each
   connection (:meth:`HeadDeadline.wrap`, used by :class:`GuardedSite`) and noticing requests
   in a middleware (:meth:`HeadDeadline.middleware`), so it holds on every aiohttp version.
