@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from crdtsync import AdminClient
+from crdtsync import AdminClient, Device
 from crdtsync.protocol import (
     SYNC_PATH,
     Event,
@@ -207,6 +207,22 @@ async def test_the_connection_stays_with_the_fast_path_until_another_request(
         assert aiohttp_made(server) == [True]
     finally:
         writer.close()
+
+
+async def test_the_reference_client_s_syncs_are_plain(server: Server, tmp_path: Path) -> None:
+    """``Device`` over its ``HttpTransport`` (compressed bodies, kept-alive connections) is
+    served by the fast path: a change of the client's headers or writes that sent it to
+    aiohttp would lose the lever without failing anything else."""
+    token = await provision(server)
+    async with Device("d1", server.url, token=token, path=tmp_path / "d1.db",
+                      interval=None) as device:
+        for round_ in range(3):
+            device.state[f"k{round_}"] = "x" * (300 * round_)
+            for n in range(10):
+                await device.emit("t", {"n": n, "pad": "y" * 100})
+            assert (await device.sync()).events_acked == 10  # this sync's
+            assert aiohttp_made(server) == [False]
+    assert server.app[METRICS].syncs.ok == 3
 
 
 async def test_pipelined_plain_syncs_are_answered_in_order(server: Server) -> None:
